@@ -1,0 +1,733 @@
+//! The domain model: meters, limits, plans and pools, loaded from
+//! configuration and validated once.
+//!
+//! [`CatalogConfig`] is the serde form operators write (JSON, TOML, anything
+//! serde reads). [`Catalog`] is the validated form the engine runs on; it
+//! deserializes through `CatalogConfig`, so a bad file fails at load with an
+//! error naming the field.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::store::ScopeKey;
+use crate::window::{Window, WindowConfig};
+use crate::Error;
+
+/// Most decimal places a money meter may keep (10^12 minor units per major
+/// unit still leaves room for 18 million major units in a `u64`).
+pub const MAX_MONEY_SCALE: u32 = 12;
+
+/// The default warning ratio: a limit turns `Warning` at 80 % of its maximum.
+pub const DEFAULT_WARN_AT: Decimal = Decimal::from_parts(8, 0, 0, false, 1);
+
+/// What a meter counts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Unit {
+    /// Whole things: tokens, requests, jobs, messages.
+    Count,
+    /// Whole seconds of runtime.
+    Seconds,
+    /// Money in one currency, kept as an integer of `10^-scale` major units
+    /// (scale 2 is cents; scale 6 is micro-dollars).
+    Money {
+        /// ISO 4217 code or any label; amounts in another currency are refused.
+        currency: String,
+        /// Decimal places kept, at most [`MAX_MONEY_SCALE`].
+        scale: u32,
+    },
+}
+
+/// A named quantity with a unit, such as `llm_tokens_input` or `cost`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meter {
+    /// The meter's id, unique in the catalog.
+    pub id: String,
+    /// What it counts.
+    pub unit: Unit,
+}
+
+impl Meter {
+    /// A meter of whole things.
+    pub fn count(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            unit: Unit::Count,
+        }
+    }
+
+    /// A meter of seconds.
+    pub fn seconds(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            unit: Unit::Seconds,
+        }
+    }
+
+    /// A money meter in `currency`, keeping `scale` decimal places.
+    pub fn money(id: impl Into<String>, currency: impl Into<String>, scale: u32) -> Self {
+        Self {
+            id: id.into(),
+            unit: Unit::Money {
+                currency: currency.into(),
+                scale,
+            },
+        }
+    }
+
+    /// Decimal places of the meter's smallest unit (0 for counts and seconds).
+    pub fn scale(&self) -> u32 {
+        match self.unit {
+            Unit::Money { scale, .. } => scale,
+            _ => 0,
+        }
+    }
+
+    /// The currency of a money meter.
+    pub fn currency(&self) -> Option<&str> {
+        match &self.unit {
+            Unit::Money { currency, .. } => Some(currency),
+            _ => None,
+        }
+    }
+
+    /// Convert an integer of the meter's smallest unit to a decimal of its
+    /// major unit (for money: 1234 at scale 2 is 12.34).
+    pub fn to_decimal(&self, minor: u64) -> Decimal {
+        let mut d = Decimal::from(minor);
+        // scale <= MAX_MONEY_SCALE, within Decimal's 28.
+        d.set_scale(self.scale()).ok();
+        d
+    }
+
+    /// Convert a decimal amount to the meter's smallest unit, rounding any
+    /// fraction **up** so a charge never rounds down to zero. `None` if it does
+    /// not fit a `u64` or is negative.
+    pub fn to_minor_ceil(&self, amount: Decimal) -> Option<u64> {
+        if amount.is_sign_negative() && !amount.is_zero() {
+            return None;
+        }
+        let scaled = amount.checked_mul(Decimal::from(10u64.checked_pow(self.scale())?))?;
+        u64::try_from(scaled.ceil()).ok()
+    }
+}
+
+/// A limit's maximum as written in configuration: `-1` or `"unlimited"` for
+/// no maximum, `0` for "not available", or an amount in the meter's major
+/// unit (`20000` tokens, `"50.00"` dollars).
+///
+/// Fractional money is written as a string so it is never a float.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MaxConfig {
+    /// No maximum: usage is counted, never refused.
+    Unlimited,
+    /// A maximum in the meter's major unit. Negative values other than `-1`
+    /// are refused at load.
+    Amount(Decimal),
+}
+
+impl From<u64> for MaxConfig {
+    fn from(v: u64) -> Self {
+        MaxConfig::Amount(Decimal::from(v))
+    }
+}
+
+impl From<Decimal> for MaxConfig {
+    fn from(v: Decimal) -> Self {
+        MaxConfig::Amount(v)
+    }
+}
+
+impl Serialize for MaxConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MaxConfig::Unlimited => s.serialize_str("unlimited"),
+            MaxConfig::Amount(d) => match u64::try_from(*d) {
+                Ok(v) if d.fract().is_zero() => s.serialize_u64(v),
+                _ => s.serialize_str(&d.to_string()),
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MaxConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = MaxConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("-1, \"unlimited\", an integer, or a decimal string such as \"50.00\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<MaxConfig, E> {
+                Ok(if v == -1 {
+                    MaxConfig::Unlimited
+                } else {
+                    MaxConfig::Amount(Decimal::from(v))
+                })
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<MaxConfig, E> {
+                Ok(MaxConfig::Amount(Decimal::from(v)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<MaxConfig, E> {
+                Err(E::custom(format_args!(
+                    "maximum {v} is a float; write fractional amounts as strings, e.g. \"12.50\""
+                )))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MaxConfig, E> {
+                let t = v.trim();
+                if t.eq_ignore_ascii_case("unlimited") || t == "-1" {
+                    return Ok(MaxConfig::Unlimited);
+                }
+                t.parse::<Decimal>()
+                    .map(MaxConfig::Amount)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A limit as written in configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// The meter it limits.
+    pub meter: String,
+    /// When usage stops counting.
+    pub window: WindowConfig,
+    /// The maximum.
+    pub max: MaxConfig,
+    /// Warning ratio in (0, 1]; 0.8 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warn_at: Option<Decimal>,
+}
+
+impl LimitConfig {
+    /// A limit on `meter` over `window` with maximum `max` and the default
+    /// warning ratio.
+    pub fn new(meter: impl Into<String>, window: Window, max: impl Into<MaxConfig>) -> Self {
+        Self {
+            meter: meter.into(),
+            window: window.into(),
+            max: max.into(),
+            warn_at: None,
+        }
+    }
+
+    /// The same limit with a warning ratio.
+    #[must_use]
+    pub fn warn_at(mut self, ratio: Decimal) -> Self {
+        self.warn_at = Some(ratio);
+        self
+    }
+}
+
+/// A validated limit: meter, window, maximum in the meter's smallest unit and
+/// the warning threshold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limit {
+    pub(crate) meter: Arc<str>,
+    pub(crate) meter_idx: usize,
+    pub(crate) window: Window,
+    pub(crate) max: Option<u64>,
+    pub(crate) warn_at: Decimal,
+    /// Smallest usage that is `Warning`: ceil(max × warn_at).
+    pub(crate) warn_threshold: u64,
+}
+
+impl Limit {
+    /// The meter limited.
+    pub fn meter(&self) -> &str {
+        &self.meter
+    }
+    /// When usage stops counting.
+    pub fn window(&self) -> Window {
+        self.window
+    }
+    /// Maximum in the meter's smallest unit; `None` is unlimited.
+    pub fn max(&self) -> Option<u64> {
+        self.max
+    }
+    /// The warning ratio.
+    pub fn warn_at(&self) -> Decimal {
+        self.warn_at
+    }
+}
+
+/// A plan as written in configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanConfig {
+    /// The plan's id, unique in the catalog.
+    pub id: String,
+    /// Its limits. At most one limit per meter and window.
+    #[serde(default)]
+    pub limits: Vec<LimitConfig>,
+    /// The money meter that costs are charged to. Required when `prices` is
+    /// not empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_meter: Option<String>,
+    /// Unit prices: money (in the cost meter's currency, major units) per
+    /// unit of a meter. Write them as strings (`"0.03"`) to keep them exact.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prices: BTreeMap<String, Decimal>,
+}
+
+impl PlanConfig {
+    /// An empty plan.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            limits: Vec::new(),
+            cost_meter: None,
+            prices: BTreeMap::new(),
+        }
+    }
+    /// Add a limit.
+    #[must_use]
+    pub fn limit(mut self, limit: LimitConfig) -> Self {
+        self.limits.push(limit);
+        self
+    }
+    /// Set the cost meter.
+    #[must_use]
+    pub fn cost_meter(mut self, meter: impl Into<String>) -> Self {
+        self.cost_meter = Some(meter.into());
+        self
+    }
+    /// Add a unit price.
+    #[must_use]
+    pub fn price(mut self, meter: impl Into<String>, per_unit: Decimal) -> Self {
+        self.prices.insert(meter.into(), per_unit);
+        self
+    }
+}
+
+/// A validated plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub(crate) id: Arc<str>,
+    pub(crate) limits: Vec<Limit>,
+    pub(crate) cost_meter: Option<usize>,
+    /// Price per unit, indexed by meter index; `None` is unpriced.
+    pub(crate) prices: Vec<Option<Decimal>>,
+}
+
+impl Plan {
+    /// The plan's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// Its limits.
+    pub fn limits(&self) -> &[Limit] {
+        &self.limits
+    }
+}
+
+/// A shared scope as written in configuration: an account pool, or a model's
+/// global budget that every request naming the model draws on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// The pool's id, unique among pools.
+    pub id: String,
+    /// When set, every request naming this model draws on the pool, whatever
+    /// its allocation says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Its limits.
+    #[serde(default)]
+    pub limits: Vec<LimitConfig>,
+}
+
+impl PoolConfig {
+    /// An empty pool.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            model: None,
+            limits: Vec::new(),
+        }
+    }
+    /// Make it the global pool of `model`.
+    #[must_use]
+    pub fn for_model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+    /// Add a limit.
+    #[must_use]
+    pub fn limit(mut self, limit: LimitConfig) -> Self {
+        self.limits.push(limit);
+        self
+    }
+}
+
+/// A validated pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pool {
+    pub(crate) id: Arc<str>,
+    pub(crate) scope: ScopeKey,
+    pub(crate) limits: Vec<Limit>,
+}
+
+impl Pool {
+    /// The pool's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// Its limits.
+    pub fn limits(&self) -> &[Limit] {
+        &self.limits
+    }
+}
+
+/// The whole configuration: meters, plans and pools.
+///
+/// ```json
+/// {
+///   "meters": [{"id": "llm_tokens_input", "unit": "count"},
+///              {"id": "cost", "unit": {"money": {"currency": "USD", "scale": 6}}}],
+///   "plans": [{"id": "plan_free",
+///              "limits": [{"meter": "llm_tokens_input",
+///                          "window": {"calendar": {"period": "month"}}, "max": 20000}]}],
+///   "pools": []
+/// }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogConfig {
+    /// Meters.
+    #[serde(default)]
+    pub meters: Vec<Meter>,
+    /// Plans.
+    #[serde(default)]
+    pub plans: Vec<PlanConfig>,
+    /// Shared scopes.
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+}
+
+impl CatalogConfig {
+    /// Add a meter.
+    #[must_use]
+    pub fn meter(mut self, meter: Meter) -> Self {
+        self.meters.push(meter);
+        self
+    }
+    /// Add a plan.
+    #[must_use]
+    pub fn plan(mut self, plan: PlanConfig) -> Self {
+        self.plans.push(plan);
+        self
+    }
+    /// Add a pool.
+    #[must_use]
+    pub fn pool(mut self, pool: PoolConfig) -> Self {
+        self.pools.push(pool);
+        self
+    }
+
+    /// Validate into a [`Catalog`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the first bad field: a duplicate id, a
+    /// limit or price for an unknown meter, a negative maximum other than -1,
+    /// a warning ratio outside (0, 1], a rolling window with zero buckets or a
+    /// span not divisible into them, a money scale above [`MAX_MONEY_SCALE`],
+    /// a maximum with more decimals than its meter keeps, prices without a
+    /// money cost meter, or a negative price.
+    pub fn build(self) -> Result<Catalog, Error> {
+        Catalog::from_config(self)
+    }
+}
+
+/// The validated catalog the engine runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "CatalogConfig")]
+pub struct Catalog {
+    pub(crate) meters: Vec<Meter>,
+    pub(crate) meter_ids: Vec<Arc<str>>,
+    pub(crate) meter_index: HashMap<String, usize>,
+    pub(crate) plans: HashMap<String, Arc<Plan>>,
+    pub(crate) pools: HashMap<String, Arc<Pool>>,
+    pub(crate) model_pools: HashMap<String, Vec<Arc<Pool>>>,
+    config: CatalogConfig,
+}
+
+impl TryFrom<CatalogConfig> for Catalog {
+    type Error = Error;
+    fn try_from(c: CatalogConfig) -> Result<Self, Error> {
+        Catalog::from_config(c)
+    }
+}
+
+impl Serialize for Catalog {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.config.serialize(s)
+    }
+}
+
+impl Catalog {
+    /// Validate a configuration. Same as [`CatalogConfig::build`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the first bad field.
+    pub fn from_config(config: CatalogConfig) -> Result<Self, Error> {
+        let mut meter_index = HashMap::new();
+        let mut meter_ids = Vec::new();
+        for (i, m) in config.meters.iter().enumerate() {
+            let field = format!("meters[{i}]");
+            if m.id.is_empty() {
+                return Err(Error::config(format!("{field}.id"), "empty id"));
+            }
+            if meter_index.insert(m.id.clone(), i).is_some() {
+                return Err(Error::config(
+                    format!("{field}.id"),
+                    format!("duplicate meter id `{}`", m.id),
+                ));
+            }
+            if let Unit::Money { scale, currency } = &m.unit {
+                if *scale > MAX_MONEY_SCALE {
+                    return Err(Error::config(
+                        format!("meters[{}].unit.money.scale", m.id),
+                        format!("scale {scale} is above {MAX_MONEY_SCALE}"),
+                    ));
+                }
+                if currency.is_empty() {
+                    return Err(Error::config(
+                        format!("meters[{}].unit.money.currency", m.id),
+                        "empty currency",
+                    ));
+                }
+            }
+            meter_ids.push(Arc::<str>::from(m.id.as_str()));
+        }
+
+        let mut catalog = Catalog {
+            meters: config.meters.clone(),
+            meter_ids,
+            meter_index,
+            plans: HashMap::new(),
+            pools: HashMap::new(),
+            model_pools: HashMap::new(),
+            config: CatalogConfig::default(),
+        };
+
+        for p in &config.plans {
+            let field = format!("plans[{}]", p.id);
+            if p.id.is_empty() {
+                return Err(Error::config(field, "empty plan id"));
+            }
+            if catalog.plans.contains_key(&p.id) {
+                return Err(Error::config(
+                    format!("{field}.id"),
+                    format!("duplicate plan id `{}`", p.id),
+                ));
+            }
+            let plan = catalog.resolve_plan(p, &field)?;
+            catalog.plans.insert(p.id.clone(), Arc::new(plan));
+        }
+
+        for p in &config.pools {
+            let field = format!("pools[{}]", p.id);
+            if p.id.is_empty() {
+                return Err(Error::config(field, "empty pool id"));
+            }
+            if catalog.pools.contains_key(&p.id) {
+                return Err(Error::config(
+                    format!("{field}.id"),
+                    format!("duplicate pool id `{}`", p.id),
+                ));
+            }
+            let limits = catalog.resolve_limits(&p.limits, &format!("{field}.limits"))?;
+            let id: Arc<str> = Arc::from(p.id.as_str());
+            let pool = Arc::new(Pool {
+                scope: ScopeKey::pool(id.clone()),
+                id,
+                limits,
+            });
+            if let Some(model) = &p.model {
+                catalog
+                    .model_pools
+                    .entry(model.clone())
+                    .or_default()
+                    .push(pool.clone());
+            }
+            catalog.pools.insert(p.id.clone(), pool);
+        }
+        catalog.config = config;
+        Ok(catalog)
+    }
+
+    /// The meter with this id.
+    pub fn meter(&self, id: &str) -> Option<&Meter> {
+        self.meter_index.get(id).map(|&i| &self.meters[i])
+    }
+
+    /// The plan with this id.
+    pub fn plan(&self, id: &str) -> Option<&Plan> {
+        self.plans.get(id).map(|p| &**p)
+    }
+
+    /// The pool with this id.
+    pub fn pool(&self, id: &str) -> Option<&Pool> {
+        self.pools.get(id).map(|p| &**p)
+    }
+
+    /// The configuration this catalog was built from.
+    pub fn config(&self) -> &CatalogConfig {
+        &self.config
+    }
+
+    fn resolve_plan(&self, p: &PlanConfig, field: &str) -> Result<Plan, Error> {
+        let limits = self.resolve_limits(&p.limits, &format!("{field}.limits"))?;
+        let cost_meter = match &p.cost_meter {
+            None => None,
+            Some(id) => {
+                let f = format!("{field}.cost_meter");
+                let idx = *self
+                    .meter_index
+                    .get(id)
+                    .ok_or_else(|| Error::config(&f, format!("unknown meter `{id}`")))?;
+                if !matches!(self.meters[idx].unit, Unit::Money { .. }) {
+                    return Err(Error::config(f, format!("meter `{id}` is not money")));
+                }
+                Some(idx)
+            }
+        };
+        let mut prices = vec![None; self.meters.len()];
+        for (meter, price) in &p.prices {
+            let f = format!("{field}.prices.{meter}");
+            let idx = *self
+                .meter_index
+                .get(meter)
+                .ok_or_else(|| Error::config(&f, format!("price for unknown meter `{meter}`")))?;
+            if cost_meter.is_none() {
+                return Err(Error::config(
+                    format!("{field}.cost_meter"),
+                    "a plan with prices needs a money cost_meter",
+                ));
+            }
+            if Some(idx) == cost_meter {
+                return Err(Error::config(f, "the cost meter cannot have a price"));
+            }
+            if matches!(self.meters[idx].unit, Unit::Money { .. }) {
+                return Err(Error::config(f, "money meters cannot have a unit price"));
+            }
+            if price.is_sign_negative() && !price.is_zero() {
+                return Err(Error::config(f, format!("negative price {price}")));
+            }
+            prices[idx] = Some(*price);
+        }
+        Ok(Plan {
+            id: Arc::from(p.id.as_str()),
+            limits,
+            cost_meter,
+            prices,
+        })
+    }
+
+    /// Validate a list of limits; `field` is its path.
+    pub(crate) fn resolve_limits(
+        &self,
+        limits: &[LimitConfig],
+        field: &str,
+    ) -> Result<Vec<Limit>, Error> {
+        let mut out: Vec<Limit> = Vec::with_capacity(limits.len());
+        for (i, l) in limits.iter().enumerate() {
+            let limit = self.resolve_limit(l, &format!("{field}[{i}]"))?;
+            if out
+                .iter()
+                .any(|o| o.meter_idx == limit.meter_idx && o.window == limit.window)
+            {
+                return Err(Error::config(
+                    format!("{field}[{i}]"),
+                    format!(
+                        "duplicate limit for meter `{}` over window `{}`",
+                        l.meter, limit.window
+                    ),
+                ));
+            }
+            out.push(limit);
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn resolve_limit(&self, l: &LimitConfig, field: &str) -> Result<Limit, Error> {
+        let meter_idx = *self.meter_index.get(&l.meter).ok_or_else(|| {
+            Error::config(
+                format!("{field}.meter"),
+                format!("limit for unknown meter `{}`", l.meter),
+            )
+        })?;
+        let meter = &self.meters[meter_idx];
+        let window = l
+            .window
+            .resolve()
+            .map_err(|r| Error::config(format!("{field}.window"), r))?;
+        let max = match &l.max {
+            MaxConfig::Unlimited => None,
+            MaxConfig::Amount(d) => {
+                let f = format!("{field}.max");
+                if d.is_sign_negative() && !d.is_zero() {
+                    return Err(Error::config(
+                        f,
+                        format!("negative maximum {d}; use -1 or \"unlimited\" for no maximum"),
+                    ));
+                }
+                let minor = meter
+                    .to_minor_ceil(*d)
+                    .ok_or_else(|| Error::config(&f, format!("maximum {d} does not fit")))?;
+                if meter.to_decimal(minor) != *d {
+                    return Err(Error::config(
+                        f,
+                        format!(
+                            "maximum {d} has more decimal places than meter `{}` keeps ({})",
+                            l.meter,
+                            meter.scale()
+                        ),
+                    ));
+                }
+                Some(minor)
+            }
+        };
+        let warn_at = l.warn_at.unwrap_or(DEFAULT_WARN_AT);
+        if warn_at <= Decimal::ZERO || warn_at > Decimal::ONE {
+            return Err(Error::config(
+                format!("{field}.warn_at"),
+                format!("warning ratio {warn_at} is outside (0, 1]"),
+            ));
+        }
+        let warn_threshold = match max {
+            None => u64::MAX,
+            Some(m) => {
+                // m fits u64 and warn_at <= 1, so the product fits too.
+                Decimal::from(m)
+                    .checked_mul(warn_at)
+                    .and_then(|t| u64::try_from(t.ceil()).ok())
+                    .unwrap_or(m)
+            }
+        };
+        Ok(Limit {
+            meter: self.meter_ids[meter_idx].clone(),
+            meter_idx,
+            window,
+            max,
+            warn_at,
+            warn_threshold,
+        })
+    }
+}
+
+/// Check a set of ids for duplicates; used by allocation validation.
+pub(crate) fn first_duplicate<'a>(ids: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let mut seen = HashSet::new();
+    ids.into_iter().find(|id| !seen.insert(*id))
+}

@@ -1,0 +1,95 @@
+//! tollgate: embeddable quota enforcement for Rust services.
+//!
+//! A service describes its plans (tokens per day, jobs per day, a monthly
+//! cost cap, 5 hours of runtime per rolling 7 days), binds each subject to a
+//! plan, and before every piece of paid work asks: *may this subject spend
+//! this much now?* The answer is a [`Decision`]: `Ok`, `Warning` or
+//! `Exceeded`, with the numbers behind it.
+//!
+//! ```
+//! use tollgate::{Allocation, Catalog, Engine, Request, Status};
+//!
+//! let catalog: Catalog = serde_json::from_str(r#"{
+//!   "meters": [{"id": "llm_tokens_input", "unit": "count"}],
+//!   "plans": [{"id": "plan_free", "limits": [
+//!     {"meter": "llm_tokens_input", "window": {"calendar": {"period": "month"}}, "max": 20000}
+//!   ]}]
+//! }"#)?;
+//! let engine = Engine::new(catalog);
+//! engine.allocate(Allocation::new("agent-7", "plan_free"))?;
+//!
+//! // Check and record in one atomic step.
+//! let d = engine.admit(&Request::new("agent-7").units("llm_tokens_input", 1_200))?;
+//! assert!(d.allowed);
+//! assert_eq!(d.status, Status::Ok);
+//! assert_eq!(d.limits[0].remaining, Some(18_800));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # The calls
+//!
+//! | call | what it does | counters |
+//! | --- | --- | --- |
+//! | [`Engine::check`] | preflight: what would `admit` decide | untouched |
+//! | [`Engine::admit`] | atomic check-then-record over every limit of every scope | all added, or none |
+//! | [`Engine::record`] | usage that already happened | always added; may be `Exceeded` |
+//! | [`Engine::usage`] | units and cost per meter for the current periods | untouched |
+//!
+//! # Semantics
+//!
+//! - **Status.** `Exceeded` when a positive request would take usage past a
+//!   maximum (`admit` then records nothing). `Warning` when usage after the
+//!   request is positive and reaches the limit's warning ratio (default 0.8,
+//!   so 16,000 of 20,000 is `Warning` and 15,999 is `Ok`). `Ok` otherwise. A
+//!   request of zero is never `Exceeded`.
+//! - **Maximum.** `-1` or `"unlimited"`: counted, never refused. `0`: not
+//!   available, any positive use is refused. Otherwise an amount.
+//! - **Windows.** [`Window::Calendar`] resets at the start of each day, week
+//!   (Monday) or month, in UTC or a fixed offset. [`Window::Rolling`] keeps a
+//!   span in a fixed number of buckets: memory does not grow with traffic, and
+//!   usage leaves at most one bucket late, never early. [`Window::Lifetime`]
+//!   never resets.
+//! - **Money** is exact: [`rust_decimal::Decimal`] in, integers of the money
+//!   meter's smallest unit inside. A request's cost is Σ units × unit price,
+//!   rounded **up** once, so a charge never rounds down to zero. Meters without
+//!   a price cost 0 and are listed in [`Decision::unpriced`].
+//! - **Scopes.** A request is checked against its subject's limits, the pools
+//!   its allocation draws on, and the global pools of the model it names —
+//!   all or nothing.
+//! - **Errors.** A refusal is a [`Decision`], never an `Err`. `Err` is bad
+//!   input or a failing store, and then nothing changed.
+//!
+//! # Storage
+//!
+//! [`AllowanceStore`] is the one trait a backend implements; see the
+//! [`store`] module for its contract. [`MemoryStore`] is the embedded
+//! default.
+//!
+//! # Features
+//!
+//! The default build carries only the core: serde, thiserror, chrono,
+//! parking_lot and rust_decimal. No optional features yet.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+mod catalog;
+mod clock;
+mod decision;
+mod engine;
+mod error;
+mod request;
+pub mod store;
+mod window;
+
+pub use catalog::{
+    Catalog, CatalogConfig, Limit, LimitConfig, MaxConfig, Meter, Plan, PlanConfig, Pool,
+    PoolConfig, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE,
+};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use decision::{Decision, LimitState, Money, Refusal, Status};
+pub use engine::{Allocation, Call, DecisionEvent, Engine, MeterUsage, Observer, UsageReport};
+pub use error::Error;
+pub use request::{Quantity, Request};
+pub use store::{AllowanceStore, MemoryStore, ScopeKey};
+pub use window::{Period, Window, WindowConfig};

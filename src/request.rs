@@ -1,0 +1,85 @@
+//! What a caller asks about: a subject, amounts per meter, optionally a model.
+
+use rust_decimal::Decimal;
+
+/// An amount of one meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantity<'a> {
+    /// Whole units of a count or seconds meter.
+    Units(u64),
+    /// Money for a money meter, in its major unit (dollars, not cents).
+    /// Fractions below the meter's scale are rounded up.
+    Money {
+        /// The amount; negative amounts are refused.
+        amount: Decimal,
+        /// Its currency; it must match the meter's.
+        currency: &'a str,
+    },
+}
+
+/// A request: may `subject` spend these amounts now?
+///
+/// ```
+/// use tollgate::Request;
+/// let req = Request::new("agent-7")
+///     .units("llm_tokens_input", 1_200)
+///     .units("jobs", 1)
+///     .model("claude-sonnet");
+/// assert_eq!(req.subject(), "agent-7");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub(crate) subject: &'a str,
+    pub(crate) model: Option<&'a str>,
+    pub(crate) amounts: Vec<(&'a str, Quantity<'a>)>,
+}
+
+impl<'a> Request<'a> {
+    /// A request for `subject` with no amounts yet.
+    pub fn new(subject: &'a str) -> Self {
+        Self {
+            subject,
+            model: None,
+            amounts: Vec::new(),
+        }
+    }
+
+    /// Add `n` units of `meter`. Naming a meter twice adds the amounts.
+    #[must_use]
+    pub fn units(mut self, meter: &'a str, n: u64) -> Self {
+        self.amounts.push((meter, Quantity::Units(n)));
+        self
+    }
+
+    /// Add money to a money `meter` (for example a cost the host priced
+    /// itself).
+    #[must_use]
+    pub fn money(mut self, meter: &'a str, amount: Decimal, currency: &'a str) -> Self {
+        self.amounts
+            .push((meter, Quantity::Money { amount, currency }));
+        self
+    }
+
+    /// Name the model the work runs on: the allocation's allowlist is checked
+    /// and the model's global pools are drawn on.
+    #[must_use]
+    pub fn model(mut self, model: &'a str) -> Self {
+        self.model = Some(model);
+        self
+    }
+
+    /// The subject.
+    pub fn subject(&self) -> &str {
+        self.subject
+    }
+
+    /// The model, if named.
+    pub fn model_name(&self) -> Option<&str> {
+        self.model
+    }
+
+    /// The amounts, in the order given.
+    pub fn amounts(&self) -> &[(&'a str, Quantity<'a>)] {
+        &self.amounts
+    }
+}
