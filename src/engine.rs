@@ -13,7 +13,9 @@ use crate::catalog::{first_duplicate, Catalog, Limit, LimitConfig, Plan, Pool, U
 use crate::clock::{Clock, SystemClock};
 use crate::decision::{Decision, LimitState, Money, Refusal, Status};
 use crate::request::{Quantity, Request};
-use crate::store::{AllowanceStore, Applied, Batch, CounterOp, CounterState, MemoryStore, Mode, ScopeKey};
+use crate::store::{
+    AllowanceStore, Applied, Batch, CounterOp, CounterState, MemoryStore, Mode, ScopeKey,
+};
 use crate::window::Window;
 use crate::Error;
 
@@ -445,13 +447,14 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
         // any store call.
         let mut amounts: Vec<(usize, u64)> = Vec::with_capacity(req.amounts.len() + 1);
         for &(meter_id, qty) in &req.amounts {
-            let idx = *self
-                .catalog
-                .meter_index
-                .get(meter_id)
-                .ok_or_else(|| Error::UnknownMeter {
-                    meter: meter_id.to_owned(),
-                })?;
+            let idx =
+                *self
+                    .catalog
+                    .meter_index
+                    .get(meter_id)
+                    .ok_or_else(|| Error::UnknownMeter {
+                        meter: meter_id.to_owned(),
+                    })?;
             let minor = self.to_minor(idx, qty)?;
             add_amount(&mut amounts, idx, minor, &self.catalog.meter_ids[idx])?;
         }
@@ -582,7 +585,13 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
                 meter: meter.id.clone(),
                 expected: "a count",
             }),
-            (Unit::Money { currency, .. }, Quantity::Money { amount, currency: c }) => {
+            (
+                Unit::Money { currency, .. },
+                Quantity::Money {
+                    amount,
+                    currency: c,
+                },
+            ) => {
                 if c != currency {
                     return Err(Error::CurrencyMismatch {
                         meter: meter.id.clone(),

@@ -93,3 +93,8 @@ pub use error::Error;
 pub use request::{Quantity, Request};
 pub use store::{AllowanceStore, MemoryStore, ScopeKey};
 pub use window::{Period, Window, WindowConfig};
+
+// Compile the README's example as a doctest so it cannot drift.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

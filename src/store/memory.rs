@@ -329,14 +329,15 @@ impl AllowanceStore for MemoryStore {
         let mut all_fit = true;
         for (op, &g) in ops.iter().zip(&shard_ids) {
             let used = match guards[g].scopes.get_mut(op.scope) {
-                Some(counters) => match counters.iter_mut().find(|c| c.matches(op.meter, op.window))
-                {
-                    Some(c) => {
-                        c.advance(now_ms);
-                        c.used()
+                Some(counters) => {
+                    match counters.iter_mut().find(|c| c.matches(op.meter, op.window)) {
+                        Some(c) => {
+                            c.advance(now_ms);
+                            c.used()
+                        }
+                        None => 0,
                     }
-                    None => 0,
-                },
+                }
                 None => 0,
             };
             if used.checked_add(op.delta).is_none() && batch.mode != Mode::Check {
@@ -444,7 +445,11 @@ mod tests {
             s.counters[0].resets_at,
             Some(Utc.with_ymd_and_hms(2026, 1, 2, 6, 0, 0).unwrap())
         );
-        let s = run(0, Mode::Check, Utc.with_ymd_and_hms(2026, 1, 2, 6, 0, 0).unwrap());
+        let s = run(
+            0,
+            Mode::Check,
+            Utc.with_ymd_and_hms(2026, 1, 2, 6, 0, 0).unwrap(),
+        );
         assert_eq!(s.counters[0].used, 0);
     }
 
@@ -480,7 +485,10 @@ mod tests {
         assert!(!r.applied);
         assert_eq!(r.counters[0].used, 0);
         assert_eq!(r.counters[1].used, 0);
-        assert_eq!(r.counters[1].available_at, None, "5 > max 4: waiting never helps");
+        assert_eq!(
+            r.counters[1].available_at, None,
+            "5 > max 4: waiting never helps"
+        );
         assert_eq!(store.counter_count(), 0);
     }
 

@@ -1,0 +1,82 @@
+//! Load the Takos plans, bind an agent to the Free plan, and drive it through
+//! Ok → Warning → Exceeded; then print its usage.
+//!
+//! Run with `cargo run --example quickstart`.
+
+use tollgate::{Allocation, Catalog, Decision, Engine, Request};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Plans live in configuration (TOML or JSON); a bad file fails here,
+    // naming the field.
+    let catalog: Catalog = toml::from_str(include_str!("takos_plans.toml"))?;
+    let engine = Engine::new(catalog);
+    engine.allocate(Allocation::new("agent-7", "plan_free"))?;
+    engine.allocate(Allocation::new("agent-8", "plan_payg"))?;
+
+    println!("agent-7 on plan_free: 20,000 input tokens a month, warning at 80 %\n");
+    for tokens in [6_000, 6_000, 4_000, 4_000, 1] {
+        let d = engine.admit(&Request::new("agent-7").units("llm_tokens_input", tokens))?;
+        print_decision(tokens, &d);
+    }
+
+    // Browser time is not available on the Free plan (max 0).
+    let d = engine.admit(&Request::new("agent-7").units("browser_seconds", 1))?;
+    println!(
+        "\nbrowser_seconds 1 on plan_free -> {:?}, allowed: {}",
+        d.status, d.allowed
+    );
+
+    // Pay-as-you-go is unlimited but priced: the decision carries the cost.
+    let d = engine.admit(
+        &Request::new("agent-8")
+            .units("llm_tokens_input", 1_000)
+            .units("llm_tokens_output", 200),
+    )?;
+    if let Some(cost) = &d.cost {
+        println!(
+            "agent-8 on plan_payg: 1,000 in + 200 out tokens cost {} {}",
+            cost.amount.normalize(),
+            cost.currency
+        );
+    }
+
+    let report = engine.usage("agent-7")?;
+    println!("\nusage of {} ({}):", report.subject, report.plan);
+    println!(
+        "{:<24} {:>10} {:>10}  {:<8} period start",
+        "meter", "used", "max", "status"
+    );
+    for m in report
+        .meters
+        .iter()
+        .filter(|m| !m.units.is_zero() || m.max.is_some_and(|x| x.is_zero()))
+    {
+        let max = m.max.map_or("unlimited".to_string(), |x| x.to_string());
+        let start = m
+            .period_start
+            .map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string());
+        println!(
+            "{:<24} {:>10} {:>10}  {:<8} {start}",
+            m.meter,
+            m.units,
+            max,
+            format!("{:?}", m.status)
+        );
+    }
+    Ok(())
+}
+
+fn print_decision(tokens: u64, d: &Decision) {
+    let l = d.binding_limit().expect("the plan limits input tokens");
+    let retry = d
+        .retry_after
+        .map(|r| format!(", retry in {} h", r.as_secs() / 3600))
+        .unwrap_or_default();
+    println!(
+        "admit {tokens:>5} tokens -> {:<8} allowed: {:<5} used {:>6} of {}{retry}",
+        format!("{:?}", d.status),
+        d.allowed,
+        l.used,
+        l.max.map_or("unlimited".into(), |m| m.to_string()),
+    );
+}
