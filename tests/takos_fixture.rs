@@ -21,7 +21,12 @@ fn toml_catalog_matches_the_takos_csv() {
         assert_eq!(l.window(), Window::calendar(Period::Month));
         let want: i64 = limit.parse().unwrap();
         assert_eq!(l.max(), u64::try_from(want).ok(), "{plan_id}.{meter}");
-        let cost = catalog.config().plans.iter().find(|p| p.id == plan_id).unwrap();
+        let cost = catalog
+            .config()
+            .plans
+            .iter()
+            .find(|p| p.id == plan_id)
+            .unwrap();
         let got = cost.prices.get(meter).copied();
         let want = (!price.is_empty())
             .then(|| Decimal::from(price.parse::<i64>().unwrap()) / Decimal::from(100));
