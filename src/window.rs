@@ -39,8 +39,9 @@ pub enum Window {
         utc_offset_secs: i32,
     },
     /// Usage counts for `span_secs` after it happened, kept in `buckets` equal
-    /// buckets. Usage leaves at the first bucket boundary at or after
-    /// `recorded + span`: never early, at most one bucket late.
+    /// buckets aligned to the Unix epoch. Usage recorded in the bucket
+    /// `[b, b + width)` leaves at `b + width + span`: never early, at most
+    /// one bucket late.
     Rolling {
         /// Length of the window in seconds.
         span_secs: u64,

@@ -13,8 +13,9 @@
 //! 2. **Roll windows at `batch.now`** (or at a clock the backend documents):
 //!    a [`Window::Calendar`] counter reads zero once `now` is past the period
 //!    it was written in; a [`Window::Rolling`] counter keeps `buckets + 1`
-//!    integer buckets of width `span / buckets`, so usage written at `t` leaves
-//!    at the first bucket boundary at or after `t + span`; a
+//!    integer buckets of width `span / buckets` aligned to the Unix epoch,
+//!    so usage written in bucket `[b, b + width)` leaves at
+//!    `b + width + span` (never early, at most one bucket late); a
 //!    [`Window::Lifetime`] counter never rolls.
 //! 3. **Decide all or nothing** by `batch.mode`: an op *fits* when its delta is
 //!    zero, its `max` is `None`, or `used + delta <= max`.
