@@ -274,8 +274,13 @@ pub struct PlanConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_meter: Option<String>,
     /// Unit prices: money (in the cost meter's currency, major units) per
-    /// unit of a meter. Write them as strings (`"0.03"`) to keep them exact.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// unit of a meter. Write them as strings (`"0.03"`) or integers; floats
+    /// are refused so a price is never inexact.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "strict_prices"
+    )]
     pub prices: BTreeMap<String, Decimal>,
 }
 
@@ -496,13 +501,13 @@ impl Catalog {
             if let Unit::Money { scale, currency } = &m.unit {
                 if *scale > MAX_MONEY_SCALE {
                     return Err(Error::config(
-                        format!("meters[{}].unit.money.scale", m.id),
+                        format!("{field}.unit.money.scale"),
                         format!("scale {scale} is above {MAX_MONEY_SCALE}"),
                     ));
                 }
                 if currency.is_empty() {
                     return Err(Error::config(
-                        format!("meters[{}].unit.money.currency", m.id),
+                        format!("{field}.unit.money.currency"),
                         "empty currency",
                     ));
                 }
@@ -724,6 +729,44 @@ impl Catalog {
             warn_threshold,
         })
     }
+}
+
+/// A decimal that refuses floats: integers or decimal strings only.
+struct StrictDecimal(Decimal);
+
+impl<'de> Deserialize<'de> for StrictDecimal {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = StrictDecimal;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer or a decimal string such as \"0.03\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StrictDecimal, E> {
+                Ok(StrictDecimal(Decimal::from(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StrictDecimal, E> {
+                Ok(StrictDecimal(Decimal::from(v)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<StrictDecimal, E> {
+                Err(E::custom(format_args!(
+                    "price {v} is a float; write money as a string, e.g. \"0.03\""
+                )))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StrictDecimal, E> {
+                v.trim()
+                    .parse::<Decimal>()
+                    .map(StrictDecimal)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn strict_prices<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Decimal>, D::Error> {
+    let raw = BTreeMap::<String, StrictDecimal>::deserialize(d)?;
+    Ok(raw.into_iter().map(|(k, v)| (k, v.0)).collect())
 }
 
 /// Check a set of ids for duplicates; used by allocation validation.

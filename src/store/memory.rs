@@ -340,7 +340,7 @@ impl AllowanceStore for MemoryStore {
                 }
                 None => 0,
             };
-            if used.checked_add(op.delta).is_none() && batch.mode != Mode::Check {
+            if used.checked_add(op.delta).is_none() {
                 return Err(Error::Overflow {
                     meter: op.meter.to_owned(),
                 });

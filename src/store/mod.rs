@@ -24,7 +24,8 @@
 //!      add none. `applied` says which.
 //!    - [`Mode::Force`]: add every delta; `applied` is `true`.
 //! 4. **Never wrap**: if `used + delta` does not fit a `u64` for any op,
-//!    return [`Error::Overflow`] and change nothing.
+//!    return [`Error::Overflow`] and change nothing — in every mode, `Check`
+//!    included, so a preflight never approves what `WithinLimits` rejects.
 //! 5. **Be atomic**: no other batch observes or interleaves with a partly
 //!    applied batch. One Lua script, one SQL transaction, or locks held over
 //!    the whole batch.
