@@ -459,6 +459,8 @@ impl CatalogConfig {
 pub struct Catalog {
     pub(crate) meters: Vec<Meter>,
     pub(crate) meter_ids: Vec<Arc<str>>,
+    /// Currency of each money meter, interned so a decision clones, not allocates.
+    pub(crate) currencies: Vec<Option<Arc<str>>>,
     pub(crate) meter_index: HashMap<String, usize>,
     pub(crate) plans: HashMap<String, Arc<Plan>>,
     pub(crate) pools: HashMap<String, Arc<Pool>>,
@@ -517,6 +519,11 @@ impl Catalog {
 
         let mut catalog = Catalog {
             meters: config.meters.clone(),
+            currencies: config
+                .meters
+                .iter()
+                .map(|m| m.currency().map(Arc::from))
+                .collect(),
             meter_ids,
             meter_index,
             plans: HashMap::new(),
@@ -574,6 +581,15 @@ impl Catalog {
     /// The meter with this id.
     pub fn meter(&self, id: &str) -> Option<&Meter> {
         self.meter_index.get(id).map(|&i| &self.meters[i])
+    }
+
+    /// The interned currency of money meter `idx` (empty for other meters).
+    pub(crate) fn currency(&self, idx: usize) -> Arc<str> {
+        self.currencies
+            .get(idx)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| Arc::from(""))
     }
 
     /// The plan with this id.

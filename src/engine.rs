@@ -391,6 +391,7 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
             mode: Mode::Check,
             now,
         })?;
+        let cost_meter_idx = alloc.plan.cost_meter.unwrap_or_default();
         let cost_meter = alloc.plan.cost_meter.map(|i| &self.catalog.meters[i]);
         let meters = alloc
             .limits
@@ -405,7 +406,7 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
                             .checked_mul(p)
                             .and_then(|c| cm.to_minor_ceil(c))
                             .map_or(Decimal::MAX, |minor| cm.to_decimal(minor)),
-                        currency: Arc::from(cm.currency().unwrap_or_default()),
+                        currency: self.catalog.currency(cost_meter_idx),
                     }),
                     _ => None,
                 };
@@ -493,7 +494,7 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
                 .map_or(0, |&(_, m)| m);
             cost = Some(Money {
                 amount: meter.to_decimal(charged),
-                currency: Arc::from(meter.currency().unwrap_or_default()),
+                currency: self.catalog.currency(cm),
             });
         }
 
