@@ -158,38 +158,50 @@ impl Serialize for MaxConfig {
 
 impl<'de> Deserialize<'de> for MaxConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = MaxConfig;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("-1, \"unlimited\", an integer, or a decimal string such as \"50.00\"")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<MaxConfig, E> {
-                Ok(if v == -1 {
-                    MaxConfig::Unlimited
-                } else {
-                    MaxConfig::Amount(Decimal::from(v))
-                })
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<MaxConfig, E> {
-                Ok(MaxConfig::Amount(Decimal::from(v)))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<MaxConfig, E> {
-                Err(E::custom(format_args!(
-                    "maximum {v} is a float; write fractional amounts as strings, e.g. \"12.50\""
-                )))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<MaxConfig, E> {
-                let t = v.trim();
-                if t.eq_ignore_ascii_case("unlimited") || t == "-1" {
-                    return Ok(MaxConfig::Unlimited);
-                }
-                t.parse::<Decimal>()
-                    .map(MaxConfig::Amount)
-                    .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
-            }
+        let v = d.deserialize_any(ExactDecimal {
+            what: "maximum",
+            unlimited: true,
+        })?;
+        Ok(v.map_or(MaxConfig::Unlimited, MaxConfig::Amount))
+    }
+}
+
+/// Reads an integer or a decimal string, never a float (floats are never
+/// money). With `unlimited`, `-1` and `"unlimited"` read as `None`.
+struct ExactDecimal {
+    what: &'static str,
+    unlimited: bool,
+}
+
+impl Visitor<'_> for ExactDecimal {
+    type Value = Option<Decimal>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.unlimited {
+            f.write_str("-1, \"unlimited\", an integer, or a decimal string such as \"50.00\"")
+        } else {
+            f.write_str("an integer or a decimal string such as \"0.03\"")
         }
-        d.deserialize_any(V)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok((!(self.unlimited && v == -1)).then(|| Decimal::from(v)))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Some(Decimal::from(v)))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Err(E::custom(format_args!(
+            "{} {v} is a float; write fractional amounts as strings, e.g. \"12.50\"",
+            self.what
+        )))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        let t = v.trim();
+        if self.unlimited && (t.eq_ignore_ascii_case("unlimited") || t == "-1") {
+            return Ok(None);
+        }
+        t.parse::<Decimal>()
+            .map(Some)
+            .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
     }
 }
 
@@ -747,41 +759,22 @@ impl Catalog {
     }
 }
 
-/// A decimal that refuses floats: integers or decimal strings only.
-struct StrictDecimal(Decimal);
+/// A price: an exact decimal, never a float.
+struct Price(Decimal);
 
-impl<'de> Deserialize<'de> for StrictDecimal {
+impl<'de> Deserialize<'de> for Price {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = StrictDecimal;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an integer or a decimal string such as \"0.03\"")
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StrictDecimal, E> {
-                Ok(StrictDecimal(Decimal::from(v)))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StrictDecimal, E> {
-                Ok(StrictDecimal(Decimal::from(v)))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<StrictDecimal, E> {
-                Err(E::custom(format_args!(
-                    "price {v} is a float; write money as a string, e.g. \"0.03\""
-                )))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<StrictDecimal, E> {
-                v.trim()
-                    .parse::<Decimal>()
-                    .map(StrictDecimal)
-                    .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
-            }
-        }
-        d.deserialize_any(V)
+        let v = d.deserialize_any(ExactDecimal {
+            what: "price",
+            unlimited: false,
+        })?;
+        // `unlimited: false` never yields None.
+        Ok(Price(v.unwrap_or_default()))
     }
 }
 
 fn strict_prices<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Decimal>, D::Error> {
-    let raw = BTreeMap::<String, StrictDecimal>::deserialize(d)?;
+    let raw = BTreeMap::<String, Price>::deserialize(d)?;
     Ok(raw.into_iter().map(|(k, v)| (k, v.0)).collect())
 }
 
