@@ -41,7 +41,10 @@ pub struct Allocation {
     pub plan: String,
     /// Limits for this subject only. An override with the same meter and
     /// window as a plan limit replaces it (same counter, new maximum); any
-    /// other override is added.
+    /// other override is added. A cap on the plan's cost meter limits the
+    /// computed cost of every request; on a plan without a cost meter, a
+    /// money limit counts only money the host passes with
+    /// [`Request::money`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overrides: Vec<LimitConfig>,
     /// The models the subject may use; `None` allows every model. A request
