@@ -6,11 +6,13 @@
 //! of events in the current UTC day / ISO week / month (computed with chrono,
 //! independently of the crate's own period arithmetic); rolling usage is the
 //! sum of events whose bucket `b = floor(t / width)` satisfies
-//! `b + buckets + 1 > floor(now / width)`: usage leaves at the first bucket
-//! boundary at or after `t + span`, never early, at most one bucket late.
+//! `b + buckets + 1 > floor(now / width)`: usage in bucket `[b, b + width)`
+//! leaves at `b + width + span`, never early, at most one bucket late.
 //!
 //! After every operation the engine's decision — `allowed`, `recorded`,
-//! `status`, and per limit `used`, `remaining`, `status` and `period_start` —
+//! `status`, and per limit `used`, `remaining`, `status`, `period_start` and
+//! `resets_at` (the next period start; for rolling windows, when the oldest
+//! counted event's bucket leaves) —
 //! must match the model's prediction, and an `admit` must never take a
 //! counter past its maximum.
 
@@ -148,6 +150,27 @@ fn period_start(period: Period, now: DateTime<Utc>) -> DateTime<Utc> {
     Utc.from_utc_datetime(&first.and_time(NaiveTime::MIN))
 }
 
+/// Start of the calendar period after the one containing `now`.
+fn next_period_start(period: Period, now: DateTime<Utc>) -> DateTime<Utc> {
+    let start = period_start(period, now);
+    match period {
+        Period::Day => start + Duration::days(1),
+        Period::Week => start + Duration::days(7),
+        Period::Month => {
+            let (y, m) = (start.year(), start.month());
+            let (y, m) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).unwrap()
+        }
+    }
+}
+
+/// When usage recorded at `t` leaves a rolling window.
+fn leaves_at(span_secs: u64, buckets: u32, t: DateTime<Utc>) -> DateTime<Utc> {
+    let width = (span_secs / u64::from(buckets)) as i64 * 1_000;
+    let b = t.timestamp_millis().div_euclid(width);
+    DateTime::from_timestamp_millis((b + i64::from(buckets) + 1) * width).unwrap()
+}
+
 /// Whether an event at `t` still counts against `window` at `now`.
 fn counts(window: Window, t: DateTime<Utc>, now: DateTime<Utc>) -> bool {
     match window {
@@ -185,6 +208,8 @@ struct Expected {
     scope: ScopeKey,
     spec: Spec,
     used: u64,
+    /// Time of the oldest event still counted.
+    oldest: Option<DateTime<Utc>>,
 }
 
 impl Model {
@@ -194,6 +219,19 @@ impl Model {
             .filter(|(t, s, _)| who(*s) && counts(spec.window, *t, now))
             .map(|(_, _, a)| a)
             .sum()
+    }
+
+    fn oldest(
+        &self,
+        spec: Spec,
+        who: impl Fn(usize) -> bool,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        self.events
+            .iter()
+            .filter(|(t, s, _)| who(*s) && counts(spec.window, *t, now))
+            .map(|(t, _, _)| *t)
+            .min()
     }
 
     /// Every limit a request of `who` touches, in the engine's order: the
@@ -206,6 +244,7 @@ impl Model {
                 scope: ScopeKey::subject(SUBJECTS[who]),
                 spec,
                 used: self.usage(spec, |s| s == who, now),
+                oldest: self.oldest(spec, |s| s == who, now),
             })
             .collect();
         if self.in_pool[who] {
@@ -213,6 +252,7 @@ impl Model {
                 scope: ScopeKey::pool(POOL),
                 spec,
                 used: self.usage(spec, |s| self.in_pool[s], now),
+                oldest: self.oldest(spec, |s| self.in_pool[s], now),
             }));
         }
         out
@@ -286,6 +326,15 @@ fn step(
             Window::Lifetime => unreachable!(),
         };
         prop_assert_eq!(l.period_start, Some(start), "period_start: {}", lctx);
+        let resets_at = match e.spec.window {
+            Window::Calendar { period, .. } => Some(next_period_start(period, now)),
+            Window::Rolling { span_secs, buckets } => e
+                .oldest
+                .or((recorded && amount > 0).then_some(now))
+                .map(|t| leaves_at(span_secs, buckets, t)),
+            Window::Lifetime => unreachable!(),
+        };
+        prop_assert_eq!(l.resets_at, resets_at, "resets_at: {}", lctx);
         if kind == Kind::Admit && recorded && amount > 0 {
             // Only `record` may take a counter past its maximum.
             prop_assert!(

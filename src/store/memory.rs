@@ -49,26 +49,38 @@ struct Counter {
 
 #[derive(Debug, Clone)]
 enum Data {
-    Calendar { period_start: i64, used: u64 },
+    /// Usage in the period `[start, end)`; rolled when `now >= end`.
+    Calendar {
+        start: i64,
+        end: i64,
+        used: u64,
+    },
     Rolling(Rolling),
-    Lifetime { used: u64 },
+    Lifetime {
+        used: u64,
+    },
 }
 
 /// A rolling window: `slots.len() == buckets + 1` buckets of `width_ms`, the
-/// newest at bucket index `head`, and their running `total`.
+/// newest at bucket index `head`, and their running `total`. `tail` is the
+/// oldest bucket still holding usage (when `total > 0`), kept as buckets
+/// leave, so no read walks every bucket.
 #[derive(Debug, Clone)]
 struct Rolling {
     width_ms: i64,
     head: i64,
+    tail: i64,
     total: u64,
     slots: Box<[u64]>,
 }
 
 impl Rolling {
     fn new(width_ms: i64, buckets: u32, now_ms: i64) -> Self {
+        let head = now_ms.div_euclid(width_ms);
         Self {
             width_ms,
-            head: now_ms.div_euclid(width_ms),
+            head,
+            tail: head,
             total: 0,
             slots: vec![0; buckets as usize + 1].into_boxed_slice(),
         }
@@ -96,6 +108,25 @@ impl Rolling {
             self.slots[i] = 0;
         }
         self.head = cur;
+        if self.total == 0 {
+            self.tail = cur;
+        } else if self.tail < self.oldest_bucket() {
+            // Some bucket in [oldest, head] holds usage; walk to it. Each
+            // bucket index is walked past at most once in a counter's life.
+            self.tail = self.oldest_bucket();
+            while self.slots[self.slot(self.tail)] == 0 {
+                self.tail += 1;
+            }
+        }
+    }
+
+    fn add(&mut self, delta: u64) {
+        if self.total == 0 {
+            self.tail = self.head;
+        }
+        let i = self.slot(self.head);
+        self.slots[i] += delta;
+        self.total += delta;
     }
 
     /// Time a bucket's usage leaves: the start of bucket `b + n`.
@@ -108,9 +139,7 @@ impl Rolling {
     }
 
     fn resets_at(&self) -> Option<i64> {
-        (self.oldest_bucket()..=self.head)
-            .find(|&b| self.slots[self.slot(b)] > 0)
-            .map(|b| self.leaves_at(b))
+        (self.total > 0).then(|| self.leaves_at(self.tail))
     }
 
     /// Earliest time `total - left + delta <= max`, if `delta <= max`.
@@ -120,7 +149,7 @@ impl Rolling {
         }
         let need = (u128::from(self.total) + u128::from(delta)).saturating_sub(u128::from(max));
         let mut freed = 0u128;
-        for b in self.oldest_bucket()..=self.head {
+        for b in self.tail..=self.head {
             freed += u128::from(self.slots[self.slot(b)]);
             if freed >= need {
                 return Some(self.leaves_at(b));
@@ -136,10 +165,14 @@ impl Counter {
             Window::Calendar {
                 period,
                 utc_offset_secs,
-            } => Data::Calendar {
-                period_start: Window::calendar_bounds(period, utc_offset_secs, now_ms).0,
-                used: 0,
-            },
+            } => {
+                let (start, end) = Window::calendar_bounds(period, utc_offset_secs, now_ms);
+                Data::Calendar {
+                    start,
+                    end,
+                    used: 0,
+                }
+            }
             Window::Rolling { span_secs, buckets } => Data::Rolling(Rolling::new(
                 Window::bucket_ms(span_secs, buckets),
                 buckets,
@@ -158,15 +191,16 @@ impl Counter {
     fn advance(&mut self, now_ms: i64) {
         match (&mut self.data, self.window) {
             (
-                Data::Calendar { period_start, used },
+                Data::Calendar { start, end, used },
                 Window::Calendar {
                     period,
                     utc_offset_secs,
                 },
             ) => {
-                let start = Window::calendar_bounds(period, utc_offset_secs, now_ms).0;
-                if start > *period_start {
-                    *period_start = start;
+                // A clock that steps back into an earlier period keeps counting
+                // in the current one: usage never comes back.
+                if now_ms >= *end {
+                    (*start, *end) = Window::calendar_bounds(period, utc_offset_secs, now_ms);
                     *used = 0;
                 }
             }
@@ -186,11 +220,7 @@ impl Counter {
     fn add(&mut self, delta: u64) {
         match &mut self.data {
             Data::Calendar { used, .. } | Data::Lifetime { used } => *used += delta,
-            Data::Rolling(r) => {
-                let i = r.slot(r.head);
-                r.slots[i] += delta;
-                r.total += delta;
-            }
+            Data::Rolling(r) => r.add(delta),
         }
     }
 
@@ -214,7 +244,12 @@ fn state_of(
             period,
             utc_offset_secs,
         } => {
-            let (start, next) = Window::calendar_bounds(period, utc_offset_secs, now_ms);
+            let (start, next) = match counter.map(|c| &c.data) {
+                Some(&Data::Calendar { start, end, .. }) if (start..end).contains(&now_ms) => {
+                    (start, end)
+                }
+                _ => Window::calendar_bounds(period, utc_offset_secs, now_ms),
+            };
             let avail = match max {
                 Some(m) if !fits_now && delta <= m => Some(next),
                 _ => None,
