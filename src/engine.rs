@@ -48,7 +48,10 @@ pub struct Allocation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overrides: Vec<LimitConfig>,
     /// The models the subject may use; `None` allows every model. A request
-    /// that names no model is not a model call and is not checked.
+    /// that names no model is not a model call and is not checked. `check` and
+    /// `admit` refuse another model with [`Refusal::ModelNotAllowed`] and
+    /// record nothing; `record` records the usage (it happened) and reports
+    /// the same refusal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
     /// Shared pools the subject also draws on (an account pool).
@@ -501,16 +504,24 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
             });
         }
 
-        // Model allowlist.
-        if let (Some(model), Some(allowed)) = (req.model, &alloc.models) {
-            if !allowed.iter().any(|m| m == model) {
+        // Model allowlist. `check` and `admit` refuse without touching a
+        // counter; `record` still records (the work happened) and reports the
+        // refusal.
+        let model_refused = match (req.model, &alloc.models) {
+            (Some(model), Some(allowed)) if !allowed.iter().any(|m| m == model) => {
+                Some(Refusal::ModelNotAllowed {
+                    model: model.to_owned(),
+                })
+            }
+            _ => None,
+        };
+        if let Some(reason) = &model_refused {
+            if call != Call::Record {
                 let decision = Decision {
                     status: Status::Exceeded,
                     allowed: false,
                     recorded: false,
-                    reason: Some(Refusal::ModelNotAllowed {
-                        model: model.to_owned(),
-                    }),
+                    reason: Some(reason.clone()),
                     limits: Vec::new(),
                     binding: None,
                     retry_after: None,
@@ -572,7 +583,13 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
                 ),
             });
         }
-        let decision = build_decision(&ops, &op_limits, &applied, call, now, cost, unpriced);
+        let mut decision = build_decision(&ops, &op_limits, &applied, call, now, cost, unpriced);
+        if let Some(reason) = model_refused {
+            decision.status = Status::Exceeded;
+            decision.allowed = false;
+            decision.reason = Some(reason);
+            decision.retry_after = None;
+        }
         self.observe(call, req, now, &decision);
         Ok(decision)
     }

@@ -727,7 +727,7 @@ fn account_pool_is_shared_by_its_members_all_or_nothing() {
 }
 
 #[test]
-fn model_allowlist_refuses_other_models_and_records_nothing() {
+fn model_allowlist_refuses_other_models_and_record_still_counts_them() {
     let (engine, _clock) = engine_with(pooled_config(), utc(2026, 3, 10, 12, 0, 0));
     engine
         .allocate(Allocation::new("e", "plan_plus").with_models(["haiku"]))
@@ -757,12 +757,30 @@ fn model_allowlist_refuses_other_models_and_records_nothing() {
         0,
         "the refused request did not draw on the model pool"
     );
-    // record() of a disallowed model is refused too and records nothing.
+    // record() of a disallowed model: the work happened, so the usage is
+    // recorded (on the subject and the model's pool), and the decision still
+    // reports the refusal so the host can stop.
     let d = engine
         .record(&Request::new("e").units(TOKENS_IN, 10).model("sonnet"))
         .unwrap();
-    assert!(!d.allowed && !d.recorded);
-    assert_eq!(usage_of(&engine, "e", TOKENS_IN).units, Decimal::ZERO);
+    assert!(!d.allowed && d.recorded);
+    assert_eq!(d.status, Status::Exceeded);
+    assert_eq!(
+        d.reason,
+        Some(Refusal::ModelNotAllowed {
+            model: "sonnet".to_owned()
+        })
+    );
+    assert_eq!(usage_of(&engine, "e", TOKENS_IN).units, dec!(10));
+    let z = engine
+        .check(&Request::new("a").units(TOKENS_IN, 0).model("sonnet"))
+        .unwrap();
+    assert_eq!(
+        z.limit(&ScopeKey::pool("model:sonnet"), TOKENS_IN)
+            .unwrap()
+            .used,
+        10
+    );
 
     let d = engine
         .admit(&Request::new("e").units(TOKENS_IN, 10).model("haiku"))
@@ -774,7 +792,7 @@ fn model_allowlist_refuses_other_models_and_records_nothing() {
         .admit(&Request::new("e").units(TOKENS_IN, 10))
         .unwrap();
     assert!(d.allowed);
-    assert_eq!(usage_of(&engine, "e", TOKENS_IN).units, dec!(20));
+    assert_eq!(usage_of(&engine, "e", TOKENS_IN).units, dec!(30));
 }
 
 // 9 ─────────────────────────────────────────────────────────────────────────
