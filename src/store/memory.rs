@@ -196,13 +196,11 @@ impl Counter {
                     period,
                     utc_offset_secs,
                 },
-            ) => {
-                // A clock that steps back into an earlier period keeps counting
-                // in the current one: usage never comes back.
-                if now_ms >= *end {
-                    (*start, *end) = Window::calendar_bounds(period, utc_offset_secs, now_ms);
-                    *used = 0;
-                }
+            ) if now_ms >= *end => {
+                // (A clock that steps back into an earlier period keeps counting
+                // in the current one: usage never comes back.)
+                (*start, *end) = Window::calendar_bounds(period, utc_offset_secs, now_ms);
+                *used = 0;
             }
             (Data::Rolling(r), _) => r.advance(now_ms),
             _ => {}
@@ -394,7 +392,14 @@ impl AllowanceStore for MemoryStore {
                 if op.delta == 0 {
                     continue;
                 }
-                let counters = guards[g].scopes.entry(op.scope.clone()).or_default();
+                let scopes = &mut guards[g].scopes;
+                // Clone the key only when the scope is new.
+                if !scopes.contains_key(op.scope) {
+                    scopes.insert(op.scope.clone(), Vec::new());
+                }
+                let Some(counters) = scopes.get_mut(op.scope) else {
+                    continue;
+                };
                 let idx = match counters.iter().position(|c| c.matches(op.meter, op.window)) {
                     Some(i) => i,
                     None => {
@@ -562,6 +567,46 @@ mod tests {
             })
             .unwrap();
         assert_eq!(r.counters[0].used, u64::MAX - 1);
+    }
+
+    #[test]
+    fn idle_counters_are_swept_without_being_asked() {
+        // Two shards: every shard is swept within 2 × 1,024 batches.
+        let store = MemoryStore::with_shards(2);
+        fn op(scope: &ScopeKey) -> CounterOp<'_> {
+            CounterOp {
+                scope,
+                meter: "t",
+                window: Window::calendar(Period::Day),
+                delta: 1,
+                max: None,
+            }
+        }
+        for i in 0..100 {
+            let s = ScopeKey::subject(format!("old{i}"));
+            let batch = Batch {
+                ops: &[op(&s)],
+                mode: Mode::Force,
+                now: at(0),
+            };
+            store.apply(&batch).unwrap();
+        }
+        // The next day, one busy subject keeps working; yesterday's 100 are idle.
+        let busy = ScopeKey::subject("busy");
+        let tomorrow = at(0) + chrono::Duration::days(1);
+        for _ in 0..2 * SWEEP_EVERY {
+            let batch = Batch {
+                ops: &[op(&busy)],
+                mode: Mode::Force,
+                now: tomorrow,
+            };
+            store.apply(&batch).unwrap();
+        }
+        assert_eq!(
+            store.counter_count(),
+            1,
+            "only the busy subject's counter is left"
+        );
     }
 
     #[test]
