@@ -86,7 +86,12 @@ pub struct Decision {
     pub recorded: bool,
     /// Why the request was refused, when it was.
     pub reason: Option<Refusal>,
-    /// Every limit of every scope the request touched.
+    /// Every limit the request touched, in order: the subject's limits, then
+    /// its pools', then the named model's pools'. A limit is touched when the
+    /// request names its meter (an amount of zero counts), or, for the plan's
+    /// cost meter, when the request costs more than zero. Empty when the
+    /// request was refused before any counter was read (a model outside the
+    /// allowlist).
     pub limits: Vec<LimitState>,
     /// Index into `limits` of the binding limit: the exceeded limit that frees
     /// up last when refused, otherwise the one with the least headroom.
