@@ -22,6 +22,10 @@ use crate::Error;
 /// unit still leaves room for 18 million major units in a `u64`).
 pub const MAX_MONEY_SCALE: u32 = 12;
 
+/// Most decimal places a unit price may have. Prices are kept as exact
+/// integers of `10^-18` major units so a cost is summed without rounding.
+pub const MAX_PRICE_SCALE: u32 = 18;
+
 /// The default warning ratio: a limit turns `Warning` at 80 % of its maximum.
 pub const DEFAULT_WARN_AT: Decimal = Decimal::from_parts(8, 0, 0, false, 1);
 
@@ -110,11 +114,23 @@ impl Meter {
     /// fraction **up** so a charge never rounds down to zero. `None` if it does
     /// not fit a `u64` or is negative.
     pub fn to_minor_ceil(&self, amount: Decimal) -> Option<u64> {
-        if amount.is_sign_negative() && !amount.is_zero() {
+        if amount.is_zero() {
+            return Some(0);
+        }
+        if amount.is_sign_negative() {
             return None;
         }
-        let scaled = amount.checked_mul(Decimal::from(10u64.checked_pow(self.scale())?))?;
-        u64::try_from(scaled.ceil()).ok()
+        // Integer arithmetic on the mantissa: Decimal multiplication may round
+        // away trailing digits, and a rounded-away tail must still round up.
+        let m = u128::try_from(amount.mantissa()).ok()?;
+        let (have, want) = (amount.scale(), self.scale());
+        let minor = if have <= want {
+            m.checked_mul(10u128.checked_pow(want - have)?)?
+        } else {
+            let div = 10u128.checked_pow(have - want)?;
+            m / div + u128::from(m % div != 0)
+        };
+        u64::try_from(minor).ok()
     }
 }
 
@@ -199,7 +215,9 @@ impl Visitor<'_> for ExactDecimal {
         if self.unlimited && (t.eq_ignore_ascii_case("unlimited") || t == "-1") {
             return Ok(None);
         }
-        t.parse::<Decimal>()
+        // Exact: a value with more digits than a Decimal holds is refused,
+        // never rounded.
+        Decimal::from_str_exact(t)
             .map(Some)
             .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
     }
@@ -334,6 +352,8 @@ pub struct Plan {
     pub(crate) cost_meter: Option<usize>,
     /// Price per unit, indexed by meter index; `None` is unpriced.
     pub(crate) prices: Vec<Option<Decimal>>,
+    /// The same prices as exact integers of `10^-MAX_PRICE_SCALE` major units.
+    pub(crate) price_units: Vec<Option<u128>>,
 }
 
 impl Plan {
@@ -345,6 +365,32 @@ impl Plan {
     pub fn limits(&self) -> &[Limit] {
         &self.limits
     }
+
+    /// Its unit price for `meter` (money per unit, in the cost meter's
+    /// currency), if it has one.
+    pub fn price(&self, catalog: &Catalog, meter: &str) -> Option<Decimal> {
+        let idx = *catalog.meter_index.get(meter)?;
+        self.prices.get(idx).copied().flatten()
+    }
+
+    /// The id of the money meter its costs are charged to, if any.
+    pub fn cost_meter<'c>(&self, catalog: &'c Catalog) -> Option<&'c str> {
+        self.cost_meter.map(|i| catalog.meters[i].id.as_str())
+    }
+}
+
+/// `ceil(Σ units × price)` in the smallest unit of a money meter with
+/// `scale` decimal places, from prices in `10^-MAX_PRICE_SCALE` units. Exact
+/// integer arithmetic: `None` when it does not fit a `u64`, never a rounded
+/// result.
+pub(crate) fn cost_minor(terms: impl IntoIterator<Item = (u64, u128)>, scale: u32) -> Option<u64> {
+    let mut total: u128 = 0;
+    for (units, price) in terms {
+        total = total.checked_add(u128::from(units).checked_mul(price)?)?;
+    }
+    // scale <= MAX_MONEY_SCALE < MAX_PRICE_SCALE.
+    let div = 10u128.pow(MAX_PRICE_SCALE.saturating_sub(scale));
+    u64::try_from(total / div + u128::from(total % div != 0)).ok()
 }
 
 /// A shared scope as written in configuration: an account pool, or a model's
@@ -636,6 +682,7 @@ impl Catalog {
             }
         };
         let mut prices = vec![None; self.meters.len()];
+        let mut price_units = vec![None; self.meters.len()];
         for (meter, price) in &p.prices {
             let f = format!("{field}.prices.{meter}");
             let idx = *self
@@ -657,13 +704,26 @@ impl Catalog {
             if price.is_sign_negative() && !price.is_zero() {
                 return Err(Error::config(f, format!("negative price {price}")));
             }
+            if price.scale() > MAX_PRICE_SCALE {
+                return Err(Error::config(
+                    f,
+                    format!("price {price} has more than {MAX_PRICE_SCALE} decimal places"),
+                ));
+            }
+            // mantissa × 10^(18 - scale): exact integer arithmetic.
+            let units = u128::try_from(price.mantissa())
+                .ok()
+                .and_then(|m| m.checked_mul(10u128.pow(MAX_PRICE_SCALE - price.scale())))
+                .ok_or_else(|| Error::config(&f, format!("price {price} is too large")))?;
             prices[idx] = Some(*price);
+            price_units[idx] = Some(units);
         }
         Ok(Plan {
             id: Arc::from(p.id.as_str()),
             limits,
             cost_meter,
             prices,
+            price_units,
         })
     }
 

@@ -9,7 +9,7 @@ use parking_lot::RwLock;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{first_duplicate, Catalog, Limit, LimitConfig, Plan, Pool, Unit};
+use crate::catalog::{cost_minor, first_duplicate, Catalog, Limit, LimitConfig, Plan, Pool, Unit};
 use crate::clock::{Clock, SystemClock};
 use crate::decision::{Decision, LimitState, Money, Refusal, Status};
 use crate::request::{Quantity, Request};
@@ -165,7 +165,8 @@ pub struct MeterUsage {
     /// `units × unit price`, rounded up to the cost meter's smallest unit;
     /// `None` when the plan has no price for the meter.
     pub cost: Option<Money>,
-    /// Status of the usage against the maximum.
+    /// Status of the usage against the maximum: `Exceeded` when usage is past
+    /// it (only `record` can put it there), `Warning` at the warning ratio.
     pub status: Status,
 }
 
@@ -377,7 +378,8 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     /// units and cost per meter.
     ///
     /// # Errors
-    /// [`Error::UnknownSubject`] or a failing store.
+    /// [`Error::UnknownSubject`], [`Error::Overflow`] if a meter's cost does
+    /// not fit the cost meter's integer, or a failing store.
     pub fn usage(&self, subject: &str) -> Result<UsageReport, Error> {
         let alloc = self.allocation_of(subject)?;
         let now = self.clock.now();
@@ -403,20 +405,21 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
             .limits
             .iter()
             .zip(&applied.counters)
-            .map(|(l, s)| {
+            .map(|(l, s)| -> Result<MeterUsage, Error> {
                 let meter = &self.catalog.meters[l.meter_idx];
-                let price = alloc.plan.prices.get(l.meter_idx).copied().flatten();
+                let price = alloc.plan.price_units.get(l.meter_idx).copied().flatten();
                 let cost = match (price, cost_meter) {
                     (Some(p), Some(cm)) => Some(Money {
-                        amount: Decimal::from(s.used)
-                            .checked_mul(p)
-                            .and_then(|c| cm.to_minor_ceil(c))
-                            .map_or(Decimal::MAX, |minor| cm.to_decimal(minor)),
+                        amount: cm.to_decimal(cost_minor([(s.used, p)], cm.scale()).ok_or_else(
+                            || Error::Overflow {
+                                meter: cm.id.clone(),
+                            },
+                        )?),
                         currency: self.catalog.currency(cost_meter_idx),
                     }),
                     _ => None,
                 };
-                MeterUsage {
+                Ok(MeterUsage {
                     meter: l.meter.clone(),
                     window: l.window,
                     period_start: s.period_start,
@@ -424,10 +427,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
                     units: meter.to_decimal(s.used),
                     max: l.max.map(|m| meter.to_decimal(m)),
                     cost,
-                    status: status_of(l, s.used, 0),
-                }
+                    status: report_status(l, s.used),
+                })
             })
-            .collect();
+            .collect::<Result<_, Error>>()?;
         Ok(UsageReport {
             subject: subject.to_owned(),
             plan: alloc.plan.id.to_string(),
@@ -470,25 +473,18 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
         let mut unpriced = Vec::new();
         let mut cost = None;
         if let Some(cm) = alloc.plan.cost_meter {
-            let mut total = Decimal::ZERO;
-            for &(idx, units) in &amounts {
-                if idx == cm {
-                    continue;
-                }
-                match alloc.plan.prices[idx] {
-                    Some(price) => {
-                        total = Decimal::from(units)
-                            .checked_mul(price)
-                            .and_then(|c| total.checked_add(c))
-                            .ok_or_else(|| Error::Overflow {
-                                meter: self.catalog.meter_ids[cm].to_string(),
-                            })?;
-                    }
-                    None => unpriced.push(self.catalog.meter_ids[idx].clone()),
+            let meter = &self.catalog.meters[cm];
+            for &(idx, _) in &amounts {
+                // Money meters are never priced, so they are not "unpriced".
+                let money = matches!(self.catalog.meters[idx].unit, Unit::Money { .. });
+                if alloc.plan.price_units[idx].is_none() && !money {
+                    unpriced.push(self.catalog.meter_ids[idx].clone());
                 }
             }
-            let meter = &self.catalog.meters[cm];
-            let minor = meter.to_minor_ceil(total).ok_or_else(|| Error::Overflow {
+            let terms = amounts
+                .iter()
+                .filter_map(|&(idx, units)| Some((units, alloc.plan.price_units[idx]?)));
+            let minor = cost_minor(terms, meter.scale()).ok_or_else(|| Error::Overflow {
                 meter: meter.id.clone(),
             })?;
             if minor > 0 {
@@ -666,6 +662,15 @@ fn status_of(limit: &Limit, after: u64, delta: u64) -> Status {
         Some(m) if delta > 0 && after > m => Status::Exceeded,
         Some(_) if after > 0 && after >= limit.warn_threshold => Status::Warning,
         _ => Status::Ok,
+    }
+}
+
+/// A report's status: like [`status_of`] for a zero request, except that
+/// usage already past the maximum (through `record`) is `Exceeded`.
+fn report_status(limit: &Limit, used: u64) -> Status {
+    match limit.max {
+        Some(m) if used > m => Status::Exceeded,
+        _ => status_of(limit, used, 0),
     }
 }
 

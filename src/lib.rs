@@ -84,7 +84,7 @@ mod window;
 
 pub use catalog::{
     Catalog, CatalogConfig, Limit, LimitConfig, MaxConfig, Meter, Plan, PlanConfig, Pool,
-    PoolConfig, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE,
+    PoolConfig, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE, MAX_PRICE_SCALE,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use decision::{Decision, LimitState, Money, Refusal, Status};

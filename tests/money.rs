@@ -1,0 +1,171 @@
+//! Money is exact: prices and amounts are never rounded on the way in, and a
+//! cost is rounded up once, never down.
+
+use chrono::{TimeZone, Utc};
+use rust_decimal::Decimal;
+use rust_decimal_macros::dec;
+use tollgate::{
+    Allocation, Catalog, CatalogConfig, Engine, Error, LimitConfig, ManualClock, MaxConfig,
+    MemoryStore, Meter, Period, PlanConfig, Request, Status, Window,
+};
+
+fn engine(plan: PlanConfig) -> Engine<MemoryStore, ManualClock> {
+    let catalog = CatalogConfig::default()
+        .meter(Meter::count("big"))
+        .meter(Meter::count("tiny"))
+        .meter(Meter::money("cost", "USD", 6))
+        .plan(plan.cost_meter("cost"))
+        .build()
+        .expect("catalog builds");
+    let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap());
+    let e = Engine::with_clock(catalog, clock);
+    e.allocate(Allocation::new("a", "p")).unwrap();
+    e
+}
+
+fn month() -> Window {
+    Window::calendar(Period::Month)
+}
+
+#[test]
+fn a_tiny_term_beside_a_huge_one_still_rounds_the_cost_up() {
+    // 10^12 units at $1 plus 1 unit at $10^-18: exactly 1,000,000,000,000.000000000000000001,
+    // which a 28-digit decimal sum would round to a whole number.
+    let e = engine(
+        PlanConfig::new("p")
+            .price("big", dec!(1))
+            .price("tiny", dec!(0.000000000000000001)),
+    );
+    let d = e
+        .check(
+            &Request::new("a")
+                .units("big", 1_000_000_000_000)
+                .units("tiny", 1),
+        )
+        .unwrap();
+    assert_eq!(d.cost.unwrap().amount, dec!(1000000000000.000001));
+}
+
+#[test]
+fn money_with_more_digits_than_the_meter_keeps_rounds_up_exactly() {
+    let e =
+        engine(PlanConfig::new("p").limit(LimitConfig::new("cost", month(), MaxConfig::Unlimited)));
+    // 29 significant digits: scaling this by 10^6 as a Decimal would round the
+    // trailing 1 away and charge 1.000000.
+    let amount = dec!(1.0000000000000000000000000001);
+    let d = e
+        .record(&Request::new("a").money("cost", amount, "USD"))
+        .unwrap();
+    assert_eq!(d.cost.unwrap().amount, dec!(1.000001));
+    assert_eq!(d.limits[0].used, 1_000_001);
+}
+
+#[test]
+fn usage_report_cost_is_exact_and_overflow_is_an_error_not_a_number() {
+    let e = engine(
+        PlanConfig::new("p")
+            .price("tiny", dec!(0.0000001))
+            .price("big", dec!(1000000))
+            .limit(LimitConfig::new("tiny", month(), MaxConfig::Unlimited))
+            .limit(LimitConfig::new("big", month(), MaxConfig::Unlimited)),
+    );
+    e.record(&Request::new("a").units("tiny", 3)).unwrap();
+    let r = e.usage("a").unwrap();
+    // 3 × $0.0000001 = $0.0000003, rounded up to the meter's $0.000001.
+    assert_eq!(r.meters[0].cost.as_ref().unwrap().amount, dec!(0.000001));
+
+    // 10^7 units at $10^6 is $10^13 = 10^19 micro-dollars: fits a u64.
+    e.record(&Request::new("a").units("big", 10_000_000))
+        .unwrap();
+    let r = e.usage("a").unwrap();
+    assert_eq!(r.meters[1].units, dec!(10000000));
+    assert_eq!(
+        r.meters[1].cost.as_ref().unwrap().amount,
+        dec!(10000000000000)
+    );
+    // Twice that is 2 × 10^19 micro-dollars: past u64. Each record fit on its
+    // own; the report says Overflow rather than printing a made-up number.
+    e.record(&Request::new("a").units("big", 10_000_000))
+        .unwrap();
+    assert_eq!(
+        e.usage("a").unwrap_err(),
+        Error::Overflow {
+            meter: "cost".into()
+        }
+    );
+}
+
+#[test]
+fn prices_that_a_decimal_cannot_hold_exactly_are_refused_at_load() {
+    let json = |price: &str| {
+        format!(
+            r#"{{"meters": [{{"id": "t", "unit": "count"}},
+                {{"id": "cost", "unit": {{"money": {{"currency": "USD", "scale": 6}}}}}}],
+               "plans": [{{"id": "p", "cost_meter": "cost", "prices": {{"t": "{price}"}}}}]}}"#
+        )
+    };
+    // 30 decimal places: parsing would round it to 0, making usage free and silent.
+    assert!(serde_json::from_str::<Catalog>(&json("0.000000000000000000000000000001")).is_err());
+    // 19 decimal places fits a Decimal but not the exact price unit.
+    let err = serde_json::from_str::<Catalog>(&json("0.0000000000000000001"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("plans[p].prices.t"), "{err}");
+    assert!(err.contains("decimal places"), "{err}");
+    // 18 is accepted and exact.
+    let c: Catalog = serde_json::from_str(&json("0.000000000000000001")).unwrap();
+    assert_eq!(
+        c.plan("p").unwrap().price(&c, "t"),
+        Some(dec!(0.000000000000000001))
+    );
+    assert_eq!(c.plan("p").unwrap().cost_meter(&c), Some("cost"));
+    // The same through the Rust API.
+    let err = CatalogConfig::default()
+        .meter(Meter::count("t"))
+        .meter(Meter::money("cost", "USD", 6))
+        .plan(
+            PlanConfig::new("p")
+                .cost_meter("cost")
+                .price("t", Decimal::new(1, 19)),
+        )
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidConfig { field, .. } if field == "plans[p].prices.t"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn usage_report_says_exceeded_when_record_took_usage_past_the_maximum() {
+    let e = engine(PlanConfig::new("p").limit(LimitConfig::new("big", month(), 10u64)));
+    e.record(&Request::new("a").units("big", 8)).unwrap();
+    assert_eq!(e.usage("a").unwrap().meters[0].status, Status::Warning);
+    e.record(&Request::new("a").units("big", 17)).unwrap();
+    let row = &e.usage("a").unwrap().meters[0];
+    assert_eq!(row.units, dec!(25));
+    assert_eq!(row.status, Status::Exceeded);
+}
+
+#[test]
+fn money_meters_are_not_listed_as_unpriced() {
+    let catalog = CatalogConfig::default()
+        .meter(Meter::count("t"))
+        .meter(Meter::money("credit", "USD", 2))
+        .meter(Meter::money("cost", "USD", 6))
+        .plan(
+            PlanConfig::new("p")
+                .cost_meter("cost")
+                .price("t", dec!(0.01))
+                .limit(LimitConfig::new("credit", Window::Lifetime, 100u64)),
+        )
+        .build()
+        .unwrap();
+    let e = Engine::new(catalog);
+    e.allocate(Allocation::new("a", "p")).unwrap();
+    let d = e
+        .admit(&Request::new("a").money("credit", dec!(1), "USD"))
+        .unwrap();
+    assert!(d.unpriced.is_empty(), "{:?}", d.unpriced);
+    assert_eq!(d.cost.unwrap().amount, dec!(0));
+}
