@@ -73,6 +73,14 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A batch handed to a store breaks the store contract: a counter named
+    /// twice, or an invalid window. The engine never builds one; a host
+    /// calling a store directly can.
+    #[error("invalid batch: {reason}")]
+    InvalidBatch {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The store failed (a backend's connection, a poisoned state). Nothing is
     /// known to have changed.
     #[error("store failed: {message}")]

@@ -196,9 +196,10 @@ impl Counter {
                     period,
                     utc_offset_secs,
                 },
-            ) if now_ms >= *end => {
-                // (A clock that steps back into an earlier period keeps counting
-                // in the current one: usage never comes back.)
+            ) if now_ms >= *end || (now_ms < *start && *used == 0) => {
+                // A clock that steps back into an earlier period keeps a
+                // counter holding usage in its own period (usage never moves
+                // to an earlier one); an empty counter follows the clock.
                 (*start, *end) = Window::calendar_bounds(period, utc_offset_secs, now_ms);
                 *used = 0;
             }
@@ -236,20 +237,22 @@ fn state_of(
     max: Option<u64>,
 ) -> CounterState {
     let used = counter.map_or(0, Counter::used);
-    let fits_now = fits(used, delta, max);
+    // Past the maximum with this delta: for a zero delta, a counter that
+    // `Force` already took past it.
+    let over = max.is_some_and(|m| u128::from(used) + u128::from(delta) > u128::from(m));
     let (period_start, resets_at, available_at) = match window {
         Window::Calendar {
             period,
             utc_offset_secs,
         } => {
+            // A counter reports the period its usage belongs to (after a
+            // clock step back, that can be later than `now`'s period).
             let (start, next) = match counter.map(|c| &c.data) {
-                Some(&Data::Calendar { start, end, .. }) if (start..end).contains(&now_ms) => {
-                    (start, end)
-                }
+                Some(&Data::Calendar { start, end, .. }) => (start, end),
                 _ => Window::calendar_bounds(period, utc_offset_secs, now_ms),
             };
             let avail = match max {
-                Some(m) if !fits_now && delta <= m => Some(next),
+                Some(m) if over && delta <= m => Some(next),
                 _ => None,
             };
             (Some(start), Some(next), avail)
@@ -262,7 +265,7 @@ fn state_of(
             });
             let resets = rolling.and_then(Rolling::resets_at);
             let avail = match (max, rolling) {
-                (Some(m), Some(r)) if !fits_now => r.available_at(delta, m),
+                (Some(m), Some(r)) if over => r.available_at(delta, m),
                 _ => None,
             };
             (Some(start), resets, avail)
@@ -278,7 +281,32 @@ fn state_of(
 }
 
 fn ms_to_time(ms: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(ms).unwrap_or(DateTime::<Utc>::MAX_UTC)
+    DateTime::from_timestamp_millis(ms).unwrap_or(if ms < 0 {
+        DateTime::<Utc>::MIN_UTC
+    } else {
+        DateTime::<Utc>::MAX_UTC
+    })
+}
+
+/// Contract rule 1: valid windows, each counter at most once.
+fn validate(ops: &[super::CounterOp<'_>]) -> Result<(), Error> {
+    for (i, op) in ops.iter().enumerate() {
+        op.window.validate().map_err(|reason| Error::InvalidBatch {
+            reason: format!("ops[{i}]: {reason}"),
+        })?;
+        if ops[..i]
+            .iter()
+            .any(|o| o.window == op.window && o.meter == op.meter && o.scope == op.scope)
+        {
+            return Err(Error::InvalidBatch {
+                reason: format!(
+                    "ops[{i}]: counter {} {} {} named twice",
+                    op.scope, op.meter, op.window
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl Default for MemoryStore {
@@ -345,6 +373,7 @@ impl AllowanceStore for MemoryStore {
     fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         let now_ms = batch.now.timestamp_millis();
         let ops = batch.ops;
+        validate(ops)?;
 
         // Lock every shard the batch touches, in ascending order.
         let mut shard_ids: Vec<usize> = ops.iter().map(|op| self.shard_of(op.scope)).collect();
@@ -373,7 +402,11 @@ impl AllowanceStore for MemoryStore {
                 }
                 None => 0,
             };
-            if used.checked_add(op.delta).is_none() {
+            // Past u64: an error where the delta would be added regardless
+            // (Force, or no maximum); elsewhere it simply does not fit.
+            if used.checked_add(op.delta).is_none()
+                && (batch.mode == Mode::Force || op.max.is_none())
+            {
                 return Err(Error::Overflow {
                     meter: op.meter.to_owned(),
                 });
@@ -567,6 +600,92 @@ mod tests {
             })
             .unwrap();
         assert_eq!(r.counters[0].used, u64::MAX - 1);
+    }
+
+    #[test]
+    fn malformed_batches_are_refused_and_change_nothing() {
+        let store = MemoryStore::new();
+        let a = ScopeKey::subject("a");
+        let w = Window::calendar(Period::Day);
+        let op = CounterOp {
+            scope: &a,
+            meter: "t",
+            window: w,
+            delta: 60,
+            max: Some(100),
+        };
+        // The same counter twice would be checked against the same usage and
+        // added twice: 120 past a maximum of 100.
+        let twice = [op, op];
+        let err = store
+            .apply(&Batch {
+                ops: &twice,
+                mode: Mode::WithinLimits,
+                now: at(0),
+            })
+            .unwrap_err();
+        assert!(matches!(&err, Error::InvalidBatch { reason } if reason.contains("twice")));
+        // Buckets narrower than a second, and an empty span.
+        for window in [
+            Window::Rolling {
+                span_secs: 5,
+                buckets: 10,
+            },
+            Window::Rolling {
+                span_secs: 0,
+                buckets: 1,
+            },
+        ] {
+            let bad = CounterOp { window, ..op };
+            let err = store
+                .apply(&Batch {
+                    ops: &[op, bad],
+                    mode: Mode::Force,
+                    now: at(0),
+                })
+                .unwrap_err();
+            assert!(matches!(err, Error::InvalidBatch { .. }), "{window}");
+        }
+        assert_eq!(store.counter_count(), 0);
+    }
+
+    #[test]
+    fn a_clock_stepping_back_keeps_usage_in_its_own_period() {
+        let store = MemoryStore::new();
+        let a = ScopeKey::subject("a");
+        let op = |delta| CounterOp {
+            scope: &a,
+            meter: "t",
+            window: Window::calendar(Period::Month),
+            delta,
+            max: Some(100),
+        };
+        let feb = Utc.with_ymd_and_hms(2026, 2, 10, 0, 0, 0).unwrap();
+        store
+            .apply(&Batch {
+                ops: &[op(10)],
+                mode: Mode::Force,
+                now: feb,
+            })
+            .unwrap();
+        let jan = Utc.with_ymd_and_hms(2026, 1, 20, 0, 0, 0).unwrap();
+        let s = store
+            .apply(&Batch {
+                ops: &[op(0)],
+                mode: Mode::Check,
+                now: jan,
+            })
+            .unwrap()
+            .counters[0];
+        assert_eq!(s.used, 10);
+        assert_eq!(
+            s.period_start,
+            Some(Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap())
+        );
+        assert_eq!(
+            s.resets_at,
+            Some(Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap())
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! An implementation of [`AllowanceStore::apply`] must:
 //!
 //! 1. **Identify a counter** by `(scope, meter, window)`. A counter that does
-//!    not exist reads as zero. A batch names each counter at most once.
+//!    not exist reads as zero. Refuse with [`Error::InvalidBatch`], changing
+//!    nothing, a batch that names a counter twice or has an invalid window
+//!    (a rolling window with no buckets, a span not divisible into them).
 //! 2. **Roll windows at `batch.now`** (or at a clock the backend documents):
 //!    a [`Window::Calendar`] counter reads zero once `now` is past the period
 //!    it was written in; a [`Window::Rolling`] counter keeps `buckets + 1`
@@ -23,9 +25,10 @@
 //!    - [`Mode::WithinLimits`]: if every op fits, add every delta; otherwise
 //!      add none. `applied` says which.
 //!    - [`Mode::Force`]: add every delta; `applied` is `true`.
-//! 4. **Never wrap**: if `used + delta` does not fit a `u64` for any op,
-//!    return [`Error::Overflow`] and change nothing — in every mode, `Check`
-//!    included, so a preflight never approves what `WithinLimits` rejects.
+//! 4. **Never wrap**: an op whose `used + delta` does not fit a `u64` does
+//!    not fit its maximum, if it has one; in [`Mode::Force`], or with no
+//!    maximum, return [`Error::Overflow`] and change nothing. `Check` answers
+//!    exactly as `WithinLimits` would.
 //! 5. **Be atomic**: no other batch observes or interleaves with a partly
 //!    applied batch. One Lua script, one SQL transaction, or locks held over
 //!    the whole batch.
@@ -155,9 +158,11 @@ pub struct CounterState {
     /// oldest counted bucket leaves (rolling, `None` if empty), `None`
     /// (lifetime).
     pub resets_at: Option<DateTime<Utc>>,
-    /// Set only for an op that does not fit: the earliest time at which it
-    /// would, if nothing else were added. `None` there means waiting never
-    /// helps (a lifetime counter, or a delta above the maximum).
+    /// Set only when `used + delta` is past the maximum (for an applied
+    /// batch, `delta` counts as 0, so this is a counter `Force` took past its
+    /// maximum): the earliest time at which it would not be, if nothing else
+    /// were added. `None` there means waiting never helps (a lifetime
+    /// counter, or a delta above the maximum).
     pub available_at: Option<DateTime<Utc>>,
 }
 
@@ -175,8 +180,9 @@ pub trait AllowanceStore: Send + Sync {
     /// Apply `batch` atomically and report every counter it names.
     ///
     /// # Errors
-    /// [`Error::Overflow`] if a counter would pass `u64::MAX` (nothing
-    /// changes); [`Error::Store`] if the backend fails.
+    /// [`Error::Overflow`] if a counter would pass `u64::MAX` (contract rule
+    /// 4), [`Error::InvalidBatch`] for a malformed batch (rule 1) — nothing
+    /// changes in either case; [`Error::Store`] if the backend fails.
     fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error>;
 }
 

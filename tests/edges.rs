@@ -1,0 +1,94 @@
+//! Edges of the status rule: amounts past `u64`, and `record` past a maximum.
+
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use tollgate::{
+    Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, MaxConfig, MemoryStore,
+    Meter, Period, PlanConfig, Request, Status, Window,
+};
+
+fn engine() -> (Engine<MemoryStore, ManualClock>, ManualClock) {
+    let catalog = CatalogConfig::default()
+        .meter(Meter::count("jobs"))
+        .meter(Meter::count("events"))
+        .plan(
+            PlanConfig::new("p")
+                .limit(LimitConfig::new(
+                    "jobs",
+                    Window::calendar(Period::Day),
+                    10u64,
+                ))
+                .limit(LimitConfig::new(
+                    "events",
+                    Window::Lifetime,
+                    MaxConfig::Unlimited,
+                )),
+        )
+        .build()
+        .unwrap();
+    let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, 0).unwrap());
+    let e = Engine::with_clock(catalog, clock.clone());
+    e.allocate(Allocation::new("a", "p")).unwrap();
+    (e, clock)
+}
+
+#[test]
+fn an_amount_past_u64_on_a_limited_counter_is_a_refusal_whatever_the_usage() {
+    let (e, _) = engine();
+    let huge = Request::new("a").units("jobs", u64::MAX);
+    // On an empty counter and on a used one alike: a refusal, not an error.
+    for used in [0, 1] {
+        if used > 0 {
+            e.admit(&Request::new("a").units("jobs", 1)).unwrap();
+        }
+        for d in [e.check(&huge).unwrap(), e.admit(&huge).unwrap()] {
+            assert!(!d.allowed && !d.recorded);
+            assert_eq!(d.status, Status::Exceeded);
+            assert_eq!(d.limits[0].used, used);
+            assert_eq!(d.retry_after, None, "waiting never makes room for it");
+        }
+    }
+    // `record` would have to add it: that is an Overflow, and nothing changes.
+    e.record(&Request::new("a").units("jobs", 5)).unwrap();
+    assert_eq!(
+        e.record(&huge).unwrap_err(),
+        Error::Overflow {
+            meter: "jobs".into()
+        }
+    );
+    assert_eq!(
+        e.check(&Request::new("a").units("jobs", 0)).unwrap().limits[0].used,
+        6
+    );
+}
+
+#[test]
+fn an_amount_past_u64_on_an_unlimited_counter_is_an_error_in_every_call() {
+    let (e, _) = engine();
+    e.record(&Request::new("a").units("events", 2)).unwrap();
+    let huge = Request::new("a").units("events", u64::MAX);
+    let want = Error::Overflow {
+        meter: "events".into(),
+    };
+    assert_eq!(e.check(&huge).unwrap_err(), want);
+    assert_eq!(e.admit(&huge).unwrap_err(), want);
+    assert_eq!(e.record(&huge).unwrap_err(), want);
+}
+
+#[test]
+fn record_past_the_maximum_says_when_usage_is_back_under_it() {
+    let (e, clock) = engine();
+    let d = e.record(&Request::new("a").units("jobs", 15)).unwrap();
+    assert!(d.recorded && !d.allowed);
+    assert_eq!(d.status, Status::Exceeded);
+    assert_eq!(d.binding, Some(0));
+    // The day resets at midnight UTC, 12 hours on.
+    assert_eq!(d.retry_after, Some(Duration::from_secs(12 * 3600)));
+    clock.set(Utc.with_ymd_and_hms(2026, 6, 2, 0, 0, 0).unwrap());
+    assert!(
+        e.admit(&Request::new("a").units("jobs", 10))
+            .unwrap()
+            .allowed
+    );
+}
