@@ -102,7 +102,8 @@ impl Meter {
     }
 
     /// Convert an integer of the meter's smallest unit to a decimal of its
-    /// major unit (for money: 1234 at scale 2 is 12.34).
+    /// major unit (for money: 1234 at scale 2 is 12.34). The scale is valid
+    /// in any meter of a built [`Catalog`] (at most [`MAX_MONEY_SCALE`]).
     pub fn to_decimal(&self, minor: u64) -> Decimal {
         let mut d = Decimal::from(minor);
         // scale <= MAX_MONEY_SCALE, within Decimal's 28.

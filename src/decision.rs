@@ -48,6 +48,7 @@ pub struct Money {
 
 /// One limit of one scope, as the decision found it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LimitState {
     /// Whose counter: the subject, or a pool.
     pub scope: ScopeKey,
@@ -76,13 +77,17 @@ pub struct LimitState {
 ///
 /// A refusal is a `Decision` with `allowed == false`, never an `Err`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Decision {
     /// The worst status over all limits.
     pub status: Status,
     /// Whether the work may proceed. For `admit`, whether it was admitted; for
     /// `record`, whether usage is still within every limit.
     pub allowed: bool,
-    /// Whether this call added the request to the counters.
+    /// Whether this call added anything to a counter: `false` for `check`, a
+    /// refused `admit`, and a request of zero. A meter is counted only where
+    /// some limit on it exists: give a plan an unlimited limit (`-1`) on a
+    /// meter to count it without ever refusing it.
     pub recorded: bool,
     /// Why the request was refused, when it was.
     pub reason: Option<Refusal>,

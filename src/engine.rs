@@ -54,7 +54,9 @@ pub struct Allocation {
     /// the same refusal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<Vec<String>>,
-    /// Shared pools the subject also draws on (an account pool).
+    /// Shared pools the subject also draws on (an account pool). A model's
+    /// global pool cannot be listed here: it applies to every request that
+    /// names its model.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pools: Vec<String>,
 }
@@ -100,6 +102,7 @@ impl Allocation {
 /// An allocation resolved against the catalog.
 #[derive(Debug)]
 struct Resolved {
+    allocation: Allocation,
     scope: ScopeKey,
     plan: Arc<Plan>,
     limits: Vec<Limit>,
@@ -120,6 +123,7 @@ pub enum Call {
 
 /// A decision as an [`Observer`] sees it.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct DecisionEvent<'a> {
     /// The call that made it.
     pub call: Call,
@@ -149,6 +153,7 @@ impl<F: Fn(&DecisionEvent<'_>) + Send + Sync> Observer for F {
 
 /// One row of a [`UsageReport`]: a limit of the subject's own scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MeterUsage {
     /// The meter.
     pub meter: Arc<str>,
@@ -173,6 +178,7 @@ pub struct MeterUsage {
 /// Usage for one subject in its current periods: units and cost per meter
 /// (the shape of seed 003's `/usage`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct UsageReport {
     /// The subject.
     pub subject: String,
@@ -318,12 +324,21 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
         let pools = allocation
             .pools
             .iter()
-            .map(|id| {
-                self.catalog
+            .enumerate()
+            .map(|(i, id)| {
+                let pool = self
+                    .catalog
                     .pools
                     .get(id)
                     .cloned()
-                    .ok_or_else(|| Error::UnknownPool { pool: id.clone() })
+                    .ok_or_else(|| Error::UnknownPool { pool: id.clone() })?;
+                if self.catalog.model_pools.values().flatten().any(|p| p.id == pool.id) {
+                    return Err(Error::config(
+                        format!("pools[{i}]"),
+                        format!("pool `{id}` is a model's global pool: requests naming the model draw on it"),
+                    ));
+                }
+                Ok(pool)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let resolved = Resolved {
@@ -331,12 +346,21 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
             plan,
             limits,
             pools,
-            models: allocation.models,
+            models: allocation.models.clone(),
+            allocation,
         };
         self.allocations
             .write()
-            .insert(allocation.subject, Arc::new(resolved));
+            .insert(resolved.allocation.subject.clone(), Arc::new(resolved));
         Ok(())
+    }
+
+    /// The allocation binding `subject`, as it was given to [`Engine::allocate`].
+    pub fn allocation(&self, subject: &str) -> Option<Allocation> {
+        self.allocations
+            .read()
+            .get(subject)
+            .map(|r| r.allocation.clone())
     }
 
     /// Remove a subject's allocation. Its counters stay in the store until
@@ -394,11 +418,7 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
                 max: l.max,
             })
             .collect();
-        let applied = self.store.apply(&Batch {
-            ops: &ops,
-            mode: Mode::Check,
-            now,
-        })?;
+        let applied = self.apply(&ops, Mode::Check, now)?;
         let cost_meter_idx = alloc.plan.cost_meter.unwrap_or_default();
         let cost_meter = alloc.plan.cost_meter.map(|i| &self.catalog.meters[i]);
         let meters = alloc
@@ -437,6 +457,26 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
             at: now,
             meters,
         })
+    }
+
+    /// One store call, with the contract's answer shape checked.
+    fn apply(
+        &self,
+        ops: &[CounterOp<'_>],
+        mode: Mode,
+        now: DateTime<Utc>,
+    ) -> Result<Applied, Error> {
+        let applied = self.store.apply(&Batch::new(ops, mode, now))?;
+        if applied.counters.len() != ops.len() {
+            return Err(Error::Store {
+                message: format!(
+                    "store returned {} counters for {} ops",
+                    applied.counters.len(),
+                    ops.len()
+                ),
+            });
+        }
+        Ok(applied)
     }
 
     fn allocation_of(&self, subject: &str) -> Result<Arc<Resolved>, Error> {
@@ -565,20 +605,7 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
             Call::Admit => Mode::WithinLimits,
             Call::Record => Mode::Force,
         };
-        let applied = self.store.apply(&Batch {
-            ops: &ops,
-            mode,
-            now,
-        })?;
-        if applied.counters.len() != ops.len() {
-            return Err(Error::Store {
-                message: format!(
-                    "store returned {} counters for {} ops",
-                    applied.counters.len(),
-                    ops.len()
-                ),
-            });
-        }
+        let applied = self.apply(&ops, mode, now)?;
         let mut decision = build_decision(&ops, &op_limits, &applied, call, now, cost, unpriced);
         if let Some(reason) = model_refused {
             decision.status = Status::Exceeded;
@@ -758,7 +785,8 @@ fn build_decision(
     Decision {
         status,
         allowed,
-        recorded: applied.applied,
+        // A request none of whose meters has a limit touches no counter.
+        recorded: applied.applied && ops.iter().any(|op| op.delta > 0),
         reason: (!allowed).then_some(Refusal::LimitExceeded),
         limits: states,
         binding,

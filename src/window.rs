@@ -102,6 +102,9 @@ impl Window {
                 if utc_offset_secs.unsigned_abs() >= 86_400 {
                     return Err("utc offset must be less than 24 hours".into());
                 }
+                if utc_offset_secs % 60 != 0 {
+                    return Err("utc offset must be a whole number of minutes".into());
+                }
                 Ok(())
             }
             Window::Rolling { span_secs, buckets } => {
@@ -231,19 +234,35 @@ pub(crate) fn parse_offset(text: &str) -> Result<i32, String> {
         b'-' => (-1, &t[1..]),
         _ => return Err(bad()),
     };
-    let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
-    let h: i32 = h.parse().map_err(|_| bad())?;
-    let m: i32 = m.parse().map_err(|_| bad())?;
-    if !(0..24).contains(&h) || !(0..60).contains(&m) {
+    // HH, HH:MM or HH:MM:SS (seconds only so a programmatic offset round-trips
+    // exactly; validation then refuses offsets that are not whole minutes).
+    let mut parts = rest.split(':');
+    let mut next = |max: i32| -> Result<i32, String> {
+        match parts.next() {
+            None => Ok(0),
+            Some(p) => p
+                .parse::<i32>()
+                .ok()
+                .filter(|v| (0..max).contains(v))
+                .ok_or_else(bad),
+        }
+    };
+    let (h, m, s) = (next(24)?, next(60)?, next(60)?);
+    if parts.next().is_some() {
         return Err(bad());
     }
-    Ok(sign * (h * 3_600 + m * 60))
+    Ok(sign * (h * 3_600 + m * 60 + s))
 }
 
 fn format_offset(secs: i32) -> String {
     let sign = if secs < 0 { '-' } else { '+' };
     let a = secs.unsigned_abs();
-    format!("{sign}{:02}:{:02}", a / 3_600, (a % 3_600) / 60)
+    let hm = format!("{sign}{:02}:{:02}", a / 3_600, (a % 3_600) / 60);
+    if a % 60 == 0 {
+        hm
+    } else {
+        format!("{hm}:{:02}", a % 60)
+    }
 }
 
 /// The serde form of a window, as written in configuration.

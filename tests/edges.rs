@@ -1,11 +1,12 @@
-//! Edges of the status rule: amounts past `u64`, and `record` past a maximum.
+//! Edges: amounts past `u64`, `record` past a maximum, allocations that name
+//! a model's pool, offsets that are not whole minutes.
 
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use tollgate::{
     Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, MaxConfig, MemoryStore,
-    Meter, Period, PlanConfig, Request, Status, Window,
+    Meter, Period, PlanConfig, PoolConfig, Request, Status, Window,
 };
 
 fn engine() -> (Engine<MemoryStore, ManualClock>, ManualClock) {
@@ -91,4 +92,78 @@ fn record_past_the_maximum_says_when_usage_is_back_under_it() {
             .unwrap()
             .allowed
     );
+}
+
+#[test]
+fn a_model_pool_cannot_be_listed_in_an_allocation() {
+    let catalog = CatalogConfig::default()
+        .meter(Meter::count("tokens"))
+        .plan(PlanConfig::new("p").limit(LimitConfig::new(
+            "tokens",
+            Window::calendar(Period::Day),
+            MaxConfig::Unlimited,
+        )))
+        .pool(
+            PoolConfig::new("model:sonnet")
+                .for_model("sonnet")
+                .limit(LimitConfig::new(
+                    "tokens",
+                    Window::calendar(Period::Day),
+                    100u64,
+                )),
+        )
+        .pool(PoolConfig::new("account:acme").limit(LimitConfig::new(
+            "tokens",
+            Window::calendar(Period::Day),
+            1_000u64,
+        )))
+        .build()
+        .unwrap();
+    let e = Engine::new(catalog);
+    let first = Allocation::new("a", "p").with_pool("account:acme");
+    e.allocate(first.clone()).unwrap();
+    // Listed, it would be charged for requests naming any other model.
+    let err = e
+        .allocate(
+            Allocation::new("a", "p")
+                .with_pool("account:acme")
+                .with_pool("model:sonnet"),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidConfig { field, .. } if field == "pools[1]"),
+        "{err:?}"
+    );
+    assert_eq!(
+        e.allocation("a"),
+        Some(first),
+        "the earlier allocation stands"
+    );
+    assert_eq!(e.allocation("nobody"), None);
+}
+
+#[test]
+fn a_utc_offset_must_be_whole_minutes() {
+    let build = |secs| {
+        CatalogConfig::default()
+            .meter(Meter::count("t"))
+            .plan(PlanConfig::new("p").limit(LimitConfig::new(
+                "t",
+                Window::Calendar {
+                    period: Period::Day,
+                    utc_offset_secs: secs,
+                },
+                1u64,
+            )))
+            .build()
+    };
+    // 30 s would otherwise be written back as +00:00 and silently become UTC.
+    let err = build(30).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidConfig { field, reason }
+            if field == "plans[p].limits[0].window" && reason.contains("whole number of minutes")),
+        "{err:?}"
+    );
+    assert!(build(5 * 3600 + 30 * 60).is_ok());
+    assert!(build(-(9 * 3600 + 45 * 60)).is_ok());
 }

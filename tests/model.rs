@@ -292,8 +292,9 @@ fn step(
     let expected = model.limits(who, now);
     let all_fit = expected.iter().all(|e| fits(e.used, amount, e.spec.max));
     let (allowed, recorded) = match kind {
-        Kind::Admit => (all_fit, all_fit),
-        Kind::Record => (all_fit, true),
+        // A request of zero changes no counter, so it is never `recorded`.
+        Kind::Admit => (all_fit, all_fit && amount > 0),
+        Kind::Record => (all_fit, amount > 0),
         Kind::Check => (all_fit, false),
     };
     let ctx = format!("{kind:?} {amount} for {} at {now}", SUBJECTS[who]);

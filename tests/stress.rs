@@ -344,7 +344,11 @@ fn concurrent_records_and_admits_lose_and_double_nothing() {
                                     let d = engine
                                         .record(&Request::new("mixed").units(METER, n))
                                         .unwrap();
-                                    assert!(d.recorded, "record always records");
+                                    assert_eq!(
+                                        d.recorded,
+                                        n > 0,
+                                        "record always records (zero changes nothing)"
+                                    );
                                     assert_eq!(
                                         d.allowed,
                                         d.limits.iter().all(|l| n == 0 || l.used <= MAX)

@@ -340,6 +340,9 @@ impl MemoryStore {
 
     /// Remove every counter that reads zero at `now`, and every scope left
     /// with no counters. Returns how many counters were removed.
+    ///
+    /// Pass the engine's current time: a `now` in the future ends periods
+    /// early and drops usage that still counts.
     pub fn reclaim(&self, now: DateTime<Utc>) -> usize {
         (0..self.shards.len())
             .map(|i| Self::sweep(&mut self.shards[i].lock(), now.timestamp_millis()))

@@ -121,6 +121,7 @@ pub enum Mode {
 
 /// One counter's part in a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CounterOp<'a> {
     /// Whose counter.
     pub scope: &'a ScopeKey,
@@ -136,6 +137,7 @@ pub struct CounterOp<'a> {
 
 /// A set of counter operations applied as one atomic step.
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct Batch<'a> {
     /// The operations; each counter appears at most once.
     pub ops: &'a [CounterOp<'a>],
@@ -146,7 +148,11 @@ pub struct Batch<'a> {
 }
 
 /// A counter as it stands after a batch.
+///
+/// A backend builds one with `CounterState::default()` and sets the fields
+/// it knows; fields added later default to "nothing to report".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct CounterState {
     /// Usage counted in the window now: after the batch if it was applied,
     /// the current usage otherwise.
@@ -166,13 +172,41 @@ pub struct CounterState {
     pub available_at: Option<DateTime<Utc>>,
 }
 
-/// The outcome of [`AllowanceStore::apply`].
+/// The outcome of [`AllowanceStore::apply`]. Build it with
+/// `Applied::default()` and set its fields.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct Applied {
     /// Whether the deltas were added.
     pub applied: bool,
     /// One state per op, in the batch's order.
     pub counters: Vec<CounterState>,
+}
+
+impl<'a> CounterOp<'a> {
+    /// An op adding `delta` to `(scope, meter, window)` with maximum `max`.
+    pub fn new(
+        scope: &'a ScopeKey,
+        meter: &'a str,
+        window: Window,
+        delta: u64,
+        max: Option<u64>,
+    ) -> Self {
+        Self {
+            scope,
+            meter,
+            window,
+            delta,
+            max,
+        }
+    }
+}
+
+impl<'a> Batch<'a> {
+    /// A batch of `ops` applied in `mode` at `now`.
+    pub fn new(ops: &'a [CounterOp<'a>], mode: Mode, now: DateTime<Utc>) -> Self {
+        Self { ops, mode, now }
+    }
 }
 
 /// The storage seam. See the [module docs](self) for the contract.
