@@ -182,12 +182,14 @@ fn month_bounds_days(day: i64) -> (i64, i64) {
         NaiveDate::from_ymd_opt(first.year() + 1, 1, 1)
     } else {
         NaiveDate::from_ymd_opt(first.year(), first.month() + 1, 1)
-    }
-    .unwrap_or(first);
-    (
-        i64::from(first.num_days_from_ce()) - CE_OFFSET,
-        i64::from(next.num_days_from_ce()) - CE_OFFSET,
-    )
+    };
+    let first_day = i64::from(first.num_days_from_ce()) - CE_OFFSET;
+    // Past chrono's last year the next month has no date: a 31-day period
+    // keeps the window from collapsing to nothing.
+    let next_day = next.map_or(first_day + 31, |n| {
+        i64::from(n.num_days_from_ce()) - CE_OFFSET
+    });
+    (first_day, next_day)
 }
 
 /// Parse a span such as `"90s"`, `"30m"`, `"24h"`, `"7d"`, `"2w"` or `"3600"`
@@ -355,6 +357,21 @@ mod tests {
         assert_eq!((s, e), (ms(2026, 12, 1, 0), ms(2027, 1, 1, 0)));
         let (s, e) = Window::calendar_bounds(Period::Month, 0, ms(2027, 1, 31, 12));
         assert_eq!((s, e), (ms(2027, 1, 1, 0), ms(2027, 2, 1, 0)));
+    }
+
+    #[test]
+    fn periods_never_collapse_at_the_end_of_time() {
+        for period in [Period::Day, Period::Week, Period::Month] {
+            for now in [
+                chrono::DateTime::<Utc>::MAX_UTC.timestamp_millis(),
+                chrono::DateTime::<Utc>::MIN_UTC.timestamp_millis(),
+                i64::MAX / 2,
+                i64::MIN / 2,
+            ] {
+                let (s, e) = Window::calendar_bounds(period, 0, now);
+                assert!(s <= now && now < e, "{period:?} at {now}: [{s}, {e})");
+            }
+        }
     }
 
     #[test]
