@@ -14,8 +14,8 @@ use rust_decimal::Decimal;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::store::ScopeKey;
-use crate::window::{Window, WindowConfig};
+use crate::store::{Fraction, ScopeKey};
+use crate::window::{parse_span, Window, WindowConfig};
 use crate::Error;
 
 /// Most decimal places a money meter may keep (10^12 minor units per major
@@ -313,6 +313,71 @@ pub struct PlanConfig {
         deserialize_with = "strict_prices"
     )]
     pub prices: BTreeMap<String, Decimal>,
+    /// How long a reservation may run before it is overdue (seed 002's
+    /// maximum job duration): a span such as `"2h"`. Overdue reservations are
+    /// reported by [`Engine::overdue`](crate::Engine::overdue); the host kills
+    /// the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_job_duration: Option<String>,
+    /// Shares of a reservation's holds returned when it is released; the
+    /// default returns 50 % on failure, 100 % on cancel and nothing on
+    /// completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refunds: Option<RefundPolicy>,
+    /// After a reservation of a subject on this plan is released as
+    /// [`Outcome::Failed`](crate::Outcome::Failed), the subject may not be
+    /// admitted or reserved for this span (`"10m"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_after_failure: Option<String>,
+}
+
+/// The share of a reservation's holds returned to the quota when it is
+/// released, per outcome: `0` returns nothing (all of the estimate counts as
+/// used), `1` returns everything. Written as integers or decimal strings,
+/// never floats.
+///
+/// ```json
+/// {"failed": "0.5", "cancelled": 1, "completed": 0}
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefundPolicy {
+    /// Returned when the work failed (default 0.5).
+    #[serde(default = "half", deserialize_with = "strict_decimal")]
+    pub failed: Decimal,
+    /// Returned when the work was cancelled (default 1).
+    #[serde(default = "one", deserialize_with = "strict_decimal")]
+    pub cancelled: Decimal,
+    /// Returned when the work completed without reporting actual amounts
+    /// (default 0).
+    #[serde(default, deserialize_with = "strict_decimal")]
+    pub completed: Decimal,
+}
+
+fn half() -> Decimal {
+    Decimal::new(5, 1)
+}
+
+fn one() -> Decimal {
+    Decimal::ONE
+}
+
+impl Default for RefundPolicy {
+    fn default() -> Self {
+        Self {
+            failed: half(),
+            cancelled: one(),
+            completed: Decimal::ZERO,
+        }
+    }
+}
+
+/// A validated refund policy: the share of each hold kept as usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Keep {
+    pub(crate) failed: Fraction,
+    pub(crate) cancelled: Fraction,
+    pub(crate) completed: Fraction,
 }
 
 impl PlanConfig {
@@ -323,7 +388,28 @@ impl PlanConfig {
             limits: Vec::new(),
             cost_meter: None,
             prices: BTreeMap::new(),
+            max_job_duration: None,
+            refunds: None,
+            cooldown_after_failure: None,
         }
+    }
+    /// Set the maximum job duration (a span such as `"2h"`).
+    #[must_use]
+    pub fn max_job_duration(mut self, span: impl Into<String>) -> Self {
+        self.max_job_duration = Some(span.into());
+        self
+    }
+    /// Set the refund policy.
+    #[must_use]
+    pub fn refunds(mut self, policy: RefundPolicy) -> Self {
+        self.refunds = Some(policy);
+        self
+    }
+    /// Set the cooldown after a failed reservation (a span such as `"10m"`).
+    #[must_use]
+    pub fn cooldown_after_failure(mut self, span: impl Into<String>) -> Self {
+        self.cooldown_after_failure = Some(span.into());
+        self
     }
     /// Add a limit.
     #[must_use]
@@ -355,6 +441,12 @@ pub struct Plan {
     pub(crate) prices: Vec<Option<Decimal>>,
     /// The same prices as exact integers of `10^-MAX_PRICE_SCALE` major units.
     pub(crate) price_units: Vec<Option<u128>>,
+    /// Maximum job duration in milliseconds.
+    pub(crate) max_job_ms: Option<i64>,
+    /// Share of holds kept as usage per release outcome.
+    pub(crate) keep: Keep,
+    /// Cooldown after a failure, in milliseconds.
+    pub(crate) cooldown_ms: Option<i64>,
 }
 
 impl Plan {
@@ -408,6 +500,12 @@ pub struct PoolConfig {
     /// Its limits.
     #[serde(default)]
     pub limits: Vec<LimitConfig>,
+    /// After a reservation drawing on this pool is released as
+    /// [`Outcome::Failed`](crate::Outcome::Failed), nothing drawing on the
+    /// pool may be admitted or reserved for this span (seed 002's per-repository
+    /// cooldown).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_after_failure: Option<String>,
 }
 
 impl PoolConfig {
@@ -417,7 +515,14 @@ impl PoolConfig {
             id: id.into(),
             model: None,
             limits: Vec::new(),
+            cooldown_after_failure: None,
         }
+    }
+    /// Set the cooldown after a failed reservation (a span such as `"10m"`).
+    #[must_use]
+    pub fn cooldown_after_failure(mut self, span: impl Into<String>) -> Self {
+        self.cooldown_after_failure = Some(span.into());
+        self
     }
     /// Make it the global pool of `model`.
     #[must_use]
@@ -439,6 +544,7 @@ pub struct Pool {
     pub(crate) id: Arc<str>,
     pub(crate) scope: ScopeKey,
     pub(crate) limits: Vec<Limit>,
+    pub(crate) cooldown_ms: Option<i64>,
 }
 
 impl Pool {
@@ -619,10 +725,15 @@ impl Catalog {
             }
             let limits = catalog.resolve_limits(&p.limits, &format!("{field}.limits"))?;
             let id: Arc<str> = Arc::from(p.id.as_str());
+            let cooldown_ms = span_ms(
+                p.cooldown_after_failure.as_deref(),
+                &format!("{field}.cooldown_after_failure"),
+            )?;
             let pool = Arc::new(Pool {
                 scope: ScopeKey::pool(id.clone()),
                 id,
                 limits,
+                cooldown_ms,
             });
             if let Some(model) = &p.model {
                 catalog
@@ -719,12 +830,30 @@ impl Catalog {
             prices[idx] = Some(*price);
             price_units[idx] = Some(units);
         }
+        let policy = p.refunds.clone().unwrap_or_default();
+        let keep = |share: Decimal, name: &str| {
+            keep_fraction(share)
+                .ok_or_else(|| Error::config(format!("{field}.refunds.{name}"), format!("refund share {share} is not an exact number in [0, 1] with at most 18 decimal places")))
+        };
         Ok(Plan {
             id: Arc::from(p.id.as_str()),
             limits,
             cost_meter,
             prices,
             price_units,
+            max_job_ms: span_ms(
+                p.max_job_duration.as_deref(),
+                &format!("{field}.max_job_duration"),
+            )?,
+            keep: Keep {
+                failed: keep(policy.failed, "failed")?,
+                cancelled: keep(policy.cancelled, "cancelled")?,
+                completed: keep(policy.completed, "completed")?,
+            },
+            cooldown_ms: span_ms(
+                p.cooldown_after_failure.as_deref(),
+                &format!("{field}.cooldown_after_failure"),
+            )?,
         })
     }
 
@@ -792,6 +921,15 @@ impl Catalog {
                 Some(minor)
             }
         };
+        if window == Window::Concurrent && meter.unit != Unit::Count {
+            return Err(Error::config(
+                format!("{field}.window"),
+                format!(
+                    "a concurrent limit counts jobs: meter `{}` must be a count",
+                    l.meter
+                ),
+            ));
+        }
         let warn_at = l.warn_at.unwrap_or(DEFAULT_WARN_AT);
         if warn_at <= Decimal::ZERO || warn_at > Decimal::ONE {
             return Err(Error::config(
@@ -843,4 +981,37 @@ fn strict_prices<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Dec
 pub(crate) fn first_duplicate<'a>(ids: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let mut seen = HashSet::new();
     ids.into_iter().find(|id| !seen.insert(*id))
+}
+
+/// A configured span (`"10m"`, `"2h"`) in milliseconds, above zero.
+fn span_ms(span: Option<&str>, field: &str) -> Result<Option<i64>, Error> {
+    let Some(text) = span else {
+        return Ok(None);
+    };
+    let secs = parse_span(text).map_err(|r| Error::config(field, r))?;
+    if secs == 0 {
+        return Err(Error::config(field, "span must be above zero"));
+    }
+    secs.checked_mul(1_000)
+        .and_then(|ms| i64::try_from(ms).ok())
+        .map(Some)
+        .ok_or_else(|| Error::config(field, format!("`{text}` is too long")))
+}
+
+/// `1 - refund` as an exact fraction, if `refund` is in `[0, 1]`.
+fn keep_fraction(refund: Decimal) -> Option<Fraction> {
+    if refund.is_sign_negative() && !refund.is_zero() || refund > Decimal::ONE {
+        return None;
+    }
+    let scale = refund.scale();
+    if scale > MAX_PRICE_SCALE {
+        return None;
+    }
+    let den = 10u64.checked_pow(scale)?;
+    let num = u64::try_from(refund.mantissa().unsigned_abs()).ok()?;
+    Fraction::new(den.checked_sub(num)?, den)
+}
+
+fn strict_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+    Price::deserialize(d).map(|p| p.0)
 }

@@ -35,6 +35,13 @@ pub enum Refusal {
         /// The model named.
         model: String,
     },
+    /// A scope is cooling down after a failed reservation.
+    Cooldown {
+        /// The scope cooling down.
+        scope: ScopeKey,
+        /// When the cooldown ends.
+        until: DateTime<Utc>,
+    },
 }
 
 /// Money: an exact decimal amount in a currency.
@@ -56,14 +63,21 @@ pub struct LimitState {
     pub meter: Arc<str>,
     /// The window.
     pub window: Window,
-    /// This request's amount on the limit, in the meter's smallest unit.
+    /// This call's amount on the limit, in the meter's smallest unit: the
+    /// request's amount; for `reserve` and `grow`, the amount held (one slot
+    /// on a concurrent limit); for `commit`, the actual amount; for
+    /// `release`, the part of the hold charged as usage.
     pub requested: u64,
     /// Usage counted now, in the meter's smallest unit: including this
-    /// request if it was recorded, excluding it otherwise.
+    /// request if it was recorded, excluding it otherwise. Holds are not in
+    /// it.
     pub used: u64,
+    /// Held by in-flight reservations (including this one, if it reserved),
+    /// in the meter's smallest unit. For a concurrent limit: the slots taken.
+    pub held: u64,
     /// The maximum; `None` is unlimited.
     pub max: Option<u64>,
-    /// `max - used`, floored at zero; `None` when unlimited.
+    /// `max - used - held`, floored at zero; `None` when unlimited.
     pub remaining: Option<u64>,
     /// Start of the current period (`None` for lifetime).
     pub period_start: Option<DateTime<Utc>>,

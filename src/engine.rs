@@ -16,6 +16,9 @@ use crate::request::{Quantity, Request};
 use crate::store::{
     AllowanceStore, Applied, Batch, CounterOp, CounterState, MemoryStore, Mode, ScopeKey,
 };
+use crate::store::{
+    CooldownOp, EventKey, Fraction, LeaseAction, LeaseId, LeaseInfo, LeaseOp, SettledHold,
+};
 use crate::window::Window;
 use crate::Error;
 
@@ -112,6 +115,7 @@ struct Resolved {
 
 /// Which engine call made a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Call {
     /// [`Engine::check`].
     Check,
@@ -119,6 +123,90 @@ pub enum Call {
     Admit,
     /// [`Engine::record`].
     Record,
+    /// [`Engine::reserve`].
+    Reserve,
+    /// [`Engine::grow`].
+    Grow,
+    /// [`Engine::commit`].
+    Commit,
+    /// [`Engine::release`].
+    Release,
+}
+
+/// How a reservation's work ended, for [`Engine::release`]. The plan's
+/// [`RefundPolicy`](crate::RefundPolicy) says how much of the hold returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The work finished; by default none of the hold returns (all of it
+    /// counts as used). Use [`Engine::commit`] when the actual amounts are
+    /// known.
+    Completed,
+    /// The work failed; by default 50 % of the hold returns, and scopes that
+    /// declare a cooldown start it.
+    Failed,
+    /// The work was cancelled; by default all of the hold returns.
+    Cancelled,
+}
+
+/// In-flight work: estimates held on every limit of every scope the request
+/// touches, and one slot on each concurrent limit, under a lease that
+/// expires unless renewed.
+///
+/// Settle it exactly once with [`Engine::commit`] or [`Engine::release`]; a
+/// reservation that is neither, nor renewed, gives everything back at
+/// [`Reservation::expires_at`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    id: LeaseId,
+    subject: String,
+    model: Option<String>,
+    pools: Vec<String>,
+    held: Vec<(usize, Arc<str>, u64)>,
+    opened_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    deadline: Option<DateTime<Utc>>,
+    decision: Decision,
+}
+
+impl Reservation {
+    /// The lease id.
+    pub fn id(&self) -> LeaseId {
+        self.id
+    }
+    /// The subject.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+    /// The model named at reserve time.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+    /// When it was opened.
+    pub fn opened_at(&self) -> DateTime<Utc> {
+        self.opened_at
+    }
+    /// When its holds return unless renewed.
+    pub fn expires_at(&self) -> DateTime<Utc> {
+        self.expires_at
+    }
+    /// When the work is overdue under the plan's maximum job duration.
+    pub fn deadline(&self) -> Option<DateTime<Utc>> {
+        self.deadline
+    }
+    /// The amount held on `meter` (estimate plus growth) in its smallest
+    /// unit, if the reservation holds any.
+    pub fn held(&self, meter: &str) -> Option<u64> {
+        self.held
+            .iter()
+            .find(|(_, m, _)| &**m == meter)
+            .map(|&(_, _, n)| n)
+    }
+    /// The decision that admitted it (the latest `grow` decision after a
+    /// growth).
+    pub fn decision(&self) -> &Decision {
+        &self.decision
+    }
 }
 
 /// A decision as an [`Observer`] sees it.
@@ -165,12 +253,15 @@ pub struct MeterUsage {
     pub resets_at: Option<DateTime<Utc>>,
     /// Usage in the meter's major unit (tokens, seconds, dollars).
     pub units: Decimal,
+    /// Held by in-flight reservations, in the meter's major unit (for a
+    /// concurrent limit: the slots taken).
+    pub held: Decimal,
     /// The maximum in the meter's major unit; `None` is unlimited.
     pub max: Option<Decimal>,
     /// `units × unit price`, rounded up to the cost meter's smallest unit;
     /// `None` when the plan has no price for the meter.
     pub cost: Option<Money>,
-    /// Status of the usage against the maximum: `Exceeded` when usage is past
+    /// Status of usage plus holds against the maximum: `Exceeded` when past
     /// it (only `record` can put it there), `Warning` at the warning ratio.
     pub status: Status,
 }
@@ -369,7 +460,8 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
         self.allocations.write().remove(subject).is_some()
     }
 
-    /// Preflight: what would `admit` decide now? Changes nothing.
+    /// Preflight: what would `admit` decide now? Changes nothing. An event
+    /// id on the request is ignored.
     ///
     /// # Errors
     /// Bad input (see [`Error`]) or a failing store.
@@ -378,28 +470,257 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     }
 
     /// Atomic check-then-record: the request is recorded on every limit of
-    /// every scope it touches only if all of them stay within their maximum;
-    /// otherwise nothing is recorded and the decision says why.
+    /// every scope it touches only if all of them stay within their maximum
+    /// (counting what reservations hold) and no scope is cooling down;
+    /// otherwise nothing is recorded and the decision says why. Concurrent
+    /// limits are for reservations and are not touched.
+    ///
+    /// With an event id ([`Request::event`]), a retry within the store's
+    /// horizon answers the first decision and records nothing. An event id is
+    /// spent only by a call that recorded: a refused admit may be retried
+    /// with the same id.
     ///
     /// # Errors
-    /// Bad input (see [`Error`]) or a failing store; nothing is recorded.
+    /// Bad input (see [`Error`]), [`Error::EventConflict`], or a failing
+    /// store; nothing is recorded.
     pub fn admit(&self, request: &Request<'_>) -> Result<Decision, Error> {
         self.decide(request, Call::Admit)
     }
 
     /// Record usage that already happened (actual output tokens, runtime).
-    /// Always recorded, even past a maximum; the decision may be `Exceeded`,
-    /// telling the host to stop further work.
+    /// Always recorded, even past a maximum or during a cooldown; the
+    /// decision may be `Exceeded`, telling the host to stop further work.
+    /// With an event id, recorded once within the store's horizon.
     ///
     /// # Errors
-    /// Bad input (see [`Error`]), a counter that would overflow, or a failing
-    /// store; nothing is recorded.
+    /// Bad input (see [`Error`]), [`Error::EventConflict`], a counter that
+    /// would overflow, or a failing store; nothing is recorded.
     pub fn record(&self, request: &Request<'_>) -> Result<Decision, Error> {
         self.decide(request, Call::Record)
     }
 
+    /// Hold the request's amounts as estimates on every limit of every scope
+    /// it touches, and one slot on each concurrent limit of those scopes, in
+    /// one atomic step, under a lease of `lease_ttl`. Held amounts count for
+    /// every other caller at once. Returns the [`Reservation`], or the
+    /// refusing [`Decision`] (a limit or slot that does not fit, a cooldown,
+    /// a model outside the allowlist) with nothing held.
+    ///
+    /// # Errors
+    /// Bad input (see [`Error`]); [`Error::InvalidRequest`] for a zero or
+    /// out-of-range `lease_ttl` or an event id; a failing store. Nothing is
+    /// held.
+    pub fn reserve(
+        &self,
+        request: &Request<'_>,
+        lease_ttl: std::time::Duration,
+    ) -> Result<Result<Reservation, Decision>, Error> {
+        if request.event.is_some() {
+            return Err(Error::request(
+                "reserve takes no event id: a retried reserve is a new reservation",
+            ));
+        }
+        let p = self.prepare(request)?;
+        let now = self.clock.now();
+        let expires_at = after(now, lease_ttl)?;
+        if let Some(decision) = self.refuse_model(&p, Call::Reserve, request, now) {
+            return Ok(Err(decision));
+        }
+        let deadline = p
+            .alloc
+            .plan
+            .max_job_ms
+            .and_then(|ms| now.checked_add_signed(chrono::Duration::milliseconds(ms)));
+        let (ops, limits) = self.ops_for(&p, request.model, Shape::Reserve);
+        let cooldowns = self.cooldowns_for(&p, request.model, None);
+        let id = LeaseId::random();
+        let lease = LeaseOp::new(
+            id,
+            &p.alloc.scope,
+            LeaseAction::Open {
+                expires_at,
+                deadline,
+            },
+        );
+        let batch = Batch::new(&ops, Mode::WithinLimits, now)
+            .with_lease(lease)
+            .with_cooldowns(&cooldowns);
+        let applied = self.apply(&batch)?;
+        let decision = self.finish(
+            Call::Reserve,
+            request,
+            &p,
+            &ops,
+            &limits,
+            &applied,
+            &cooldowns,
+            now,
+        );
+        if !applied.applied {
+            return Ok(Err(decision));
+        }
+        Ok(Ok(Reservation {
+            id,
+            subject: request.subject.to_owned(),
+            model: request.model.map(str::to_owned),
+            pools: request.pools.iter().map(|s| (*s).to_owned()).collect(),
+            held: p
+                .amounts
+                .iter()
+                .map(|&(i, n)| (i, self.catalog.meter_ids[i].clone(), n))
+                .collect(),
+            opened_at: now,
+            expires_at,
+            deadline,
+            decision,
+        }))
+    }
+
+    /// Extend a live reservation's lease to `now + lease_ttl` (a heartbeat).
+    ///
+    /// # Errors
+    /// [`Error::ReservationExpired`] after its expiry (its holds have already
+    /// returned), [`Error::ReservationSettled`], [`Error::UnknownReservation`],
+    /// [`Error::InvalidRequest`] for a zero or out-of-range `lease_ttl`, or a
+    /// failing store. Nothing changes on error.
+    pub fn renew(
+        &self,
+        reservation: &mut Reservation,
+        lease_ttl: std::time::Duration,
+    ) -> Result<(), Error> {
+        let now = self.clock.now();
+        let expires_at = after(now, lease_ttl)?;
+        let owner = ScopeKey::subject(reservation.subject.as_str());
+        let lease = LeaseOp::new(reservation.id, &owner, LeaseAction::Renew { expires_at });
+        self.apply(&Batch::new(&[], Mode::Force, now).with_lease(lease))?;
+        reservation.expires_at = expires_at;
+        Ok(())
+    }
+
+    /// Grow a live reservation's holds by `more` (a stream's running tokens
+    /// or cost). The growth is always held, like [`Engine::record`]: it
+    /// already happened. The decision is `Exceeded` once usage plus holds is
+    /// past a maximum: the host should stop the work there. `more` must name
+    /// the reservation's subject (and its model, if it names one).
+    ///
+    /// # Errors
+    /// Bad input (see [`Error`]); [`Error::InvalidRequest`] for another
+    /// subject or model, or an event id; the reservation errors of
+    /// [`Engine::renew`]; a failing store. Nothing changes on error.
+    pub fn grow(
+        &self,
+        reservation: &mut Reservation,
+        more: &Request<'_>,
+    ) -> Result<Decision, Error> {
+        if more.event.is_some() {
+            return Err(Error::request("grow takes no event id"));
+        }
+        let p = self.prepare_for(reservation, more)?;
+        let now = self.clock.now();
+        let (ops, limits) = self.ops_for(&p, reservation.model.as_deref(), Shape::Usage);
+        let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Grow);
+        let batch = Batch::new(&ops, Mode::Force, now).with_lease(lease);
+        let applied = self.apply(&batch)?;
+        let decision = self.finish(Call::Grow, more, &p, &ops, &limits, &applied, &[], now);
+        for &(i, n) in &p.amounts {
+            match reservation.held.iter_mut().find(|(j, _, _)| *j == i) {
+                Some((_, _, h)) => *h = h.saturating_add(n),
+                None => reservation
+                    .held
+                    .push((i, self.catalog.meter_ids[i].clone(), n)),
+            }
+        }
+        reservation.decision = decision.clone();
+        Ok(decision)
+    }
+
+    /// Settle a reservation with the actual amounts: every hold and slot is
+    /// given back and `actual` is recorded in one atomic step, so the
+    /// difference from the estimate is settled; an actual above the estimate
+    /// is recorded as [`Engine::record`] would. `actual` names the
+    /// reservation's subject; with an event id, a retried commit answers the
+    /// first decision.
+    ///
+    /// # Errors
+    /// Bad input (see [`Error`]); [`Error::InvalidRequest`] for another
+    /// subject or model; [`Error::ReservationSettled`],
+    /// [`Error::ReservationExpired`], [`Error::UnknownReservation`];
+    /// [`Error::EventConflict`]; a counter that would overflow; a failing
+    /// store. Nothing changes on error.
+    pub fn commit(
+        &self,
+        reservation: &Reservation,
+        actual: &Request<'_>,
+    ) -> Result<Decision, Error> {
+        let p = self.prepare_for(reservation, actual)?;
+        self.settle(reservation, actual, &p, Fraction::ZERO, Call::Commit, None)
+    }
+
+    /// Release a reservation without actual amounts: every hold and slot is
+    /// given back, and the share of each hold that the plan's refund policy
+    /// keeps for `outcome` is recorded as usage, rounded up (by default:
+    /// failed keeps 50 %, cancelled 0 %, completed 100 %). A failure starts
+    /// the cooldown of every scope of the reservation that declares one.
+    ///
+    /// # Errors
+    /// [`Error::ReservationSettled`], [`Error::ReservationExpired`],
+    /// [`Error::UnknownReservation`], [`Error::UnknownSubject`], a counter
+    /// that would overflow, or a failing store. Nothing changes on error.
+    pub fn release(&self, reservation: &Reservation, outcome: Outcome) -> Result<Decision, Error> {
+        let request = Request::new(&reservation.subject);
+        let p = self.prepare_for(reservation, &request)?;
+        let keep = &p.alloc.plan.keep;
+        let keep = match outcome {
+            Outcome::Completed => keep.completed,
+            Outcome::Failed => keep.failed,
+            Outcome::Cancelled => keep.cancelled,
+        };
+        let cooldown = (outcome == Outcome::Failed).then_some(());
+        self.settle(reservation, &request, &p, keep, Call::Release, cooldown)
+    }
+
+    /// Live reservations past the maximum job duration of their plan, oldest
+    /// deadline first, so the host can kill the work.
+    ///
+    /// # Errors
+    /// A failing store.
+    pub fn overdue(&self) -> Result<Vec<LeaseInfo>, Error> {
+        self.store.overdue(self.clock.now())
+    }
+
+    fn settle(
+        &self,
+        reservation: &Reservation,
+        request: &Request<'_>,
+        p: &Prepared,
+        keep: Fraction,
+        call: Call,
+        failed: Option<()>,
+    ) -> Result<Decision, Error> {
+        let now = self.clock.now();
+        let (ops, limits) = self.ops_for(
+            p,
+            reservation.model.as_deref(),
+            Shape::Settle(&reservation.held),
+        );
+        let start = failed.map(|()| now);
+        let cooldowns = self.cooldowns_for(p, reservation.model.as_deref(), start);
+        let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Settle { keep });
+        let fp;
+        let mut batch = Batch::new(&ops, Mode::Force, now)
+            .with_lease(lease)
+            .with_cooldowns(&cooldowns);
+        if let Some(id) = request.event {
+            fp = fingerprint(call, Some(reservation.id), &ops);
+            batch = batch.with_event(EventKey::new(id, fp));
+        }
+        let applied = self.apply(&batch)?;
+        let at = applied.replayed_at.unwrap_or(now);
+        Ok(self.finish(call, request, p, &ops, &limits, &applied, &[], at))
+    }
+
     /// Usage for `subject` in the current period of each of its own limits:
-    /// units and cost per meter.
+    /// units, holds and cost per meter.
     ///
     /// # Errors
     /// [`Error::UnknownSubject`], [`Error::Overflow`] if a meter's cost does
@@ -410,15 +731,9 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
         let ops: Vec<CounterOp<'_>> = alloc
             .limits
             .iter()
-            .map(|l| CounterOp {
-                scope: &alloc.scope,
-                meter: &l.meter,
-                window: l.window,
-                delta: 0,
-                max: l.max,
-            })
+            .map(|l| CounterOp::new(&alloc.scope, &l.meter, l.window, 0, l.max))
             .collect();
-        let applied = self.apply(&ops, Mode::Check, now)?;
+        let applied = self.apply(&Batch::new(&ops, Mode::Check, now))?;
         let cost_meter_idx = alloc.plan.cost_meter.unwrap_or_default();
         let cost_meter = alloc.plan.cost_meter.map(|i| &self.catalog.meters[i]);
         let meters = alloc
@@ -445,9 +760,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
                     period_start: s.period_start,
                     resets_at: s.resets_at,
                     units: meter.to_decimal(s.used),
+                    held: meter.to_decimal(s.held),
                     max: l.max.map(|m| meter.to_decimal(m)),
                     cost,
-                    status: report_status(l, s.used),
+                    status: report_status(l, s.used.saturating_add(s.held)),
                 })
             })
             .collect::<Result<_, Error>>()?;
@@ -460,19 +776,18 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     }
 
     /// One store call, with the contract's answer shape checked.
-    fn apply(
-        &self,
-        ops: &[CounterOp<'_>],
-        mode: Mode,
-        now: DateTime<Utc>,
-    ) -> Result<Applied, Error> {
-        let applied = self.store.apply(&Batch::new(ops, mode, now))?;
-        if applied.counters.len() != ops.len() {
+    fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        let applied = self.store.apply(batch)?;
+        if applied.counters.len() != batch.ops.len()
+            || applied.cooldowns.len() != batch.cooldowns.len()
+        {
             return Err(Error::Store {
                 message: format!(
-                    "store returned {} counters for {} ops",
+                    "store returned {} counters for {} ops and {} cooldowns for {}",
                     applied.counters.len(),
-                    ops.len()
+                    batch.ops.len(),
+                    applied.cooldowns.len(),
+                    batch.cooldowns.len()
                 ),
             });
         }
@@ -489,12 +804,28 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
             })
     }
 
-    fn decide(&self, req: &Request<'_>, call: Call) -> Result<Decision, Error> {
+    /// Resolve a request: allocation, pools named for it, amounts in smallest
+    /// units, cost and unpriced meters. Bad input fails here, before any
+    /// store call.
+    fn prepare(&self, req: &Request<'_>) -> Result<Prepared, Error> {
+        if req.event.is_some_and(str::is_empty) {
+            return Err(Error::request("empty event id"));
+        }
         let alloc = self.allocation_of(req.subject)?;
-        let now = self.clock.now();
+        let mut extra: Vec<Arc<Pool>> = Vec::new();
+        for &id in &req.pools {
+            let pool = self
+                .catalog
+                .pools
+                .get(id)
+                .ok_or_else(|| Error::UnknownPool {
+                    pool: id.to_owned(),
+                })?;
+            if !alloc.pools.iter().chain(&extra).any(|p| p.id == pool.id) {
+                extra.push(pool.clone());
+            }
+        }
 
-        // Amounts per meter, in smallest units; bad input fails here, before
-        // any store call.
         let mut amounts: Vec<(usize, u64)> = Vec::with_capacity(req.amounts.len() + 1);
         for &(meter_id, qty) in &req.amounts {
             let idx =
@@ -540,9 +871,7 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
             });
         }
 
-        // Model allowlist. `check` and `admit` refuse without touching a
-        // counter; `record` still records (the work happened) and reports the
-        // refusal.
+        // Model allowlist.
         let model_refused = match (req.model, &alloc.models) {
             (Some(model), Some(allowed)) if !allowed.iter().any(|m| m == model) => {
                 Some(Refusal::ModelNotAllowed {
@@ -551,70 +880,243 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
             }
             _ => None,
         };
-        if let Some(reason) = &model_refused {
-            if call != Call::Record {
-                let decision = Decision {
-                    status: Status::Exceeded,
-                    allowed: false,
-                    recorded: false,
-                    reason: Some(reason.clone()),
-                    limits: Vec::new(),
-                    binding: None,
-                    retry_after: None,
-                    cost,
-                    unpriced,
-                };
-                self.observe(call, req, now, &decision);
-                return Ok(decision);
-            }
-        }
+        Ok(Prepared {
+            alloc,
+            extra,
+            amounts,
+            cost,
+            unpriced,
+            model_refused,
+        })
+    }
 
-        // One op per limit per scope whose meter the request names: the
-        // subject, its pools, then the model's global pools not already listed.
-        let model_pools: &[Arc<Pool>] = req
-            .model
+    /// Prepare a request made on a reservation: same subject, same model.
+    fn prepare_for(&self, res: &Reservation, req: &Request<'_>) -> Result<Prepared, Error> {
+        if req.subject != res.subject {
+            return Err(Error::request(format!(
+                "reservation {} belongs to `{}`, not `{}`",
+                res.id, res.subject, req.subject
+            )));
+        }
+        if req.model.is_some_and(|m| Some(m) != res.model.as_deref()) {
+            return Err(Error::request(format!(
+                "reservation {} was made for model {:?}",
+                res.id, res.model
+            )));
+        }
+        if !req.pools.is_empty() {
+            return Err(Error::request(
+                "the pools of a reservation are fixed when it is made",
+            ));
+        }
+        let mut full = req.clone();
+        full.pools = res.pools.iter().map(String::as_str).collect();
+        let mut p = self.prepare(&full)?;
+        // The allowlist was checked when the work was admitted.
+        p.model_refused = None;
+        Ok(p)
+    }
+
+    /// Every scope a call draws on, in order: the subject, its pools, the
+    /// pools named for the request, then the model's global pools not
+    /// already listed. With each: its limits and its cooldown.
+    fn scopes<'a>(
+        &'a self,
+        p: &'a Prepared,
+        model: Option<&str>,
+    ) -> impl Iterator<Item = (&'a ScopeKey, &'a [Limit], Option<i64>)> + 'a {
+        let model_pools: &'a [Arc<Pool>] = model
             .and_then(|m| self.catalog.model_pools.get(m))
             .map_or(&[], Vec::as_slice);
-        let scopes = std::iter::once((&alloc.scope, alloc.limits.as_slice()))
-            .chain(alloc.pools.iter().map(|p| (&p.scope, p.limits.as_slice())))
-            .chain(
-                model_pools
-                    .iter()
-                    .filter(|p| !alloc.pools.iter().any(|q| q.id == p.id))
-                    .map(|p| (&p.scope, p.limits.as_slice())),
-            );
-        let mut ops: Vec<CounterOp<'_>> = Vec::with_capacity(INLINE_OPS);
-        let mut op_limits: Vec<&Limit> = Vec::with_capacity(INLINE_OPS);
-        for (scope, limits) in scopes {
+        let alloc = &*p.alloc;
+        std::iter::once((
+            &alloc.scope,
+            alloc.limits.as_slice(),
+            alloc.plan.cooldown_ms,
+        ))
+        .chain(
+            alloc
+                .pools
+                .iter()
+                .chain(&p.extra)
+                .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
+        )
+        .chain(
+            model_pools
+                .iter()
+                .filter(move |mp| !alloc.pools.iter().chain(&p.extra).any(|q| q.id == mp.id))
+                .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
+        )
+    }
+
+    /// One op per limit per scope: where the request names the limit's meter
+    /// (a reservation also takes a slot on each concurrent limit; a
+    /// settlement also reports the limits the reservation held).
+    fn ops_for<'a>(
+        &'a self,
+        p: &'a Prepared,
+        model: Option<&str>,
+        shape: Shape<'_>,
+    ) -> (Vec<CounterOp<'a>>, Vec<&'a Limit>) {
+        let mut ops: Vec<CounterOp<'a>> = Vec::with_capacity(INLINE_OPS);
+        let mut op_limits: Vec<&'a Limit> = Vec::with_capacity(INLINE_OPS);
+        for (scope, limits, _) in self.scopes(p, model) {
             for l in limits {
-                if let Some(&(_, delta)) = amounts.iter().find(|(i, _)| *i == l.meter_idx) {
-                    ops.push(CounterOp {
-                        scope,
-                        meter: &l.meter,
-                        window: l.window,
-                        delta,
-                        max: l.max,
-                    });
+                let named = p
+                    .amounts
+                    .iter()
+                    .find(|(i, _)| *i == l.meter_idx)
+                    .map(|&(_, d)| d);
+                let delta = match (l.window, shape) {
+                    (Window::Concurrent, Shape::Usage) => None,
+                    (Window::Concurrent, Shape::Reserve) => Some(1),
+                    (Window::Concurrent, Shape::Settle(_)) => Some(0),
+                    (_, Shape::Settle(held)) => named
+                        .or_else(|| held.iter().any(|(i, _, _)| *i == l.meter_idx).then_some(0)),
+                    _ => named,
+                };
+                if let Some(delta) = delta {
+                    ops.push(CounterOp::new(scope, &l.meter, l.window, delta, l.max));
                     op_limits.push(l);
                 }
             }
         }
+        (ops, op_limits)
+    }
 
+    /// The cooldowns of the scopes a call draws on; with `start`, each
+    /// starts at `start` for its own length.
+    fn cooldowns_for<'a>(
+        &'a self,
+        p: &'a Prepared,
+        model: Option<&str>,
+        start: Option<DateTime<Utc>>,
+    ) -> Vec<CooldownOp<'a>> {
+        self.scopes(p, model)
+            .filter_map(|(scope, _, ms)| {
+                let ms = ms?;
+                let until =
+                    start.and_then(|t| t.checked_add_signed(chrono::Duration::milliseconds(ms)));
+                Some(CooldownOp::new(scope, until))
+            })
+            .collect()
+    }
+
+    /// The decision for a request refused by the allowlist, observed; `None`
+    /// if the model is allowed.
+    fn refuse_model(
+        &self,
+        p: &Prepared,
+        call: Call,
+        req: &Request<'_>,
+        now: DateTime<Utc>,
+    ) -> Option<Decision> {
+        let reason = p.model_refused.clone()?;
+        let decision = Decision {
+            status: Status::Exceeded,
+            allowed: false,
+            recorded: false,
+            reason: Some(reason),
+            limits: Vec::new(),
+            binding: None,
+            retry_after: None,
+            cost: p.cost.clone(),
+            unpriced: p.unpriced.clone(),
+        };
+        self.observe(call, req, now, &decision);
+        Some(decision)
+    }
+
+    fn decide(&self, req: &Request<'_>, call: Call) -> Result<Decision, Error> {
+        let p = self.prepare(req)?;
+        let now = self.clock.now();
+
+        // `check` and `admit` refuse a model outside the allowlist without
+        // touching a counter; `record` still records (the work happened) and
+        // reports the refusal.
+        if call != Call::Record {
+            if let Some(decision) = self.refuse_model(&p, call, req, now) {
+                return Ok(decision);
+            }
+        }
+
+        let (ops, limits) = self.ops_for(&p, req.model, Shape::Usage);
+        let cooldowns = if call == Call::Record {
+            Vec::new()
+        } else {
+            self.cooldowns_for(&p, req.model, None)
+        };
         let mode = match call {
             Call::Check => Mode::Check,
             Call::Admit => Mode::WithinLimits,
-            Call::Record => Mode::Force,
+            _ => Mode::Force,
         };
-        let applied = self.apply(&ops, mode, now)?;
-        let mut decision = build_decision(&ops, &op_limits, &applied, call, now, cost, unpriced);
-        if let Some(reason) = model_refused {
+        let fp;
+        let mut batch = Batch::new(&ops, mode, now).with_cooldowns(&cooldowns);
+        if let (Some(id), Call::Admit | Call::Record) = (req.event, call) {
+            fp = fingerprint(call, None, &ops);
+            batch = batch.with_event(EventKey::new(id, fp));
+        }
+        let applied = self.apply(&batch)?;
+        let at = applied.replayed_at.unwrap_or(now);
+        let mut decision = self.finish_quiet(call, &p, &ops, &limits, &applied, &cooldowns, at);
+        if let Some(reason) = p.model_refused.clone() {
             decision.status = Status::Exceeded;
             decision.allowed = false;
             decision.reason = Some(reason);
             decision.retry_after = None;
         }
-        self.observe(call, req, now, &decision);
+        self.observe(call, req, at, &decision);
         Ok(decision)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        call: Call,
+        req: &Request<'_>,
+        p: &Prepared,
+        ops: &[CounterOp<'_>],
+        limits: &[&Limit],
+        applied: &Applied,
+        cooldowns: &[CooldownOp<'_>],
+        at: DateTime<Utc>,
+    ) -> Decision {
+        let decision = self.finish_quiet(call, p, ops, limits, applied, cooldowns, at);
+        self.observe(call, req, at, &decision);
+        decision
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_quiet(
+        &self,
+        call: Call,
+        p: &Prepared,
+        ops: &[CounterOp<'_>],
+        limits: &[&Limit],
+        applied: &Applied,
+        cooldowns: &[CooldownOp<'_>],
+        at: DateTime<Utc>,
+    ) -> Decision {
+        // The latest cooldown still running, for the calls it blocks.
+        let cooling = match call {
+            Call::Check | Call::Admit | Call::Reserve => cooldowns
+                .iter()
+                .zip(&applied.cooldowns)
+                .filter_map(|(c, u)| Some((c.scope, (*u)?)))
+                .max_by_key(|(_, u)| *u),
+            _ => None,
+        };
+        build_decision(
+            ops,
+            limits,
+            applied,
+            call,
+            at,
+            p.cost.clone(),
+            p.unpriced.clone(),
+            cooling,
+        )
     }
 
     fn to_minor(&self, idx: usize, qty: Quantity<'_>) -> Result<u64, Error> {
@@ -669,6 +1171,105 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     }
 }
 
+/// A request resolved against its allocation.
+struct Prepared {
+    alloc: Arc<Resolved>,
+    /// Pools named by the request and not listed by the allocation.
+    extra: Vec<Arc<Pool>>,
+    /// Amount per meter index, in smallest units, the cost meter included.
+    amounts: Vec<(usize, u64)>,
+    cost: Option<Money>,
+    unpriced: Vec<Arc<str>>,
+    model_refused: Option<Refusal>,
+}
+
+/// Which limits a call's batch names.
+#[derive(Clone, Copy)]
+enum Shape<'r> {
+    /// Limits whose meter the request names; no concurrent limits.
+    Usage,
+    /// As `Usage`, plus one slot on every concurrent limit.
+    Reserve,
+    /// As `Usage`, plus the limits the reservation holds and every
+    /// concurrent limit, to report them.
+    Settle(&'r [(usize, Arc<str>, u64)]),
+}
+
+/// `now + ttl`, refusing a zero or unrepresentable lease.
+fn after(now: DateTime<Utc>, ttl: std::time::Duration) -> Result<DateTime<Utc>, Error> {
+    if ttl.is_zero() {
+        return Err(Error::request("a lease needs a ttl above zero"));
+    }
+    chrono::Duration::from_std(ttl)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .ok_or_else(|| Error::request(format!("lease ttl {ttl:?} is out of range")))
+}
+
+/// FNV-1a, 64 bit: a digest that is the same in every process and build, so
+/// a ledger restored from a snapshot (or shared through a backend) still
+/// recognises its events.
+struct Fnv(u64);
+
+impl Fnv {
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        self.u64(s.len() as u64);
+        self.bytes(s.as_bytes());
+    }
+}
+
+/// What an event does: the call, the lease, and every op (scope, meter,
+/// window, delta, maximum). A retry of the same request on the same plan
+/// has the same fingerprint.
+fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64 {
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    h.u64(match call {
+        Call::Check => 0,
+        Call::Admit => 1,
+        Call::Record => 2,
+        Call::Reserve => 3,
+        Call::Grow => 4,
+        Call::Commit => 5,
+        Call::Release => 6,
+    });
+    let bits = lease.map_or(0, LeaseId::as_u128);
+    h.bytes(&bits.to_le_bytes());
+    for op in ops {
+        h.u64(op.scope.kind() as u64);
+        h.str(op.scope.id());
+        h.str(op.meter);
+        match op.window {
+            Window::Calendar {
+                period,
+                utc_offset_secs,
+            } => {
+                h.u64(1);
+                h.u64(period as u64);
+                h.u64(i64::from(utc_offset_secs) as u64);
+            }
+            Window::Rolling { span_secs, buckets } => {
+                h.u64(2);
+                h.u64(span_secs);
+                h.u64(u64::from(buckets));
+            }
+            Window::Lifetime => h.u64(3),
+            Window::Concurrent => h.u64(4),
+        }
+        h.u64(op.delta);
+        h.u64(op.max.map_or(u64::MAX, |m| m));
+        h.u64(u64::from(op.max.is_some()));
+    }
+    h.0
+}
+
 fn add_amount(amounts: &mut Vec<(usize, u64)>, idx: usize, n: u64, id: &str) -> Result<(), Error> {
     match amounts.iter_mut().find(|(i, _)| *i == idx) {
         Some((_, v)) => {
@@ -681,9 +1282,9 @@ fn add_amount(amounts: &mut Vec<(usize, u64)>, idx: usize, n: u64, id: &str) -> 
     Ok(())
 }
 
-/// The status rule: `Exceeded` when a positive request takes usage past the
-/// maximum; `Warning` when usage after it is positive and reaches the warning
-/// threshold; `Ok` otherwise.
+/// The status rule: `Exceeded` when a positive request takes usage (with
+/// holds) past the maximum; `Warning` when it is positive and reaches the
+/// warning threshold; `Ok` otherwise.
 fn status_of(limit: &Limit, after: u64, delta: u64) -> Status {
     match limit.max {
         Some(m) if delta > 0 && after > m => Status::Exceeded,
@@ -701,6 +1302,7 @@ fn report_status(limit: &Limit, used: u64) -> Status {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_decision(
     ops: &[CounterOp<'_>],
     limits: &[&Limit],
@@ -709,37 +1311,51 @@ fn build_decision(
     now: DateTime<Utc>,
     cost: Option<Money>,
     unpriced: Vec<Arc<str>>,
+    cooling: Option<(&ScopeKey, DateTime<Utc>)>,
 ) -> Decision {
     let mut states = Vec::with_capacity(ops.len());
     let mut any_exceeded = false;
     for ((op, limit), s) in ops.iter().zip(limits).zip(&applied.counters) {
         let s: &CounterState = s;
-        // Usage as if the request were recorded: for a recorded batch the
-        // store already includes it.
+        // What this call adds here: its delta, plus what a settlement charged.
+        let charged: u64 = applied
+            .settled
+            .iter()
+            .filter(|h: &&SettledHold| {
+                h.scope == *op.scope && &*h.meter == op.meter && h.window == op.window
+            })
+            .map(|h| h.charged)
+            .sum();
+        let requested = op.delta.saturating_add(charged);
+        // Usage with holds as if the request were recorded: for an applied
+        // batch the store already includes it.
+        let now_total = s.used.saturating_add(s.held);
         let after = if applied.applied {
-            s.used
+            now_total
         } else {
-            s.used.saturating_add(op.delta)
+            now_total.saturating_add(op.delta)
         };
-        let status = status_of(limit, after, op.delta);
+        let status = status_of(limit, after, requested);
         any_exceeded |= status == Status::Exceeded;
         states.push(LimitState {
             scope: op.scope.clone(),
             meter: limit.meter.clone(),
             window: op.window,
-            requested: op.delta,
+            requested,
             used: s.used,
+            held: s.held,
             max: op.max,
-            remaining: op.max.map(|m| m.saturating_sub(s.used)),
+            remaining: op.max.map(|m| m.saturating_sub(now_total)),
             period_start: s.period_start,
             resets_at: s.resets_at,
             status,
         });
     }
-    let status = states.iter().map(|s| s.status).max().unwrap_or(Status::Ok);
+    let mut status = states.iter().map(|s| s.status).max().unwrap_or(Status::Ok);
     let allowed = match call {
-        Call::Admit => applied.applied,
-        Call::Check | Call::Record => !any_exceeded,
+        Call::Admit | Call::Reserve => applied.applied,
+        Call::Check => !any_exceeded && cooling.is_none(),
+        _ => !any_exceeded,
     };
 
     // Binding limit and retry time.
@@ -775,6 +1391,21 @@ fn build_decision(
             }
         }
     }
+    let mut reason = (!allowed).then_some(Refusal::LimitExceeded);
+    if let (Some((scope, until)), false) = (cooling, allowed) {
+        // A cooldown refuses whatever the limits say; waiting helps only
+        // if it also helps every exceeded limit.
+        status = Status::Exceeded;
+        reason = Some(Refusal::Cooldown {
+            scope: scope.clone(),
+            until,
+        });
+        retry_at = match retry_at {
+            None => Some(Some(until)),
+            Some(Some(t)) => Some(Some(t.max(until))),
+            Some(None) => Some(None),
+        };
+    }
     let retry_after = if allowed {
         None
     } else {
@@ -782,12 +1413,13 @@ fn build_decision(
             .flatten()
             .map(|t| (t - now).to_std().unwrap_or_default())
     };
+    let charged_any = applied.settled.iter().any(|h| h.charged > 0);
     Decision {
         status,
         allowed,
         // A request none of whose meters has a limit touches no counter.
-        recorded: applied.applied && ops.iter().any(|op| op.delta > 0),
-        reason: (!allowed).then_some(Refusal::LimitExceeded),
+        recorded: applied.applied && (ops.iter().any(|op| op.delta > 0) || charged_any),
+        reason,
         limits: states,
         binding,
         retry_after,

@@ -81,6 +81,48 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// No live or recently ended reservation has this id (never opened,
+    /// opened for another subject, or forgotten long after it ended).
+    #[error("unknown reservation `{id}`")]
+    UnknownReservation {
+        /// The reservation's id.
+        id: String,
+    },
+    /// The reservation's lease ran out before this call: its holds and slots
+    /// have already returned.
+    #[error("reservation `{id}` expired")]
+    ReservationExpired {
+        /// The reservation's id.
+        id: String,
+    },
+    /// The reservation was already committed or released.
+    #[error("reservation `{id}` is already settled")]
+    ReservationSettled {
+        /// The reservation's id.
+        id: String,
+    },
+    /// An event id already applied with different amounts (or a different
+    /// subject, call or plan) within the idempotency horizon.
+    #[error("event id `{event}` was already used for a different request")]
+    EventConflict {
+        /// The event id.
+        event: String,
+    },
+    /// A request that cannot be made this way: an empty event id, an event id
+    /// on a call that does not take one, or amounts for another subject than
+    /// the reservation's.
+    #[error("invalid request: {reason}")]
+    InvalidRequest {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A snapshot that cannot be restored: it breaks an invariant the store
+    /// keeps (bucket counts, totals, duplicate counters or leases).
+    #[error("invalid snapshot: {reason}")]
+    InvalidSnapshot {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The store failed (a backend's connection, a poisoned state). Nothing is
     /// known to have changed.
     #[error("store failed: {message}")]
@@ -91,6 +133,12 @@ pub enum Error {
 }
 
 impl Error {
+    pub(crate) fn request(reason: impl Into<String>) -> Self {
+        Error::InvalidRequest {
+            reason: reason.into(),
+        }
+    }
+
     pub(crate) fn config(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::InvalidConfig {
             field: field.into(),

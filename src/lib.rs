@@ -84,14 +84,17 @@ mod window;
 
 pub use catalog::{
     Catalog, CatalogConfig, Limit, LimitConfig, MaxConfig, Meter, Plan, PlanConfig, Pool,
-    PoolConfig, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE, MAX_PRICE_SCALE,
+    PoolConfig, RefundPolicy, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE, MAX_PRICE_SCALE,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use decision::{Decision, LimitState, Money, Refusal, Status};
-pub use engine::{Allocation, Call, DecisionEvent, Engine, MeterUsage, Observer, UsageReport};
+pub use engine::{
+    Allocation, Call, DecisionEvent, Engine, MeterUsage, Observer, Outcome, Reservation,
+    UsageReport,
+};
 pub use error::Error;
 pub use request::{Quantity, Request};
-pub use store::{AllowanceStore, MemoryStore, ScopeKey};
+pub use store::{AllowanceStore, LeaseId, LeaseInfo, MemoryStore, ScopeKey, Snapshot};
 pub use window::{Period, Window, WindowConfig};
 
 // Compile the README's example as a doctest so it cannot drift.

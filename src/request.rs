@@ -32,6 +32,8 @@ pub struct Request<'a> {
     pub(crate) subject: &'a str,
     pub(crate) model: Option<&'a str>,
     pub(crate) amounts: Vec<(&'a str, Quantity<'a>)>,
+    pub(crate) pools: Vec<&'a str>,
+    pub(crate) event: Option<&'a str>,
 }
 
 impl<'a> Request<'a> {
@@ -41,6 +43,8 @@ impl<'a> Request<'a> {
             subject,
             model: None,
             amounts: Vec::new(),
+            pools: Vec::new(),
+            event: None,
         }
     }
 
@@ -66,6 +70,37 @@ impl<'a> Request<'a> {
     pub fn model(mut self, model: &'a str) -> Self {
         self.model = Some(model);
         self
+    }
+
+    /// Draw on a pool of the catalog for this request only (a repository the
+    /// job works on): its limits and its cooldown apply as if the allocation
+    /// listed it. Naming a pool twice, or one the allocation already lists,
+    /// draws on it once.
+    #[must_use]
+    pub fn pool(mut self, pool: &'a str) -> Self {
+        self.pools.push(pool);
+        self
+    }
+
+    /// An idempotency key: `admit`, `record` and `commit` apply a request with
+    /// an event id once within the store's horizon, and answer a retry with
+    /// the first [`Decision`](crate::Decision). Reusing the id for different
+    /// amounts is [`Error::EventConflict`](crate::Error::EventConflict).
+    /// `check` ignores it; `reserve` and `grow` refuse it.
+    #[must_use]
+    pub fn event(mut self, id: &'a str) -> Self {
+        self.event = Some(id);
+        self
+    }
+
+    /// The pools named for this request only.
+    pub fn pools(&self) -> &[&'a str] {
+        &self.pools
+    }
+
+    /// The event id, if any.
+    pub fn event_id(&self) -> Option<&str> {
+        self.event
     }
 
     /// The subject.

@@ -28,7 +28,10 @@ pub enum Period {
 /// Windows are small `Copy` values; together with the scope and meter they
 /// identify a counter, so changing a limit's maximum keeps its usage while
 /// changing its window starts a new counter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// Serializes in its configuration form, [`WindowConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "WindowConfig", try_from = "WindowConfig")]
 pub enum Window {
     /// Usage resets at the start of each calendar period, in UTC shifted by a
     /// fixed offset (seconds east of UTC; `0` is UTC).
@@ -51,6 +54,11 @@ pub enum Window {
     },
     /// Usage never leaves: a prepaid balance, a grant, a lifetime cap.
     Lifetime,
+    /// In-flight work: the counter holds one slot per live reservation and
+    /// never accumulates usage (max concurrent jobs). Only
+    /// [`Engine::reserve`](crate::Engine::reserve) takes a slot; a slot returns
+    /// when its reservation is committed, released or expires.
+    Concurrent,
 }
 
 impl Window {
@@ -127,7 +135,7 @@ impl Window {
                 }
                 Ok(())
             }
-            Window::Lifetime => Ok(()),
+            Window::Lifetime | Window::Concurrent => Ok(()),
         }
     }
 }
@@ -159,6 +167,7 @@ impl fmt::Display for Window {
                 write!(f, "rolling {}/{buckets}", format_span(span_secs))
             }
             Window::Lifetime => write!(f, "lifetime"),
+            Window::Concurrent => write!(f, "concurrent"),
         }
     }
 }
@@ -274,6 +283,7 @@ fn format_offset(secs: i32) -> String {
 /// {"calendar": {"period": "day", "utc_offset": "+09:00"}}
 /// {"rolling": {"span": "7d", "buckets": 168}}
 /// "lifetime"
+/// "concurrent"
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -295,6 +305,8 @@ pub enum WindowConfig {
     },
     /// Never resets.
     Lifetime,
+    /// In-flight reservations (max concurrent jobs).
+    Concurrent,
 }
 
 impl WindowConfig {
@@ -313,9 +325,17 @@ impl WindowConfig {
                 buckets: *buckets,
             },
             WindowConfig::Lifetime => Window::Lifetime,
+            WindowConfig::Concurrent => Window::Concurrent,
         };
         w.validate()?;
         Ok(w)
+    }
+}
+
+impl TryFrom<WindowConfig> for Window {
+    type Error = String;
+    fn try_from(c: WindowConfig) -> Result<Self, String> {
+        c.resolve()
     }
 }
 
@@ -334,6 +354,7 @@ impl From<Window> for WindowConfig {
                 buckets,
             },
             Window::Lifetime => WindowConfig::Lifetime,
+            Window::Concurrent => WindowConfig::Concurrent,
         }
     }
 }

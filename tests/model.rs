@@ -324,7 +324,7 @@ fn step(
         let start = match e.spec.window {
             Window::Calendar { period, .. } => period_start(period, now),
             Window::Rolling { span_secs, .. } => now - Duration::seconds(span_secs as i64),
-            Window::Lifetime => unreachable!(),
+            Window::Lifetime | Window::Concurrent => unreachable!(),
         };
         prop_assert_eq!(l.period_start, Some(start), "period_start: {}", lctx);
         let resets_at = match e.spec.window {
@@ -333,7 +333,7 @@ fn step(
                 .oldest
                 .or((recorded && amount > 0).then_some(now))
                 .map(|t| leaves_at(span_secs, buckets, t)),
-            Window::Lifetime => unreachable!(),
+            Window::Lifetime | Window::Concurrent => unreachable!(),
         };
         prop_assert_eq!(l.resets_at, resets_at, "resets_at: {}", lctx);
         if kind == Kind::Admit && recorded && amount > 0 {

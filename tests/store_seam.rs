@@ -49,6 +49,12 @@ impl AllowanceStore for Counting {
         self.last_ops.store(batch.ops.len(), Ordering::SeqCst);
         self.inner.apply(batch)
     }
+    fn overdue(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<tollgate::LeaseInfo>, Error> {
+        self.inner.overdue(now)
+    }
 }
 
 #[test]
@@ -82,6 +88,11 @@ impl AllowanceStore for Down {
             message: "connection refused".into(),
         })
     }
+    fn overdue(&self, _: chrono::DateTime<chrono::Utc>) -> Result<Vec<tollgate::LeaseInfo>, Error> {
+        Err(Error::Store {
+            message: "connection refused".into(),
+        })
+    }
 }
 
 #[test]
@@ -110,6 +121,9 @@ impl AllowanceStore for Short {
         state.used = 1;
         out.counters = vec![state; batch.ops.len().saturating_sub(1)];
         Ok(out)
+    }
+    fn overdue(&self, _: chrono::DateTime<chrono::Utc>) -> Result<Vec<tollgate::LeaseInfo>, Error> {
+        Ok(Vec::new())
     }
 }
 

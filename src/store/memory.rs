@@ -8,46 +8,76 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use parking_lot::{Mutex, MutexGuard};
+use serde::{Deserialize, Serialize};
 
-use super::{fits, AllowanceStore, Applied, Batch, CounterState, Mode, ScopeKey};
+use super::{
+    fits, AllowanceStore, Applied, Batch, CounterOp, CounterState, Fraction, LeaseAction, LeaseId,
+    LeaseInfo, Mode, ScopeKey, SettledHold,
+};
 use crate::window::Window;
 use crate::Error;
 
 const DEFAULT_SHARDS: usize = 64;
+/// Shards of the lease table and of the event ledger.
+const SIDE_SHARDS: usize = 16;
 /// Every this many batches, one shard is swept of idle counters.
 const SWEEP_EVERY: u64 = 1_024;
+/// How long an event id is remembered by default: 24 hours.
+const DEFAULT_HORIZON_MS: i64 = 86_400_000;
+/// Snapshot format version.
+const SNAPSHOT_VERSION: u32 = 1;
 
 /// An in-memory [`AllowanceStore`]: the embedded default for a single process.
 ///
 /// Scopes are spread over shards, each behind a `parking_lot` mutex. A
-/// scope's counters live together in one map entry. A batch locks every shard
-/// it touches in ascending order (so two batches never deadlock), checks every
-/// op, then applies all or none before unlocking: check and record are one
-/// step.
+/// scope's counters live together in one map entry. A batch locks, in this
+/// order, the ledger shard of its event id (if any), the lease shard of its
+/// lease (if any), then every counter shard it touches in ascending order —
+/// so two batches never deadlock — checks every op, then applies all or none
+/// before unlocking: check and record are one step.
 ///
-/// Counters that read zero (a calendar period that has ended, a rolling window
-/// whose buckets have all left) are reclaimed by a sweep of one shard every
-/// 1,024 batches, or all at once by [`MemoryStore::reclaim`], so memory follows
-/// the number of active counters, not the traffic.
+/// Counters that read zero and hold nothing (a calendar period that has
+/// ended, a rolling window whose buckets have all left, holds that expired)
+/// are reclaimed by a sweep of one shard every 1,024 batches, or all at once
+/// by [`MemoryStore::reclaim`], so memory follows the number of active
+/// counters, not the traffic. The same sweep forgets event ids older than the
+/// idempotency horizon (24 hours unless set with
+/// [`MemoryStore::with_event_horizon`]) and leases that settled or expired
+/// more than a horizon ago.
+///
+/// Holds expire lazily but exactly: every batch drops, before it reads a
+/// counter, the holds whose lease expired at or before its `now`.
+///
+/// [`MemoryStore::snapshot`] and [`MemoryStore::restore`] carry every counter,
+/// hold, lease, cooldown and ledger entry through serde, so a single-node host
+/// can persist state across restarts.
 #[derive(Debug)]
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
+    leases: Box<[Mutex<HashMap<LeaseId, Lease>>]>,
+    ledger: Box<[Mutex<HashMap<Box<str>, Entry>>]>,
     batches: AtomicU64,
+    horizon_ms: i64,
 }
 
 #[derive(Debug, Default)]
 struct Shard {
     scopes: HashMap<ScopeKey, Vec<Counter>>,
+    /// Cooldown end (Unix ms) per scope that has one.
+    cooldowns: HashMap<ScopeKey, i64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Counter {
     meter: Arc<str>,
     window: Window,
     data: Data,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    holds: Option<Box<Holds>>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Data {
     /// Usage in the period `[start, end)`; rolled when `now >= end`.
     Calendar {
@@ -59,19 +89,94 @@ enum Data {
     Lifetime {
         used: u64,
     },
+    /// Holds only.
+    Concurrent,
 }
 
 /// A rolling window: `slots.len() == buckets + 1` buckets of `width_ms`, the
 /// newest at bucket index `head`, and their running `total`. `tail` is the
 /// oldest bucket still holding usage (when `total > 0`), kept as buckets
 /// leave, so no read walks every bucket.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Rolling {
     width_ms: i64,
     head: i64,
     tail: i64,
     total: u64,
     slots: Box<[u64]>,
+}
+
+/// A counter's live holds, sorted by `(expires_ms, lease)`, and their total.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Holds {
+    total: u64,
+    entries: Vec<Hold>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Hold {
+    expires_ms: i64,
+    lease: LeaseId,
+    amount: u64,
+}
+
+/// A lease: who owns it, when it ends, and which counters it holds (the
+/// amounts live in the counters' holds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Lease {
+    owner: ScopeKey,
+    opened_ms: i64,
+    expires_ms: i64,
+    #[serde(default)]
+    deadline_ms: Option<i64>,
+    #[serde(default)]
+    settled: bool,
+    holds: Vec<HoldRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct HoldRef {
+    scope: ScopeKey,
+    meter: Arc<str>,
+    window: Window,
+}
+
+/// An applied event: what it was and what it answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Entry {
+    fingerprint: u64,
+    at_ms: i64,
+    applied: Applied,
+}
+
+/// Everything a [`MemoryStore`] holds, as plain data: counters with their
+/// buckets and holds, leases, cooldowns and the event ledger. Serialize it
+/// with any serde format; [`MemoryStore::restore`] checks it before use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    version: u32,
+    horizon_ms: i64,
+    scopes: Vec<(ScopeKey, Vec<Counter>)>,
+    cooldowns: Vec<(ScopeKey, i64)>,
+    leases: Vec<(LeaseId, Lease)>,
+    events: Vec<(String, Entry)>,
+}
+
+impl Snapshot {
+    /// Number of counters in the snapshot.
+    pub fn counter_count(&self) -> usize {
+        self.scopes.iter().map(|(_, c)| c.len()).sum()
+    }
+
+    /// Number of leases (live, or ended and not yet forgotten).
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Number of remembered event ids.
+    pub fn event_count(&self) -> usize {
+        self.events.len()
+    }
 }
 
 impl Rolling {
@@ -157,6 +262,78 @@ impl Rolling {
         }
         None
     }
+
+    /// Snapshot invariants: the layout matches the window, the total is the
+    /// sum of the buckets, and the tail is a counted bucket.
+    fn check(&self, span_secs: u64, buckets: u32) -> Result<(), String> {
+        if self.width_ms != Window::bucket_ms(span_secs, buckets)
+            || self.slots.len() != buckets as usize + 1
+        {
+            return Err("rolling buckets do not match the window".into());
+        }
+        let sum = self
+            .slots
+            .iter()
+            .try_fold(0u64, |a, &b| a.checked_add(b))
+            .ok_or("rolling buckets overflow")?;
+        if sum != self.total {
+            return Err("rolling total is not the sum of its buckets".into());
+        }
+        if self.total > 0 && !(self.oldest_bucket() <= self.tail && self.tail <= self.head) {
+            return Err("rolling tail is outside the window".into());
+        }
+        Ok(())
+    }
+}
+
+impl Holds {
+    /// Drop the holds that expired at or before `now_ms`.
+    fn expire(&mut self, now_ms: i64) {
+        let n = self.entries.partition_point(|h| h.expires_ms <= now_ms);
+        if n > 0 {
+            for h in self.entries.drain(..n) {
+                self.total -= h.amount;
+            }
+        }
+    }
+
+    fn position(&self, lease: LeaseId, expires_ms: i64) -> Result<usize, usize> {
+        self.entries
+            .binary_search_by(|h| (h.expires_ms, h.lease).cmp(&(expires_ms, lease)))
+    }
+
+    /// Add `amount` to the lease's hold (already checked not to overflow).
+    fn add(&mut self, lease: LeaseId, expires_ms: i64, amount: u64) {
+        match self.position(lease, expires_ms) {
+            Ok(i) => self.entries[i].amount += amount,
+            Err(i) => self.entries.insert(
+                i,
+                Hold {
+                    expires_ms,
+                    lease,
+                    amount,
+                },
+            ),
+        }
+        self.total += amount;
+    }
+
+    /// Remove the lease's hold; returns its amount (0 if it had none).
+    fn remove(&mut self, lease: LeaseId, expires_ms: i64) -> u64 {
+        match self.position(lease, expires_ms) {
+            Ok(i) => {
+                let h = self.entries.remove(i);
+                self.total -= h.amount;
+                h.amount
+            }
+            Err(_) => 0,
+        }
+    }
+
+    fn amount(&self, lease: LeaseId, expires_ms: i64) -> u64 {
+        self.position(lease, expires_ms)
+            .map_or(0, |i| self.entries[i].amount)
+    }
 }
 
 impl Counter {
@@ -179,15 +356,17 @@ impl Counter {
                 now_ms,
             )),
             Window::Lifetime => Data::Lifetime { used: 0 },
+            Window::Concurrent => Data::Concurrent,
         };
         Self {
             meter: Arc::from(meter),
             window,
             data,
+            holds: None,
         }
     }
 
-    /// Roll the counter forward to `now_ms`.
+    /// Roll the counter forward to `now_ms` and drop expired holds.
     fn advance(&mut self, now_ms: i64) {
         match (&mut self.data, self.window) {
             (
@@ -206,25 +385,88 @@ impl Counter {
             (Data::Rolling(r), _) => r.advance(now_ms),
             _ => {}
         }
+        if let Some(h) = &mut self.holds {
+            h.expire(now_ms);
+            if h.entries.is_empty() {
+                self.holds = None;
+            }
+        }
     }
 
     fn used(&self) -> u64 {
         match &self.data {
             Data::Calendar { used, .. } | Data::Lifetime { used } => *used,
             Data::Rolling(r) => r.total,
+            Data::Concurrent => 0,
         }
     }
 
-    /// Add `delta` (already checked not to overflow).
+    fn held(&self) -> u64 {
+        self.holds.as_ref().map_or(0, |h| h.total)
+    }
+
+    /// Add `delta` to usage (already checked not to overflow). A concurrent
+    /// counter has no usage (the batch was validated not to add any).
     fn add(&mut self, delta: u64) {
         match &mut self.data {
             Data::Calendar { used, .. } | Data::Lifetime { used } => *used += delta,
             Data::Rolling(r) => r.add(delta),
+            Data::Concurrent => {}
         }
+    }
+
+    fn holds_mut(&mut self) -> &mut Holds {
+        self.holds.get_or_insert_with(Box::default)
+    }
+
+    fn remove_hold(&mut self, lease: LeaseId, expires_ms: i64) -> u64 {
+        let Some(h) = &mut self.holds else {
+            return 0;
+        };
+        let amount = h.remove(lease, expires_ms);
+        if h.entries.is_empty() {
+            self.holds = None;
+        }
+        amount
     }
 
     fn matches(&self, meter: &str, window: Window) -> bool {
         self.window == window && &*self.meter == meter
+    }
+
+    /// Snapshot invariants.
+    fn check(&self) -> Result<(), String> {
+        match (&self.data, self.window) {
+            (Data::Calendar { start, end, .. }, Window::Calendar { .. }) if start < end => {}
+            (Data::Rolling(r), Window::Rolling { span_secs, buckets }) => {
+                r.check(span_secs, buckets)?;
+            }
+            (Data::Lifetime { .. }, Window::Lifetime) | (Data::Concurrent, Window::Concurrent) => {}
+            _ => {
+                return Err(format!(
+                    "counter data does not match window {}",
+                    self.window
+                ))
+            }
+        }
+        if let Some(h) = &self.holds {
+            let sum = h
+                .entries
+                .iter()
+                .try_fold(0u64, |a, e| a.checked_add(e.amount))
+                .ok_or("holds overflow")?;
+            if sum != h.total || h.entries.is_empty() {
+                return Err("hold total is not the sum of its holds".into());
+            }
+            if !h
+                .entries
+                .windows(2)
+                .all(|w| (w[0].expires_ms, w[0].lease) < (w[1].expires_ms, w[1].lease))
+            {
+                return Err("holds are not sorted by expiry".into());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -237,9 +479,13 @@ fn state_of(
     max: Option<u64>,
 ) -> CounterState {
     let used = counter.map_or(0, Counter::used);
+    let held = counter.map_or(0, Counter::held);
     // Past the maximum with this delta: for a zero delta, a counter that
     // `Force` already took past it.
-    let over = max.is_some_and(|m| u128::from(used) + u128::from(delta) > u128::from(m));
+    let over = max
+        .is_some_and(|m| u128::from(used) + u128::from(held) + u128::from(delta) > u128::from(m));
+    // Holds are in-flight work: waiting for the window does not free them.
+    let pending = held.saturating_add(delta);
     let (period_start, resets_at, available_at) = match window {
         Window::Calendar {
             period,
@@ -252,7 +498,7 @@ fn state_of(
                 _ => Window::calendar_bounds(period, utc_offset_secs, now_ms),
             };
             let avail = match max {
-                Some(m) if over && delta <= m => Some(next),
+                Some(m) if over && pending <= m => Some(next),
                 _ => None,
             };
             (Some(start), Some(next), avail)
@@ -265,15 +511,16 @@ fn state_of(
             });
             let resets = rolling.and_then(Rolling::resets_at);
             let avail = match (max, rolling) {
-                (Some(m), Some(r)) if over => r.available_at(delta, m),
+                (Some(m), Some(r)) if over => r.available_at(pending, m),
                 _ => None,
             };
             (Some(start), resets, avail)
         }
-        Window::Lifetime => (None, None, None),
+        Window::Lifetime | Window::Concurrent => (None, None, None),
     };
     CounterState {
         used,
+        held,
         period_start: period_start.map(ms_to_time),
         resets_at: resets_at.map(ms_to_time),
         available_at: available_at.map(ms_to_time),
@@ -288,31 +535,124 @@ fn ms_to_time(ms: i64) -> DateTime<Utc> {
     })
 }
 
-/// Contract rule 1: valid windows, each counter at most once.
-fn validate(ops: &[super::CounterOp<'_>]) -> Result<(), Error> {
+fn invalid(reason: impl Into<String>) -> Error {
+    Error::InvalidBatch {
+        reason: reason.into(),
+    }
+}
+
+/// Contract rules 1 and 7: valid windows, each counter at most once, lease
+/// actions in the right mode, no usage on a concurrent counter.
+fn validate(batch: &Batch<'_>) -> Result<(), Error> {
+    let ops = batch.ops;
+    let holding = matches!(
+        batch.lease.map(|l| l.action),
+        Some(LeaseAction::Open { .. } | LeaseAction::Grow)
+    );
     for (i, op) in ops.iter().enumerate() {
-        op.window.validate().map_err(|reason| Error::InvalidBatch {
-            reason: format!("ops[{i}]: {reason}"),
-        })?;
+        op.window
+            .validate()
+            .map_err(|reason| invalid(format!("ops[{i}]: {reason}")))?;
         if ops[..i]
             .iter()
             .any(|o| o.window == op.window && o.meter == op.meter && o.scope == op.scope)
         {
-            return Err(Error::InvalidBatch {
-                reason: format!(
-                    "ops[{i}]: counter {} {} {} named twice",
-                    op.scope, op.meter, op.window
-                ),
-            });
+            return Err(invalid(format!(
+                "ops[{i}]: counter {} {} {} named twice",
+                op.scope, op.meter, op.window
+            )));
+        }
+        if op.window == Window::Concurrent && op.delta > 0 && !holding {
+            return Err(invalid(format!(
+                "ops[{i}]: a concurrent counter takes holds, not usage"
+            )));
+        }
+    }
+    if let Some(lease) = batch.lease {
+        let ok = match lease.action {
+            LeaseAction::Open { .. } => matches!(batch.mode, Mode::WithinLimits | Mode::Check),
+            LeaseAction::Renew { .. } => ops.is_empty(),
+            LeaseAction::Grow => matches!(batch.mode, Mode::WithinLimits | Mode::Force),
+            LeaseAction::Settle { .. } => batch.mode == Mode::Force,
+        };
+        if !ok {
+            return Err(invalid(format!(
+                "lease action {:?} cannot run in mode {:?} with {} ops",
+                lease.action,
+                batch.mode,
+                ops.len()
+            )));
         }
     }
     Ok(())
+}
+
+/// The counter shards a batch holds, in ascending order.
+struct Locked<'s> {
+    order: Vec<usize>,
+    guards: Vec<MutexGuard<'s, Shard>>,
+}
+
+impl Locked<'_> {
+    fn shard(&mut self, shard_id: usize) -> &mut Shard {
+        // Every shard a batch names was locked up front.
+        let i = self.order.binary_search(&shard_id).unwrap_or(0);
+        &mut self.guards[i]
+    }
+
+    fn counter(
+        &mut self,
+        shard_id: usize,
+        scope: &ScopeKey,
+        meter: &str,
+        window: Window,
+    ) -> Option<&mut Counter> {
+        self.shard(shard_id)
+            .scopes
+            .get_mut(scope)?
+            .iter_mut()
+            .find(|c| c.matches(meter, window))
+    }
+
+    fn counter_or_new(
+        &mut self,
+        shard_id: usize,
+        scope: &ScopeKey,
+        meter: &str,
+        window: Window,
+        now_ms: i64,
+    ) -> Option<&mut Counter> {
+        let scopes = &mut self.shard(shard_id).scopes;
+        // Clone the key only when the scope is new.
+        if !scopes.contains_key(scope) {
+            scopes.insert(scope.clone(), Vec::new());
+        }
+        let counters = scopes.get_mut(scope)?;
+        let idx = match counters.iter().position(|c| c.matches(meter, window)) {
+            Some(i) => i,
+            None => {
+                counters.push(Counter::new(meter, window, now_ms));
+                counters.len() - 1
+            }
+        };
+        counters.get_mut(idx)
+    }
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn side_index<T: Hash + ?Sized>(key: &T) -> usize {
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % SIDE_SHARDS as u64) as usize
+}
+
+fn side_shards<T: Default>() -> Box<[Mutex<T>]> {
+    (0..SIDE_SHARDS).map(|_| Mutex::new(T::default())).collect()
 }
 
 impl MemoryStore {
@@ -328,8 +668,27 @@ impl MemoryStore {
             shards: (0..shards.max(1))
                 .map(|_| Mutex::new(Shard::default()))
                 .collect(),
+            leases: side_shards(),
+            ledger: side_shards(),
             batches: AtomicU64::new(0),
+            horizon_ms: DEFAULT_HORIZON_MS,
         }
+    }
+
+    /// The same store remembering event ids (and ended leases) for `horizon`
+    /// instead of 24 hours. A horizon below one millisecond is taken as one
+    /// millisecond.
+    #[must_use]
+    pub fn with_event_horizon(mut self, horizon: std::time::Duration) -> Self {
+        self.horizon_ms = i64::try_from(horizon.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        self
+    }
+
+    /// How long event ids are remembered.
+    pub fn event_horizon(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.horizon_ms.unsigned_abs())
     }
 
     fn shard_of(&self, scope: &ScopeKey) -> usize {
@@ -338,14 +697,19 @@ impl MemoryStore {
         (h.finish() % self.shards.len() as u64) as usize
     }
 
-    /// Remove every counter that reads zero at `now`, and every scope left
-    /// with no counters. Returns how many counters were removed.
+    /// Remove every counter that reads zero and holds nothing at `now`, every
+    /// scope left with no counters, ended cooldowns, and event ids and ended
+    /// leases older than the horizon. Returns how many counters were removed.
     ///
     /// Pass the engine's current time: a `now` in the future ends periods
     /// early and drops usage that still counts.
     pub fn reclaim(&self, now: DateTime<Utc>) -> usize {
+        let now_ms = now.timestamp_millis();
+        for i in 0..SIDE_SHARDS {
+            self.sweep_side(i, now_ms);
+        }
         (0..self.shards.len())
-            .map(|i| Self::sweep(&mut self.shards[i].lock(), now.timestamp_millis()))
+            .map(|i| Self::sweep(&mut self.shards[i].lock(), now_ms))
             .sum()
     }
 
@@ -362,59 +726,307 @@ impl MemoryStore {
         shard.scopes.retain(|_, counters| {
             counters.retain_mut(|c| {
                 c.advance(now_ms);
-                let keep = c.used() > 0;
+                let keep = c.used() > 0 || c.held() > 0;
                 removed += usize::from(!keep);
                 keep
             });
             !counters.is_empty()
         });
+        shard.cooldowns.retain(|_, until| *until > now_ms);
         removed
     }
+
+    fn sweep_side(&self, i: usize, now_ms: i64) {
+        let horizon = self.horizon_ms;
+        self.leases[i].lock().retain(|_, l| {
+            let ended = l.settled || now_ms >= l.expires_ms;
+            !(ended && now_ms.saturating_sub(l.expires_ms) >= horizon)
+        });
+        self.ledger[i]
+            .lock()
+            .retain(|_, e| now_ms.saturating_sub(e.at_ms) < horizon);
+    }
+
+    /// A consistent copy of everything the store holds.
+    pub fn snapshot(&self) -> Snapshot {
+        // Lock order as in `apply`: ledger, leases, counters.
+        let ledger: Vec<_> = self.ledger.iter().map(|m| m.lock()).collect();
+        let leases: Vec<_> = self.leases.iter().map(|m| m.lock()).collect();
+        let shards: Vec<_> = self.shards.iter().map(|m| m.lock()).collect();
+        let mut scopes: Vec<(ScopeKey, Vec<Counter>)> = shards
+            .iter()
+            .flat_map(|s| s.scopes.iter().map(|(k, v)| (k.clone(), v.clone())))
+            .collect();
+        scopes.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut cooldowns: Vec<(ScopeKey, i64)> = shards
+            .iter()
+            .flat_map(|s| s.cooldowns.iter().map(|(k, v)| (k.clone(), *v)))
+            .collect();
+        cooldowns.sort();
+        let mut lease_list: Vec<(LeaseId, Lease)> = leases
+            .iter()
+            .flat_map(|m| m.iter().map(|(k, v)| (*k, v.clone())))
+            .collect();
+        lease_list.sort_by_key(|(id, _)| *id);
+        let mut events: Vec<(String, Entry)> = ledger
+            .iter()
+            .flat_map(|m| m.iter().map(|(k, v)| (k.to_string(), v.clone())))
+            .collect();
+        events.sort_by(|a, b| a.0.cmp(&b.0));
+        Snapshot {
+            version: SNAPSHOT_VERSION,
+            horizon_ms: self.horizon_ms,
+            scopes,
+            cooldowns,
+            leases: lease_list,
+            events,
+        }
+    }
+
+    /// A store holding exactly what `snapshot` holds, with the default number
+    /// of shards and the snapshot's event horizon.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSnapshot`] when the snapshot breaks an invariant: an
+    /// unknown version, a counter named twice, buckets that do not match
+    /// their window or do not add up to their total, holds that are unsorted
+    /// or belong to no live lease, a lease or event id listed twice.
+    pub fn restore(snapshot: Snapshot) -> Result<Self, Error> {
+        let bad = |reason: String| Error::InvalidSnapshot { reason };
+        if snapshot.version != SNAPSHOT_VERSION {
+            return Err(bad(format!("unknown version {}", snapshot.version)));
+        }
+        if snapshot.horizon_ms <= 0 {
+            return Err(bad("event horizon must be positive".into()));
+        }
+        let mut store = Self::new();
+        store.horizon_ms = snapshot.horizon_ms;
+        let mut leases: HashMap<LeaseId, Lease> = HashMap::new();
+        for (id, lease) in snapshot.leases {
+            if leases.insert(id, lease).is_some() {
+                return Err(bad(format!("lease {id} listed twice")));
+            }
+        }
+        for (scope, counters) in snapshot.scopes {
+            for (i, c) in counters.iter().enumerate() {
+                c.check()
+                    .map_err(|r| bad(format!("{scope} {}: {r}", c.meter)))?;
+                if counters[..i].iter().any(|o| o.matches(&c.meter, c.window)) {
+                    return Err(bad(format!(
+                        "{scope} {} {} listed twice",
+                        c.meter, c.window
+                    )));
+                }
+                for h in c.holds.iter().flat_map(|h| &h.entries) {
+                    let owned = leases.get(&h.lease).is_some_and(|l| {
+                        !l.settled
+                            && l.expires_ms == h.expires_ms
+                            && l.holds.iter().any(|r| {
+                                r.scope == scope && r.meter == c.meter && r.window == c.window
+                            })
+                    });
+                    if !owned {
+                        return Err(bad(format!(
+                            "{scope} {} holds for lease {} that does not hold it",
+                            c.meter, h.lease
+                        )));
+                    }
+                }
+            }
+            let shard = store.shard_of(&scope);
+            let map = &mut store.shards[shard].get_mut().scopes;
+            if map.insert(scope.clone(), counters).is_some() {
+                return Err(bad(format!("scope {scope} listed twice")));
+            }
+        }
+        for (scope, until) in snapshot.cooldowns {
+            let shard = store.shard_of(&scope);
+            store.shards[shard].get_mut().cooldowns.insert(scope, until);
+        }
+        for (id, lease) in leases {
+            store.leases[side_index(&id)].get_mut().insert(id, lease);
+        }
+        for (id, entry) in snapshot.events {
+            let map = store.ledger[side_index(id.as_str())].get_mut();
+            if map.insert(id.clone().into_boxed_str(), entry).is_some() {
+                return Err(bad(format!("event `{id}` listed twice")));
+            }
+        }
+        Ok(store)
+    }
+}
+
+/// What settling a lease does to one of its holds.
+struct Charge {
+    shard: usize,
+    hold: HoldRef,
+    held: u64,
+    charged: u64,
 }
 
 impl AllowanceStore for MemoryStore {
     fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         let now_ms = batch.now.timestamp_millis();
         let ops = batch.ops;
-        validate(ops)?;
+        validate(batch)?;
 
-        // Lock every shard the batch touches, in ascending order.
-        let mut shard_ids: Vec<usize> = ops.iter().map(|op| self.shard_of(op.scope)).collect();
-        let mut order = shard_ids.clone();
-        order.sort_unstable();
-        order.dedup();
-        let mut guards: Vec<MutexGuard<'_, Shard>> =
-            order.iter().map(|&i| self.shards[i].lock()).collect();
-        for id in &mut shard_ids {
-            // Position of this op's shard among the held guards.
-            *id = order.binary_search(id).unwrap_or(0);
+        // The ledger first (rule 8): a replay changes nothing.
+        let mut ledger = None;
+        if let Some(ev) = batch.event {
+            let guard = self.ledger[side_index(ev.id)].lock();
+            if let Some(e) = guard.get(ev.id) {
+                if now_ms.saturating_sub(e.at_ms) < self.horizon_ms {
+                    if e.fingerprint != ev.fingerprint {
+                        return Err(Error::EventConflict {
+                            event: ev.id.to_owned(),
+                        });
+                    }
+                    let mut replay = e.applied.clone();
+                    replay.replayed_at = Some(ms_to_time(e.at_ms));
+                    return Ok(replay);
+                }
+            }
+            ledger = Some(guard);
         }
 
-        // Phase 1: roll every named counter to now, and decide.
-        let mut all_fit = true;
-        for (op, &g) in ops.iter().zip(&shard_ids) {
-            let used = match guards[g].scopes.get_mut(op.scope) {
-                Some(counters) => {
-                    match counters.iter_mut().find(|c| c.matches(op.meter, op.window)) {
-                        Some(c) => {
-                            c.advance(now_ms);
-                            c.used()
-                        }
-                        None => 0,
-                    }
+        // Then the lease (rule 7).
+        let mut lease_guard = None;
+        let mut lease_holds: Vec<HoldRef> = Vec::new();
+        let mut lease_expires = 0;
+        if let Some(l) = batch.lease {
+            let guard = self.leases[side_index(&l.id)].lock();
+            let id = || l.id.to_string();
+            match (guard.get(&l.id), l.action) {
+                (Some(_), LeaseAction::Open { .. }) => {
+                    return Err(invalid(format!("lease {} is already open", l.id)));
                 }
-                None => 0,
+                (None, LeaseAction::Open { .. }) => {}
+                (None, _) => return Err(Error::UnknownReservation { id: id() }),
+                (Some(rec), _) if rec.owner != *l.owner => {
+                    return Err(Error::UnknownReservation { id: id() });
+                }
+                (Some(rec), _) if rec.settled => {
+                    return Err(Error::ReservationSettled { id: id() })
+                }
+                (Some(rec), _) if now_ms >= rec.expires_ms => {
+                    return Err(Error::ReservationExpired { id: id() })
+                }
+                (Some(rec), _) => {
+                    lease_holds.clone_from(&rec.holds);
+                    lease_expires = rec.expires_ms;
+                }
+            }
+            lease_guard = Some(guard);
+        }
+
+        // Lock every counter shard the batch touches, in ascending order.
+        let op_shards: Vec<usize> = ops.iter().map(|op| self.shard_of(op.scope)).collect();
+        let cooldown_shards: Vec<usize> = batch
+            .cooldowns
+            .iter()
+            .map(|c| self.shard_of(c.scope))
+            .collect();
+        let hold_shards: Vec<usize> = lease_holds
+            .iter()
+            .map(|h| self.shard_of(&h.scope))
+            .collect();
+        let mut order: Vec<usize> = op_shards
+            .iter()
+            .chain(&cooldown_shards)
+            .chain(&hold_shards)
+            .copied()
+            .collect();
+        order.sort_unstable();
+        order.dedup();
+        let guards = order.iter().map(|&i| self.shards[i].lock()).collect();
+        let mut locked = Locked { order, guards };
+
+        let action = batch.lease.map(|l| l.action);
+        let settle_keep = match action {
+            Some(LeaseAction::Settle { keep }) => Some(keep),
+            _ => None,
+        };
+        let lease_id = batch.lease.map(|l| l.id);
+
+        // Phase 1: roll every named counter to now, and decide.
+        let mut charges: Vec<Charge> = Vec::new();
+        if let (Some(keep), Some(id)) = (settle_keep, lease_id) {
+            for (h, &shard) in lease_holds.iter().zip(&hold_shards) {
+                let held = match locked.counter(shard, &h.scope, &h.meter, h.window) {
+                    Some(c) => {
+                        c.advance(now_ms);
+                        c.holds.as_ref().map_or(0, |x| x.amount(id, lease_expires))
+                    }
+                    None => 0,
+                };
+                let charged = if h.window == Window::Concurrent {
+                    0
+                } else {
+                    keep_of(keep, held)
+                };
+                charges.push(Charge {
+                    shard,
+                    hold: h.clone(),
+                    held,
+                    charged,
+                });
+            }
+            // Usage added by the charges must fit a u64 (rule 4).
+            for ch in &charges {
+                let used = locked
+                    .counter(ch.shard, &ch.hold.scope, &ch.hold.meter, ch.hold.window)
+                    .map_or(0, |c| c.used());
+                let also = ops
+                    .iter()
+                    .find(|o| {
+                        *o.scope == ch.hold.scope
+                            && o.meter == &*ch.hold.meter
+                            && o.window == ch.hold.window
+                    })
+                    .map_or(0, |o| o.delta);
+                if used
+                    .checked_add(ch.charged)
+                    .and_then(|u| u.checked_add(also))
+                    .is_none()
+                {
+                    return Err(Error::Overflow {
+                        meter: ch.hold.meter.to_string(),
+                    });
+                }
+            }
+        }
+        let holding = matches!(action, Some(LeaseAction::Open { .. } | LeaseAction::Grow));
+        let mut all_fit = true;
+        for (op, &shard) in ops.iter().zip(&op_shards) {
+            let (used, held) = match locked.counter(shard, op.scope, op.meter, op.window) {
+                Some(c) => {
+                    c.advance(now_ms);
+                    (c.used(), c.held())
+                }
+                None => (0, 0),
             };
             // Past u64: an error where the delta would be added regardless
             // (Force, or no maximum); elsewhere it simply does not fit.
-            if used.checked_add(op.delta).is_none()
+            let target = if holding { held } else { used };
+            if target.checked_add(op.delta).is_none()
                 && (batch.mode == Mode::Force || op.max.is_none())
             {
                 return Err(Error::Overflow {
                     meter: op.meter.to_owned(),
                 });
             }
-            all_fit &= fits(used, op.delta, op.max);
+            all_fit &= fits(used, held, op.delta, op.max);
+        }
+        let mut cooling = Vec::with_capacity(batch.cooldowns.len());
+        for (c, &shard) in batch.cooldowns.iter().zip(&cooldown_shards) {
+            let until = locked
+                .shard(shard)
+                .cooldowns
+                .get(c.scope)
+                .copied()
+                .filter(|&u| u > now_ms);
+            all_fit &= until.is_none();
+            cooling.push(until);
         }
         let applied = match batch.mode {
             Mode::Check => false,
@@ -422,57 +1034,216 @@ impl AllowanceStore for MemoryStore {
             Mode::Force => true,
         };
 
-        // Phase 2: apply every delta, or none.
+        // Phase 2: apply the whole batch, or nothing.
+        let mut settled = Vec::new();
         if applied {
-            for (op, &g) in ops.iter().zip(&shard_ids) {
-                if op.delta == 0 {
-                    continue;
-                }
-                let scopes = &mut guards[g].scopes;
-                // Clone the key only when the scope is new.
-                if !scopes.contains_key(op.scope) {
-                    scopes.insert(op.scope.clone(), Vec::new());
-                }
-                let Some(counters) = scopes.get_mut(op.scope) else {
-                    continue;
-                };
-                let idx = match counters.iter().position(|c| c.matches(op.meter, op.window)) {
-                    Some(i) => i,
-                    None => {
-                        counters.push(Counter::new(op.meter, op.window, now_ms));
-                        counters.len() - 1
+            match (batch.lease, action) {
+                (
+                    Some(l),
+                    Some(LeaseAction::Open {
+                        expires_at,
+                        deadline,
+                    }),
+                ) => {
+                    let expires_ms = expires_at.timestamp_millis();
+                    let mut holds = Vec::new();
+                    for (op, &shard) in ops.iter().zip(&op_shards) {
+                        if op.delta == 0 {
+                            continue;
+                        }
+                        if let Some(c) =
+                            locked.counter_or_new(shard, op.scope, op.meter, op.window, now_ms)
+                        {
+                            c.holds_mut().add(l.id, expires_ms, op.delta);
+                            holds.push(HoldRef {
+                                scope: op.scope.clone(),
+                                meter: c.meter.clone(),
+                                window: op.window,
+                            });
+                        }
                     }
-                };
-                counters[idx].add(op.delta);
+                    if let Some(g) = &mut lease_guard {
+                        g.insert(
+                            l.id,
+                            Lease {
+                                owner: l.owner.clone(),
+                                opened_ms: now_ms,
+                                expires_ms,
+                                deadline_ms: deadline.map(|d| d.timestamp_millis()),
+                                settled: false,
+                                holds,
+                            },
+                        );
+                    }
+                }
+                (Some(l), Some(LeaseAction::Renew { expires_at })) => {
+                    let new_ms = expires_at.timestamp_millis();
+                    for (h, &shard) in lease_holds.iter().zip(&hold_shards) {
+                        if let Some(c) = locked.counter(shard, &h.scope, &h.meter, h.window) {
+                            let amount = c.remove_hold(l.id, lease_expires);
+                            if amount > 0 {
+                                c.holds_mut().add(l.id, new_ms, amount);
+                            }
+                        }
+                    }
+                    if let Some(rec) = lease_guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
+                        rec.expires_ms = new_ms;
+                    }
+                }
+                (Some(l), Some(LeaseAction::Grow)) => {
+                    let mut added = Vec::new();
+                    for (op, &shard) in ops.iter().zip(&op_shards) {
+                        if op.delta == 0 {
+                            continue;
+                        }
+                        if let Some(c) =
+                            locked.counter_or_new(shard, op.scope, op.meter, op.window, now_ms)
+                        {
+                            c.holds_mut().add(l.id, lease_expires, op.delta);
+                            if !lease_holds.iter().any(|h| {
+                                h.scope == *op.scope
+                                    && &*h.meter == op.meter
+                                    && h.window == op.window
+                            }) {
+                                added.push(HoldRef {
+                                    scope: op.scope.clone(),
+                                    meter: c.meter.clone(),
+                                    window: op.window,
+                                });
+                            }
+                        }
+                    }
+                    if let Some(rec) = lease_guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
+                        rec.holds.extend(added);
+                    }
+                }
+                (Some(l), Some(LeaseAction::Settle { .. })) => {
+                    for ch in charges {
+                        if let Some(c) =
+                            locked.counter(ch.shard, &ch.hold.scope, &ch.hold.meter, ch.hold.window)
+                        {
+                            c.remove_hold(l.id, lease_expires);
+                            c.add(ch.charged);
+                        }
+                        settled.push(SettledHold::new(
+                            ch.hold.scope,
+                            ch.hold.meter,
+                            ch.hold.window,
+                            ch.held,
+                            ch.charged,
+                        ));
+                    }
+                    add_usage(&mut locked, ops, &op_shards, now_ms);
+                    if let Some(rec) = lease_guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
+                        rec.settled = true;
+                        rec.holds.clear();
+                    }
+                }
+                _ => add_usage(&mut locked, ops, &op_shards, now_ms),
+            }
+            for ((c, &shard), until) in batch
+                .cooldowns
+                .iter()
+                .zip(&cooldown_shards)
+                .zip(&mut cooling)
+            {
+                if let Some(t) = c.start_until {
+                    let t = t.timestamp_millis();
+                    let e = locked
+                        .shard(shard)
+                        .cooldowns
+                        .entry(c.scope.clone())
+                        .or_insert(t);
+                    *e = (*e).max(t);
+                    if *e > now_ms {
+                        *until = Some(*e);
+                    }
+                }
             }
         }
 
         // Phase 3: report.
         let counters = ops
             .iter()
-            .zip(&shard_ids)
-            .map(|(op, &g)| {
-                let counter = guards[g]
-                    .scopes
-                    .get(op.scope)
-                    .and_then(|cs| cs.iter().find(|c| c.matches(op.meter, op.window)));
-                // When applied, the delta is already in `used`; ask about a
-                // zero delta so `available_at` is not set for a fitting op.
+            .zip(&op_shards)
+            .map(|(op, &shard)| {
+                let counter = locked.counter(shard, op.scope, op.meter, op.window);
+                // When applied, the delta is already in `used` or `held`; ask
+                // about a zero delta so `available_at` is not set for a
+                // fitting op.
                 let delta = if applied { 0 } else { op.delta };
-                state_of(counter, op.window, now_ms, delta, op.max)
+                state_of(counter.map(|c| &*c), op.window, now_ms, delta, op.max)
             })
             .collect();
-        drop(guards);
+        drop(locked);
+        drop(lease_guard);
+        let result = Applied {
+            applied,
+            counters,
+            settled,
+            cooldowns: cooling.into_iter().map(|u| u.map(ms_to_time)).collect(),
+            replayed_at: None,
+        };
+        if let (Some(mut guard), Some(ev)) = (ledger, batch.event) {
+            if applied {
+                guard.insert(
+                    Box::from(ev.id),
+                    Entry {
+                        fingerprint: ev.fingerprint,
+                        at_ms: now_ms,
+                        applied: result.clone(),
+                    },
+                );
+            }
+        }
 
         let n = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
         if n % SWEEP_EVERY == 0 {
-            let i = ((n / SWEEP_EVERY) % self.shards.len() as u64) as usize;
+            let k = n / SWEEP_EVERY;
+            let i = (k % self.shards.len() as u64) as usize;
             Self::sweep(&mut self.shards[i].lock(), now_ms);
+            self.sweep_side((k % SIDE_SHARDS as u64) as usize, now_ms);
         }
-        Ok(Applied { applied, counters })
+        Ok(result)
+    }
+
+    fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
+        let now_ms = now.timestamp_millis();
+        let mut out: Vec<LeaseInfo> = Vec::new();
+        for shard in self.leases.iter() {
+            for (id, l) in shard.lock().iter() {
+                let live = !l.settled && now_ms < l.expires_ms;
+                if live && l.deadline_ms.is_some_and(|d| d <= now_ms) {
+                    out.push(LeaseInfo::new(
+                        *id,
+                        l.owner.clone(),
+                        ms_to_time(l.opened_ms),
+                        ms_to_time(l.expires_ms),
+                        l.deadline_ms.map(ms_to_time),
+                    ));
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.deadline, a.id).cmp(&(b.deadline, b.id)));
+        Ok(out)
     }
 }
 
+fn keep_of(keep: Fraction, held: u64) -> u64 {
+    keep.ceil_of(held)
+}
+
+/// Add every op's delta to its counter's usage (checked not to overflow).
+fn add_usage(locked: &mut Locked<'_>, ops: &[CounterOp<'_>], shards: &[usize], now_ms: i64) {
+    for (op, &shard) in ops.iter().zip(shards) {
+        if op.delta == 0 {
+            continue;
+        }
+        if let Some(c) = locked.counter_or_new(shard, op.scope, op.meter, op.window, now_ms) {
+            c.add(op.delta);
+        }
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -500,15 +1271,7 @@ mod tests {
             delta,
             max: Some(100),
         };
-        let run = |delta, mode, now| {
-            store
-                .apply(&Batch {
-                    ops: &[op(delta)],
-                    mode,
-                    now,
-                })
-                .unwrap()
-        };
+        let run = |delta, mode, now| store.apply(&Batch::new(&[op(delta)], mode, now)).unwrap();
         // Recorded at 01:00, in the bucket [00:00, 06:00).
         run(40, Mode::Force, at(1));
         // Still counted a full span later minus a moment: never early.
@@ -552,11 +1315,7 @@ mod tests {
             },
         ];
         let r = store
-            .apply(&Batch {
-                ops: &ops,
-                mode: Mode::WithinLimits,
-                now: at(0),
-            })
+            .apply(&Batch::new(&ops, Mode::WithinLimits, at(0)))
             .unwrap();
         assert!(!r.applied);
         assert_eq!(r.counters[0].used, 0);
@@ -581,26 +1340,14 @@ mod tests {
             max: None,
         };
         store
-            .apply(&Batch {
-                ops: &[op(u64::MAX - 1)],
-                mode: Mode::Force,
-                now: at(0),
-            })
+            .apply(&Batch::new(&[op(u64::MAX - 1)], Mode::Force, at(0)))
             .unwrap();
         let err = store
-            .apply(&Batch {
-                ops: &[op(2)],
-                mode: Mode::Force,
-                now: at(0),
-            })
+            .apply(&Batch::new(&[op(2)], Mode::Force, at(0)))
             .unwrap_err();
         assert!(matches!(err, Error::Overflow { .. }));
         let r = store
-            .apply(&Batch {
-                ops: &[op(0)],
-                mode: Mode::Check,
-                now: at(0),
-            })
+            .apply(&Batch::new(&[op(0)], Mode::Check, at(0)))
             .unwrap();
         assert_eq!(r.counters[0].used, u64::MAX - 1);
     }
@@ -621,11 +1368,7 @@ mod tests {
         // added twice: 120 past a maximum of 100.
         let twice = [op, op];
         let err = store
-            .apply(&Batch {
-                ops: &twice,
-                mode: Mode::WithinLimits,
-                now: at(0),
-            })
+            .apply(&Batch::new(&twice, Mode::WithinLimits, at(0)))
             .unwrap_err();
         assert!(matches!(&err, Error::InvalidBatch { reason } if reason.contains("twice")));
         // Buckets narrower than a second, and an empty span.
@@ -641,11 +1384,7 @@ mod tests {
         ] {
             let bad = CounterOp { window, ..op };
             let err = store
-                .apply(&Batch {
-                    ops: &[op, bad],
-                    mode: Mode::Force,
-                    now: at(0),
-                })
+                .apply(&Batch::new(&[op, bad], Mode::Force, at(0)))
                 .unwrap_err();
             assert!(matches!(err, Error::InvalidBatch { .. }), "{window}");
         }
@@ -665,19 +1404,11 @@ mod tests {
         };
         let feb = Utc.with_ymd_and_hms(2026, 2, 10, 0, 0, 0).unwrap();
         store
-            .apply(&Batch {
-                ops: &[op(10)],
-                mode: Mode::Force,
-                now: feb,
-            })
+            .apply(&Batch::new(&[op(10)], Mode::Force, feb))
             .unwrap();
         let jan = Utc.with_ymd_and_hms(2026, 1, 20, 0, 0, 0).unwrap();
         let s = store
-            .apply(&Batch {
-                ops: &[op(0)],
-                mode: Mode::Check,
-                now: jan,
-            })
+            .apply(&Batch::new(&[op(0)], Mode::Check, jan))
             .unwrap()
             .counters[0];
         assert_eq!(s.used, 10);
@@ -706,23 +1437,17 @@ mod tests {
         }
         for i in 0..100 {
             let s = ScopeKey::subject(format!("old{i}"));
-            let batch = Batch {
-                ops: &[op(&s)],
-                mode: Mode::Force,
-                now: at(0),
-            };
-            store.apply(&batch).unwrap();
+            store
+                .apply(&Batch::new(&[op(&s)], Mode::Force, at(0)))
+                .unwrap();
         }
         // The next day, one busy subject keeps working; yesterday's 100 are idle.
         let busy = ScopeKey::subject("busy");
         let tomorrow = at(0) + chrono::Duration::days(1);
         for _ in 0..2 * SWEEP_EVERY {
-            let batch = Batch {
-                ops: &[op(&busy)],
-                mode: Mode::Force,
-                now: tomorrow,
-            };
-            store.apply(&batch).unwrap();
+            store
+                .apply(&Batch::new(&[op(&busy)], Mode::Force, tomorrow))
+                .unwrap();
         }
         assert_eq!(
             store.counter_count(),
@@ -738,17 +1463,17 @@ mod tests {
         for i in 0..100 {
             let s = ScopeKey::subject(format!("s{i}"));
             store
-                .apply(&Batch {
-                    ops: &[CounterOp {
+                .apply(&Batch::new(
+                    &[CounterOp {
                         scope: &s,
                         meter: "t",
                         window: w,
                         delta: 1,
                         max: None,
                     }],
-                    mode: Mode::Force,
-                    now: at(0),
-                })
+                    Mode::Force,
+                    at(0),
+                ))
                 .unwrap();
         }
         assert_eq!(store.counter_count(), 100);
