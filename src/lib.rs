@@ -75,6 +75,8 @@
 
 mod catalog;
 mod clock;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 mod decision;
 mod engine;
 mod error;

@@ -1,0 +1,59 @@
+//! The store conformance suite against `MemoryStore`: one test per rule
+//! group, with the default shard count and with a single shard (every scope
+//! in one lock).
+
+use tollgate::{conformance, MemoryStore};
+
+fn one_shard() -> MemoryStore {
+    MemoryStore::with_shards(1)
+}
+
+#[test]
+fn batches_are_all_or_nothing() {
+    conformance::batches_are_all_or_nothing(MemoryStore::new);
+    conformance::batches_are_all_or_nothing(one_shard);
+}
+
+#[test]
+fn bad_batches_change_nothing() {
+    conformance::bad_batches_change_nothing(MemoryStore::new);
+}
+
+#[test]
+fn windows_roll_exactly() {
+    conformance::windows_roll_exactly(MemoryStore::new);
+}
+
+#[test]
+fn holds_count_and_settle() {
+    conformance::holds_count_and_settle(MemoryStore::new);
+    conformance::holds_count_and_settle(one_shard);
+}
+
+#[test]
+fn leases_expire_and_renew() {
+    conformance::leases_expire_and_renew(MemoryStore::new);
+}
+
+#[test]
+fn events_apply_once() {
+    conformance::events_apply_once(MemoryStore::new);
+}
+
+#[test]
+fn cooldowns_block_until_they_end() {
+    conformance::cooldowns_block_until_they_end(MemoryStore::new);
+}
+
+#[test]
+fn concurrent_batches_never_over_admit() {
+    conformance::concurrent_batches_never_over_admit(MemoryStore::new);
+    conformance::concurrent_batches_never_over_admit(one_shard);
+}
+
+#[test]
+fn a_store_restored_from_a_snapshot_conforms() {
+    conformance::run_all(|| {
+        tollgate::MemoryStore::restore(MemoryStore::new().snapshot()).expect("restore")
+    });
+}
