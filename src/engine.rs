@@ -641,6 +641,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     /// reservation's subject; with an event id, a retried commit answers the
     /// first decision.
     ///
+    /// `actual` is the whole usage of the work: a meter the reservation held
+    /// that `actual` does not name is settled at zero. Name every meter that
+    /// counts — `jobs: 1` to keep counting a job that ran.
+    ///
     /// # Errors
     /// Bad input (see [`Error`]); [`Error::InvalidRequest`] for another
     /// subject or model; [`Error::ReservationSettled`],

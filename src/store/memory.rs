@@ -55,10 +55,13 @@ const SNAPSHOT_VERSION: u32 = 1;
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
     leases: Box<[Mutex<HashMap<LeaseId, Lease>>]>,
-    ledger: Box<[Mutex<HashMap<Box<str>, Entry>>]>,
+    ledger: Box<[Mutex<Ledger>]>,
     batches: AtomicU64,
     horizon_ms: i64,
 }
+
+/// Event id to the batch it applied.
+type Ledger = HashMap<Box<str>, Entry>;
 
 #[derive(Debug, Default)]
 struct Shard {
@@ -1224,7 +1227,7 @@ impl AllowanceStore for MemoryStore {
                 }
             }
         }
-        out.sort_by(|a, b| (a.deadline, a.id).cmp(&(b.deadline, b.id)));
+        out.sort_by_key(|l| (l.deadline, l.id));
         Ok(out)
     }
 }

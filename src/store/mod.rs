@@ -55,6 +55,7 @@
 //!      and `keep.ceil_of(hold)` of it is added to the counter's usage
 //!      (nothing for a `Concurrent` counter); then the ops' deltas are added
 //!      as usage. [`Applied::settled`] lists each hold and its charge.
+//!
 //!    A lease op on an id never opened (or opened for another owner) is
 //!    [`Error::UnknownReservation`]; on a settled lease,
 //!    [`Error::ReservationSettled`]; at or after its expiry,
