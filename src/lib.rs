@@ -33,7 +33,11 @@
 //! | [`Engine::check`] | preflight: what would `admit` decide | untouched |
 //! | [`Engine::admit`] | atomic check-then-record over every limit of every scope | all added, or none |
 //! | [`Engine::record`] | usage that already happened | always added; may be `Exceeded` |
-//! | [`Engine::usage`] | units and cost per meter for the current periods | untouched |
+//! | [`Engine::usage`] | units, holds and cost per meter for the current periods | untouched |
+//! | [`Engine::reserve`] | hold estimates and a concurrency slot under a lease | all held, or none |
+//! | [`Engine::renew`] / [`Engine::grow`] | extend the lease; add to the holds | holds |
+//! | [`Engine::commit`] | give back the holds and record the actual amounts | one step |
+//! | [`Engine::release`] | give back the holds, keep the refund policy's share | one step |
 //!
 //! # Semantics
 //!
@@ -48,7 +52,10 @@
 //!   (Monday) or month, in UTC or a fixed offset. [`Window::Rolling`] keeps a
 //!   span in a fixed number of buckets: memory does not grow with traffic, and
 //!   usage leaves at most one bucket late, never early. [`Window::Lifetime`]
-//!   never resets.
+//!   never resets. [`Window::Concurrent`] counts live reservations.
+//! - **Reservations.** Holds count for every caller at once (a limit fits
+//!   while `used + held + request <= max`) and return by themselves when a
+//!   lease expires unrenewed. See [`Engine::reserve`].
 //! - **Money** is exact: [`rust_decimal::Decimal`] in, integers of the money
 //!   meter's smallest unit inside. A request's cost is Σ units × unit price,
 //!   rounded **up** once, so a charge never rounds down to zero. Meters without
@@ -68,7 +75,10 @@
 //! # Features
 //!
 //! The default build carries only the core: serde, thiserror, chrono,
-//! parking_lot and rust_decimal. No optional features yet.
+//! parking_lot and rust_decimal.
+//!
+//! - `conformance`: the [`AllowanceStore`] conformance suite
+//!   (`tollgate::conformance`), for a backend's own tests.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]

@@ -25,7 +25,7 @@ fn clock() -> ManualClock {
 
 /// Seed 002's agent: 10,000 tokens and 20 jobs a day, 2 concurrent jobs, a
 /// 1 h maximum job duration, and a repository pool with a 10 minute cooldown
-/// after failure. Tokens cost $0.001 each.
+/// after failure. Tokens cost $0.001 each, under a $50 monthly cap.
 fn engine() -> (Engine<MemoryStore, ManualClock>, ManualClock) {
     let day = Window::calendar(Period::Day);
     let catalog = CatalogConfig::default()
