@@ -88,14 +88,14 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use ::http::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use ::http::{Response, StatusCode};
+use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value};
 
-use crate::Unit;
 use crate::store::ScopeKind;
 use crate::window::Period;
+use crate::Unit;
 use crate::{Catalog, Decision, LimitState, Refusal, Status, Window};
 
 /// `X-Quota-Warning`: set to [`WARNING_APPROACHING`] on a passing response
@@ -187,12 +187,7 @@ impl HttpMapping {
     /// For a refused one: `Retry-After` when waiting helps, and the
     /// `RateLimit` fields of the binding limit when it is the subject's own.
     /// `now` is the time `t` counts from: the engine's clock.
-    pub fn write_headers(
-        &self,
-        decision: &Decision,
-        now: DateTime<Utc>,
-        headers: &mut HeaderMap,
-    ) {
+    pub fn write_headers(&self, decision: &Decision, now: DateTime<Utc>, headers: &mut HeaderMap) {
         if decision.allowed {
             self.write_passing_headers(&[decision], now, headers);
         } else {
@@ -212,7 +207,10 @@ impl HttpMapping {
     ) {
         let worst = decisions.iter().map(|d| d.status).max();
         if self.warning_header && worst.is_some_and(|s| s >= Status::Warning) {
-            headers.insert(X_QUOTA_WARNING, HeaderValue::from_static(WARNING_APPROACHING));
+            headers.insert(
+                X_QUOTA_WARNING,
+                HeaderValue::from_static(WARNING_APPROACHING),
+            );
         }
         if self.ratelimit_headers {
             let tightest = least_headroom(
@@ -263,17 +261,24 @@ impl HttpMapping {
             .is_some_and(|l| self.is_rate(catalog, l));
         body.insert(
             "error".into(),
-            if rate { "rate_limited" } else { "quota_exceeded" }.into(),
+            if rate {
+                "rate_limited"
+            } else {
+                "quota_exceeded"
+            }
+            .into(),
         );
         if let Some(l) = decision.binding_limit() {
             let shared = l.scope.kind() != ScopeKind::Subject;
             let meter = catalog.meter(&l.meter);
             let amount = |minor: u64| -> Value {
                 match meter {
-                    Some(m @ crate::Meter {
-                        unit: Unit::Money { .. },
-                        ..
-                    }) => m.to_decimal(minor).to_string().into(),
+                    Some(
+                        m @ crate::Meter {
+                            unit: Unit::Money { .. },
+                            ..
+                        },
+                    ) => m.to_decimal(minor).to_string().into(),
                     _ => minor.into(),
                 }
             };
@@ -411,7 +416,12 @@ fn policy_name(l: &LimitState) -> String {
     };
     let mut out = String::with_capacity(l.meter.len() + window.len() + 3);
     out.push('"');
-    for c in l.meter.chars().chain(std::iter::once('/')).chain(window.chars()) {
+    for c in l
+        .meter
+        .chars()
+        .chain(std::iter::once('/'))
+        .chain(window.chars())
+    {
         match c {
             '"' | '\\' => {
                 out.push('\\');

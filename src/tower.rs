@@ -430,7 +430,10 @@ struct Shared {
 impl fmt::Debug for Shared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QuotaLayer")
-            .field("routes", &self.routes.iter().map(|g| &g.route).collect::<Vec<_>>())
+            .field(
+                "routes",
+                &self.routes.iter().map(|g| &g.route).collect::<Vec<_>>(),
+            )
             .field("mapping", &self.mapping)
             .field("unknown_subject", &self.unknown_subject)
             .finish_non_exhaustive()
@@ -476,13 +479,13 @@ impl QuotaLayer {
             .into_iter()
             .enumerate()
             .map(|(i, route)| {
-                let pattern = Pattern::parse(&route.pattern).map_err(|reason| {
-                    Error::InvalidConfig {
+                let pattern =
+                    Pattern::parse(&route.pattern).map_err(|reason| Error::InvalidConfig {
                         field: format!("routes[{i}].pattern"),
                         reason,
-                    }
-                })?;
-                for (list, amounts) in [("consumes", &route.consumes), ("requires", &route.requires)]
+                    })?;
+                for (list, amounts) in
+                    [("consumes", &route.consumes), ("requires", &route.requires)]
                 {
                     for (j, (meter, _)) in amounts.iter().enumerate() {
                         let m = catalog.meter(meter).ok_or_else(|| Error::UnknownMeter {
@@ -590,7 +593,11 @@ impl RecordError {
 
 impl fmt::Display for RecordError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "recording usage after the response failed: {}", self.error)
+        write!(
+            f,
+            "recording usage after the response failed: {}",
+            self.error
+        )
     }
 }
 
@@ -656,11 +663,9 @@ impl Post {
             }
         }
         let refs: Vec<&Decision> = decisions.iter().collect();
-        shared.mapping.write_passing_headers(
-            &refs,
-            shared.engine.now(),
-            &mut parts.headers,
-        );
+        shared
+            .mapping
+            .write_passing_headers(&refs, shared.engine.now(), &mut parts.headers);
         Response::from_parts(parts, body)
     }
 }
@@ -864,7 +869,9 @@ mod tests {
 
     #[test]
     fn bad_patterns_are_refused() {
-        for bad in ["api", "/a/{}", "/a/{id", "/a*/b", "/a/x{id}", "/a/**", "/a/{id}*"] {
+        for bad in [
+            "api", "/a/{}", "/a/{id", "/a*/b", "/a/x{id}", "/a/**", "/a/{id}*",
+        ] {
             assert!(Pattern::parse(bad).is_err(), "{bad} should be refused");
         }
     }
