@@ -82,8 +82,10 @@ use crate::{AllowanceStore, Catalog, Clock, Decision, Engine, Error, Request, Un
 /// Cheap to clone.
 #[derive(Clone)]
 pub struct SubjectSource {
-    find: Arc<dyn Fn(&request::Parts) -> Result<String, SubjectError> + Send + Sync>,
+    find: Arc<FindSubject>,
 }
+
+type FindSubject = dyn Fn(&request::Parts) -> Result<String, SubjectError> + Send + Sync;
 
 impl fmt::Debug for SubjectSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
