@@ -53,19 +53,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route(
             Route::new(Method::POST, "/api/spaces/{id}/threads*")
                 .requires("llm_tokens_input", 1)
-                .record_after(|response| match response.extensions.remove::<TokensUsed>() {
-                    Some(t) => Usage::new()
-                        .units("llm_tokens_input", t.input)
-                        .units("llm_tokens_output", t.output),
-                    None => Usage::new(),
-                }),
+                .record_after(
+                    |response| match response.extensions.remove::<TokensUsed>() {
+                        Some(t) => Usage::new()
+                            .units("llm_tokens_input", t.input)
+                            .units("llm_tokens_output", t.output),
+                        None => Usage::new(),
+                    },
+                ),
         )
         // No meters: the subject must be known, nothing is counted.
         .route(Route::new(Method::GET, "/api/billing/usage"));
     let layer = QuotaLayer::new(engine.clone(), SubjectSource::header("x-api-key"), routes)?;
 
     let app = Router::new()
-        .route("/api/spaces/{id}/search", post(search_handler).get(search_handler))
+        .route(
+            "/api/spaces/{id}/search",
+            post(search_handler).get(search_handler),
+        )
         .route("/api/spaces/{id}/threads", post(thread_handler))
         .route("/api/billing/usage", get(usage_handler))
         .with_state(engine)
@@ -108,7 +113,10 @@ async fn usage_handler(
     let mut out = String::new();
     for m in report.meters.iter().filter(|m| !m.units.is_zero()) {
         let max = m.max.map_or("unlimited".into(), |x| x.to_string());
-        out.push_str(&format!("{} {} of {} ({:?})\n", m.meter, m.units, max, m.status));
+        out.push_str(&format!(
+            "{} {} of {} ({:?})\n",
+            m.meter, m.units, max, m.status
+        ));
     }
     Ok(out)
 }

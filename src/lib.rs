@@ -68,7 +68,12 @@
 //! # Features
 //!
 //! The default build carries only the core: serde, thiserror, chrono,
-//! parking_lot and rust_decimal. No optional features yet.
+//! parking_lot and rust_decimal.
+//!
+//! | feature | adds | dependencies |
+//! | --- | --- | --- |
+//! | `http` | `http`: a [`Decision`] as an HTTP status (402 for a quota or cost cap, 429 for a rate, 403 for a model outside the allowlist), `Retry-After`, `X-Quota-Warning`, the IETF `RateLimit` / `RateLimit-Policy` fields and a JSON refusal body | `http`, `serde_json` |
+//! | `tower` | `tower`: `QuotaLayer` / `Quota<S>` middleware with route gates (method + path pattern → meters), subject lookup, reads that pass when exceeded, and usage recorded after the response; implies `http` | `tower-layer`, `tower-service`, `pin-project-lite` |
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
