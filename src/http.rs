@@ -46,16 +46,17 @@
 //! The refusal body is JSON:
 //!
 //! ```json
-//! {"error":"quota_exceeded","meter":"vector_search_count","window":"month","scope":"subject",
-//!  "used":100,"max":100,"requested":1,"reset":"2026-04-01T00:00:00Z","retry_after":1036800}
+//! {"error":"quota_exceeded","max":100,"meter":"vector_search_count","requested":1,
+//!  "reset":"2026-04-01T00:00:00Z","retry_after":1036800,"scope":"subject","used":100,"window":"month"}
 //! ```
 //!
 //! `error` is `quota_exceeded` (402), `rate_limited` (429) or
-//! `model_not_allowed` (403, with `model` instead of the limit fields).
+//! `model_not_allowed` (403; the body is then only `error` and `model`).
 //! `scope` is `subject` or `shared`; for `shared`, `used` and `max` are
 //! `null`. `used`, `max` and `requested` are JSON integers for count and
-//! seconds meters and exact decimal strings in the major unit (`"50.00"`)
-//! for money meters, which also carry `currency`. `reset` (RFC 3339, UTC) is
+//! seconds meters; for money meters they are exact decimal strings in the
+//! major unit at the meter's scale (`"1.500000"` for $1.50 at scale 6), and
+//! the body carries `currency`. `reset` (RFC 3339, UTC) is
 //! when usage next leaves the window, `null` if never; `retry_after` is in
 //! whole seconds, `null` when waiting does not help (a maximum of 0, or a
 //! request larger than the maximum).
