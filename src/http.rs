@@ -2,7 +2,7 @@
 //!
 //! Framework-neutral: everything here speaks the [`http`] crate's types, so
 //! any server (axum, hyper, actix through a shim) can use it. The
-//! [`tower`](crate::tower) module builds its middleware on it.
+//! `tower` module (feature `tower`) builds its middleware on it.
 //!
 //! # The mapping
 //!

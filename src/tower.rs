@@ -242,7 +242,9 @@ impl fmt::Debug for Route {
 
 impl Route {
     /// Requests with `method` whose path matches `pattern`. The pattern is
-    /// checked by [`QuotaLayer::new`].
+    /// checked by [`QuotaLayer::new`]. `HEAD` is a method of its own: a `GET`
+    /// route does not gate `HEAD` requests (axum answers them with the `GET`
+    /// handler), so list both to meter both.
     pub fn new(method: Method, pattern: impl Into<String>) -> Self {
         Self {
             method,
