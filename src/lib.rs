@@ -77,11 +77,15 @@
 //! The default build carries only the core: serde, thiserror, chrono,
 //! parking_lot and rust_decimal.
 //!
-//! - `conformance`: the [`AllowanceStore`] conformance suite
-//!   (`tollgate::conformance`), for a backend's own tests.
+//! | feature | adds | dependencies |
+//! | --- | --- | --- |
+//! | `http` | `http`: a [`Decision`] as an HTTP status (402 for a quota or cost cap, 429 for a rate, 403 for a model outside the allowlist), `Retry-After`, `X-Quota-Warning`, the IETF `RateLimit` / `RateLimit-Policy` fields and a JSON refusal body | `http`, `serde_json` |
+//! | `tower` | `tower`: `QuotaLayer` / `Quota<S>` middleware with route gates (method + path pattern → meters), subject lookup, reads that pass when exceeded, and usage recorded after the response; implies `http` | `tower-layer`, `tower-service`, `pin-project-lite` |
+//! | `conformance` | `conformance`: the [`AllowanceStore`] conformance suite, for a backend's own tests | none |
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod catalog;
 mod clock;
@@ -90,8 +94,14 @@ pub mod conformance;
 mod decision;
 mod engine;
 mod error;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod http;
 mod request;
 pub mod store;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub mod tower;
 mod window;
 
 pub use catalog::{
