@@ -397,26 +397,9 @@ fn write_ratelimit(l: &LimitState, now: DateTime<Utc>, headers: &mut HeaderMap) 
 /// by `_` (a structured-field string cannot carry it).
 fn policy_name(l: &LimitState) -> String {
     let window = match l.window {
-        Window::Calendar {
-            period,
-            utc_offset_secs,
-        } => {
-            let p = match period {
-                Period::Day => "day",
-                Period::Week => "week",
-                Period::Month => "month",
-            };
-            if utc_offset_secs == 0 {
-                p.to_owned()
-            } else {
-                let sign = if utc_offset_secs < 0 { '-' } else { '+' };
-                let abs = utc_offset_secs.unsigned_abs();
-                format!("{p}{sign}{:02}:{:02}", abs / 3_600, abs % 3_600 / 60)
-            }
-        }
+        // `day`, `week`, `month`, with an offset such as `day+09:00`.
+        Window::Calendar { .. } | Window::Lifetime | Window::Concurrent => l.window.to_string(),
         Window::Rolling { span_secs, .. } => span_label(span_secs),
-        Window::Lifetime => "lifetime".to_owned(),
-        Window::Concurrent => "concurrent".to_owned(),
     };
     let mut out = String::with_capacity(l.meter.len() + window.len() + 3);
     out.push('"');
