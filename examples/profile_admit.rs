@@ -20,7 +20,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tollgate::{Engine, MemoryStore, SystemClock};
+use tollgate::{Clock, Engine, MemoryStore};
 
 /// The system allocator, counting allocations and bytes asked for.
 struct Counting;
@@ -61,37 +61,39 @@ mod plan;
 #[allow(dead_code)]
 mod peers;
 
+#[path = "../benches/engine/tollgate.rs"]
+#[allow(dead_code)]
+mod tollgate_setup;
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let call = args.next().unwrap_or_else(|| "admit".into());
     let subjects: usize = args.next().map_or(10_000, |a| a.parse().expect("subjects"));
     let calls: u64 = args.next().map_or(100_000, |a| a.parse().expect("calls"));
+    let events: Option<usize> = args.next().map(|a| a.parse().expect("events"));
 
     let ids = plan::subject_ids(subjects);
-    let engine = Engine::new(plan::catalog());
+    let mut engine = None;
+    let mut manual = None;
     let mut limiter = None;
     let mut floor = None;
-    match call.as_str() {
-        "governor" => limiter = Some(peers::governor_limiter(&ids)),
-        "floor" => floor = Some(peers::FloorStr::new(&ids)),
-        _ => {
-            for id in &ids {
-                engine
-                    .allocate(tollgate::Allocation::new(id.as_str(), "plan"))
-                    .expect("allocate");
-                engine.record(&plan::request(id)).expect("record");
-            }
-        }
+    match (call.as_str(), events) {
+        ("governor", _) => limiter = Some(peers::governor_limiter(&ids)),
+        ("floor", _) => floor = Some(peers::FloorStr::new(&ids)),
+        (_, None) => engine = Some(tollgate_setup::engine(&ids)),
+        (_, Some(e)) => manual = Some(tollgate_setup::engine_with_events(&ids, e)),
     }
     let (a0, b0) = (
         ALLOCS.load(Ordering::Relaxed),
         BYTES.load(Ordering::Relaxed),
     );
     let t = std::time::Instant::now();
-    let allowed = match (&limiter, &floor) {
-        (Some(l), _) => peer_loop(&ids, calls, |id| l.check_key(id).is_ok()),
-        (_, Some(f)) => peer_loop(&ids, calls, |id| f.add(id, 1) > 0),
-        _ => hot_loop(&engine, &ids, &call, calls),
+    let allowed = match (&limiter, &floor, &engine, &manual) {
+        (Some(l), ..) => peer_loop(&ids, calls, |id| l.check_key(id).is_ok()),
+        (_, Some(f), ..) => peer_loop(&ids, calls, |id| f.add(id, 1) > 0),
+        (_, _, Some(e), _) => hot_loop(e, &ids, &call, calls),
+        (_, _, _, Some(e)) => hot_loop(e, &ids, &call, calls),
+        _ => unreachable!("one of them is built"),
     };
     let el = t.elapsed();
     let (a1, b1) = (
@@ -109,8 +111,8 @@ fn main() {
 
 /// The profiled part: `calls` calls on random subjects.
 #[inline(never)]
-fn hot_loop(
-    engine: &Engine<MemoryStore, SystemClock>,
+fn hot_loop<C: Clock>(
+    engine: &Engine<MemoryStore, C>,
     ids: &[String],
     call: &str,
     calls: u64,
