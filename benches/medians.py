@@ -32,7 +32,7 @@ def cell(key):
 
 SUBJECTS = ["1", "10000", "1000000"]
 print("### subjects: median per call (95 % CI of the median)\n")
-print("| bench | " + " | ".join(f"{int(n):,} subjects" for n in SUBJECTS) + " |")
+print("| bench | " + " | ".join(f"{int(n):,} subject" + ("s" if n != "1" else "") for n in SUBJECTS) + " |")
 print("| --- |" + " --- |" * len(SUBJECTS))
 funcs = ["tollgate_admit", "tollgate_check", "tollgate_record", "governor_check_key",
          "floor_u64", "floor_string", "seed002_check_then_increment"]

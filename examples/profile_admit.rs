@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release --example profile_admit
-//! valgrind --tool=callgrind --toggle-collect='*hot_loop*' \
+//! valgrind --tool=callgrind --toggle-collect='*_loop*' \
 //!     target/release/examples/profile_admit admit 10000 100000
 //! callgrind_annotate --inclusive=yes callgrind.out.<pid>
 //! ```
