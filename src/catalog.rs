@@ -748,6 +748,16 @@ impl Catalog {
         Ok(catalog)
     }
 
+    /// The index of the meter with this id. A handful of meters is scanned
+    /// (cheaper than hashing the id); a large catalog uses its map.
+    pub(crate) fn meter_idx(&self, id: &str) -> Option<usize> {
+        if self.meter_ids.len() <= 16 {
+            self.meter_ids.iter().position(|m| &**m == id)
+        } else {
+            self.meter_index.get(id).copied()
+        }
+    }
+
     /// The meter with this id.
     pub fn meter(&self, id: &str) -> Option<&Meter> {
         self.meter_index.get(id).map(|&i| &self.meters[i])

@@ -832,14 +832,12 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
 
         let mut amounts: Vec<(usize, u64)> = Vec::with_capacity(req.amounts.len() + 1);
         for &(meter_id, qty) in &req.amounts {
-            let idx =
-                *self
-                    .catalog
-                    .meter_index
-                    .get(meter_id)
-                    .ok_or_else(|| Error::UnknownMeter {
-                        meter: meter_id.to_owned(),
-                    })?;
+            let idx = self
+                .catalog
+                .meter_idx(meter_id)
+                .ok_or_else(|| Error::UnknownMeter {
+                    meter: meter_id.to_owned(),
+                })?;
             let minor = self.to_minor(idx, qty)?;
             add_amount(&mut amounts, idx, minor, &self.catalog.meter_ids[idx])?;
         }

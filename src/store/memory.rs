@@ -3,7 +3,6 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -12,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     fits, AllowanceStore, Applied, Batch, CounterOp, CounterState, Fraction, LeaseAction, LeaseId,
-    LeaseInfo, Mode, ScopeKey, SettledHold,
+    LeaseInfo, Mode, ScopeKey, ScopeMap, SettledHold,
 };
 use crate::window::Window;
 use crate::Error;
@@ -20,7 +19,8 @@ use crate::Error;
 const DEFAULT_SHARDS: usize = 64;
 /// Shards of the lease table and of the event ledger.
 const SIDE_SHARDS: usize = 16;
-/// Every this many batches, one shard is swept of idle counters.
+/// Every this many batches counted on a shard, one shard is swept of idle
+/// counters, in turn.
 const SWEEP_EVERY: u64 = 1_024;
 /// How long an event id is remembered by default: 24 hours.
 const DEFAULT_HORIZON_MS: i64 = 86_400_000;
@@ -56,7 +56,6 @@ pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
     leases: Box<[Mutex<HashMap<LeaseId, Lease>>]>,
     ledger: Box<[Mutex<Ledger>]>,
-    batches: AtomicU64,
     horizon_ms: i64,
 }
 
@@ -65,9 +64,12 @@ type Ledger = HashMap<Box<str>, Entry>;
 
 #[derive(Debug, Default)]
 struct Shard {
-    scopes: HashMap<ScopeKey, Vec<Counter>>,
+    scopes: ScopeMap<Vec<Counter>>,
     /// Cooldown end (Unix ms) per scope that has one.
-    cooldowns: HashMap<ScopeKey, i64>,
+    cooldowns: ScopeMap<i64>,
+    /// Batches that locked this shard first; every `SWEEP_EVERY` of them,
+    /// one shard (round robin) is swept.
+    batches: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -590,16 +592,65 @@ fn validate(batch: &Batch<'_>) -> Result<(), Error> {
     Ok(())
 }
 
+/// A list kept inline up to 16 items and on the heap past that, so a
+/// batch's bookkeeping for an ordinary plan allocates nothing.
+struct Inline<T: Copy + Default> {
+    len: usize,
+    buf: [T; 16],
+    more: Vec<T>,
+}
+
+impl<T: Copy + Default> Inline<T> {
+    fn new() -> Self {
+        Self {
+            len: 0,
+            buf: [T::default(); 16],
+            more: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, v: T) {
+        if self.more.is_empty() && self.len < self.buf.len() {
+            self.buf[self.len] = v;
+            self.len += 1;
+        } else {
+            if self.more.is_empty() {
+                self.more.extend_from_slice(&self.buf[..self.len]);
+            }
+            self.more.push(v);
+        }
+    }
+
+    fn as_slice(&self) -> &[T] {
+        if self.more.is_empty() {
+            &self.buf[..self.len]
+        } else {
+            &self.more
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [T] {
+        if self.more.is_empty() {
+            &mut self.buf[..self.len]
+        } else {
+            &mut self.more
+        }
+    }
+}
+
+/// No counter found yet for an op.
+const NONE: usize = usize::MAX;
+
 /// The counter shards a batch holds, in ascending order.
 struct Locked<'s> {
-    order: Vec<usize>,
+    order: Inline<usize>,
     guards: Vec<MutexGuard<'s, Shard>>,
 }
 
 impl Locked<'_> {
     fn shard(&mut self, shard_id: usize) -> &mut Shard {
         // Every shard a batch names was locked up front.
-        let i = self.order.binary_search(&shard_id).unwrap_or(0);
+        let i = self.order.as_slice().binary_search(&shard_id).unwrap_or(0);
         &mut self.guards[i]
     }
 
@@ -617,6 +668,30 @@ impl Locked<'_> {
             .find(|c| c.matches(meter, window))
     }
 
+    /// The position of a counter in its scope's list, or `NONE`.
+    fn position(
+        &mut self,
+        shard_id: usize,
+        scope: &ScopeKey,
+        meter: &str,
+        window: Window,
+    ) -> usize {
+        self.shard(shard_id)
+            .scopes
+            .get(scope)
+            .and_then(|cs| cs.iter().position(|c| c.matches(meter, window)))
+            .unwrap_or(NONE)
+    }
+
+    /// The counter at `idx` of `scope` (a position found in this batch).
+    fn at(&mut self, shard_id: usize, scope: &ScopeKey, idx: usize) -> Option<&mut Counter> {
+        if idx == NONE {
+            return None;
+        }
+        self.shard(shard_id).scopes.get_mut(scope)?.get_mut(idx)
+    }
+
+    /// The counter, created if absent, and its position.
     fn counter_or_new(
         &mut self,
         shard_id: usize,
@@ -624,7 +699,7 @@ impl Locked<'_> {
         meter: &str,
         window: Window,
         now_ms: i64,
-    ) -> Option<&mut Counter> {
+    ) -> Option<(usize, &mut Counter)> {
         let scopes = &mut self.shard(shard_id).scopes;
         // Clone the key only when the scope is new.
         if !scopes.contains_key(scope) {
@@ -638,7 +713,7 @@ impl Locked<'_> {
                 counters.len() - 1
             }
         };
-        counters.get_mut(idx)
+        counters.get_mut(idx).map(|c| (idx, c))
     }
 }
 
@@ -673,7 +748,6 @@ impl MemoryStore {
                 .collect(),
             leases: side_shards(),
             ledger: side_shards(),
-            batches: AtomicU64::new(0),
             horizon_ms: DEFAULT_HORIZON_MS,
         }
     }
@@ -695,9 +769,9 @@ impl MemoryStore {
     }
 
     fn shard_of(&self, scope: &ScopeKey) -> usize {
-        let mut h = DefaultHasher::new();
-        scope.hash(&mut h);
-        (h.finish() % self.shards.len() as u64) as usize
+        // Bits above those a shard's own map indexes by, below its control
+        // bits: the scopes of one shard still spread over its buckets.
+        ((scope.hash_value() >> 24) % self.shards.len() as u64) as usize
     }
 
     /// Remove every counter that reads zero and holds nothing at `now`, every
@@ -923,7 +997,10 @@ impl AllowanceStore for MemoryStore {
         }
 
         // Lock every counter shard the batch touches, in ascending order.
-        let op_shards: Vec<usize> = ops.iter().map(|op| self.shard_of(op.scope)).collect();
+        let mut op_shards: Inline<usize> = Inline::new();
+        for op in ops {
+            op_shards.push(self.shard_of(op.scope));
+        }
         let cooldown_shards: Vec<usize> = batch
             .cooldowns
             .iter()
@@ -933,16 +1010,31 @@ impl AllowanceStore for MemoryStore {
             .iter()
             .map(|h| self.shard_of(&h.scope))
             .collect();
-        let mut order: Vec<usize> = op_shards
+        let mut all: Inline<usize> = Inline::new();
+        for &i in op_shards
+            .as_slice()
             .iter()
             .chain(&cooldown_shards)
             .chain(&hold_shards)
-            .copied()
+        {
+            all.push(i);
+        }
+        all.as_mut_slice().sort_unstable();
+        let mut order: Inline<usize> = Inline::new();
+        for &i in all.as_slice() {
+            if order.as_slice().last() != Some(&i) {
+                order.push(i);
+            }
+        }
+        let guards = order
+            .as_slice()
+            .iter()
+            .map(|&i| self.shards[i].lock())
             .collect();
-        order.sort_unstable();
-        order.dedup();
-        let guards = order.iter().map(|&i| self.shards[i].lock()).collect();
         let mut locked = Locked { order, guards };
+        let op_shards = op_shards.as_slice();
+        // Each op's counter position, found in phase 1 (or made in phase 2).
+        let mut op_idx: Inline<usize> = Inline::new();
 
         let action = batch.lease.map(|l| l.action);
         let settle_keep = match action {
@@ -1000,8 +1092,10 @@ impl AllowanceStore for MemoryStore {
         }
         let holding = matches!(action, Some(LeaseAction::Open { .. } | LeaseAction::Grow));
         let mut all_fit = true;
-        for (op, &shard) in ops.iter().zip(&op_shards) {
-            let (used, held) = match locked.counter(shard, op.scope, op.meter, op.window) {
+        for (op, &shard) in ops.iter().zip(op_shards) {
+            let idx = locked.position(shard, op.scope, op.meter, op.window);
+            op_idx.push(idx);
+            let (used, held) = match locked.at(shard, op.scope, idx) {
                 Some(c) => {
                     c.advance(now_ms);
                     (c.used(), c.held())
@@ -1050,13 +1144,15 @@ impl AllowanceStore for MemoryStore {
                 ) => {
                     let expires_ms = expires_at.timestamp_millis();
                     let mut holds = Vec::new();
-                    for (op, &shard) in ops.iter().zip(&op_shards) {
+                    for ((op, &shard), idx) in ops.iter().zip(op_shards).zip(op_idx.as_mut_slice())
+                    {
                         if op.delta == 0 {
                             continue;
                         }
-                        if let Some(c) =
+                        if let Some((i, c)) =
                             locked.counter_or_new(shard, op.scope, op.meter, op.window, now_ms)
                         {
+                            *idx = i;
                             c.holds_mut().add(l.id, expires_ms, op.delta);
                             holds.push(HoldRef {
                                 scope: op.scope.clone(),
@@ -1095,13 +1191,15 @@ impl AllowanceStore for MemoryStore {
                 }
                 (Some(l), Some(LeaseAction::Grow)) => {
                     let mut added = Vec::new();
-                    for (op, &shard) in ops.iter().zip(&op_shards) {
+                    for ((op, &shard), idx) in ops.iter().zip(op_shards).zip(op_idx.as_mut_slice())
+                    {
                         if op.delta == 0 {
                             continue;
                         }
-                        if let Some(c) =
+                        if let Some((i, c)) =
                             locked.counter_or_new(shard, op.scope, op.meter, op.window, now_ms)
                         {
+                            *idx = i;
                             c.holds_mut().add(l.id, lease_expires, op.delta);
                             if !lease_holds.iter().any(|h| {
                                 h.scope == *op.scope
@@ -1136,13 +1234,13 @@ impl AllowanceStore for MemoryStore {
                             ch.charged,
                         ));
                     }
-                    add_usage(&mut locked, ops, &op_shards, now_ms);
+                    add_usage(&mut locked, ops, op_shards, op_idx.as_mut_slice(), now_ms);
                     if let Some(rec) = lease_guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
                         rec.settled = true;
                         rec.holds.clear();
                     }
                 }
-                _ => add_usage(&mut locked, ops, &op_shards, now_ms),
+                _ => add_usage(&mut locked, ops, op_shards, op_idx.as_mut_slice(), now_ms),
             }
             for ((c, &shard), until) in batch
                 .cooldowns
@@ -1168,9 +1266,10 @@ impl AllowanceStore for MemoryStore {
         // Phase 3: report.
         let counters = ops
             .iter()
-            .zip(&op_shards)
-            .map(|(op, &shard)| {
-                let counter = locked.counter(shard, op.scope, op.meter, op.window);
+            .zip(op_shards)
+            .zip(op_idx.as_slice())
+            .map(|((op, &shard), &idx)| {
+                let counter = locked.at(shard, op.scope, idx);
                 // When applied, the delta is already in `used` or `held`; ask
                 // about a zero delta so `available_at` is not set for a
                 // fitting op.
@@ -1178,6 +1277,14 @@ impl AllowanceStore for MemoryStore {
                 state_of(counter.map(|c| &*c), op.window, now_ms, delta, op.max)
             })
             .collect();
+        // Count the batch on the first shard it holds (no counter shared by
+        // every thread); every SWEEP_EVERY, sweep a shard in turn once the
+        // locks are released.
+        let sweep_turn = locked.order.as_slice().first().copied().and_then(|first| {
+            let shard = locked.shard(first);
+            shard.batches += 1;
+            (shard.batches % SWEEP_EVERY == 0).then_some((first, shard.batches / SWEEP_EVERY))
+        });
         drop(locked);
         drop(lease_guard);
         let result = Applied {
@@ -1200,12 +1307,10 @@ impl AllowanceStore for MemoryStore {
             }
         }
 
-        let n = self.batches.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % SWEEP_EVERY == 0 {
-            let k = n / SWEEP_EVERY;
-            let i = (k % self.shards.len() as u64) as usize;
+        if let Some((first, k)) = sweep_turn {
+            let i = ((first as u64 + k) % self.shards.len() as u64) as usize;
             Self::sweep(&mut self.shards[i].lock(), now_ms);
-            self.sweep_side((k % SIDE_SHARDS as u64) as usize, now_ms);
+            self.sweep_side(((first as u64 + k) % SIDE_SHARDS as u64) as usize, now_ms);
         }
         Ok(result)
     }
@@ -1237,12 +1342,19 @@ fn keep_of(keep: Fraction, held: u64) -> u64 {
 }
 
 /// Add every op's delta to its counter's usage (checked not to overflow).
-fn add_usage(locked: &mut Locked<'_>, ops: &[CounterOp<'_>], shards: &[usize], now_ms: i64) {
-    for (op, &shard) in ops.iter().zip(shards) {
+fn add_usage(
+    locked: &mut Locked<'_>,
+    ops: &[CounterOp<'_>],
+    shards: &[usize],
+    op_idx: &mut [usize],
+    now_ms: i64,
+) {
+    for ((op, &shard), idx) in ops.iter().zip(shards).zip(op_idx) {
         if op.delta == 0 {
             continue;
         }
-        if let Some(c) = locked.counter_or_new(shard, op.scope, op.meter, op.window, now_ms) {
+        if let Some((i, c)) = locked.counter_or_new(shard, op.scope, op.meter, op.window, now_ms) {
+            *idx = i;
             c.add(op.delta);
         }
     }

@@ -102,28 +102,37 @@ pub enum ScopeKind {
 
 /// A scope: the owner of a set of counters. Cheap to clone.
 ///
-/// Serializes as `"subject:<id>"` or `"pool:<id>"`.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Serializes as `"subject:<id>"` or `"pool:<id>"`. A scope carries its own
+/// hash, computed once when it is made (SipHash under a per-process random
+/// key, so callers cannot aim ids at one bucket): a store finds a scope's
+/// shard and map entry without hashing the id again.
+#[derive(Clone)]
 pub struct ScopeKey {
     kind: ScopeKind,
     id: Arc<str>,
+    hash: u64,
 }
 
 impl ScopeKey {
+    fn new(kind: ScopeKind, id: Arc<str>) -> Self {
+        use std::hash::{BuildHasher, Hash as _, Hasher as _};
+        static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
+        let mut h = KEYS.get_or_init(Default::default).build_hasher();
+        kind.hash(&mut h);
+        id.hash(&mut h);
+        let hash = h.finish();
+        Self { kind, id, hash }
+    }
+
     /// The scope of a subject.
     pub fn subject(id: impl Into<Arc<str>>) -> Self {
-        Self {
-            kind: ScopeKind::Subject,
-            id: id.into(),
-        }
+        Self::new(ScopeKind::Subject, id.into())
     }
 
     /// The scope of a pool.
     pub fn pool(id: impl Into<Arc<str>>) -> Self {
-        Self {
-            kind: ScopeKind::Pool,
-            id: id.into(),
-        }
+        Self::new(ScopeKind::Pool, id.into())
     }
 
     /// Subject or pool.
@@ -135,7 +144,70 @@ impl ScopeKey {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// The scope's hash, for a store's own maps and shards: the same for
+    /// equal scopes within one process, not stable across processes.
+    pub fn hash_value(&self) -> u64 {
+        self.hash
+    }
 }
+
+impl PartialEq for ScopeKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash
+            && self.kind == other.kind
+            && (Arc::ptr_eq(&self.id, &other.id) || self.id == other.id)
+    }
+}
+
+impl Eq for ScopeKey {}
+
+impl std::hash::Hash for ScopeKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for ScopeKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ScopeKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.kind, &self.id).cmp(&(other.kind, &other.id))
+    }
+}
+
+/// A hasher for keys that carry their own hash ([`ScopeKey`]): it passes
+/// the `u64` through. Any other input is mixed with FNV-1a.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PassHasher(u64);
+
+impl Default for PassHasher {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for PassHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// Maps keyed by [`ScopeKey`] without hashing the id again.
+pub(crate) type ScopeMap<V> =
+    std::collections::HashMap<ScopeKey, V, std::hash::BuildHasherDefault<PassHasher>>;
 
 impl fmt::Debug for ScopeKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
