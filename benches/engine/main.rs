@@ -3,7 +3,8 @@
 //! Run with `cargo bench --bench engine`; BENCHMARKS.md holds one run's
 //! medians. Groups:
 //!
-//! - `subjects`: tollgate's `admit`, `check`, `record` (plan of four limits,
+//! - `subjects`: tollgate's `admit`, `check`, `record`, `reserve` + `commit`
+//!   (plan of four limits,
 //!   memory store, system clock) and the peers — governor's keyed
 //!   `check_key`, the locked-hash-map floor, seed 002's check-then-increment —
 //!   at 1, 10,000 and 1,000,000 subjects;
@@ -17,9 +18,6 @@
 //! `String` id list), and all state is filled before timing, once per subject
 //! count. Modules: [`plan`] (the plan, ids, picker), [`tollgate`],
 //! [`peers`], [`threads`].
-//!
-//! Reservations (`reserve` + `commit`) are not measured yet; see
-//! [`tollgate`] for where their bench goes.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -33,6 +31,10 @@ mod threads;
 mod tollgate;
 
 use plan::{request, subject_ids, Pick};
+
+/// The lease of a reserve + commit pair: long enough never to expire
+/// mid-iteration.
+const LEASE: Duration = Duration::from_secs(600);
 
 /// The subject counts of issue 4.
 const SUBJECTS: [usize; 3] = [1, 10_000, 1_000_000];
@@ -56,7 +58,18 @@ fn subjects(c: &mut Criterion) {
                 let mut pick = Pick::new();
                 b.iter(|| black_box(engine.record(&request(&ids[pick.next(n)])).unwrap()));
             });
-            // tollgate_reserve_commit goes here once reservations land.
+            g.bench_with_input(
+                BenchmarkId::new("tollgate_reserve_commit", n),
+                &n,
+                |b, &n| {
+                    let mut pick = Pick::new();
+                    b.iter(|| {
+                        let req = request(&ids[pick.next(n)]);
+                        let res = engine.reserve(&req, LEASE).unwrap().unwrap();
+                        black_box(engine.commit(&res, &req).unwrap())
+                    });
+                },
+            );
         }
         {
             let limiter = peers::governor_limiter(&ids);

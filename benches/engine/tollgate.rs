@@ -1,9 +1,7 @@
 //! tollgate on the memory store, with the four-limit plan of [`crate::plan`].
 //!
-//! Measured: `admit`, `check` and `record`. `reserve` + `commit` are not
-//! measured yet: they are being added to the engine on `main`. When they land,
-//! their bench goes here as `tollgate_reserve_commit` in the `subjects` group
-//! (see `crate::subjects`), pre-filled the same way.
+//! Measured: `admit`, `check`, `record`, and `reserve` + `commit` as one
+//! pair (`tollgate_reserve_commit` in the `subjects` group).
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use tollgate::{Allocation, Engine, ManualClock, MemoryStore, SystemClock};
