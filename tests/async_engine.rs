@@ -1,0 +1,1 @@
+//! The engine's async calls on `MemoryStore` (feature `async`).
