@@ -593,6 +593,7 @@ for _, op in ipairs(ops) do
     ps, ra = S(c.s), S(c.e)
     if over and cmp(pending, op.max) <= 0 then av = S(c.e) end
   elseif op.w.kind == 'R' then
+    ps = S(now - (op.w.n - 1) * op.w.width)
     local present = redis.call('EXISTS', c.key) == 1
     if present and not iszero(c.used) then ra = S((c.tl + op.w.n) * op.w.width) end
     if present and over and cmp(pending, op.max) <= 0 then
