@@ -423,3 +423,319 @@ fn answers_as_the_memory_store_does() {
     assert!(without.is_empty(), "keys without a TTL: {without:?}");
     redis.rt.block_on(flush(&url, &tag));
 }
+
+fn catalog(max: u64) -> tollgate::Catalog {
+    CatalogConfig::default()
+        .meter(Meter::count("tokens"))
+        .plan(PlanConfig::new("plan").limit(LimitConfig::new(
+            "tokens",
+            Window::calendar(Period::Day),
+            max,
+        )))
+        .build()
+        .expect("catalog")
+}
+
+/// Eight engines, each with its own connection, admit against one limit at
+/// once: never more than the maximum, and exactly the maximum when demand
+/// exceeds it.
+#[test]
+fn eight_engines_share_one_limit() {
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    let prefix = unique_prefix("eight");
+    let admitted = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let store = RedisConfig::new(url.clone())
+                .prefix(prefix.clone())
+                .timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .expect("connect");
+            let engine = Engine::with_store_and_clock(catalog(1_000), store, SystemClock);
+            engine
+                .allocate(Allocation::new("agent", "plan"))
+                .expect("allocate");
+            tasks.push(tokio::spawn(async move {
+                let mut mine = 0u64;
+                for _ in 0..100 {
+                    let d = engine
+                        .admit_async(&Request::new("agent").units("tokens", 3))
+                        .await
+                        .expect("admit");
+                    if d.allowed {
+                        mine += 3;
+                    }
+                }
+                mine
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.expect("task");
+        }
+        total
+    });
+    // 8 × 100 × 3 = 2,400 asked for; 999 is the most that fits in steps of 3.
+    assert_eq!(admitted, 999, "admitted exactly what fits, never more");
+    let tag = format!("{{{prefix}}}");
+    let (n, without) = rt.block_on(keys_without_ttl(&url, &tag));
+    assert!(
+        n > 0 && without.is_empty(),
+        "{n} keys; without TTL: {without:?}"
+    );
+    rt.block_on(flush(&url, &tag));
+}
+
+/// A second redis-server on its own port, started and stopped by the test.
+struct Server {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl Server {
+    fn start(port: u16) -> Option<Self> {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let server = Server {
+            port,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(server)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Redis goes away mid-run: fail closed answers `Err` within the timeout
+/// (plus 50 ms), fail open allows and marks the decision, and both work
+/// again once Redis is back, without a new store.
+#[test]
+fn an_outage_fails_closed_or_open_and_recovers() {
+    if url().is_none() {
+        return;
+    }
+    let port = free_port();
+    let Some(mut server) = Server::start(port) else {
+        eprintln!("skipped: redis-server could not be started");
+        return;
+    };
+    let url = format!("redis://127.0.0.1:{}", server.port);
+    let rt = runtime();
+    let timeout = Duration::from_millis(200);
+    let seen_on_error = Arc::new(AtomicU64::new(0));
+    let (closed, open) = rt.block_on(async {
+        let connect = |policy| {
+            RedisConfig::new(url.clone())
+                .prefix(unique_prefix("outage"))
+                .timeout(timeout)
+                .failure_policy(policy)
+                .connect()
+        };
+        let closed = Engine::with_store_and_clock(
+            catalog(100),
+            connect(FailurePolicy::FailClosed).await.expect("connect"),
+            SystemClock,
+        );
+        let counter = seen_on_error.clone();
+        let open = Engine::with_store_and_clock(
+            catalog(100),
+            connect(FailurePolicy::FailOpen).await.expect("connect"),
+            SystemClock,
+        )
+        .with_observer(move |e: &tollgate::DecisionEvent<'_>| {
+            if e.decision.allowed_on_error {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        for e in [&closed, &open] {
+            e.allocate(Allocation::new("agent", "plan"))
+                .expect("allocate");
+        }
+        (closed, open)
+    });
+    let req = Request::new("agent").units("tokens", 1);
+    rt.block_on(async {
+        let d = closed.admit_async(&req).await.expect("admit while up");
+        assert!(d.allowed && d.recorded && !d.allowed_on_error);
+    });
+
+    server.stop();
+    rt.block_on(async {
+        for _ in 0..3 {
+            let started = Instant::now();
+            let r = closed.admit_async(&req).await;
+            let took = started.elapsed();
+            assert!(matches!(r, Err(Error::Store { .. })), "{r:?}");
+            assert!(took <= timeout + Duration::from_millis(50), "took {took:?}");
+
+            let started = Instant::now();
+            let d = open.admit_async(&req).await.expect("fail open");
+            let took = started.elapsed();
+            assert!(d.allowed && d.allowed_on_error && !d.recorded, "{d:?}");
+            assert!(took <= timeout + Duration::from_millis(50), "took {took:?}");
+            // Reservations cannot be made up: they fail closed.
+            assert!(open
+                .reserve_async(&req, Duration::from_secs(60))
+                .await
+                .is_err());
+        }
+    });
+    assert_eq!(
+        seen_on_error.load(Ordering::Relaxed),
+        3,
+        "the observer counts them"
+    );
+
+    let _server = Server::start(port).expect("restart redis-server");
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match closed.admit_async(&req).await {
+                Ok(d) => {
+                    // The restarted server is empty: usage starts again.
+                    assert!(d.allowed && d.recorded, "{d:?}");
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "no recovery: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let d = open.admit_async(&req).await.expect("admit");
+        assert!(d.recorded && !d.allowed_on_error);
+    });
+}
+
+/// The reservation calls and `overdue` through the async engine, on batch
+/// time with a manual clock.
+#[test]
+fn reservations_through_the_async_engine() {
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    rt.block_on(async {
+        let store = RedisConfig::new(url.clone())
+            .prefix(unique_prefix("reserve"))
+            .time_source(TimeSource::Batch)
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect");
+        let tag = store.key_tag().to_owned();
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("tokens"))
+            .meter(Meter::count("jobs"))
+            .plan(
+                PlanConfig::new("plan")
+                    .max_job_duration("10m")
+                    .limit(LimitConfig::new(
+                        "tokens",
+                        Window::calendar(Period::Day),
+                        100u64,
+                    ))
+                    .limit(LimitConfig::new("jobs", Window::Concurrent, 1u64)),
+            )
+            .build()
+            .expect("catalog");
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap());
+        let engine = Engine::with_store_and_clock(catalog, store, clock.clone());
+        let secret = "sk_live_51HxYzAbCdEfGhIjKlMnOp";
+        engine
+            .allocate(Allocation::new(secret, "plan"))
+            .expect("allocate");
+        let ttl = Duration::from_secs(3600);
+        let mut res = engine
+            .reserve_async(&Request::new(secret).units("tokens", 60), ttl)
+            .await
+            .expect("reserve")
+            .expect("admitted");
+        let refused = engine
+            .reserve_async(&Request::new(secret).units("tokens", 10), ttl)
+            .await
+            .expect("reserve");
+        assert!(refused.is_err(), "one slot only");
+        engine
+            .grow_async(&mut res, &Request::new(secret).units("tokens", 5))
+            .await
+            .expect("grow");
+        engine.renew_async(&mut res, ttl).await.expect("renew");
+        clock.advance(chrono::Duration::minutes(11));
+        let overdue = engine.overdue_async().await.expect("overdue");
+        assert_eq!(overdue.len(), 1);
+        assert_eq!(overdue[0].id, res.id());
+        assert!(
+            overdue[0].owner.id().starts_with("sha256:"),
+            "a secret-looking owner is kept as a digest: {}",
+            overdue[0].owner
+        );
+        let d = engine
+            .commit_async(&res, &Request::new(secret).units("tokens", 40).event("c1"))
+            .await
+            .expect("commit");
+        let again = engine
+            .commit_async(&res, &Request::new(secret).units("tokens", 40).event("c1"))
+            .await
+            .expect("a retried commit replays");
+        assert_eq!(d.limits, again.limits);
+        let l = d
+            .limit(&ScopeKey::subject(secret), "tokens")
+            .expect("limit");
+        assert_eq!((l.used, l.held), (40, 0));
+        assert!(engine.overdue_async().await.expect("overdue").is_empty());
+        assert!(matches!(
+            engine.release_async(&res, tollgate::Outcome::Failed).await,
+            Err(Error::ReservationSettled { .. })
+        ));
+
+        // No raw id in any key or value under the prefix.
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        for key in scan(&mut conn, &tag).await {
+            assert!(!key.contains(secret), "{key}");
+            let dump: Vec<u8> = redis::cmd("DUMP")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .expect("dump");
+            assert!(
+                !dump.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{key} holds the raw id"
+            );
+        }
+        let (_, without) = keys_without_ttl(&url, &tag).await;
+        assert!(without.is_empty(), "{without:?}");
+        flush(&url, &tag).await;
+    });
+}
