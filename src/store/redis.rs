@@ -694,13 +694,13 @@ impl RedisStore {
         // vouches for; the reply describes itself either way.
         let mut counters = Vec::with_capacity(nops);
         for _ in 0..nops {
-            let mut s = CounterState::default();
-            s.used = r.int()?;
-            s.held = r.int()?;
-            s.period_start = r.time()?;
-            s.resets_at = r.time()?;
-            s.available_at = r.time()?;
-            counters.push(s);
+            counters.push(CounterState {
+                used: r.int()?,
+                held: r.int()?,
+                period_start: r.time()?,
+                resets_at: r.time()?,
+                available_at: r.time()?,
+            });
         }
         let ncool: usize = r.int()?;
         let mut cooldowns = Vec::with_capacity(ncool);
@@ -716,13 +716,13 @@ impl RedisStore {
             let (scope, meter, window) = self.resolve(batch, descs, desc)?;
             settled.push(SettledHold::new(scope, meter.into(), window, held, charged));
         }
-        let mut out = Applied::default();
-        out.applied = applied;
-        out.counters = counters;
-        out.settled = settled;
-        out.cooldowns = cooldowns;
-        out.replayed_at = replayed_at;
-        Ok(out)
+        Ok(Applied {
+            applied,
+            counters,
+            settled,
+            cooldowns,
+            replayed_at,
+        })
     }
 
     /// The counter a hold descriptor names: an op of the batch, or what the
