@@ -124,6 +124,13 @@ pub struct Decision {
     /// Meters in the request that have no price in the plan: they cost 0 and
     /// are listed here so unpriced usage is never silent.
     pub unpriced: Vec<Arc<str>>,
+    /// `true` only for a decision made without the store: the store failed
+    /// (an outage, a timeout) under the fail-open policy
+    /// (`FailurePolicy::FailOpen`, feature `async`), so the request was
+    /// allowed unchecked and unrecorded. Such a decision has status `Ok`,
+    /// `allowed: true`, `recorded: false` and no limit states; the observer
+    /// sees it like any other decision, so it can count it.
+    pub allowed_on_error: bool,
 }
 
 impl Decision {

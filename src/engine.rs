@@ -22,6 +22,9 @@ use crate::store::{
 use crate::window::Window;
 use crate::Error;
 
+#[cfg(feature = "async")]
+mod asynchronous;
+
 /// Binds a subject to a plan.
 ///
 /// ```
@@ -342,7 +345,7 @@ impl<C: Clock> Engine<MemoryStore, C> {
 /// allocation.
 const INLINE_OPS: usize = 16;
 
-impl<S: AllowanceStore, C: Clock> Engine<S, C> {
+impl<S, C: Clock> Engine<S, C> {
     /// An engine on any store and clock.
     pub fn with_store_and_clock(catalog: Catalog, store: S, clock: C) -> Self {
         Self {
@@ -465,7 +468,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     ///
     /// # Errors
     /// Bad input (see [`Error`]) or a failing store.
-    pub fn check(&self, request: &Request<'_>) -> Result<Decision, Error> {
+    pub fn check(&self, request: &Request<'_>) -> Result<Decision, Error>
+    where
+        S: AllowanceStore,
+    {
         self.decide(request, Call::Check)
     }
 
@@ -483,7 +489,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     /// # Errors
     /// Bad input (see [`Error`]), [`Error::EventConflict`], or a failing
     /// store; nothing is recorded.
-    pub fn admit(&self, request: &Request<'_>) -> Result<Decision, Error> {
+    pub fn admit(&self, request: &Request<'_>) -> Result<Decision, Error>
+    where
+        S: AllowanceStore,
+    {
         self.decide(request, Call::Admit)
     }
 
@@ -495,7 +504,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     /// # Errors
     /// Bad input (see [`Error`]), [`Error::EventConflict`], a counter that
     /// would overflow, or a failing store; nothing is recorded.
-    pub fn record(&self, request: &Request<'_>) -> Result<Decision, Error> {
+    pub fn record(&self, request: &Request<'_>) -> Result<Decision, Error>
+    where
+        S: AllowanceStore,
+    {
         self.decide(request, Call::Record)
     }
 
@@ -514,7 +526,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
         &self,
         request: &Request<'_>,
         lease_ttl: std::time::Duration,
-    ) -> Result<Result<Reservation, Decision>, Error> {
+    ) -> Result<Result<Reservation, Decision>, Error>
+    where
+        S: AllowanceStore,
+    {
         if request.event.is_some() {
             return Err(Error::request(
                 "reserve takes no event id: a retried reserve is a new reservation",
@@ -587,7 +602,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
         &self,
         reservation: &mut Reservation,
         lease_ttl: std::time::Duration,
-    ) -> Result<(), Error> {
+    ) -> Result<(), Error>
+    where
+        S: AllowanceStore,
+    {
         let now = self.clock.now();
         let expires_at = after(now, lease_ttl)?;
         let owner = ScopeKey::subject(reservation.subject.as_str());
@@ -607,11 +625,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     /// Bad input (see [`Error`]); [`Error::InvalidRequest`] for another
     /// subject or model, or an event id; the reservation errors of
     /// [`Engine::renew`]; a failing store. Nothing changes on error.
-    pub fn grow(
-        &self,
-        reservation: &mut Reservation,
-        more: &Request<'_>,
-    ) -> Result<Decision, Error> {
+    pub fn grow(&self, reservation: &mut Reservation, more: &Request<'_>) -> Result<Decision, Error>
+    where
+        S: AllowanceStore,
+    {
         if more.event.is_some() {
             return Err(Error::request("grow takes no event id"));
         }
@@ -651,11 +668,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     /// [`Error::ReservationExpired`], [`Error::UnknownReservation`];
     /// [`Error::EventConflict`]; a counter that would overflow; a failing
     /// store. Nothing changes on error.
-    pub fn commit(
-        &self,
-        reservation: &Reservation,
-        actual: &Request<'_>,
-    ) -> Result<Decision, Error> {
+    pub fn commit(&self, reservation: &Reservation, actual: &Request<'_>) -> Result<Decision, Error>
+    where
+        S: AllowanceStore,
+    {
         let p = self.prepare_for(reservation, actual)?;
         self.settle(reservation, actual, &p, Fraction::ZERO, Call::Commit, None)
     }
@@ -670,7 +686,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     /// [`Error::ReservationSettled`], [`Error::ReservationExpired`],
     /// [`Error::UnknownReservation`], [`Error::UnknownSubject`], a counter
     /// that would overflow, or a failing store. Nothing changes on error.
-    pub fn release(&self, reservation: &Reservation, outcome: Outcome) -> Result<Decision, Error> {
+    pub fn release(&self, reservation: &Reservation, outcome: Outcome) -> Result<Decision, Error>
+    where
+        S: AllowanceStore,
+    {
         let request = Request::new(&reservation.subject);
         let p = self.prepare_for(reservation, &request)?;
         let keep = &p.alloc.plan.keep;
@@ -688,7 +707,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     ///
     /// # Errors
     /// A failing store.
-    pub fn overdue(&self) -> Result<Vec<LeaseInfo>, Error> {
+    pub fn overdue(&self) -> Result<Vec<LeaseInfo>, Error>
+    where
+        S: AllowanceStore,
+    {
         self.store.overdue(self.clock.now())
     }
 
@@ -700,7 +722,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
         keep: Fraction,
         call: Call,
         failed: Option<()>,
-    ) -> Result<Decision, Error> {
+    ) -> Result<Decision, Error>
+    where
+        S: AllowanceStore,
+    {
         let now = self.clock.now();
         let (ops, limits) = self.ops_for(
             p,
@@ -729,7 +754,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     /// # Errors
     /// [`Error::UnknownSubject`], [`Error::Overflow`] if a meter's cost does
     /// not fit the cost meter's integer, or a failing store.
-    pub fn usage(&self, subject: &str) -> Result<UsageReport, Error> {
+    pub fn usage(&self, subject: &str) -> Result<UsageReport, Error>
+    where
+        S: AllowanceStore,
+    {
         let alloc = self.allocation_of(subject)?;
         let now = self.clock.now();
         let ops: Vec<CounterOp<'_>> = alloc
@@ -780,7 +808,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     }
 
     /// One store call, with the contract's answer shape checked.
-    fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+    fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error>
+    where
+        S: AllowanceStore,
+    {
         let applied = self.store.apply(batch)?;
         if applied.counters.len() != batch.ops.len()
             || applied.cooldowns.len() != batch.cooldowns.len()
@@ -1024,12 +1055,16 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
             retry_after: None,
             cost: p.cost.clone(),
             unpriced: p.unpriced.clone(),
+            allowed_on_error: false,
         };
         self.observe(call, req, now, &decision);
         Some(decision)
     }
 
-    fn decide(&self, req: &Request<'_>, call: Call) -> Result<Decision, Error> {
+    fn decide(&self, req: &Request<'_>, call: Call) -> Result<Decision, Error>
+    where
+        S: AllowanceStore,
+    {
         let p = self.prepare(req)?;
         let now = self.clock.now();
 
@@ -1427,5 +1462,6 @@ fn build_decision(
         retry_after,
         cost,
         unpriced,
+        allowed_on_error: false,
     }
 }

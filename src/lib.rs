@@ -82,6 +82,8 @@
 //! | `http` | `http`: a [`Decision`] as an HTTP status (402 for a quota or cost cap, 429 for a rate, 403 for a model outside the allowlist), `Retry-After`, `X-Quota-Warning`, the IETF `RateLimit` / `RateLimit-Policy` fields and a JSON refusal body | `http`, `serde_json` |
 //! | `tower` | `tower`: `QuotaLayer` / `Quota<S>` middleware with route gates (method + path pattern → meters), subject lookup, reads that pass when exceeded, and usage recorded after the response; implies `http` | `tower-layer`, `tower-service`, `pin-project-lite` |
 //! | `conformance` | `conformance`: the [`AllowanceStore`] conformance suite, for a backend's own tests | none |
+//! | `async` | `async`: `store::AsyncAllowanceStore` and the engine's `*_async` calls (`admit_async`, `reserve_async`, …), with a fail-open or fail-closed `store::FailurePolicy`; `MemoryStore` serves both forms. A feature because `async-trait` brings `syn` with its full parser | `async-trait` |
+//! | `redis` | `redis`: `store::RedisStore`, counters shared by many replicas, one Lua script and one round trip per decision; implies `async`. redis-rs 1.x needs Rust 1.88 | `redis` (tokio), `tokio` (time), `sha2` |
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]

@@ -548,7 +548,7 @@ fn invalid(reason: impl Into<String>) -> Error {
 
 /// Contract rules 1 and 7: valid windows, each counter at most once, lease
 /// actions in the right mode, no usage on a concurrent counter.
-fn validate(batch: &Batch<'_>) -> Result<(), Error> {
+pub(super) fn validate(batch: &Batch<'_>) -> Result<(), Error> {
     let ops = batch.ops;
     let holding = matches!(
         batch.lease.map(|l| l.action),

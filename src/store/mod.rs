@@ -77,7 +77,11 @@
 //! Policy — statuses, warning ratios, prices, allowlists, refund shares,
 //! fingerprints — stays in the engine, so a backend stays small.
 
+#[cfg(feature = "async")]
+mod async_store;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::fmt;
 use std::str::FromStr;
@@ -86,6 +90,12 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{RedisConfig, RedisStore, TimeSource};
+#[cfg(feature = "async")]
+#[cfg_attr(docsrs, doc(cfg(feature = "async")))]
+pub use async_store::{AsyncAllowanceStore, FailurePolicy};
 pub use memory::{MemoryStore, Snapshot};
 
 use crate::window::Window;

@@ -1,0 +1,228 @@
+//! Redis throughput: `admit_async` on a `RedisStore` beside a trivial
+//! `EVALSHA` INCRBY script and seed 004's sorted-set pattern
+//! (ZREMRANGEBYSCORE + ZRANGE + ZADD, one pipeline) at 10 and 1,000 entries
+//! per key, each at 1 and 50 concurrent tasks on one multiplexed connection.
+//!
+//! `TOLLGATE_REDIS_URL=redis://127.0.0.1:6379 cargo bench --features redis --bench redis`
+//! (skipped without the variable). `TOLLGATE_BENCH_SECS` sets the time per
+//! case (default 3 s). Keys live under their own prefix and are deleted
+//! afterwards.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use tollgate::store::RedisConfig;
+use tollgate::{
+    Allocation, CatalogConfig, Engine, LimitConfig, Meter, Period, PlanConfig, Request,
+    SystemClock, Window,
+};
+
+const TRIVIAL: &str = "return redis.call('INCRBY', KEYS[1], ARGV[1])";
+
+/// Run `op` from `tasks` tasks for `secs`; returns operations per second.
+async fn run<F, Fut>(tasks: usize, secs: f64, op: F) -> f64
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let done = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let (op, done) = (op.clone(), done.clone());
+        handles.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                op().await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("bench task");
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let Ok(url) = std::env::var("TOLLGATE_REDIS_URL") else {
+        eprintln!("skipped: TOLLGATE_REDIS_URL not set");
+        return;
+    };
+    let secs: f64 = std::env::var("TOLLGATE_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(bench(url, secs));
+}
+
+async fn bench(url: String, secs: f64) {
+    let prefix = format!("tollgate-bench:{}", std::process::id());
+    let client = redis::Client::open(url.as_str()).expect("url");
+    let conn = ConnectionManager::new(client).await.expect("connect");
+
+    let store = RedisConfig::new(url.clone())
+        .prefix(prefix.clone())
+        .connect()
+        .await
+        .expect("connect RedisStore");
+    let catalog = CatalogConfig::default()
+        .meter(Meter::count("tokens"))
+        .plan(
+            PlanConfig::new("plan")
+                .limit(LimitConfig::new(
+                    "tokens",
+                    Window::calendar(Period::Day),
+                    u64::MAX / 2,
+                ))
+                .limit(LimitConfig::new(
+                    "tokens",
+                    Window::Rolling {
+                        span_secs: 86_400,
+                        buckets: 24,
+                    },
+                    u64::MAX / 2,
+                )),
+        )
+        .build()
+        .expect("catalog");
+    let engine = Arc::new(Engine::with_store_and_clock(catalog, store, SystemClock));
+    engine
+        .allocate(Allocation::new("agent", "plan"))
+        .expect("allocate");
+
+    println!(
+        "case                                   tasks    ops/s   (µs/op at 1 task; {secs} s each)"
+    );
+    let mut results = Vec::new();
+    for tasks in [1usize, 50] {
+        let e = engine.clone();
+        let admit = run(tasks, secs, move || {
+            let e = e.clone();
+            async move {
+                let d = e
+                    .admit_async(&Request::new("agent").units("tokens", 1))
+                    .await
+                    .expect("admit");
+                assert!(d.allowed);
+            }
+        })
+        .await;
+        results.push(("tollgate admit (day + rolling 24h/24)", tasks, admit));
+
+        let script = Arc::new(redis::Script::new(TRIVIAL));
+        let c = conn.clone();
+        let key = format!("{{{prefix}}}:trivial");
+        let trivial = run(tasks, secs, move || {
+            let (script, mut c, key) = (script.clone(), c.clone(), key.clone());
+            async move {
+                let _: i64 = script
+                    .key(&key)
+                    .arg(1)
+                    .invoke_async(&mut c)
+                    .await
+                    .expect("evalsha");
+            }
+        })
+        .await;
+        results.push(("trivial EVALSHA INCRBY", tasks, trivial));
+
+        for entries in [10usize, 1_000] {
+            let key = format!("{{{prefix}}}:zset{entries}");
+            let mut c = conn.clone();
+            let now = now_ms();
+            let mut fill = redis::pipe();
+            for i in 0..entries {
+                fill.zadd(&key, format!("task{i}:100"), now).ignore();
+            }
+            let _: () = fill.query_async(&mut c).await.expect("fill");
+            let c = conn.clone();
+            let zset = run(tasks, secs, move || {
+                let (mut c, key) = (c.clone(), key.clone());
+                async move {
+                    let now = now_ms();
+                    let (members,): (Vec<String>,) = redis::pipe()
+                        .cmd("ZREMRANGEBYSCORE")
+                        .arg(&key)
+                        .arg("-inf")
+                        .arg(now - 86_400_000)
+                        .ignore()
+                        .cmd("ZRANGE")
+                        .arg(&key)
+                        .arg(0)
+                        .arg(-1)
+                        .cmd("ZADD")
+                        .arg(&key)
+                        .arg(now)
+                        .arg("task0:100")
+                        .ignore()
+                        .query_async(&mut c)
+                        .await
+                        .expect("zset pattern");
+                    let used: u64 = members
+                        .iter()
+                        .filter_map(|m| m.rsplit(':').next()?.parse::<u64>().ok())
+                        .sum();
+                    assert!(used > 0);
+                }
+            })
+            .await;
+            results.push((
+                if entries == 10 {
+                    "seed-004 sorted set, 10 entries"
+                } else {
+                    "seed-004 sorted set, 1,000 entries"
+                },
+                tasks,
+                zset,
+            ));
+        }
+    }
+    for (name, tasks, ops) in &results {
+        let per = if *tasks == 1 {
+            format!("{:.0} µs", 1e6 / ops)
+        } else {
+            String::new()
+        };
+        println!("{name:<38} {tasks:>5} {ops:>9.0}   {per}");
+    }
+    let find = |n: &str, t: usize| {
+        results
+            .iter()
+            .find(|(name, tasks, _)| name.starts_with(n) && *tasks == t)
+            .map_or(f64::NAN, |r| r.2)
+    };
+    println!(
+        "admit / trivial at 50 tasks: {:.2}×; admit / sorted set (1,000) at 50 tasks: {:.1}×",
+        find("tollgate", 50) / find("trivial", 50),
+        find("tollgate", 50) / find("seed-004 sorted set, 1,000", 50)
+    );
+
+    // Clean up: only this run's prefix.
+    let mut c = conn.clone();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{prefix}}}:*"))
+        .query_async(&mut c)
+        .await
+        .expect("keys");
+    for k in keys {
+        let _: () = redis::cmd("DEL")
+            .arg(k)
+            .query_async(&mut c)
+            .await
+            .expect("del");
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,630 @@
+-- tollgate: apply one batch atomically (see src/store/redis.rs for the
+-- layout of keys and arguments, and src/store/mod.rs for the contract).
+--
+-- Amounts are u64 kept in Redis as decimal strings. Lua numbers are doubles,
+-- exact below 2^53, so an amount is a Lua number below 2^53 and a table of
+-- four 16-bit limbs (least significant first) above it: every sum,
+-- difference, comparison and settlement share is exact over the whole u64
+-- range. Times are Unix milliseconds (exact as doubles).
+
+local TWO53 = 9007199254740992
+local B = 65536
+local floor = math.floor
+
+local function tolimbs(v)
+  if type(v) == 'table' then return v end
+  local l = {}
+  for i = 1, 4 do
+    l[i] = v % B
+    v = (v - l[i]) / B
+  end
+  return l
+end
+
+local function norm(l)
+  if l[4] < 32 then
+    return l[1] + B * (l[2] + B * (l[3] + B * l[4]))
+  end
+  return l
+end
+
+-- Parse a decimal string (nil reads as zero); nil past u64.
+local function P(s)
+  if not s then return 0 end
+  if #s <= 15 then return tonumber(s) end
+  local l = {0, 0, 0, 0}
+  for k = 1, #s do
+    local carry = string.byte(s, k) - 48
+    for i = 1, 4 do
+      local x = l[i] * 10 + carry
+      l[i] = x % B
+      carry = floor(x / B)
+    end
+    if carry > 0 then return nil end
+  end
+  return norm(l)
+end
+
+local function S(v)
+  if type(v) == 'number' then return string.format('%.0f', v) end
+  local l = {v[1], v[2], v[3], v[4]}
+  local digits = {}
+  while l[1] + l[2] + l[3] + l[4] > 0 do
+    local rem = 0
+    for i = 4, 1, -1 do
+      local x = rem * B + l[i]
+      l[i] = floor(x / 10)
+      rem = x % 10
+    end
+    digits[#digits + 1] = rem
+  end
+  local out = {}
+  for i = #digits, 1, -1 do out[#out + 1] = digits[i] end
+  if #out == 0 then return '0' end
+  return table.concat(out)
+end
+
+-- a + b, or nil past u64.
+local function add(a, b)
+  if type(a) == 'number' and type(b) == 'number' and a + b < TWO53 then
+    return a + b
+  end
+  local x, y, r, carry = tolimbs(a), tolimbs(b), {}, 0
+  for i = 1, 4 do
+    local s = x[i] + y[i] + carry
+    r[i] = s % B
+    carry = floor(s / B)
+  end
+  if carry > 0 then return nil end
+  return norm(r)
+end
+
+-- a - b, for a >= b.
+local function sub(a, b)
+  if type(a) == 'number' and type(b) == 'number' then return a - b end
+  local x, y, r, borrow = tolimbs(a), tolimbs(b), {}, 0
+  for i = 1, 4 do
+    local s = x[i] - y[i] - borrow
+    if s < 0 then
+      s = s + B
+      borrow = 1
+    else
+      borrow = 0
+    end
+    r[i] = s
+  end
+  return norm(r)
+end
+
+local function cmp(a, b)
+  if type(a) == 'number' and type(b) == 'number' then
+    if a < b then return -1 elseif a > b then return 1 else return 0 end
+  end
+  local x, y = tolimbs(a), tolimbs(b)
+  for i = 4, 1, -1 do
+    if x[i] < y[i] then return -1 elseif x[i] > y[i] then return 1 end
+  end
+  return 0
+end
+
+local function iszero(v) return v == 0 end
+
+-- ceil(h * num / den) for num <= den, exact.
+local function share(h, num, den)
+  if iszero(num) or iszero(h) then return 0 end
+  if cmp(num, den) == 0 then return h end
+  if type(h) == 'number' and type(num) == 'number' and type(den) == 'number'
+      and h <= floor((TWO53 - 1) / num) then
+    local p = h * num
+    local q = floor(p / den)
+    local r = p - q * den
+    while r < 0 do q = q - 1; r = r + den end
+    while r >= den do q = q + 1; r = r - den end
+    if r > 0 then q = q + 1 end
+    return q
+  end
+  local a, b = tolimbs(h), tolimbs(num)
+  local p = {0, 0, 0, 0, 0, 0, 0, 0}
+  for i = 1, 4 do
+    local carry = 0
+    for j = 1, 4 do
+      local x = p[i + j - 1] + a[i] * b[j] + carry
+      p[i + j - 1] = x % B
+      carry = floor(x / B)
+    end
+    p[i + 4] = carry
+  end
+  local d = tolimbs(den)
+  d = {d[1], d[2], d[3], d[4], 0}
+  local r = {0, 0, 0, 0, 0}
+  local q = {0, 0, 0, 0, 0, 0, 0, 0}
+  for k = 127, 0, -1 do
+    local limb = floor(k / 16) + 1
+    local bit = floor(p[limb] / 2 ^ (k % 16)) % 2
+    local carry = bit
+    for i = 1, 5 do
+      local x = r[i] * 2 + carry
+      r[i] = x % B
+      carry = floor(x / B)
+    end
+    local ge = true
+    for i = 5, 1, -1 do
+      if r[i] ~= d[i] then ge = r[i] > d[i]; break end
+    end
+    if ge then
+      local borrow = 0
+      for i = 1, 5 do
+        local s = r[i] - d[i] - borrow
+        if s < 0 then s = s + B; borrow = 1 else borrow = 0 end
+        r[i] = s
+      end
+      q[limb] = q[limb] + 2 ^ (k % 16)
+    end
+  end
+  local res = norm({q[1], q[2], q[3], q[4]})
+  if r[1] + r[2] + r[3] + r[4] + r[5] > 0 then res = add(res, 1) end
+  return res
+end
+
+-- Calendar bounds, as Window::calendar_bounds (Howard Hinnant's civil
+-- algorithms on days since the epoch).
+local DAY = 86400000
+local function civil(z)
+  z = z + 719468
+  local era = floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+  local mp = floor((5 * doy + 2) / 153)
+  local d = doy - floor((153 * mp + 2) / 5) + 1
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return y, m, d
+end
+local function days(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+local function bounds(period, off, now)
+  local offms = off * 1000
+  local day = floor((now + offms) / DAY)
+  local s, e
+  if period == 'd' then
+    s, e = day, day + 1
+  elseif period == 'w' then
+    s = day - (day + 3) % 7
+    e = s + 7
+  else
+    local y, m, d = civil(day)
+    s = day - (d - 1)
+    if m == 12 then e = days(y + 1, 1, 1) else e = days(y, m + 1, 1) end
+  end
+  return s * DAY - offms, e * DAY - offms
+end
+
+-- Arguments.
+local now = tonumber(ARGV[1])
+if ARGV[2] == '1' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+end
+local mode = ARGV[3]
+local horizon = tonumber(ARGV[4])
+local margin = tonumber(ARGV[5])
+local lifetime = tonumber(ARGV[6])
+local nops = tonumber(ARGV[7])
+local ncool = tonumber(ARGV[8])
+local action = ARGV[9]
+local lkey = ARGV[10]
+local owner = ARGV[11]
+local ownerdesc = ARGV[12]
+local lp1 = ARGV[13]
+local lp2 = ARGV[14]
+local ekey = ARGV[15]
+local efp = ARGV[16]
+local lid = ARGV[17]
+local odkey = ARGV[18]
+local OPF = 7
+local base = 18
+
+local MAXU = P('18446744073709551615')
+
+-- The ledger first (rule 8).
+if ekey ~= '-' then
+  local e = redis.call('HMGET', ekey, 'f', 'at', 'r')
+  if e[1] and now - tonumber(e[2]) < horizon then
+    if e[1] ~= efp then return 'ERR conflict' end
+    return 'RE ' .. e[2] .. ' ' .. e[3]
+  end
+end
+
+-- Then the lease (rule 7).
+local lease = nil
+local lexp = 0
+if action ~= '-' then
+  local rec = redis.call('HMGET', lkey, 'o', 'ex', 'st', 'n')
+  if action == 'o' then
+    if rec[1] then return 'ERR open' end
+  else
+    if not rec[1] or rec[1] ~= owner then return 'ERR unknown' end
+    if rec[3] == '1' then return 'ERR settled' end
+    lexp = tonumber(rec[2])
+    if now >= lexp then return 'ERR expired' end
+    lease = {n = tonumber(rec[4]), holds = {}}
+    for i = 1, lease.n do
+      local h = redis.call('HMGET', lkey, 'k' .. i, 'w' .. i, 'd' .. i)
+      lease.holds[i] = {key = h[1], w = h[2], desc = h[3]}
+    end
+  end
+end
+
+-- Counters. A window spec is "C:<d|w|m>:<offset secs>", "R:<width ms>:<n>"
+-- (n = buckets + 1), "L" or "X".
+local function parsew(spec)
+  local kind = string.sub(spec, 1, 1)
+  local w = {kind = kind}
+  if kind == 'C' or kind == 'R' then
+    local a, b = string.match(spec, '^.:([^:]+):([^:]+)$')
+    if kind == 'C' then
+      w.period = a
+      w.off = tonumber(b)
+    else
+      w.width = tonumber(a)
+      w.n = tonumber(b)
+    end
+  end
+  return w
+end
+
+local counters = {}
+-- Load a counter and roll it to now (rule 2), dropping expired holds. Reads
+-- only: what leaves is deleted at write-back, so a batch that ends in an
+-- error changes nothing.
+local function load(key, w)
+  local c = counters[key]
+  if c then return c end
+  c = {key = key, w = w, dirty = false, hdel = {}, zdrop = false}
+  counters[key] = c
+  local f = redis.call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H')
+  c.used = P(f[1])
+  c.held = P(f[6])
+  if w.kind == 'C' then
+    local s, e = tonumber(f[2]), tonumber(f[3])
+    if not s or now >= e or (now < s and iszero(c.used)) then
+      if s then c.dirty = true end
+      s, e = bounds(w.period, w.off, now)
+      c.used = 0
+    end
+    c.s, c.e = s, e
+  elseif w.kind == 'R' then
+    local hd, tl = tonumber(f[4]), tonumber(f[5])
+    local cur = floor(now / w.width)
+    c.buckets = {}
+    if not hd then
+      hd, tl = cur, cur
+    elseif cur > hd then
+      c.dirty = true
+      local oldest = cur - w.n + 1
+      if not iszero(c.used) then
+        for b = tl, math.min(hd, oldest - 1) do
+          local v = redis.call('HGET', key, 'b' .. b)
+          if v then
+            c.used = sub(c.used, P(v))
+            c.hdel[#c.hdel + 1] = 'b' .. b
+          end
+        end
+      end
+      hd = cur
+      if iszero(c.used) then
+        tl = cur
+      elseif tl < oldest then
+        tl = oldest
+        while not redis.call('HGET', key, 'b' .. tl) do tl = tl + 1 end
+      end
+    end
+    c.hd, c.tl = hd, tl
+  end
+  -- Holds that expired at or before now are gone (rule 7).
+  local zkey = key .. ':x'
+  local gone = redis.call('ZRANGEBYSCORE', zkey, '-inf', now)
+  if #gone > 0 then
+    for _, l in ipairs(gone) do
+      local v = redis.call('HGET', key, 'h' .. l)
+      if v then
+        c.held = sub(c.held, P(v))
+        c.hdel[#c.hdel + 1] = 'h' .. l
+      end
+    end
+    c.zdrop = true
+    c.dirty = true
+  end
+  return c
+end
+
+local function bucket(c, b)
+  return P(redis.call('HGET', c.key, 'b' .. b))
+end
+
+local function addusage(c, delta)
+  if iszero(delta) then return end
+  if c.w.kind == 'X' then return end
+  if c.w.kind == 'R' then
+    if iszero(c.used) then c.tl = c.hd end
+    redis.call('HSET', c.key, 'b' .. c.hd, S(add(bucket(c, c.hd), delta)))
+  end
+  c.used = add(c.used, delta)
+  c.dirty = true
+end
+
+local function addhold(c, exp, delta)
+  if iszero(delta) then return end
+  local f = 'h' .. lid
+  local cur = P(redis.call('HGET', c.key, f))
+  redis.call('HSET', c.key, f, S(add(cur, delta)))
+  redis.call('ZADD', c.key .. ':x', exp, lid)
+  c.held = add(c.held, delta)
+  c.dirty = true
+end
+
+local function removehold(c)
+  local f = 'h' .. lid
+  local v = P(redis.call('HGET', c.key, f))
+  if not iszero(v) then
+    redis.call('HDEL', c.key, f)
+    c.held = sub(c.held, v)
+  end
+  redis.call('ZREM', c.key .. ':x', lid)
+  c.dirty = true
+  return v
+end
+
+-- Phase 1: decide.
+local ops = {}
+for i = 1, nops do
+  local k = base + (i - 1) * OPF
+  local op = {key = ARGV[k + 1], w = parsew(ARGV[k + 2]), delta = P(ARGV[k + 3]),
+    desc = ARGV[k + 5]}
+  if ARGV[k + 4] ~= '-' then op.max = P(ARGV[k + 4]) end
+  op.c = load(op.key, op.w)
+  ops[i] = op
+end
+
+local charges = {}
+if action == 's' then
+  local num, den = P(lp1), P(lp2)
+  for i = 1, lease.n do
+    local h = lease.holds[i]
+    local c = load(h.key, parsew(h.w))
+    local held = P(redis.call('HGET', h.key, 'h' .. lid))
+    local charged = 0
+    if c.w.kind ~= 'X' then charged = share(held, num, den) end
+    charges[i] = {c = c, held = held, charged = charged, desc = h.desc}
+    local also = 0
+    for _, op in ipairs(ops) do
+      if op.key == h.key then also = op.delta end
+    end
+    local u = add(c.used, charged)
+    if not u or not add(u, also) then return 'ERR overflow hold ' .. h.desc end
+  end
+end
+
+local holding = action == 'o' or action == 'g'
+local allfit = true
+for i, op in ipairs(ops) do
+  local c = op.c
+  local target = holding and c.held or c.used
+  if not add(target, op.delta) and (mode == 'f' or not op.max) then
+    return 'ERR overflow ' .. i
+  end
+  if not iszero(op.delta) and op.max then
+    local s = add(c.used, c.held)
+    s = s and add(s, op.delta)
+    if not s or cmp(s, op.max) > 0 then allfit = false end
+  end
+end
+
+local cooling = {}
+local ckeys = {}
+for i = 1, ncool do
+  local k = base + nops * OPF + (i - 1) * 2
+  ckeys[i] = {key = ARGV[k + 1], start = ARGV[k + 2]}
+  local u = tonumber(redis.call('GET', ARGV[k + 1]))
+  if u and u > now then
+    cooling[i] = u
+    allfit = false
+  else
+    cooling[i] = false
+  end
+end
+
+local applied
+if mode == 'c' then applied = false
+elseif mode == 'w' then applied = allfit
+else applied = true end
+
+-- Phase 2: apply the whole batch, or nothing.
+local settled = {}
+local leaseexp = nil
+if applied then
+  if action == 'o' then
+    local exp = tonumber(lp1)
+    leaseexp = exp
+    local n = 0
+    local fields = {'o', owner, 'od', ownerdesc, 'op', S(now), 'ex', lp1, 'st', '0'}
+    for i, op in ipairs(ops) do
+      if not iszero(op.delta) then
+        addhold(op.c, exp, op.delta)
+        n = n + 1
+        for _, x in ipairs({'k' .. n, op.key, 'w' .. n, ARGV[base + (i - 1) * OPF + 2],
+          'd' .. n, op.desc}) do fields[#fields + 1] = x end
+      end
+    end
+    fields[#fields + 1] = 'n'
+    fields[#fields + 1] = tostring(n)
+    if lp2 ~= '-' then
+      fields[#fields + 1] = 'dl'
+      fields[#fields + 1] = lp2
+      redis.call('ZADD', odkey, tonumber(lp2), lid)
+    end
+    redis.call('HSET', lkey, unpack(fields))
+  elseif action == 'r' then
+    local exp = tonumber(lp1)
+    leaseexp = exp
+    for i = 1, lease.n do
+      local h = lease.holds[i]
+      local c = load(h.key, parsew(h.w))
+      if redis.call('HEXISTS', h.key, 'h' .. lid) == 1 then
+        redis.call('ZADD', h.key .. ':x', exp, lid)
+        c.dirty = true
+      end
+    end
+    redis.call('HSET', lkey, 'ex', lp1)
+  elseif action == 'g' then
+    leaseexp = lexp
+    local n = lease.n
+    for i, op in ipairs(ops) do
+      if not iszero(op.delta) then
+        addhold(op.c, lexp, op.delta)
+        local known = false
+        for j = 1, n do
+          if lease.holds[j] and lease.holds[j].key == op.key then known = true end
+        end
+        if not known then
+          n = n + 1
+          lease.holds[n] = {key = op.key}
+          redis.call('HSET', lkey, 'k' .. n, op.key, 'w' .. n, ARGV[base + (i - 1) * OPF + 2],
+            'd' .. n, op.desc)
+        end
+      end
+    end
+    redis.call('HSET', lkey, 'n', tostring(n))
+  elseif action == 's' then
+    leaseexp = lexp
+    for i = 1, lease.n do
+      local ch = charges[i]
+      removehold(ch.c)
+      addusage(ch.c, ch.charged)
+      settled[#settled + 1] = ch.desc .. ' ' .. S(ch.held) .. ' ' .. S(ch.charged)
+    end
+    for _, op in ipairs(ops) do addusage(op.c, op.delta) end
+    redis.call('HSET', lkey, 'st', '1')
+    redis.call('ZREM', odkey, lid)
+  else
+    for _, op in ipairs(ops) do addusage(op.c, op.delta) end
+  end
+  for i, ck in ipairs(ckeys) do
+    if ck.start ~= '-' then
+      local t = tonumber(ck.start)
+      local u = tonumber(redis.call('GET', ck.key))
+      if not u or u < t then u = t end
+      redis.call('SET', ck.key, S(u), 'PX', math.max(1, u - now + margin))
+      if u > now then cooling[i] = u end
+    end
+  end
+  if leaseexp then
+    -- The lease record lives a horizon past its expiry (rule 7).
+    local ttl = math.max(1, leaseexp + horizon - now + margin)
+    redis.call('PEXPIRE', lkey, ttl)
+    if redis.call('EXISTS', odkey) == 1 and redis.call('PTTL', odkey) < ttl then
+      redis.call('PEXPIRE', odkey, ttl)
+    end
+  end
+end
+
+-- Write back every counter that changed, with its expiry.
+for key, c in pairs(counters) do
+  if c.dirty then
+    if #c.hdel > 0 then redis.call('HDEL', key, unpack(c.hdel)) end
+    if c.zdrop then redis.call('ZREMRANGEBYSCORE', key .. ':x', '-inf', now) end
+    local w = c.w
+    local fields = {'H', S(c.held)}
+    local ends = now
+    if w.kind == 'C' then
+      fields[#fields + 1] = 'u'; fields[#fields + 1] = S(c.used)
+      fields[#fields + 1] = 's'; fields[#fields + 1] = S(c.s)
+      fields[#fields + 1] = 'e'; fields[#fields + 1] = S(c.e)
+      ends = c.e
+    elseif w.kind == 'R' then
+      fields[#fields + 1] = 'u'; fields[#fields + 1] = S(c.used)
+      fields[#fields + 1] = 'hd'; fields[#fields + 1] = S(c.hd)
+      fields[#fields + 1] = 'tl'; fields[#fields + 1] = S(c.tl)
+      ends = (c.hd + w.n) * w.width
+    elseif w.kind == 'L' then
+      fields[#fields + 1] = 'u'; fields[#fields + 1] = S(c.used)
+      ends = now + lifetime
+    end
+    local last = redis.call('ZRANGE', key .. ':x', -1, -1, 'WITHSCORES')
+    if last[2] then
+      local e = tonumber(last[2])
+      if e > ends then ends = e end
+    end
+    local ttl = math.max(1, ends - now + margin)
+    if iszero(c.used) and iszero(c.held) and not last[2] then
+      -- Nothing left to count: reclaim the counter.
+      redis.call('DEL', key, key .. ':x')
+    else
+      redis.call('HSET', key, unpack(fields))
+      redis.call('PEXPIRE', key, ttl)
+      if last[2] then redis.call('PEXPIRE', key .. ':x', ttl) end
+    end
+  end
+end
+
+-- Phase 3: report.
+local out = {'OK', applied and '1' or '0', S(now), tostring(nops)}
+for _, op in ipairs(ops) do
+  local c = op.c
+  local delta = applied and 0 or op.delta
+  local over = false
+  if op.max then
+    local s = add(c.used, c.held)
+    s = s and add(s, delta)
+    over = (not s) or cmp(s, op.max) > 0
+  end
+  local pending = add(c.held, delta) or MAXU
+  local ps, ra, av = '-', '-', '-'
+  if op.w.kind == 'C' then
+    ps, ra = S(c.s), S(c.e)
+    if over and cmp(pending, op.max) <= 0 then av = S(c.e) end
+  elseif op.w.kind == 'R' then
+    ps = S(now - (op.w.n - 1) * op.w.width)
+    local present = redis.call('EXISTS', c.key) == 1
+    if present and not iszero(c.used) then ra = S((c.tl + op.w.n) * op.w.width) end
+    if present and over and cmp(pending, op.max) <= 0 then
+      -- pending <= max: what must leave is used - (max - pending).
+      local room = sub(op.max, pending)
+      local need = 0
+      if cmp(c.used, room) > 0 then need = sub(c.used, room) end
+      local freed = 0
+      for b = c.tl, c.hd do
+        freed = add(freed, bucket(c, b)) or MAXU
+        if cmp(freed, need) >= 0 then
+          av = S((b + op.w.n) * op.w.width)
+          break
+        end
+      end
+    end
+  end
+  out[#out + 1] = S(c.used)
+  out[#out + 1] = S(c.held)
+  out[#out + 1] = ps
+  out[#out + 1] = ra
+  out[#out + 1] = av
+end
+out[#out + 1] = tostring(ncool)
+for i = 1, ncool do out[#out + 1] = cooling[i] and S(cooling[i]) or '-' end
+out[#out + 1] = tostring(#settled)
+for _, s in ipairs(settled) do out[#out + 1] = s end
+local result = table.concat(out, ' ')
+
+if applied and ekey ~= '-' then
+  redis.call('HSET', ekey, 'f', efp, 'at', S(now), 'r', result)
+  redis.call('PEXPIRE', ekey, horizon + margin)
+end
+return result

@@ -1,0 +1,149 @@
+//! The engine's async calls on `MemoryStore` (feature `async`): the same
+//! answers as the sync calls, and the fail-open policy on a failing store.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use tollgate::store::{Applied, AsyncAllowanceStore, Batch, FailurePolicy, LeaseInfo};
+use tollgate::{
+    Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, Meter, Outcome, Period,
+    PlanConfig, Request, Window,
+};
+
+fn catalog() -> tollgate::Catalog {
+    CatalogConfig::default()
+        .meter(Meter::count("tokens"))
+        .meter(Meter::count("jobs"))
+        .plan(
+            PlanConfig::new("plan")
+                .limit(LimitConfig::new(
+                    "tokens",
+                    Window::calendar(Period::Day),
+                    100u64,
+                ))
+                .limit(LimitConfig::new("jobs", Window::Concurrent, 2u64)),
+        )
+        .build()
+        .expect("catalog")
+}
+
+fn clock() -> ManualClock {
+    ManualClock::new(Utc.with_ymd_and_hms(2026, 5, 1, 0, 0, 0).unwrap())
+}
+
+#[tokio::test]
+async fn async_calls_answer_as_the_sync_calls() {
+    let sync = Engine::with_clock(catalog(), clock());
+    let asy = Engine::with_clock(catalog(), clock());
+    for e in [&sync, &asy] {
+        e.allocate(Allocation::new("a", "plan")).unwrap();
+        e.allocate(Allocation::new("b", "plan")).unwrap();
+    }
+    for n in [30u64, 50, 30, 0, 20] {
+        let req = Request::new("a").units("tokens", n);
+        assert_eq!(
+            sync.check(&req).unwrap(),
+            asy.check_async(&req).await.unwrap()
+        );
+        assert_eq!(
+            sync.admit(&req).unwrap(),
+            asy.admit_async(&req).await.unwrap()
+        );
+    }
+    let req = Request::new("a").units("tokens", 7).event("e1");
+    assert_eq!(
+        sync.record(&req).unwrap(),
+        asy.record_async(&req).await.unwrap()
+    );
+    assert_eq!(
+        sync.record(&req).unwrap(),
+        asy.record_async(&req).await.unwrap()
+    );
+
+    let ttl = Duration::from_secs(60);
+    let r = Request::new("b").units("tokens", 1);
+    let mut s = sync.reserve(&r, ttl).unwrap().unwrap();
+    let mut a = asy.reserve_async(&r, ttl).await.unwrap().unwrap();
+    assert_eq!(s.decision(), a.decision());
+    assert_eq!(
+        sync.grow(&mut s, &r).unwrap(),
+        asy.grow_async(&mut a, &r).await.unwrap()
+    );
+    sync.renew(&mut s, ttl).unwrap();
+    asy.renew_async(&mut a, ttl).await.unwrap();
+    assert_eq!(
+        sync.release(&s, Outcome::Failed).unwrap(),
+        asy.release_async(&a, Outcome::Failed).await.unwrap()
+    );
+    let s = sync.reserve(&r, ttl).unwrap().unwrap();
+    let a = asy.reserve_async(&r, ttl).await.unwrap().unwrap();
+    assert_eq!(
+        sync.commit(&s, &r).unwrap(),
+        asy.commit_async(&a, &r).await.unwrap()
+    );
+    assert_eq!(sync.overdue().unwrap(), asy.overdue_async().await.unwrap());
+    assert!(matches!(
+        asy.admit_async(&Request::new("nobody").units("tokens", 1))
+            .await,
+        Err(Error::UnknownSubject { .. })
+    ));
+}
+
+/// A store that always fails, with a chosen policy.
+struct Down(FailurePolicy);
+
+#[async_trait]
+impl AsyncAllowanceStore for Down {
+    async fn apply(&self, _: &Batch<'_>) -> Result<Applied, Error> {
+        Err(Error::Store {
+            message: "down".into(),
+        })
+    }
+    async fn overdue(&self, _: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
+        Err(Error::Store {
+            message: "down".into(),
+        })
+    }
+    fn failure_policy(&self) -> FailurePolicy {
+        self.0
+    }
+}
+
+#[tokio::test]
+async fn a_failing_store_fails_closed_or_open_as_configured() {
+    let closed = Engine::with_store_and_clock(catalog(), Down(FailurePolicy::FailClosed), clock());
+    let seen = Arc::new(AtomicU64::new(0));
+    let counter = seen.clone();
+    let open = Engine::with_store_and_clock(catalog(), Down(FailurePolicy::FailOpen), clock())
+        .with_observer(move |e: &tollgate::DecisionEvent<'_>| {
+            if e.decision.allowed && e.decision.allowed_on_error {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    for e in [&closed, &open] {
+        e.allocate(Allocation::new("a", "plan")).unwrap();
+    }
+    let req = Request::new("a").units("tokens", 1_000);
+    assert!(matches!(
+        closed.admit_async(&req).await,
+        Err(Error::Store { .. })
+    ));
+    let d = open.admit_async(&req).await.unwrap();
+    assert!(d.allowed && d.allowed_on_error && !d.recorded && d.limits.is_empty());
+    assert!(open.check_async(&req).await.unwrap().allowed_on_error);
+    assert!(open.record_async(&req).await.unwrap().allowed_on_error);
+    assert_eq!(seen.load(Ordering::Relaxed), 3);
+    // Reservations and bad input are never made up.
+    assert!(open
+        .reserve_async(&req, Duration::from_secs(1))
+        .await
+        .is_err());
+    assert!(matches!(
+        open.admit_async(&Request::new("a").units("nope", 1)).await,
+        Err(Error::UnknownMeter { .. })
+    ));
+    assert!(open.overdue_async().await.is_err());
+}

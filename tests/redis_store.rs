@@ -1,0 +1,741 @@
+//! `RedisStore` against a real Redis named by `TOLLGATE_REDIS_URL`: the
+//! conformance suite unchanged (through a blocking adapter), many engines on
+//! one limit, an outage and its recovery, and TTLs on every key written.
+//! Without the variable every test prints that it was skipped and passes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::TimeZone;
+use chrono::{DateTime, Utc};
+use tollgate::store::{
+    AllowanceStore, Applied, AsyncAllowanceStore, Batch, CooldownOp, CounterOp, EventKey,
+    FailurePolicy, Fraction, LeaseAction, LeaseId, LeaseInfo, LeaseOp, Mode, RedisConfig,
+    RedisStore, TimeSource,
+};
+use tollgate::{
+    conformance, Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, MemoryStore,
+    Meter, Period, PlanConfig, Request, ScopeKey, SystemClock, Window,
+};
+
+fn url() -> Option<String> {
+    match std::env::var("TOLLGATE_REDIS_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            eprintln!("skipped: TOLLGATE_REDIS_URL not set");
+            None
+        }
+    }
+}
+
+/// A prefix no other test run uses.
+fn unique_prefix(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "tollgate-test:{name}:{}:{nanos}:{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The sync seam over a `RedisStore`: what the conformance suite takes.
+struct Blocking {
+    rt: Arc<tokio::runtime::Runtime>,
+    store: RedisStore,
+}
+
+impl AllowanceStore for Blocking {
+    fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        self.rt
+            .block_on(AsyncAllowanceStore::apply(&self.store, batch))
+    }
+
+    fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
+        self.rt
+            .block_on(AsyncAllowanceStore::overdue(&self.store, now))
+    }
+}
+
+/// Delete every key under `tag` (the store's own prefix only).
+async fn flush(url: &str, tag: &str) -> usize {
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys = scan(&mut conn, tag).await;
+    for k in &keys {
+        let _: () = redis::cmd("DEL")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .expect("del");
+    }
+    keys.len()
+}
+
+async fn scan(conn: &mut redis::aio::MultiplexedConnection, tag: &str) -> Vec<String> {
+    // Match the tag literally: escape glob characters.
+    let mut pattern = String::new();
+    for ch in tag.chars() {
+        if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(ch);
+    }
+    pattern.push_str(":*");
+    let mut cursor = 0u64;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .expect("scan");
+        keys.extend(batch);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+/// Keys under `tag` with no TTL.
+async fn keys_without_ttl(url: &str, tag: &str) -> (usize, Vec<String>) {
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys = scan(&mut conn, tag).await;
+    let mut without = Vec::new();
+    for k in &keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .expect("pttl");
+        if ttl == -1 {
+            without.push(k.clone());
+        }
+    }
+    (keys.len(), without)
+}
+
+fn conformance_on(name: &str, run: impl FnOnce(&dyn Fn() -> Blocking)) {
+    let Some(url) = url() else { return };
+    let rt = Arc::new(runtime());
+    let tags = std::sync::Mutex::new(Vec::new());
+    let new = || {
+        let store = rt
+            .block_on(
+                RedisConfig::new(url.clone())
+                    .prefix(unique_prefix(name))
+                    .time_source(TimeSource::Batch)
+                    .timeout(Duration::from_secs(5))
+                    .connect(),
+            )
+            .expect("connect to TOLLGATE_REDIS_URL");
+        tags.lock().unwrap().push(store.key_tag().to_owned());
+        Blocking {
+            rt: rt.clone(),
+            store,
+        }
+    };
+    run(&new);
+    for tag in tags.into_inner().unwrap() {
+        let (n, without) = rt.block_on(keys_without_ttl(&url, &tag));
+        assert!(without.is_empty(), "{n} keys, without a TTL: {without:?}");
+        rt.block_on(flush(&url, &tag));
+    }
+}
+
+#[test]
+fn conformance_batches_are_all_or_nothing() {
+    conformance_on("all-or-nothing", |new| {
+        conformance::batches_are_all_or_nothing(new)
+    });
+}
+
+#[test]
+fn conformance_bad_batches_change_nothing() {
+    conformance_on("bad", |new| conformance::bad_batches_change_nothing(new));
+}
+
+#[test]
+fn conformance_windows_roll_exactly() {
+    conformance_on("windows", |new| conformance::windows_roll_exactly(new));
+}
+
+#[test]
+fn conformance_holds_count_and_settle() {
+    conformance_on("holds", |new| conformance::holds_count_and_settle(new));
+}
+
+#[test]
+fn conformance_leases_expire_and_renew() {
+    conformance_on("leases", |new| conformance::leases_expire_and_renew(new));
+}
+
+#[test]
+fn conformance_events_apply_once() {
+    conformance_on("events", |new| conformance::events_apply_once(new));
+}
+
+#[test]
+fn conformance_cooldowns_block_until_they_end() {
+    conformance_on("cooldowns", |new| {
+        conformance::cooldowns_block_until_they_end(new)
+    });
+}
+
+#[test]
+fn conformance_concurrent_batches_never_over_admit() {
+    conformance_on("concurrent", |new| {
+        conformance::concurrent_batches_never_over_admit(new)
+    });
+}
+
+/// A small deterministic generator (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[(self.next() % from.len() as u64) as usize]
+    }
+}
+
+/// Random batches, the same on `MemoryStore` and `RedisStore`: every answer
+/// (counters, holds, reset and available times, settlements, cooldowns,
+/// replays, and which error) must be equal. Amounts reach past 2^53 and up
+/// to `u64::MAX`, where the script's limb arithmetic takes over.
+#[test]
+fn answers_as_the_memory_store_does() {
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    let store = rt
+        .block_on(
+            RedisConfig::new(url.clone())
+                .prefix(unique_prefix("differential"))
+                .time_source(TimeSource::Batch)
+                .timeout(Duration::from_secs(5))
+                .connect(),
+        )
+        .expect("connect");
+    let tag = store.key_tag().to_owned();
+    let redis = Blocking {
+        rt: Arc::new(rt),
+        store,
+    };
+    let memory = MemoryStore::new();
+    let scopes = [
+        ScopeKey::subject("a"),
+        ScopeKey::subject("sk_live_0123456789abcdefghij"),
+        ScopeKey::pool("p{x}:y"),
+        ScopeKey::pool(""),
+    ];
+    let windows = [
+        Window::calendar(Period::Day),
+        Window::Calendar {
+            period: Period::Week,
+            utc_offset_secs: -5 * 3600,
+        },
+        Window::Calendar {
+            period: Period::Month,
+            utc_offset_secs: 9 * 3600,
+        },
+        Window::Rolling {
+            span_secs: 3600,
+            buckets: 4,
+        },
+        Window::Rolling {
+            span_secs: 60,
+            buckets: 3,
+        },
+        Window::Lifetime,
+        Window::Concurrent,
+    ];
+    const BIG: u64 = 1 << 53;
+    let deltas = [0, 1, 3, 7, 100, BIG - 1, BIG + 1, u64::MAX / 3, u64::MAX];
+    let maxes = [
+        None,
+        Some(10),
+        Some(200),
+        Some(BIG),
+        Some(u64::MAX / 2 + 7),
+        Some(u64::MAX),
+    ];
+    let fractions = [
+        Fraction::ZERO,
+        Fraction::ONE,
+        Fraction::new(1, 2).unwrap(),
+        Fraction::new(1, 3).unwrap(),
+        Fraction::new(u64::MAX - 1, u64::MAX).unwrap(),
+        Fraction::new(12_345_678_901, 98_765_432_109_876).unwrap(),
+    ];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut now = Utc.with_ymd_and_hms(2026, 1, 31, 20, 0, 0).unwrap();
+    let mut leases: Vec<(LeaseId, usize)> = Vec::new();
+    let mut next_lease = 1u128;
+    // Applied, settled with a charge, replayed, past 2^53, with a wait time.
+    let mut seen = [0usize; 5];
+    for step in 0..600 {
+        now += chrono::Duration::seconds(rng.pick(&[0, 0, 1, 1, 7, 20, 61, 900, 3600]));
+        let n = rng.pick(&[0usize, 1, 2, 3, 4]);
+        let mut ops: Vec<CounterOp<'_>> = Vec::new();
+        for _ in 0..n {
+            let scope = &scopes[(rng.next() % 4) as usize];
+            let meter = rng.pick(&["t", "u", ""]);
+            let window = rng.pick(&windows);
+            if ops
+                .iter()
+                .any(|o| o.scope == scope && o.meter == meter && o.window == window)
+            {
+                continue;
+            }
+            let delta = if rng.next() % 3 == 0 {
+                rng.pick(&deltas)
+            } else {
+                rng.next() % 20
+            };
+            ops.push(CounterOp::new(
+                scope,
+                meter,
+                window,
+                delta,
+                rng.pick(&maxes),
+            ));
+        }
+        let mode = rng.pick(&[Mode::Check, Mode::WithinLimits, Mode::Force]);
+        let cool: Vec<CooldownOp<'_>> = if rng.next() % 4 == 0 {
+            let until = (rng.next() % 2 == 0).then(|| now + chrono::Duration::seconds(30));
+            vec![CooldownOp::new(
+                &scopes[(rng.next() % 2) as usize * 2],
+                until,
+            )]
+        } else {
+            Vec::new()
+        };
+        let mut batch = Batch::new(&ops, mode, now).with_cooldowns(&cool);
+        let event_id;
+        if rng.next() % 5 == 0 {
+            event_id = format!("ev{}", rng.next() % 6);
+            batch = batch.with_event(EventKey::new(&event_id, rng.next() % 2));
+        }
+        // Leases are owned by scope 0 or 1 and hold only their owner's and
+        // the pools' counters (what RedisStore keeps).
+        let lease_kind = rng.next() % 6;
+        let mut opened = None;
+        if lease_kind < 4 {
+            let (id, owner) = if lease_kind == 0 || leases.is_empty() {
+                next_lease += 1;
+                let owner = (rng.next() % 2) as usize;
+                (LeaseId::from_u128(next_lease), owner)
+            } else {
+                leases[(rng.next() % leases.len() as u64) as usize]
+            };
+            if ops.iter().any(|o| {
+                o.scope.kind() == tollgate::store::ScopeKind::Subject && o.scope != &scopes[owner]
+            }) {
+                // Keep to the owner's counters.
+            } else {
+                let action = match lease_kind {
+                    0 => LeaseAction::Open {
+                        expires_at: now
+                            + chrono::Duration::seconds(rng.pick(&[1, 30, 5000, 100_000])),
+                        deadline: None,
+                    },
+                    1 => LeaseAction::Grow,
+                    2 => LeaseAction::Renew {
+                        expires_at: now + chrono::Duration::seconds(rng.pick(&[1, 60, 9000])),
+                    },
+                    _ => LeaseAction::Settle {
+                        keep: rng.pick(&fractions),
+                    },
+                };
+                if lease_kind == 0 {
+                    opened = Some((id, owner));
+                }
+                batch = batch.with_lease(LeaseOp::new(id, &scopes[owner], action));
+                batch.mode = match action {
+                    LeaseAction::Open { .. } => rng.pick(&[Mode::WithinLimits, Mode::Check]),
+                    LeaseAction::Grow => rng.pick(&[Mode::WithinLimits, Mode::Force]),
+                    LeaseAction::Settle { .. } => Mode::Force,
+                    _ => mode,
+                };
+                if matches!(action, LeaseAction::Renew { .. }) {
+                    batch.ops = &[];
+                    batch.mode = Mode::Force;
+                }
+            }
+        }
+        let want = AllowanceStore::apply(&memory, &batch);
+        let got = redis.apply(&batch);
+        match (&want, &got) {
+            (Ok(w), Ok(g)) => {
+                assert_eq!(w, g, "step {step}: {batch:#?}");
+                seen[0] += usize::from(w.applied);
+                seen[1] += usize::from(w.settled.iter().any(|h| h.charged > 0));
+                seen[2] += usize::from(w.replayed_at.is_some());
+                seen[3] += usize::from(w.counters.iter().any(|c| c.used >= 1 << 53));
+                seen[4] += usize::from(w.counters.iter().any(|c| c.available_at.is_some()));
+            }
+            (Err(w), Err(g)) => assert_eq!(
+                std::mem::discriminant(w),
+                std::mem::discriminant(g),
+                "step {step}: {w} / {g}"
+            ),
+            _ => panic!("step {step}: memory {want:?}, redis {got:?}, batch {batch:#?}"),
+        }
+        if let (Some(l), Ok(a)) = (opened, &want) {
+            if a.applied {
+                leases.push(l);
+            }
+        }
+    }
+    assert!(
+        seen.iter().all(|&n| n > 0),
+        "every path was taken: {seen:?}"
+    );
+    let (_, without) = redis.rt.block_on(keys_without_ttl(&url, &tag));
+    assert!(without.is_empty(), "keys without a TTL: {without:?}");
+    redis.rt.block_on(flush(&url, &tag));
+}
+
+fn catalog(max: u64) -> tollgate::Catalog {
+    CatalogConfig::default()
+        .meter(Meter::count("tokens"))
+        .plan(PlanConfig::new("plan").limit(LimitConfig::new(
+            "tokens",
+            Window::calendar(Period::Day),
+            max,
+        )))
+        .build()
+        .expect("catalog")
+}
+
+/// Eight engines, each with its own connection, admit against one limit at
+/// once: never more than the maximum, and exactly the maximum when demand
+/// exceeds it.
+#[test]
+fn eight_engines_share_one_limit() {
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    let prefix = unique_prefix("eight");
+    let admitted = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let store = RedisConfig::new(url.clone())
+                .prefix(prefix.clone())
+                .timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .expect("connect");
+            let engine = Engine::with_store_and_clock(catalog(1_000), store, SystemClock);
+            engine
+                .allocate(Allocation::new("agent", "plan"))
+                .expect("allocate");
+            tasks.push(tokio::spawn(async move {
+                let mut mine = 0u64;
+                for _ in 0..100 {
+                    let d = engine
+                        .admit_async(&Request::new("agent").units("tokens", 3))
+                        .await
+                        .expect("admit");
+                    if d.allowed {
+                        mine += 3;
+                    }
+                }
+                mine
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.expect("task");
+        }
+        total
+    });
+    // 8 × 100 × 3 = 2,400 asked for; 999 is the most that fits in steps of 3.
+    assert_eq!(admitted, 999, "admitted exactly what fits, never more");
+    let tag = format!("{{{prefix}}}");
+    let (n, without) = rt.block_on(keys_without_ttl(&url, &tag));
+    assert!(
+        n > 0 && without.is_empty(),
+        "{n} keys; without TTL: {without:?}"
+    );
+    rt.block_on(flush(&url, &tag));
+}
+
+/// A second redis-server on its own port, started and stopped by the test.
+struct Server {
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl Server {
+    fn start(port: u16) -> Option<Self> {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let server = Server {
+            port,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(server)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Redis goes away mid-run: fail closed answers `Err` within the timeout
+/// (plus 50 ms), fail open allows and marks the decision, and both work
+/// again once Redis is back, without a new store.
+#[test]
+fn an_outage_fails_closed_or_open_and_recovers() {
+    if url().is_none() {
+        return;
+    }
+    let port = free_port();
+    let Some(mut server) = Server::start(port) else {
+        eprintln!("skipped: redis-server could not be started");
+        return;
+    };
+    let url = format!("redis://127.0.0.1:{}", server.port);
+    let rt = runtime();
+    let timeout = Duration::from_millis(200);
+    let seen_on_error = Arc::new(AtomicU64::new(0));
+    let (closed, open) = rt.block_on(async {
+        let connect = |policy| {
+            RedisConfig::new(url.clone())
+                .prefix(unique_prefix("outage"))
+                .timeout(timeout)
+                .failure_policy(policy)
+                .connect()
+        };
+        let closed = Engine::with_store_and_clock(
+            catalog(100),
+            connect(FailurePolicy::FailClosed).await.expect("connect"),
+            SystemClock,
+        );
+        let counter = seen_on_error.clone();
+        let open = Engine::with_store_and_clock(
+            catalog(100),
+            connect(FailurePolicy::FailOpen).await.expect("connect"),
+            SystemClock,
+        )
+        .with_observer(move |e: &tollgate::DecisionEvent<'_>| {
+            if e.decision.allowed_on_error {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        for e in [&closed, &open] {
+            e.allocate(Allocation::new("agent", "plan"))
+                .expect("allocate");
+        }
+        (closed, open)
+    });
+    let req = Request::new("agent").units("tokens", 1);
+    rt.block_on(async {
+        let d = closed.admit_async(&req).await.expect("admit while up");
+        assert!(d.allowed && d.recorded && !d.allowed_on_error);
+    });
+
+    server.stop();
+    rt.block_on(async {
+        for _ in 0..3 {
+            let started = Instant::now();
+            let r = closed.admit_async(&req).await;
+            let took = started.elapsed();
+            assert!(matches!(r, Err(Error::Store { .. })), "{r:?}");
+            assert!(took <= timeout + Duration::from_millis(50), "took {took:?}");
+
+            let started = Instant::now();
+            let d = open.admit_async(&req).await.expect("fail open");
+            let took = started.elapsed();
+            assert!(d.allowed && d.allowed_on_error && !d.recorded, "{d:?}");
+            assert!(took <= timeout + Duration::from_millis(50), "took {took:?}");
+            // Reservations cannot be made up: they fail closed.
+            assert!(open
+                .reserve_async(&req, Duration::from_secs(60))
+                .await
+                .is_err());
+        }
+    });
+    assert_eq!(
+        seen_on_error.load(Ordering::Relaxed),
+        3,
+        "the observer counts them"
+    );
+
+    let _server = Server::start(port).expect("restart redis-server");
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match closed.admit_async(&req).await {
+                Ok(d) => {
+                    // The restarted server is empty: usage starts again.
+                    assert!(d.allowed && d.recorded, "{d:?}");
+                    break;
+                }
+                Err(e) => assert!(Instant::now() < deadline, "no recovery: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let d = open.admit_async(&req).await.expect("admit");
+        assert!(d.recorded && !d.allowed_on_error);
+    });
+}
+
+/// The reservation calls and `overdue` through the async engine, on batch
+/// time with a manual clock.
+#[test]
+fn reservations_through_the_async_engine() {
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    rt.block_on(async {
+        let store = RedisConfig::new(url.clone())
+            .prefix(unique_prefix("reserve"))
+            .time_source(TimeSource::Batch)
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect");
+        let tag = store.key_tag().to_owned();
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("tokens"))
+            .meter(Meter::count("jobs"))
+            .plan(
+                PlanConfig::new("plan")
+                    .max_job_duration("10m")
+                    .limit(LimitConfig::new(
+                        "tokens",
+                        Window::calendar(Period::Day),
+                        100u64,
+                    ))
+                    .limit(LimitConfig::new("jobs", Window::Concurrent, 1u64)),
+            )
+            .build()
+            .expect("catalog");
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap());
+        let engine = Engine::with_store_and_clock(catalog, store, clock.clone());
+        let secret = "sk_live_51HxYzAbCdEfGhIjKlMnOp";
+        engine
+            .allocate(Allocation::new(secret, "plan"))
+            .expect("allocate");
+        let ttl = Duration::from_secs(3600);
+        let mut res = engine
+            .reserve_async(&Request::new(secret).units("tokens", 60), ttl)
+            .await
+            .expect("reserve")
+            .expect("admitted");
+        let refused = engine
+            .reserve_async(&Request::new(secret).units("tokens", 10), ttl)
+            .await
+            .expect("reserve");
+        assert!(refused.is_err(), "one slot only");
+        engine
+            .grow_async(&mut res, &Request::new(secret).units("tokens", 5))
+            .await
+            .expect("grow");
+        engine.renew_async(&mut res, ttl).await.expect("renew");
+        clock.advance(chrono::Duration::minutes(11));
+        let overdue = engine.overdue_async().await.expect("overdue");
+        assert_eq!(overdue.len(), 1);
+        assert_eq!(overdue[0].id, res.id());
+        assert!(
+            overdue[0].owner.id().starts_with("sha256:"),
+            "a secret-looking owner is kept as a digest: {}",
+            overdue[0].owner
+        );
+        let d = engine
+            .commit_async(&res, &Request::new(secret).units("tokens", 40).event("c1"))
+            .await
+            .expect("commit");
+        let again = engine
+            .commit_async(&res, &Request::new(secret).units("tokens", 40).event("c1"))
+            .await
+            .expect("a retried commit replays");
+        assert_eq!(d.limits, again.limits);
+        let l = d
+            .limit(&ScopeKey::subject(secret), "tokens")
+            .expect("limit");
+        assert_eq!((l.used, l.held), (40, 0));
+        assert!(engine.overdue_async().await.expect("overdue").is_empty());
+        assert!(matches!(
+            engine.release_async(&res, tollgate::Outcome::Failed).await,
+            Err(Error::ReservationSettled { .. })
+        ));
+
+        // No raw id in any key or value under the prefix.
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        for key in scan(&mut conn, &tag).await {
+            assert!(!key.contains(secret), "{key}");
+            let dump: Vec<u8> = redis::cmd("DUMP")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .expect("dump");
+            assert!(
+                !dump.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{key} holds the raw id"
+            );
+        }
+        let (_, without) = keys_without_ttl(&url, &tag).await;
+        assert!(without.is_empty(), "{without:?}");
+        flush(&url, &tag).await;
+    });
+}
