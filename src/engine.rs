@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::catalog::{cost_minor, first_duplicate, Catalog, Limit, LimitConfig, Plan, Pool, Unit};
 use crate::clock::{Clock, SystemClock};
 use crate::decision::{Decision, LimitState, Money, Refusal, Status};
+use crate::inline::Inline;
 use crate::request::{Quantity, Request};
 use crate::store::{
     AllowanceStore, Applied, Batch, CounterOp, CounterState, MemoryStore, Mode, ScopeKey,
@@ -861,7 +862,7 @@ impl<S, C: Clock> Engine<S, C> {
             }
         }
 
-        let mut amounts: Vec<(usize, u64)> = Vec::with_capacity(req.amounts.len() + 1);
+        let mut amounts: Inline<(usize, u64), 6> = Inline::new();
         for &(meter_id, qty) in &req.amounts {
             let idx = self
                 .catalog
@@ -1214,7 +1215,7 @@ struct Prepared {
     /// Pools named by the request and not listed by the allocation.
     extra: Vec<Arc<Pool>>,
     /// Amount per meter index, in smallest units, the cost meter included.
-    amounts: Vec<(usize, u64)>,
+    amounts: Inline<(usize, u64), 6>,
     cost: Option<Money>,
     unpriced: Vec<Arc<str>>,
     model_refused: Option<Refusal>,
@@ -1307,8 +1308,13 @@ fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64
     h.0
 }
 
-fn add_amount(amounts: &mut Vec<(usize, u64)>, idx: usize, n: u64, id: &str) -> Result<(), Error> {
-    match amounts.iter_mut().find(|(i, _)| *i == idx) {
+fn add_amount(
+    amounts: &mut Inline<(usize, u64), 6>,
+    idx: usize,
+    n: u64,
+    id: &str,
+) -> Result<(), Error> {
+    match amounts.as_mut_slice().iter_mut().find(|(i, _)| *i == idx) {
         Some((_, v)) => {
             *v = v.checked_add(n).ok_or_else(|| Error::Overflow {
                 meter: id.to_owned(),

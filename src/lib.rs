@@ -99,6 +99,7 @@ mod error;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
+mod inline;
 mod request;
 pub mod store;
 #[cfg(feature = "tower")]

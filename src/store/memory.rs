@@ -13,6 +13,7 @@ use super::{
     fits, AllowanceStore, Applied, Batch, CounterOp, CounterState, Fraction, LeaseAction, LeaseId,
     LeaseInfo, Mode, ScopeKey, ScopeMap, SettledHold,
 };
+use crate::inline::Inline;
 use crate::window::Window;
 use crate::Error;
 
@@ -592,66 +593,25 @@ pub(super) fn validate(batch: &Batch<'_>) -> Result<(), Error> {
     Ok(())
 }
 
-/// A list kept inline up to 16 items and on the heap past that, so a
-/// batch's bookkeeping for an ordinary plan allocates nothing.
-struct Inline<T: Copy + Default> {
-    len: usize,
-    buf: [T; 16],
-    more: Vec<T>,
-}
-
-impl<T: Copy + Default> Inline<T> {
-    fn new() -> Self {
-        Self {
-            len: 0,
-            buf: [T::default(); 16],
-            more: Vec::new(),
-        }
-    }
-
-    fn push(&mut self, v: T) {
-        if self.more.is_empty() && self.len < self.buf.len() {
-            self.buf[self.len] = v;
-            self.len += 1;
-        } else {
-            if self.more.is_empty() {
-                self.more.extend_from_slice(&self.buf[..self.len]);
-            }
-            self.more.push(v);
-        }
-    }
-
-    fn as_slice(&self) -> &[T] {
-        if self.more.is_empty() {
-            &self.buf[..self.len]
-        } else {
-            &self.more
-        }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [T] {
-        if self.more.is_empty() {
-            &mut self.buf[..self.len]
-        } else {
-            &mut self.more
-        }
-    }
-}
-
 /// No counter found yet for an op.
 const NONE: usize = usize::MAX;
 
 /// The counter shards a batch holds, in ascending order.
 struct Locked<'s> {
     order: Inline<usize>,
-    guards: Vec<MutexGuard<'s, Shard>>,
+    /// The lowest shard's guard, then the others (most batches lock one).
+    first: Option<MutexGuard<'s, Shard>>,
+    rest: Vec<MutexGuard<'s, Shard>>,
 }
 
 impl Locked<'_> {
     fn shard(&mut self, shard_id: usize) -> &mut Shard {
         // Every shard a batch names was locked up front.
         let i = self.order.as_slice().binary_search(&shard_id).unwrap_or(0);
-        &mut self.guards[i]
+        match (i, &mut self.first) {
+            (0, Some(g)) => g,
+            _ => &mut self.rest[i - 1],
+        }
     }
 
     fn counter(
@@ -1026,12 +986,10 @@ impl AllowanceStore for MemoryStore {
                 order.push(i);
             }
         }
-        let guards = order
-            .as_slice()
-            .iter()
-            .map(|&i| self.shards[i].lock())
-            .collect();
-        let mut locked = Locked { order, guards };
+        let mut shards_in_order = order.as_slice().iter().map(|&i| self.shards[i].lock());
+        let first = shards_in_order.next();
+        let rest = shards_in_order.collect();
+        let mut locked = Locked { order, first, rest };
         let op_shards = op_shards.as_slice();
         // Each op's counter position, found in phase 1 (or made in phase 2).
         let mut op_idx: Inline<usize> = Inline::new();
@@ -1353,7 +1311,12 @@ fn add_usage(
         if op.delta == 0 {
             continue;
         }
-        if let Some((i, c)) = locked.counter_or_new(shard, op.scope, op.meter, op.window, now_ms) {
+        // Phase 1 found most counters; only a new one is searched for again.
+        if let Some(c) = locked.at(shard, op.scope, *idx) {
+            c.add(op.delta);
+        } else if let Some((i, c)) =
+            locked.counter_or_new(shard, op.scope, op.meter, op.window, now_ms)
+        {
             *idx = i;
             c.add(op.delta);
         }
