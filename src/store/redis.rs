@@ -617,19 +617,21 @@ impl AsyncAllowanceStore for RedisStore {
             .arg(efp)
             .arg(lid)
             .arg(format!("{}:od", self.tag));
+        // Only a lease stores or reports hold descriptors.
         let descs: Vec<String> = batch
             .ops
             .iter()
-            .map(|op| hold_desc(op.scope, owner, op.meter, op.window))
+            .map(|op| match batch.lease {
+                Some(_) => hold_desc(op.scope, owner, op.meter, op.window),
+                None => "-".to_owned(),
+            })
             .collect();
         for (op, desc) in batch.ops.iter().zip(&descs) {
             inv.arg(self.counter_key(op.scope, op.meter, op.window))
                 .arg(window_spec(op.window))
                 .arg(op.delta.to_string())
                 .arg(op.max.map_or("-".into(), |m| m.to_string()))
-                .arg(desc.as_str())
-                .arg("-")
-                .arg("-");
+                .arg(desc.as_str());
         }
         for c in batch.cooldowns {
             inv.arg(format!("{}:k:{}", self.tag, Self::scope_hash(c.scope)))

@@ -5,7 +5,9 @@
 -- exact below 2^53, so an amount is a Lua number below 2^53 and a table of
 -- four 16-bit limbs (least significant first) above it: every sum,
 -- difference, comparison and settlement share is exact over the whole u64
--- range. Times are Unix milliseconds (exact as doubles).
+-- range. norm() keeps one form per value: a number is always below 2^53
+-- and a table always at or above it, so mixed comparisons need no limbs.
+-- Times are Unix milliseconds (exact as doubles).
 
 local TWO53 = 9007199254740992
 local B = 65536
@@ -28,40 +30,43 @@ local function norm(l)
   return l
 end
 
--- Parse a decimal string (nil reads as zero); nil past u64.
+-- Parse a decimal string (nil reads as zero); nil past u64. Up to 15 digits
+-- it is tonumber; longer, a high part and the last 8 digits, so a value
+-- that fits 2^53 stays a number and a larger one takes a few limb steps.
+local E8 = 100000000
 local function P(s)
   if not s then return 0 end
-  if #s <= 15 then return tonumber(s) end
-  local l = {0, 0, 0, 0}
-  for k = 1, #s do
-    local carry = string.byte(s, k) - 48
-    for i = 1, 4 do
-      local x = l[i] * 10 + carry
-      l[i] = x % B
-      carry = floor(x / B)
-    end
-    if carry > 0 then return nil end
+  local n = #s
+  if n <= 15 then return tonumber(s) end
+  if n > 20 then return nil end
+  local hi, lo = tonumber(string.sub(s, 1, n - 8)), tonumber(string.sub(s, n - 7))
+  -- hi < 2^53 / 10^8: hi * 10^8 + lo < 2^53, exact.
+  if hi < 90071992 then return hi * E8 + lo end
+  -- hi < 10^12 < 2^48: its limbs times 10^8, plus lo (every step < 2^44).
+  local l, carry = {}, lo
+  for i = 1, 4 do
+    local h = hi % B
+    hi = (hi - h) / B
+    local x = h * E8 + carry
+    l[i] = x % B
+    carry = (x - l[i]) / B
   end
+  if carry > 0 then return nil end
   return norm(l)
 end
 
+-- Format an amount: a table is divided by 10^8 limb by limb (every step
+-- < 2^44), so it prints as two exact numbers.
 local function S(v)
   if type(v) == 'number' then return string.format('%.0f', v) end
-  local l = {v[1], v[2], v[3], v[4]}
-  local digits = {}
-  while l[1] + l[2] + l[3] + l[4] > 0 do
-    local rem = 0
-    for i = 4, 1, -1 do
-      local x = rem * B + l[i]
-      l[i] = floor(x / 10)
-      rem = x % 10
-    end
-    digits[#digits + 1] = rem
+  local q, rem = 0, 0
+  for i = 4, 1, -1 do
+    local x = rem * B + v[i]
+    local d = floor(x / E8)
+    rem = x - d * E8
+    q = q * B + d
   end
-  local out = {}
-  for i = #digits, 1, -1 do out[#out + 1] = digits[i] end
-  if #out == 0 then return '0' end
-  return table.concat(out)
+  return string.format('%.0f', q) .. string.format('%08.0f', rem)
 end
 
 -- a + b, or nil past u64.
@@ -97,9 +102,13 @@ local function sub(a, b)
 end
 
 local function cmp(a, b)
-  if type(a) == 'number' and type(b) == 'number' then
+  local na, nb = type(a) == 'number', type(b) == 'number'
+  if na and nb then
     if a < b then return -1 elseif a > b then return 1 else return 0 end
   end
+  -- A number is below 2^53 and a table at or above it.
+  if na then return -1 end
+  if nb then return 1 end
   local x, y = tolimbs(a), tolimbs(b)
   for i = 4, 1, -1 do
     if x[i] < y[i] then return -1 elseif x[i] > y[i] then return 1 end
@@ -230,10 +239,10 @@ local ekey = ARGV[15]
 local efp = ARGV[16]
 local lid = ARGV[17]
 local odkey = ARGV[18]
-local OPF = 7
+local OPF = 5
 local base = 18
 
-local MAXU = P('18446744073709551615')
+local MAXU = {B - 1, B - 1, B - 1, B - 1}
 
 -- The ledger first (rule 8).
 if ekey ~= '-' then
@@ -291,7 +300,15 @@ local function load(key, w)
   if c then return c end
   c = {key = key, w = w, dirty = false, hdel = {}, zdrop = false}
   counters[key] = c
-  local f = redis.call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H')
+  local f
+  if w.kind == 'R' then
+    -- The bucket of now comes along: it is the one an admit adds to.
+    c.bb = floor(now / w.width)
+    f = redis.call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H', 'b' .. c.bb)
+    c.bv = P(f[7])
+  else
+    f = redis.call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H')
+  end
   c.used = P(f[1])
   c.held = P(f[6])
   if w.kind == 'C' then
@@ -330,7 +347,9 @@ local function load(key, w)
     end
     c.hd, c.tl = hd, tl
   end
-  -- Holds that expired at or before now are gone (rule 7).
+  -- Holds that expired at or before now are gone (rule 7). Every member
+  -- of the expiry set has a positive amount in H, so H = 0 means no holds.
+  if iszero(c.held) then return c end
   local zkey = key .. ':x'
   local gone = redis.call('ZRANGEBYSCORE', zkey, '-inf', now)
   if #gone > 0 then
@@ -351,12 +370,19 @@ local function bucket(c, b)
   return P(redis.call('HGET', c.key, 'b' .. b))
 end
 
+-- A rolling counter's newest bucket is written at write-back: c.bb names
+-- it and c.bv is its value (read with the counter, or here).
 local function addusage(c, delta)
   if iszero(delta) then return end
   if c.w.kind == 'X' then return end
   if c.w.kind == 'R' then
     if iszero(c.used) then c.tl = c.hd end
-    redis.call('HSET', c.key, 'b' .. c.hd, S(add(bucket(c, c.hd), delta)))
+    if c.bb ~= c.hd then
+      c.bb = c.hd
+      c.bv = bucket(c, c.hd)
+    end
+    c.bv = add(c.bv, delta)
+    c.bw = true
   end
   c.used = add(c.used, delta)
   c.dirty = true
@@ -554,12 +580,19 @@ for key, c in pairs(counters) do
       fields[#fields + 1] = 'u'; fields[#fields + 1] = S(c.used)
       fields[#fields + 1] = 'hd'; fields[#fields + 1] = S(c.hd)
       fields[#fields + 1] = 'tl'; fields[#fields + 1] = S(c.tl)
+      if c.bw then
+        fields[#fields + 1] = 'b' .. c.bb; fields[#fields + 1] = S(c.bv)
+      end
       ends = (c.hd + w.n) * w.width
     elseif w.kind == 'L' then
       fields[#fields + 1] = 'u'; fields[#fields + 1] = S(c.used)
       ends = now + lifetime
     end
-    local last = redis.call('ZRANGE', key .. ':x', -1, -1, 'WITHSCORES')
+    -- No amount held, no expiry set (see load).
+    local last = {}
+    if not iszero(c.held) then
+      last = redis.call('ZRANGE', key .. ':x', -1, -1, 'WITHSCORES')
+    end
     if last[2] then
       local e = tonumber(last[2])
       if e > ends then ends = e end
@@ -594,9 +627,10 @@ for _, op in ipairs(ops) do
     if over and cmp(pending, op.max) <= 0 then av = S(c.e) end
   elseif op.w.kind == 'R' then
     ps = S(now - (op.w.n - 1) * op.w.width)
-    local present = redis.call('EXISTS', c.key) == 1
-    if present and not iszero(c.used) then ra = S((c.tl + op.w.n) * op.w.width) end
-    if present and over and cmp(pending, op.max) <= 0 then
+    -- A counter not in Redis reads used = 0 here, and then over implies
+    -- pending > max: both branches need the key.
+    if not iszero(c.used) then ra = S((c.tl + op.w.n) * op.w.width) end
+    if over and cmp(pending, op.max) <= 0 then
       -- pending <= max: what must leave is used - (max - pending).
       local room = sub(op.max, pending)
       local need = 0
