@@ -57,8 +57,11 @@ end
 
 -- Format an amount: a table is divided by 10^8 limb by limb (every step
 -- < 2^44), so it prints as two exact numbers.
+-- (%d prints a C long: exact for every integer below 2^53, and twice as
+-- fast as %.0f.)
+local fmt = string.format
 local function S(v)
-  if type(v) == 'number' then return string.format('%.0f', v) end
+  if type(v) == 'number' then return fmt('%d', v) end
   local q, rem = 0, 0
   for i = 4, 1, -1 do
     local x = rem * B + v[i]
@@ -66,7 +69,7 @@ local function S(v)
     rem = x - d * E8
     q = q * B + d
   end
-  return string.format('%.0f', q) .. string.format('%08.0f', rem)
+  return fmt('%d%08d', q, rem)
 end
 
 -- a + b, or nil past u64.
@@ -219,7 +222,8 @@ end
 
 -- Arguments.
 local now = tonumber(ARGV[1])
-if ARGV[2] == '1' then
+local srv = ARGV[2] == '1'
+if srv then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 end
@@ -298,23 +302,32 @@ local counters = {}
 local function load(key, w)
   local c = counters[key]
   if c then return c end
+  -- full: every field is written back (a new or rolled counter); else
+  -- only what changed: uchg (used), hchg (held). zchg: the expiry set was
+  -- added to. x: the expiry last set, on the server's clock (see write-back).
   c = {key = key, w = w, dirty = false, hdel = {}, zdrop = false}
   counters[key] = c
   local f
   if w.kind == 'R' then
     -- The bucket of now comes along: it is the one an admit adds to.
     c.bb = floor(now / w.width)
-    f = redis.call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H', 'b' .. c.bb)
-    c.bv = P(f[7])
+    f = redis.call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H', 'x', 'b' .. c.bb)
+    c.bv = P(f[8])
   else
-    f = redis.call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H')
+    f = redis.call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H', 'x')
   end
   c.used = P(f[1])
   c.held = P(f[6])
+  -- Every write-back writes H, so a counter in Redis has it.
+  c.full = not f[6]
+  if f[7] then
+    if srv then c.x = tonumber(f[7]) else c.hdel[1] = 'x' end
+  end
   if w.kind == 'C' then
     local s, e = tonumber(f[2]), tonumber(f[3])
     if not s or now >= e or (now < s and iszero(c.used)) then
       if s then c.dirty = true end
+      c.full = true
       s, e = bounds(w.period, w.off, now)
       c.used = 0
     end
@@ -322,11 +335,12 @@ local function load(key, w)
   elseif w.kind == 'R' then
     local hd, tl = tonumber(f[4]), tonumber(f[5])
     local cur = floor(now / w.width)
-    c.buckets = {}
     if not hd then
       hd, tl = cur, cur
+      c.full = true
     elseif cur > hd then
       c.dirty = true
+      c.full = true
       local oldest = cur - w.n + 1
       if not iszero(c.used) then
         for b = tl, math.min(hd, oldest - 1) do
@@ -361,6 +375,7 @@ local function load(key, w)
       end
     end
     c.zdrop = true
+    c.hchg = true
     c.dirty = true
   end
   return c
@@ -376,7 +391,10 @@ local function addusage(c, delta)
   if iszero(delta) then return end
   if c.w.kind == 'X' then return end
   if c.w.kind == 'R' then
-    if iszero(c.used) then c.tl = c.hd end
+    if iszero(c.used) then
+      c.tl = c.hd
+      c.full = true
+    end
     if c.bb ~= c.hd then
       c.bb = c.hd
       c.bv = bucket(c, c.hd)
@@ -385,6 +403,7 @@ local function addusage(c, delta)
     c.bw = true
   end
   c.used = add(c.used, delta)
+  c.uchg = true
   c.dirty = true
 end
 
@@ -395,6 +414,8 @@ local function addhold(c, exp, delta)
   redis.call('HSET', c.key, f, S(add(cur, delta)))
   redis.call('ZADD', c.key .. ':x', exp, lid)
   c.held = add(c.held, delta)
+  c.hchg = true
+  c.zchg = true
   c.dirty = true
 end
 
@@ -404,6 +425,7 @@ local function removehold(c)
   if not iszero(v) then
     redis.call('HDEL', c.key, f)
     c.held = sub(c.held, v)
+    c.hchg = true
   end
   redis.call('ZREM', c.key .. ':x', lid)
   c.dirty = true
@@ -416,7 +438,7 @@ for i = 1, nops do
   local k = base + (i - 1) * OPF
   local op = {key = ARGV[k + 1], w = parsew(ARGV[k + 2]), delta = P(ARGV[k + 3]),
     desc = ARGV[k + 5]}
-  if ARGV[k + 4] ~= '-' then op.max = P(ARGV[k + 4]) end
+  if ARGV[k + 4] ~= '-' then op.max = ARGV[k + 4] end
   op.c = load(op.key, op.w)
   ops[i] = op
 end
@@ -440,6 +462,17 @@ if action == 's' then
   end
 end
 
+-- An op's max stays a string until a comparison needs its value: one of
+-- 17 digits or more is at least 10^16, above any number (< 2^53).
+local function maxof(op)
+  if not op.maxv then op.maxv = P(op.max) end
+  return op.maxv
+end
+local function within(s, op)
+  if type(s) == 'number' and #op.max >= 17 then return true end
+  return cmp(s, maxof(op)) <= 0
+end
+
 local holding = action == 'o' or action == 'g'
 local allfit = true
 for i, op in ipairs(ops) do
@@ -451,7 +484,7 @@ for i, op in ipairs(ops) do
   if not iszero(op.delta) and op.max then
     local s = add(c.used, c.held)
     s = s and add(s, op.delta)
-    if not s or cmp(s, op.max) > 0 then allfit = false end
+    if not s or not within(s, op) then allfit = false end
   end
 end
 
@@ -507,6 +540,7 @@ if applied then
       local c = load(h.key, parsew(h.w))
       if redis.call('HEXISTS', h.key, 'h' .. lid) == 1 then
         redis.call('ZADD', h.key .. ':x', exp, lid)
+        c.zchg = true
         c.dirty = true
       end
     end
@@ -563,29 +597,39 @@ if applied then
   end
 end
 
--- Write back every counter that changed, with its expiry.
+-- Write back every counter that changed, with its expiry: the fields that
+-- changed (all of them for a new or rolled counter), and PEXPIRE unless the
+-- key already lives long enough. On the server's clock the expiry set last
+-- is known exactly (field x, written with every PEXPIRE; Redis's own clock
+-- only moves on after TIME, so the key lives at least that long); on the
+-- batch's clock it is not, and every write sets it again.
 for key, c in pairs(counters) do
   if c.dirty then
     if #c.hdel > 0 then redis.call('HDEL', key, unpack(c.hdel)) end
     if c.zdrop then redis.call('ZREMRANGEBYSCORE', key .. ':x', '-inf', now) end
-    local w = c.w
-    local fields = {'H', S(c.held)}
+    local w, full = c.w, c.full
+    local fields, n = {}, 0
+    if full or c.hchg then
+      fields[1], fields[2], n = 'H', S(c.held), 2
+    end
+    if w.kind ~= 'X' and (full or c.uchg) then
+      fields[n + 1], fields[n + 2], n = 'u', S(c.used), n + 2
+    end
     local ends = now
     if w.kind == 'C' then
-      fields[#fields + 1] = 'u'; fields[#fields + 1] = S(c.used)
-      fields[#fields + 1] = 's'; fields[#fields + 1] = S(c.s)
-      fields[#fields + 1] = 'e'; fields[#fields + 1] = S(c.e)
+      if full then
+        fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4], n = 's', S(c.s), 'e', S(c.e), n + 4
+      end
       ends = c.e
     elseif w.kind == 'R' then
-      fields[#fields + 1] = 'u'; fields[#fields + 1] = S(c.used)
-      fields[#fields + 1] = 'hd'; fields[#fields + 1] = S(c.hd)
-      fields[#fields + 1] = 'tl'; fields[#fields + 1] = S(c.tl)
+      if full then
+        fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4], n = 'hd', S(c.hd), 'tl', S(c.tl), n + 4
+      end
       if c.bw then
-        fields[#fields + 1] = 'b' .. c.bb; fields[#fields + 1] = S(c.bv)
+        fields[n + 1], fields[n + 2], n = 'b' .. c.bb, S(c.bv), n + 2
       end
       ends = (c.hd + w.n) * w.width
     elseif w.kind == 'L' then
-      fields[#fields + 1] = 'u'; fields[#fields + 1] = S(c.used)
       ends = now + lifetime
     end
     -- No amount held, no expiry set (see load).
@@ -602,9 +646,15 @@ for key, c in pairs(counters) do
       -- Nothing left to count: reclaim the counter.
       redis.call('DEL', key, key .. ':x')
     else
-      redis.call('HSET', key, unpack(fields))
-      redis.call('PEXPIRE', key, ttl)
-      if last[2] then redis.call('PEXPIRE', key .. ':x', ttl) end
+      local keep = srv and not full and not c.zchg and c.x and now + ttl <= c.x
+      if srv and not keep then
+        fields[n + 1], fields[n + 2], n = 'x', S(now + ttl), n + 2
+      end
+      if n > 0 then redis.call('HSET', key, unpack(fields)) end
+      if not keep then
+        redis.call('PEXPIRE', key, ttl)
+        if last[2] then redis.call('PEXPIRE', key .. ':x', ttl) end
+      end
     end
   end
 end
@@ -618,21 +668,21 @@ for _, op in ipairs(ops) do
   if op.max then
     local s = add(c.used, c.held)
     s = s and add(s, delta)
-    over = (not s) or cmp(s, op.max) > 0
+    over = (not s) or not within(s, op)
   end
   local pending = add(c.held, delta) or MAXU
   local ps, ra, av = '-', '-', '-'
   if op.w.kind == 'C' then
     ps, ra = S(c.s), S(c.e)
-    if over and cmp(pending, op.max) <= 0 then av = S(c.e) end
+    if over and within(pending, op) then av = S(c.e) end
   elseif op.w.kind == 'R' then
     ps = S(now - (op.w.n - 1) * op.w.width)
     -- A counter not in Redis reads used = 0 here, and then over implies
     -- pending > max: both branches need the key.
     if not iszero(c.used) then ra = S((c.tl + op.w.n) * op.w.width) end
-    if over and cmp(pending, op.max) <= 0 then
+    if over and within(pending, op) then
       -- pending <= max: what must leave is used - (max - pending).
-      local room = sub(op.max, pending)
+      local room = sub(maxof(op), pending)
       local need = 0
       if cmp(c.used, room) > 0 then need = sub(c.used, room) end
       local freed = 0
