@@ -507,19 +507,63 @@ fn bad_reply(what: &str) -> Error {
     }
 }
 
-struct Reply<'a>(std::str::SplitAsciiWhitespace<'a>);
+/// One word of a script reply: the script answers an array whose numbers
+/// below 2^53 are integer replies and whose other words are strings (a
+/// string may hold several words); errors and replays are one string.
+#[derive(Clone, Copy)]
+enum Word<'a> {
+    Str(&'a str),
+    Int(i64),
+}
+
+struct Reply<'a>(std::vec::IntoIter<Word<'a>>);
 
 impl<'a> Reply<'a> {
-    fn token(&mut self) -> Result<&'a str, Error> {
+    fn new(value: &'a redis::Value) -> Result<Self, Error> {
+        fn text(b: &[u8]) -> Result<&str, Error> {
+            std::str::from_utf8(b).map_err(|_| bad_reply("not UTF-8"))
+        }
+        let mut words = Vec::new();
+        match value {
+            redis::Value::BulkString(b) => {
+                words.extend(text(b)?.split_ascii_whitespace().map(Word::Str));
+            }
+            redis::Value::Array(items) => {
+                words.reserve(items.len());
+                for item in items {
+                    match item {
+                        redis::Value::Int(n) => words.push(Word::Int(*n)),
+                        redis::Value::BulkString(b) => {
+                            words.extend(text(b)?.split_ascii_whitespace().map(Word::Str));
+                        }
+                        _ => return Err(bad_reply("element")),
+                    }
+                }
+            }
+            _ => return Err(bad_reply("type")),
+        }
+        Ok(Self(words.into_iter()))
+    }
+    fn word(&mut self) -> Result<Word<'a>, Error> {
         self.0.next().ok_or_else(|| bad_reply("too short"))
     }
-    fn int<T: std::str::FromStr>(&mut self) -> Result<T, Error> {
-        self.token()?.parse().map_err(|_| bad_reply("not a number"))
+    fn token(&mut self) -> Result<&'a str, Error> {
+        match self.word()? {
+            Word::Str(s) => Ok(s),
+            Word::Int(_) => Err(bad_reply("a number for a word")),
+        }
+    }
+    fn int<T: std::str::FromStr + TryFrom<i64>>(&mut self) -> Result<T, Error> {
+        match self.word()? {
+            Word::Int(n) => T::try_from(n).map_err(|_| bad_reply("out of range")),
+            Word::Str(s) => s.parse().map_err(|_| bad_reply("not a number")),
+        }
     }
     fn time(&mut self) -> Result<Option<DateTime<Utc>>, Error> {
-        match self.token()? {
-            "-" => Ok(None),
-            t => t
+        match self.word()? {
+            Word::Str("-") => Ok(None),
+            Word::Int(ms) => Ok(Some(ms_to_time(ms))),
+            Word::Str(t) => t
                 .parse::<i64>()
                 .map(|ms| Some(ms_to_time(ms)))
                 .map_err(|_| bad_reply("not a time")),
@@ -640,7 +684,7 @@ impl AsyncAllowanceStore for RedisStore {
                         .map_or("-".into(), |t| t.timestamp_millis().to_string()),
                 );
         }
-        let reply: String = self.run(&inv).await?;
+        let reply: redis::Value = self.run(&inv).await?;
         self.decode(batch, &descs, &reply)
     }
 
@@ -675,8 +719,13 @@ impl AsyncAllowanceStore for RedisStore {
 }
 
 impl RedisStore {
-    fn decode(&self, batch: &Batch<'_>, descs: &[String], reply: &str) -> Result<Applied, Error> {
-        let mut r = Reply(reply.split_ascii_whitespace());
+    fn decode(
+        &self,
+        batch: &Batch<'_>,
+        descs: &[String],
+        reply: &redis::Value,
+    ) -> Result<Applied, Error> {
+        let mut r = Reply::new(reply)?;
         let mut replayed_at = None;
         match r.token()? {
             "OK" => {}
@@ -689,7 +738,7 @@ impl RedisStore {
             "ERR" => return Err(self.error(batch, descs, &mut r)),
             _ => return Err(bad_reply("status")),
         }
-        let applied = r.token()? == "1";
+        let applied = r.int::<u8>()? == 1;
         let _now: i64 = r.int()?;
         let nops: usize = r.int()?;
         // A replay answers the first batch, whose ops the fingerprint

@@ -9,6 +9,7 @@
 -- and a table always at or above it, so mixed comparisons need no limbs.
 -- Times are Unix milliseconds (exact as doubles).
 
+local call, type, tonumber = redis.call, type, tonumber
 local TWO53 = 9007199254740992
 local B = 65536
 local floor = math.floor
@@ -119,11 +120,9 @@ local function cmp(a, b)
   return 0
 end
 
-local function iszero(v) return v == 0 end
-
 -- ceil(h * num / den) for num <= den, exact.
 local function share(h, num, den)
-  if iszero(num) or iszero(h) then return 0 end
+  if num == 0 or h == 0 then return 0 end
   if cmp(num, den) == 0 then return h end
   if type(h) == 'number' and type(num) == 'number' and type(den) == 'number'
       and h <= floor((TWO53 - 1) / num) then
@@ -224,7 +223,7 @@ end
 local now = tonumber(ARGV[1])
 local srv = ARGV[2] == '1'
 if srv then
-  local t = redis.call('TIME')
+  local t = call('TIME')
   now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 end
 local mode = ARGV[3]
@@ -246,11 +245,11 @@ local odkey = ARGV[18]
 local OPF = 5
 local base = 18
 
-local MAXU = {B - 1, B - 1, B - 1, B - 1}
+local function maxu() return {B - 1, B - 1, B - 1, B - 1} end
 
 -- The ledger first (rule 8).
 if ekey ~= '-' then
-  local e = redis.call('HMGET', ekey, 'f', 'at', 'r')
+  local e = call('HMGET', ekey, 'f', 'at', 'r')
   if e[1] and now - tonumber(e[2]) < horizon then
     if e[1] ~= efp then return 'ERR conflict' end
     return 'RE ' .. e[2] .. ' ' .. e[3]
@@ -261,7 +260,7 @@ end
 local lease = nil
 local lexp = 0
 if action ~= '-' then
-  local rec = redis.call('HMGET', lkey, 'o', 'ex', 'st', 'n')
+  local rec = call('HMGET', lkey, 'o', 'ex', 'st', 'n')
   if action == 'o' then
     if rec[1] then return 'ERR open' end
   else
@@ -271,7 +270,7 @@ if action ~= '-' then
     if now >= lexp then return 'ERR expired' end
     lease = {n = tonumber(rec[4]), holds = {}}
     for i = 1, lease.n do
-      local h = redis.call('HMGET', lkey, 'k' .. i, 'w' .. i, 'd' .. i)
+      local h = call('HMGET', lkey, 'k' .. i, 'w' .. i, 'd' .. i)
       lease.holds[i] = {key = h[1], w = h[2], desc = h[3]}
     end
   end
@@ -279,9 +278,9 @@ end
 
 -- Counters. A window spec is "C:<d|w|m>:<offset secs>", "R:<width ms>:<n>"
 -- (n = buckets + 1), "L" or "X".
-local function parsew(spec)
+local function parsew(spec, w)
   local kind = string.sub(spec, 1, 1)
-  local w = {kind = kind}
+  w.kind = kind
   if kind == 'C' or kind == 'R' then
     local a, b = string.match(spec, '^.:([^:]+):([^:]+)$')
     if kind == 'C' then
@@ -296,6 +295,11 @@ local function parsew(spec)
 end
 
 local counters = {}
+-- A field to delete at write-back.
+local function drop(c, f)
+  local d = c.hdel
+  if d then d[#d + 1] = f else c.hdel = {f} end
+end
 -- Load a counter and roll it to now (rule 2), dropping expired holds. Reads
 -- only: what leaves is deleted at write-back, so a batch that ends in an
 -- error changes nothing.
@@ -305,27 +309,27 @@ local function load(key, w)
   -- full: every field is written back (a new or rolled counter); else
   -- only what changed: uchg (used), hchg (held). zchg: the expiry set was
   -- added to. x: the expiry last set, on the server's clock (see write-back).
-  c = {key = key, w = w, dirty = false, hdel = {}, zdrop = false}
+  c = {key = key, w = w, dirty = false}
   counters[key] = c
   local f
   if w.kind == 'R' then
     -- The bucket of now comes along: it is the one an admit adds to.
     c.bb = floor(now / w.width)
-    f = redis.call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H', 'x', 'b' .. c.bb)
+    f = call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H', 'x', 'b' .. c.bb)
     c.bv = P(f[8])
   else
-    f = redis.call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H', 'x')
+    f = call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H', 'x')
   end
   c.used = P(f[1])
   c.held = P(f[6])
   -- Every write-back writes H, so a counter in Redis has it.
   c.full = not f[6]
   if f[7] then
-    if srv then c.x = tonumber(f[7]) else c.hdel[1] = 'x' end
+    if srv then c.x = tonumber(f[7]) else c.hdel = {'x'} end
   end
   if w.kind == 'C' then
     local s, e = tonumber(f[2]), tonumber(f[3])
-    if not s or now >= e or (now < s and iszero(c.used)) then
+    if not s or now >= e or (now < s and c.used == 0) then
       if s then c.dirty = true end
       c.full = true
       s, e = bounds(w.period, w.off, now)
@@ -342,36 +346,36 @@ local function load(key, w)
       c.dirty = true
       c.full = true
       local oldest = cur - w.n + 1
-      if not iszero(c.used) then
+      if c.used ~= 0 then
         for b = tl, math.min(hd, oldest - 1) do
-          local v = redis.call('HGET', key, 'b' .. b)
+          local v = call('HGET', key, 'b' .. b)
           if v then
             c.used = sub(c.used, P(v))
-            c.hdel[#c.hdel + 1] = 'b' .. b
+            drop(c, 'b' .. b)
           end
         end
       end
       hd = cur
-      if iszero(c.used) then
+      if c.used == 0 then
         tl = cur
       elseif tl < oldest then
         tl = oldest
-        while not redis.call('HGET', key, 'b' .. tl) do tl = tl + 1 end
+        while not call('HGET', key, 'b' .. tl) do tl = tl + 1 end
       end
     end
     c.hd, c.tl = hd, tl
   end
   -- Holds that expired at or before now are gone (rule 7). Every member
   -- of the expiry set has a positive amount in H, so H = 0 means no holds.
-  if iszero(c.held) then return c end
+  if c.held == 0 then return c end
   local zkey = key .. ':x'
-  local gone = redis.call('ZRANGEBYSCORE', zkey, '-inf', now)
+  local gone = call('ZRANGEBYSCORE', zkey, '-inf', now)
   if #gone > 0 then
     for _, l in ipairs(gone) do
-      local v = redis.call('HGET', key, 'h' .. l)
+      local v = call('HGET', key, 'h' .. l)
       if v then
         c.held = sub(c.held, P(v))
-        c.hdel[#c.hdel + 1] = 'h' .. l
+        drop(c, 'h' .. l)
       end
     end
     c.zdrop = true
@@ -382,16 +386,16 @@ local function load(key, w)
 end
 
 local function bucket(c, b)
-  return P(redis.call('HGET', c.key, 'b' .. b))
+  return P(call('HGET', c.key, 'b' .. b))
 end
 
 -- A rolling counter's newest bucket is written at write-back: c.bb names
 -- it and c.bv is its value (read with the counter, or here).
 local function addusage(c, delta)
-  if iszero(delta) then return end
+  if delta == 0 then return end
   if c.w.kind == 'X' then return end
   if c.w.kind == 'R' then
-    if iszero(c.used) then
+    if c.used == 0 then
       c.tl = c.hd
       c.full = true
     end
@@ -408,11 +412,11 @@ local function addusage(c, delta)
 end
 
 local function addhold(c, exp, delta)
-  if iszero(delta) then return end
+  if delta == 0 then return end
   local f = 'h' .. lid
-  local cur = P(redis.call('HGET', c.key, f))
-  redis.call('HSET', c.key, f, S(add(cur, delta)))
-  redis.call('ZADD', c.key .. ':x', exp, lid)
+  local cur = P(call('HGET', c.key, f))
+  call('HSET', c.key, f, S(add(cur, delta)))
+  call('ZADD', c.key .. ':x', exp, lid)
   c.held = add(c.held, delta)
   c.hchg = true
   c.zchg = true
@@ -421,13 +425,13 @@ end
 
 local function removehold(c)
   local f = 'h' .. lid
-  local v = P(redis.call('HGET', c.key, f))
-  if not iszero(v) then
-    redis.call('HDEL', c.key, f)
+  local v = P(call('HGET', c.key, f))
+  if v ~= 0 then
+    call('HDEL', c.key, f)
     c.held = sub(c.held, v)
     c.hchg = true
   end
-  redis.call('ZREM', c.key .. ':x', lid)
+  call('ZREM', c.key .. ':x', lid)
   c.dirty = true
   return v
 end
@@ -436,20 +440,22 @@ end
 local ops = {}
 for i = 1, nops do
   local k = base + (i - 1) * OPF
-  local op = {key = ARGV[k + 1], w = parsew(ARGV[k + 2]), delta = P(ARGV[k + 3]),
-    desc = ARGV[k + 5]}
+  -- An op is its own window (parsew fills kind, period, off, width, n).
+  local op = {key = ARGV[k + 1], delta = P(ARGV[k + 3]), desc = ARGV[k + 5]}
+  parsew(ARGV[k + 2], op)
   if ARGV[k + 4] ~= '-' then op.max = ARGV[k + 4] end
-  op.c = load(op.key, op.w)
+  op.c = load(op.key, op)
   ops[i] = op
 end
 
-local charges = {}
+local charges
 if action == 's' then
+  charges = {}
   local num, den = P(lp1), P(lp2)
   for i = 1, lease.n do
     local h = lease.holds[i]
-    local c = load(h.key, parsew(h.w))
-    local held = P(redis.call('HGET', h.key, 'h' .. lid))
+    local c = load(h.key, parsew(h.w, {}))
+    local held = P(call('HGET', h.key, 'h' .. lid))
     local charged = 0
     if c.w.kind ~= 'X' then charged = share(held, num, den) end
     charges[i] = {c = c, held = held, charged = charged, desc = h.desc}
@@ -481,19 +487,19 @@ for i, op in ipairs(ops) do
   if not add(target, op.delta) and (mode == 'f' or not op.max) then
     return 'ERR overflow ' .. i
   end
-  if not iszero(op.delta) and op.max then
+  if op.delta ~= 0 and op.max then
     local s = add(c.used, c.held)
     s = s and add(s, op.delta)
     if not s or not within(s, op) then allfit = false end
   end
 end
 
-local cooling = {}
-local ckeys = {}
+local cooling, ckeys = {}, nil
+if ncool > 0 then ckeys = {} end
 for i = 1, ncool do
   local k = base + nops * OPF + (i - 1) * 2
   ckeys[i] = {key = ARGV[k + 1], start = ARGV[k + 2]}
-  local u = tonumber(redis.call('GET', ARGV[k + 1]))
+  local u = tonumber(call('GET', ARGV[k + 1]))
   if u and u > now then
     cooling[i] = u
     allfit = false
@@ -508,7 +514,7 @@ elseif mode == 'w' then applied = allfit
 else applied = true end
 
 -- Phase 2: apply the whole batch, or nothing.
-local settled = {}
+local settled
 local leaseexp = nil
 if applied then
   if action == 'o' then
@@ -517,7 +523,7 @@ if applied then
     local n = 0
     local fields = {'o', owner, 'od', ownerdesc, 'op', S(now), 'ex', lp1, 'st', '0'}
     for i, op in ipairs(ops) do
-      if not iszero(op.delta) then
+      if op.delta ~= 0 then
         addhold(op.c, exp, op.delta)
         n = n + 1
         for _, x in ipairs({'k' .. n, op.key, 'w' .. n, ARGV[base + (i - 1) * OPF + 2],
@@ -529,27 +535,27 @@ if applied then
     if lp2 ~= '-' then
       fields[#fields + 1] = 'dl'
       fields[#fields + 1] = lp2
-      redis.call('ZADD', odkey, tonumber(lp2), lid)
+      call('ZADD', odkey, tonumber(lp2), lid)
     end
-    redis.call('HSET', lkey, unpack(fields))
+    call('HSET', lkey, unpack(fields))
   elseif action == 'r' then
     local exp = tonumber(lp1)
     leaseexp = exp
     for i = 1, lease.n do
       local h = lease.holds[i]
-      local c = load(h.key, parsew(h.w))
-      if redis.call('HEXISTS', h.key, 'h' .. lid) == 1 then
-        redis.call('ZADD', h.key .. ':x', exp, lid)
+      local c = load(h.key, parsew(h.w, {}))
+      if call('HEXISTS', h.key, 'h' .. lid) == 1 then
+        call('ZADD', h.key .. ':x', exp, lid)
         c.zchg = true
         c.dirty = true
       end
     end
-    redis.call('HSET', lkey, 'ex', lp1)
+    call('HSET', lkey, 'ex', lp1)
   elseif action == 'g' then
     leaseexp = lexp
     local n = lease.n
     for i, op in ipairs(ops) do
-      if not iszero(op.delta) then
+      if op.delta ~= 0 then
         addhold(op.c, lexp, op.delta)
         local known = false
         for j = 1, n do
@@ -558,14 +564,15 @@ if applied then
         if not known then
           n = n + 1
           lease.holds[n] = {key = op.key}
-          redis.call('HSET', lkey, 'k' .. n, op.key, 'w' .. n, ARGV[base + (i - 1) * OPF + 2],
+          call('HSET', lkey, 'k' .. n, op.key, 'w' .. n, ARGV[base + (i - 1) * OPF + 2],
             'd' .. n, op.desc)
         end
       end
     end
-    redis.call('HSET', lkey, 'n', tostring(n))
+    call('HSET', lkey, 'n', tostring(n))
   elseif action == 's' then
     leaseexp = lexp
+    settled = {}
     for i = 1, lease.n do
       local ch = charges[i]
       removehold(ch.c)
@@ -573,26 +580,27 @@ if applied then
       settled[#settled + 1] = ch.desc .. ' ' .. S(ch.held) .. ' ' .. S(ch.charged)
     end
     for _, op in ipairs(ops) do addusage(op.c, op.delta) end
-    redis.call('HSET', lkey, 'st', '1')
-    redis.call('ZREM', odkey, lid)
+    call('HSET', lkey, 'st', '1')
+    call('ZREM', odkey, lid)
   else
     for _, op in ipairs(ops) do addusage(op.c, op.delta) end
   end
-  for i, ck in ipairs(ckeys) do
+  for i = 1, ncool do
+    local ck = ckeys[i]
     if ck.start ~= '-' then
       local t = tonumber(ck.start)
-      local u = tonumber(redis.call('GET', ck.key))
+      local u = tonumber(call('GET', ck.key))
       if not u or u < t then u = t end
-      redis.call('SET', ck.key, S(u), 'PX', math.max(1, u - now + margin))
+      call('SET', ck.key, S(u), 'PX', math.max(1, u - now + margin))
       if u > now then cooling[i] = u end
     end
   end
   if leaseexp then
     -- The lease record lives a horizon past its expiry (rule 7).
     local ttl = math.max(1, leaseexp + horizon - now + margin)
-    redis.call('PEXPIRE', lkey, ttl)
-    if redis.call('EXISTS', odkey) == 1 and redis.call('PTTL', odkey) < ttl then
-      redis.call('PEXPIRE', odkey, ttl)
+    call('PEXPIRE', lkey, ttl)
+    if call('EXISTS', odkey) == 1 and call('PTTL', odkey) < ttl then
+      call('PEXPIRE', odkey, ttl)
     end
   end
 end
@@ -605,8 +613,8 @@ end
 -- batch's clock it is not, and every write sets it again.
 for key, c in pairs(counters) do
   if c.dirty then
-    if #c.hdel > 0 then redis.call('HDEL', key, unpack(c.hdel)) end
-    if c.zdrop then redis.call('ZREMRANGEBYSCORE', key .. ':x', '-inf', now) end
+    if c.hdel then call('HDEL', key, unpack(c.hdel)) end
+    if c.zdrop then call('ZREMRANGEBYSCORE', key .. ':x', '-inf', now) end
     local w, full = c.w, c.full
     local fields, n = {}, 0
     if full or c.hchg then
@@ -633,34 +641,37 @@ for key, c in pairs(counters) do
       ends = now + lifetime
     end
     -- No amount held, no expiry set (see load).
-    local last = {}
-    if not iszero(c.held) then
-      last = redis.call('ZRANGE', key .. ':x', -1, -1, 'WITHSCORES')
-    end
-    if last[2] then
-      local e = tonumber(last[2])
-      if e > ends then ends = e end
+    local last = nil
+    if c.held ~= 0 then
+      last = tonumber(call('ZRANGE', key .. ':x', -1, -1, 'WITHSCORES')[2])
+      if last and last > ends then ends = last end
     end
     local ttl = math.max(1, ends - now + margin)
-    if iszero(c.used) and iszero(c.held) and not last[2] then
+    if c.used == 0 and c.held == 0 and not last then
       -- Nothing left to count: reclaim the counter.
-      redis.call('DEL', key, key .. ':x')
+      call('DEL', key, key .. ':x')
     else
       local keep = srv and not full and not c.zchg and c.x and now + ttl <= c.x
       if srv and not keep then
         fields[n + 1], fields[n + 2], n = 'x', S(now + ttl), n + 2
       end
-      if n > 0 then redis.call('HSET', key, unpack(fields)) end
+      if n > 0 then call('HSET', key, unpack(fields)) end
       if not keep then
-        redis.call('PEXPIRE', key, ttl)
-        if last[2] then redis.call('PEXPIRE', key .. ':x', ttl) end
+        call('PEXPIRE', key, ttl)
+        if last then call('PEXPIRE', key .. ':x', ttl) end
       end
     end
   end
 end
 
--- Phase 3: report.
-local out = {'OK', applied and '1' or '0', S(now), tostring(nops)}
+-- Phase 3: report, as an array: a number below 2^53 goes out as an
+-- integer reply (no formatting here), anything larger as a decimal string.
+local function N(v)
+  if type(v) == 'number' then return v end
+  return S(v)
+end
+local out = {'OK', applied and 1 or 0, now, nops}
+local o = 4
 for _, op in ipairs(ops) do
   local c = op.c
   local delta = applied and 0 or op.delta
@@ -670,16 +681,16 @@ for _, op in ipairs(ops) do
     s = s and add(s, delta)
     over = (not s) or not within(s, op)
   end
-  local pending = add(c.held, delta) or MAXU
   local ps, ra, av = '-', '-', '-'
-  if op.w.kind == 'C' then
-    ps, ra = S(c.s), S(c.e)
-    if over and within(pending, op) then av = S(c.e) end
-  elseif op.w.kind == 'R' then
-    ps = S(now - (op.w.n - 1) * op.w.width)
+  if op.kind == 'C' then
+    ps, ra = c.s, c.e
+    if over and within(add(c.held, delta) or maxu(), op) then av = c.e end
+  elseif op.kind == 'R' then
+    ps = now - (op.n - 1) * op.width
     -- A counter not in Redis reads used = 0 here, and then over implies
     -- pending > max: both branches need the key.
-    if not iszero(c.used) then ra = S((c.tl + op.w.n) * op.w.width) end
+    if c.used ~= 0 then ra = (c.tl + op.n) * op.width end
+    local pending = over and (add(c.held, delta) or maxu())
     if over and within(pending, op) then
       -- pending <= max: what must leave is used - (max - pending).
       local room = sub(maxof(op), pending)
@@ -687,28 +698,33 @@ for _, op in ipairs(ops) do
       if cmp(c.used, room) > 0 then need = sub(c.used, room) end
       local freed = 0
       for b = c.tl, c.hd do
-        freed = add(freed, bucket(c, b)) or MAXU
+        freed = add(freed, bucket(c, b)) or maxu()
         if cmp(freed, need) >= 0 then
-          av = S((b + op.w.n) * op.w.width)
+          av = (b + op.n) * op.width
           break
         end
       end
     end
   end
-  out[#out + 1] = S(c.used)
-  out[#out + 1] = S(c.held)
-  out[#out + 1] = ps
-  out[#out + 1] = ra
-  out[#out + 1] = av
+  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = N(c.used), N(c.held), ps, ra, av
+  o = o + 5
 end
-out[#out + 1] = tostring(ncool)
-for i = 1, ncool do out[#out + 1] = cooling[i] and S(cooling[i]) or '-' end
-out[#out + 1] = tostring(#settled)
-for _, s in ipairs(settled) do out[#out + 1] = s end
-local result = table.concat(out, ' ')
+out[o + 1] = ncool
+o = o + 1
+for i = 1, ncool do out[o + i] = cooling[i] or '-' end
+o = o + ncool
+if settled then
+  out[o + 1] = #settled
+  for i, s in ipairs(settled) do out[o + 1 + i] = s end
+else
+  out[o + 1] = 0
+end
 
 if applied and ekey ~= '-' then
-  redis.call('HSET', ekey, 'f', efp, 'at', S(now), 'r', result)
-  redis.call('PEXPIRE', ekey, horizon + margin)
+  -- The ledger keeps the answer as one string, which a replay returns.
+  local words = {}
+  for i, v in ipairs(out) do words[i] = type(v) == 'number' and S(v) or v end
+  call('HSET', ekey, 'f', efp, 'at', S(now), 'r', table.concat(words, ' '))
+  call('PEXPIRE', ekey, horizon + margin)
 end
-return result
+return out
