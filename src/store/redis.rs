@@ -652,30 +652,38 @@ impl AsyncAllowanceStore for RedisStore {
             .arg(batch.ops.len())
             .arg(batch.cooldowns.len())
             .arg(action)
-            .arg(lkey)
-            .arg(owner_sid)
-            .arg(owner_desc)
-            .arg(p1)
-            .arg(p2)
-            .arg(ekey)
-            .arg(efp)
-            .arg(lid)
-            .arg(format!("{}:od", self.tag));
+            .arg(ekey);
+        // What only an event or a lease needs is sent only with one (the
+        // script reads the layout from `ekey` and `action`).
+        if batch.event.is_some() {
+            inv.arg(efp);
+        }
+        if batch.lease.is_some() {
+            inv.arg(lkey)
+                .arg(owner_sid)
+                .arg(owner_desc)
+                .arg(p1)
+                .arg(p2)
+                .arg(lid)
+                .arg(format!("{}:od", self.tag));
+        }
         // Only a lease stores or reports hold descriptors.
-        let descs: Vec<String> = batch
-            .ops
-            .iter()
-            .map(|op| match batch.lease {
-                Some(_) => hold_desc(op.scope, owner, op.meter, op.window),
-                None => "-".to_owned(),
-            })
-            .collect();
-        for (op, desc) in batch.ops.iter().zip(&descs) {
+        let descs: Vec<String> = match batch.lease {
+            Some(_) => batch
+                .ops
+                .iter()
+                .map(|op| hold_desc(op.scope, owner, op.meter, op.window))
+                .collect(),
+            None => Vec::new(),
+        };
+        for (i, op) in batch.ops.iter().enumerate() {
             inv.arg(self.counter_key(op.scope, op.meter, op.window))
                 .arg(window_spec(op.window))
-                .arg(op.delta.to_string())
-                .arg(op.max.map_or("-".into(), |m| m.to_string()))
-                .arg(desc.as_str());
+                .arg(op.delta)
+                .arg(op.max.map_or("-".into(), |m| m.to_string()));
+            if let Some(desc) = descs.get(i) {
+                inv.arg(desc.as_str());
+            }
         }
         for c in batch.cooldowns {
             inv.arg(format!("{}:k:{}", self.tag, Self::scope_hash(c.scope)))

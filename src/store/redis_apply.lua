@@ -233,17 +233,23 @@ local lifetime = tonumber(ARGV[6])
 local nops = tonumber(ARGV[7])
 local ncool = tonumber(ARGV[8])
 local action = ARGV[9]
-local lkey = ARGV[10]
-local owner = ARGV[11]
-local ownerdesc = ARGV[12]
-local lp1 = ARGV[13]
-local lp2 = ARGV[14]
-local ekey = ARGV[15]
-local efp = ARGV[16]
-local lid = ARGV[17]
-local odkey = ARGV[18]
-local OPF = 5
-local base = 18
+local ekey = ARGV[10]
+-- What only an event or a lease needs comes only with one, and so does an
+-- op's hold descriptor.
+local base = 10
+local efp
+if ekey ~= '-' then
+  efp = ARGV[11]
+  base = 11
+end
+local lkey, owner, ownerdesc, lp1, lp2, lid, odkey
+local OPF = 4
+if action ~= '-' then
+  lkey, owner, ownerdesc = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  lp1, lp2, lid, odkey = ARGV[base + 4], ARGV[base + 5], ARGV[base + 6], ARGV[base + 7]
+  base = base + 7
+  OPF = 5
+end
 
 local function maxu() return {B - 1, B - 1, B - 1, B - 1} end
 
@@ -315,20 +321,22 @@ local function load(key, w)
   if w.kind == 'R' then
     -- The bucket of now comes along: it is the one an admit adds to.
     c.bb = floor(now / w.width)
-    f = call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H', 'x', 'b' .. c.bb)
-    c.bv = P(f[8])
+    f = call('HMGET', key, 'u', 'H', 'x', 'hd', 'tl', 'b' .. c.bb)
+    c.bv = P(f[6])
+  elseif w.kind == 'C' then
+    f = call('HMGET', key, 'u', 'H', 'x', 's', 'e')
   else
-    f = call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H', 'x')
+    f = call('HMGET', key, 'u', 'H', 'x')
   end
   c.used = P(f[1])
-  c.held = P(f[6])
+  c.held = P(f[2])
   -- Every write-back writes H, so a counter in Redis has it.
-  c.full = not f[6]
-  if f[7] then
-    if srv then c.x = tonumber(f[7]) else c.hdel = {'x'} end
+  c.full = not f[2]
+  if f[3] then
+    if srv then c.x = tonumber(f[3]) else c.hdel = {'x'} end
   end
   if w.kind == 'C' then
-    local s, e = tonumber(f[2]), tonumber(f[3])
+    local s, e = tonumber(f[4]), tonumber(f[5])
     if not s or now >= e or (now < s and c.used == 0) then
       if s then c.dirty = true end
       c.full = true
@@ -441,7 +449,8 @@ local ops = {}
 for i = 1, nops do
   local k = base + (i - 1) * OPF
   -- An op is its own window (parsew fills kind, period, off, width, n).
-  local op = {key = ARGV[k + 1], delta = P(ARGV[k + 3]), desc = ARGV[k + 5]}
+  local op = {key = ARGV[k + 1], delta = P(ARGV[k + 3])}
+  if lkey then op.desc = ARGV[k + 5] end
   parsew(ARGV[k + 2], op)
   if ARGV[k + 4] ~= '-' then op.max = ARGV[k + 4] end
   op.c = load(op.key, op)
