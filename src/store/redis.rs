@@ -458,20 +458,34 @@ fn period_code(p: Period) -> char {
     }
 }
 
-/// A window as the script reads it.
-fn window_spec(w: Window) -> String {
+/// A window as the script reads it: a kind and two parameters, the period
+/// and UTC offset of a calendar window, the bucket width (ms) and count
+/// (buckets + 1) of a rolling one (separate arguments, so the script
+/// parses no spec on the hot path).
+fn window_args(inv: &mut redis::ScriptInvocation<'_>, w: Window) {
     match w {
         Window::Calendar {
             period,
             utc_offset_secs,
-        } => format!("C:{}:{utc_offset_secs}", period_code(period)),
-        Window::Rolling { span_secs, buckets } => format!(
-            "R:{}:{}",
-            Window::bucket_ms(span_secs, buckets),
-            u64::from(buckets) + 1
-        ),
-        Window::Lifetime => "L".into(),
-        Window::Concurrent => "X".into(),
+        } => {
+            let p = match period {
+                Period::Day => "d",
+                Period::Week => "w",
+                Period::Month => "m",
+            };
+            inv.arg("C").arg(p).arg(utc_offset_secs);
+        }
+        Window::Rolling { span_secs, buckets } => {
+            inv.arg("R")
+                .arg(Window::bucket_ms(span_secs, buckets))
+                .arg(u64::from(buckets) + 1);
+        }
+        Window::Lifetime => {
+            inv.arg("L").arg("-").arg("-");
+        }
+        Window::Concurrent => {
+            inv.arg("X").arg("-").arg("-");
+        }
     }
 }
 
@@ -677,9 +691,9 @@ impl AsyncAllowanceStore for RedisStore {
             None => Vec::new(),
         };
         for (i, op) in batch.ops.iter().enumerate() {
-            inv.arg(self.counter_key(op.scope, op.meter, op.window))
-                .arg(window_spec(op.window))
-                .arg(op.delta)
+            inv.arg(self.counter_key(op.scope, op.meter, op.window));
+            window_args(&mut inv, op.window);
+            inv.arg(op.delta)
                 .arg(op.max.map_or("-".into(), |m| m.to_string()));
             if let Some(desc) = descs.get(i) {
                 inv.arg(desc.as_str());

@@ -180,29 +180,31 @@ end
 -- Calendar bounds, as Window::calendar_bounds (Howard Hinnant's civil
 -- algorithms on days since the epoch).
 local DAY = 86400000
-local function civil(z)
-  z = z + 719468
-  local era = floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
-  local y = yoe + era * 400
-  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
-  local mp = floor((5 * doy + 2) / 153)
-  local d = doy - floor((153 * mp + 2) / 5) + 1
-  local m = mp < 10 and mp + 3 or mp - 9
-  if m <= 2 then y = y + 1 end
-  return y, m, d
-end
-local function days(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = floor(y / 400)
-  local yoe = y - era * 400
-  local mp = m > 2 and m - 3 or m + 9
-  local doy = floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
 local function bounds(period, off, now)
+  -- (Defined here: a calendar counter rolls rarely, and every function
+  -- defined at the top level costs every call.)
+  local function civil(z)
+    z = z + 719468
+    local era = floor(z / 146097)
+    local doe = z - era * 146097
+    local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+    local y = yoe + era * 400
+    local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+    local mp = floor((5 * doy + 2) / 153)
+    local d = doy - floor((153 * mp + 2) / 5) + 1
+    local m = mp < 10 and mp + 3 or mp - 9
+    if m <= 2 then y = y + 1 end
+    return y, m, d
+  end
+  local function days(y, m, d)
+    if m <= 2 then y = y - 1 end
+    local era = floor(y / 400)
+    local yoe = y - era * 400
+    local mp = m > 2 and m - 3 or m + 9
+    local doy = floor((153 * mp + 2) / 5) + d - 1
+    local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+    return era * 146097 + doe - 719468
+  end
   local offms = off * 1000
   local day = floor((now + offms) / DAY)
   local s, e
@@ -243,12 +245,12 @@ if ekey ~= '-' then
   base = 11
 end
 local lkey, owner, ownerdesc, lp1, lp2, lid, odkey
-local OPF = 4
+local OPF = 6
 if action ~= '-' then
   lkey, owner, ownerdesc = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   lp1, lp2, lid, odkey = ARGV[base + 4], ARGV[base + 5], ARGV[base + 6], ARGV[base + 7]
   base = base + 7
-  OPF = 5
+  OPF = 7
 end
 
 local function maxu() return {B - 1, B - 1, B - 1, B - 1} end
@@ -309,13 +311,16 @@ end
 -- Load a counter and roll it to now (rule 2), dropping expired holds. Reads
 -- only: what leaves is deleted at write-back, so a batch that ends in an
 -- error changes nothing.
-local function load(key, w)
+-- rec: a table to keep the counter in (an op is its own counter record:
+-- their fields differ, and one table fewer is made per op).
+local function load(key, w, rec)
   local c = counters[key]
   if c then return c end
   -- full: every field is written back (a new or rolled counter); else
   -- only what changed: uchg (used), hchg (held). zchg: the expiry set was
   -- added to. x: the expiry last set, on the server's clock (see write-back).
-  c = {key = key, w = w, dirty = false}
+  c = rec or {}
+  c.key, c.w, c.dirty = key, w, false
   counters[key] = c
   local f
   if w.kind == 'R' then
@@ -445,15 +450,28 @@ local function removehold(c)
 end
 
 -- Phase 1: decide.
+-- Op i's window as a spec, for a lease record (parsew reads it back).
+local function specof(i)
+  local k = base + (i - 1) * OPF
+  local kind = ARGV[k + 2]
+  if kind == 'C' or kind == 'R' then return kind .. ':' .. ARGV[k + 3] .. ':' .. ARGV[k + 4] end
+  return kind
+end
 local ops = {}
 for i = 1, nops do
   local k = base + (i - 1) * OPF
-  -- An op is its own window (parsew fills kind, period, off, width, n).
-  local op = {key = ARGV[k + 1], delta = P(ARGV[k + 3])}
-  if lkey then op.desc = ARGV[k + 5] end
-  parsew(ARGV[k + 2], op)
-  if ARGV[k + 4] ~= '-' then op.max = ARGV[k + 4] end
-  op.c = load(op.key, op)
+  -- An op is its own window: kind, then period and offset (C) or bucket
+  -- width and count (R), as parsew reads them from a spec.
+  local kind = ARGV[k + 2]
+  local op = {key = ARGV[k + 1], kind = kind, delta = P(ARGV[k + 5])}
+  if kind == 'R' then
+    op.width, op.n = tonumber(ARGV[k + 3]), tonumber(ARGV[k + 4])
+  elseif kind == 'C' then
+    op.period, op.off = ARGV[k + 3], tonumber(ARGV[k + 4])
+  end
+  if ARGV[k + 6] ~= '-' then op.max = ARGV[k + 6] end
+  if lkey then op.desc = ARGV[k + 7] end
+  op.c = load(op.key, op, op)
   ops[i] = op
 end
 
@@ -535,7 +553,7 @@ if applied then
       if op.delta ~= 0 then
         addhold(op.c, exp, op.delta)
         n = n + 1
-        for _, x in ipairs({'k' .. n, op.key, 'w' .. n, ARGV[base + (i - 1) * OPF + 2],
+        for _, x in ipairs({'k' .. n, op.key, 'w' .. n, specof(i),
           'd' .. n, op.desc}) do fields[#fields + 1] = x end
       end
     end
@@ -573,7 +591,7 @@ if applied then
         if not known then
           n = n + 1
           lease.holds[n] = {key = op.key}
-          call('HSET', lkey, 'k' .. n, op.key, 'w' .. n, ARGV[base + (i - 1) * OPF + 2],
+          call('HSET', lkey, 'k' .. n, op.key, 'w' .. n, specof(i),
             'd' .. n, op.desc)
         end
       end
