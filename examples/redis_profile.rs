@@ -6,8 +6,12 @@
 //!
 //! ```text
 //! TOLLGATE_REDIS_URL=redis://127.0.0.1:6379 \
-//!     cargo run --release --features redis --example redis_profile -- 20000
+//!     cargo run --release --features redis --example redis_profile -- 20000 50
 //! ```
+//!
+//! Arguments: the number of admits (default 20,000) and of concurrent tasks
+//! (default 1). One task measures a server that waits for every call (cold
+//! caches); many, a busy one, as in the bench at 50 tasks.
 //!
 //! Commandstats are server-wide: other clients running at the same time
 //! show up in the counts.
@@ -55,6 +59,11 @@ async fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(20_000);
+    let tasks: u64 = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1);
     let prefix = format!("tollgate-profile:{}", std::process::id());
     let client = redis::Client::open(url.as_str()).expect("url");
     let mut conn = client
@@ -86,7 +95,7 @@ async fn main() {
         )
         .build()
         .expect("catalog");
-    let engine = Engine::with_store_and_clock(catalog, store, SystemClock);
+    let engine = std::sync::Arc::new(Engine::with_store_and_clock(catalog, store, SystemClock));
     engine
         .allocate(Allocation::new("agent", "plan"))
         .expect("allocate");
@@ -96,13 +105,27 @@ async fn main() {
     }
     let before = stats(&mut conn).await;
     let started = std::time::Instant::now();
-    for _ in 0..n {
-        let d = engine.admit_async(&req).await.expect("admit");
-        assert!(d.allowed);
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let engine = engine.clone();
+        handles.push(tokio::spawn(async move {
+            let req = Request::new("agent").units("tokens", 1);
+            for _ in 0..n / tasks {
+                let d = engine.admit_async(&req).await.expect("admit");
+                assert!(d.allowed);
+            }
+        }));
     }
+    for h in handles {
+        h.await.expect("task");
+    }
+    let n = n / tasks * tasks;
     let wall = started.elapsed();
     let after = stats(&mut conn).await;
-    println!("{n} admits, {:.1} µs wall each", wall.as_secs_f64() * 1e6 / n as f64);
+    println!(
+        "{n} admits from {tasks} tasks, {:.1} µs wall each",
+        wall.as_secs_f64() * 1e6 / n as f64
+    );
     let mut inner = 0;
     for (name, (calls, usec)) in &after {
         let (c0, u0) = before.get(name).copied().unwrap_or((0, 0));
