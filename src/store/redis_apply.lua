@@ -10,6 +10,7 @@
 -- Times are Unix milliseconds (exact as doubles).
 
 local call, type, tonumber = redis.call, type, tonumber
+local ARGV = ARGV
 local TWO53 = 9007199254740992
 local B = 65536
 local floor = math.floor
@@ -121,60 +122,64 @@ local function cmp(a, b)
 end
 
 -- ceil(h * num / den) for num <= den, exact.
-local function share(h, num, den)
-  if num == 0 or h == 0 then return 0 end
-  if cmp(num, den) == 0 then return h end
-  if type(h) == 'number' and type(num) == 'number' and type(den) == 'number'
-      and h <= floor((TWO53 - 1) / num) then
-    local p = h * num
-    local q = floor(p / den)
-    local r = p - q * den
-    while r < 0 do q = q - 1; r = r + den end
-    while r >= den do q = q + 1; r = r - den end
-    if r > 0 then q = q + 1 end
-    return q
-  end
-  local a, b = tolimbs(h), tolimbs(num)
-  local p = {0, 0, 0, 0, 0, 0, 0, 0}
-  for i = 1, 4 do
-    local carry = 0
-    for j = 1, 4 do
-      local x = p[i + j - 1] + a[i] * b[j] + carry
-      p[i + j - 1] = x % B
-      carry = floor(x / B)
+local share
+if ARGV[9] == 's' then
+  -- (Only a settlement needs it: defined only then.)
+  share = function(h, num, den)
+    if num == 0 or h == 0 then return 0 end
+    if cmp(num, den) == 0 then return h end
+    if type(h) == 'number' and type(num) == 'number' and type(den) == 'number'
+        and h <= floor((TWO53 - 1) / num) then
+      local p = h * num
+      local q = floor(p / den)
+      local r = p - q * den
+      while r < 0 do q = q - 1; r = r + den end
+      while r >= den do q = q + 1; r = r - den end
+      if r > 0 then q = q + 1 end
+      return q
     end
-    p[i + 4] = carry
-  end
-  local d = tolimbs(den)
-  d = {d[1], d[2], d[3], d[4], 0}
-  local r = {0, 0, 0, 0, 0}
-  local q = {0, 0, 0, 0, 0, 0, 0, 0}
-  for k = 127, 0, -1 do
-    local limb = floor(k / 16) + 1
-    local bit = floor(p[limb] / 2 ^ (k % 16)) % 2
-    local carry = bit
-    for i = 1, 5 do
-      local x = r[i] * 2 + carry
-      r[i] = x % B
-      carry = floor(x / B)
-    end
-    local ge = true
-    for i = 5, 1, -1 do
-      if r[i] ~= d[i] then ge = r[i] > d[i]; break end
-    end
-    if ge then
-      local borrow = 0
-      for i = 1, 5 do
-        local s = r[i] - d[i] - borrow
-        if s < 0 then s = s + B; borrow = 1 else borrow = 0 end
-        r[i] = s
+    local a, b = tolimbs(h), tolimbs(num)
+    local p = {0, 0, 0, 0, 0, 0, 0, 0}
+    for i = 1, 4 do
+      local carry = 0
+      for j = 1, 4 do
+        local x = p[i + j - 1] + a[i] * b[j] + carry
+        p[i + j - 1] = x % B
+        carry = floor(x / B)
       end
-      q[limb] = q[limb] + 2 ^ (k % 16)
+      p[i + 4] = carry
     end
+    local d = tolimbs(den)
+    d = {d[1], d[2], d[3], d[4], 0}
+    local r = {0, 0, 0, 0, 0}
+    local q = {0, 0, 0, 0, 0, 0, 0, 0}
+    for k = 127, 0, -1 do
+      local limb = floor(k / 16) + 1
+      local bit = floor(p[limb] / 2 ^ (k % 16)) % 2
+      local carry = bit
+      for i = 1, 5 do
+        local x = r[i] * 2 + carry
+        r[i] = x % B
+        carry = floor(x / B)
+      end
+      local ge = true
+      for i = 5, 1, -1 do
+        if r[i] ~= d[i] then ge = r[i] > d[i]; break end
+      end
+      if ge then
+        local borrow = 0
+        for i = 1, 5 do
+          local s = r[i] - d[i] - borrow
+          if s < 0 then s = s + B; borrow = 1 else borrow = 0 end
+          r[i] = s
+        end
+        q[limb] = q[limb] + 2 ^ (k % 16)
+      end
+    end
+    local res = norm({q[1], q[2], q[3], q[4]})
+    if r[1] + r[2] + r[3] + r[4] + r[5] > 0 then res = add(res, 1) end
+    return res
   end
-  local res = norm({q[1], q[2], q[3], q[4]})
-  if r[1] + r[2] + r[3] + r[4] + r[5] > 0 then res = add(res, 1) end
-  return res
 end
 
 -- Calendar bounds, as Window::calendar_bounds (Howard Hinnant's civil
@@ -286,20 +291,24 @@ end
 
 -- Counters. A window spec is "C:<d|w|m>:<offset secs>", "R:<width ms>:<n>"
 -- (n = buckets + 1), "L" or "X".
-local function parsew(spec, w)
-  local kind = string.sub(spec, 1, 1)
-  w.kind = kind
-  if kind == 'C' or kind == 'R' then
-    local a, b = string.match(spec, '^.:([^:]+):([^:]+)$')
-    if kind == 'C' then
-      w.period = a
-      w.off = tonumber(b)
-    else
-      w.width = tonumber(a)
-      w.n = tonumber(b)
+local parsew
+if ARGV[9] ~= '-' then
+  -- (Only lease holds need it: defined only with a lease.)
+  parsew = function(spec, w)
+    local kind = string.sub(spec, 1, 1)
+    w.kind = kind
+    if kind == 'C' or kind == 'R' then
+      local a, b = string.match(spec, '^.:([^:]+):([^:]+)$')
+      if kind == 'C' then
+        w.period = a
+        w.off = tonumber(b)
+      else
+        w.width = tonumber(a)
+        w.n = tonumber(b)
+      end
     end
+    return w
   end
-  return w
 end
 
 local counters = {}
@@ -326,7 +335,8 @@ local function load(key, w, rec)
   if w.kind == 'R' then
     -- The bucket of now comes along: it is the one an admit adds to.
     c.bb = floor(now / w.width)
-    f = call('HMGET', key, 'u', 'H', 'x', 'hd', 'tl', 'b' .. c.bb)
+    c.bf = 'b' .. c.bb
+    f = call('HMGET', key, 'u', 'H', 'x', 'hd', 'tl', c.bf)
     c.bv = P(f[6])
   elseif w.kind == 'C' then
     f = call('HMGET', key, 'u', 'H', 'x', 's', 'e')
@@ -414,6 +424,7 @@ local function addusage(c, delta)
     end
     if c.bb ~= c.hd then
       c.bb = c.hd
+      c.bf = 'b' .. c.hd
       c.bv = bucket(c, c.hd)
     end
     c.bv = add(c.bv, delta)
@@ -424,38 +435,47 @@ local function addusage(c, delta)
   c.dirty = true
 end
 
-local function addhold(c, exp, delta)
-  if delta == 0 then return end
-  local f = 'h' .. lid
-  local cur = P(call('HGET', c.key, f))
-  call('HSET', c.key, f, S(add(cur, delta)))
-  call('ZADD', c.key .. ':x', exp, lid)
-  c.held = add(c.held, delta)
-  c.hchg = true
-  c.zchg = true
-  c.dirty = true
+local addhold
+if ARGV[9] ~= '-' then
+  addhold = function(c, exp, delta)
+    if delta == 0 then return end
+    local f = 'h' .. lid
+    local cur = P(call('HGET', c.key, f))
+    call('HSET', c.key, f, S(add(cur, delta)))
+    call('ZADD', c.key .. ':x', exp, lid)
+    c.held = add(c.held, delta)
+    c.hchg = true
+    c.zchg = true
+    c.dirty = true
+  end
 end
 
-local function removehold(c)
-  local f = 'h' .. lid
-  local v = P(call('HGET', c.key, f))
-  if v ~= 0 then
-    call('HDEL', c.key, f)
-    c.held = sub(c.held, v)
-    c.hchg = true
+local removehold
+if ARGV[9] ~= '-' then
+  removehold = function(c)
+    local f = 'h' .. lid
+    local v = P(call('HGET', c.key, f))
+    if v ~= 0 then
+      call('HDEL', c.key, f)
+      c.held = sub(c.held, v)
+      c.hchg = true
+    end
+    call('ZREM', c.key .. ':x', lid)
+    c.dirty = true
+    return v
   end
-  call('ZREM', c.key .. ':x', lid)
-  c.dirty = true
-  return v
 end
 
 -- Phase 1: decide.
 -- Op i's window as a spec, for a lease record (parsew reads it back).
-local function specof(i)
-  local k = base + (i - 1) * OPF
-  local kind = ARGV[k + 2]
-  if kind == 'C' or kind == 'R' then return kind .. ':' .. ARGV[k + 3] .. ':' .. ARGV[k + 4] end
-  return kind
+local specof
+if ARGV[9] ~= '-' then
+  specof = function(i)
+    local k = base + (i - 1) * OPF
+    local kind = ARGV[k + 2]
+    if kind == 'C' or kind == 'R' then return kind .. ':' .. ARGV[k + 3] .. ':' .. ARGV[k + 4] end
+    return kind
+  end
 end
 local ops = {}
 for i = 1, nops do
@@ -661,7 +681,7 @@ for key, c in pairs(counters) do
         fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4], n = 'hd', S(c.hd), 'tl', S(c.tl), n + 4
       end
       if c.bw then
-        fields[n + 1], fields[n + 2], n = 'b' .. c.bb, S(c.bv), n + 2
+        fields[n + 1], fields[n + 2], n = c.bf, S(c.bv), n + 2
       end
       ends = (c.hd + w.n) * w.width
     elseif w.kind == 'L' then
