@@ -840,7 +840,10 @@ fn server_clock_expiries_match_what_keys_record() {
                     .await
                     .expect("zrange");
                 if let Some(last) = holds.iter().map(|h| h.1).max() {
-                    assert!(x >= last + margin_ms, "{step}: {key} x {x} before hold {last}");
+                    assert!(
+                        x >= last + margin_ms,
+                        "{step}: {key} x {x} before hold {last}"
+                    );
                     let zttl: i64 = redis::cmd("PTTL")
                         .arg(format!("{key}:x"))
                         .query_async(&mut conn)
@@ -857,10 +860,7 @@ fn server_clock_expiries_match_what_keys_record() {
         }
         check("admits").await;
         let mut res = engine
-            .reserve_async(
-                &tokens(5).units("jobs", 1),
-                Duration::from_secs(30 * 3600),
-            )
+            .reserve_async(&tokens(5).units("jobs", 1), Duration::from_secs(30 * 3600))
             .await
             .expect("reserve")
             .expect("admitted");
@@ -872,10 +872,7 @@ fn server_clock_expiries_match_what_keys_record() {
             .await
             .expect("renew");
         check("renew").await;
-        engine
-            .commit_async(&res, &tokens(4))
-            .await
-            .expect("commit");
+        engine.commit_async(&res, &tokens(4)).await.expect("commit");
         check("commit").await;
         engine.admit_async(&tokens(1)).await.expect("admit");
         check("admit after").await;

@@ -222,7 +222,7 @@ impl RedisConfig {
 ///
 /// | key | what |
 /// | --- | --- |
-/// | `{p}:c:<scope>:<len>:<meter>:<window>` | a counter: usage, buckets, hold amounts and their total (hash) |
+/// | `{p}:c:<scope>:<len>:<meter>:<window>` | a counter: usage, buckets, hold amounts and their total, the expiry set last (hash) |
 /// | `…:x` beside a counter | its holds' expiries (sorted set) |
 /// | `{p}:l:<lease id>` | a lease: owner, expiry, deadline, held counters (hash) |
 /// | `{p}:od` | leases with a deadline, for `overdue` (sorted set) |
@@ -245,7 +245,18 @@ impl RedisConfig {
 /// counter lives [`RedisConfig::lifetime_ttl`] past its last write; a lease
 /// record lives its expiry plus the event horizon; a ledger entry the
 /// horizon; a cooldown its end. TTLs are relative (`PEXPIRE`) so they hold
-/// whichever clock rolls the windows.
+/// whichever clock rolls the windows. On the server's clock a counter also
+/// records the expiry it set (field `x`), and a write that would not move
+/// it later sends no `PEXPIRE`: most admits within one period or bucket
+/// only read and write fields. On the batch's clock every write sets the
+/// TTL again.
+///
+/// # Cost
+/// A plain admit on two counters (a day and a rolling window, server clock)
+/// makes five `redis.call`s within one period and bucket — `TIME`, one
+/// `HMGET` and one `HSET` per counter — and answers an array whose numbers
+/// are integer replies; `examples/redis_profile` reads the count and the
+/// server's time per call from `INFO commandstats`.
 ///
 /// # Redis Cluster
 /// All keys of a store share one hash tag, `{prefix}`, so every key a
