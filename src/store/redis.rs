@@ -222,7 +222,7 @@ impl RedisConfig {
 ///
 /// | key | what |
 /// | --- | --- |
-/// | `{p}:c:<scope>:<len>:<meter>:<window>` | a counter: usage, buckets, hold amounts and their total (hash) |
+/// | `{p}:c:<scope>:<len>:<meter>:<window>` | a counter: usage, buckets, hold amounts and their total, the expiry set last (hash) |
 /// | `…:x` beside a counter | its holds' expiries (sorted set) |
 /// | `{p}:l:<lease id>` | a lease: owner, expiry, deadline, held counters (hash) |
 /// | `{p}:od` | leases with a deadline, for `overdue` (sorted set) |
@@ -245,7 +245,18 @@ impl RedisConfig {
 /// counter lives [`RedisConfig::lifetime_ttl`] past its last write; a lease
 /// record lives its expiry plus the event horizon; a ledger entry the
 /// horizon; a cooldown its end. TTLs are relative (`PEXPIRE`) so they hold
-/// whichever clock rolls the windows.
+/// whichever clock rolls the windows. On the server's clock a counter also
+/// records the expiry it set (field `x`), and a write that would not move
+/// it later sends no `PEXPIRE`: most admits within one period or bucket
+/// only read and write fields. On the batch's clock every write sets the
+/// TTL again.
+///
+/// # Cost
+/// A plain admit on two counters (a day and a rolling window, server clock)
+/// makes five `redis.call`s within one period and bucket — `TIME`, one
+/// `HMGET` and one `HSET` per counter — and answers an array whose numbers
+/// are integer replies; `examples/redis_profile` reads the count and the
+/// server's time per call from `INFO commandstats`.
 ///
 /// # Redis Cluster
 /// All keys of a store share one hash tag, `{prefix}`, so every key a
@@ -458,20 +469,34 @@ fn period_code(p: Period) -> char {
     }
 }
 
-/// A window as the script reads it.
-fn window_spec(w: Window) -> String {
+/// A window as the script reads it: a kind and two parameters, the period
+/// and UTC offset of a calendar window, the bucket width (ms) and count
+/// (buckets + 1) of a rolling one (separate arguments, so the script
+/// parses no spec on the hot path).
+fn window_args(inv: &mut redis::ScriptInvocation<'_>, w: Window) {
     match w {
         Window::Calendar {
             period,
             utc_offset_secs,
-        } => format!("C:{}:{utc_offset_secs}", period_code(period)),
-        Window::Rolling { span_secs, buckets } => format!(
-            "R:{}:{}",
-            Window::bucket_ms(span_secs, buckets),
-            u64::from(buckets) + 1
-        ),
-        Window::Lifetime => "L".into(),
-        Window::Concurrent => "X".into(),
+        } => {
+            let p = match period {
+                Period::Day => "d",
+                Period::Week => "w",
+                Period::Month => "m",
+            };
+            inv.arg("C").arg(p).arg(utc_offset_secs);
+        }
+        Window::Rolling { span_secs, buckets } => {
+            inv.arg("R")
+                .arg(Window::bucket_ms(span_secs, buckets))
+                .arg(u64::from(buckets) + 1);
+        }
+        Window::Lifetime => {
+            inv.arg("L").arg("-").arg("-");
+        }
+        Window::Concurrent => {
+            inv.arg("X").arg("-").arg("-");
+        }
     }
 }
 
@@ -507,19 +532,63 @@ fn bad_reply(what: &str) -> Error {
     }
 }
 
-struct Reply<'a>(std::str::SplitAsciiWhitespace<'a>);
+/// One word of a script reply: the script answers an array whose numbers
+/// below 2^53 are integer replies and whose other words are strings (a
+/// string may hold several words); errors and replays are one string.
+#[derive(Clone, Copy)]
+enum Word<'a> {
+    Str(&'a str),
+    Int(i64),
+}
+
+struct Reply<'a>(std::vec::IntoIter<Word<'a>>);
 
 impl<'a> Reply<'a> {
-    fn token(&mut self) -> Result<&'a str, Error> {
+    fn new(value: &'a redis::Value) -> Result<Self, Error> {
+        fn text(b: &[u8]) -> Result<&str, Error> {
+            std::str::from_utf8(b).map_err(|_| bad_reply("not UTF-8"))
+        }
+        let mut words = Vec::new();
+        match value {
+            redis::Value::BulkString(b) => {
+                words.extend(text(b)?.split_ascii_whitespace().map(Word::Str));
+            }
+            redis::Value::Array(items) => {
+                words.reserve(items.len());
+                for item in items {
+                    match item {
+                        redis::Value::Int(n) => words.push(Word::Int(*n)),
+                        redis::Value::BulkString(b) => {
+                            words.extend(text(b)?.split_ascii_whitespace().map(Word::Str));
+                        }
+                        _ => return Err(bad_reply("element")),
+                    }
+                }
+            }
+            _ => return Err(bad_reply("type")),
+        }
+        Ok(Self(words.into_iter()))
+    }
+    fn word(&mut self) -> Result<Word<'a>, Error> {
         self.0.next().ok_or_else(|| bad_reply("too short"))
     }
-    fn int<T: std::str::FromStr>(&mut self) -> Result<T, Error> {
-        self.token()?.parse().map_err(|_| bad_reply("not a number"))
+    fn token(&mut self) -> Result<&'a str, Error> {
+        match self.word()? {
+            Word::Str(s) => Ok(s),
+            Word::Int(_) => Err(bad_reply("a number for a word")),
+        }
+    }
+    fn int<T: std::str::FromStr + TryFrom<i64>>(&mut self) -> Result<T, Error> {
+        match self.word()? {
+            Word::Int(n) => T::try_from(n).map_err(|_| bad_reply("out of range")),
+            Word::Str(s) => s.parse().map_err(|_| bad_reply("not a number")),
+        }
     }
     fn time(&mut self) -> Result<Option<DateTime<Utc>>, Error> {
-        match self.token()? {
-            "-" => Ok(None),
-            t => t
+        match self.word()? {
+            Word::Str("-") => Ok(None),
+            Word::Int(ms) => Ok(Some(ms_to_time(ms))),
+            Word::Str(t) => t
                 .parse::<i64>()
                 .map(|ms| Some(ms_to_time(ms)))
                 .map_err(|_| bad_reply("not a time")),
@@ -608,28 +677,38 @@ impl AsyncAllowanceStore for RedisStore {
             .arg(batch.ops.len())
             .arg(batch.cooldowns.len())
             .arg(action)
-            .arg(lkey)
-            .arg(owner_sid)
-            .arg(owner_desc)
-            .arg(p1)
-            .arg(p2)
-            .arg(ekey)
-            .arg(efp)
-            .arg(lid)
-            .arg(format!("{}:od", self.tag));
-        let descs: Vec<String> = batch
-            .ops
-            .iter()
-            .map(|op| hold_desc(op.scope, owner, op.meter, op.window))
-            .collect();
-        for (op, desc) in batch.ops.iter().zip(&descs) {
-            inv.arg(self.counter_key(op.scope, op.meter, op.window))
-                .arg(window_spec(op.window))
-                .arg(op.delta.to_string())
-                .arg(op.max.map_or("-".into(), |m| m.to_string()))
-                .arg(desc.as_str())
-                .arg("-")
-                .arg("-");
+            .arg(ekey);
+        // What only an event or a lease needs is sent only with one (the
+        // script reads the layout from `ekey` and `action`).
+        if batch.event.is_some() {
+            inv.arg(efp);
+        }
+        if batch.lease.is_some() {
+            inv.arg(lkey)
+                .arg(owner_sid)
+                .arg(owner_desc)
+                .arg(p1)
+                .arg(p2)
+                .arg(lid)
+                .arg(format!("{}:od", self.tag));
+        }
+        // Only a lease stores or reports hold descriptors.
+        let descs: Vec<String> = match batch.lease {
+            Some(_) => batch
+                .ops
+                .iter()
+                .map(|op| hold_desc(op.scope, owner, op.meter, op.window))
+                .collect(),
+            None => Vec::new(),
+        };
+        for (i, op) in batch.ops.iter().enumerate() {
+            inv.arg(self.counter_key(op.scope, op.meter, op.window));
+            window_args(&mut inv, op.window);
+            inv.arg(op.delta)
+                .arg(op.max.map_or("-".into(), |m| m.to_string()));
+            if let Some(desc) = descs.get(i) {
+                inv.arg(desc.as_str());
+            }
         }
         for c in batch.cooldowns {
             inv.arg(format!("{}:k:{}", self.tag, Self::scope_hash(c.scope)))
@@ -638,7 +717,7 @@ impl AsyncAllowanceStore for RedisStore {
                         .map_or("-".into(), |t| t.timestamp_millis().to_string()),
                 );
         }
-        let reply: String = self.run(&inv).await?;
+        let reply: redis::Value = self.run(&inv).await?;
         self.decode(batch, &descs, &reply)
     }
 
@@ -673,8 +752,13 @@ impl AsyncAllowanceStore for RedisStore {
 }
 
 impl RedisStore {
-    fn decode(&self, batch: &Batch<'_>, descs: &[String], reply: &str) -> Result<Applied, Error> {
-        let mut r = Reply(reply.split_ascii_whitespace());
+    fn decode(
+        &self,
+        batch: &Batch<'_>,
+        descs: &[String],
+        reply: &redis::Value,
+    ) -> Result<Applied, Error> {
+        let mut r = Reply::new(reply)?;
         let mut replayed_at = None;
         match r.token()? {
             "OK" => {}
@@ -687,7 +771,7 @@ impl RedisStore {
             "ERR" => return Err(self.error(batch, descs, &mut r)),
             _ => return Err(bad_reply("status")),
         }
-        let applied = r.token()? == "1";
+        let applied = r.int::<u8>()? == 1;
         let _now: i64 = r.int()?;
         let nops: usize = r.int()?;
         // A replay answers the first batch, whose ops the fingerprint

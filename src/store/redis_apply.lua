@@ -5,8 +5,12 @@
 -- exact below 2^53, so an amount is a Lua number below 2^53 and a table of
 -- four 16-bit limbs (least significant first) above it: every sum,
 -- difference, comparison and settlement share is exact over the whole u64
--- range. Times are Unix milliseconds (exact as doubles).
+-- range. norm() keeps one form per value: a number is always below 2^53
+-- and a table always at or above it, so mixed comparisons need no limbs.
+-- Times are Unix milliseconds (exact as doubles).
 
+local call, type, tonumber = redis.call, type, tonumber
+local ARGV = ARGV
 local TWO53 = 9007199254740992
 local B = 65536
 local floor = math.floor
@@ -28,40 +32,46 @@ local function norm(l)
   return l
 end
 
--- Parse a decimal string (nil reads as zero); nil past u64.
+-- Parse a decimal string (nil reads as zero); nil past u64. Up to 15 digits
+-- it is tonumber; longer, a high part and the last 8 digits, so a value
+-- that fits 2^53 stays a number and a larger one takes a few limb steps.
+local E8 = 100000000
 local function P(s)
   if not s then return 0 end
-  if #s <= 15 then return tonumber(s) end
-  local l = {0, 0, 0, 0}
-  for k = 1, #s do
-    local carry = string.byte(s, k) - 48
-    for i = 1, 4 do
-      local x = l[i] * 10 + carry
-      l[i] = x % B
-      carry = floor(x / B)
-    end
-    if carry > 0 then return nil end
+  local n = #s
+  if n <= 15 then return tonumber(s) end
+  if n > 20 then return nil end
+  local hi, lo = tonumber(string.sub(s, 1, n - 8)), tonumber(string.sub(s, n - 7))
+  -- hi < 2^53 / 10^8: hi * 10^8 + lo < 2^53, exact.
+  if hi < 90071992 then return hi * E8 + lo end
+  -- hi < 10^12 < 2^48: its limbs times 10^8, plus lo (every step < 2^44).
+  local l, carry = {}, lo
+  for i = 1, 4 do
+    local h = hi % B
+    hi = (hi - h) / B
+    local x = h * E8 + carry
+    l[i] = x % B
+    carry = (x - l[i]) / B
   end
+  if carry > 0 then return nil end
   return norm(l)
 end
 
+-- Format an amount: a table is divided by 10^8 limb by limb (every step
+-- < 2^44), so it prints as two exact numbers.
+-- (%d prints a C long: exact for every integer below 2^53, and twice as
+-- fast as %.0f.)
+local fmt = string.format
 local function S(v)
-  if type(v) == 'number' then return string.format('%.0f', v) end
-  local l = {v[1], v[2], v[3], v[4]}
-  local digits = {}
-  while l[1] + l[2] + l[3] + l[4] > 0 do
-    local rem = 0
-    for i = 4, 1, -1 do
-      local x = rem * B + l[i]
-      l[i] = floor(x / 10)
-      rem = x % 10
-    end
-    digits[#digits + 1] = rem
+  if type(v) == 'number' then return fmt('%d', v) end
+  local q, rem = 0, 0
+  for i = 4, 1, -1 do
+    local x = rem * B + v[i]
+    local d = floor(x / E8)
+    rem = x - d * E8
+    q = q * B + d
   end
-  local out = {}
-  for i = #digits, 1, -1 do out[#out + 1] = digits[i] end
-  if #out == 0 then return '0' end
-  return table.concat(out)
+  return fmt('%d%08d', q, rem)
 end
 
 -- a + b, or nil past u64.
@@ -97,9 +107,13 @@ local function sub(a, b)
 end
 
 local function cmp(a, b)
-  if type(a) == 'number' and type(b) == 'number' then
+  local na, nb = type(a) == 'number', type(b) == 'number'
+  if na and nb then
     if a < b then return -1 elseif a > b then return 1 else return 0 end
   end
+  -- A number is below 2^53 and a table at or above it.
+  if na then return -1 end
+  if nb then return 1 end
   local x, y = tolimbs(a), tolimbs(b)
   for i = 4, 1, -1 do
     if x[i] < y[i] then return -1 elseif x[i] > y[i] then return 1 end
@@ -107,91 +121,95 @@ local function cmp(a, b)
   return 0
 end
 
-local function iszero(v) return v == 0 end
-
 -- ceil(h * num / den) for num <= den, exact.
-local function share(h, num, den)
-  if iszero(num) or iszero(h) then return 0 end
-  if cmp(num, den) == 0 then return h end
-  if type(h) == 'number' and type(num) == 'number' and type(den) == 'number'
-      and h <= floor((TWO53 - 1) / num) then
-    local p = h * num
-    local q = floor(p / den)
-    local r = p - q * den
-    while r < 0 do q = q - 1; r = r + den end
-    while r >= den do q = q + 1; r = r - den end
-    if r > 0 then q = q + 1 end
-    return q
-  end
-  local a, b = tolimbs(h), tolimbs(num)
-  local p = {0, 0, 0, 0, 0, 0, 0, 0}
-  for i = 1, 4 do
-    local carry = 0
-    for j = 1, 4 do
-      local x = p[i + j - 1] + a[i] * b[j] + carry
-      p[i + j - 1] = x % B
-      carry = floor(x / B)
+local share
+if ARGV[9] == 's' then
+  -- (Only a settlement needs it: defined only then.)
+  share = function(h, num, den)
+    if num == 0 or h == 0 then return 0 end
+    if cmp(num, den) == 0 then return h end
+    if type(h) == 'number' and type(num) == 'number' and type(den) == 'number'
+        and h <= floor((TWO53 - 1) / num) then
+      local p = h * num
+      local q = floor(p / den)
+      local r = p - q * den
+      while r < 0 do q = q - 1; r = r + den end
+      while r >= den do q = q + 1; r = r - den end
+      if r > 0 then q = q + 1 end
+      return q
     end
-    p[i + 4] = carry
-  end
-  local d = tolimbs(den)
-  d = {d[1], d[2], d[3], d[4], 0}
-  local r = {0, 0, 0, 0, 0}
-  local q = {0, 0, 0, 0, 0, 0, 0, 0}
-  for k = 127, 0, -1 do
-    local limb = floor(k / 16) + 1
-    local bit = floor(p[limb] / 2 ^ (k % 16)) % 2
-    local carry = bit
-    for i = 1, 5 do
-      local x = r[i] * 2 + carry
-      r[i] = x % B
-      carry = floor(x / B)
-    end
-    local ge = true
-    for i = 5, 1, -1 do
-      if r[i] ~= d[i] then ge = r[i] > d[i]; break end
-    end
-    if ge then
-      local borrow = 0
-      for i = 1, 5 do
-        local s = r[i] - d[i] - borrow
-        if s < 0 then s = s + B; borrow = 1 else borrow = 0 end
-        r[i] = s
+    local a, b = tolimbs(h), tolimbs(num)
+    local p = {0, 0, 0, 0, 0, 0, 0, 0}
+    for i = 1, 4 do
+      local carry = 0
+      for j = 1, 4 do
+        local x = p[i + j - 1] + a[i] * b[j] + carry
+        p[i + j - 1] = x % B
+        carry = floor(x / B)
       end
-      q[limb] = q[limb] + 2 ^ (k % 16)
+      p[i + 4] = carry
     end
+    local d = tolimbs(den)
+    d = {d[1], d[2], d[3], d[4], 0}
+    local r = {0, 0, 0, 0, 0}
+    local q = {0, 0, 0, 0, 0, 0, 0, 0}
+    for k = 127, 0, -1 do
+      local limb = floor(k / 16) + 1
+      local bit = floor(p[limb] / 2 ^ (k % 16)) % 2
+      local carry = bit
+      for i = 1, 5 do
+        local x = r[i] * 2 + carry
+        r[i] = x % B
+        carry = floor(x / B)
+      end
+      local ge = true
+      for i = 5, 1, -1 do
+        if r[i] ~= d[i] then ge = r[i] > d[i]; break end
+      end
+      if ge then
+        local borrow = 0
+        for i = 1, 5 do
+          local s = r[i] - d[i] - borrow
+          if s < 0 then s = s + B; borrow = 1 else borrow = 0 end
+          r[i] = s
+        end
+        q[limb] = q[limb] + 2 ^ (k % 16)
+      end
+    end
+    local res = norm({q[1], q[2], q[3], q[4]})
+    if r[1] + r[2] + r[3] + r[4] + r[5] > 0 then res = add(res, 1) end
+    return res
   end
-  local res = norm({q[1], q[2], q[3], q[4]})
-  if r[1] + r[2] + r[3] + r[4] + r[5] > 0 then res = add(res, 1) end
-  return res
 end
 
 -- Calendar bounds, as Window::calendar_bounds (Howard Hinnant's civil
 -- algorithms on days since the epoch).
 local DAY = 86400000
-local function civil(z)
-  z = z + 719468
-  local era = floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
-  local y = yoe + era * 400
-  local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
-  local mp = floor((5 * doy + 2) / 153)
-  local d = doy - floor((153 * mp + 2) / 5) + 1
-  local m = mp < 10 and mp + 3 or mp - 9
-  if m <= 2 then y = y + 1 end
-  return y, m, d
-end
-local function days(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = floor(y / 400)
-  local yoe = y - era * 400
-  local mp = m > 2 and m - 3 or m + 9
-  local doy = floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
 local function bounds(period, off, now)
+  -- (Defined here: a calendar counter rolls rarely, and every function
+  -- defined at the top level costs every call.)
+  local function civil(z)
+    z = z + 719468
+    local era = floor(z / 146097)
+    local doe = z - era * 146097
+    local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+    local y = yoe + era * 400
+    local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+    local mp = floor((5 * doy + 2) / 153)
+    local d = doy - floor((153 * mp + 2) / 5) + 1
+    local m = mp < 10 and mp + 3 or mp - 9
+    if m <= 2 then y = y + 1 end
+    return y, m, d
+  end
+  local function days(y, m, d)
+    if m <= 2 then y = y - 1 end
+    local era = floor(y / 400)
+    local yoe = y - era * 400
+    local mp = m > 2 and m - 3 or m + 9
+    local doy = floor((153 * mp + 2) / 5) + d - 1
+    local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+    return era * 146097 + doe - 719468
+  end
   local offms = off * 1000
   local day = floor((now + offms) / DAY)
   local s, e
@@ -210,8 +228,9 @@ end
 
 -- Arguments.
 local now = tonumber(ARGV[1])
-if ARGV[2] == '1' then
-  local t = redis.call('TIME')
+local srv = ARGV[2] == '1'
+if srv then
+  local t = call('TIME')
   now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 end
 local mode = ARGV[3]
@@ -221,23 +240,29 @@ local lifetime = tonumber(ARGV[6])
 local nops = tonumber(ARGV[7])
 local ncool = tonumber(ARGV[8])
 local action = ARGV[9]
-local lkey = ARGV[10]
-local owner = ARGV[11]
-local ownerdesc = ARGV[12]
-local lp1 = ARGV[13]
-local lp2 = ARGV[14]
-local ekey = ARGV[15]
-local efp = ARGV[16]
-local lid = ARGV[17]
-local odkey = ARGV[18]
-local OPF = 7
-local base = 18
+local ekey = ARGV[10]
+-- What only an event or a lease needs comes only with one, and so does an
+-- op's hold descriptor.
+local base = 10
+local efp
+if ekey ~= '-' then
+  efp = ARGV[11]
+  base = 11
+end
+local lkey, owner, ownerdesc, lp1, lp2, lid, odkey
+local OPF = 6
+if action ~= '-' then
+  lkey, owner, ownerdesc = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  lp1, lp2, lid, odkey = ARGV[base + 4], ARGV[base + 5], ARGV[base + 6], ARGV[base + 7]
+  base = base + 7
+  OPF = 7
+end
 
-local MAXU = P('18446744073709551615')
+local function maxu() return {B - 1, B - 1, B - 1, B - 1} end
 
 -- The ledger first (rule 8).
 if ekey ~= '-' then
-  local e = redis.call('HMGET', ekey, 'f', 'at', 'r')
+  local e = call('HMGET', ekey, 'f', 'at', 'r')
   if e[1] and now - tonumber(e[2]) < horizon then
     if e[1] ~= efp then return 'ERR conflict' end
     return 'RE ' .. e[2] .. ' ' .. e[3]
@@ -248,7 +273,7 @@ end
 local lease = nil
 local lexp = 0
 if action ~= '-' then
-  local rec = redis.call('HMGET', lkey, 'o', 'ex', 'st', 'n')
+  local rec = call('HMGET', lkey, 'o', 'ex', 'st', 'n')
   if action == 'o' then
     if rec[1] then return 'ERR open' end
   else
@@ -258,7 +283,7 @@ if action ~= '-' then
     if now >= lexp then return 'ERR expired' end
     lease = {n = tonumber(rec[4]), holds = {}}
     for i = 1, lease.n do
-      local h = redis.call('HMGET', lkey, 'k' .. i, 'w' .. i, 'd' .. i)
+      local h = call('HMGET', lkey, 'k' .. i, 'w' .. i, 'd' .. i)
       lease.holds[i] = {key = h[1], w = h[2], desc = h[3]}
     end
   end
@@ -266,38 +291,70 @@ end
 
 -- Counters. A window spec is "C:<d|w|m>:<offset secs>", "R:<width ms>:<n>"
 -- (n = buckets + 1), "L" or "X".
-local function parsew(spec)
-  local kind = string.sub(spec, 1, 1)
-  local w = {kind = kind}
-  if kind == 'C' or kind == 'R' then
-    local a, b = string.match(spec, '^.:([^:]+):([^:]+)$')
-    if kind == 'C' then
-      w.period = a
-      w.off = tonumber(b)
-    else
-      w.width = tonumber(a)
-      w.n = tonumber(b)
+local parsew
+if ARGV[9] ~= '-' then
+  -- (Only lease holds need it: defined only with a lease.)
+  parsew = function(spec, w)
+    local kind = string.sub(spec, 1, 1)
+    w.kind = kind
+    if kind == 'C' or kind == 'R' then
+      local a, b = string.match(spec, '^.:([^:]+):([^:]+)$')
+      if kind == 'C' then
+        w.period = a
+        w.off = tonumber(b)
+      else
+        w.width = tonumber(a)
+        w.n = tonumber(b)
+      end
     end
+    return w
   end
-  return w
 end
 
 local counters = {}
+-- A field to delete at write-back.
+local function drop(c, f)
+  local d = c.hdel
+  if d then d[#d + 1] = f else c.hdel = {f} end
+end
 -- Load a counter and roll it to now (rule 2), dropping expired holds. Reads
 -- only: what leaves is deleted at write-back, so a batch that ends in an
 -- error changes nothing.
-local function load(key, w)
+-- rec: a table to keep the counter in (an op is its own counter record:
+-- their fields differ, and one table fewer is made per op).
+local function load(key, w, rec)
   local c = counters[key]
   if c then return c end
-  c = {key = key, w = w, dirty = false, hdel = {}, zdrop = false}
+  -- full: every field is written back (a new or rolled counter); else
+  -- only what changed: uchg (used), hchg (held). zchg: the expiry set was
+  -- added to. x: the expiry last set, on the server's clock (see write-back).
+  c = rec or {}
+  c.key, c.w, c.dirty = key, w, false
   counters[key] = c
-  local f = redis.call('HMGET', key, 'u', 's', 'e', 'hd', 'tl', 'H')
+  local f
+  if w.kind == 'R' then
+    -- The bucket of now comes along: it is the one an admit adds to.
+    c.bb = floor(now / w.width)
+    c.bf = 'b' .. c.bb
+    f = call('HMGET', key, 'u', 'H', 'x', 'hd', 'tl', c.bf)
+    c.bv = P(f[6])
+  elseif w.kind == 'C' then
+    f = call('HMGET', key, 'u', 'H', 'x', 's', 'e')
+  else
+    f = call('HMGET', key, 'u', 'H', 'x')
+  end
   c.used = P(f[1])
-  c.held = P(f[6])
+  c.held = P(f[2])
+  -- Every write-back writes H, so a counter in Redis has it.
+  c.full = not f[2]
+  if f[3] then
+    if srv then c.x = tonumber(f[3]) else c.hdel = {'x'} end
+  end
   if w.kind == 'C' then
-    local s, e = tonumber(f[2]), tonumber(f[3])
-    if not s or now >= e or (now < s and iszero(c.used)) then
+    local s, e = tonumber(f[4]), tonumber(f[5])
+    if not s or now >= e or (now < s and c.used == 0) then
       if s then c.dirty = true end
+      c.full = true
       s, e = bounds(w.period, w.off, now)
       c.used = 0
     end
@@ -305,103 +362,147 @@ local function load(key, w)
   elseif w.kind == 'R' then
     local hd, tl = tonumber(f[4]), tonumber(f[5])
     local cur = floor(now / w.width)
-    c.buckets = {}
     if not hd then
       hd, tl = cur, cur
+      c.full = true
     elseif cur > hd then
       c.dirty = true
+      c.full = true
       local oldest = cur - w.n + 1
-      if not iszero(c.used) then
+      if c.used ~= 0 then
         for b = tl, math.min(hd, oldest - 1) do
-          local v = redis.call('HGET', key, 'b' .. b)
+          local v = call('HGET', key, 'b' .. b)
           if v then
             c.used = sub(c.used, P(v))
-            c.hdel[#c.hdel + 1] = 'b' .. b
+            drop(c, 'b' .. b)
           end
         end
       end
       hd = cur
-      if iszero(c.used) then
+      if c.used == 0 then
         tl = cur
       elseif tl < oldest then
         tl = oldest
-        while not redis.call('HGET', key, 'b' .. tl) do tl = tl + 1 end
+        while not call('HGET', key, 'b' .. tl) do tl = tl + 1 end
       end
     end
     c.hd, c.tl = hd, tl
   end
-  -- Holds that expired at or before now are gone (rule 7).
+  -- Holds that expired at or before now are gone (rule 7). Every member
+  -- of the expiry set has a positive amount in H, so H = 0 means no holds.
+  if c.held == 0 then return c end
   local zkey = key .. ':x'
-  local gone = redis.call('ZRANGEBYSCORE', zkey, '-inf', now)
+  local gone = call('ZRANGEBYSCORE', zkey, '-inf', now)
   if #gone > 0 then
     for _, l in ipairs(gone) do
-      local v = redis.call('HGET', key, 'h' .. l)
+      local v = call('HGET', key, 'h' .. l)
       if v then
         c.held = sub(c.held, P(v))
-        c.hdel[#c.hdel + 1] = 'h' .. l
+        drop(c, 'h' .. l)
       end
     end
     c.zdrop = true
+    c.hchg = true
     c.dirty = true
   end
   return c
 end
 
 local function bucket(c, b)
-  return P(redis.call('HGET', c.key, 'b' .. b))
+  return P(call('HGET', c.key, 'b' .. b))
 end
 
+-- A rolling counter's newest bucket is written at write-back: c.bb names
+-- it and c.bv is its value (read with the counter, or here).
 local function addusage(c, delta)
-  if iszero(delta) then return end
+  if delta == 0 then return end
   if c.w.kind == 'X' then return end
   if c.w.kind == 'R' then
-    if iszero(c.used) then c.tl = c.hd end
-    redis.call('HSET', c.key, 'b' .. c.hd, S(add(bucket(c, c.hd), delta)))
+    if c.used == 0 then
+      c.tl = c.hd
+      c.full = true
+    end
+    if c.bb ~= c.hd then
+      c.bb = c.hd
+      c.bf = 'b' .. c.hd
+      c.bv = bucket(c, c.hd)
+    end
+    c.bv = add(c.bv, delta)
+    c.bw = true
   end
   c.used = add(c.used, delta)
+  c.uchg = true
   c.dirty = true
 end
 
-local function addhold(c, exp, delta)
-  if iszero(delta) then return end
-  local f = 'h' .. lid
-  local cur = P(redis.call('HGET', c.key, f))
-  redis.call('HSET', c.key, f, S(add(cur, delta)))
-  redis.call('ZADD', c.key .. ':x', exp, lid)
-  c.held = add(c.held, delta)
-  c.dirty = true
-end
-
-local function removehold(c)
-  local f = 'h' .. lid
-  local v = P(redis.call('HGET', c.key, f))
-  if not iszero(v) then
-    redis.call('HDEL', c.key, f)
-    c.held = sub(c.held, v)
+local addhold
+if ARGV[9] ~= '-' then
+  addhold = function(c, exp, delta)
+    if delta == 0 then return end
+    local f = 'h' .. lid
+    local cur = P(call('HGET', c.key, f))
+    call('HSET', c.key, f, S(add(cur, delta)))
+    call('ZADD', c.key .. ':x', exp, lid)
+    c.held = add(c.held, delta)
+    c.hchg = true
+    c.zchg = true
+    c.dirty = true
   end
-  redis.call('ZREM', c.key .. ':x', lid)
-  c.dirty = true
-  return v
+end
+
+local removehold
+if ARGV[9] ~= '-' then
+  removehold = function(c)
+    local f = 'h' .. lid
+    local v = P(call('HGET', c.key, f))
+    if v ~= 0 then
+      call('HDEL', c.key, f)
+      c.held = sub(c.held, v)
+      c.hchg = true
+    end
+    call('ZREM', c.key .. ':x', lid)
+    c.dirty = true
+    return v
+  end
 end
 
 -- Phase 1: decide.
+-- Op i's window as a spec, for a lease record (parsew reads it back).
+local specof
+if ARGV[9] ~= '-' then
+  specof = function(i)
+    local k = base + (i - 1) * OPF
+    local kind = ARGV[k + 2]
+    if kind == 'C' or kind == 'R' then return kind .. ':' .. ARGV[k + 3] .. ':' .. ARGV[k + 4] end
+    return kind
+  end
+end
 local ops = {}
 for i = 1, nops do
   local k = base + (i - 1) * OPF
-  local op = {key = ARGV[k + 1], w = parsew(ARGV[k + 2]), delta = P(ARGV[k + 3]),
-    desc = ARGV[k + 5]}
-  if ARGV[k + 4] ~= '-' then op.max = P(ARGV[k + 4]) end
-  op.c = load(op.key, op.w)
+  -- An op is its own window: kind, then period and offset (C) or bucket
+  -- width and count (R), as parsew reads them from a spec.
+  local kind = ARGV[k + 2]
+  local op = {key = ARGV[k + 1], kind = kind, delta = P(ARGV[k + 5])}
+  if kind == 'R' then
+    op.width, op.n = tonumber(ARGV[k + 3]), tonumber(ARGV[k + 4])
+  elseif kind == 'C' then
+    op.period, op.off = ARGV[k + 3], tonumber(ARGV[k + 4])
+  end
+  if ARGV[k + 6] ~= '-' then op.max = ARGV[k + 6] end
+  if lkey then op.desc = ARGV[k + 7] end
+  op.c = load(op.key, op, op)
   ops[i] = op
 end
 
-local charges = {}
+local charges
 if action == 's' then
+  charges = {}
   local num, den = P(lp1), P(lp2)
   for i = 1, lease.n do
     local h = lease.holds[i]
-    local c = load(h.key, parsew(h.w))
-    local held = P(redis.call('HGET', h.key, 'h' .. lid))
+    local c = load(h.key, parsew(h.w, {}))
+    local held = P(call('HGET', h.key, 'h' .. lid))
     local charged = 0
     if c.w.kind ~= 'X' then charged = share(held, num, den) end
     charges[i] = {c = c, held = held, charged = charged, desc = h.desc}
@@ -414,6 +515,17 @@ if action == 's' then
   end
 end
 
+-- An op's max stays a string until a comparison needs its value: one of
+-- 17 digits or more is at least 10^16, above any number (< 2^53).
+local function maxof(op)
+  if not op.maxv then op.maxv = P(op.max) end
+  return op.maxv
+end
+local function within(s, op)
+  if type(s) == 'number' and #op.max >= 17 then return true end
+  return cmp(s, maxof(op)) <= 0
+end
+
 local holding = action == 'o' or action == 'g'
 local allfit = true
 for i, op in ipairs(ops) do
@@ -422,19 +534,19 @@ for i, op in ipairs(ops) do
   if not add(target, op.delta) and (mode == 'f' or not op.max) then
     return 'ERR overflow ' .. i
   end
-  if not iszero(op.delta) and op.max then
+  if op.delta ~= 0 and op.max then
     local s = add(c.used, c.held)
     s = s and add(s, op.delta)
-    if not s or cmp(s, op.max) > 0 then allfit = false end
+    if not s or not within(s, op) then allfit = false end
   end
 end
 
-local cooling = {}
-local ckeys = {}
+local cooling, ckeys = {}, nil
+if ncool > 0 then ckeys = {} end
 for i = 1, ncool do
   local k = base + nops * OPF + (i - 1) * 2
   ckeys[i] = {key = ARGV[k + 1], start = ARGV[k + 2]}
-  local u = tonumber(redis.call('GET', ARGV[k + 1]))
+  local u = tonumber(call('GET', ARGV[k + 1]))
   if u and u > now then
     cooling[i] = u
     allfit = false
@@ -449,7 +561,7 @@ elseif mode == 'w' then applied = allfit
 else applied = true end
 
 -- Phase 2: apply the whole batch, or nothing.
-local settled = {}
+local settled
 local leaseexp = nil
 if applied then
   if action == 'o' then
@@ -458,10 +570,10 @@ if applied then
     local n = 0
     local fields = {'o', owner, 'od', ownerdesc, 'op', S(now), 'ex', lp1, 'st', '0'}
     for i, op in ipairs(ops) do
-      if not iszero(op.delta) then
+      if op.delta ~= 0 then
         addhold(op.c, exp, op.delta)
         n = n + 1
-        for _, x in ipairs({'k' .. n, op.key, 'w' .. n, ARGV[base + (i - 1) * OPF + 2],
+        for _, x in ipairs({'k' .. n, op.key, 'w' .. n, specof(i),
           'd' .. n, op.desc}) do fields[#fields + 1] = x end
       end
     end
@@ -470,26 +582,27 @@ if applied then
     if lp2 ~= '-' then
       fields[#fields + 1] = 'dl'
       fields[#fields + 1] = lp2
-      redis.call('ZADD', odkey, tonumber(lp2), lid)
+      call('ZADD', odkey, tonumber(lp2), lid)
     end
-    redis.call('HSET', lkey, unpack(fields))
+    call('HSET', lkey, unpack(fields))
   elseif action == 'r' then
     local exp = tonumber(lp1)
     leaseexp = exp
     for i = 1, lease.n do
       local h = lease.holds[i]
-      local c = load(h.key, parsew(h.w))
-      if redis.call('HEXISTS', h.key, 'h' .. lid) == 1 then
-        redis.call('ZADD', h.key .. ':x', exp, lid)
+      local c = load(h.key, parsew(h.w, {}))
+      if call('HEXISTS', h.key, 'h' .. lid) == 1 then
+        call('ZADD', h.key .. ':x', exp, lid)
+        c.zchg = true
         c.dirty = true
       end
     end
-    redis.call('HSET', lkey, 'ex', lp1)
+    call('HSET', lkey, 'ex', lp1)
   elseif action == 'g' then
     leaseexp = lexp
     local n = lease.n
     for i, op in ipairs(ops) do
-      if not iszero(op.delta) then
+      if op.delta ~= 0 then
         addhold(op.c, lexp, op.delta)
         local known = false
         for j = 1, n do
@@ -498,14 +611,15 @@ if applied then
         if not known then
           n = n + 1
           lease.holds[n] = {key = op.key}
-          redis.call('HSET', lkey, 'k' .. n, op.key, 'w' .. n, ARGV[base + (i - 1) * OPF + 2],
+          call('HSET', lkey, 'k' .. n, op.key, 'w' .. n, specof(i),
             'd' .. n, op.desc)
         end
       end
     end
-    redis.call('HSET', lkey, 'n', tostring(n))
+    call('HSET', lkey, 'n', tostring(n))
   elseif action == 's' then
     leaseexp = lexp
+    settled = {}
     for i = 1, lease.n do
       local ch = charges[i]
       removehold(ch.c)
@@ -513,71 +627,98 @@ if applied then
       settled[#settled + 1] = ch.desc .. ' ' .. S(ch.held) .. ' ' .. S(ch.charged)
     end
     for _, op in ipairs(ops) do addusage(op.c, op.delta) end
-    redis.call('HSET', lkey, 'st', '1')
-    redis.call('ZREM', odkey, lid)
+    call('HSET', lkey, 'st', '1')
+    call('ZREM', odkey, lid)
   else
     for _, op in ipairs(ops) do addusage(op.c, op.delta) end
   end
-  for i, ck in ipairs(ckeys) do
+  for i = 1, ncool do
+    local ck = ckeys[i]
     if ck.start ~= '-' then
       local t = tonumber(ck.start)
-      local u = tonumber(redis.call('GET', ck.key))
+      local u = tonumber(call('GET', ck.key))
       if not u or u < t then u = t end
-      redis.call('SET', ck.key, S(u), 'PX', math.max(1, u - now + margin))
+      call('SET', ck.key, S(u), 'PX', math.max(1, u - now + margin))
       if u > now then cooling[i] = u end
     end
   end
   if leaseexp then
     -- The lease record lives a horizon past its expiry (rule 7).
     local ttl = math.max(1, leaseexp + horizon - now + margin)
-    redis.call('PEXPIRE', lkey, ttl)
-    if redis.call('EXISTS', odkey) == 1 and redis.call('PTTL', odkey) < ttl then
-      redis.call('PEXPIRE', odkey, ttl)
+    call('PEXPIRE', lkey, ttl)
+    if call('EXISTS', odkey) == 1 and call('PTTL', odkey) < ttl then
+      call('PEXPIRE', odkey, ttl)
     end
   end
 end
 
--- Write back every counter that changed, with its expiry.
+-- Write back every counter that changed, with its expiry: the fields that
+-- changed (all of them for a new or rolled counter), and PEXPIRE unless the
+-- key already lives long enough. On the server's clock the expiry set last
+-- is known exactly (field x, written with every PEXPIRE; Redis's own clock
+-- only moves on after TIME, so the key lives at least that long); on the
+-- batch's clock it is not, and every write sets it again.
 for key, c in pairs(counters) do
   if c.dirty then
-    if #c.hdel > 0 then redis.call('HDEL', key, unpack(c.hdel)) end
-    if c.zdrop then redis.call('ZREMRANGEBYSCORE', key .. ':x', '-inf', now) end
-    local w = c.w
-    local fields = {'H', S(c.held)}
+    if c.hdel then call('HDEL', key, unpack(c.hdel)) end
+    if c.zdrop then call('ZREMRANGEBYSCORE', key .. ':x', '-inf', now) end
+    local w, full = c.w, c.full
+    local fields, n = {}, 0
+    if full or c.hchg then
+      fields[1], fields[2], n = 'H', S(c.held), 2
+    end
+    if w.kind ~= 'X' and (full or c.uchg) then
+      fields[n + 1], fields[n + 2], n = 'u', S(c.used), n + 2
+    end
     local ends = now
     if w.kind == 'C' then
-      fields[#fields + 1] = 'u'; fields[#fields + 1] = S(c.used)
-      fields[#fields + 1] = 's'; fields[#fields + 1] = S(c.s)
-      fields[#fields + 1] = 'e'; fields[#fields + 1] = S(c.e)
+      if full then
+        fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4], n = 's', S(c.s), 'e', S(c.e), n + 4
+      end
       ends = c.e
     elseif w.kind == 'R' then
-      fields[#fields + 1] = 'u'; fields[#fields + 1] = S(c.used)
-      fields[#fields + 1] = 'hd'; fields[#fields + 1] = S(c.hd)
-      fields[#fields + 1] = 'tl'; fields[#fields + 1] = S(c.tl)
+      if full then
+        fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4], n = 'hd', S(c.hd), 'tl', S(c.tl), n + 4
+      end
+      if c.bw then
+        fields[n + 1], fields[n + 2], n = c.bf, S(c.bv), n + 2
+      end
       ends = (c.hd + w.n) * w.width
     elseif w.kind == 'L' then
-      fields[#fields + 1] = 'u'; fields[#fields + 1] = S(c.used)
       ends = now + lifetime
     end
-    local last = redis.call('ZRANGE', key .. ':x', -1, -1, 'WITHSCORES')
-    if last[2] then
-      local e = tonumber(last[2])
-      if e > ends then ends = e end
+    -- No amount held, no expiry set (see load).
+    local last = nil
+    if c.held ~= 0 then
+      last = tonumber(call('ZRANGE', key .. ':x', -1, -1, 'WITHSCORES')[2])
+      if last and last > ends then ends = last end
     end
     local ttl = math.max(1, ends - now + margin)
-    if iszero(c.used) and iszero(c.held) and not last[2] then
+    if c.used == 0 and c.held == 0 and not last then
       -- Nothing left to count: reclaim the counter.
-      redis.call('DEL', key, key .. ':x')
+      call('DEL', key, key .. ':x')
     else
-      redis.call('HSET', key, unpack(fields))
-      redis.call('PEXPIRE', key, ttl)
-      if last[2] then redis.call('PEXPIRE', key .. ':x', ttl) end
+      local keep = srv and not full and not c.zchg and c.x and now + ttl <= c.x
+      if srv and not keep then
+        fields[n + 1], fields[n + 2], n = 'x', S(now + ttl), n + 2
+      end
+      if n > 0 then call('HSET', key, unpack(fields)) end
+      if not keep then
+        call('PEXPIRE', key, ttl)
+        if last then call('PEXPIRE', key .. ':x', ttl) end
+      end
     end
   end
 end
 
--- Phase 3: report.
-local out = {'OK', applied and '1' or '0', S(now), tostring(nops)}
+-- Phase 3: report, as an array: a number below 2^53 goes out as an
+-- integer reply (no formatting here), anything larger as a decimal string.
+local function N(v)
+  if type(v) == 'number' then return v end
+  return S(v)
+end
+local out = {'OK', applied and 1 or 0, now, nops}
+local o = 4
 for _, op in ipairs(ops) do
   local c = op.c
   local delta = applied and 0 or op.delta
@@ -585,46 +726,52 @@ for _, op in ipairs(ops) do
   if op.max then
     local s = add(c.used, c.held)
     s = s and add(s, delta)
-    over = (not s) or cmp(s, op.max) > 0
+    over = (not s) or not within(s, op)
   end
-  local pending = add(c.held, delta) or MAXU
   local ps, ra, av = '-', '-', '-'
-  if op.w.kind == 'C' then
-    ps, ra = S(c.s), S(c.e)
-    if over and cmp(pending, op.max) <= 0 then av = S(c.e) end
-  elseif op.w.kind == 'R' then
-    ps = S(now - (op.w.n - 1) * op.w.width)
-    local present = redis.call('EXISTS', c.key) == 1
-    if present and not iszero(c.used) then ra = S((c.tl + op.w.n) * op.w.width) end
-    if present and over and cmp(pending, op.max) <= 0 then
+  if op.kind == 'C' then
+    ps, ra = c.s, c.e
+    if over and within(add(c.held, delta) or maxu(), op) then av = c.e end
+  elseif op.kind == 'R' then
+    ps = now - (op.n - 1) * op.width
+    -- A counter not in Redis reads used = 0 here, and then over implies
+    -- pending > max: both branches need the key.
+    if c.used ~= 0 then ra = (c.tl + op.n) * op.width end
+    local pending = over and (add(c.held, delta) or maxu())
+    if over and within(pending, op) then
       -- pending <= max: what must leave is used - (max - pending).
-      local room = sub(op.max, pending)
+      local room = sub(maxof(op), pending)
       local need = 0
       if cmp(c.used, room) > 0 then need = sub(c.used, room) end
       local freed = 0
       for b = c.tl, c.hd do
-        freed = add(freed, bucket(c, b)) or MAXU
+        freed = add(freed, bucket(c, b)) or maxu()
         if cmp(freed, need) >= 0 then
-          av = S((b + op.w.n) * op.w.width)
+          av = (b + op.n) * op.width
           break
         end
       end
     end
   end
-  out[#out + 1] = S(c.used)
-  out[#out + 1] = S(c.held)
-  out[#out + 1] = ps
-  out[#out + 1] = ra
-  out[#out + 1] = av
+  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = N(c.used), N(c.held), ps, ra, av
+  o = o + 5
 end
-out[#out + 1] = tostring(ncool)
-for i = 1, ncool do out[#out + 1] = cooling[i] and S(cooling[i]) or '-' end
-out[#out + 1] = tostring(#settled)
-for _, s in ipairs(settled) do out[#out + 1] = s end
-local result = table.concat(out, ' ')
+out[o + 1] = ncool
+o = o + 1
+for i = 1, ncool do out[o + i] = cooling[i] or '-' end
+o = o + ncool
+if settled then
+  out[o + 1] = #settled
+  for i, s in ipairs(settled) do out[o + 1 + i] = s end
+else
+  out[o + 1] = 0
+end
 
 if applied and ekey ~= '-' then
-  redis.call('HSET', ekey, 'f', efp, 'at', S(now), 'r', result)
-  redis.call('PEXPIRE', ekey, horizon + margin)
+  -- The ledger keeps the answer as one string, which a replay returns.
+  local words = {}
+  for i, v in ipairs(out) do words[i] = type(v) == 'number' and S(v) or v end
+  call('HSET', ekey, 'f', efp, 'at', S(now), 'r', table.concat(words, ' '))
+  call('PEXPIRE', ekey, horizon + margin)
 end
-return result
+return out
