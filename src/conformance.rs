@@ -511,6 +511,45 @@ pub fn events_apply_once<S: AllowanceStore>(new: impl Fn() -> S) {
         "a refused batch does not spend its id"
     );
     assert_eq!(used(&s, &a, "t", DAY, t(64)).0, 5);
+    // A replayed settlement names its lease owner: another owner's retry
+    // under the same id and fingerprint is a conflict, not its answer.
+    let (o1, o2) = (ScopeKey::subject("o1"), ScopeKey::subject("o2"));
+    let id = fresh_id();
+    let open = LeaseOp::new(
+        id,
+        &o1,
+        LeaseAction::Open {
+            expires_at: t(600),
+            deadline: None,
+        },
+    );
+    apply(
+        &s,
+        Batch::new(&[op(&o1, "t", DAY, 2, None)], Mode::WithinLimits, t(65)).with_lease(open),
+    );
+    let settle = |owner| {
+        Batch::new(&[], Mode::Force, t(66))
+            .with_lease(LeaseOp::new(
+                id,
+                owner,
+                LeaseAction::Settle {
+                    keep: Fraction::ONE,
+                },
+            ))
+            .with_event(EventKey::new("e3", 9))
+    };
+    let first = apply(&s, settle(&o1));
+    assert!(first.replayed_at.is_none());
+    assert!(matches!(
+        s.apply(&settle(&o2)),
+        Err(Error::EventConflict { .. })
+    ));
+    let again = apply(&s, settle(&o1));
+    assert_eq!(again.replayed_at, Some(t(66)));
+    assert_eq!(
+        again.settled, first.settled,
+        "the owner's replay answers its settlement"
+    );
 }
 
 /// Rule 9: a started cooldown refuses `WithinLimits` and `Check` batches

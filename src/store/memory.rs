@@ -913,7 +913,7 @@ impl AllowanceStore for MemoryStore {
             let guard = self.ledger[side_index(ev.id)].lock();
             if let Some(e) = guard.get(ev.id) {
                 if now_ms.saturating_sub(e.at_ms) < self.horizon_ms {
-                    if e.fingerprint != ev.fingerprint {
+                    if Some(e.fingerprint) != super::event_fingerprint(batch) {
                         return Err(Error::EventConflict {
                             event: ev.id.to_owned(),
                         });
@@ -1257,7 +1257,7 @@ impl AllowanceStore for MemoryStore {
                 guard.insert(
                     Box::from(ev.id),
                     Entry {
-                        fingerprint: ev.fingerprint,
+                        fingerprint: super::event_fingerprint(batch).unwrap_or(ev.fingerprint),
                         at_ms: now_ms,
                         applied: result.clone(),
                     },

@@ -65,7 +65,9 @@
 //!    a batch that applied less than the backend's horizon ago, return that
 //!    batch's [`Applied`] with [`Applied::replayed_at`] set to its `now`,
 //!    changing nothing — or [`Error::EventConflict`] if the fingerprint
-//!    differs. Otherwise run the batch; if it applied, remember it under the
+//!    differs. The fingerprint compared is the event's together with the
+//!    batch's lease owner ([`event_fingerprint`]), so a replay never answers
+//!    another owner's settlement. Otherwise run the batch; if it applied, remember it under the
 //!    id. The ledger is consulted before lease state, so a retried commit
 //!    replays instead of failing as settled.
 //! 9. **Keep cooldowns** ([`CooldownOp`]): in `Check` and `WithinLimits`, a
@@ -698,6 +700,26 @@ impl<T: AllowanceStore + ?Sized> AllowanceStore for Arc<T> {
     fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
         (**self).overdue(now)
     }
+}
+
+/// The fingerprint a store keeps and compares for `batch`'s event (contract
+/// rule 8): the event's own, mixed with the lease owner's kind and id when
+/// the batch has a lease. Stable across processes (FNV-1a), so ledgers in
+/// snapshots and shared backends agree. `None` without an event.
+pub fn event_fingerprint(batch: &Batch<'_>) -> Option<u64> {
+    let ev = batch.event?;
+    let Some(lease) = batch.lease else {
+        return Some(ev.fingerprint);
+    };
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ ev.fingerprint;
+    let kind: u8 = match lease.owner.kind() {
+        ScopeKind::Subject => 1,
+        ScopeKind::Pool => 2,
+    };
+    for &b in std::iter::once(&kind).chain(lease.owner.id().as_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Some(h)
 }
 
 /// Whether an op with this usage and these holds fits (contract rule 3).

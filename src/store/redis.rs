@@ -664,7 +664,9 @@ impl AsyncAllowanceStore for RedisStore {
                     self.tag,
                     hex(&Sha256::digest(e.id.as_bytes())[..16])
                 ),
-                e.fingerprint.to_string(),
+                super::event_fingerprint(batch)
+                    .unwrap_or(e.fingerprint)
+                    .to_string(),
             ),
             None => ("-".into(), "-".into()),
         };
