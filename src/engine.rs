@@ -531,6 +531,24 @@ impl<S, C: Clock> Engine<S, C> {
     where
         S: AllowanceStore,
     {
+        let o = match self.open(request, lease_ttl)? {
+            Ok(o) => o,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let (ops, limits) = self.ops_for(&o.p, request.model, Shape::Reserve);
+        let cooldowns = self.cooldowns_for(&o.p, request.model, None);
+        let applied = self.apply(&o.batch(&ops, &cooldowns))?;
+        Ok(self.opened(request, &o, &ops, &limits, &applied, &cooldowns))
+    }
+
+    /// A reservation's checks before its store call: no event id, the
+    /// request resolved, the lease's expiry and deadline, the allowlist
+    /// (`Err` is the refusing decision, observed).
+    fn open(
+        &self,
+        request: &Request<'_>,
+        lease_ttl: std::time::Duration,
+    ) -> Result<Result<Opening, Decision>, Error> {
         if request.event.is_some() {
             return Err(Error::request(
                 "reserve takes no event id: a retried reserve is a new reservation",
@@ -547,49 +565,56 @@ impl<S, C: Clock> Engine<S, C> {
             .plan
             .max_job_ms
             .and_then(|ms| now.checked_add_signed(chrono::Duration::milliseconds(ms)));
-        let (ops, limits) = self.ops_for(&p, request.model, Shape::Reserve);
-        let cooldowns = self.cooldowns_for(&p, request.model, None);
-        let id = LeaseId::random();
-        let lease = LeaseOp::new(
-            id,
-            &p.alloc.scope,
-            LeaseAction::Open {
-                expires_at,
-                deadline,
-            },
-        );
-        let batch = Batch::new(&ops, Mode::WithinLimits, now)
-            .with_lease(lease)
-            .with_cooldowns(&cooldowns);
-        let applied = self.apply(&batch)?;
+        Ok(Ok(Opening {
+            id: LeaseId::random(),
+            p,
+            now,
+            expires_at,
+            deadline,
+        }))
+    }
+
+    /// A reservation's answer after its store call: the `Reservation`, or
+    /// the refusing decision (as `reserve` returns it).
+    #[allow(clippy::too_many_arguments, clippy::result_large_err)]
+    fn opened(
+        &self,
+        request: &Request<'_>,
+        o: &Opening,
+        ops: &[CounterOp<'_>],
+        limits: &[&Limit],
+        applied: &Applied,
+        cooldowns: &[CooldownOp<'_>],
+    ) -> Result<Reservation, Decision> {
         let decision = self.finish(
             Call::Reserve,
             request,
-            &p,
-            &ops,
-            &limits,
-            &applied,
-            &cooldowns,
-            now,
+            &o.p,
+            ops,
+            limits,
+            applied,
+            cooldowns,
+            o.now,
         );
         if !applied.applied {
-            return Ok(Err(decision));
+            return Err(decision);
         }
-        Ok(Ok(Reservation {
-            id,
+        Ok(Reservation {
+            id: o.id,
             subject: request.subject.to_owned(),
             model: request.model.map(str::to_owned),
             pools: request.pools.iter().map(|s| (*s).to_owned()).collect(),
-            held: p
+            held: o
+                .p
                 .amounts
                 .iter()
                 .map(|&(i, n)| (i, self.catalog.meter_ids[i].clone(), n))
                 .collect(),
-            opened_at: now,
-            expires_at,
-            deadline,
+            opened_at: o.now,
+            expires_at: o.expires_at,
+            deadline: o.deadline,
             decision,
-        }))
+        })
     }
 
     /// Extend a live reservation's lease to `now + lease_ttl` (a heartbeat).
@@ -1219,6 +1244,32 @@ struct Prepared {
     cost: Option<Money>,
     unpriced: Vec<Arc<str>>,
     model_refused: Option<Refusal>,
+}
+
+/// A reservation between its checks and its store call.
+struct Opening {
+    id: LeaseId,
+    p: Prepared,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    deadline: Option<DateTime<Utc>>,
+}
+
+impl Opening {
+    /// The batch that opens the lease over `ops`.
+    fn batch<'a>(&'a self, ops: &'a [CounterOp<'a>], cooldowns: &'a [CooldownOp<'a>]) -> Batch<'a> {
+        let lease = LeaseOp::new(
+            self.id,
+            &self.p.alloc.scope,
+            LeaseAction::Open {
+                expires_at: self.expires_at,
+                deadline: self.deadline,
+            },
+        );
+        Batch::new(ops, Mode::WithinLimits, self.now)
+            .with_lease(lease)
+            .with_cooldowns(cooldowns)
+    }
 }
 
 /// Which limits a call's batch names.

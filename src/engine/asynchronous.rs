@@ -11,8 +11,8 @@ use crate::clock::Clock;
 use crate::decision::{Decision, Status};
 use crate::request::Request;
 use crate::store::{
-    Applied, AsyncAllowanceStore, Batch, EventKey, FailurePolicy, Fraction, LeaseAction, LeaseId,
-    LeaseInfo, LeaseOp, Mode, ScopeKey,
+    Applied, AsyncAllowanceStore, Batch, EventKey, FailurePolicy, Fraction, LeaseAction, LeaseInfo,
+    LeaseOp, Mode, ScopeKey,
 };
 use crate::{Error, Outcome};
 
@@ -57,65 +57,14 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         request: &Request<'_>,
         lease_ttl: std::time::Duration,
     ) -> Result<Result<Reservation, Decision>, Error> {
-        if request.event.is_some() {
-            return Err(Error::request(
-                "reserve takes no event id: a retried reserve is a new reservation",
-            ));
-        }
-        let p = self.prepare(request)?;
-        let now = self.clock.now();
-        let expires_at = after(now, lease_ttl)?;
-        if let Some(decision) = self.refuse_model(&p, Call::Reserve, request, now) {
-            return Ok(Err(decision));
-        }
-        let deadline = p
-            .alloc
-            .plan
-            .max_job_ms
-            .and_then(|ms| now.checked_add_signed(chrono::Duration::milliseconds(ms)));
-        let (ops, limits) = self.ops_for(&p, request.model, Shape::Reserve);
-        let cooldowns = self.cooldowns_for(&p, request.model, None);
-        let id = LeaseId::random();
-        let lease = LeaseOp::new(
-            id,
-            &p.alloc.scope,
-            LeaseAction::Open {
-                expires_at,
-                deadline,
-            },
-        );
-        let batch = Batch::new(&ops, Mode::WithinLimits, now)
-            .with_lease(lease)
-            .with_cooldowns(&cooldowns);
-        let applied = self.apply_async(&batch).await?;
-        let decision = self.finish(
-            Call::Reserve,
-            request,
-            &p,
-            &ops,
-            &limits,
-            &applied,
-            &cooldowns,
-            now,
-        );
-        if !applied.applied {
-            return Ok(Err(decision));
-        }
-        Ok(Ok(Reservation {
-            id,
-            subject: request.subject.to_owned(),
-            model: request.model.map(str::to_owned),
-            pools: request.pools.iter().map(|s| (*s).to_owned()).collect(),
-            held: p
-                .amounts
-                .iter()
-                .map(|&(i, n)| (i, self.catalog.meter_ids[i].clone(), n))
-                .collect(),
-            opened_at: now,
-            expires_at,
-            deadline,
-            decision,
-        }))
+        let o = match self.open(request, lease_ttl)? {
+            Ok(o) => o,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let (ops, limits) = self.ops_for(&o.p, request.model, Shape::Reserve);
+        let cooldowns = self.cooldowns_for(&o.p, request.model, None);
+        let applied = self.apply_async(&o.batch(&ops, &cooldowns)).await?;
+        Ok(self.opened(request, &o, &ops, &limits, &applied, &cooldowns))
     }
 
     /// [`Engine::renew`] on an async store.
