@@ -63,9 +63,20 @@ pub struct MemoryStore {
 /// Event id to the batch it applied.
 type Ledger = HashMap<Box<str>, Entry>;
 
+/// A counter's `(meter, window)`: its index in its shard's [`Keys`].
+type KeyId = u16;
+
+/// Past this many keys a sweep of the shard drops the keys no counter uses.
+const KEYS_COMPACT_AT: usize = 64;
+
 #[derive(Debug, Default)]
 struct Shard {
-    scopes: ScopeMap<Vec<Counter>>,
+    /// The `(meter, window)` pairs this shard's counters are kept for.
+    keys: Keys,
+    /// Each scope's counters, in one exactly sized allocation.
+    scopes: ScopeMap<Box<[Counter]>>,
+    /// The live holds of the counters that have some, per scope and key.
+    holds: ScopeMap<Vec<(KeyId, Holds)>>,
     /// Cooldown end (Unix ms) per scope that has one.
     cooldowns: ScopeMap<i64>,
     /// Batches that locked this shard first; every `SWEEP_EVERY` of them,
@@ -73,8 +84,184 @@ struct Shard {
     batches: u64,
 }
 
+/// The `(meter, window)` pairs of one shard, each stored once, so a counter
+/// names its own by a two-byte [`KeyId`]. Catalogs have a handful of meters:
+/// the list is scanned (under the shard's lock), never hashed.
+#[derive(Debug, Default)]
+struct Keys(Vec<(Arc<str>, Window)>);
+
+impl Keys {
+    fn find(&self, meter: &str, window: Window) -> Option<KeyId> {
+        let i = self
+            .0
+            .iter()
+            .position(|(m, w)| *w == window && **m == *meter)?;
+        KeyId::try_from(i).ok()
+    }
+
+    /// The key of `(meter, window)`, added if new; `None` when the shard
+    /// already has `KeyId::MAX + 1` keys.
+    fn intern(&mut self, meter: &str, window: Window) -> Option<KeyId> {
+        if let Some(k) = self.find(meter, window) {
+            return Some(k);
+        }
+        let k = KeyId::try_from(self.0.len()).ok()?;
+        self.0.push((Arc::from(meter), window));
+        Some(k)
+    }
+
+    fn get(&self, key: KeyId) -> Option<&(Arc<str>, Window)> {
+        self.0.get(usize::from(key))
+    }
+}
+
+/// A counter in memory: 24 bytes, with its key and the one-byte variant tag
+/// sharing the first word. The window lives in the shard's [`Keys`]; a
+/// rolling counter's buckets in one allocation (see [`Ring`]); holds in
+/// [`Shard::holds`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Counter {
+    /// Usage in the period `[start, start + len_ms)`; rolled when `now` is
+    /// past it. The longest period (a 31-day month) is 2.7e9 ms: a `u32`.
+    Calendar {
+        key: KeyId,
+        len_ms: u32,
+        start: i64,
+        used: u64,
+    },
+    /// `buf` is `[head, tail, total, slot 0, …, slot n-1]` (see [`Ring`]).
+    Rolling { key: KeyId, buf: Box<[u64]> },
+    Lifetime { key: KeyId, used: u64 },
+    /// Holds only.
+    Concurrent { key: KeyId },
+}
+
+/// Words of a rolling counter's buffer before its slots.
+const RING_HEADER: usize = 3;
+
+/// A rolling window over a counter's buffer: `n` buckets of `width_ms`, the
+/// newest at bucket index `head` (word 0), the oldest still holding usage
+/// (when `total > 0`) at `tail` (word 1), and their running `total` (word
+/// 2); bucket `b` is slot `b mod n`. The tail is kept as buckets leave, so
+/// no read walks every bucket.
+struct Ring<B> {
+    width_ms: i64,
+    buf: B,
+}
+
+impl<B: AsRef<[u64]>> Ring<B> {
+    fn words(&self) -> &[u64] {
+        self.buf.as_ref()
+    }
+
+    fn head(&self) -> i64 {
+        self.words()[0] as i64
+    }
+
+    fn tail(&self) -> i64 {
+        self.words()[1] as i64
+    }
+
+    fn total(&self) -> u64 {
+        self.words()[2]
+    }
+
+    fn n(&self) -> i64 {
+        (self.words().len() - RING_HEADER) as i64
+    }
+
+    /// The buffer index of bucket `bucket`.
+    fn slot(&self, bucket: i64) -> usize {
+        RING_HEADER + bucket.rem_euclid(self.n()) as usize
+    }
+
+    /// Time a bucket's usage leaves: the start of bucket `b + n`.
+    fn leaves_at(&self, bucket: i64) -> i64 {
+        (bucket + self.n()).saturating_mul(self.width_ms)
+    }
+
+    fn oldest_bucket(&self) -> i64 {
+        self.head() - self.n() + 1
+    }
+
+    fn resets_at(&self) -> Option<i64> {
+        (self.total() > 0).then(|| self.leaves_at(self.tail()))
+    }
+
+    /// Earliest time `total - left + delta <= max`, if `delta <= max`.
+    fn available_at(&self, delta: u64, max: u64) -> Option<i64> {
+        if delta > max {
+            return None;
+        }
+        let need = (u128::from(self.total()) + u128::from(delta)).saturating_sub(u128::from(max));
+        let mut freed = 0u128;
+        for b in self.tail()..=self.head() {
+            freed += u128::from(self.words()[self.slot(b)]);
+            if freed >= need {
+                return Some(self.leaves_at(b));
+            }
+        }
+        None
+    }
+}
+
+impl<B: AsRef<[u64]> + AsMut<[u64]>> Ring<B> {
+    fn set(&mut self, i: usize, v: u64) {
+        self.buf.as_mut()[i] = v;
+    }
+
+    /// Drop the buckets that have left by `now_ms`.
+    fn advance(&mut self, now_ms: i64) {
+        let cur = now_ms.div_euclid(self.width_ms);
+        if cur <= self.head() {
+            // Same bucket, or a clock that stepped back: keep writing to head.
+            return;
+        }
+        let steps = (cur - self.head()).min(self.n());
+        let mut total = self.total();
+        for k in 1..=steps {
+            let i = self.slot(self.head() + k);
+            total -= self.words()[i];
+            self.set(i, 0);
+        }
+        self.set(0, cur as u64);
+        self.set(2, total);
+        if total == 0 {
+            self.set(1, cur as u64);
+        } else if self.tail() < self.oldest_bucket() {
+            // Some bucket in [oldest, head] holds usage; walk to it. Each
+            // bucket index is walked past at most once in a counter's life.
+            let mut tail = self.oldest_bucket();
+            while self.words()[self.slot(tail)] == 0 {
+                tail += 1;
+            }
+            self.set(1, tail as u64);
+        }
+    }
+
+    /// Add `delta` to the head bucket (already checked not to overflow).
+    fn add(&mut self, delta: u64) {
+        if self.total() == 0 {
+            self.set(1, self.head() as u64);
+        }
+        let i = self.slot(self.head());
+        self.set(i, self.words()[i] + delta);
+        self.set(2, self.total() + delta);
+    }
+}
+
+/// The bucket width of a window (0 for any but a rolling one).
+fn width_of(window: Window) -> i64 {
+    match window {
+        Window::Rolling { span_secs, buckets } => Window::bucket_ms(span_secs, buckets),
+        _ => 0,
+    }
+}
+
+/// A counter in a snapshot: its meter and window spelled out, its buckets
+/// and holds inline.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Counter {
+struct SnapCounter {
     meter: Arc<str>,
     window: Window,
     data: Data,
@@ -85,7 +272,7 @@ struct Counter {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Data {
-    /// Usage in the period `[start, end)`; rolled when `now >= end`.
+    /// Usage in the period `[start, end)`.
     Calendar {
         start: i64,
         end: i64,
@@ -99,10 +286,9 @@ enum Data {
     Concurrent,
 }
 
-/// A rolling window: `slots.len() == buckets + 1` buckets of `width_ms`, the
-/// newest at bucket index `head`, and their running `total`. `tail` is the
-/// oldest bucket still holding usage (when `total > 0`), kept as buckets
-/// leave, so no read walks every bucket.
+/// A rolling window in a snapshot: `slots.len() == buckets + 1` buckets of
+/// `width_ms`, the newest at bucket index `head`, the oldest holding usage at
+/// `tail`, and their running `total` (see [`Ring`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Rolling {
     width_ms: i64,
@@ -162,7 +348,7 @@ struct Entry {
 pub struct Snapshot {
     version: u32,
     horizon_ms: i64,
-    scopes: Vec<(ScopeKey, Vec<Counter>)>,
+    scopes: Vec<(ScopeKey, Vec<SnapCounter>)>,
     cooldowns: Vec<(ScopeKey, i64)>,
     leases: Vec<(LeaseId, Lease)>,
     events: Vec<(String, Entry)>,
@@ -186,89 +372,6 @@ impl Snapshot {
 }
 
 impl Rolling {
-    fn new(width_ms: i64, buckets: u32, now_ms: i64) -> Self {
-        let head = now_ms.div_euclid(width_ms);
-        Self {
-            width_ms,
-            head,
-            tail: head,
-            total: 0,
-            slots: vec![0; buckets as usize + 1].into_boxed_slice(),
-        }
-    }
-
-    fn n(&self) -> i64 {
-        self.slots.len() as i64
-    }
-
-    fn slot(&self, bucket: i64) -> usize {
-        bucket.rem_euclid(self.n()) as usize
-    }
-
-    /// Drop the buckets that have left by `now_ms`.
-    fn advance(&mut self, now_ms: i64) {
-        let cur = now_ms.div_euclid(self.width_ms);
-        if cur <= self.head {
-            // Same bucket, or a clock that stepped back: keep writing to head.
-            return;
-        }
-        let steps = (cur - self.head).min(self.n());
-        for k in 1..=steps {
-            let i = self.slot(self.head + k);
-            self.total -= self.slots[i];
-            self.slots[i] = 0;
-        }
-        self.head = cur;
-        if self.total == 0 {
-            self.tail = cur;
-        } else if self.tail < self.oldest_bucket() {
-            // Some bucket in [oldest, head] holds usage; walk to it. Each
-            // bucket index is walked past at most once in a counter's life.
-            self.tail = self.oldest_bucket();
-            while self.slots[self.slot(self.tail)] == 0 {
-                self.tail += 1;
-            }
-        }
-    }
-
-    fn add(&mut self, delta: u64) {
-        if self.total == 0 {
-            self.tail = self.head;
-        }
-        let i = self.slot(self.head);
-        self.slots[i] += delta;
-        self.total += delta;
-    }
-
-    /// Time a bucket's usage leaves: the start of bucket `b + n`.
-    fn leaves_at(&self, bucket: i64) -> i64 {
-        (bucket + self.n()).saturating_mul(self.width_ms)
-    }
-
-    fn oldest_bucket(&self) -> i64 {
-        self.head - self.n() + 1
-    }
-
-    fn resets_at(&self) -> Option<i64> {
-        (self.total > 0).then(|| self.leaves_at(self.tail))
-    }
-
-    /// Earliest time `total - left + delta <= max`, if `delta <= max`.
-    fn available_at(&self, delta: u64, max: u64) -> Option<i64> {
-        if delta > max {
-            return None;
-        }
-        let need = (u128::from(self.total) + u128::from(delta)).saturating_sub(u128::from(max));
-        let mut freed = 0u128;
-        for b in self.tail..=self.head {
-            freed += u128::from(self.slots[self.slot(b)]);
-            if freed >= need {
-                return Some(self.leaves_at(b));
-            }
-        }
-        None
-    }
-
     /// Snapshot invariants: the layout matches the window, the total is the
     /// sum of the buckets, and the tail is a counted bucket.
     fn check(&self, span_secs: u64, buckets: u32) -> Result<(), String> {
@@ -285,7 +388,8 @@ impl Rolling {
         if sum != self.total {
             return Err("rolling total is not the sum of its buckets".into());
         }
-        if self.total > 0 && !(self.oldest_bucket() <= self.tail && self.tail <= self.head) {
+        let oldest = self.head - self.slots.len() as i64 + 1;
+        if self.total > 0 && !(oldest <= self.tail && self.tail <= self.head) {
             return Err("rolling tail is outside the window".into());
         }
         Ok(())
@@ -340,152 +444,378 @@ impl Holds {
         self.position(lease, expires_ms)
             .map_or(0, |i| self.entries[i].amount)
     }
+
+    /// Snapshot invariants.
+    fn check(&self) -> Result<(), String> {
+        let sum = self
+            .entries
+            .iter()
+            .try_fold(0u64, |a, e| a.checked_add(e.amount))
+            .ok_or("holds overflow")?;
+        if sum != self.total || self.entries.is_empty() {
+            return Err("hold total is not the sum of its holds".into());
+        }
+        if !self
+            .entries
+            .windows(2)
+            .all(|w| (w[0].expires_ms, w[0].lease) < (w[1].expires_ms, w[1].lease))
+        {
+            return Err("holds are not sorted by expiry".into());
+        }
+        Ok(())
+    }
+}
+
+/// The length of a calendar period as a counter keeps it. Every period is at
+/// most 31 days (2.7e9 ms < `u32::MAX`).
+fn period_len(start: i64, end: i64) -> u32 {
+    u32::try_from(end.saturating_sub(start)).unwrap_or(u32::MAX)
 }
 
 impl Counter {
-    fn new(meter: &str, window: Window, now_ms: i64) -> Self {
-        let data = match window {
+    fn new(key: KeyId, window: Window, now_ms: i64) -> Self {
+        match window {
             Window::Calendar {
                 period,
                 utc_offset_secs,
             } => {
                 let (start, end) = Window::calendar_bounds(period, utc_offset_secs, now_ms);
-                Data::Calendar {
+                Counter::Calendar {
+                    key,
+                    len_ms: period_len(start, end),
                     start,
-                    end,
                     used: 0,
                 }
             }
-            Window::Rolling { span_secs, buckets } => Data::Rolling(Rolling::new(
-                Window::bucket_ms(span_secs, buckets),
-                buckets,
-                now_ms,
-            )),
-            Window::Lifetime => Data::Lifetime { used: 0 },
-            Window::Concurrent => Data::Concurrent,
-        };
-        Self {
-            meter: Arc::from(meter),
-            window,
-            data,
-            holds: None,
+            Window::Rolling { buckets, .. } => {
+                let head = now_ms.div_euclid(width_of(window)) as u64;
+                let mut buf = vec![0; RING_HEADER + buckets as usize + 1];
+                buf[0] = head;
+                buf[1] = head;
+                Counter::Rolling {
+                    key,
+                    buf: buf.into_boxed_slice(),
+                }
+            }
+            Window::Lifetime => Counter::Lifetime { key, used: 0 },
+            Window::Concurrent => Counter::Concurrent { key },
         }
     }
 
-    /// Roll the counter forward to `now_ms` and drop expired holds.
-    fn advance(&mut self, now_ms: i64) {
-        match (&mut self.data, self.window) {
+    fn key(&self) -> KeyId {
+        match *self {
+            Counter::Calendar { key, .. }
+            | Counter::Rolling { key, .. }
+            | Counter::Lifetime { key, .. }
+            | Counter::Concurrent { key } => key,
+        }
+    }
+
+    fn set_key(&mut self, to: KeyId) {
+        match self {
+            Counter::Calendar { key, .. }
+            | Counter::Rolling { key, .. }
+            | Counter::Lifetime { key, .. }
+            | Counter::Concurrent { key } => *key = to,
+        }
+    }
+
+    /// Roll the counter (of `window`) forward to `now_ms`.
+    fn advance(&mut self, window: Window, now_ms: i64) {
+        match (self, window) {
             (
-                Data::Calendar { start, end, used },
+                Counter::Calendar {
+                    len_ms,
+                    start,
+                    used,
+                    ..
+                },
                 Window::Calendar {
                     period,
                     utc_offset_secs,
                 },
-            ) if now_ms >= *end || (now_ms < *start && *used == 0) => {
+            ) if now_ms >= start.saturating_add(i64::from(*len_ms))
+                || (now_ms < *start && *used == 0) =>
+            {
                 // A clock that steps back into an earlier period keeps a
                 // counter holding usage in its own period (usage never moves
                 // to an earlier one); an empty counter follows the clock.
-                (*start, *end) = Window::calendar_bounds(period, utc_offset_secs, now_ms);
+                let (s, e) = Window::calendar_bounds(period, utc_offset_secs, now_ms);
+                *start = s;
+                *len_ms = period_len(s, e);
                 *used = 0;
             }
-            (Data::Rolling(r), _) => r.advance(now_ms),
-            _ => {}
-        }
-        if let Some(h) = &mut self.holds {
-            h.expire(now_ms);
-            if h.entries.is_empty() {
-                self.holds = None;
+            (Counter::Rolling { buf, .. }, _) => Ring {
+                width_ms: width_of(window),
+                buf: &mut **buf,
             }
+            .advance(now_ms),
+            _ => {}
         }
     }
 
     fn used(&self) -> u64 {
-        match &self.data {
-            Data::Calendar { used, .. } | Data::Lifetime { used } => *used,
-            Data::Rolling(r) => r.total,
-            Data::Concurrent => 0,
+        match self {
+            Counter::Calendar { used, .. } | Counter::Lifetime { used, .. } => *used,
+            Counter::Rolling { buf, .. } => buf[2],
+            Counter::Concurrent { .. } => 0,
         }
-    }
-
-    fn held(&self) -> u64 {
-        self.holds.as_ref().map_or(0, |h| h.total)
     }
 
     /// Add `delta` to usage (already checked not to overflow). A concurrent
     /// counter has no usage (the batch was validated not to add any).
-    fn add(&mut self, delta: u64) {
-        match &mut self.data {
-            Data::Calendar { used, .. } | Data::Lifetime { used } => *used += delta,
-            Data::Rolling(r) => r.add(delta),
-            Data::Concurrent => {}
+    fn add(&mut self, window: Window, delta: u64) {
+        match self {
+            Counter::Calendar { used, .. } | Counter::Lifetime { used, .. } => *used += delta,
+            Counter::Rolling { buf, .. } => Ring {
+                width_ms: width_of(window),
+                buf: &mut **buf,
+            }
+            .add(delta),
+            Counter::Concurrent { .. } => {}
         }
     }
 
-    fn holds_mut(&mut self) -> &mut Holds {
-        self.holds.get_or_insert_with(Box::default)
-    }
-
-    fn remove_hold(&mut self, lease: LeaseId, expires_ms: i64) -> u64 {
-        let Some(h) = &mut self.holds else {
-            return 0;
+    /// The counter as a snapshot spells it.
+    fn to_snap(&self, meter: Arc<str>, window: Window, holds: Option<&Holds>) -> SnapCounter {
+        let data = match self {
+            Counter::Calendar {
+                len_ms,
+                start,
+                used,
+                ..
+            } => Data::Calendar {
+                start: *start,
+                end: start.saturating_add(i64::from(*len_ms)),
+                used: *used,
+            },
+            Counter::Rolling { buf, .. } => Data::Rolling(Rolling {
+                width_ms: width_of(window),
+                head: buf[0] as i64,
+                tail: buf[1] as i64,
+                total: buf[2],
+                slots: buf[RING_HEADER..].into(),
+            }),
+            Counter::Lifetime { used, .. } => Data::Lifetime { used: *used },
+            Counter::Concurrent { .. } => Data::Concurrent,
         };
-        let amount = h.remove(lease, expires_ms);
-        if h.entries.is_empty() {
-            self.holds = None;
+        SnapCounter {
+            meter,
+            window,
+            data,
+            holds: holds.map(|h| Box::new(h.clone())),
         }
-        amount
     }
+}
 
-    fn matches(&self, meter: &str, window: Window) -> bool {
-        self.window == window && &*self.meter == meter
-    }
-
-    /// Snapshot invariants.
-    fn check(&self) -> Result<(), String> {
-        match (&self.data, self.window) {
-            (Data::Calendar { start, end, .. }, Window::Calendar { .. }) if start < end => {}
+impl SnapCounter {
+    /// The counter in memory, once its data is checked against its window.
+    fn to_counter(&self, key: KeyId) -> Result<Counter, String> {
+        let c = match (&self.data, self.window) {
+            (&Data::Calendar { start, end, used }, Window::Calendar { .. }) if start < end => {
+                let len_ms = u32::try_from(end - start)
+                    .map_err(|_| "calendar period is longer than 49 days")?;
+                Counter::Calendar {
+                    key,
+                    len_ms,
+                    start,
+                    used,
+                }
+            }
             (Data::Rolling(r), Window::Rolling { span_secs, buckets }) => {
                 r.check(span_secs, buckets)?;
+                let mut buf = Vec::with_capacity(RING_HEADER + r.slots.len());
+                buf.extend([r.head as u64, r.tail as u64, r.total]);
+                buf.extend_from_slice(&r.slots);
+                Counter::Rolling {
+                    key,
+                    buf: buf.into_boxed_slice(),
+                }
             }
-            (Data::Lifetime { .. }, Window::Lifetime) | (Data::Concurrent, Window::Concurrent) => {}
+            (&Data::Lifetime { used }, Window::Lifetime) => Counter::Lifetime { key, used },
+            (Data::Concurrent, Window::Concurrent) => Counter::Concurrent { key },
             _ => {
                 return Err(format!(
                     "counter data does not match window {}",
                     self.window
                 ))
             }
-        }
+        };
         if let Some(h) = &self.holds {
-            let sum = h
-                .entries
-                .iter()
-                .try_fold(0u64, |a, e| a.checked_add(e.amount))
-                .ok_or("holds overflow")?;
-            if sum != h.total || h.entries.is_empty() {
-                return Err("hold total is not the sum of its holds".into());
-            }
-            if !h
-                .entries
-                .windows(2)
-                .all(|w| (w[0].expires_ms, w[0].lease) < (w[1].expires_ms, w[1].lease))
-            {
-                return Err("holds are not sorted by expiry".into());
-            }
+            h.check()?;
         }
-        Ok(())
+        Ok(c)
     }
 }
 
-/// The state of a counter (or of an absent one, `counter == None`).
+impl Shard {
+    /// The position of the counter `key` in `scope`'s counters.
+    fn position(&self, scope: &ScopeKey, key: KeyId) -> Option<usize> {
+        self.scopes.get(scope)?.iter().position(|c| c.key() == key)
+    }
+
+    /// The key and position of the counter `(meter, window)` of `scope`.
+    fn find(&self, scope: &ScopeKey, meter: &str, window: Window) -> Option<(KeyId, usize)> {
+        let key = self.keys.find(meter, window)?;
+        Some((key, self.position(scope, key)?))
+    }
+
+    fn counter_mut(&mut self, scope: &ScopeKey, idx: usize) -> Option<&mut Counter> {
+        self.scopes.get_mut(scope)?.get_mut(idx)
+    }
+
+    /// The counter `key` (of `window`) of `scope`, created if absent, and its
+    /// position.
+    fn counter_or_new(
+        &mut self,
+        scope: &ScopeKey,
+        key: KeyId,
+        window: Window,
+        now_ms: i64,
+    ) -> Option<(usize, &mut Counter)> {
+        // Clone the scope key only when the scope is new.
+        if !self.scopes.contains_key(scope) {
+            self.scopes.insert(scope.clone(), Box::new([]));
+        }
+        let counters = self.scopes.get_mut(scope)?;
+        let idx = match counters.iter().position(|c| c.key() == key) {
+            Some(i) => i,
+            None => {
+                // Grow by exactly one: a scope's counters have no slack.
+                let mut v = std::mem::take(counters).into_vec();
+                v.reserve_exact(1);
+                v.push(Counter::new(key, window, now_ms));
+                *counters = v.into_boxed_slice();
+                counters.len() - 1
+            }
+        };
+        counters.get_mut(idx).map(|c| (idx, c))
+    }
+
+    fn holds(&self, scope: &ScopeKey, key: KeyId) -> Option<&Holds> {
+        if self.holds.is_empty() {
+            return None;
+        }
+        self.holds
+            .get(scope)?
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, h)| h)
+    }
+
+    fn held(&self, scope: &ScopeKey, key: KeyId) -> u64 {
+        self.holds(scope, key).map_or(0, |h| h.total)
+    }
+
+    /// Apply `f` to the holds of `(scope, key)`, then forget them if empty.
+    fn with_holds<R>(
+        &mut self,
+        scope: &ScopeKey,
+        key: KeyId,
+        f: impl FnOnce(&mut Holds) -> R,
+    ) -> Option<R> {
+        let list = self.holds.get_mut(scope)?;
+        let i = list.iter().position(|(k, _)| *k == key)?;
+        let r = f(&mut list[i].1);
+        if list[i].1.entries.is_empty() {
+            list.swap_remove(i);
+            if list.is_empty() {
+                self.holds.remove(scope);
+            }
+        }
+        Some(r)
+    }
+
+    /// Drop the holds of `(scope, key)` that expired by `now_ms`; returns
+    /// what is still held.
+    fn expire_holds(&mut self, scope: &ScopeKey, key: KeyId, now_ms: i64) -> u64 {
+        if self.holds.is_empty() {
+            return 0;
+        }
+        self.with_holds(scope, key, |h| {
+            h.expire(now_ms);
+            h.total
+        })
+        .unwrap_or(0)
+    }
+
+    /// Add a hold (already checked not to overflow).
+    fn add_hold(&mut self, scope: &ScopeKey, key: KeyId, lease: LeaseId, expires: i64, n: u64) {
+        if !self.holds.contains_key(scope) {
+            self.holds.insert(scope.clone(), Vec::new());
+        }
+        let Some(list) = self.holds.get_mut(scope) else {
+            return;
+        };
+        let i = match list.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                list.push((key, Holds::default()));
+                list.len() - 1
+            }
+        };
+        list[i].1.add(lease, expires, n);
+    }
+
+    fn remove_hold(&mut self, scope: &ScopeKey, key: KeyId, lease: LeaseId, expires: i64) -> u64 {
+        self.with_holds(scope, key, |h| h.remove(lease, expires))
+            .unwrap_or(0)
+    }
+
+    /// Roll the counter at `idx` of `scope` (of `window`) to `now_ms` and
+    /// drop its expired holds; returns its usage and holds, or `None` if
+    /// there is no such counter.
+    fn advance(
+        &mut self,
+        scope: &ScopeKey,
+        idx: usize,
+        window: Window,
+        now_ms: i64,
+    ) -> Option<(u64, u64)> {
+        let c = self.counter_mut(scope, idx)?;
+        c.advance(window, now_ms);
+        let (used, key) = (c.used(), c.key());
+        Some((used, self.expire_holds(scope, key, now_ms)))
+    }
+
+    /// Drop the keys no counter uses, renumbering the rest.
+    fn compact_keys(&mut self) {
+        let mut used = vec![false; self.keys.0.len()];
+        for c in self.scopes.values().flat_map(|cs| cs.iter()) {
+            if let Some(u) = used.get_mut(usize::from(c.key())) {
+                *u = true;
+            }
+        }
+        let mut map = vec![0; used.len()];
+        let mut kept = Vec::new();
+        for (i, k) in std::mem::take(&mut self.keys.0).into_iter().enumerate() {
+            if used[i] {
+                map[i] = kept.len() as KeyId;
+                kept.push(k);
+            }
+        }
+        self.keys.0 = kept;
+        for c in self.scopes.values_mut().flat_map(|cs| cs.iter_mut()) {
+            let k = map[usize::from(c.key())];
+            c.set_key(k);
+        }
+        for (k, _) in self.holds.values_mut().flat_map(|l| l.iter_mut()) {
+            *k = map[usize::from(*k)];
+        }
+    }
+}
+
+/// The state of a counter of `window` (or of an absent one, `counter ==
+/// None`) holding `held`.
 fn state_of(
     counter: Option<&Counter>,
+    held: u64,
     window: Window,
     now_ms: i64,
     delta: u64,
     max: Option<u64>,
 ) -> CounterState {
     let used = counter.map_or(0, Counter::used);
-    let held = counter.map_or(0, Counter::held);
     // Past the maximum with this delta: for a zero delta, a counter that
     // `Force` already took past it.
     let over = max
@@ -499,8 +829,10 @@ fn state_of(
         } => {
             // A counter reports the period its usage belongs to (after a
             // clock step back, that can be later than `now`'s period).
-            let (start, next) = match counter.map(|c| &c.data) {
-                Some(&Data::Calendar { start, end, .. }) => (start, end),
+            let (start, next) = match counter {
+                Some(&Counter::Calendar { start, len_ms, .. }) => {
+                    (start, start.saturating_add(i64::from(len_ms)))
+                }
                 _ => Window::calendar_bounds(period, utc_offset_secs, now_ms),
             };
             let avail = match max {
@@ -511,12 +843,15 @@ fn state_of(
         }
         Window::Rolling { span_secs, .. } => {
             let start = now_ms.saturating_sub((span_secs as i64).saturating_mul(1_000));
-            let rolling = counter.and_then(|c| match &c.data {
-                Data::Rolling(r) => Some(r),
+            let ring = counter.and_then(|c| match c {
+                Counter::Rolling { buf, .. } => Some(Ring {
+                    width_ms: width_of(window),
+                    buf: &**buf,
+                }),
                 _ => None,
             });
-            let resets = rolling.and_then(Rolling::resets_at);
-            let avail = match (max, rolling) {
+            let resets = ring.as_ref().and_then(Ring::resets_at);
+            let avail = match (max, &ring) {
                 (Some(m), Some(r)) if over => r.available_at(pending, m),
                 _ => None,
             };
@@ -613,68 +948,6 @@ impl Locked<'_> {
             _ => &mut self.rest[i - 1],
         }
     }
-
-    fn counter(
-        &mut self,
-        shard_id: usize,
-        scope: &ScopeKey,
-        meter: &str,
-        window: Window,
-    ) -> Option<&mut Counter> {
-        self.shard(shard_id)
-            .scopes
-            .get_mut(scope)?
-            .iter_mut()
-            .find(|c| c.matches(meter, window))
-    }
-
-    /// The position of a counter in its scope's list, or `NONE`.
-    fn position(
-        &mut self,
-        shard_id: usize,
-        scope: &ScopeKey,
-        meter: &str,
-        window: Window,
-    ) -> usize {
-        self.shard(shard_id)
-            .scopes
-            .get(scope)
-            .and_then(|cs| cs.iter().position(|c| c.matches(meter, window)))
-            .unwrap_or(NONE)
-    }
-
-    /// The counter at `idx` of `scope` (a position found in this batch).
-    fn at(&mut self, shard_id: usize, scope: &ScopeKey, idx: usize) -> Option<&mut Counter> {
-        if idx == NONE {
-            return None;
-        }
-        self.shard(shard_id).scopes.get_mut(scope)?.get_mut(idx)
-    }
-
-    /// The counter, created if absent, and its position.
-    fn counter_or_new(
-        &mut self,
-        shard_id: usize,
-        scope: &ScopeKey,
-        meter: &str,
-        window: Window,
-        now_ms: i64,
-    ) -> Option<(usize, &mut Counter)> {
-        let scopes = &mut self.shard(shard_id).scopes;
-        // Clone the key only when the scope is new.
-        if !scopes.contains_key(scope) {
-            scopes.insert(scope.clone(), Vec::new());
-        }
-        let counters = scopes.get_mut(scope)?;
-        let idx = match counters.iter().position(|c| c.matches(meter, window)) {
-            Some(i) => i,
-            None => {
-                counters.push(Counter::new(meter, window, now_ms));
-                counters.len() - 1
-            }
-        };
-        counters.get_mut(idx).map(|c| (idx, c))
-    }
 }
 
 impl Default for MemoryStore {
@@ -754,22 +1027,51 @@ impl MemoryStore {
     pub fn counter_count(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().scopes.values().map(Vec::len).sum::<usize>())
+            .map(|s| s.lock().scopes.values().map(|c| c.len()).sum::<usize>())
             .sum()
     }
 
     fn sweep(shard: &mut Shard, now_ms: i64) -> usize {
-        let mut removed = 0;
-        shard.scopes.retain(|_, counters| {
-            counters.retain_mut(|c| {
-                c.advance(now_ms);
-                let keep = c.used() > 0 || c.held() > 0;
-                removed += usize::from(!keep);
-                keep
+        let Shard {
+            keys,
+            scopes,
+            holds,
+            cooldowns,
+            ..
+        } = shard;
+        holds.retain(|_, list| {
+            list.retain_mut(|(_, h)| {
+                h.expire(now_ms);
+                !h.entries.is_empty()
             });
+            !list.is_empty()
+        });
+        let mut removed = 0;
+        scopes.retain(|scope, counters| {
+            let held = holds.get(scope);
+            let mut keep = |c: &mut Counter| {
+                let key = c.key();
+                let Some(&(_, window)) = keys.get(key) else {
+                    return true;
+                };
+                c.advance(window, now_ms);
+                let holds = held.is_some_and(|l| l.iter().any(|(k, _)| *k == key));
+                c.used() > 0 || holds
+            };
+            if counters.iter_mut().all(&mut keep) {
+                return true;
+            }
+            let mut v = std::mem::take(counters).into_vec();
+            let before = v.len();
+            v.retain_mut(keep);
+            removed += before - v.len();
+            *counters = v.into_boxed_slice();
             !counters.is_empty()
         });
-        shard.cooldowns.retain(|_, until| *until > now_ms);
+        cooldowns.retain(|_, until| *until > now_ms);
+        if shard.keys.0.len() > KEYS_COMPACT_AT {
+            shard.compact_keys();
+        }
         removed
     }
 
@@ -790,9 +1092,21 @@ impl MemoryStore {
         let ledger: Vec<_> = self.ledger.iter().map(|m| m.lock()).collect();
         let leases: Vec<_> = self.leases.iter().map(|m| m.lock()).collect();
         let shards: Vec<_> = self.shards.iter().map(|m| m.lock()).collect();
-        let mut scopes: Vec<(ScopeKey, Vec<Counter>)> = shards
+        let mut scopes: Vec<(ScopeKey, Vec<SnapCounter>)> = shards
             .iter()
-            .flat_map(|s| s.scopes.iter().map(|(k, v)| (k.clone(), v.clone())))
+            .flat_map(|s| {
+                s.scopes.iter().map(|(scope, counters)| {
+                    let snap = counters
+                        .iter()
+                        .filter_map(|c| {
+                            let (meter, window) = s.keys.get(c.key())?;
+                            let holds = s.holds(scope, c.key());
+                            Some(c.to_snap(meter.clone(), *window, holds))
+                        })
+                        .collect();
+                    (scope.clone(), snap)
+                })
+            })
             .collect();
         scopes.sort_by(|a, b| a.0.cmp(&b.0));
         let mut cooldowns: Vec<(ScopeKey, i64)> = shards
@@ -845,15 +1159,26 @@ impl MemoryStore {
             }
         }
         for (scope, counters) in snapshot.scopes {
-            for (i, c) in counters.iter().enumerate() {
-                c.check()
-                    .map_err(|r| bad(format!("{scope} {}: {r}", c.meter)))?;
-                if counters[..i].iter().any(|o| o.matches(&c.meter, c.window)) {
+            let shard_id = store.shard_of(&scope);
+            let shard = store.shards[shard_id].get_mut();
+            if shard.scopes.contains_key(&scope) {
+                return Err(bad(format!("scope {scope} listed twice")));
+            }
+            let mut list: Vec<Counter> = Vec::with_capacity(counters.len());
+            for c in &counters {
+                let key = shard
+                    .keys
+                    .intern(&c.meter, c.window)
+                    .ok_or_else(|| bad("too many meter and window pairs".into()))?;
+                if list.iter().any(|o| o.key() == key) {
                     return Err(bad(format!(
                         "{scope} {} {} listed twice",
                         c.meter, c.window
                     )));
                 }
+                let counter = c
+                    .to_counter(key)
+                    .map_err(|r| bad(format!("{scope} {}: {r}", c.meter)))?;
                 for h in c.holds.iter().flat_map(|h| &h.entries) {
                     let owned = leases.get(&h.lease).is_some_and(|l| {
                         !l.settled
@@ -869,12 +1194,16 @@ impl MemoryStore {
                         )));
                     }
                 }
+                if let Some(h) = &c.holds {
+                    shard
+                        .holds
+                        .entry(scope.clone())
+                        .or_default()
+                        .push((key, (**h).clone()));
+                }
+                list.push(counter);
             }
-            let shard = store.shard_of(&scope);
-            let map = &mut store.shards[shard].get_mut().scopes;
-            if map.insert(scope.clone(), counters).is_some() {
-                return Err(bad(format!("scope {scope} listed twice")));
-            }
+            shard.scopes.insert(scope, list.into_boxed_slice());
         }
         for (scope, until) in snapshot.cooldowns {
             let shard = store.shard_of(&scope);
@@ -991,7 +1320,10 @@ impl AllowanceStore for MemoryStore {
         let rest = shards_in_order.collect();
         let mut locked = Locked { order, first, rest };
         let op_shards = op_shards.as_slice();
-        // Each op's counter position, found in phase 1 (or made in phase 2).
+        // Each op's key (for an op that adds, interned in phase 1, so phase 2
+        // cannot fail) and counter position, found in phase 1 (or made in
+        // phase 2).
+        let mut op_key: Inline<KeyId> = Inline::new();
         let mut op_idx: Inline<usize> = Inline::new();
 
         let action = batch.lease.map(|l| l.action);
@@ -1005,10 +1337,12 @@ impl AllowanceStore for MemoryStore {
         let mut charges: Vec<Charge> = Vec::new();
         if let (Some(keep), Some(id)) = (settle_keep, lease_id) {
             for (h, &shard) in lease_holds.iter().zip(&hold_shards) {
-                let held = match locked.counter(shard, &h.scope, &h.meter, h.window) {
-                    Some(c) => {
-                        c.advance(now_ms);
-                        c.holds.as_ref().map_or(0, |x| x.amount(id, lease_expires))
+                let sh = locked.shard(shard);
+                let held = match sh.find(&h.scope, &h.meter, h.window) {
+                    Some((key, idx)) => {
+                        sh.advance(&h.scope, idx, h.window, now_ms);
+                        sh.holds(&h.scope, key)
+                            .map_or(0, |x| x.amount(id, lease_expires))
                     }
                     None => 0,
                 };
@@ -1026,9 +1360,11 @@ impl AllowanceStore for MemoryStore {
             }
             // Usage added by the charges must fit a u64 (rule 4).
             for ch in &charges {
-                let used = locked
-                    .counter(ch.shard, &ch.hold.scope, &ch.hold.meter, ch.hold.window)
-                    .map_or(0, |c| c.used());
+                let sh = locked.shard(ch.shard);
+                let used = sh
+                    .find(&ch.hold.scope, &ch.hold.meter, ch.hold.window)
+                    .and_then(|(_, idx)| sh.scopes.get(&ch.hold.scope)?.get(idx))
+                    .map_or(0, Counter::used);
                 let also = ops
                     .iter()
                     .find(|o| {
@@ -1051,15 +1387,24 @@ impl AllowanceStore for MemoryStore {
         let holding = matches!(action, Some(LeaseAction::Open { .. } | LeaseAction::Grow));
         let mut all_fit = true;
         for (op, &shard) in ops.iter().zip(op_shards) {
-            let idx = locked.position(shard, op.scope, op.meter, op.window);
-            op_idx.push(idx);
-            let (used, held) = match locked.at(shard, op.scope, idx) {
-                Some(c) => {
-                    c.advance(now_ms);
-                    (c.used(), c.held())
-                }
-                None => (0, 0),
+            let sh = locked.shard(shard);
+            let key = if op.delta > 0 {
+                let key = sh.keys.intern(op.meter, op.window).ok_or_else(|| {
+                    invalid(format!(
+                        "more than {} meter and window pairs in use",
+                        usize::from(KeyId::MAX) + 1
+                    ))
+                })?;
+                Some(key)
+            } else {
+                // A zero delta never makes a counter: no new key.
+                sh.keys.find(op.meter, op.window)
             };
+            let idx = key.and_then(|k| sh.position(op.scope, k)).unwrap_or(NONE);
+            // Phase 2 reads the key only of an op that adds.
+            op_key.push(key.unwrap_or_default());
+            op_idx.push(idx);
+            let (used, held) = sh.advance(op.scope, idx, op.window, now_ms).unwrap_or((0, 0));
             // Past u64: an error where the delta would be added regardless
             // (Force, or no maximum); elsewhere it simply does not fit.
             let target = if holding { held } else { used };
@@ -1092,6 +1437,7 @@ impl AllowanceStore for MemoryStore {
         // Phase 2: apply the whole batch, or nothing.
         let mut settled = Vec::new();
         if applied {
+            let op_key = op_key.as_slice();
             match (batch.lease, action) {
                 (
                     Some(l),
@@ -1102,21 +1448,26 @@ impl AllowanceStore for MemoryStore {
                 ) => {
                     let expires_ms = expires_at.timestamp_millis();
                     let mut holds = Vec::new();
-                    for ((op, &shard), idx) in ops.iter().zip(op_shards).zip(op_idx.as_mut_slice())
+                    for (((op, &shard), &key), idx) in ops
+                        .iter()
+                        .zip(op_shards)
+                        .zip(op_key)
+                        .zip(op_idx.as_mut_slice())
                     {
                         if op.delta == 0 {
                             continue;
                         }
-                        if let Some((i, c)) =
-                            locked.counter_or_new(shard, op.scope, op.meter, op.window, now_ms)
-                        {
+                        let sh = locked.shard(shard);
+                        if let Some((i, _)) = sh.counter_or_new(op.scope, key, op.window, now_ms) {
                             *idx = i;
-                            c.holds_mut().add(l.id, expires_ms, op.delta);
-                            holds.push(HoldRef {
-                                scope: op.scope.clone(),
-                                meter: c.meter.clone(),
-                                window: op.window,
-                            });
+                            sh.add_hold(op.scope, key, l.id, expires_ms, op.delta);
+                            if let Some((meter, _)) = sh.keys.get(key) {
+                                holds.push(HoldRef {
+                                    scope: op.scope.clone(),
+                                    meter: meter.clone(),
+                                    window: op.window,
+                                });
+                            }
                         }
                     }
                     if let Some(g) = &mut lease_guard {
@@ -1136,10 +1487,11 @@ impl AllowanceStore for MemoryStore {
                 (Some(l), Some(LeaseAction::Renew { expires_at })) => {
                     let new_ms = expires_at.timestamp_millis();
                     for (h, &shard) in lease_holds.iter().zip(&hold_shards) {
-                        if let Some(c) = locked.counter(shard, &h.scope, &h.meter, h.window) {
-                            let amount = c.remove_hold(l.id, lease_expires);
+                        let sh = locked.shard(shard);
+                        if let Some((key, _)) = sh.find(&h.scope, &h.meter, h.window) {
+                            let amount = sh.remove_hold(&h.scope, key, l.id, lease_expires);
                             if amount > 0 {
-                                c.holds_mut().add(l.id, new_ms, amount);
+                                sh.add_hold(&h.scope, key, l.id, new_ms, amount);
                             }
                         }
                     }
@@ -1149,24 +1501,28 @@ impl AllowanceStore for MemoryStore {
                 }
                 (Some(l), Some(LeaseAction::Grow)) => {
                     let mut added = Vec::new();
-                    for ((op, &shard), idx) in ops.iter().zip(op_shards).zip(op_idx.as_mut_slice())
+                    for (((op, &shard), &key), idx) in ops
+                        .iter()
+                        .zip(op_shards)
+                        .zip(op_key)
+                        .zip(op_idx.as_mut_slice())
                     {
                         if op.delta == 0 {
                             continue;
                         }
-                        if let Some((i, c)) =
-                            locked.counter_or_new(shard, op.scope, op.meter, op.window, now_ms)
-                        {
+                        let sh = locked.shard(shard);
+                        if let Some((i, _)) = sh.counter_or_new(op.scope, key, op.window, now_ms) {
                             *idx = i;
-                            c.holds_mut().add(l.id, lease_expires, op.delta);
-                            if !lease_holds.iter().any(|h| {
+                            sh.add_hold(op.scope, key, l.id, lease_expires, op.delta);
+                            let known = lease_holds.iter().any(|h| {
                                 h.scope == *op.scope
                                     && &*h.meter == op.meter
                                     && h.window == op.window
-                            }) {
+                            });
+                            if let (false, Some((meter, _))) = (known, sh.keys.get(key)) {
                                 added.push(HoldRef {
                                     scope: op.scope.clone(),
-                                    meter: c.meter.clone(),
+                                    meter: meter.clone(),
                                     window: op.window,
                                 });
                             }
@@ -1178,11 +1534,13 @@ impl AllowanceStore for MemoryStore {
                 }
                 (Some(l), Some(LeaseAction::Settle { .. })) => {
                     for ch in charges {
-                        if let Some(c) =
-                            locked.counter(ch.shard, &ch.hold.scope, &ch.hold.meter, ch.hold.window)
-                        {
-                            c.remove_hold(l.id, lease_expires);
-                            c.add(ch.charged);
+                        let sh = locked.shard(ch.shard);
+                        let (scope, window) = (&ch.hold.scope, ch.hold.window);
+                        if let Some((key, idx)) = sh.find(scope, &ch.hold.meter, window) {
+                            sh.remove_hold(scope, key, l.id, lease_expires);
+                            if let Some(c) = sh.counter_mut(scope, idx) {
+                                c.add(window, ch.charged);
+                            }
                         }
                         settled.push(SettledHold::new(
                             ch.hold.scope,
@@ -1192,13 +1550,13 @@ impl AllowanceStore for MemoryStore {
                             ch.charged,
                         ));
                     }
-                    add_usage(&mut locked, ops, op_shards, op_idx.as_mut_slice(), now_ms);
+                    add_usage(&mut locked, ops, op_shards, op_key, &mut op_idx, now_ms);
                     if let Some(rec) = lease_guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
                         rec.settled = true;
                         rec.holds.clear();
                     }
                 }
-                _ => add_usage(&mut locked, ops, op_shards, op_idx.as_mut_slice(), now_ms),
+                _ => add_usage(&mut locked, ops, op_shards, op_key, &mut op_idx, now_ms),
             }
             for ((c, &shard), until) in batch
                 .cooldowns
@@ -1227,12 +1585,14 @@ impl AllowanceStore for MemoryStore {
             .zip(op_shards)
             .zip(op_idx.as_slice())
             .map(|((op, &shard), &idx)| {
-                let counter = locked.at(shard, op.scope, idx);
+                let sh = locked.shard(shard);
+                let counter = sh.scopes.get(op.scope).and_then(|cs| cs.get(idx));
+                let held = counter.map_or(0, |c| sh.held(op.scope, c.key()));
                 // When applied, the delta is already in `used` or `held`; ask
                 // about a zero delta so `available_at` is not set for a
                 // fitting op.
                 let delta = if applied { 0 } else { op.delta };
-                state_of(counter.map(|c| &*c), op.window, now_ms, delta, op.max)
+                state_of(counter, held, op.window, now_ms, delta, op.max)
             })
             .collect();
         // Count the batch on the first shard it holds (no counter shared by
@@ -1304,30 +1664,36 @@ fn add_usage(
     locked: &mut Locked<'_>,
     ops: &[CounterOp<'_>],
     shards: &[usize],
+    keys: &[KeyId],
     op_idx: &mut [usize],
     now_ms: i64,
 ) {
-    for ((op, &shard), idx) in ops.iter().zip(shards).zip(op_idx) {
+    for (((op, &shard), &key), idx) in ops.iter().zip(shards).zip(keys).zip(op_idx) {
         if op.delta == 0 {
             continue;
         }
-        // Phase 1 found most counters; only a new one is searched for again.
-        if let Some(c) = locked.at(shard, op.scope, *idx) {
-            c.add(op.delta);
-        } else if let Some((i, c)) =
-            locked.counter_or_new(shard, op.scope, op.meter, op.window, now_ms)
-        {
+        let sh = locked.shard(shard);
+        // Phase 1 found most counters; only a new one is made here.
+        if let Some(c) = sh.counter_mut(op.scope, *idx) {
+            c.add(op.window, op.delta);
+        } else if let Some((i, c)) = sh.counter_or_new(op.scope, key, op.window, now_ms) {
             *idx = i;
-            c.add(op.delta);
+            c.add(op.window, op.delta);
         }
     }
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::CounterOp;
     use crate::window::Period;
     use chrono::TimeZone;
+
+    #[test]
+    fn a_counter_is_three_words() {
+        assert_eq!(std::mem::size_of::<Counter>(), 24);
+    }
 
     fn at(h: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 1, 1, h, 0, 0).unwrap()
