@@ -68,6 +68,9 @@ type KeyId = u16;
 
 /// Past this many keys a sweep of the shard drops the keys no counter uses.
 const KEYS_COMPACT_AT: usize = 64;
+/// From this many keys a batch drops the unused ones before it starts, so
+/// only a shard whose counters use this many keys can run out of ids.
+const KEYS_HIGH_WATER: usize = 1 << 15;
 
 #[derive(Debug, Default)]
 struct Shard {
@@ -1319,6 +1322,11 @@ impl AllowanceStore for MemoryStore {
         let first = shards_in_order.next();
         let rest = shards_in_order.collect();
         let mut locked = Locked { order, first, rest };
+        for sh in locked.first.iter_mut().chain(&mut locked.rest) {
+            if sh.keys.0.len() >= KEYS_HIGH_WATER {
+                sh.compact_keys();
+            }
+        }
         let op_shards = op_shards.as_slice();
         // Each op's key (for an op that adds, interned in phase 1, so phase 2
         // cannot fail) and counter position, found in phase 1 (or made in
@@ -1686,7 +1694,7 @@ fn add_usage(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::CounterOp;
+    use crate::store::{CounterOp, LeaseOp};
     use crate::window::Period;
     use chrono::TimeZone;
 
@@ -1924,5 +1932,170 @@ mod tests {
         assert_eq!(store.reclaim(at(23)), 0, "today's usage stays");
         assert_eq!(store.reclaim(at(0) + chrono::Duration::days(1)), 100);
         assert_eq!(store.counter_count(), 0);
+    }
+
+    /// One counter of each window, one of them holding for a lease.
+    fn busy_store() -> (MemoryStore, ScopeKey, Vec<Window>) {
+        let store = MemoryStore::new();
+        let a = ScopeKey::subject("a");
+        let windows = vec![
+            Window::calendar(Period::Day),
+            Window::calendar(Period::Month),
+            Window::Rolling {
+                span_secs: 86_400,
+                buckets: 24,
+            },
+            Window::Lifetime,
+        ];
+        for (h, delta) in [(1, 5), (3, 7)] {
+            let ops: Vec<_> = windows
+                .iter()
+                .map(|&window| CounterOp {
+                    scope: &a,
+                    meter: "t",
+                    window,
+                    delta,
+                    max: None,
+                })
+                .collect();
+            store
+                .apply(&Batch::new(&ops, Mode::Force, at(h)))
+                .unwrap();
+        }
+        let hold = [CounterOp {
+            scope: &a,
+            meter: "jobs",
+            window: Window::Concurrent,
+            delta: 1,
+            max: Some(3),
+        }];
+        let open = LeaseOp::new(
+            LeaseId::from_u128(7),
+            &a,
+            LeaseAction::Open {
+                expires_at: at(20),
+                deadline: None,
+            },
+        );
+        let r = store
+            .apply(&Batch::new(&hold, Mode::WithinLimits, at(4)).with_lease(open))
+            .unwrap();
+        assert!(r.applied);
+        (store, a, windows)
+    }
+
+    #[test]
+    fn a_restored_snapshot_keeps_every_counter_and_hold() {
+        let (store, a, windows) = busy_store();
+        let snap = store.snapshot();
+        assert_eq!(snap.counter_count(), 5);
+        let json = serde_json::to_string(&snap).unwrap();
+        let back: Snapshot = serde_json::from_str(&json).unwrap();
+        let restored = MemoryStore::restore(back).unwrap();
+        assert_eq!(restored.snapshot(), snap);
+        for &window in &windows {
+            let op = [CounterOp {
+                scope: &a,
+                meter: "t",
+                window,
+                delta: 0,
+                max: Some(100),
+            }];
+            let was = store.apply(&Batch::new(&op, Mode::Check, at(5))).unwrap();
+            let now = restored
+                .apply(&Batch::new(&op, Mode::Check, at(5)))
+                .unwrap();
+            assert_eq!(now.counters, was.counters, "{window}");
+            assert_eq!(now.counters[0].used, 12, "{window}");
+        }
+        let jobs = [CounterOp {
+            scope: &a,
+            meter: "jobs",
+            window: Window::Concurrent,
+            delta: 0,
+            max: Some(3),
+        }];
+        let r = restored
+            .apply(&Batch::new(&jobs, Mode::Check, at(5)))
+            .unwrap();
+        assert_eq!(r.counters[0].held, 1);
+        // The hold still ends with its lease.
+        let r = restored
+            .apply(&Batch::new(&jobs, Mode::Check, at(20)))
+            .unwrap();
+        assert_eq!(r.counters[0].held, 0);
+    }
+
+    #[test]
+    fn a_snapshot_that_breaks_an_invariant_is_refused() {
+        let (store, _, _) = busy_store();
+        let snap = store.snapshot();
+        let mut tampered = Vec::new();
+        for i in 0..snap.scopes[0].1.len() {
+            let mut s = snap.clone();
+            match &mut s.scopes[0].1[i].data {
+                Data::Calendar { start, end, .. } => *end = *start + 60 * DAY_MS,
+                Data::Rolling(r) => r.total += 1,
+                Data::Lifetime { .. } => s.scopes[0].1[i].window = Window::Concurrent,
+                Data::Concurrent => {
+                    if let Some(h) = &mut s.scopes[0].1[i].holds {
+                        h.total += 1;
+                    }
+                }
+            }
+            tampered.push(s);
+        }
+        let mut twice = snap.clone();
+        let first = twice.scopes[0].1[0].clone();
+        twice.scopes[0].1.push(first);
+        tampered.push(twice);
+        for s in tampered {
+            let err = MemoryStore::restore(s).map(|_| ()).unwrap_err();
+            assert!(matches!(err, Error::InvalidSnapshot { .. }), "{err}");
+        }
+        assert!(MemoryStore::restore(snap).is_ok());
+    }
+
+    const DAY_MS: i64 = 86_400_000;
+
+    #[test]
+    fn a_full_key_table_refuses_the_batch_and_recovers_when_keys_are_unused() {
+        let store = MemoryStore::with_shards(1);
+        let a = ScopeKey::subject("a");
+        let op = |meter, delta| CounterOp {
+            scope: &a,
+            meter,
+            window: Window::Lifetime,
+            delta,
+            max: None,
+        };
+        // Every id but one in use by an empty counter of another scope.
+        {
+            let mut sh = store.shards[0].lock();
+            let filler: Vec<Counter> = (0..KeyId::MAX)
+                .map(|key| {
+                    // Distinct names: pushed without a search.
+                    sh.keys
+                        .0
+                        .push((Arc::from(format!("m{key}")), Window::Lifetime));
+                    Counter::Lifetime { key, used: 0 }
+                })
+                .collect();
+            sh.scopes
+                .insert(ScopeKey::subject("filler"), filler.into_boxed_slice());
+        }
+        let run = |meter, delta, mode| store.apply(&Batch::new(&[op(meter, delta)], mode, at(0)));
+        run("kept", 4, Mode::Force).unwrap();
+        let err = run("one too many", 1, Mode::Force).unwrap_err();
+        assert!(matches!(err, Error::InvalidBatch { .. }), "{err}");
+        assert_eq!(run("one too many", 0, Mode::Check).unwrap().counters[0].used, 0);
+        assert_eq!(store.counter_count(), KeyId::MAX as usize + 1, "nothing changed");
+        // The empty counters go; their keys with them; the kept counter is
+        // renumbered and keeps its usage.
+        assert_eq!(store.reclaim(at(0)), KeyId::MAX as usize);
+        assert_eq!(store.shards[0].lock().keys.0.len(), 1);
+        run("one too many", 1, Mode::Force).unwrap();
+        assert_eq!(run("kept", 0, Mode::Check).unwrap().counters[0].used, 4);
+        assert_eq!(run("one too many", 0, Mode::Check).unwrap().counters[0].used, 1);
     }
 }
