@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Days, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
@@ -66,6 +66,66 @@ type Ledger = HashMap<Box<str>, Entry>;
 /// A counter's `(meter, window)`: its index in its shard's [`Keys`].
 type KeyId = u16;
 
+/// The holds of a shard's counters that have some, per scope and key.
+type HoldMap = ScopeMap<Vec<(KeyId, Holds)>>;
+
+/// What `(scope, key)` holds.
+fn held_in(holds: &HoldMap, scope: &ScopeKey, key: KeyId) -> u64 {
+    if holds.is_empty() {
+        return 0;
+    }
+    holds
+        .get(scope)
+        .and_then(|l| l.iter().find(|(k, _)| *k == key))
+        .map_or(0, |(_, h)| h.total)
+}
+
+/// Apply `f` to the holds of `(scope, key)`, then forget them if empty.
+fn with_holds<R>(
+    holds: &mut HoldMap,
+    scope: &ScopeKey,
+    key: KeyId,
+    f: impl FnOnce(&mut Holds) -> R,
+) -> Option<R> {
+    let list = holds.get_mut(scope)?;
+    let i = list.iter().position(|(k, _)| *k == key)?;
+    let r = f(&mut list[i].1);
+    if list[i].1.entries.is_empty() {
+        list.swap_remove(i);
+        if list.is_empty() {
+            holds.remove(scope);
+        }
+    }
+    Some(r)
+}
+
+/// Drop the holds of `(scope, key)` that expired by `now_ms`; returns what
+/// is still held.
+fn expire_holds(holds: &mut HoldMap, scope: &ScopeKey, key: KeyId, now_ms: i64) -> u64 {
+    if holds.is_empty() {
+        return 0;
+    }
+    with_holds(holds, scope, key, |h| {
+        h.expire(now_ms);
+        h.total
+    })
+    .unwrap_or(0)
+}
+
+/// The end of the run of ops from `i` on that name the same scope (so one
+/// map lookup serves them all).
+fn run_end(ops: &[CounterOp<'_>], shards: &[usize], i: usize) -> usize {
+    let (scope, shard) = (ops[i].scope, shards[i]);
+    let mut j = i + 1;
+    while j < ops.len()
+        && shards[j] == shard
+        && (std::ptr::eq(ops[j].scope, scope) || ops[j].scope == scope)
+    {
+        j += 1;
+    }
+    j
+}
+
 /// Past this many keys a sweep of the shard drops the keys no counter uses.
 const KEYS_COMPACT_AT: usize = 64;
 /// From this many keys a batch drops the unused ones before it starts, so
@@ -79,7 +139,7 @@ struct Shard {
     /// Each scope's counters, in one exactly sized allocation.
     scopes: ScopeMap<Box<[Counter]>>,
     /// The live holds of the counters that have some, per scope and key.
-    holds: ScopeMap<Vec<(KeyId, Holds)>>,
+    holds: HoldMap,
     /// Cooldown end (Unix ms) per scope that has one.
     cooldowns: ScopeMap<i64>,
     /// Batches that locked this shard first; every `SWEEP_EVERY` of them,
@@ -94,18 +154,21 @@ struct Shard {
 struct Keys(Vec<(Arc<str>, Window)>);
 
 impl Keys {
-    fn find(&self, meter: &str, window: Window) -> Option<KeyId> {
-        let i = self
-            .0
-            .iter()
-            .position(|(m, w)| *w == window && **m == *meter)?;
+    /// The key of `(meter, window)`, trying index `hint` first: a batch's
+    /// ops come in the order their keys were first made.
+    fn find(&self, meter: &str, window: Window, hint: usize) -> Option<KeyId> {
+        let is = |(m, w): &(Arc<str>, Window)| *w == window && **m == *meter;
+        let i = match self.0.get(hint) {
+            Some(e) if is(e) => hint,
+            _ => self.0.iter().position(is)?,
+        };
         KeyId::try_from(i).ok()
     }
 
     /// The key of `(meter, window)`, added if new; `None` when the shard
     /// already has `KeyId::MAX + 1` keys.
-    fn intern(&mut self, meter: &str, window: Window) -> Option<KeyId> {
-        if let Some(k) = self.find(meter, window) {
+    fn intern(&mut self, meter: &str, window: Window, hint: usize) -> Option<KeyId> {
+        if let Some(k) = self.find(meter, window, hint) {
             return Some(k);
         }
         let k = KeyId::try_from(self.0.len()).ok()?;
@@ -133,10 +196,18 @@ enum Counter {
         used: u64,
     },
     /// `buf` is `[head, tail, total, slot 0, …, slot n-1]` (see [`Ring`]).
-    Rolling { key: KeyId, buf: Box<[u64]> },
-    Lifetime { key: KeyId, used: u64 },
+    Rolling {
+        key: KeyId,
+        buf: Box<[u64]>,
+    },
+    Lifetime {
+        key: KeyId,
+        used: u64,
+    },
     /// Holds only.
-    Concurrent { key: KeyId },
+    Concurrent {
+        key: KeyId,
+    },
 }
 
 /// Words of a rolling counter's buffer before its slots.
@@ -659,7 +730,7 @@ impl Shard {
 
     /// The key and position of the counter `(meter, window)` of `scope`.
     fn find(&self, scope: &ScopeKey, meter: &str, window: Window) -> Option<(KeyId, usize)> {
-        let key = self.keys.find(meter, window)?;
+        let key = self.keys.find(meter, window, 0)?;
         Some((key, self.position(scope, key)?))
     }
 
@@ -706,42 +777,6 @@ impl Shard {
             .map(|(_, h)| h)
     }
 
-    fn held(&self, scope: &ScopeKey, key: KeyId) -> u64 {
-        self.holds(scope, key).map_or(0, |h| h.total)
-    }
-
-    /// Apply `f` to the holds of `(scope, key)`, then forget them if empty.
-    fn with_holds<R>(
-        &mut self,
-        scope: &ScopeKey,
-        key: KeyId,
-        f: impl FnOnce(&mut Holds) -> R,
-    ) -> Option<R> {
-        let list = self.holds.get_mut(scope)?;
-        let i = list.iter().position(|(k, _)| *k == key)?;
-        let r = f(&mut list[i].1);
-        if list[i].1.entries.is_empty() {
-            list.swap_remove(i);
-            if list.is_empty() {
-                self.holds.remove(scope);
-            }
-        }
-        Some(r)
-    }
-
-    /// Drop the holds of `(scope, key)` that expired by `now_ms`; returns
-    /// what is still held.
-    fn expire_holds(&mut self, scope: &ScopeKey, key: KeyId, now_ms: i64) -> u64 {
-        if self.holds.is_empty() {
-            return 0;
-        }
-        self.with_holds(scope, key, |h| {
-            h.expire(now_ms);
-            h.total
-        })
-        .unwrap_or(0)
-    }
-
     /// Add a hold (already checked not to overflow).
     fn add_hold(&mut self, scope: &ScopeKey, key: KeyId, lease: LeaseId, expires: i64, n: u64) {
         if !self.holds.contains_key(scope) {
@@ -761,8 +796,7 @@ impl Shard {
     }
 
     fn remove_hold(&mut self, scope: &ScopeKey, key: KeyId, lease: LeaseId, expires: i64) -> u64 {
-        self.with_holds(scope, key, |h| h.remove(lease, expires))
-            .unwrap_or(0)
+        with_holds(&mut self.holds, scope, key, |h| h.remove(lease, expires)).unwrap_or(0)
     }
 
     /// Roll the counter at `idx` of `scope` (of `window`) to `now_ms` and
@@ -778,7 +812,7 @@ impl Shard {
         let c = self.counter_mut(scope, idx)?;
         c.advance(window, now_ms);
         let (used, key) = (c.used(), c.key());
-        Some((used, self.expire_holds(scope, key, now_ms)))
+        Some((used, expire_holds(&mut self.holds, scope, key, now_ms)))
     }
 
     /// Drop the keys no counter uses, renumbering the rest.
@@ -817,6 +851,7 @@ fn state_of(
     now_ms: i64,
     delta: u64,
     max: Option<u64>,
+    times: &mut Times,
 ) -> CounterState {
     let used = counter.map_or(0, Counter::used);
     // Past the maximum with this delta: for a zero delta, a counter that
@@ -865,9 +900,9 @@ fn state_of(
     CounterState {
         used,
         held,
-        period_start: period_start.map(ms_to_time),
-        resets_at: resets_at.map(ms_to_time),
-        available_at: available_at.map(ms_to_time),
+        period_start: period_start.map(|t| times.at(t)),
+        resets_at: resets_at.map(|t| times.at(t)),
+        available_at: available_at.map(|t| times.at(t)),
     }
 }
 
@@ -877,6 +912,46 @@ fn ms_to_time(ms: i64) -> DateTime<Utc> {
     } else {
         DateTime::<Utc>::MAX_UTC
     })
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Unix milliseconds to `DateTime<Utc>`, as [`ms_to_time`], for the several
+/// instants of one report: the first date is found from scratch (a 400-year
+/// cycle division), the next ones by a day offset from it, which within the
+/// same year is a few instructions.
+#[derive(Default)]
+struct Times {
+    base: Option<(i64, NaiveDate)>,
+}
+
+impl Times {
+    fn at(&mut self, ms: i64) -> DateTime<Utc> {
+        let day = ms.div_euclid(DAY_MS);
+        let date = self.base.and_then(|(d0, date0)| {
+            let diff = day.checked_sub(d0)?;
+            if diff >= 0 {
+                date0.checked_add_days(Days::new(diff.unsigned_abs()))
+            } else {
+                date0.checked_sub_days(Days::new(diff.unsigned_abs()))
+            }
+        });
+        let Some(date) = date else {
+            let t = ms_to_time(ms);
+            self.base = Some((day, t.date_naive()));
+            return t;
+        };
+        let in_day = ms.rem_euclid(DAY_MS);
+        // `in_day` is in [0, 86_400_000): both parts are in range.
+        let time = NaiveTime::from_num_seconds_from_midnight_opt(
+            (in_day / 1_000) as u32,
+            (in_day % 1_000) as u32 * 1_000_000,
+        );
+        time.map_or_else(
+            || ms_to_time(ms),
+            |time| NaiveDateTime::new(date, time).and_utc(),
+        )
+    }
 }
 
 fn invalid(reason: impl Into<String>) -> Error {
@@ -1171,7 +1246,7 @@ impl MemoryStore {
             for c in &counters {
                 let key = shard
                     .keys
-                    .intern(&c.meter, c.window)
+                    .intern(&c.meter, c.window, list.len())
                     .ok_or_else(|| bad("too many meter and window pairs".into()))?;
                 if list.iter().any(|o| o.key() == key) {
                     return Err(bad(format!(
@@ -1331,8 +1406,7 @@ impl AllowanceStore for MemoryStore {
         // Each op's key (for an op that adds, interned in phase 1, so phase 2
         // cannot fail) and counter position, found in phase 1 (or made in
         // phase 2).
-        let mut op_key: Inline<KeyId> = Inline::new();
-        let mut op_idx: Inline<usize> = Inline::new();
+        let mut op_at: Inline<(KeyId, usize)> = Inline::new();
 
         let action = batch.lease.map(|l| l.action);
         let settle_keep = match action {
@@ -1394,36 +1468,57 @@ impl AllowanceStore for MemoryStore {
         }
         let holding = matches!(action, Some(LeaseAction::Open { .. } | LeaseAction::Grow));
         let mut all_fit = true;
-        for (op, &shard) in ops.iter().zip(op_shards) {
-            let sh = locked.shard(shard);
-            let key = if op.delta > 0 {
-                let key = sh.keys.intern(op.meter, op.window).ok_or_else(|| {
-                    invalid(format!(
-                        "more than {} meter and window pairs in use",
-                        usize::from(KeyId::MAX) + 1
-                    ))
-                })?;
-                Some(key)
-            } else {
-                // A zero delta never makes a counter: no new key.
-                sh.keys.find(op.meter, op.window)
-            };
-            let idx = key.and_then(|k| sh.position(op.scope, k)).unwrap_or(NONE);
-            // Phase 2 reads the key only of an op that adds.
-            op_key.push(key.unwrap_or_default());
-            op_idx.push(idx);
-            let (used, held) = sh.advance(op.scope, idx, op.window, now_ms).unwrap_or((0, 0));
-            // Past u64: an error where the delta would be added regardless
-            // (Force, or no maximum); elsewhere it simply does not fit.
-            let target = if holding { held } else { used };
-            if target.checked_add(op.delta).is_none()
-                && (batch.mode == Mode::Force || op.max.is_none())
-            {
-                return Err(Error::Overflow {
-                    meter: op.meter.to_owned(),
-                });
+        let mut hint = 0;
+        let mut i = 0;
+        while i < ops.len() {
+            let end = run_end(ops, op_shards, i);
+            let Shard {
+                keys,
+                scopes,
+                holds,
+                ..
+            } = locked.shard(op_shards[i]);
+            let scope = ops[i].scope;
+            let counters: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
+            for op in &ops[i..end] {
+                let key = if op.delta > 0 {
+                    let key = keys.intern(op.meter, op.window, hint).ok_or_else(|| {
+                        invalid(format!(
+                            "more than {} meter and window pairs in use",
+                            usize::from(KeyId::MAX) + 1
+                        ))
+                    })?;
+                    Some(key)
+                } else {
+                    // A zero delta never makes a counter: no new key.
+                    keys.find(op.meter, op.window, hint)
+                };
+                hint = key.map_or(0, |k| usize::from(k) + 1);
+                let idx = key.and_then(|k| counters.iter().position(|c| c.key() == k));
+                // Phase 2 reads the key only of an op that adds.
+                op_at.push((key.unwrap_or_default(), idx.unwrap_or(NONE)));
+                let (used, held) = match idx.and_then(|x| counters.get_mut(x)) {
+                    Some(c) => {
+                        c.advance(op.window, now_ms);
+                        let held = expire_holds(holds, scope, c.key(), now_ms);
+                        (c.used(), held)
+                    }
+                    None => (0, 0),
+                };
+                // Past u64: an error where the delta would be added
+                // regardless (Force, or no maximum); elsewhere it simply does
+                // not fit.
+                let target = if holding { held } else { used };
+                if target.checked_add(op.delta).is_none()
+                    && (batch.mode == Mode::Force || op.max.is_none())
+                {
+                    return Err(Error::Overflow {
+                        meter: op.meter.to_owned(),
+                    });
+                }
+                all_fit &= fits(used, held, op.delta, op.max);
             }
-            all_fit &= fits(used, held, op.delta, op.max);
+            i = end;
         }
         let mut cooling = Vec::with_capacity(batch.cooldowns.len());
         for (c, &shard) in batch.cooldowns.iter().zip(&cooldown_shards) {
@@ -1445,7 +1540,6 @@ impl AllowanceStore for MemoryStore {
         // Phase 2: apply the whole batch, or nothing.
         let mut settled = Vec::new();
         if applied {
-            let op_key = op_key.as_slice();
             match (batch.lease, action) {
                 (
                     Some(l),
@@ -1456,12 +1550,10 @@ impl AllowanceStore for MemoryStore {
                 ) => {
                     let expires_ms = expires_at.timestamp_millis();
                     let mut holds = Vec::new();
-                    for (((op, &shard), &key), idx) in ops
-                        .iter()
-                        .zip(op_shards)
-                        .zip(op_key)
-                        .zip(op_idx.as_mut_slice())
+                    for ((op, &shard), (key, idx)) in
+                        ops.iter().zip(op_shards).zip(op_at.as_mut_slice())
                     {
+                        let key = *key;
                         if op.delta == 0 {
                             continue;
                         }
@@ -1509,12 +1601,10 @@ impl AllowanceStore for MemoryStore {
                 }
                 (Some(l), Some(LeaseAction::Grow)) => {
                     let mut added = Vec::new();
-                    for (((op, &shard), &key), idx) in ops
-                        .iter()
-                        .zip(op_shards)
-                        .zip(op_key)
-                        .zip(op_idx.as_mut_slice())
+                    for ((op, &shard), (key, idx)) in
+                        ops.iter().zip(op_shards).zip(op_at.as_mut_slice())
                     {
+                        let key = *key;
                         if op.delta == 0 {
                             continue;
                         }
@@ -1558,13 +1648,13 @@ impl AllowanceStore for MemoryStore {
                             ch.charged,
                         ));
                     }
-                    add_usage(&mut locked, ops, op_shards, op_key, &mut op_idx, now_ms);
+                    add_usage(&mut locked, ops, op_shards, &mut op_at, now_ms);
                     if let Some(rec) = lease_guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
                         rec.settled = true;
                         rec.holds.clear();
                     }
                 }
-                _ => add_usage(&mut locked, ops, op_shards, op_key, &mut op_idx, now_ms),
+                _ => add_usage(&mut locked, ops, op_shards, &mut op_at, now_ms),
             }
             for ((c, &shard), until) in batch
                 .cooldowns
@@ -1588,21 +1678,26 @@ impl AllowanceStore for MemoryStore {
         }
 
         // Phase 3: report.
-        let counters = ops
-            .iter()
-            .zip(op_shards)
-            .zip(op_idx.as_slice())
-            .map(|((op, &shard), &idx)| {
-                let sh = locked.shard(shard);
-                let counter = sh.scopes.get(op.scope).and_then(|cs| cs.get(idx));
-                let held = counter.map_or(0, |c| sh.held(op.scope, c.key()));
-                // When applied, the delta is already in `used` or `held`; ask
-                // about a zero delta so `available_at` is not set for a
-                // fitting op.
-                let delta = if applied { 0 } else { op.delta };
-                state_of(counter, held, op.window, now_ms, delta, op.max)
-            })
-            .collect();
+        let mut counters = Vec::with_capacity(ops.len());
+        let mut times = Times::default();
+        // When applied, the delta is already in `used` or `held`; ask about
+        // a zero delta so `available_at` is not set for a fitting op.
+        let delta_of = |op: &CounterOp<'_>| if applied { 0 } else { op.delta };
+        let mut i = 0;
+        while i < ops.len() {
+            let end = run_end(ops, op_shards, i);
+            let sh = locked.shard(op_shards[i]);
+            let list: &[Counter] = sh.scopes.get(ops[i].scope).map_or(&[], |c| c);
+            for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
+                let counter = list.get(idx);
+                let held = counter.map_or(0, |c| held_in(&sh.holds, op.scope, c.key()));
+                let (delta, max) = (delta_of(op), op.max);
+                counters.push(state_of(
+                    counter, held, op.window, now_ms, delta, max, &mut times,
+                ));
+            }
+            i = end;
+        }
         // Count the batch on the first shard it holds (no counter shared by
         // every thread); every SWEEP_EVERY, sweep a shard in turn once the
         // locks are released.
@@ -1672,22 +1767,33 @@ fn add_usage(
     locked: &mut Locked<'_>,
     ops: &[CounterOp<'_>],
     shards: &[usize],
-    keys: &[KeyId],
-    op_idx: &mut [usize],
+    at: &mut [(KeyId, usize)],
     now_ms: i64,
 ) {
-    for (((op, &shard), &key), idx) in ops.iter().zip(shards).zip(keys).zip(op_idx) {
-        if op.delta == 0 {
-            continue;
+    let mut i = 0;
+    while i < ops.len() {
+        let end = run_end(ops, shards, i);
+        let sh = locked.shard(shards[i]);
+        let scope = ops[i].scope;
+        // Phase 1 found most counters: one lookup for the run.
+        if let Some(list) = sh.scopes.get_mut(scope) {
+            for (op, &(_, idx)) in ops[i..end].iter().zip(&at[i..end]) {
+                if let (true, Some(c)) = (op.delta > 0, list.get_mut(idx)) {
+                    c.add(op.window, op.delta);
+                }
+            }
         }
-        let sh = locked.shard(shard);
-        // Phase 1 found most counters; only a new one is made here.
-        if let Some(c) = sh.counter_mut(op.scope, *idx) {
-            c.add(op.window, op.delta);
-        } else if let Some((i, c)) = sh.counter_or_new(op.scope, key, op.window, now_ms) {
-            *idx = i;
-            c.add(op.window, op.delta);
+        // Then the ones that are new.
+        for (op, (key, idx)) in ops[i..end].iter().zip(&mut at[i..end]) {
+            if op.delta == 0 || *idx != NONE {
+                continue;
+            }
+            if let Some((x, c)) = sh.counter_or_new(scope, *key, op.window, now_ms) {
+                *idx = x;
+                c.add(op.window, op.delta);
+            }
         }
+        i = end;
     }
 }
 
@@ -1958,9 +2064,7 @@ mod tests {
                     max: None,
                 })
                 .collect();
-            store
-                .apply(&Batch::new(&ops, Mode::Force, at(h)))
-                .unwrap();
+            store.apply(&Batch::new(&ops, Mode::Force, at(h))).unwrap();
         }
         let hold = [CounterOp {
             scope: &a,
@@ -2056,7 +2160,30 @@ mod tests {
         assert!(MemoryStore::restore(snap).is_ok());
     }
 
-    const DAY_MS: i64 = 86_400_000;
+    #[test]
+    fn times_agree_with_a_conversion_from_scratch() {
+        let year = 365 * DAY_MS;
+        let samples = [
+            0,
+            -1,
+            1,
+            1_764_460_800_123,
+            1_764_460_800_123 + 3 * DAY_MS - 7,
+            1_764_460_800_123 - 40 * DAY_MS,
+            1_764_460_800_123 + 2 * year,
+            -3 * year - 999,
+            DAY_MS - 1,
+            i64::MAX,
+            i64::MIN,
+            DateTime::<Utc>::MAX_UTC.timestamp_millis(),
+            DateTime::<Utc>::MIN_UTC.timestamp_millis(),
+            1_764_460_800_000,
+        ];
+        let mut times = Times::default();
+        for &ms in samples.iter().chain(samples.iter().rev()) {
+            assert_eq!(times.at(ms), ms_to_time(ms), "{ms}");
+        }
+    }
 
     #[test]
     fn a_full_key_table_refuses_the_batch_and_recovers_when_keys_are_unused() {
@@ -2088,14 +2215,24 @@ mod tests {
         run("kept", 4, Mode::Force).unwrap();
         let err = run("one too many", 1, Mode::Force).unwrap_err();
         assert!(matches!(err, Error::InvalidBatch { .. }), "{err}");
-        assert_eq!(run("one too many", 0, Mode::Check).unwrap().counters[0].used, 0);
-        assert_eq!(store.counter_count(), KeyId::MAX as usize + 1, "nothing changed");
+        assert_eq!(
+            run("one too many", 0, Mode::Check).unwrap().counters[0].used,
+            0
+        );
+        assert_eq!(
+            store.counter_count(),
+            KeyId::MAX as usize + 1,
+            "nothing changed"
+        );
         // The empty counters go; their keys with them; the kept counter is
         // renumbered and keeps its usage.
         assert_eq!(store.reclaim(at(0)), KeyId::MAX as usize);
         assert_eq!(store.shards[0].lock().keys.0.len(), 1);
         run("one too many", 1, Mode::Force).unwrap();
         assert_eq!(run("kept", 0, Mode::Check).unwrap().counters[0].used, 4);
-        assert_eq!(run("one too many", 0, Mode::Check).unwrap().counters[0].used, 1);
+        assert_eq!(
+            run("one too many", 0, Mode::Check).unwrap().counters[0].used,
+            1
+        );
     }
 }
