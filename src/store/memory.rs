@@ -923,10 +923,24 @@ const DAY_MS: i64 = 86_400_000;
 #[derive(Default)]
 struct Times {
     base: Option<(i64, NaiveDate)>,
+    /// The last two conversions (counters of one window report the same
+    /// instants), and which of them to replace next.
+    recent: [Option<(i64, DateTime<Utc>)>; 2],
+    next: usize,
 }
 
 impl Times {
     fn at(&mut self, ms: i64) -> DateTime<Utc> {
+        if let Some(&(_, t)) = self.recent.iter().flatten().find(|(m, _)| *m == ms) {
+            return t;
+        }
+        let t = self.convert(ms);
+        self.recent[self.next] = Some((ms, t));
+        self.next ^= 1;
+        t
+    }
+
+    fn convert(&mut self, ms: i64) -> DateTime<Utc> {
         let day = ms.div_euclid(DAY_MS);
         let date = self.base.and_then(|(d0, date0)| {
             let diff = day.checked_sub(d0)?;
@@ -1377,20 +1391,27 @@ impl AllowanceStore for MemoryStore {
             .iter()
             .map(|h| self.shard_of(&h.scope))
             .collect();
-        let mut all: Inline<usize> = Inline::new();
-        for &i in op_shards
+        let ids = op_shards
             .as_slice()
             .iter()
             .chain(&cooldown_shards)
             .chain(&hold_shards)
-        {
-            all.push(i);
-        }
-        all.as_mut_slice().sort_unstable();
+            .copied();
         let mut order: Inline<usize> = Inline::new();
-        for &i in all.as_slice() {
-            if order.as_slice().last() != Some(&i) {
-                order.push(i);
+        match ids.clone().next() {
+            // Most batches name one scope, so one shard.
+            Some(f) if ids.clone().all(|i| i == f) => order.push(f),
+            _ => {
+                let mut all: Inline<usize> = Inline::new();
+                for i in ids {
+                    all.push(i);
+                }
+                all.as_mut_slice().sort_unstable();
+                for &i in all.as_slice() {
+                    if order.as_slice().last() != Some(&i) {
+                        order.push(i);
+                    }
+                }
             }
         }
         let mut shards_in_order = order.as_slice().iter().map(|&i| self.shards[i].lock());
@@ -1469,9 +1490,12 @@ impl AllowanceStore for MemoryStore {
         let holding = matches!(action, Some(LeaseAction::Open { .. } | LeaseAction::Grow));
         let mut all_fit = true;
         let mut hint = 0;
+        // Where each run of ops on one scope ends.
+        let mut runs: Inline<usize> = Inline::new();
         let mut i = 0;
         while i < ops.len() {
             let end = run_end(ops, op_shards, i);
+            runs.push(end);
             let Shard {
                 keys,
                 scopes,
@@ -1648,13 +1672,13 @@ impl AllowanceStore for MemoryStore {
                             ch.charged,
                         ));
                     }
-                    add_usage(&mut locked, ops, op_shards, &mut op_at, now_ms);
+                    add_usage(&mut locked, ops, op_shards, &runs, &mut op_at, now_ms);
                     if let Some(rec) = lease_guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
                         rec.settled = true;
                         rec.holds.clear();
                     }
                 }
-                _ => add_usage(&mut locked, ops, op_shards, &mut op_at, now_ms),
+                _ => add_usage(&mut locked, ops, op_shards, &runs, &mut op_at, now_ms),
             }
             for ((c, &shard), until) in batch
                 .cooldowns
@@ -1684,8 +1708,7 @@ impl AllowanceStore for MemoryStore {
         // a zero delta so `available_at` is not set for a fitting op.
         let delta_of = |op: &CounterOp<'_>| if applied { 0 } else { op.delta };
         let mut i = 0;
-        while i < ops.len() {
-            let end = run_end(ops, op_shards, i);
+        for &end in runs.as_slice() {
             let sh = locked.shard(op_shards[i]);
             let list: &[Counter] = sh.scopes.get(ops[i].scope).map_or(&[], |c| c);
             for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
@@ -1767,12 +1790,12 @@ fn add_usage(
     locked: &mut Locked<'_>,
     ops: &[CounterOp<'_>],
     shards: &[usize],
+    runs: &[usize],
     at: &mut [(KeyId, usize)],
     now_ms: i64,
 ) {
     let mut i = 0;
-    while i < ops.len() {
-        let end = run_end(ops, shards, i);
+    for &end in runs {
         let sh = locked.shard(shards[i]);
         let scope = ops[i].scope;
         // Phase 1 found most counters: one lookup for the run.
