@@ -30,12 +30,22 @@ const SNAPSHOT_VERSION: u32 = 1;
 
 /// An in-memory [`AllowanceStore`]: the embedded default for a single process.
 ///
-/// Scopes are spread over shards, each behind a `parking_lot` mutex. A
-/// scope's counters live together in one map entry. A batch locks, in this
-/// order, the ledger shard of its event id (if any), the lease shard of its
-/// lease (if any), then every counter shard it touches in ascending order —
-/// so two batches never deadlock — checks every op, then applies all or none
-/// before unlocking: check and record are one step.
+/// Scopes are spread over shards, each behind a `parking_lot` mutex. A batch
+/// locks, in this order, the ledger shard of its event id (if any), the lease
+/// shard of its lease (if any), then every counter shard it touches in
+/// ascending order — so two batches never deadlock — checks every op, then
+/// applies all or none before unlocking: check and record are one step.
+///
+/// A scope's counters live together in one map entry, in one allocation
+/// sized exactly to them. A counter takes 24 bytes: its meter and window are
+/// named by a two-byte id into a small per-shard table of the `(meter,
+/// window)` pairs in use (a catalog's handful, scanned under the shard's
+/// lock), so no counter keeps a name or a window of its own. A rolling
+/// counter's buckets (8 bytes each) are one more allocation, with its head
+/// and total in front. Holds, which only reservations make, live in a
+/// per-shard side table. For a plan of four limits, one of them rolling over
+/// 168 buckets, a subject's counters take about 180–220 bytes beside its 169
+/// bucket slots; the spread is the map's growth slack.
 ///
 /// Counters that read zero and hold nothing (a calendar period that has
 /// ended, a rolling window whose buckets have all left, holds that expired)
@@ -44,7 +54,11 @@ const SNAPSHOT_VERSION: u32 = 1;
 /// counters, not the traffic. The same sweep forgets event ids older than the
 /// idempotency horizon (24 hours unless set with
 /// [`MemoryStore::with_event_horizon`]) and leases that settled or expired
-/// more than a horizon ago.
+/// more than a horizon ago, and drops the `(meter, window)` ids no counter
+/// uses once a shard has more than 64. A batch drops them before it starts
+/// once a shard has 32,768, so only a shard whose live counters use all
+/// 65,536 ids refuses a batch that needs another ([`Error::InvalidBatch`],
+/// nothing changed).
 ///
 /// Holds expire lazily but exactly: every batch drops, before it reads a
 /// counter, the holds whose lease expired at or before its `now`.
@@ -195,9 +209,11 @@ enum Counter {
         start: i64,
         used: u64,
     },
-    /// `buf` is `[head, tail, total, slot 0, …, slot n-1]` (see [`Ring`]).
+    /// `buf` is `[head, total, slot 0, …, slot n-1]`; the oldest bucket
+    /// holding usage is `head - back` (see [`Ring`]).
     Rolling {
         key: KeyId,
+        back: u32,
         buf: Box<[u64]>,
     },
     Lifetime {
@@ -211,15 +227,17 @@ enum Counter {
 }
 
 /// Words of a rolling counter's buffer before its slots.
-const RING_HEADER: usize = 3;
+const RING_HEADER: usize = 2;
 
 /// A rolling window over a counter's buffer: `n` buckets of `width_ms`, the
-/// newest at bucket index `head` (word 0), the oldest still holding usage
-/// (when `total > 0`) at `tail` (word 1), and their running `total` (word
-/// 2); bucket `b` is slot `b mod n`. The tail is kept as buckets leave, so
-/// no read walks every bucket.
+/// newest at bucket index `head` (word 0), their running `total` (word 1),
+/// and the oldest bucket still holding usage (when `total > 0`) at `tail =
+/// head - back` (`back < n`, so it fits the counter's spare four bytes);
+/// bucket `b` is slot `b mod n`. The tail is kept as buckets leave, so no
+/// read walks every bucket.
 struct Ring<B> {
     width_ms: i64,
+    back: u32,
     buf: B,
 }
 
@@ -233,11 +251,11 @@ impl<B: AsRef<[u64]>> Ring<B> {
     }
 
     fn tail(&self) -> i64 {
-        self.words()[1] as i64
+        self.head() - i64::from(self.back)
     }
 
     fn total(&self) -> u64 {
-        self.words()[2]
+        self.words()[1]
     }
 
     fn n(&self) -> i64 {
@@ -287,40 +305,43 @@ impl<B: AsRef<[u64]> + AsMut<[u64]>> Ring<B> {
     /// Drop the buckets that have left by `now_ms`.
     fn advance(&mut self, now_ms: i64) {
         let cur = now_ms.div_euclid(self.width_ms);
-        if cur <= self.head() {
+        let head = self.head();
+        if cur <= head {
             // Same bucket, or a clock that stepped back: keep writing to head.
             return;
         }
-        let steps = (cur - self.head()).min(self.n());
+        let mut tail = self.tail();
+        let steps = (cur - head).min(self.n());
         let mut total = self.total();
         for k in 1..=steps {
-            let i = self.slot(self.head() + k);
+            let i = self.slot(head + k);
             total -= self.words()[i];
             self.set(i, 0);
         }
         self.set(0, cur as u64);
-        self.set(2, total);
+        self.set(1, total);
         if total == 0 {
-            self.set(1, cur as u64);
-        } else if self.tail() < self.oldest_bucket() {
+            tail = cur;
+        } else if tail < self.oldest_bucket() {
             // Some bucket in [oldest, head] holds usage; walk to it. Each
             // bucket index is walked past at most once in a counter's life.
-            let mut tail = self.oldest_bucket();
+            tail = self.oldest_bucket();
             while self.words()[self.slot(tail)] == 0 {
                 tail += 1;
             }
-            self.set(1, tail as u64);
         }
+        // The tail is in [oldest, head]: `cur - tail < n <= 10_001`.
+        self.back = u32::try_from(cur - tail).unwrap_or(0);
     }
 
     /// Add `delta` to the head bucket (already checked not to overflow).
     fn add(&mut self, delta: u64) {
         if self.total() == 0 {
-            self.set(1, self.head() as u64);
+            self.back = 0;
         }
         let i = self.slot(self.head());
         self.set(i, self.words()[i] + delta);
-        self.set(2, self.total() + delta);
+        self.set(1, self.total() + delta);
     }
 }
 
@@ -565,9 +586,9 @@ impl Counter {
                 let head = now_ms.div_euclid(width_of(window)) as u64;
                 let mut buf = vec![0; RING_HEADER + buckets as usize + 1];
                 buf[0] = head;
-                buf[1] = head;
                 Counter::Rolling {
                     key,
+                    back: 0,
                     buf: buf.into_boxed_slice(),
                 }
             }
@@ -619,11 +640,15 @@ impl Counter {
                 *len_ms = period_len(s, e);
                 *used = 0;
             }
-            (Counter::Rolling { buf, .. }, _) => Ring {
-                width_ms: width_of(window),
-                buf: &mut **buf,
+            (Counter::Rolling { back, buf, .. }, _) => {
+                let mut ring = Ring {
+                    width_ms: width_of(window),
+                    back: *back,
+                    buf: &mut **buf,
+                };
+                ring.advance(now_ms);
+                *back = ring.back;
             }
-            .advance(now_ms),
             _ => {}
         }
     }
@@ -631,7 +656,7 @@ impl Counter {
     fn used(&self) -> u64 {
         match self {
             Counter::Calendar { used, .. } | Counter::Lifetime { used, .. } => *used,
-            Counter::Rolling { buf, .. } => buf[2],
+            Counter::Rolling { buf, .. } => buf[1],
             Counter::Concurrent { .. } => 0,
         }
     }
@@ -641,11 +666,15 @@ impl Counter {
     fn add(&mut self, window: Window, delta: u64) {
         match self {
             Counter::Calendar { used, .. } | Counter::Lifetime { used, .. } => *used += delta,
-            Counter::Rolling { buf, .. } => Ring {
-                width_ms: width_of(window),
-                buf: &mut **buf,
+            Counter::Rolling { back, buf, .. } => {
+                let mut ring = Ring {
+                    width_ms: width_of(window),
+                    back: *back,
+                    buf: &mut **buf,
+                };
+                ring.add(delta);
+                *back = ring.back;
             }
-            .add(delta),
             Counter::Concurrent { .. } => {}
         }
     }
@@ -663,11 +692,11 @@ impl Counter {
                 end: start.saturating_add(i64::from(*len_ms)),
                 used: *used,
             },
-            Counter::Rolling { buf, .. } => Data::Rolling(Rolling {
+            Counter::Rolling { back, buf, .. } => Data::Rolling(Rolling {
                 width_ms: width_of(window),
                 head: buf[0] as i64,
-                tail: buf[1] as i64,
-                total: buf[2],
+                tail: buf[0] as i64 - i64::from(*back),
+                total: buf[1],
                 slots: buf[RING_HEADER..].into(),
             }),
             Counter::Lifetime { used, .. } => Data::Lifetime { used: *used },
@@ -698,11 +727,20 @@ impl SnapCounter {
             }
             (Data::Rolling(r), Window::Rolling { span_secs, buckets }) => {
                 r.check(span_secs, buckets)?;
+                // Checked: with usage, the tail is within the window; without,
+                // the tail is the head.
+                let back = if r.total == 0 {
+                    0
+                } else {
+                    u32::try_from(r.head - r.tail)
+                        .map_err(|_| "rolling tail is outside the window")?
+                };
                 let mut buf = Vec::with_capacity(RING_HEADER + r.slots.len());
-                buf.extend([r.head as u64, r.tail as u64, r.total]);
+                buf.extend([r.head as u64, r.total]);
                 buf.extend_from_slice(&r.slots);
                 Counter::Rolling {
                     key,
+                    back,
                     buf: buf.into_boxed_slice(),
                 }
             }
@@ -882,8 +920,9 @@ fn state_of(
         Window::Rolling { span_secs, .. } => {
             let start = now_ms.saturating_sub((span_secs as i64).saturating_mul(1_000));
             let ring = counter.and_then(|c| match c {
-                Counter::Rolling { buf, .. } => Some(Ring {
+                Counter::Rolling { back, buf, .. } => Some(Ring {
                     width_ms: width_of(window),
+                    back: *back,
                     buf: &**buf,
                 }),
                 _ => None,
