@@ -483,7 +483,16 @@ impl Rolling {
         if sum != self.total {
             return Err("rolling total is not the sum of its buckets".into());
         }
-        let oldest = self.head - self.slots.len() as i64 + 1;
+        // Every bucket the counter can name, and when it leaves, is a time.
+        let n = self.slots.len() as i64;
+        let (Some(oldest), Some(_)) = (
+            self.head.checked_sub(n - 1),
+            self.head
+                .checked_add(n)
+                .and_then(|b| b.checked_mul(self.width_ms)),
+        ) else {
+            return Err("rolling head is out of range".into());
+        };
         if self.total > 0 && !(oldest <= self.tail && self.tail <= self.head) {
             return Err("rolling tail is outside the window".into());
         }
@@ -716,8 +725,10 @@ impl SnapCounter {
     fn to_counter(&self, key: KeyId) -> Result<Counter, String> {
         let c = match (&self.data, self.window) {
             (&Data::Calendar { start, end, used }, Window::Calendar { .. }) if start < end => {
-                let len_ms = u32::try_from(end - start)
-                    .map_err(|_| "calendar period is longer than 49 days")?;
+                let len_ms = end
+                    .checked_sub(start)
+                    .and_then(|len| u32::try_from(len).ok())
+                    .ok_or("calendar period is longer than 49 days")?;
                 Counter::Calendar {
                     key,
                     len_ms,
@@ -732,8 +743,10 @@ impl SnapCounter {
                 let back = if r.total == 0 {
                     0
                 } else {
-                    u32::try_from(r.head - r.tail)
-                        .map_err(|_| "rolling tail is outside the window")?
+                    r.head
+                        .checked_sub(r.tail)
+                        .and_then(|back| u32::try_from(back).ok())
+                        .ok_or("rolling tail is outside the window")?
                 };
                 let mut buf = Vec::with_capacity(RING_HEADER + r.slots.len());
                 buf.extend([r.head as u64, r.total]);
@@ -2208,6 +2221,16 @@ mod tests {
                         h.total += 1;
                     }
                 }
+            }
+            tampered.push(s);
+        }
+        // Extremes that would overflow the arithmetic.
+        for i in 0..snap.scopes[0].1.len() {
+            let mut s = snap.clone();
+            match &mut s.scopes[0].1[i].data {
+                Data::Calendar { start, end, .. } => (*start, *end) = (i64::MIN, i64::MAX),
+                Data::Rolling(r) => (r.head, r.tail) = (i64::MAX, i64::MAX),
+                _ => continue,
             }
             tampered.push(s);
         }
