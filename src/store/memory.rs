@@ -156,6 +156,8 @@ struct Shard {
     holds: HoldMap,
     /// Cooldown end (Unix ms) per scope that has one.
     cooldowns: ScopeMap<i64>,
+    /// Instants reported lately, as `DateTime`s.
+    shown: Shown,
     /// Batches that locked this shard first; every `SWEEP_EVERY` of them,
     /// one shard (round robin) is swept.
     batches: u64,
@@ -902,7 +904,7 @@ fn state_of(
     now_ms: i64,
     delta: u64,
     max: Option<u64>,
-    times: &mut Times,
+    time: &mut impl FnMut(i64) -> DateTime<Utc>,
 ) -> CounterState {
     let used = counter.map_or(0, Counter::used);
     // Past the maximum with this delta: for a zero delta, a counter that
@@ -952,9 +954,9 @@ fn state_of(
     CounterState {
         used,
         held,
-        period_start: period_start.map(|t| times.at(t)),
-        resets_at: resets_at.map(|t| times.at(t)),
-        available_at: available_at.map(|t| times.at(t)),
+        period_start: period_start.map(&mut *time),
+        resets_at: resets_at.map(&mut *time),
+        available_at: available_at.map(time),
     }
 }
 
@@ -968,28 +970,36 @@ fn ms_to_time(ms: i64) -> DateTime<Utc> {
 
 const DAY_MS: i64 = 86_400_000;
 
+/// The instants a shard reported lately, each in the slot a hash of its Unix
+/// milliseconds picks: a calendar period's bounds are reported by every call
+/// for the whole period, and are converted once.
+#[derive(Debug)]
+struct Shown([(i64, DateTime<Utc>); 8]);
+
+impl Default for Shown {
+    fn default() -> Self {
+        // A true entry, so no sentinel is needed.
+        Self([(i64::MIN, ms_to_time(i64::MIN)); 8])
+    }
+}
+
 /// Unix milliseconds to `DateTime<Utc>`, as [`ms_to_time`], for the several
-/// instants of one report: the first date is found from scratch (a 400-year
-/// cycle division), the next ones by a day offset from it, which within the
-/// same year is a few instructions.
+/// instants of one report: one the shard showed lately is copied; otherwise
+/// the first date is found from scratch (a 400-year cycle division), the
+/// next ones by a day offset from it, which within a year is a few
+/// instructions.
 #[derive(Default)]
 struct Times {
     base: Option<(i64, NaiveDate)>,
-    /// The last two conversions (counters of one window report the same
-    /// instants), and which of them to replace next.
-    recent: [Option<(i64, DateTime<Utc>)>; 2],
-    next: usize,
 }
 
 impl Times {
-    fn at(&mut self, ms: i64) -> DateTime<Utc> {
-        if let Some(&(_, t)) = self.recent.iter().flatten().find(|(m, _)| *m == ms) {
-            return t;
+    fn at(&mut self, ms: i64, shown: &mut Shown) -> DateTime<Utc> {
+        let slot = &mut shown.0[((ms as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize];
+        if slot.0 != ms {
+            *slot = (ms, self.convert(ms));
         }
-        let t = self.convert(ms);
-        self.recent[self.next] = Some((ms, t));
-        self.next ^= 1;
-        t
+        slot.1
     }
 
     fn convert(&mut self, ms: i64) -> DateTime<Utc> {
@@ -1761,14 +1771,20 @@ impl AllowanceStore for MemoryStore {
         let delta_of = |op: &CounterOp<'_>| if applied { 0 } else { op.delta };
         let mut i = 0;
         for &end in runs.as_slice() {
-            let sh = locked.shard(op_shards[i]);
-            let list: &[Counter] = sh.scopes.get(ops[i].scope).map_or(&[], |c| c);
+            let Shard {
+                scopes,
+                holds,
+                shown,
+                ..
+            } = locked.shard(op_shards[i]);
+            let list: &[Counter] = scopes.get(ops[i].scope).map_or(&[], |c| c);
+            let mut time = |ms| times.at(ms, shown);
             for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
                 let counter = list.get(idx);
-                let held = counter.map_or(0, |c| held_in(&sh.holds, op.scope, c.key()));
+                let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
                 let (delta, max) = (delta_of(op), op.max);
                 counters.push(state_of(
-                    counter, held, op.window, now_ms, delta, max, &mut times,
+                    counter, held, op.window, now_ms, delta, max, &mut time,
                 ));
             }
             i = end;
@@ -2264,9 +2280,14 @@ mod tests {
             DateTime::<Utc>::MIN_UTC.timestamp_millis(),
             1_764_460_800_000,
         ];
-        let mut times = Times::default();
-        for &ms in samples.iter().chain(samples.iter().rev()) {
-            assert_eq!(times.at(ms), ms_to_time(ms), "{ms}");
+        // Shown afresh, then again (from the shard's slots or converted
+        // again where two collide), in both orders.
+        let mut shown = Shown::default();
+        for _ in 0..2 {
+            let mut times = Times::default();
+            for &ms in samples.iter().chain(samples.iter().rev()) {
+                assert_eq!(times.at(ms, &mut shown), ms_to_time(ms), "{ms}");
+            }
         }
     }
 
