@@ -441,6 +441,10 @@ pub struct Plan {
     pub(crate) prices: Vec<Option<Decimal>>,
     /// The same prices as exact integers of `10^-MAX_PRICE_SCALE` major units.
     pub(crate) price_units: Vec<Option<u128>>,
+    /// Indexed by meter index: the meter's id when a request naming it is
+    /// listed as unpriced (the plan has a cost meter, no price for it, and
+    /// it is not money). Computed once, so a call clones ids, not looks them up.
+    pub(crate) unpriced: Vec<Option<Arc<str>>>,
     /// Maximum job duration in milliseconds.
     pub(crate) max_job_ms: Option<i64>,
     /// Share of holds kept as usage per release outcome.
@@ -845,12 +849,21 @@ impl Catalog {
             keep_fraction(share)
                 .ok_or_else(|| Error::config(format!("{field}.refunds.{name}"), format!("refund share {share} is not an exact number in [0, 1] with at most 18 decimal places")))
         };
+        // Money meters are never priced, so they are not "unpriced".
+        let unpriced = (0..self.meters.len())
+            .map(|i| {
+                let money = matches!(self.meters[i].unit, Unit::Money { .. });
+                (cost_meter.is_some() && price_units[i].is_none() && !money)
+                    .then(|| self.meter_ids[i].clone())
+            })
+            .collect();
         Ok(Plan {
             id: Arc::from(p.id.as_str()),
             limits,
             cost_meter,
             prices,
             price_units,
+            unpriced,
             max_job_ms: span_ms(
                 p.max_job_duration.as_deref(),
                 &format!("{field}.max_job_duration"),

@@ -342,9 +342,19 @@ impl<C: Clock> Engine<MemoryStore, C> {
     }
 }
 
-/// Capacity reserved for a decision's ops: enough for most plans in one
-/// allocation.
-const INLINE_OPS: usize = 16;
+/// A call's ops kept inline (no allocation): enough for a plan's limits
+/// and a pool or two; more spill to the heap.
+const INLINE_OPS: usize = 8;
+
+/// Fills the unused inline slots of a call's limit list; never read.
+static NO_LIMIT: std::sync::LazyLock<Limit> = std::sync::LazyLock::new(|| Limit {
+    meter: Arc::from(""),
+    meter_idx: 0,
+    window: Window::Lifetime,
+    max: None,
+    warn_at: Decimal::ONE,
+    warn_threshold: u64::MAX,
+});
 
 impl<S, C: Clock> Engine<S, C> {
     /// An engine on any store and clock.
@@ -900,15 +910,13 @@ impl<S, C: Clock> Engine<S, C> {
         }
 
         // Cost: Σ units × price, exact, rounded up once to the cost meter.
-        let mut unpriced = Vec::new();
+        let mut unpriced = Inline::new();
         let mut cost = None;
         if let Some(cm) = alloc.plan.cost_meter {
             let meter = &self.catalog.meters[cm];
             for &(idx, _) in &amounts {
-                // Money meters are never priced, so they are not "unpriced".
-                let money = matches!(self.catalog.meters[idx].unit, Unit::Money { .. });
-                if alloc.plan.price_units[idx].is_none() && !money {
-                    unpriced.push(self.catalog.meter_ids[idx].clone());
+                if alloc.plan.unpriced[idx].is_some() {
+                    unpriced.push(idx);
                 }
             }
             let terms = amounts
@@ -1016,9 +1024,18 @@ impl<S, C: Clock> Engine<S, C> {
         p: &'a Prepared,
         model: Option<&str>,
         shape: Shape<'_>,
-    ) -> (Vec<CounterOp<'a>>, Vec<&'a Limit>) {
-        let mut ops: Vec<CounterOp<'a>> = Vec::with_capacity(INLINE_OPS);
-        let mut op_limits: Vec<&'a Limit> = Vec::with_capacity(INLINE_OPS);
+    ) -> (
+        Inline<CounterOp<'a>, INLINE_OPS>,
+        Inline<&'a Limit, INLINE_OPS>,
+    ) {
+        let mut ops = Inline::filled(CounterOp::new(
+            &p.alloc.scope,
+            "",
+            Window::Lifetime,
+            0,
+            None,
+        ));
+        let mut op_limits = Inline::filled(&*NO_LIMIT);
         for (scope, limits, _) in self.scopes(p, model) {
             for l in limits {
                 let named = p
@@ -1080,7 +1097,7 @@ impl<S, C: Clock> Engine<S, C> {
             binding: None,
             retry_after: None,
             cost: p.cost.clone(),
-            unpriced: p.unpriced.clone(),
+            unpriced: p.unpriced_ids(),
             allowed_on_error: false,
         };
         self.observe(call, req, now, &decision);
@@ -1177,7 +1194,7 @@ impl<S, C: Clock> Engine<S, C> {
             call,
             at,
             p.cost.clone(),
-            p.unpriced.clone(),
+            p.unpriced_ids(),
             cooling,
         )
     }
@@ -1242,8 +1259,20 @@ struct Prepared {
     /// Amount per meter index, in smallest units, the cost meter included.
     amounts: Inline<(usize, u64), 6>,
     cost: Option<Money>,
-    unpriced: Vec<Arc<str>>,
+    /// Meter indices of the request's unpriced meters, in request order.
+    unpriced: Inline<usize, 6>,
     model_refused: Option<Refusal>,
+}
+
+impl Prepared {
+    /// The ids of the request's unpriced meters, for a decision.
+    fn unpriced_ids(&self) -> Vec<Arc<str>> {
+        let ids = &self.alloc.plan.unpriced;
+        self.unpriced
+            .iter()
+            .filter_map(|&i| ids[i].clone())
+            .collect()
+    }
 }
 
 /// A reservation between its checks and its store call.
