@@ -435,7 +435,8 @@ impl PlanConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub(crate) id: Arc<str>,
-    pub(crate) limits: Vec<Limit>,
+    /// Shared with every allocation of the plan that overrides nothing.
+    pub(crate) limits: Arc<[Limit]>,
     pub(crate) cost_meter: Option<usize>,
     /// Price per unit, indexed by meter index; `None` is unpriced.
     pub(crate) prices: Vec<Option<Decimal>>,
@@ -859,7 +860,7 @@ impl Catalog {
             .collect();
         Ok(Plan {
             id: Arc::from(p.id.as_str()),
-            limits,
+            limits: limits.into(),
             cost_meter,
             prices,
             price_units,

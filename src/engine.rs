@@ -106,15 +106,31 @@ impl Allocation {
     }
 }
 
-/// An allocation resolved against the catalog.
+/// An allocation resolved against the catalog: one per subject, so it keeps
+/// nothing twice. The subject's id lives once, in `scope` (the table's key
+/// shares it); the plan's limits are the plan's own unless overridden; the
+/// plan and pool ids of the [`Allocation`] are those of `plan` and `pools`.
 #[derive(Debug)]
 struct Resolved {
-    allocation: Allocation,
     scope: ScopeKey,
     plan: Arc<Plan>,
-    limits: Vec<Limit>,
+    limits: Arc<[Limit]>,
     pools: Vec<Arc<Pool>>,
     models: Option<Vec<String>>,
+    overrides: Vec<LimitConfig>,
+}
+
+impl Resolved {
+    /// The allocation as it was given to [`Engine::allocate`].
+    fn allocation(&self) -> Allocation {
+        Allocation {
+            subject: self.scope.id().to_owned(),
+            plan: self.plan.id.to_string(),
+            overrides: self.overrides.clone(),
+            models: self.models.clone(),
+            pools: self.pools.iter().map(|p| p.id.to_string()).collect(),
+        }
+    }
 }
 
 /// Which engine call made a decision.
@@ -312,7 +328,10 @@ pub struct Engine<S = MemoryStore, C = SystemClock> {
     catalog: Arc<Catalog>,
     store: S,
     clock: C,
-    allocations: RwLock<HashMap<String, Arc<Resolved>>>,
+    /// Subject → its resolved allocation. The key is the scope's id (one
+    /// allocation); std's randomly keyed SipHash keeps callers from aiming
+    /// ids at one bucket.
+    allocations: RwLock<HashMap<Arc<str>, Arc<Resolved>>>,
     observer: Option<Arc<dyn Observer>>,
 }
 
@@ -413,16 +432,21 @@ impl<S, C: Clock> Engine<S, C> {
         let overrides = self
             .catalog
             .resolve_limits(&allocation.overrides, "overrides")?;
-        let mut limits = plan.limits.clone();
-        for o in overrides {
-            match limits
-                .iter_mut()
-                .find(|l| l.meter_idx == o.meter_idx && l.window == o.window)
-            {
-                Some(l) => *l = o,
-                None => limits.push(o),
+        let limits = if overrides.is_empty() {
+            plan.limits.clone()
+        } else {
+            let mut limits = plan.limits.to_vec();
+            for o in overrides {
+                match limits
+                    .iter_mut()
+                    .find(|l| l.meter_idx == o.meter_idx && l.window == o.window)
+                {
+                    Some(l) => *l = o,
+                    None => limits.push(o),
+                }
             }
-        }
+            limits.into()
+        };
         if let Some(dup) = first_duplicate(allocation.pools.iter().map(String::as_str)) {
             return Err(Error::config("pools", format!("pool `{dup}` listed twice")));
         }
@@ -446,26 +470,22 @@ impl<S, C: Clock> Engine<S, C> {
                 Ok(pool)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let subject: Arc<str> = Arc::from(allocation.subject);
         let resolved = Resolved {
-            scope: ScopeKey::subject(allocation.subject.as_str()),
+            scope: ScopeKey::subject(subject.clone()),
             plan,
             limits,
             pools,
-            models: allocation.models.clone(),
-            allocation,
+            models: allocation.models,
+            overrides: allocation.overrides,
         };
-        self.allocations
-            .write()
-            .insert(resolved.allocation.subject.clone(), Arc::new(resolved));
+        self.allocations.write().insert(subject, Arc::new(resolved));
         Ok(())
     }
 
     /// The allocation binding `subject`, as it was given to [`Engine::allocate`].
     pub fn allocation(&self, subject: &str) -> Option<Allocation> {
-        self.allocations
-            .read()
-            .get(subject)
-            .map(|r| r.allocation.clone())
+        self.allocations.read().get(subject).map(|r| r.allocation())
     }
 
     /// Remove a subject's allocation. Its counters stay in the store until
@@ -996,24 +1016,20 @@ impl<S, C: Clock> Engine<S, C> {
             .and_then(|m| self.catalog.model_pools.get(m))
             .map_or(&[], Vec::as_slice);
         let alloc = &*p.alloc;
-        std::iter::once((
-            &alloc.scope,
-            alloc.limits.as_slice(),
-            alloc.plan.cooldown_ms,
-        ))
-        .chain(
-            alloc
-                .pools
-                .iter()
-                .chain(&p.extra)
-                .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
-        )
-        .chain(
-            model_pools
-                .iter()
-                .filter(move |mp| !alloc.pools.iter().chain(&p.extra).any(|q| q.id == mp.id))
-                .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
-        )
+        std::iter::once((&alloc.scope, &*alloc.limits, alloc.plan.cooldown_ms))
+            .chain(
+                alloc
+                    .pools
+                    .iter()
+                    .chain(&p.extra)
+                    .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
+            )
+            .chain(
+                model_pools
+                    .iter()
+                    .filter(move |mp| !alloc.pools.iter().chain(&p.extra).any(|q| q.id == mp.id))
+                    .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
+            )
     }
 
     /// One op per limit per scope: where the request names the limit's meter
