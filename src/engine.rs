@@ -110,26 +110,46 @@ impl Allocation {
 /// nothing twice. The subject's id lives once, in `scope` (the table's key
 /// shares it); the plan's limits are the plan's own unless overridden; the
 /// plan and pool ids of the [`Allocation`] are those of `plan` and `pools`.
+/// What most allocations lack (pools, an allowlist, overrides) sits behind
+/// one optional box.
 #[derive(Debug)]
 struct Resolved {
     scope: ScopeKey,
     plan: Arc<Plan>,
     limits: Arc<[Limit]>,
+    more: Option<Box<More>>,
+}
+
+/// The rarer parts of an allocation; never all empty.
+#[derive(Debug)]
+struct More {
     pools: Vec<Arc<Pool>>,
     models: Option<Vec<String>>,
     overrides: Vec<LimitConfig>,
 }
 
 impl Resolved {
+    /// The pools the allocation lists.
+    #[inline]
+    fn pools(&self) -> &[Arc<Pool>] {
+        self.more.as_ref().map_or(&[], |m| &m.pools)
+    }
+
+    /// The models the subject may use; `None` allows every model.
+    #[inline]
+    fn models(&self) -> Option<&[String]> {
+        self.more.as_ref()?.models.as_deref()
+    }
+
     /// The allocation as it was given to [`Engine::allocate`].
     fn allocation(&self) -> Allocation {
-        Allocation {
-            subject: self.scope.id().to_owned(),
-            plan: self.plan.id.to_string(),
-            overrides: self.overrides.clone(),
-            models: self.models.clone(),
-            pools: self.pools.iter().map(|p| p.id.to_string()).collect(),
+        let mut a = Allocation::new(self.scope.id(), &*self.plan.id);
+        if let Some(m) = &self.more {
+            a.overrides.clone_from(&m.overrides);
+            a.models.clone_from(&m.models);
+            a.pools = m.pools.iter().map(|p| p.id.to_string()).collect();
         }
+        a
     }
 }
 
@@ -475,9 +495,16 @@ impl<S, C: Clock> Engine<S, C> {
             scope: ScopeKey::subject(subject.clone()),
             plan,
             limits,
-            pools,
-            models: allocation.models,
-            overrides: allocation.overrides,
+            more: (!pools.is_empty()
+                || allocation.models.is_some()
+                || !allocation.overrides.is_empty())
+            .then(|| {
+                Box::new(More {
+                    pools,
+                    models: allocation.models,
+                    overrides: allocation.overrides,
+                })
+            }),
         };
         self.allocations.write().insert(subject, Arc::new(resolved));
         Ok(())
@@ -912,7 +939,7 @@ impl<S, C: Clock> Engine<S, C> {
                 .ok_or_else(|| Error::UnknownPool {
                     pool: id.to_owned(),
                 })?;
-            if !alloc.pools.iter().chain(&extra).any(|p| p.id == pool.id) {
+            if !alloc.pools().iter().chain(&extra).any(|p| p.id == pool.id) {
                 extra.push(pool.clone());
             }
         }
@@ -959,7 +986,7 @@ impl<S, C: Clock> Engine<S, C> {
         }
 
         // Model allowlist.
-        let model_refused = match (req.model, &alloc.models) {
+        let model_refused = match (req.model, alloc.models()) {
             (Some(model), Some(allowed)) if !allowed.iter().any(|m| m == model) => {
                 Some(Refusal::ModelNotAllowed {
                     model: model.to_owned(),
@@ -1007,6 +1034,7 @@ impl<S, C: Clock> Engine<S, C> {
     /// Every scope a call draws on, in order: the subject, its pools, the
     /// pools named for the request, then the model's global pools not
     /// already listed. With each: its limits and its cooldown.
+    #[inline]
     fn scopes<'a>(
         &'a self,
         p: &'a Prepared,
@@ -1019,7 +1047,7 @@ impl<S, C: Clock> Engine<S, C> {
         std::iter::once((&alloc.scope, &*alloc.limits, alloc.plan.cooldown_ms))
             .chain(
                 alloc
-                    .pools
+                    .pools()
                     .iter()
                     .chain(&p.extra)
                     .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
@@ -1027,7 +1055,7 @@ impl<S, C: Clock> Engine<S, C> {
             .chain(
                 model_pools
                     .iter()
-                    .filter(move |mp| !alloc.pools.iter().chain(&p.extra).any(|q| q.id == mp.id))
+                    .filter(move |mp| !alloc.pools().iter().chain(&p.extra).any(|q| q.id == mp.id))
                     .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
             )
     }
@@ -1084,6 +1112,15 @@ impl<S, C: Clock> Engine<S, C> {
         model: Option<&str>,
         start: Option<DateTime<Utc>>,
     ) -> Vec<CooldownOp<'a>> {
+        // A request drawing only on its own scope, whose plan declares no
+        // cooldown, has none to check: skip the walk over the scopes.
+        if model.is_none()
+            && p.alloc.plan.cooldown_ms.is_none()
+            && p.alloc.more.is_none()
+            && p.extra.is_empty()
+        {
+            return Vec::new();
+        }
         self.scopes(p, model)
             .filter_map(|(scope, _, ms)| {
                 let ms = ms?;
@@ -1124,7 +1161,7 @@ impl<S, C: Clock> Engine<S, C> {
     where
         S: AllowanceStore,
     {
-        let p = self.prepare(req)?;
+        let mut p = self.prepare(req)?;
         let now = self.clock.now();
 
         // `check` and `admit` refuse a model outside the allowlist without
@@ -1135,6 +1172,9 @@ impl<S, C: Clock> Engine<S, C> {
                 return Ok(decision);
             }
         }
+        // Moved into the decision below rather than cloned (one shared
+        // reference count less per call).
+        let cost = p.cost.take();
 
         let (ops, limits) = self.ops_for(&p, req.model, Shape::Usage);
         let cooldowns = if call == Call::Record {
@@ -1156,6 +1196,7 @@ impl<S, C: Clock> Engine<S, C> {
         let applied = self.apply(&batch)?;
         let at = applied.replayed_at.unwrap_or(now);
         let mut decision = self.finish_quiet(call, &p, &ops, &limits, &applied, &cooldowns, at);
+        decision.cost = cost;
         if let Some(reason) = p.model_refused.clone() {
             decision.status = Status::Exceeded;
             decision.allowed = false;
