@@ -153,6 +153,52 @@ impl Resolved {
     }
 }
 
+/// The allocation table: subject → resolved allocation, split in
+/// [`TABLE_SHARDS`] locks, each on its own cache line, so calls on different
+/// subjects from different threads do not all write one lock word.
+///
+/// Each shard's map is keyed by the scope's id (one allocation, shared with
+/// the scope) under std's randomly keyed SipHash, so callers cannot aim ids
+/// at one bucket. The shard comes from a cheap unkeyed hash of the id: ids
+/// aimed at one shard only bring back a single lock.
+#[derive(Default)]
+struct Table {
+    shards: [Shard; TABLE_SHARDS],
+}
+
+/// Shards of the allocation table.
+const TABLE_SHARDS: usize = 16;
+
+/// One lock of the table, alone on its cache line.
+#[derive(Default)]
+#[repr(align(64))]
+struct Shard(RwLock<HashMap<Arc<str>, Arc<Resolved>>>);
+
+impl Table {
+    /// The shard holding `subject`: its last eight bytes (where ids like
+    /// `agent-7` differ) and its length, multiplied into the top bits.
+    #[inline]
+    fn shard(&self, subject: &str) -> &RwLock<HashMap<Arc<str>, Arc<Resolved>>> {
+        let b = subject.as_bytes();
+        let tail = b
+            .len()
+            .checked_sub(8)
+            .and_then(|i| <[u8; 8]>::try_from(&b[i..]).ok())
+            .map_or_else(
+                || b.iter().fold(0u64, |h, &x| (h << 8) | u64::from(x)),
+                u64::from_le_bytes,
+            );
+        let h = (tail ^ b.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // The top four bits: TABLE_SHARDS is 16.
+        &self.shards[(h >> 60) as usize].0
+    }
+
+    /// Subjects allocated.
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.0.read().len()).sum()
+    }
+}
+
 /// Which engine call made a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -348,10 +394,8 @@ pub struct Engine<S = MemoryStore, C = SystemClock> {
     catalog: Arc<Catalog>,
     store: S,
     clock: C,
-    /// Subject → its resolved allocation. The key is the scope's id (one
-    /// allocation); std's randomly keyed SipHash keeps callers from aiming
-    /// ids at one bucket.
-    allocations: RwLock<HashMap<Arc<str>, Arc<Resolved>>>,
+    /// Subject → its resolved allocation, in shards (see [`Table`]).
+    allocations: Table,
     observer: Option<Arc<dyn Observer>>,
 }
 
@@ -360,7 +404,7 @@ impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for Engine<S, C> {
         f.debug_struct("Engine")
             .field("store", &self.store)
             .field("clock", &self.clock)
-            .field("allocations", &self.allocations.read().len())
+            .field("allocations", &self.allocations.len())
             .field("observer", &self.observer.is_some())
             .finish_non_exhaustive()
     }
@@ -402,7 +446,7 @@ impl<S, C: Clock> Engine<S, C> {
             catalog: Arc::new(catalog),
             store,
             clock,
-            allocations: RwLock::new(HashMap::new()),
+            allocations: Table::default(),
             observer: None,
         }
     }
@@ -506,19 +550,30 @@ impl<S, C: Clock> Engine<S, C> {
                 })
             }),
         };
-        self.allocations.write().insert(subject, Arc::new(resolved));
+        self.allocations
+            .shard(&subject)
+            .write()
+            .insert(subject, Arc::new(resolved));
         Ok(())
     }
 
     /// The allocation binding `subject`, as it was given to [`Engine::allocate`].
     pub fn allocation(&self, subject: &str) -> Option<Allocation> {
-        self.allocations.read().get(subject).map(|r| r.allocation())
+        self.allocations
+            .shard(subject)
+            .read()
+            .get(subject)
+            .map(|r| r.allocation())
     }
 
     /// Remove a subject's allocation. Its counters stay in the store until
     /// they age out. Returns whether it was allocated.
     pub fn deallocate(&self, subject: &str) -> bool {
-        self.allocations.write().remove(subject).is_some()
+        self.allocations
+            .shard(subject)
+            .write()
+            .remove(subject)
+            .is_some()
     }
 
     /// Preflight: what would `admit` decide now? Changes nothing. An event
@@ -914,6 +969,7 @@ impl<S, C: Clock> Engine<S, C> {
 
     fn allocation_of(&self, subject: &str) -> Result<Arc<Resolved>, Error> {
         self.allocations
+            .shard(subject)
             .read()
             .get(subject)
             .cloned()
@@ -1445,6 +1501,7 @@ fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64
     h.0
 }
 
+#[inline]
 fn add_amount(
     amounts: &mut Inline<(usize, u64), 6>,
     idx: usize,
@@ -1606,5 +1663,38 @@ fn build_decision(
         cost,
         unpriced,
         allowed_on_error: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Table, TABLE_SHARDS};
+
+    fn index(t: &Table, id: &str) -> usize {
+        let shard = t.shard(id);
+        t.shards
+            .iter()
+            .position(|s| std::ptr::eq(&s.0, shard))
+            .expect("a shard of the table")
+    }
+
+    #[test]
+    fn table_shards_spread_ordinary_ids_and_take_any_id() {
+        let t = Table::default();
+        let mut used = [0usize; TABLE_SHARDS];
+        for i in 0..1_000 {
+            used[index(&t, &format!("agent-{i}"))] += 1;
+        }
+        assert!(used.iter().all(|&n| n > 20), "{used:?}");
+        for id in [
+            "",
+            "a",
+            "7",
+            "ünïcödé-subject-ids",
+            "x".repeat(10_000).as_str(),
+        ] {
+            assert_eq!(index(&t, id), index(&t, id));
+        }
+        assert_eq!(t.len(), 0);
     }
 }
