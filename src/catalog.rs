@@ -435,12 +435,17 @@ impl PlanConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub(crate) id: Arc<str>,
-    pub(crate) limits: Vec<Limit>,
+    /// Shared with every allocation of the plan that overrides nothing.
+    pub(crate) limits: Arc<[Limit]>,
     pub(crate) cost_meter: Option<usize>,
     /// Price per unit, indexed by meter index; `None` is unpriced.
     pub(crate) prices: Vec<Option<Decimal>>,
     /// The same prices as exact integers of `10^-MAX_PRICE_SCALE` major units.
     pub(crate) price_units: Vec<Option<u128>>,
+    /// Indexed by meter index: the meter's id when a request naming it is
+    /// listed as unpriced (the plan has a cost meter, no price for it, and
+    /// it is not money). Computed once, so a call clones ids, not looks them up.
+    pub(crate) unpriced: Vec<Option<Arc<str>>>,
     /// Maximum job duration in milliseconds.
     pub(crate) max_job_ms: Option<i64>,
     /// Share of holds kept as usage per release outcome.
@@ -479,11 +484,24 @@ impl Plan {
 pub(crate) fn cost_minor(terms: impl IntoIterator<Item = (u64, u128)>, scale: u32) -> Option<u64> {
     let mut total: u128 = 0;
     for (units, price) in terms {
-        total = total.checked_add(u128::from(units).checked_mul(price)?)?;
+        let term = match u64::try_from(price) {
+            // A u64 × u64 product always fits a u128: no overflow check.
+            Ok(p) => u128::from(units) * u128::from(p),
+            Err(_) => u128::from(units).checked_mul(price)?,
+        };
+        total = total.checked_add(term)?;
     }
-    // scale <= MAX_MONEY_SCALE < MAX_PRICE_SCALE.
-    let div = 10u128.pow(MAX_PRICE_SCALE.saturating_sub(scale));
-    u64::try_from(total / div + u128::from(total % div != 0)).ok()
+    // scale <= MAX_MONEY_SCALE < MAX_PRICE_SCALE = 18, so div <= 10^18 fits a u64.
+    let div = 10u64.pow(MAX_PRICE_SCALE.saturating_sub(scale));
+    match u64::try_from(total) {
+        // One 64-bit division instead of a 128-bit one; no overflow: with
+        // div = 1 the remainder is 0, otherwise the quotient is at most half.
+        Ok(t) => Some(t / div + u64::from(t % div != 0)),
+        Err(_) => {
+            let div = u128::from(div);
+            u64::try_from(total / div + u128::from(total % div != 0)).ok()
+        }
+    }
 }
 
 /// A shared scope as written in configuration: an account pool, or a model's
@@ -750,6 +768,7 @@ impl Catalog {
 
     /// The index of the meter with this id. A handful of meters is scanned
     /// (cheaper than hashing the id); a large catalog uses its map.
+    #[inline]
     pub(crate) fn meter_idx(&self, id: &str) -> Option<usize> {
         if self.meter_ids.len() <= 16 {
             self.meter_ids.iter().position(|m| &**m == id)
@@ -845,12 +864,21 @@ impl Catalog {
             keep_fraction(share)
                 .ok_or_else(|| Error::config(format!("{field}.refunds.{name}"), format!("refund share {share} is not an exact number in [0, 1] with at most 18 decimal places")))
         };
+        // Money meters are never priced, so they are not "unpriced".
+        let unpriced = (0..self.meters.len())
+            .map(|i| {
+                let money = matches!(self.meters[i].unit, Unit::Money { .. });
+                (cost_meter.is_some() && price_units[i].is_none() && !money)
+                    .then(|| self.meter_ids[i].clone())
+            })
+            .collect();
         Ok(Plan {
             id: Arc::from(p.id.as_str()),
-            limits,
+            limits: limits.into(),
             cost_meter,
             prices,
             price_units,
+            unpriced,
             max_job_ms: span_ms(
                 p.max_job_duration.as_deref(),
                 &format!("{field}.max_job_duration"),
@@ -1024,4 +1052,70 @@ fn keep_fraction(refund: Decimal) -> Option<Fraction> {
 
 fn strict_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
     Price::deserialize(d).map(|p| p.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{cost_minor, MAX_MONEY_SCALE, MAX_PRICE_SCALE};
+
+    /// `cost_minor` in plain u128 arithmetic, as it was first written.
+    fn reference(terms: &[(u64, u128)], scale: u32) -> Option<u64> {
+        let mut total: u128 = 0;
+        for &(units, price) in terms {
+            total = total.checked_add(u128::from(units).checked_mul(price)?)?;
+        }
+        let div = 10u128.pow(MAX_PRICE_SCALE - scale);
+        u64::try_from(total / div + u128::from(total % div != 0)).ok()
+    }
+
+    #[test]
+    fn cost_minor_is_the_exact_ceiling_on_both_sides_of_u64() {
+        let big = u128::from(u64::MAX);
+        let units = [
+            0,
+            1,
+            7,
+            100,
+            999_999,
+            u64::from(u32::MAX),
+            u64::MAX - 1,
+            u64::MAX,
+        ];
+        let prices = [
+            0,
+            1,
+            3_000_000_000_000,
+            10u128.pow(18),
+            big,
+            big + 1,
+            big * 1_000,
+            u128::MAX / 2,
+            u128::MAX,
+        ];
+        for scale in 0..=MAX_MONEY_SCALE {
+            for &u in &units {
+                for &p in &prices {
+                    let one = [(u, p)];
+                    assert_eq!(
+                        cost_minor(one, scale),
+                        reference(&one, scale),
+                        "{u} × {p} @ {scale}"
+                    );
+                    let two = [(u, p), (u / 3 + 1, p / 7 + 1)];
+                    assert_eq!(
+                        cost_minor(two, scale),
+                        reference(&two, scale),
+                        "{two:?} @ {scale}"
+                    );
+                }
+            }
+        }
+        // Rounds up, once: 100 tokens at $0.000003 is $0.0003 at scale 6;
+        // one token at $0.0000031 is $0.000004.
+        assert_eq!(cost_minor([(100, 3_000_000_000_000)], 6), Some(300));
+        assert_eq!(cost_minor([(1, 3_100_000_000_000)], 6), Some(4));
+        // Past u64 after rounding: an overflow, never a wrapped amount.
+        assert_eq!(cost_minor([(u64::MAX, 10u128.pow(18))], 0), Some(u64::MAX));
+        assert_eq!(cost_minor([(u64::MAX, 10u128.pow(18) + 1)], 0), None);
+    }
 }

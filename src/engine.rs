@@ -106,15 +106,97 @@ impl Allocation {
     }
 }
 
-/// An allocation resolved against the catalog.
+/// An allocation resolved against the catalog: one per subject, so it keeps
+/// nothing twice. The subject's id lives once, in `scope` (the table's key
+/// shares it); the plan's limits are the plan's own unless overridden; the
+/// plan and pool ids of the [`Allocation`] are those of `plan` and `pools`.
+/// What most allocations lack (pools, an allowlist, overrides) sits behind
+/// one optional box.
 #[derive(Debug)]
 struct Resolved {
-    allocation: Allocation,
     scope: ScopeKey,
     plan: Arc<Plan>,
-    limits: Vec<Limit>,
+    limits: Arc<[Limit]>,
+    more: Option<Box<More>>,
+}
+
+/// The rarer parts of an allocation; never all empty.
+#[derive(Debug)]
+struct More {
     pools: Vec<Arc<Pool>>,
     models: Option<Vec<String>>,
+    overrides: Vec<LimitConfig>,
+}
+
+impl Resolved {
+    /// The pools the allocation lists.
+    #[inline]
+    fn pools(&self) -> &[Arc<Pool>] {
+        self.more.as_ref().map_or(&[], |m| &m.pools)
+    }
+
+    /// The models the subject may use; `None` allows every model.
+    #[inline]
+    fn models(&self) -> Option<&[String]> {
+        self.more.as_ref()?.models.as_deref()
+    }
+
+    /// The allocation as it was given to [`Engine::allocate`].
+    fn allocation(&self) -> Allocation {
+        let mut a = Allocation::new(self.scope.id(), &*self.plan.id);
+        if let Some(m) = &self.more {
+            a.overrides.clone_from(&m.overrides);
+            a.models.clone_from(&m.models);
+            a.pools = m.pools.iter().map(|p| p.id.to_string()).collect();
+        }
+        a
+    }
+}
+
+/// The allocation table: subject → resolved allocation, split in
+/// [`TABLE_SHARDS`] locks, each on its own cache line, so calls on different
+/// subjects from different threads do not all write one lock word.
+///
+/// Each shard's map is keyed by the scope's id (one allocation, shared with
+/// the scope) under std's randomly keyed SipHash, so callers cannot aim ids
+/// at one bucket. The shard comes from a cheap unkeyed hash of the id: ids
+/// aimed at one shard only bring back a single lock.
+#[derive(Default)]
+struct Table {
+    shards: [Shard; TABLE_SHARDS],
+}
+
+/// Shards of the allocation table.
+const TABLE_SHARDS: usize = 16;
+
+/// One lock of the table, alone on its cache line.
+#[derive(Default)]
+#[repr(align(64))]
+struct Shard(RwLock<HashMap<Arc<str>, Arc<Resolved>>>);
+
+impl Table {
+    /// The shard holding `subject`: its last eight bytes (where ids like
+    /// `agent-7` differ) and its length, multiplied into the top bits.
+    #[inline]
+    fn shard(&self, subject: &str) -> &RwLock<HashMap<Arc<str>, Arc<Resolved>>> {
+        let b = subject.as_bytes();
+        let tail = b
+            .len()
+            .checked_sub(8)
+            .and_then(|i| <[u8; 8]>::try_from(&b[i..]).ok())
+            .map_or_else(
+                || b.iter().fold(0u64, |h, &x| (h << 8) | u64::from(x)),
+                u64::from_le_bytes,
+            );
+        let h = (tail ^ b.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // The top four bits: TABLE_SHARDS is 16.
+        &self.shards[(h >> 60) as usize].0
+    }
+
+    /// Subjects allocated.
+    fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.0.read().len()).sum()
+    }
 }
 
 /// Which engine call made a decision.
@@ -312,7 +394,8 @@ pub struct Engine<S = MemoryStore, C = SystemClock> {
     catalog: Arc<Catalog>,
     store: S,
     clock: C,
-    allocations: RwLock<HashMap<String, Arc<Resolved>>>,
+    /// Subject → its resolved allocation, in shards (see [`Table`]).
+    allocations: Table,
     observer: Option<Arc<dyn Observer>>,
 }
 
@@ -321,7 +404,7 @@ impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for Engine<S, C> {
         f.debug_struct("Engine")
             .field("store", &self.store)
             .field("clock", &self.clock)
-            .field("allocations", &self.allocations.read().len())
+            .field("allocations", &self.allocations.len())
             .field("observer", &self.observer.is_some())
             .finish_non_exhaustive()
     }
@@ -342,9 +425,19 @@ impl<C: Clock> Engine<MemoryStore, C> {
     }
 }
 
-/// Capacity reserved for a decision's ops: enough for most plans in one
-/// allocation.
-const INLINE_OPS: usize = 16;
+/// A call's ops kept inline (no allocation): enough for a plan's limits
+/// and a pool or two; more spill to the heap.
+const INLINE_OPS: usize = 8;
+
+/// Fills the unused inline slots of a call's limit list; never read.
+static NO_LIMIT: std::sync::LazyLock<Limit> = std::sync::LazyLock::new(|| Limit {
+    meter: Arc::from(""),
+    meter_idx: 0,
+    window: Window::Lifetime,
+    max: None,
+    warn_at: Decimal::ONE,
+    warn_threshold: u64::MAX,
+});
 
 impl<S, C: Clock> Engine<S, C> {
     /// An engine on any store and clock.
@@ -353,7 +446,7 @@ impl<S, C: Clock> Engine<S, C> {
             catalog: Arc::new(catalog),
             store,
             clock,
-            allocations: RwLock::new(HashMap::new()),
+            allocations: Table::default(),
             observer: None,
         }
     }
@@ -403,16 +496,21 @@ impl<S, C: Clock> Engine<S, C> {
         let overrides = self
             .catalog
             .resolve_limits(&allocation.overrides, "overrides")?;
-        let mut limits = plan.limits.clone();
-        for o in overrides {
-            match limits
-                .iter_mut()
-                .find(|l| l.meter_idx == o.meter_idx && l.window == o.window)
-            {
-                Some(l) => *l = o,
-                None => limits.push(o),
+        let limits = if overrides.is_empty() {
+            plan.limits.clone()
+        } else {
+            let mut limits = plan.limits.to_vec();
+            for o in overrides {
+                match limits
+                    .iter_mut()
+                    .find(|l| l.meter_idx == o.meter_idx && l.window == o.window)
+                {
+                    Some(l) => *l = o,
+                    None => limits.push(o),
+                }
             }
-        }
+            limits.into()
+        };
         if let Some(dup) = first_duplicate(allocation.pools.iter().map(String::as_str)) {
             return Err(Error::config("pools", format!("pool `{dup}` listed twice")));
         }
@@ -436,32 +534,46 @@ impl<S, C: Clock> Engine<S, C> {
                 Ok(pool)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let subject: Arc<str> = Arc::from(allocation.subject);
         let resolved = Resolved {
-            scope: ScopeKey::subject(allocation.subject.as_str()),
+            scope: ScopeKey::subject(subject.clone()),
             plan,
             limits,
-            pools,
-            models: allocation.models.clone(),
-            allocation,
+            more: (!pools.is_empty()
+                || allocation.models.is_some()
+                || !allocation.overrides.is_empty())
+            .then(|| {
+                Box::new(More {
+                    pools,
+                    models: allocation.models,
+                    overrides: allocation.overrides,
+                })
+            }),
         };
         self.allocations
+            .shard(&subject)
             .write()
-            .insert(resolved.allocation.subject.clone(), Arc::new(resolved));
+            .insert(subject, Arc::new(resolved));
         Ok(())
     }
 
     /// The allocation binding `subject`, as it was given to [`Engine::allocate`].
     pub fn allocation(&self, subject: &str) -> Option<Allocation> {
         self.allocations
+            .shard(subject)
             .read()
             .get(subject)
-            .map(|r| r.allocation.clone())
+            .map(|r| r.allocation())
     }
 
     /// Remove a subject's allocation. Its counters stay in the store until
     /// they age out. Returns whether it was allocated.
     pub fn deallocate(&self, subject: &str) -> bool {
-        self.allocations.write().remove(subject).is_some()
+        self.allocations
+            .shard(subject)
+            .write()
+            .remove(subject)
+            .is_some()
     }
 
     /// Preflight: what would `admit` decide now? Changes nothing. An event
@@ -857,6 +969,7 @@ impl<S, C: Clock> Engine<S, C> {
 
     fn allocation_of(&self, subject: &str) -> Result<Arc<Resolved>, Error> {
         self.allocations
+            .shard(subject)
             .read()
             .get(subject)
             .cloned()
@@ -882,7 +995,7 @@ impl<S, C: Clock> Engine<S, C> {
                 .ok_or_else(|| Error::UnknownPool {
                     pool: id.to_owned(),
                 })?;
-            if !alloc.pools.iter().chain(&extra).any(|p| p.id == pool.id) {
+            if !alloc.pools().iter().chain(&extra).any(|p| p.id == pool.id) {
                 extra.push(pool.clone());
             }
         }
@@ -900,15 +1013,13 @@ impl<S, C: Clock> Engine<S, C> {
         }
 
         // Cost: Σ units × price, exact, rounded up once to the cost meter.
-        let mut unpriced = Vec::new();
+        let mut unpriced = Inline::new();
         let mut cost = None;
         if let Some(cm) = alloc.plan.cost_meter {
             let meter = &self.catalog.meters[cm];
             for &(idx, _) in &amounts {
-                // Money meters are never priced, so they are not "unpriced".
-                let money = matches!(self.catalog.meters[idx].unit, Unit::Money { .. });
-                if alloc.plan.price_units[idx].is_none() && !money {
-                    unpriced.push(self.catalog.meter_ids[idx].clone());
+                if alloc.plan.unpriced[idx].is_some() {
+                    unpriced.push(idx);
                 }
             }
             let terms = amounts
@@ -931,7 +1042,7 @@ impl<S, C: Clock> Engine<S, C> {
         }
 
         // Model allowlist.
-        let model_refused = match (req.model, &alloc.models) {
+        let model_refused = match (req.model, alloc.models()) {
             (Some(model), Some(allowed)) if !allowed.iter().any(|m| m == model) => {
                 Some(Refusal::ModelNotAllowed {
                     model: model.to_owned(),
@@ -979,6 +1090,7 @@ impl<S, C: Clock> Engine<S, C> {
     /// Every scope a call draws on, in order: the subject, its pools, the
     /// pools named for the request, then the model's global pools not
     /// already listed. With each: its limits and its cooldown.
+    #[inline]
     fn scopes<'a>(
         &'a self,
         p: &'a Prepared,
@@ -988,24 +1100,20 @@ impl<S, C: Clock> Engine<S, C> {
             .and_then(|m| self.catalog.model_pools.get(m))
             .map_or(&[], Vec::as_slice);
         let alloc = &*p.alloc;
-        std::iter::once((
-            &alloc.scope,
-            alloc.limits.as_slice(),
-            alloc.plan.cooldown_ms,
-        ))
-        .chain(
-            alloc
-                .pools
-                .iter()
-                .chain(&p.extra)
-                .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
-        )
-        .chain(
-            model_pools
-                .iter()
-                .filter(move |mp| !alloc.pools.iter().chain(&p.extra).any(|q| q.id == mp.id))
-                .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
-        )
+        std::iter::once((&alloc.scope, &*alloc.limits, alloc.plan.cooldown_ms))
+            .chain(
+                alloc
+                    .pools()
+                    .iter()
+                    .chain(&p.extra)
+                    .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
+            )
+            .chain(
+                model_pools
+                    .iter()
+                    .filter(move |mp| !alloc.pools().iter().chain(&p.extra).any(|q| q.id == mp.id))
+                    .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
+            )
     }
 
     /// One op per limit per scope: where the request names the limit's meter
@@ -1016,9 +1124,18 @@ impl<S, C: Clock> Engine<S, C> {
         p: &'a Prepared,
         model: Option<&str>,
         shape: Shape<'_>,
-    ) -> (Vec<CounterOp<'a>>, Vec<&'a Limit>) {
-        let mut ops: Vec<CounterOp<'a>> = Vec::with_capacity(INLINE_OPS);
-        let mut op_limits: Vec<&'a Limit> = Vec::with_capacity(INLINE_OPS);
+    ) -> (
+        Inline<CounterOp<'a>, INLINE_OPS>,
+        Inline<&'a Limit, INLINE_OPS>,
+    ) {
+        let mut ops = Inline::filled(CounterOp::new(
+            &p.alloc.scope,
+            "",
+            Window::Lifetime,
+            0,
+            None,
+        ));
+        let mut op_limits = Inline::filled(&*NO_LIMIT);
         for (scope, limits, _) in self.scopes(p, model) {
             for l in limits {
                 let named = p
@@ -1051,6 +1168,15 @@ impl<S, C: Clock> Engine<S, C> {
         model: Option<&str>,
         start: Option<DateTime<Utc>>,
     ) -> Vec<CooldownOp<'a>> {
+        // A request drawing only on its own scope, whose plan declares no
+        // cooldown, has none to check: skip the walk over the scopes.
+        if model.is_none()
+            && p.alloc.plan.cooldown_ms.is_none()
+            && p.alloc.more.is_none()
+            && p.extra.is_empty()
+        {
+            return Vec::new();
+        }
         self.scopes(p, model)
             .filter_map(|(scope, _, ms)| {
                 let ms = ms?;
@@ -1080,7 +1206,7 @@ impl<S, C: Clock> Engine<S, C> {
             binding: None,
             retry_after: None,
             cost: p.cost.clone(),
-            unpriced: p.unpriced.clone(),
+            unpriced: p.unpriced_ids(),
             allowed_on_error: false,
         };
         self.observe(call, req, now, &decision);
@@ -1091,7 +1217,7 @@ impl<S, C: Clock> Engine<S, C> {
     where
         S: AllowanceStore,
     {
-        let p = self.prepare(req)?;
+        let mut p = self.prepare(req)?;
         let now = self.clock.now();
 
         // `check` and `admit` refuse a model outside the allowlist without
@@ -1102,6 +1228,9 @@ impl<S, C: Clock> Engine<S, C> {
                 return Ok(decision);
             }
         }
+        // Moved into the decision below rather than cloned (one shared
+        // reference count less per call).
+        let cost = p.cost.take();
 
         let (ops, limits) = self.ops_for(&p, req.model, Shape::Usage);
         let cooldowns = if call == Call::Record {
@@ -1123,6 +1252,7 @@ impl<S, C: Clock> Engine<S, C> {
         let applied = self.apply(&batch)?;
         let at = applied.replayed_at.unwrap_or(now);
         let mut decision = self.finish_quiet(call, &p, &ops, &limits, &applied, &cooldowns, at);
+        decision.cost = cost;
         if let Some(reason) = p.model_refused.clone() {
             decision.status = Status::Exceeded;
             decision.allowed = false;
@@ -1177,7 +1307,7 @@ impl<S, C: Clock> Engine<S, C> {
             call,
             at,
             p.cost.clone(),
-            p.unpriced.clone(),
+            p.unpriced_ids(),
             cooling,
         )
     }
@@ -1242,8 +1372,20 @@ struct Prepared {
     /// Amount per meter index, in smallest units, the cost meter included.
     amounts: Inline<(usize, u64), 6>,
     cost: Option<Money>,
-    unpriced: Vec<Arc<str>>,
+    /// Meter indices of the request's unpriced meters, in request order.
+    unpriced: Inline<usize, 6>,
     model_refused: Option<Refusal>,
+}
+
+impl Prepared {
+    /// The ids of the request's unpriced meters, for a decision.
+    fn unpriced_ids(&self) -> Vec<Arc<str>> {
+        let ids = &self.alloc.plan.unpriced;
+        self.unpriced
+            .iter()
+            .filter_map(|&i| ids[i].clone())
+            .collect()
+    }
 }
 
 /// A reservation between its checks and its store call.
@@ -1359,6 +1501,7 @@ fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64
     h.0
 }
 
+#[inline]
 fn add_amount(
     amounts: &mut Inline<(usize, u64), 6>,
     idx: usize,
@@ -1520,5 +1663,38 @@ fn build_decision(
         cost,
         unpriced,
         allowed_on_error: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Table, TABLE_SHARDS};
+
+    fn index(t: &Table, id: &str) -> usize {
+        let shard = t.shard(id);
+        t.shards
+            .iter()
+            .position(|s| std::ptr::eq(&s.0, shard))
+            .expect("a shard of the table")
+    }
+
+    #[test]
+    fn table_shards_spread_ordinary_ids_and_take_any_id() {
+        let t = Table::default();
+        let mut used = [0usize; TABLE_SHARDS];
+        for i in 0..1_000 {
+            used[index(&t, &format!("agent-{i}"))] += 1;
+        }
+        assert!(used.iter().all(|&n| n > 20), "{used:?}");
+        for id in [
+            "",
+            "a",
+            "7",
+            "ünïcödé-subject-ids",
+            "x".repeat(10_000).as_str(),
+        ] {
+            assert_eq!(index(&t, id), index(&t, id));
+        }
+        assert_eq!(t.len(), 0);
     }
 }

@@ -1,22 +1,36 @@
 //! A small list kept inline, for per-call bookkeeping without allocation.
 
+use std::fmt;
+
 /// A list kept inline up to `N` items (16 by default) and on the heap past
 /// that, so a call's bookkeeping for an ordinary plan allocates nothing.
-pub(crate) struct Inline<T: Copy + Default, const N: usize = 16> {
+#[derive(Clone)]
+pub(crate) struct Inline<T: Copy, const N: usize = 16> {
     len: usize,
     buf: [T; N],
     more: Vec<T>,
 }
 
 impl<T: Copy + Default, const N: usize> Inline<T, N> {
+    #[inline]
     pub(crate) fn new() -> Self {
+        Self::filled(T::default())
+    }
+}
+
+impl<T: Copy, const N: usize> Inline<T, N> {
+    /// An empty list whose unused slots hold `fill` (never read), for item
+    /// types without a `Default`.
+    #[inline]
+    pub(crate) fn filled(fill: T) -> Self {
         Self {
             len: 0,
-            buf: [T::default(); N],
+            buf: [fill; N],
             more: Vec::new(),
         }
     }
 
+    #[inline]
     pub(crate) fn push(&mut self, v: T) {
         if self.more.is_empty() && self.len < self.buf.len() {
             self.buf[self.len] = v;
@@ -29,6 +43,7 @@ impl<T: Copy + Default, const N: usize> Inline<T, N> {
         }
     }
 
+    #[inline]
     pub(crate) fn as_slice(&self) -> &[T] {
         if self.more.is_empty() {
             &self.buf[..self.len]
@@ -37,6 +52,7 @@ impl<T: Copy + Default, const N: usize> Inline<T, N> {
         }
     }
 
+    #[inline]
     pub(crate) fn as_mut_slice(&mut self) -> &mut [T] {
         if self.more.is_empty() {
             &mut self.buf[..self.len]
@@ -46,24 +62,42 @@ impl<T: Copy + Default, const N: usize> Inline<T, N> {
     }
 }
 
-impl<T: Copy + Default, const N: usize> std::ops::Deref for Inline<T, N> {
+impl<T: Copy, const N: usize> std::ops::Deref for Inline<T, N> {
     type Target = [T];
+    #[inline]
     fn deref(&self) -> &[T] {
         self.as_slice()
     }
 }
 
-impl<T: Copy + Default, const N: usize> std::ops::DerefMut for Inline<T, N> {
+impl<T: Copy, const N: usize> std::ops::DerefMut for Inline<T, N> {
+    #[inline]
     fn deref_mut(&mut self) -> &mut [T] {
         self.as_mut_slice()
     }
 }
 
-impl<'a, T: Copy + Default, const N: usize> IntoIterator for &'a Inline<T, N> {
+impl<'a, T: Copy, const N: usize> IntoIterator for &'a Inline<T, N> {
     type Item = &'a T;
     type IntoIter = std::slice::Iter<'a, T>;
     fn into_iter(self) -> Self::IntoIter {
         self.as_slice().iter()
+    }
+}
+
+/// Compares the items only, as a `Vec` would.
+impl<T: Copy + PartialEq, const N: usize> PartialEq for Inline<T, N> {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl<T: Copy + Eq, const N: usize> Eq for Inline<T, N> {}
+
+/// Prints the items only, as a `Vec` would.
+impl<T: Copy + fmt::Debug, const N: usize> fmt::Debug for Inline<T, N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
     }
 }
 
@@ -81,5 +115,27 @@ mod tests {
         assert!(l.iter().copied().eq(0..40));
         l.as_mut_slice()[39] = 7;
         assert_eq!(l[39], 7);
+    }
+
+    #[test]
+    fn equality_and_debug_see_the_items_not_the_spare_slots() {
+        let mut a: Inline<u32, 2> = Inline::filled(1);
+        let mut b: Inline<u32, 2> = Inline::filled(2);
+        assert_eq!(a, b);
+        a.push(5);
+        b.push(5);
+        assert_eq!(a, b);
+        // One spilled, one inline: still the same items.
+        a.push(6);
+        a.push(7);
+        let mut c: Inline<u32, 4> = Inline::new();
+        for v in [5, 6, 7] {
+            c.push(v);
+        }
+        assert_eq!(a.as_slice(), c.as_slice());
+        assert_eq!(format!("{a:?}"), format!("{:?}", vec![5, 6, 7]));
+        assert_ne!(a, b);
+        let d = a.clone();
+        assert_eq!(d, a);
     }
 }

@@ -2,6 +2,11 @@
 
 use rust_decimal::Decimal;
 
+use crate::inline::Inline;
+
+/// Amounts a request keeps inline; more spill to the heap.
+const INLINE_AMOUNTS: usize = 4;
+
 /// An amount of one meter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantity<'a> {
@@ -31,18 +36,19 @@ pub enum Quantity<'a> {
 pub struct Request<'a> {
     pub(crate) subject: &'a str,
     pub(crate) model: Option<&'a str>,
-    pub(crate) amounts: Vec<(&'a str, Quantity<'a>)>,
+    pub(crate) amounts: Inline<(&'a str, Quantity<'a>), INLINE_AMOUNTS>,
     pub(crate) pools: Vec<&'a str>,
     pub(crate) event: Option<&'a str>,
 }
 
 impl<'a> Request<'a> {
     /// A request for `subject` with no amounts yet.
+    #[inline]
     pub fn new(subject: &'a str) -> Self {
         Self {
             subject,
             model: None,
-            amounts: Vec::new(),
+            amounts: Inline::filled(("", Quantity::Units(0))),
             pools: Vec::new(),
             event: None,
         }
@@ -50,6 +56,7 @@ impl<'a> Request<'a> {
 
     /// Add `n` units of `meter`. Naming a meter twice adds the amounts.
     #[must_use]
+    #[inline]
     pub fn units(mut self, meter: &'a str, n: u64) -> Self {
         self.amounts.push((meter, Quantity::Units(n)));
         self
@@ -58,6 +65,7 @@ impl<'a> Request<'a> {
     /// Add money to a money `meter` (for example a cost the host priced
     /// itself).
     #[must_use]
+    #[inline]
     pub fn money(mut self, meter: &'a str, amount: Decimal, currency: &'a str) -> Self {
         self.amounts
             .push((meter, Quantity::Money { amount, currency }));
@@ -67,6 +75,7 @@ impl<'a> Request<'a> {
     /// Name the model the work runs on: the allocation's allowlist is checked
     /// and the model's global pools are drawn on.
     #[must_use]
+    #[inline]
     pub fn model(mut self, model: &'a str) -> Self {
         self.model = Some(model);
         self
@@ -77,6 +86,7 @@ impl<'a> Request<'a> {
     /// listed it. Naming a pool twice, or one the allocation already lists,
     /// draws on it once.
     #[must_use]
+    #[inline]
     pub fn pool(mut self, pool: &'a str) -> Self {
         self.pools.push(pool);
         self
@@ -88,6 +98,7 @@ impl<'a> Request<'a> {
     /// amounts is [`Error::EventConflict`](crate::Error::EventConflict).
     /// `check` ignores it; `reserve` and `grow` refuse it.
     #[must_use]
+    #[inline]
     pub fn event(mut self, id: &'a str) -> Self {
         self.event = Some(id);
         self

@@ -167,3 +167,68 @@ fn a_utc_offset_must_be_whole_minutes() {
     assert!(build(5 * 3600 + 30 * 60).is_ok());
     assert!(build(-(9 * 3600 + 45 * 60)).is_ok());
 }
+
+#[test]
+fn an_allocation_reads_back_as_given_and_its_overrides_stay_its_own() {
+    let catalog = CatalogConfig::default()
+        .meter(Meter::count("jobs"))
+        .plan(PlanConfig::new("p").limit(LimitConfig::new(
+            "jobs",
+            Window::calendar(Period::Day),
+            10u64,
+        )))
+        .pool(PoolConfig::new("account:acme").limit(LimitConfig::new(
+            "jobs",
+            Window::calendar(Period::Day),
+            1_000u64,
+        )))
+        .pool(PoolConfig::new("account:beta"))
+        .build()
+        .unwrap();
+    let e = Engine::new(catalog);
+    let given = Allocation::new("a", "p")
+        .with_override(LimitConfig::new(
+            "jobs",
+            Window::calendar(Period::Day),
+            2u64,
+        ))
+        .with_override(LimitConfig::new("jobs", Window::Lifetime, 5u64))
+        .with_models(["m2", "m1"])
+        .with_pool("account:beta")
+        .with_pool("account:acme");
+    e.allocate(given.clone()).unwrap();
+    e.allocate(Allocation::new("b", "p")).unwrap();
+    assert_eq!(e.allocation("a"), Some(given));
+    assert_eq!(e.allocation("b"), Some(Allocation::new("b", "p")));
+
+    // `a`'s override replaces the plan's daily maximum for `a` only, and
+    // adds a lifetime limit; `b` keeps the plan's limits.
+    let d = e.admit(&Request::new("a").units("jobs", 3)).unwrap();
+    assert!(!d.allowed);
+    let d = e.admit(&Request::new("a").units("jobs", 2)).unwrap();
+    assert!(d.allowed);
+    let own: Vec<_> = d
+        .limits
+        .iter()
+        .filter(|l| l.scope.id() == "a")
+        .map(|l| (l.window, l.max))
+        .collect();
+    assert_eq!(
+        own,
+        [
+            (Window::calendar(Period::Day), Some(2)),
+            (Window::Lifetime, Some(5))
+        ]
+    );
+    let d = e.admit(&Request::new("b").units("jobs", 3)).unwrap();
+    assert!(d.allowed);
+    assert_eq!(d.limits.len(), 1);
+    assert_eq!(d.limits[0].max, Some(10));
+
+    // Reallocating replaces the binding; deallocating removes it.
+    e.allocate(Allocation::new("a", "p")).unwrap();
+    assert_eq!(e.allocation("a"), Some(Allocation::new("a", "p")));
+    assert!(e.deallocate("a"));
+    assert_eq!(e.allocation("a"), None);
+    assert!(!e.deallocate("a"));
+}

@@ -257,7 +257,7 @@ fn allowed_on_error(p: &super::Prepared) -> Decision {
         binding: None,
         retry_after: None,
         cost: p.cost.clone(),
-        unpriced: p.unpriced.clone(),
+        unpriced: p.unpriced_ids(),
         allowed_on_error: true,
     }
 }
