@@ -250,12 +250,12 @@ if ekey ~= '-' then
   base = 11
 end
 local lkey, owner, ownerdesc, lp1, lp2, lid, odkey
-local OPF = 6
+local OPF = 7
 if action ~= '-' then
   lkey, owner, ownerdesc = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   lp1, lp2, lid, odkey = ARGV[base + 4], ARGV[base + 5], ARGV[base + 6], ARGV[base + 7]
   base = base + 7
-  OPF = 7
+  OPF = 8
 end
 
 local function maxu() return {B - 1, B - 1, B - 1, B - 1} end
@@ -283,8 +283,8 @@ if action ~= '-' then
     if now >= lexp then return 'ERR expired' end
     lease = {n = tonumber(rec[4]), holds = {}}
     for i = 1, lease.n do
-      local h = call('HMGET', lkey, 'k' .. i, 'w' .. i, 'd' .. i)
-      lease.holds[i] = {key = h[1], w = h[2], desc = h[3]}
+      local h = call('HMGET', lkey, 'k' .. i, 'c' .. i, 'w' .. i, 'd' .. i)
+      lease.holds[i] = {hk = h[1], cid = h[2], w = h[3], desc = h[4]}
     end
   end
 end
@@ -292,7 +292,7 @@ end
 -- Counters. A window spec is "C:<d|w|m>:<offset secs>", "R:<width ms>:<n>"
 -- (n = buckets + 1), "L" or "X".
 local parsew
-if ARGV[9] ~= '-' then
+if action ~= '-' then
   -- (Only lease holds need it: defined only with a lease.)
   parsew = function(spec, w)
     local kind = string.sub(spec, 1, 1)
@@ -311,156 +311,191 @@ if ARGV[9] ~= '-' then
   end
 end
 
-local counters = {}
+-- One hash per scope (hk) holds all of that scope's counters, one field
+-- per counter (its cid) packing "used held s e" (calendar), "used held hd
+-- tl bv" (rolling: newest and oldest bucket, and the newest bucket's
+-- amount) or "used held" (lifetime, concurrent); a rolling counter's older
+-- buckets are fields cid|b<n>, hold amounts cid|h<lease>. Field x: the
+-- hash's expiry (server clock). hashes[hk] = {key, cs = counters by cid,
+-- read = x known}; hlist keeps their order.
+local hashes, hlist = {}, {}
+local function hashof(hk)
+  local h = hashes[hk]
+  if not h then
+    h = {key = hk, cs = {}, read = false, x = false, delx = false}
+    hashes[hk] = h
+    hlist[#hlist + 1] = h
+  end
+  return h
+end
+local function readhash(h, x)
+  h.read = true
+  if x then
+    if srv then h.x = tonumber(x) else h.delx = true end
+  end
+end
+
 -- A field to delete at write-back.
 local function drop(c, f)
   local d = c.hdel
   if d then d[#d + 1] = f else c.hdel = {f} end
 end
--- Load a counter and roll it to now (rule 2), dropping expired holds. Reads
--- only: what leaves is deleted at write-back, so a batch that ends in an
--- error changes nothing.
--- rec: a table to keep the counter in (an op is its own counter record:
--- their fields differ, and one table fewer is made per op).
-local function load(key, w, rec)
-  local c = counters[key]
-  if c then return c end
-  -- full: every field is written back (a new or rolled counter); else
-  -- only what changed: uchg (used), hchg (held). zchg: the expiry set was
-  -- added to. x: the expiry last set, on the server's clock (see write-back).
-  c = rec or {}
-  c.key, c.w, c.dirty = key, w, false
-  counters[key] = c
-  local f
-  if w.kind == 'R' then
-    -- The bucket of now comes along: it is the one an admit adds to.
-    c.bb = floor(now / w.width)
-    c.bf = 'b' .. c.bb
-    f = call('HMGET', key, 'u', 'H', 'x', 'hd', 'tl', c.bf)
-    c.bv = P(f[6])
-  elseif w.kind == 'C' then
-    f = call('HMGET', key, 'u', 'H', 'x', 's', 'e')
-  else
-    f = call('HMGET', key, 'u', 'H', 'x')
+
+-- A counter record with every field it may get (so Lua sizes it once).
+local function blank()
+  return {h = false, hk = false, p = false, w = false, dirty = false, used = 0, held = 0,
+    s = false, e = false, hd = false, tl = false, bv = false, bset = false,
+    hdel = false, zrem = false, zchg = false}
+end
+
+local function newc(h, cid, w, c)
+  c.h, c.hk, c.p, c.w = h, h.key, cid, w
+  h.cs[cid] = c
+  return c
+end
+
+-- A rolling counter's bucket b: the newest is packed with the counter, a
+-- newest one that just moved to its field is still pending (bset).
+local function bucket(c, b)
+  if b == c.hd then return c.bv end
+  local bs = c.bset
+  if bs and bs[1] == b then return bs[3] end
+  return P(call('HGET', c.hk, c.p .. '|b' .. b))
+end
+
+-- Fill a counter from its packed field (v, nil for none) and roll it to
+-- now (rule 2), dropping expired holds. Reads only: what leaves is deleted
+-- at write-back, so a batch that ends in an error changes nothing. A field
+-- of an ended window is never read as live: a calendar counter carries its
+-- period (s, e), a rolling one its newest and oldest bucket (hd, tl).
+local function fill(c, v)
+  local w, hk, p = c.w, c.hk, c.p
+  local kind = w.kind
+  local a, b, d
+  if v then
+    local u, hl
+    if kind == 'R' then
+      u, hl, a, b, d = string.match(v, '^(%d+) (%d+) (%-?%d+) (%-?%d+) (%d+)$')
+    elseif kind == 'C' then
+      u, hl, a, b = string.match(v, '^(%d+) (%d+) (%-?%d+) (%-?%d+)$')
+    else
+      u, hl = string.match(v, '^(%d+) (%d+)$')
+    end
+    c.used, c.held = P(u), P(hl)
   end
-  c.used = P(f[1])
-  c.held = P(f[2])
-  -- Every write-back writes H, so a counter in Redis has it.
-  c.full = not f[2]
-  if f[3] then
-    if srv then c.x = tonumber(f[3]) else c.hdel = {'x'} end
-  end
-  if w.kind == 'C' then
-    local s, e = tonumber(f[4]), tonumber(f[5])
+  if kind == 'C' then
+    local s, e = tonumber(a), tonumber(b)
     if not s or now >= e or (now < s and c.used == 0) then
       if s then c.dirty = true end
-      c.full = true
       s, e = bounds(w.period, w.off, now)
       c.used = 0
     end
     c.s, c.e = s, e
-  elseif w.kind == 'R' then
-    local hd, tl = tonumber(f[4]), tonumber(f[5])
+  elseif kind == 'R' then
+    local hd, tl, bv = tonumber(a), tonumber(b), P(d)
     local cur = floor(now / w.width)
     if not hd then
       hd, tl = cur, cur
-      c.full = true
     elseif cur > hd then
       c.dirty = true
-      c.full = true
       local oldest = cur - w.n + 1
       if c.used ~= 0 then
-        for b = tl, math.min(hd, oldest - 1) do
-          local v = call('HGET', key, 'b' .. b)
-          if v then
-            c.used = sub(c.used, P(v))
-            drop(c, 'b' .. b)
+        for k = tl, math.min(hd, oldest - 1) do
+          if k == hd then
+            c.used = sub(c.used, bv)
+            bv = 0
+          else
+            local x = call('HGET', hk, p .. '|b' .. k)
+            if x then
+              c.used = sub(c.used, P(x))
+              drop(c, p .. '|b' .. k)
+            end
           end
         end
       end
-      hd = cur
+      -- The newest bucket, if still counted, moves to its own field.
+      if bv ~= 0 then c.bset = {hd, p .. '|b' .. hd, bv} end
+      local old = hd
+      hd, bv = cur, 0
       if c.used == 0 then
         tl = cur
       elseif tl < oldest then
         tl = oldest
-        while not call('HGET', key, 'b' .. tl) do tl = tl + 1 end
+        while tl ~= old and not call('HGET', hk, p .. '|b' .. tl) do tl = tl + 1 end
       end
     end
-    c.hd, c.tl = hd, tl
+    c.hd, c.tl, c.bv = hd, tl, bv
   end
   -- Holds that expired at or before now are gone (rule 7). Every member
-  -- of the expiry set has a positive amount in H, so H = 0 means no holds.
+  -- of the scope's expiry set (cid|lease) has a positive amount in its
+  -- counter's held, so held = 0 means no holds.
   if c.held == 0 then return c end
-  local zkey = key .. ':x'
-  local gone = call('ZRANGEBYSCORE', zkey, '-inf', now)
-  if #gone > 0 then
-    for _, l in ipairs(gone) do
-      local v = call('HGET', key, 'h' .. l)
-      if v then
-        c.held = sub(c.held, P(v))
-        drop(c, 'h' .. l)
+  local gone = call('ZRANGEBYSCORE', hk .. ':x', '-inf', now)
+  local pre = p .. '|'
+  local np = #pre
+  for _, m in ipairs(gone) do
+    if string.sub(m, 1, np) == pre then
+      local f2 = p .. '|h' .. string.sub(m, np + 1)
+      local x = call('HGET', hk, f2)
+      if x then
+        c.held = sub(c.held, P(x))
+        drop(c, f2)
       end
+      if c.zrem then c.zrem[#c.zrem + 1] = m else c.zrem = {m} end
+      c.dirty = true
     end
-    c.zdrop = true
-    c.hchg = true
-    c.dirty = true
   end
   return c
 end
 
-local function bucket(c, b)
-  return P(call('HGET', c.key, 'b' .. b))
+-- Load one counter (a lease's hold) with its own HMGET.
+local function load(hk, cid, w)
+  local h = hashof(hk)
+  local c = h.cs[cid]
+  if c then return c end
+  c = newc(h, cid, w, blank())
+  if h.read then return fill(c, call('HGET', hk, cid)) end
+  local f = call('HMGET', hk, 'x', cid)
+  readhash(h, f[1])
+  return fill(c, f[2])
 end
 
--- A rolling counter's newest bucket is written at write-back: c.bb names
--- it and c.bv is its value (read with the counter, or here).
+-- A rolling counter adds to its newest bucket (packed with it).
 local function addusage(c, delta)
   if delta == 0 then return end
   if c.w.kind == 'X' then return end
   if c.w.kind == 'R' then
-    if c.used == 0 then
-      c.tl = c.hd
-      c.full = true
-    end
-    if c.bb ~= c.hd then
-      c.bb = c.hd
-      c.bf = 'b' .. c.hd
-      c.bv = bucket(c, c.hd)
-    end
+    if c.used == 0 then c.tl = c.hd end
     c.bv = add(c.bv, delta)
-    c.bw = true
   end
   c.used = add(c.used, delta)
-  c.uchg = true
   c.dirty = true
 end
 
 local addhold
-if ARGV[9] ~= '-' then
+if action ~= '-' then
   addhold = function(c, exp, delta)
     if delta == 0 then return end
-    local f = 'h' .. lid
-    local cur = P(call('HGET', c.key, f))
-    call('HSET', c.key, f, S(add(cur, delta)))
-    call('ZADD', c.key .. ':x', exp, lid)
+    local f = c.p .. '|h' .. lid
+    local cur = P(call('HGET', c.hk, f))
+    call('HSET', c.hk, f, S(add(cur, delta)))
+    call('ZADD', c.hk .. ':x', exp, c.p .. '|' .. lid)
     c.held = add(c.held, delta)
-    c.hchg = true
     c.zchg = true
     c.dirty = true
   end
 end
 
 local removehold
-if ARGV[9] ~= '-' then
+if action ~= '-' then
   removehold = function(c)
-    local f = 'h' .. lid
-    local v = P(call('HGET', c.key, f))
+    local f = c.p .. '|h' .. lid
+    local v = P(call('HGET', c.hk, f))
     if v ~= 0 then
-      call('HDEL', c.key, f)
+      call('HDEL', c.hk, f)
       c.held = sub(c.held, v)
-      c.hchg = true
     end
-    call('ZREM', c.key .. ':x', lid)
+    call('ZREM', c.hk .. ':x', c.p .. '|' .. lid)
     c.dirty = true
     return v
   end
@@ -469,30 +504,64 @@ end
 -- Phase 1: decide.
 -- Op i's window as a spec, for a lease record (parsew reads it back).
 local specof
-if ARGV[9] ~= '-' then
+if action ~= '-' then
   specof = function(i)
     local k = base + (i - 1) * OPF
-    local kind = ARGV[k + 2]
-    if kind == 'C' or kind == 'R' then return kind .. ':' .. ARGV[k + 3] .. ':' .. ARGV[k + 4] end
+    local kind = ARGV[k + 3]
+    if kind == 'C' or kind == 'R' then return kind .. ':' .. ARGV[k + 4] .. ':' .. ARGV[k + 5] end
     return kind
   end
 end
+-- An op: scope hash key, counter prefix, window (kind, then period and
+-- offset (C) or bucket width and count (R)), delta, max, [descriptor].
+-- Every new counter of the batch is read with one HMGET per scope.
 local ops = {}
+local fresh = nil
 for i = 1, nops do
   local k = base + (i - 1) * OPF
-  -- An op is its own window: kind, then period and offset (C) or bucket
-  -- width and count (R), as parsew reads them from a spec.
-  local kind = ARGV[k + 2]
-  local op = {key = ARGV[k + 1], kind = kind, delta = P(ARGV[k + 5])}
+  local kind = ARGV[k + 3]
+  local hk, cid = ARGV[k + 1], ARGV[k + 2]
+  -- The op and (when it is the first on its counter) the counter: one
+  -- record, sized once.
+  local op = {kind = kind, delta = P(ARGV[k + 6]), width = false, n = false, period = false,
+    off = false, max = false, desc = false, c = false, maxv = false,
+    h = false, hk = false, p = false, w = false, dirty = false, used = 0, held = 0,
+    s = false, e = false, hd = false, tl = false, bv = false, bset = false,
+    hdel = false, zrem = false, zchg = false}
   if kind == 'R' then
-    op.width, op.n = tonumber(ARGV[k + 3]), tonumber(ARGV[k + 4])
+    op.width, op.n = tonumber(ARGV[k + 4]), tonumber(ARGV[k + 5])
   elseif kind == 'C' then
-    op.period, op.off = ARGV[k + 3], tonumber(ARGV[k + 4])
+    op.period, op.off = ARGV[k + 4], tonumber(ARGV[k + 5])
   end
-  if ARGV[k + 6] ~= '-' then op.max = ARGV[k + 6] end
-  if lkey then op.desc = ARGV[k + 7] end
-  op.c = load(op.key, op, op)
+  if ARGV[k + 7] ~= '-' then op.max = ARGV[k + 7] end
+  if lkey then op.desc = ARGV[k + 8] end
+  local h = hashof(hk)
+  local c = h.cs[cid]
+  if not c then
+    c = newc(h, cid, op, op)
+    fresh = fresh or {}
+    local l = fresh[h]
+    if l then l[#l + 1] = c else fresh[h] = {c} end
+  end
+  op.c = c
   ops[i] = op
+end
+-- Every new counter of the batch is read with one HMGET per scope.
+if fresh then
+  for _, h in ipairs(hlist) do
+    local l = fresh[h]
+    if l then
+      if #l == 1 and h.read then
+        fill(l[1], call('HGET', h.key, l[1].p))
+      else
+        local t, n = {'x'}, 1
+        for j, c in ipairs(l) do t[n + j] = c.p end
+        local f = call('HMGET', h.key, unpack(t))
+        readhash(h, f[1])
+        for j, c in ipairs(l) do fill(c, f[n + j]) end
+      end
+    end
+  end
 end
 
 local charges
@@ -501,14 +570,14 @@ if action == 's' then
   local num, den = P(lp1), P(lp2)
   for i = 1, lease.n do
     local h = lease.holds[i]
-    local c = load(h.key, parsew(h.w, {}))
-    local held = P(call('HGET', h.key, 'h' .. lid))
+    local c = load(h.hk, h.cid, parsew(h.w, {}))
+    local held = P(call('HGET', h.hk, h.cid .. '|h' .. lid))
     local charged = 0
     if c.w.kind ~= 'X' then charged = share(held, num, den) end
     charges[i] = {c = c, held = held, charged = charged, desc = h.desc}
     local also = 0
     for _, op in ipairs(ops) do
-      if op.key == h.key then also = op.delta end
+      if op.c == c then also = op.delta end
     end
     local u = add(c.used, charged)
     if not u or not add(u, also) then return 'ERR overflow hold ' .. h.desc end
@@ -573,7 +642,7 @@ if applied then
       if op.delta ~= 0 then
         addhold(op.c, exp, op.delta)
         n = n + 1
-        for _, x in ipairs({'k' .. n, op.key, 'w' .. n, specof(i),
+        for _, x in ipairs({'k' .. n, op.c.hk, 'c' .. n, op.c.p, 'w' .. n, specof(i),
           'd' .. n, op.desc}) do fields[#fields + 1] = x end
       end
     end
@@ -590,9 +659,9 @@ if applied then
     leaseexp = exp
     for i = 1, lease.n do
       local h = lease.holds[i]
-      local c = load(h.key, parsew(h.w, {}))
-      if call('HEXISTS', h.key, 'h' .. lid) == 1 then
-        call('ZADD', h.key .. ':x', exp, lid)
+      local c = load(h.hk, h.cid, parsew(h.w, {}))
+      if call('HEXISTS', h.hk, h.cid .. '|h' .. lid) == 1 then
+        call('ZADD', h.hk .. ':x', exp, h.cid .. '|' .. lid)
         c.zchg = true
         c.dirty = true
       end
@@ -606,12 +675,13 @@ if applied then
         addhold(op.c, lexp, op.delta)
         local known = false
         for j = 1, n do
-          if lease.holds[j] and lease.holds[j].key == op.key then known = true end
+          local h = lease.holds[j]
+          if h and h.hk == op.c.hk and h.cid == op.c.p then known = true end
         end
         if not known then
           n = n + 1
-          lease.holds[n] = {key = op.key}
-          call('HSET', lkey, 'k' .. n, op.key, 'w' .. n, specof(i),
+          lease.holds[n] = {hk = op.c.hk, cid = op.c.p}
+          call('HSET', lkey, 'k' .. n, op.c.hk, 'c' .. n, op.c.p, 'w' .. n, specof(i),
             'd' .. n, op.desc)
         end
       end
@@ -652,60 +722,111 @@ if applied then
   end
 end
 
--- Write back every counter that changed, with its expiry: the fields that
--- changed (all of them for a new or rolled counter), and PEXPIRE unless the
--- key already lives long enough. On the server's clock the expiry set last
--- is known exactly (field x, written with every PEXPIRE; Redis's own clock
--- only moves on after TIME, so the key lives at least that long); on the
--- batch's clock it is not, and every write sets it again.
-for key, c in pairs(counters) do
-  if c.dirty then
-    if c.hdel then call('HDEL', key, unpack(c.hdel)) end
-    if c.zdrop then call('ZREMRANGEBYSCORE', key .. ':x', '-inf', now) end
-    local w, full = c.w, c.full
-    local fields, n = {}, 0
-    if full or c.hchg then
-      fields[1], fields[2], n = 'H', S(c.held), 2
+-- Write back, one scope hash at a time: one HDEL (what left), one HSET
+-- (every counter that changed, packed), and PEXPIRE unless the hash
+-- already lives long enough. A hash lives as long as its longest-lived
+-- counter needs (a calendar counter until its period ends, a rolling one
+-- until its newest bucket leaves, a lifetime one the lifetime TTL past its
+-- write, each hold until it expires; plus the margin): its TTL is only
+-- ever raised, never lowered, so a write of a short-lived counter never
+-- cuts a long-lived one's life. On the server's clock the hash records the
+-- expiry it set last (field x, written with every PEXPIRE; Redis's own
+-- clock only moves on after TIME, so the key lives at least that long) and
+-- a write that would not move it later sends no PEXPIRE; on the batch's
+-- clock the script reads PTTL instead. The scope's hold-expiry set (hk:x)
+-- gets the hash's TTL with every PEXPIRE.
+local function pack(c)
+  local kind, u, hl = c.w.kind, c.used, c.held
+  if kind == 'C' then
+    if type(u) == 'number' and type(hl) == 'number' then
+      return fmt('%d %d %d %d', u, hl, c.s, c.e)
     end
-    if w.kind ~= 'X' and (full or c.uchg) then
-      fields[n + 1], fields[n + 2], n = 'u', S(c.used), n + 2
+    return S(u) .. ' ' .. S(hl) .. ' ' .. fmt('%d %d', c.s, c.e)
+  elseif kind == 'R' then
+    local bv = c.bv
+    if type(u) == 'number' and type(hl) == 'number' and type(bv) == 'number' then
+      return fmt('%d %d %d %d %d', u, hl, c.hd, c.tl, bv)
     end
-    local ends = now
-    if w.kind == 'C' then
-      if full then
-        fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4], n = 's', S(c.s), 'e', S(c.e), n + 4
+    return S(u) .. ' ' .. S(hl) .. ' ' .. fmt('%d %d ', c.hd, c.tl) .. S(bv)
+  end
+  if type(u) == 'number' and type(hl) == 'number' then return fmt('%d %d', u, hl) end
+  return S(u) .. ' ' .. S(hl)
+end
+for _, h in ipairs(hlist) do
+  local hk = h.key
+  local fields, n, del = {}, 0, nil
+  local ends, zchg, any, zrem = nil, false, false, nil
+  for _, c in pairs(h.cs) do
+    if c.dirty then
+      any = true
+      local w = c.w
+      if c.hdel then
+        if del then
+          for _, f in ipairs(c.hdel) do del[#del + 1] = f end
+        else
+          del = c.hdel
+        end
       end
-      ends = c.e
-    elseif w.kind == 'R' then
-      if full then
-        fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4], n = 'hd', S(c.hd), 'tl', S(c.tl), n + 4
+      if c.zrem then
+        if zrem then
+          for _, m in ipairs(c.zrem) do zrem[#zrem + 1] = m end
+        else
+          zrem = c.zrem
+        end
       end
-      if c.bw then
-        fields[n + 1], fields[n + 2], n = c.bf, S(c.bv), n + 2
+      if c.zchg then zchg = true end
+      if c.used == 0 and c.held == 0 then
+        -- Nothing left to count: reclaim the counter's field.
+        del = del or {}
+        del[#del + 1] = c.p
+      else
+        fields[n + 1], fields[n + 2], n = c.p, pack(c), n + 2
+        local bs = c.bset
+        if bs then fields[n + 1], fields[n + 2], n = bs[2], S(bs[3]), n + 2 end
+        local e = now
+        if w.kind == 'C' then
+          e = c.e
+        elseif w.kind == 'R' then
+          e = (c.hd + w.n) * w.width
+        elseif w.kind == 'L' then
+          e = now + lifetime
+        end
+        if not ends or e > ends then ends = e end
       end
-      ends = (c.hd + w.n) * w.width
-    elseif w.kind == 'L' then
-      ends = now + lifetime
     end
-    -- No amount held, no expiry set (see load).
-    local last = nil
-    if c.held ~= 0 then
-      last = tonumber(call('ZRANGE', key .. ':x', -1, -1, 'WITHSCORES')[2])
-      if last and last > ends then ends = last end
+  end
+  if any then
+    if h.delx then
+      del = del or {}
+      del[#del + 1] = 'x'
     end
-    local ttl = math.max(1, ends - now + margin)
-    if c.used == 0 and c.held == 0 and not last then
-      -- Nothing left to count: reclaim the counter.
-      call('DEL', key, key .. ':x')
-    else
-      local keep = srv and not full and not c.zchg and c.x and now + ttl <= c.x
-      if srv and not keep then
-        fields[n + 1], fields[n + 2], n = 'x', S(now + ttl), n + 2
+    if del then call('HDEL', hk, unpack(del)) end
+    local zkey = hk .. ':x'
+    if zrem then call('ZREM', zkey, unpack(zrem)) end
+    if ends then
+      if zchg then
+        -- Holds were added or moved: the hash outlives the last of them.
+        local last = tonumber(call('ZRANGE', zkey, -1, -1, 'WITHSCORES')[2])
+        if last and last > ends then ends = last end
       end
-      if n > 0 then call('HSET', key, unpack(fields)) end
+      local ttl = math.max(1, ends - now + margin)
+      local keep = false
+      if srv then
+        local x = h.x
+        keep = not zchg and x and now + ttl <= x
+        if not keep then
+          if x and x - now > ttl then ttl = x - now end
+          fields[n + 1], fields[n + 2], n = 'x', S(now + ttl), n + 2
+        end
+      end
+      call('HSET', hk, unpack(fields))
       if not keep then
-        call('PEXPIRE', key, ttl)
-        if last then call('PEXPIRE', key .. ':x', ttl) end
+        if not srv then
+          local cur = call('PTTL', hk)
+          if cur > ttl then ttl = cur end
+        end
+        call('PEXPIRE', hk, ttl)
+        call('PEXPIRE', zkey, ttl)
       end
     end
   end
