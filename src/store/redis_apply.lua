@@ -10,12 +10,18 @@
 -- Times are Unix milliseconds (exact as doubles).
 
 local call, type, tonumber = redis.call, type, tonumber
+-- What costs here is allocation (the garbage collector is paid per byte)
+-- and calls into C (type, tonumber, math.floor, string.format...): the hot
+-- path parses with arithmetic ('12' + 0, x - x % 1), keeps tables small
+-- and asks type() only once a value at or past 2^53 exists (big).
+local big = false
 local ARGV = ARGV
 local TWO53 = 9007199254740992
 local B = 65536
 local floor = math.floor
 
 local function tolimbs(v)
+  big = true
   if type(v) == 'table' then return v end
   local l = {}
   for i = 1, 4 do
@@ -39,8 +45,9 @@ local E8 = 100000000
 local function P(s)
   if not s then return 0 end
   local n = #s
-  if n <= 15 then return tonumber(s) end
+  if n <= 15 then return s + 0 end
   if n > 20 then return nil end
+  big = true
   local hi, lo = tonumber(string.sub(s, 1, n - 8)), tonumber(string.sub(s, n - 7))
   -- hi < 2^53 / 10^8: hi * 10^8 + lo < 2^53, exact.
   if hi < 90071992 then return hi * E8 + lo end
@@ -63,7 +70,7 @@ end
 -- fast as %.0f.)
 local fmt = string.format
 local function S(v)
-  if type(v) == 'number' then return fmt('%d', v) end
+  if not big or type(v) == 'number' then return fmt('%d', v) end
   local q, rem = 0, 0
   for i = 4, 1, -1 do
     local x = rem * B + v[i]
@@ -76,7 +83,10 @@ end
 
 -- a + b, or nil past u64.
 local function add(a, b)
-  if type(a) == 'number' and type(b) == 'number' and a + b < TWO53 then
+  if not big then
+    local s = a + b
+    if s < TWO53 then return s end
+  elseif type(a) == 'number' and type(b) == 'number' and a + b < TWO53 then
     return a + b
   end
   local x, y, r, carry = tolimbs(a), tolimbs(b), {}, 0
@@ -91,7 +101,7 @@ end
 
 -- a - b, for a >= b.
 local function sub(a, b)
-  if type(a) == 'number' and type(b) == 'number' then return a - b end
+  if not big or (type(a) == 'number' and type(b) == 'number') then return a - b end
   local x, y, r, borrow = tolimbs(a), tolimbs(b), {}, 0
   for i = 1, 4 do
     local s = x[i] - y[i] - borrow
@@ -107,6 +117,9 @@ local function sub(a, b)
 end
 
 local function cmp(a, b)
+  if not big then
+    if a < b then return -1 elseif a > b then return 1 else return 0 end
+  end
   local na, nb = type(a) == 'number', type(b) == 'number'
   if na and nb then
     if a < b then return -1 elseif a > b then return 1 else return 0 end
@@ -227,20 +240,29 @@ local function bounds(period, off, now)
 end
 
 -- Arguments.
-local now = tonumber(ARGV[1])
+-- (Every tonumber on a string costs a strtod: a value is parsed only when
+-- something needs it, and a small count is matched first.)
+local now
 local srv = ARGV[2] == '1'
 if srv then
   local t = call('TIME')
-  now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+  local ms = t[2] / 1000
+  now = t[1] * 1000 + (ms - ms % 1)
+else
+  now = ARGV[1] + 0
+end
+local function count(s)
+  if s == '0' then return 0 elseif s == '1' then return 1 elseif s == '2' then return 2 end
+  return s + 0
 end
 local mode = ARGV[3]
-local horizon = tonumber(ARGV[4])
-local margin = tonumber(ARGV[5])
-local lifetime = tonumber(ARGV[6])
-local nops = tonumber(ARGV[7])
-local ncool = tonumber(ARGV[8])
+local horizon
+local margin = ARGV[5] + 0
+local nops = count(ARGV[7])
+local ncool = count(ARGV[8])
 local action = ARGV[9]
 local ekey = ARGV[10]
+if ekey ~= '-' or action ~= '-' then horizon = ARGV[4] + 0 end
 -- What only an event or a lease needs comes only with one, and so does an
 -- op's hold descriptor.
 local base = 10
@@ -258,7 +280,10 @@ if action ~= '-' then
   OPF = 8
 end
 
-local function maxu() return {B - 1, B - 1, B - 1, B - 1} end
+local function maxu()
+  big = true
+  return {B - 1, B - 1, B - 1, B - 1}
+end
 
 -- The ledger first (rule 8).
 if ekey ~= '-' then
@@ -331,7 +356,7 @@ end
 local function readhash(h, x)
   h.read = true
   if x then
-    if srv then h.x = tonumber(x) else h.delx = true end
+    if srv then h.x = x + 0 else h.delx = true end
   end
 end
 
@@ -341,11 +366,9 @@ local function drop(c, f)
   if d then d[#d + 1] = f else c.hdel = {f} end
 end
 
--- A counter record with every field it may get (so Lua sizes it once).
+-- A counter record (of a lease's hold).
 local function blank()
-  return {h = false, hk = false, p = false, w = false, dirty = false, used = 0, held = 0,
-    s = false, e = false, hd = false, tl = false, bv = false, bset = false,
-    hdel = false, zrem = false, zchg = false}
+  return {h = false, hk = false, p = false, w = false, dirty = false, used = 0, held = 0}
 end
 
 local function newc(h, cid, w, c)
@@ -381,19 +404,23 @@ local function fill(c, v)
     else
       u, hl = string.match(v, '^(%d+) (%d+)$')
     end
-    c.used, c.held = P(u), P(hl)
+    c.used = P(u)
+    if hl ~= '0' then c.held = P(hl) end
   end
   if kind == 'C' then
-    local s, e = tonumber(a), tonumber(b)
-    if not s or now >= e or (now < s and c.used == 0) then
-      if s then c.dirty = true end
-      s, e = bounds(w.period, w.off, now)
+    -- The start stays the string read unless the counter rolls (pack and
+    -- the reply take either).
+    local s, e = a, b and b + 0
+    if not e or now >= e or (c.used == 0 and now < s + 0) then
+      if e then c.dirty = true end
+      s, e = bounds(w.period, w.off + 0, now)
       c.used = 0
     end
     c.s, c.e = s, e
   elseif kind == 'R' then
-    local hd, tl, bv = tonumber(a), tonumber(b), P(d)
-    local cur = floor(now / w.width)
+    local hd, tl, bv = a and a + 0, b and b + 0, P(d)
+    local cur = now / w.width
+    cur = cur - cur % 1
     if not hd then
       hd, tl = cur, cur
     elseif cur > hd then
@@ -522,18 +549,23 @@ for i = 1, nops do
   local kind = ARGV[k + 3]
   local hk, cid = ARGV[k + 1], ARGV[k + 2]
   -- The op and (when it is the first on its counter) the counter: one
-  -- record, sized once.
-  local op = {kind = kind, delta = P(ARGV[k + 6]), width = false, n = false, period = false,
-    off = false, max = false, desc = false, c = false, maxv = false,
-    h = false, hk = false, p = false, w = false, dirty = false, used = 0, held = 0,
-    s = false, e = false, hd = false, tl = false, bv = false, bset = false,
-    hdel = false, zrem = false, zchg = false}
-  if kind == 'R' then
-    op.width, op.n = tonumber(ARGV[k + 4]), tonumber(ARGV[k + 5])
-  elseif kind == 'C' then
-    op.period, op.off = ARGV[k + 4], tonumber(ARGV[k + 5])
+  -- record, made with the fields its kind uses (at most 16: every byte
+  -- allocated costs the garbage collector; rare fields come later).
+  local max = ARGV[k + 7]
+  if max == '-' then max = false end
+  local op
+  if kind == 'C' then
+    op = {kind = kind, delta = P(ARGV[k + 6]), period = ARGV[k + 4], off = ARGV[k + 5],
+      max = max, c = false, used = 0, held = 0, s = false, e = false, dirty = false,
+      p = false, h = false, w = false, hk = false}
+  elseif kind == 'R' then
+    op = {kind = kind, delta = P(ARGV[k + 6]), width = ARGV[k + 4] + 0,
+      n = ARGV[k + 5] + 0, max = max, c = false, used = 0, held = 0, hd = false,
+      tl = false, bv = false, dirty = false, p = false, h = false, w = false, hk = false}
+  else
+    op = {kind = kind, delta = P(ARGV[k + 6]), max = max, c = false, used = 0, held = 0,
+      dirty = false, p = false, h = false, w = false, hk = false}
   end
-  if ARGV[k + 7] ~= '-' then op.max = ARGV[k + 7] end
   if lkey then op.desc = ARGV[k + 8] end
   local h = hashof(hk)
   local c = h.cs[cid]
@@ -591,7 +623,7 @@ local function maxof(op)
   return op.maxv
 end
 local function within(s, op)
-  if type(s) == 'number' and #op.max >= 17 then return true end
+  if (not big or type(s) == 'number') and #op.max >= 17 then return true end
   return cmp(s, maxof(op)) <= 0
 end
 
@@ -610,8 +642,8 @@ for i, op in ipairs(ops) do
   end
 end
 
-local cooling, ckeys = {}, nil
-if ncool > 0 then ckeys = {} end
+local cooling, ckeys = nil, nil
+if ncool > 0 then cooling, ckeys = {}, {} end
 for i = 1, ncool do
   local k = base + nops * OPF + (i - 1) * 2
   ckeys[i] = {key = ARGV[k + 1], start = ARGV[k + 2]}
@@ -738,18 +770,22 @@ end
 local function pack(c)
   local kind, u, hl = c.w.kind, c.used, c.held
   if kind == 'C' then
-    if type(u) == 'number' and type(hl) == 'number' then
-      return fmt('%d %d %d %d', u, hl, c.s, c.e)
+    local s = c.s
+    if type(s) == 'number' then s = fmt('%d', s) end
+    if not big or (type(u) == 'number' and type(hl) == 'number') then
+      return fmt('%d %d %s %d', u, hl, s, c.e)
     end
-    return S(u) .. ' ' .. S(hl) .. ' ' .. fmt('%d %d', c.s, c.e)
+    return S(u) .. ' ' .. S(hl) .. ' ' .. fmt('%s %d', s, c.e)
   elseif kind == 'R' then
     local bv = c.bv
-    if type(u) == 'number' and type(hl) == 'number' and type(bv) == 'number' then
+    if not big or (type(u) == 'number' and type(hl) == 'number' and type(bv) == 'number') then
       return fmt('%d %d %d %d %d', u, hl, c.hd, c.tl, bv)
     end
     return S(u) .. ' ' .. S(hl) .. ' ' .. fmt('%d %d ', c.hd, c.tl) .. S(bv)
   end
-  if type(u) == 'number' and type(hl) == 'number' then return fmt('%d %d', u, hl) end
+  if not big or (type(u) == 'number' and type(hl) == 'number') then
+    return fmt('%d %d', u, hl)
+  end
   return S(u) .. ' ' .. S(hl)
 end
 for _, h in ipairs(hlist) do
@@ -789,7 +825,7 @@ for _, h in ipairs(hlist) do
         elseif w.kind == 'R' then
           e = (c.hd + w.n) * w.width
         elseif w.kind == 'L' then
-          e = now + lifetime
+          e = now + ARGV[6]
         end
         if not ends or e > ends then ends = e end
       end
@@ -835,7 +871,7 @@ end
 -- Phase 3: report, as an array: a number below 2^53 goes out as an
 -- integer reply (no formatting here), anything larger as a decimal string.
 local function N(v)
-  if type(v) == 'number' then return v end
+  if not big or type(v) == 'number' then return v end
   return S(v)
 end
 local out = {'OK', applied and 1 or 0, now, nops}
