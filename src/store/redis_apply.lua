@@ -342,12 +342,12 @@ end
 -- amount) or "used held" (lifetime, concurrent); a rolling counter's older
 -- buckets are fields cid|b<n>, hold amounts cid|h<lease>. Field x: the
 -- hash's expiry (server clock). hashes[hk] = {key, cs = counters by cid,
--- read = x known}; hlist keeps their order.
+-- list = the same in order, read = x known}; hlist keeps their order.
 local hashes, hlist = {}, {}
 local function hashof(hk)
   local h = hashes[hk]
   if not h then
-    h = {key = hk, cs = {}, read = false, x = false, delx = false}
+    h = {key = hk, cs = {}, list = {}, read = false, x = false, delx = false}
     hashes[hk] = h
     hlist[#hlist + 1] = h
   end
@@ -368,12 +368,14 @@ end
 
 -- A counter record (of a lease's hold).
 local function blank()
-  return {h = false, hk = false, p = false, w = false, dirty = false, used = 0, held = 0}
+  return {h = false, p = false, w = false, dirty = false, used = 0, held = 0, raw = false}
 end
 
 local function newc(h, cid, w, c)
-  c.h, c.hk, c.p, c.w = h, h.key, cid, w
+  c.h, c.p, c.w = h, cid, w
   h.cs[cid] = c
+  local l = h.list
+  l[#l + 1] = c
   return c
 end
 
@@ -383,7 +385,7 @@ local function bucket(c, b)
   if b == c.hd then return c.bv end
   local bs = c.bset
   if bs and bs[1] == b then return bs[3] end
-  return P(call('HGET', c.hk, c.p .. '|b' .. b))
+  return P(call('HGET', c.h.key, c.p .. '|b' .. b))
 end
 
 -- Fill a counter from its packed field (v, nil for none) and roll it to
@@ -392,15 +394,15 @@ end
 -- of an ended window is never read as live: a calendar counter carries its
 -- period (s, e), a rolling one its newest and oldest bucket (hd, tl).
 local function fill(c, v)
-  local w, hk, p = c.w, c.hk, c.p
+  local w, hk, p = c.w, c.h.key, c.p
   local kind = w.kind
   local a, b, d
   if v then
     local u, hl
     if kind == 'R' then
-      u, hl, a, b, d = string.match(v, '^(%d+) (%d+) (%-?%d+) (%-?%d+) (%d+)$')
+      u, hl, c.raw, a, b, d = string.match(v, '^(%d+) (%d+) ((%-?%d+) (%-?%d+)) (%d+)$')
     elseif kind == 'C' then
-      u, hl, a, b = string.match(v, '^(%d+) (%d+) (%-?%d+) (%-?%d+)$')
+      u, hl, c.raw, a, b = string.match(v, '^(%d+) (%d+) ((%-?%d+) (%-?%d+))$')
     else
       u, hl = string.match(v, '^(%d+) (%d+)$')
     end
@@ -413,6 +415,7 @@ local function fill(c, v)
     local s, e = a, b and b + 0
     if not e or now >= e or (c.used == 0 and now < s + 0) then
       if e then c.dirty = true end
+      c.raw = false
       s, e = bounds(w.period, w.off + 0, now)
       c.used = 0
     end
@@ -425,6 +428,7 @@ local function fill(c, v)
       hd, tl = cur, cur
     elseif cur > hd then
       c.dirty = true
+      c.raw = false
       local oldest = cur - w.n + 1
       if c.used ~= 0 then
         for k = tl, math.min(hd, oldest - 1) do
@@ -492,7 +496,10 @@ local function addusage(c, delta)
   if delta == 0 then return end
   if c.w.kind == 'X' then return end
   if c.w.kind == 'R' then
-    if c.used == 0 then c.tl = c.hd end
+    if c.used == 0 then
+      c.tl = c.hd
+      c.raw = false
+    end
     c.bv = add(c.bv, delta)
   end
   c.used = add(c.used, delta)
@@ -504,9 +511,9 @@ if action ~= '-' then
   addhold = function(c, exp, delta)
     if delta == 0 then return end
     local f = c.p .. '|h' .. lid
-    local cur = P(call('HGET', c.hk, f))
-    call('HSET', c.hk, f, S(add(cur, delta)))
-    call('ZADD', c.hk .. ':x', exp, c.p .. '|' .. lid)
+    local cur = P(call('HGET', c.h.key, f))
+    call('HSET', c.h.key, f, S(add(cur, delta)))
+    call('ZADD', c.h.key .. ':x', exp, c.p .. '|' .. lid)
     c.held = add(c.held, delta)
     c.zchg = true
     c.dirty = true
@@ -517,12 +524,12 @@ local removehold
 if action ~= '-' then
   removehold = function(c)
     local f = c.p .. '|h' .. lid
-    local v = P(call('HGET', c.hk, f))
+    local v = P(call('HGET', c.h.key, f))
     if v ~= 0 then
-      call('HDEL', c.hk, f)
+      call('HDEL', c.h.key, f)
       c.held = sub(c.held, v)
     end
-    call('ZREM', c.hk .. ':x', c.p .. '|' .. lid)
+    call('ZREM', c.h.key .. ':x', c.p .. '|' .. lid)
     c.dirty = true
     return v
   end
@@ -543,7 +550,6 @@ end
 -- offset (C) or bucket width and count (R)), delta, max, [descriptor].
 -- Every new counter of the batch is read with one HMGET per scope.
 local ops = {}
-local fresh = nil
 for i = 1, nops do
   local k = base + (i - 1) * OPF
   local kind = ARGV[k + 3]
@@ -557,43 +563,38 @@ for i = 1, nops do
   if kind == 'C' then
     op = {kind = kind, delta = P(ARGV[k + 6]), period = ARGV[k + 4], off = ARGV[k + 5],
       max = max, c = false, used = 0, held = 0, s = false, e = false, dirty = false,
-      p = false, h = false, w = false, hk = false}
+      p = false, h = false, w = false, raw = false}
   elseif kind == 'R' then
     op = {kind = kind, delta = P(ARGV[k + 6]), width = ARGV[k + 4] + 0,
       n = ARGV[k + 5] + 0, max = max, c = false, used = 0, held = 0, hd = false,
-      tl = false, bv = false, dirty = false, p = false, h = false, w = false, hk = false}
+      tl = false, bv = false, dirty = false, p = false, h = false, w = false, raw = false}
   else
     op = {kind = kind, delta = P(ARGV[k + 6]), max = max, c = false, used = 0, held = 0,
-      dirty = false, p = false, h = false, w = false, hk = false}
+      dirty = false, p = false, h = false, w = false}
   end
   if lkey then op.desc = ARGV[k + 8] end
   local h = hashof(hk)
-  local c = h.cs[cid]
-  if not c then
-    c = newc(h, cid, op, op)
-    fresh = fresh or {}
-    local l = fresh[h]
-    if l then l[#l + 1] = c else fresh[h] = {c} end
-  end
-  op.c = c
+  op.c = h.cs[cid] or newc(h, cid, op, op)
   ops[i] = op
 end
 -- Every new counter of the batch is read with one HMGET per scope.
-if fresh then
-  for _, h in ipairs(hlist) do
-    local l = fresh[h]
-    if l then
-      if #l == 1 and h.read then
-        fill(l[1], call('HGET', h.key, l[1].p))
-      else
-        local t, n = {'x'}, 1
-        for j, c in ipairs(l) do t[n + j] = c.p end
-        local f = call('HMGET', h.key, unpack(t))
-        readhash(h, f[1])
-        for j, c in ipairs(l) do fill(c, f[n + j]) end
-      end
-    end
+-- (Numeric loops: ipairs and pairs call into C at every step.)
+for i = 1, #hlist do
+  local h = hlist[i]
+  local l = h.list
+  local n = #l
+  local f
+  if n == 1 then
+    f = call('HMGET', h.key, 'x', l[1].p)
+  elseif n == 2 then
+    f = call('HMGET', h.key, 'x', l[1].p, l[2].p)
+  else
+    local t = {'x'}
+    for j = 1, n do t[j + 1] = l[j].p end
+    f = call('HMGET', h.key, unpack(t))
   end
+  readhash(h, f[1])
+  for j = 1, n do fill(l[j], f[j + 1]) end
 end
 
 local charges
@@ -629,7 +630,8 @@ end
 
 local holding = action == 'o' or action == 'g'
 local allfit = true
-for i, op in ipairs(ops) do
+for i = 1, nops do
+  local op = ops[i]
   local c = op.c
   local target = holding and c.held or c.used
   if not add(target, op.delta) and (mode == 'f' or not op.max) then
@@ -674,7 +676,7 @@ if applied then
       if op.delta ~= 0 then
         addhold(op.c, exp, op.delta)
         n = n + 1
-        for _, x in ipairs({'k' .. n, op.c.hk, 'c' .. n, op.c.p, 'w' .. n, specof(i),
+        for _, x in ipairs({'k' .. n, op.c.h.key, 'c' .. n, op.c.p, 'w' .. n, specof(i),
           'd' .. n, op.desc}) do fields[#fields + 1] = x end
       end
     end
@@ -708,12 +710,12 @@ if applied then
         local known = false
         for j = 1, n do
           local h = lease.holds[j]
-          if h and h.hk == op.c.hk and h.cid == op.c.p then known = true end
+          if h and h.hk == op.c.h.key and h.cid == op.c.p then known = true end
         end
         if not known then
           n = n + 1
-          lease.holds[n] = {hk = op.c.hk, cid = op.c.p}
-          call('HSET', lkey, 'k' .. n, op.c.hk, 'c' .. n, op.c.p, 'w' .. n, specof(i),
+          lease.holds[n] = {hk = op.c.h.key, cid = op.c.p}
+          call('HSET', lkey, 'k' .. n, op.c.h.key, 'c' .. n, op.c.p, 'w' .. n, specof(i),
             'd' .. n, op.desc)
         end
       end
@@ -732,7 +734,10 @@ if applied then
     call('HSET', lkey, 'st', '1')
     call('ZREM', odkey, lid)
   else
-    for _, op in ipairs(ops) do addusage(op.c, op.delta) end
+    for i = 1, nops do
+      local op = ops[i]
+      addusage(op.c, op.delta)
+    end
   end
   for i = 1, ncool do
     local ck = ckeys[i]
@@ -768,31 +773,23 @@ end
 -- clock the script reads PTTL instead. The scope's hold-expiry set (hk:x)
 -- gets the hash's TTL with every PEXPIRE.
 local function pack(c)
-  local kind, u, hl = c.w.kind, c.used, c.held
+  local kind, hl = c.w.kind, c.held
+  local head = S(c.used) .. (hl == 0 and ' 0' or ' ' .. S(hl))
   if kind == 'C' then
-    local s = c.s
-    if type(s) == 'number' then s = fmt('%d', s) end
-    if not big or (type(u) == 'number' and type(hl) == 'number') then
-      return fmt('%d %d %s %d', u, hl, s, c.e)
-    end
-    return S(u) .. ' ' .. S(hl) .. ' ' .. fmt('%s %d', s, c.e)
+    return head .. ' ' .. (c.raw or fmt('%d %d', c.s, c.e))
   elseif kind == 'R' then
-    local bv = c.bv
-    if not big or (type(u) == 'number' and type(hl) == 'number' and type(bv) == 'number') then
-      return fmt('%d %d %d %d %d', u, hl, c.hd, c.tl, bv)
-    end
-    return S(u) .. ' ' .. S(hl) .. ' ' .. fmt('%d %d ', c.hd, c.tl) .. S(bv)
+    return head .. ' ' .. (c.raw or fmt('%d %d', c.hd, c.tl)) .. ' ' .. S(c.bv)
   end
-  if not big or (type(u) == 'number' and type(hl) == 'number') then
-    return fmt('%d %d', u, hl)
-  end
-  return S(u) .. ' ' .. S(hl)
+  return head
 end
-for _, h in ipairs(hlist) do
+for i = 1, #hlist do
+  local h = hlist[i]
   local hk = h.key
   local fields, n, del = {}, 0, nil
   local ends, zchg, any, zrem = nil, false, false, nil
-  for _, c in pairs(h.cs) do
+  local l = h.list
+  for j = 1, #l do
+    local c = l[j]
     if c.dirty then
       any = true
       local w = c.w
@@ -876,7 +873,8 @@ local function N(v)
 end
 local out = {'OK', applied and 1 or 0, now, nops}
 local o = 4
-for _, op in ipairs(ops) do
+for i = 1, nops do
+  local op = ops[i]
   local c = op.c
   local delta = applied and 0 or op.delta
   local over = false
