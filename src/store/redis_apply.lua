@@ -785,7 +785,8 @@ end
 for i = 1, #hlist do
   local h = hlist[i]
   local hk = h.key
-  local fields, n, del = {}, 0, nil
+  -- (Sized for two counters and x: a table that grows is reallocated.)
+  local fields, n, del = {false, false, false, false, false, false}, 0, nil
   local ends, zchg, any, zrem = nil, false, false, nil
   local l = h.list
   for j = 1, #l do
@@ -834,15 +835,20 @@ for i = 1, #hlist do
       del[#del + 1] = 'x'
     end
     if del then call('HDEL', hk, unpack(del)) end
-    local zkey = hk .. ':x'
-    if zrem then call('ZREM', zkey, unpack(zrem)) end
+    local zkey = nil
+    if zrem then
+      zkey = hk .. ':x'
+      call('ZREM', zkey, unpack(zrem))
+    end
     if ends then
       if zchg then
         -- Holds were added or moved: the hash outlives the last of them.
+        zkey = zkey or hk .. ':x'
         local last = tonumber(call('ZRANGE', zkey, -1, -1, 'WITHSCORES')[2])
         if last and last > ends then ends = last end
       end
-      local ttl = math.max(1, ends - now + margin)
+      local ttl = ends - now + margin
+      if ttl < 1 then ttl = 1 end
       local keep = false
       if srv then
         local x = h.x
@@ -852,14 +858,14 @@ for i = 1, #hlist do
           fields[n + 1], fields[n + 2], n = 'x', S(now + ttl), n + 2
         end
       end
-      call('HSET', hk, unpack(fields))
+      call('HSET', hk, unpack(fields, 1, n))
       if not keep then
         if not srv then
           local cur = call('PTTL', hk)
           if cur > ttl then ttl = cur end
         end
         call('PEXPIRE', hk, ttl)
-        call('PEXPIRE', zkey, ttl)
+        call('PEXPIRE', zkey or hk .. ':x', ttl)
       end
     end
   end
@@ -871,7 +877,13 @@ local function N(v)
   if not big or type(v) == 'number' then return v end
   return S(v)
 end
-local out = {'OK', applied and 1 or 0, now, nops}
+local out
+if nops == 2 and ncool == 0 and not settled then
+  -- (The common shape, 16 words, made at its size: every word is set.)
+  out = {'OK', applied and 1 or 0, now, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+else
+  out = {'OK', applied and 1 or 0, now, nops}
+end
 local o = 4
 for i = 1, nops do
   local op = ops[i]
