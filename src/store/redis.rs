@@ -2,7 +2,6 @@
 //! `redis`).
 
 use std::fmt;
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -394,9 +393,11 @@ fn store_error(e: redis::RedisError) -> Error {
 }
 
 fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
     s
 }
@@ -731,9 +732,16 @@ impl AsyncAllowanceStore for RedisStore {
                 .collect(),
             None => Vec::new(),
         };
+        let mut last: Option<(&ScopeKey, String)> = None;
         for (i, op) in batch.ops.iter().enumerate() {
-            inv.arg(self.scope_key(op.scope))
-                .arg(Self::counter_field(op.meter, op.window));
+            // Ops of one scope (the usual batch) hash its id once.
+            if last.as_ref().is_none_or(|(scope, _)| *scope != op.scope) {
+                last = Some((op.scope, self.scope_key(op.scope)));
+            }
+            if let Some((_, key)) = &last {
+                inv.arg(key.as_str());
+            }
+            inv.arg(Self::counter_field(op.meter, op.window));
             window_args(&mut inv, op.window);
             inv.arg(op.delta)
                 .arg(op.max.map_or("-".into(), |m| m.to_string()));

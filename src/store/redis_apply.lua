@@ -546,9 +546,8 @@ if action ~= '-' then
     return kind
   end
 end
--- An op: scope hash key, counter prefix, window (kind, then period and
+-- An op: scope hash key, counter field, window (kind, then period and
 -- offset (C) or bucket width and count (R)), delta, max, [descriptor].
--- Every new counter of the batch is read with one HMGET per scope.
 local ops = {}
 for i = 1, nops do
   local k = base + (i - 1) * OPF
