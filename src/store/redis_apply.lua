@@ -195,49 +195,10 @@ if ARGV[9] == 's' then
   end
 end
 
--- Calendar bounds, as Window::calendar_bounds (Howard Hinnant's civil
--- algorithms on days since the epoch).
-local DAY = 86400000
-local function bounds(period, off, now)
-  -- (Defined here: a calendar counter rolls rarely, and every function
-  -- defined at the top level costs every call.)
-  local function civil(z)
-    z = z + 719468
-    local era = floor(z / 146097)
-    local doe = z - era * 146097
-    local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
-    local y = yoe + era * 400
-    local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
-    local mp = floor((5 * doy + 2) / 153)
-    local d = doy - floor((153 * mp + 2) / 5) + 1
-    local m = mp < 10 and mp + 3 or mp - 9
-    if m <= 2 then y = y + 1 end
-    return y, m, d
-  end
-  local function days(y, m, d)
-    if m <= 2 then y = y - 1 end
-    local era = floor(y / 400)
-    local yoe = y - era * 400
-    local mp = m > 2 and m - 3 or m + 9
-    local doy = floor((153 * mp + 2) / 5) + d - 1
-    local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-    return era * 146097 + doe - 719468
-  end
-  local offms = off * 1000
-  local day = floor((now + offms) / DAY)
-  local s, e
-  if period == 'd' then
-    s, e = day, day + 1
-  elseif period == 'w' then
-    s = day - (day + 3) % 7
-    e = s + 7
-  else
-    local y, m, d = civil(day)
-    s = day - (d - 1)
-    if m == 12 then e = days(y + 1, 1, 1) else e = days(y, m + 1, 1) end
-  end
-  return s * DAY - offms, e * DAY - offms
-end
+-- Calendar bounds: made in fill, where a calendar counter rolls. A rarely
+-- used function is made where it is used: each function made costs every
+-- call (a closure is allocated).
+local bounds
 
 -- Arguments.
 -- (Every tonumber on a string costs a strtod: a value is parsed only when
@@ -360,16 +321,7 @@ local function readhash(h, x)
   end
 end
 
--- A field to delete at write-back.
-local function drop(c, f)
-  local d = c.hdel
-  if d then d[#d + 1] = f else c.hdel = {f} end
-end
 
--- A counter record (of a lease's hold).
-local function blank()
-  return {h = false, p = false, w = false, dirty = false, used = 0, held = 0, raw = false}
-end
 
 local function newc(h, cid, w, c)
   c.h, c.p, c.w = h, cid, w
@@ -379,14 +331,6 @@ local function newc(h, cid, w, c)
   return c
 end
 
--- A rolling counter's bucket b: the newest is packed with the counter, a
--- newest one that just moved to its field is still pending (bset).
-local function bucket(c, b)
-  if b == c.hd then return c.bv end
-  local bs = c.bset
-  if bs and bs[1] == b then return bs[3] end
-  return P(call('HGET', c.h.key, c.p .. '|b' .. b))
-end
 
 -- Fill a counter from its packed field (v, nil for none) and roll it to
 -- now (rule 2), dropping expired holds. Reads only: what leaves is deleted
@@ -416,6 +360,51 @@ local function fill(c, v)
     if not e or now >= e or (c.used == 0 and now < s + 0) then
       if e then c.dirty = true end
       c.raw = false
+      if not bounds then
+        -- Calendar bounds, as Window::calendar_bounds (Howard Hinnant's civil
+        -- algorithms on days since the epoch).
+        local DAY = 86400000
+        bounds = function(period, off, now)
+          -- (Defined here: a calendar counter rolls rarely, and every function
+          -- defined at the top level costs every call.)
+          local function civil(z)
+            z = z + 719468
+            local era = floor(z / 146097)
+            local doe = z - era * 146097
+            local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+            local y = yoe + era * 400
+            local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+            local mp = floor((5 * doy + 2) / 153)
+            local d = doy - floor((153 * mp + 2) / 5) + 1
+            local m = mp < 10 and mp + 3 or mp - 9
+            if m <= 2 then y = y + 1 end
+            return y, m, d
+          end
+          local function days(y, m, d)
+            if m <= 2 then y = y - 1 end
+            local era = floor(y / 400)
+            local yoe = y - era * 400
+            local mp = m > 2 and m - 3 or m + 9
+            local doy = floor((153 * mp + 2) / 5) + d - 1
+            local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+            return era * 146097 + doe - 719468
+          end
+          local offms = off * 1000
+          local day = floor((now + offms) / DAY)
+          local s, e
+          if period == 'd' then
+            s, e = day, day + 1
+          elseif period == 'w' then
+            s = day - (day + 3) % 7
+            e = s + 7
+          else
+            local y, m, d = civil(day)
+            s = day - (d - 1)
+            if m == 12 then e = days(y + 1, 1, 1) else e = days(y, m + 1, 1) end
+          end
+          return s * DAY - offms, e * DAY - offms
+        end
+      end
       s, e = bounds(w.period, w.off + 0, now)
       c.used = 0
     end
@@ -439,7 +428,8 @@ local function fill(c, v)
             local x = call('HGET', hk, p .. '|b' .. k)
             if x then
               c.used = sub(c.used, P(x))
-              drop(c, p .. '|b' .. k)
+              local dl = c.hdel
+              if dl then dl[#dl + 1] = p .. '|b' .. k else c.hdel = {p .. '|b' .. k} end
             end
           end
         end
@@ -470,7 +460,8 @@ local function fill(c, v)
       local x = call('HGET', hk, f2)
       if x then
         c.held = sub(c.held, P(x))
-        drop(c, f2)
+        local dl = c.hdel
+        if dl then dl[#dl + 1] = f2 else c.hdel = {f2} end
       end
       if c.zrem then c.zrem[#c.zrem + 1] = m else c.zrem = {m} end
       c.dirty = true
@@ -480,15 +471,19 @@ local function fill(c, v)
 end
 
 -- Load one counter (a lease's hold) with its own HMGET.
-local function load(hk, cid, w)
-  local h = hashof(hk)
-  local c = h.cs[cid]
-  if c then return c end
-  c = newc(h, cid, w, blank())
-  if h.read then return fill(c, call('HGET', hk, cid)) end
-  local f = call('HMGET', hk, 'x', cid)
-  readhash(h, f[1])
-  return fill(c, f[2])
+local load
+if action ~= '-' then
+  load = function(hk, cid, w)
+    local h = hashof(hk)
+    local c = h.cs[cid]
+    if c then return c end
+    c = newc(h, cid, w, {h = false, p = false, w = false, dirty = false, used = 0, held = 0,
+      raw = false})
+    if h.read then return fill(c, call('HGET', hk, cid)) end
+    local f = call('HMGET', hk, 'x', cid)
+    readhash(h, f[1])
+    return fill(c, f[2])
+  end
 end
 
 -- A rolling counter adds to its newest bucket (packed with it).
@@ -910,6 +905,14 @@ for i = 1, nops do
       local need = 0
       if cmp(c.used, room) > 0 then need = sub(c.used, room) end
       local freed = 0
+      -- A rolling counter's bucket b: the newest is packed with the counter, a
+      -- newest one that just moved to its field is still pending (bset).
+      local function bucket(c, b)
+        if b == c.hd then return c.bv end
+        local bs = c.bset
+        if bs and bs[1] == b then return bs[3] end
+        return P(call('HGET', c.h.key, c.p .. '|b' .. b))
+      end
       for b = c.tl, c.hd do
         freed = add(freed, bucket(c, b)) or maxu()
         if cmp(freed, need) >= 0 then
