@@ -898,12 +898,20 @@ impl<S, C: Clock> Engine<S, C> {
     {
         let alloc = self.allocation_of(subject)?;
         let now = self.clock.now();
-        let ops: Vec<CounterOp<'_>> = alloc
-            .limits
-            .iter()
-            .map(|l| CounterOp::new(&alloc.scope, &l.meter, l.window, 0, l.max))
-            .collect();
+        let ops = usage_ops(&alloc);
         let applied = self.apply(&Batch::new(&ops, Mode::Check, now))?;
+        self.usage_report(subject, &alloc, &applied, now)
+    }
+
+    /// The report [`Engine::usage`] (and its async twin) answers, from the
+    /// store's answer to [`usage_ops`].
+    fn usage_report(
+        &self,
+        subject: &str,
+        alloc: &Resolved,
+        applied: &Applied,
+        now: DateTime<Utc>,
+    ) -> Result<UsageReport, Error> {
         let cost_meter_idx = alloc.plan.cost_meter.unwrap_or_default();
         let cost_meter = alloc.plan.cost_meter.map(|i| &self.catalog.meters[i]);
         let meters = alloc
@@ -1528,6 +1536,16 @@ fn status_of(limit: &Limit, after: u64, delta: u64) -> Status {
         Some(_) if after > 0 && after >= limit.warn_threshold => Status::Warning,
         _ => Status::Ok,
     }
+}
+
+/// The batch behind a usage report: every limit of the allocation, read
+/// (delta 0) in check mode.
+fn usage_ops(alloc: &Resolved) -> Vec<CounterOp<'_>> {
+    alloc
+        .limits
+        .iter()
+        .map(|l| CounterOp::new(&alloc.scope, &l.meter, l.window, 0, l.max))
+        .collect()
 }
 
 /// A report's status: like [`status_of`] for a zero request, except that

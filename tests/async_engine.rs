@@ -147,3 +147,50 @@ async fn a_failing_store_fails_closed_or_open_as_configured() {
     ));
     assert!(open.overdue_async().await.is_err());
 }
+
+/// `usage_async` reports what `usage` reports, records nothing, and fails
+/// as `usage` does (an unknown subject; a failing store whatever its
+/// policy: a report is never made up).
+#[tokio::test]
+async fn usage_async_reports_as_usage_does() {
+    let sync = Engine::with_clock(catalog(), clock());
+    let asy = Engine::with_clock(catalog(), clock());
+    for e in [&sync, &asy] {
+        e.allocate(Allocation::new("a", "plan")).unwrap();
+    }
+    assert_eq!(
+        sync.usage("a").unwrap(),
+        asy.usage_async("a").await.unwrap()
+    );
+    let ttl = Duration::from_secs(60);
+    let r = Request::new("a").units("tokens", 30).units("jobs", 1);
+    sync.admit(&Request::new("a").units("tokens", 40)).unwrap();
+    asy.admit_async(&Request::new("a").units("tokens", 40))
+        .await
+        .unwrap();
+    let _s = sync.reserve(&r, ttl).unwrap().unwrap();
+    let _a = asy.reserve_async(&r, ttl).await.unwrap().unwrap();
+    let report = asy.usage_async("a").await.unwrap();
+    assert_eq!(sync.usage("a").unwrap(), report);
+    let tokens = report
+        .meters
+        .iter()
+        .find(|m| &*m.meter == "tokens")
+        .unwrap();
+    assert_eq!(tokens.units.to_string(), "40");
+    assert_eq!(tokens.held.to_string(), "30");
+    // Reading recorded nothing.
+    assert_eq!(asy.usage_async("a").await.unwrap(), report);
+    assert!(matches!(
+        asy.usage_async("nobody").await,
+        Err(Error::UnknownSubject { .. })
+    ));
+    for policy in [FailurePolicy::FailClosed, FailurePolicy::FailOpen] {
+        let down = Engine::with_store_and_clock(catalog(), Down(policy), clock());
+        down.allocate(Allocation::new("a", "plan")).unwrap();
+        assert!(matches!(
+            down.usage_async("a").await,
+            Err(Error::Store { .. })
+        ));
+    }
+}

@@ -747,10 +747,11 @@ fn reservations_through_the_async_engine() {
     });
 }
 
-/// On the server's clock a counter skips `PEXPIRE` when its key already
+/// On the server's clock a scope's hash skips `PEXPIRE` when it already
 /// lives long enough, trusting the expiry it wrote last (field `x`): that
 /// field must match the key's real TTL after every kind of write, and cover
-/// the period's end and every hold's expiry, plus the margin.
+/// every calendar counter's period end and every hold's expiry, plus the
+/// margin; the hold-expiry set lives as long as its hash.
 #[test]
 fn server_clock_expiries_match_what_keys_record() {
     let Some(url) = url() else { return };
@@ -804,7 +805,6 @@ fn server_clock_expiries_match_what_keys_record() {
                 if !key.contains(":c:") || key.ends_with(":x") {
                     continue;
                 }
-                counters += 1;
                 let (fields, pttl, time): (Vec<String>, i64, (i64, i64)) = redis::pipe()
                     .cmd("HGETALL")
                     .arg(&key)
@@ -814,22 +814,35 @@ fn server_clock_expiries_match_what_keys_record() {
                     .query_async(&mut conn)
                     .await
                     .expect("read");
-                let get = |f: &str| {
-                    fields
-                        .chunks(2)
-                        .find(|kv| kv[0] == f)
-                        .map(|kv| kv[1].parse::<i64>().expect("number"))
-                };
                 let now = time.0 * 1000 + time.1 / 1000;
-                let x = get("x").unwrap_or_else(|| panic!("{step}: {key} has no x"));
+                let x = fields
+                    .chunks(2)
+                    .find(|kv| kv[0] == "x")
+                    .map(|kv| kv[1].parse::<i64>().expect("x"))
+                    .unwrap_or_else(|| panic!("{step}: {key} has no x"));
                 assert!(pttl > 0, "{step}: {key} pttl {pttl}");
                 assert!(
                     (now + pttl - x).abs() <= 50,
                     "{step}: {key} expires at {} but records {x}",
                     now + pttl
                 );
-                if let Some(e) = get("e") {
-                    assert!(x >= e + margin_ms, "{step}: {key} x {x} before e {e}");
+                // A calendar counter's field packs `used held start end`.
+                for kv in fields.chunks(2) {
+                    if kv[0] == "x" || kv[0].contains('|') {
+                        continue;
+                    }
+                    counters += 1;
+                    let words: Vec<i64> = kv[1]
+                        .split(' ')
+                        .map(|w| w.parse().expect("number"))
+                        .collect();
+                    if kv[0].ends_with(":cd0") {
+                        assert_eq!(words.len(), 4, "{step}: {kv:?}");
+                        assert!(
+                            x >= words[3] + margin_ms,
+                            "{step}: {key} x {x} before {kv:?}"
+                        );
+                    }
                 }
                 let holds: Vec<(String, i64)> = redis::cmd("ZRANGE")
                     .arg(format!("{key}:x"))
@@ -876,6 +889,87 @@ fn server_clock_expiries_match_what_keys_record() {
         check("commit").await;
         engine.admit_async(&tokens(1)).await.expect("admit");
         check("admit after").await;
+        let (_, without) = keys_without_ttl(&url, &tag).await;
+        assert!(without.is_empty(), "{without:?}");
+        flush(&url, &tag).await;
+    });
+}
+
+/// `usage_async` on a `RedisStore` reports what `usage` reports on a
+/// `MemoryStore` after the same calls (batch time, one manual clock):
+/// calendar, rolling and lifetime usage, a hold, and a rolled period.
+#[test]
+fn usage_async_on_redis_matches_usage_in_memory() {
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    rt.block_on(async {
+        let store = RedisConfig::new(url.clone())
+            .prefix(unique_prefix("usage"))
+            .time_source(TimeSource::Batch)
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect");
+        let tag = store.key_tag().to_owned();
+        let catalog = || {
+            CatalogConfig::default()
+                .meter(Meter::count("tokens"))
+                .meter(Meter::count("jobs"))
+                .plan(
+                    PlanConfig::new("plan")
+                        .limit(LimitConfig::new(
+                            "tokens",
+                            Window::calendar(Period::Day),
+                            1_000u64,
+                        ))
+                        .limit(LimitConfig::new(
+                            "tokens",
+                            Window::Rolling {
+                                span_secs: 3_600,
+                                buckets: 6,
+                            },
+                            500u64,
+                        ))
+                        .limit(LimitConfig::new("tokens", Window::Lifetime, 5_000u64))
+                        .limit(LimitConfig::new("jobs", Window::Concurrent, 2u64)),
+                )
+                .build()
+                .expect("catalog")
+        };
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 1, 23, 30, 0).unwrap());
+        let redis = Engine::with_store_and_clock(catalog(), store, clock.clone());
+        let memory = Engine::with_clock(catalog(), clock.clone());
+        redis
+            .allocate(Allocation::new("agent", "plan"))
+            .expect("allocate");
+        memory
+            .allocate(Allocation::new("agent", "plan"))
+            .expect("allocate");
+        let same = async |step: &str| {
+            assert_eq!(
+                redis.usage_async("agent").await.expect("usage_async"),
+                memory.usage("agent").expect("usage"),
+                "{step}"
+            );
+        };
+        same("empty").await;
+        let req = Request::new("agent").units("tokens", 120);
+        redis.admit_async(&req).await.expect("admit");
+        memory.admit(&req).expect("admit");
+        let job = Request::new("agent").units("tokens", 30).units("jobs", 1);
+        let ttl = Duration::from_secs(7_200);
+        let _r = redis.reserve_async(&job, ttl).await.expect("reserve");
+        let _m = memory.reserve(&job, ttl).expect("reserve");
+        same("admit and hold").await;
+        clock.advance(chrono::Duration::minutes(45));
+        same("next day, next buckets").await;
+        redis.admit_async(&req).await.expect("admit");
+        memory.admit(&req).expect("admit");
+        same("admit after").await;
+        assert!(matches!(
+            redis.usage_async("nobody").await,
+            Err(Error::UnknownSubject { .. })
+        ));
         let (_, without) = keys_without_ttl(&url, &tag).await;
         assert!(without.is_empty(), "{without:?}");
         flush(&url, &tag).await;

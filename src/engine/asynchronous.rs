@@ -2,11 +2,12 @@
 //! `async`).
 //!
 //! Each call is its sync twin with the store call awaited: the same
-//! preparation (`prepare`, `ops_for`, `cooldowns_for`), the same batch, the
-//! same decision (`finish`, `finish_quiet`). Only the fail-open policy is
+//! preparation (`prepare`, `ops_for`, `cooldowns_for`, `usage_ops`), the
+//! same batch, the same decision (`finish`, `finish_quiet`,
+//! `usage_report`). Only the fail-open policy is
 //! new: see [`FailurePolicy`].
 
-use super::{after, fingerprint, Call, Engine, Reservation, Shape};
+use super::{after, fingerprint, usage_ops, Call, Engine, Reservation, Shape, UsageReport};
 use crate::clock::Clock;
 use crate::decision::{Decision, Status};
 use crate::request::Request;
@@ -151,6 +152,22 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         let cooldown = (outcome == Outcome::Failed).then_some(());
         self.settle_async(reservation, &request, &p, keep, Call::Release, cooldown)
             .await
+    }
+
+    /// [`Engine::usage`] on an async store: the same report, from one
+    /// check-mode batch (it records nothing).
+    ///
+    /// # Errors
+    /// As [`Engine::usage`]. A failing store is an error whatever the
+    /// store's policy: a report is never made up.
+    pub async fn usage_async(&self, subject: &str) -> Result<UsageReport, Error> {
+        let alloc = self.allocation_of(subject)?;
+        let now = self.clock.now();
+        let ops = usage_ops(&alloc);
+        let applied = self
+            .apply_async(&Batch::new(&ops, Mode::Check, now))
+            .await?;
+        self.usage_report(subject, &alloc, &applied, now)
     }
 
     /// [`Engine::overdue`] on an async store.

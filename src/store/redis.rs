@@ -2,7 +2,6 @@
 //! `redis`).
 
 use std::fmt;
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -217,17 +216,36 @@ impl RedisConfig {
 /// Every key starts with the hash tag `{prefix}:`. Scope ids never appear in
 /// key names: a scope is named by the first 128 bits of SHA-256 over its
 /// kind and id (`s:` or `p:` then the id's bytes), an event id by SHA-256
-/// of its bytes; meters are length-prefixed, so no two counters share a
-/// key whatever their ids contain (delimiters, braces, empty strings).
+/// of its bytes. All of one scope's counters live in **one hash per
+/// scope**, a counter under the field `<len>:<meter>:<window>` (the meter
+/// length-prefixed), so no two counters share a field and no counter field
+/// is ever another field's name, whatever their ids contain (delimiters,
+/// braces, empty strings).
 ///
 /// | key | what |
 /// | --- | --- |
-/// | `{p}:c:<scope>:<len>:<meter>:<window>` | a counter: usage, buckets, hold amounts and their total, the expiry set last (hash) |
-/// | `…:x` beside a counter | its holds' expiries (sorted set) |
+/// | `{p}:c:<scope>` | the scope's counters (hash, below) |
+/// | `{p}:c:<scope>:x` | the scope's hold expiries: members `<counter field>\|<lease id>` (sorted set) |
 /// | `{p}:l:<lease id>` | a lease: owner, expiry, deadline, held counters (hash) |
 /// | `{p}:od` | leases with a deadline, for `overdue` (sorted set) |
 /// | `{p}:k:<scope>` | a scope's cooldown end |
 /// | `{p}:e:<sha256 of event id>` | an applied event: fingerprint, time, answer |
+///
+/// A scope's hash holds, per counter, one field packing its state as
+/// decimal integers separated by spaces: `used held start end` for a
+/// calendar window (the period it counts), `used held newest oldest
+/// amount` for a rolling window (the newest and oldest bucket numbers and
+/// the newest bucket's amount), `used held` for a lifetime or concurrent
+/// limit. Beside them: `<field>|b<n>`, the amount of an older bucket of a
+/// rolling window; `<field>|h<lease id>`, an amount a lease holds; `x`,
+/// the hash's expiry (server clock). A plain admit therefore reads one
+/// field per counter and writes them back packed: one `HMGET` and one
+/// `HSET` per scope.
+///
+/// This is the second layout: the first (before issue 5) kept each counter
+/// in a hash of its own (`{p}:c:<scope>:<len>:<meter>:<window>`). Key names carry no layout
+/// version; there is no deployed data to migrate, and a store must not be
+/// pointed at keys written by the first layout.
 ///
 /// Values hold amounts and times, plus what `overdue` and a settlement must
 /// report: a lease's owner and the pools it holds. An id that looks like a
@@ -239,22 +257,30 @@ impl RedisConfig {
 /// `ScopeKey::subject("sha256:<hex>")`.
 ///
 /// # Expiry
-/// Every key gets a TTL when it is written: a calendar counter lives until
-/// its period ends, a rolling counter until its newest bucket leaves, each
-/// plus the hold expiries it carries and the expiry margin; a lifetime
-/// counter lives [`RedisConfig::lifetime_ttl`] past its last write; a lease
-/// record lives its expiry plus the event horizon; a ledger entry the
+/// Every key gets a TTL when it is written. A scope's hash lives as long as
+/// its longest-lived counter needs: a calendar counter until its period
+/// ends, a rolling counter until its newest bucket leaves, a lifetime
+/// counter [`RedisConfig::lifetime_ttl`] past its last write, each hold
+/// until it expires, all plus the expiry margin. The script only ever
+/// raises a hash's TTL, never lowers it, so writing a short-lived counter
+/// never cuts a longer-lived one's life. Fields of ended windows are never
+/// read as live: a calendar counter's field carries its period and is
+/// reset when `now` leaves it; a rolling counter's carries its newest and
+/// oldest bucket, and buckets that left the window are subtracted and
+/// deleted when it is next read; a hold's amount leaves with its expiry
+/// (the scope's expiry set). The hold-expiry set gets its hash's TTL. A
+/// lease record lives its expiry plus the event horizon; a ledger entry the
 /// horizon; a cooldown its end. TTLs are relative (`PEXPIRE`) so they hold
-/// whichever clock rolls the windows. On the server's clock a counter also
+/// whichever clock rolls the windows. On the server's clock a hash also
 /// records the expiry it set (field `x`), and a write that would not move
 /// it later sends no `PEXPIRE`: most admits within one period or bucket
-/// only read and write fields. On the batch's clock every write sets the
-/// TTL again.
+/// only read and write fields. On the batch's clock the script reads the
+/// TTL (`PTTL`) and raises it when needed.
 ///
 /// # Cost
-/// A plain admit on two counters (a day and a rolling window, server clock)
-/// makes five `redis.call`s within one period and bucket — `TIME`, one
-/// `HMGET` and one `HSET` per counter — and answers an array whose numbers
+/// A plain admit on two counters of one scope (a day and a rolling window,
+/// server clock) makes three `redis.call`s within one period and bucket —
+/// `TIME`, one `HMGET` and one `HSET` — and answers an array whose numbers
 /// are integer replies; `examples/redis_profile` reads the count and the
 /// server's time per call from `INFO commandstats`.
 ///
@@ -319,15 +345,16 @@ impl RedisStore {
         hex(&h.finalize()[..16])
     }
 
-    fn counter_key(&self, op_scope: &ScopeKey, meter: &str, window: Window) -> String {
-        format!(
-            "{}:c:{}:{}:{}:{}",
-            self.tag,
-            Self::scope_hash(op_scope),
-            meter.len(),
-            meter,
-            window_key(window)
-        )
+    /// A scope's hash: every counter of the scope, its buckets and hold
+    /// amounts, and the hash's expiry.
+    fn scope_key(&self, scope: &ScopeKey) -> String {
+        format!("{}:c:{}", self.tag, Self::scope_hash(scope))
+    }
+
+    /// A counter's field in its scope's hash: the meter, length-prefixed,
+    /// and the window.
+    fn counter_field(meter: &str, window: Window) -> String {
+        format!("{}:{}:{}", meter.len(), meter, window_key(window))
     }
 
     async fn run<T: redis::FromRedisValue>(
@@ -366,9 +393,11 @@ fn store_error(e: redis::RedisError) -> Error {
 }
 
 fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
     }
     s
 }
@@ -703,8 +732,16 @@ impl AsyncAllowanceStore for RedisStore {
                 .collect(),
             None => Vec::new(),
         };
+        let mut last: Option<(&ScopeKey, String)> = None;
         for (i, op) in batch.ops.iter().enumerate() {
-            inv.arg(self.counter_key(op.scope, op.meter, op.window));
+            // Ops of one scope (the usual batch) hash its id once.
+            if last.as_ref().is_none_or(|(scope, _)| *scope != op.scope) {
+                last = Some((op.scope, self.scope_key(op.scope)));
+            }
+            if let Some((_, key)) = &last {
+                inv.arg(key.as_str());
+            }
+            inv.arg(Self::counter_field(op.meter, op.window));
             window_args(&mut inv, op.window);
             inv.arg(op.delta)
                 .arg(op.max.map_or("-".into(), |m| m.to_string()));

@@ -10,12 +10,18 @@
 -- Times are Unix milliseconds (exact as doubles).
 
 local call, type, tonumber = redis.call, type, tonumber
+-- What costs here is allocation (the garbage collector is paid per byte)
+-- and calls into C (type, tonumber, math.floor, string.format...): the hot
+-- path parses with arithmetic ('12' + 0, x - x % 1), keeps tables small
+-- and asks type() only once a value at or past 2^53 exists (big).
+local big = false
 local ARGV = ARGV
 local TWO53 = 9007199254740992
 local B = 65536
 local floor = math.floor
 
 local function tolimbs(v)
+  big = true
   if type(v) == 'table' then return v end
   local l = {}
   for i = 1, 4 do
@@ -39,8 +45,9 @@ local E8 = 100000000
 local function P(s)
   if not s then return 0 end
   local n = #s
-  if n <= 15 then return tonumber(s) end
+  if n <= 15 then return s + 0 end
   if n > 20 then return nil end
+  big = true
   local hi, lo = tonumber(string.sub(s, 1, n - 8)), tonumber(string.sub(s, n - 7))
   -- hi < 2^53 / 10^8: hi * 10^8 + lo < 2^53, exact.
   if hi < 90071992 then return hi * E8 + lo end
@@ -63,7 +70,7 @@ end
 -- fast as %.0f.)
 local fmt = string.format
 local function S(v)
-  if type(v) == 'number' then return fmt('%d', v) end
+  if not big or type(v) == 'number' then return fmt('%d', v) end
   local q, rem = 0, 0
   for i = 4, 1, -1 do
     local x = rem * B + v[i]
@@ -76,7 +83,10 @@ end
 
 -- a + b, or nil past u64.
 local function add(a, b)
-  if type(a) == 'number' and type(b) == 'number' and a + b < TWO53 then
+  if not big then
+    local s = a + b
+    if s < TWO53 then return s end
+  elseif type(a) == 'number' and type(b) == 'number' and a + b < TWO53 then
     return a + b
   end
   local x, y, r, carry = tolimbs(a), tolimbs(b), {}, 0
@@ -91,7 +101,7 @@ end
 
 -- a - b, for a >= b.
 local function sub(a, b)
-  if type(a) == 'number' and type(b) == 'number' then return a - b end
+  if not big or (type(a) == 'number' and type(b) == 'number') then return a - b end
   local x, y, r, borrow = tolimbs(a), tolimbs(b), {}, 0
   for i = 1, 4 do
     local s = x[i] - y[i] - borrow
@@ -107,6 +117,9 @@ local function sub(a, b)
 end
 
 local function cmp(a, b)
+  if not big then
+    if a < b then return -1 elseif a > b then return 1 else return 0 end
+  end
   local na, nb = type(a) == 'number', type(b) == 'number'
   if na and nb then
     if a < b then return -1 elseif a > b then return 1 else return 0 end
@@ -182,65 +195,35 @@ if ARGV[9] == 's' then
   end
 end
 
--- Calendar bounds, as Window::calendar_bounds (Howard Hinnant's civil
--- algorithms on days since the epoch).
-local DAY = 86400000
-local function bounds(period, off, now)
-  -- (Defined here: a calendar counter rolls rarely, and every function
-  -- defined at the top level costs every call.)
-  local function civil(z)
-    z = z + 719468
-    local era = floor(z / 146097)
-    local doe = z - era * 146097
-    local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
-    local y = yoe + era * 400
-    local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
-    local mp = floor((5 * doy + 2) / 153)
-    local d = doy - floor((153 * mp + 2) / 5) + 1
-    local m = mp < 10 and mp + 3 or mp - 9
-    if m <= 2 then y = y + 1 end
-    return y, m, d
-  end
-  local function days(y, m, d)
-    if m <= 2 then y = y - 1 end
-    local era = floor(y / 400)
-    local yoe = y - era * 400
-    local mp = m > 2 and m - 3 or m + 9
-    local doy = floor((153 * mp + 2) / 5) + d - 1
-    local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
-    return era * 146097 + doe - 719468
-  end
-  local offms = off * 1000
-  local day = floor((now + offms) / DAY)
-  local s, e
-  if period == 'd' then
-    s, e = day, day + 1
-  elseif period == 'w' then
-    s = day - (day + 3) % 7
-    e = s + 7
-  else
-    local y, m, d = civil(day)
-    s = day - (d - 1)
-    if m == 12 then e = days(y + 1, 1, 1) else e = days(y, m + 1, 1) end
-  end
-  return s * DAY - offms, e * DAY - offms
-end
+-- Calendar bounds: made in fill, where a calendar counter rolls. A rarely
+-- used function is made where it is used: each function made costs every
+-- call (a closure is allocated).
+local bounds
 
 -- Arguments.
-local now = tonumber(ARGV[1])
+-- (Every tonumber on a string costs a strtod: a value is parsed only when
+-- something needs it, and a small count is matched first.)
+local now
 local srv = ARGV[2] == '1'
 if srv then
   local t = call('TIME')
-  now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+  local ms = t[2] / 1000
+  now = t[1] * 1000 + (ms - ms % 1)
+else
+  now = ARGV[1] + 0
+end
+local function count(s)
+  if s == '0' then return 0 elseif s == '1' then return 1 elseif s == '2' then return 2 end
+  return s + 0
 end
 local mode = ARGV[3]
-local horizon = tonumber(ARGV[4])
-local margin = tonumber(ARGV[5])
-local lifetime = tonumber(ARGV[6])
-local nops = tonumber(ARGV[7])
-local ncool = tonumber(ARGV[8])
+local horizon
+local margin = ARGV[5] + 0
+local nops = count(ARGV[7])
+local ncool = count(ARGV[8])
 local action = ARGV[9]
 local ekey = ARGV[10]
+if ekey ~= '-' or action ~= '-' then horizon = ARGV[4] + 0 end
 -- What only an event or a lease needs comes only with one, and so does an
 -- op's hold descriptor.
 local base = 10
@@ -250,15 +233,18 @@ if ekey ~= '-' then
   base = 11
 end
 local lkey, owner, ownerdesc, lp1, lp2, lid, odkey
-local OPF = 6
+local OPF = 7
 if action ~= '-' then
   lkey, owner, ownerdesc = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
   lp1, lp2, lid, odkey = ARGV[base + 4], ARGV[base + 5], ARGV[base + 6], ARGV[base + 7]
   base = base + 7
-  OPF = 7
+  OPF = 8
 end
 
-local function maxu() return {B - 1, B - 1, B - 1, B - 1} end
+local function maxu()
+  big = true
+  return {B - 1, B - 1, B - 1, B - 1}
+end
 
 -- The ledger first (rule 8).
 if ekey ~= '-' then
@@ -283,8 +269,8 @@ if action ~= '-' then
     if now >= lexp then return 'ERR expired' end
     lease = {n = tonumber(rec[4]), holds = {}}
     for i = 1, lease.n do
-      local h = call('HMGET', lkey, 'k' .. i, 'w' .. i, 'd' .. i)
-      lease.holds[i] = {key = h[1], w = h[2], desc = h[3]}
+      local h = call('HMGET', lkey, 'k' .. i, 'c' .. i, 'w' .. i, 'd' .. i)
+      lease.holds[i] = {hk = h[1], cid = h[2], w = h[3], desc = h[4]}
     end
   end
 end
@@ -292,7 +278,7 @@ end
 -- Counters. A window spec is "C:<d|w|m>:<offset secs>", "R:<width ms>:<n>"
 -- (n = buckets + 1), "L" or "X".
 local parsew
-if ARGV[9] ~= '-' then
+if action ~= '-' then
   -- (Only lease holds need it: defined only with a lease.)
   parsew = function(spec, w)
     local kind = string.sub(spec, 1, 1)
@@ -311,156 +297,234 @@ if ARGV[9] ~= '-' then
   end
 end
 
-local counters = {}
--- A field to delete at write-back.
-local function drop(c, f)
-  local d = c.hdel
-  if d then d[#d + 1] = f else c.hdel = {f} end
+-- One hash per scope (hk) holds all of that scope's counters, one field
+-- per counter (its cid) packing "used held s e" (calendar), "used held hd
+-- tl bv" (rolling: newest and oldest bucket, and the newest bucket's
+-- amount) or "used held" (lifetime, concurrent); a rolling counter's older
+-- buckets are fields cid|b<n>, hold amounts cid|h<lease>. Field x: the
+-- hash's expiry (server clock). hashes[hk] = {key, cs = counters by cid,
+-- list = the same in order, read = x known}; hlist keeps their order.
+local hashes, hlist = {}, {}
+local function hashof(hk)
+  local h = hashes[hk]
+  if not h then
+    h = {key = hk, cs = {}, list = {}, read = false, x = false, delx = false}
+    hashes[hk] = h
+    hlist[#hlist + 1] = h
+  end
+  return h
 end
--- Load a counter and roll it to now (rule 2), dropping expired holds. Reads
--- only: what leaves is deleted at write-back, so a batch that ends in an
--- error changes nothing.
--- rec: a table to keep the counter in (an op is its own counter record:
--- their fields differ, and one table fewer is made per op).
-local function load(key, w, rec)
-  local c = counters[key]
-  if c then return c end
-  -- full: every field is written back (a new or rolled counter); else
-  -- only what changed: uchg (used), hchg (held). zchg: the expiry set was
-  -- added to. x: the expiry last set, on the server's clock (see write-back).
-  c = rec or {}
-  c.key, c.w, c.dirty = key, w, false
-  counters[key] = c
-  local f
-  if w.kind == 'R' then
-    -- The bucket of now comes along: it is the one an admit adds to.
-    c.bb = floor(now / w.width)
-    c.bf = 'b' .. c.bb
-    f = call('HMGET', key, 'u', 'H', 'x', 'hd', 'tl', c.bf)
-    c.bv = P(f[6])
-  elseif w.kind == 'C' then
-    f = call('HMGET', key, 'u', 'H', 'x', 's', 'e')
-  else
-    f = call('HMGET', key, 'u', 'H', 'x')
+local function readhash(h, x)
+  h.read = true
+  if x then
+    if srv then h.x = x + 0 else h.delx = true end
   end
-  c.used = P(f[1])
-  c.held = P(f[2])
-  -- Every write-back writes H, so a counter in Redis has it.
-  c.full = not f[2]
-  if f[3] then
-    if srv then c.x = tonumber(f[3]) else c.hdel = {'x'} end
+end
+
+
+
+local function newc(h, cid, w, c)
+  c.h, c.p, c.w = h, cid, w
+  h.cs[cid] = c
+  local l = h.list
+  l[#l + 1] = c
+  return c
+end
+
+
+-- Fill a counter from its packed field (v, nil for none) and roll it to
+-- now (rule 2), dropping expired holds. Reads only: what leaves is deleted
+-- at write-back, so a batch that ends in an error changes nothing. A field
+-- of an ended window is never read as live: a calendar counter carries its
+-- period (s, e), a rolling one its newest and oldest bucket (hd, tl).
+local function fill(c, v)
+  local w, hk, p = c.w, c.h.key, c.p
+  local kind = w.kind
+  local a, b, d
+  if v then
+    local u, hl
+    if kind == 'R' then
+      u, hl, c.raw, a, b, d = string.match(v, '^(%d+) (%d+) ((%-?%d+) (%-?%d+)) (%d+)$')
+    elseif kind == 'C' then
+      u, hl, c.raw, a, b = string.match(v, '^(%d+) (%d+) ((%-?%d+) (%-?%d+))$')
+    else
+      u, hl = string.match(v, '^(%d+) (%d+)$')
+    end
+    c.used = P(u)
+    if hl ~= '0' then c.held = P(hl) end
   end
-  if w.kind == 'C' then
-    local s, e = tonumber(f[4]), tonumber(f[5])
-    if not s or now >= e or (now < s and c.used == 0) then
-      if s then c.dirty = true end
-      c.full = true
-      s, e = bounds(w.period, w.off, now)
+  if kind == 'C' then
+    -- The start stays the string read unless the counter rolls (pack and
+    -- the reply take either).
+    local s, e = a, b and b + 0
+    if not e or now >= e or (c.used == 0 and now < s + 0) then
+      if e then c.dirty = true end
+      c.raw = false
+      if not bounds then
+        -- Calendar bounds, as Window::calendar_bounds (Howard Hinnant's civil
+        -- algorithms on days since the epoch).
+        local DAY = 86400000
+        bounds = function(period, off, now)
+          -- (Defined here: a calendar counter rolls rarely, and every function
+          -- defined at the top level costs every call.)
+          local function civil(z)
+            z = z + 719468
+            local era = floor(z / 146097)
+            local doe = z - era * 146097
+            local yoe = floor((doe - floor(doe / 1460) + floor(doe / 36524) - floor(doe / 146096)) / 365)
+            local y = yoe + era * 400
+            local doy = doe - (365 * yoe + floor(yoe / 4) - floor(yoe / 100))
+            local mp = floor((5 * doy + 2) / 153)
+            local d = doy - floor((153 * mp + 2) / 5) + 1
+            local m = mp < 10 and mp + 3 or mp - 9
+            if m <= 2 then y = y + 1 end
+            return y, m, d
+          end
+          local function days(y, m, d)
+            if m <= 2 then y = y - 1 end
+            local era = floor(y / 400)
+            local yoe = y - era * 400
+            local mp = m > 2 and m - 3 or m + 9
+            local doy = floor((153 * mp + 2) / 5) + d - 1
+            local doe = yoe * 365 + floor(yoe / 4) - floor(yoe / 100) + doy
+            return era * 146097 + doe - 719468
+          end
+          local offms = off * 1000
+          local day = floor((now + offms) / DAY)
+          local s, e
+          if period == 'd' then
+            s, e = day, day + 1
+          elseif period == 'w' then
+            s = day - (day + 3) % 7
+            e = s + 7
+          else
+            local y, m, d = civil(day)
+            s = day - (d - 1)
+            if m == 12 then e = days(y + 1, 1, 1) else e = days(y, m + 1, 1) end
+          end
+          return s * DAY - offms, e * DAY - offms
+        end
+      end
+      s, e = bounds(w.period, w.off + 0, now)
       c.used = 0
     end
     c.s, c.e = s, e
-  elseif w.kind == 'R' then
-    local hd, tl = tonumber(f[4]), tonumber(f[5])
-    local cur = floor(now / w.width)
+  elseif kind == 'R' then
+    local hd, tl, bv = a and a + 0, b and b + 0, P(d)
+    local cur = now / w.width
+    cur = cur - cur % 1
     if not hd then
       hd, tl = cur, cur
-      c.full = true
     elseif cur > hd then
       c.dirty = true
-      c.full = true
+      c.raw = false
       local oldest = cur - w.n + 1
       if c.used ~= 0 then
-        for b = tl, math.min(hd, oldest - 1) do
-          local v = call('HGET', key, 'b' .. b)
-          if v then
-            c.used = sub(c.used, P(v))
-            drop(c, 'b' .. b)
+        for k = tl, math.min(hd, oldest - 1) do
+          if k == hd then
+            c.used = sub(c.used, bv)
+            bv = 0
+          else
+            local x = call('HGET', hk, p .. '|b' .. k)
+            if x then
+              c.used = sub(c.used, P(x))
+              local dl = c.hdel
+              if dl then dl[#dl + 1] = p .. '|b' .. k else c.hdel = {p .. '|b' .. k} end
+            end
           end
         end
       end
-      hd = cur
+      -- The newest bucket, if still counted, moves to its own field.
+      if bv ~= 0 then c.bset = {hd, p .. '|b' .. hd, bv} end
+      local old = hd
+      hd, bv = cur, 0
       if c.used == 0 then
         tl = cur
       elseif tl < oldest then
         tl = oldest
-        while not call('HGET', key, 'b' .. tl) do tl = tl + 1 end
+        while tl ~= old and not call('HGET', hk, p .. '|b' .. tl) do tl = tl + 1 end
       end
     end
-    c.hd, c.tl = hd, tl
+    c.hd, c.tl, c.bv = hd, tl, bv
   end
   -- Holds that expired at or before now are gone (rule 7). Every member
-  -- of the expiry set has a positive amount in H, so H = 0 means no holds.
+  -- of the scope's expiry set (cid|lease) has a positive amount in its
+  -- counter's held, so held = 0 means no holds.
   if c.held == 0 then return c end
-  local zkey = key .. ':x'
-  local gone = call('ZRANGEBYSCORE', zkey, '-inf', now)
-  if #gone > 0 then
-    for _, l in ipairs(gone) do
-      local v = call('HGET', key, 'h' .. l)
-      if v then
-        c.held = sub(c.held, P(v))
-        drop(c, 'h' .. l)
+  local gone = call('ZRANGEBYSCORE', hk .. ':x', '-inf', now)
+  local pre = p .. '|'
+  local np = #pre
+  for _, m in ipairs(gone) do
+    if string.sub(m, 1, np) == pre then
+      local f2 = p .. '|h' .. string.sub(m, np + 1)
+      local x = call('HGET', hk, f2)
+      if x then
+        c.held = sub(c.held, P(x))
+        local dl = c.hdel
+        if dl then dl[#dl + 1] = f2 else c.hdel = {f2} end
       end
+      if c.zrem then c.zrem[#c.zrem + 1] = m else c.zrem = {m} end
+      c.dirty = true
     end
-    c.zdrop = true
-    c.hchg = true
-    c.dirty = true
   end
   return c
 end
 
-local function bucket(c, b)
-  return P(call('HGET', c.key, 'b' .. b))
+-- Load one counter (a lease's hold) with its own HMGET.
+local load
+if action ~= '-' then
+  load = function(hk, cid, w)
+    local h = hashof(hk)
+    local c = h.cs[cid]
+    if c then return c end
+    c = newc(h, cid, w, {h = false, p = false, w = false, dirty = false, used = 0, held = 0,
+      raw = false})
+    if h.read then return fill(c, call('HGET', hk, cid)) end
+    local f = call('HMGET', hk, 'x', cid)
+    readhash(h, f[1])
+    return fill(c, f[2])
+  end
 end
 
--- A rolling counter's newest bucket is written at write-back: c.bb names
--- it and c.bv is its value (read with the counter, or here).
+-- A rolling counter adds to its newest bucket (packed with it).
 local function addusage(c, delta)
   if delta == 0 then return end
   if c.w.kind == 'X' then return end
   if c.w.kind == 'R' then
     if c.used == 0 then
       c.tl = c.hd
-      c.full = true
-    end
-    if c.bb ~= c.hd then
-      c.bb = c.hd
-      c.bf = 'b' .. c.hd
-      c.bv = bucket(c, c.hd)
+      c.raw = false
     end
     c.bv = add(c.bv, delta)
-    c.bw = true
   end
   c.used = add(c.used, delta)
-  c.uchg = true
   c.dirty = true
 end
 
 local addhold
-if ARGV[9] ~= '-' then
+if action ~= '-' then
   addhold = function(c, exp, delta)
     if delta == 0 then return end
-    local f = 'h' .. lid
-    local cur = P(call('HGET', c.key, f))
-    call('HSET', c.key, f, S(add(cur, delta)))
-    call('ZADD', c.key .. ':x', exp, lid)
+    local f = c.p .. '|h' .. lid
+    local cur = P(call('HGET', c.h.key, f))
+    call('HSET', c.h.key, f, S(add(cur, delta)))
+    call('ZADD', c.h.key .. ':x', exp, c.p .. '|' .. lid)
     c.held = add(c.held, delta)
-    c.hchg = true
     c.zchg = true
     c.dirty = true
   end
 end
 
 local removehold
-if ARGV[9] ~= '-' then
+if action ~= '-' then
   removehold = function(c)
-    local f = 'h' .. lid
-    local v = P(call('HGET', c.key, f))
+    local f = c.p .. '|h' .. lid
+    local v = P(call('HGET', c.h.key, f))
     if v ~= 0 then
-      call('HDEL', c.key, f)
+      call('HDEL', c.h.key, f)
       c.held = sub(c.held, v)
-      c.hchg = true
     end
-    call('ZREM', c.key .. ':x', lid)
+    call('ZREM', c.h.key .. ':x', c.p .. '|' .. lid)
     c.dirty = true
     return v
   end
@@ -469,30 +533,62 @@ end
 -- Phase 1: decide.
 -- Op i's window as a spec, for a lease record (parsew reads it back).
 local specof
-if ARGV[9] ~= '-' then
+if action ~= '-' then
   specof = function(i)
     local k = base + (i - 1) * OPF
-    local kind = ARGV[k + 2]
-    if kind == 'C' or kind == 'R' then return kind .. ':' .. ARGV[k + 3] .. ':' .. ARGV[k + 4] end
+    local kind = ARGV[k + 3]
+    if kind == 'C' or kind == 'R' then return kind .. ':' .. ARGV[k + 4] .. ':' .. ARGV[k + 5] end
     return kind
   end
 end
+-- An op: scope hash key, counter field, window (kind, then period and
+-- offset (C) or bucket width and count (R)), delta, max, [descriptor].
 local ops = {}
 for i = 1, nops do
   local k = base + (i - 1) * OPF
-  -- An op is its own window: kind, then period and offset (C) or bucket
-  -- width and count (R), as parsew reads them from a spec.
-  local kind = ARGV[k + 2]
-  local op = {key = ARGV[k + 1], kind = kind, delta = P(ARGV[k + 5])}
-  if kind == 'R' then
-    op.width, op.n = tonumber(ARGV[k + 3]), tonumber(ARGV[k + 4])
-  elseif kind == 'C' then
-    op.period, op.off = ARGV[k + 3], tonumber(ARGV[k + 4])
+  local kind = ARGV[k + 3]
+  local hk, cid = ARGV[k + 1], ARGV[k + 2]
+  -- The op and (when it is the first on its counter) the counter: one
+  -- record, made with the fields its kind uses (at most 16: every byte
+  -- allocated costs the garbage collector; rare fields come later).
+  local max = ARGV[k + 7]
+  if max == '-' then max = false end
+  local op
+  if kind == 'C' then
+    op = {kind = kind, delta = P(ARGV[k + 6]), period = ARGV[k + 4], off = ARGV[k + 5],
+      max = max, c = false, used = 0, held = 0, s = false, e = false, dirty = false,
+      p = false, h = false, w = false, raw = false}
+  elseif kind == 'R' then
+    op = {kind = kind, delta = P(ARGV[k + 6]), width = ARGV[k + 4] + 0,
+      n = ARGV[k + 5] + 0, max = max, c = false, used = 0, held = 0, hd = false,
+      tl = false, bv = false, dirty = false, p = false, h = false, w = false, raw = false}
+  else
+    op = {kind = kind, delta = P(ARGV[k + 6]), max = max, c = false, used = 0, held = 0,
+      dirty = false, p = false, h = false, w = false}
   end
-  if ARGV[k + 6] ~= '-' then op.max = ARGV[k + 6] end
-  if lkey then op.desc = ARGV[k + 7] end
-  op.c = load(op.key, op, op)
+  if lkey then op.desc = ARGV[k + 8] end
+  local h = hashof(hk)
+  op.c = h.cs[cid] or newc(h, cid, op, op)
   ops[i] = op
+end
+-- Every new counter of the batch is read with one HMGET per scope.
+-- (Numeric loops: ipairs and pairs call into C at every step.)
+for i = 1, #hlist do
+  local h = hlist[i]
+  local l = h.list
+  local n = #l
+  local f
+  if n == 1 then
+    f = call('HMGET', h.key, 'x', l[1].p)
+  elseif n == 2 then
+    f = call('HMGET', h.key, 'x', l[1].p, l[2].p)
+  else
+    local t = {'x'}
+    for j = 1, n do t[j + 1] = l[j].p end
+    f = call('HMGET', h.key, unpack(t))
+  end
+  readhash(h, f[1])
+  for j = 1, n do fill(l[j], f[j + 1]) end
 end
 
 local charges
@@ -501,14 +597,14 @@ if action == 's' then
   local num, den = P(lp1), P(lp2)
   for i = 1, lease.n do
     local h = lease.holds[i]
-    local c = load(h.key, parsew(h.w, {}))
-    local held = P(call('HGET', h.key, 'h' .. lid))
+    local c = load(h.hk, h.cid, parsew(h.w, {}))
+    local held = P(call('HGET', h.hk, h.cid .. '|h' .. lid))
     local charged = 0
     if c.w.kind ~= 'X' then charged = share(held, num, den) end
     charges[i] = {c = c, held = held, charged = charged, desc = h.desc}
     local also = 0
     for _, op in ipairs(ops) do
-      if op.key == h.key then also = op.delta end
+      if op.c == c then also = op.delta end
     end
     local u = add(c.used, charged)
     if not u or not add(u, also) then return 'ERR overflow hold ' .. h.desc end
@@ -522,13 +618,14 @@ local function maxof(op)
   return op.maxv
 end
 local function within(s, op)
-  if type(s) == 'number' and #op.max >= 17 then return true end
+  if (not big or type(s) == 'number') and #op.max >= 17 then return true end
   return cmp(s, maxof(op)) <= 0
 end
 
 local holding = action == 'o' or action == 'g'
 local allfit = true
-for i, op in ipairs(ops) do
+for i = 1, nops do
+  local op = ops[i]
   local c = op.c
   local target = holding and c.held or c.used
   if not add(target, op.delta) and (mode == 'f' or not op.max) then
@@ -541,8 +638,8 @@ for i, op in ipairs(ops) do
   end
 end
 
-local cooling, ckeys = {}, nil
-if ncool > 0 then ckeys = {} end
+local cooling, ckeys = nil, nil
+if ncool > 0 then cooling, ckeys = {}, {} end
 for i = 1, ncool do
   local k = base + nops * OPF + (i - 1) * 2
   ckeys[i] = {key = ARGV[k + 1], start = ARGV[k + 2]}
@@ -573,7 +670,7 @@ if applied then
       if op.delta ~= 0 then
         addhold(op.c, exp, op.delta)
         n = n + 1
-        for _, x in ipairs({'k' .. n, op.key, 'w' .. n, specof(i),
+        for _, x in ipairs({'k' .. n, op.c.h.key, 'c' .. n, op.c.p, 'w' .. n, specof(i),
           'd' .. n, op.desc}) do fields[#fields + 1] = x end
       end
     end
@@ -590,9 +687,9 @@ if applied then
     leaseexp = exp
     for i = 1, lease.n do
       local h = lease.holds[i]
-      local c = load(h.key, parsew(h.w, {}))
-      if call('HEXISTS', h.key, 'h' .. lid) == 1 then
-        call('ZADD', h.key .. ':x', exp, lid)
+      local c = load(h.hk, h.cid, parsew(h.w, {}))
+      if call('HEXISTS', h.hk, h.cid .. '|h' .. lid) == 1 then
+        call('ZADD', h.hk .. ':x', exp, h.cid .. '|' .. lid)
         c.zchg = true
         c.dirty = true
       end
@@ -606,12 +703,13 @@ if applied then
         addhold(op.c, lexp, op.delta)
         local known = false
         for j = 1, n do
-          if lease.holds[j] and lease.holds[j].key == op.key then known = true end
+          local h = lease.holds[j]
+          if h and h.hk == op.c.h.key and h.cid == op.c.p then known = true end
         end
         if not known then
           n = n + 1
-          lease.holds[n] = {key = op.key}
-          call('HSET', lkey, 'k' .. n, op.key, 'w' .. n, specof(i),
+          lease.holds[n] = {hk = op.c.h.key, cid = op.c.p}
+          call('HSET', lkey, 'k' .. n, op.c.h.key, 'c' .. n, op.c.p, 'w' .. n, specof(i),
             'd' .. n, op.desc)
         end
       end
@@ -630,7 +728,10 @@ if applied then
     call('HSET', lkey, 'st', '1')
     call('ZREM', odkey, lid)
   else
-    for _, op in ipairs(ops) do addusage(op.c, op.delta) end
+    for i = 1, nops do
+      local op = ops[i]
+      addusage(op.c, op.delta)
+    end
   end
   for i = 1, ncool do
     local ck = ckeys[i]
@@ -652,60 +753,113 @@ if applied then
   end
 end
 
--- Write back every counter that changed, with its expiry: the fields that
--- changed (all of them for a new or rolled counter), and PEXPIRE unless the
--- key already lives long enough. On the server's clock the expiry set last
--- is known exactly (field x, written with every PEXPIRE; Redis's own clock
--- only moves on after TIME, so the key lives at least that long); on the
--- batch's clock it is not, and every write sets it again.
-for key, c in pairs(counters) do
-  if c.dirty then
-    if c.hdel then call('HDEL', key, unpack(c.hdel)) end
-    if c.zdrop then call('ZREMRANGEBYSCORE', key .. ':x', '-inf', now) end
-    local w, full = c.w, c.full
-    local fields, n = {}, 0
-    if full or c.hchg then
-      fields[1], fields[2], n = 'H', S(c.held), 2
-    end
-    if w.kind ~= 'X' and (full or c.uchg) then
-      fields[n + 1], fields[n + 2], n = 'u', S(c.used), n + 2
-    end
-    local ends = now
-    if w.kind == 'C' then
-      if full then
-        fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4], n = 's', S(c.s), 'e', S(c.e), n + 4
+-- Write back, one scope hash at a time: one HDEL (what left), one HSET
+-- (every counter that changed, packed), and PEXPIRE unless the hash
+-- already lives long enough. A hash lives as long as its longest-lived
+-- counter needs (a calendar counter until its period ends, a rolling one
+-- until its newest bucket leaves, a lifetime one the lifetime TTL past its
+-- write, each hold until it expires; plus the margin): its TTL is only
+-- ever raised, never lowered, so a write of a short-lived counter never
+-- cuts a long-lived one's life. On the server's clock the hash records the
+-- expiry it set last (field x, written with every PEXPIRE; Redis's own
+-- clock only moves on after TIME, so the key lives at least that long) and
+-- a write that would not move it later sends no PEXPIRE; on the batch's
+-- clock the script reads PTTL instead. The scope's hold-expiry set (hk:x)
+-- gets the hash's TTL with every PEXPIRE.
+local function pack(c)
+  local kind, hl = c.w.kind, c.held
+  local head = S(c.used) .. (hl == 0 and ' 0' or ' ' .. S(hl))
+  if kind == 'C' then
+    return head .. ' ' .. (c.raw or fmt('%d %d', c.s, c.e))
+  elseif kind == 'R' then
+    return head .. ' ' .. (c.raw or fmt('%d %d', c.hd, c.tl)) .. ' ' .. S(c.bv)
+  end
+  return head
+end
+for i = 1, #hlist do
+  local h = hlist[i]
+  local hk = h.key
+  -- (Sized for two counters and x: a table that grows is reallocated.)
+  local fields, n, del = {false, false, false, false, false, false}, 0, nil
+  local ends, zchg, any, zrem = nil, false, false, nil
+  local l = h.list
+  for j = 1, #l do
+    local c = l[j]
+    if c.dirty then
+      any = true
+      local w = c.w
+      if c.hdel then
+        if del then
+          for _, f in ipairs(c.hdel) do del[#del + 1] = f end
+        else
+          del = c.hdel
+        end
       end
-      ends = c.e
-    elseif w.kind == 'R' then
-      if full then
-        fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4], n = 'hd', S(c.hd), 'tl', S(c.tl), n + 4
+      if c.zrem then
+        if zrem then
+          for _, m in ipairs(c.zrem) do zrem[#zrem + 1] = m end
+        else
+          zrem = c.zrem
+        end
       end
-      if c.bw then
-        fields[n + 1], fields[n + 2], n = c.bf, S(c.bv), n + 2
+      if c.zchg then zchg = true end
+      if c.used == 0 and c.held == 0 then
+        -- Nothing left to count: reclaim the counter's field.
+        del = del or {}
+        del[#del + 1] = c.p
+      else
+        fields[n + 1], fields[n + 2], n = c.p, pack(c), n + 2
+        local bs = c.bset
+        if bs then fields[n + 1], fields[n + 2], n = bs[2], S(bs[3]), n + 2 end
+        local e = now
+        if w.kind == 'C' then
+          e = c.e
+        elseif w.kind == 'R' then
+          e = (c.hd + w.n) * w.width
+        elseif w.kind == 'L' then
+          e = now + ARGV[6]
+        end
+        if not ends or e > ends then ends = e end
       end
-      ends = (c.hd + w.n) * w.width
-    elseif w.kind == 'L' then
-      ends = now + lifetime
     end
-    -- No amount held, no expiry set (see load).
-    local last = nil
-    if c.held ~= 0 then
-      last = tonumber(call('ZRANGE', key .. ':x', -1, -1, 'WITHSCORES')[2])
-      if last and last > ends then ends = last end
+  end
+  if any then
+    if h.delx then
+      del = del or {}
+      del[#del + 1] = 'x'
     end
-    local ttl = math.max(1, ends - now + margin)
-    if c.used == 0 and c.held == 0 and not last then
-      -- Nothing left to count: reclaim the counter.
-      call('DEL', key, key .. ':x')
-    else
-      local keep = srv and not full and not c.zchg and c.x and now + ttl <= c.x
-      if srv and not keep then
-        fields[n + 1], fields[n + 2], n = 'x', S(now + ttl), n + 2
+    if del then call('HDEL', hk, unpack(del)) end
+    local zkey = nil
+    if zrem then
+      zkey = hk .. ':x'
+      call('ZREM', zkey, unpack(zrem))
+    end
+    if ends then
+      if zchg then
+        -- Holds were added or moved: the hash outlives the last of them.
+        zkey = zkey or hk .. ':x'
+        local last = tonumber(call('ZRANGE', zkey, -1, -1, 'WITHSCORES')[2])
+        if last and last > ends then ends = last end
       end
-      if n > 0 then call('HSET', key, unpack(fields)) end
+      local ttl = ends - now + margin
+      if ttl < 1 then ttl = 1 end
+      local keep = false
+      if srv then
+        local x = h.x
+        keep = not zchg and x and now + ttl <= x
+        if not keep then
+          if x and x - now > ttl then ttl = x - now end
+          fields[n + 1], fields[n + 2], n = 'x', S(now + ttl), n + 2
+        end
+      end
+      call('HSET', hk, unpack(fields, 1, n))
       if not keep then
-        call('PEXPIRE', key, ttl)
-        if last then call('PEXPIRE', key .. ':x', ttl) end
+        if not srv then
+          local cur = call('PTTL', hk)
+          if cur > ttl then ttl = cur end
+        end
+        call('PEXPIRE', hk, ttl)
+        call('PEXPIRE', zkey or hk .. ':x', ttl)
       end
     end
   end
@@ -714,12 +868,19 @@ end
 -- Phase 3: report, as an array: a number below 2^53 goes out as an
 -- integer reply (no formatting here), anything larger as a decimal string.
 local function N(v)
-  if type(v) == 'number' then return v end
+  if not big or type(v) == 'number' then return v end
   return S(v)
 end
-local out = {'OK', applied and 1 or 0, now, nops}
+local out
+if nops == 2 and ncool == 0 and not settled then
+  -- (The common shape, 16 words, made at its size: every word is set.)
+  out = {'OK', applied and 1 or 0, now, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+else
+  out = {'OK', applied and 1 or 0, now, nops}
+end
 local o = 4
-for _, op in ipairs(ops) do
+for i = 1, nops do
+  local op = ops[i]
   local c = op.c
   local delta = applied and 0 or op.delta
   local over = false
@@ -744,6 +905,14 @@ for _, op in ipairs(ops) do
       local need = 0
       if cmp(c.used, room) > 0 then need = sub(c.used, room) end
       local freed = 0
+      -- A rolling counter's bucket b: the newest is packed with the counter, a
+      -- newest one that just moved to its field is still pending (bset).
+      local function bucket(c, b)
+        if b == c.hd then return c.bv end
+        local bs = c.bset
+        if bs and bs[1] == b then return bs[3] end
+        return P(call('HGET', c.h.key, c.p .. '|b' .. b))
+      end
       for b = c.tl, c.hd do
         freed = add(freed, bucket(c, b)) or maxu()
         if cmp(freed, need) >= 0 then
