@@ -14,6 +14,7 @@ use rust_decimal::Decimal;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::name::Name;
 use crate::store::{Fraction, ScopeKey};
 use crate::window::{parse_span, Window, WindowConfig};
 use crate::Error;
@@ -263,7 +264,7 @@ impl LimitConfig {
 /// the warning threshold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limit {
-    pub(crate) meter: Arc<str>,
+    pub(crate) meter: Name,
     pub(crate) meter_idx: usize,
     pub(crate) window: Window,
     pub(crate) max: Option<u64>,
@@ -445,7 +446,7 @@ pub struct Plan {
     /// Indexed by meter index: the meter's id when a request naming it is
     /// listed as unpriced (the plan has a cost meter, no price for it, and
     /// it is not money). Computed once, so a call clones ids, not looks them up.
-    pub(crate) unpriced: Vec<Option<Arc<str>>>,
+    pub(crate) unpriced: Vec<Option<Name>>,
     /// Maximum job duration in milliseconds.
     pub(crate) max_job_ms: Option<i64>,
     /// Share of holds kept as usage per release outcome.
@@ -641,9 +642,9 @@ impl CatalogConfig {
 #[serde(try_from = "CatalogConfig")]
 pub struct Catalog {
     pub(crate) meters: Vec<Meter>,
-    pub(crate) meter_ids: Vec<Arc<str>>,
+    pub(crate) meter_ids: Vec<Name>,
     /// Currency of each money meter, interned so a decision clones, not allocates.
-    pub(crate) currencies: Vec<Option<Arc<str>>>,
+    pub(crate) currencies: Vec<Option<Name>>,
     pub(crate) meter_index: HashMap<String, usize>,
     pub(crate) plans: HashMap<String, Arc<Plan>>,
     pub(crate) pools: HashMap<String, Arc<Pool>>,
@@ -697,7 +698,7 @@ impl Catalog {
                     ));
                 }
             }
-            meter_ids.push(Arc::<str>::from(m.id.as_str()));
+            meter_ids.push(Name::intern(&m.id));
         }
 
         let mut catalog = Catalog {
@@ -705,7 +706,7 @@ impl Catalog {
             currencies: config
                 .meters
                 .iter()
-                .map(|m| m.currency().map(Arc::from))
+                .map(|m| m.currency().map(Name::intern))
                 .collect(),
             meter_ids,
             meter_index,
@@ -783,12 +784,12 @@ impl Catalog {
     }
 
     /// The interned currency of money meter `idx` (empty for other meters).
-    pub(crate) fn currency(&self, idx: usize) -> Arc<str> {
+    pub(crate) fn currency(&self, idx: usize) -> Name {
         self.currencies
             .get(idx)
-            .cloned()
+            .copied()
             .flatten()
-            .unwrap_or_else(|| Arc::from(""))
+            .unwrap_or_else(|| Name::intern(""))
     }
 
     /// The plan with this id.
@@ -869,7 +870,7 @@ impl Catalog {
             .map(|i| {
                 let money = matches!(self.meters[i].unit, Unit::Money { .. });
                 (cost_meter.is_some() && price_units[i].is_none() && !money)
-                    .then(|| self.meter_ids[i].clone())
+                    .then(|| self.meter_ids[i])
             })
             .collect();
         Ok(Plan {
@@ -986,7 +987,7 @@ impl Catalog {
             }
         };
         Ok(Limit {
-            meter: self.meter_ids[meter_idx].clone(),
+            meter: self.meter_ids[meter_idx],
             meter_idx,
             window,
             max,

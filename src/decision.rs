@@ -1,6 +1,6 @@
 //! The answer: a [`Decision`] with the numbers behind it.
 
-use std::sync::Arc;
+use crate::name::Name;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -50,7 +50,7 @@ pub struct Money {
     /// The amount in major units (dollars).
     pub amount: Decimal,
     /// The currency.
-    pub currency: Arc<str>,
+    pub currency: Name,
 }
 
 /// One limit of one scope, as the decision found it.
@@ -60,7 +60,7 @@ pub struct LimitState {
     /// Whose counter: the subject, or a pool.
     pub scope: ScopeKey,
     /// The meter.
-    pub meter: Arc<str>,
+    pub meter: Name,
     /// The window.
     pub window: Window,
     /// This call's amount on the limit, in the meter's smallest unit: the
@@ -123,7 +123,7 @@ pub struct Decision {
     pub cost: Option<Money>,
     /// Meters in the request that have no price in the plan: they cost 0 and
     /// are listed here so unpriced usage is never silent.
-    pub unpriced: Vec<Arc<str>>,
+    pub unpriced: Vec<Name>,
     /// `true` only for a decision made without the store: the store failed
     /// (an outage, a timeout) under the fail-open policy
     /// (`FailurePolicy::FailOpen`, feature `async`), so the request was

@@ -13,6 +13,7 @@ use crate::catalog::{cost_minor, first_duplicate, Catalog, Limit, LimitConfig, P
 use crate::clock::{Clock, SystemClock};
 use crate::decision::{Decision, LimitState, Money, Refusal, Status};
 use crate::inline::Inline;
+use crate::name::Name;
 use crate::request::{Quantity, Request};
 use crate::store::{
     AllowanceStore, Applied, Batch, CounterOp, CounterState, MemoryStore, Mode, ScopeKey,
@@ -248,7 +249,7 @@ pub struct Reservation {
     subject: String,
     model: Option<String>,
     pools: Vec<String>,
-    held: Vec<(usize, Arc<str>, u64)>,
+    held: Vec<(usize, Name, u64)>,
     opened_at: DateTime<Utc>,
     expires_at: DateTime<Utc>,
     deadline: Option<DateTime<Utc>>,
@@ -330,7 +331,7 @@ impl<F: Fn(&DecisionEvent<'_>) + Send + Sync> Observer for F {
 #[non_exhaustive]
 pub struct MeterUsage {
     /// The meter.
-    pub meter: Arc<str>,
+    pub meter: Name,
     /// The window the row counts over.
     pub window: Window,
     /// Start of the current period (`None` for lifetime windows).
@@ -431,7 +432,7 @@ const INLINE_OPS: usize = 8;
 
 /// Fills the unused inline slots of a call's limit list; never read.
 static NO_LIMIT: std::sync::LazyLock<Limit> = std::sync::LazyLock::new(|| Limit {
-    meter: Arc::from(""),
+    meter: Name::intern(""),
     meter_idx: 0,
     window: Window::Lifetime,
     max: None,
@@ -720,7 +721,7 @@ impl<S, C: Clock> Engine<S, C> {
                 .p
                 .amounts
                 .iter()
-                .map(|&(i, n)| (i, self.catalog.meter_ids[i].clone(), n))
+                .map(|&(i, n)| (i, self.catalog.meter_ids[i], n))
                 .collect(),
             opened_at: o.now,
             expires_at: o.expires_at,
@@ -780,9 +781,7 @@ impl<S, C: Clock> Engine<S, C> {
         for &(i, n) in &p.amounts {
             match reservation.held.iter_mut().find(|(j, _, _)| *j == i) {
                 Some((_, _, h)) => *h = h.saturating_add(n),
-                None => reservation
-                    .held
-                    .push((i, self.catalog.meter_ids[i].clone(), n)),
+                None => reservation.held.push((i, self.catalog.meter_ids[i], n)),
             }
         }
         reservation.decision = decision.clone();
@@ -933,7 +932,7 @@ impl<S, C: Clock> Engine<S, C> {
                     _ => None,
                 };
                 Ok(MeterUsage {
-                    meter: l.meter.clone(),
+                    meter: l.meter,
                     window: l.window,
                     period_start: s.period_start,
                     resets_at: s.resets_at,
@@ -1387,12 +1386,9 @@ struct Prepared {
 
 impl Prepared {
     /// The ids of the request's unpriced meters, for a decision.
-    fn unpriced_ids(&self) -> Vec<Arc<str>> {
+    fn unpriced_ids(&self) -> Vec<Name> {
         let ids = &self.alloc.plan.unpriced;
-        self.unpriced
-            .iter()
-            .filter_map(|&i| ids[i].clone())
-            .collect()
+        self.unpriced.iter().filter_map(|&i| ids[i]).collect()
     }
 }
 
@@ -1431,7 +1427,7 @@ enum Shape<'r> {
     Reserve,
     /// As `Usage`, plus the limits the reservation holds and every
     /// concurrent limit, to report them.
-    Settle(&'r [(usize, Arc<str>, u64)]),
+    Settle(&'r [(usize, Name, u64)]),
 }
 
 /// `now + ttl`, refusing a zero or unrepresentable lease.
@@ -1565,7 +1561,7 @@ fn build_decision(
     call: Call,
     now: DateTime<Utc>,
     cost: Option<Money>,
-    unpriced: Vec<Arc<str>>,
+    unpriced: Vec<Name>,
     cooling: Option<(&ScopeKey, DateTime<Utc>)>,
 ) -> Decision {
     let mut states = Vec::with_capacity(ops.len());
@@ -1594,7 +1590,7 @@ fn build_decision(
         any_exceeded |= status == Status::Exceeded;
         states.push(LimitState {
             scope: op.scope.clone(),
-            meter: limit.meter.clone(),
+            meter: limit.meter,
             window: op.window,
             requested,
             used: s.used,

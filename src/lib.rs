@@ -100,6 +100,7 @@ mod error;
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 mod inline;
+mod name;
 mod request;
 pub mod store;
 #[cfg(feature = "tower")]
@@ -118,6 +119,7 @@ pub use engine::{
     UsageReport,
 };
 pub use error::Error;
+pub use name::Name;
 pub use request::{Quantity, Request};
 pub use store::{AllowanceStore, LeaseId, LeaseInfo, MemoryStore, ScopeKey, Snapshot};
 pub use window::{Period, Window, WindowConfig};

@@ -109,9 +109,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         for &(i, n) in &p.amounts {
             match reservation.held.iter_mut().find(|(j, _, _)| *j == i) {
                 Some((_, _, h)) => *h = h.saturating_add(n),
-                None => reservation
-                    .held
-                    .push((i, self.catalog.meter_ids[i].clone(), n)),
+                None => reservation.held.push((i, self.catalog.meter_ids[i], n)),
             }
         }
         reservation.decision = decision.clone();
