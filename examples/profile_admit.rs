@@ -7,7 +7,8 @@
 //! callgrind_annotate --inclusive=yes callgrind.out.<pid>
 //! ```
 //!
-//! Arguments: the call (`admit`, `check` or `record`, or a peer:
+//! Arguments: the call (`admit`, `check`, `record` or `reserve_commit`
+//! (a `reserve` then a `commit` of the same request), or a peer:
 //! `governor` for governor's `check_key`, `floor` for the locked
 //! `HashMap<String, u64>` entry-and-add; default `admit`), the
 //! number of subjects (default 10,000) and of calls (default 100,000). The
@@ -125,7 +126,14 @@ fn hot_loop<C: Clock>(
             "admit" => engine.admit(&req),
             "check" => engine.check(&req),
             "record" => engine.record(&req),
-            other => panic!("unknown call {other}: admit, check or record"),
+            "reserve_commit" => {
+                let res = engine
+                    .reserve(&req, std::time::Duration::from_secs(600))
+                    .expect("reserve")
+                    .expect("a reservation");
+                engine.commit(&res, &req)
+            }
+            other => panic!("unknown call {other}: admit, check, record or reserve_commit"),
         }
         .expect("decision");
         allowed += u64::from(black_box(d).allowed);
