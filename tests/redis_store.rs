@@ -42,6 +42,17 @@ fn unique_prefix(name: &str) -> String {
     )
 }
 
+/// A store on batch time under its own prefix `name`.
+async fn batch_store(url: &str, name: &str) -> RedisStore {
+    RedisConfig::new(url)
+        .prefix(unique_prefix(name))
+        .time_source(TimeSource::Batch)
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to TOLLGATE_REDIS_URL")
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -143,15 +154,7 @@ fn conformance_on(name: &str, run: impl FnOnce(&dyn Fn() -> Blocking)) {
     let rt = Arc::new(runtime());
     let tags = std::sync::Mutex::new(Vec::new());
     let new = || {
-        let store = rt
-            .block_on(
-                RedisConfig::new(url.clone())
-                    .prefix(unique_prefix(name))
-                    .time_source(TimeSource::Batch)
-                    .timeout(Duration::from_secs(5))
-                    .connect(),
-            )
-            .expect("connect to TOLLGATE_REDIS_URL");
+        let store = rt.block_on(batch_store(&url, name));
         tags.lock().unwrap().push(store.key_tag().to_owned());
         Blocking {
             rt: rt.clone(),
@@ -235,15 +238,7 @@ impl Rng {
 fn answers_as_the_memory_store_does() {
     let Some(url) = url() else { return };
     let rt = runtime();
-    let store = rt
-        .block_on(
-            RedisConfig::new(url.clone())
-                .prefix(unique_prefix("differential"))
-                .time_source(TimeSource::Batch)
-                .timeout(Duration::from_secs(5))
-                .connect(),
-        )
-        .expect("connect");
+    let store = rt.block_on(batch_store(&url, "differential"));
     let tag = store.key_tag().to_owned();
     let redis = Blocking {
         rt: Arc::new(rt),
@@ -650,13 +645,7 @@ fn reservations_through_the_async_engine() {
     let Some(url) = url() else { return };
     let rt = runtime();
     rt.block_on(async {
-        let store = RedisConfig::new(url.clone())
-            .prefix(unique_prefix("reserve"))
-            .time_source(TimeSource::Batch)
-            .timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connect");
+        let store = batch_store(&url, "reserve").await;
         let tag = store.key_tag().to_owned();
         let catalog = CatalogConfig::default()
             .meter(Meter::count("tokens"))
@@ -903,13 +892,7 @@ fn usage_async_on_redis_matches_usage_in_memory() {
     let Some(url) = url() else { return };
     let rt = runtime();
     rt.block_on(async {
-        let store = RedisConfig::new(url.clone())
-            .prefix(unique_prefix("usage"))
-            .time_source(TimeSource::Batch)
-            .timeout(Duration::from_secs(5))
-            .connect()
-            .await
-            .expect("connect");
+        let store = batch_store(&url, "usage").await;
         let tag = store.key_tag().to_owned();
         let catalog = || {
             CatalogConfig::default()
