@@ -20,9 +20,13 @@ use crate::Error;
 const DEFAULT_SHARDS: usize = 64;
 /// Shards of the lease table and of the event ledger.
 const SIDE_SHARDS: usize = 16;
-/// Every this many batches counted on a shard, one shard is swept of idle
-/// counters, in turn.
+/// Every this many batches counted on a shard (at least; see
+/// [`SWEEP_BATCHES_PER_SCOPE`]), one shard is swept of idle counters, in turn.
 const SWEEP_EVERY: u64 = 1_024;
+/// A shard counts this many batches per scope it holds before it triggers a
+/// sweep, so a sweep (which visits every scope of a shard) costs each batch
+/// a quarter of a scope visit on average, whatever the number of subjects.
+const SWEEP_BATCHES_PER_SCOPE: u64 = 4;
 /// How long an event id is remembered by default: 24 hours.
 const DEFAULT_HORIZON_MS: i64 = 86_400_000;
 /// Snapshot format version.
@@ -49,9 +53,15 @@ const SNAPSHOT_VERSION: u32 = 1;
 ///
 /// Counters that read zero and hold nothing (a calendar period that has
 /// ended, a rolling window whose buckets have all left, holds that expired)
-/// are reclaimed by a sweep of one shard every 1,024 batches, or all at once
-/// by [`MemoryStore::reclaim`], so memory follows the number of active
-/// counters, not the traffic. The same sweep forgets event ids older than the
+/// are reclaimed by sweeps, or all at once by [`MemoryStore::reclaim`], so
+/// memory follows the number of active counters, not the traffic. A shard
+/// triggers a sweep of one shard, in turn, after 1,024 batches or 4 per scope
+/// it holds, whichever is more: a sweep visits every scope of its shard, so
+/// spread over the batches that paid for it, it costs about a quarter of a
+/// scope visit per batch at any number of subjects (a fixed 1,024 made it
+/// the larger part of a call at 1,000,000 subjects). With traffic spread over
+/// the shards, an idle counter goes within about max(65,536, 4 × scopes)
+/// batches. The same sweep forgets event ids older than the
 /// idempotency horizon (24 hours unless set with
 /// [`MemoryStore::with_event_horizon`]) and leases that settled or expired
 /// more than a horizon ago, and drops the `(meter, window)` ids no counter
@@ -158,9 +168,12 @@ struct Shard {
     cooldowns: ScopeMap<i64>,
     /// Instants reported lately, as `DateTime`s.
     shown: Shown,
-    /// Batches that locked this shard first; every `SWEEP_EVERY` of them,
+    /// Batches that locked this shard first since it last triggered a
+    /// sweep; at `SWEEP_EVERY` or 4 per scope it holds, whichever is more,
     /// one shard (round robin) is swept.
     batches: u64,
+    /// Sweeps this shard has triggered: picks the next shard in turn.
+    sweeps: u64,
 }
 
 /// The `(meter, window)` pairs of one shard, each stored once, so a counter
@@ -1795,7 +1808,12 @@ impl AllowanceStore for MemoryStore {
         let sweep_turn = locked.order.as_slice().first().copied().and_then(|first| {
             let shard = locked.shard(first);
             shard.batches += 1;
-            (shard.batches % SWEEP_EVERY == 0).then_some((first, shard.batches / SWEEP_EVERY))
+            let period = SWEEP_EVERY.max(SWEEP_BATCHES_PER_SCOPE * shard.scopes.len() as u64);
+            (shard.batches >= period).then(|| {
+                shard.batches = 0;
+                shard.sweeps += 1;
+                (first, shard.sweeps)
+            })
         });
         drop(locked);
         drop(lease_guard);
@@ -2103,6 +2121,46 @@ mod tests {
             1,
             "only the busy subject's counter is left"
         );
+    }
+
+    #[test]
+    fn sweeps_wait_four_batches_per_scope_then_reclaim() {
+        // One shard: 2,000 subjects idle since yesterday and one busy one.
+        // A sweep visits every scope, so it waits for 4 batches per scope
+        // (8,004 here, counting the 2,000 that made them), then runs.
+        let store = MemoryStore::with_shards(1);
+        fn op(scope: &ScopeKey) -> CounterOp<'_> {
+            CounterOp {
+                scope,
+                meter: "t",
+                window: Window::calendar(Period::Day),
+                delta: 1,
+                max: None,
+            }
+        }
+        for i in 0..2_000 {
+            let s = ScopeKey::subject(format!("old{i}"));
+            store
+                .apply(&Batch::new(&[op(&s)], Mode::Force, at(0)))
+                .unwrap();
+        }
+        let busy = ScopeKey::subject("busy");
+        let tomorrow = at(0) + chrono::Duration::days(1);
+        let run = |n: usize| {
+            for _ in 0..n {
+                store
+                    .apply(&Batch::new(&[op(&busy)], Mode::Force, tomorrow))
+                    .unwrap();
+            }
+        };
+        run(5_000);
+        assert_eq!(
+            store.counter_count(),
+            2_001,
+            "no sweep yet at 7,000 batches"
+        );
+        run(1_100);
+        assert_eq!(store.counter_count(), 1, "swept by 8,100 batches");
     }
 
     #[test]
