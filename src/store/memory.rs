@@ -2089,10 +2089,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn idle_counters_are_swept_without_being_asked() {
-        // Two shards: every shard is swept within 2 × 1,024 batches.
-        let store = MemoryStore::with_shards(2);
+    /// A store with `idle` subjects recorded on day 0 and a function that
+    /// runs `n` batches of one busy subject on day 1 (the idle ones can go).
+    fn idle_then_busy(shards: usize, idle: usize) -> (MemoryStore, impl Fn(&MemoryStore, u64)) {
         fn op(scope: &ScopeKey) -> CounterOp<'_> {
             CounterOp {
                 scope,
@@ -2102,20 +2101,30 @@ mod tests {
                 max: None,
             }
         }
-        for i in 0..100 {
+        let store = MemoryStore::with_shards(shards);
+        for i in 0..idle {
             let s = ScopeKey::subject(format!("old{i}"));
             store
                 .apply(&Batch::new(&[op(&s)], Mode::Force, at(0)))
                 .unwrap();
         }
-        // The next day, one busy subject keeps working; yesterday's 100 are idle.
         let busy = ScopeKey::subject("busy");
         let tomorrow = at(0) + chrono::Duration::days(1);
-        for _ in 0..2 * SWEEP_EVERY {
-            store
-                .apply(&Batch::new(&[op(&busy)], Mode::Force, tomorrow))
-                .unwrap();
-        }
+        let run = move |store: &MemoryStore, n: u64| {
+            for _ in 0..n {
+                store
+                    .apply(&Batch::new(&[op(&busy)], Mode::Force, tomorrow))
+                    .unwrap();
+            }
+        };
+        (store, run)
+    }
+
+    #[test]
+    fn idle_counters_are_swept_without_being_asked() {
+        // Two shards: every shard is swept within 2 × 1,024 batches.
+        let (store, run) = idle_then_busy(2, 100);
+        run(&store, 2 * SWEEP_EVERY);
         assert_eq!(
             store.counter_count(),
             1,
@@ -2128,38 +2137,14 @@ mod tests {
         // One shard: 2,000 subjects idle since yesterday and one busy one.
         // A sweep visits every scope, so it waits for 4 batches per scope
         // (8,004 here, counting the 2,000 that made them), then runs.
-        let store = MemoryStore::with_shards(1);
-        fn op(scope: &ScopeKey) -> CounterOp<'_> {
-            CounterOp {
-                scope,
-                meter: "t",
-                window: Window::calendar(Period::Day),
-                delta: 1,
-                max: None,
-            }
-        }
-        for i in 0..2_000 {
-            let s = ScopeKey::subject(format!("old{i}"));
-            store
-                .apply(&Batch::new(&[op(&s)], Mode::Force, at(0)))
-                .unwrap();
-        }
-        let busy = ScopeKey::subject("busy");
-        let tomorrow = at(0) + chrono::Duration::days(1);
-        let run = |n: usize| {
-            for _ in 0..n {
-                store
-                    .apply(&Batch::new(&[op(&busy)], Mode::Force, tomorrow))
-                    .unwrap();
-            }
-        };
-        run(5_000);
+        let (store, run) = idle_then_busy(1, 2_000);
+        run(&store, 5_000);
         assert_eq!(
             store.counter_count(),
             2_001,
             "no sweep yet at 7,000 batches"
         );
-        run(1_100);
+        run(&store, 1_100);
         assert_eq!(store.counter_count(), 1, "swept by 8,100 batches");
     }
 
