@@ -61,10 +61,13 @@ const SNAPSHOT_VERSION: u32 = 1;
 /// scope visit per batch at any number of subjects (a fixed 1,024 made it
 /// the larger part of a call at 1,000,000 subjects). With traffic spread over
 /// the shards, an idle counter goes within about max(65,536, 4 × scopes)
-/// batches. The same sweep forgets event ids older than the
+/// batches. The same sweeps forget event ids older than the
 /// idempotency horizon (24 hours unless set with
-/// [`MemoryStore::with_event_horizon`]) and leases that settled or expired
-/// more than a horizon ago, and drops the `(meter, window)` ids no counter
+/// [`MemoryStore::with_event_horizon`]) — a ledger shard is walked once its
+/// oldest id is an eighth of a horizon past it, so walks stay cheap however
+/// many ids a horizon holds; an id past the horizon is never replayed, only
+/// kept in memory up to that eighth longer — and leases that settled or
+/// expired more than a horizon ago, and drop the `(meter, window)` ids no counter
 /// uses once a shard has more than 64. A batch drops them before it starts
 /// once a shard has 32,768, so only a shard whose live counters use all
 /// 65,536 ids refuses a batch that needs another ([`Error::InvalidBatch`],
@@ -84,8 +87,56 @@ pub struct MemoryStore {
     horizon_ms: i64,
 }
 
-/// Event id to the batch it applied.
-type Ledger = HashMap<Box<str>, Entry>;
+/// Event id to the batch it applied, and the oldest entry's time, so a
+/// sweep walks the map only when a good share of it can go.
+#[derive(Debug)]
+struct Ledger {
+    map: HashMap<Box<str>, Entry>,
+    /// `at_ms` of the oldest entry (`i64::MAX` when empty).
+    oldest_ms: i64,
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            oldest_ms: i64::MAX,
+        }
+    }
+}
+
+impl Ledger {
+    fn get(&self, id: &str) -> Option<&Entry> {
+        self.map.get(id)
+    }
+
+    fn insert(&mut self, id: Box<str>, entry: Entry) -> Option<Entry> {
+        self.oldest_ms = self.oldest_ms.min(entry.at_ms);
+        self.map.insert(id, entry)
+    }
+
+    /// Forget the entries older than `horizon_ms`. Unless `exact`, walk the
+    /// map only once the oldest is an eighth of a horizon past it: each walk
+    /// then drops at least that eighth's entries, so walks cost a bounded
+    /// number of visits per entry ever inserted, however large the ledger.
+    /// Entries kept past the horizon meanwhile are never replayed (`apply`
+    /// checks the age), only held in memory a little longer.
+    fn sweep(&mut self, now_ms: i64, horizon_ms: i64, exact: bool) {
+        let slack = if exact { 0 } else { horizon_ms / 8 };
+        if now_ms.saturating_sub(self.oldest_ms) < horizon_ms.saturating_add(slack) {
+            return;
+        }
+        let mut oldest = i64::MAX;
+        self.map.retain(|_, e| {
+            let keep = now_ms.saturating_sub(e.at_ms) < horizon_ms;
+            if keep {
+                oldest = oldest.min(e.at_ms);
+            }
+            keep
+        });
+        self.oldest_ms = oldest;
+    }
+}
 
 /// A counter's `(meter, window)`: its index in its shard's [`Keys`].
 type KeyId = u16;
@@ -1183,7 +1234,7 @@ impl MemoryStore {
     pub fn reclaim(&self, now: DateTime<Utc>) -> usize {
         let now_ms = now.timestamp_millis();
         for i in 0..SIDE_SHARDS {
-            self.sweep_side(i, now_ms);
+            self.sweep_side(i, now_ms, true);
         }
         (0..self.shards.len())
             .map(|i| Self::sweep(&mut self.shards[i].lock(), now_ms))
@@ -1242,15 +1293,13 @@ impl MemoryStore {
         removed
     }
 
-    fn sweep_side(&self, i: usize, now_ms: i64) {
+    fn sweep_side(&self, i: usize, now_ms: i64, exact: bool) {
         let horizon = self.horizon_ms;
         self.leases[i].lock().retain(|_, l| {
             let ended = l.settled || now_ms >= l.expires_ms;
             !(ended && now_ms.saturating_sub(l.expires_ms) >= horizon)
         });
-        self.ledger[i]
-            .lock()
-            .retain(|_, e| now_ms.saturating_sub(e.at_ms) < horizon);
+        self.ledger[i].lock().sweep(now_ms, horizon, exact);
     }
 
     /// A consistent copy of everything the store holds.
@@ -1288,7 +1337,7 @@ impl MemoryStore {
         lease_list.sort_by_key(|(id, _)| *id);
         let mut events: Vec<(String, Entry)> = ledger
             .iter()
-            .flat_map(|m| m.iter().map(|(k, v)| (k.to_string(), v.clone())))
+            .flat_map(|m| m.map.iter().map(|(k, v)| (k.to_string(), v.clone())))
             .collect();
         events.sort_by(|a, b| a.0.cmp(&b.0));
         Snapshot {
@@ -1840,7 +1889,11 @@ impl AllowanceStore for MemoryStore {
         if let Some((first, k)) = sweep_turn {
             let i = ((first as u64 + k) % self.shards.len() as u64) as usize;
             Self::sweep(&mut self.shards[i].lock(), now_ms);
-            self.sweep_side(((first as u64 + k) % SIDE_SHARDS as u64) as usize, now_ms);
+            self.sweep_side(
+                ((first as u64 + k) % SIDE_SHARDS as u64) as usize,
+                now_ms,
+                false,
+            );
         }
         Ok(result)
     }
@@ -1909,7 +1962,7 @@ fn add_usage(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{CounterOp, LeaseOp};
+    use crate::store::{CounterOp, EventKey, LeaseOp};
     use crate::window::Period;
     use chrono::TimeZone;
 
@@ -2146,6 +2199,48 @@ mod tests {
         );
         run(&store, 1_100);
         assert_eq!(store.counter_count(), 1, "swept by 8,100 batches");
+    }
+
+    #[test]
+    fn sweeps_forget_events_an_eighth_of_a_horizon_after_it() {
+        // One hour horizon: an event recorded at 0 is no longer replayed
+        // after 1 h; automatic sweeps walk the ledger once its oldest entry
+        // is 1 h 7.5 min old, `reclaim` at once.
+        let store =
+            MemoryStore::with_shards(1).with_event_horizon(std::time::Duration::from_secs(3_600));
+        let scope = ScopeKey::subject("s");
+        let ops = [CounterOp {
+            scope: &scope,
+            meter: "t",
+            window: Window::Lifetime,
+            delta: 1,
+            max: None,
+        }];
+        let minutes = |m: i64| at(0) + chrono::Duration::minutes(m);
+        store
+            .apply(&Batch::new(&ops, Mode::Force, minutes(0)).with_event(EventKey::new("e", 1)))
+            .unwrap();
+        // 16 side shards, one swept per 1,024 batches here: 20,000 batches
+        // reach every one.
+        let busy = |m: i64| {
+            for _ in 0..20_000 {
+                store
+                    .apply(&Batch::new(&ops, Mode::Force, minutes(m)))
+                    .unwrap();
+            }
+        };
+        busy(61);
+        assert_eq!(store.snapshot().event_count(), 1, "kept within the slack");
+        busy(68);
+        assert_eq!(store.snapshot().event_count(), 0, "forgotten after it");
+
+        let store =
+            MemoryStore::with_shards(1).with_event_horizon(std::time::Duration::from_secs(3_600));
+        store
+            .apply(&Batch::new(&ops, Mode::Force, minutes(0)).with_event(EventKey::new("e", 1)))
+            .unwrap();
+        store.reclaim(minutes(61));
+        assert_eq!(store.snapshot().event_count(), 0, "reclaim is exact");
     }
 
     #[test]
