@@ -1,7 +1,8 @@
 //! Redis throughput: `admit_async` on a `RedisStore` beside a trivial
 //! `EVALSHA` INCRBY script and seed 004's sorted-set pattern
 //! (ZREMRANGEBYSCORE + ZRANGE + ZADD, one pipeline) at 10 and 1,000 entries
-//! per key, each at 1 and 50 concurrent tasks on one multiplexed connection.
+//! per key, each at 1 and 50 concurrent tasks on one multiplexed connection;
+//! and a floor script doing only the Redis commands of the admit (`FLOOR`).
 //!
 //! `TOLLGATE_REDIS_URL=redis://127.0.0.1:6379 cargo bench --features redis --bench redis`
 //! (skipped without the variable). `TOLLGATE_BENCH_SECS` sets the time per
@@ -20,6 +21,62 @@ use tollgate::{
 };
 
 const TRIVIAL: &str = "return redis.call('INCRBY', KEYS[1], ARGV[1])";
+
+/// The Redis work any script with tollgate's key layout must do for the
+/// bench's admit, and nothing else: the server's `TIME`, one `HMGET` of the
+/// scope hash's expiry field and two counters, one number parsed from each,
+/// one `HSET` writing both back, and a reply of the admit's shape (16
+/// words). It takes the admit's own key and 24 arguments (as `MONITOR`
+/// shows them). No windows, no limits, no holds, no ledger: a lower bound
+/// on the real script's cost, not a quota.
+const FLOOR: &str = r"
+local t = redis.call('TIME')
+local h = ARGV[11]
+local v = redis.call('HMGET', h, 'x', ARGV[12], ARGV[19])
+local a = tonumber(string.match(v[2] or '0', '^%d+')) + 1
+local b = tonumber(string.match(v[3] or '0', '^%d+')) + 1
+redis.call('HSET', h, ARGV[12], a .. ' 0 1795996800000 1796083200000',
+  ARGV[19], b .. ' 0 498907 498907 ' .. b)
+return {'OK', 1, t[1] * 1000, 2, 1, a, 1795996800000, 1796083200000, '-',
+  1, b, 1795979660072, 1796155200000, '-', 0, 0}
+";
+
+/// The floor script's key and arguments: the admit's 24 (as `MONITOR`
+/// shows them), with its scope hash (arguments 11 and 18) under this run's
+/// prefix.
+fn floor_args(prefix: &str) -> (String, Vec<String>) {
+    let h = format!("{{{prefix}}}:c:floor");
+    let args = [
+        "1796065967344",
+        "1",
+        "w",
+        "86400000",
+        "3600000",
+        "316224000000",
+        "2",
+        "0",
+        "-",
+        "-",
+        &h,
+        "6:tokens:cd0",
+        "C",
+        "d",
+        "0",
+        "1",
+        "9223372036854775807",
+        &h,
+        "6:tokens:r86400/24",
+        "R",
+        "3600000",
+        "25",
+        "1",
+        "9223372036854775807",
+    ];
+    (
+        format!("{{{prefix}}}:od"),
+        args.iter().map(|s| (*s).to_owned()).collect(),
+    )
+}
 
 /// Run `op` from `tasks` tasks for `secs`; returns operations per second.
 async fn run<F, Fut>(tasks: usize, secs: f64, op: F) -> f64
@@ -134,6 +191,24 @@ async fn bench(url: String, secs: f64) {
         .await;
         results.push(("trivial EVALSHA INCRBY", tasks, trivial));
 
+        let script = Arc::new(redis::Script::new(FLOOR));
+        let c = conn.clone();
+        let (key, args) = floor_args(&prefix);
+        let args = Arc::new(args);
+        let floor = run(tasks, secs, move || {
+            let (script, mut c, key, args) = (script.clone(), c.clone(), key.clone(), args.clone());
+            async move {
+                let mut inv = script.key(&key);
+                for a in args.iter() {
+                    inv.arg(a);
+                }
+                let v: redis::Value = inv.invoke_async(&mut c).await.expect("evalsha");
+                assert!(matches!(v, redis::Value::Array(ref w) if w.len() == 16));
+            }
+        })
+        .await;
+        results.push(("floor: TIME + HMGET + HSET, same args", tasks, floor));
+
         for entries in [10usize, 1_000] {
             let key = format!("{{{prefix}}}:zset{entries}");
             let mut c = conn.clone();
@@ -203,6 +278,11 @@ async fn bench(url: String, secs: f64) {
         "admit / trivial at 50 tasks: {:.2}×; admit / sorted set (1,000) at 50 tasks: {:.1}×",
         find("tollgate", 50) / find("trivial", 50),
         find("tollgate", 50) / find("seed-004 sorted set, 1,000", 50)
+    );
+    println!(
+        "floor / trivial at 50 tasks: {:.2}×; admit / floor at 50 tasks: {:.2}×",
+        find("floor", 50) / find("trivial", 50),
+        find("tollgate", 50) / find("floor", 50)
     );
 
     // Clean up: only this run's prefix.
