@@ -10,7 +10,8 @@
 //! Arguments: the call (`admit`, `check`, `record` or `reserve_commit`
 //! (a `reserve` then a `commit` of the same request), or a peer:
 //! `governor` for governor's `check_key`, `floor` for the locked
-//! `HashMap<String, u64>` entry-and-add; default `admit`), the
+//! `HashMap<String, u64>` entry-and-add, `hand` for the plan's four limits
+//! written by hand; default `admit`), the
 //! number of subjects (default 10,000) and of calls (default 100,000). The
 //! subjects are allocated and hold one recorded request before the loop, as
 //! in the benches; `--toggle-collect` keeps that setup out of the profile.
@@ -78,9 +79,11 @@ fn main() {
     let mut manual = None;
     let mut limiter = None;
     let mut floor = None;
+    let mut hand = None;
     match (call.as_str(), events) {
         ("governor", _) => limiter = Some(peers::governor_limiter(&ids)),
         ("floor", _) => floor = Some(peers::FloorStr::new(&ids)),
+        ("hand", _) => hand = Some(peers::HandFour::new(&ids)),
         (_, None) => engine = Some(tollgate_setup::engine(&ids)),
         (_, Some(e)) => manual = Some(tollgate_setup::engine_with_events(&ids, e)),
     }
@@ -90,6 +93,10 @@ fn main() {
     );
     let t = std::time::Instant::now();
     let allowed = match (&limiter, &floor, &engine, &manual) {
+        _ if hand.is_some() => {
+            let h = hand.as_ref().expect("built above");
+            peer_loop(&ids, calls, |id| h.admit(id, 100, 1, 5))
+        }
         (Some(l), ..) => peer_loop(&ids, calls, |id| l.check_key(id).is_ok()),
         (_, Some(f), ..) => peer_loop(&ids, calls, |id| f.add(id, 1) > 0),
         (_, _, Some(e), _) => hot_loop(e, &ids, &call, calls),

@@ -6,8 +6,9 @@
 //! - `subjects`: tollgate's `admit`, `check`, `record`, `reserve` + `commit`
 //!   (plan of four limits,
 //!   memory store, system clock) and the peers — governor's keyed
-//!   `check_key`, the locked-hash-map floor, seed 002's check-then-increment —
-//!   at 1, 10,000 and 1,000,000 subjects;
+//!   `check_key`, the locked-hash-map floor, the plan's four limits written
+//!   by hand, seed 002's check-then-increment — at 1, 10,000 and 1,000,000
+//!   subjects;
 //! - `events`: time against events already recorded per subject: tollgate's
 //!   `check` and `admit` beside seed 004's prune-and-sum `Check`, at 10 and
 //!   1,000 events per subject;
@@ -90,6 +91,13 @@ fn subjects(c: &mut Criterion) {
             g.bench_with_input(BenchmarkId::new("floor_string", n), &n, |b, &n| {
                 let mut pick = Pick::new();
                 b.iter(|| black_box(floor.add(&ids[pick.next(n)], 1)));
+            });
+        }
+        {
+            let hand = peers::HandFour::new(&ids);
+            g.bench_with_input(BenchmarkId::new("hand_four_limits", n), &n, |b, &n| {
+                let mut pick = Pick::new();
+                b.iter(|| black_box(hand.admit(&ids[pick.next(n)], 100, 1, 5)));
             });
         }
         {

@@ -10,6 +10,9 @@
 //!   increment as separate calls (two racing callers can both pass).
 //! - [`Seed004`]: seed 004's rolling 24 h budget, a time-ordered list of
 //!   events per subject, pruned and summed on every check.
+//! - [`HandFour`]: the bench plan's four limits written out by hand for that
+//!   plan alone, checked and added under one lock: what the four limits cost
+//!   without a library.
 
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
@@ -249,4 +252,121 @@ impl Seed004 {
         let used: u64 = q.iter().map(|&(_, n)| n).sum();
         used < self.limit
     }
+}
+
+/// Hours in the rolling runtime window, plus the bucket being filled.
+const HOURS: usize = 7 * 24 + 1;
+const HOUR_MS: i64 = 3_600_000;
+
+/// One subject's four counters in [`HandFour`]: the bench plan written out
+/// by hand for this plan only.
+#[derive(Debug, Clone)]
+struct Four {
+    /// Day number (days since the epoch) the daily counters are for.
+    day: i64,
+    tokens: u64,
+    jobs: u64,
+    /// Month number (`year * 12 + month0`) the cost is for.
+    month: i64,
+    /// Cost in millionths of a dollar.
+    cost_micros: u64,
+    /// The newest hour in `hours`, and the runtime summed over all of them.
+    head: i64,
+    runtime: u64,
+    hours: Box<[u64; HOURS]>,
+}
+
+/// What issue 4 calls a hand-written counter: the bench plan's four limits
+/// (daily input tokens, daily jobs, a monthly cost cap at $3 per million
+/// input tokens, runtime over a rolling 7 days in hourly buckets) written
+/// out for this one plan, one `Mutex<HashMap<String, Four>>` entry per
+/// subject, checked and added under one lock (atomic, like `admit`), with
+/// the same maxima. It answers only yes or no: no per-limit numbers, no
+/// reset times, no other plan. A lower bound for any engine enforcing these
+/// four limits with a locked map, not a quota library.
+#[derive(Debug)]
+pub struct HandFour(Mutex<HashMap<String, Four>>);
+
+impl HandFour {
+    /// One admitted request (100 tokens, 1 job, 5 s) per id, at `now_ms`.
+    pub fn new(ids: &[String]) -> Self {
+        let now = now_ms();
+        let s = Self(Mutex::new(
+            ids.iter()
+                .map(|id| {
+                    let f = Four {
+                        day: 0,
+                        tokens: 0,
+                        jobs: 0,
+                        month: 0,
+                        cost_micros: 0,
+                        head: now / HOUR_MS,
+                        runtime: 0,
+                        hours: Box::new([0; HOURS]),
+                    };
+                    (id.clone(), f)
+                })
+                .collect(),
+        ));
+        for id in ids {
+            s.admit(id, 100, 1, 5);
+        }
+        s
+    }
+
+    /// Roll the windows to now, check all four limits, add all four or
+    /// nothing. `true` when admitted.
+    #[inline]
+    pub fn admit(&self, id: &str, tokens: u64, jobs: u64, runtime_secs: u64) -> bool {
+        use chrono::Datelike as _;
+        let now = now_ms();
+        let day = now.div_euclid(DAY_MS);
+        let mut m = self.0.lock();
+        let Some(f) = m.get_mut(id) else {
+            return false;
+        };
+        if f.day != day {
+            f.day = day;
+            f.tokens = 0;
+            f.jobs = 0;
+            // A new month can only start on a new day.
+            let date = chrono::DateTime::from_timestamp_millis(now).map(|t| t.date_naive());
+            let month = date.map_or(0, |d| i64::from(d.year()) * 12 + i64::from(d.month0()));
+            if f.month != month {
+                f.month = month;
+                f.cost_micros = 0;
+            }
+        }
+        let hour = now.div_euclid(HOUR_MS);
+        if hour > f.head {
+            let steps = (hour - f.head).min(HOURS as i64);
+            for k in 1..=steps {
+                let slot = (f.head + k).rem_euclid(HOURS as i64) as usize;
+                f.runtime -= f.hours[slot];
+                f.hours[slot] = 0;
+            }
+            f.head = hour;
+        }
+        let cost = tokens * 3;
+        let fits = f.tokens + tokens <= 1_000_000_000_000
+            && f.jobs + jobs <= 10_000_000_000
+            && f.cost_micros + cost <= 1_000_000_000 * 1_000_000
+            && f.runtime + runtime_secs <= 1_000_000_000_000;
+        if fits {
+            f.tokens += tokens;
+            f.jobs += jobs;
+            f.cost_micros += cost;
+            f.runtime += runtime_secs;
+            f.hours[hour.rem_euclid(HOURS as i64) as usize] += runtime_secs;
+        }
+        fits
+    }
+}
+
+/// Unix milliseconds from the system clock, as tollgate's `SystemClock`
+/// reads it.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
