@@ -34,8 +34,9 @@ SUBJECTS = ["1", "10000", "1000000"]
 print("### subjects: median per call (95 % CI of the median)\n")
 print("| bench | " + " | ".join(f"{int(n):,} subject" + ("s" if n != "1" else "") for n in SUBJECTS) + " |")
 print("| --- |" + " --- |" * len(SUBJECTS))
-funcs = ["tollgate_admit", "tollgate_check", "tollgate_record", "governor_check_key",
-         "floor_u64", "floor_string", "seed002_check_then_increment"]
+funcs = ["tollgate_admit", "tollgate_check", "tollgate_record", "tollgate_reserve_commit",
+         "governor_check_key", "floor_u64", "floor_string", "hand_four_limits",
+         "seed002_check_then_increment"]
 for f in funcs:
     print(f"| `{f}` | " + " | ".join(cell(("subjects", f, n)) for n in SUBJECTS) + " |")
 
@@ -43,12 +44,18 @@ print("\n### ratios of medians\n")
 print("| ratio | " + " | ".join(f"{int(n):,}" for n in SUBJECTS) + " |")
 print("| --- |" + " --- |" * len(SUBJECTS))
 for num in ["tollgate_admit", "tollgate_check", "tollgate_record"]:
-    for den in ["governor_check_key", "floor_u64", "floor_string"]:
+    for den in ["governor_check_key", "floor_u64", "floor_string", "hand_four_limits"]:
         row = []
         for n in SUBJECTS:
             a, b = med.get(("subjects", num, n)), med.get(("subjects", den, n))
             row.append(f"{a[0] / b[0]:.1f}×" if a and b else "–")
         print(f"| {num} / {den} | " + " | ".join(row) + " |")
+
+row = []
+for n in SUBJECTS:
+    a, b = med.get(("subjects", "hand_four_limits", n)), med.get(("subjects", "governor_check_key", n))
+    row.append(f"{a[0] / b[0]:.1f}×" if a and b else "–")
+print("| hand_four_limits / governor_check_key | " + " | ".join(row) + " |")
 
 print("\n### events: median per call against events recorded per subject\n")
 print("| bench | 10 events | 1,000 events | 1,000 / 10 |")
