@@ -482,6 +482,18 @@ impl Plan {
 /// `scale` decimal places, from prices in `10^-MAX_PRICE_SCALE` units. Exact
 /// integer arithmetic: `None` when it does not fit a `u64`, never a rounded
 /// result.
+/// `10^n` for `n` in `0..=MAX_PRICE_SCALE`: a call looks its divisor up
+/// rather than computing the power.
+const POW10: [u64; MAX_PRICE_SCALE as usize + 1] = {
+    let mut t = [1u64; MAX_PRICE_SCALE as usize + 1];
+    let mut i = 1;
+    while i < t.len() {
+        t[i] = t[i - 1] * 10;
+        i += 1;
+    }
+    t
+};
+
 pub(crate) fn cost_minor(terms: impl IntoIterator<Item = (u64, u128)>, scale: u32) -> Option<u64> {
     let mut total: u128 = 0;
     for (units, price) in terms {
@@ -492,8 +504,9 @@ pub(crate) fn cost_minor(terms: impl IntoIterator<Item = (u64, u128)>, scale: u3
         };
         total = total.checked_add(term)?;
     }
-    // scale <= MAX_MONEY_SCALE < MAX_PRICE_SCALE = 18, so div <= 10^18 fits a u64.
-    let div = 10u64.pow(MAX_PRICE_SCALE.saturating_sub(scale));
+    // scale <= MAX_MONEY_SCALE < MAX_PRICE_SCALE = 18, so div <= 10^18 fits a
+    // u64; the index is at most 18, within the table.
+    let div = POW10[MAX_PRICE_SCALE.saturating_sub(scale) as usize];
     match u64::try_from(total) {
         // One 64-bit division instead of a 128-bit one; no overflow: with
         // div = 1 the remainder is 0, otherwise the quotient is at most half.
@@ -1118,5 +1131,13 @@ mod tests {
         // Past u64 after rounding: an overflow, never a wrapped amount.
         assert_eq!(cost_minor([(u64::MAX, 10u128.pow(18))], 0), Some(u64::MAX));
         assert_eq!(cost_minor([(u64::MAX, 10u128.pow(18) + 1)], 0), None);
+    }
+
+    #[test]
+    fn pow10_table_holds_the_powers_of_ten() {
+        for (n, &p) in super::POW10.iter().enumerate() {
+            assert_eq!(p, 10u64.pow(n as u32));
+        }
+        assert_eq!(super::POW10.len(), MAX_PRICE_SCALE as usize + 1);
     }
 }

@@ -1126,6 +1126,7 @@ impl<S, C: Clock> Engine<S, C> {
     /// One op per limit per scope: where the request names the limit's meter
     /// (a reservation also takes a slot on each concurrent limit; a
     /// settlement also reports the limits the reservation held).
+    #[inline]
     fn ops_for<'a>(
         &'a self,
         p: &'a Prepared,
@@ -1387,8 +1388,15 @@ struct Prepared {
 impl Prepared {
     /// The ids of the request's unpriced meters, for a decision.
     fn unpriced_ids(&self) -> Vec<Name> {
+        if self.unpriced.is_empty() {
+            return Vec::new();
+        }
+        // Every index listed has an id (see `prepare`): one allocation of
+        // the right size, no growth.
         let ids = &self.alloc.plan.unpriced;
-        self.unpriced.iter().filter_map(|&i| ids[i]).collect()
+        let mut v = Vec::with_capacity(self.unpriced.len());
+        v.extend(self.unpriced.iter().filter_map(|&i| ids[i]));
+        v
     }
 }
 
@@ -1513,14 +1521,22 @@ fn add_amount(
     id: &str,
 ) -> Result<(), Error> {
     match amounts.as_mut_slice().iter_mut().find(|(i, _)| *i == idx) {
-        Some((_, v)) => {
-            *v = v.checked_add(n).ok_or_else(|| Error::Overflow {
-                meter: id.to_owned(),
-            })?;
-        }
+        Some((_, v)) => match v.checked_add(n) {
+            Some(sum) => *v = sum,
+            None => return Err(overflow(id)),
+        },
         None => amounts.push((idx, n)),
     }
     Ok(())
+}
+
+/// [`Error::Overflow`] on `meter`, built out of the way of the common path.
+#[cold]
+#[inline(never)]
+fn overflow(meter: &str) -> Error {
+    Error::Overflow {
+        meter: meter.to_owned(),
+    }
 }
 
 /// The status rule: `Exceeded` when a positive request takes usage (with
