@@ -1125,8 +1125,10 @@ impl<S, C: Clock> Engine<S, C> {
 
     /// One op per limit per scope: where the request names the limit's meter
     /// (a reservation also takes a slot on each concurrent limit; a
-    /// settlement also reports the limits the reservation held).
-    #[inline]
+    /// settlement also reports the limits the reservation held). The scopes
+    /// are those of [`Engine::scopes`], in its order, walked without its
+    /// iterator chain.
+    #[inline(always)]
     fn ops_for<'a>(
         &'a self,
         p: &'a Prepared,
@@ -1144,7 +1146,7 @@ impl<S, C: Clock> Engine<S, C> {
             None,
         ));
         let mut op_limits = Inline::filled(&*NO_LIMIT);
-        for (scope, limits, _) in self.scopes(p, model) {
+        let mut add = |scope: &'a ScopeKey, limits: &'a [Limit]| {
             for l in limits {
                 let named = p
                     .amounts
@@ -1162,6 +1164,19 @@ impl<S, C: Clock> Engine<S, C> {
                 if let Some(delta) = delta {
                     ops.push(CounterOp::new(scope, &l.meter, l.window, delta, l.max));
                     op_limits.push(l);
+                }
+            }
+        };
+        let alloc = &*p.alloc;
+        add(&alloc.scope, &alloc.limits);
+        let listed = alloc.pools().iter().chain(&p.extra);
+        for pool in listed.clone() {
+            add(&pool.scope, &pool.limits);
+        }
+        if let Some(model_pools) = model.and_then(|m| self.catalog.model_pools.get(m)) {
+            for pool in model_pools {
+                if !listed.clone().any(|q| q.id == pool.id) {
+                    add(&pool.scope, &pool.limits);
                 }
             }
         }
