@@ -648,10 +648,11 @@ impl<S, C: Clock> Engine<S, C> {
             Ok(o) => o,
             Err(refused) => return Ok(Err(refused)),
         };
-        let (ops, limits) = self.ops_for(&o.p, request.model, Shape::Reserve);
+        let list = self.ops_for(&o.p, request.model, Shape::Reserve);
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let cooldowns = self.cooldowns_for(&o.p, request.model, None);
-        let applied = self.apply(&o.batch(&ops, &cooldowns))?;
-        Ok(self.opened(request, &o, &ops, &limits, &applied, &cooldowns))
+        let applied = self.apply(&o.batch(ops, &cooldowns))?;
+        Ok(self.opened(request, &o, ops, limits, &applied, &cooldowns))
     }
 
     /// A reservation's checks before its store call: no event id, the
@@ -773,11 +774,12 @@ impl<S, C: Clock> Engine<S, C> {
         }
         let p = self.prepare_for(reservation, more)?;
         let now = self.clock.now();
-        let (ops, limits) = self.ops_for(&p, reservation.model.as_deref(), Shape::Usage);
+        let list = self.ops_for(&p, reservation.model.as_deref(), Shape::Usage);
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Grow);
-        let batch = Batch::new(&ops, Mode::Force, now).with_lease(lease);
+        let batch = Batch::new(ops, Mode::Force, now).with_lease(lease);
         let applied = self.apply(&batch)?;
-        let decision = self.finish(Call::Grow, more, &p, &ops, &limits, &applied, &[], now);
+        let decision = self.finish(Call::Grow, more, &p, ops, limits, &applied, &[], now);
         for &(i, n) in &p.amounts {
             match reservation.held.iter_mut().find(|(j, _, _)| *j == i) {
                 Some((_, _, h)) => *h = h.saturating_add(n),
@@ -864,25 +866,26 @@ impl<S, C: Clock> Engine<S, C> {
         S: AllowanceStore,
     {
         let now = self.clock.now();
-        let (ops, limits) = self.ops_for(
+        let list = self.ops_for(
             p,
             reservation.model.as_deref(),
             Shape::Settle(&reservation.held),
         );
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let start = failed.map(|()| now);
         let cooldowns = self.cooldowns_for(p, reservation.model.as_deref(), start);
         let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Settle { keep });
         let fp;
-        let mut batch = Batch::new(&ops, Mode::Force, now)
+        let mut batch = Batch::new(ops, Mode::Force, now)
             .with_lease(lease)
             .with_cooldowns(&cooldowns);
         if let Some(id) = request.event {
-            fp = fingerprint(call, Some(reservation.id), &ops);
+            fp = fingerprint(call, Some(reservation.id), ops);
             batch = batch.with_event(EventKey::new(id, fp));
         }
         let applied = self.apply(&batch)?;
         let at = applied.replayed_at.unwrap_or(now);
-        Ok(self.finish(call, request, p, &ops, &limits, &applied, &[], at))
+        Ok(self.finish(call, request, p, ops, limits, &applied, &[], at))
     }
 
     /// Usage for `subject` in the current period of each of its own limits:
@@ -1129,23 +1132,18 @@ impl<S, C: Clock> Engine<S, C> {
     /// are those of [`Engine::scopes`], in its order, walked without its
     /// iterator chain.
     #[inline(always)]
-    fn ops_for<'a>(
-        &'a self,
-        p: &'a Prepared,
-        model: Option<&str>,
-        shape: Shape<'_>,
-    ) -> (
-        Inline<CounterOp<'a>, INLINE_OPS>,
-        Inline<&'a Limit, INLINE_OPS>,
-    ) {
-        let mut ops = Inline::filled(CounterOp::new(
-            &p.alloc.scope,
-            "",
-            Window::Lifetime,
-            0,
-            None,
-        ));
-        let mut op_limits = Inline::filled(&*NO_LIMIT);
+    fn ops_for<'a>(&'a self, p: &'a Prepared, model: Option<&str>, shape: Shape<'_>) -> OpList<'a> {
+        // One local, returned whole: built in the caller's slot, not copied.
+        let mut list = OpList {
+            ops: Inline::filled(CounterOp::new(
+                &p.alloc.scope,
+                "",
+                Window::Lifetime,
+                0,
+                None,
+            )),
+            limits: Inline::filled(&*NO_LIMIT),
+        };
         let mut add = |scope: &'a ScopeKey, limits: &'a [Limit]| {
             for l in limits {
                 let named = p
@@ -1162,8 +1160,9 @@ impl<S, C: Clock> Engine<S, C> {
                     _ => named,
                 };
                 if let Some(delta) = delta {
-                    ops.push(CounterOp::new(scope, &l.meter, l.window, delta, l.max));
-                    op_limits.push(l);
+                    list.ops
+                        .push(CounterOp::new(scope, &l.meter, l.window, delta, l.max));
+                    list.limits.push(l);
                 }
             }
         };
@@ -1180,7 +1179,7 @@ impl<S, C: Clock> Engine<S, C> {
                 }
             }
         }
-        (ops, op_limits)
+        list
     }
 
     /// The cooldowns of the scopes a call draws on; with `start`, each
@@ -1255,7 +1254,8 @@ impl<S, C: Clock> Engine<S, C> {
         // reference count less per call).
         let cost = p.cost.take();
 
-        let (ops, limits) = self.ops_for(&p, req.model, Shape::Usage);
+        let list = self.ops_for(&p, req.model, Shape::Usage);
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let cooldowns = if call == Call::Record {
             Vec::new()
         } else {
@@ -1267,14 +1267,14 @@ impl<S, C: Clock> Engine<S, C> {
             _ => Mode::Force,
         };
         let fp;
-        let mut batch = Batch::new(&ops, mode, now).with_cooldowns(&cooldowns);
+        let mut batch = Batch::new(ops, mode, now).with_cooldowns(&cooldowns);
         if let (Some(id), Call::Admit | Call::Record) = (req.event, call) {
-            fp = fingerprint(call, None, &ops);
+            fp = fingerprint(call, None, ops);
             batch = batch.with_event(EventKey::new(id, fp));
         }
         let applied = self.apply(&batch)?;
         let at = applied.replayed_at.unwrap_or(now);
-        let mut decision = self.finish_quiet(call, &p, &ops, &limits, &applied, &cooldowns, at);
+        let mut decision = self.finish_quiet(call, &p, ops, limits, &applied, &cooldowns, at);
         decision.cost = cost;
         if let Some(reason) = p.model_refused.clone() {
             decision.status = Status::Exceeded;
@@ -1413,6 +1413,12 @@ impl Prepared {
         v.extend(self.unpriced.iter().filter_map(|&i| ids[i]));
         v
     }
+}
+
+/// A call's ops and, for each, the limit it counts against.
+struct OpList<'a> {
+    ops: Inline<CounterOp<'a>, INLINE_OPS>,
+    limits: Inline<&'a Limit, INLINE_OPS>,
 }
 
 /// A reservation between its checks and its store call.
