@@ -1144,10 +1144,10 @@ impl<S, C: Clock> Engine<S, C> {
             )),
             limits: Inline::filled(&*NO_LIMIT),
         };
+        let amounts = p.amounts.as_slice();
         let mut add = |scope: &'a ScopeKey, limits: &'a [Limit]| {
             for l in limits {
-                let named = p
-                    .amounts
+                let named = amounts
                     .iter()
                     .find(|(i, _)| *i == l.meter_idx)
                     .map(|&(_, d)| d);
