@@ -1603,6 +1603,12 @@ fn build_decision(
 ) -> Decision {
     let mut states = Vec::with_capacity(ops.len());
     let mut any_exceeded = false;
+    // Found in the same pass: the worst status, and the limit with the least
+    // headroom as a fraction of its maximum (remaining_a / max_a <
+    // remaining_b / max_b; the first of equals), the binding limit unless
+    // one is exceeded.
+    let mut status = Status::Ok;
+    let mut least: Option<(usize, u128, u128)> = None;
     for ((op, limit), s) in ops.iter().zip(limits).zip(&applied.counters) {
         let s: &CounterState = s;
         // What this call adds here: its delta, plus what a settlement charged.
@@ -1623,8 +1629,16 @@ fn build_decision(
         } else {
             now_total.saturating_add(op.delta)
         };
-        let status = status_of(limit, after, requested);
-        any_exceeded |= status == Status::Exceeded;
+        let this = status_of(limit, after, requested);
+        any_exceeded |= this == Status::Exceeded;
+        status = status.max(this);
+        let remaining = op.max.map(|m| m.saturating_sub(now_total));
+        if let (Some(max), Some(rem)) = (op.max, remaining) {
+            let (r, m) = (u128::from(rem), u128::from(max.max(1)));
+            if least.is_none_or(|(_, br, bm)| r * bm < br * m) {
+                least = Some((states.len(), r, m));
+            }
+        }
         states.push(LimitState {
             scope: op.scope.clone(),
             meter: limit.meter,
@@ -1633,13 +1647,12 @@ fn build_decision(
             used: s.used,
             held: s.held,
             max: op.max,
-            remaining: op.max.map(|m| m.saturating_sub(now_total)),
+            remaining,
             period_start: s.period_start,
             resets_at: s.resets_at,
-            status,
+            status: this,
         });
     }
-    let mut status = states.iter().map(|s| s.status).max().unwrap_or(Status::Ok);
     let allowed = match call {
         Call::Admit | Call::Reserve => applied.applied,
         Call::Check => !any_exceeded && cooling.is_none(),
@@ -1666,18 +1679,7 @@ fn build_decision(
             }
         }
     } else {
-        // Least headroom as a fraction of the maximum: remaining_a / max_a < remaining_b / max_b.
-        let mut best: Option<(u128, u128)> = None;
-        for (i, st) in states.iter().enumerate() {
-            let (Some(max), Some(rem)) = (st.max, st.remaining) else {
-                continue;
-            };
-            let (r, m) = (u128::from(rem), u128::from(max.max(1)));
-            if best.is_none_or(|(br, bm)| r * bm < br * m) {
-                best = Some((r, m));
-                binding = Some(i);
-            }
-        }
+        binding = least.map(|(i, _, _)| i);
     }
     let mut reason = (!allowed).then_some(Refusal::LimitExceeded);
     if let (Some((scope, until)), false) = (cooling, allowed) {
@@ -1720,6 +1722,57 @@ fn build_decision(
 #[cfg(test)]
 mod tests {
     use super::{Table, TABLE_SHARDS};
+    use crate::{
+        Allocation, CatalogConfig, Engine, LimitConfig, MaxConfig, Meter, Period, PlanConfig,
+        Request, Status, Window,
+    };
+
+    /// The binding limit of an allowed request is the one with the least
+    /// headroom as a fraction of its maximum, the first of equals; an
+    /// unlimited limit never binds; the status is the worst limit's.
+    #[test]
+    fn least_headroom_binds_first_of_equals_and_status_is_the_worst() {
+        let day = Window::calendar(Period::Day);
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("x"))
+            .meter(Meter::count("y"))
+            .meter(Meter::count("z"))
+            .meter(Meter::count("u"))
+            .plan(
+                PlanConfig::new("p")
+                    .limit(LimitConfig::new("u", day, MaxConfig::Unlimited))
+                    .limit(LimitConfig::new("x", day, 10u64))
+                    .limit(LimitConfig::new("y", day, 20u64))
+                    .limit(LimitConfig::new("z", day, 20u64)),
+            )
+            .build()
+            .unwrap();
+        let engine = Engine::new(catalog);
+        for s in ["a", "b", "c"] {
+            engine.allocate(Allocation::new(s, "p")).unwrap();
+        }
+        let ask = |s, x, y, z| {
+            let d = engine
+                .admit(
+                    &Request::new(s)
+                        .units("u", 1_000)
+                        .units("x", x)
+                        .units("y", y)
+                        .units("z", z),
+                )
+                .unwrap();
+            (d.binding, d.status)
+        };
+        // Admitted, so usage grows. x and y both have half left: the
+        // first (x, index 1) binds.
+        assert_eq!(ask("a", 5, 10, 1), (Some(1), Status::Ok));
+        // y has less left than x and z.
+        assert_eq!(ask("b", 4, 10, 2), (Some(2), Status::Ok));
+        // z has the least left, at the warning ratio (80 %).
+        assert_eq!(ask("c", 0, 0, 17), (Some(3), Status::Warning));
+        // Refused: the exceeded limit binds, whatever the headroom elsewhere.
+        assert_eq!(ask("a", 1, 11, 1), (Some(2), Status::Exceeded));
+    }
 
     fn index(t: &Table, id: &str) -> usize {
         let shard = t.shard(id);
