@@ -807,7 +807,7 @@ impl Catalog {
 
     /// The index of the meter with this id. A handful of meters is scanned
     /// (cheaper than hashing the id); a large catalog uses its map.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn meter_idx(&self, id: &str) -> Option<usize> {
         if self.meter_ids.len() <= 16 {
             let id = id.as_bytes();
