@@ -1145,37 +1145,16 @@ impl<S, C: Clock> Engine<S, C> {
             limits: Inline::filled(&*NO_LIMIT),
         };
         let amounts = p.amounts.as_slice();
-        let mut add = |scope: &'a ScopeKey, limits: &'a [Limit]| {
-            for l in limits {
-                let named = amounts
-                    .iter()
-                    .find(|(i, _)| *i == l.meter_idx)
-                    .map(|&(_, d)| d);
-                let delta = match (l.window, shape) {
-                    (Window::Concurrent, Shape::Usage) => None,
-                    (Window::Concurrent, Shape::Reserve) => Some(1),
-                    (Window::Concurrent, Shape::Settle(_)) => Some(0),
-                    (_, Shape::Settle(held)) => named
-                        .or_else(|| held.iter().any(|(i, _, _)| *i == l.meter_idx).then_some(0)),
-                    _ => named,
-                };
-                if let Some(delta) = delta {
-                    list.ops
-                        .push(CounterOp::new(scope, &l.meter, l.window, delta, l.max));
-                    list.limits.push(l);
-                }
-            }
-        };
         let alloc = &*p.alloc;
-        add(&alloc.scope, &alloc.limits);
+        push_ops(&mut list, &alloc.scope, &alloc.limits, amounts, shape);
         let listed = alloc.pools().iter().chain(&p.extra);
         for pool in listed.clone() {
-            add(&pool.scope, &pool.limits);
+            push_ops(&mut list, &pool.scope, &pool.limits, amounts, shape);
         }
         if let Some(model_pools) = model.and_then(|m| self.catalog.model_pools.get(m)) {
             for pool in model_pools {
                 if !listed.clone().any(|q| q.id == pool.id) {
-                    add(&pool.scope, &pool.limits);
+                    push_ops(&mut list, &pool.scope, &pool.limits, amounts, shape);
                 }
             }
         }
@@ -1412,6 +1391,38 @@ impl Prepared {
         let mut v = Vec::with_capacity(self.unpriced.len());
         v.extend(self.unpriced.iter().filter_map(|&i| ids[i]));
         v
+    }
+}
+
+/// The ops of one scope's limits for [`Engine::ops_for`], appended to
+/// `list`.
+#[inline(always)]
+fn push_ops<'a>(
+    list: &mut OpList<'a>,
+    scope: &'a ScopeKey,
+    limits: &'a [Limit],
+    amounts: &[(usize, u64)],
+    shape: Shape<'_>,
+) {
+    for l in limits {
+        let named = amounts
+            .iter()
+            .find(|(i, _)| *i == l.meter_idx)
+            .map(|&(_, d)| d);
+        let delta = match (l.window, shape) {
+            (Window::Concurrent, Shape::Usage) => None,
+            (Window::Concurrent, Shape::Reserve) => Some(1),
+            (Window::Concurrent, Shape::Settle(_)) => Some(0),
+            (_, Shape::Settle(held)) => {
+                named.or_else(|| held.iter().any(|(i, _, _)| *i == l.meter_idx).then_some(0))
+            }
+            _ => named,
+        };
+        if let Some(delta) = delta {
+            list.ops
+                .push(CounterOp::new(scope, &l.meter, l.window, delta, l.max));
+            list.limits.push(l);
+        }
     }
 }
 
