@@ -1163,6 +1163,7 @@ impl<S, C: Clock> Engine<S, C> {
 
     /// The cooldowns of the scopes a call draws on; with `start`, each
     /// starts at `start` for its own length.
+    #[inline(always)]
     fn cooldowns_for<'a>(
         &'a self,
         p: &'a Prepared,
@@ -1170,7 +1171,8 @@ impl<S, C: Clock> Engine<S, C> {
         start: Option<DateTime<Utc>>,
     ) -> Vec<CooldownOp<'a>> {
         // A request drawing only on its own scope, whose plan declares no
-        // cooldown, has none to check: skip the walk over the scopes.
+        // cooldown, has none to check: skip the walk over the scopes (the
+        // check inline in the caller, the walk out of line).
         if model.is_none()
             && p.alloc.plan.cooldown_ms.is_none()
             && p.alloc.more.is_none()
@@ -1178,6 +1180,17 @@ impl<S, C: Clock> Engine<S, C> {
         {
             return Vec::new();
         }
+        self.cooldown_walk(p, model, start)
+    }
+
+    /// [`Engine::cooldowns_for`] over every scope of the call.
+    #[inline(never)]
+    fn cooldown_walk<'a>(
+        &'a self,
+        p: &'a Prepared,
+        model: Option<&str>,
+        start: Option<DateTime<Utc>>,
+    ) -> Vec<CooldownOp<'a>> {
         self.scopes(p, model)
             .filter_map(|(scope, _, ms)| {
                 let ms = ms?;
@@ -1224,7 +1237,7 @@ impl<S, C: Clock> Engine<S, C> {
         // `check` and `admit` refuse a model outside the allowlist without
         // touching a counter; `record` still records (the work happened) and
         // reports the refusal.
-        if call != Call::Record {
+        if call != Call::Record && p.model_refused.is_some() {
             if let Some(decision) = self.refuse_model(&p, call, req, now) {
                 return Ok(decision);
             }
