@@ -1296,6 +1296,7 @@ impl<S, C: Clock> Engine<S, C> {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn finish_quiet(
         &self,
         call: Call,
