@@ -482,6 +482,43 @@ impl Plan {
 /// `scale` decimal places, from prices in `10^-MAX_PRICE_SCALE` units. Exact
 /// integer arithmetic: `None` when it does not fit a `u64`, never a rounded
 /// result.
+/// `a == b`, for the short ids of meters: a length of 4 to 16 bytes is
+/// compared as two overlapping words each, without a call to `memcmp`.
+#[inline(always)]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    fn word8(s: &[u8], at: usize) -> Option<u64> {
+        s.get(at..at + 8)
+            .and_then(|w| <[u8; 8]>::try_from(w).ok())
+            .map(u64::from_le_bytes)
+    }
+    fn word4(s: &[u8], at: usize) -> Option<u32> {
+        s.get(at..at + 4)
+            .and_then(|w| <[u8; 4]>::try_from(w).ok())
+            .map(u32::from_le_bytes)
+    }
+    match n {
+        8..=16 => word8(a, 0) == word8(b, 0) && word8(a, n - 8) == word8(b, n - 8),
+        4..=7 => word4(a, 0) == word4(b, 0) && word4(a, n - 4) == word4(b, n - 4),
+        _ => a == b,
+    }
+}
+
+/// `10^n` for `n` in `0..=MAX_PRICE_SCALE`: a call looks its divisor up
+/// rather than computing the power.
+const POW10: [u64; MAX_PRICE_SCALE as usize + 1] = {
+    let mut t = [1u64; MAX_PRICE_SCALE as usize + 1];
+    let mut i = 1;
+    while i < t.len() {
+        t[i] = t[i - 1] * 10;
+        i += 1;
+    }
+    t
+};
+
 pub(crate) fn cost_minor(terms: impl IntoIterator<Item = (u64, u128)>, scale: u32) -> Option<u64> {
     let mut total: u128 = 0;
     for (units, price) in terms {
@@ -492,8 +529,9 @@ pub(crate) fn cost_minor(terms: impl IntoIterator<Item = (u64, u128)>, scale: u3
         };
         total = total.checked_add(term)?;
     }
-    // scale <= MAX_MONEY_SCALE < MAX_PRICE_SCALE = 18, so div <= 10^18 fits a u64.
-    let div = 10u64.pow(MAX_PRICE_SCALE.saturating_sub(scale));
+    // scale <= MAX_MONEY_SCALE < MAX_PRICE_SCALE = 18, so div <= 10^18 fits a
+    // u64; the index is at most 18, within the table.
+    let div = POW10[MAX_PRICE_SCALE.saturating_sub(scale) as usize];
     match u64::try_from(total) {
         // One 64-bit division instead of a 128-bit one; no overflow: with
         // div = 1 the remainder is 0, otherwise the quotient is at most half.
@@ -769,10 +807,13 @@ impl Catalog {
 
     /// The index of the meter with this id. A handful of meters is scanned
     /// (cheaper than hashing the id); a large catalog uses its map.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn meter_idx(&self, id: &str) -> Option<usize> {
         if self.meter_ids.len() <= 16 {
-            self.meter_ids.iter().position(|m| &**m == id)
+            let id = id.as_bytes();
+            self.meter_ids
+                .iter()
+                .position(|m| same_bytes(m.as_bytes(), id))
         } else {
             self.meter_index.get(id).copied()
         }
@@ -1118,5 +1159,57 @@ mod tests {
         // Past u64 after rounding: an overflow, never a wrapped amount.
         assert_eq!(cost_minor([(u64::MAX, 10u128.pow(18))], 0), Some(u64::MAX));
         assert_eq!(cost_minor([(u64::MAX, 10u128.pow(18) + 1)], 0), None);
+    }
+
+    #[test]
+    fn short_id_comparison_is_string_equality() {
+        let ids = [
+            "",
+            "a",
+            "ab",
+            "abc",
+            "jobs",
+            "cost",
+            "costs",
+            "abcdefg",
+            "abcdefgh",
+            "abcdefgi",
+            "bbcdefgh",
+            "runtime_seconds",
+            "runtime_secondz",
+            "xuntime_seconds",
+            "llm_tokens_input",
+            "llm_tokens_inpuT",
+            "llm_tokens_input!",
+            "ünï",
+            "ünïcödé",
+        ];
+        for a in ids {
+            for b in ids {
+                assert_eq!(
+                    super::same_bytes(a.as_bytes(), b.as_bytes()),
+                    a == b,
+                    "{a} {b}"
+                );
+            }
+        }
+        // Every length from 0 to 20, one byte changed at every position.
+        for n in 0..=20usize {
+            let a: Vec<u8> = (0..n as u8).collect();
+            assert!(super::same_bytes(&a, &a.clone()));
+            for i in 0..n {
+                let mut b = a.clone();
+                b[i] ^= 0x80;
+                assert!(!super::same_bytes(&a, &b), "{n} {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn pow10_table_holds_the_powers_of_ten() {
+        for (n, &p) in super::POW10.iter().enumerate() {
+            assert_eq!(p, 10u64.pow(n as u32));
+        }
+        assert_eq!(super::POW10.len(), MAX_PRICE_SCALE as usize + 1);
     }
 }

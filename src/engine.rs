@@ -648,10 +648,11 @@ impl<S, C: Clock> Engine<S, C> {
             Ok(o) => o,
             Err(refused) => return Ok(Err(refused)),
         };
-        let (ops, limits) = self.ops_for(&o.p, request.model, Shape::Reserve);
+        let list = self.ops_for(&o.p, request.model, Shape::Reserve);
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let cooldowns = self.cooldowns_for(&o.p, request.model, None);
-        let applied = self.apply(&o.batch(&ops, &cooldowns))?;
-        Ok(self.opened(request, &o, &ops, &limits, &applied, &cooldowns))
+        let applied = self.apply(&o.batch(ops, &cooldowns))?;
+        Ok(self.opened(request, &o, ops, limits, &applied, &cooldowns))
     }
 
     /// A reservation's checks before its store call: no event id, the
@@ -773,11 +774,12 @@ impl<S, C: Clock> Engine<S, C> {
         }
         let p = self.prepare_for(reservation, more)?;
         let now = self.clock.now();
-        let (ops, limits) = self.ops_for(&p, reservation.model.as_deref(), Shape::Usage);
+        let list = self.ops_for(&p, reservation.model.as_deref(), Shape::Usage);
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Grow);
-        let batch = Batch::new(&ops, Mode::Force, now).with_lease(lease);
+        let batch = Batch::new(ops, Mode::Force, now).with_lease(lease);
         let applied = self.apply(&batch)?;
-        let decision = self.finish(Call::Grow, more, &p, &ops, &limits, &applied, &[], now);
+        let decision = self.finish(Call::Grow, more, &p, ops, limits, &applied, &[], now);
         for &(i, n) in &p.amounts {
             match reservation.held.iter_mut().find(|(j, _, _)| *j == i) {
                 Some((_, _, h)) => *h = h.saturating_add(n),
@@ -864,25 +866,26 @@ impl<S, C: Clock> Engine<S, C> {
         S: AllowanceStore,
     {
         let now = self.clock.now();
-        let (ops, limits) = self.ops_for(
+        let list = self.ops_for(
             p,
             reservation.model.as_deref(),
             Shape::Settle(&reservation.held),
         );
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let start = failed.map(|()| now);
         let cooldowns = self.cooldowns_for(p, reservation.model.as_deref(), start);
         let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Settle { keep });
         let fp;
-        let mut batch = Batch::new(&ops, Mode::Force, now)
+        let mut batch = Batch::new(ops, Mode::Force, now)
             .with_lease(lease)
             .with_cooldowns(&cooldowns);
         if let Some(id) = request.event {
-            fp = fingerprint(call, Some(reservation.id), &ops);
+            fp = fingerprint(call, Some(reservation.id), ops);
             batch = batch.with_event(EventKey::new(id, fp));
         }
         let applied = self.apply(&batch)?;
         let at = applied.replayed_at.unwrap_or(now);
-        Ok(self.finish(call, request, p, &ops, &limits, &applied, &[], at))
+        Ok(self.finish(call, request, p, ops, limits, &applied, &[], at))
     }
 
     /// Usage for `subject` in the current period of each of its own limits:
@@ -1125,50 +1128,42 @@ impl<S, C: Clock> Engine<S, C> {
 
     /// One op per limit per scope: where the request names the limit's meter
     /// (a reservation also takes a slot on each concurrent limit; a
-    /// settlement also reports the limits the reservation held).
-    fn ops_for<'a>(
-        &'a self,
-        p: &'a Prepared,
-        model: Option<&str>,
-        shape: Shape<'_>,
-    ) -> (
-        Inline<CounterOp<'a>, INLINE_OPS>,
-        Inline<&'a Limit, INLINE_OPS>,
-    ) {
-        let mut ops = Inline::filled(CounterOp::new(
-            &p.alloc.scope,
-            "",
-            Window::Lifetime,
-            0,
-            None,
-        ));
-        let mut op_limits = Inline::filled(&*NO_LIMIT);
-        for (scope, limits, _) in self.scopes(p, model) {
-            for l in limits {
-                let named = p
-                    .amounts
-                    .iter()
-                    .find(|(i, _)| *i == l.meter_idx)
-                    .map(|&(_, d)| d);
-                let delta = match (l.window, shape) {
-                    (Window::Concurrent, Shape::Usage) => None,
-                    (Window::Concurrent, Shape::Reserve) => Some(1),
-                    (Window::Concurrent, Shape::Settle(_)) => Some(0),
-                    (_, Shape::Settle(held)) => named
-                        .or_else(|| held.iter().any(|(i, _, _)| *i == l.meter_idx).then_some(0)),
-                    _ => named,
-                };
-                if let Some(delta) = delta {
-                    ops.push(CounterOp::new(scope, &l.meter, l.window, delta, l.max));
-                    op_limits.push(l);
+    /// settlement also reports the limits the reservation held). The scopes
+    /// are those of [`Engine::scopes`], in its order, walked without its
+    /// iterator chain.
+    #[inline(always)]
+    fn ops_for<'a>(&'a self, p: &'a Prepared, model: Option<&str>, shape: Shape<'_>) -> OpList<'a> {
+        // One local, returned whole: built in the caller's slot, not copied.
+        let mut list = OpList {
+            ops: Inline::filled(CounterOp::new(
+                &p.alloc.scope,
+                "",
+                Window::Lifetime,
+                0,
+                None,
+            )),
+            limits: Inline::filled(&*NO_LIMIT),
+        };
+        let amounts = p.amounts.as_slice();
+        let alloc = &*p.alloc;
+        push_ops(&mut list, &alloc.scope, &alloc.limits, amounts, shape);
+        let listed = alloc.pools().iter().chain(&p.extra);
+        for pool in listed.clone() {
+            push_ops(&mut list, &pool.scope, &pool.limits, amounts, shape);
+        }
+        if let Some(model_pools) = model.and_then(|m| self.catalog.model_pools.get(m)) {
+            for pool in model_pools {
+                if !listed.clone().any(|q| q.id == pool.id) {
+                    push_ops(&mut list, &pool.scope, &pool.limits, amounts, shape);
                 }
             }
         }
-        (ops, op_limits)
+        list
     }
 
     /// The cooldowns of the scopes a call draws on; with `start`, each
     /// starts at `start` for its own length.
+    #[inline(always)]
     fn cooldowns_for<'a>(
         &'a self,
         p: &'a Prepared,
@@ -1176,7 +1171,8 @@ impl<S, C: Clock> Engine<S, C> {
         start: Option<DateTime<Utc>>,
     ) -> Vec<CooldownOp<'a>> {
         // A request drawing only on its own scope, whose plan declares no
-        // cooldown, has none to check: skip the walk over the scopes.
+        // cooldown, has none to check: skip the walk over the scopes (the
+        // check inline in the caller, the walk out of line).
         if model.is_none()
             && p.alloc.plan.cooldown_ms.is_none()
             && p.alloc.more.is_none()
@@ -1184,6 +1180,17 @@ impl<S, C: Clock> Engine<S, C> {
         {
             return Vec::new();
         }
+        self.cooldown_walk(p, model, start)
+    }
+
+    /// [`Engine::cooldowns_for`] over every scope of the call.
+    #[inline(never)]
+    fn cooldown_walk<'a>(
+        &'a self,
+        p: &'a Prepared,
+        model: Option<&str>,
+        start: Option<DateTime<Utc>>,
+    ) -> Vec<CooldownOp<'a>> {
         self.scopes(p, model)
             .filter_map(|(scope, _, ms)| {
                 let ms = ms?;
@@ -1230,7 +1237,7 @@ impl<S, C: Clock> Engine<S, C> {
         // `check` and `admit` refuse a model outside the allowlist without
         // touching a counter; `record` still records (the work happened) and
         // reports the refusal.
-        if call != Call::Record {
+        if call != Call::Record && p.model_refused.is_some() {
             if let Some(decision) = self.refuse_model(&p, call, req, now) {
                 return Ok(decision);
             }
@@ -1239,7 +1246,8 @@ impl<S, C: Clock> Engine<S, C> {
         // reference count less per call).
         let cost = p.cost.take();
 
-        let (ops, limits) = self.ops_for(&p, req.model, Shape::Usage);
+        let list = self.ops_for(&p, req.model, Shape::Usage);
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let cooldowns = if call == Call::Record {
             Vec::new()
         } else {
@@ -1251,14 +1259,14 @@ impl<S, C: Clock> Engine<S, C> {
             _ => Mode::Force,
         };
         let fp;
-        let mut batch = Batch::new(&ops, mode, now).with_cooldowns(&cooldowns);
+        let mut batch = Batch::new(ops, mode, now).with_cooldowns(&cooldowns);
         if let (Some(id), Call::Admit | Call::Record) = (req.event, call) {
-            fp = fingerprint(call, None, &ops);
+            fp = fingerprint(call, None, ops);
             batch = batch.with_event(EventKey::new(id, fp));
         }
         let applied = self.apply(&batch)?;
         let at = applied.replayed_at.unwrap_or(now);
-        let mut decision = self.finish_quiet(call, &p, &ops, &limits, &applied, &cooldowns, at);
+        let mut decision = self.finish_quiet(call, &p, ops, limits, &applied, &cooldowns, at);
         decision.cost = cost;
         if let Some(reason) = p.model_refused.clone() {
             decision.status = Status::Exceeded;
@@ -1288,6 +1296,7 @@ impl<S, C: Clock> Engine<S, C> {
     }
 
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn finish_quiet(
         &self,
         call: Call,
@@ -1387,9 +1396,54 @@ struct Prepared {
 impl Prepared {
     /// The ids of the request's unpriced meters, for a decision.
     fn unpriced_ids(&self) -> Vec<Name> {
+        if self.unpriced.is_empty() {
+            return Vec::new();
+        }
+        // Every index listed has an id (see `prepare`): one allocation of
+        // the right size, no growth.
         let ids = &self.alloc.plan.unpriced;
-        self.unpriced.iter().filter_map(|&i| ids[i]).collect()
+        let mut v = Vec::with_capacity(self.unpriced.len());
+        v.extend(self.unpriced.iter().filter_map(|&i| ids[i]));
+        v
     }
+}
+
+/// The ops of one scope's limits for [`Engine::ops_for`], appended to
+/// `list`.
+#[inline(always)]
+fn push_ops<'a>(
+    list: &mut OpList<'a>,
+    scope: &'a ScopeKey,
+    limits: &'a [Limit],
+    amounts: &[(usize, u64)],
+    shape: Shape<'_>,
+) {
+    for l in limits {
+        let named = amounts
+            .iter()
+            .find(|(i, _)| *i == l.meter_idx)
+            .map(|&(_, d)| d);
+        let delta = match (l.window, shape) {
+            (Window::Concurrent, Shape::Usage) => None,
+            (Window::Concurrent, Shape::Reserve) => Some(1),
+            (Window::Concurrent, Shape::Settle(_)) => Some(0),
+            (_, Shape::Settle(held)) => {
+                named.or_else(|| held.iter().any(|(i, _, _)| *i == l.meter_idx).then_some(0))
+            }
+            _ => named,
+        };
+        if let Some(delta) = delta {
+            list.ops
+                .push(CounterOp::new(scope, &l.meter, l.window, delta, l.max));
+            list.limits.push(l);
+        }
+    }
+}
+
+/// A call's ops and, for each, the limit it counts against.
+struct OpList<'a> {
+    ops: Inline<CounterOp<'a>, INLINE_OPS>,
+    limits: Inline<&'a Limit, INLINE_OPS>,
 }
 
 /// A reservation between its checks and its store call.
@@ -1513,14 +1567,22 @@ fn add_amount(
     id: &str,
 ) -> Result<(), Error> {
     match amounts.as_mut_slice().iter_mut().find(|(i, _)| *i == idx) {
-        Some((_, v)) => {
-            *v = v.checked_add(n).ok_or_else(|| Error::Overflow {
-                meter: id.to_owned(),
-            })?;
-        }
+        Some((_, v)) => match v.checked_add(n) {
+            Some(sum) => *v = sum,
+            None => return Err(overflow(id)),
+        },
         None => amounts.push((idx, n)),
     }
     Ok(())
+}
+
+/// [`Error::Overflow`] on `meter`, built out of the way of the common path.
+#[cold]
+#[inline(never)]
+fn overflow(meter: &str) -> Error {
+    Error::Overflow {
+        meter: meter.to_owned(),
+    }
 }
 
 /// The status rule: `Exceeded` when a positive request takes usage (with
@@ -1566,6 +1628,12 @@ fn build_decision(
 ) -> Decision {
     let mut states = Vec::with_capacity(ops.len());
     let mut any_exceeded = false;
+    // Found in the same pass: the worst status, and the limit with the least
+    // headroom as a fraction of its maximum (remaining_a / max_a <
+    // remaining_b / max_b; the first of equals), the binding limit unless
+    // one is exceeded.
+    let mut status = Status::Ok;
+    let mut least: Option<(usize, u128, u128)> = None;
     for ((op, limit), s) in ops.iter().zip(limits).zip(&applied.counters) {
         let s: &CounterState = s;
         // What this call adds here: its delta, plus what a settlement charged.
@@ -1586,8 +1654,16 @@ fn build_decision(
         } else {
             now_total.saturating_add(op.delta)
         };
-        let status = status_of(limit, after, requested);
-        any_exceeded |= status == Status::Exceeded;
+        let this = status_of(limit, after, requested);
+        any_exceeded |= this == Status::Exceeded;
+        status = status.max(this);
+        let remaining = op.max.map(|m| m.saturating_sub(now_total));
+        if let (Some(max), Some(rem)) = (op.max, remaining) {
+            let (r, m) = (u128::from(rem), u128::from(max.max(1)));
+            if least.is_none_or(|(_, br, bm)| r * bm < br * m) {
+                least = Some((states.len(), r, m));
+            }
+        }
         states.push(LimitState {
             scope: op.scope.clone(),
             meter: limit.meter,
@@ -1596,13 +1672,12 @@ fn build_decision(
             used: s.used,
             held: s.held,
             max: op.max,
-            remaining: op.max.map(|m| m.saturating_sub(now_total)),
+            remaining,
             period_start: s.period_start,
             resets_at: s.resets_at,
-            status,
+            status: this,
         });
     }
-    let mut status = states.iter().map(|s| s.status).max().unwrap_or(Status::Ok);
     let allowed = match call {
         Call::Admit | Call::Reserve => applied.applied,
         Call::Check => !any_exceeded && cooling.is_none(),
@@ -1629,18 +1704,7 @@ fn build_decision(
             }
         }
     } else {
-        // Least headroom as a fraction of the maximum: remaining_a / max_a < remaining_b / max_b.
-        let mut best: Option<(u128, u128)> = None;
-        for (i, st) in states.iter().enumerate() {
-            let (Some(max), Some(rem)) = (st.max, st.remaining) else {
-                continue;
-            };
-            let (r, m) = (u128::from(rem), u128::from(max.max(1)));
-            if best.is_none_or(|(br, bm)| r * bm < br * m) {
-                best = Some((r, m));
-                binding = Some(i);
-            }
-        }
+        binding = least.map(|(i, _, _)| i);
     }
     let mut reason = (!allowed).then_some(Refusal::LimitExceeded);
     if let (Some((scope, until)), false) = (cooling, allowed) {
@@ -1683,6 +1747,57 @@ fn build_decision(
 #[cfg(test)]
 mod tests {
     use super::{Table, TABLE_SHARDS};
+    use crate::{
+        Allocation, CatalogConfig, Engine, LimitConfig, MaxConfig, Meter, Period, PlanConfig,
+        Request, Status, Window,
+    };
+
+    /// The binding limit of an allowed request is the one with the least
+    /// headroom as a fraction of its maximum, the first of equals; an
+    /// unlimited limit never binds; the status is the worst limit's.
+    #[test]
+    fn least_headroom_binds_first_of_equals_and_status_is_the_worst() {
+        let day = Window::calendar(Period::Day);
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("x"))
+            .meter(Meter::count("y"))
+            .meter(Meter::count("z"))
+            .meter(Meter::count("u"))
+            .plan(
+                PlanConfig::new("p")
+                    .limit(LimitConfig::new("u", day, MaxConfig::Unlimited))
+                    .limit(LimitConfig::new("x", day, 10u64))
+                    .limit(LimitConfig::new("y", day, 20u64))
+                    .limit(LimitConfig::new("z", day, 20u64)),
+            )
+            .build()
+            .unwrap();
+        let engine = Engine::new(catalog);
+        for s in ["a", "b", "c"] {
+            engine.allocate(Allocation::new(s, "p")).unwrap();
+        }
+        let ask = |s, x, y, z| {
+            let d = engine
+                .admit(
+                    &Request::new(s)
+                        .units("u", 1_000)
+                        .units("x", x)
+                        .units("y", y)
+                        .units("z", z),
+                )
+                .unwrap();
+            (d.binding, d.status)
+        };
+        // Admitted, so usage grows. x and y both have half left: the
+        // first (x, index 1) binds.
+        assert_eq!(ask("a", 5, 10, 1), (Some(1), Status::Ok));
+        // y has less left than x and z.
+        assert_eq!(ask("b", 4, 10, 2), (Some(2), Status::Ok));
+        // z has the least left, at the warning ratio (80 %).
+        assert_eq!(ask("c", 0, 0, 17), (Some(3), Status::Warning));
+        // Refused: the exceeded limit binds, whatever the headroom elsewhere.
+        assert_eq!(ask("a", 1, 11, 1), (Some(2), Status::Exceeded));
+    }
 
     fn index(t: &Table, id: &str) -> usize {
         let shard = t.shard(id);

@@ -30,17 +30,27 @@ impl<T: Copy, const N: usize> Inline<T, N> {
         }
     }
 
+    /// Append `v`. The inline slots fill first (`len` counts them and stays
+    /// at `N` once they are full); the push past them moves all items to
+    /// the heap, where later pushes go.
     #[inline]
     pub(crate) fn push(&mut self, v: T) {
-        if self.more.is_empty() && self.len < self.buf.len() {
+        if self.len < N {
             self.buf[self.len] = v;
             self.len += 1;
         } else {
-            if self.more.is_empty() {
-                self.more.extend_from_slice(&self.buf[..self.len]);
-            }
-            self.more.push(v);
+            self.spill(v);
         }
+    }
+
+    /// A push past the inline slots.
+    #[cold]
+    #[inline(never)]
+    fn spill(&mut self, v: T) {
+        if self.more.is_empty() {
+            self.more.extend_from_slice(&self.buf);
+        }
+        self.more.push(v);
     }
 
     #[inline]

@@ -102,7 +102,35 @@ impl Window {
     }
 
     /// Check the invariants a store relies on. Returns a reason on failure.
+    ///
+    /// Run on every op of every batch: the common valid case is a few
+    /// compares inline, and only a bad window builds its reason.
+    #[inline]
     pub(crate) fn validate(&self) -> Result<(), String> {
+        let valid = match *self {
+            Window::Calendar {
+                utc_offset_secs, ..
+            } => utc_offset_secs.unsigned_abs() < 86_400 && utc_offset_secs % 60 == 0,
+            Window::Rolling { span_secs, buckets } => {
+                buckets != 0
+                    && span_secs != 0
+                    && span_secs <= MAX_SPAN_SECS
+                    && buckets <= MAX_BUCKETS
+                    && span_secs % u64::from(buckets) == 0
+            }
+            Window::Lifetime | Window::Concurrent => true,
+        };
+        if valid {
+            Ok(())
+        } else {
+            self.invalid_reason()
+        }
+    }
+
+    /// The reason [`Window::validate`] gives for an invalid window.
+    #[cold]
+    #[inline(never)]
+    fn invalid_reason(&self) -> Result<(), String> {
         match *self {
             Window::Calendar {
                 utc_offset_secs, ..
@@ -434,5 +462,47 @@ mod tests {
             buckets: 0,
         };
         assert!(w.validate().unwrap_err().contains("at least one bucket"));
+    }
+
+    #[test]
+    fn quick_validation_agrees_with_the_reasons() {
+        let mut windows = vec![Window::Lifetime, Window::Concurrent];
+        for period in [Period::Day, Period::Week, Period::Month] {
+            for utc_offset_secs in [
+                0,
+                60,
+                -60,
+                59,
+                32_400,
+                -86_340,
+                86_399,
+                86_400,
+                -86_400,
+                i32::MIN,
+                i32::MAX,
+            ] {
+                windows.push(Window::Calendar {
+                    period,
+                    utc_offset_secs,
+                });
+            }
+        }
+        for span_secs in [
+            0,
+            1,
+            60,
+            100,
+            604_800,
+            MAX_SPAN_SECS,
+            MAX_SPAN_SECS + 1,
+            u64::MAX,
+        ] {
+            for buckets in [0, 1, 7, 60, 168, MAX_BUCKETS, MAX_BUCKETS + 1, u32::MAX] {
+                windows.push(Window::Rolling { span_secs, buckets });
+            }
+        }
+        for w in windows {
+            assert_eq!(w.validate().is_ok(), w.invalid_reason().is_ok(), "{w:?}");
+        }
     }
 }

@@ -62,10 +62,11 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
             Ok(o) => o,
             Err(refused) => return Ok(Err(refused)),
         };
-        let (ops, limits) = self.ops_for(&o.p, request.model, Shape::Reserve);
+        let list = self.ops_for(&o.p, request.model, Shape::Reserve);
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let cooldowns = self.cooldowns_for(&o.p, request.model, None);
-        let applied = self.apply_async(&o.batch(&ops, &cooldowns)).await?;
-        Ok(self.opened(request, &o, &ops, &limits, &applied, &cooldowns))
+        let applied = self.apply_async(&o.batch(ops, &cooldowns)).await?;
+        Ok(self.opened(request, &o, ops, limits, &applied, &cooldowns))
     }
 
     /// [`Engine::renew`] on an async store.
@@ -101,11 +102,12 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         }
         let p = self.prepare_for(reservation, more)?;
         let now = self.clock.now();
-        let (ops, limits) = self.ops_for(&p, reservation.model.as_deref(), Shape::Usage);
+        let list = self.ops_for(&p, reservation.model.as_deref(), Shape::Usage);
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Grow);
-        let batch = Batch::new(&ops, Mode::Force, now).with_lease(lease);
+        let batch = Batch::new(ops, Mode::Force, now).with_lease(lease);
         let applied = self.apply_async(&batch).await?;
-        let decision = self.finish(Call::Grow, more, &p, &ops, &limits, &applied, &[], now);
+        let decision = self.finish(Call::Grow, more, &p, ops, limits, &applied, &[], now);
         for &(i, n) in &p.amounts {
             match reservation.held.iter_mut().find(|(j, _, _)| *j == i) {
                 Some((_, _, h)) => *h = h.saturating_add(n),
@@ -186,25 +188,26 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         failed: Option<()>,
     ) -> Result<Decision, Error> {
         let now = self.clock.now();
-        let (ops, limits) = self.ops_for(
+        let list = self.ops_for(
             p,
             reservation.model.as_deref(),
             Shape::Settle(&reservation.held),
         );
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let start = failed.map(|()| now);
         let cooldowns = self.cooldowns_for(p, reservation.model.as_deref(), start);
         let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Settle { keep });
         let fp;
-        let mut batch = Batch::new(&ops, Mode::Force, now)
+        let mut batch = Batch::new(ops, Mode::Force, now)
             .with_lease(lease)
             .with_cooldowns(&cooldowns);
         if let Some(id) = request.event {
-            fp = fingerprint(call, Some(reservation.id), &ops);
+            fp = fingerprint(call, Some(reservation.id), ops);
             batch = batch.with_event(EventKey::new(id, fp));
         }
         let applied = self.apply_async(&batch).await?;
         let at = applied.replayed_at.unwrap_or(now);
-        Ok(self.finish(call, request, p, &ops, &limits, &applied, &[], at))
+        Ok(self.finish(call, request, p, ops, limits, &applied, &[], at))
     }
 
     async fn decide_async(&self, req: &Request<'_>, call: Call) -> Result<Decision, Error> {
@@ -215,7 +218,8 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
                 return Ok(decision);
             }
         }
-        let (ops, limits) = self.ops_for(&p, req.model, Shape::Usage);
+        let list = self.ops_for(&p, req.model, Shape::Usage);
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let cooldowns = if call == Call::Record {
             Vec::new()
         } else {
@@ -227,9 +231,9 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
             _ => Mode::Force,
         };
         let fp;
-        let mut batch = Batch::new(&ops, mode, now).with_cooldowns(&cooldowns);
+        let mut batch = Batch::new(ops, mode, now).with_cooldowns(&cooldowns);
         if let (Some(id), Call::Admit | Call::Record) = (req.event, call) {
-            fp = fingerprint(call, None, &ops);
+            fp = fingerprint(call, None, ops);
             batch = batch.with_event(EventKey::new(id, fp));
         }
         let applied = match self.apply_async(&batch).await {
@@ -242,7 +246,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
             Err(e) => return Err(e),
         };
         let at = applied.replayed_at.unwrap_or(now);
-        let mut decision = self.finish_quiet(call, &p, &ops, &limits, &applied, &cooldowns, at);
+        let mut decision = self.finish_quiet(call, &p, ops, limits, &applied, &cooldowns, at);
         if let Some(reason) = p.model_refused.clone() {
             decision.status = Status::Exceeded;
             decision.allowed = false;
