@@ -1971,6 +1971,41 @@ mod tests {
         assert_eq!(std::mem::size_of::<Counter>(), 24);
     }
 
+    #[test]
+    fn a_scope_key_is_three_words_and_keeps_its_kind_exactly() {
+        use crate::store::ScopeKind;
+        assert_eq!(std::mem::size_of::<ScopeKey>(), 24);
+        let (s, p) = (ScopeKey::subject("a"), ScopeKey::pool("a"));
+        assert_ne!(s, p);
+        assert_eq!((s.kind(), p.kind()), (ScopeKind::Subject, ScopeKind::Pool));
+        assert_eq!((s.id(), p.id()), ("a", "a"));
+        assert_ne!(s.hash_value(), p.hash_value());
+        // Equal ids of equal kind are equal, through distinct allocations.
+        let s2 = ScopeKey::subject(String::from("a"));
+        assert_eq!(s, s2);
+        assert_eq!(s.hash_value(), s2.hash_value());
+        assert_eq!(ScopeKey::pool("a"), p);
+        assert_ne!(ScopeKey::subject("b"), s);
+        // Both kinds in one map stay apart.
+        let mut m: ScopeMap<u8> = ScopeMap::default();
+        m.insert(s.clone(), 1);
+        m.insert(p.clone(), 2);
+        assert_eq!((m.get(&s2), m.get(&p), m.len()), (Some(&1), Some(&2), 2));
+        assert!(s < p, "subjects sort before pools");
+        assert_eq!(format!("{s} {p}"), "subject:a pool:a");
+        // Many ids of both kinds: no two keys of different kind compare
+        // equal, and the kind survives a serde round trip.
+        for i in 0..1_000 {
+            let id = i.to_string();
+            let (s, p) = (ScopeKey::subject(id.as_str()), ScopeKey::pool(id.as_str()));
+            assert_ne!(s, p);
+            assert_eq!((s.kind(), p.kind()), (ScopeKind::Subject, ScopeKind::Pool));
+            let back: ScopeKey = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+            assert_eq!(back, p);
+            assert_eq!(back.hash_value(), p.hash_value());
+        }
+    }
+
     fn at(h: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 1, 1, h, 0, 0).unwrap()
     }
