@@ -176,10 +176,18 @@ fn with_holds<R>(
 
 /// Drop the holds of `(scope, key)` that expired by `now_ms`; returns what
 /// is still held.
+#[inline]
 fn expire_holds(holds: &mut HoldMap, scope: &ScopeKey, key: KeyId, now_ms: i64) -> u64 {
+    // Only reservations make holds: most shards have none, and pay for
+    // this test alone, inlined, rather than a call.
     if holds.is_empty() {
         return 0;
     }
+    expire_some_holds(holds, scope, key, now_ms)
+}
+
+#[inline(never)]
+fn expire_some_holds(holds: &mut HoldMap, scope: &ScopeKey, key: KeyId, now_ms: i64) -> u64 {
     with_holds(holds, scope, key, |h| {
         h.expire(now_ms);
         h.total
@@ -236,6 +244,7 @@ struct Keys(Vec<(Arc<str>, Window)>);
 impl Keys {
     /// The key of `(meter, window)`, trying index `hint` first: a batch's
     /// ops come in the order their keys were first made.
+    #[inline]
     fn find(&self, meter: &str, window: Window, hint: usize) -> Option<KeyId> {
         let is = |(m, w): &(Arc<str>, Window)| *w == window && **m == *meter;
         let i = match self.0.get(hint) {
@@ -1151,19 +1160,26 @@ const NONE: usize = usize::MAX;
 
 /// The counter shards a batch holds, in ascending order.
 struct Locked<'s> {
-    order: Inline<usize>,
-    /// The lowest shard's guard, then the others (most batches lock one).
+    /// The lowest shard's id and guard (most batches lock only it; `None`
+    /// for a batch that names no shard).
+    first_id: usize,
     first: Option<MutexGuard<'s, Shard>>,
-    rest: Vec<MutexGuard<'s, Shard>>,
+    /// The others, by ascending id.
+    rest: Vec<(usize, MutexGuard<'s, Shard>)>,
 }
 
 impl Locked<'_> {
     fn shard(&mut self, shard_id: usize) -> &mut Shard {
         // Every shard a batch names was locked up front.
-        let i = self.order.as_slice().binary_search(&shard_id).unwrap_or(0);
-        match (i, &mut self.first) {
-            (0, Some(g)) => g,
-            _ => &mut self.rest[i - 1],
+        match (&mut self.first, shard_id == self.first_id) {
+            (Some(g), true) => g,
+            _ => {
+                let i = self
+                    .rest
+                    .binary_search_by_key(&shard_id, |(id, _)| *id)
+                    .unwrap_or(0);
+                &mut self.rest[i].1
+            }
         }
     }
 }
@@ -1521,28 +1537,41 @@ impl AllowanceStore for MemoryStore {
             .chain(&cooldown_shards)
             .chain(&hold_shards)
             .copied();
-        let mut order: Inline<usize> = Inline::new();
+        let mut locked = Locked {
+            first_id: 0,
+            first: None,
+            rest: Vec::new(),
+        };
         match ids.clone().next() {
-            // Most batches name one scope, so one shard.
-            Some(f) if ids.clone().all(|i| i == f) => order.push(f),
-            _ => {
+            // Most batches name one scope, so one shard: nothing to sort.
+            Some(f) if ids.clone().all(|i| i == f) => {
+                locked.first_id = f;
+                locked.first = Some(self.shards[f].lock());
+            }
+            Some(_) => {
                 let mut all: Inline<usize> = Inline::new();
                 for i in ids {
                     all.push(i);
                 }
                 all.as_mut_slice().sort_unstable();
-                for &i in all.as_slice() {
-                    if order.as_slice().last() != Some(&i) {
-                        order.push(i);
+                let (&f, others) = all.as_slice().split_first().unwrap_or((&0, &[]));
+                locked.first_id = f;
+                locked.first = Some(self.shards[f].lock());
+                let mut last = f;
+                for &i in others {
+                    if i != last {
+                        locked.rest.push((i, self.shards[i].lock()));
+                        last = i;
                     }
                 }
             }
+            None => {}
         }
-        let mut shards_in_order = order.as_slice().iter().map(|&i| self.shards[i].lock());
-        let first = shards_in_order.next();
-        let rest = shards_in_order.collect();
-        let mut locked = Locked { order, first, rest };
-        for sh in locked.first.iter_mut().chain(&mut locked.rest) {
+        for sh in locked
+            .first
+            .iter_mut()
+            .chain(locked.rest.iter_mut().map(|(_, g)| g))
+        {
             if sh.keys.0.len() >= KEYS_HIGH_WATER {
                 sh.compact_keys();
             }
@@ -1854,8 +1883,8 @@ impl AllowanceStore for MemoryStore {
         // Count the batch on the first shard it holds (no counter shared by
         // every thread); every SWEEP_EVERY, sweep a shard in turn once the
         // locks are released.
-        let sweep_turn = locked.order.as_slice().first().copied().and_then(|first| {
-            let shard = locked.shard(first);
+        let first = locked.first_id;
+        let sweep_turn = locked.first.as_deref_mut().and_then(|shard| {
             shard.batches += 1;
             let period = SWEEP_EVERY.max(SWEEP_BATCHES_PER_SCOPE * shard.scopes.len() as u64);
             (shard.batches >= period).then(|| {
@@ -1962,7 +1991,7 @@ fn add_usage(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{CounterOp, EventKey, LeaseOp};
+    use crate::store::{CooldownOp, CounterOp, EventKey, LeaseOp};
     use crate::window::Period;
     use chrono::TimeZone;
 
@@ -2206,6 +2235,49 @@ mod tests {
             }
         };
         (store, run)
+    }
+
+    #[test]
+    fn a_batch_over_many_shards_locks_each_once_and_finds_every_counter() {
+        // Scopes spread over most of 8 shards, in no order, several per
+        // shard, plus a cooldown on a shard no op names.
+        let store = MemoryStore::with_shards(8);
+        let scopes: Vec<ScopeKey> = (0..12)
+            .map(|i| match i % 3 {
+                0 => ScopeKey::pool(format!("p{i}")),
+                _ => ScopeKey::subject(format!("s{i}")),
+            })
+            .collect();
+        let cooled = (0..100)
+            .map(|i| ScopeKey::subject(format!("c{i}")))
+            .find(|c| {
+                scopes
+                    .iter()
+                    .all(|s| store.shard_of(s) != store.shard_of(c))
+            })
+            .expect("a scope on another shard");
+        let ops: Vec<CounterOp<'_>> = scopes
+            .iter()
+            .map(|s| CounterOp {
+                scope: s,
+                meter: "t",
+                window: Window::calendar(Period::Day),
+                delta: 2,
+                max: Some(3),
+            })
+            .collect();
+        let cool = [CooldownOp::new(&cooled, Some(at(5)))];
+        let mut batch = Batch::new(&ops, Mode::WithinLimits, at(0));
+        batch.cooldowns = &cool;
+        let first = store.apply(&batch).unwrap();
+        assert!(first.applied);
+        assert!(first.counters.iter().all(|c| c.used == 2));
+        assert_eq!(first.cooldowns, vec![Some(at(5))]);
+        // The cooldown now runs: nothing fits, and every counter reads 2.
+        let second = store.apply(&batch).unwrap();
+        assert!(!second.applied);
+        assert!(second.counters.iter().all(|c| c.used == 2));
+        assert_eq!(store.counter_count(), scopes.len());
     }
 
     #[test]
