@@ -256,6 +256,7 @@ impl Keys {
 
     /// The key of `(meter, window)`, added if new; `None` when the shard
     /// already has `KeyId::MAX + 1` keys.
+    #[inline]
     fn intern(&mut self, meter: &str, window: Window, hint: usize) -> Option<KeyId> {
         if let Some(k) = self.find(meter, window, hint) {
             return Some(k);
