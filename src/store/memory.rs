@@ -48,8 +48,9 @@ const SNAPSHOT_VERSION: u32 = 1;
 /// counter's buckets (8 bytes each) are one more allocation, with its head
 /// and total in front. Holds, which only reservations make, live in a
 /// per-shard side table. For a plan of four limits, one of them rolling over
-/// 168 buckets, a subject's counters take about 175–215 bytes beside its 169
-/// bucket slots; the spread is the map's growth slack.
+/// 168 buckets, a subject's counters take about 165–200 bytes beside its 169
+/// bucket slots (a map slot is a 24-byte scope key and the 16-byte counter
+/// list); the spread is the map's growth slack.
 ///
 /// Counters that read zero and hold nothing (a calendar period that has
 /// ended, a rolling window whose buckets have all left, holds that expired)
