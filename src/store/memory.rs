@@ -247,11 +247,20 @@ impl Keys {
     /// ops come in the order their keys were first made.
     #[inline]
     fn find(&self, meter: &str, window: Window, hint: usize) -> Option<KeyId> {
-        let is = |(m, w): &(Arc<str>, Window)| *w == window && **m == *meter;
-        let i = match self.0.get(hint) {
-            Some(e) if is(e) => hint,
-            _ => self.0.iter().position(is)?,
-        };
+        // The hint inline (it is right for every op of a usual batch), the
+        // scan out of line.
+        match self.0.get(hint) {
+            Some((m, w)) if *w == window && **m == *meter => KeyId::try_from(hint).ok(),
+            _ => self.scan(meter, window),
+        }
+    }
+
+    #[inline(never)]
+    fn scan(&self, meter: &str, window: Window) -> Option<KeyId> {
+        let i = self
+            .0
+            .iter()
+            .position(|(m, w)| *w == window && **m == *meter)?;
         KeyId::try_from(i).ok()
     }
 
