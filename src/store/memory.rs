@@ -1551,15 +1551,16 @@ impl AllowanceStore for MemoryStore {
         for op in ops {
             op_shards.push(self.shard_of(op.scope));
         }
-        let cooldown_shards: Vec<usize> = batch
-            .cooldowns
-            .iter()
-            .map(|c| self.shard_of(c.scope))
-            .collect();
-        let hold_shards: Vec<usize> = lease_holds
-            .iter()
-            .map(|h| self.shard_of(&h.scope))
-            .collect();
+        // Most batches have no cooldowns and no lease holds: skip the
+        // (out of line) collect of an empty list.
+        let cooldown_shards: Vec<usize> = match batch.cooldowns {
+            [] => Vec::new(),
+            cs => cs.iter().map(|c| self.shard_of(c.scope)).collect(),
+        };
+        let hold_shards: Vec<usize> = match lease_holds.as_slice() {
+            [] => Vec::new(),
+            hs => hs.iter().map(|h| self.shard_of(&h.scope)).collect(),
+        };
         let ids = op_shards
             .as_slice()
             .iter()
@@ -1928,7 +1929,11 @@ impl AllowanceStore for MemoryStore {
             applied,
             counters,
             settled,
-            cooldowns: cooling.into_iter().map(|u| u.map(ms_to_time)).collect(),
+            cooldowns: if cooling.is_empty() {
+                Vec::new()
+            } else {
+                cooling.into_iter().map(|u| u.map(ms_to_time)).collect()
+            },
             replayed_at: None,
         };
         if let (Some(mut guard), Some(ev)) = (ledger, batch.event) {
