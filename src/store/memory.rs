@@ -268,9 +268,15 @@ impl Keys {
     /// already has `KeyId::MAX + 1` keys.
     #[inline]
     fn intern(&mut self, meter: &str, window: Window, hint: usize) -> Option<KeyId> {
-        if let Some(k) = self.find(meter, window, hint) {
-            return Some(k);
+        match self.find(meter, window, hint) {
+            Some(k) => Some(k),
+            None => self.add(meter, window),
         }
+    }
+
+    /// Add `(meter, window)`, known to be new; out of line, as it is rare.
+    #[inline(never)]
+    fn add(&mut self, meter: &str, window: Window) -> Option<KeyId> {
         let k = KeyId::try_from(self.0.len()).ok()?;
         self.0.push((Arc::from(meter), window));
         Some(k)
