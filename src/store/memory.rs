@@ -1102,6 +1102,7 @@ struct Times {
 }
 
 impl Times {
+    #[inline]
     fn at(&mut self, ms: i64, shown: &mut Shown) -> DateTime<Utc> {
         let slot = &mut shown.0[((ms as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize];
         if slot.0 != ms {
@@ -1110,6 +1111,8 @@ impl Times {
         slot.1
     }
 
+    // Out of line, so the cache probe in `at` inlines into its callers.
+    #[inline(never)]
     fn convert(&mut self, ms: i64) -> DateTime<Utc> {
         let day = ms.div_euclid(DAY_MS);
         let date = self.base.and_then(|(d0, date0)| {
