@@ -228,6 +228,9 @@ struct Shard {
     cooldowns: ScopeMap<i64>,
     /// Instants reported lately, as `DateTime`s.
     shown: Shown,
+    /// The date the shard's last conversion started from, kept across
+    /// batches so a report seldom converts from scratch.
+    times: Times,
     /// Batches that locked this shard first since it last triggered a
     /// sweep; at `SWEEP_EVERY` or 4 per scope it holds, whichever is more,
     /// one shard (round robin) is swept.
@@ -1095,8 +1098,9 @@ impl Default for Shown {
 /// instants of one report: one the shard showed lately is copied; otherwise
 /// the first date is found from scratch (a 400-year cycle division), the
 /// next ones by a day offset from it, which within a year is a few
-/// instructions.
-#[derive(Default)]
+/// instructions. Any base gives the same answers, so a shard keeps one
+/// across batches.
+#[derive(Debug, Default)]
 struct Times {
     base: Option<(i64, NaiveDate)>,
 }
@@ -1124,9 +1128,15 @@ impl Times {
             }
         });
         let Some(date) = date else {
-            let t = ms_to_time(ms);
-            self.base = Some((day, t.date_naive()));
-            return t;
+            // Only a time in range is a base: a clamped one's date is not
+            // its day's.
+            return match DateTime::from_timestamp_millis(ms) {
+                Some(t) => {
+                    self.base = Some((day, t.date_naive()));
+                    t
+                }
+                None => ms_to_time(ms),
+            };
         };
         let in_day = ms.rem_euclid(DAY_MS);
         // `in_day` is in [0, 86_400_000): both parts are in range.
@@ -1895,7 +1905,6 @@ impl AllowanceStore for MemoryStore {
 
         // Phase 3: report.
         let mut counters = Vec::with_capacity(ops.len());
-        let mut times = Times::default();
         // When applied, the delta is already in `used` or `held`; ask about
         // a zero delta so `available_at` is not set for a fitting op.
         let delta_of = |op: &CounterOp<'_>| if applied { 0 } else { op.delta };
@@ -1905,6 +1914,7 @@ impl AllowanceStore for MemoryStore {
                 scopes,
                 holds,
                 shown,
+                times,
                 ..
             } = locked.shard(op_shards[i]);
             let list: &[Counter] = scopes.get(ops[i].scope).map_or(&[], |c| c);
@@ -2575,6 +2585,16 @@ mod tests {
             let mut times = Times::default();
             for &ms in samples.iter().chain(samples.iter().rev()) {
                 assert_eq!(times.at(ms, &mut shown), ms_to_time(ms), "{ms}");
+            }
+        }
+        // One base kept across every sample, as a shard keeps it, from
+        // either end of the range.
+        for first in [i64::MIN, 0, i64::MAX] {
+            let (mut shown, mut times) = (Shown::default(), Times::default());
+            times.at(first, &mut shown);
+            for &ms in samples.iter().chain(samples.iter().rev()) {
+                assert_eq!(times.convert(ms), ms_to_time(ms), "{first} {ms}");
+                assert_eq!(times.at(ms, &mut shown), ms_to_time(ms), "{first} {ms}");
             }
         }
     }
