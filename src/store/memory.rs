@@ -48,8 +48,9 @@ const SNAPSHOT_VERSION: u32 = 1;
 /// counter's buckets (8 bytes each) are one more allocation, with its head
 /// and total in front. Holds, which only reservations make, live in a
 /// per-shard side table. For a plan of four limits, one of them rolling over
-/// 168 buckets, a subject's counters take about 175–215 bytes beside its 169
-/// bucket slots; the spread is the map's growth slack.
+/// 168 buckets, a subject's counters take about 165–200 bytes beside its 169
+/// bucket slots (a map slot is a 24-byte scope key and the 16-byte counter
+/// list); the spread is the map's growth slack.
 ///
 /// Counters that read zero and hold nothing (a calendar period that has
 /// ended, a rolling window whose buckets have all left, holds that expired)
@@ -176,10 +177,18 @@ fn with_holds<R>(
 
 /// Drop the holds of `(scope, key)` that expired by `now_ms`; returns what
 /// is still held.
+#[inline]
 fn expire_holds(holds: &mut HoldMap, scope: &ScopeKey, key: KeyId, now_ms: i64) -> u64 {
+    // Only reservations make holds: most shards have none, and pay for
+    // this test alone, inlined, rather than a call.
     if holds.is_empty() {
         return 0;
     }
+    expire_some_holds(holds, scope, key, now_ms)
+}
+
+#[inline(never)]
+fn expire_some_holds(holds: &mut HoldMap, scope: &ScopeKey, key: KeyId, now_ms: i64) -> u64 {
     with_holds(holds, scope, key, |h| {
         h.expire(now_ms);
         h.total
@@ -219,6 +228,9 @@ struct Shard {
     cooldowns: ScopeMap<i64>,
     /// Instants reported lately, as `DateTime`s.
     shown: Shown,
+    /// The date the shard's last conversion started from, kept across
+    /// batches so a report seldom converts from scratch.
+    times: Times,
     /// Batches that locked this shard first since it last triggered a
     /// sweep; at `SWEEP_EVERY` or 4 per scope it holds, whichever is more,
     /// one shard (round robin) is swept.
@@ -236,21 +248,38 @@ struct Keys(Vec<(Arc<str>, Window)>);
 impl Keys {
     /// The key of `(meter, window)`, trying index `hint` first: a batch's
     /// ops come in the order their keys were first made.
+    #[inline]
     fn find(&self, meter: &str, window: Window, hint: usize) -> Option<KeyId> {
-        let is = |(m, w): &(Arc<str>, Window)| *w == window && **m == *meter;
-        let i = match self.0.get(hint) {
-            Some(e) if is(e) => hint,
-            _ => self.0.iter().position(is)?,
-        };
+        // The hint inline (it is right for every op of a usual batch), the
+        // scan out of line.
+        match self.0.get(hint) {
+            Some((m, w)) if *w == window && **m == *meter => KeyId::try_from(hint).ok(),
+            _ => self.scan(meter, window),
+        }
+    }
+
+    #[inline(never)]
+    fn scan(&self, meter: &str, window: Window) -> Option<KeyId> {
+        let i = self
+            .0
+            .iter()
+            .position(|(m, w)| *w == window && **m == *meter)?;
         KeyId::try_from(i).ok()
     }
 
     /// The key of `(meter, window)`, added if new; `None` when the shard
     /// already has `KeyId::MAX + 1` keys.
+    #[inline]
     fn intern(&mut self, meter: &str, window: Window, hint: usize) -> Option<KeyId> {
-        if let Some(k) = self.find(meter, window, hint) {
-            return Some(k);
+        match self.find(meter, window, hint) {
+            Some(k) => Some(k),
+            None => self.add(meter, window),
         }
+    }
+
+    /// Add `(meter, window)`, known to be new; out of line, as it is rare.
+    #[inline(never)]
+    fn add(&mut self, meter: &str, window: Window) -> Option<KeyId> {
         let k = KeyId::try_from(self.0.len()).ok()?;
         self.0.push((Arc::from(meter), window));
         Some(k)
@@ -691,7 +720,25 @@ impl Counter {
     }
 
     /// Roll the counter (of `window`) forward to `now_ms`.
+    #[inline]
     fn advance(&mut self, window: Window, now_ms: i64) {
+        // Inlined for the usual answer, nothing to do: a calendar counter
+        // within its period, a lifetime or concurrent counter.
+        match *self {
+            Counter::Calendar {
+                len_ms,
+                start,
+                used,
+                ..
+            } if now_ms < start.saturating_add(i64::from(len_ms))
+                && (now_ms >= start || used > 0) => {}
+            Counter::Lifetime { .. } | Counter::Concurrent { .. } => {}
+            _ => self.roll(window, now_ms),
+        }
+    }
+
+    #[inline(never)]
+    fn roll(&mut self, window: Window, now_ms: i64) {
         match (self, window) {
             (
                 Counter::Calendar {
@@ -1051,13 +1098,15 @@ impl Default for Shown {
 /// instants of one report: one the shard showed lately is copied; otherwise
 /// the first date is found from scratch (a 400-year cycle division), the
 /// next ones by a day offset from it, which within a year is a few
-/// instructions.
-#[derive(Default)]
+/// instructions. Any base gives the same answers, so a shard keeps one
+/// across batches.
+#[derive(Debug, Default)]
 struct Times {
     base: Option<(i64, NaiveDate)>,
 }
 
 impl Times {
+    #[inline]
     fn at(&mut self, ms: i64, shown: &mut Shown) -> DateTime<Utc> {
         let slot = &mut shown.0[((ms as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize];
         if slot.0 != ms {
@@ -1066,6 +1115,8 @@ impl Times {
         slot.1
     }
 
+    // Out of line, so the cache probe in `at` inlines into its callers.
+    #[inline(never)]
     fn convert(&mut self, ms: i64) -> DateTime<Utc> {
         let day = ms.div_euclid(DAY_MS);
         let date = self.base.and_then(|(d0, date0)| {
@@ -1077,9 +1128,15 @@ impl Times {
             }
         });
         let Some(date) = date else {
-            let t = ms_to_time(ms);
-            self.base = Some((day, t.date_naive()));
-            return t;
+            // Only a time in range is a base: a clamped one's date is not
+            // its day's.
+            return match DateTime::from_timestamp_millis(ms) {
+                Some(t) => {
+                    self.base = Some((day, t.date_naive()));
+                    t
+                }
+                None => ms_to_time(ms),
+            };
         };
         let in_day = ms.rem_euclid(DAY_MS);
         // `in_day` is in [0, 86_400_000): both parts are in range.
@@ -1151,19 +1208,26 @@ const NONE: usize = usize::MAX;
 
 /// The counter shards a batch holds, in ascending order.
 struct Locked<'s> {
-    order: Inline<usize>,
-    /// The lowest shard's guard, then the others (most batches lock one).
+    /// The lowest shard's id and guard (most batches lock only it; `None`
+    /// for a batch that names no shard).
+    first_id: usize,
     first: Option<MutexGuard<'s, Shard>>,
-    rest: Vec<MutexGuard<'s, Shard>>,
+    /// The others, by ascending id.
+    rest: Vec<(usize, MutexGuard<'s, Shard>)>,
 }
 
 impl Locked<'_> {
     fn shard(&mut self, shard_id: usize) -> &mut Shard {
         // Every shard a batch names was locked up front.
-        let i = self.order.as_slice().binary_search(&shard_id).unwrap_or(0);
-        match (i, &mut self.first) {
-            (0, Some(g)) => g,
-            _ => &mut self.rest[i - 1],
+        match (&mut self.first, shard_id == self.first_id) {
+            (Some(g), true) => g,
+            _ => {
+                let i = self
+                    .rest
+                    .binary_search_by_key(&shard_id, |(id, _)| *id)
+                    .unwrap_or(0);
+                &mut self.rest[i].1
+            }
         }
     }
 }
@@ -1506,43 +1570,57 @@ impl AllowanceStore for MemoryStore {
         for op in ops {
             op_shards.push(self.shard_of(op.scope));
         }
-        let cooldown_shards: Vec<usize> = batch
-            .cooldowns
-            .iter()
-            .map(|c| self.shard_of(c.scope))
-            .collect();
-        let hold_shards: Vec<usize> = lease_holds
-            .iter()
-            .map(|h| self.shard_of(&h.scope))
-            .collect();
+        // Most batches have no cooldowns and no lease holds: skip the
+        // (out of line) collect of an empty list.
+        let cooldown_shards: Vec<usize> = match batch.cooldowns {
+            [] => Vec::new(),
+            cs => cs.iter().map(|c| self.shard_of(c.scope)).collect(),
+        };
+        let hold_shards: Vec<usize> = match lease_holds.as_slice() {
+            [] => Vec::new(),
+            hs => hs.iter().map(|h| self.shard_of(&h.scope)).collect(),
+        };
         let ids = op_shards
             .as_slice()
             .iter()
             .chain(&cooldown_shards)
             .chain(&hold_shards)
             .copied();
-        let mut order: Inline<usize> = Inline::new();
+        let mut locked = Locked {
+            first_id: 0,
+            first: None,
+            rest: Vec::new(),
+        };
         match ids.clone().next() {
-            // Most batches name one scope, so one shard.
-            Some(f) if ids.clone().all(|i| i == f) => order.push(f),
-            _ => {
+            // Most batches name one scope, so one shard: nothing to sort.
+            Some(f) if ids.clone().all(|i| i == f) => {
+                locked.first_id = f;
+                locked.first = Some(self.shards[f].lock());
+            }
+            Some(_) => {
                 let mut all: Inline<usize> = Inline::new();
                 for i in ids {
                     all.push(i);
                 }
                 all.as_mut_slice().sort_unstable();
-                for &i in all.as_slice() {
-                    if order.as_slice().last() != Some(&i) {
-                        order.push(i);
+                let (&f, others) = all.as_slice().split_first().unwrap_or((&0, &[]));
+                locked.first_id = f;
+                locked.first = Some(self.shards[f].lock());
+                let mut last = f;
+                for &i in others {
+                    if i != last {
+                        locked.rest.push((i, self.shards[i].lock()));
+                        last = i;
                     }
                 }
             }
+            None => {}
         }
-        let mut shards_in_order = order.as_slice().iter().map(|&i| self.shards[i].lock());
-        let first = shards_in_order.next();
-        let rest = shards_in_order.collect();
-        let mut locked = Locked { order, first, rest };
-        for sh in locked.first.iter_mut().chain(&mut locked.rest) {
+        for sh in locked
+            .first
+            .iter_mut()
+            .chain(locked.rest.iter_mut().map(|(_, g)| g))
+        {
             if sh.keys.0.len() >= KEYS_HIGH_WATER {
                 sh.compact_keys();
             }
@@ -1827,7 +1905,6 @@ impl AllowanceStore for MemoryStore {
 
         // Phase 3: report.
         let mut counters = Vec::with_capacity(ops.len());
-        let mut times = Times::default();
         // When applied, the delta is already in `used` or `held`; ask about
         // a zero delta so `available_at` is not set for a fitting op.
         let delta_of = |op: &CounterOp<'_>| if applied { 0 } else { op.delta };
@@ -1837,6 +1914,7 @@ impl AllowanceStore for MemoryStore {
                 scopes,
                 holds,
                 shown,
+                times,
                 ..
             } = locked.shard(op_shards[i]);
             let list: &[Counter] = scopes.get(ops[i].scope).map_or(&[], |c| c);
@@ -1854,8 +1932,8 @@ impl AllowanceStore for MemoryStore {
         // Count the batch on the first shard it holds (no counter shared by
         // every thread); every SWEEP_EVERY, sweep a shard in turn once the
         // locks are released.
-        let sweep_turn = locked.order.as_slice().first().copied().and_then(|first| {
-            let shard = locked.shard(first);
+        let first = locked.first_id;
+        let sweep_turn = locked.first.as_deref_mut().and_then(|shard| {
             shard.batches += 1;
             let period = SWEEP_EVERY.max(SWEEP_BATCHES_PER_SCOPE * shard.scopes.len() as u64);
             (shard.batches >= period).then(|| {
@@ -1870,7 +1948,11 @@ impl AllowanceStore for MemoryStore {
             applied,
             counters,
             settled,
-            cooldowns: cooling.into_iter().map(|u| u.map(ms_to_time)).collect(),
+            cooldowns: if cooling.is_empty() {
+                Vec::new()
+            } else {
+                cooling.into_iter().map(|u| u.map(ms_to_time)).collect()
+            },
             replayed_at: None,
         };
         if let (Some(mut guard), Some(ev)) = (ledger, batch.event) {
@@ -1962,13 +2044,48 @@ fn add_usage(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{CounterOp, EventKey, LeaseOp};
+    use crate::store::{CooldownOp, CounterOp, EventKey, LeaseOp};
     use crate::window::Period;
     use chrono::TimeZone;
 
     #[test]
     fn a_counter_is_three_words() {
         assert_eq!(std::mem::size_of::<Counter>(), 24);
+    }
+
+    #[test]
+    fn a_scope_key_is_three_words_and_keeps_its_kind_exactly() {
+        use crate::store::ScopeKind;
+        assert_eq!(std::mem::size_of::<ScopeKey>(), 24);
+        let (s, p) = (ScopeKey::subject("a"), ScopeKey::pool("a"));
+        assert_ne!(s, p);
+        assert_eq!((s.kind(), p.kind()), (ScopeKind::Subject, ScopeKind::Pool));
+        assert_eq!((s.id(), p.id()), ("a", "a"));
+        assert_ne!(s.hash_value(), p.hash_value());
+        // Equal ids of equal kind are equal, through distinct allocations.
+        let s2 = ScopeKey::subject(String::from("a"));
+        assert_eq!(s, s2);
+        assert_eq!(s.hash_value(), s2.hash_value());
+        assert_eq!(ScopeKey::pool("a"), p);
+        assert_ne!(ScopeKey::subject("b"), s);
+        // Both kinds in one map stay apart.
+        let mut m: ScopeMap<u8> = ScopeMap::default();
+        m.insert(s.clone(), 1);
+        m.insert(p.clone(), 2);
+        assert_eq!((m.get(&s2), m.get(&p), m.len()), (Some(&1), Some(&2), 2));
+        assert!(s < p, "subjects sort before pools");
+        assert_eq!(format!("{s} {p}"), "subject:a pool:a");
+        // Many ids of both kinds: no two keys of different kind compare
+        // equal, and the kind survives a serde round trip.
+        for i in 0..1_000 {
+            let id = i.to_string();
+            let (s, p) = (ScopeKey::subject(id.as_str()), ScopeKey::pool(id.as_str()));
+            assert_ne!(s, p);
+            assert_eq!((s.kind(), p.kind()), (ScopeKind::Subject, ScopeKind::Pool));
+            let back: ScopeKey = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+            assert_eq!(back, p);
+            assert_eq!(back.hash_value(), p.hash_value());
+        }
     }
 
     fn at(h: u32) -> DateTime<Utc> {
@@ -2171,6 +2288,49 @@ mod tests {
             }
         };
         (store, run)
+    }
+
+    #[test]
+    fn a_batch_over_many_shards_locks_each_once_and_finds_every_counter() {
+        // Scopes spread over most of 8 shards, in no order, several per
+        // shard, plus a cooldown on a shard no op names.
+        let store = MemoryStore::with_shards(8);
+        let scopes: Vec<ScopeKey> = (0..12)
+            .map(|i| match i % 3 {
+                0 => ScopeKey::pool(format!("p{i}")),
+                _ => ScopeKey::subject(format!("s{i}")),
+            })
+            .collect();
+        let cooled = (0..100)
+            .map(|i| ScopeKey::subject(format!("c{i}")))
+            .find(|c| {
+                scopes
+                    .iter()
+                    .all(|s| store.shard_of(s) != store.shard_of(c))
+            })
+            .expect("a scope on another shard");
+        let ops: Vec<CounterOp<'_>> = scopes
+            .iter()
+            .map(|s| CounterOp {
+                scope: s,
+                meter: "t",
+                window: Window::calendar(Period::Day),
+                delta: 2,
+                max: Some(3),
+            })
+            .collect();
+        let cool = [CooldownOp::new(&cooled, Some(at(5)))];
+        let mut batch = Batch::new(&ops, Mode::WithinLimits, at(0));
+        batch.cooldowns = &cool;
+        let first = store.apply(&batch).unwrap();
+        assert!(first.applied);
+        assert!(first.counters.iter().all(|c| c.used == 2));
+        assert_eq!(first.cooldowns, vec![Some(at(5))]);
+        // The cooldown now runs: nothing fits, and every counter reads 2.
+        let second = store.apply(&batch).unwrap();
+        assert!(!second.applied);
+        assert!(second.counters.iter().all(|c| c.used == 2));
+        assert_eq!(store.counter_count(), scopes.len());
     }
 
     #[test]
@@ -2425,6 +2585,16 @@ mod tests {
             let mut times = Times::default();
             for &ms in samples.iter().chain(samples.iter().rev()) {
                 assert_eq!(times.at(ms, &mut shown), ms_to_time(ms), "{ms}");
+            }
+        }
+        // One base kept across every sample, as a shard keeps it, from
+        // either end of the range.
+        for first in [i64::MIN, 0, i64::MAX] {
+            let (mut shown, mut times) = (Shown::default(), Times::default());
+            times.at(first, &mut shown);
+            for &ms in samples.iter().chain(samples.iter().rev()) {
+                assert_eq!(times.convert(ms), ms_to_time(ms), "{first} {ms}");
+                assert_eq!(times.at(ms, &mut shown), ms_to_time(ms), "{first} {ms}");
             }
         }
     }

@@ -120,10 +120,18 @@ pub enum ScopeKind {
 /// shard and map entry without hashing the id again.
 #[derive(Clone)]
 pub struct ScopeKey {
-    kind: ScopeKind,
     id: Arc<str>,
-    hash: u64,
+    /// The hash of `(kind, id)` with bit [`KIND_BIT`] replaced by the kind
+    /// (set for a pool), so a key is three words, not four: a store's maps
+    /// hold millions of them.
+    word: u64,
 }
+
+/// The bit of [`ScopeKey::word`] that holds the kind: below the seven bits
+/// `hashbrown` tags entries with, above those a map of fewer than 2^56
+/// buckets indexes by, and of no weight in a shard index taken modulo a
+/// small count, so every bit a map or shard reads stays hashed.
+const KIND_BIT: u64 = 1 << 56;
 
 impl ScopeKey {
     fn new(kind: ScopeKind, id: Arc<str>) -> Self {
@@ -133,8 +141,14 @@ impl ScopeKey {
         let mut h = KEYS.get_or_init(Default::default).build_hasher();
         kind.hash(&mut h);
         id.hash(&mut h);
-        let hash = h.finish();
-        Self { kind, id, hash }
+        let flag = match kind {
+            ScopeKind::Subject => 0,
+            ScopeKind::Pool => KIND_BIT,
+        };
+        Self {
+            id,
+            word: (h.finish() & !KIND_BIT) | flag,
+        }
     }
 
     /// The scope of a subject.
@@ -149,7 +163,11 @@ impl ScopeKey {
 
     /// Subject or pool.
     pub fn kind(&self) -> ScopeKind {
-        self.kind
+        if self.word & KIND_BIT == 0 {
+            ScopeKind::Subject
+        } else {
+            ScopeKind::Pool
+        }
     }
 
     /// The subject's or pool's id.
@@ -160,15 +178,16 @@ impl ScopeKey {
     /// The scope's hash, for a store's own maps and shards: the same for
     /// equal scopes within one process, not stable across processes.
     pub fn hash_value(&self) -> u64 {
-        self.hash
+        self.word
     }
 }
 
 impl PartialEq for ScopeKey {
     fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash
-            && self.kind == other.kind
-            && (Arc::ptr_eq(&self.id, &other.id) || self.id == other.id)
+        // The words hold the kinds exactly (and equal ids hash alike), so
+        // equal words and equal ids are equal keys; the hash bits only
+        // make a mismatch cheap.
+        self.word == other.word && (Arc::ptr_eq(&self.id, &other.id) || self.id == other.id)
     }
 }
 
@@ -176,7 +195,7 @@ impl Eq for ScopeKey {}
 
 impl std::hash::Hash for ScopeKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
+        state.write_u64(self.word);
     }
 }
 
@@ -188,7 +207,7 @@ impl PartialOrd for ScopeKey {
 
 impl Ord for ScopeKey {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.kind, &self.id).cmp(&(other.kind, &other.id))
+        (self.kind(), &self.id).cmp(&(other.kind(), &other.id))
     }
 }
 
@@ -229,7 +248,7 @@ impl fmt::Debug for ScopeKey {
 
 impl fmt::Display for ScopeKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.kind {
+        match self.kind() {
             ScopeKind::Subject => write!(f, "subject:{}", self.id),
             ScopeKind::Pool => write!(f, "pool:{}", self.id),
         }
