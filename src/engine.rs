@@ -136,12 +136,6 @@ impl Resolved {
         self.more.as_ref().map_or(&[], |m| &m.pools)
     }
 
-    /// The models the subject may use; `None` allows every model.
-    #[inline]
-    fn models(&self) -> Option<&[String]> {
-        self.more.as_ref()?.models.as_deref()
-    }
-
     /// The allocation as it was given to [`Engine::allocate`].
     fn allocation(&self) -> Allocation {
         let mut a = Allocation::new(self.scope.id(), &*self.plan.id);
@@ -964,15 +958,7 @@ impl<S, C: Clock> Engine<S, C> {
         if applied.counters.len() != batch.ops.len()
             || applied.cooldowns.len() != batch.cooldowns.len()
         {
-            return Err(Error::Store {
-                message: format!(
-                    "store returned {} counters for {} ops and {} cooldowns for {}",
-                    applied.counters.len(),
-                    batch.ops.len(),
-                    applied.cooldowns.len(),
-                    batch.cooldowns.len()
-                ),
-            });
+            return Err(shape_error(batch, &applied));
         }
         Ok(applied)
     }
@@ -983,9 +969,7 @@ impl<S, C: Clock> Engine<S, C> {
             .read()
             .get(subject)
             .cloned()
-            .ok_or_else(|| Error::UnknownSubject {
-                subject: subject.to_owned(),
-            })
+            .ok_or_else(|| unknown_subject(subject))
     }
 
     /// Resolve a request: allocation, pools named for it, amounts in smallest
@@ -996,28 +980,18 @@ impl<S, C: Clock> Engine<S, C> {
             return Err(Error::request("empty event id"));
         }
         let alloc = self.allocation_of(req.subject)?;
-        let mut extra: Vec<Arc<Pool>> = Vec::new();
-        for &id in &req.pools {
-            let pool = self
-                .catalog
-                .pools
-                .get(id)
-                .ok_or_else(|| Error::UnknownPool {
-                    pool: id.to_owned(),
-                })?;
-            if !alloc.pools().iter().chain(&extra).any(|p| p.id == pool.id) {
-                extra.push(pool.clone());
-            }
-        }
+        // Pools named for a request are rare: resolved out of line.
+        let extra = if req.pools.is_empty() {
+            Vec::new()
+        } else {
+            self.request_pools(&alloc, &req.pools)?
+        };
 
         let mut amounts: Inline<(usize, u64), 6> = Inline::new();
         for &(meter_id, qty) in &req.amounts {
-            let idx = self
-                .catalog
-                .meter_idx(meter_id)
-                .ok_or_else(|| Error::UnknownMeter {
-                    meter: meter_id.to_owned(),
-                })?;
+            let Some(idx) = self.catalog.meter_idx(meter_id) else {
+                return Err(unknown_meter(meter_id));
+            };
             let minor = self.to_minor(idx, qty)?;
             add_amount(&mut amounts, idx, minor, &self.catalog.meter_ids[idx])?;
         }
@@ -1035,9 +1009,9 @@ impl<S, C: Clock> Engine<S, C> {
             let terms = amounts
                 .iter()
                 .filter_map(|&(idx, units)| Some((units, alloc.plan.price_units[idx]?)));
-            let minor = cost_minor(terms, meter.scale()).ok_or_else(|| Error::Overflow {
-                meter: meter.id.clone(),
-            })?;
+            let Some(minor) = cost_minor(terms, meter.scale()) else {
+                return Err(overflow(&meter.id));
+            };
             if minor > 0 {
                 add_amount(&mut amounts, cm, minor, &self.catalog.meter_ids[cm])?;
             }
@@ -1051,13 +1025,9 @@ impl<S, C: Clock> Engine<S, C> {
             });
         }
 
-        // Model allowlist.
-        let model_refused = match (req.model, alloc.models()) {
-            (Some(model), Some(allowed)) if !allowed.iter().any(|m| m == model) => {
-                Some(Refusal::ModelNotAllowed {
-                    model: model.to_owned(),
-                })
-            }
+        // Model allowlist: only an allocation with its rarer parts has one.
+        let model_refused = match (req.model, &alloc.more) {
+            (Some(model), Some(more)) => refused_model(more, model),
             _ => None,
         };
         Ok(Prepared {
@@ -1068,6 +1038,27 @@ impl<S, C: Clock> Engine<S, C> {
             unpriced,
             model_refused,
         })
+    }
+
+    /// The pools named for a request and not listed by its allocation, in
+    /// order, without repeats.
+    #[cold]
+    #[inline(never)]
+    fn request_pools(&self, alloc: &Resolved, ids: &[&str]) -> Result<Vec<Arc<Pool>>, Error> {
+        let mut extra: Vec<Arc<Pool>> = Vec::new();
+        for &id in ids {
+            let pool = self
+                .catalog
+                .pools
+                .get(id)
+                .ok_or_else(|| Error::UnknownPool {
+                    pool: id.to_owned(),
+                })?;
+            if !alloc.pools().iter().chain(&extra).any(|p| p.id == pool.id) {
+                extra.push(pool.clone());
+            }
+        }
+        Ok(extra)
     }
 
     /// Prepare a request made on a reservation: same subject, same model.
@@ -1144,21 +1135,43 @@ impl<S, C: Clock> Engine<S, C> {
             )),
             limits: Inline::filled(&*NO_LIMIT),
         };
-        let amounts = p.amounts.as_slice();
         let alloc = &*p.alloc;
-        push_ops(&mut list, &alloc.scope, &alloc.limits, amounts, shape);
-        let listed = alloc.pools().iter().chain(&p.extra);
+        push_ops(
+            &mut list,
+            &alloc.scope,
+            &alloc.limits,
+            p.amounts.as_slice(),
+            shape,
+        );
+        // Pools, listed, named or the model's: out of line.
+        if alloc.more.is_some() || !p.extra.is_empty() || model.is_some() {
+            self.pool_ops(&mut list, p, model, shape);
+        }
+        list
+    }
+
+    /// The pool part of [`Engine::ops_for`]: the allocation's pools, those
+    /// named for the request, then the model's global pools not listed.
+    #[inline(never)]
+    fn pool_ops<'a>(
+        &'a self,
+        list: &mut OpList<'a>,
+        p: &'a Prepared,
+        model: Option<&str>,
+        shape: Shape<'_>,
+    ) {
+        let amounts = p.amounts.as_slice();
+        let listed = p.alloc.pools().iter().chain(&p.extra);
         for pool in listed.clone() {
-            push_ops(&mut list, &pool.scope, &pool.limits, amounts, shape);
+            push_ops(list, &pool.scope, &pool.limits, amounts, shape);
         }
         if let Some(model_pools) = model.and_then(|m| self.catalog.model_pools.get(m)) {
             for pool in model_pools {
                 if !listed.clone().any(|q| q.id == pool.id) {
-                    push_ops(&mut list, &pool.scope, &pool.limits, amounts, shape);
+                    push_ops(list, &pool.scope, &pool.limits, amounts, shape);
                 }
             }
         }
-        list
     }
 
     /// The cooldowns of the scopes a call draws on; with `start`, each
@@ -1203,6 +1216,8 @@ impl<S, C: Clock> Engine<S, C> {
 
     /// The decision for a request refused by the allowlist, observed; `None`
     /// if the model is allowed.
+    #[cold]
+    #[inline(never)]
     fn refuse_model(
         &self,
         p: &Prepared,
@@ -1268,11 +1283,8 @@ impl<S, C: Clock> Engine<S, C> {
         let at = applied.replayed_at.unwrap_or(now);
         let mut decision = self.finish_quiet(call, &p, ops, limits, &applied, &cooldowns, at);
         decision.cost = cost;
-        if let Some(reason) = p.model_refused.clone() {
-            decision.status = Status::Exceeded;
-            decision.allowed = false;
-            decision.reason = Some(reason);
-            decision.retry_after = None;
+        if let Some(reason) = &p.model_refused {
+            refuse(&mut decision, reason);
         }
         self.observe(call, req, at, &decision);
         Ok(decision)
@@ -1328,7 +1340,19 @@ impl<S, C: Clock> Engine<S, C> {
         )
     }
 
+    /// `qty` in the smallest unit of meter `idx`: a count as it is, inline;
+    /// money (and every error) out of line.
+    #[inline(always)]
     fn to_minor(&self, idx: usize, qty: Quantity<'_>) -> Result<u64, Error> {
+        match (&self.catalog.meters[idx].unit, qty) {
+            (Unit::Count | Unit::Seconds, Quantity::Units(n)) => Ok(n),
+            _ => self.to_minor_other(idx, qty),
+        }
+    }
+
+    /// [`Engine::to_minor`] past a count: money, or a unit mismatch.
+    #[inline(never)]
+    fn to_minor_other(&self, idx: usize, qty: Quantity<'_>) -> Result<u64, Error> {
         let meter = &self.catalog.meters[idx];
         match (&meter.unit, qty) {
             (Unit::Count | Unit::Seconds, Quantity::Units(n)) => Ok(n),
@@ -1518,6 +1542,7 @@ impl Fnv {
 /// What an event does: the call, the lease, and every op (scope, meter,
 /// window, delta, maximum). A retry of the same request on the same plan
 /// has the same fingerprint.
+#[inline(never)]
 fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64 {
     let mut h = Fnv(0xcbf2_9ce4_8422_2325);
     h.u64(match call {
@@ -1583,6 +1608,62 @@ fn overflow(meter: &str) -> Error {
     Error::Overflow {
         meter: meter.to_owned(),
     }
+}
+
+/// [`Error::UnknownSubject`], built out of the way of the common path.
+#[cold]
+#[inline(never)]
+fn unknown_subject(subject: &str) -> Error {
+    Error::UnknownSubject {
+        subject: subject.to_owned(),
+    }
+}
+
+/// [`Error::UnknownMeter`], built out of the way of the common path.
+#[cold]
+#[inline(never)]
+fn unknown_meter(meter: &str) -> Error {
+    Error::UnknownMeter {
+        meter: meter.to_owned(),
+    }
+}
+
+/// The error for a store whose answer does not match its batch.
+#[cold]
+#[inline(never)]
+fn shape_error(batch: &Batch<'_>, applied: &Applied) -> Error {
+    Error::Store {
+        message: format!(
+            "store returned {} counters for {} ops and {} cooldowns for {}",
+            applied.counters.len(),
+            batch.ops.len(),
+            applied.cooldowns.len(),
+            batch.cooldowns.len()
+        ),
+    }
+}
+
+/// The allowlist refusal of `model`, if the allocation has an allowlist
+/// without it.
+#[inline(never)]
+fn refused_model(more: &More, model: &str) -> Option<Refusal> {
+    match &more.models {
+        Some(allowed) if !allowed.iter().any(|m| m == model) => Some(Refusal::ModelNotAllowed {
+            model: model.to_owned(),
+        }),
+        _ => None,
+    }
+}
+
+/// Turn `decision` into the allowlist's refusal: a recorded request
+/// (`record`) still reports the counters it touched.
+#[cold]
+#[inline(never)]
+fn refuse(decision: &mut Decision, reason: &Refusal) {
+    decision.status = Status::Exceeded;
+    decision.allowed = false;
+    decision.reason = Some(reason.clone());
+    decision.retry_after = None;
 }
 
 /// The status rule: `Exceeded` when a positive request takes usage (with

@@ -247,11 +247,8 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         };
         let at = applied.replayed_at.unwrap_or(now);
         let mut decision = self.finish_quiet(call, &p, ops, limits, &applied, &cooldowns, at);
-        if let Some(reason) = p.model_refused.clone() {
-            decision.status = Status::Exceeded;
-            decision.allowed = false;
-            decision.reason = Some(reason);
-            decision.retry_after = None;
+        if let Some(reason) = &p.model_refused {
+            super::refuse(&mut decision, reason);
         }
         self.observe(call, req, at, &decision);
         Ok(decision)
@@ -284,15 +281,7 @@ fn allowed_on_error(p: &super::Prepared) -> Decision {
 fn check_shape(batch: &Batch<'_>, applied: &Applied) -> Result<(), Error> {
     if applied.counters.len() != batch.ops.len() || applied.cooldowns.len() != batch.cooldowns.len()
     {
-        return Err(Error::Store {
-            message: format!(
-                "store returned {} counters for {} ops and {} cooldowns for {}",
-                applied.counters.len(),
-                batch.ops.len(),
-                applied.cooldowns.len(),
-                batch.cooldowns.len()
-            ),
-        });
+        return Err(super::shape_error(batch, applied));
     }
     Ok(())
 }
