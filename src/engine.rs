@@ -642,7 +642,8 @@ impl<S, C: Clock> Engine<S, C> {
             Ok(o) => o,
             Err(refused) => return Ok(Err(refused)),
         };
-        let list = self.ops_for(&o.p, request.model, Shape::Reserve);
+        let mut list = OpList::new(&o.p.alloc.scope);
+        self.ops_for(&mut list, &o.p, request.model, Shape::Reserve);
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let cooldowns = self.cooldowns_for(&o.p, request.model, None);
         let applied = self.apply(&o.batch(ops, &cooldowns))?;
@@ -768,7 +769,8 @@ impl<S, C: Clock> Engine<S, C> {
         }
         let p = self.prepare_for(reservation, more)?;
         let now = self.clock.now();
-        let list = self.ops_for(&p, reservation.model.as_deref(), Shape::Usage);
+        let mut list = OpList::new(&p.alloc.scope);
+        self.ops_for(&mut list, &p, reservation.model.as_deref(), Shape::Usage);
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Grow);
         let batch = Batch::new(ops, Mode::Force, now).with_lease(lease);
@@ -860,7 +862,9 @@ impl<S, C: Clock> Engine<S, C> {
         S: AllowanceStore,
     {
         let now = self.clock.now();
-        let list = self.ops_for(
+        let mut list = OpList::new(&p.alloc.scope);
+        self.ops_for(
+            &mut list,
             p,
             reservation.model.as_deref(),
             Shape::Settle(&reservation.held),
@@ -976,6 +980,12 @@ impl<S, C: Clock> Engine<S, C> {
     /// units, cost and unpriced meters. Bad input fails here, before any
     /// store call.
     fn prepare(&self, req: &Request<'_>) -> Result<Prepared, Error> {
+        self.prepare_inline(req)
+    }
+
+    /// [`Engine::prepare`], inlined into the hot `decide`.
+    #[inline(always)]
+    fn prepare_inline(&self, req: &Request<'_>) -> Result<Prepared, Error> {
         if req.event.is_some_and(str::is_empty) {
             return Err(Error::request("empty event id"));
         }
@@ -997,15 +1007,9 @@ impl<S, C: Clock> Engine<S, C> {
         }
 
         // Cost: Σ units × price, exact, rounded up once to the cost meter.
-        let mut unpriced = Inline::new();
         let mut cost = None;
         if let Some(cm) = alloc.plan.cost_meter {
             let meter = &self.catalog.meters[cm];
-            for &(idx, _) in &amounts {
-                if alloc.plan.unpriced[idx].is_some() {
-                    unpriced.push(idx);
-                }
-            }
             let terms = amounts
                 .iter()
                 .filter_map(|&(idx, units)| Some((units, alloc.plan.price_units[idx]?)));
@@ -1035,7 +1039,6 @@ impl<S, C: Clock> Engine<S, C> {
             extra,
             amounts,
             cost,
-            unpriced,
             model_refused,
         })
     }
@@ -1122,22 +1125,19 @@ impl<S, C: Clock> Engine<S, C> {
     /// settlement also reports the limits the reservation held). The scopes
     /// are those of [`Engine::scopes`], in its order, walked without its
     /// iterator chain.
+    /// Appended to `list`, made by the caller ([`OpList::new`]) in its own
+    /// frame, so the list is never moved.
     #[inline(always)]
-    fn ops_for<'a>(&'a self, p: &'a Prepared, model: Option<&str>, shape: Shape<'_>) -> OpList<'a> {
-        // One local, returned whole: built in the caller's slot, not copied.
-        let mut list = OpList {
-            ops: Inline::filled(CounterOp::new(
-                &p.alloc.scope,
-                "",
-                Window::Lifetime,
-                0,
-                None,
-            )),
-            limits: Inline::filled(&*NO_LIMIT),
-        };
+    fn ops_for<'a>(
+        &'a self,
+        list: &mut OpList<'a>,
+        p: &'a Prepared,
+        model: Option<&str>,
+        shape: Shape<'_>,
+    ) {
         let alloc = &*p.alloc;
         push_ops(
-            &mut list,
+            list,
             &alloc.scope,
             &alloc.limits,
             p.amounts.as_slice(),
@@ -1145,9 +1145,8 @@ impl<S, C: Clock> Engine<S, C> {
         );
         // Pools, listed, named or the model's: out of line.
         if alloc.more.is_some() || !p.extra.is_empty() || model.is_some() {
-            self.pool_ops(&mut list, p, model, shape);
+            self.pool_ops(list, p, model, shape);
         }
-        list
     }
 
     /// The pool part of [`Engine::ops_for`]: the allocation's pools, those
@@ -1246,7 +1245,9 @@ impl<S, C: Clock> Engine<S, C> {
     where
         S: AllowanceStore,
     {
-        let mut p = self.prepare(req)?;
+        // Inlined here: the prepared request is built in this frame, not
+        // returned through two copies.
+        let p = self.prepare_inline(req)?;
         let now = self.clock.now();
 
         // `check` and `admit` refuse a model outside the allowlist without
@@ -1257,11 +1258,8 @@ impl<S, C: Clock> Engine<S, C> {
                 return Ok(decision);
             }
         }
-        // Moved into the decision below rather than cloned (one shared
-        // reference count less per call).
-        let cost = p.cost.take();
-
-        let list = self.ops_for(&p, req.model, Shape::Usage);
+        let mut list = OpList::new(&p.alloc.scope);
+        self.ops_for(&mut list, &p, req.model, Shape::Usage);
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let cooldowns = if call == Call::Record {
             Vec::new()
@@ -1282,7 +1280,6 @@ impl<S, C: Clock> Engine<S, C> {
         let applied = self.apply(&batch)?;
         let at = applied.replayed_at.unwrap_or(now);
         let mut decision = self.finish_quiet(call, &p, ops, limits, &applied, &cooldowns, at);
-        decision.cost = cost;
         if let Some(reason) = &p.model_refused {
             refuse(&mut decision, reason);
         }
@@ -1412,22 +1409,28 @@ struct Prepared {
     /// Amount per meter index, in smallest units, the cost meter included.
     amounts: Inline<(usize, u64), 6>,
     cost: Option<Money>,
-    /// Meter indices of the request's unpriced meters, in request order.
-    unpriced: Inline<usize, 6>,
     model_refused: Option<Refusal>,
 }
 
 impl Prepared {
-    /// The ids of the request's unpriced meters, for a decision.
+    /// The ids of the request's unpriced meters, in request order, for a
+    /// decision. The plan's table has an id only where a meter is
+    /// unpriced (never the cost meter, which `amounts` may end with), so
+    /// the amounts give them; counted first, for one allocation of the
+    /// right size, none when there is none.
+    #[inline]
     fn unpriced_ids(&self) -> Vec<Name> {
-        if self.unpriced.is_empty() {
+        let ids = &self.alloc.plan.unpriced;
+        let n = self
+            .amounts
+            .iter()
+            .filter(|&&(i, _)| ids[i].is_some())
+            .count();
+        if n == 0 {
             return Vec::new();
         }
-        // Every index listed has an id (see `prepare`): one allocation of
-        // the right size, no growth.
-        let ids = &self.alloc.plan.unpriced;
-        let mut v = Vec::with_capacity(self.unpriced.len());
-        v.extend(self.unpriced.iter().filter_map(|&i| ids[i]));
+        let mut v = Vec::with_capacity(n);
+        v.extend(self.amounts.iter().filter_map(|&(i, _)| ids[i]));
         v
     }
 }
@@ -1468,6 +1471,17 @@ fn push_ops<'a>(
 struct OpList<'a> {
     ops: Inline<CounterOp<'a>, INLINE_OPS>,
     limits: Inline<&'a Limit, INLINE_OPS>,
+}
+
+impl<'a> OpList<'a> {
+    /// An empty list; its spare slots (never read) name `scope`.
+    #[inline(always)]
+    fn new(scope: &'a ScopeKey) -> Self {
+        OpList {
+            ops: Inline::filled(CounterOp::new(scope, "", Window::Lifetime, 0, None)),
+            limits: Inline::filled(&*NO_LIMIT),
+        }
+    }
 }
 
 /// A reservation between its checks and its store call.
@@ -1707,7 +1721,6 @@ fn build_decision(
     unpriced: Vec<Name>,
     cooling: Option<(&ScopeKey, DateTime<Utc>)>,
 ) -> Decision {
-    let mut states = Vec::with_capacity(ops.len());
     let mut any_exceeded = false;
     // Found in the same pass: the worst status, and the limit with the least
     // headroom as a fraction of its maximum (remaining_a / max_a <
@@ -1715,50 +1728,59 @@ fn build_decision(
     // one is exceeded.
     let mut status = Status::Ok;
     let mut least: Option<(usize, u128, u128)> = None;
-    for ((op, limit), s) in ops.iter().zip(limits).zip(&applied.counters) {
-        let s: &CounterState = s;
-        // What this call adds here: its delta, plus what a settlement charged.
-        let charged: u64 = applied
-            .settled
-            .iter()
-            .filter(|h: &&SettledHold| {
-                h.scope == *op.scope && &*h.meter == op.meter && h.window == op.window
-            })
-            .map(|h| h.charged)
-            .sum();
-        let requested = op.delta.saturating_add(charged);
-        // Usage with holds as if the request were recorded: for an applied
-        // batch the store already includes it.
-        let now_total = s.used.saturating_add(s.held);
-        let after = if applied.applied {
-            now_total
-        } else {
-            now_total.saturating_add(op.delta)
-        };
-        let this = status_of(limit, after, requested);
-        any_exceeded |= this == Status::Exceeded;
-        status = status.max(this);
-        let remaining = op.max.map(|m| m.saturating_sub(now_total));
-        if let (Some(max), Some(rem)) = (op.max, remaining) {
-            let (r, m) = (u128::from(rem), u128::from(max.max(1)));
-            if least.is_none_or(|(_, br, bm)| r * bm < br * m) {
-                least = Some((states.len(), r, m));
+    // Collected from zipped slices: one allocation of exactly `ops.len()`
+    // (the store answers one state per op), each state written in place
+    // rather than built and then copied by a push.
+    let states: Vec<LimitState> = ops
+        .iter()
+        .zip(limits)
+        .zip(&applied.counters)
+        .enumerate()
+        .map(|(i, ((op, limit), s))| {
+            let s: &CounterState = s;
+            // What this call adds here: its delta, plus what a settlement charged.
+            let charged: u64 = applied
+                .settled
+                .iter()
+                .filter(|h: &&SettledHold| {
+                    h.scope == *op.scope && &*h.meter == op.meter && h.window == op.window
+                })
+                .map(|h| h.charged)
+                .sum();
+            let requested = op.delta.saturating_add(charged);
+            // Usage with holds as if the request were recorded: for an applied
+            // batch the store already includes it.
+            let now_total = s.used.saturating_add(s.held);
+            let after = if applied.applied {
+                now_total
+            } else {
+                now_total.saturating_add(op.delta)
+            };
+            let this = status_of(limit, after, requested);
+            any_exceeded |= this == Status::Exceeded;
+            status = status.max(this);
+            let remaining = op.max.map(|m| m.saturating_sub(now_total));
+            if let (Some(max), Some(rem)) = (op.max, remaining) {
+                let (r, m) = (u128::from(rem), u128::from(max.max(1)));
+                if least.is_none_or(|(_, br, bm)| r * bm < br * m) {
+                    least = Some((i, r, m));
+                }
             }
-        }
-        states.push(LimitState {
-            scope: op.scope.clone(),
-            meter: limit.meter,
-            window: op.window,
-            requested,
-            used: s.used,
-            held: s.held,
-            max: op.max,
-            remaining,
-            period_start: s.period_start,
-            resets_at: s.resets_at,
-            status: this,
-        });
-    }
+            LimitState {
+                scope: op.scope.clone(),
+                meter: limit.meter,
+                window: op.window,
+                requested,
+                used: s.used,
+                held: s.held,
+                max: op.max,
+                remaining,
+                period_start: s.period_start,
+                resets_at: s.resets_at,
+                status: this,
+            }
+        })
+        .collect();
     let allowed = match call {
         Call::Admit | Call::Reserve => applied.applied,
         Call::Check => !any_exceeded && cooling.is_none(),
@@ -1878,6 +1900,54 @@ mod tests {
         assert_eq!(ask("c", 0, 0, 17), (Some(3), Status::Warning));
         // Refused: the exceeded limit binds, whatever the headroom elsewhere.
         assert_eq!(ask("a", 1, 11, 1), (Some(2), Status::Exceeded));
+    }
+
+    /// The unpriced meters are listed once each, in request order (a meter
+    /// named twice counts once; priced, money and cost meters never), and
+    /// both lists of a decision are allocated at their exact length.
+    #[test]
+    fn unpriced_meters_in_request_order_and_lists_at_exact_capacity() {
+        let day = Window::calendar(Period::Day);
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("tok"))
+            .meter(Meter::count("jobs"))
+            .meter(Meter::seconds("run"))
+            .meter(Meter::money("cost", "USD", 6))
+            .meter(Meter::money("spend", "USD", 2))
+            .plan(
+                PlanConfig::new("p")
+                    .limit(LimitConfig::new("tok", day, 1_000u64))
+                    .limit(LimitConfig::new("run", day, 1_000u64))
+                    .limit(LimitConfig::new("cost", day, rust_decimal::Decimal::ONE))
+                    .cost_meter("cost")
+                    .price("tok", rust_decimal::Decimal::new(3, 3)),
+            )
+            .plan(PlanConfig::new("free").limit(LimitConfig::new("tok", day, 1_000u64)))
+            .build()
+            .unwrap();
+        let engine = Engine::new(catalog);
+        engine.allocate(Allocation::new("a", "p")).unwrap();
+        engine.allocate(Allocation::new("b", "free")).unwrap();
+        let request = |s| {
+            Request::new(s)
+                .units("run", 2)
+                .units("tok", 10)
+                .money("spend", rust_decimal::Decimal::ONE, "USD")
+                .units("jobs", 1)
+                .units("run", 3)
+        };
+        let d = engine.admit(&request("a")).unwrap();
+        let ids: Vec<&str> = d.unpriced.iter().map(|m| &**m).collect();
+        assert_eq!(ids, ["run", "jobs"]);
+        assert_eq!(d.unpriced.capacity(), 2);
+        // tok, run and the cost of tok.
+        assert_eq!(d.limits.len(), 3);
+        assert_eq!(d.limits.capacity(), 3);
+        // Without a cost meter nothing is unpriced, and nothing is allocated.
+        let d = engine.admit(&request("b")).unwrap();
+        assert!(d.unpriced.is_empty());
+        assert_eq!(d.unpriced.capacity(), 0);
+        assert_eq!(d.limits.capacity(), d.limits.len());
     }
 
     fn index(t: &Table, id: &str) -> usize {

@@ -7,7 +7,7 @@
 //! `usage_report`). Only the fail-open policy is
 //! new: see [`FailurePolicy`].
 
-use super::{after, fingerprint, usage_ops, Call, Engine, Reservation, Shape, UsageReport};
+use super::{after, fingerprint, usage_ops, Call, Engine, OpList, Reservation, Shape, UsageReport};
 use crate::clock::Clock;
 use crate::decision::{Decision, Status};
 use crate::request::Request;
@@ -62,7 +62,8 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
             Ok(o) => o,
             Err(refused) => return Ok(Err(refused)),
         };
-        let list = self.ops_for(&o.p, request.model, Shape::Reserve);
+        let mut list = OpList::new(&o.p.alloc.scope);
+        self.ops_for(&mut list, &o.p, request.model, Shape::Reserve);
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let cooldowns = self.cooldowns_for(&o.p, request.model, None);
         let applied = self.apply_async(&o.batch(ops, &cooldowns)).await?;
@@ -102,7 +103,8 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         }
         let p = self.prepare_for(reservation, more)?;
         let now = self.clock.now();
-        let list = self.ops_for(&p, reservation.model.as_deref(), Shape::Usage);
+        let mut list = OpList::new(&p.alloc.scope);
+        self.ops_for(&mut list, &p, reservation.model.as_deref(), Shape::Usage);
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Grow);
         let batch = Batch::new(ops, Mode::Force, now).with_lease(lease);
@@ -188,7 +190,9 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         failed: Option<()>,
     ) -> Result<Decision, Error> {
         let now = self.clock.now();
-        let list = self.ops_for(
+        let mut list = OpList::new(&p.alloc.scope);
+        self.ops_for(
+            &mut list,
             p,
             reservation.model.as_deref(),
             Shape::Settle(&reservation.held),
@@ -218,7 +222,8 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
                 return Ok(decision);
             }
         }
-        let list = self.ops_for(&p, req.model, Shape::Usage);
+        let mut list = OpList::new(&p.alloc.scope);
+        self.ops_for(&mut list, &p, req.model, Shape::Usage);
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let cooldowns = if call == Call::Record {
             Vec::new()
