@@ -106,10 +106,8 @@ impl Meter {
     /// major unit (for money: 1234 at scale 2 is 12.34). The scale is valid
     /// in any meter of a built [`Catalog`] (at most [`MAX_MONEY_SCALE`]).
     pub fn to_decimal(&self, minor: u64) -> Decimal {
-        let mut d = Decimal::from(minor);
         // scale <= MAX_MONEY_SCALE, within Decimal's 28.
-        d.set_scale(self.scale()).ok();
-        d
+        minor_to_decimal(minor, self.scale())
     }
 
     /// Convert a decimal amount to the meter's smallest unit, rounding any
@@ -439,6 +437,9 @@ pub struct Plan {
     /// Shared with every allocation of the plan that overrides nothing.
     pub(crate) limits: Arc<[Limit]>,
     pub(crate) cost_meter: Option<usize>,
+    /// The cost meter with what a call needs of it (its id, scale and
+    /// currency), kept here so a call does not look them up in the catalog.
+    pub(crate) cost: Option<CostMeter>,
     /// Price per unit, indexed by meter index; `None` is unpriced.
     pub(crate) prices: Vec<Option<Decimal>>,
     /// The same prices as exact integers of `10^-MAX_PRICE_SCALE` major units.
@@ -476,6 +477,38 @@ impl Plan {
     pub fn cost_meter<'c>(&self, catalog: &'c Catalog) -> Option<&'c str> {
         self.cost_meter.map(|i| catalog.meters[i].id.as_str())
     }
+}
+
+/// A plan's cost meter, as a call prices a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CostMeter {
+    /// Its index in the catalog.
+    pub(crate) idx: usize,
+    /// Its id.
+    pub(crate) id: Name,
+    /// Its decimal places.
+    pub(crate) scale: u32,
+    /// Its currency.
+    pub(crate) currency: Name,
+}
+
+impl CostMeter {
+    /// `minor` of the meter's smallest unit in its major unit, as
+    /// [`Meter::to_decimal`] converts it.
+    #[inline]
+    pub(crate) fn to_decimal(self, minor: u64) -> Decimal {
+        minor_to_decimal(minor, self.scale)
+    }
+}
+
+/// `minor` smallest units of a unit with `scale` decimal places, in the
+/// major unit (1234 at scale 2 is 12.34); a scale past `Decimal`'s (never
+/// in a built catalog) is left at 0.
+#[inline]
+fn minor_to_decimal(minor: u64, scale: u32) -> Decimal {
+    let mut d = Decimal::from(minor);
+    d.set_scale(scale).ok();
+    d
 }
 
 /// `ceil(Σ units × price)` in the smallest unit of a money meter with
@@ -918,6 +951,12 @@ impl Catalog {
             id: Arc::from(p.id.as_str()),
             limits: limits.into(),
             cost_meter,
+            cost: cost_meter.map(|idx| CostMeter {
+                idx,
+                id: self.meter_ids[idx],
+                scale: self.meters[idx].scale(),
+                currency: self.currency(idx),
+            }),
             prices,
             price_units,
             unpriced,
@@ -1099,6 +1138,38 @@ fn strict_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> 
 #[cfg(test)]
 mod tests {
     use super::{cost_minor, MAX_MONEY_SCALE, MAX_PRICE_SCALE};
+    use crate::{CatalogConfig, LimitConfig, Meter, Period, PlanConfig, Window};
+
+    /// A plan's cost meter carries what the catalog says of that meter (of
+    /// two money meters, the one named), and its conversion is the meter's.
+    #[test]
+    fn a_plans_cost_meter_is_the_catalogs_meter() {
+        let day = Window::calendar(Period::Day);
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("tok"))
+            .meter(Meter::money("eur", "EUR", 2))
+            .meter(Meter::money("usd", "USD", 6))
+            .plan(
+                PlanConfig::new("p")
+                    .limit(LimitConfig::new("tok", day, 10u64))
+                    .cost_meter("usd"),
+            )
+            .plan(PlanConfig::new("free").limit(LimitConfig::new("tok", day, 10u64)))
+            .build()
+            .unwrap();
+        let plan = &catalog.plans["p"];
+        let cm = plan.cost.expect("a cost meter");
+        assert_eq!(Some(cm.idx), plan.cost_meter);
+        assert_eq!(&*cm.id, "usd");
+        assert_eq!(cm.scale, 6);
+        assert_eq!(&*cm.currency, "USD");
+        let meter = &catalog.meters[cm.idx];
+        for minor in [0, 1, 1_234_567, u64::MAX] {
+            assert_eq!(cm.to_decimal(minor), meter.to_decimal(minor));
+        }
+        assert_eq!(cm.to_decimal(1_234_567).to_string(), "1.234567");
+        assert!(catalog.plans["free"].cost.is_none());
+    }
 
     /// `cost_minor` in plain u128 arithmetic, as it was first written.
     fn reference(terms: &[(u64, u128)], scale: u32) -> Option<u64> {

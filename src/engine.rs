@@ -1008,24 +1008,23 @@ impl<S, C: Clock> Engine<S, C> {
 
         // Cost: Σ units × price, exact, rounded up once to the cost meter.
         let mut cost = None;
-        if let Some(cm) = alloc.plan.cost_meter {
-            let meter = &self.catalog.meters[cm];
+        if let Some(cm) = &alloc.plan.cost {
             let terms = amounts
                 .iter()
                 .filter_map(|&(idx, units)| Some((units, alloc.plan.price_units[idx]?)));
-            let Some(minor) = cost_minor(terms, meter.scale()) else {
-                return Err(overflow(&meter.id));
+            let Some(minor) = cost_minor(terms, cm.scale) else {
+                return Err(overflow(&cm.id));
             };
             if minor > 0 {
-                add_amount(&mut amounts, cm, minor, &self.catalog.meter_ids[cm])?;
+                add_amount(&mut amounts, cm.idx, minor, &cm.id)?;
             }
             let charged = amounts
                 .iter()
-                .find(|(i, _)| *i == cm)
+                .find(|(i, _)| *i == cm.idx)
                 .map_or(0, |&(_, m)| m);
             cost = Some(Money {
-                amount: meter.to_decimal(charged),
-                currency: self.catalog.currency(cm),
+                amount: cm.to_decimal(charged),
+                currency: cm.currency,
             });
         }
 
