@@ -977,8 +977,8 @@ impl<S, C: Clock> Engine<S, C> {
     }
 
     /// Resolve a request: allocation, pools named for it, amounts in smallest
-    /// units, cost and unpriced meters. Bad input fails here, before any
-    /// store call.
+    /// units, cost and the allowlist's answer. Bad input fails here, before
+    /// any store call.
     fn prepare(&self, req: &Request<'_>) -> Result<Prepared, Error> {
         self.prepare_inline(req)
     }
@@ -1124,6 +1124,7 @@ impl<S, C: Clock> Engine<S, C> {
     /// settlement also reports the limits the reservation held). The scopes
     /// are those of [`Engine::scopes`], in its order, walked without its
     /// iterator chain.
+    ///
     /// Appended to `list`, made by the caller ([`OpList::new`]) in its own
     /// frame, so the list is never moved.
     #[inline(always)]
