@@ -980,6 +980,8 @@ impl Shard {
     }
 
     /// Drop the keys no counter uses, renumbering the rest.
+    #[cold]
+    #[inline(never)]
     fn compact_keys(&mut self) {
         let mut used = vec![false; self.keys.0.len()];
         for c in self.scopes.values().flat_map(|cs| cs.iter()) {
@@ -1229,6 +1231,24 @@ impl Locked<'_> {
                 &mut self.rest[i].1
             }
         }
+    }
+
+    /// Count the batch on the first shard it holds (no counter shared by
+    /// every thread); every `SWEEP_EVERY` batches or more, the shard and
+    /// its sweep count, for a sweep of a shard in turn once the locks are
+    /// released.
+    #[inline]
+    fn count_batch(&mut self) -> Option<(usize, u64)> {
+        let first = self.first_id;
+        self.first.as_deref_mut().and_then(|shard| {
+            shard.batches += 1;
+            let period = SWEEP_EVERY.max(SWEEP_BATCHES_PER_SCOPE * shard.scopes.len() as u64);
+            (shard.batches >= period).then(|| {
+                shard.batches = 0;
+                shard.sweeps += 1;
+                (first, shard.sweeps)
+            })
+        })
     }
 }
 
@@ -1510,11 +1530,61 @@ struct Charge {
     charged: u64,
 }
 
-impl AllowanceStore for MemoryStore {
-    fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+/// `apply`'s parts: the compact path of a batch of counter ops only, the
+/// general path, and the steps they share.
+impl MemoryStore {
+    /// A batch with no event id, no lease and no cooldowns: the steps of
+    /// [`MemoryStore::apply_general`] that such a batch takes, and no more.
+    #[inline]
+    fn apply_counters(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         let now_ms = batch.now.timestamp_millis();
         let ops = batch.ops;
-        validate(batch)?;
+        let mut op_shards: Inline<usize> = Inline::new();
+        for op in ops {
+            op_shards.push(self.shard_of(op.scope));
+        }
+        let op_shards = op_shards.as_slice();
+        let mut locked = self.lock_shards(op_shards.iter().copied());
+        let mut op_at: Inline<(KeyId, usize)> = Inline::new();
+        let mut runs: Inline<usize> = Inline::new();
+        let all_fit = check_ops(
+            &mut locked,
+            batch,
+            op_shards,
+            false,
+            now_ms,
+            &mut op_at,
+            &mut runs,
+        )?;
+        let applied = match batch.mode {
+            Mode::Check => false,
+            Mode::WithinLimits => all_fit,
+            Mode::Force => true,
+        };
+        if applied {
+            add_usage(&mut locked, ops, op_shards, &runs, &mut op_at, now_ms);
+        }
+        let counters = report(&mut locked, ops, op_shards, &runs, &op_at, applied, now_ms);
+        let sweep_turn = locked.count_batch();
+        drop(locked);
+        let result = Applied {
+            applied,
+            counters,
+            settled: Vec::new(),
+            cooldowns: Vec::new(),
+            replayed_at: None,
+        };
+        if let Some((first, k)) = sweep_turn {
+            self.sweep_in_turn(first, k, now_ms);
+        }
+        Ok(result)
+    }
+
+    /// Any batch: event ids, leases, cooldowns and all.
+    #[inline(never)]
+    fn apply_general(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        let now_ms = batch.now.timestamp_millis();
+        let ops = batch.ops;
 
         // The ledger first (rule 8): a replay changes nothing.
         let mut ledger = None;
@@ -1580,51 +1650,14 @@ impl AllowanceStore for MemoryStore {
             [] => Vec::new(),
             hs => hs.iter().map(|h| self.shard_of(&h.scope)).collect(),
         };
-        let ids = op_shards
-            .as_slice()
-            .iter()
-            .chain(&cooldown_shards)
-            .chain(&hold_shards)
-            .copied();
-        let mut locked = Locked {
-            first_id: 0,
-            first: None,
-            rest: Vec::new(),
-        };
-        match ids.clone().next() {
-            // Most batches name one scope, so one shard: nothing to sort.
-            Some(f) if ids.clone().all(|i| i == f) => {
-                locked.first_id = f;
-                locked.first = Some(self.shards[f].lock());
-            }
-            Some(_) => {
-                let mut all: Inline<usize> = Inline::new();
-                for i in ids {
-                    all.push(i);
-                }
-                all.as_mut_slice().sort_unstable();
-                let (&f, others) = all.as_slice().split_first().unwrap_or((&0, &[]));
-                locked.first_id = f;
-                locked.first = Some(self.shards[f].lock());
-                let mut last = f;
-                for &i in others {
-                    if i != last {
-                        locked.rest.push((i, self.shards[i].lock()));
-                        last = i;
-                    }
-                }
-            }
-            None => {}
-        }
-        for sh in locked
-            .first
-            .iter_mut()
-            .chain(locked.rest.iter_mut().map(|(_, g)| g))
-        {
-            if sh.keys.0.len() >= KEYS_HIGH_WATER {
-                sh.compact_keys();
-            }
-        }
+        let mut locked = self.lock_shards(
+            op_shards
+                .as_slice()
+                .iter()
+                .chain(&cooldown_shards)
+                .chain(&hold_shards)
+                .copied(),
+        );
         let op_shards = op_shards.as_slice();
         // Each op's key (for an op that adds, interned in phase 1, so phase 2
         // cannot fail) and counter position, found in phase 1 (or made in
@@ -1690,62 +1723,17 @@ impl AllowanceStore for MemoryStore {
             }
         }
         let holding = matches!(action, Some(LeaseAction::Open { .. } | LeaseAction::Grow));
-        let mut all_fit = true;
-        let mut hint = 0;
         // Where each run of ops on one scope ends.
         let mut runs: Inline<usize> = Inline::new();
-        let mut i = 0;
-        while i < ops.len() {
-            let end = run_end(ops, op_shards, i);
-            runs.push(end);
-            let Shard {
-                keys,
-                scopes,
-                holds,
-                ..
-            } = locked.shard(op_shards[i]);
-            let scope = ops[i].scope;
-            let counters: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
-            for op in &ops[i..end] {
-                let key = if op.delta > 0 {
-                    let key = keys.intern(op.meter, op.window, hint).ok_or_else(|| {
-                        invalid(format!(
-                            "more than {} meter and window pairs in use",
-                            usize::from(KeyId::MAX) + 1
-                        ))
-                    })?;
-                    Some(key)
-                } else {
-                    // A zero delta never makes a counter: no new key.
-                    keys.find(op.meter, op.window, hint)
-                };
-                hint = key.map_or(0, |k| usize::from(k) + 1);
-                let idx = key.and_then(|k| counters.iter().position(|c| c.key() == k));
-                // Phase 2 reads the key only of an op that adds.
-                op_at.push((key.unwrap_or_default(), idx.unwrap_or(NONE)));
-                let (used, held) = match idx.and_then(|x| counters.get_mut(x)) {
-                    Some(c) => {
-                        c.advance(op.window, now_ms);
-                        let held = expire_holds(holds, scope, c.key(), now_ms);
-                        (c.used(), held)
-                    }
-                    None => (0, 0),
-                };
-                // Past u64: an error where the delta would be added
-                // regardless (Force, or no maximum); elsewhere it simply does
-                // not fit.
-                let target = if holding { held } else { used };
-                if target.checked_add(op.delta).is_none()
-                    && (batch.mode == Mode::Force || op.max.is_none())
-                {
-                    return Err(Error::Overflow {
-                        meter: op.meter.to_owned(),
-                    });
-                }
-                all_fit &= fits(used, held, op.delta, op.max);
-            }
-            i = end;
-        }
+        let mut all_fit = check_ops(
+            &mut locked,
+            batch,
+            op_shards,
+            holding,
+            now_ms,
+            &mut op_at,
+            &mut runs,
+        )?;
         let mut cooling = Vec::with_capacity(batch.cooldowns.len());
         for (c, &shard) in batch.cooldowns.iter().zip(&cooldown_shards) {
             let until = locked
@@ -1904,44 +1892,8 @@ impl AllowanceStore for MemoryStore {
         }
 
         // Phase 3: report.
-        let mut counters = Vec::with_capacity(ops.len());
-        // When applied, the delta is already in `used` or `held`; ask about
-        // a zero delta so `available_at` is not set for a fitting op.
-        let delta_of = |op: &CounterOp<'_>| if applied { 0 } else { op.delta };
-        let mut i = 0;
-        for &end in runs.as_slice() {
-            let Shard {
-                scopes,
-                holds,
-                shown,
-                times,
-                ..
-            } = locked.shard(op_shards[i]);
-            let list: &[Counter] = scopes.get(ops[i].scope).map_or(&[], |c| c);
-            let mut time = |ms| times.at(ms, shown);
-            for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
-                let counter = list.get(idx);
-                let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
-                let (delta, max) = (delta_of(op), op.max);
-                counters.push(state_of(
-                    counter, held, op.window, now_ms, delta, max, &mut time,
-                ));
-            }
-            i = end;
-        }
-        // Count the batch on the first shard it holds (no counter shared by
-        // every thread); every SWEEP_EVERY, sweep a shard in turn once the
-        // locks are released.
-        let first = locked.first_id;
-        let sweep_turn = locked.first.as_deref_mut().and_then(|shard| {
-            shard.batches += 1;
-            let period = SWEEP_EVERY.max(SWEEP_BATCHES_PER_SCOPE * shard.scopes.len() as u64);
-            (shard.batches >= period).then(|| {
-                shard.batches = 0;
-                shard.sweeps += 1;
-                (first, shard.sweeps)
-            })
-        });
+        let counters = report(&mut locked, ops, op_shards, &runs, &op_at, applied, now_ms);
+        let sweep_turn = locked.count_batch();
         drop(locked);
         drop(lease_guard);
         let result = Applied {
@@ -1969,15 +1921,223 @@ impl AllowanceStore for MemoryStore {
         }
 
         if let Some((first, k)) = sweep_turn {
-            let i = ((first as u64 + k) % self.shards.len() as u64) as usize;
-            Self::sweep(&mut self.shards[i].lock(), now_ms);
-            self.sweep_side(
-                ((first as u64 + k) % SIDE_SHARDS as u64) as usize,
-                now_ms,
-                false,
-            );
+            self.sweep_in_turn(first, k, now_ms);
         }
         Ok(result)
+    }
+
+    /// Lock the counter shards `ids` (repeats allowed), in ascending order,
+    /// and drop the unused keys of a shard that has too many.
+    #[inline]
+    fn lock_shards(&self, ids: impl Iterator<Item = usize> + Clone) -> Locked<'_> {
+        let mut locked = match ids.clone().next() {
+            // Most batches name one scope, so one shard: nothing to sort.
+            Some(f) if ids.clone().all(|i| i == f) => Locked {
+                first_id: f,
+                first: Some(self.shards[f].lock()),
+                rest: Vec::new(),
+            },
+            Some(_) => return self.lock_sorted(ids),
+            None => Locked {
+                first_id: 0,
+                first: None,
+                rest: Vec::new(),
+            },
+        };
+        if let Some(sh) = &mut locked.first {
+            if sh.keys.0.len() >= KEYS_HIGH_WATER {
+                sh.compact_keys();
+            }
+        }
+        locked
+    }
+
+    /// [`MemoryStore::lock_shards`] for a batch over several shards.
+    #[cold]
+    #[inline(never)]
+    fn lock_sorted(&self, ids: impl Iterator<Item = usize>) -> Locked<'_> {
+        let mut all: Inline<usize> = Inline::new();
+        for i in ids {
+            all.push(i);
+        }
+        all.as_mut_slice().sort_unstable();
+        let (&f, others) = all.as_slice().split_first().unwrap_or((&0, &[]));
+        let mut locked = Locked {
+            first_id: f,
+            first: Some(self.shards[f].lock()),
+            rest: Vec::new(),
+        };
+        let mut last = f;
+        for &i in others {
+            if i != last {
+                locked.rest.push((i, self.shards[i].lock()));
+                last = i;
+            }
+        }
+        for sh in locked
+            .first
+            .iter_mut()
+            .chain(locked.rest.iter_mut().map(|(_, g)| g))
+        {
+            if sh.keys.0.len() >= KEYS_HIGH_WATER {
+                sh.compact_keys();
+            }
+        }
+        locked
+    }
+
+    /// The sweep a batch triggered (see [`Locked::count_batch`]), once the
+    /// locks are released.
+    #[cold]
+    #[inline(never)]
+    fn sweep_in_turn(&self, first: usize, k: u64, now_ms: i64) {
+        let i = ((first as u64 + k) % self.shards.len() as u64) as usize;
+        Self::sweep(&mut self.shards[i].lock(), now_ms);
+        self.sweep_side(
+            ((first as u64 + k) % SIDE_SHARDS as u64) as usize,
+            now_ms,
+            false,
+        );
+    }
+}
+
+/// Phase 1 for a batch's ops: roll every named counter to now, note each
+/// op's key (for an op that adds, interned now, so phase 2 cannot fail) and
+/// counter position in `op_at` and where each run of ops on one scope ends
+/// in `runs`; returns whether every op fits. `holding`: the ops take holds
+/// (a lease opens or grows), so overflow is of the holds.
+#[inline]
+fn check_ops(
+    locked: &mut Locked<'_>,
+    batch: &Batch<'_>,
+    op_shards: &[usize],
+    holding: bool,
+    now_ms: i64,
+    op_at: &mut Inline<(KeyId, usize)>,
+    runs: &mut Inline<usize>,
+) -> Result<bool, Error> {
+    let ops = batch.ops;
+    let mut all_fit = true;
+    let mut hint = 0;
+    let mut i = 0;
+    while i < ops.len() {
+        let end = run_end(ops, op_shards, i);
+        runs.push(end);
+        let Shard {
+            keys,
+            scopes,
+            holds,
+            ..
+        } = locked.shard(op_shards[i]);
+        let scope = ops[i].scope;
+        let counters: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
+        for op in &ops[i..end] {
+            let key = if op.delta > 0 {
+                Some(
+                    keys.intern(op.meter, op.window, hint)
+                        .ok_or_else(keys_full)?,
+                )
+            } else {
+                // A zero delta never makes a counter: no new key.
+                keys.find(op.meter, op.window, hint)
+            };
+            hint = key.map_or(0, |k| usize::from(k) + 1);
+            let idx = key.and_then(|k| counters.iter().position(|c| c.key() == k));
+            // Phase 2 reads the key only of an op that adds.
+            op_at.push((key.unwrap_or_default(), idx.unwrap_or(NONE)));
+            let (used, held) = match idx.and_then(|x| counters.get_mut(x)) {
+                Some(c) => {
+                    c.advance(op.window, now_ms);
+                    let held = expire_holds(holds, scope, c.key(), now_ms);
+                    (c.used(), held)
+                }
+                None => (0, 0),
+            };
+            // Past u64: an error where the delta would be added
+            // regardless (Force, or no maximum); elsewhere it simply does
+            // not fit.
+            let target = if holding { held } else { used };
+            if target.checked_add(op.delta).is_none()
+                && (batch.mode == Mode::Force || op.max.is_none())
+            {
+                return Err(overflow(op.meter));
+            }
+            all_fit &= fits(used, held, op.delta, op.max);
+        }
+        i = end;
+    }
+    Ok(all_fit)
+}
+
+/// The error of a shard whose `(meter, window)` ids are all in use.
+#[cold]
+#[inline(never)]
+fn keys_full() -> Error {
+    invalid(format!(
+        "more than {} meter and window pairs in use",
+        usize::from(KeyId::MAX) + 1
+    ))
+}
+
+/// The error of usage or holds that would pass a `u64`.
+#[cold]
+#[inline(never)]
+fn overflow(meter: &str) -> Error {
+    Error::Overflow {
+        meter: meter.to_owned(),
+    }
+}
+
+/// Phase 3: each op's counter as it stands (see `state_of`).
+#[inline]
+fn report(
+    locked: &mut Locked<'_>,
+    ops: &[CounterOp<'_>],
+    op_shards: &[usize],
+    runs: &[usize],
+    op_at: &[(KeyId, usize)],
+    applied: bool,
+    now_ms: i64,
+) -> Vec<CounterState> {
+    let mut counters = Vec::with_capacity(ops.len());
+    // When applied, the delta is already in `used` or `held`; ask about
+    // a zero delta so `available_at` is not set for a fitting op.
+    let delta_of = |op: &CounterOp<'_>| if applied { 0 } else { op.delta };
+    let mut i = 0;
+    for &end in runs {
+        let Shard {
+            scopes,
+            holds,
+            shown,
+            times,
+            ..
+        } = locked.shard(op_shards[i]);
+        let list: &[Counter] = scopes.get(ops[i].scope).map_or(&[], |c| c);
+        let mut time = |ms| times.at(ms, shown);
+        for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
+            let counter = list.get(idx);
+            let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
+            let (delta, max) = (delta_of(op), op.max);
+            counters.push(state_of(
+                counter, held, op.window, now_ms, delta, max, &mut time,
+            ));
+        }
+        i = end;
+    }
+    counters
+}
+
+impl AllowanceStore for MemoryStore {
+    fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        validate(batch)?;
+        // Most batches only count: no event id, no lease, no cooldowns. They
+        // take a compact path; the rest take the general one, out of line,
+        // so its code stays out of the instruction cache of the usual call.
+        if batch.event.is_none() && batch.lease.is_none() && batch.cooldowns.is_empty() {
+            self.apply_counters(batch)
+        } else {
+            self.apply_general(batch)
+        }
     }
 
     fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
@@ -2127,6 +2287,72 @@ mod tests {
             Utc.with_ymd_and_hms(2026, 1, 2, 6, 0, 0).unwrap(),
         );
         assert_eq!(s.counters[0].used, 0);
+    }
+
+    /// The compact path (no event id, lease or cooldown) answers and counts
+    /// as the general path does: every batch is applied to one store as is
+    /// and to another with an event id, which takes the general path.
+    #[test]
+    fn the_compact_path_answers_as_the_general_path() {
+        let (plain, general) = (MemoryStore::with_shards(4), MemoryStore::with_shards(4));
+        let scopes: Vec<ScopeKey> = (0..6).map(|i| ScopeKey::subject(format!("s{i}"))).collect();
+        let windows = [
+            Window::calendar(Period::Day),
+            Window::Calendar {
+                period: Period::Month,
+                utc_offset_secs: -5 * 3_600,
+            },
+            Window::Rolling {
+                span_secs: 7 * 86_400,
+                buckets: 168,
+            },
+            Window::Lifetime,
+        ];
+        let mut seed = 0x2545_F491_4F6C_DD1D_u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut now = at(0);
+        for step in 0..600 {
+            // Mostly forward, by up to 3 days, now and then a step back.
+            now = match next(10) {
+                0 => now - chrono::Duration::hours(5),
+                _ => now + chrono::Duration::minutes(next(3 * 24 * 60) as i64),
+            };
+            // One or two scopes (so one shard or more), each op on a window.
+            let picked = [next(6) as usize, next(6) as usize];
+            let n = if next(3) == 0 { 2 } else { 1 };
+            let mut ops = Vec::new();
+            for (j, &s) in picked[..n].iter().enumerate() {
+                if j == 1 && picked[1] == picked[0] {
+                    break;
+                }
+                for (k, &window) in windows.iter().enumerate() {
+                    if next(5) == 0 {
+                        continue;
+                    }
+                    ops.push(CounterOp {
+                        scope: &scopes[s],
+                        meter: ["tokens", "jobs"][k % 2],
+                        window,
+                        delta: next(40),
+                        max: (next(4) != 0).then_some(200),
+                    });
+                }
+            }
+            let mode = [Mode::WithinLimits, Mode::Check, Mode::Force][next(3) as usize];
+            let id = format!("e{step}");
+            let batch = Batch::new(&ops, mode, now);
+            let a = plain.apply(&batch).unwrap();
+            let b = general
+                .apply(&batch.with_event(EventKey::new(&id, 0)))
+                .unwrap();
+            assert_eq!(a, b, "step {step}");
+        }
+        assert_eq!(plain.snapshot().scopes, general.snapshot().scopes);
     }
 
     #[test]
