@@ -1010,6 +1010,7 @@ impl Shard {
 
 /// The state of a counter of `window` (or of an absent one, `counter ==
 /// None`) holding `held`.
+#[allow(clippy::too_many_arguments)]
 fn state_of(
     counter: Option<&Counter>,
     held: u64,
@@ -1017,7 +1018,8 @@ fn state_of(
     now_ms: i64,
     delta: u64,
     max: Option<u64>,
-    time: &mut impl FnMut(i64) -> DateTime<Utc>,
+    times: &mut Times,
+    shown: &mut Shown,
 ) -> CounterState {
     let used = counter.map_or(0, Counter::used);
     // Past the maximum with this delta: for a zero delta, a counter that
@@ -1026,6 +1028,10 @@ fn state_of(
         .is_some_and(|m| u128::from(used) + u128::from(held) + u128::from(delta) > u128::from(m));
     // Holds are in-flight work: waiting for the window does not free them.
     let pending = held.saturating_add(delta);
+    // Calendar bounds (and a rolling counter's bucket edges) recur across
+    // calls, so they go through the shard's `shown` instants; a rolling
+    // window's start is `now` less the span, new every call, so it is
+    // converted directly and evicts none of them.
     let (period_start, resets_at, available_at) = match window {
         Window::Calendar {
             period,
@@ -1043,7 +1049,7 @@ fn state_of(
                 Some(m) if over && pending <= m => Some(next),
                 _ => None,
             };
-            (Some(start), Some(next), avail)
+            (Some(times.at(start, shown)), Some(next), avail)
         }
         Window::Rolling { span_secs, .. } => {
             let start = now_ms.saturating_sub((span_secs as i64).saturating_mul(1_000));
@@ -1060,15 +1066,16 @@ fn state_of(
                 (Some(m), Some(r)) if over => r.available_at(pending, m),
                 _ => None,
             };
-            (Some(start), resets, avail)
+            (Some(times.convert(start)), resets, avail)
         }
         Window::Lifetime | Window::Concurrent => (None, None, None),
     };
+    let mut time = |ms| times.at(ms, shown);
     CounterState {
         used,
         held,
-        period_start: period_start.map(&mut *time),
-        resets_at: resets_at.map(&mut *time),
+        period_start,
+        resets_at: resets_at.map(&mut time),
         available_at: available_at.map(time),
     }
 }
@@ -1123,7 +1130,9 @@ impl Times {
         let day = ms.div_euclid(DAY_MS);
         let date = self.base.and_then(|(d0, date0)| {
             let diff = day.checked_sub(d0)?;
-            if diff >= 0 {
+            if diff == 0 {
+                Some(date0)
+            } else if diff > 0 {
                 date0.checked_add_days(Days::new(diff.unsigned_abs()))
             } else {
                 date0.checked_sub_days(Days::new(diff.unsigned_abs()))
@@ -1140,6 +1149,9 @@ impl Times {
                 None => ms_to_time(ms),
             };
         };
+        // The next conversion is often of the same day (a rolling window's
+        // start, call after call): it then needs no day arithmetic.
+        self.base = Some((day, date));
         let in_day = ms.rem_euclid(DAY_MS);
         // `in_day` is in [0, 86_400_000): both parts are in range.
         let time = NaiveTime::from_num_seconds_from_midnight_opt(
@@ -2113,13 +2125,12 @@ fn report(
             ..
         } = locked.shard(op_shards[i]);
         let list: &[Counter] = scopes.get(ops[i].scope).map_or(&[], |c| c);
-        let mut time = |ms| times.at(ms, shown);
         for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
             let counter = list.get(idx);
             let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
             let (delta, max) = (delta_of(op), op.max);
             counters.push(state_of(
-                counter, held, op.window, now_ms, delta, max, &mut time,
+                counter, held, op.window, now_ms, delta, max, times, shown,
             ));
         }
         i = end;
@@ -2822,6 +2833,34 @@ mod tests {
                 assert_eq!(times.convert(ms), ms_to_time(ms), "{first} {ms}");
                 assert_eq!(times.at(ms, &mut shown), ms_to_time(ms), "{first} {ms}");
             }
+        }
+    }
+
+    /// A conversion moves the base to its own day, so the next one of the
+    /// same day takes no day arithmetic: same-day, next-day and earlier
+    /// instants still convert exactly, whichever came last.
+    #[test]
+    fn times_convert_from_the_last_day_converted() {
+        let t0 = 1_764_460_800_123;
+        let mut times = Times::default();
+        let steps = [
+            0,
+            5,
+            DAY_MS - 200,
+            DAY_MS - 123,
+            DAY_MS + 1,
+            -1,
+            -DAY_MS,
+            40 * DAY_MS + 9,
+            40 * DAY_MS + 10,
+            -400 * DAY_MS,
+            -400 * DAY_MS + 1,
+        ];
+        for &d in &steps {
+            let ms = t0 + d;
+            assert_eq!(times.convert(ms), ms_to_time(ms), "{d}");
+            assert_eq!(times.base.map(|(day, _)| day), Some(ms.div_euclid(DAY_MS)));
+            assert_eq!(times.convert(ms + 1), ms_to_time(ms + 1), "{d} + 1");
         }
     }
 
