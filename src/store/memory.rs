@@ -2532,20 +2532,18 @@ mod tests {
         // Scopes spread over most of 8 shards, in no order, several per
         // shard, plus a cooldown on a shard no op names.
         let store = MemoryStore::with_shards(8);
-        let scopes: Vec<ScopeKey> = (0..12)
+        // Scope hashes are keyed per process: the scopes are picked off the
+        // cooled scope's shard (12 scopes picked blindly cover all 8 shards
+        // about one run in ten).
+        let cooled = ScopeKey::subject("c0");
+        let scopes: Vec<ScopeKey> = (0..)
             .map(|i| match i % 3 {
                 0 => ScopeKey::pool(format!("p{i}")),
                 _ => ScopeKey::subject(format!("s{i}")),
             })
+            .filter(|s| store.shard_of(s) != store.shard_of(&cooled))
+            .take(12)
             .collect();
-        let cooled = (0..100)
-            .map(|i| ScopeKey::subject(format!("c{i}")))
-            .find(|c| {
-                scopes
-                    .iter()
-                    .all(|s| store.shard_of(s) != store.shard_of(c))
-            })
-            .expect("a scope on another shard");
         let ops: Vec<CounterOp<'_>> = scopes
             .iter()
             .map(|s| CounterOp {
