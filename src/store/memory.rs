@@ -1090,16 +1090,19 @@ fn ms_to_time(ms: i64) -> DateTime<Utc> {
 
 const DAY_MS: i64 = 86_400_000;
 
-/// The instants a shard reported lately, each in the slot a hash of its Unix
-/// milliseconds picks: a calendar period's bounds are reported by every call
-/// for the whole period, and are converted once.
+/// The instants a shard reported lately, each in one of the two slots of
+/// the pair a hash of its Unix milliseconds picks: a calendar period's bounds
+/// are reported by every call for the whole period, and are converted once.
+/// Two slots a pair, so two instants that hash alike (a day's start and a
+/// rolling window's bucket edge, say) do not evict each other call after
+/// call.
 #[derive(Debug)]
-struct Shown([(i64, DateTime<Utc>); 8]);
+struct Shown([[(i64, DateTime<Utc>); 2]; 8]);
 
 impl Default for Shown {
     fn default() -> Self {
         // A true entry, so no sentinel is needed.
-        Self([(i64::MIN, ms_to_time(i64::MIN)); 8])
+        Self([[(i64::MIN, ms_to_time(i64::MIN)); 2]; 8])
     }
 }
 
@@ -1117,11 +1120,17 @@ struct Times {
 impl Times {
     #[inline]
     fn at(&mut self, ms: i64, shown: &mut Shown) -> DateTime<Utc> {
-        let slot = &mut shown.0[((ms as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize];
-        if slot.0 != ms {
-            *slot = (ms, self.convert(ms));
+        let pair = &mut shown.0[((ms as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize];
+        if pair[0].0 == ms {
+            return pair[0].1;
         }
-        slot.1
+        if pair[1].0 == ms {
+            return pair[1].1;
+        }
+        // The newer entry first; the older one goes.
+        pair[1] = pair[0];
+        pair[0] = (ms, self.convert(ms));
+        pair[0].1
     }
 
     // Out of line, so the cache probe in `at` inlines into its callers.
@@ -2831,6 +2840,30 @@ mod tests {
                 assert_eq!(times.convert(ms), ms_to_time(ms), "{first} {ms}");
                 assert_eq!(times.at(ms, &mut shown), ms_to_time(ms), "{first} {ms}");
             }
+        }
+    }
+
+    /// Two instants of one pair both stay shown, however they alternate;
+    /// a third of that pair drops the older one.
+    #[test]
+    fn shown_keeps_two_instants_that_hash_alike() {
+        let pair = |ms: i64| ((ms as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize;
+        let t0 = 1_764_460_800_000;
+        let mut alike = (1..)
+            .map(|k| t0 + k * 3_600_000)
+            .filter(|&ms| pair(ms) == pair(t0));
+        let (a, b, c) = (t0, alike.next().unwrap(), alike.next().unwrap());
+        let (mut shown, mut times) = (Shown::default(), Times::default());
+        let held = |shown: &Shown, ms| shown.0[pair(ms)].iter().any(|&(m, _)| m == ms);
+        times.at(a, &mut shown);
+        for ms in [b, a, b, a] {
+            assert_eq!(times.at(ms, &mut shown), ms_to_time(ms));
+            assert!(held(&shown, a) && held(&shown, b), "{ms}");
+        }
+        assert_eq!(times.at(c, &mut shown), ms_to_time(c));
+        assert!(held(&shown, c) && held(&shown, b) && !held(&shown, a));
+        for ms in [a, b, c] {
+            assert_eq!(times.at(ms, &mut shown), ms_to_time(ms));
         }
     }
 
