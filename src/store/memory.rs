@@ -1039,6 +1039,8 @@ impl Shard {
 /// The state of a counter of `window` (or of an absent one, `counter ==
 /// None`) holding `held`.
 #[allow(clippy::too_many_arguments)]
+// Inlined into both reports (its result is a large value, built in place).
+#[inline(always)]
 fn state_of(
     counter: Option<&Counter>,
     held: u64,
@@ -1610,10 +1612,15 @@ impl MemoryStore {
             Mode::WithinLimits => all_fit,
             Mode::Force => true,
         };
-        if applied {
-            add_usage(&mut locked, ops, op_shards, &runs, &mut op_at, now_ms);
-        }
-        let counters = report(&mut locked, ops, op_shards, &runs, &op_at, applied, now_ms);
+        let counters = add_and_report(
+            &mut locked,
+            ops,
+            op_shards,
+            &runs,
+            &mut op_at,
+            applied,
+            now_ms,
+        );
         let sweep_turn = locked.count_batch();
         drop(locked);
         let result = Applied {
@@ -2225,28 +2232,101 @@ fn add_usage(
 ) {
     let mut i = 0;
     for &end in runs {
-        let sh = locked.shard(shards[i]);
-        let scope = ops[i].scope;
-        // Phase 1 found most counters: one lookup for the run.
-        if let Some(list) = sh.scopes.get_mut(scope) {
-            for (op, &(_, idx)) in ops[i..end].iter().zip(&at[i..end]) {
-                if let (true, Some(c)) = (op.delta > 0, list.get_mut(idx)) {
-                    c.add(op.window, op.delta);
-                }
-            }
-        }
-        // Then the ones that are new.
-        for (op, (key, idx)) in ops[i..end].iter().zip(&mut at[i..end]) {
-            if op.delta == 0 || *idx != NONE {
-                continue;
-            }
-            if let Some((x, c)) = sh.counter_or_new(scope, *key, op.window, now_ms) {
-                *idx = x;
+        add_run(
+            locked.shard(shards[i]),
+            ops[i].scope,
+            &ops[i..end],
+            &mut at[i..end],
+            now_ms,
+        );
+        i = end;
+    }
+}
+
+/// [`add_usage`] for one run of ops on `scope`.
+fn add_run(
+    sh: &mut Shard,
+    scope: &ScopeKey,
+    ops: &[CounterOp<'_>],
+    at: &mut [(KeyId, usize)],
+    now_ms: i64,
+) {
+    // Phase 1 found most counters: one lookup for the run.
+    if let Some(list) = sh.scopes.get_mut(scope) {
+        for (op, &(_, idx)) in ops.iter().zip(&*at) {
+            if let (true, Some(c)) = (op.delta > 0, list.get_mut(idx)) {
                 c.add(op.window, op.delta);
             }
         }
+    }
+    // Then the ones that are new.
+    for (op, (key, idx)) in ops.iter().zip(at) {
+        if op.delta == 0 || *idx != NONE {
+            continue;
+        }
+        if let Some((x, c)) = sh.counter_or_new(scope, *key, op.window, now_ms) {
+            *idx = x;
+            c.add(op.window, op.delta);
+        }
+    }
+}
+
+/// Phases 2 and 3 of a batch of counter ops only: [`add_usage`] (if
+/// `applied`), then [`report`], with one counter lookup a run where both
+/// would take one. A run's report reads only its own ops' counters, so each
+/// run can be reported as soon as it is added to.
+#[inline(never)]
+fn add_and_report(
+    locked: &mut Locked<'_>,
+    ops: &[CounterOp<'_>],
+    op_shards: &[usize],
+    runs: &[usize],
+    op_at: &mut [(KeyId, usize)],
+    applied: bool,
+    now_ms: i64,
+) -> Vec<CounterState> {
+    let mut counters = Vec::with_capacity(ops.len());
+    let mut i = 0;
+    for &end in runs {
+        let sh = locked.shard(op_shards[i]);
+        let scope = ops[i].scope;
+        let (run, at) = (&ops[i..end], &mut op_at[i..end]);
+        // A run that makes a counter takes `add_usage`'s steps first; the
+        // usual run adds in the loop below, through the same lookup.
+        let mut add = applied;
+        if add
+            && run
+                .iter()
+                .zip(&*at)
+                .any(|(op, &(_, idx))| op.delta > 0 && idx == NONE)
+        {
+            add_run(sh, scope, run, at, now_ms);
+            add = false;
+        }
+        let Shard {
+            scopes,
+            holds,
+            shown,
+            times,
+            ..
+        } = sh;
+        let list: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
+        for (op, &(_, idx)) in run.iter().zip(&*at) {
+            let mut counter = list.get_mut(idx);
+            if let (true, Some(c)) = (add && op.delta > 0, &mut counter) {
+                c.add(op.window, op.delta);
+            }
+            let counter = counter.map(|c| &*c);
+            let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
+            // As in `report`: once applied, the delta is in `used` or `held`.
+            let delta = if applied { 0 } else { op.delta };
+            counters.push(state_of(
+                counter, held, op.window, now_ms, delta, op.max, times, shown,
+            ));
+        }
         i = end;
     }
+    counters
 }
 
 #[cfg(test)]
@@ -2390,6 +2470,11 @@ mod tests {
                         max: (next(4) != 0).then_some(200),
                     });
                 }
+            }
+            // Now and then the scopes interleave: runs of one op each, a
+            // scope named by runs apart.
+            if next(3) == 0 {
+                ops.sort_by_key(|o| windows.iter().position(|w| *w == o.window));
             }
             let mode = [Mode::WithinLimits, Mode::Check, Mode::Force][next(3) as usize];
             let id = format!("e{step}");
