@@ -751,7 +751,8 @@ impl Counter {
     #[inline]
     fn advance(&mut self, window: Window, now_ms: i64) {
         // Inlined for the usual answer, nothing to do: a calendar counter
-        // within its period, a lifetime or concurrent counter.
+        // within its period, a rolling one within its head bucket, a
+        // lifetime or concurrent counter.
         match *self {
             Counter::Calendar {
                 len_ms,
@@ -760,6 +761,11 @@ impl Counter {
                 ..
             } if now_ms < start.saturating_add(i64::from(len_ms))
                 && (now_ms >= start || used > 0) => {}
+            // A rolling counter whose head bucket is still current (or
+            // later, after a clock step back): `Ring::advance` would return
+            // at once.
+            Counter::Rolling { ref buf, .. }
+                if now_ms.div_euclid(width_of(window)) <= buf[0] as i64 => {}
             Counter::Lifetime { .. } | Counter::Concurrent { .. } => {}
             _ => self.roll(window, now_ms),
         }
