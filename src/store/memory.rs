@@ -139,6 +139,34 @@ impl Ledger {
     }
 }
 
+/// `a == b`, for the short names meters have: compared a word at a time
+/// inline (two overlapping loads cover 4 to 16 bytes) rather than through a
+/// `memcmp` call, which cost a batch's hot path some 25 instructions an op.
+#[inline]
+fn same_name(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let w8 = |s: &[u8], i: usize| {
+        s.get(i..i + 8)
+            .map(|w| u64::from_ne_bytes(w.try_into().unwrap_or_default()))
+    };
+    let w4 = |s: &[u8], i: usize| {
+        s.get(i..i + 4)
+            .map(|w| u32::from_ne_bytes(w.try_into().unwrap_or_default()))
+    };
+    match n {
+        0 => true,
+        // Bytes 0, n / 2 and n - 1 cover 1 to 3 bytes.
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => w4(a, 0) == w4(b, 0) && w4(a, n - 4) == w4(b, n - 4),
+        8..=16 => w8(a, 0) == w8(b, 0) && w8(a, n - 8) == w8(b, n - 8),
+        _ => a == b,
+    }
+}
+
 /// A counter's `(meter, window)`: its index in its shard's [`Keys`].
 type KeyId = u16;
 
@@ -253,7 +281,7 @@ impl Keys {
         // The hint inline (it is right for every op of a usual batch), the
         // scan out of line.
         match self.0.get(hint) {
-            Some((m, w)) if *w == window && **m == *meter => KeyId::try_from(hint).ok(),
+            Some((m, w)) if *w == window && same_name(m, meter) => KeyId::try_from(hint).ok(),
             _ => self.scan(meter, window),
         }
     }
@@ -723,7 +751,8 @@ impl Counter {
     #[inline]
     fn advance(&mut self, window: Window, now_ms: i64) {
         // Inlined for the usual answer, nothing to do: a calendar counter
-        // within its period, a lifetime or concurrent counter.
+        // within its period, a rolling one within its head bucket, a
+        // lifetime or concurrent counter.
         match *self {
             Counter::Calendar {
                 len_ms,
@@ -732,6 +761,11 @@ impl Counter {
                 ..
             } if now_ms < start.saturating_add(i64::from(len_ms))
                 && (now_ms >= start || used > 0) => {}
+            // A rolling counter whose head bucket is still current (or
+            // later, after a clock step back): `Ring::advance` would return
+            // at once.
+            Counter::Rolling { ref buf, .. }
+                if now_ms.div_euclid(width_of(window)) <= buf[0] as i64 => {}
             Counter::Lifetime { .. } | Counter::Concurrent { .. } => {}
             _ => self.roll(window, now_ms),
         }
@@ -980,6 +1014,8 @@ impl Shard {
     }
 
     /// Drop the keys no counter uses, renumbering the rest.
+    #[cold]
+    #[inline(never)]
     fn compact_keys(&mut self) {
         let mut used = vec![false; self.keys.0.len()];
         for c in self.scopes.values().flat_map(|cs| cs.iter()) {
@@ -1008,6 +1044,9 @@ impl Shard {
 
 /// The state of a counter of `window` (or of an absent one, `counter ==
 /// None`) holding `held`.
+#[allow(clippy::too_many_arguments)]
+// Inlined into both reports (its result is a large value, built in place).
+#[inline(always)]
 fn state_of(
     counter: Option<&Counter>,
     held: u64,
@@ -1015,7 +1054,8 @@ fn state_of(
     now_ms: i64,
     delta: u64,
     max: Option<u64>,
-    time: &mut impl FnMut(i64) -> DateTime<Utc>,
+    times: &mut Times,
+    shown: &mut Shown,
 ) -> CounterState {
     let used = counter.map_or(0, Counter::used);
     // Past the maximum with this delta: for a zero delta, a counter that
@@ -1024,6 +1064,10 @@ fn state_of(
         .is_some_and(|m| u128::from(used) + u128::from(held) + u128::from(delta) > u128::from(m));
     // Holds are in-flight work: waiting for the window does not free them.
     let pending = held.saturating_add(delta);
+    // Calendar bounds (and a rolling counter's bucket edges) recur across
+    // calls, so they go through the shard's `shown` instants; a rolling
+    // window's start is `now` less the span, new every call, so it is
+    // converted directly and evicts none of them.
     let (period_start, resets_at, available_at) = match window {
         Window::Calendar {
             period,
@@ -1041,7 +1085,7 @@ fn state_of(
                 Some(m) if over && pending <= m => Some(next),
                 _ => None,
             };
-            (Some(start), Some(next), avail)
+            (Some(times.at(start, shown)), Some(next), avail)
         }
         Window::Rolling { span_secs, .. } => {
             let start = now_ms.saturating_sub((span_secs as i64).saturating_mul(1_000));
@@ -1058,15 +1102,16 @@ fn state_of(
                 (Some(m), Some(r)) if over => r.available_at(pending, m),
                 _ => None,
             };
-            (Some(start), resets, avail)
+            (Some(times.convert(start)), resets, avail)
         }
         Window::Lifetime | Window::Concurrent => (None, None, None),
     };
+    let mut time = |ms| times.at(ms, shown);
     CounterState {
         used,
         held,
-        period_start: period_start.map(&mut *time),
-        resets_at: resets_at.map(&mut *time),
+        period_start,
+        resets_at: resets_at.map(&mut time),
         available_at: available_at.map(time),
     }
 }
@@ -1081,16 +1126,19 @@ fn ms_to_time(ms: i64) -> DateTime<Utc> {
 
 const DAY_MS: i64 = 86_400_000;
 
-/// The instants a shard reported lately, each in the slot a hash of its Unix
-/// milliseconds picks: a calendar period's bounds are reported by every call
-/// for the whole period, and are converted once.
+/// The instants a shard reported lately, each in one of the two slots of
+/// the pair a hash of its Unix milliseconds picks: a calendar period's bounds
+/// are reported by every call for the whole period, and are converted once.
+/// Two slots a pair, so two instants that hash alike (a day's start and a
+/// rolling window's bucket edge, say) do not evict each other call after
+/// call.
 #[derive(Debug)]
-struct Shown([(i64, DateTime<Utc>); 8]);
+struct Shown([[(i64, DateTime<Utc>); 2]; 8]);
 
 impl Default for Shown {
     fn default() -> Self {
         // A true entry, so no sentinel is needed.
-        Self([(i64::MIN, ms_to_time(i64::MIN)); 8])
+        Self([[(i64::MIN, ms_to_time(i64::MIN)); 2]; 8])
     }
 }
 
@@ -1108,11 +1156,17 @@ struct Times {
 impl Times {
     #[inline]
     fn at(&mut self, ms: i64, shown: &mut Shown) -> DateTime<Utc> {
-        let slot = &mut shown.0[((ms as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize];
-        if slot.0 != ms {
-            *slot = (ms, self.convert(ms));
+        let pair = &mut shown.0[((ms as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize];
+        if pair[0].0 == ms {
+            return pair[0].1;
         }
-        slot.1
+        if pair[1].0 == ms {
+            return pair[1].1;
+        }
+        // The newer entry first; the older one goes.
+        pair[1] = pair[0];
+        pair[0] = (ms, self.convert(ms));
+        pair[0].1
     }
 
     // Out of line, so the cache probe in `at` inlines into its callers.
@@ -1121,7 +1175,9 @@ impl Times {
         let day = ms.div_euclid(DAY_MS);
         let date = self.base.and_then(|(d0, date0)| {
             let diff = day.checked_sub(d0)?;
-            if diff >= 0 {
+            if diff == 0 {
+                Some(date0)
+            } else if diff > 0 {
                 date0.checked_add_days(Days::new(diff.unsigned_abs()))
             } else {
                 date0.checked_sub_days(Days::new(diff.unsigned_abs()))
@@ -1138,6 +1194,9 @@ impl Times {
                 None => ms_to_time(ms),
             };
         };
+        // The next conversion is often of the same day (a rolling window's
+        // start, call after call): it then needs no day arithmetic.
+        self.base = Some((day, date));
         let in_day = ms.rem_euclid(DAY_MS);
         // `in_day` is in [0, 86_400_000): both parts are in range.
         let time = NaiveTime::from_num_seconds_from_midnight_opt(
@@ -1229,6 +1288,24 @@ impl Locked<'_> {
                 &mut self.rest[i].1
             }
         }
+    }
+
+    /// Count the batch on the first shard it holds (no counter shared by
+    /// every thread); every `SWEEP_EVERY` batches or more, the shard and
+    /// its sweep count, for a sweep of a shard in turn once the locks are
+    /// released.
+    #[inline]
+    fn count_batch(&mut self) -> Option<(usize, u64)> {
+        let first = self.first_id;
+        self.first.as_deref_mut().and_then(|shard| {
+            shard.batches += 1;
+            let period = SWEEP_EVERY.max(SWEEP_BATCHES_PER_SCOPE * shard.scopes.len() as u64);
+            (shard.batches >= period).then(|| {
+                shard.batches = 0;
+                shard.sweeps += 1;
+                (first, shard.sweeps)
+            })
+        })
     }
 }
 
@@ -1510,11 +1587,66 @@ struct Charge {
     charged: u64,
 }
 
-impl AllowanceStore for MemoryStore {
-    fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+/// `apply`'s parts: the compact path of a batch of counter ops only, the
+/// general path, and the steps they share.
+impl MemoryStore {
+    /// A batch with no event id, no lease and no cooldowns: the steps of
+    /// [`MemoryStore::apply_general`] that such a batch takes, and no more.
+    #[inline]
+    fn apply_counters(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         let now_ms = batch.now.timestamp_millis();
         let ops = batch.ops;
-        validate(batch)?;
+        let mut op_shards: Inline<usize> = Inline::new();
+        for op in ops {
+            op_shards.push(self.shard_of(op.scope));
+        }
+        let op_shards = op_shards.as_slice();
+        let mut locked = self.lock_shards(op_shards.iter().copied());
+        let mut op_at: Inline<(KeyId, usize)> = Inline::new();
+        let mut runs: Inline<usize> = Inline::new();
+        let all_fit = check_ops(
+            &mut locked,
+            batch,
+            op_shards,
+            false,
+            now_ms,
+            &mut op_at,
+            &mut runs,
+        )?;
+        let applied = match batch.mode {
+            Mode::Check => false,
+            Mode::WithinLimits => all_fit,
+            Mode::Force => true,
+        };
+        let counters = add_and_report(
+            &mut locked,
+            ops,
+            op_shards,
+            &runs,
+            &mut op_at,
+            applied,
+            now_ms,
+        );
+        let sweep_turn = locked.count_batch();
+        drop(locked);
+        let result = Applied {
+            applied,
+            counters,
+            settled: Vec::new(),
+            cooldowns: Vec::new(),
+            replayed_at: None,
+        };
+        if let Some((first, k)) = sweep_turn {
+            self.sweep_in_turn(first, k, now_ms);
+        }
+        Ok(result)
+    }
+
+    /// Any batch: event ids, leases, cooldowns and all.
+    #[inline(never)]
+    fn apply_general(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        let now_ms = batch.now.timestamp_millis();
+        let ops = batch.ops;
 
         // The ledger first (rule 8): a replay changes nothing.
         let mut ledger = None;
@@ -1580,51 +1712,14 @@ impl AllowanceStore for MemoryStore {
             [] => Vec::new(),
             hs => hs.iter().map(|h| self.shard_of(&h.scope)).collect(),
         };
-        let ids = op_shards
-            .as_slice()
-            .iter()
-            .chain(&cooldown_shards)
-            .chain(&hold_shards)
-            .copied();
-        let mut locked = Locked {
-            first_id: 0,
-            first: None,
-            rest: Vec::new(),
-        };
-        match ids.clone().next() {
-            // Most batches name one scope, so one shard: nothing to sort.
-            Some(f) if ids.clone().all(|i| i == f) => {
-                locked.first_id = f;
-                locked.first = Some(self.shards[f].lock());
-            }
-            Some(_) => {
-                let mut all: Inline<usize> = Inline::new();
-                for i in ids {
-                    all.push(i);
-                }
-                all.as_mut_slice().sort_unstable();
-                let (&f, others) = all.as_slice().split_first().unwrap_or((&0, &[]));
-                locked.first_id = f;
-                locked.first = Some(self.shards[f].lock());
-                let mut last = f;
-                for &i in others {
-                    if i != last {
-                        locked.rest.push((i, self.shards[i].lock()));
-                        last = i;
-                    }
-                }
-            }
-            None => {}
-        }
-        for sh in locked
-            .first
-            .iter_mut()
-            .chain(locked.rest.iter_mut().map(|(_, g)| g))
-        {
-            if sh.keys.0.len() >= KEYS_HIGH_WATER {
-                sh.compact_keys();
-            }
-        }
+        let mut locked = self.lock_shards(
+            op_shards
+                .as_slice()
+                .iter()
+                .chain(&cooldown_shards)
+                .chain(&hold_shards)
+                .copied(),
+        );
         let op_shards = op_shards.as_slice();
         // Each op's key (for an op that adds, interned in phase 1, so phase 2
         // cannot fail) and counter position, found in phase 1 (or made in
@@ -1690,62 +1785,17 @@ impl AllowanceStore for MemoryStore {
             }
         }
         let holding = matches!(action, Some(LeaseAction::Open { .. } | LeaseAction::Grow));
-        let mut all_fit = true;
-        let mut hint = 0;
         // Where each run of ops on one scope ends.
         let mut runs: Inline<usize> = Inline::new();
-        let mut i = 0;
-        while i < ops.len() {
-            let end = run_end(ops, op_shards, i);
-            runs.push(end);
-            let Shard {
-                keys,
-                scopes,
-                holds,
-                ..
-            } = locked.shard(op_shards[i]);
-            let scope = ops[i].scope;
-            let counters: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
-            for op in &ops[i..end] {
-                let key = if op.delta > 0 {
-                    let key = keys.intern(op.meter, op.window, hint).ok_or_else(|| {
-                        invalid(format!(
-                            "more than {} meter and window pairs in use",
-                            usize::from(KeyId::MAX) + 1
-                        ))
-                    })?;
-                    Some(key)
-                } else {
-                    // A zero delta never makes a counter: no new key.
-                    keys.find(op.meter, op.window, hint)
-                };
-                hint = key.map_or(0, |k| usize::from(k) + 1);
-                let idx = key.and_then(|k| counters.iter().position(|c| c.key() == k));
-                // Phase 2 reads the key only of an op that adds.
-                op_at.push((key.unwrap_or_default(), idx.unwrap_or(NONE)));
-                let (used, held) = match idx.and_then(|x| counters.get_mut(x)) {
-                    Some(c) => {
-                        c.advance(op.window, now_ms);
-                        let held = expire_holds(holds, scope, c.key(), now_ms);
-                        (c.used(), held)
-                    }
-                    None => (0, 0),
-                };
-                // Past u64: an error where the delta would be added
-                // regardless (Force, or no maximum); elsewhere it simply does
-                // not fit.
-                let target = if holding { held } else { used };
-                if target.checked_add(op.delta).is_none()
-                    && (batch.mode == Mode::Force || op.max.is_none())
-                {
-                    return Err(Error::Overflow {
-                        meter: op.meter.to_owned(),
-                    });
-                }
-                all_fit &= fits(used, held, op.delta, op.max);
-            }
-            i = end;
-        }
+        let mut all_fit = check_ops(
+            &mut locked,
+            batch,
+            op_shards,
+            holding,
+            now_ms,
+            &mut op_at,
+            &mut runs,
+        )?;
         let mut cooling = Vec::with_capacity(batch.cooldowns.len());
         for (c, &shard) in batch.cooldowns.iter().zip(&cooldown_shards) {
             let until = locked
@@ -1904,44 +1954,8 @@ impl AllowanceStore for MemoryStore {
         }
 
         // Phase 3: report.
-        let mut counters = Vec::with_capacity(ops.len());
-        // When applied, the delta is already in `used` or `held`; ask about
-        // a zero delta so `available_at` is not set for a fitting op.
-        let delta_of = |op: &CounterOp<'_>| if applied { 0 } else { op.delta };
-        let mut i = 0;
-        for &end in runs.as_slice() {
-            let Shard {
-                scopes,
-                holds,
-                shown,
-                times,
-                ..
-            } = locked.shard(op_shards[i]);
-            let list: &[Counter] = scopes.get(ops[i].scope).map_or(&[], |c| c);
-            let mut time = |ms| times.at(ms, shown);
-            for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
-                let counter = list.get(idx);
-                let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
-                let (delta, max) = (delta_of(op), op.max);
-                counters.push(state_of(
-                    counter, held, op.window, now_ms, delta, max, &mut time,
-                ));
-            }
-            i = end;
-        }
-        // Count the batch on the first shard it holds (no counter shared by
-        // every thread); every SWEEP_EVERY, sweep a shard in turn once the
-        // locks are released.
-        let first = locked.first_id;
-        let sweep_turn = locked.first.as_deref_mut().and_then(|shard| {
-            shard.batches += 1;
-            let period = SWEEP_EVERY.max(SWEEP_BATCHES_PER_SCOPE * shard.scopes.len() as u64);
-            (shard.batches >= period).then(|| {
-                shard.batches = 0;
-                shard.sweeps += 1;
-                (first, shard.sweeps)
-            })
-        });
+        let counters = report(&mut locked, ops, op_shards, &runs, &op_at, applied, now_ms);
+        let sweep_turn = locked.count_batch();
         drop(locked);
         drop(lease_guard);
         let result = Applied {
@@ -1969,15 +1983,222 @@ impl AllowanceStore for MemoryStore {
         }
 
         if let Some((first, k)) = sweep_turn {
-            let i = ((first as u64 + k) % self.shards.len() as u64) as usize;
-            Self::sweep(&mut self.shards[i].lock(), now_ms);
-            self.sweep_side(
-                ((first as u64 + k) % SIDE_SHARDS as u64) as usize,
-                now_ms,
-                false,
-            );
+            self.sweep_in_turn(first, k, now_ms);
         }
         Ok(result)
+    }
+
+    /// Lock the counter shards `ids` (repeats allowed), in ascending order,
+    /// and drop the unused keys of a shard that has too many.
+    #[inline]
+    fn lock_shards(&self, ids: impl Iterator<Item = usize> + Clone) -> Locked<'_> {
+        let mut locked = match ids.clone().next() {
+            // Most batches name one scope, so one shard: nothing to sort.
+            Some(f) if ids.clone().all(|i| i == f) => Locked {
+                first_id: f,
+                first: Some(self.shards[f].lock()),
+                rest: Vec::new(),
+            },
+            Some(_) => return self.lock_sorted(ids),
+            None => Locked {
+                first_id: 0,
+                first: None,
+                rest: Vec::new(),
+            },
+        };
+        if let Some(sh) = &mut locked.first {
+            if sh.keys.0.len() >= KEYS_HIGH_WATER {
+                sh.compact_keys();
+            }
+        }
+        locked
+    }
+
+    /// [`MemoryStore::lock_shards`] for a batch over several shards.
+    #[cold]
+    #[inline(never)]
+    fn lock_sorted(&self, ids: impl Iterator<Item = usize>) -> Locked<'_> {
+        let mut all: Inline<usize> = Inline::new();
+        for i in ids {
+            all.push(i);
+        }
+        all.as_mut_slice().sort_unstable();
+        let (&f, others) = all.as_slice().split_first().unwrap_or((&0, &[]));
+        let mut locked = Locked {
+            first_id: f,
+            first: Some(self.shards[f].lock()),
+            rest: Vec::new(),
+        };
+        let mut last = f;
+        for &i in others {
+            if i != last {
+                locked.rest.push((i, self.shards[i].lock()));
+                last = i;
+            }
+        }
+        for sh in locked
+            .first
+            .iter_mut()
+            .chain(locked.rest.iter_mut().map(|(_, g)| g))
+        {
+            if sh.keys.0.len() >= KEYS_HIGH_WATER {
+                sh.compact_keys();
+            }
+        }
+        locked
+    }
+
+    /// The sweep a batch triggered (see [`Locked::count_batch`]), once the
+    /// locks are released.
+    #[cold]
+    #[inline(never)]
+    fn sweep_in_turn(&self, first: usize, k: u64, now_ms: i64) {
+        let i = ((first as u64 + k) % self.shards.len() as u64) as usize;
+        Self::sweep(&mut self.shards[i].lock(), now_ms);
+        self.sweep_side(
+            ((first as u64 + k) % SIDE_SHARDS as u64) as usize,
+            now_ms,
+            false,
+        );
+    }
+}
+
+/// Phase 1 for a batch's ops: roll every named counter to now, note each
+/// op's key (for an op that adds, interned now, so phase 2 cannot fail) and
+/// counter position in `op_at` and where each run of ops on one scope ends
+/// in `runs`; returns whether every op fits. `holding`: the ops take holds
+/// (a lease opens or grows), so overflow is of the holds.
+#[inline]
+fn check_ops(
+    locked: &mut Locked<'_>,
+    batch: &Batch<'_>,
+    op_shards: &[usize],
+    holding: bool,
+    now_ms: i64,
+    op_at: &mut Inline<(KeyId, usize)>,
+    runs: &mut Inline<usize>,
+) -> Result<bool, Error> {
+    let ops = batch.ops;
+    let mut all_fit = true;
+    let mut hint = 0;
+    let mut i = 0;
+    while i < ops.len() {
+        let end = run_end(ops, op_shards, i);
+        runs.push(end);
+        let Shard {
+            keys,
+            scopes,
+            holds,
+            ..
+        } = locked.shard(op_shards[i]);
+        let scope = ops[i].scope;
+        let counters: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
+        for op in &ops[i..end] {
+            let key = if op.delta > 0 {
+                Some(
+                    keys.intern(op.meter, op.window, hint)
+                        .ok_or_else(keys_full)?,
+                )
+            } else {
+                // A zero delta never makes a counter: no new key.
+                keys.find(op.meter, op.window, hint)
+            };
+            hint = key.map_or(0, |k| usize::from(k) + 1);
+            let idx = key.and_then(|k| counters.iter().position(|c| c.key() == k));
+            // Phase 2 reads the key only of an op that adds.
+            op_at.push((key.unwrap_or_default(), idx.unwrap_or(NONE)));
+            let (used, held) = match idx.and_then(|x| counters.get_mut(x)) {
+                Some(c) => {
+                    c.advance(op.window, now_ms);
+                    let held = expire_holds(holds, scope, c.key(), now_ms);
+                    (c.used(), held)
+                }
+                None => (0, 0),
+            };
+            // Past u64: an error where the delta would be added
+            // regardless (Force, or no maximum); elsewhere it simply does
+            // not fit.
+            let target = if holding { held } else { used };
+            if target.checked_add(op.delta).is_none()
+                && (batch.mode == Mode::Force || op.max.is_none())
+            {
+                return Err(overflow(op.meter));
+            }
+            all_fit &= fits(used, held, op.delta, op.max);
+        }
+        i = end;
+    }
+    Ok(all_fit)
+}
+
+/// The error of a shard whose `(meter, window)` ids are all in use.
+#[cold]
+#[inline(never)]
+fn keys_full() -> Error {
+    invalid(format!(
+        "more than {} meter and window pairs in use",
+        usize::from(KeyId::MAX) + 1
+    ))
+}
+
+/// The error of usage or holds that would pass a `u64`.
+#[cold]
+#[inline(never)]
+fn overflow(meter: &str) -> Error {
+    Error::Overflow {
+        meter: meter.to_owned(),
+    }
+}
+
+/// Phase 3: each op's counter as it stands (see `state_of`).
+#[inline]
+fn report(
+    locked: &mut Locked<'_>,
+    ops: &[CounterOp<'_>],
+    op_shards: &[usize],
+    runs: &[usize],
+    op_at: &[(KeyId, usize)],
+    applied: bool,
+    now_ms: i64,
+) -> Vec<CounterState> {
+    let mut counters = Vec::with_capacity(ops.len());
+    // When applied, the delta is already in `used` or `held`; ask about
+    // a zero delta so `available_at` is not set for a fitting op.
+    let delta_of = |op: &CounterOp<'_>| if applied { 0 } else { op.delta };
+    let mut i = 0;
+    for &end in runs {
+        let Shard {
+            scopes,
+            holds,
+            shown,
+            times,
+            ..
+        } = locked.shard(op_shards[i]);
+        let list: &[Counter] = scopes.get(ops[i].scope).map_or(&[], |c| c);
+        for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
+            let counter = list.get(idx);
+            let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
+            let (delta, max) = (delta_of(op), op.max);
+            counters.push(state_of(
+                counter, held, op.window, now_ms, delta, max, times, shown,
+            ));
+        }
+        i = end;
+    }
+    counters
+}
+
+impl AllowanceStore for MemoryStore {
+    fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        validate(batch)?;
+        // Most batches only count: no event id, no lease, no cooldowns. They
+        // take a compact path; the rest take the general one, out of line,
+        // so its code stays out of the instruction cache of the usual call.
+        if batch.event.is_none() && batch.lease.is_none() && batch.cooldowns.is_empty() {
+            self.apply_counters(batch)
+        } else {
+            self.apply_general(batch)
+        }
     }
 
     fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
@@ -2017,28 +2238,101 @@ fn add_usage(
 ) {
     let mut i = 0;
     for &end in runs {
-        let sh = locked.shard(shards[i]);
-        let scope = ops[i].scope;
-        // Phase 1 found most counters: one lookup for the run.
-        if let Some(list) = sh.scopes.get_mut(scope) {
-            for (op, &(_, idx)) in ops[i..end].iter().zip(&at[i..end]) {
-                if let (true, Some(c)) = (op.delta > 0, list.get_mut(idx)) {
-                    c.add(op.window, op.delta);
-                }
-            }
-        }
-        // Then the ones that are new.
-        for (op, (key, idx)) in ops[i..end].iter().zip(&mut at[i..end]) {
-            if op.delta == 0 || *idx != NONE {
-                continue;
-            }
-            if let Some((x, c)) = sh.counter_or_new(scope, *key, op.window, now_ms) {
-                *idx = x;
+        add_run(
+            locked.shard(shards[i]),
+            ops[i].scope,
+            &ops[i..end],
+            &mut at[i..end],
+            now_ms,
+        );
+        i = end;
+    }
+}
+
+/// [`add_usage`] for one run of ops on `scope`.
+fn add_run(
+    sh: &mut Shard,
+    scope: &ScopeKey,
+    ops: &[CounterOp<'_>],
+    at: &mut [(KeyId, usize)],
+    now_ms: i64,
+) {
+    // Phase 1 found most counters: one lookup for the run.
+    if let Some(list) = sh.scopes.get_mut(scope) {
+        for (op, &(_, idx)) in ops.iter().zip(&*at) {
+            if let (true, Some(c)) = (op.delta > 0, list.get_mut(idx)) {
                 c.add(op.window, op.delta);
             }
         }
+    }
+    // Then the ones that are new.
+    for (op, (key, idx)) in ops.iter().zip(at) {
+        if op.delta == 0 || *idx != NONE {
+            continue;
+        }
+        if let Some((x, c)) = sh.counter_or_new(scope, *key, op.window, now_ms) {
+            *idx = x;
+            c.add(op.window, op.delta);
+        }
+    }
+}
+
+/// Phases 2 and 3 of a batch of counter ops only: [`add_usage`] (if
+/// `applied`), then [`report`], with one counter lookup a run where both
+/// would take one. A run's report reads only its own ops' counters, so each
+/// run can be reported as soon as it is added to.
+#[inline(never)]
+fn add_and_report(
+    locked: &mut Locked<'_>,
+    ops: &[CounterOp<'_>],
+    op_shards: &[usize],
+    runs: &[usize],
+    op_at: &mut [(KeyId, usize)],
+    applied: bool,
+    now_ms: i64,
+) -> Vec<CounterState> {
+    let mut counters = Vec::with_capacity(ops.len());
+    let mut i = 0;
+    for &end in runs {
+        let sh = locked.shard(op_shards[i]);
+        let scope = ops[i].scope;
+        let (run, at) = (&ops[i..end], &mut op_at[i..end]);
+        // A run that makes a counter takes `add_usage`'s steps first; the
+        // usual run adds in the loop below, through the same lookup.
+        let mut add = applied;
+        if add
+            && run
+                .iter()
+                .zip(&*at)
+                .any(|(op, &(_, idx))| op.delta > 0 && idx == NONE)
+        {
+            add_run(sh, scope, run, at, now_ms);
+            add = false;
+        }
+        let Shard {
+            scopes,
+            holds,
+            shown,
+            times,
+            ..
+        } = sh;
+        let list: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
+        for (op, &(_, idx)) in run.iter().zip(&*at) {
+            let mut counter = list.get_mut(idx);
+            if let (true, Some(c)) = (add && op.delta > 0, &mut counter) {
+                c.add(op.window, op.delta);
+            }
+            let counter = counter.map(|c| &*c);
+            let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
+            // As in `report`: once applied, the delta is in `used` or `held`.
+            let delta = if applied { 0 } else { op.delta };
+            counters.push(state_of(
+                counter, held, op.window, now_ms, delta, op.max, times, shown,
+            ));
+        }
         i = end;
     }
+    counters
 }
 
 #[cfg(test)]
@@ -2127,6 +2421,77 @@ mod tests {
             Utc.with_ymd_and_hms(2026, 1, 2, 6, 0, 0).unwrap(),
         );
         assert_eq!(s.counters[0].used, 0);
+    }
+
+    /// The compact path (no event id, lease or cooldown) answers and counts
+    /// as the general path does: every batch is applied to one store as is
+    /// and to another with an event id, which takes the general path.
+    #[test]
+    fn the_compact_path_answers_as_the_general_path() {
+        let (plain, general) = (MemoryStore::with_shards(4), MemoryStore::with_shards(4));
+        let scopes: Vec<ScopeKey> = (0..6).map(|i| ScopeKey::subject(format!("s{i}"))).collect();
+        let windows = [
+            Window::calendar(Period::Day),
+            Window::Calendar {
+                period: Period::Month,
+                utc_offset_secs: -5 * 3_600,
+            },
+            Window::Rolling {
+                span_secs: 7 * 86_400,
+                buckets: 168,
+            },
+            Window::Lifetime,
+        ];
+        let mut seed = 0x2545_F491_4F6C_DD1D_u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut now = at(0);
+        for step in 0..600 {
+            // Mostly forward, by up to 3 days, now and then a step back.
+            now = match next(10) {
+                0 => now - chrono::Duration::hours(5),
+                _ => now + chrono::Duration::minutes(next(3 * 24 * 60) as i64),
+            };
+            // One or two scopes (so one shard or more), each op on a window.
+            let picked = [next(6) as usize, next(6) as usize];
+            let n = if next(3) == 0 { 2 } else { 1 };
+            let mut ops = Vec::new();
+            for (j, &s) in picked[..n].iter().enumerate() {
+                if j == 1 && picked[1] == picked[0] {
+                    break;
+                }
+                for (k, &window) in windows.iter().enumerate() {
+                    if next(5) == 0 {
+                        continue;
+                    }
+                    ops.push(CounterOp {
+                        scope: &scopes[s],
+                        meter: ["tokens", "jobs"][k % 2],
+                        window,
+                        delta: next(40),
+                        max: (next(4) != 0).then_some(200),
+                    });
+                }
+            }
+            // Now and then the scopes interleave: runs of one op each, a
+            // scope named by runs apart.
+            if next(3) == 0 {
+                ops.sort_by_key(|o| windows.iter().position(|w| *w == o.window));
+            }
+            let mode = [Mode::WithinLimits, Mode::Check, Mode::Force][next(3) as usize];
+            let id = format!("e{step}");
+            let batch = Batch::new(&ops, mode, now);
+            let a = plain.apply(&batch).unwrap();
+            let b = general
+                .apply(&batch.with_event(EventKey::new(&id, 0)))
+                .unwrap();
+            assert_eq!(a, b, "step {step}");
+        }
+        assert_eq!(plain.snapshot().scopes, general.snapshot().scopes);
     }
 
     #[test]
@@ -2295,20 +2660,18 @@ mod tests {
         // Scopes spread over most of 8 shards, in no order, several per
         // shard, plus a cooldown on a shard no op names.
         let store = MemoryStore::with_shards(8);
-        let scopes: Vec<ScopeKey> = (0..12)
+        // Scope hashes are keyed per process: the scopes are picked off the
+        // cooled scope's shard (12 scopes picked blindly cover all 8 shards
+        // about one run in ten).
+        let cooled = ScopeKey::subject("c0");
+        let scopes: Vec<ScopeKey> = (0..)
             .map(|i| match i % 3 {
                 0 => ScopeKey::pool(format!("p{i}")),
                 _ => ScopeKey::subject(format!("s{i}")),
             })
+            .filter(|s| store.shard_of(s) != store.shard_of(&cooled))
+            .take(12)
             .collect();
-        let cooled = (0..100)
-            .map(|i| ScopeKey::subject(format!("c{i}")))
-            .find(|c| {
-                scopes
-                    .iter()
-                    .all(|s| store.shard_of(s) != store.shard_of(c))
-            })
-            .expect("a scope on another shard");
         let ops: Vec<CounterOp<'_>> = scopes
             .iter()
             .map(|s| CounterOp {
@@ -2596,6 +2959,78 @@ mod tests {
                 assert_eq!(times.convert(ms), ms_to_time(ms), "{first} {ms}");
                 assert_eq!(times.at(ms, &mut shown), ms_to_time(ms), "{first} {ms}");
             }
+        }
+    }
+
+    /// Two instants of one pair both stay shown, however they alternate;
+    /// a third of that pair drops the older one.
+    #[test]
+    fn shown_keeps_two_instants_that_hash_alike() {
+        let pair = |ms: i64| ((ms as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize;
+        let t0 = 1_764_460_800_000;
+        let mut alike = (1..)
+            .map(|k| t0 + k * 3_600_000)
+            .filter(|&ms| pair(ms) == pair(t0));
+        let (a, b, c) = (t0, alike.next().unwrap(), alike.next().unwrap());
+        let (mut shown, mut times) = (Shown::default(), Times::default());
+        let held = |shown: &Shown, ms| shown.0[pair(ms)].iter().any(|&(m, _)| m == ms);
+        times.at(a, &mut shown);
+        for ms in [b, a, b, a] {
+            assert_eq!(times.at(ms, &mut shown), ms_to_time(ms));
+            assert!(held(&shown, a) && held(&shown, b), "{ms}");
+        }
+        assert_eq!(times.at(c, &mut shown), ms_to_time(c));
+        assert!(held(&shown, c) && held(&shown, b) && !held(&shown, a));
+        for ms in [a, b, c] {
+            assert_eq!(times.at(ms, &mut shown), ms_to_time(ms));
+        }
+    }
+
+    /// `same_name` agrees with `==` for names of every length up to 40
+    /// bytes that differ (or not) at any one byte, or in length.
+    #[test]
+    fn same_name_agrees_with_string_equality() {
+        let base: String = "llm_tokens_input_runtime_seconds_cost_usd".into();
+        for n in 0..=40 {
+            let a = &base[..n];
+            assert!(same_name(a, a) && same_name(a, &String::from(a)), "{a}");
+            for i in 0..n {
+                let mut b = a.as_bytes().to_vec();
+                b[i] = b'#';
+                let b = String::from_utf8(b).unwrap();
+                assert!(!same_name(a, &b) && !same_name(&b, a), "{a} {b}");
+            }
+            for m in 0..=40 {
+                assert_eq!(same_name(a, &base[..m]), n == m, "{n} {m}");
+            }
+        }
+    }
+
+    /// A conversion moves the base to its own day, so the next one of the
+    /// same day takes no day arithmetic: same-day, next-day and earlier
+    /// instants still convert exactly, whichever came last.
+    #[test]
+    fn times_convert_from_the_last_day_converted() {
+        let t0 = 1_764_460_800_123;
+        let mut times = Times::default();
+        let steps = [
+            0,
+            5,
+            DAY_MS - 200,
+            DAY_MS - 123,
+            DAY_MS + 1,
+            -1,
+            -DAY_MS,
+            40 * DAY_MS + 9,
+            40 * DAY_MS + 10,
+            -400 * DAY_MS,
+            -400 * DAY_MS + 1,
+        ];
+        for &d in &steps {
+            let ms = t0 + d;
+            assert_eq!(times.convert(ms), ms_to_time(ms), "{d}");
+            assert_eq!(times.base.map(|(day, _)| day), Some(ms.div_euclid(DAY_MS)));
+            assert_eq!(times.convert(ms + 1), ms_to_time(ms + 1), "{d} + 1");
         }
     }
 
