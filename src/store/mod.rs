@@ -84,6 +84,7 @@ mod async_store;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+mod validate;
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,0 +1,337 @@
+//! The compact path of a batch of counter ops, and the steps both paths share.
+
+use super::counters::Counter;
+use super::holds::{expire_holds, held_in};
+use super::keys::{KeyId, KEYS_HIGH_WATER};
+use super::report::state_of;
+use super::shard::{run_end, Locked, Shard, NONE};
+use super::{MemoryStore, SIDE_SHARDS};
+use crate::inline::Inline;
+use crate::store::validate::invalid;
+use crate::store::{fits, Applied, Batch, CounterOp, CounterState, Mode, ScopeKey};
+use crate::Error;
+
+/// `apply`'s parts: the compact path of a batch of counter ops only, the
+/// general path, and the steps they share.
+impl MemoryStore {
+    /// A batch with no event id, no lease and no cooldowns: the steps of
+    /// [`MemoryStore::apply_general`] that such a batch takes, and no more.
+    #[inline]
+    pub(super) fn apply_counters(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        let now_ms = batch.now.timestamp_millis();
+        let ops = batch.ops;
+        let mut op_shards: Inline<usize> = Inline::new();
+        for op in ops {
+            op_shards.push(self.shard_of(op.scope));
+        }
+        let op_shards = op_shards.as_slice();
+        let mut locked = self.lock_shards(op_shards.iter().copied());
+        let mut op_at: Inline<(KeyId, usize)> = Inline::new();
+        let mut runs: Inline<usize> = Inline::new();
+        let all_fit = check_ops(
+            &mut locked,
+            batch,
+            op_shards,
+            false,
+            now_ms,
+            &mut op_at,
+            &mut runs,
+        )?;
+        let applied = match batch.mode {
+            Mode::Check => false,
+            Mode::WithinLimits => all_fit,
+            Mode::Force => true,
+        };
+        let counters = add_and_report(
+            &mut locked,
+            ops,
+            op_shards,
+            &runs,
+            &mut op_at,
+            applied,
+            now_ms,
+        );
+        let sweep_turn = locked.count_batch();
+        drop(locked);
+        let result = Applied {
+            applied,
+            counters,
+            settled: Vec::new(),
+            cooldowns: Vec::new(),
+            replayed_at: None,
+        };
+        if let Some((first, k)) = sweep_turn {
+            self.sweep_in_turn(first, k, now_ms);
+        }
+        Ok(result)
+    }
+
+    /// Lock the counter shards `ids` (repeats allowed), in ascending order,
+    /// and drop the unused keys of a shard that has too many.
+    #[inline]
+    pub(super) fn lock_shards(&self, ids: impl Iterator<Item = usize> + Clone) -> Locked<'_> {
+        let mut locked = match ids.clone().next() {
+            // Most batches name one scope, so one shard: nothing to sort.
+            Some(f) if ids.clone().all(|i| i == f) => Locked {
+                first_id: f,
+                first: Some(self.shards[f].lock()),
+                rest: Vec::new(),
+            },
+            Some(_) => return self.lock_sorted(ids),
+            None => Locked {
+                first_id: 0,
+                first: None,
+                rest: Vec::new(),
+            },
+        };
+        if let Some(sh) = &mut locked.first {
+            if sh.keys.0.len() >= KEYS_HIGH_WATER {
+                sh.compact_keys();
+            }
+        }
+        locked
+    }
+
+    /// [`MemoryStore::lock_shards`] for a batch over several shards.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn lock_sorted(&self, ids: impl Iterator<Item = usize>) -> Locked<'_> {
+        let mut all: Inline<usize> = Inline::new();
+        for i in ids {
+            all.push(i);
+        }
+        all.as_mut_slice().sort_unstable();
+        let (&f, others) = all.as_slice().split_first().unwrap_or((&0, &[]));
+        let mut locked = Locked {
+            first_id: f,
+            first: Some(self.shards[f].lock()),
+            rest: Vec::new(),
+        };
+        let mut last = f;
+        for &i in others {
+            if i != last {
+                locked.rest.push((i, self.shards[i].lock()));
+                last = i;
+            }
+        }
+        for sh in locked
+            .first
+            .iter_mut()
+            .chain(locked.rest.iter_mut().map(|(_, g)| g))
+        {
+            if sh.keys.0.len() >= KEYS_HIGH_WATER {
+                sh.compact_keys();
+            }
+        }
+        locked
+    }
+
+    /// The sweep a batch triggered (see [`Locked::count_batch`]), once the
+    /// locks are released.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn sweep_in_turn(&self, first: usize, k: u64, now_ms: i64) {
+        let i = ((first as u64 + k) % self.shards.len() as u64) as usize;
+        Self::sweep(&mut self.shards[i].lock(), now_ms);
+        self.sweep_side(
+            ((first as u64 + k) % SIDE_SHARDS as u64) as usize,
+            now_ms,
+            false,
+        );
+    }
+}
+
+/// Phase 1 for a batch's ops: roll every named counter to now, note each
+/// op's key (for an op that adds, interned now, so phase 2 cannot fail) and
+/// counter position in `op_at` and where each run of ops on one scope ends
+/// in `runs`; returns whether every op fits. `holding`: the ops take holds
+/// (a lease opens or grows), so overflow is of the holds.
+#[inline]
+pub(super) fn check_ops(
+    locked: &mut Locked<'_>,
+    batch: &Batch<'_>,
+    op_shards: &[usize],
+    holding: bool,
+    now_ms: i64,
+    op_at: &mut Inline<(KeyId, usize)>,
+    runs: &mut Inline<usize>,
+) -> Result<bool, Error> {
+    let ops = batch.ops;
+    let mut all_fit = true;
+    let mut hint = 0;
+    let mut i = 0;
+    while i < ops.len() {
+        let end = run_end(ops, op_shards, i);
+        runs.push(end);
+        let Shard {
+            keys,
+            scopes,
+            holds,
+            ..
+        } = locked.shard(op_shards[i]);
+        let scope = ops[i].scope;
+        let counters: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
+        for op in &ops[i..end] {
+            let key = if op.delta > 0 {
+                Some(
+                    keys.intern(op.meter, op.window, hint)
+                        .ok_or_else(keys_full)?,
+                )
+            } else {
+                // A zero delta never makes a counter: no new key.
+                keys.find(op.meter, op.window, hint)
+            };
+            hint = key.map_or(0, |k| usize::from(k) + 1);
+            let idx = key.and_then(|k| counters.iter().position(|c| c.key() == k));
+            // Phase 2 reads the key only of an op that adds.
+            op_at.push((key.unwrap_or_default(), idx.unwrap_or(NONE)));
+            let (used, held) = match idx.and_then(|x| counters.get_mut(x)) {
+                Some(c) => {
+                    c.advance(op.window, now_ms);
+                    let held = expire_holds(holds, scope, c.key(), now_ms);
+                    (c.used(), held)
+                }
+                None => (0, 0),
+            };
+            // Past u64: an error where the delta would be added
+            // regardless (Force, or no maximum); elsewhere it simply does
+            // not fit.
+            let target = if holding { held } else { used };
+            if target.checked_add(op.delta).is_none()
+                && (batch.mode == Mode::Force || op.max.is_none())
+            {
+                return Err(overflow(op.meter));
+            }
+            all_fit &= fits(used, held, op.delta, op.max);
+        }
+        i = end;
+    }
+    Ok(all_fit)
+}
+
+/// The error of a shard whose `(meter, window)` ids are all in use.
+#[cold]
+#[inline(never)]
+pub(super) fn keys_full() -> Error {
+    invalid(format!(
+        "more than {} meter and window pairs in use",
+        usize::from(KeyId::MAX) + 1
+    ))
+}
+
+/// The error of usage or holds that would pass a `u64`.
+#[cold]
+#[inline(never)]
+pub(super) fn overflow(meter: &str) -> Error {
+    Error::Overflow {
+        meter: meter.to_owned(),
+    }
+}
+
+/// Add every op's delta to its counter's usage (checked not to overflow).
+pub(super) fn add_usage(
+    locked: &mut Locked<'_>,
+    ops: &[CounterOp<'_>],
+    shards: &[usize],
+    runs: &[usize],
+    at: &mut [(KeyId, usize)],
+    now_ms: i64,
+) {
+    let mut i = 0;
+    for &end in runs {
+        add_run(
+            locked.shard(shards[i]),
+            ops[i].scope,
+            &ops[i..end],
+            &mut at[i..end],
+            now_ms,
+        );
+        i = end;
+    }
+}
+
+/// [`add_usage`] for one run of ops on `scope`.
+pub(super) fn add_run(
+    sh: &mut Shard,
+    scope: &ScopeKey,
+    ops: &[CounterOp<'_>],
+    at: &mut [(KeyId, usize)],
+    now_ms: i64,
+) {
+    // Phase 1 found most counters: one lookup for the run.
+    if let Some(list) = sh.scopes.get_mut(scope) {
+        for (op, &(_, idx)) in ops.iter().zip(&*at) {
+            if let (true, Some(c)) = (op.delta > 0, list.get_mut(idx)) {
+                c.add(op.window, op.delta);
+            }
+        }
+    }
+    // Then the ones that are new.
+    for (op, (key, idx)) in ops.iter().zip(at) {
+        if op.delta == 0 || *idx != NONE {
+            continue;
+        }
+        if let Some((x, c)) = sh.counter_or_new(scope, *key, op.window, now_ms) {
+            *idx = x;
+            c.add(op.window, op.delta);
+        }
+    }
+}
+
+/// Phases 2 and 3 of a batch of counter ops only: [`add_usage`] (if
+/// `applied`), then [`report`], with one counter lookup a run where both
+/// would take one. A run's report reads only its own ops' counters, so each
+/// run can be reported as soon as it is added to.
+#[inline(never)]
+pub(super) fn add_and_report(
+    locked: &mut Locked<'_>,
+    ops: &[CounterOp<'_>],
+    op_shards: &[usize],
+    runs: &[usize],
+    op_at: &mut [(KeyId, usize)],
+    applied: bool,
+    now_ms: i64,
+) -> Vec<CounterState> {
+    let mut counters = Vec::with_capacity(ops.len());
+    let mut i = 0;
+    for &end in runs {
+        let sh = locked.shard(op_shards[i]);
+        let scope = ops[i].scope;
+        let (run, at) = (&ops[i..end], &mut op_at[i..end]);
+        // A run that makes a counter takes `add_usage`'s steps first; the
+        // usual run adds in the loop below, through the same lookup.
+        let mut add = applied;
+        if add
+            && run
+                .iter()
+                .zip(&*at)
+                .any(|(op, &(_, idx))| op.delta > 0 && idx == NONE)
+        {
+            add_run(sh, scope, run, at, now_ms);
+            add = false;
+        }
+        let Shard {
+            scopes,
+            holds,
+            shown,
+            times,
+            ..
+        } = sh;
+        let list: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
+        for (op, &(_, idx)) in run.iter().zip(&*at) {
+            let mut counter = list.get_mut(idx);
+            if let (true, Some(c)) = (add && op.delta > 0, &mut counter) {
+                c.add(op.window, op.delta);
+            }
+            let counter = counter.map(|c| &*c);
+            let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
+            // As in `report`: once applied, the delta is in `used` or `held`.
+            let delta = if applied { 0 } else { op.delta };
+            counters.push(state_of(
+                counter, held, op.window, now_ms, delta, op.max, times, shown,
+            ));
+        }
+        i = end;
+    }
+    counters
+}

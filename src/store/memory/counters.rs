@@ -1,0 +1,305 @@
+//! Counters in memory: calendar periods, rolling rings, lifetime totals.
+
+use super::keys::KeyId;
+use crate::window::Window;
+
+/// A counter in memory: 24 bytes, with its key and the one-byte variant tag
+/// sharing the first word. The window lives in the shard's [`Keys`]; a
+/// rolling counter's buckets in one allocation (see [`Ring`]); holds in
+/// [`Shard::holds`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Counter {
+    /// Usage in the period `[start, start + len_ms)`; rolled when `now` is
+    /// past it. The longest period (a 31-day month) is 2.7e9 ms: a `u32`.
+    Calendar {
+        key: KeyId,
+        len_ms: u32,
+        start: i64,
+        used: u64,
+    },
+    /// `buf` is `[head, total, slot 0, …, slot n-1]`; the oldest bucket
+    /// holding usage is `head - back` (see [`Ring`]).
+    Rolling {
+        key: KeyId,
+        back: u32,
+        buf: Box<[u64]>,
+    },
+    Lifetime {
+        key: KeyId,
+        used: u64,
+    },
+    /// Holds only.
+    Concurrent {
+        key: KeyId,
+    },
+}
+
+/// Words of a rolling counter's buffer before its slots.
+pub(super) const RING_HEADER: usize = 2;
+
+/// A rolling window over a counter's buffer: `n` buckets of `width_ms`, the
+/// newest at bucket index `head` (word 0), their running `total` (word 1),
+/// and the oldest bucket still holding usage (when `total > 0`) at `tail =
+/// head - back` (`back < n`, so it fits the counter's spare four bytes);
+/// bucket `b` is slot `b mod n`. The tail is kept as buckets leave, so no
+/// read walks every bucket.
+pub(super) struct Ring<B> {
+    pub(super) width_ms: i64,
+    pub(super) back: u32,
+    pub(super) buf: B,
+}
+
+impl<B: AsRef<[u64]>> Ring<B> {
+    pub(super) fn words(&self) -> &[u64] {
+        self.buf.as_ref()
+    }
+
+    pub(super) fn head(&self) -> i64 {
+        self.words()[0] as i64
+    }
+
+    pub(super) fn tail(&self) -> i64 {
+        self.head() - i64::from(self.back)
+    }
+
+    pub(super) fn total(&self) -> u64 {
+        self.words()[1]
+    }
+
+    pub(super) fn n(&self) -> i64 {
+        (self.words().len() - RING_HEADER) as i64
+    }
+
+    /// The buffer index of bucket `bucket`.
+    pub(super) fn slot(&self, bucket: i64) -> usize {
+        RING_HEADER + bucket.rem_euclid(self.n()) as usize
+    }
+
+    /// Time a bucket's usage leaves: the start of bucket `b + n`.
+    pub(super) fn leaves_at(&self, bucket: i64) -> i64 {
+        (bucket + self.n()).saturating_mul(self.width_ms)
+    }
+
+    pub(super) fn oldest_bucket(&self) -> i64 {
+        self.head() - self.n() + 1
+    }
+
+    pub(super) fn resets_at(&self) -> Option<i64> {
+        (self.total() > 0).then(|| self.leaves_at(self.tail()))
+    }
+
+    /// Earliest time `total - left + delta <= max`, if `delta <= max`.
+    pub(super) fn available_at(&self, delta: u64, max: u64) -> Option<i64> {
+        if delta > max {
+            return None;
+        }
+        let need = (u128::from(self.total()) + u128::from(delta)).saturating_sub(u128::from(max));
+        let mut freed = 0u128;
+        for b in self.tail()..=self.head() {
+            freed += u128::from(self.words()[self.slot(b)]);
+            if freed >= need {
+                return Some(self.leaves_at(b));
+            }
+        }
+        None
+    }
+}
+
+impl<B: AsRef<[u64]> + AsMut<[u64]>> Ring<B> {
+    pub(super) fn set(&mut self, i: usize, v: u64) {
+        self.buf.as_mut()[i] = v;
+    }
+
+    /// Drop the buckets that have left by `now_ms`.
+    pub(super) fn advance(&mut self, now_ms: i64) {
+        let cur = now_ms.div_euclid(self.width_ms);
+        let head = self.head();
+        if cur <= head {
+            // Same bucket, or a clock that stepped back: keep writing to head.
+            return;
+        }
+        let mut tail = self.tail();
+        let steps = (cur - head).min(self.n());
+        let mut total = self.total();
+        for k in 1..=steps {
+            let i = self.slot(head + k);
+            total -= self.words()[i];
+            self.set(i, 0);
+        }
+        self.set(0, cur as u64);
+        self.set(1, total);
+        if total == 0 {
+            tail = cur;
+        } else if tail < self.oldest_bucket() {
+            // Some bucket in [oldest, head] holds usage; walk to it. Each
+            // bucket index is walked past at most once in a counter's life.
+            tail = self.oldest_bucket();
+            while self.words()[self.slot(tail)] == 0 {
+                tail += 1;
+            }
+        }
+        // The tail is in [oldest, head]: `cur - tail < n <= 10_001`.
+        self.back = u32::try_from(cur - tail).unwrap_or(0);
+    }
+
+    /// Add `delta` to the head bucket (already checked not to overflow).
+    pub(super) fn add(&mut self, delta: u64) {
+        if self.total() == 0 {
+            self.back = 0;
+        }
+        let i = self.slot(self.head());
+        self.set(i, self.words()[i] + delta);
+        self.set(1, self.total() + delta);
+    }
+}
+
+/// The bucket width of a window (0 for any but a rolling one).
+pub(super) fn width_of(window: Window) -> i64 {
+    match window {
+        Window::Rolling { span_secs, buckets } => Window::bucket_ms(span_secs, buckets),
+        _ => 0,
+    }
+}
+
+/// The length of a calendar period as a counter keeps it. Every period is at
+/// most 31 days (2.7e9 ms < `u32::MAX`).
+pub(super) fn period_len(start: i64, end: i64) -> u32 {
+    u32::try_from(end.saturating_sub(start)).unwrap_or(u32::MAX)
+}
+
+impl Counter {
+    pub(super) fn new(key: KeyId, window: Window, now_ms: i64) -> Self {
+        match window {
+            Window::Calendar {
+                period,
+                utc_offset_secs,
+            } => {
+                let (start, end) = Window::calendar_bounds(period, utc_offset_secs, now_ms);
+                Counter::Calendar {
+                    key,
+                    len_ms: period_len(start, end),
+                    start,
+                    used: 0,
+                }
+            }
+            Window::Rolling { buckets, .. } => {
+                let head = now_ms.div_euclid(width_of(window)) as u64;
+                let mut buf = vec![0; RING_HEADER + buckets as usize + 1];
+                buf[0] = head;
+                Counter::Rolling {
+                    key,
+                    back: 0,
+                    buf: buf.into_boxed_slice(),
+                }
+            }
+            Window::Lifetime => Counter::Lifetime { key, used: 0 },
+            Window::Concurrent => Counter::Concurrent { key },
+        }
+    }
+
+    pub(super) fn key(&self) -> KeyId {
+        match *self {
+            Counter::Calendar { key, .. }
+            | Counter::Rolling { key, .. }
+            | Counter::Lifetime { key, .. }
+            | Counter::Concurrent { key } => key,
+        }
+    }
+
+    pub(super) fn set_key(&mut self, to: KeyId) {
+        match self {
+            Counter::Calendar { key, .. }
+            | Counter::Rolling { key, .. }
+            | Counter::Lifetime { key, .. }
+            | Counter::Concurrent { key } => *key = to,
+        }
+    }
+
+    /// Roll the counter (of `window`) forward to `now_ms`.
+    #[inline]
+    pub(super) fn advance(&mut self, window: Window, now_ms: i64) {
+        // Inlined for the usual answer, nothing to do: a calendar counter
+        // within its period, a rolling one within its head bucket, a
+        // lifetime or concurrent counter.
+        match *self {
+            Counter::Calendar {
+                len_ms,
+                start,
+                used,
+                ..
+            } if now_ms < start.saturating_add(i64::from(len_ms))
+                && (now_ms >= start || used > 0) => {}
+            // A rolling counter whose head bucket is still current (or
+            // later, after a clock step back): `Ring::advance` would return
+            // at once.
+            Counter::Rolling { ref buf, .. }
+                if now_ms.div_euclid(width_of(window)) <= buf[0] as i64 => {}
+            Counter::Lifetime { .. } | Counter::Concurrent { .. } => {}
+            _ => self.roll(window, now_ms),
+        }
+    }
+
+    #[inline(never)]
+    pub(super) fn roll(&mut self, window: Window, now_ms: i64) {
+        match (self, window) {
+            (
+                Counter::Calendar {
+                    len_ms,
+                    start,
+                    used,
+                    ..
+                },
+                Window::Calendar {
+                    period,
+                    utc_offset_secs,
+                },
+            ) if now_ms >= start.saturating_add(i64::from(*len_ms))
+                || (now_ms < *start && *used == 0) =>
+            {
+                // A clock that steps back into an earlier period keeps a
+                // counter holding usage in its own period (usage never moves
+                // to an earlier one); an empty counter follows the clock.
+                let (s, e) = Window::calendar_bounds(period, utc_offset_secs, now_ms);
+                *start = s;
+                *len_ms = period_len(s, e);
+                *used = 0;
+            }
+            (Counter::Rolling { back, buf, .. }, _) => {
+                let mut ring = Ring {
+                    width_ms: width_of(window),
+                    back: *back,
+                    buf: &mut **buf,
+                };
+                ring.advance(now_ms);
+                *back = ring.back;
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn used(&self) -> u64 {
+        match self {
+            Counter::Calendar { used, .. } | Counter::Lifetime { used, .. } => *used,
+            Counter::Rolling { buf, .. } => buf[1],
+            Counter::Concurrent { .. } => 0,
+        }
+    }
+
+    /// Add `delta` to usage (already checked not to overflow). A concurrent
+    /// counter has no usage (the batch was validated not to add any).
+    pub(super) fn add(&mut self, window: Window, delta: u64) {
+        match self {
+            Counter::Calendar { used, .. } | Counter::Lifetime { used, .. } => *used += delta,
+            Counter::Rolling { back, buf, .. } => {
+                let mut ring = Ring {
+                    width_ms: width_of(window),
+                    back: *back,
+                    buf: &mut **buf,
+                };
+                ring.add(delta);
+                *back = ring.back;
+            }
+            Counter::Concurrent { .. } => {}
+        }
+    }
+}

@@ -1,0 +1,531 @@
+//! The general path of a batch: event ids, leases and cooldowns, in named
+//! steps: the ledger, the lease, the locks, phase 1 (settle charges, ops,
+//! cooldowns), phase 2 (the lease action or usage, then cooldowns), phase 3
+//! (report), and the ledger entry.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+
+use parking_lot::MutexGuard;
+
+use super::apply::{add_usage, check_ops};
+use super::counters::Counter;
+use super::holds::{HoldRef, Lease};
+use super::keys::KeyId;
+use super::ledger::{Entry, Ledger};
+use super::report::report;
+use super::shard::Locked;
+use super::times::ms_to_time;
+use super::{side_index, MemoryStore};
+use crate::inline::Inline;
+use crate::store::validate::invalid;
+use crate::store::{Applied, Batch, Fraction, LeaseAction, LeaseId, Mode, SettledHold};
+use crate::window::Window;
+use crate::Error;
+
+/// What settling a lease does to one of its holds.
+pub(super) struct Charge {
+    pub(super) shard: usize,
+    pub(super) hold: HoldRef,
+    pub(super) held: u64,
+    pub(super) charged: u64,
+}
+
+/// A lease shard, locked.
+type LeaseGuard<'s> = MutexGuard<'s, HashMap<LeaseId, Lease>>;
+
+/// The lease a batch names, as found under its shard's lock.
+struct LeaseState<'s> {
+    /// The lease shard's lock (`None` for a batch with no lease).
+    guard: Option<LeaseGuard<'s>>,
+    /// The holds of the open lease (empty for a lease the batch opens).
+    holds: Vec<HoldRef>,
+    /// When the open lease expires (0 for a lease the batch opens).
+    expires_ms: i64,
+}
+
+/// What the steps of one general batch read: the batch, its time, and the
+/// counter shard of each op, cooldown and lease hold.
+struct Step<'a, 'b> {
+    batch: &'a Batch<'b>,
+    now_ms: i64,
+    op_shards: &'a [usize],
+    cooldown_shards: &'a [usize],
+    hold_shards: &'a [usize],
+    lease_holds: &'a [HoldRef],
+    lease_expires: i64,
+}
+
+/// Each op's key and counter position, and where each run of ops on one
+/// scope ends (see [`check_ops`]).
+struct Found {
+    op_at: Inline<(KeyId, usize)>,
+    runs: Inline<usize>,
+}
+
+impl MemoryStore {
+    /// Any batch: event ids, leases, cooldowns and all.
+    #[inline(never)]
+    pub(super) fn apply_general(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        let now_ms = batch.now.timestamp_millis();
+        // The ledger first (rule 8): a replay changes nothing.
+        let ledger = match self.open_ledger(batch, now_ms)? {
+            ControlFlow::Break(replay) => return Ok(replay),
+            ControlFlow::Continue(ledger) => ledger,
+        };
+        // Then the lease (rule 7).
+        let mut lease = self.open_lease(batch, now_ms)?;
+
+        // Lock every counter shard the batch touches, in ascending order.
+        let mut op_shards: Inline<usize> = Inline::new();
+        for op in batch.ops {
+            op_shards.push(self.shard_of(op.scope));
+        }
+        // Most batches have no cooldowns and no lease holds: skip the
+        // (out of line) collect of an empty list.
+        let cooldown_shards: Vec<usize> = match batch.cooldowns {
+            [] => Vec::new(),
+            cs => cs.iter().map(|c| self.shard_of(c.scope)).collect(),
+        };
+        let hold_shards: Vec<usize> = match lease.holds.as_slice() {
+            [] => Vec::new(),
+            hs => hs.iter().map(|h| self.shard_of(&h.scope)).collect(),
+        };
+        let mut locked = self.lock_shards(
+            op_shards
+                .as_slice()
+                .iter()
+                .chain(&cooldown_shards)
+                .chain(&hold_shards)
+                .copied(),
+        );
+        let lease_holds = std::mem::take(&mut lease.holds);
+        let step = Step {
+            batch,
+            now_ms,
+            op_shards: op_shards.as_slice(),
+            cooldown_shards: &cooldown_shards,
+            hold_shards: &hold_shards,
+            lease_holds: &lease_holds,
+            lease_expires: lease.expires_ms,
+        };
+
+        // Phase 1: roll every named counter to now, and decide.
+        let charges = step.settle_charges(&mut locked)?;
+        let holding = matches!(
+            batch.lease.map(|l| l.action),
+            Some(LeaseAction::Open { .. } | LeaseAction::Grow)
+        );
+        let mut found = Found {
+            op_at: Inline::new(),
+            runs: Inline::new(),
+        };
+        let ops_fit = check_ops(
+            &mut locked,
+            batch,
+            step.op_shards,
+            holding,
+            now_ms,
+            &mut found.op_at,
+            &mut found.runs,
+        )?;
+        let (cool, mut cooling) = step.running_cooldowns(&mut locked);
+        let applied = match batch.mode {
+            Mode::Check => false,
+            Mode::WithinLimits => ops_fit && cool,
+            Mode::Force => true,
+        };
+
+        // Phase 2: apply the whole batch, or nothing.
+        let mut settled = Vec::new();
+        if applied {
+            settled = step.apply_lease(&mut locked, &mut lease.guard, charges, &mut found);
+            step.start_cooldowns(&mut locked, &mut cooling);
+        }
+
+        // Phase 3: report.
+        let (op_at, runs) = (found.op_at.as_slice(), found.runs.as_slice());
+        let counters = report(
+            &mut locked,
+            batch.ops,
+            step.op_shards,
+            runs,
+            op_at,
+            applied,
+            now_ms,
+        );
+        let sweep_turn = locked.count_batch();
+        drop(locked);
+        drop(lease.guard);
+        let result = Applied {
+            applied,
+            counters,
+            settled,
+            cooldowns: if cooling.is_empty() {
+                Vec::new()
+            } else {
+                cooling.into_iter().map(|u| u.map(ms_to_time)).collect()
+            },
+            replayed_at: None,
+        };
+        if let (Some(guard), true) = (ledger, applied) {
+            record_event(guard, batch, &result, now_ms);
+        }
+        if let Some((first, k)) = sweep_turn {
+            self.sweep_in_turn(first, k, now_ms);
+        }
+        Ok(result)
+    }
+
+    /// Lock the ledger shard of the batch's event id, if it has one: the
+    /// answer to replay (`Break`), or the lock to record the batch under.
+    ///
+    /// # Errors
+    /// [`Error::EventConflict`] for an id last applied to another batch.
+    fn open_ledger(
+        &self,
+        batch: &Batch<'_>,
+        now_ms: i64,
+    ) -> Result<ControlFlow<Applied, Option<MutexGuard<'_, Ledger>>>, Error> {
+        let Some(ev) = batch.event else {
+            return Ok(ControlFlow::Continue(None));
+        };
+        let guard = self.ledger[side_index(ev.id)].lock();
+        if let Some(e) = guard.get(ev.id) {
+            if now_ms.saturating_sub(e.at_ms) < self.horizon_ms {
+                if Some(e.fingerprint) != crate::store::event_fingerprint(batch) {
+                    return Err(Error::EventConflict {
+                        event: ev.id.to_owned(),
+                    });
+                }
+                let mut replay = e.applied.clone();
+                replay.replayed_at = Some(ms_to_time(e.at_ms));
+                return Ok(ControlFlow::Break(replay));
+            }
+        }
+        Ok(ControlFlow::Continue(Some(guard)))
+    }
+
+    /// Lock the lease shard of the batch's lease, if it has one, and find
+    /// the lease: absent for one the batch opens, live for any other action.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBatch`] to open a lease that is open;
+    /// [`Error::UnknownReservation`], [`Error::ReservationSettled`] or
+    /// [`Error::ReservationExpired`] for any other action on a lease that is
+    /// not live or not the owner's.
+    fn open_lease(&self, batch: &Batch<'_>, now_ms: i64) -> Result<LeaseState<'_>, Error> {
+        let mut state = LeaseState {
+            guard: None,
+            holds: Vec::new(),
+            expires_ms: 0,
+        };
+        let Some(l) = batch.lease else {
+            return Ok(state);
+        };
+        let guard = self.leases[side_index(&l.id)].lock();
+        let id = || l.id.to_string();
+        match (guard.get(&l.id), l.action) {
+            (Some(_), LeaseAction::Open { .. }) => {
+                return Err(invalid(format!("lease {} is already open", l.id)));
+            }
+            (None, LeaseAction::Open { .. }) => {}
+            (None, _) => return Err(Error::UnknownReservation { id: id() }),
+            (Some(rec), _) if rec.owner != *l.owner => {
+                return Err(Error::UnknownReservation { id: id() });
+            }
+            (Some(rec), _) if rec.settled => return Err(Error::ReservationSettled { id: id() }),
+            (Some(rec), _) if now_ms >= rec.expires_ms => {
+                return Err(Error::ReservationExpired { id: id() })
+            }
+            (Some(rec), _) => {
+                state.holds.clone_from(&rec.holds);
+                state.expires_ms = rec.expires_ms;
+            }
+        }
+        state.guard = Some(guard);
+        Ok(state)
+    }
+}
+
+impl Step<'_, '_> {
+    /// For a batch that settles its lease: what each hold held and what it
+    /// charges, its counter rolled to now.
+    ///
+    /// # Errors
+    /// [`Error::Overflow`] when usage plus a charge (and the batch's own
+    /// delta on that counter) would pass a `u64` (rule 4).
+    fn settle_charges(&self, locked: &mut Locked<'_>) -> Result<Vec<Charge>, Error> {
+        let (Some(l), Some(LeaseAction::Settle { keep })) =
+            (self.batch.lease, self.batch.lease.map(|l| l.action))
+        else {
+            return Ok(Vec::new());
+        };
+        let mut charges: Vec<Charge> = Vec::new();
+        for (h, &shard) in self.lease_holds.iter().zip(self.hold_shards) {
+            let sh = locked.shard(shard);
+            let held = match sh.find(&h.scope, &h.meter, h.window) {
+                Some((key, idx)) => {
+                    sh.advance(&h.scope, idx, h.window, self.now_ms);
+                    sh.holds(&h.scope, key)
+                        .map_or(0, |x| x.amount(l.id, self.lease_expires))
+                }
+                None => 0,
+            };
+            let charged = if h.window == Window::Concurrent {
+                0
+            } else {
+                keep_of(keep, held)
+            };
+            charges.push(Charge {
+                shard,
+                hold: h.clone(),
+                held,
+                charged,
+            });
+        }
+        for ch in &charges {
+            let sh = locked.shard(ch.shard);
+            let used = sh
+                .find(&ch.hold.scope, &ch.hold.meter, ch.hold.window)
+                .and_then(|(_, idx)| sh.scopes.get(&ch.hold.scope)?.get(idx))
+                .map_or(0, Counter::used);
+            let also = self
+                .batch
+                .ops
+                .iter()
+                .find(|o| {
+                    *o.scope == ch.hold.scope
+                        && o.meter == &*ch.hold.meter
+                        && o.window == ch.hold.window
+                })
+                .map_or(0, |o| o.delta);
+            if used
+                .checked_add(ch.charged)
+                .and_then(|u| u.checked_add(also))
+                .is_none()
+            {
+                return Err(Error::Overflow {
+                    meter: ch.hold.meter.to_string(),
+                });
+            }
+        }
+        Ok(charges)
+    }
+
+    /// Each cooldown's end if it still runs at now, and whether none does.
+    fn running_cooldowns(&self, locked: &mut Locked<'_>) -> (bool, Vec<Option<i64>>) {
+        let mut none_runs = true;
+        let mut cooling = Vec::with_capacity(self.batch.cooldowns.len());
+        for (c, &shard) in self.batch.cooldowns.iter().zip(self.cooldown_shards) {
+            let until = locked
+                .shard(shard)
+                .cooldowns
+                .get(c.scope)
+                .copied()
+                .filter(|&u| u > self.now_ms);
+            none_runs &= until.is_none();
+            cooling.push(until);
+        }
+        (none_runs, cooling)
+    }
+
+    /// Phase 2 for the ops and the lease: open, renew, grow or settle it, or
+    /// add the ops' usage for a batch with no lease. Returns what settling
+    /// did to each hold.
+    fn apply_lease(
+        &self,
+        locked: &mut Locked<'_>,
+        guard: &mut Option<LeaseGuard<'_>>,
+        charges: Vec<Charge>,
+        found: &mut Found,
+    ) -> Vec<SettledHold> {
+        let Some(l) = self.batch.lease else {
+            self.add_ops(locked, found);
+            return Vec::new();
+        };
+        match l.action {
+            LeaseAction::Open {
+                expires_at,
+                deadline,
+            } => {
+                let expires_ms = expires_at.timestamp_millis();
+                let holds = self.hold_ops(locked, found, l.id, expires_ms, &[]);
+                if let Some(g) = guard {
+                    g.insert(
+                        l.id,
+                        Lease {
+                            owner: l.owner.clone(),
+                            opened_ms: self.now_ms,
+                            expires_ms,
+                            deadline_ms: deadline.map(|d| d.timestamp_millis()),
+                            settled: false,
+                            holds,
+                        },
+                    );
+                }
+            }
+            LeaseAction::Renew { expires_at } => {
+                let new_ms = expires_at.timestamp_millis();
+                for (h, &shard) in self.lease_holds.iter().zip(self.hold_shards) {
+                    let sh = locked.shard(shard);
+                    if let Some((key, _)) = sh.find(&h.scope, &h.meter, h.window) {
+                        let amount = sh.remove_hold(&h.scope, key, l.id, self.lease_expires);
+                        if amount > 0 {
+                            sh.add_hold(&h.scope, key, l.id, new_ms, amount);
+                        }
+                    }
+                }
+                if let Some(rec) = guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
+                    rec.expires_ms = new_ms;
+                }
+            }
+            LeaseAction::Grow => {
+                let added =
+                    self.hold_ops(locked, found, l.id, self.lease_expires, self.lease_holds);
+                if let Some(rec) = guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
+                    rec.holds.extend(added);
+                }
+            }
+            LeaseAction::Settle { .. } => {
+                let settled = self.settle(locked, l.id, charges);
+                self.add_ops(locked, found);
+                if let Some(rec) = guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
+                    rec.settled = true;
+                    rec.holds.clear();
+                }
+                return settled;
+            }
+        }
+        Vec::new()
+    }
+
+    /// Add every op's delta to its counter's usage.
+    fn add_ops(&self, locked: &mut Locked<'_>, found: &mut Found) {
+        add_usage(
+            locked,
+            self.batch.ops,
+            self.op_shards,
+            found.runs.as_slice(),
+            found.op_at.as_mut_slice(),
+            self.now_ms,
+        );
+    }
+
+    /// Hold every op's delta under lease `id` until `expires_ms`, making
+    /// counters where needed. Returns the counters held that `known` does
+    /// not list.
+    fn hold_ops(
+        &self,
+        locked: &mut Locked<'_>,
+        found: &mut Found,
+        id: LeaseId,
+        expires_ms: i64,
+        known: &[HoldRef],
+    ) -> Vec<HoldRef> {
+        let mut added = Vec::new();
+        let ops = self.batch.ops;
+        for ((op, &shard), (key, idx)) in ops
+            .iter()
+            .zip(self.op_shards)
+            .zip(found.op_at.as_mut_slice())
+        {
+            let key = *key;
+            if op.delta == 0 {
+                continue;
+            }
+            let sh = locked.shard(shard);
+            if let Some((i, _)) = sh.counter_or_new(op.scope, key, op.window, self.now_ms) {
+                *idx = i;
+                sh.add_hold(op.scope, key, id, expires_ms, op.delta);
+                let listed = known.iter().any(|h| {
+                    h.scope == *op.scope && &*h.meter == op.meter && h.window == op.window
+                });
+                if let (false, Some((meter, _))) = (listed, sh.keys.get(key)) {
+                    added.push(HoldRef {
+                        scope: op.scope.clone(),
+                        meter: meter.clone(),
+                        window: op.window,
+                    });
+                }
+            }
+        }
+        added
+    }
+
+    /// Settle lease `id`: drop each hold and charge its counter.
+    fn settle(
+        &self,
+        locked: &mut Locked<'_>,
+        id: LeaseId,
+        charges: Vec<Charge>,
+    ) -> Vec<SettledHold> {
+        let mut settled = Vec::with_capacity(charges.len());
+        for ch in charges {
+            let sh = locked.shard(ch.shard);
+            let (scope, window) = (&ch.hold.scope, ch.hold.window);
+            if let Some((key, idx)) = sh.find(scope, &ch.hold.meter, window) {
+                sh.remove_hold(scope, key, id, self.lease_expires);
+                if let Some(c) = sh.counter_mut(scope, idx) {
+                    c.add(window, ch.charged);
+                }
+            }
+            settled.push(SettledHold::new(
+                ch.hold.scope,
+                ch.hold.meter,
+                ch.hold.window,
+                ch.held,
+                ch.charged,
+            ));
+        }
+        settled
+    }
+
+    /// Start the batch's cooldowns (a running one only ever lengthens), and
+    /// note each one's end in `cooling`.
+    fn start_cooldowns(&self, locked: &mut Locked<'_>, cooling: &mut [Option<i64>]) {
+        for ((c, &shard), until) in self
+            .batch
+            .cooldowns
+            .iter()
+            .zip(self.cooldown_shards)
+            .zip(cooling)
+        {
+            if let Some(t) = c.start_until {
+                let t = t.timestamp_millis();
+                let e = locked
+                    .shard(shard)
+                    .cooldowns
+                    .entry(c.scope.clone())
+                    .or_insert(t);
+                *e = (*e).max(t);
+                if *e > self.now_ms {
+                    *until = Some(*e);
+                }
+            }
+        }
+    }
+}
+
+/// Remember an applied batch under its event id.
+fn record_event(
+    mut guard: MutexGuard<'_, Ledger>,
+    batch: &Batch<'_>,
+    result: &Applied,
+    now_ms: i64,
+) {
+    if let Some(ev) = batch.event {
+        guard.insert(
+            Box::from(ev.id),
+            Entry {
+                fingerprint: crate::store::event_fingerprint(batch).unwrap_or(ev.fingerprint),
+                at_ms: now_ms,
+                applied: result.clone(),
+            },
+        );
+    }
+}
+
+pub(super) fn keep_of(keep: Fraction, held: u64) -> u64 {
+    keep.ceil_of(held)
+}

@@ -1,0 +1,173 @@
+//! Holds under leases: per counter, sorted by expiry, and the leases that own them.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::KeyId;
+use crate::store::{LeaseId, ScopeKey, ScopeMap};
+use crate::window::Window;
+
+/// The holds of a shard's counters that have some, per scope and key.
+pub(super) type HoldMap = ScopeMap<Vec<(KeyId, Holds)>>;
+
+/// What `(scope, key)` holds.
+pub(super) fn held_in(holds: &HoldMap, scope: &ScopeKey, key: KeyId) -> u64 {
+    if holds.is_empty() {
+        return 0;
+    }
+    holds
+        .get(scope)
+        .and_then(|l| l.iter().find(|(k, _)| *k == key))
+        .map_or(0, |(_, h)| h.total)
+}
+
+/// Apply `f` to the holds of `(scope, key)`, then forget them if empty.
+pub(super) fn with_holds<R>(
+    holds: &mut HoldMap,
+    scope: &ScopeKey,
+    key: KeyId,
+    f: impl FnOnce(&mut Holds) -> R,
+) -> Option<R> {
+    let list = holds.get_mut(scope)?;
+    let i = list.iter().position(|(k, _)| *k == key)?;
+    let r = f(&mut list[i].1);
+    if list[i].1.entries.is_empty() {
+        list.swap_remove(i);
+        if list.is_empty() {
+            holds.remove(scope);
+        }
+    }
+    Some(r)
+}
+
+/// Drop the holds of `(scope, key)` that expired by `now_ms`; returns what
+/// is still held.
+#[inline]
+pub(super) fn expire_holds(holds: &mut HoldMap, scope: &ScopeKey, key: KeyId, now_ms: i64) -> u64 {
+    // Only reservations make holds: most shards have none, and pay for
+    // this test alone, inlined, rather than a call.
+    if holds.is_empty() {
+        return 0;
+    }
+    expire_some_holds(holds, scope, key, now_ms)
+}
+
+#[inline(never)]
+pub(super) fn expire_some_holds(
+    holds: &mut HoldMap,
+    scope: &ScopeKey,
+    key: KeyId,
+    now_ms: i64,
+) -> u64 {
+    with_holds(holds, scope, key, |h| {
+        h.expire(now_ms);
+        h.total
+    })
+    .unwrap_or(0)
+}
+
+/// A counter's live holds, sorted by `(expires_ms, lease)`, and their total.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Holds {
+    pub(super) total: u64,
+    pub(super) entries: Vec<Hold>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Hold {
+    pub(super) expires_ms: i64,
+    pub(super) lease: LeaseId,
+    pub(super) amount: u64,
+}
+
+/// A lease: who owns it, when it ends, and which counters it holds (the
+/// amounts live in the counters' holds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Lease {
+    pub(super) owner: ScopeKey,
+    pub(super) opened_ms: i64,
+    pub(super) expires_ms: i64,
+    #[serde(default)]
+    pub(super) deadline_ms: Option<i64>,
+    #[serde(default)]
+    pub(super) settled: bool,
+    pub(super) holds: Vec<HoldRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct HoldRef {
+    pub(super) scope: ScopeKey,
+    pub(super) meter: Arc<str>,
+    pub(super) window: Window,
+}
+
+impl Holds {
+    /// Drop the holds that expired at or before `now_ms`.
+    pub(super) fn expire(&mut self, now_ms: i64) {
+        let n = self.entries.partition_point(|h| h.expires_ms <= now_ms);
+        if n > 0 {
+            for h in self.entries.drain(..n) {
+                self.total -= h.amount;
+            }
+        }
+    }
+
+    pub(super) fn position(&self, lease: LeaseId, expires_ms: i64) -> Result<usize, usize> {
+        self.entries
+            .binary_search_by(|h| (h.expires_ms, h.lease).cmp(&(expires_ms, lease)))
+    }
+
+    /// Add `amount` to the lease's hold (already checked not to overflow).
+    pub(super) fn add(&mut self, lease: LeaseId, expires_ms: i64, amount: u64) {
+        match self.position(lease, expires_ms) {
+            Ok(i) => self.entries[i].amount += amount,
+            Err(i) => self.entries.insert(
+                i,
+                Hold {
+                    expires_ms,
+                    lease,
+                    amount,
+                },
+            ),
+        }
+        self.total += amount;
+    }
+
+    /// Remove the lease's hold; returns its amount (0 if it had none).
+    pub(super) fn remove(&mut self, lease: LeaseId, expires_ms: i64) -> u64 {
+        match self.position(lease, expires_ms) {
+            Ok(i) => {
+                let h = self.entries.remove(i);
+                self.total -= h.amount;
+                h.amount
+            }
+            Err(_) => 0,
+        }
+    }
+
+    pub(super) fn amount(&self, lease: LeaseId, expires_ms: i64) -> u64 {
+        self.position(lease, expires_ms)
+            .map_or(0, |i| self.entries[i].amount)
+    }
+
+    /// Snapshot invariants.
+    pub(super) fn check(&self) -> Result<(), String> {
+        let sum = self
+            .entries
+            .iter()
+            .try_fold(0u64, |a, e| a.checked_add(e.amount))
+            .ok_or("holds overflow")?;
+        if sum != self.total || self.entries.is_empty() {
+            return Err("hold total is not the sum of its holds".into());
+        }
+        if !self
+            .entries
+            .windows(2)
+            .all(|w| (w[0].expires_ms, w[0].lease) < (w[1].expires_ms, w[1].lease))
+        {
+            return Err("holds are not sorted by expiry".into());
+        }
+        Ok(())
+    }
+}

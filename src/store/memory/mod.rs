@@ -1,0 +1,290 @@
+//! The embedded default store.
+//!
+//! The store's parts, one file each: [`counters`] (calendar, rolling and
+//! lifetime counters), [`holds`] (holds under leases), [`keys`] (the
+//! `(meter, window)` ids of a shard), [`ledger`] (event ids), [`shard`] (a
+//! shard and the locks a batch holds), [`apply`] (the compact path and the
+//! phases both paths share), [`general`] (event ids, leases, cooldowns),
+//! [`report`] (counter states), [`times`] (date caches) and [`snapshot`]
+//! (snapshot and restore).
+
+mod apply;
+mod counters;
+mod general;
+mod holds;
+mod keys;
+mod ledger;
+mod report;
+mod shard;
+mod snapshot;
+mod times;
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+
+use chrono::{DateTime, Utc};
+use parking_lot::Mutex;
+
+use super::{AllowanceStore, Applied, Batch, LeaseId, LeaseInfo, ScopeKey};
+use crate::Error;
+
+// The batch checks moved to the seam (`super::validate`); the Redis backend
+// still calls them by this path.
+pub(super) use super::validate::validate;
+
+use counters::Counter;
+use holds::Lease;
+use keys::KEYS_COMPACT_AT;
+use ledger::Ledger;
+use shard::Shard;
+pub use snapshot::Snapshot;
+use times::ms_to_time;
+#[cfg(test)]
+use {
+    crate::window::Window, keys::same_name, keys::KeyId, snapshot::Data, std::sync::Arc,
+    times::Shown, times::Times, times::DAY_MS,
+};
+const DEFAULT_SHARDS: usize = 64;
+/// Shards of the lease table and of the event ledger.
+const SIDE_SHARDS: usize = 16;
+/// Every this many batches counted on a shard (at least; see
+/// [`SWEEP_BATCHES_PER_SCOPE`]), one shard is swept of idle counters, in turn.
+const SWEEP_EVERY: u64 = 1_024;
+/// A shard counts this many batches per scope it holds before it triggers a
+/// sweep, so a sweep (which visits every scope of a shard) costs each batch
+/// a quarter of a scope visit on average, whatever the number of subjects.
+const SWEEP_BATCHES_PER_SCOPE: u64 = 4;
+/// How long an event id is remembered by default: 24 hours.
+const DEFAULT_HORIZON_MS: i64 = 86_400_000;
+/// Snapshot format version.
+const SNAPSHOT_VERSION: u32 = 1;
+
+/// An in-memory [`AllowanceStore`]: the embedded default for a single process.
+///
+/// Scopes are spread over shards, each behind a `parking_lot` mutex. A batch
+/// locks, in this order, the ledger shard of its event id (if any), the lease
+/// shard of its lease (if any), then every counter shard it touches in
+/// ascending order — so two batches never deadlock — checks every op, then
+/// applies all or none before unlocking: check and record are one step.
+///
+/// A scope's counters live together in one map entry, in one allocation
+/// sized exactly to them. A counter takes 24 bytes: its meter and window are
+/// named by a two-byte id into a small per-shard table of the `(meter,
+/// window)` pairs in use (a catalog's handful, scanned under the shard's
+/// lock), so no counter keeps a name or a window of its own. A rolling
+/// counter's buckets (8 bytes each) are one more allocation, with its head
+/// and total in front. Holds, which only reservations make, live in a
+/// per-shard side table. For a plan of four limits, one of them rolling over
+/// 168 buckets, a subject's counters take about 165–200 bytes beside its 169
+/// bucket slots (a map slot is a 24-byte scope key and the 16-byte counter
+/// list); the spread is the map's growth slack.
+///
+/// Counters that read zero and hold nothing (a calendar period that has
+/// ended, a rolling window whose buckets have all left, holds that expired)
+/// are reclaimed by sweeps, or all at once by [`MemoryStore::reclaim`], so
+/// memory follows the number of active counters, not the traffic. A shard
+/// triggers a sweep of one shard, in turn, after 1,024 batches or 4 per scope
+/// it holds, whichever is more: a sweep visits every scope of its shard, so
+/// spread over the batches that paid for it, it costs about a quarter of a
+/// scope visit per batch at any number of subjects (a fixed 1,024 made it
+/// the larger part of a call at 1,000,000 subjects). With traffic spread over
+/// the shards, an idle counter goes within about max(65,536, 4 × scopes)
+/// batches. The same sweeps forget event ids older than the
+/// idempotency horizon (24 hours unless set with
+/// [`MemoryStore::with_event_horizon`]) — a ledger shard is walked once its
+/// oldest id is an eighth of a horizon past it, so walks stay cheap however
+/// many ids a horizon holds; an id past the horizon is never replayed, only
+/// kept in memory up to that eighth longer — and leases that settled or
+/// expired more than a horizon ago, and drop the `(meter, window)` ids no counter
+/// uses once a shard has more than 64. A batch drops them before it starts
+/// once a shard has 32,768, so only a shard whose live counters use all
+/// 65,536 ids refuses a batch that needs another ([`Error::InvalidBatch`],
+/// nothing changed).
+///
+/// Holds expire lazily but exactly: every batch drops, before it reads a
+/// counter, the holds whose lease expired at or before its `now`.
+///
+/// [`MemoryStore::snapshot`] and [`MemoryStore::restore`] carry every counter,
+/// hold, lease, cooldown and ledger entry through serde, so a single-node host
+/// can persist state across restarts.
+#[derive(Debug)]
+pub struct MemoryStore {
+    shards: Box<[Mutex<Shard>]>,
+    leases: Box<[Mutex<HashMap<LeaseId, Lease>>]>,
+    ledger: Box<[Mutex<Ledger>]>,
+    horizon_ms: i64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn side_index<T: Hash + ?Sized>(key: &T) -> usize {
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    (h.finish() % SIDE_SHARDS as u64) as usize
+}
+
+fn side_shards<T: Default>() -> Box<[Mutex<T>]> {
+    (0..SIDE_SHARDS).map(|_| Mutex::new(T::default())).collect()
+}
+
+impl MemoryStore {
+    /// A store with the default number of shards (64).
+    pub fn new() -> Self {
+        Self::with_shards(DEFAULT_SHARDS)
+    }
+
+    /// A store with `shards` shards (at least 1). More shards means less
+    /// contention between threads working on different scopes.
+    pub fn with_shards(shards: usize) -> Self {
+        Self {
+            shards: (0..shards.max(1))
+                .map(|_| Mutex::new(Shard::default()))
+                .collect(),
+            leases: side_shards(),
+            ledger: side_shards(),
+            horizon_ms: DEFAULT_HORIZON_MS,
+        }
+    }
+
+    /// The same store remembering event ids (and ended leases) for `horizon`
+    /// instead of 24 hours. A horizon below one millisecond is taken as one
+    /// millisecond.
+    #[must_use]
+    pub fn with_event_horizon(mut self, horizon: std::time::Duration) -> Self {
+        self.horizon_ms = i64::try_from(horizon.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        self
+    }
+
+    /// How long event ids are remembered.
+    pub fn event_horizon(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.horizon_ms.unsigned_abs())
+    }
+
+    fn shard_of(&self, scope: &ScopeKey) -> usize {
+        // Bits above those a shard's own map indexes by, below its control
+        // bits: the scopes of one shard still spread over its buckets.
+        ((scope.hash_value() >> 24) % self.shards.len() as u64) as usize
+    }
+
+    /// Remove every counter that reads zero and holds nothing at `now`, every
+    /// scope left with no counters, ended cooldowns, and event ids and ended
+    /// leases older than the horizon. Returns how many counters were removed.
+    ///
+    /// Pass the engine's current time: a `now` in the future ends periods
+    /// early and drops usage that still counts.
+    pub fn reclaim(&self, now: DateTime<Utc>) -> usize {
+        let now_ms = now.timestamp_millis();
+        for i in 0..SIDE_SHARDS {
+            self.sweep_side(i, now_ms, true);
+        }
+        (0..self.shards.len())
+            .map(|i| Self::sweep(&mut self.shards[i].lock(), now_ms))
+            .sum()
+    }
+
+    /// Number of counters held, live or idle-but-not-yet-reclaimed.
+    pub fn counter_count(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().scopes.values().map(|c| c.len()).sum::<usize>())
+            .sum()
+    }
+
+    fn sweep(shard: &mut Shard, now_ms: i64) -> usize {
+        let Shard {
+            keys,
+            scopes,
+            holds,
+            cooldowns,
+            ..
+        } = shard;
+        holds.retain(|_, list| {
+            list.retain_mut(|(_, h)| {
+                h.expire(now_ms);
+                !h.entries.is_empty()
+            });
+            !list.is_empty()
+        });
+        let mut removed = 0;
+        scopes.retain(|scope, counters| {
+            let held = holds.get(scope);
+            let mut keep = |c: &mut Counter| {
+                let key = c.key();
+                let Some(&(_, window)) = keys.get(key) else {
+                    return true;
+                };
+                c.advance(window, now_ms);
+                let holds = held.is_some_and(|l| l.iter().any(|(k, _)| *k == key));
+                c.used() > 0 || holds
+            };
+            if counters.iter_mut().all(&mut keep) {
+                return true;
+            }
+            let mut v = std::mem::take(counters).into_vec();
+            let before = v.len();
+            v.retain_mut(keep);
+            removed += before - v.len();
+            *counters = v.into_boxed_slice();
+            !counters.is_empty()
+        });
+        cooldowns.retain(|_, until| *until > now_ms);
+        if shard.keys.0.len() > KEYS_COMPACT_AT {
+            shard.compact_keys();
+        }
+        removed
+    }
+
+    fn sweep_side(&self, i: usize, now_ms: i64, exact: bool) {
+        let horizon = self.horizon_ms;
+        self.leases[i].lock().retain(|_, l| {
+            let ended = l.settled || now_ms >= l.expires_ms;
+            !(ended && now_ms.saturating_sub(l.expires_ms) >= horizon)
+        });
+        self.ledger[i].lock().sweep(now_ms, horizon, exact);
+    }
+}
+
+impl AllowanceStore for MemoryStore {
+    fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        validate(batch)?;
+        // Most batches only count: no event id, no lease, no cooldowns. They
+        // take a compact path; the rest take the general one, out of line,
+        // so its code stays out of the instruction cache of the usual call.
+        if batch.event.is_none() && batch.lease.is_none() && batch.cooldowns.is_empty() {
+            self.apply_counters(batch)
+        } else {
+            self.apply_general(batch)
+        }
+    }
+
+    fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
+        let now_ms = now.timestamp_millis();
+        let mut out: Vec<LeaseInfo> = Vec::new();
+        for shard in self.leases.iter() {
+            for (id, l) in shard.lock().iter() {
+                let live = !l.settled && now_ms < l.expires_ms;
+                if live && l.deadline_ms.is_some_and(|d| d <= now_ms) {
+                    out.push(LeaseInfo::new(
+                        *id,
+                        l.owner.clone(),
+                        ms_to_time(l.opened_ms),
+                        ms_to_time(l.expires_ms),
+                        l.deadline_ms.map(ms_to_time),
+                    ));
+                }
+            }
+        }
+        out.sort_by_key(|l| (l.deadline, l.id));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests;

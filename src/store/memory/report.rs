@@ -1,0 +1,121 @@
+//! Phase 3 of a batch: each op's counter as a `CounterState`.
+
+use super::counters::{width_of, Counter, Ring};
+use super::holds::held_in;
+use super::keys::KeyId;
+use super::shard::{Locked, Shard};
+use super::times::{Shown, Times};
+use crate::store::{CounterOp, CounterState};
+use crate::window::Window;
+
+/// The state of a counter of `window` (or of an absent one, `counter ==
+/// None`) holding `held`.
+#[allow(clippy::too_many_arguments)]
+// Inlined into both reports (its result is a large value, built in place).
+#[inline(always)]
+pub(super) fn state_of(
+    counter: Option<&Counter>,
+    held: u64,
+    window: Window,
+    now_ms: i64,
+    delta: u64,
+    max: Option<u64>,
+    times: &mut Times,
+    shown: &mut Shown,
+) -> CounterState {
+    let used = counter.map_or(0, Counter::used);
+    // Past the maximum with this delta: for a zero delta, a counter that
+    // `Force` already took past it.
+    let over = max
+        .is_some_and(|m| u128::from(used) + u128::from(held) + u128::from(delta) > u128::from(m));
+    // Holds are in-flight work: waiting for the window does not free them.
+    let pending = held.saturating_add(delta);
+    // Calendar bounds (and a rolling counter's bucket edges) recur across
+    // calls, so they go through the shard's `shown` instants; a rolling
+    // window's start is `now` less the span, new every call, so it is
+    // converted directly and evicts none of them.
+    let (period_start, resets_at, available_at) = match window {
+        Window::Calendar {
+            period,
+            utc_offset_secs,
+        } => {
+            // A counter reports the period its usage belongs to (after a
+            // clock step back, that can be later than `now`'s period).
+            let (start, next) = match counter {
+                Some(&Counter::Calendar { start, len_ms, .. }) => {
+                    (start, start.saturating_add(i64::from(len_ms)))
+                }
+                _ => Window::calendar_bounds(period, utc_offset_secs, now_ms),
+            };
+            let avail = match max {
+                Some(m) if over && pending <= m => Some(next),
+                _ => None,
+            };
+            (Some(times.at(start, shown)), Some(next), avail)
+        }
+        Window::Rolling { span_secs, .. } => {
+            let start = now_ms.saturating_sub((span_secs as i64).saturating_mul(1_000));
+            let ring = counter.and_then(|c| match c {
+                Counter::Rolling { back, buf, .. } => Some(Ring {
+                    width_ms: width_of(window),
+                    back: *back,
+                    buf: &**buf,
+                }),
+                _ => None,
+            });
+            let resets = ring.as_ref().and_then(Ring::resets_at);
+            let avail = match (max, &ring) {
+                (Some(m), Some(r)) if over => r.available_at(pending, m),
+                _ => None,
+            };
+            (Some(times.convert(start)), resets, avail)
+        }
+        Window::Lifetime | Window::Concurrent => (None, None, None),
+    };
+    let mut time = |ms| times.at(ms, shown);
+    CounterState {
+        used,
+        held,
+        period_start,
+        resets_at: resets_at.map(&mut time),
+        available_at: available_at.map(time),
+    }
+}
+
+/// Phase 3: each op's counter as it stands (see `state_of`).
+#[inline]
+pub(super) fn report(
+    locked: &mut Locked<'_>,
+    ops: &[CounterOp<'_>],
+    op_shards: &[usize],
+    runs: &[usize],
+    op_at: &[(KeyId, usize)],
+    applied: bool,
+    now_ms: i64,
+) -> Vec<CounterState> {
+    let mut counters = Vec::with_capacity(ops.len());
+    // When applied, the delta is already in `used` or `held`; ask about
+    // a zero delta so `available_at` is not set for a fitting op.
+    let delta_of = |op: &CounterOp<'_>| if applied { 0 } else { op.delta };
+    let mut i = 0;
+    for &end in runs {
+        let Shard {
+            scopes,
+            holds,
+            shown,
+            times,
+            ..
+        } = locked.shard(op_shards[i]);
+        let list: &[Counter] = scopes.get(ops[i].scope).map_or(&[], |c| c);
+        for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
+            let counter = list.get(idx);
+            let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
+            let (delta, max) = (delta_of(op), op.max);
+            counters.push(state_of(
+                counter, held, op.window, now_ms, delta, max, times, shown,
+            ));
+        }
+        i = end;
+    }
+    counters
+}

@@ -1,0 +1,749 @@
+//! Unit tests of the memory store's parts.
+
+use super::*;
+use crate::store::{CooldownOp, CounterOp, EventKey, LeaseAction, LeaseOp, Mode, ScopeMap};
+use crate::window::Period;
+use chrono::TimeZone;
+
+#[test]
+fn a_counter_is_three_words() {
+    assert_eq!(std::mem::size_of::<Counter>(), 24);
+}
+
+#[test]
+fn a_scope_key_is_three_words_and_keeps_its_kind_exactly() {
+    use crate::store::ScopeKind;
+    assert_eq!(std::mem::size_of::<ScopeKey>(), 24);
+    let (s, p) = (ScopeKey::subject("a"), ScopeKey::pool("a"));
+    assert_ne!(s, p);
+    assert_eq!((s.kind(), p.kind()), (ScopeKind::Subject, ScopeKind::Pool));
+    assert_eq!((s.id(), p.id()), ("a", "a"));
+    assert_ne!(s.hash_value(), p.hash_value());
+    // Equal ids of equal kind are equal, through distinct allocations.
+    let s2 = ScopeKey::subject(String::from("a"));
+    assert_eq!(s, s2);
+    assert_eq!(s.hash_value(), s2.hash_value());
+    assert_eq!(ScopeKey::pool("a"), p);
+    assert_ne!(ScopeKey::subject("b"), s);
+    // Both kinds in one map stay apart.
+    let mut m: ScopeMap<u8> = ScopeMap::default();
+    m.insert(s.clone(), 1);
+    m.insert(p.clone(), 2);
+    assert_eq!((m.get(&s2), m.get(&p), m.len()), (Some(&1), Some(&2), 2));
+    assert!(s < p, "subjects sort before pools");
+    assert_eq!(format!("{s} {p}"), "subject:a pool:a");
+    // Many ids of both kinds: no two keys of different kind compare
+    // equal, and the kind survives a serde round trip.
+    for i in 0..1_000 {
+        let id = i.to_string();
+        let (s, p) = (ScopeKey::subject(id.as_str()), ScopeKey::pool(id.as_str()));
+        assert_ne!(s, p);
+        assert_eq!((s.kind(), p.kind()), (ScopeKind::Subject, ScopeKind::Pool));
+        let back: ScopeKey = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(back.hash_value(), p.hash_value());
+    }
+}
+
+fn at(h: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, h, 0, 0).unwrap()
+}
+
+#[test]
+fn rolling_usage_leaves_at_most_one_bucket_late_never_early() {
+    let store = MemoryStore::new();
+    let scope = ScopeKey::subject("a");
+    // 24 h in 4 buckets of 6 h.
+    let window = Window::Rolling {
+        span_secs: 86_400,
+        buckets: 4,
+    };
+    let op = |delta| CounterOp {
+        scope: &scope,
+        meter: "t",
+        window,
+        delta,
+        max: Some(100),
+    };
+    let run = |delta, mode, now| store.apply(&Batch::new(&[op(delta)], mode, now)).unwrap();
+    // Recorded at 01:00, in the bucket [00:00, 06:00).
+    run(40, Mode::Force, at(1));
+    // Still counted a full span later minus a moment: never early.
+    let day_later = at(1) + chrono::Duration::hours(24) - chrono::Duration::seconds(1);
+    assert_eq!(run(0, Mode::Check, day_later).counters[0].used, 40);
+    // Leaves at the bucket boundary after 01:00 + 24 h: 2026-01-02 06:00.
+    let s = run(0, Mode::Check, at(1) + chrono::Duration::hours(24));
+    assert_eq!(s.counters[0].used, 40);
+    assert_eq!(
+        s.counters[0].resets_at,
+        Some(Utc.with_ymd_and_hms(2026, 1, 2, 6, 0, 0).unwrap())
+    );
+    let s = run(
+        0,
+        Mode::Check,
+        Utc.with_ymd_and_hms(2026, 1, 2, 6, 0, 0).unwrap(),
+    );
+    assert_eq!(s.counters[0].used, 0);
+}
+
+/// The compact path (no event id, lease or cooldown) answers and counts
+/// as the general path does: every batch is applied to one store as is
+/// and to another with an event id, which takes the general path.
+#[test]
+fn the_compact_path_answers_as_the_general_path() {
+    let (plain, general) = (MemoryStore::with_shards(4), MemoryStore::with_shards(4));
+    let scopes: Vec<ScopeKey> = (0..6).map(|i| ScopeKey::subject(format!("s{i}"))).collect();
+    let windows = [
+        Window::calendar(Period::Day),
+        Window::Calendar {
+            period: Period::Month,
+            utc_offset_secs: -5 * 3_600,
+        },
+        Window::Rolling {
+            span_secs: 7 * 86_400,
+            buckets: 168,
+        },
+        Window::Lifetime,
+    ];
+    let mut seed = 0x2545_F491_4F6C_DD1D_u64;
+    let mut next = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut now = at(0);
+    for step in 0..600 {
+        // Mostly forward, by up to 3 days, now and then a step back.
+        now = match next(10) {
+            0 => now - chrono::Duration::hours(5),
+            _ => now + chrono::Duration::minutes(next(3 * 24 * 60) as i64),
+        };
+        // One or two scopes (so one shard or more), each op on a window.
+        let picked = [next(6) as usize, next(6) as usize];
+        let n = if next(3) == 0 { 2 } else { 1 };
+        let mut ops = Vec::new();
+        for (j, &s) in picked[..n].iter().enumerate() {
+            if j == 1 && picked[1] == picked[0] {
+                break;
+            }
+            for (k, &window) in windows.iter().enumerate() {
+                if next(5) == 0 {
+                    continue;
+                }
+                ops.push(CounterOp {
+                    scope: &scopes[s],
+                    meter: ["tokens", "jobs"][k % 2],
+                    window,
+                    delta: next(40),
+                    max: (next(4) != 0).then_some(200),
+                });
+            }
+        }
+        // Now and then the scopes interleave: runs of one op each, a
+        // scope named by runs apart.
+        if next(3) == 0 {
+            ops.sort_by_key(|o| windows.iter().position(|w| *w == o.window));
+        }
+        let mode = [Mode::WithinLimits, Mode::Check, Mode::Force][next(3) as usize];
+        let id = format!("e{step}");
+        let batch = Batch::new(&ops, mode, now);
+        let a = plain.apply(&batch).unwrap();
+        let b = general
+            .apply(&batch.with_event(EventKey::new(&id, 0)))
+            .unwrap();
+        assert_eq!(a, b, "step {step}");
+    }
+    assert_eq!(plain.snapshot().scopes, general.snapshot().scopes);
+}
+
+#[test]
+fn a_batch_that_does_not_fit_changes_nothing() {
+    let store = MemoryStore::new();
+    let a = ScopeKey::subject("a");
+    let p = ScopeKey::pool("p");
+    let w = Window::calendar(Period::Day);
+    let ops = [
+        CounterOp {
+            scope: &a,
+            meter: "t",
+            window: w,
+            delta: 5,
+            max: Some(10),
+        },
+        CounterOp {
+            scope: &p,
+            meter: "t",
+            window: w,
+            delta: 5,
+            max: Some(4),
+        },
+    ];
+    let r = store
+        .apply(&Batch::new(&ops, Mode::WithinLimits, at(0)))
+        .unwrap();
+    assert!(!r.applied);
+    assert_eq!(r.counters[0].used, 0);
+    assert_eq!(r.counters[1].used, 0);
+    assert_eq!(
+        r.counters[1].available_at, None,
+        "5 > max 4: waiting never helps"
+    );
+    assert_eq!(store.counter_count(), 0);
+}
+
+#[test]
+fn overflow_is_an_error_and_changes_nothing() {
+    let store = MemoryStore::new();
+    let a = ScopeKey::subject("a");
+    let w = Window::Lifetime;
+    let op = |delta| CounterOp {
+        scope: &a,
+        meter: "t",
+        window: w,
+        delta,
+        max: None,
+    };
+    store
+        .apply(&Batch::new(&[op(u64::MAX - 1)], Mode::Force, at(0)))
+        .unwrap();
+    let err = store
+        .apply(&Batch::new(&[op(2)], Mode::Force, at(0)))
+        .unwrap_err();
+    assert!(matches!(err, Error::Overflow { .. }));
+    let r = store
+        .apply(&Batch::new(&[op(0)], Mode::Check, at(0)))
+        .unwrap();
+    assert_eq!(r.counters[0].used, u64::MAX - 1);
+}
+
+#[test]
+fn malformed_batches_are_refused_and_change_nothing() {
+    let store = MemoryStore::new();
+    let a = ScopeKey::subject("a");
+    let w = Window::calendar(Period::Day);
+    let op = CounterOp {
+        scope: &a,
+        meter: "t",
+        window: w,
+        delta: 60,
+        max: Some(100),
+    };
+    // The same counter twice would be checked against the same usage and
+    // added twice: 120 past a maximum of 100.
+    let twice = [op, op];
+    let err = store
+        .apply(&Batch::new(&twice, Mode::WithinLimits, at(0)))
+        .unwrap_err();
+    assert!(matches!(&err, Error::InvalidBatch { reason } if reason.contains("twice")));
+    // Buckets narrower than a second, and an empty span.
+    for window in [
+        Window::Rolling {
+            span_secs: 5,
+            buckets: 10,
+        },
+        Window::Rolling {
+            span_secs: 0,
+            buckets: 1,
+        },
+    ] {
+        let bad = CounterOp { window, ..op };
+        let err = store
+            .apply(&Batch::new(&[op, bad], Mode::Force, at(0)))
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidBatch { .. }), "{window}");
+    }
+    assert_eq!(store.counter_count(), 0);
+}
+
+#[test]
+fn a_clock_stepping_back_keeps_usage_in_its_own_period() {
+    let store = MemoryStore::new();
+    let a = ScopeKey::subject("a");
+    let op = |delta| CounterOp {
+        scope: &a,
+        meter: "t",
+        window: Window::calendar(Period::Month),
+        delta,
+        max: Some(100),
+    };
+    let feb = Utc.with_ymd_and_hms(2026, 2, 10, 0, 0, 0).unwrap();
+    store
+        .apply(&Batch::new(&[op(10)], Mode::Force, feb))
+        .unwrap();
+    let jan = Utc.with_ymd_and_hms(2026, 1, 20, 0, 0, 0).unwrap();
+    let s = store
+        .apply(&Batch::new(&[op(0)], Mode::Check, jan))
+        .unwrap()
+        .counters[0];
+    assert_eq!(s.used, 10);
+    assert_eq!(
+        s.period_start,
+        Some(Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap())
+    );
+    assert_eq!(
+        s.resets_at,
+        Some(Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap())
+    );
+}
+
+/// A store with `idle` subjects recorded on day 0 and a function that
+/// runs `n` batches of one busy subject on day 1 (the idle ones can go).
+fn idle_then_busy(shards: usize, idle: usize) -> (MemoryStore, impl Fn(&MemoryStore, u64)) {
+    fn op(scope: &ScopeKey) -> CounterOp<'_> {
+        CounterOp {
+            scope,
+            meter: "t",
+            window: Window::calendar(Period::Day),
+            delta: 1,
+            max: None,
+        }
+    }
+    let store = MemoryStore::with_shards(shards);
+    for i in 0..idle {
+        let s = ScopeKey::subject(format!("old{i}"));
+        store
+            .apply(&Batch::new(&[op(&s)], Mode::Force, at(0)))
+            .unwrap();
+    }
+    let busy = ScopeKey::subject("busy");
+    let tomorrow = at(0) + chrono::Duration::days(1);
+    let run = move |store: &MemoryStore, n: u64| {
+        for _ in 0..n {
+            store
+                .apply(&Batch::new(&[op(&busy)], Mode::Force, tomorrow))
+                .unwrap();
+        }
+    };
+    (store, run)
+}
+
+#[test]
+fn a_batch_over_many_shards_locks_each_once_and_finds_every_counter() {
+    // Scopes spread over most of 8 shards, in no order, several per
+    // shard, plus a cooldown on a shard no op names.
+    let store = MemoryStore::with_shards(8);
+    // Scope hashes are keyed per process: the scopes are picked off the
+    // cooled scope's shard (12 scopes picked blindly cover all 8 shards
+    // about one run in ten).
+    let cooled = ScopeKey::subject("c0");
+    let scopes: Vec<ScopeKey> = (0..)
+        .map(|i| match i % 3 {
+            0 => ScopeKey::pool(format!("p{i}")),
+            _ => ScopeKey::subject(format!("s{i}")),
+        })
+        .filter(|s| store.shard_of(s) != store.shard_of(&cooled))
+        .take(12)
+        .collect();
+    let ops: Vec<CounterOp<'_>> = scopes
+        .iter()
+        .map(|s| CounterOp {
+            scope: s,
+            meter: "t",
+            window: Window::calendar(Period::Day),
+            delta: 2,
+            max: Some(3),
+        })
+        .collect();
+    let cool = [CooldownOp::new(&cooled, Some(at(5)))];
+    let mut batch = Batch::new(&ops, Mode::WithinLimits, at(0));
+    batch.cooldowns = &cool;
+    let first = store.apply(&batch).unwrap();
+    assert!(first.applied);
+    assert!(first.counters.iter().all(|c| c.used == 2));
+    assert_eq!(first.cooldowns, vec![Some(at(5))]);
+    // The cooldown now runs: nothing fits, and every counter reads 2.
+    let second = store.apply(&batch).unwrap();
+    assert!(!second.applied);
+    assert!(second.counters.iter().all(|c| c.used == 2));
+    assert_eq!(store.counter_count(), scopes.len());
+}
+
+#[test]
+fn idle_counters_are_swept_without_being_asked() {
+    // Two shards: every shard is swept within 2 × 1,024 batches.
+    let (store, run) = idle_then_busy(2, 100);
+    run(&store, 2 * SWEEP_EVERY);
+    assert_eq!(
+        store.counter_count(),
+        1,
+        "only the busy subject's counter is left"
+    );
+}
+
+#[test]
+fn sweeps_wait_four_batches_per_scope_then_reclaim() {
+    // One shard: 2,000 subjects idle since yesterday and one busy one.
+    // A sweep visits every scope, so it waits for 4 batches per scope
+    // (8,004 here, counting the 2,000 that made them), then runs.
+    let (store, run) = idle_then_busy(1, 2_000);
+    run(&store, 5_000);
+    assert_eq!(
+        store.counter_count(),
+        2_001,
+        "no sweep yet at 7,000 batches"
+    );
+    run(&store, 1_100);
+    assert_eq!(store.counter_count(), 1, "swept by 8,100 batches");
+}
+
+#[test]
+fn sweeps_forget_events_an_eighth_of_a_horizon_after_it() {
+    // One hour horizon: an event recorded at 0 is no longer replayed
+    // after 1 h; automatic sweeps walk the ledger once its oldest entry
+    // is 1 h 7.5 min old, `reclaim` at once.
+    let store =
+        MemoryStore::with_shards(1).with_event_horizon(std::time::Duration::from_secs(3_600));
+    let scope = ScopeKey::subject("s");
+    let ops = [CounterOp {
+        scope: &scope,
+        meter: "t",
+        window: Window::Lifetime,
+        delta: 1,
+        max: None,
+    }];
+    let minutes = |m: i64| at(0) + chrono::Duration::minutes(m);
+    store
+        .apply(&Batch::new(&ops, Mode::Force, minutes(0)).with_event(EventKey::new("e", 1)))
+        .unwrap();
+    // 16 side shards, one swept per 1,024 batches here: 20,000 batches
+    // reach every one.
+    let busy = |m: i64| {
+        for _ in 0..20_000 {
+            store
+                .apply(&Batch::new(&ops, Mode::Force, minutes(m)))
+                .unwrap();
+        }
+    };
+    busy(61);
+    assert_eq!(store.snapshot().event_count(), 1, "kept within the slack");
+    busy(68);
+    assert_eq!(store.snapshot().event_count(), 0, "forgotten after it");
+
+    let store =
+        MemoryStore::with_shards(1).with_event_horizon(std::time::Duration::from_secs(3_600));
+    store
+        .apply(&Batch::new(&ops, Mode::Force, minutes(0)).with_event(EventKey::new("e", 1)))
+        .unwrap();
+    store.reclaim(minutes(61));
+    assert_eq!(store.snapshot().event_count(), 0, "reclaim is exact");
+}
+
+#[test]
+fn reclaim_drops_counters_of_ended_periods() {
+    let store = MemoryStore::new();
+    let w = Window::calendar(Period::Day);
+    for i in 0..100 {
+        let s = ScopeKey::subject(format!("s{i}"));
+        store
+            .apply(&Batch::new(
+                &[CounterOp {
+                    scope: &s,
+                    meter: "t",
+                    window: w,
+                    delta: 1,
+                    max: None,
+                }],
+                Mode::Force,
+                at(0),
+            ))
+            .unwrap();
+    }
+    assert_eq!(store.counter_count(), 100);
+    assert_eq!(store.reclaim(at(23)), 0, "today's usage stays");
+    assert_eq!(store.reclaim(at(0) + chrono::Duration::days(1)), 100);
+    assert_eq!(store.counter_count(), 0);
+}
+
+/// One counter of each window, one of them holding for a lease.
+fn busy_store() -> (MemoryStore, ScopeKey, Vec<Window>) {
+    let store = MemoryStore::new();
+    let a = ScopeKey::subject("a");
+    let windows = vec![
+        Window::calendar(Period::Day),
+        Window::calendar(Period::Month),
+        Window::Rolling {
+            span_secs: 86_400,
+            buckets: 24,
+        },
+        Window::Lifetime,
+    ];
+    for (h, delta) in [(1, 5), (3, 7)] {
+        let ops: Vec<_> = windows
+            .iter()
+            .map(|&window| CounterOp {
+                scope: &a,
+                meter: "t",
+                window,
+                delta,
+                max: None,
+            })
+            .collect();
+        store.apply(&Batch::new(&ops, Mode::Force, at(h))).unwrap();
+    }
+    let hold = [CounterOp {
+        scope: &a,
+        meter: "jobs",
+        window: Window::Concurrent,
+        delta: 1,
+        max: Some(3),
+    }];
+    let open = LeaseOp::new(
+        LeaseId::from_u128(7),
+        &a,
+        LeaseAction::Open {
+            expires_at: at(20),
+            deadline: None,
+        },
+    );
+    let r = store
+        .apply(&Batch::new(&hold, Mode::WithinLimits, at(4)).with_lease(open))
+        .unwrap();
+    assert!(r.applied);
+    (store, a, windows)
+}
+
+#[test]
+fn a_restored_snapshot_keeps_every_counter_and_hold() {
+    let (store, a, windows) = busy_store();
+    let snap = store.snapshot();
+    assert_eq!(snap.counter_count(), 5);
+    let json = serde_json::to_string(&snap).unwrap();
+    let back: Snapshot = serde_json::from_str(&json).unwrap();
+    let restored = MemoryStore::restore(back).unwrap();
+    assert_eq!(restored.snapshot(), snap);
+    for &window in &windows {
+        let op = [CounterOp {
+            scope: &a,
+            meter: "t",
+            window,
+            delta: 0,
+            max: Some(100),
+        }];
+        let was = store.apply(&Batch::new(&op, Mode::Check, at(5))).unwrap();
+        let now = restored
+            .apply(&Batch::new(&op, Mode::Check, at(5)))
+            .unwrap();
+        assert_eq!(now.counters, was.counters, "{window}");
+        assert_eq!(now.counters[0].used, 12, "{window}");
+    }
+    let jobs = [CounterOp {
+        scope: &a,
+        meter: "jobs",
+        window: Window::Concurrent,
+        delta: 0,
+        max: Some(3),
+    }];
+    let r = restored
+        .apply(&Batch::new(&jobs, Mode::Check, at(5)))
+        .unwrap();
+    assert_eq!(r.counters[0].held, 1);
+    // The hold still ends with its lease.
+    let r = restored
+        .apply(&Batch::new(&jobs, Mode::Check, at(20)))
+        .unwrap();
+    assert_eq!(r.counters[0].held, 0);
+}
+
+#[test]
+fn a_snapshot_that_breaks_an_invariant_is_refused() {
+    let (store, _, _) = busy_store();
+    let snap = store.snapshot();
+    let mut tampered = Vec::new();
+    for i in 0..snap.scopes[0].1.len() {
+        let mut s = snap.clone();
+        match &mut s.scopes[0].1[i].data {
+            Data::Calendar { start, end, .. } => *end = *start + 60 * DAY_MS,
+            Data::Rolling(r) => r.total += 1,
+            Data::Lifetime { .. } => s.scopes[0].1[i].window = Window::Concurrent,
+            Data::Concurrent => {
+                if let Some(h) = &mut s.scopes[0].1[i].holds {
+                    h.total += 1;
+                }
+            }
+        }
+        tampered.push(s);
+    }
+    // Extremes that would overflow the arithmetic.
+    for i in 0..snap.scopes[0].1.len() {
+        let mut s = snap.clone();
+        match &mut s.scopes[0].1[i].data {
+            Data::Calendar { start, end, .. } => (*start, *end) = (i64::MIN, i64::MAX),
+            Data::Rolling(r) => (r.head, r.tail) = (i64::MAX, i64::MAX),
+            _ => continue,
+        }
+        tampered.push(s);
+    }
+    let mut twice = snap.clone();
+    let first = twice.scopes[0].1[0].clone();
+    twice.scopes[0].1.push(first);
+    tampered.push(twice);
+    for s in tampered {
+        let err = MemoryStore::restore(s).map(|_| ()).unwrap_err();
+        assert!(matches!(err, Error::InvalidSnapshot { .. }), "{err}");
+    }
+    assert!(MemoryStore::restore(snap).is_ok());
+}
+
+#[test]
+fn times_agree_with_a_conversion_from_scratch() {
+    let year = 365 * DAY_MS;
+    let samples = [
+        0,
+        -1,
+        1,
+        1_764_460_800_123,
+        1_764_460_800_123 + 3 * DAY_MS - 7,
+        1_764_460_800_123 - 40 * DAY_MS,
+        1_764_460_800_123 + 2 * year,
+        -3 * year - 999,
+        DAY_MS - 1,
+        i64::MAX,
+        i64::MIN,
+        DateTime::<Utc>::MAX_UTC.timestamp_millis(),
+        DateTime::<Utc>::MIN_UTC.timestamp_millis(),
+        1_764_460_800_000,
+    ];
+    // Shown afresh, then again (from the shard's slots or converted
+    // again where two collide), in both orders.
+    let mut shown = Shown::default();
+    for _ in 0..2 {
+        let mut times = Times::default();
+        for &ms in samples.iter().chain(samples.iter().rev()) {
+            assert_eq!(times.at(ms, &mut shown), ms_to_time(ms), "{ms}");
+        }
+    }
+    // One base kept across every sample, as a shard keeps it, from
+    // either end of the range.
+    for first in [i64::MIN, 0, i64::MAX] {
+        let (mut shown, mut times) = (Shown::default(), Times::default());
+        times.at(first, &mut shown);
+        for &ms in samples.iter().chain(samples.iter().rev()) {
+            assert_eq!(times.convert(ms), ms_to_time(ms), "{first} {ms}");
+            assert_eq!(times.at(ms, &mut shown), ms_to_time(ms), "{first} {ms}");
+        }
+    }
+}
+
+/// Two instants of one pair both stay shown, however they alternate;
+/// a third of that pair drops the older one.
+#[test]
+fn shown_keeps_two_instants_that_hash_alike() {
+    let pair = |ms: i64| ((ms as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 61) as usize;
+    let t0 = 1_764_460_800_000;
+    let mut alike = (1..)
+        .map(|k| t0 + k * 3_600_000)
+        .filter(|&ms| pair(ms) == pair(t0));
+    let (a, b, c) = (t0, alike.next().unwrap(), alike.next().unwrap());
+    let (mut shown, mut times) = (Shown::default(), Times::default());
+    let held = |shown: &Shown, ms| shown.0[pair(ms)].iter().any(|&(m, _)| m == ms);
+    times.at(a, &mut shown);
+    for ms in [b, a, b, a] {
+        assert_eq!(times.at(ms, &mut shown), ms_to_time(ms));
+        assert!(held(&shown, a) && held(&shown, b), "{ms}");
+    }
+    assert_eq!(times.at(c, &mut shown), ms_to_time(c));
+    assert!(held(&shown, c) && held(&shown, b) && !held(&shown, a));
+    for ms in [a, b, c] {
+        assert_eq!(times.at(ms, &mut shown), ms_to_time(ms));
+    }
+}
+
+/// `same_name` agrees with `==` for names of every length up to 40
+/// bytes that differ (or not) at any one byte, or in length.
+#[test]
+fn same_name_agrees_with_string_equality() {
+    let base: String = "llm_tokens_input_runtime_seconds_cost_usd".into();
+    for n in 0..=40 {
+        let a = &base[..n];
+        assert!(same_name(a, a) && same_name(a, &String::from(a)), "{a}");
+        for i in 0..n {
+            let mut b = a.as_bytes().to_vec();
+            b[i] = b'#';
+            let b = String::from_utf8(b).unwrap();
+            assert!(!same_name(a, &b) && !same_name(&b, a), "{a} {b}");
+        }
+        for m in 0..=40 {
+            assert_eq!(same_name(a, &base[..m]), n == m, "{n} {m}");
+        }
+    }
+}
+
+/// A conversion moves the base to its own day, so the next one of the
+/// same day takes no day arithmetic: same-day, next-day and earlier
+/// instants still convert exactly, whichever came last.
+#[test]
+fn times_convert_from_the_last_day_converted() {
+    let t0 = 1_764_460_800_123;
+    let mut times = Times::default();
+    let steps = [
+        0,
+        5,
+        DAY_MS - 200,
+        DAY_MS - 123,
+        DAY_MS + 1,
+        -1,
+        -DAY_MS,
+        40 * DAY_MS + 9,
+        40 * DAY_MS + 10,
+        -400 * DAY_MS,
+        -400 * DAY_MS + 1,
+    ];
+    for &d in &steps {
+        let ms = t0 + d;
+        assert_eq!(times.convert(ms), ms_to_time(ms), "{d}");
+        assert_eq!(times.base.map(|(day, _)| day), Some(ms.div_euclid(DAY_MS)));
+        assert_eq!(times.convert(ms + 1), ms_to_time(ms + 1), "{d} + 1");
+    }
+}
+
+#[test]
+fn a_full_key_table_refuses_the_batch_and_recovers_when_keys_are_unused() {
+    let store = MemoryStore::with_shards(1);
+    let a = ScopeKey::subject("a");
+    let op = |meter, delta| CounterOp {
+        scope: &a,
+        meter,
+        window: Window::Lifetime,
+        delta,
+        max: None,
+    };
+    // Every id but one in use by an empty counter of another scope.
+    {
+        let mut sh = store.shards[0].lock();
+        let filler: Vec<Counter> = (0..KeyId::MAX)
+            .map(|key| {
+                // Distinct names: pushed without a search.
+                sh.keys
+                    .0
+                    .push((Arc::from(format!("m{key}")), Window::Lifetime));
+                Counter::Lifetime { key, used: 0 }
+            })
+            .collect();
+        sh.scopes
+            .insert(ScopeKey::subject("filler"), filler.into_boxed_slice());
+    }
+    let run = |meter, delta, mode| store.apply(&Batch::new(&[op(meter, delta)], mode, at(0)));
+    run("kept", 4, Mode::Force).unwrap();
+    let err = run("one too many", 1, Mode::Force).unwrap_err();
+    assert!(matches!(err, Error::InvalidBatch { .. }), "{err}");
+    assert_eq!(
+        run("one too many", 0, Mode::Check).unwrap().counters[0].used,
+        0
+    );
+    assert_eq!(
+        store.counter_count(),
+        KeyId::MAX as usize + 1,
+        "nothing changed"
+    );
+    // The empty counters go; their keys with them; the kept counter is
+    // renumbered and keeps its usage.
+    assert_eq!(store.reclaim(at(0)), KeyId::MAX as usize);
+    assert_eq!(store.shards[0].lock().keys.0.len(), 1);
+    run("one too many", 1, Mode::Force).unwrap();
+    assert_eq!(run("kept", 0, Mode::Check).unwrap().counters[0].used, 4);
+    assert_eq!(
+        run("one too many", 0, Mode::Check).unwrap().counters[0].used,
+        1
+    );
+}
