@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::counters::{width_of, Counter, RING_HEADER};
@@ -160,11 +161,29 @@ impl SnapCounter {
     /// The counter in memory, once its data is checked against its window.
     pub(super) fn to_counter(&self, key: KeyId) -> Result<Counter, String> {
         let c = match (&self.data, self.window) {
-            (&Data::Calendar { start, end, used }, Window::Calendar { .. }) if start < end => {
+            (
+                &Data::Calendar { start, end, used },
+                Window::Calendar {
+                    period,
+                    utc_offset_secs,
+                },
+            ) if start < end => {
                 let len_ms = end
                     .checked_sub(start)
                     .and_then(|len| u32::try_from(len).ok())
                     .ok_or("calendar period is longer than 49 days")?;
+                // Exactly one period of the window: a period that ends late
+                // would block its subject until then.
+                let in_range = DateTime::<Utc>::from_timestamp_millis(start).is_some()
+                    && DateTime::<Utc>::from_timestamp_millis(end).is_some();
+                if !in_range
+                    || Window::calendar_bounds(period, utc_offset_secs, start) != (start, end)
+                {
+                    return Err(format!(
+                        "calendar period [{start}, {end}) is not one period of {}",
+                        self.window
+                    ));
+                }
                 Counter::Calendar {
                     key,
                     len_ms,
@@ -263,9 +282,13 @@ impl MemoryStore {
     ///
     /// # Errors
     /// [`Error::InvalidSnapshot`] when the snapshot breaks an invariant: an
-    /// unknown version, a counter named twice, buckets that do not match
-    /// their window or do not add up to their total, holds that are unsorted
-    /// or belong to no live lease, a lease or event id listed twice.
+    /// unknown version, a counter named twice, a calendar counter whose
+    /// `[start, end)` is not exactly one period of its window (a day counter
+    /// that ends 40 days out would block its subject until then), a rolling
+    /// counter whose bucket width or count does not match its window's span
+    /// and buckets, buckets that do not add up to their total, holds that are
+    /// unsorted or belong to no live lease, a lease or event id listed twice.
+    /// Nothing is restored then.
     pub fn restore(snapshot: Snapshot) -> Result<Self, Error> {
         let bad = |reason: String| Error::InvalidSnapshot { reason };
         if snapshot.version != SNAPSHOT_VERSION {

@@ -1,0 +1,122 @@
+//! `MemoryStore::restore` refuses counters whose period does not match
+//! their window.
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::Value;
+use tollgate::store::{Batch, CounterOp, Mode};
+use tollgate::{AllowanceStore, Error, MemoryStore, Period, ScopeKey, Snapshot, Window};
+
+fn t(d: u32, h: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 4, d, h, 0, 0).unwrap()
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// A snapshot of one subject with a day counter and a rolling one, as JSON.
+fn snapshot_json() -> Value {
+    let store = MemoryStore::new();
+    let a = ScopeKey::subject("a");
+    let ops = [
+        CounterOp::new(&a, "day", Window::calendar(Period::Day), 10, Some(10)),
+        CounterOp::new(
+            &a,
+            "hour",
+            Window::Rolling {
+                span_secs: 3_600,
+                buckets: 60,
+            },
+            10,
+            Some(10),
+        ),
+    ];
+    assert!(
+        store
+            .apply(&Batch::new(&ops, Mode::WithinLimits, t(8, 12)))
+            .unwrap()
+            .applied
+    );
+    serde_json::to_value(store.snapshot()).unwrap()
+}
+
+/// The data of counter `meter` in the snapshot.
+fn data<'v>(snap: &'v mut Value, meter: &str) -> &'v mut Value {
+    let counters = snap["scopes"][0][1].as_array_mut().unwrap();
+    let c = counters.iter_mut().find(|c| c["meter"] == meter).unwrap();
+    &mut c["data"]
+}
+
+fn restore(snap: Value) -> Result<MemoryStore, Error> {
+    let snap: Snapshot = serde_json::from_value(snap).unwrap();
+    MemoryStore::restore(snap)
+}
+
+#[test]
+fn the_untampered_snapshot_restores() {
+    let store = restore(snapshot_json()).unwrap();
+    assert_eq!(store.counter_count(), 2);
+}
+
+#[test]
+fn a_day_counter_that_ends_forty_days_out_is_refused() {
+    let mut snap = snapshot_json();
+    let cal = &mut data(&mut snap, "day")["calendar"];
+    let start = cal["start"].as_i64().unwrap();
+    cal["end"] = (start + 40 * DAY_MS).into();
+    let err = restore(snap).map(|_| ()).unwrap_err();
+    assert!(matches!(err, Error::InvalidSnapshot { .. }), "{err}");
+}
+
+#[test]
+fn calendar_periods_other_than_one_period_of_the_window_are_refused() {
+    let base = snapshot_json();
+    let start = base["scopes"][0][1][0]["data"]["calendar"]["start"]
+        .as_i64()
+        .unwrap();
+    // A day long but not a day (noon to noon), the day forty days out but
+    // two days long, a day ending early, a period that ends where it starts.
+    for (s, e) in [
+        (start + DAY_MS / 2, start + DAY_MS + DAY_MS / 2),
+        (start + 40 * DAY_MS, start + 42 * DAY_MS),
+        (start, start + DAY_MS - 1),
+        (start, start),
+    ] {
+        let mut snap = base.clone();
+        let cal = &mut data(&mut snap, "day")["calendar"];
+        cal["start"] = s.into();
+        cal["end"] = e.into();
+        let err = restore(snap).map(|_| ()).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidSnapshot { .. }),
+            "{s} {e}: {err}"
+        );
+    }
+    // One day, another day than the one recorded: a period of the window.
+    let mut snap = base.clone();
+    let cal = &mut data(&mut snap, "day")["calendar"];
+    cal["start"] = (start + DAY_MS).into();
+    cal["end"] = (start + 2 * DAY_MS).into();
+    assert!(restore(snap).is_ok());
+}
+
+#[test]
+fn a_rolling_ring_of_another_geometry_is_refused() {
+    let base = snapshot_json();
+    let tamper: [fn(&mut Value); 3] = [
+        // Buckets of two minutes: the same 60 slots span two hours.
+        |r| r["width_ms"] = 120_000.into(),
+        // One slot more than the window's buckets.
+        |r| {
+            r["slots"].as_array_mut().unwrap().push(0.into());
+        },
+        // One slot fewer (the last one, empty).
+        |r| {
+            r["slots"].as_array_mut().unwrap().pop();
+        },
+    ];
+    for (i, f) in tamper.iter().enumerate() {
+        let mut snap = base.clone();
+        f(&mut data(&mut snap, "hour")["rolling"]);
+        let err = restore(snap).map(|_| ()).unwrap_err();
+        assert!(matches!(err, Error::InvalidSnapshot { .. }), "{i}: {err}");
+    }
+}
