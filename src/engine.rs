@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::Hasher as _;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -1533,16 +1534,15 @@ fn after(now: DateTime<Utc>, ttl: std::time::Duration) -> Result<DateTime<Utc>, 
         .ok_or_else(|| Error::request(format!("lease ttl {ttl:?} is out of range")))
 }
 
-/// FNV-1a, 64 bit: a digest that is the same in every process and build, so
-/// a ledger restored from a snapshot (or shared through a backend) still
-/// recognises its events.
-struct Fnv(u64);
+/// FNV-1a, 64 bit ([`fnv::FnvHasher`]): a digest that is the same in every
+/// process and build, so a ledger restored from a snapshot (or shared
+/// through a backend) still recognises its events. Integers are written as
+/// little-endian bytes, never through `Hasher::write_u64` (native endian).
+struct Fnv(fnv::FnvHasher);
 
 impl Fnv {
     fn bytes(&mut self, b: &[u8]) {
-        for &x in b {
-            self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        self.0.write(b);
     }
     fn u64(&mut self, v: u64) {
         self.bytes(&v.to_le_bytes());
@@ -1558,7 +1558,7 @@ impl Fnv {
 /// has the same fingerprint.
 #[inline(never)]
 fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64 {
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    let mut h = Fnv(fnv::FnvHasher::default());
     h.u64(match call {
         Call::Check => 0,
         Call::Admit => 1,
@@ -1595,7 +1595,7 @@ fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64
         h.u64(op.max.map_or(u64::MAX, |m| m));
         h.u64(u64::from(op.max.is_some()));
     }
-    h.0
+    h.0.finish()
 }
 
 #[inline]
@@ -1948,6 +1948,55 @@ mod tests {
         assert!(d.unpriced.is_empty());
         assert_eq!(d.unpriced.capacity(), 0);
         assert_eq!(d.limits.capacity(), d.limits.len());
+    }
+
+    /// Fingerprints are compared across processes and builds (a restored
+    /// snapshot, a shared Redis ledger): pinned, so a change to the hash or
+    /// to what it reads cannot pass unnoticed.
+    #[test]
+    fn fingerprint_is_pinned() {
+        use super::{fingerprint, Call};
+        use crate::store::{CounterOp, LeaseId, ScopeKey};
+        let agent = ScopeKey::subject("agent-7");
+        let pool = ScopeKey::pool("account:acme");
+        let ops = [
+            CounterOp::new(
+                &agent,
+                "llm_tokens_input",
+                Window::calendar(Period::Month),
+                1_200,
+                Some(20_000),
+            ),
+            CounterOp::new(&agent, "jobs", Window::Concurrent, 1, Some(2)),
+            CounterOp::new(
+                &agent,
+                "requests",
+                Window::Calendar {
+                    period: Period::Day,
+                    utc_offset_secs: -9 * 3_600,
+                },
+                0,
+                Some(0),
+            ),
+            CounterOp::new(&pool, "cost", Window::Lifetime, 36_000, None),
+            CounterOp::new(
+                &pool,
+                "exec_seconds",
+                Window::Rolling {
+                    span_secs: 7 * 86_400,
+                    buckets: 28,
+                },
+                90,
+                Some(18_000),
+            ),
+        ];
+        let lease = LeaseId::from_u128(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        assert_eq!(fingerprint(Call::Admit, None, &ops), 0x2aa2_b381_fed4_70d1);
+        assert_eq!(
+            fingerprint(Call::Commit, Some(lease), &ops),
+            0x9410_4d6a_489b_4ad5
+        );
+        assert_eq!(fingerprint(Call::Record, None, &[]), 0xcf21_924e_7b0f_f7c7);
     }
 
     fn index(t: &Table, id: &str) -> usize {
