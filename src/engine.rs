@@ -573,7 +573,8 @@ impl<S, C: Clock> Engine<S, C> {
     }
 
     /// Preflight: what would `admit` decide now? Changes nothing. An event
-    /// id on the request is ignored.
+    /// id on the request is ignored. A request of zero is answered as by
+    /// [`Engine::admit`]: never `Exceeded`, never refused for a cooldown.
     ///
     /// # Errors
     /// Bad input (see [`Error`]) or a failing store.
@@ -589,6 +590,11 @@ impl<S, C: Clock> Engine<S, C> {
     /// (counting what reservations hold) and no scope is cooling down;
     /// otherwise nothing is recorded and the decision says why. Concurrent
     /// limits are for reservations and are not touched.
+    ///
+    /// A request whose amounts are all zero is never `Exceeded` and is never
+    /// refused for a cooldown (it adds nothing); a model outside the
+    /// allowlist still refuses it, with `allowed: false`, reason
+    /// [`Refusal::ModelNotAllowed`] and status `Ok`.
     ///
     /// With an event id ([`Request::event`]), a retry within the store's
     /// horizon answers the first decision and records nothing. An event id is
@@ -627,6 +633,11 @@ impl<S, C: Clock> Engine<S, C> {
     /// refusing [`Decision`] (a limit or slot that does not fit, a cooldown,
     /// a model outside the allowlist) with nothing held.
     ///
+    /// A reservation opens work, so a cooldown refuses it whatever its
+    /// amounts; a request whose amounts are all zero is still never made
+    /// `Exceeded` by the refusal (its status is its limits', where the slot
+    /// it takes on a full concurrent limit is `Exceeded`).
+    ///
     /// # Errors
     /// Bad input (see [`Error`]); [`Error::InvalidRequest`] for a zero or
     /// out-of-range `lease_ttl` or an event id; a failing store. Nothing is
@@ -646,7 +657,7 @@ impl<S, C: Clock> Engine<S, C> {
         let mut list = OpList::new(&o.p.alloc.scope);
         self.ops_for(&mut list, &o.p, request.model, Shape::Reserve);
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
-        let cooldowns = self.cooldowns_for(&o.p, request.model, None);
+        let cooldowns = self.cooldowns_for(&o.p, request.model, None, false);
         let applied = self.apply(&o.batch(ops, &cooldowns))?;
         Ok(self.opened(request, &o, ops, limits, &applied, &cooldowns))
     }
@@ -872,7 +883,7 @@ impl<S, C: Clock> Engine<S, C> {
         );
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let start = failed.map(|()| now);
-        let cooldowns = self.cooldowns_for(p, reservation.model.as_deref(), start);
+        let cooldowns = self.cooldowns_for(p, reservation.model.as_deref(), start, false);
         let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Settle { keep });
         let fp;
         let mut batch = Batch::new(ops, Mode::Force, now)
@@ -1175,13 +1186,15 @@ impl<S, C: Clock> Engine<S, C> {
     }
 
     /// The cooldowns of the scopes a call draws on; with `start`, each
-    /// starts at `start` for its own length.
+    /// starts at `start` for its own length. With `zero_passes`, none for a
+    /// request whose amounts are all zero: a cooldown does not refuse it.
     #[inline(always)]
     fn cooldowns_for<'a>(
         &'a self,
         p: &'a Prepared,
         model: Option<&str>,
         start: Option<DateTime<Utc>>,
+        zero_passes: bool,
     ) -> Vec<CooldownOp<'a>> {
         // A request drawing only on its own scope, whose plan declares no
         // cooldown, has none to check: skip the walk over the scopes (the
@@ -1193,7 +1206,7 @@ impl<S, C: Clock> Engine<S, C> {
         {
             return Vec::new();
         }
-        self.cooldown_walk(p, model, start)
+        self.cooldown_walk(p, model, start, zero_passes)
     }
 
     /// [`Engine::cooldowns_for`] over every scope of the call.
@@ -1203,7 +1216,11 @@ impl<S, C: Clock> Engine<S, C> {
         p: &'a Prepared,
         model: Option<&str>,
         start: Option<DateTime<Utc>>,
+        zero_passes: bool,
     ) -> Vec<CooldownOp<'a>> {
+        if zero_passes && p.is_zero() {
+            return Vec::new();
+        }
         self.scopes(p, model)
             .filter_map(|(scope, _, ms)| {
                 let ms = ms?;
@@ -1227,7 +1244,12 @@ impl<S, C: Clock> Engine<S, C> {
     ) -> Option<Decision> {
         let reason = p.model_refused.clone()?;
         let decision = Decision {
-            status: Status::Exceeded,
+            // A request of zero is never `Exceeded`, whatever refuses it.
+            status: if p.is_zero() {
+                Status::Ok
+            } else {
+                Status::Exceeded
+            },
             allowed: false,
             recorded: false,
             reason: Some(reason),
@@ -1265,7 +1287,7 @@ impl<S, C: Clock> Engine<S, C> {
         let cooldowns = if call == Call::Record {
             Vec::new()
         } else {
-            self.cooldowns_for(&p, req.model, None)
+            self.cooldowns_for(&p, req.model, None, true)
         };
         let mode = match call {
             Call::Check => Mode::Check,
@@ -1282,7 +1304,7 @@ impl<S, C: Clock> Engine<S, C> {
         let at = applied.replayed_at.unwrap_or(now);
         let mut decision = self.finish_quiet(call, &p, ops, limits, &applied, &cooldowns, at);
         if let Some(reason) = &p.model_refused {
-            refuse(&mut decision, reason);
+            refuse(&mut decision, reason, p.is_zero());
         }
         self.observe(call, req, at, &decision);
         Ok(decision)
@@ -1335,6 +1357,7 @@ impl<S, C: Clock> Engine<S, C> {
             p.cost.clone(),
             p.unpriced_ids(),
             cooling,
+            cooling.is_some() && p.is_zero(),
         )
     }
 
@@ -1414,6 +1437,11 @@ struct Prepared {
 }
 
 impl Prepared {
+    /// Whether every amount of the request is zero (its cost too).
+    fn is_zero(&self) -> bool {
+        self.amounts.iter().all(|&(_, n)| n == 0)
+    }
+
     /// The ids of the request's unpriced meters, in request order, for a
     /// decision. The plan's table has an id only where a meter is
     /// unpriced (never the cost meter, which `amounts` may end with), so
@@ -1670,11 +1698,14 @@ fn refused_model(more: &More, model: &str) -> Option<Refusal> {
 }
 
 /// Turn `decision` into the allowlist's refusal: a recorded request
-/// (`record`) still reports the counters it touched.
+/// (`record`) still reports the counters it touched. A request of `zero`
+/// keeps the status of its limits (never `Exceeded`).
 #[cold]
 #[inline(never)]
-fn refuse(decision: &mut Decision, reason: &Refusal) {
-    decision.status = Status::Exceeded;
+fn refuse(decision: &mut Decision, reason: &Refusal, zero: bool) {
+    if !zero {
+        decision.status = Status::Exceeded;
+    }
     decision.allowed = false;
     decision.reason = Some(reason.clone());
     decision.retry_after = None;
@@ -1720,6 +1751,7 @@ fn build_decision(
     cost: Option<Money>,
     unpriced: Vec<Name>,
     cooling: Option<(&ScopeKey, DateTime<Utc>)>,
+    zero: bool,
 ) -> Decision {
     let mut any_exceeded = false;
     // Found in the same pass: the worst status, and the limit with the least
@@ -1811,9 +1843,12 @@ fn build_decision(
     }
     let mut reason = (!allowed).then_some(Refusal::LimitExceeded);
     if let (Some((scope, until)), false) = (cooling, allowed) {
-        // A cooldown refuses whatever the limits say; waiting helps only
+        // A cooldown refuses whatever the limits say (a request of zero
+        // keeps their status: it is never `Exceeded`); waiting helps only
         // if it also helps every exceeded limit.
-        status = Status::Exceeded;
+        if !zero {
+            status = Status::Exceeded;
+        }
         reason = Some(Refusal::Cooldown {
             scope: scope.clone(),
             until,
