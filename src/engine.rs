@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::Hasher as _;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -572,7 +573,8 @@ impl<S, C: Clock> Engine<S, C> {
     }
 
     /// Preflight: what would `admit` decide now? Changes nothing. An event
-    /// id on the request is ignored.
+    /// id on the request is ignored. A request of zero is answered as by
+    /// [`Engine::admit`]: never `Exceeded`, never refused for a cooldown.
     ///
     /// # Errors
     /// Bad input (see [`Error`]) or a failing store.
@@ -588,6 +590,11 @@ impl<S, C: Clock> Engine<S, C> {
     /// (counting what reservations hold) and no scope is cooling down;
     /// otherwise nothing is recorded and the decision says why. Concurrent
     /// limits are for reservations and are not touched.
+    ///
+    /// A request whose amounts are all zero is never `Exceeded` and is never
+    /// refused for a cooldown (it adds nothing); a model outside the
+    /// allowlist still refuses it, with `allowed: false`, reason
+    /// [`Refusal::ModelNotAllowed`] and status `Ok`.
     ///
     /// With an event id ([`Request::event`]), a retry within the store's
     /// horizon answers the first decision and records nothing. An event id is
@@ -626,6 +633,11 @@ impl<S, C: Clock> Engine<S, C> {
     /// refusing [`Decision`] (a limit or slot that does not fit, a cooldown,
     /// a model outside the allowlist) with nothing held.
     ///
+    /// A reservation opens work, so a cooldown refuses it whatever its
+    /// amounts; a request whose amounts are all zero is still never made
+    /// `Exceeded` by the refusal (its status is its limits', where the slot
+    /// it takes on a full concurrent limit is `Exceeded`).
+    ///
     /// # Errors
     /// Bad input (see [`Error`]); [`Error::InvalidRequest`] for a zero or
     /// out-of-range `lease_ttl` or an event id; a failing store. Nothing is
@@ -645,7 +657,7 @@ impl<S, C: Clock> Engine<S, C> {
         let mut list = OpList::new(&o.p.alloc.scope);
         self.ops_for(&mut list, &o.p, request.model, Shape::Reserve);
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
-        let cooldowns = self.cooldowns_for(&o.p, request.model, None);
+        let cooldowns = self.cooldowns_for(&o.p, request.model, None, false);
         let applied = self.apply(&o.batch(ops, &cooldowns))?;
         Ok(self.opened(request, &o, ops, limits, &applied, &cooldowns))
     }
@@ -871,7 +883,7 @@ impl<S, C: Clock> Engine<S, C> {
         );
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let start = failed.map(|()| now);
-        let cooldowns = self.cooldowns_for(p, reservation.model.as_deref(), start);
+        let cooldowns = self.cooldowns_for(p, reservation.model.as_deref(), start, false);
         let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Settle { keep });
         let fp;
         let mut batch = Batch::new(ops, Mode::Force, now)
@@ -1174,13 +1186,15 @@ impl<S, C: Clock> Engine<S, C> {
     }
 
     /// The cooldowns of the scopes a call draws on; with `start`, each
-    /// starts at `start` for its own length.
+    /// starts at `start` for its own length. With `zero_passes`, none for a
+    /// request whose amounts are all zero: a cooldown does not refuse it.
     #[inline(always)]
     fn cooldowns_for<'a>(
         &'a self,
         p: &'a Prepared,
         model: Option<&str>,
         start: Option<DateTime<Utc>>,
+        zero_passes: bool,
     ) -> Vec<CooldownOp<'a>> {
         // A request drawing only on its own scope, whose plan declares no
         // cooldown, has none to check: skip the walk over the scopes (the
@@ -1192,7 +1206,7 @@ impl<S, C: Clock> Engine<S, C> {
         {
             return Vec::new();
         }
-        self.cooldown_walk(p, model, start)
+        self.cooldown_walk(p, model, start, zero_passes)
     }
 
     /// [`Engine::cooldowns_for`] over every scope of the call.
@@ -1202,7 +1216,11 @@ impl<S, C: Clock> Engine<S, C> {
         p: &'a Prepared,
         model: Option<&str>,
         start: Option<DateTime<Utc>>,
+        zero_passes: bool,
     ) -> Vec<CooldownOp<'a>> {
+        if zero_passes && p.is_zero() {
+            return Vec::new();
+        }
         self.scopes(p, model)
             .filter_map(|(scope, _, ms)| {
                 let ms = ms?;
@@ -1226,7 +1244,12 @@ impl<S, C: Clock> Engine<S, C> {
     ) -> Option<Decision> {
         let reason = p.model_refused.clone()?;
         let decision = Decision {
-            status: Status::Exceeded,
+            // A request of zero is never `Exceeded`, whatever refuses it.
+            status: if p.is_zero() {
+                Status::Ok
+            } else {
+                Status::Exceeded
+            },
             allowed: false,
             recorded: false,
             reason: Some(reason),
@@ -1264,7 +1287,7 @@ impl<S, C: Clock> Engine<S, C> {
         let cooldowns = if call == Call::Record {
             Vec::new()
         } else {
-            self.cooldowns_for(&p, req.model, None)
+            self.cooldowns_for(&p, req.model, None, true)
         };
         let mode = match call {
             Call::Check => Mode::Check,
@@ -1281,7 +1304,7 @@ impl<S, C: Clock> Engine<S, C> {
         let at = applied.replayed_at.unwrap_or(now);
         let mut decision = self.finish_quiet(call, &p, ops, limits, &applied, &cooldowns, at);
         if let Some(reason) = &p.model_refused {
-            refuse(&mut decision, reason);
+            refuse(&mut decision, reason, p.is_zero());
         }
         self.observe(call, req, at, &decision);
         Ok(decision)
@@ -1334,6 +1357,7 @@ impl<S, C: Clock> Engine<S, C> {
             p.cost.clone(),
             p.unpriced_ids(),
             cooling,
+            cooling.is_some() && p.is_zero(),
         )
     }
 
@@ -1413,6 +1437,11 @@ struct Prepared {
 }
 
 impl Prepared {
+    /// Whether every amount of the request is zero (its cost too).
+    fn is_zero(&self) -> bool {
+        self.amounts.iter().all(|&(_, n)| n == 0)
+    }
+
     /// The ids of the request's unpriced meters, in request order, for a
     /// decision. The plan's table has an id only where a meter is
     /// unpriced (never the cost meter, which `amounts` may end with), so
@@ -1533,16 +1562,15 @@ fn after(now: DateTime<Utc>, ttl: std::time::Duration) -> Result<DateTime<Utc>, 
         .ok_or_else(|| Error::request(format!("lease ttl {ttl:?} is out of range")))
 }
 
-/// FNV-1a, 64 bit: a digest that is the same in every process and build, so
-/// a ledger restored from a snapshot (or shared through a backend) still
-/// recognises its events.
-struct Fnv(u64);
+/// FNV-1a, 64 bit ([`fnv::FnvHasher`]): a digest that is the same in every
+/// process and build, so a ledger restored from a snapshot (or shared
+/// through a backend) still recognises its events. Integers are written as
+/// little-endian bytes, never through `Hasher::write_u64` (native endian).
+struct Fnv(fnv::FnvHasher);
 
 impl Fnv {
     fn bytes(&mut self, b: &[u8]) {
-        for &x in b {
-            self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        self.0.write(b);
     }
     fn u64(&mut self, v: u64) {
         self.bytes(&v.to_le_bytes());
@@ -1558,7 +1586,7 @@ impl Fnv {
 /// has the same fingerprint.
 #[inline(never)]
 fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64 {
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    let mut h = Fnv(fnv::FnvHasher::default());
     h.u64(match call {
         Call::Check => 0,
         Call::Admit => 1,
@@ -1595,7 +1623,7 @@ fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64
         h.u64(op.max.map_or(u64::MAX, |m| m));
         h.u64(u64::from(op.max.is_some()));
     }
-    h.0
+    h.0.finish()
 }
 
 #[inline]
@@ -1670,11 +1698,14 @@ fn refused_model(more: &More, model: &str) -> Option<Refusal> {
 }
 
 /// Turn `decision` into the allowlist's refusal: a recorded request
-/// (`record`) still reports the counters it touched.
+/// (`record`) still reports the counters it touched. A request of `zero`
+/// keeps the status of its limits (never `Exceeded`).
 #[cold]
 #[inline(never)]
-fn refuse(decision: &mut Decision, reason: &Refusal) {
-    decision.status = Status::Exceeded;
+fn refuse(decision: &mut Decision, reason: &Refusal, zero: bool) {
+    if !zero {
+        decision.status = Status::Exceeded;
+    }
     decision.allowed = false;
     decision.reason = Some(reason.clone());
     decision.retry_after = None;
@@ -1720,6 +1751,7 @@ fn build_decision(
     cost: Option<Money>,
     unpriced: Vec<Name>,
     cooling: Option<(&ScopeKey, DateTime<Utc>)>,
+    zero: bool,
 ) -> Decision {
     let mut any_exceeded = false;
     // Found in the same pass: the worst status, and the limit with the least
@@ -1811,9 +1843,12 @@ fn build_decision(
     }
     let mut reason = (!allowed).then_some(Refusal::LimitExceeded);
     if let (Some((scope, until)), false) = (cooling, allowed) {
-        // A cooldown refuses whatever the limits say; waiting helps only
+        // A cooldown refuses whatever the limits say (a request of zero
+        // keeps their status: it is never `Exceeded`); waiting helps only
         // if it also helps every exceeded limit.
-        status = Status::Exceeded;
+        if !zero {
+            status = Status::Exceeded;
+        }
         reason = Some(Refusal::Cooldown {
             scope: scope.clone(),
             until,
@@ -1948,6 +1983,55 @@ mod tests {
         assert!(d.unpriced.is_empty());
         assert_eq!(d.unpriced.capacity(), 0);
         assert_eq!(d.limits.capacity(), d.limits.len());
+    }
+
+    /// Fingerprints are compared across processes and builds (a restored
+    /// snapshot, a shared Redis ledger): pinned, so a change to the hash or
+    /// to what it reads cannot pass unnoticed.
+    #[test]
+    fn fingerprint_is_pinned() {
+        use super::{fingerprint, Call};
+        use crate::store::{CounterOp, LeaseId, ScopeKey};
+        let agent = ScopeKey::subject("agent-7");
+        let pool = ScopeKey::pool("account:acme");
+        let ops = [
+            CounterOp::new(
+                &agent,
+                "llm_tokens_input",
+                Window::calendar(Period::Month),
+                1_200,
+                Some(20_000),
+            ),
+            CounterOp::new(&agent, "jobs", Window::Concurrent, 1, Some(2)),
+            CounterOp::new(
+                &agent,
+                "requests",
+                Window::Calendar {
+                    period: Period::Day,
+                    utc_offset_secs: -9 * 3_600,
+                },
+                0,
+                Some(0),
+            ),
+            CounterOp::new(&pool, "cost", Window::Lifetime, 36_000, None),
+            CounterOp::new(
+                &pool,
+                "exec_seconds",
+                Window::Rolling {
+                    span_secs: 7 * 86_400,
+                    buckets: 28,
+                },
+                90,
+                Some(18_000),
+            ),
+        ];
+        let lease = LeaseId::from_u128(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        assert_eq!(fingerprint(Call::Admit, None, &ops), 0x2aa2_b381_fed4_70d1);
+        assert_eq!(
+            fingerprint(Call::Commit, Some(lease), &ops),
+            0x9410_4d6a_489b_4ad5
+        );
+        assert_eq!(fingerprint(Call::Record, None, &[]), 0xcf21_924e_7b0f_f7c7);
     }
 
     fn index(t: &Table, id: &str) -> usize {

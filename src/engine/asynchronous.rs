@@ -65,7 +65,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         let mut list = OpList::new(&o.p.alloc.scope);
         self.ops_for(&mut list, &o.p, request.model, Shape::Reserve);
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
-        let cooldowns = self.cooldowns_for(&o.p, request.model, None);
+        let cooldowns = self.cooldowns_for(&o.p, request.model, None, false);
         let applied = self.apply_async(&o.batch(ops, &cooldowns)).await?;
         Ok(self.opened(request, &o, ops, limits, &applied, &cooldowns))
     }
@@ -199,7 +199,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         );
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
         let start = failed.map(|()| now);
-        let cooldowns = self.cooldowns_for(p, reservation.model.as_deref(), start);
+        let cooldowns = self.cooldowns_for(p, reservation.model.as_deref(), start, false);
         let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Settle { keep });
         let fp;
         let mut batch = Batch::new(ops, Mode::Force, now)
@@ -228,7 +228,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         let cooldowns = if call == Call::Record {
             Vec::new()
         } else {
-            self.cooldowns_for(&p, req.model, None)
+            self.cooldowns_for(&p, req.model, None, true)
         };
         let mode = match call {
             Call::Check => Mode::Check,
@@ -253,7 +253,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         let at = applied.replayed_at.unwrap_or(now);
         let mut decision = self.finish_quiet(call, &p, ops, limits, &applied, &cooldowns, at);
         if let Some(reason) = &p.model_refused {
-            super::refuse(&mut decision, reason);
+            super::refuse(&mut decision, reason, p.is_zero());
         }
         self.observe(call, req, at, &decision);
         Ok(decision)
