@@ -89,40 +89,42 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-mod catalog;
 mod clock;
 #[cfg(feature = "conformance")]
 pub mod conformance;
-mod decision;
 mod engine;
 mod error;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 mod inline;
-mod name;
-mod request;
+mod model;
 pub mod store;
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod tower;
-mod window;
 
-pub use catalog::{
-    Catalog, CatalogConfig, Limit, LimitConfig, MaxConfig, Meter, Plan, PlanConfig, Pool,
-    PoolConfig, RefundPolicy, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE, MAX_PRICE_SCALE,
-};
+// The model's modules at their old crate paths (`crate::catalog::…`), which
+// the engine and the stores name.
+pub(crate) use model::{catalog, decision, name, request, window};
+
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use decision::{Decision, LimitState, Money, Refusal, Status};
 pub use engine::{
     Allocation, Call, DecisionEvent, Engine, MeterUsage, Observer, Outcome, Reservation,
     UsageReport,
 };
 pub use error::Error;
-pub use name::Name;
-pub use request::{Quantity, Request};
-pub use store::{AllowanceStore, LeaseId, LeaseInfo, MemoryStore, ScopeKey, Snapshot};
-pub use window::{Period, Window, WindowConfig};
+pub use model::catalog::{
+    Catalog, CatalogConfig, Limit, LimitConfig, MaxConfig, Meter, Plan, PlanConfig, Pool,
+    PoolConfig, RefundPolicy, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE, MAX_PRICE_SCALE,
+};
+pub use model::decision::{Decision, LimitState, Money, Refusal, Status};
+pub use model::lease::LeaseId;
+pub use model::name::Name;
+pub use model::request::{Quantity, Request};
+pub use model::scope::ScopeKey;
+pub use model::window::{Period, Window, WindowConfig};
+pub use store::{AllowanceStore, LeaseInfo, MemoryStore, Snapshot};
 
 // Compile the README's example as a doctest so it cannot drift.
 #[doc = include_str!("../README.md")]

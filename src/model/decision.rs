@@ -1,13 +1,13 @@
 //! The answer: a [`Decision`] with the numbers behind it.
 
-use crate::name::Name;
+use crate::model::name::Name;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
-use crate::store::ScopeKey;
-use crate::window::Window;
+use crate::model::scope::ScopeKey;
+use crate::model::window::Window;
 
 /// How close a limit, or a whole decision, is to its maximum.
 ///

@@ -14,9 +14,10 @@ use rust_decimal::Decimal;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::name::Name;
-use crate::store::{Fraction, ScopeKey};
-use crate::window::{parse_span, Window, WindowConfig};
+use crate::model::lease::Fraction;
+use crate::model::name::Name;
+use crate::model::scope::ScopeKey;
+use crate::model::window::{parse_span, Window, WindowConfig};
 use crate::Error;
 
 /// Most decimal places a money meter may keep (10^12 minor units per major

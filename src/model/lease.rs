@@ -1,0 +1,125 @@
+//! Leases: a reservation's id, and the exact share of a hold it keeps.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::Error;
+
+/// A reservation's lease id: 128 random bits, written as 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(u128);
+
+impl LeaseId {
+    /// A fresh id, unique with overwhelming probability across processes:
+    /// drawn from std's randomly keyed hasher, the clock and a counter.
+    pub fn random() -> Self {
+        use std::collections::hash_map::RandomState;
+        use std::hash::{BuildHasher, Hasher};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let half = |salt: u64| {
+            let mut h = RandomState::new().build_hasher();
+            h.write_u64(salt);
+            h.write_u64(seq);
+            h.write_u128(nanos);
+            h.finish()
+        };
+        Self((u128::from(half(1)) << 64) | u128::from(half(2)))
+    }
+
+    /// The id with these bits.
+    pub const fn from_u128(bits: u128) -> Self {
+        Self(bits)
+    }
+
+    /// The id's bits.
+    pub const fn as_u128(self) -> u128 {
+        self.0
+    }
+}
+
+impl fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for LeaseId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LeaseId({self})")
+    }
+}
+
+impl FromStr for LeaseId {
+    type Err = Error;
+    /// Parse 32 hex digits.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Error::UnknownReservation { id: s.to_owned() });
+        }
+        u128::from_str_radix(s, 16)
+            .map(Self)
+            .map_err(|_| Error::UnknownReservation { id: s.to_owned() })
+    }
+}
+
+impl Serialize for LeaseId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for LeaseId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A share in `[0, 1]` as an exact fraction: the part of a hold that a
+/// settlement keeps as usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fraction {
+    num: u64,
+    den: u64,
+}
+
+impl Fraction {
+    /// Nothing: `0/1`.
+    pub const ZERO: Fraction = Fraction { num: 0, den: 1 };
+    /// Everything: `1/1`.
+    pub const ONE: Fraction = Fraction { num: 1, den: 1 };
+
+    /// `num / den`, if `den > 0` and `num <= den`.
+    pub const fn new(num: u64, den: u64) -> Option<Self> {
+        if den == 0 || num > den {
+            None
+        } else {
+            Some(Self { num, den })
+        }
+    }
+
+    /// The numerator.
+    pub const fn num(self) -> u64 {
+        self.num
+    }
+
+    /// The denominator.
+    pub const fn den(self) -> u64 {
+        self.den
+    }
+
+    /// `ceil(amount × num / den)`, exact: a charge never rounds down.
+    pub fn ceil_of(self, amount: u64) -> u64 {
+        let p = u128::from(amount) * u128::from(self.num);
+        let d = u128::from(self.den);
+        // num <= den, so the result is at most `amount`.
+        u64::try_from(p.div_ceil(d)).unwrap_or(amount)
+    }
+}
