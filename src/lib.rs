@@ -45,7 +45,9 @@
 //!   maximum (`admit` then records nothing). `Warning` when usage after the
 //!   request is positive and reaches the limit's warning ratio (default 0.8,
 //!   so 16,000 of 20,000 is `Warning` and 15,999 is `Ok`). `Ok` otherwise. A
-//!   request of zero is never `Exceeded`.
+//!   request whose amounts are all zero is never `Exceeded` and never refused
+//!   for a cooldown; a model outside the allowlist still refuses it, with
+//!   status `Ok`.
 //! - **Maximum.** `-1` or `"unlimited"`: counted, never refused. `0`: not
 //!   available, any positive use is refused. Otherwise an amount.
 //! - **Windows.** [`Window::Calendar`] resets at the start of each day, week
