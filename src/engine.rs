@@ -932,7 +932,7 @@ impl<S, C: Clock> Engine<S, C> {
             .zip(&applied.counters)
             .map(|(l, s)| -> Result<MeterUsage, Error> {
                 let meter = &self.catalog.meters[l.meter_idx];
-                let price = alloc.plan.price_units.get(l.meter_idx).copied().flatten();
+                let price = alloc.plan.price_units_of(l.meter_idx);
                 let cost = match (price, cost_meter) {
                     (Some(p), Some(cm)) => Some(Money {
                         amount: cm.to_decimal(cost_minor([(s.used, p)], cm.scale()).ok_or_else(
@@ -1023,7 +1023,7 @@ impl<S, C: Clock> Engine<S, C> {
         if let Some(cm) = &alloc.plan.cost {
             let terms = amounts
                 .iter()
-                .filter_map(|&(idx, units)| Some((units, alloc.plan.price_units[idx]?)));
+                .filter_map(|&(idx, units)| Some((units, alloc.plan.price_units_of(idx)?)));
             let Some(minor) = cost_minor(terms, cm.scale) else {
                 return Err(overflow(&cm.id));
             };
@@ -1449,17 +1449,21 @@ impl Prepared {
     /// right size, none when there is none.
     #[inline]
     fn unpriced_ids(&self) -> Vec<Name> {
-        let ids = &self.alloc.plan.unpriced;
+        let plan = &self.alloc.plan;
         let n = self
             .amounts
             .iter()
-            .filter(|&&(i, _)| ids[i].is_some())
+            .filter(|&&(i, _)| plan.unpriced_of(i).is_some())
             .count();
         if n == 0 {
             return Vec::new();
         }
         let mut v = Vec::with_capacity(n);
-        v.extend(self.amounts.iter().filter_map(|&(i, _)| ids[i]));
+        v.extend(
+            self.amounts
+                .iter()
+                .filter_map(|&(i, _)| plan.unpriced_of(i)),
+        );
         v
     }
 }

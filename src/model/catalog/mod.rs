@@ -474,6 +474,20 @@ impl Plan {
         self.prices.get(idx).copied().flatten()
     }
 
+    /// Its price for the meter at catalog index `idx`, as exact integers of
+    /// `10^-MAX_PRICE_SCALE` major units; `None` when unpriced.
+    #[inline]
+    pub(crate) fn price_units_of(&self, idx: usize) -> Option<u128> {
+        self.price_units.get(idx).copied().flatten()
+    }
+
+    /// The id of the meter at catalog index `idx` when a request naming it
+    /// is listed as unpriced in a decision; `None` otherwise.
+    #[inline]
+    pub(crate) fn unpriced_of(&self, idx: usize) -> Option<Name> {
+        self.unpriced.get(idx).copied().flatten()
+    }
+
     /// The id of the money meter its costs are charged to, if any.
     pub fn cost_meter<'c>(&self, catalog: &'c Catalog) -> Option<&'c str> {
         self.cost_meter.map(|i| catalog.meters[i].id.as_str())
