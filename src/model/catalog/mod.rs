@@ -441,14 +441,13 @@ pub struct Plan {
     /// The cost meter with what a call needs of it (its id, scale and
     /// currency), kept here so a call does not look them up in the catalog.
     pub(crate) cost: Option<CostMeter>,
-    /// Price per unit, indexed by meter index; `None` is unpriced.
-    pub(crate) prices: Vec<Option<Decimal>>,
-    /// The same prices as exact integers of `10^-MAX_PRICE_SCALE` major units.
-    pub(crate) price_units: Vec<Option<u128>>,
-    /// Indexed by meter index: the meter's id when a request naming it is
-    /// listed as unpriced (the plan has a cost meter, no price for it, and
-    /// it is not money). Computed once, so a call clones ids, not looks them up.
-    pub(crate) unpriced: Vec<Option<Name>>,
+    /// The plan's own unit prices, one entry per price it sets, sorted by
+    /// meter index: sized by the plan, not by the catalog's meters.
+    pub(crate) prices: Box<[PlanPrice]>,
+    /// When the plan has a cost meter: the catalog's one table of the ids a
+    /// request lists as unpriced (every meter but money), shared by all
+    /// plans. `None` without a cost meter: then nothing is unpriced.
+    pub(crate) unpriced: Option<UnpricedIds>,
     /// Maximum job duration in milliseconds.
     pub(crate) max_job_ms: Option<i64>,
     /// Share of holds kept as usage per release outcome.
@@ -471,26 +470,96 @@ impl Plan {
     /// currency), if it has one.
     pub fn price(&self, catalog: &Catalog, meter: &str) -> Option<Decimal> {
         let idx = *catalog.meter_index.get(meter)?;
-        self.prices.get(idx).copied().flatten()
+        self.price_of(idx).map(|p| p.price)
+    }
+
+    /// Its price entry for the meter at catalog index `idx`, if it sets one.
+    #[inline]
+    fn price_of(&self, idx: usize) -> Option<&PlanPrice> {
+        // A plan sets a handful of prices: a scan beats a binary search there.
+        if self.prices.len() <= 8 {
+            self.prices.iter().find(|p| p.meter_idx == idx)
+        } else {
+            self.prices
+                .binary_search_by_key(&idx, |p| p.meter_idx)
+                .ok()
+                .map(|i| &self.prices[i])
+        }
     }
 
     /// Its price for the meter at catalog index `idx`, as exact integers of
     /// `10^-MAX_PRICE_SCALE` major units; `None` when unpriced.
     #[inline]
     pub(crate) fn price_units_of(&self, idx: usize) -> Option<u128> {
-        self.price_units.get(idx).copied().flatten()
+        self.price_of(idx).map(|p| p.units)
     }
 
     /// The id of the meter at catalog index `idx` when a request naming it
-    /// is listed as unpriced in a decision; `None` otherwise.
+    /// is listed as unpriced in a decision: the plan has a cost meter, sets
+    /// no price for the meter, and the meter is not money. `None` otherwise.
     #[inline]
     pub(crate) fn unpriced_of(&self, idx: usize) -> Option<Name> {
-        self.unpriced.get(idx).copied().flatten()
+        let id = self.unpriced.as_ref()?.get(idx)?;
+        if self.price_of(idx).is_some() {
+            return None;
+        }
+        Some(id)
+    }
+
+    /// How many entries the plan's own tables hold (its limits and its
+    /// prices); the catalog-wide unpriced table is not the plan's.
+    #[cfg(test)]
+    pub(crate) fn table_entries(&self) -> usize {
+        self.limits.len() + self.prices.len()
     }
 
     /// The id of the money meter its costs are charged to, if any.
     pub fn cost_meter<'c>(&self, catalog: &'c Catalog) -> Option<&'c str> {
         self.cost_meter.map(|i| catalog.meters[i].id.as_str())
+    }
+}
+
+/// One unit price a plan sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PlanPrice {
+    /// The priced meter's index in the catalog.
+    pub(crate) meter_idx: usize,
+    /// Money per unit, in the cost meter's currency.
+    pub(crate) price: Decimal,
+    /// The same price as an exact integer of `10^-MAX_PRICE_SCALE` major units.
+    pub(crate) units: u128,
+}
+
+/// The catalog's table, by meter index, of the id a request naming the meter
+/// lists as unpriced in a plan with a cost meter and no price for it: every
+/// meter's id but a money meter's (money is never priced, so never
+/// unpriced). Built once per catalog and shared by its plans through an
+/// `Arc`, so a plan pays one pointer for it, whatever the meter count.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct UnpricedIds(Arc<[Option<Name>]>);
+
+impl UnpricedIds {
+    fn new(meters: &[Meter], ids: &[Name]) -> Self {
+        Self(
+            meters
+                .iter()
+                .zip(ids)
+                .map(|(m, &id)| (!matches!(m.unit, Unit::Money { .. })).then_some(id))
+                .collect(),
+        )
+    }
+
+    /// The id listed for meter `idx`, if it is not money.
+    #[inline]
+    fn get(&self, idx: usize) -> Option<Name> {
+        self.0.get(idx).copied().flatten()
+    }
+}
+
+impl fmt::Debug for UnpricedIds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The catalog's, shared by every plan: not repeated in each plan's output.
+        write!(f, "UnpricedIds({} meters)", self.0.len())
     }
 }
 
@@ -735,6 +804,8 @@ pub struct Catalog {
     pub(crate) plans: HashMap<String, Arc<Plan>>,
     pub(crate) pools: HashMap<String, Arc<Pool>>,
     pub(crate) model_pools: HashMap<String, Vec<Arc<Pool>>>,
+    /// The ids a request lists as unpriced, shared by every plan with a cost meter.
+    unpriced_ids: UnpricedIds,
     config: CatalogConfig,
 }
 
@@ -794,6 +865,7 @@ impl Catalog {
                 .iter()
                 .map(|m| m.currency().map(Name::intern))
                 .collect(),
+            unpriced_ids: UnpricedIds::new(&config.meters, &meter_ids),
             meter_ids,
             meter_index,
             plans: HashMap::new(),
@@ -896,6 +968,22 @@ impl Catalog {
         &self.config
     }
 
+    /// How many entries the catalog's tables hold in all: its per-meter
+    /// tables once, each plan's and each pool's own tables, and the model
+    /// pools' lists.
+    #[cfg(test)]
+    pub(crate) fn table_entries(&self) -> usize {
+        let per_meter = self.meters.len()
+            + self.meter_ids.len()
+            + self.currencies.len()
+            + self.meter_index.len()
+            + self.unpriced_ids.0.len();
+        let plans: usize = self.plans.values().map(|p| p.table_entries()).sum();
+        let pools: usize = self.pools.values().map(|p| p.limits.len()).sum();
+        let models: usize = self.model_pools.values().map(Vec::len).sum();
+        per_meter + plans + pools + models
+    }
+
     fn resolve_plan(&self, p: &PlanConfig, field: &str) -> Result<Plan, Error> {
         let limits = self.resolve_limits(&p.limits, &format!("{field}.limits"))?;
         let cost_meter = match &p.cost_meter {
@@ -912,8 +1000,7 @@ impl Catalog {
                 Some(idx)
             }
         };
-        let mut prices = vec![None; self.meters.len()];
-        let mut price_units = vec![None; self.meters.len()];
+        let mut prices = Vec::with_capacity(p.prices.len());
         for (meter, price) in &p.prices {
             let f = format!("{field}.prices.{meter}");
             let idx = *self
@@ -946,22 +1033,18 @@ impl Catalog {
                 .ok()
                 .and_then(|m| m.checked_mul(10u128.pow(MAX_PRICE_SCALE - price.scale())))
                 .ok_or_else(|| Error::config(&f, format!("price {price} is too large")))?;
-            prices[idx] = Some(*price);
-            price_units[idx] = Some(units);
+            prices.push(PlanPrice {
+                meter_idx: idx,
+                price: *price,
+                units,
+            });
         }
+        prices.sort_unstable_by_key(|p| p.meter_idx);
         let policy = p.refunds.clone().unwrap_or_default();
         let keep = |share: Decimal, name: &str| {
             keep_fraction(share)
                 .ok_or_else(|| Error::config(format!("{field}.refunds.{name}"), format!("refund share {share} is not an exact number in [0, 1] with at most 18 decimal places")))
         };
-        // Money meters are never priced, so they are not "unpriced".
-        let unpriced = (0..self.meters.len())
-            .map(|i| {
-                let money = matches!(self.meters[i].unit, Unit::Money { .. });
-                (cost_meter.is_some() && price_units[i].is_none() && !money)
-                    .then(|| self.meter_ids[i])
-            })
-            .collect();
         Ok(Plan {
             id: Arc::from(p.id.as_str()),
             limits: limits.into(),
@@ -972,9 +1055,9 @@ impl Catalog {
                 scale: self.meters[idx].scale(),
                 currency: self.currency(idx),
             }),
-            prices,
-            price_units,
-            unpriced,
+            prices: prices.into(),
+            // Money meters are never priced, so they are not "unpriced".
+            unpriced: cost_meter.map(|_| self.unpriced_ids.clone()),
             max_job_ms: span_ms(
                 p.max_job_duration.as_deref(),
                 &format!("{field}.max_job_duration"),
@@ -998,12 +1081,11 @@ impl Catalog {
         field: &str,
     ) -> Result<Vec<Limit>, Error> {
         let mut out: Vec<Limit> = Vec::with_capacity(limits.len());
+        // A set, so a plan of many limits is checked in linear time.
+        let mut seen = HashSet::with_capacity(limits.len());
         for (i, l) in limits.iter().enumerate() {
             let limit = self.resolve_limit(l, &format!("{field}[{i}]"))?;
-            if out
-                .iter()
-                .any(|o| o.meter_idx == limit.meter_idx && o.window == limit.window)
-            {
+            if !seen.insert((limit.meter_idx, limit.window)) {
                 return Err(Error::config(
                     format!("{field}[{i}]"),
                     format!(
@@ -1289,6 +1371,143 @@ mod tests {
                 assert!(!super::same_bytes(&a, &b), "{n} {i}");
             }
         }
+    }
+
+    /// `meters` count meters, one money meter `usd`, and `plans` plans:
+    /// plan `i` limits meter `i`, prices meter `i + 1` and charges `usd`;
+    /// every third plan sets no cost meter and no price.
+    fn wide_catalog(meters: usize, plans: usize) -> crate::Catalog {
+        use rust_decimal::Decimal;
+        let day = Window::calendar(Period::Day);
+        let mut c = CatalogConfig::default().meter(Meter::money("usd", "USD", 6));
+        for m in 0..meters {
+            c = c.meter(Meter::count(format!("m{m}")));
+        }
+        for p in 0..plans {
+            let mut plan = PlanConfig::new(format!("p{p}")).limit(LimitConfig::new(
+                format!("m{}", p % meters),
+                day,
+                10u64,
+            ));
+            if p % 3 != 0 {
+                plan = plan
+                    .cost_meter("usd")
+                    .price(format!("m{}", (p + 1) % meters), Decimal::new(3, 2));
+            }
+            c = c.plan(plan);
+        }
+        c.build().unwrap()
+    }
+
+    /// Issue 13: 4,000 meters × 4,000 plans peaked at 934 MB, because each
+    /// plan kept three tables with one entry per catalog meter. A plan's own
+    /// tables now hold its limits and its prices, nothing per meter.
+    #[test]
+    fn a_plans_tables_are_sized_by_the_plan_not_the_catalog() {
+        let catalog = wide_catalog(4_000, 4_000);
+        let own: usize = catalog
+            .config()
+            .plans
+            .iter()
+            .map(|p| p.limits.len() + p.prices.len())
+            .sum();
+        let stored: usize = catalog.plans.values().map(|p| p.table_entries()).sum();
+        assert_eq!(
+            stored, own,
+            "per-plan entries beyond the plans' limits and prices"
+        );
+        for plan in catalog.plans.values() {
+            assert!(
+                plan.table_entries() <= 2,
+                "{}: {}",
+                plan.id,
+                plan.table_entries()
+            );
+        }
+    }
+
+    /// Building a catalog stores entries linear in its size: twice the
+    /// meters and twice the plans hold at most twice the entries (a table
+    /// per plan and meter held four times as many).
+    #[test]
+    fn catalog_tables_grow_linearly_with_meters_and_plans() {
+        let small = wide_catalog(500, 500).table_entries();
+        let large = wide_catalog(1_000, 1_000).table_entries();
+        assert!(large <= 2 * small + 8, "{small} -> {large}");
+        assert!(large >= 2 * small - 8, "{small} -> {large}");
+    }
+
+    /// The sparse tables answer every meter index as the dense tables did:
+    /// a price where the plan sets one; unpriced for any meter, limited or
+    /// not, when the plan has a cost meter, no price for it and it is not
+    /// money; nothing for an index past the catalog.
+    #[test]
+    fn price_and_unpriced_answers_match_the_per_meter_rule() {
+        use rust_decimal::Decimal;
+        let day = Window::calendar(Period::Day);
+        let mut c = CatalogConfig::default()
+            .meter(Meter::money("usd", "USD", 6))
+            .meter(Meter::money("eur", "EUR", 2))
+            .meter(Meter::seconds("runtime"));
+        for m in 0..20 {
+            c = c.meter(Meter::count(format!("m{m}")));
+        }
+        // Prices on ten meters (past the scan, into the binary search), in
+        // no particular order.
+        let mut many = PlanConfig::new("many").cost_meter("usd");
+        for m in [17, 3, 9, 0, 12, 5, 19, 1, 14, 7] {
+            many = many.price(format!("m{m}"), Decimal::new(m + 1, 3));
+        }
+        let catalog = c
+            .plan(many)
+            .plan(
+                PlanConfig::new("few")
+                    .cost_meter("eur")
+                    .limit(LimitConfig::new("m4", day, 10u64))
+                    .price("runtime", Decimal::new(25, 1)),
+            )
+            .plan(PlanConfig::new("free").limit(LimitConfig::new("m4", day, 10u64)))
+            .build()
+            .unwrap();
+        let n = catalog.meters.len();
+        for (id, plan) in &catalog.plans {
+            let priced = &catalog
+                .config()
+                .plans
+                .iter()
+                .find(|p| &p.id == id)
+                .unwrap()
+                .prices;
+            for idx in 0..n + 3 {
+                let meter = catalog.meters.get(idx);
+                let price = meter.and_then(|m| priced.get(&m.id).copied());
+                assert_eq!(
+                    plan.price_units_of(idx).is_some(),
+                    price.is_some(),
+                    "{id} {idx}"
+                );
+                if let (Some(m), Some(p)) = (meter, price) {
+                    assert_eq!(plan.price(&catalog, &m.id), Some(p));
+                    let want = u128::try_from(p.mantissa()).unwrap()
+                        * 10u128.pow(MAX_PRICE_SCALE - p.scale());
+                    assert_eq!(plan.price_units_of(idx), Some(want), "{id} {idx}");
+                }
+                let want = meter.and_then(|m| {
+                    (plan.cost_meter.is_some() && price.is_none() && m.currency().is_none())
+                        .then(|| catalog.meter_ids[idx])
+                });
+                assert_eq!(plan.unpriced_of(idx), want, "{id} {idx}");
+            }
+        }
+        // Spot checks in words: a meter with no limit in the plan is still
+        // unpriced; money never is; without a cost meter nothing is.
+        let m2 = catalog.meter_idx("m2").unwrap();
+        assert_eq!(catalog.plans["few"].unpriced_of(m2).as_deref(), Some("m2"));
+        assert_eq!(
+            catalog.plans["few"].unpriced_of(catalog.meter_idx("usd").unwrap()),
+            None
+        );
+        assert_eq!(catalog.plans["free"].unpriced_of(m2), None);
     }
 
     #[test]
