@@ -417,7 +417,9 @@ fn run(
                     .expect("check");
                 step(&mut model, Kind::Check, who, amount, now, &d)?;
             }
-            Op::Advance(ms) => clock.advance(Duration::milliseconds(ms)),
+            Op::Advance(ms) => {
+                clock.advance(std::time::Duration::from_millis(u64::try_from(ms).unwrap()))
+            }
             Op::ToBoundary { unit_ms, shift_ms } => {
                 let t = now.timestamp_millis();
                 let next = (t.div_euclid(unit_ms) + 1) * unit_ms + shift_ms;
