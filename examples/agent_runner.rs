@@ -9,7 +9,7 @@
 
 use std::time::Duration as StdDuration;
 
-use chrono::{Duration, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
 use tollgate::{
     Allocation, CatalogConfig, Decision, Engine, LimitConfig, ManualClock, Meter, Outcome, Period,
     PlanConfig, PoolConfig, Request, Window,
@@ -68,7 +68,7 @@ fn main() -> Result<(), tollgate::Error> {
     line("start job c: refused, no free slot", &refused);
 
     // Job a completes having used 12,500 tokens: the difference returns.
-    clock.advance(Duration::minutes(1));
+    clock.advance(StdDuration::from_secs(60));
     // `actual` is the job's whole usage: it names the job too.
     let actual = Request::new("agent-7")
         .units("tokens", 12_500)
@@ -95,7 +95,7 @@ fn main() -> Result<(), tollgate::Error> {
 
     // Job b runs past its 30 minute maximum, heartbeating all the while.
     for _ in 0..16 {
-        clock.advance(Duration::minutes(2));
+        clock.advance(StdDuration::from_secs(120));
         engine.renew(&mut b, LEASE)?;
     }
     for lease in engine.overdue()? {

@@ -4,7 +4,7 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveTime, TimeDelta, Utc};
 use parking_lot::Mutex;
 
 /// A source of the current time. The engine asks it once per call.
@@ -61,17 +61,59 @@ fn from_unix(since: std::time::Duration) -> Option<DateTime<Utc>> {
 /// A clock that only moves when told to. Clones share the same time, so a
 /// test keeps one handle and gives another to the engine.
 ///
+/// Steps are [`std::time::Duration`]s, the one duration type of the public
+/// API (lease terms take it too): [`advance`](ManualClock::advance) moves
+/// forward, [`rewind`](ManualClock::rewind) moves back, and
+/// [`set`](ManualClock::set) jumps to an instant.
+///
 /// ```
+/// use std::time::Duration;
 /// use tollgate::ManualClock;
-/// use chrono::{Duration, TimeZone, Utc};
+/// use chrono::{TimeZone, Utc};
 ///
 /// let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 31, 23, 59, 0).unwrap());
-/// clock.advance(Duration::minutes(1));
+/// clock.advance(Duration::from_secs(60));
 /// assert_eq!(clock.now_utc(), Utc.with_ymd_and_hms(2026, 4, 1, 0, 0, 0).unwrap());
+/// clock.rewind(Duration::from_secs(3_600));
+/// assert_eq!(clock.now_utc(), Utc.with_ymd_and_hms(2026, 3, 31, 23, 0, 0).unwrap());
 /// ```
 #[derive(Debug, Clone)]
 pub struct ManualClock {
     now: Arc<Mutex<DateTime<Utc>>>,
+}
+
+/// A span a [`ManualClock`] can [`advance`](ManualClock::advance) by.
+///
+/// Implemented for [`std::time::Duration`], the crate's public duration
+/// type (always forward), and for chrono's [`TimeDelta`](chrono::TimeDelta)
+/// (`chrono::Duration`), which `advance` took before and which may be
+/// negative (a step back). chrono's stays accepted so tests written against
+/// it keep compiling; new code passes std's and steps back with
+/// [`ManualClock::rewind`]. Sealed: no other type implements it.
+pub trait ClockStep: sealed::Sealed {}
+
+impl ClockStep for std::time::Duration {}
+impl ClockStep for TimeDelta {}
+
+mod sealed {
+    use chrono::TimeDelta;
+
+    /// The step as a signed span; `None` when it does not fit one.
+    pub trait Sealed {
+        fn signed(self) -> Option<TimeDelta>;
+    }
+
+    impl Sealed for std::time::Duration {
+        fn signed(self) -> Option<TimeDelta> {
+            TimeDelta::from_std(self).ok()
+        }
+    }
+
+    impl Sealed for TimeDelta {
+        fn signed(self) -> Option<TimeDelta> {
+            Some(self)
+        }
+    }
 }
 
 impl ManualClock {
@@ -82,10 +124,22 @@ impl ManualClock {
         }
     }
 
-    /// Move the clock forward (or backward, with a negative duration).
-    pub fn advance(&self, by: Duration) {
-        let mut now = self.now.lock();
-        *now = now.checked_add_signed(by).unwrap_or(*now);
+    /// Move the clock forward by `by`: a [`std::time::Duration`] (or, for
+    /// tests written against chrono, a [`TimeDelta`](chrono::TimeDelta),
+    /// which moves back when negative). A step past the range of
+    /// [`DateTime`] leaves the clock where it stands.
+    pub fn advance(&self, by: impl ClockStep) {
+        if let Some(by) = sealed::Sealed::signed(by) {
+            self.step(|now| now.checked_add_signed(by));
+        }
+    }
+
+    /// Move the clock back by `by`. A step past the range of [`DateTime`]
+    /// leaves the clock where it stands.
+    pub fn rewind(&self, by: std::time::Duration) {
+        if let Ok(by) = TimeDelta::from_std(by) {
+            self.step(|now| now.checked_sub_signed(by));
+        }
     }
 
     /// Set the clock to `to`.
@@ -96,6 +150,11 @@ impl ManualClock {
     /// The time the clock stands at.
     pub fn now_utc(&self) -> DateTime<Utc> {
         *self.now.lock()
+    }
+
+    fn step(&self, to: impl FnOnce(DateTime<Utc>) -> Option<DateTime<Utc>>) {
+        let mut now = self.now.lock();
+        *now = to(*now).unwrap_or(*now);
     }
 }
 
@@ -113,9 +172,41 @@ impl<C: Clock + ?Sized> Clock for Arc<C> {
 
 #[cfg(test)]
 mod tests {
-    use super::{from_unix, Clock, SystemClock};
-    use chrono::{DateTime, Utc};
+    use super::{from_unix, Clock, ManualClock, SystemClock};
+    use chrono::{DateTime, TimeDelta, TimeZone, Utc};
     use std::time::Duration;
+
+    #[test]
+    fn manual_clock_steps_forward_and_back_in_either_duration_type() {
+        let start = Utc.with_ymd_and_hms(2026, 4, 8, 12, 0, 0).unwrap();
+        let clock = ManualClock::new(start);
+        let handle = clock.clone();
+        clock.advance(Duration::from_millis(1_500));
+        assert_eq!(handle.now(), start + TimeDelta::milliseconds(1_500));
+        clock.rewind(Duration::from_millis(500));
+        assert_eq!(handle.now(), start + TimeDelta::seconds(1));
+        // chrono's, as tests written before took it: signed.
+        clock.advance(TimeDelta::days(2));
+        assert_eq!(
+            handle.now(),
+            start + TimeDelta::days(2) + TimeDelta::seconds(1)
+        );
+        clock.advance(TimeDelta::days(-2));
+        assert_eq!(handle.now(), start + TimeDelta::seconds(1));
+        clock.rewind(Duration::from_secs(1));
+        assert_eq!(handle.now(), start);
+        // Out of range: the clock stays where it stands.
+        clock.advance(Duration::MAX);
+        clock.rewind(Duration::MAX);
+        clock.advance(TimeDelta::MAX);
+        clock.advance(Duration::from_secs(400_000 * 366 * 86_400));
+        clock.rewind(Duration::from_secs(400_000 * 366 * 86_400));
+        assert_eq!(handle.now(), start);
+        let end = DateTime::<Utc>::MAX_UTC;
+        clock.set(end);
+        clock.advance(Duration::from_nanos(1));
+        assert_eq!(handle.now(), end);
+    }
 
     #[test]
     fn system_clock_reads_the_instant_utc_now_reads() {

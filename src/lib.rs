@@ -110,7 +110,7 @@ pub mod tower;
 // the engine and the stores name.
 pub(crate) use model::{catalog, decision, name, request, window};
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ClockStep, ManualClock, SystemClock};
 pub use engine::{
     Allocation, Call, DecisionEvent, Engine, MeterUsage, Observer, Outcome, Reservation,
     UsageReport,

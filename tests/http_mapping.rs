@@ -180,7 +180,7 @@ fn an_exceeded_monthly_quota_is_402_with_retry_after_and_a_body() {
 fn a_short_window_is_a_rate_limit_429_and_the_threshold_is_configurable() {
     let (engine, clock) = engine();
     admit(&engine, "alice", "requests", 10);
-    clock.advance(chrono::Duration::seconds(30));
+    clock.advance(Duration::from_secs(30));
     let d = admit(&engine, "alice", "requests", 1);
     assert!(!d.allowed);
     let m = HttpMapping::new();

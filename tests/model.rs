@@ -417,7 +417,9 @@ fn run(
                     .expect("check");
                 step(&mut model, Kind::Check, who, amount, now, &d)?;
             }
-            Op::Advance(ms) => clock.advance(Duration::milliseconds(ms)),
+            Op::Advance(ms) => {
+                clock.advance(std::time::Duration::from_millis(u64::try_from(ms).unwrap()))
+            }
             Op::ToBoundary { unit_ms, shift_ms } => {
                 let t = now.timestamp_millis();
                 let next = (t.div_euclid(unit_ms) + 1) * unit_ms + shift_ms;
@@ -507,4 +509,79 @@ proptest! {
     ) {
         run(buckets, in_pool, start, &ops)?;
     }
+}
+
+/// A decision's meter names compare with strings either way round, as a
+/// test or a handler writes them: no `&*l.meter` needed.
+#[test]
+fn meter_names_compare_with_strings_both_ways() {
+    let catalog = CatalogConfig::default()
+        .meter(Meter::count(METER))
+        .plan(PlanConfig::new(PLAN).limit(LimitConfig::new(
+            METER,
+            Window::calendar(Period::Day),
+            10u64,
+        )))
+        .build()
+        .unwrap();
+    let engine = Engine::with_clock(
+        catalog,
+        ManualClock::new(Utc.with_ymd_and_hms(2026, 4, 8, 12, 0, 0).unwrap()),
+    );
+    engine.allocate(Allocation::new("alice", PLAN)).unwrap();
+    let d = engine
+        .admit(&Request::new("alice").units(METER, 3))
+        .unwrap();
+    let l = &d.limits[0];
+    assert!(l.meter == "tokens");
+    assert!("tokens" == l.meter);
+    assert!(l.meter == *"tokens");
+    assert!(*"tokens" == l.meter);
+    let owned = String::from("tokens");
+    assert!(l.meter == owned);
+    assert!(owned == l.meter);
+    assert!(l.meter != "token");
+    assert!("tokens_" != l.meter);
+    assert_eq!(l.meter, "tokens");
+}
+
+/// The window constructors build what the configuration form reads: a
+/// limit made with them serializes to the JSON an operator would write,
+/// and a bad one is a typed error before any catalog is built.
+#[test]
+fn window_constructors_build_the_configured_windows() {
+    use std::time::Duration as StdDuration;
+    let rolling = Window::rolling(StdDuration::from_secs(3_600), 4).unwrap();
+    let tokyo = Window::calendar_at_offset(Period::Month, 9 * 3_600).unwrap();
+    let config = CatalogConfig::default().meter(Meter::count(METER)).plan(
+        PlanConfig::new(PLAN)
+            .limit(LimitConfig::new(METER, rolling, 10u64))
+            .limit(LimitConfig::new(METER, tokyo, 100u64)),
+    );
+    let json = serde_json::to_value(&config).unwrap();
+    assert_eq!(
+        json["plans"][0]["limits"][0]["window"],
+        serde_json::json!({"rolling": {"span": "1h", "buckets": 4}})
+    );
+    assert_eq!(
+        json["plans"][0]["limits"][1]["window"],
+        serde_json::json!({"calendar": {"period": "month", "utc_offset": "+09:00"}})
+    );
+    let catalog = config.build().unwrap();
+    let windows: Vec<Window> = catalog
+        .plan(PLAN)
+        .unwrap()
+        .limits()
+        .iter()
+        .map(|l| l.window())
+        .collect();
+    assert_eq!(windows, [rolling, tokyo]);
+    assert!(matches!(
+        Window::rolling(StdDuration::from_secs(3_600), 7),
+        Err(tollgate::Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        Window::calendar_at_offset(Period::Day, 30),
+        Err(tollgate::Error::InvalidConfig { .. })
+    ));
 }

@@ -13,7 +13,7 @@
 
 use std::time::Duration as StdDuration;
 
-use chrono::{Duration, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use rust_decimal::Decimal;
@@ -250,7 +250,7 @@ fn run_model(ops: &[Op]) -> Result<(), TestCaseError> {
                 }
             }
             Op::Advance { secs } => {
-                clock.advance(Duration::seconds(secs));
+                clock.advance(StdDuration::from_secs(u64::try_from(secs).unwrap()));
                 m.now += secs * 1_000;
             }
         }
@@ -319,7 +319,7 @@ fn history(
                 )
             }
             Op::Advance { secs } => {
-                clock.advance(Duration::seconds(secs));
+                clock.advance(StdDuration::from_secs(u64::try_from(secs).unwrap()));
                 String::new()
             }
         };

@@ -174,7 +174,7 @@ fn a_plan_can_set_its_own_refund_policy_and_cooldown() {
     let refused = e.reserve(&req, MIN).unwrap().unwrap_err();
     assert!(matches!(refused.reason, Some(Refusal::Cooldown { .. })));
     assert_eq!(refused.retry_after, Some(StdDuration::from_secs(300)));
-    c.advance(Duration::minutes(5));
+    c.advance(StdDuration::from_secs(300));
     let res = e.reserve(&req, MIN).unwrap().unwrap();
     e.release(&res, Outcome::Completed).unwrap();
     assert_eq!(
@@ -221,7 +221,7 @@ fn ten_thousand_abandoned_reservations_leave_nothing_held_after_expiry() {
         e.reserve(&Request::new("crashy").units(TOKENS, 100), MIN)
             .unwrap()
             .unwrap();
-        c.advance(Duration::milliseconds(1));
+        c.advance(StdDuration::from_millis(1));
     }
     assert_eq!(tokens(&e, "crashy").1, Decimal::from(1_000_000), "all held");
     assert!(
@@ -229,7 +229,7 @@ fn ten_thousand_abandoned_reservations_leave_nothing_held_after_expiry() {
             .unwrap()
             .allowed
     );
-    c.advance(Duration::seconds(60));
+    c.advance(StdDuration::from_secs(60));
     let (used, held) = tokens(&e, "crashy");
     assert_eq!(
         (used, held),
@@ -247,15 +247,15 @@ fn ten_thousand_abandoned_reservations_leave_nothing_held_after_expiry() {
 fn an_expired_reservation_cannot_be_renewed_or_settled_and_changes_nothing() {
     let (e, c) = engine();
     let mut res = e.reserve(&job("agent-1", 100), MIN).unwrap().unwrap();
-    c.advance(Duration::seconds(30));
+    c.advance(StdDuration::from_secs(30));
     e.renew(&mut res, MIN).unwrap();
-    c.advance(Duration::seconds(59));
+    c.advance(StdDuration::from_secs(59));
     assert_eq!(
         tokens(&e, "agent-1").1,
         Decimal::from(100),
         "renewed: still held at 89 s"
     );
-    c.advance(Duration::seconds(1));
+    c.advance(StdDuration::from_secs(1));
     assert_eq!(
         tokens(&e, "agent-1").1,
         Decimal::ZERO,
@@ -376,7 +376,7 @@ fn one_event_id_recorded_a_hundred_thousand_times_counts_once() {
         .event("usage-report-42");
     let first = e.record(&req).unwrap();
     for _ in 0..100_000 {
-        c.advance(Duration::milliseconds(1));
+        c.advance(StdDuration::from_millis(1));
         let again = e.record(&req).unwrap();
         assert_eq!(again, first, "a retry answers the first decision");
     }
@@ -410,7 +410,7 @@ fn a_retried_commit_with_an_event_id_answers_the_first_decision() {
         .units(TOKENS, 400)
         .event("job-9-done");
     let first = e.commit(&res, &actual).unwrap();
-    c.advance(Duration::seconds(5));
+    c.advance(StdDuration::from_secs(5));
     assert_eq!(e.commit(&res, &actual).unwrap(), first);
     assert_eq!(tokens(&e, "agent-1"), (Decimal::from(400), Decimal::ZERO));
     // Without the event id, the second commit is refused as settled.
@@ -451,7 +451,7 @@ fn a_failure_starts_the_repository_cooldown_and_the_decision_says_when() {
     );
     // Work that does not touch the repository is not blocked.
     assert!(e.admit(&job("agent-1", 10)).unwrap().allowed);
-    c.advance(Duration::seconds(600));
+    c.advance(StdDuration::from_secs(600));
     assert!(
         e.admit(&job("agent-1", 10).pool("repo:acme/api"))
             .unwrap()
@@ -468,11 +468,11 @@ fn a_job_past_its_maximum_duration_is_reported_overdue() {
         .unwrap();
     assert_eq!(res.deadline(), Some(res.opened_at() + Duration::hours(1)));
     for _ in 0..6 {
-        c.advance(Duration::minutes(9));
+        c.advance(StdDuration::from_secs(540));
         e.renew(&mut res, StdDuration::from_secs(600)).unwrap();
     }
     assert!(e.overdue().unwrap().is_empty(), "54 minutes in");
-    c.advance(Duration::minutes(6));
+    c.advance(StdDuration::from_secs(360));
     let due = e.overdue().unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].id, res.id());

@@ -972,7 +972,7 @@ fn observer_sees_every_decision_and_each_rejection_with_its_reason() {
     let tokens = |n| Request::new("a").units(TOKENS_IN, n);
     assert!(engine.admit(&tokens(19_000)).unwrap().allowed);
     assert!(!engine.admit(&tokens(2_000)).unwrap().allowed);
-    clock.advance(chrono::Duration::minutes(5));
+    clock.advance(Duration::from_secs(300));
     assert!(!engine.check(&tokens(1_001)).unwrap().allowed);
     assert!(!engine.admit(&tokens(1).model("sonnet")).unwrap().allowed);
     assert!(!engine.record(&tokens(1_500)).unwrap().allowed);

@@ -10,7 +10,7 @@ const INLINE_AMOUNTS: usize = 4;
 /// An amount of one meter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantity<'a> {
-    /// Whole units of a count or seconds meter.
+    /// Whole units of a count or seconds meter; unsigned, so never negative.
     Units(u64),
     /// Money for a money meter, in its major unit (dollars, not cents).
     /// Fractions below the meter's scale are rounded up.
@@ -32,6 +32,19 @@ pub enum Quantity<'a> {
 ///     .model("claude-sonnet");
 /// assert_eq!(req.subject(), "agent-7");
 /// ```
+///
+/// # Amounts are never negative
+///
+/// Counts and seconds are `u64` ([`Request::units`]), so a negative count
+/// cannot be written: usage only ever adds, and there is no "give back 5
+/// tokens" request by design. Usage returns through its window (a period
+/// ends, a rolling bucket leaves) or through a reservation: hold an estimate
+/// with [`Engine::reserve`](crate::Engine::reserve) and settle the actual
+/// amount with `commit`, or `release` it under the plan's refund policy.
+/// Money is a signed [`Decimal`] ([`Request::money`]) only because that is
+/// the exact decimal type; a negative money amount is refused with
+/// [`Error::NegativeAmount`](crate::Error::NegativeAmount) and changes
+/// nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request<'a> {
     pub(crate) subject: &'a str,
@@ -55,6 +68,8 @@ impl<'a> Request<'a> {
     }
 
     /// Add `n` units of `meter`. Naming a meter twice adds the amounts.
+    /// `n` is unsigned: a request never takes usage away (see
+    /// [Amounts are never negative](Request#amounts-are-never-negative)).
     #[must_use]
     #[inline]
     pub fn units(mut self, meter: &'a str, n: u64) -> Self {
@@ -63,7 +78,8 @@ impl<'a> Request<'a> {
     }
 
     /// Add money to a money `meter` (for example a cost the host priced
-    /// itself).
+    /// itself). A negative `amount` is refused by the engine with
+    /// [`Error::NegativeAmount`](crate::Error::NegativeAmount).
     #[must_use]
     #[inline]
     pub fn money(mut self, meter: &'a str, amount: Decimal, currency: &'a str) -> Self {

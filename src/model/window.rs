@@ -8,6 +8,8 @@ use std::fmt;
 use chrono::{Datelike, NaiveDate};
 use serde::{Deserialize, Serialize};
 
+use crate::Error;
+
 const SECOND_MS: i64 = 1_000;
 const DAY_MS: i64 = 86_400 * SECOND_MS;
 
@@ -63,11 +65,102 @@ pub enum Window {
 
 impl Window {
     /// A calendar window in UTC.
+    ///
+    /// ```
+    /// use tollgate::{Period, Window};
+    ///
+    /// let w = Window::calendar(Period::Month);
+    /// assert_eq!(w, Window::Calendar { period: Period::Month, utc_offset_secs: 0 });
+    /// ```
     pub const fn calendar(period: Period) -> Self {
         Window::Calendar {
             period,
             utc_offset_secs: 0,
         }
+    }
+
+    /// A calendar window whose periods start at midnight in a fixed offset
+    /// from UTC: `offset_secs` east of UTC (UTC+9 is `9 * 3600`, UTC−5:30 is
+    /// `-(5 * 3600 + 30 * 60)`). The same checks as a configured window.
+    ///
+    /// ```
+    /// use tollgate::{Error, Period, Window};
+    ///
+    /// let tokyo = Window::calendar_at_offset(Period::Day, 9 * 3600)?;
+    /// assert_eq!(tokyo.to_string(), "day+09:00");
+    ///
+    /// // A day or more, or part of a minute, is refused.
+    /// assert!(matches!(
+    ///     Window::calendar_at_offset(Period::Day, 24 * 3600),
+    ///     Err(Error::InvalidConfig { .. })
+    /// ));
+    /// assert!(Window::calendar_at_offset(Period::Week, 90).is_err());
+    /// # Ok::<(), Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] (field `window`) when the offset is 24 hours
+    /// or more either way, or not a whole number of minutes.
+    pub fn calendar_at_offset(period: Period, offset_secs: i32) -> Result<Self, Error> {
+        Window::Calendar {
+            period,
+            utc_offset_secs: offset_secs,
+        }
+        .checked()
+    }
+
+    /// A rolling window: usage counts for `span` after it happened, kept in
+    /// `buckets` equal buckets (memory does not grow with traffic; usage
+    /// leaves at most one bucket late, never early). The same checks as a
+    /// configured window.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tollgate::{Error, Window};
+    ///
+    /// // 7 days in hourly buckets.
+    /// let week = Window::rolling(Duration::from_secs(7 * 86_400), 168)?;
+    /// assert_eq!(week, Window::Rolling { span_secs: 604_800, buckets: 168 });
+    /// assert_eq!(week.to_string(), "rolling 1w/168");
+    ///
+    /// // Each refused with a reason: a zero span, no buckets, a span not
+    /// // divisible into whole-second buckets, a fraction of a second, too
+    /// // many buckets.
+    /// assert!(Window::rolling(Duration::ZERO, 1).is_err());
+    /// assert!(Window::rolling(Duration::from_secs(3_600), 0).is_err());
+    /// assert!(Window::rolling(Duration::from_secs(100), 7).is_err());
+    /// assert!(Window::rolling(Duration::from_millis(1_500), 1).is_err());
+    /// assert!(matches!(
+    ///     Window::rolling(Duration::from_secs(86_400), 86_400),
+    ///     Err(Error::InvalidConfig { .. })
+    /// ));
+    /// # Ok::<(), Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] (field `window`) when the span is zero, not
+    /// a whole number of seconds, or longer than ten years; when `buckets`
+    /// is zero or above 10,000; or when the span does not divide into
+    /// `buckets` whole seconds.
+    pub fn rolling(span: std::time::Duration, buckets: u32) -> Result<Self, Error> {
+        if span.subsec_nanos() != 0 {
+            return Err(Error::config(
+                "window",
+                format!("a rolling span must be whole seconds, not {span:?}"),
+            ));
+        }
+        Window::Rolling {
+            span_secs: span.as_secs(),
+            buckets,
+        }
+        .checked()
+    }
+
+    /// The window if it passes [`Window::validate`], the checks a
+    /// configured window passes.
+    fn checked(self) -> Result<Self, Error> {
+        self.validate().map_err(|r| Error::config("window", r))?;
+        Ok(self)
     }
 
     /// Start of the calendar period containing `now_ms`, and the start of the
@@ -462,6 +555,89 @@ mod tests {
             buckets: 0,
         };
         assert!(w.validate().unwrap_err().contains("at least one bucket"));
+    }
+
+    fn reason(r: Result<Window, Error>) -> String {
+        match r {
+            Err(Error::InvalidConfig { field, reason }) => {
+                assert_eq!(field, "window");
+                reason
+            }
+            other => panic!("not a config error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rolling_constructor_refuses_what_configuration_refuses() {
+        use std::time::Duration;
+        let secs = Duration::from_secs;
+        assert_eq!(
+            Window::rolling(secs(86_400), 24),
+            Ok(Window::Rolling {
+                span_secs: 86_400,
+                buckets: 24
+            })
+        );
+        // One bucket as long as the span, and the longest span.
+        assert!(Window::rolling(secs(1), 1).is_ok());
+        assert!(Window::rolling(secs(MAX_SPAN_SECS), 1).is_ok());
+        assert!(Window::rolling(secs(MAX_BUCKETS.into()), MAX_BUCKETS).is_ok());
+        let zero_span = reason(Window::rolling(Duration::ZERO, 4));
+        assert!(zero_span.contains("span above zero"), "{zero_span}");
+        let no_buckets = reason(Window::rolling(secs(3_600), 0));
+        assert!(no_buckets.contains("at least one bucket"), "{no_buckets}");
+        let uneven = reason(Window::rolling(secs(100), 7));
+        assert!(uneven.contains("not divisible"), "{uneven}");
+        let fraction = reason(Window::rolling(Duration::from_millis(60_500), 1));
+        assert!(fraction.contains("whole seconds"), "{fraction}");
+        let sub_second = reason(Window::rolling(Duration::from_nanos(1), 1));
+        assert!(sub_second.contains("whole seconds"), "{sub_second}");
+        let many = reason(Window::rolling(secs(86_400), MAX_BUCKETS + 1));
+        assert!(many.contains("at most"), "{many}");
+        let long = reason(Window::rolling(secs(MAX_SPAN_SECS + 1), 1));
+        assert!(long.contains("longer than"), "{long}");
+        let huge = reason(Window::rolling(Duration::MAX, 1));
+        assert!(huge.contains("whole seconds"), "{huge}");
+        // The same answer as the configuration form.
+        for (span, buckets) in [(86_400, 24), (100, 7), (0, 1), (60, 0)] {
+            let cfg = WindowConfig::Rolling {
+                span: span.to_string(),
+                buckets,
+            }
+            .resolve();
+            let built = Window::rolling(secs(span), buckets);
+            assert_eq!(built.is_ok(), cfg.is_ok(), "{span}/{buckets}");
+            if let (Ok(a), Ok(b)) = (built, cfg) {
+                assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn offset_calendar_constructor_refuses_what_configuration_refuses() {
+        for period in [Period::Day, Period::Week, Period::Month] {
+            assert_eq!(
+                Window::calendar_at_offset(period, -19_800),
+                Ok(Window::Calendar {
+                    period,
+                    utc_offset_secs: -19_800
+                })
+            );
+            assert_eq!(
+                Window::calendar_at_offset(period, 0),
+                Ok(Window::calendar(period))
+            );
+            assert!(Window::calendar_at_offset(period, 86_340).is_ok());
+            assert!(Window::calendar_at_offset(period, -86_340).is_ok());
+            for bad in [86_400, -86_400, i32::MAX, i32::MIN] {
+                let r = reason(Window::calendar_at_offset(period, bad));
+                assert!(r.contains("less than 24 hours"), "{bad}: {r}");
+            }
+            for bad in [1, 59, -30, 32_401] {
+                let r = reason(Window::calendar_at_offset(period, bad));
+                assert!(r.contains("whole number of minutes"), "{bad}: {r}");
+            }
+        }
     }
 
     #[test]
