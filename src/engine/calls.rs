@@ -63,7 +63,8 @@ macro_rules! decide_call {
             }
         };
         let at = applied.replayed_at.unwrap_or(now);
-        let decision = $engine.conclude($call, &p, &list, &applied, &cooldowns, at);
+        let mut decision = $engine.conclude($call, &p, &list, &applied, &cooldowns, at);
+        $crate::engine::conclude::model_refusal(&mut decision, &p);
         $engine.observe($call, $req, at, &decision);
         Ok(decision)
     }};

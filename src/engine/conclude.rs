@@ -63,10 +63,7 @@ pub struct UsageReport {
 
 impl<S, C: Clock> Engine<S, C> {
     /// The decision of a call from the store's answer to its batch (`list`
-    /// and `cooldowns`), with the allowlist's refusal: a `record` outside
-    /// the allowlist still records, and reports the refusal (the other
-    /// calls never reach the store with a refused model). Part of the hot
-    /// path, inlined into it.
+    /// and `cooldowns`). Part of the hot path, inlined into it.
     #[inline(always)]
     pub(super) fn conclude(
         &self,
@@ -78,11 +75,7 @@ impl<S, C: Clock> Engine<S, C> {
         at: DateTime<Utc>,
     ) -> Decision {
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
-        let mut decision = self.finish_quiet(call, p, ops, limits, applied, cooldowns, at);
-        if let Some(reason) = &p.model_refused {
-            refuse(&mut decision, reason, p.is_zero());
-        }
-        decision
+        self.finish_quiet(call, p, ops, limits, applied, cooldowns, at)
     }
 
     /// The decision on the limits and cooldowns the store answered.
@@ -204,6 +197,18 @@ impl<S, C: Clock> Engine<S, C> {
     }
 }
 
+/// The allowlist's refusal of `p`, if any, on its `decision`: a `record`
+/// outside the allowlist still records, and reports the refusal (the other
+/// calls never reach the store with a refused model). A step of its own,
+/// not part of [`Engine::conclude`], so the hot path's decision is built
+/// in place and not copied out of a helper's frame.
+#[inline(always)]
+pub(super) fn model_refusal(decision: &mut Decision, p: &Prepared) {
+    if let Some(reason) = &p.model_refused {
+        refuse(decision, reason, p.is_zero());
+    }
+}
+
 /// Turn `decision` into the allowlist's refusal: a recorded request
 /// (`record`) still reports the counters it touched. A request of `zero`
 /// keeps the status of its limits (never `Exceeded`).
@@ -238,22 +243,79 @@ fn report_status(limit: &Limit, used: u64) -> Status {
     }
 }
 
-/// The per-limit states of a decision, with what the decision needs from
-/// them: whether one is exceeded, the worst status, and the limit with the
-/// least headroom as a fraction of its maximum.
-struct Tally {
-    states: Vec<LimitState>,
-    any_exceeded: bool,
-    status: Status,
-    /// `(index, remaining, max)` of the limit with the least headroom.
-    least: Option<(usize, u128, u128)>,
-}
-
-/// The states of `ops` as the store answered them, in one pass.
+/// The binding limit and when to retry: among exceeded limits, the one
+/// that frees last (`Some(None)`: never); otherwise the least headroom.
 /// One call site; split from [`build_decision`] for reading and inlined
 /// back into it.
 #[inline(always)]
-fn tally(ops: &[CounterOp<'_>], limits: &[&Limit], applied: &Applied) -> Tally {
+fn binding(
+    states: &[LimitState],
+    applied: &Applied,
+    any_exceeded: bool,
+    least: Option<(usize, u128, u128)>,
+) -> (Option<usize>, Option<Option<DateTime<Utc>>>) {
+    if !any_exceeded {
+        return (least.map(|(i, _, _)| i), None);
+    }
+    let mut binding = None;
+    let mut retry_at: Option<Option<DateTime<Utc>>> = None;
+    for (i, (st, s)) in states.iter().zip(&applied.counters).enumerate() {
+        if st.status != Status::Exceeded {
+            continue;
+        }
+        let later = match (retry_at, s.available_at) {
+            (None, _) => true,
+            (Some(None), _) => false,
+            (Some(Some(_)), None) => true,
+            (Some(Some(a)), Some(b)) => b > a,
+        };
+        if later {
+            binding = Some(i);
+            retry_at = Some(s.available_at);
+        }
+    }
+    (binding, retry_at)
+}
+
+/// A refusal by the cooldown of `scope` running `until`: it refuses
+/// whatever the limits say (a request of `zero` keeps their status: it is
+/// never `Exceeded`); waiting helps only if it also helps every exceeded
+/// limit. Out of line: cooldowns are rare.
+#[cold]
+#[inline(never)]
+fn cooled(
+    (scope, until): (&ScopeKey, DateTime<Utc>),
+    zero: bool,
+    status: &mut Status,
+    reason: &mut Option<Refusal>,
+    retry_at: &mut Option<Option<DateTime<Utc>>>,
+) {
+    if !zero {
+        *status = Status::Exceeded;
+    }
+    *reason = Some(Refusal::Cooldown {
+        scope: scope.clone(),
+        until,
+    });
+    *retry_at = match *retry_at {
+        None => Some(Some(until)),
+        Some(Some(t)) => Some(Some(t.max(until))),
+        Some(None) => Some(None),
+    };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_decision(
+    ops: &[CounterOp<'_>],
+    limits: &[&Limit],
+    applied: &Applied,
+    call: Call,
+    now: DateTime<Utc>,
+    cost: Option<Money>,
+    unpriced: Vec<Name>,
+    cooling: Option<(&ScopeKey, DateTime<Utc>)>,
+    zero: bool,
+) -> Decision {
     let mut any_exceeded = false;
     // Found in the same pass: the worst status, and the limit with the least
     // headroom as a fraction of its maximum (remaining_a / max_a <
@@ -314,80 +376,17 @@ fn tally(ops: &[CounterOp<'_>], limits: &[&Limit], applied: &Applied) -> Tally {
             }
         })
         .collect();
-    Tally {
-        states,
-        any_exceeded,
-        status,
-        least,
-    }
-}
-
-/// The binding limit and when to retry: among exceeded limits, the one
-/// that frees last (`Some(None)`: never); otherwise the least headroom.
-/// One call site; split from [`build_decision`] for reading and inlined
-/// back into it.
-#[inline(always)]
-fn binding(tally: &Tally, applied: &Applied) -> (Option<usize>, Option<Option<DateTime<Utc>>>) {
-    if !tally.any_exceeded {
-        return (tally.least.map(|(i, _, _)| i), None);
-    }
-    let mut binding = None;
-    let mut retry_at: Option<Option<DateTime<Utc>>> = None;
-    for (i, (st, s)) in tally.states.iter().zip(&applied.counters).enumerate() {
-        if st.status != Status::Exceeded {
-            continue;
-        }
-        let later = match (retry_at, s.available_at) {
-            (None, _) => true,
-            (Some(None), _) => false,
-            (Some(Some(_)), None) => true,
-            (Some(Some(a)), Some(b)) => b > a,
-        };
-        if later {
-            binding = Some(i);
-            retry_at = Some(s.available_at);
-        }
-    }
-    (binding, retry_at)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn build_decision(
-    ops: &[CounterOp<'_>],
-    limits: &[&Limit],
-    applied: &Applied,
-    call: Call,
-    now: DateTime<Utc>,
-    cost: Option<Money>,
-    unpriced: Vec<Name>,
-    cooling: Option<(&ScopeKey, DateTime<Utc>)>,
-    zero: bool,
-) -> Decision {
-    let tally = tally(ops, limits, applied);
     let allowed = match call {
         Call::Admit | Call::Reserve => applied.applied,
-        Call::Check => !tally.any_exceeded && cooling.is_none(),
-        _ => !tally.any_exceeded,
+        Call::Check => !any_exceeded && cooling.is_none(),
+        _ => !any_exceeded,
     };
-    let (binding, mut retry_at) = binding(&tally, applied);
-    let mut status = tally.status;
+
+    let (binding, retry_at) = binding(&states, applied, any_exceeded, least);
     let mut reason = (!allowed).then_some(Refusal::LimitExceeded);
-    if let (Some((scope, until)), false) = (cooling, allowed) {
-        // A cooldown refuses whatever the limits say (a request of zero
-        // keeps their status: it is never `Exceeded`); waiting helps only
-        // if it also helps every exceeded limit.
-        if !zero {
-            status = Status::Exceeded;
-        }
-        reason = Some(Refusal::Cooldown {
-            scope: scope.clone(),
-            until,
-        });
-        retry_at = match retry_at {
-            None => Some(Some(until)),
-            Some(Some(t)) => Some(Some(t.max(until))),
-            Some(None) => Some(None),
-        };
+    let mut retry_at = retry_at;
+    if let (Some(cooling), false) = (cooling, allowed) {
+        cooled(cooling, zero, &mut status, &mut reason, &mut retry_at);
     }
     let retry_after = if allowed {
         None
@@ -403,7 +402,7 @@ fn build_decision(
         // A request none of whose meters has a limit touches no counter.
         recorded: applied.applied && (ops.iter().any(|op| op.delta > 0) || charged_any),
         reason,
-        limits: tally.states,
+        limits: states,
         binding,
         retry_after,
         cost,

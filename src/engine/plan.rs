@@ -240,13 +240,11 @@ pub(super) fn usage_batch<'a>(
         Call::Admit => Mode::WithinLimits,
         _ => Mode::Force,
     };
-    let batch = Batch::new(ops, mode, now).with_cooldowns(cooldowns);
-    match (event, call) {
-        (Some(id), Call::Admit | Call::Record) => {
-            batch.with_event(EventKey::new(id, fingerprint(call, None, ops)))
-        }
-        _ => batch,
+    let mut batch = Batch::new(ops, mode, now).with_cooldowns(cooldowns);
+    if let (Some(id), Call::Admit | Call::Record) = (event, call) {
+        batch = batch.with_event(EventKey::new(id, fingerprint(call, None, ops)));
     }
+    batch
 }
 
 /// The forced batch of a call on a reservation (`grow`, `commit`,
