@@ -159,7 +159,7 @@ impl<S, C: Clock> Engine<S, C> {
 }
 
 /// The sync calls, for an [`AllowanceStore`] (the embedded [`MemoryStore`]
-/// among them). Each is a front door over its stages (see [`calls`]).
+/// among them). Each is a front door over its stages (see the `calls` module).
 impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     /// Preflight: what would `admit` decide now? Changes nothing. An event
     /// id on the request is ignored. A request of zero is answered as by
@@ -180,7 +180,7 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     /// A request whose amounts are all zero is never `Exceeded` and is never
     /// refused for a cooldown (it adds nothing); a model outside the
     /// allowlist still refuses it, with `allowed: false`, reason
-    /// [`Refusal::ModelNotAllowed`] and status `Ok`.
+    /// [`Refusal::ModelNotAllowed`](crate::Refusal::ModelNotAllowed) and status `Ok`.
     ///
     /// With an event id ([`Request::event`]), a retry within the store's
     /// horizon answers the first decision and records nothing. An event id is
@@ -342,7 +342,8 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
 }
 
 /// The contract's answer shape: one counter state per op, one cooldown
-/// answer per cooldown.
+/// answer per cooldown. Inlined into `apply` and `apply_async`, as the
+/// check was when it was written in `apply`.
 #[inline(always)]
 fn check_shape(batch: &Batch<'_>, applied: &Applied) -> Result<(), Error> {
     if applied.counters.len() != batch.ops.len() || applied.cooldowns.len() != batch.cooldowns.len()
