@@ -1,21 +1,21 @@
 //! The engine's async calls, for an [`AsyncAllowanceStore`] (feature
 //! `async`).
 //!
-//! Each call is its sync twin with the store call awaited: the same
-//! preparation (`prepare`, `ops_for`, `cooldowns_for`, `usage_ops`), the
-//! same batch, the same decision (`finish`, `finish_quiet`,
-//! `usage_report`). Only the fail-open policy is
-//! new: see [`FailurePolicy`].
+//! Each call expands the same stages as its sync twin (see `calls`), with
+//! the store call awaited. Only the fail-open policy is new, one stage
+//! ([`Engine::fail_open`]): see [`FailurePolicy`].
 
-use super::{after, fingerprint, usage_ops, Call, Engine, OpList, Reservation, Shape, UsageReport};
+use chrono::{DateTime, Utc};
+
+use super::check_shape;
+use super::observe::Call;
+use super::prepare::Prepared;
+use super::{Engine, Outcome, Reservation, UsageReport};
 use crate::clock::Clock;
 use crate::decision::{Decision, Status};
 use crate::request::Request;
-use crate::store::{
-    Applied, AsyncAllowanceStore, Batch, EventKey, FailurePolicy, Fraction, LeaseAction, LeaseInfo,
-    LeaseOp, Mode, ScopeKey,
-};
-use crate::{Error, Outcome};
+use crate::store::{Applied, AsyncAllowanceStore, Batch, FailurePolicy, LeaseInfo};
+use crate::Error;
 
 /// The async calls. They take `&self` and hold no lock across an await, so
 /// one engine (in an `Arc`) serves many tasks at once.
@@ -58,16 +58,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         request: &Request<'_>,
         lease_ttl: std::time::Duration,
     ) -> Result<Result<Reservation, Decision>, Error> {
-        let o = match self.open(request, lease_ttl)? {
-            Ok(o) => o,
-            Err(refused) => return Ok(Err(refused)),
-        };
-        let mut list = OpList::new(&o.p.alloc.scope);
-        self.ops_for(&mut list, &o.p, request.model, Shape::Reserve);
-        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
-        let cooldowns = self.cooldowns_for(&o.p, request.model, None, false);
-        let applied = self.apply_async(&o.batch(ops, &cooldowns)).await?;
-        Ok(self.opened(request, &o, ops, limits, &applied, &cooldowns))
+        reserve_call!(self, request, lease_ttl, apply: |b| self.apply_async(b).await)
     }
 
     /// [`Engine::renew`] on an async store.
@@ -79,14 +70,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         reservation: &mut Reservation,
         lease_ttl: std::time::Duration,
     ) -> Result<(), Error> {
-        let now = self.clock.now();
-        let expires_at = after(now, lease_ttl)?;
-        let owner = ScopeKey::subject(reservation.subject.as_str());
-        let lease = LeaseOp::new(reservation.id, &owner, LeaseAction::Renew { expires_at });
-        self.apply_async(&Batch::new(&[], Mode::Force, now).with_lease(lease))
-            .await?;
-        reservation.expires_at = expires_at;
-        Ok(())
+        renew_call!(self, reservation, lease_ttl, apply: |b| self.apply_async(b).await)
     }
 
     /// [`Engine::grow`] on an async store.
@@ -98,26 +82,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         reservation: &mut Reservation,
         more: &Request<'_>,
     ) -> Result<Decision, Error> {
-        if more.event.is_some() {
-            return Err(Error::request("grow takes no event id"));
-        }
-        let p = self.prepare_for(reservation, more)?;
-        let now = self.clock.now();
-        let mut list = OpList::new(&p.alloc.scope);
-        self.ops_for(&mut list, &p, reservation.model.as_deref(), Shape::Usage);
-        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
-        let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Grow);
-        let batch = Batch::new(ops, Mode::Force, now).with_lease(lease);
-        let applied = self.apply_async(&batch).await?;
-        let decision = self.finish(Call::Grow, more, &p, ops, limits, &applied, &[], now);
-        for &(i, n) in &p.amounts {
-            match reservation.held.iter_mut().find(|(j, _, _)| *j == i) {
-                Some((_, _, h)) => *h = h.saturating_add(n),
-                None => reservation.held.push((i, self.catalog.meter_ids[i], n)),
-            }
-        }
-        reservation.decision = decision.clone();
-        Ok(decision)
+        grow_call!(self, reservation, more, apply: |b| self.apply_async(b).await)
     }
 
     /// [`Engine::commit`] on an async store.
@@ -129,9 +94,8 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         reservation: &Reservation,
         actual: &Request<'_>,
     ) -> Result<Decision, Error> {
-        let p = self.prepare_for(reservation, actual)?;
-        self.settle_async(reservation, actual, &p, Fraction::ZERO, Call::Commit, None)
-            .await
+        let settling = self.settling_commit(reservation, actual)?;
+        settle_call!(self, settling, apply: |b| self.apply_async(b).await)
     }
 
     /// [`Engine::release`] on an async store.
@@ -144,16 +108,8 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         outcome: Outcome,
     ) -> Result<Decision, Error> {
         let request = Request::new(&reservation.subject);
-        let p = self.prepare_for(reservation, &request)?;
-        let keep = &p.alloc.plan.keep;
-        let keep = match outcome {
-            Outcome::Completed => keep.completed,
-            Outcome::Failed => keep.failed,
-            Outcome::Cancelled => keep.cancelled,
-        };
-        let cooldown = (outcome == Outcome::Failed).then_some(());
-        self.settle_async(reservation, &request, &p, keep, Call::Release, cooldown)
-            .await
+        let settling = self.settling_release(reservation, &request, outcome)?;
+        settle_call!(self, settling, apply: |b| self.apply_async(b).await)
     }
 
     /// [`Engine::usage`] on an async store: the same report, from one
@@ -163,13 +119,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
     /// As [`Engine::usage`]. A failing store is an error whatever the
     /// store's policy: a report is never made up.
     pub async fn usage_async(&self, subject: &str) -> Result<UsageReport, Error> {
-        let alloc = self.allocation_of(subject)?;
-        let now = self.clock.now();
-        let ops = usage_ops(&alloc);
-        let applied = self
-            .apply_async(&Batch::new(&ops, Mode::Check, now))
-            .await?;
-        self.usage_report(subject, &alloc, &applied, now)
+        usage_call!(self, subject, apply: |b| self.apply_async(b).await)
     }
 
     /// [`Engine::overdue`] on an async store.
@@ -180,82 +130,50 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         self.store.overdue(self.clock.now()).await
     }
 
-    async fn settle_async(
-        &self,
-        reservation: &Reservation,
-        request: &Request<'_>,
-        p: &super::Prepared,
-        keep: Fraction,
-        call: Call,
-        failed: Option<()>,
-    ) -> Result<Decision, Error> {
-        let now = self.clock.now();
-        let mut list = OpList::new(&p.alloc.scope);
-        self.ops_for(
-            &mut list,
-            p,
-            reservation.model.as_deref(),
-            Shape::Settle(&reservation.held),
-        );
-        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
-        let start = failed.map(|()| now);
-        let cooldowns = self.cooldowns_for(p, reservation.model.as_deref(), start, false);
-        let lease = LeaseOp::new(reservation.id, &p.alloc.scope, LeaseAction::Settle { keep });
-        let fp;
-        let mut batch = Batch::new(ops, Mode::Force, now)
-            .with_lease(lease)
-            .with_cooldowns(&cooldowns);
-        if let Some(id) = request.event {
-            fp = fingerprint(call, Some(reservation.id), ops);
-            batch = batch.with_event(EventKey::new(id, fp));
-        }
-        let applied = self.apply_async(&batch).await?;
-        let at = applied.replayed_at.unwrap_or(now);
-        Ok(self.finish(call, request, p, ops, limits, &applied, &[], at))
+    /// `check_async`, `admit_async` and `record_async`: a store error may
+    /// fail open ([`Engine::fail_open`]).
+    async fn decide_async(&self, req: &Request<'_>, call: Call) -> Result<Decision, Error> {
+        decide_call!(
+            self, req, call,
+            apply: |b| self.apply_async(b).await,
+            on_store_error: |e, p, now| self.fail_open(e, call, req, p, now),
+        )
     }
 
-    async fn decide_async(&self, req: &Request<'_>, call: Call) -> Result<Decision, Error> {
-        let p = self.prepare(req)?;
-        let now = self.clock.now();
-        if call != Call::Record {
-            if let Some(decision) = self.refuse_model(&p, call, req, now) {
-                return Ok(decision);
-            }
+    /// The fail-open stage of `check_async`, `admit_async` and
+    /// `record_async`: under [`FailurePolicy::FailOpen`] a store that fails
+    /// ([`Error::Store`]) allows the request, unrecorded and observed, with
+    /// `allowed_on_error` set; any other error, or any error under
+    /// `FailClosed`, is returned.
+    ///
+    /// # Errors
+    /// `error`, unless the policy fails open on it.
+    fn fail_open(
+        &self,
+        error: Error,
+        call: Call,
+        req: &Request<'_>,
+        p: &Prepared,
+        now: DateTime<Utc>,
+    ) -> Result<Decision, Error> {
+        if !matches!(error, Error::Store { .. })
+            || self.store.failure_policy() != FailurePolicy::FailOpen
+        {
+            return Err(error);
         }
-        let mut list = OpList::new(&p.alloc.scope);
-        self.ops_for(&mut list, &p, req.model, Shape::Usage);
-        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
-        let cooldowns = if call == Call::Record {
-            Vec::new()
-        } else {
-            self.cooldowns_for(&p, req.model, None, true)
+        let decision = Decision {
+            status: Status::Ok,
+            allowed: true,
+            recorded: false,
+            reason: None,
+            limits: Vec::new(),
+            binding: None,
+            retry_after: None,
+            cost: p.cost.clone(),
+            unpriced: p.unpriced_ids(),
+            allowed_on_error: true,
         };
-        let mode = match call {
-            Call::Check => Mode::Check,
-            Call::Admit => Mode::WithinLimits,
-            _ => Mode::Force,
-        };
-        let fp;
-        let mut batch = Batch::new(ops, mode, now).with_cooldowns(&cooldowns);
-        if let (Some(id), Call::Admit | Call::Record) = (req.event, call) {
-            fp = fingerprint(call, None, ops);
-            batch = batch.with_event(EventKey::new(id, fp));
-        }
-        let applied = match self.apply_async(&batch).await {
-            Ok(applied) => applied,
-            Err(Error::Store { .. }) if self.store.failure_policy() == FailurePolicy::FailOpen => {
-                let decision = allowed_on_error(&p);
-                self.observe(call, req, now, &decision);
-                return Ok(decision);
-            }
-            Err(e) => return Err(e),
-        };
-        let at = applied.replayed_at.unwrap_or(now);
-        let mut decision = self.finish_quiet(call, &p, ops, limits, &applied, &cooldowns, at);
-        if let Some(reason) = &p.model_refused {
-            super::refuse(&mut decision, reason, p.is_zero());
-        }
-        self.observe(call, req, at, &decision);
+        self.observe(call, req, now, &decision);
         Ok(decision)
     }
 
@@ -265,28 +183,4 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         check_shape(batch, &applied)?;
         Ok(applied)
     }
-}
-
-/// The decision made without the store under [`FailurePolicy::FailOpen`].
-fn allowed_on_error(p: &super::Prepared) -> Decision {
-    Decision {
-        status: Status::Ok,
-        allowed: true,
-        recorded: false,
-        reason: None,
-        limits: Vec::new(),
-        binding: None,
-        retry_after: None,
-        cost: p.cost.clone(),
-        unpriced: p.unpriced_ids(),
-        allowed_on_error: true,
-    }
-}
-
-fn check_shape(batch: &Batch<'_>, applied: &Applied) -> Result<(), Error> {
-    if applied.counters.len() != batch.ops.len() || applied.cooldowns.len() != batch.cooldowns.len()
-    {
-        return Err(super::shape_error(batch, applied));
-    }
-    Ok(())
 }

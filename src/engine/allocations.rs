@@ -1,0 +1,306 @@
+//! Who is on which plan: the public [`Allocation`], its resolved form
+//! against the catalog, and the sharded table of resolved allocations.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::{first_duplicate, Catalog, Limit, LimitConfig, Plan, Pool};
+use crate::store::ScopeKey;
+use crate::Error;
+
+/// Binds a subject to a plan.
+///
+/// ```
+/// use tollgate::{Allocation, LimitConfig, Period, Window};
+/// use rust_decimal_macros::dec;
+///
+/// let a = Allocation::new("agent-7", "plan_plus")
+///     // A monthly cost cap of $50 for this subject only (seed 001).
+///     .with_override(LimitConfig::new("cost", Window::calendar(Period::Month), dec!(50)))
+///     .with_models(["claude-sonnet", "claude-haiku"])
+///     .with_pool("account:acme");
+/// # let _ = a;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Allocation {
+    /// The subject: an agent, user, API key or account id.
+    pub subject: String,
+    /// The plan it is on.
+    pub plan: String,
+    /// Limits for this subject only. An override with the same meter and
+    /// window as a plan limit replaces it (same counter, new maximum); any
+    /// other override is added. A cap on the plan's cost meter limits the
+    /// computed cost of every request; on a plan without a cost meter, a
+    /// money limit counts only money the host passes with
+    /// [`Request::money`](crate::Request::money).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<LimitConfig>,
+    /// The models the subject may use; `None` allows every model. A request
+    /// that names no model is not a model call and is not checked. `check` and
+    /// `admit` refuse another model with
+    /// [`Refusal::ModelNotAllowed`](crate::Refusal::ModelNotAllowed) and
+    /// record nothing; `record` records the usage (it happened) and reports
+    /// the same refusal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<Vec<String>>,
+    /// Shared pools the subject also draws on (an account pool). A model's
+    /// global pool cannot be listed here: it applies to every request that
+    /// names its model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<String>,
+}
+
+impl Allocation {
+    /// Bind `subject` to `plan` with no overrides.
+    pub fn new(subject: impl Into<String>, plan: impl Into<String>) -> Self {
+        Self {
+            subject: subject.into(),
+            plan: plan.into(),
+            overrides: Vec::new(),
+            models: None,
+            pools: Vec::new(),
+        }
+    }
+
+    /// Add a per-allocation limit.
+    #[must_use]
+    pub fn with_override(mut self, limit: LimitConfig) -> Self {
+        self.overrides.push(limit);
+        self
+    }
+
+    /// Restrict the models the subject may use.
+    #[must_use]
+    pub fn with_models<I, M>(mut self, models: I) -> Self
+    where
+        I: IntoIterator<Item = M>,
+        M: Into<String>,
+    {
+        self.models = Some(models.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Draw on a shared pool too.
+    #[must_use]
+    pub fn with_pool(mut self, pool: impl Into<String>) -> Self {
+        self.pools.push(pool.into());
+        self
+    }
+}
+
+/// An allocation resolved against the catalog: one per subject, so it keeps
+/// nothing twice. The subject's id lives once, in `scope` (the table's key
+/// shares it); the plan's limits are the plan's own unless overridden; the
+/// plan and pool ids of the [`Allocation`] are those of `plan` and `pools`.
+/// What most allocations lack (pools, an allowlist, overrides) sits behind
+/// one optional box.
+#[derive(Debug)]
+pub(super) struct Resolved {
+    pub(super) scope: ScopeKey,
+    pub(super) plan: Arc<Plan>,
+    pub(super) limits: Arc<[Limit]>,
+    pub(super) more: Option<Box<More>>,
+}
+
+/// The rarer parts of an allocation; never all empty.
+#[derive(Debug)]
+pub(super) struct More {
+    pub(super) pools: Vec<Arc<Pool>>,
+    pub(super) models: Option<Vec<String>>,
+    pub(super) overrides: Vec<LimitConfig>,
+}
+
+impl Resolved {
+    /// Resolve `allocation` against `catalog`: its plan, its limits with the
+    /// overrides applied, its pools. Returned with the subject's id, which
+    /// the scope shares, as the table's key.
+    ///
+    /// # Errors
+    /// [`Error::UnknownPlan`], [`Error::UnknownPool`], or
+    /// [`Error::InvalidConfig`] for an empty subject or a bad override.
+    pub(super) fn new(
+        catalog: &Catalog,
+        allocation: Allocation,
+    ) -> Result<(Arc<str>, Self), Error> {
+        if allocation.subject.is_empty() {
+            return Err(Error::config("subject", "empty subject id"));
+        }
+        let plan = catalog
+            .plans
+            .get(&allocation.plan)
+            .cloned()
+            .ok_or_else(|| Error::UnknownPlan {
+                plan: allocation.plan.clone(),
+            })?;
+        let overrides = catalog.resolve_limits(&allocation.overrides, "overrides")?;
+        let limits = if overrides.is_empty() {
+            plan.limits.clone()
+        } else {
+            let mut limits = plan.limits.to_vec();
+            for o in overrides {
+                match limits
+                    .iter_mut()
+                    .find(|l| l.meter_idx == o.meter_idx && l.window == o.window)
+                {
+                    Some(l) => *l = o,
+                    None => limits.push(o),
+                }
+            }
+            limits.into()
+        };
+        let pools = listed_pools(catalog, &allocation.pools)?;
+        let subject: Arc<str> = Arc::from(allocation.subject);
+        let resolved = Resolved {
+            scope: ScopeKey::subject(subject.clone()),
+            plan,
+            limits,
+            more: (!pools.is_empty()
+                || allocation.models.is_some()
+                || !allocation.overrides.is_empty())
+            .then(|| {
+                Box::new(More {
+                    pools,
+                    models: allocation.models,
+                    overrides: allocation.overrides,
+                })
+            }),
+        };
+        Ok((subject, resolved))
+    }
+
+    /// The pools the allocation lists.
+    #[inline]
+    pub(super) fn pools(&self) -> &[Arc<Pool>] {
+        self.more.as_ref().map_or(&[], |m| &m.pools)
+    }
+
+    /// The allocation as it was given to [`Engine::allocate`](super::Engine::allocate).
+    pub(super) fn allocation(&self) -> Allocation {
+        let mut a = Allocation::new(self.scope.id(), &*self.plan.id);
+        if let Some(m) = &self.more {
+            a.overrides.clone_from(&m.overrides);
+            a.models.clone_from(&m.models);
+            a.pools = m.pools.iter().map(|p| p.id.to_string()).collect();
+        }
+        a
+    }
+}
+
+/// The pools an allocation lists, each once and none a model's global pool.
+fn listed_pools(catalog: &Catalog, ids: &[String]) -> Result<Vec<Arc<Pool>>, Error> {
+    if let Some(dup) = first_duplicate(ids.iter().map(String::as_str)) {
+        return Err(Error::config("pools", format!("pool `{dup}` listed twice")));
+    }
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let pool = catalog
+                .pools
+                .get(id)
+                .cloned()
+                .ok_or_else(|| Error::UnknownPool { pool: id.clone() })?;
+            if catalog.model_pools.values().flatten().any(|p| p.id == pool.id) {
+                return Err(Error::config(
+                    format!("pools[{i}]"),
+                    format!("pool `{id}` is a model's global pool: requests naming the model draw on it"),
+                ));
+            }
+            Ok(pool)
+        })
+        .collect()
+}
+
+/// The allocation table: subject → resolved allocation, split in
+/// [`TABLE_SHARDS`] locks, each on its own cache line, so calls on different
+/// subjects from different threads do not all write one lock word.
+///
+/// Each shard's map is keyed by the scope's id (one allocation, shared with
+/// the scope) under std's randomly keyed SipHash, so callers cannot aim ids
+/// at one bucket. The shard comes from a cheap unkeyed hash of the id: ids
+/// aimed at one shard only bring back a single lock.
+#[derive(Default)]
+pub(super) struct Table {
+    shards: [Shard; TABLE_SHARDS],
+}
+
+/// Shards of the allocation table.
+const TABLE_SHARDS: usize = 16;
+
+/// One lock of the table, alone on its cache line.
+#[derive(Default)]
+#[repr(align(64))]
+struct Shard(RwLock<HashMap<Arc<str>, Arc<Resolved>>>);
+
+impl Table {
+    /// The shard holding `subject`: its last eight bytes (where ids like
+    /// `agent-7` differ) and its length, multiplied into the top bits.
+    #[inline]
+    pub(super) fn shard(&self, subject: &str) -> &RwLock<HashMap<Arc<str>, Arc<Resolved>>> {
+        let b = subject.as_bytes();
+        let tail = b
+            .len()
+            .checked_sub(8)
+            .and_then(|i| <[u8; 8]>::try_from(&b[i..]).ok())
+            .map_or_else(
+                || b.iter().fold(0u64, |h, &x| (h << 8) | u64::from(x)),
+                u64::from_le_bytes,
+            );
+        let h = (tail ^ b.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // The top four bits: TABLE_SHARDS is 16.
+        &self.shards[(h >> 60) as usize].0
+    }
+
+    /// Bind `subject` to `resolved`, replacing any earlier allocation.
+    pub(super) fn insert(&self, subject: Arc<str>, resolved: Resolved) {
+        self.shard(&subject)
+            .write()
+            .insert(subject, Arc::new(resolved));
+    }
+
+    /// Unbind `subject`; whether it was bound.
+    pub(super) fn remove(&self, subject: &str) -> bool {
+        self.shard(subject).write().remove(subject).is_some()
+    }
+
+    /// Subjects allocated.
+    pub(super) fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.0.read().len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Table, TABLE_SHARDS};
+
+    fn index(t: &Table, id: &str) -> usize {
+        let shard = t.shard(id);
+        t.shards
+            .iter()
+            .position(|s| std::ptr::eq(&s.0, shard))
+            .expect("a shard of the table")
+    }
+
+    #[test]
+    fn table_shards_spread_ordinary_ids_and_take_any_id() {
+        let t = Table::default();
+        let mut used = [0usize; TABLE_SHARDS];
+        for i in 0..1_000 {
+            used[index(&t, &format!("agent-{i}"))] += 1;
+        }
+        assert!(used.iter().all(|&n| n > 20), "{used:?}");
+        for id in [
+            "",
+            "a",
+            "7",
+            "ünïcödé-subject-ids",
+            "x".repeat(10_000).as_str(),
+        ] {
+            assert_eq!(index(&t, id), index(&t, id));
+        }
+        assert_eq!(t.len(), 0);
+    }
+}

@@ -1,0 +1,179 @@
+//! Each engine call's stages in order, written once.
+//!
+//! A call is prepare ([`prepare`](super::prepare)) → plan
+//! ([`plan`](super::plan), pure: the store batch) → the store's `apply`
+//! (the only I/O) → conclude ([`conclude`](super::conclude), pure: the
+//! decision from the store's answer). The sync front doors (in
+//! [`super`]) and the async ones (in `asynchronous`) expand the same
+//! macro; they differ only in the `apply` they pass: `self.apply(b)` or
+//! `self.apply_async(b).await`.
+//!
+//! Macros rather than a staged value owning the prepared request and its
+//! op lists: the op lists borrow the prepared request, so one value holding
+//! both would borrow itself, and returning the pieces through calls moves
+//! the inline lists the hot path fills in its own frame. Expanded, the sync
+//! body is the hand-written one, instruction for instruction.
+//!
+//! Every macro takes the engine as `$engine` (the caller's `self`: a macro
+//! cannot name it) and `|$b| $apply`, the store call on the batch `$b`,
+//! an expression of type `Result<Applied, Error>`.
+
+/// `check`, `admit` and `record`: the body of a call returning
+/// `Result<Decision, Error>`. `on_store_error: |e, p, now| …` answers a
+/// store error (`e`) given the prepared request and the call's time: the
+/// sync calls return it, the async ones may fail open.
+macro_rules! decide_call {
+    (
+        $engine:ident, $req:ident, $call:ident,
+        apply: |$b:ident| $apply:expr,
+        on_store_error: |$e:ident, $ep:pat_param, $enow:pat_param| $on_error:expr $(,)?
+    ) => {{
+        use $crate::engine::observe::Call;
+        use $crate::engine::plan::{usage_batch, OpList, Shape};
+        // Inlined here: the prepared request is built in this frame, not
+        // returned through two copies.
+        let p = $engine.prepare_inline($req)?;
+        let now = $engine.clock.now();
+
+        // `check` and `admit` refuse a model outside the allowlist without
+        // touching a counter; `record` still records (the work happened) and
+        // reports the refusal.
+        if $call != Call::Record && p.model_refused.is_some() {
+            if let Some(decision) = $engine.refuse_model(&p, $call, $req, now) {
+                return Ok(decision);
+            }
+        }
+        let mut list = OpList::new(&p.alloc.scope);
+        $engine.ops_for(&mut list, &p, $req.model, Shape::Usage);
+        let cooldowns = if $call == Call::Record {
+            Vec::new()
+        } else {
+            $engine.cooldowns_for(&p, $req.model, None, true)
+        };
+        let batch = usage_batch($call, $req.event, list.ops.as_slice(), &cooldowns, now);
+        let applied = match {
+            let $b = &batch;
+            $apply
+        } {
+            Ok(applied) => applied,
+            Err($e) => {
+                let $ep = &p;
+                let $enow = now;
+                return $on_error;
+            }
+        };
+        let at = applied.replayed_at.unwrap_or(now);
+        let mut decision = $engine.conclude($call, &p, &list, &applied, &cooldowns, at);
+        $crate::engine::conclude::model_refusal(&mut decision, &p);
+        $engine.observe($call, $req, at, &decision);
+        Ok(decision)
+    }};
+}
+
+/// `reserve`: the body of a call returning
+/// `Result<Result<Reservation, Decision>, Error>`.
+macro_rules! reserve_call {
+    ($engine:ident, $request:ident, $lease_ttl:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
+        use $crate::engine::plan::{OpList, Shape};
+        let o = match $engine.open($request, $lease_ttl)? {
+            Ok(o) => o,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        let mut list = OpList::new(&o.p.alloc.scope);
+        $engine.ops_for(&mut list, &o.p, $request.model, Shape::Reserve);
+        let cooldowns = $engine.cooldowns_for(&o.p, $request.model, None, false);
+        let batch = o.batch(list.ops.as_slice(), &cooldowns);
+        let applied = {
+            let $b = &batch;
+            $apply
+        }?;
+        Ok($engine.opened($request, &o, &list, &applied, &cooldowns))
+    }};
+}
+
+/// `renew`: the body of a call returning `Result<(), Error>`.
+macro_rules! renew_call {
+    ($engine:ident, $reservation:ident, $lease_ttl:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
+        use $crate::store::{Batch, LeaseAction, LeaseOp, Mode, ScopeKey};
+        let now = $engine.clock.now();
+        let expires_at = $crate::engine::reservation::after(now, $lease_ttl)?;
+        let owner = ScopeKey::subject($reservation.subject.as_str());
+        let lease = LeaseOp::new($reservation.id, &owner, LeaseAction::Renew { expires_at });
+        let batch = Batch::new(&[], Mode::Force, now).with_lease(lease);
+        {
+            let $b = &batch;
+            $apply
+        }?;
+        $reservation.expires_at = expires_at;
+        Ok(())
+    }};
+}
+
+/// `grow`: the body of a call returning `Result<Decision, Error>`.
+macro_rules! grow_call {
+    ($engine:ident, $reservation:ident, $more:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
+        use $crate::engine::observe::Call;
+        use $crate::engine::plan::{lease_batch, OpList, Shape};
+        use $crate::store::{LeaseAction, LeaseOp};
+        if $more.event.is_some() {
+            return Err($crate::Error::request("grow takes no event id"));
+        }
+        let p = $engine.prepare_for($reservation, $more)?;
+        let now = $engine.clock.now();
+        let mut list = OpList::new(&p.alloc.scope);
+        $engine.ops_for(&mut list, &p, $reservation.model.as_deref(), Shape::Usage);
+        let lease = LeaseOp::new($reservation.id, &p.alloc.scope, LeaseAction::Grow);
+        let batch = lease_batch(Call::Grow, lease, None, list.ops.as_slice(), &[], now);
+        let applied = {
+            let $b = &batch;
+            $apply
+        }?;
+        let decision = $engine.conclude(Call::Grow, &p, &list, &applied, &[], now);
+        $engine.observe(Call::Grow, $more, now, &decision);
+        $reservation.grown(&p.amounts, &$engine.catalog.meter_ids, &decision);
+        Ok(decision)
+    }};
+}
+
+/// `commit` and `release`: the body of a call returning
+/// `Result<Decision, Error>` that applies `$settling`, a
+/// [`Settling`](super::reservation::Settling).
+macro_rules! settle_call {
+    ($engine:ident, $settling:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
+        use $crate::engine::plan::{lease_batch, OpList, Shape};
+        use $crate::store::{LeaseAction, LeaseOp};
+        let (s, now) = (&$settling, $engine.clock.now());
+        let (p, model) = (&s.p, s.reservation.model.as_deref());
+        let mut list = OpList::new(&p.alloc.scope);
+        $engine.ops_for(&mut list, p, model, Shape::Settle(&s.reservation.held));
+        let cooldowns = $engine.cooldowns_for(p, model, s.failed.then_some(now), false);
+        let keep = LeaseAction::Settle { keep: s.keep };
+        let lease = LeaseOp::new(s.reservation.id, &p.alloc.scope, keep);
+        let ops = list.ops.as_slice();
+        let batch = lease_batch(s.call, lease, s.request.event, ops, &cooldowns, now);
+        let applied = {
+            let $b = &batch;
+            $apply
+        }?;
+        let at = applied.replayed_at.unwrap_or(now);
+        let decision = $engine.conclude(s.call, p, &list, &applied, &[], at);
+        $engine.observe(s.call, s.request, at, &decision);
+        Ok(decision)
+    }};
+}
+
+/// `usage`: the body of a call returning `Result<UsageReport, Error>`.
+macro_rules! usage_call {
+    ($engine:ident, $subject:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
+        use $crate::store::{Batch, Mode};
+        let alloc = $engine.allocation_of($subject)?;
+        let now = $engine.clock.now();
+        let ops = $crate::engine::plan::usage_ops(&alloc);
+        let batch = Batch::new(&ops, Mode::Check, now);
+        let applied = {
+            let $b = &batch;
+            $apply
+        }?;
+        $engine.usage_report($subject, &alloc, &applied, now)
+    }};
+}

@@ -1,0 +1,515 @@
+//! The last stage of every call, pure: the [`Decision`] (or the
+//! [`UsageReport`]) from the store's answer to the call's batch.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+
+use super::allocations::Resolved;
+use super::observe::Call;
+use super::plan::OpList;
+use super::prepare::Prepared;
+use super::Engine;
+use crate::catalog::{cost_minor, Limit};
+use crate::clock::Clock;
+use crate::decision::{Decision, LimitState, Money, Refusal, Status};
+use crate::name::Name;
+use crate::request::Request;
+use crate::store::{Applied, CooldownOp, CounterOp, CounterState, ScopeKey, SettledHold};
+use crate::window::Window;
+use crate::Error;
+
+/// One row of a [`UsageReport`]: a limit of the subject's own scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MeterUsage {
+    /// The meter.
+    pub meter: Name,
+    /// The window the row counts over.
+    pub window: Window,
+    /// Start of the current period (`None` for lifetime windows).
+    pub period_start: Option<DateTime<Utc>>,
+    /// When usage next leaves the window.
+    pub resets_at: Option<DateTime<Utc>>,
+    /// Usage in the meter's major unit (tokens, seconds, dollars).
+    pub units: Decimal,
+    /// Held by in-flight reservations, in the meter's major unit (for a
+    /// concurrent limit: the slots taken).
+    pub held: Decimal,
+    /// The maximum in the meter's major unit; `None` is unlimited.
+    pub max: Option<Decimal>,
+    /// `units × unit price`, rounded up to the cost meter's smallest unit;
+    /// `None` when the plan has no price for the meter.
+    pub cost: Option<Money>,
+    /// Status of usage plus holds against the maximum: `Exceeded` when past
+    /// it (only `record` can put it there), `Warning` at the warning ratio.
+    pub status: Status,
+}
+
+/// Usage for one subject in its current periods: units and cost per meter
+/// (the shape of seed 003's `/usage`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UsageReport {
+    /// The subject.
+    pub subject: String,
+    /// Its plan.
+    pub plan: String,
+    /// When the report was read.
+    pub at: DateTime<Utc>,
+    /// One row per limit of the subject's own scope, in plan order then
+    /// override order.
+    pub meters: Vec<MeterUsage>,
+}
+
+impl<S, C: Clock> Engine<S, C> {
+    /// The decision of a call from the store's answer to its batch (`list`
+    /// and `cooldowns`). Part of the hot path, inlined into it.
+    #[inline(always)]
+    pub(super) fn conclude(
+        &self,
+        call: Call,
+        p: &Prepared,
+        list: &OpList<'_>,
+        applied: &Applied,
+        cooldowns: &[CooldownOp<'_>],
+        at: DateTime<Utc>,
+    ) -> Decision {
+        let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
+        self.finish_quiet(call, p, ops, limits, applied, cooldowns, at)
+    }
+
+    /// The decision on the limits and cooldowns the store answered.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn finish_quiet(
+        &self,
+        call: Call,
+        p: &Prepared,
+        ops: &[CounterOp<'_>],
+        limits: &[&Limit],
+        applied: &Applied,
+        cooldowns: &[CooldownOp<'_>],
+        at: DateTime<Utc>,
+    ) -> Decision {
+        // The latest cooldown still running, for the calls it blocks.
+        let cooling = match call {
+            Call::Check | Call::Admit | Call::Reserve => cooldowns
+                .iter()
+                .zip(&applied.cooldowns)
+                .filter_map(|(c, u)| Some((c.scope, (*u)?)))
+                .max_by_key(|(_, u)| *u),
+            _ => None,
+        };
+        build_decision(
+            ops,
+            limits,
+            applied,
+            call,
+            at,
+            p.cost.clone(),
+            p.unpriced_ids(),
+            cooling,
+            cooling.is_some() && p.is_zero(),
+        )
+    }
+
+    /// The decision for a request refused by the allowlist, observed; `None`
+    /// if the model is allowed.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn refuse_model(
+        &self,
+        p: &Prepared,
+        call: Call,
+        req: &Request<'_>,
+        now: DateTime<Utc>,
+    ) -> Option<Decision> {
+        let reason = p.model_refused.clone()?;
+        let decision = Decision {
+            // A request of zero is never `Exceeded`, whatever refuses it.
+            status: if p.is_zero() {
+                Status::Ok
+            } else {
+                Status::Exceeded
+            },
+            allowed: false,
+            recorded: false,
+            reason: Some(reason),
+            limits: Vec::new(),
+            binding: None,
+            retry_after: None,
+            cost: p.cost.clone(),
+            unpriced: p.unpriced_ids(),
+            allowed_on_error: false,
+        };
+        self.observe(call, req, now, &decision);
+        Some(decision)
+    }
+
+    /// The report [`Engine::usage`] (and its async twin) answers, from the
+    /// store's answer to [`usage_ops`](super::plan::usage_ops).
+    pub(super) fn usage_report(
+        &self,
+        subject: &str,
+        alloc: &Resolved,
+        applied: &Applied,
+        now: DateTime<Utc>,
+    ) -> Result<UsageReport, Error> {
+        let cost_meter_idx = alloc.plan.cost_meter.unwrap_or_default();
+        let cost_meter = alloc.plan.cost_meter.map(|i| &self.catalog.meters[i]);
+        let meters = alloc
+            .limits
+            .iter()
+            .zip(&applied.counters)
+            .map(|(l, s)| -> Result<MeterUsage, Error> {
+                let meter = &self.catalog.meters[l.meter_idx];
+                let price = alloc.plan.price_units_of(l.meter_idx);
+                let cost = match (price, cost_meter) {
+                    (Some(p), Some(cm)) => Some(Money {
+                        amount: cm.to_decimal(cost_minor([(s.used, p)], cm.scale()).ok_or_else(
+                            || Error::Overflow {
+                                meter: cm.id.clone(),
+                            },
+                        )?),
+                        currency: self.catalog.currency(cost_meter_idx),
+                    }),
+                    _ => None,
+                };
+                Ok(MeterUsage {
+                    meter: l.meter,
+                    window: l.window,
+                    period_start: s.period_start,
+                    resets_at: s.resets_at,
+                    units: meter.to_decimal(s.used),
+                    held: meter.to_decimal(s.held),
+                    max: l.max.map(|m| meter.to_decimal(m)),
+                    cost,
+                    status: report_status(l, s.used.saturating_add(s.held)),
+                })
+            })
+            .collect::<Result<_, Error>>()?;
+        Ok(UsageReport {
+            subject: subject.to_owned(),
+            plan: alloc.plan.id.to_string(),
+            at: now,
+            meters,
+        })
+    }
+}
+
+/// The allowlist's refusal of `p`, if any, on its `decision`: a `record`
+/// outside the allowlist still records, and reports the refusal (the other
+/// calls never reach the store with a refused model). A step of its own,
+/// not part of [`Engine::conclude`], so the hot path's decision is built
+/// in place and not copied out of a helper's frame.
+#[inline(always)]
+pub(super) fn model_refusal(decision: &mut Decision, p: &Prepared) {
+    if let Some(reason) = &p.model_refused {
+        refuse(decision, reason, p.is_zero());
+    }
+}
+
+/// Turn `decision` into the allowlist's refusal: a recorded request
+/// (`record`) still reports the counters it touched. A request of `zero`
+/// keeps the status of its limits (never `Exceeded`).
+#[cold]
+#[inline(never)]
+fn refuse(decision: &mut Decision, reason: &Refusal, zero: bool) {
+    if !zero {
+        decision.status = Status::Exceeded;
+    }
+    decision.allowed = false;
+    decision.reason = Some(reason.clone());
+    decision.retry_after = None;
+}
+
+/// The status rule: `Exceeded` when a positive request takes usage (with
+/// holds) past the maximum; `Warning` when it is positive and reaches the
+/// warning threshold; `Ok` otherwise.
+fn status_of(limit: &Limit, after: u64, delta: u64) -> Status {
+    match limit.max {
+        Some(m) if delta > 0 && after > m => Status::Exceeded,
+        Some(_) if after > 0 && after >= limit.warn_threshold => Status::Warning,
+        _ => Status::Ok,
+    }
+}
+
+/// A report's status: like [`status_of`] for a zero request, except that
+/// usage already past the maximum (through `record`) is `Exceeded`.
+fn report_status(limit: &Limit, used: u64) -> Status {
+    match limit.max {
+        Some(m) if used > m => Status::Exceeded,
+        _ => status_of(limit, used, 0),
+    }
+}
+
+/// The binding limit and when to retry: among exceeded limits, the one
+/// that frees last (`Some(None)`: never); otherwise the least headroom.
+/// One call site; split from [`build_decision`] for reading and inlined
+/// back into it.
+#[inline(always)]
+fn binding(
+    states: &[LimitState],
+    applied: &Applied,
+    any_exceeded: bool,
+    least: Option<(usize, u128, u128)>,
+) -> (Option<usize>, Option<Option<DateTime<Utc>>>) {
+    if !any_exceeded {
+        return (least.map(|(i, _, _)| i), None);
+    }
+    let mut binding = None;
+    let mut retry_at: Option<Option<DateTime<Utc>>> = None;
+    for (i, (st, s)) in states.iter().zip(&applied.counters).enumerate() {
+        if st.status != Status::Exceeded {
+            continue;
+        }
+        let later = match (retry_at, s.available_at) {
+            (None, _) => true,
+            (Some(None), _) => false,
+            (Some(Some(_)), None) => true,
+            (Some(Some(a)), Some(b)) => b > a,
+        };
+        if later {
+            binding = Some(i);
+            retry_at = Some(s.available_at);
+        }
+    }
+    (binding, retry_at)
+}
+
+/// A refusal by the cooldown of `scope` running `until`: it refuses
+/// whatever the limits say (a request of `zero` keeps their status: it is
+/// never `Exceeded`); waiting helps only if it also helps every exceeded
+/// limit. Out of line: cooldowns are rare.
+#[cold]
+#[inline(never)]
+fn cooled(
+    (scope, until): (&ScopeKey, DateTime<Utc>),
+    zero: bool,
+    status: &mut Status,
+    reason: &mut Option<Refusal>,
+    retry_at: &mut Option<Option<DateTime<Utc>>>,
+) {
+    if !zero {
+        *status = Status::Exceeded;
+    }
+    *reason = Some(Refusal::Cooldown {
+        scope: scope.clone(),
+        until,
+    });
+    *retry_at = match *retry_at {
+        None => Some(Some(until)),
+        Some(Some(t)) => Some(Some(t.max(until))),
+        Some(None) => Some(None),
+    };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_decision(
+    ops: &[CounterOp<'_>],
+    limits: &[&Limit],
+    applied: &Applied,
+    call: Call,
+    now: DateTime<Utc>,
+    cost: Option<Money>,
+    unpriced: Vec<Name>,
+    cooling: Option<(&ScopeKey, DateTime<Utc>)>,
+    zero: bool,
+) -> Decision {
+    let mut any_exceeded = false;
+    // Found in the same pass: the worst status, and the limit with the least
+    // headroom as a fraction of its maximum (remaining_a / max_a <
+    // remaining_b / max_b; the first of equals), the binding limit unless
+    // one is exceeded.
+    let mut status = Status::Ok;
+    let mut least: Option<(usize, u128, u128)> = None;
+    // Collected from zipped slices: one allocation of exactly `ops.len()`
+    // (the store answers one state per op), each state written in place
+    // rather than built and then copied by a push.
+    let states: Vec<LimitState> = ops
+        .iter()
+        .zip(limits)
+        .zip(&applied.counters)
+        .enumerate()
+        .map(|(i, ((op, limit), s))| {
+            let s: &CounterState = s;
+            // What this call adds here: its delta, plus what a settlement charged.
+            let charged: u64 = applied
+                .settled
+                .iter()
+                .filter(|h: &&SettledHold| {
+                    h.scope == *op.scope && &*h.meter == op.meter && h.window == op.window
+                })
+                .map(|h| h.charged)
+                .sum();
+            let requested = op.delta.saturating_add(charged);
+            // Usage with holds as if the request were recorded: for an applied
+            // batch the store already includes it.
+            let now_total = s.used.saturating_add(s.held);
+            let after = if applied.applied {
+                now_total
+            } else {
+                now_total.saturating_add(op.delta)
+            };
+            let this = status_of(limit, after, requested);
+            any_exceeded |= this == Status::Exceeded;
+            status = status.max(this);
+            let remaining = op.max.map(|m| m.saturating_sub(now_total));
+            if let (Some(max), Some(rem)) = (op.max, remaining) {
+                let (r, m) = (u128::from(rem), u128::from(max.max(1)));
+                if least.is_none_or(|(_, br, bm)| r * bm < br * m) {
+                    least = Some((i, r, m));
+                }
+            }
+            LimitState {
+                scope: op.scope.clone(),
+                meter: limit.meter,
+                window: op.window,
+                requested,
+                used: s.used,
+                held: s.held,
+                max: op.max,
+                remaining,
+                period_start: s.period_start,
+                resets_at: s.resets_at,
+                status: this,
+            }
+        })
+        .collect();
+    let allowed = match call {
+        Call::Admit | Call::Reserve => applied.applied,
+        Call::Check => !any_exceeded && cooling.is_none(),
+        _ => !any_exceeded,
+    };
+
+    let (binding, retry_at) = binding(&states, applied, any_exceeded, least);
+    let mut reason = (!allowed).then_some(Refusal::LimitExceeded);
+    let mut retry_at = retry_at;
+    if let (Some(cooling), false) = (cooling, allowed) {
+        cooled(cooling, zero, &mut status, &mut reason, &mut retry_at);
+    }
+    let retry_after = if allowed {
+        None
+    } else {
+        retry_at
+            .flatten()
+            .map(|t| (t - now).to_std().unwrap_or_default())
+    };
+    let charged_any = applied.settled.iter().any(|h| h.charged > 0);
+    Decision {
+        status,
+        allowed,
+        // A request none of whose meters has a limit touches no counter.
+        recorded: applied.applied && (ops.iter().any(|op| op.delta > 0) || charged_any),
+        reason,
+        limits: states,
+        binding,
+        retry_after,
+        cost,
+        unpriced,
+        allowed_on_error: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{
+        Allocation, CatalogConfig, Engine, LimitConfig, MaxConfig, Meter, Period, PlanConfig,
+        Request, Status, Window,
+    };
+
+    /// The binding limit of an allowed request is the one with the least
+    /// headroom as a fraction of its maximum, the first of equals; an
+    /// unlimited limit never binds; the status is the worst limit's.
+    #[test]
+    fn least_headroom_binds_first_of_equals_and_status_is_the_worst() {
+        let day = Window::calendar(Period::Day);
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("x"))
+            .meter(Meter::count("y"))
+            .meter(Meter::count("z"))
+            .meter(Meter::count("u"))
+            .plan(
+                PlanConfig::new("p")
+                    .limit(LimitConfig::new("u", day, MaxConfig::Unlimited))
+                    .limit(LimitConfig::new("x", day, 10u64))
+                    .limit(LimitConfig::new("y", day, 20u64))
+                    .limit(LimitConfig::new("z", day, 20u64)),
+            )
+            .build()
+            .unwrap();
+        let engine = Engine::new(catalog);
+        for s in ["a", "b", "c"] {
+            engine.allocate(Allocation::new(s, "p")).unwrap();
+        }
+        let ask = |s, x, y, z| {
+            let d = engine
+                .admit(
+                    &Request::new(s)
+                        .units("u", 1_000)
+                        .units("x", x)
+                        .units("y", y)
+                        .units("z", z),
+                )
+                .unwrap();
+            (d.binding, d.status)
+        };
+        // Admitted, so usage grows. x and y both have half left: the
+        // first (x, index 1) binds.
+        assert_eq!(ask("a", 5, 10, 1), (Some(1), Status::Ok));
+        // y has less left than x and z.
+        assert_eq!(ask("b", 4, 10, 2), (Some(2), Status::Ok));
+        // z has the least left, at the warning ratio (80 %).
+        assert_eq!(ask("c", 0, 0, 17), (Some(3), Status::Warning));
+        // Refused: the exceeded limit binds, whatever the headroom elsewhere.
+        assert_eq!(ask("a", 1, 11, 1), (Some(2), Status::Exceeded));
+    }
+
+    /// The unpriced meters are listed once each, in request order (a meter
+    /// named twice counts once; priced, money and cost meters never), and
+    /// both lists of a decision are allocated at their exact length.
+    #[test]
+    fn unpriced_meters_in_request_order_and_lists_at_exact_capacity() {
+        let day = Window::calendar(Period::Day);
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("tok"))
+            .meter(Meter::count("jobs"))
+            .meter(Meter::seconds("run"))
+            .meter(Meter::money("cost", "USD", 6))
+            .meter(Meter::money("spend", "USD", 2))
+            .plan(
+                PlanConfig::new("p")
+                    .limit(LimitConfig::new("tok", day, 1_000u64))
+                    .limit(LimitConfig::new("run", day, 1_000u64))
+                    .limit(LimitConfig::new("cost", day, rust_decimal::Decimal::ONE))
+                    .cost_meter("cost")
+                    .price("tok", rust_decimal::Decimal::new(3, 3)),
+            )
+            .plan(PlanConfig::new("free").limit(LimitConfig::new("tok", day, 1_000u64)))
+            .build()
+            .unwrap();
+        let engine = Engine::new(catalog);
+        engine.allocate(Allocation::new("a", "p")).unwrap();
+        engine.allocate(Allocation::new("b", "free")).unwrap();
+        let request = |s| {
+            Request::new(s)
+                .units("run", 2)
+                .units("tok", 10)
+                .money("spend", rust_decimal::Decimal::ONE, "USD")
+                .units("jobs", 1)
+                .units("run", 3)
+        };
+        let d = engine.admit(&request("a")).unwrap();
+        let ids: Vec<&str> = d.unpriced.iter().map(|m| &**m).collect();
+        assert_eq!(ids, ["run", "jobs"]);
+        assert_eq!(d.unpriced.capacity(), 2);
+        // tok, run and the cost of tok.
+        assert_eq!(d.limits.len(), 3);
+        assert_eq!(d.limits.capacity(), 3);
+        // Without a cost meter nothing is unpriced, and nothing is allocated.
+        let d = engine.admit(&request("b")).unwrap();
+        assert!(d.unpriced.is_empty());
+        assert_eq!(d.unpriced.capacity(), 0);
+        assert_eq!(d.limits.capacity(), d.limits.len());
+    }
+}

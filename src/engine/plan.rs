@@ -1,0 +1,397 @@
+//! Stage two of every call, pure: the store batch of a prepared request
+//! (its ops, the cooldowns it checks or starts, its event fingerprint).
+
+use std::hash::Hasher as _;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+
+use super::allocations::Resolved;
+use super::observe::Call;
+use super::prepare::Prepared;
+use super::Engine;
+use crate::catalog::{Limit, Pool};
+use crate::clock::Clock;
+use crate::inline::Inline;
+use crate::name::Name;
+use crate::store::{Batch, CooldownOp, CounterOp, EventKey, LeaseId, LeaseOp, Mode, ScopeKey};
+use crate::window::Window;
+use std::sync::Arc;
+
+/// A call's ops kept inline (no allocation): enough for a plan's limits
+/// and a pool or two; more spill to the heap.
+const INLINE_OPS: usize = 8;
+
+/// Fills the unused inline slots of a call's limit list; never read.
+static NO_LIMIT: std::sync::LazyLock<Limit> = std::sync::LazyLock::new(|| Limit {
+    meter: Name::intern(""),
+    meter_idx: 0,
+    window: Window::Lifetime,
+    max: None,
+    warn_at: Decimal::ONE,
+    warn_threshold: u64::MAX,
+});
+
+/// A call's ops and, for each, the limit it counts against.
+pub(super) struct OpList<'a> {
+    pub(super) ops: Inline<CounterOp<'a>, INLINE_OPS>,
+    pub(super) limits: Inline<&'a Limit, INLINE_OPS>,
+}
+
+impl<'a> OpList<'a> {
+    /// An empty list; its spare slots (never read) name `scope`.
+    #[inline(always)]
+    pub(super) fn new(scope: &'a ScopeKey) -> Self {
+        OpList {
+            ops: Inline::filled(CounterOp::new(scope, "", Window::Lifetime, 0, None)),
+            limits: Inline::filled(&*NO_LIMIT),
+        }
+    }
+}
+
+/// Which limits a call's batch names.
+#[derive(Clone, Copy)]
+pub(super) enum Shape<'r> {
+    /// Limits whose meter the request names; no concurrent limits.
+    Usage,
+    /// As `Usage`, plus one slot on every concurrent limit.
+    Reserve,
+    /// As `Usage`, plus the limits the reservation holds and every
+    /// concurrent limit, to report them.
+    Settle(&'r [(usize, Name, u64)]),
+}
+
+impl<S, C: Clock> Engine<S, C> {
+    /// Every scope a call draws on, in order: the subject, its pools, the
+    /// pools named for the request, then the model's global pools not
+    /// already listed. With each: its limits and its cooldown.
+    #[inline]
+    fn scopes<'a>(
+        &'a self,
+        p: &'a Prepared,
+        model: Option<&str>,
+    ) -> impl Iterator<Item = (&'a ScopeKey, &'a [Limit], Option<i64>)> + 'a {
+        let model_pools: &'a [Arc<Pool>] = model
+            .and_then(|m| self.catalog.model_pools.get(m))
+            .map_or(&[], Vec::as_slice);
+        let alloc = &*p.alloc;
+        std::iter::once((&alloc.scope, &*alloc.limits, alloc.plan.cooldown_ms))
+            .chain(
+                alloc
+                    .pools()
+                    .iter()
+                    .chain(&p.extra)
+                    .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
+            )
+            .chain(
+                model_pools
+                    .iter()
+                    .filter(move |mp| !alloc.pools().iter().chain(&p.extra).any(|q| q.id == mp.id))
+                    .map(|pool| (&pool.scope, pool.limits.as_slice(), pool.cooldown_ms)),
+            )
+    }
+
+    /// One op per limit per scope: where the request names the limit's meter
+    /// (a reservation also takes a slot on each concurrent limit; a
+    /// settlement also reports the limits the reservation held). The scopes
+    /// are those of [`Engine::scopes`], in its order, walked without its
+    /// iterator chain.
+    ///
+    /// Appended to `list`, made by the caller ([`OpList::new`]) in its own
+    /// frame, so the list is never moved.
+    #[inline(always)]
+    pub(super) fn ops_for<'a>(
+        &'a self,
+        list: &mut OpList<'a>,
+        p: &'a Prepared,
+        model: Option<&str>,
+        shape: Shape<'_>,
+    ) {
+        let alloc = &*p.alloc;
+        push_ops(
+            list,
+            &alloc.scope,
+            &alloc.limits,
+            p.amounts.as_slice(),
+            shape,
+        );
+        // Pools, listed, named or the model's: out of line.
+        if alloc.more.is_some() || !p.extra.is_empty() || model.is_some() {
+            self.pool_ops(list, p, model, shape);
+        }
+    }
+
+    /// The pool part of [`Engine::ops_for`]: the allocation's pools, those
+    /// named for the request, then the model's global pools not listed.
+    #[inline(never)]
+    fn pool_ops<'a>(
+        &'a self,
+        list: &mut OpList<'a>,
+        p: &'a Prepared,
+        model: Option<&str>,
+        shape: Shape<'_>,
+    ) {
+        let amounts = p.amounts.as_slice();
+        let listed = p.alloc.pools().iter().chain(&p.extra);
+        for pool in listed.clone() {
+            push_ops(list, &pool.scope, &pool.limits, amounts, shape);
+        }
+        if let Some(model_pools) = model.and_then(|m| self.catalog.model_pools.get(m)) {
+            for pool in model_pools {
+                if !listed.clone().any(|q| q.id == pool.id) {
+                    push_ops(list, &pool.scope, &pool.limits, amounts, shape);
+                }
+            }
+        }
+    }
+
+    /// The cooldowns of the scopes a call draws on; with `start`, each
+    /// starts at `start` for its own length. With `zero_passes`, none for a
+    /// request whose amounts are all zero: a cooldown does not refuse it.
+    #[inline(always)]
+    pub(super) fn cooldowns_for<'a>(
+        &'a self,
+        p: &'a Prepared,
+        model: Option<&str>,
+        start: Option<DateTime<Utc>>,
+        zero_passes: bool,
+    ) -> Vec<CooldownOp<'a>> {
+        // A request drawing only on its own scope, whose plan declares no
+        // cooldown, has none to check: skip the walk over the scopes (the
+        // check inline in the caller, the walk out of line).
+        if model.is_none()
+            && p.alloc.plan.cooldown_ms.is_none()
+            && p.alloc.more.is_none()
+            && p.extra.is_empty()
+        {
+            return Vec::new();
+        }
+        self.cooldown_walk(p, model, start, zero_passes)
+    }
+
+    /// [`Engine::cooldowns_for`] over every scope of the call.
+    #[inline(never)]
+    fn cooldown_walk<'a>(
+        &'a self,
+        p: &'a Prepared,
+        model: Option<&str>,
+        start: Option<DateTime<Utc>>,
+        zero_passes: bool,
+    ) -> Vec<CooldownOp<'a>> {
+        if zero_passes && p.is_zero() {
+            return Vec::new();
+        }
+        self.scopes(p, model)
+            .filter_map(|(scope, _, ms)| {
+                let ms = ms?;
+                let until =
+                    start.and_then(|t| t.checked_add_signed(chrono::Duration::milliseconds(ms)));
+                Some(CooldownOp::new(scope, until))
+            })
+            .collect()
+    }
+}
+
+/// The ops of one scope's limits for [`Engine::ops_for`], appended to
+/// `list`.
+#[inline(always)]
+fn push_ops<'a>(
+    list: &mut OpList<'a>,
+    scope: &'a ScopeKey,
+    limits: &'a [Limit],
+    amounts: &[(usize, u64)],
+    shape: Shape<'_>,
+) {
+    for l in limits {
+        let named = amounts
+            .iter()
+            .find(|(i, _)| *i == l.meter_idx)
+            .map(|&(_, d)| d);
+        let delta = match (l.window, shape) {
+            (Window::Concurrent, Shape::Usage) => None,
+            (Window::Concurrent, Shape::Reserve) => Some(1),
+            (Window::Concurrent, Shape::Settle(_)) => Some(0),
+            (_, Shape::Settle(held)) => {
+                named.or_else(|| held.iter().any(|(i, _, _)| *i == l.meter_idx).then_some(0))
+            }
+            _ => named,
+        };
+        if let Some(delta) = delta {
+            list.ops
+                .push(CounterOp::new(scope, &l.meter, l.window, delta, l.max));
+            list.limits.push(l);
+        }
+    }
+}
+
+/// The batch of a check (read only), an admit (within limits) or a record
+/// (forced); an event id counts for admit and record, with the
+/// fingerprint of what they record. Part of the hot path, inlined into it.
+#[inline(always)]
+pub(super) fn usage_batch<'a>(
+    call: Call,
+    event: Option<&'a str>,
+    ops: &'a [CounterOp<'a>],
+    cooldowns: &'a [CooldownOp<'a>],
+    now: DateTime<Utc>,
+) -> Batch<'a> {
+    let mode = match call {
+        Call::Check => Mode::Check,
+        Call::Admit => Mode::WithinLimits,
+        _ => Mode::Force,
+    };
+    let mut batch = Batch::new(ops, mode, now).with_cooldowns(cooldowns);
+    if let (Some(id), Call::Admit | Call::Record) = (event, call) {
+        batch = batch.with_event(EventKey::new(id, fingerprint(call, None, ops)));
+    }
+    batch
+}
+
+/// The forced batch of a call on a reservation (`grow`, `commit`,
+/// `release`): `lease` says what it does to the lease; an event id is
+/// fingerprinted with the lease's id.
+pub(super) fn lease_batch<'a>(
+    call: Call,
+    lease: LeaseOp<'a>,
+    event: Option<&'a str>,
+    ops: &'a [CounterOp<'a>],
+    cooldowns: &'a [CooldownOp<'a>],
+    now: DateTime<Utc>,
+) -> Batch<'a> {
+    let id = lease.id;
+    let batch = Batch::new(ops, Mode::Force, now)
+        .with_lease(lease)
+        .with_cooldowns(cooldowns);
+    match event {
+        Some(event) => batch.with_event(EventKey::new(event, fingerprint(call, Some(id), ops))),
+        None => batch,
+    }
+}
+
+/// The batch behind a usage report: every limit of the allocation, read
+/// (delta 0) in check mode.
+pub(super) fn usage_ops(alloc: &Resolved) -> Vec<CounterOp<'_>> {
+    alloc
+        .limits
+        .iter()
+        .map(|l| CounterOp::new(&alloc.scope, &l.meter, l.window, 0, l.max))
+        .collect()
+}
+
+/// FNV-1a, 64 bit ([`fnv::FnvHasher`]): a digest that is the same in every
+/// process and build, so a ledger restored from a snapshot (or shared
+/// through a backend) still recognises its events. Integers are written as
+/// little-endian bytes, never through `Hasher::write_u64` (native endian).
+struct Fnv(fnv::FnvHasher);
+
+impl Fnv {
+    fn bytes(&mut self, b: &[u8]) {
+        self.0.write(b);
+    }
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        self.u64(s.len() as u64);
+        self.bytes(s.as_bytes());
+    }
+}
+
+/// What an event does: the call, the lease, and every op (scope, meter,
+/// window, delta, maximum). A retry of the same request on the same plan
+/// has the same fingerprint.
+#[inline(never)]
+fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64 {
+    let mut h = Fnv(fnv::FnvHasher::default());
+    h.u64(match call {
+        Call::Check => 0,
+        Call::Admit => 1,
+        Call::Record => 2,
+        Call::Reserve => 3,
+        Call::Grow => 4,
+        Call::Commit => 5,
+        Call::Release => 6,
+    });
+    let bits = lease.map_or(0, LeaseId::as_u128);
+    h.bytes(&bits.to_le_bytes());
+    for op in ops {
+        h.u64(op.scope.kind() as u64);
+        h.str(op.scope.id());
+        h.str(op.meter);
+        match op.window {
+            Window::Calendar {
+                period,
+                utc_offset_secs,
+            } => {
+                h.u64(1);
+                h.u64(period as u64);
+                h.u64(i64::from(utc_offset_secs) as u64);
+            }
+            Window::Rolling { span_secs, buckets } => {
+                h.u64(2);
+                h.u64(span_secs);
+                h.u64(u64::from(buckets));
+            }
+            Window::Lifetime => h.u64(3),
+            Window::Concurrent => h.u64(4),
+        }
+        h.u64(op.delta);
+        h.u64(op.max.map_or(u64::MAX, |m| m));
+        h.u64(u64::from(op.max.is_some()));
+    }
+    h.0.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fingerprint, Call};
+    use crate::store::{CounterOp, LeaseId, ScopeKey};
+    use crate::{Period, Window};
+
+    /// Fingerprints are compared across processes and builds (a restored
+    /// snapshot, a shared Redis ledger): pinned, so a change to the hash or
+    /// to what it reads cannot pass unnoticed.
+    #[test]
+    fn fingerprint_is_pinned() {
+        let agent = ScopeKey::subject("agent-7");
+        let pool = ScopeKey::pool("account:acme");
+        let ops = [
+            CounterOp::new(
+                &agent,
+                "llm_tokens_input",
+                Window::calendar(Period::Month),
+                1_200,
+                Some(20_000),
+            ),
+            CounterOp::new(&agent, "jobs", Window::Concurrent, 1, Some(2)),
+            CounterOp::new(
+                &agent,
+                "requests",
+                Window::Calendar {
+                    period: Period::Day,
+                    utc_offset_secs: -9 * 3_600,
+                },
+                0,
+                Some(0),
+            ),
+            CounterOp::new(&pool, "cost", Window::Lifetime, 36_000, None),
+            CounterOp::new(
+                &pool,
+                "exec_seconds",
+                Window::Rolling {
+                    span_secs: 7 * 86_400,
+                    buckets: 28,
+                },
+                90,
+                Some(18_000),
+            ),
+        ];
+        let lease = LeaseId::from_u128(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        assert_eq!(fingerprint(Call::Admit, None, &ops), 0x2aa2_b381_fed4_70d1);
+        assert_eq!(
+            fingerprint(Call::Commit, Some(lease), &ops),
+            0x9410_4d6a_489b_4ad5
+        );
+        assert_eq!(fingerprint(Call::Record, None, &[]), 0xcf21_924e_7b0f_f7c7);
+    }
+}

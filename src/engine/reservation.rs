@@ -1,0 +1,279 @@
+//! Reservations: the [`Reservation`] a `reserve` opens, the [`Outcome`] a
+//! `release` settles it with, and the stages around their store calls.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::observe::Call;
+use super::plan::OpList;
+use super::prepare::Prepared;
+use super::Engine;
+use crate::catalog::Plan;
+use crate::clock::Clock;
+use crate::decision::Decision;
+use crate::name::Name;
+use crate::request::Request;
+use crate::store::{
+    Applied, Batch, CooldownOp, CounterOp, Fraction, LeaseAction, LeaseId, LeaseOp, Mode,
+};
+use crate::Error;
+
+/// How a reservation's work ended, for [`Engine::release`]. The plan's
+/// [`RefundPolicy`](crate::RefundPolicy) says how much of the hold returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The work finished; by default none of the hold returns (all of it
+    /// counts as used). Use [`Engine::commit`] when the actual amounts are
+    /// known.
+    Completed,
+    /// The work failed; by default 50 % of the hold returns, and scopes that
+    /// declare a cooldown start it.
+    Failed,
+    /// The work was cancelled; by default all of the hold returns.
+    Cancelled,
+}
+
+impl Outcome {
+    /// The share of each hold that `plan` keeps as usage for this outcome.
+    pub(super) fn keep(self, plan: &Plan) -> Fraction {
+        let keep = &plan.keep;
+        match self {
+            Outcome::Completed => keep.completed,
+            Outcome::Failed => keep.failed,
+            Outcome::Cancelled => keep.cancelled,
+        }
+    }
+}
+
+/// In-flight work: estimates held on every limit of every scope the request
+/// touches, and one slot on each concurrent limit, under a lease that
+/// expires unless renewed.
+///
+/// Settle it exactly once with [`Engine::commit`] or [`Engine::release`]; a
+/// reservation that is neither, nor renewed, gives everything back at
+/// [`Reservation::expires_at`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub(super) id: LeaseId,
+    pub(super) subject: String,
+    pub(super) model: Option<String>,
+    pub(super) pools: Vec<String>,
+    pub(super) held: Vec<(usize, Name, u64)>,
+    pub(super) opened_at: DateTime<Utc>,
+    pub(super) expires_at: DateTime<Utc>,
+    pub(super) deadline: Option<DateTime<Utc>>,
+    pub(super) decision: Decision,
+}
+
+impl Reservation {
+    /// The lease id.
+    pub fn id(&self) -> LeaseId {
+        self.id
+    }
+    /// The subject.
+    pub fn subject(&self) -> &str {
+        &self.subject
+    }
+    /// The model named at reserve time.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+    /// When it was opened.
+    pub fn opened_at(&self) -> DateTime<Utc> {
+        self.opened_at
+    }
+    /// When its holds return unless renewed.
+    pub fn expires_at(&self) -> DateTime<Utc> {
+        self.expires_at
+    }
+    /// When the work is overdue under the plan's maximum job duration.
+    pub fn deadline(&self) -> Option<DateTime<Utc>> {
+        self.deadline
+    }
+    /// The amount held on `meter` (estimate plus growth) in its smallest
+    /// unit, if the reservation holds any.
+    pub fn held(&self, meter: &str) -> Option<u64> {
+        self.held
+            .iter()
+            .find(|(_, m, _)| &**m == meter)
+            .map(|&(_, _, n)| n)
+    }
+    /// The decision that admitted it (the latest `grow` decision after a
+    /// growth).
+    pub fn decision(&self) -> &Decision {
+        &self.decision
+    }
+
+    /// After a `grow`: the growth `amounts` added to the holds (`ids` names
+    /// the meters by index), and its decision kept.
+    pub(super) fn grown(&mut self, amounts: &[(usize, u64)], ids: &[Name], decision: &Decision) {
+        for &(i, n) in amounts {
+            match self.held.iter_mut().find(|(j, _, _)| *j == i) {
+                Some((_, _, h)) => *h = h.saturating_add(n),
+                None => self.held.push((i, ids[i], n)),
+            }
+        }
+        self.decision = decision.clone();
+    }
+}
+
+/// A reservation between its checks and its store call.
+pub(super) struct Opening {
+    id: LeaseId,
+    pub(super) p: Prepared,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    deadline: Option<DateTime<Utc>>,
+}
+
+impl Opening {
+    /// The batch that opens the lease over `ops`.
+    pub(super) fn batch<'a>(
+        &'a self,
+        ops: &'a [CounterOp<'a>],
+        cooldowns: &'a [CooldownOp<'a>],
+    ) -> Batch<'a> {
+        let lease = LeaseOp::new(
+            self.id,
+            &self.p.alloc.scope,
+            LeaseAction::Open {
+                expires_at: self.expires_at,
+                deadline: self.deadline,
+            },
+        );
+        Batch::new(ops, Mode::WithinLimits, self.now)
+            .with_lease(lease)
+            .with_cooldowns(cooldowns)
+    }
+}
+
+impl<S, C: Clock> Engine<S, C> {
+    /// A reservation's checks before its store call: no event id, the
+    /// request resolved, the lease's expiry and deadline, the allowlist
+    /// (`Err` is the refusing decision, observed).
+    pub(super) fn open(
+        &self,
+        request: &Request<'_>,
+        lease_ttl: std::time::Duration,
+    ) -> Result<Result<Opening, Decision>, Error> {
+        if request.event.is_some() {
+            return Err(Error::request(
+                "reserve takes no event id: a retried reserve is a new reservation",
+            ));
+        }
+        let p = self.prepare(request)?;
+        let now = self.clock.now();
+        let expires_at = after(now, lease_ttl)?;
+        if let Some(decision) = self.refuse_model(&p, Call::Reserve, request, now) {
+            return Ok(Err(decision));
+        }
+        let deadline = p
+            .alloc
+            .plan
+            .max_job_ms
+            .and_then(|ms| now.checked_add_signed(chrono::Duration::milliseconds(ms)));
+        Ok(Ok(Opening {
+            id: LeaseId::random(),
+            p,
+            now,
+            expires_at,
+            deadline,
+        }))
+    }
+
+    /// A reservation's answer after its store call: the `Reservation`, or
+    /// the refusing decision (as `reserve` returns it).
+    #[allow(clippy::result_large_err)]
+    pub(super) fn opened(
+        &self,
+        request: &Request<'_>,
+        o: &Opening,
+        list: &OpList<'_>,
+        applied: &Applied,
+        cooldowns: &[CooldownOp<'_>],
+    ) -> Result<Reservation, Decision> {
+        let decision = self.conclude(Call::Reserve, &o.p, list, applied, cooldowns, o.now);
+        self.observe(Call::Reserve, request, o.now, &decision);
+        if !applied.applied {
+            return Err(decision);
+        }
+        Ok(Reservation {
+            id: o.id,
+            subject: request.subject.to_owned(),
+            model: request.model.map(str::to_owned),
+            pools: request.pools.iter().map(|s| (*s).to_owned()).collect(),
+            held: o
+                .p
+                .amounts
+                .iter()
+                .map(|&(i, n)| (i, self.catalog.meter_ids[i], n))
+                .collect(),
+            opened_at: o.now,
+            expires_at: o.expires_at,
+            deadline: o.deadline,
+            decision,
+        })
+    }
+
+    /// A `commit`'s settlement: `actual` prepared on the reservation, no
+    /// share of the holds kept beyond it.
+    pub(super) fn settling_commit<'r, 'q>(
+        &self,
+        reservation: &'r Reservation,
+        actual: &'r Request<'q>,
+    ) -> Result<Settling<'r, 'q>, Error> {
+        Ok(Settling {
+            p: self.prepare_for(reservation, actual)?,
+            reservation,
+            request: actual,
+            keep: Fraction::ZERO,
+            call: Call::Commit,
+            failed: false,
+        })
+    }
+
+    /// A `release`'s settlement: `request` (the subject only) prepared on
+    /// the reservation, keeping the share of each hold that the plan's
+    /// refund policy keeps for `outcome`; a failure starts the cooldowns.
+    pub(super) fn settling_release<'r, 'q>(
+        &self,
+        reservation: &'r Reservation,
+        request: &'r Request<'q>,
+        outcome: Outcome,
+    ) -> Result<Settling<'r, 'q>, Error> {
+        let p = self.prepare_for(reservation, request)?;
+        Ok(Settling {
+            keep: outcome.keep(&p.alloc.plan),
+            p,
+            reservation,
+            request,
+            call: Call::Release,
+            failed: outcome == Outcome::Failed,
+        })
+    }
+}
+
+/// A `commit` or `release` between its checks and its batch.
+pub(super) struct Settling<'r, 'q> {
+    pub(super) reservation: &'r Reservation,
+    /// The request settled (for a release: the subject only).
+    pub(super) request: &'r Request<'q>,
+    pub(super) p: Prepared,
+    /// The share of each hold kept as usage beyond the request.
+    pub(super) keep: Fraction,
+    pub(super) call: Call,
+    /// Whether the work failed: the scopes' cooldowns start.
+    pub(super) failed: bool,
+}
+
+/// `now + ttl`, refusing a zero or unrepresentable lease.
+pub(super) fn after(now: DateTime<Utc>, ttl: std::time::Duration) -> Result<DateTime<Utc>, Error> {
+    if ttl.is_zero() {
+        return Err(Error::request("a lease needs a ttl above zero"));
+    }
+    chrono::Duration::from_std(ttl)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .ok_or_else(|| Error::request(format!("lease ttl {ttl:?} is out of range")))
+}
