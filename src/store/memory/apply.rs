@@ -1,9 +1,9 @@
 //! The compact path of a batch of counter ops, and the steps both paths share.
 
 use super::counters::Counter;
-use super::holds::{expire_holds, held_in};
+use super::holds::{expire_holds, held_at, held_in};
 use super::keys::{KeyId, KEYS_HIGH_WATER};
-use super::report::state_of;
+use super::report::{state_of, view_state_of};
 use super::shard::{run_end, Locked, Shard, NONE};
 use super::{MemoryStore, SIDE_SHARDS};
 use crate::inline::Inline;
@@ -28,7 +28,7 @@ impl MemoryStore {
         let mut locked = self.lock_shards(op_shards.iter().copied());
         let mut op_at: Inline<(KeyId, usize)> = Inline::new();
         let mut runs: Inline<usize> = Inline::new();
-        let all_fit = check_ops(
+        let fit = check_ops(
             &mut locked,
             batch,
             op_shards,
@@ -39,9 +39,12 @@ impl MemoryStore {
         )?;
         let applied = match batch.mode {
             Mode::Check => false,
-            Mode::WithinLimits => all_fit,
+            Mode::WithinLimits => fit.all,
             Mode::Force => true,
         };
+        if applied && fit.due {
+            roll_ops(&mut locked, ops, op_shards, &runs, &op_at, now_ms);
+        }
         let counters = add_and_report(
             &mut locked,
             ops,
@@ -49,6 +52,7 @@ impl MemoryStore {
             &runs,
             &mut op_at,
             applied,
+            fit.due && !applied,
             now_ms,
         );
         let sweep_turn = locked.count_batch();
@@ -141,11 +145,23 @@ impl MemoryStore {
     }
 }
 
-/// Phase 1 for a batch's ops: roll every named counter to now, note each
-/// op's key (for an op that adds, interned now, so phase 2 cannot fail) and
-/// counter position in `op_at` and where each run of ops on one scope ends
-/// in `runs`; returns whether every op fits. `holding`: the ops take holds
-/// (a lease opens or grows), so overflow is of the holds.
+/// What phase 1 found: whether every op fits, and whether a named counter
+/// is not current at `now` or has holds that expired by then (so a batch
+/// that applies rolls them first, see [`roll_ops`], and one that does not
+/// reports views of them, see [`view_state_of`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Fit {
+    pub(super) all: bool,
+    pub(super) due: bool,
+}
+
+/// Phase 1 for a batch's ops: read every named counter as of now, without
+/// rolling it (contract rule 2: only a batch that applies writes), note
+/// each op's key (for an op that adds, interned now, so phase 2 cannot fail)
+/// and counter position in `op_at` and where each run of ops on one scope
+/// ends in `runs`; returns whether every op fits and whether a counter is
+/// due a roll. `holding`: the ops take holds (a lease opens or grows), so
+/// overflow is of the holds.
 #[inline]
 pub(super) fn check_ops(
     locked: &mut Locked<'_>,
@@ -155,9 +171,10 @@ pub(super) fn check_ops(
     now_ms: i64,
     op_at: &mut Inline<(KeyId, usize)>,
     runs: &mut Inline<usize>,
-) -> Result<bool, Error> {
+) -> Result<Fit, Error> {
     let ops = batch.ops;
     let mut all_fit = true;
+    let mut due = false;
     let mut hint = 0;
     let mut i = 0;
     while i < ops.len() {
@@ -170,7 +187,7 @@ pub(super) fn check_ops(
             ..
         } = locked.shard(op_shards[i]);
         let scope = ops[i].scope;
-        let counters: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
+        let counters: &[Counter] = scopes.get(scope).map_or(&[], |c| c);
         for op in &ops[i..end] {
             let key = if op.delta > 0 {
                 Some(
@@ -185,11 +202,17 @@ pub(super) fn check_ops(
             let idx = key.and_then(|k| counters.iter().position(|c| c.key() == k));
             // Phase 2 reads the key only of an op that adds.
             op_at.push((key.unwrap_or_default(), idx.unwrap_or(NONE)));
-            let (used, held) = match idx.and_then(|x| counters.get_mut(x)) {
+            let (used, held) = match idx.and_then(|x| counters.get(x)) {
                 Some(c) => {
-                    c.advance(op.window, now_ms);
-                    let held = expire_holds(holds, scope, c.key(), now_ms);
-                    (c.used(), held)
+                    let used = if c.current(op.window, now_ms) {
+                        c.used()
+                    } else {
+                        due = true;
+                        c.used_at(op.window, now_ms)
+                    };
+                    let (held, expired) = held_at(holds, scope, c.key(), now_ms);
+                    due |= expired;
+                    (used, held)
                 }
                 None => (0, 0),
             };
@@ -206,7 +229,36 @@ pub(super) fn check_ops(
         }
         i = end;
     }
-    Ok(all_fit)
+    Ok(Fit { all: all_fit, due })
+}
+
+/// The first step of phase 2 for a batch that applies with a counter due a
+/// roll ([`Fit::due`]): roll every op's counter to now and drop its holds
+/// that expired.
+#[cold]
+#[inline(never)]
+pub(super) fn roll_ops(
+    locked: &mut Locked<'_>,
+    ops: &[CounterOp<'_>],
+    op_shards: &[usize],
+    runs: &[usize],
+    op_at: &[(KeyId, usize)],
+    now_ms: i64,
+) {
+    let mut i = 0;
+    for &end in runs {
+        let Shard { scopes, holds, .. } = locked.shard(op_shards[i]);
+        let scope = ops[i].scope;
+        if let Some(list) = scopes.get_mut(scope) {
+            for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
+                if let Some(c) = list.get_mut(idx) {
+                    c.advance(op.window, now_ms);
+                    expire_holds(holds, scope, c.key(), now_ms);
+                }
+            }
+        }
+        i = end;
+    }
 }
 
 /// The error of a shard whose `(meter, window)` ids are all in use.
@@ -262,7 +314,7 @@ pub(super) fn add_run(
     if let Some(list) = sh.scopes.get_mut(scope) {
         for (op, &(_, idx)) in ops.iter().zip(&*at) {
             if let (true, Some(c)) = (op.delta > 0, list.get_mut(idx)) {
-                c.add(op.window, op.delta);
+                c.add(op.window, now_ms, op.delta);
             }
         }
     }
@@ -273,15 +325,18 @@ pub(super) fn add_run(
         }
         if let Some((x, c)) = sh.counter_or_new(scope, *key, op.window, now_ms) {
             *idx = x;
-            c.add(op.window, op.delta);
+            c.add(op.window, now_ms, op.delta);
         }
     }
 }
 
 /// Phases 2 and 3 of a batch of counter ops only: [`add_usage`] (if
-/// `applied`), then [`report`], with one counter lookup a run where both
-/// would take one. A run's report reads only its own ops' counters, so each
-/// run can be reported as soon as it is added to.
+/// `applied`, its counters already rolled), then [`report`], with one
+/// counter lookup a run where both would take one. A run's report reads only
+/// its own ops' counters, so each run can be reported as soon as it is added
+/// to. `view`: the batch did not apply and a counter is due a roll, so each
+/// is reported as rolling would leave it ([`view_state_of`]).
+#[allow(clippy::too_many_arguments)]
 #[inline(never)]
 pub(super) fn add_and_report(
     locked: &mut Locked<'_>,
@@ -290,6 +345,7 @@ pub(super) fn add_and_report(
     runs: &[usize],
     op_at: &mut [(KeyId, usize)],
     applied: bool,
+    view: bool,
     now_ms: i64,
 ) -> Vec<CounterState> {
     let mut counters = Vec::with_capacity(ops.len());
@@ -318,10 +374,27 @@ pub(super) fn add_and_report(
             ..
         } = sh;
         let list: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
+        if view {
+            for (op, &(_, idx)) in run.iter().zip(&*at) {
+                counters.push(view_state_of(
+                    list.get(idx),
+                    holds,
+                    op.scope,
+                    op.window,
+                    now_ms,
+                    op.delta,
+                    op.max,
+                    times,
+                    shown,
+                ));
+            }
+            i = end;
+            continue;
+        }
         for (op, &(_, idx)) in run.iter().zip(&*at) {
             let mut counter = list.get_mut(idx);
             if let (true, Some(c)) = (add && op.delta > 0, &mut counter) {
-                c.add(op.window, op.delta);
+                c.add(op.window, now_ms, op.delta);
             }
             let counter = counter.map(|c| &*c);
             let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
