@@ -1,9 +1,9 @@
 //! The compact path of a batch of counter ops, and the steps both paths share.
 
 use super::counters::Counter;
-use super::holds::{expire_holds, held_at, held_in};
+use super::holds::{held_at, held_in};
 use super::keys::{KeyId, KEYS_HIGH_WATER};
-use super::report::{state_of, view_state_of};
+use super::report::{report_views, roll_ops, state_of};
 use super::shard::{run_end, Locked, Shard, NONE};
 use super::{MemoryStore, SIDE_SHARDS};
 use crate::inline::Inline;
@@ -42,19 +42,27 @@ impl MemoryStore {
             Mode::WithinLimits => fit.all,
             Mode::Force => true,
         };
-        if applied && fit.due {
-            roll_ops(&mut locked, ops, op_shards, &runs, &op_at, now_ms);
-        }
-        let counters = add_and_report(
-            &mut locked,
-            ops,
-            op_shards,
-            &runs,
-            &mut op_at,
-            applied,
-            fit.due && !applied,
-            now_ms,
-        );
+        let counters = if fit.due {
+            add_and_report_due(
+                &mut locked,
+                ops,
+                op_shards,
+                &runs,
+                &mut op_at,
+                applied,
+                now_ms,
+            )
+        } else {
+            add_and_report(
+                &mut locked,
+                ops,
+                op_shards,
+                &runs,
+                &mut op_at,
+                applied,
+                now_ms,
+            )
+        };
         let sweep_turn = locked.count_batch();
         drop(locked);
         let result = Applied {
@@ -148,7 +156,7 @@ impl MemoryStore {
 /// What phase 1 found: whether every op fits, and whether a named counter
 /// is not current at `now` or has holds that expired by then (so a batch
 /// that applies rolls them first, see [`roll_ops`], and one that does not
-/// reports views of them, see [`view_state_of`]).
+/// reports views of them, see [`view_state_of`](super::report::view_state_of)).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Fit {
     pub(super) all: bool,
@@ -232,32 +240,26 @@ pub(super) fn check_ops(
     Ok(Fit { all: all_fit, due })
 }
 
-/// The first step of phase 2 for a batch that applies with a counter due a
-/// roll ([`Fit::due`]): roll every op's counter to now and drop its holds
-/// that expired.
+/// Phases 2 and 3 of a batch of counter ops only with a counter due a roll
+/// ([`Fit::due`]): one that applies rolls its counters first, then takes
+/// [`add_and_report`]; one that does not reports views and writes nothing
+/// ([`report_views`]).
 #[cold]
 #[inline(never)]
-pub(super) fn roll_ops(
+fn add_and_report_due(
     locked: &mut Locked<'_>,
     ops: &[CounterOp<'_>],
     op_shards: &[usize],
     runs: &[usize],
-    op_at: &[(KeyId, usize)],
+    op_at: &mut [(KeyId, usize)],
+    applied: bool,
     now_ms: i64,
-) {
-    let mut i = 0;
-    for &end in runs {
-        let Shard { scopes, holds, .. } = locked.shard(op_shards[i]);
-        let scope = ops[i].scope;
-        if let Some(list) = scopes.get_mut(scope) {
-            for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
-                if let Some(c) = list.get_mut(idx) {
-                    c.advance(op.window, now_ms);
-                    expire_holds(holds, scope, c.key(), now_ms);
-                }
-            }
-        }
-        i = end;
+) -> Vec<CounterState> {
+    if applied {
+        roll_ops(locked, ops, op_shards, runs, op_at, now_ms);
+        add_and_report(locked, ops, op_shards, runs, op_at, applied, now_ms)
+    } else {
+        report_views(locked, ops, op_shards, runs, op_at, now_ms)
     }
 }
 
@@ -314,7 +316,7 @@ pub(super) fn add_run(
     if let Some(list) = sh.scopes.get_mut(scope) {
         for (op, &(_, idx)) in ops.iter().zip(&*at) {
             if let (true, Some(c)) = (op.delta > 0, list.get_mut(idx)) {
-                c.add(op.window, now_ms, op.delta);
+                c.add(op.window, op.delta);
             }
         }
     }
@@ -325,18 +327,17 @@ pub(super) fn add_run(
         }
         if let Some((x, c)) = sh.counter_or_new(scope, *key, op.window, now_ms) {
             *idx = x;
-            c.add(op.window, now_ms, op.delta);
+            c.add(op.window, op.delta);
         }
     }
 }
 
 /// Phases 2 and 3 of a batch of counter ops only: [`add_usage`] (if
-/// `applied`, its counters already rolled), then [`report`], with one
+/// `applied`, its counters already rolled), then [`report`](super::report::report), with one
 /// counter lookup a run where both would take one. A run's report reads only
 /// its own ops' counters, so each run can be reported as soon as it is added
-/// to. `view`: the batch did not apply and a counter is due a roll, so each
-/// is reported as rolling would leave it ([`view_state_of`]).
-#[allow(clippy::too_many_arguments)]
+/// to. A batch that did not apply with a counter due a roll is reported by
+/// [`report_views`] instead.
 #[inline(never)]
 pub(super) fn add_and_report(
     locked: &mut Locked<'_>,
@@ -345,7 +346,6 @@ pub(super) fn add_and_report(
     runs: &[usize],
     op_at: &mut [(KeyId, usize)],
     applied: bool,
-    view: bool,
     now_ms: i64,
 ) -> Vec<CounterState> {
     let mut counters = Vec::with_capacity(ops.len());
@@ -374,27 +374,10 @@ pub(super) fn add_and_report(
             ..
         } = sh;
         let list: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
-        if view {
-            for (op, &(_, idx)) in run.iter().zip(&*at) {
-                counters.push(view_state_of(
-                    list.get(idx),
-                    holds,
-                    op.scope,
-                    op.window,
-                    now_ms,
-                    op.delta,
-                    op.max,
-                    times,
-                    shown,
-                ));
-            }
-            i = end;
-            continue;
-        }
         for (op, &(_, idx)) in run.iter().zip(&*at) {
             let mut counter = list.get_mut(idx);
             if let (true, Some(c)) = (add && op.delta > 0, &mut counter) {
-                c.add(op.window, now_ms, op.delta);
+                c.add(op.window, op.delta);
             }
             let counter = counter.map(|c| &*c);
             let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));

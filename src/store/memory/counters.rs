@@ -4,9 +4,9 @@ use super::keys::KeyId;
 use crate::window::Window;
 
 /// A counter in memory: 24 bytes, with its key and the one-byte variant tag
-/// sharing the first word. The window lives in the shard's [`Keys`]; a
+/// sharing the first word. The window lives in the shard's [`Keys`](super::keys::Keys); a
 /// rolling counter's buckets in one allocation (see [`Ring`]); holds in
-/// [`Shard::holds`].
+/// [`Shard::holds`](super::shard::Shard::holds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Counter {
     /// Usage in the period `[start, start + len_ms)`; rolled when `now` is
@@ -156,7 +156,13 @@ impl<B: AsRef<[u64]> + AsMut<[u64]>> Ring<B> {
         let cur = now_ms.div_euclid(self.width_ms);
         let head = self.head();
         if cur <= head {
-            // Same bucket, or a clock that stepped back: keep writing to head.
+            // Same bucket, or a clock that stepped back: keep writing to
+            // head, whose usage must not leave early; an empty ring has
+            // nothing to keep there and follows the clock.
+            if cur < head && self.total() == 0 {
+                self.back = 0;
+                self.set(0, cur as u64);
+            }
             return;
         }
         let mut tail = self.tail();
@@ -183,14 +189,10 @@ impl<B: AsRef<[u64]> + AsMut<[u64]>> Ring<B> {
         self.back = u32::try_from(cur - tail).unwrap_or(0);
     }
 
-    /// Add `delta` to the head bucket (already checked not to overflow). An
-    /// empty ring first moves its head to `now_ms`'s bucket: after a clock
-    /// step back, usage it holds stays in its later bucket (it never leaves
-    /// early), but an empty ring has nothing to keep there.
-    pub(super) fn add(&mut self, now_ms: i64, delta: u64) {
+    /// Add `delta` to the head bucket (already checked not to overflow).
+    pub(super) fn add(&mut self, delta: u64) {
         if self.total() == 0 {
             self.back = 0;
-            self.set(0, now_ms.div_euclid(self.width_ms) as u64);
         }
         let i = self.slot(self.head());
         self.set(i, self.words()[i] + delta);
@@ -263,8 +265,8 @@ impl Counter {
     /// Whether rolling the counter (of `window`) to `now_ms` would change
     /// nothing: the usual answer, inlined. A calendar counter within its
     /// period (or holding usage of a later one, after a clock step back), a
-    /// rolling one within its head bucket (or a later one), a lifetime or
-    /// concurrent counter.
+    /// rolling one within its head bucket (or holding usage in a later one),
+    /// a lifetime or concurrent counter.
     #[inline]
     pub(super) fn current(&self, window: Window, now_ms: i64) -> bool {
         match *self {
@@ -274,9 +276,11 @@ impl Counter {
                 used,
                 ..
             } => now_ms < start.saturating_add(i64::from(len_ms)) && (now_ms >= start || used > 0),
-            // `Ring::advance` would return at once.
+            // `Ring::advance` would change nothing: the head bucket is
+            // current, or later (a clock step back) and holds usage.
             Counter::Rolling { ref buf, .. } => {
-                now_ms.div_euclid(width_of(window)) <= buf[0] as i64
+                let (cur, head) = (now_ms.div_euclid(width_of(window)), buf[0] as i64);
+                cur == head || (cur < head && buf[1] > 0)
             }
             Counter::Lifetime { .. } | Counter::Concurrent { .. } => true,
         }
@@ -369,10 +373,11 @@ impl Counter {
         }
     }
 
-    /// Add `delta` to usage at `now_ms` (already checked not to overflow;
-    /// the counter already rolled to `now_ms`). A concurrent counter has no
-    /// usage (the batch was validated not to add any).
-    pub(super) fn add(&mut self, window: Window, now_ms: i64, delta: u64) {
+    /// Add `delta` to usage (already checked not to overflow; the counter
+    /// already rolled to now). A concurrent counter has no usage (the batch
+    /// was validated not to add any).
+    #[inline]
+    pub(super) fn add(&mut self, window: Window, delta: u64) {
         match self {
             Counter::Calendar { used, .. } | Counter::Lifetime { used, .. } => *used += delta,
             Counter::Rolling { back, buf, .. } => {
@@ -381,7 +386,7 @@ impl Counter {
                     back: *back,
                     buf: &mut **buf,
                 };
-                ring.add(now_ms, delta);
+                ring.add(delta);
                 *back = ring.back;
             }
             Counter::Concurrent { .. } => {}

@@ -8,11 +8,11 @@ use std::ops::ControlFlow;
 
 use parking_lot::MutexGuard;
 
-use super::apply::{add_usage, check_ops, roll_ops};
+use super::apply::{add_usage, check_ops};
 use super::holds::{HoldRef, Lease};
 use super::keys::KeyId;
 use super::ledger::{Entry, Ledger};
-use super::report::report;
+use super::report::{report, roll_ops};
 use super::shard::Locked;
 use super::times::ms_to_time;
 use super::{side_index, MemoryStore};
@@ -483,7 +483,7 @@ impl Step<'_, '_> {
                 sh.advance(scope, idx, window, self.now_ms);
                 sh.remove_hold(scope, key, id, self.lease_expires);
                 if let Some(c) = sh.counter_mut(scope, idx) {
-                    c.add(window, self.now_ms, ch.charged);
+                    c.add(window, ch.charged);
                 }
             }
             settled.push(SettledHold::new(

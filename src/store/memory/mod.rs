@@ -5,8 +5,8 @@
 //! `(meter, window)` ids of a shard), [`ledger`] (event ids), [`shard`] (a
 //! shard and the locks a batch holds), [`apply`] (the compact path and the
 //! phases both paths share), [`general`] (event ids, leases, cooldowns),
-//! [`report`] (counter states), [`times`] (date caches) and [`snapshot`]
-//! (snapshot and restore).
+//! [`report`] (counter states; rolls and views of counters due a roll),
+//! [`times`] (date caches) and [`snapshot`] (snapshot and restore).
 
 mod apply;
 mod counters;

@@ -1,7 +1,11 @@
-//! Phase 3 of a batch: each op's counter as a `CounterState`.
+//! Phase 3 of a batch: each op's counter as a `CounterState`; and for a
+//! batch with a counter due a roll, the roll (one that applies) or the views
+//! (one that does not). Those two live here, not in `apply`: beside the
+//! compact path, its unchanged `add_and_report` took 18 more instructions a
+//! call (register allocation; callgrind, admit at 10,000 subjects).
 
 use super::counters::{width_of, Counter, Ring};
-use super::holds::{held_at, held_in, HoldMap};
+use super::holds::{expire_holds, held_at, held_in, HoldMap};
 use super::keys::KeyId;
 use super::shard::{Locked, Shard};
 use super::times::{Shown, Times};
@@ -193,4 +197,49 @@ pub(super) fn report(
         i = end;
     }
     counters
+}
+
+/// The first step of phase 2 for a batch that applies with a counter due a
+/// roll ([`Fit::due`](super::apply::Fit::due)): roll every op's counter to now and drop its holds
+/// that expired.
+#[cold]
+#[inline(never)]
+pub(super) fn roll_ops(
+    locked: &mut Locked<'_>,
+    ops: &[CounterOp<'_>],
+    op_shards: &[usize],
+    runs: &[usize],
+    op_at: &[(KeyId, usize)],
+    now_ms: i64,
+) {
+    let mut i = 0;
+    for &end in runs {
+        let Shard { scopes, holds, .. } = locked.shard(op_shards[i]);
+        let scope = ops[i].scope;
+        if let Some(list) = scopes.get_mut(scope) {
+            for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
+                if let Some(c) = list.get_mut(idx) {
+                    c.advance(op.window, now_ms);
+                    expire_holds(holds, scope, c.key(), now_ms);
+                }
+            }
+        }
+        i = end;
+    }
+}
+
+/// Phase 3 of a batch that did not apply with a counter due a roll
+/// ([`Fit::due`](super::apply::Fit::due)): each op's counter as rolling it would leave it (see
+/// [`view_state_of`]), nothing written.
+#[cold]
+#[inline(never)]
+pub(super) fn report_views(
+    locked: &mut Locked<'_>,
+    ops: &[CounterOp<'_>],
+    op_shards: &[usize],
+    runs: &[usize],
+    op_at: &[(KeyId, usize)],
+    now_ms: i64,
+) -> Vec<CounterState> {
+    report(locked, ops, op_shards, runs, op_at, false, true, now_ms)
 }

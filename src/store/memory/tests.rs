@@ -771,12 +771,7 @@ fn a_rolling_view_reads_as_the_rolled_counter() {
             back: *back,
             buf: &**buf,
         };
-        (
-            r.tail(),
-            r.total(),
-            r.resets_at(),
-            r.available_at(3, 10),
-        )
+        (r.tail(), r.total(), r.resets_at(), r.available_at(3, 10))
     };
     for buckets in [1u32, 3, 4, 12] {
         let w = Window::Rolling {
@@ -787,11 +782,20 @@ fn a_rolling_view_reads_as_the_rolled_counter() {
         let mut now = 1_767_225_600_000_i64;
         let mut c = Counter::new(0, w, now);
         for _ in 0..2_000 {
-            let step = [-2 * width, -1, 0, 1, width / 2, width, 3 * width, 90 * width];
+            let step = [
+                -2 * width,
+                -1,
+                0,
+                1,
+                width / 2,
+                width,
+                3 * width,
+                90 * width,
+            ];
             now += step[(next() % step.len() as u64) as usize];
             if next() % 2 == 0 {
                 c.advance(w, now);
-                c.add(w, now, next() % 5);
+                c.add(w, next() % 5);
             }
             let before = c.clone();
             let used = c.used_now(w, now);
