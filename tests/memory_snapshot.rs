@@ -120,3 +120,66 @@ fn a_rolling_ring_of_another_geometry_is_refused() {
         assert!(matches!(err, Error::InvalidSnapshot { .. }), "{i}: {err}");
     }
 }
+
+/// A read, a refused batch and a batch that ends in an error, two days
+/// after the counters were written, change nothing: the snapshot after them
+/// is the snapshot before (contract rule 2), with expired holds too.
+#[test]
+fn reads_refusals_and_errors_at_a_later_time_change_no_counter() {
+    use tollgate::store::{LeaseAction, LeaseOp};
+    use tollgate::LeaseId;
+    let store = MemoryStore::new();
+    let a = ScopeKey::subject("a");
+    let day = Window::calendar(Period::Day);
+    let hour = Window::Rolling {
+        span_secs: 3_600,
+        buckets: 60,
+    };
+    let ops = [
+        CounterOp::new(&a, "day", day, 10, Some(10)),
+        CounterOp::new(&a, "hour", hour, 10, Some(10)),
+        CounterOp::new(&a, "life", Window::Lifetime, u64::MAX - 1, None),
+    ];
+    assert!(
+        store
+            .apply(&Batch::new(&ops, Mode::Force, t(8, 12)))
+            .unwrap()
+            .applied
+    );
+    let held = [CounterOp::new(&a, "day", day, 1, None)];
+    let open = LeaseOp::new(
+        LeaseId::from_u128(7),
+        &a,
+        LeaseAction::Open {
+            expires_at: t(8, 13),
+            deadline: None,
+        },
+    );
+    let b = Batch::new(&held, Mode::WithinLimits, t(8, 12)).with_lease(open);
+    assert!(store.apply(&b).unwrap().applied);
+    let before = store.snapshot();
+    let later = t(10, 9);
+    let read = store
+        .apply(&Batch::new(&ops[..2], Mode::Check, later))
+        .unwrap();
+    assert_eq!((read.counters[0].used, read.counters[1].used), (0, 0));
+    assert_eq!(read.counters[0].held, 0, "the hold expired");
+    let too_much = [
+        CounterOp::new(&a, "day", day, 5, Some(10)),
+        CounterOp::new(&a, "hour", hour, 11, Some(10)),
+    ];
+    let r = store
+        .apply(&Batch::new(&too_much, Mode::WithinLimits, later))
+        .unwrap();
+    assert!(!r.applied);
+    let overflow = [
+        CounterOp::new(&a, "day", day, 1, None),
+        CounterOp::new(&a, "hour", hour, 1, None),
+        CounterOp::new(&a, "life", Window::Lifetime, 2, None),
+    ];
+    assert!(matches!(
+        store.apply(&Batch::new(&overflow, Mode::Force, later)),
+        Err(Error::Overflow { .. })
+    ));
+    assert_eq!(store.snapshot(), before, "a counter or hold was written");
+}

@@ -215,6 +215,13 @@ fn conformance_concurrent_batches_never_over_admit() {
     });
 }
 
+#[test]
+fn conformance_clock_steps_back_free_nothing() {
+    conformance_on("clock-steps", |new| {
+        conformance::clock_steps_back_free_nothing(new)
+    });
+}
+
 /// A small deterministic generator (xorshift64*).
 struct Rng(u64);
 
@@ -230,9 +237,10 @@ impl Rng {
     }
 }
 
-/// Random batches, the same on `MemoryStore` and `RedisStore`: every answer
-/// (counters, holds, reset and available times, settlements, cooldowns,
-/// replays, and which error) must be equal. Amounts reach past 2^53 and up
+/// Random batches, the same on `MemoryStore` and `RedisStore`, on a clock
+/// (the batch's) that steps forwards and backwards: every answer (counters,
+/// holds, reset and available times, settlements, cooldowns, replays, and
+/// which error) must be equal. Amounts reach past 2^53 and up
 /// to `u64::MAX`, where the script's limb arithmetic takes over.
 #[test]
 fn answers_as_the_memory_store_does() {
@@ -303,7 +311,12 @@ fn answers_as_the_memory_store_does() {
     // Applied, settled with a charge, replayed, past 2^53, with a wait time.
     let mut seen = [0usize; 5];
     for step in 0..600 {
-        now += chrono::Duration::seconds(rng.pick(&[0, 0, 1, 1, 7, 20, 61, 900, 3600]));
+        // The clock also steps back (a second, a bucket, an hour, two days)
+        // and jumps two days on: a read or a refused batch at the later
+        // time must leave usage to count after the step back (rule 2).
+        now += chrono::Duration::seconds(rng.pick(&[
+            0, 0, 1, 1, 7, 20, 61, 900, 3600, 172_800, -1, -61, -900, -3600, -172_800,
+        ]));
         let n = rng.pick(&[0usize, 1, 2, 3, 4]);
         let mut ops: Vec<CounterOp<'_>> = Vec::new();
         for _ in 0..n {

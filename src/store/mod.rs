@@ -23,7 +23,28 @@
 //!    so usage written in bucket `[b, b + width)` leaves at
 //!    `b + width + span` (never early, at most one bucket late); a
 //!    [`Window::Lifetime`] counter never rolls; a [`Window::Concurrent`]
-//!    counter never has usage, only holds.
+//!    counter never has usage, only holds. `now` may step back (a clock set
+//!    back, replicas whose clocks disagree), and a backward step never frees
+//!    usage a forward batch counted:
+//!    - *Only a batch that applies writes a roll.* A counter (and its
+//!      expired holds, rule 7) is rolled to `now` only by a batch that
+//!      applies ([`Mode::WithinLimits`] that fits, or [`Mode::Force`]),
+//!      which rolls every counter it names. A [`Mode::Check`], a refused
+//!      batch and a batch that returns an error read each counter as rolling
+//!      would leave it, and change nothing: a read at a later `now`, then a
+//!      step back, finds the usage where it was.
+//!    - *A counter's time never goes back.* When `now` is earlier than the
+//!      period (calendar) or newest bucket (rolling) a counter holding usage
+//!      was last rolled to, the counter keeps that period or bucket and its
+//!      usage counts; usage added then joins that later period or bucket (so
+//!      it leaves late, never early). A counter holding no usage has nothing
+//!      to keep and follows `now`.
+//!
+//!    A backend that rolls on its own clock follows that clock instead:
+//!    `RedisStore` (feature `redis`) with `TimeSource::Server` takes `now`
+//!    from Redis's `TIME`, so the engine's clock stepping back changes
+//!    nothing there, and a step back of the server's own clock is met by
+//!    the same two rules.
 //! 3. **Decide all or nothing** by `batch.mode`: an op *fits* when its delta is
 //!    zero, its `max` is `None`, or `used + held + delta <= max`, where
 //!    `held` is the sum of the counter's live holds (rule 7).

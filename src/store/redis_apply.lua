@@ -334,7 +334,11 @@ end
 
 -- Fill a counter from its packed field (v, nil for none) and roll it to
 -- now (rule 2), dropping expired holds. Reads only: what leaves is deleted
--- at write-back, so a batch that ends in an error changes nothing. A field
+-- at write-back, which only a batch that applies reaches, so a Check, a
+-- refused batch and one that ends in an error change nothing (a clock that
+-- then steps back finds the usage where it was). Rolling never moves a
+-- counter back: a calendar counter holding usage keeps its later period,
+-- a rolling one its later newest bucket. A field
 -- of an ended window is never read as live: a calendar counter carries its
 -- period (s, e), a rolling one its newest and oldest bucket (hd, tl).
 local function fill(c, v)
@@ -486,13 +490,17 @@ if action ~= '-' then
   end
 end
 
--- A rolling counter adds to its newest bucket (packed with it).
+-- A rolling counter adds to its newest bucket (packed with it); an empty
+-- one first moves that bucket to now's (after a clock step back it may be
+-- later: usage there must stay, but an empty counter keeps nothing).
 local function addusage(c, delta)
   if delta == 0 then return end
   if c.w.kind == 'X' then return end
   if c.w.kind == 'R' then
     if c.used == 0 then
-      c.tl = c.hd
+      local cur = now / c.w.width
+      cur = cur - cur % 1
+      c.hd, c.tl = cur, cur
       c.raw = false
     end
     c.bv = add(c.bv, delta)
@@ -765,7 +773,8 @@ end
 -- clock only moves on after TIME, so the key lives at least that long) and
 -- a write that would not move it later sends no PEXPIRE; on the batch's
 -- clock the script reads PTTL instead. The scope's hold-expiry set (hk:x)
--- gets the hash's TTL with every PEXPIRE.
+-- gets the hash's TTL with every PEXPIRE. A batch that does not apply
+-- writes nothing back (rule 2).
 local function pack(c)
   local kind, hl = c.w.kind, c.held
   local head = S(c.used) .. (hl == 0 and ' 0' or ' ' .. S(hl))
@@ -776,7 +785,7 @@ local function pack(c)
   end
   return head
 end
-for i = 1, #hlist do
+for i = 1, applied and #hlist or 0 do
   local h = hlist[i]
   local hk = h.key
   -- (Sized for two counters and x: a table that grows is reallocated.)

@@ -1,9 +1,9 @@
 //! The compact path of a batch of counter ops, and the steps both paths share.
 
 use super::counters::Counter;
-use super::holds::{expire_holds, held_in};
+use super::holds::{held_at, held_in};
 use super::keys::{KeyId, KEYS_HIGH_WATER};
-use super::report::state_of;
+use super::report::{report_views, roll_ops, state_of};
 use super::shard::{run_end, Locked, Shard, NONE};
 use super::{MemoryStore, SIDE_SHARDS};
 use crate::inline::Inline;
@@ -28,7 +28,7 @@ impl MemoryStore {
         let mut locked = self.lock_shards(op_shards.iter().copied());
         let mut op_at: Inline<(KeyId, usize)> = Inline::new();
         let mut runs: Inline<usize> = Inline::new();
-        let all_fit = check_ops(
+        let fit = check_ops(
             &mut locked,
             batch,
             op_shards,
@@ -39,18 +39,30 @@ impl MemoryStore {
         )?;
         let applied = match batch.mode {
             Mode::Check => false,
-            Mode::WithinLimits => all_fit,
+            Mode::WithinLimits => fit.all,
             Mode::Force => true,
         };
-        let counters = add_and_report(
-            &mut locked,
-            ops,
-            op_shards,
-            &runs,
-            &mut op_at,
-            applied,
-            now_ms,
-        );
+        let counters = if fit.due {
+            add_and_report_due(
+                &mut locked,
+                ops,
+                op_shards,
+                &runs,
+                &mut op_at,
+                applied,
+                now_ms,
+            )
+        } else {
+            add_and_report(
+                &mut locked,
+                ops,
+                op_shards,
+                &runs,
+                &mut op_at,
+                applied,
+                now_ms,
+            )
+        };
         let sweep_turn = locked.count_batch();
         drop(locked);
         let result = Applied {
@@ -141,11 +153,23 @@ impl MemoryStore {
     }
 }
 
-/// Phase 1 for a batch's ops: roll every named counter to now, note each
-/// op's key (for an op that adds, interned now, so phase 2 cannot fail) and
-/// counter position in `op_at` and where each run of ops on one scope ends
-/// in `runs`; returns whether every op fits. `holding`: the ops take holds
-/// (a lease opens or grows), so overflow is of the holds.
+/// What phase 1 found: whether every op fits, and whether a named counter
+/// is not current at `now` or has holds that expired by then (so a batch
+/// that applies rolls them first, see [`roll_ops`], and one that does not
+/// reports views of them, see [`view_state_of`](super::report::view_state_of)).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Fit {
+    pub(super) all: bool,
+    pub(super) due: bool,
+}
+
+/// Phase 1 for a batch's ops: read every named counter as of now, without
+/// rolling it (contract rule 2: only a batch that applies writes), note
+/// each op's key (for an op that adds, interned now, so phase 2 cannot fail)
+/// and counter position in `op_at` and where each run of ops on one scope
+/// ends in `runs`; returns whether every op fits and whether a counter is
+/// due a roll. `holding`: the ops take holds (a lease opens or grows), so
+/// overflow is of the holds.
 #[inline]
 pub(super) fn check_ops(
     locked: &mut Locked<'_>,
@@ -155,9 +179,10 @@ pub(super) fn check_ops(
     now_ms: i64,
     op_at: &mut Inline<(KeyId, usize)>,
     runs: &mut Inline<usize>,
-) -> Result<bool, Error> {
+) -> Result<Fit, Error> {
     let ops = batch.ops;
     let mut all_fit = true;
+    let mut due = false;
     let mut hint = 0;
     let mut i = 0;
     while i < ops.len() {
@@ -170,7 +195,7 @@ pub(super) fn check_ops(
             ..
         } = locked.shard(op_shards[i]);
         let scope = ops[i].scope;
-        let counters: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
+        let counters: &[Counter] = scopes.get(scope).map_or(&[], |c| c);
         for op in &ops[i..end] {
             let key = if op.delta > 0 {
                 Some(
@@ -185,11 +210,17 @@ pub(super) fn check_ops(
             let idx = key.and_then(|k| counters.iter().position(|c| c.key() == k));
             // Phase 2 reads the key only of an op that adds.
             op_at.push((key.unwrap_or_default(), idx.unwrap_or(NONE)));
-            let (used, held) = match idx.and_then(|x| counters.get_mut(x)) {
+            let (used, held) = match idx.and_then(|x| counters.get(x)) {
                 Some(c) => {
-                    c.advance(op.window, now_ms);
-                    let held = expire_holds(holds, scope, c.key(), now_ms);
-                    (c.used(), held)
+                    let used = if c.current(op.window, now_ms) {
+                        c.used()
+                    } else {
+                        due = true;
+                        c.used_at(op.window, now_ms)
+                    };
+                    let (held, expired) = held_at(holds, scope, c.key(), now_ms);
+                    due |= expired;
+                    (used, held)
                 }
                 None => (0, 0),
             };
@@ -206,7 +237,30 @@ pub(super) fn check_ops(
         }
         i = end;
     }
-    Ok(all_fit)
+    Ok(Fit { all: all_fit, due })
+}
+
+/// Phases 2 and 3 of a batch of counter ops only with a counter due a roll
+/// ([`Fit::due`]): one that applies rolls its counters first, then takes
+/// [`add_and_report`]; one that does not reports views and writes nothing
+/// ([`report_views`]).
+#[cold]
+#[inline(never)]
+fn add_and_report_due(
+    locked: &mut Locked<'_>,
+    ops: &[CounterOp<'_>],
+    op_shards: &[usize],
+    runs: &[usize],
+    op_at: &mut [(KeyId, usize)],
+    applied: bool,
+    now_ms: i64,
+) -> Vec<CounterState> {
+    if applied {
+        roll_ops(locked, ops, op_shards, runs, op_at, now_ms);
+        add_and_report(locked, ops, op_shards, runs, op_at, applied, now_ms)
+    } else {
+        report_views(locked, ops, op_shards, runs, op_at, now_ms)
+    }
 }
 
 /// The error of a shard whose `(meter, window)` ids are all in use.
@@ -279,9 +333,11 @@ pub(super) fn add_run(
 }
 
 /// Phases 2 and 3 of a batch of counter ops only: [`add_usage`] (if
-/// `applied`), then [`report`], with one counter lookup a run where both
-/// would take one. A run's report reads only its own ops' counters, so each
-/// run can be reported as soon as it is added to.
+/// `applied`, its counters already rolled), then [`report`](super::report::report), with one
+/// counter lookup a run where both would take one. A run's report reads only
+/// its own ops' counters, so each run can be reported as soon as it is added
+/// to. A batch that did not apply with a counter due a roll is reported by
+/// [`report_views`] instead.
 #[inline(never)]
 pub(super) fn add_and_report(
     locked: &mut Locked<'_>,

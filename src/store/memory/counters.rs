@@ -4,9 +4,9 @@ use super::keys::KeyId;
 use crate::window::Window;
 
 /// A counter in memory: 24 bytes, with its key and the one-byte variant tag
-/// sharing the first word. The window lives in the shard's [`Keys`]; a
+/// sharing the first word. The window lives in the shard's [`Keys`](super::keys::Keys); a
 /// rolling counter's buckets in one allocation (see [`Ring`]); holds in
-/// [`Shard::holds`].
+/// [`Shard::holds`](super::shard::Shard::holds).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Counter {
     /// Usage in the period `[start, start + len_ms)`; rolled when `now` is
@@ -85,23 +85,64 @@ impl<B: AsRef<[u64]>> Ring<B> {
     }
 
     pub(super) fn resets_at(&self) -> Option<i64> {
-        (self.total() > 0).then(|| self.leaves_at(self.tail()))
+        self.resets_at_in(self.tail(), self.total())
+    }
+
+    /// [`Ring::resets_at`] of a ring whose tail and total are `tail` and
+    /// `total` (its [`Ring::view`]).
+    pub(super) fn resets_at_in(&self, tail: i64, total: u64) -> Option<i64> {
+        (total > 0).then(|| self.leaves_at(tail))
     }
 
     /// Earliest time `total - left + delta <= max`, if `delta <= max`.
     pub(super) fn available_at(&self, delta: u64, max: u64) -> Option<i64> {
+        self.available_at_in(self.tail(), self.total(), delta, max)
+    }
+
+    /// [`Ring::available_at`] of a ring whose tail and total are `tail` and
+    /// `total` (its [`Ring::view`]).
+    pub(super) fn available_at_in(
+        &self,
+        tail: i64,
+        total: u64,
+        delta: u64,
+        max: u64,
+    ) -> Option<i64> {
         if delta > max {
             return None;
         }
-        let need = (u128::from(self.total()) + u128::from(delta)).saturating_sub(u128::from(max));
+        let need = (u128::from(total) + u128::from(delta)).saturating_sub(u128::from(max));
         let mut freed = 0u128;
-        for b in self.tail()..=self.head() {
+        for b in tail..=self.head() {
             freed += u128::from(self.words()[self.slot(b)]);
             if freed >= need {
                 return Some(self.leaves_at(b));
             }
         }
         None
+    }
+}
+
+impl<B: AsRef<[u64]>> Ring<B> {
+    /// The tail and total the ring would have once advanced to `now_ms`
+    /// (see [`Ring::advance`]), read without changing it. The buckets a
+    /// roll would keep are those from the tail (or the oldest bucket still
+    /// in the window at `now_ms`) to the head; a roll adds only empty ones.
+    pub(super) fn view(&self, now_ms: i64) -> (i64, u64) {
+        let cur = now_ms.div_euclid(self.width_ms);
+        if cur <= self.head() || self.total() == 0 {
+            return (self.tail(), self.total());
+        }
+        let oldest = cur - self.n() + 1;
+        let (mut tail, mut total) = (None, 0);
+        for b in self.tail().max(oldest)..=self.head() {
+            let v = self.words()[self.slot(b)];
+            if v > 0 {
+                tail.get_or_insert(b);
+                total += v;
+            }
+        }
+        (tail.unwrap_or(cur), total)
     }
 }
 
@@ -115,7 +156,13 @@ impl<B: AsRef<[u64]> + AsMut<[u64]>> Ring<B> {
         let cur = now_ms.div_euclid(self.width_ms);
         let head = self.head();
         if cur <= head {
-            // Same bucket, or a clock that stepped back: keep writing to head.
+            // Same bucket, or a clock that stepped back: keep writing to
+            // head, whose usage must not leave early; an empty ring has
+            // nothing to keep there and follows the clock.
+            if cur < head && self.total() == 0 {
+                self.back = 0;
+                self.set(0, cur as u64);
+            }
             return;
         }
         let mut tail = self.tail();
@@ -215,27 +262,68 @@ impl Counter {
         }
     }
 
-    /// Roll the counter (of `window`) forward to `now_ms`.
+    /// Whether rolling the counter (of `window`) to `now_ms` would change
+    /// nothing: the usual answer, inlined. A calendar counter within its
+    /// period (or holding usage of a later one, after a clock step back), a
+    /// rolling one within its head bucket (or holding usage in a later one),
+    /// a lifetime or concurrent counter.
     #[inline]
-    pub(super) fn advance(&mut self, window: Window, now_ms: i64) {
-        // Inlined for the usual answer, nothing to do: a calendar counter
-        // within its period, a rolling one within its head bucket, a
-        // lifetime or concurrent counter.
+    pub(super) fn current(&self, window: Window, now_ms: i64) -> bool {
         match *self {
             Counter::Calendar {
                 len_ms,
                 start,
                 used,
                 ..
-            } if now_ms < start.saturating_add(i64::from(len_ms))
-                && (now_ms >= start || used > 0) => {}
-            // A rolling counter whose head bucket is still current (or
-            // later, after a clock step back): `Ring::advance` would return
-            // at once.
-            Counter::Rolling { ref buf, .. }
-                if now_ms.div_euclid(width_of(window)) <= buf[0] as i64 => {}
-            Counter::Lifetime { .. } | Counter::Concurrent { .. } => {}
-            _ => self.roll(window, now_ms),
+            } => now_ms < start.saturating_add(i64::from(len_ms)) && (now_ms >= start || used > 0),
+            // `Ring::advance` would change nothing: the head bucket is
+            // current, or later (a clock step back) and holds usage.
+            Counter::Rolling { ref buf, .. } => {
+                let (cur, head) = (now_ms.div_euclid(width_of(window)), buf[0] as i64);
+                cur == head || (cur < head && buf[1] > 0)
+            }
+            Counter::Lifetime { .. } | Counter::Concurrent { .. } => true,
+        }
+    }
+
+    /// Roll the counter (of `window`) forward to `now_ms`: only for a batch
+    /// that applies (contract rule 2); others read [`Counter::used_at`].
+    #[inline]
+    pub(super) fn advance(&mut self, window: Window, now_ms: i64) {
+        if !self.current(window, now_ms) {
+            self.roll(window, now_ms);
+        }
+    }
+
+    /// The usage the counter reads at `now_ms`, rolled or not; changes
+    /// nothing.
+    #[inline]
+    pub(super) fn used_now(&self, window: Window, now_ms: i64) -> u64 {
+        if self.current(window, now_ms) {
+            self.used()
+        } else {
+            self.used_at(window, now_ms)
+        }
+    }
+
+    /// The usage the counter would read once rolled to `now_ms`, for one
+    /// that is not [`Counter::current`]; changes nothing.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn used_at(&self, window: Window, now_ms: i64) -> u64 {
+        match self {
+            // Not current: its period has ended (or it is empty).
+            Counter::Calendar { .. } => 0,
+            Counter::Rolling { back, buf, .. } => {
+                Ring {
+                    width_ms: width_of(window),
+                    back: *back,
+                    buf: &**buf,
+                }
+                .view(now_ms)
+                .1
+            }
+            _ => self.used(),
         }
     }
 
@@ -285,8 +373,10 @@ impl Counter {
         }
     }
 
-    /// Add `delta` to usage (already checked not to overflow). A concurrent
-    /// counter has no usage (the batch was validated not to add any).
+    /// Add `delta` to usage (already checked not to overflow; the counter
+    /// already rolled to now). A concurrent counter has no usage (the batch
+    /// was validated not to add any).
+    #[inline]
     pub(super) fn add(&mut self, window: Window, delta: u64) {
         match self {
             Counter::Calendar { used, .. } | Counter::Lifetime { used, .. } => *used += delta,

@@ -9,11 +9,10 @@ use std::ops::ControlFlow;
 use parking_lot::MutexGuard;
 
 use super::apply::{add_usage, check_ops};
-use super::counters::Counter;
 use super::holds::{HoldRef, Lease};
 use super::keys::KeyId;
 use super::ledger::{Entry, Ledger};
-use super::report::report;
+use super::report::{report, roll_ops};
 use super::shard::Locked;
 use super::times::ms_to_time;
 use super::{side_index, MemoryStore};
@@ -110,7 +109,8 @@ impl MemoryStore {
             lease_expires: lease.expires_ms,
         };
 
-        // Phase 1: roll every named counter to now, and decide.
+        // Phase 1: read every named counter as of now (rolling none), and
+        // decide.
         let charges = step.settle_charges(&mut locked)?;
         let holding = matches!(
             batch.lease.map(|l| l.action),
@@ -120,7 +120,7 @@ impl MemoryStore {
             op_at: Inline::new(),
             runs: Inline::new(),
         };
-        let ops_fit = check_ops(
+        let fit = check_ops(
             &mut locked,
             batch,
             step.op_shards,
@@ -132,13 +132,24 @@ impl MemoryStore {
         let (cool, mut cooling) = step.running_cooldowns(&mut locked);
         let applied = match batch.mode {
             Mode::Check => false,
-            Mode::WithinLimits => ops_fit && cool,
+            Mode::WithinLimits => fit.all && cool,
             Mode::Force => true,
         };
 
-        // Phase 2: apply the whole batch, or nothing.
+        // Phase 2: apply the whole batch, or nothing; only a batch that
+        // applies rolls its counters (contract rule 2).
         let mut settled = Vec::new();
         if applied {
+            if fit.due {
+                roll_ops(
+                    &mut locked,
+                    batch.ops,
+                    step.op_shards,
+                    found.runs.as_slice(),
+                    found.op_at.as_slice(),
+                    now_ms,
+                );
+            }
             settled = step.apply_lease(&mut locked, &mut lease.guard, charges, &mut found);
             step.start_cooldowns(&mut locked, &mut cooling);
         }
@@ -152,6 +163,7 @@ impl MemoryStore {
             runs,
             op_at,
             applied,
+            fit.due && !applied,
             now_ms,
         );
         let sweep_turn = locked.count_batch();
@@ -250,7 +262,8 @@ impl MemoryStore {
 
 impl Step<'_, '_> {
     /// For a batch that settles its lease: what each hold held and what it
-    /// charges, its counter rolled to now.
+    /// charges, its counter read as of now (rolled only once the batch
+    /// applies, in [`Step::settle`]).
     ///
     /// # Errors
     /// [`Error::Overflow`] when usage plus a charge (and the batch's own
@@ -265,8 +278,8 @@ impl Step<'_, '_> {
         for (h, &shard) in self.lease_holds.iter().zip(self.hold_shards) {
             let sh = locked.shard(shard);
             let held = match sh.find(&h.scope, &h.meter, h.window) {
-                Some((key, idx)) => {
-                    sh.advance(&h.scope, idx, h.window, self.now_ms);
+                Some((key, _)) => {
+                    // The lease is live, so its own hold has not expired.
                     sh.holds(&h.scope, key)
                         .map_or(0, |x| x.amount(l.id, self.lease_expires))
                 }
@@ -289,7 +302,7 @@ impl Step<'_, '_> {
             let used = sh
                 .find(&ch.hold.scope, &ch.hold.meter, ch.hold.window)
                 .and_then(|(_, idx)| sh.scopes.get(&ch.hold.scope)?.get(idx))
-                .map_or(0, Counter::used);
+                .map_or(0, |c| c.used_now(ch.hold.window, self.now_ms));
             let also = self
                 .batch
                 .ops
@@ -369,7 +382,9 @@ impl Step<'_, '_> {
                 let new_ms = expires_at.timestamp_millis();
                 for (h, &shard) in self.lease_holds.iter().zip(self.hold_shards) {
                     let sh = locked.shard(shard);
-                    if let Some((key, _)) = sh.find(&h.scope, &h.meter, h.window) {
+                    if let Some((key, idx)) = sh.find(&h.scope, &h.meter, h.window) {
+                        // A renewal writes the lease's counters: rolled.
+                        sh.advance(&h.scope, idx, h.window, self.now_ms);
                         let amount = sh.remove_hold(&h.scope, key, l.id, self.lease_expires);
                         if amount > 0 {
                             sh.add_hold(&h.scope, key, l.id, new_ms, amount);
@@ -465,6 +480,7 @@ impl Step<'_, '_> {
             let sh = locked.shard(ch.shard);
             let (scope, window) = (&ch.hold.scope, ch.hold.window);
             if let Some((key, idx)) = sh.find(scope, &ch.hold.meter, window) {
+                sh.advance(scope, idx, window, self.now_ms);
                 sh.remove_hold(scope, key, id, self.lease_expires);
                 if let Some(c) = sh.counter_mut(scope, idx) {
                     c.add(window, ch.charged);

@@ -22,6 +22,32 @@ pub(super) fn held_in(holds: &HoldMap, scope: &ScopeKey, key: KeyId) -> u64 {
         .map_or(0, |(_, h)| h.total)
 }
 
+/// What `(scope, key)` holds at `now_ms`, read without dropping the holds
+/// that expired by then, and whether any did (a batch that applies drops
+/// them with [`expire_holds`]; one that does not changes nothing).
+#[inline]
+pub(super) fn held_at(holds: &HoldMap, scope: &ScopeKey, key: KeyId, now_ms: i64) -> (u64, bool) {
+    // Most shards have no holds: this test alone, inlined.
+    if holds.is_empty() {
+        return (0, false);
+    }
+    some_held_at(holds, scope, key, now_ms)
+}
+
+#[inline(never)]
+fn some_held_at(holds: &HoldMap, scope: &ScopeKey, key: KeyId, now_ms: i64) -> (u64, bool) {
+    let Some(h) = holds
+        .get(scope)
+        .and_then(|l| l.iter().find(|(k, _)| *k == key))
+        .map(|(_, h)| h)
+    else {
+        return (0, false);
+    };
+    let n = h.entries.partition_point(|e| e.expires_ms <= now_ms);
+    let gone: u64 = h.entries[..n].iter().map(|e| e.amount).sum();
+    (h.total - gone, n > 0)
+}
+
 /// Apply `f` to the holds of `(scope, key)`, then forget them if empty.
 pub(super) fn with_holds<R>(
     holds: &mut HoldMap,

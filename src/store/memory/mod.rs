@@ -5,8 +5,8 @@
 //! `(meter, window)` ids of a shard), [`ledger`] (event ids), [`shard`] (a
 //! shard and the locks a batch holds), [`apply`] (the compact path and the
 //! phases both paths share), [`general`] (event ids, leases, cooldowns),
-//! [`report`] (counter states), [`times`] (date caches) and [`snapshot`]
-//! (snapshot and restore).
+//! [`report`] (counter states; rolls and views of counters due a roll),
+//! [`times`] (date caches) and [`snapshot`] (snapshot and restore).
 
 mod apply;
 mod counters;
@@ -102,8 +102,25 @@ const SNAPSHOT_VERSION: u32 = 1;
 /// 65,536 ids refuses a batch that needs another ([`Error::InvalidBatch`],
 /// nothing changed).
 ///
-/// Holds expire lazily but exactly: every batch drops, before it reads a
-/// counter, the holds whose lease expired at or before its `now`.
+/// Holds expire lazily but exactly: no batch counts a hold whose lease
+/// expired at or before its `now`; a batch that applies drops them from the
+/// counters it names.
+///
+/// A clock that steps back (contract rule 2): only a batch that applies
+/// rolls a counter, and only the counters it names; a `Check`, a refused
+/// batch, a batch that returns an error and
+/// [`Engine::usage`](crate::Engine::usage) read each counter as it would be
+/// at their `now` without writing it ([`MemoryStore::snapshot`] copies
+/// counters as they are). A counter already current costs nothing more; one
+/// due a roll is read in a view (the calendar period of `now`, or the
+/// rolling buckets still in the window) out of line. A counter holding usage
+/// never moves to an earlier period or bucket: after a step back, usage a
+/// forward batch wrote still counts, and new usage joins that later period
+/// or bucket. The one exception is reclaiming: a sweep runs at the `now` of
+/// the batch that triggered it (and [`MemoryStore::reclaim`] at the time it
+/// is given), and removes a counter whose usage has all left by then, and
+/// the holds that expired by then; a step back behind that time finds them
+/// gone. A sweep rolls no counter it keeps.
 ///
 /// [`MemoryStore::snapshot`] and [`MemoryStore::restore`] carry every counter,
 /// hold, lease, cooldown and ledger entry through serde, so a single-node host
@@ -215,14 +232,16 @@ impl MemoryStore {
         let mut removed = 0;
         scopes.retain(|scope, counters| {
             let held = holds.get(scope);
+            // A counter is read as of now, not rolled: a sweep runs at the
+            // time of whichever batch triggered it, and only a batch that
+            // applies rolls a counter (contract rule 2).
             let mut keep = |c: &mut Counter| {
                 let key = c.key();
                 let Some(&(_, window)) = keys.get(key) else {
                     return true;
                 };
-                c.advance(window, now_ms);
                 let holds = held.is_some_and(|l| l.iter().any(|(k, _)| *k == key));
-                c.used() > 0 || holds
+                c.used_now(window, now_ms) > 0 || holds
             };
             if counters.iter_mut().all(&mut keep) {
                 return true;

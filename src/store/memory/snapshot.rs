@@ -45,7 +45,7 @@ pub(super) enum Data {
 
 /// A rolling window in a snapshot: `slots.len() == buckets + 1` buckets of
 /// `width_ms`, the newest at bucket index `head`, the oldest holding usage at
-/// `tail`, and their running `total` (see [`Ring`]).
+/// `tail`, and their running `total` (see [`Ring`](super::counters::Ring)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Rolling {
     pub(super) width_ms: i64,

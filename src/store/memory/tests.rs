@@ -747,3 +747,86 @@ fn a_full_key_table_refuses_the_batch_and_recovers_when_keys_are_unused() {
         1
     );
 }
+
+/// A rolling counter's view at `now` (what a batch that does not apply
+/// reads) is what rolling it to `now` would leave: usage, tail, reset and
+/// available times, over random histories with steps back; and reading it
+/// changes nothing.
+#[test]
+fn a_rolling_view_reads_as_the_rolled_counter() {
+    use super::counters::{width_of, Ring};
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let ring_of = |c: &Counter, w: Window| -> (i64, u64, Option<i64>, Option<i64>) {
+        let Counter::Rolling { back, buf, .. } = c else {
+            unreachable!()
+        };
+        let r = Ring {
+            width_ms: width_of(w),
+            back: *back,
+            buf: &**buf,
+        };
+        (r.tail(), r.total(), r.resets_at(), r.available_at(3, 10))
+    };
+    for buckets in [1u32, 3, 4, 12] {
+        let w = Window::Rolling {
+            span_secs: 3_600,
+            buckets,
+        };
+        let width = width_of(w);
+        let mut now = 1_767_225_600_000_i64;
+        let mut c = Counter::new(0, w, now);
+        for _ in 0..2_000 {
+            let step = [
+                -2 * width,
+                -1,
+                0,
+                1,
+                width / 2,
+                width,
+                3 * width,
+                90 * width,
+            ];
+            now += step[(next() % step.len() as u64) as usize];
+            if next() % 2 == 0 {
+                c.advance(w, now);
+                c.add(w, next() % 5);
+            }
+            let before = c.clone();
+            let used = c.used_now(w, now);
+            let Counter::Rolling { back, buf, .. } = &c else {
+                unreachable!()
+            };
+            let r = Ring {
+                width_ms: width,
+                back: *back,
+                buf: &**buf,
+            };
+            let (tail, total) = r.view(now);
+            let view = (
+                r.resets_at_in(tail, total),
+                r.available_at_in(tail, total, 3, 10),
+            );
+            assert_eq!(c, before, "a view writes nothing");
+            let mut rolled = c.clone();
+            rolled.advance(w, now);
+            let (rtail, rtotal, rresets, ravail) = ring_of(&rolled, w);
+            assert_eq!((used, total), (rtotal, rtotal));
+            if total > 0 {
+                assert_eq!(tail, rtail);
+            }
+            // (An available time is asked for only past the maximum.)
+            let over = total + 3 > 10;
+            assert_eq!(
+                (view.0, view.1.filter(|_| over)),
+                (rresets, ravail.filter(|_| over)),
+                "buckets {buckets} at {now}"
+            );
+        }
+    }
+}
