@@ -11,6 +11,14 @@ use parking_lot::Mutex;
 pub trait Clock: Send + Sync {
     /// The current instant.
     fn now(&self) -> DateTime<Utc>;
+
+    /// The current instant in Unix milliseconds (rounded down), as
+    /// `now().timestamp_millis()` gives it, which is the default. The
+    /// engine's decisions read this (the store seam speaks milliseconds); a
+    /// clock that can tell it without building a `DateTime` overrides it.
+    fn now_ms(&self) -> i64 {
+        self.now().timestamp_millis()
+    }
 }
 
 /// The operating system's clock.
@@ -25,6 +33,16 @@ impl Clock for SystemClock {
         match SystemTime::now().duration_since(UNIX_EPOCH) {
             Ok(since) => from_unix(since).unwrap_or_else(Utc::now),
             Err(_) => Utc::now(),
+        }
+    }
+
+    /// The instant [`SystemClock::now`] reads, in Unix milliseconds, with
+    /// no calendar date computed.
+    #[inline]
+    fn now_ms(&self) -> i64 {
+        match SystemTime::now().duration_since(UNIX_EPOCH) {
+            Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
+            Err(_) => Utc::now().timestamp_millis(),
         }
     }
 }
@@ -79,7 +97,9 @@ fn from_unix(since: std::time::Duration) -> Option<DateTime<Utc>> {
 /// ```
 #[derive(Debug, Clone)]
 pub struct ManualClock {
-    now: Arc<Mutex<DateTime<Utc>>>,
+    /// The time, and the same in Unix milliseconds (for
+    /// [`Clock::now_ms`]), set together.
+    now: Arc<Mutex<(DateTime<Utc>, i64)>>,
 }
 
 /// A span a [`ManualClock`] can [`advance`](ManualClock::advance) by.
@@ -120,7 +140,7 @@ impl ManualClock {
     /// A clock standing at `start`.
     pub fn new(start: DateTime<Utc>) -> Self {
         Self {
-            now: Arc::new(Mutex::new(start)),
+            now: Arc::new(Mutex::new((start, start.timestamp_millis()))),
         }
     }
 
@@ -144,17 +164,19 @@ impl ManualClock {
 
     /// Set the clock to `to`.
     pub fn set(&self, to: DateTime<Utc>) {
-        *self.now.lock() = to;
+        *self.now.lock() = (to, to.timestamp_millis());
     }
 
     /// The time the clock stands at.
     pub fn now_utc(&self) -> DateTime<Utc> {
-        *self.now.lock()
+        self.now.lock().0
     }
 
     fn step(&self, to: impl FnOnce(DateTime<Utc>) -> Option<DateTime<Utc>>) {
         let mut now = self.now.lock();
-        *now = to(*now).unwrap_or(*now);
+        if let Some(t) = to(now.0) {
+            *now = (t, t.timestamp_millis());
+        }
     }
 }
 
@@ -162,11 +184,20 @@ impl Clock for ManualClock {
     fn now(&self) -> DateTime<Utc> {
         self.now_utc()
     }
+
+    /// The time the clock stands at, in Unix milliseconds, kept beside it.
+    fn now_ms(&self) -> i64 {
+        self.now.lock().1
+    }
 }
 
 impl<C: Clock + ?Sized> Clock for Arc<C> {
     fn now(&self) -> DateTime<Utc> {
         (**self).now()
+    }
+
+    fn now_ms(&self) -> i64 {
+        (**self).now_ms()
     }
 }
 
@@ -212,8 +243,48 @@ mod tests {
     fn system_clock_reads_the_instant_utc_now_reads() {
         let before = Utc::now();
         let now = SystemClock.now();
+        let now_ms = SystemClock.now_ms();
         let after = Utc::now();
         assert!(before <= now && now <= after, "{before} {now} {after}");
+        let (lo, hi) = (before.timestamp_millis(), after.timestamp_millis());
+        assert!(lo <= now_ms && now_ms <= hi, "{lo} {now_ms} {hi}");
+    }
+
+    /// `now_ms` is `now()` in Unix milliseconds, rounded down, through every
+    /// way a manual clock moves (and through an `Arc`, and the default a
+    /// clock of its own gets).
+    #[test]
+    fn now_ms_is_now_in_milliseconds() {
+        struct Fixed(DateTime<Utc>);
+        impl Clock for Fixed {
+            fn now(&self) -> DateTime<Utc> {
+                self.0
+            }
+        }
+        let start = Utc.with_ymd_and_hms(2026, 4, 8, 12, 0, 0).unwrap();
+        let clock = ManualClock::new(start + TimeDelta::nanoseconds(1_999_999));
+        let shared = std::sync::Arc::new(clock.clone());
+        let same = |c: &ManualClock| {
+            assert_eq!(c.now_ms(), c.now().timestamp_millis(), "{}", c.now());
+            assert_eq!(shared.now_ms(), c.now_ms());
+        };
+        same(&clock);
+        assert_eq!(clock.now_ms(), start.timestamp_millis() + 1);
+        clock.advance(Duration::from_millis(1_500));
+        same(&clock);
+        clock.rewind(Duration::from_secs(86_400));
+        same(&clock);
+        clock.advance(TimeDelta::days(-3));
+        same(&clock);
+        clock.advance(Duration::MAX);
+        same(&clock);
+        let before_epoch =
+            Utc.with_ymd_and_hms(1969, 12, 31, 23, 59, 59).unwrap() + TimeDelta::microseconds(500);
+        clock.set(before_epoch);
+        same(&clock);
+        assert_eq!(clock.now_ms(), -1_000);
+        let fixed = Fixed(before_epoch);
+        assert_eq!(fixed.now_ms(), before_epoch.timestamp_millis());
     }
 
     #[test]

@@ -13,13 +13,15 @@
 //! # }
 //! ```
 //!
-//! Every test drives time through `Batch::now` alone, so a backend that keeps
-//! its own clock (a server's) must let the batch's `now` rule, or document
-//! why it fails a test.
+//! Every test drives time through `Batch::now_ms` alone, so a backend that
+//! keeps its own clock (a server's) must let the batch's `now_ms` rule, or
+//! document why it fails a test.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
+
+use crate::name::Name;
 
 use crate::store::{
     AllowanceStore, Applied, Batch, CooldownOp, CounterOp, EventKey, Fraction, LeaseAction,
@@ -28,23 +30,28 @@ use crate::store::{
 use crate::{Error, Period, ScopeKey, Window};
 
 /// 2026-01-01 00:00 UTC plus `secs`.
-fn t(secs: i64) -> DateTime<Utc> {
+fn at(secs: i64) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
         .single()
         .unwrap_or_default()
         + Duration::seconds(secs)
 }
 
+/// [`at`] in Unix milliseconds, as a batch takes it.
+fn t(secs: i64) -> i64 {
+    at(secs).timestamp_millis()
+}
+
 const DAY: Window = Window::calendar(Period::Day);
 
 fn op<'a>(
     scope: &'a ScopeKey,
-    meter: &'a str,
+    meter: &str,
     window: Window,
     delta: u64,
     max: Option<u64>,
 ) -> CounterOp<'a> {
-    CounterOp::new(scope, meter, window, delta, max)
+    CounterOp::new(scope, Name::new(meter), window, delta, max)
 }
 
 fn apply<S: AllowanceStore>(store: &S, batch: Batch<'_>) -> Applied {
@@ -59,7 +66,7 @@ fn used<S: AllowanceStore>(
     scope: &ScopeKey,
     meter: &str,
     window: Window,
-    now: DateTime<Utc>,
+    now: i64,
 ) -> (u64, u64) {
     let a = apply(
         store,
@@ -227,8 +234,8 @@ pub fn holds_count_and_settle<S: AllowanceStore>(new: impl Fn() -> S) {
         id,
         &a,
         LeaseAction::Open {
-            expires_at: t(600),
-            deadline: None,
+            expires_at_ms: t(600),
+            deadline_ms: None,
         },
     );
     let ops = [
@@ -258,8 +265,8 @@ pub fn holds_count_and_settle<S: AllowanceStore>(new: impl Fn() -> S) {
         fresh_id(),
         &a,
         LeaseAction::Open {
-            expires_at: t(600),
-            deadline: None,
+            expires_at_ms: t(600),
+            deadline_ms: None,
         },
     );
     let r = apply(
@@ -311,8 +318,8 @@ pub fn holds_count_and_settle<S: AllowanceStore>(new: impl Fn() -> S) {
         id3,
         &a,
         LeaseAction::Open {
-            expires_at: t(600),
-            deadline: None,
+            expires_at_ms: t(600),
+            deadline_ms: None,
         },
     );
     apply(
@@ -352,8 +359,8 @@ pub fn leases_expire_and_renew<S: AllowanceStore>(new: impl Fn() -> S) {
         id,
         &a,
         LeaseAction::Open {
-            expires_at: t(100),
-            deadline: None,
+            expires_at_ms: t(100),
+            deadline_ms: None,
         },
     );
     apply(
@@ -365,7 +372,13 @@ pub fn leases_expire_and_renew<S: AllowanceStore>(new: impl Fn() -> S) {
         (0, 5),
         "held until its expiry"
     );
-    let renew = LeaseOp::new(id, &a, LeaseAction::Renew { expires_at: t(200) });
+    let renew = LeaseOp::new(
+        id,
+        &a,
+        LeaseAction::Renew {
+            expires_at_ms: t(200),
+        },
+    );
     apply(&s, Batch::new(&[], Mode::Force, t(99)).with_lease(renew));
     assert_eq!(
         used(&s, &a, "t", DAY, t(150)),
@@ -387,7 +400,9 @@ pub fn leases_expire_and_renew<S: AllowanceStore>(new: impl Fn() -> S) {
     );
     assert!(r.applied, "an expired hold leaves the whole maximum");
     for action in [
-        LeaseAction::Renew { expires_at: t(900) },
+        LeaseAction::Renew {
+            expires_at_ms: t(900),
+        },
         LeaseAction::Grow,
         LeaseAction::Settle {
             keep: Fraction::ONE,
@@ -412,8 +427,8 @@ pub fn leases_expire_and_renew<S: AllowanceStore>(new: impl Fn() -> S) {
         id2,
         &a,
         LeaseAction::Open {
-            expires_at: t(900),
-            deadline: Some(t(300)),
+            expires_at_ms: t(900),
+            deadline_ms: Some(t(300)),
         },
     );
     apply(
@@ -435,8 +450,8 @@ pub fn leases_expire_and_renew<S: AllowanceStore>(new: impl Fn() -> S) {
         id2,
         &a,
         LeaseAction::Open {
-            expires_at: t(900),
-            deadline: None,
+            expires_at_ms: t(900),
+            deadline_ms: None,
         },
     );
     assert!(matches!(
@@ -452,12 +467,12 @@ pub fn leases_expire_and_renew<S: AllowanceStore>(new: impl Fn() -> S) {
         "failed lease ops changed nothing"
     );
     // The deadline: overdue from 300 on, until the lease ends.
-    assert!(s.overdue(t(299)).map(|v| v.is_empty()).unwrap_or(false));
-    let due = s.overdue(t(300)).unwrap_or_default();
+    assert!(s.overdue(at(299)).map(|v| v.is_empty()).unwrap_or(false));
+    let due = s.overdue(at(300)).unwrap_or_default();
     assert_eq!(due.len(), 1);
-    assert_eq!((due[0].id, due[0].deadline), (id2, Some(t(300))));
+    assert_eq!((due[0].id, due[0].deadline), (id2, Some(at(300))));
     assert!(
-        s.overdue(t(900)).map(|v| v.is_empty()).unwrap_or(false),
+        s.overdue(at(900)).map(|v| v.is_empty()).unwrap_or(false),
         "an expired lease is not overdue work"
     );
 }
@@ -473,14 +488,14 @@ pub fn events_apply_once<S: AllowanceStore>(new: impl Fn() -> S) {
         &s,
         Batch::new(&ops, Mode::Force, t(0)).with_event(EventKey::new("e1", 42)),
     );
-    assert!(first.replayed_at.is_none());
+    assert!(first.replayed_at_ms.is_none());
     for i in 1..50 {
         let again = apply(
             &s,
             Batch::new(&ops, Mode::Force, t(i)).with_event(EventKey::new("e1", 42)),
         );
         assert_eq!(
-            again.replayed_at,
+            again.replayed_at_ms,
             Some(t(0)),
             "a replay names the first batch's time"
         );
@@ -507,7 +522,7 @@ pub fn events_apply_once<S: AllowanceStore>(new: impl Fn() -> S) {
         Batch::new(&small, Mode::WithinLimits, t(63)).with_event(EventKey::new("e2", 8)),
     );
     assert!(
-        r.applied && r.replayed_at.is_none(),
+        r.applied && r.replayed_at_ms.is_none(),
         "a refused batch does not spend its id"
     );
     assert_eq!(used(&s, &a, "t", DAY, t(64)).0, 5);
@@ -519,8 +534,8 @@ pub fn events_apply_once<S: AllowanceStore>(new: impl Fn() -> S) {
         id,
         &o1,
         LeaseAction::Open {
-            expires_at: t(600),
-            deadline: None,
+            expires_at_ms: t(600),
+            deadline_ms: None,
         },
     );
     apply(
@@ -539,13 +554,13 @@ pub fn events_apply_once<S: AllowanceStore>(new: impl Fn() -> S) {
             .with_event(EventKey::new("e3", 9))
     };
     let first = apply(&s, settle(&o1));
-    assert!(first.replayed_at.is_none());
+    assert!(first.replayed_at_ms.is_none());
     assert!(matches!(
         s.apply(&settle(&o2)),
         Err(Error::EventConflict { .. })
     ));
     let again = apply(&s, settle(&o1));
-    assert_eq!(again.replayed_at, Some(t(66)));
+    assert_eq!(again.replayed_at_ms, Some(t(66)));
     assert_eq!(
         again.settled, first.settled,
         "the owner's replay answers its settlement"
@@ -562,7 +577,7 @@ pub fn cooldowns_block_until_they_end<S: AllowanceStore>(new: impl Fn() -> S) {
         &s,
         Batch::new(&[], Mode::Force, t(0)).with_cooldowns(&start),
     );
-    assert_eq!(r.cooldowns, vec![Some(t(600))]);
+    assert_eq!(r.cooldowns[..], [Some(t(600))]);
     let check = [CooldownOp::new(&repo, None)];
     let ops = [op(&a, "t", DAY, 1, Some(10))];
     let r = apply(
@@ -570,7 +585,7 @@ pub fn cooldowns_block_until_they_end<S: AllowanceStore>(new: impl Fn() -> S) {
         Batch::new(&ops, Mode::WithinLimits, t(599)).with_cooldowns(&check),
     );
     assert!(!r.applied, "cooling down");
-    assert_eq!(r.cooldowns, vec![Some(t(600))], "the batch says until when");
+    assert_eq!(r.cooldowns[..], [Some(t(600))], "the batch says until when");
     assert_eq!(used(&s, &a, "t", DAY, t(599)).0, 0);
     let r = apply(
         &s,
@@ -584,7 +599,7 @@ pub fn cooldowns_block_until_they_end<S: AllowanceStore>(new: impl Fn() -> S) {
         &s,
         Batch::new(&ops, Mode::WithinLimits, t(600)).with_cooldowns(&check),
     );
-    assert!(r.applied && r.cooldowns == vec![None], "over at its end");
+    assert!(r.applied && r.cooldowns[..] == [None], "over at its end");
 }
 
 /// Rules 3 and 5 under threads: 8 threads admitting and reserving against
@@ -608,8 +623,8 @@ pub fn concurrent_batches_never_over_admit<S: AllowanceStore>(new: impl Fn() -> 
                             id,
                             &a,
                             LeaseAction::Open {
-                                expires_at: t(600),
-                                deadline: None,
+                                expires_at_ms: t(600),
+                                deadline_ms: None,
                             },
                         );
                         let ops = [
@@ -708,7 +723,7 @@ pub fn clock_steps_back_free_nothing<S: AllowanceStore>(new: impl Fn() -> S) {
         );
         assert!(!a.applied, "{x:?}: a step back freed usage");
         assert_eq!(a.counters[0].used, 10, "{x:?}");
-        assert_eq!(a.counters[0].period_start, Some(t(0)), "{x:?}");
+        assert_eq!(a.counters[0].period_start_ms, Some(t(0)), "{x:?}");
     }
     assert_eq!(used(&s, &c, "t", DAY, t(86_400)).0, 0, "the day still ends");
 
@@ -730,7 +745,7 @@ pub fn clock_steps_back_free_nothing<S: AllowanceStore>(new: impl Fn() -> S) {
     );
     assert!(a.applied);
     assert_eq!(a.counters[0].used, 20, "a step back freed rolling usage");
-    assert_eq!(a.counters[0].resets_at, Some(t(13 * H + 900)));
+    assert_eq!(a.counters[0].resets_at_ms, Some(t(13 * H + 900)));
     assert_eq!(used(&s, &g, "t", w, t(13 * H + 899)).0, 20, "never early");
     assert_eq!(
         used(&s, &g, "t", w, t(13 * H + 900)).0,
@@ -765,8 +780,8 @@ pub fn clock_steps_back_free_nothing<S: AllowanceStore>(new: impl Fn() -> S) {
         fresh_id(),
         &h,
         LeaseAction::Open {
-            expires_at: t(600),
-            deadline: None,
+            expires_at_ms: t(600),
+            deadline_ms: None,
         },
     );
     apply(

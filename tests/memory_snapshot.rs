@@ -1,13 +1,16 @@
 //! `MemoryStore::restore` refuses counters whose period does not match
 //! their window.
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
 use serde_json::Value;
 use tollgate::store::{Batch, CounterOp, Mode};
-use tollgate::{AllowanceStore, Error, MemoryStore, Period, ScopeKey, Snapshot, Window};
+use tollgate::{AllowanceStore, Error, MemoryStore, Name, Period, ScopeKey, Snapshot, Window};
 
-fn t(d: u32, h: u32) -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 4, d, h, 0, 0).unwrap()
+/// 2026-04-`d` at `h`:00 UTC, in Unix milliseconds.
+fn t(d: u32, h: u32) -> i64 {
+    Utc.with_ymd_and_hms(2026, 4, d, h, 0, 0)
+        .unwrap()
+        .timestamp_millis()
 }
 
 const DAY_MS: i64 = 86_400_000;
@@ -17,10 +20,16 @@ fn snapshot_json() -> Value {
     let store = MemoryStore::new();
     let a = ScopeKey::subject("a");
     let ops = [
-        CounterOp::new(&a, "day", Window::calendar(Period::Day), 10, Some(10)),
         CounterOp::new(
             &a,
-            "hour",
+            Name::new("day"),
+            Window::calendar(Period::Day),
+            10,
+            Some(10),
+        ),
+        CounterOp::new(
+            &a,
+            Name::new("hour"),
             Window::Rolling {
                 span_secs: 3_600,
                 buckets: 60,
@@ -136,9 +145,9 @@ fn reads_refusals_and_errors_at_a_later_time_change_no_counter() {
         buckets: 60,
     };
     let ops = [
-        CounterOp::new(&a, "day", day, 10, Some(10)),
-        CounterOp::new(&a, "hour", hour, 10, Some(10)),
-        CounterOp::new(&a, "life", Window::Lifetime, u64::MAX - 1, None),
+        CounterOp::new(&a, Name::new("day"), day, 10, Some(10)),
+        CounterOp::new(&a, Name::new("hour"), hour, 10, Some(10)),
+        CounterOp::new(&a, Name::new("life"), Window::Lifetime, u64::MAX - 1, None),
     ];
     assert!(
         store
@@ -146,13 +155,13 @@ fn reads_refusals_and_errors_at_a_later_time_change_no_counter() {
             .unwrap()
             .applied
     );
-    let held = [CounterOp::new(&a, "day", day, 1, None)];
+    let held = [CounterOp::new(&a, Name::new("day"), day, 1, None)];
     let open = LeaseOp::new(
         LeaseId::from_u128(7),
         &a,
         LeaseAction::Open {
-            expires_at: t(8, 13),
-            deadline: None,
+            expires_at_ms: t(8, 13),
+            deadline_ms: None,
         },
     );
     let b = Batch::new(&held, Mode::WithinLimits, t(8, 12)).with_lease(open);
@@ -165,17 +174,17 @@ fn reads_refusals_and_errors_at_a_later_time_change_no_counter() {
     assert_eq!((read.counters[0].used, read.counters[1].used), (0, 0));
     assert_eq!(read.counters[0].held, 0, "the hold expired");
     let too_much = [
-        CounterOp::new(&a, "day", day, 5, Some(10)),
-        CounterOp::new(&a, "hour", hour, 11, Some(10)),
+        CounterOp::new(&a, Name::new("day"), day, 5, Some(10)),
+        CounterOp::new(&a, Name::new("hour"), hour, 11, Some(10)),
     ];
     let r = store
         .apply(&Batch::new(&too_much, Mode::WithinLimits, later))
         .unwrap();
     assert!(!r.applied);
     let overflow = [
-        CounterOp::new(&a, "day", day, 1, None),
-        CounterOp::new(&a, "hour", hour, 1, None),
-        CounterOp::new(&a, "life", Window::Lifetime, 2, None),
+        CounterOp::new(&a, Name::new("day"), day, 1, None),
+        CounterOp::new(&a, Name::new("hour"), hour, 1, None),
+        CounterOp::new(&a, Name::new("life"), Window::Lifetime, 2, None),
     ];
     assert!(matches!(
         store.apply(&Batch::new(&overflow, Mode::Force, later)),

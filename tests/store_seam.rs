@@ -119,7 +119,7 @@ impl AllowanceStore for Short {
         out.applied = batch.mode != Mode::Check;
         let mut state = CounterState::default();
         state.used = 1;
-        out.counters = vec![state; batch.ops.len().saturating_sub(1)];
+        out.counters = vec![state; batch.ops.len().saturating_sub(1)].into();
         Ok(out)
     }
     fn overdue(&self, _: chrono::DateTime<chrono::Utc>) -> Result<Vec<tollgate::LeaseInfo>, Error> {

@@ -17,11 +17,16 @@
 //! Every macro takes the engine as `$engine` (the caller's `self`: a macro
 //! cannot name it) and `|$b| $apply`, the store call on the batch `$b`,
 //! an expression of type `Result<Applied, Error>`.
+//!
+//! A decision's time is read once, in Unix milliseconds
+//! ([`Clock::now_ms`](crate::Clock::now_ms)), the unit of the store seam:
+//! no `DateTime` is built on the way to a decision unless an observer or a
+//! refusal needs one.
 
 /// `check`, `admit` and `record`: the body of a call returning
 /// `Result<Decision, Error>`. `on_store_error: |e, p, now| …` answers a
-/// store error (`e`) given the prepared request and the call's time: the
-/// sync calls return it, the async ones may fail open.
+/// store error (`e`) given the prepared request and the call's time (a
+/// `DateTime`): the sync calls return it, the async ones may fail open.
 macro_rules! decide_call {
     (
         $engine:ident, $req:ident, $call:ident,
@@ -33,12 +38,13 @@ macro_rules! decide_call {
         // Inlined here: the prepared request is built in this frame, not
         // returned through two copies.
         let p = $engine.prepare_inline($req)?;
-        let now = $engine.clock.now();
+        let now_ms = $engine.clock.now_ms();
 
         // `check` and `admit` refuse a model outside the allowlist without
         // touching a counter; `record` still records (the work happened) and
         // reports the refusal.
         if $call != Call::Record && p.model_refused.is_some() {
+            let now = $crate::store::ms_to_time(now_ms);
             if let Some(decision) = $engine.refuse_model(&p, $call, $req, now) {
                 return Ok(decision);
             }
@@ -50,7 +56,7 @@ macro_rules! decide_call {
         } else {
             $engine.cooldowns_for(&p, $req.model, None, true)
         };
-        let batch = usage_batch($call, $req.event, list.ops.as_slice(), &cooldowns, now);
+        let batch = usage_batch($call, $req.event, list.ops.as_slice(), &cooldowns, now_ms);
         let applied = match {
             let $b = &batch;
             $apply
@@ -58,14 +64,14 @@ macro_rules! decide_call {
             Ok(applied) => applied,
             Err($e) => {
                 let $ep = &p;
-                let $enow = now;
+                let $enow = $crate::store::ms_to_time(now_ms);
                 return $on_error;
             }
         };
-        let at = applied.replayed_at.unwrap_or(now);
-        let mut decision = $engine.conclude($call, &p, &list, &applied, &cooldowns, at);
+        let at_ms = applied.replayed_at_ms.unwrap_or(now_ms);
+        let mut decision = $engine.conclude($call, &p, &list, &applied, &cooldowns, at_ms);
         $crate::engine::conclude::model_refusal(&mut decision, &p);
-        $engine.observe($call, $req, at, &decision);
+        $engine.observe_at($call, $req, at_ms, &decision);
         Ok(decision)
     }};
 }
@@ -98,8 +104,11 @@ macro_rules! renew_call {
         let now = $engine.clock.now();
         let expires_at = $crate::engine::reservation::after(now, $lease_ttl)?;
         let owner = ScopeKey::subject($reservation.subject.as_str());
-        let lease = LeaseOp::new($reservation.id, &owner, LeaseAction::Renew { expires_at });
-        let batch = Batch::new(&[], Mode::Force, now).with_lease(lease);
+        let renew = LeaseAction::Renew {
+            expires_at_ms: expires_at.timestamp_millis(),
+        };
+        let lease = LeaseOp::new($reservation.id, &owner, renew);
+        let batch = Batch::new(&[], Mode::Force, now.timestamp_millis()).with_lease(lease);
         {
             let $b = &batch;
             $apply
@@ -119,17 +128,17 @@ macro_rules! grow_call {
             return Err($crate::Error::request("grow takes no event id"));
         }
         let p = $engine.prepare_for($reservation, $more)?;
-        let now = $engine.clock.now();
+        let now_ms = $engine.clock.now_ms();
         let mut list = OpList::new(&p.alloc.scope);
         $engine.ops_for(&mut list, &p, $reservation.model.as_deref(), Shape::Usage);
         let lease = LeaseOp::new($reservation.id, &p.alloc.scope, LeaseAction::Grow);
-        let batch = lease_batch(Call::Grow, lease, None, list.ops.as_slice(), &[], now);
+        let batch = lease_batch(Call::Grow, lease, None, list.ops.as_slice(), &[], now_ms);
         let applied = {
             let $b = &batch;
             $apply
         }?;
-        let decision = $engine.conclude(Call::Grow, &p, &list, &applied, &[], now);
-        $engine.observe(Call::Grow, $more, now, &decision);
+        let decision = $engine.conclude(Call::Grow, &p, &list, &applied, &[], now_ms);
+        $engine.observe_at(Call::Grow, $more, now_ms, &decision);
         $reservation.grown(&p.amounts, &$engine.catalog.meter_ids, &decision);
         Ok(decision)
     }};
@@ -142,22 +151,22 @@ macro_rules! settle_call {
     ($engine:ident, $settling:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
         use $crate::engine::plan::{lease_batch, OpList, Shape};
         use $crate::store::{LeaseAction, LeaseOp};
-        let (s, now) = (&$settling, $engine.clock.now());
+        let (s, now_ms) = (&$settling, $engine.clock.now_ms());
         let (p, model) = (&s.p, s.reservation.model.as_deref());
         let mut list = OpList::new(&p.alloc.scope);
         $engine.ops_for(&mut list, p, model, Shape::Settle(&s.reservation.held));
-        let cooldowns = $engine.cooldowns_for(p, model, s.failed.then_some(now), false);
+        let cooldowns = $engine.cooldowns_for(p, model, s.failed.then_some(now_ms), false);
         let keep = LeaseAction::Settle { keep: s.keep };
         let lease = LeaseOp::new(s.reservation.id, &p.alloc.scope, keep);
         let ops = list.ops.as_slice();
-        let batch = lease_batch(s.call, lease, s.request.event, ops, &cooldowns, now);
+        let batch = lease_batch(s.call, lease, s.request.event, ops, &cooldowns, now_ms);
         let applied = {
             let $b = &batch;
             $apply
         }?;
-        let at = applied.replayed_at.unwrap_or(now);
-        let decision = $engine.conclude(s.call, p, &list, &applied, &[], at);
-        $engine.observe(s.call, s.request, at, &decision);
+        let at_ms = applied.replayed_at_ms.unwrap_or(now_ms);
+        let decision = $engine.conclude(s.call, p, &list, &applied, &[], at_ms);
+        $engine.observe_at(s.call, s.request, at_ms, &decision);
         Ok(decision)
     }};
 }
@@ -169,7 +178,7 @@ macro_rules! usage_call {
         let alloc = $engine.allocation_of($subject)?;
         let now = $engine.clock.now();
         let ops = $crate::engine::plan::usage_ops(&alloc);
-        let batch = Batch::new(&ops, Mode::Check, now);
+        let batch = Batch::new(&ops, Mode::Check, now.timestamp_millis());
         let applied = {
             let $b = &batch;
             $apply

@@ -63,7 +63,8 @@ pub struct UsageReport {
 
 impl<S, C: Clock> Engine<S, C> {
     /// The decision of a call from the store's answer to its batch (`list`
-    /// and `cooldowns`). Part of the hot path, inlined into it.
+    /// and `cooldowns`) at `at_ms` (Unix milliseconds). Part of the hot
+    /// path, inlined into it.
     #[inline(always)]
     pub(super) fn conclude(
         &self,
@@ -72,10 +73,10 @@ impl<S, C: Clock> Engine<S, C> {
         list: &OpList<'_>,
         applied: &Applied,
         cooldowns: &[CooldownOp<'_>],
-        at: DateTime<Utc>,
+        at_ms: i64,
     ) -> Decision {
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
-        self.finish_quiet(call, p, ops, limits, applied, cooldowns, at)
+        self.finish_quiet(call, p, ops, limits, applied, cooldowns, at_ms)
     }
 
     /// The decision on the limits and cooldowns the store answered.
@@ -89,7 +90,7 @@ impl<S, C: Clock> Engine<S, C> {
         limits: &[&Limit],
         applied: &Applied,
         cooldowns: &[CooldownOp<'_>],
-        at: DateTime<Utc>,
+        at_ms: i64,
     ) -> Decision {
         // The latest cooldown still running, for the calls it blocks.
         let cooling = match call {
@@ -97,7 +98,8 @@ impl<S, C: Clock> Engine<S, C> {
                 .iter()
                 .zip(&applied.cooldowns)
                 .filter_map(|(c, u)| Some((c.scope, (*u)?)))
-                .max_by_key(|(_, u)| *u),
+                .max_by_key(|(_, u)| *u)
+                .map(|(scope, until)| (scope, crate::store::ms_to_time(until))),
             _ => None,
         };
         build_decision(
@@ -105,7 +107,7 @@ impl<S, C: Clock> Engine<S, C> {
             limits,
             applied,
             call,
-            at,
+            at_ms,
             p.cost.clone(),
             p.unpriced_ids(),
             cooling,
@@ -178,8 +180,8 @@ impl<S, C: Clock> Engine<S, C> {
                 Ok(MeterUsage {
                     meter: l.meter,
                     window: l.window,
-                    period_start: s.period_start,
-                    resets_at: s.resets_at,
+                    period_start: to_time(s.period_start_ms),
+                    resets_at: to_time(s.resets_at_ms),
                     units: meter.to_decimal(s.used),
                     held: meter.to_decimal(s.held),
                     max: l.max.map(|m| meter.to_decimal(m)),
@@ -243,6 +245,12 @@ fn report_status(limit: &Limit, used: u64) -> Status {
     }
 }
 
+/// A store's instant (Unix milliseconds) as a decision's `DateTime`.
+#[inline]
+fn to_time(ms: Option<i64>) -> Option<DateTime<Utc>> {
+    ms.map(crate::store::ms_to_time)
+}
+
 /// The binding limit and when to retry: among exceeded limits, the one
 /// that frees last (`Some(None)`: never); otherwise the least headroom.
 /// One call site; split from [`build_decision`] for reading and inlined
@@ -263,7 +271,8 @@ fn binding(
         if st.status != Status::Exceeded {
             continue;
         }
-        let later = match (retry_at, s.available_at) {
+        let available_at = to_time(s.available_at_ms);
+        let later = match (retry_at, available_at) {
             (None, _) => true,
             (Some(None), _) => false,
             (Some(Some(_)), None) => true,
@@ -271,7 +280,7 @@ fn binding(
         };
         if later {
             binding = Some(i);
-            retry_at = Some(s.available_at);
+            retry_at = Some(available_at);
         }
     }
     (binding, retry_at)
@@ -310,7 +319,7 @@ fn build_decision(
     limits: &[&Limit],
     applied: &Applied,
     call: Call,
-    now: DateTime<Utc>,
+    now_ms: i64,
     cost: Option<Money>,
     unpriced: Vec<Name>,
     cooling: Option<(&ScopeKey, DateTime<Utc>)>,
@@ -338,7 +347,7 @@ fn build_decision(
                 .settled
                 .iter()
                 .filter(|h: &&SettledHold| {
-                    h.scope == *op.scope && &*h.meter == op.meter && h.window == op.window
+                    h.scope == *op.scope && op.meter == *h.meter && h.window == op.window
                 })
                 .map(|h| h.charged)
                 .sum();
@@ -370,8 +379,8 @@ fn build_decision(
                 held: s.held,
                 max: op.max,
                 remaining,
-                period_start: s.period_start,
-                resets_at: s.resets_at,
+                period_start: to_time(s.period_start_ms),
+                resets_at: to_time(s.resets_at_ms),
                 status: this,
             }
         })
@@ -391,9 +400,10 @@ fn build_decision(
     let retry_after = if allowed {
         None
     } else {
-        retry_at
-            .flatten()
-            .map(|t| (t - now).to_std().unwrap_or_default())
+        retry_at.flatten().map(|t| {
+            let ms = t.timestamp_millis().saturating_sub(now_ms);
+            std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+        })
     };
     let charged_any = applied.settled.iter().any(|h| h.charged > 0);
     Decision {

@@ -341,6 +341,17 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     }
 }
 
+impl<S, C: Clock> Engine<S, C> {
+    /// [`Engine::observe`] at `at_ms` (Unix milliseconds): the instant is
+    /// made a `DateTime` only when there is an observer to show it to.
+    #[inline(always)]
+    fn observe_at(&self, call: Call, req: &Request<'_>, at_ms: i64, decision: &Decision) {
+        if self.observer.is_some() {
+            self.observe(call, req, crate::store::ms_to_time(at_ms), decision);
+        }
+    }
+}
+
 /// The contract's answer shape: one counter state per op, one cooldown
 /// answer per cooldown. Inlined into `apply` and `apply_async`, as the
 /// check was when it was written in `apply`.

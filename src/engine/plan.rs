@@ -3,7 +3,6 @@
 
 use std::hash::Hasher as _;
 
-use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 
 use super::allocations::Resolved;
@@ -43,7 +42,13 @@ impl<'a> OpList<'a> {
     #[inline(always)]
     pub(super) fn new(scope: &'a ScopeKey) -> Self {
         OpList {
-            ops: Inline::filled(CounterOp::new(scope, "", Window::Lifetime, 0, None)),
+            ops: Inline::filled(CounterOp::new(
+                scope,
+                NO_LIMIT.meter,
+                Window::Lifetime,
+                0,
+                None,
+            )),
             limits: Inline::filled(&*NO_LIMIT),
         }
     }
@@ -145,15 +150,15 @@ impl<S, C: Clock> Engine<S, C> {
         }
     }
 
-    /// The cooldowns of the scopes a call draws on; with `start`, each
-    /// starts at `start` for its own length. With `zero_passes`, none for a
+    /// The cooldowns of the scopes a call draws on; with `start_ms` (Unix
+    /// milliseconds), each starts then for its own length. With `zero_passes`, none for a
     /// request whose amounts are all zero: a cooldown does not refuse it.
     #[inline(always)]
     pub(super) fn cooldowns_for<'a>(
         &'a self,
         p: &'a Prepared,
         model: Option<&str>,
-        start: Option<DateTime<Utc>>,
+        start_ms: Option<i64>,
         zero_passes: bool,
     ) -> Vec<CooldownOp<'a>> {
         // A request drawing only on its own scope, whose plan declares no
@@ -166,7 +171,7 @@ impl<S, C: Clock> Engine<S, C> {
         {
             return Vec::new();
         }
-        self.cooldown_walk(p, model, start, zero_passes)
+        self.cooldown_walk(p, model, start_ms, zero_passes)
     }
 
     /// [`Engine::cooldowns_for`] over every scope of the call.
@@ -175,7 +180,7 @@ impl<S, C: Clock> Engine<S, C> {
         &'a self,
         p: &'a Prepared,
         model: Option<&str>,
-        start: Option<DateTime<Utc>>,
+        start_ms: Option<i64>,
         zero_passes: bool,
     ) -> Vec<CooldownOp<'a>> {
         if zero_passes && p.is_zero() {
@@ -184,8 +189,11 @@ impl<S, C: Clock> Engine<S, C> {
         self.scopes(p, model)
             .filter_map(|(scope, _, ms)| {
                 let ms = ms?;
-                let until =
-                    start.and_then(|t| t.checked_add_signed(chrono::Duration::milliseconds(ms)));
+                // Past the range of a `DateTime`, as adding a `Duration` to
+                // one was: no cooldown starts.
+                let until = start_ms
+                    .and_then(|t| t.checked_add(ms))
+                    .filter(|&t| chrono::DateTime::from_timestamp_millis(t).is_some());
                 Some(CooldownOp::new(scope, until))
             })
             .collect()
@@ -218,7 +226,7 @@ fn push_ops<'a>(
         };
         if let Some(delta) = delta {
             list.ops
-                .push(CounterOp::new(scope, &l.meter, l.window, delta, l.max));
+                .push(CounterOp::new(scope, l.meter, l.window, delta, l.max));
             list.limits.push(l);
         }
     }
@@ -233,14 +241,14 @@ pub(super) fn usage_batch<'a>(
     event: Option<&'a str>,
     ops: &'a [CounterOp<'a>],
     cooldowns: &'a [CooldownOp<'a>],
-    now: DateTime<Utc>,
+    now_ms: i64,
 ) -> Batch<'a> {
     let mode = match call {
         Call::Check => Mode::Check,
         Call::Admit => Mode::WithinLimits,
         _ => Mode::Force,
     };
-    let mut batch = Batch::new(ops, mode, now).with_cooldowns(cooldowns);
+    let mut batch = Batch::new(ops, mode, now_ms).with_cooldowns(cooldowns);
     if let (Some(id), Call::Admit | Call::Record) = (event, call) {
         batch = batch.with_event(EventKey::new(id, fingerprint(call, None, ops)));
     }
@@ -256,10 +264,10 @@ pub(super) fn lease_batch<'a>(
     event: Option<&'a str>,
     ops: &'a [CounterOp<'a>],
     cooldowns: &'a [CooldownOp<'a>],
-    now: DateTime<Utc>,
+    now_ms: i64,
 ) -> Batch<'a> {
     let id = lease.id;
-    let batch = Batch::new(ops, Mode::Force, now)
+    let batch = Batch::new(ops, Mode::Force, now_ms)
         .with_lease(lease)
         .with_cooldowns(cooldowns);
     match event {
@@ -274,7 +282,7 @@ pub(super) fn usage_ops(alloc: &Resolved) -> Vec<CounterOp<'_>> {
     alloc
         .limits
         .iter()
-        .map(|l| CounterOp::new(&alloc.scope, &l.meter, l.window, 0, l.max))
+        .map(|l| CounterOp::new(&alloc.scope, l.meter, l.window, 0, l.max))
         .collect()
 }
 
@@ -317,7 +325,7 @@ fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64
     for op in ops {
         h.u64(op.scope.kind() as u64);
         h.str(op.scope.id());
-        h.str(op.meter);
+        h.str(op.meter.as_str());
         match op.window {
             Window::Calendar {
                 period,
@@ -346,7 +354,7 @@ fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64
 mod tests {
     use super::{fingerprint, Call};
     use crate::store::{CounterOp, LeaseId, ScopeKey};
-    use crate::{Period, Window};
+    use crate::{Name, Period, Window};
 
     /// Fingerprints are compared across processes and builds (a restored
     /// snapshot, a shared Redis ledger): pinned, so a change to the hash or
@@ -358,15 +366,15 @@ mod tests {
         let ops = [
             CounterOp::new(
                 &agent,
-                "llm_tokens_input",
+                Name::new("llm_tokens_input"),
                 Window::calendar(Period::Month),
                 1_200,
                 Some(20_000),
             ),
-            CounterOp::new(&agent, "jobs", Window::Concurrent, 1, Some(2)),
+            CounterOp::new(&agent, Name::new("jobs"), Window::Concurrent, 1, Some(2)),
             CounterOp::new(
                 &agent,
-                "requests",
+                Name::new("requests"),
                 Window::Calendar {
                     period: Period::Day,
                     utc_offset_secs: -9 * 3_600,
@@ -374,10 +382,10 @@ mod tests {
                 0,
                 Some(0),
             ),
-            CounterOp::new(&pool, "cost", Window::Lifetime, 36_000, None),
+            CounterOp::new(&pool, Name::new("cost"), Window::Lifetime, 36_000, None),
             CounterOp::new(
                 &pool,
-                "exec_seconds",
+                Name::new("exec_seconds"),
                 Window::Rolling {
                     span_secs: 7 * 86_400,
                     buckets: 28,

@@ -123,6 +123,8 @@ pub(super) struct Opening {
     id: LeaseId,
     pub(super) p: Prepared,
     now: DateTime<Utc>,
+    /// `now` in Unix milliseconds, the seam's unit.
+    now_ms: i64,
     expires_at: DateTime<Utc>,
     deadline: Option<DateTime<Utc>>,
 }
@@ -138,11 +140,11 @@ impl Opening {
             self.id,
             &self.p.alloc.scope,
             LeaseAction::Open {
-                expires_at: self.expires_at,
-                deadline: self.deadline,
+                expires_at_ms: self.expires_at.timestamp_millis(),
+                deadline_ms: self.deadline.map(|d| d.timestamp_millis()),
             },
         );
-        Batch::new(ops, Mode::WithinLimits, self.now)
+        Batch::new(ops, Mode::WithinLimits, self.now_ms)
             .with_lease(lease)
             .with_cooldowns(cooldowns)
     }
@@ -177,6 +179,7 @@ impl<S, C: Clock> Engine<S, C> {
             id: LeaseId::random(),
             p,
             now,
+            now_ms: now.timestamp_millis(),
             expires_at,
             deadline,
         }))
@@ -193,7 +196,7 @@ impl<S, C: Clock> Engine<S, C> {
         applied: &Applied,
         cooldowns: &[CooldownOp<'_>],
     ) -> Result<Reservation, Decision> {
-        let decision = self.conclude(Call::Reserve, &o.p, list, applied, cooldowns, o.now);
+        let decision = self.conclude(Call::Reserve, &o.p, list, applied, cooldowns, o.now_ms);
         self.observe(Call::Reserve, request, o.now, &decision);
         if !applied.applied {
             return Err(decision);

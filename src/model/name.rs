@@ -40,6 +40,18 @@ impl Name {
         Self(leaked)
     }
 
+    /// The interned name `s`, for a store or a test that builds a
+    /// [`CounterOp`](crate::store::CounterOp) itself: the name a catalog
+    /// with the meter `s` uses, so the two compare equal by pointer.
+    ///
+    /// For catalog names only (meter ids, currencies): an interned name
+    /// lives for the rest of the process, so a name made from request data
+    /// (subject ids, event ids) would grow memory without bound. Interning
+    /// takes a global lock; build names once, not per call.
+    pub fn new(s: &str) -> Self {
+        Self::intern(s)
+    }
+
     /// The name as a string slice.
     pub fn as_str(&self) -> &'static str {
         self.0

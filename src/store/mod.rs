@@ -16,7 +16,7 @@
 //!    nothing, a batch that names a counter twice, has an invalid window
 //!    (a rolling window with no buckets, a span not divisible into them), or
 //!    pairs a lease action with the wrong mode (see rule 7).
-//! 2. **Roll windows at `batch.now`** (or at a clock the backend documents):
+//! 2. **Roll windows at `batch.now_ms`** (or at a clock the backend documents):
 //!    a [`Window::Calendar`] counter reads zero once `now` is past the period
 //!    it was written in; a [`Window::Rolling`] counter keeps `buckets + 1`
 //!    integer buckets of width `span / buckets` aligned to the Unix epoch,
@@ -84,7 +84,7 @@
 //!    after it settled or expired; it then reads as unknown.
 //! 8. **Apply an event once** ([`EventKey`]): if the ledger holds the id from
 //!    a batch that applied less than the backend's horizon ago, return that
-//!    batch's [`Applied`] with [`Applied::replayed_at`] set to its `now`,
+//!    batch's [`Applied`] with [`Applied::replayed_at_ms`] set to its `now_ms`,
 //!    changing nothing — or [`Error::EventConflict`] if the fingerprint
 //!    differs. The fingerprint compared is the event's together with the
 //!    batch's lease owner ([`event_fingerprint`]), so a replay never answers
@@ -93,12 +93,27 @@
 //!    replays instead of failing as settled.
 //! 9. **Keep cooldowns** ([`CooldownOp`]): in `Check` and `WithinLimits`, a
 //!    listed scope whose cooldown runs past `now` makes the batch not fit.
-//!    When the batch applies, a `start_until` extends the scope's cooldown
+//!    When the batch applies, a `start_until_ms` extends the scope's cooldown
 //!    to at least that time. [`Applied::cooldowns`] reports each listed
 //!    scope's cooldown end if it is still running after the batch.
 //!
 //! Policy — statuses, warning ratios, prices, allowlists, refund shares,
 //! fingerprints — stays in the engine, so a backend stays small.
+//!
+//! # Times, names and answers
+//!
+//! Every instant in a batch and in its answer is an `i64` of Unix
+//! milliseconds (UTC), the unit a window's calendar bounds and rolling
+//! buckets are computed in: a backend builds no `DateTime`. A meter is a [`Name`], interned when the catalog is built,
+//! so two ops name the same meter exactly when their names are one pointer
+//! ([`Name::as_str`]'s address): a backend may key its counters by it and
+//! never compare strings. An answer keeps up to [`INLINE_STATES`] counter
+//! states and cooldowns inline ([`InlineVec`]), so a batch of an ordinary
+//! plan is answered without a heap allocation.
+//!
+//! [`AllowanceStore::overdue`] and its [`LeaseInfo`] keep `DateTime`s: a
+//! maintenance call whose answer is read by people and logs, not a
+//! per-decision one.
 
 #[cfg(feature = "async")]
 mod async_store;
@@ -107,10 +122,13 @@ mod memory;
 mod redis;
 mod validate;
 
+use std::fmt;
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use smallvec::SmallVec;
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
@@ -125,6 +143,7 @@ pub use crate::model::lease::{Fraction, LeaseId};
 pub(crate) use crate::model::scope::ScopeMap;
 pub use crate::model::scope::{ScopeKey, ScopeKind};
 
+use crate::name::Name;
 use crate::window::Window;
 use crate::Error;
 
@@ -145,8 +164,9 @@ pub enum Mode {
 pub struct CounterOp<'a> {
     /// Whose counter.
     pub scope: &'a ScopeKey,
-    /// Which meter.
-    pub meter: &'a str,
+    /// Which meter: interned, so equal meters are one pointer (see the
+    /// [module docs](self#times-names-and-answers)).
+    pub meter: Name,
     /// Over which window.
     pub window: Window,
     /// Amount to add, in the meter's smallest unit.
@@ -161,16 +181,17 @@ pub struct CounterOp<'a> {
 pub enum LeaseAction {
     /// Open the lease: the ops' deltas become its holds.
     Open {
-        /// The holds count until this instant unless renewed.
-        expires_at: DateTime<Utc>,
-        /// When the work is overdue (a maximum job duration); reported by
-        /// [`AllowanceStore::overdue`].
-        deadline: Option<DateTime<Utc>>,
+        /// The holds count until this instant (Unix milliseconds) unless
+        /// renewed.
+        expires_at_ms: i64,
+        /// When the work is overdue (a maximum job duration; Unix
+        /// milliseconds); reported by [`AllowanceStore::overdue`].
+        deadline_ms: Option<i64>,
     },
     /// Move the lease's expiry.
     Renew {
-        /// The new expiry.
-        expires_at: DateTime<Utc>,
+        /// The new expiry (Unix milliseconds).
+        expires_at_ms: i64,
     },
     /// Add the ops' deltas to the lease's holds.
     Grow,
@@ -227,14 +248,17 @@ pub struct CooldownOp<'a> {
     /// The scope.
     pub scope: &'a ScopeKey,
     /// When set and the batch applies: the scope cools down until at least
-    /// this instant.
-    pub start_until: Option<DateTime<Utc>>,
+    /// this instant (Unix milliseconds).
+    pub start_until_ms: Option<i64>,
 }
 
 impl<'a> CooldownOp<'a> {
-    /// Check (and with `start_until`, start) a scope's cooldown.
-    pub fn new(scope: &'a ScopeKey, start_until: Option<DateTime<Utc>>) -> Self {
-        Self { scope, start_until }
+    /// Check (and with `start_until_ms`, start) a scope's cooldown.
+    pub fn new(scope: &'a ScopeKey, start_until_ms: Option<i64>) -> Self {
+        Self {
+            scope,
+            start_until_ms,
+        }
     }
 }
 
@@ -246,8 +270,8 @@ pub struct Batch<'a> {
     pub ops: &'a [CounterOp<'a>],
     /// How to apply them.
     pub mode: Mode,
-    /// The engine's clock reading for this decision.
-    pub now: DateTime<Utc>,
+    /// The engine's clock reading for this decision, in Unix milliseconds.
+    pub now_ms: i64,
     /// A reservation's lease, if the batch is part of one.
     pub lease: Option<LeaseOp<'a>>,
     /// An idempotency key, if the caller gave one.
@@ -256,10 +280,12 @@ pub struct Batch<'a> {
     pub cooldowns: &'a [CooldownOp<'a>],
 }
 
-/// A counter as it stands after a batch.
+/// A counter as it stands after a batch. Instants are Unix milliseconds.
 ///
 /// A backend builds one with `CounterState::default()` and sets the fields
-/// it knows; fields added later default to "nothing to report".
+/// it knows; fields added later default to "nothing to report". Serialized
+/// (in a [`MemoryStore`] snapshot's ledger) with the instants as RFC 3339
+/// times under their names without `_ms`, as before they were milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct CounterState {
@@ -271,18 +297,22 @@ pub struct CounterState {
     #[serde(default)]
     pub held: u64,
     /// Start of the current period (calendar), `now - span` (rolling), or
-    /// `None` (lifetime, concurrent).
-    pub period_start: Option<DateTime<Utc>>,
+    /// `None` (lifetime, concurrent); Unix milliseconds.
+    #[serde(rename = "period_start", with = "as_time")]
+    pub period_start_ms: Option<i64>,
     /// When usage next leaves: the next period start (calendar), when the
     /// oldest counted bucket leaves (rolling, `None` if empty), `None`
-    /// (lifetime, concurrent).
-    pub resets_at: Option<DateTime<Utc>>,
+    /// (lifetime, concurrent); Unix milliseconds.
+    #[serde(rename = "resets_at", with = "as_time")]
+    pub resets_at_ms: Option<i64>,
     /// Set only when `used + held + delta` is past the maximum (for an
     /// applied batch, `delta` counts as 0): the earliest time at which it
-    /// would not be, if nothing else were added and every hold stayed.
-    /// `None` there means waiting for the window never helps (a lifetime or
-    /// concurrent counter, or `held + delta` above the maximum).
-    pub available_at: Option<DateTime<Utc>>,
+    /// would not be, if nothing else were added and every hold stayed, in
+    /// Unix milliseconds. `None` there means waiting for the window never
+    /// helps (a lifetime or concurrent counter, or `held + delta` above the
+    /// maximum).
+    #[serde(rename = "available_at", with = "as_time")]
+    pub available_at_ms: Option<i64>,
 }
 
 /// One hold removed by [`LeaseAction::Settle`].
@@ -321,22 +351,188 @@ impl SettledHold {
 pub struct Applied {
     /// Whether the batch was applied.
     pub applied: bool,
-    /// One state per op, in the batch's order.
-    pub counters: Vec<CounterState>,
+    /// One state per op, in the batch's order; inline up to
+    /// [`INLINE_STATES`] ops.
+    pub counters: InlineVec<CounterState>,
     /// For [`LeaseAction::Settle`]: every hold the lease had, and its charge.
     #[serde(default)]
     pub settled: Vec<SettledHold>,
     /// One entry per [`CooldownOp`], in order: when its scope's cooldown
-    /// ends, if it runs past `now` after the batch.
-    #[serde(default)]
-    pub cooldowns: Vec<Option<DateTime<Utc>>>,
-    /// Set when the batch's event id was already applied: the `now` of that
-    /// first batch, whose answer this is. Nothing changed.
-    #[serde(default)]
-    pub replayed_at: Option<DateTime<Utc>>,
+    /// ends (Unix milliseconds), if it runs past `now_ms` after the batch.
+    /// Serialized as RFC 3339 times.
+    #[serde(default, with = "as_times")]
+    pub cooldowns: InlineVec<Option<i64>>,
+    /// Set when the batch's event id was already applied: the `now_ms` of
+    /// that first batch, whose answer this is. Nothing changed. Serialized
+    /// as an RFC 3339 time under `replayed_at`.
+    #[serde(rename = "replayed_at", default, with = "as_time")]
+    pub replayed_at_ms: Option<i64>,
+}
+
+/// How many items an [`InlineVec`] keeps inline: the counter states of a
+/// batch of up to this many ops (a plan's limits and a pool or two), and
+/// as many cooldowns, are answered without a heap allocation; a longer
+/// batch's answer spills to the heap.
+pub const INLINE_STATES: usize = 8;
+
+/// A list kept inline up to [`INLINE_STATES`] items and on the heap past
+/// that: an [`Applied`]'s per-op states and cooldowns.
+///
+/// Reads as a slice (it derefs to `[T]`); build one with
+/// [`InlineVec::new`] (or `Default`) and [`InlineVec::push`], or collect
+/// it from an iterator or a `Vec`. Serialized as a sequence.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InlineVec<T>(SmallVec<[T; INLINE_STATES]>);
+
+impl<T> InlineVec<T> {
+    /// An empty list.
+    #[inline]
+    pub fn new() -> Self {
+        Self(SmallVec::new())
+    }
+
+    /// Append `item`: inline while there is room, on the heap past
+    /// [`INLINE_STATES`] items.
+    #[inline]
+    pub fn push(&mut self, item: T) {
+        self.0.push(item);
+    }
+
+    /// The items as a slice.
+    #[inline]
+    pub fn as_slice(&self) -> &[T] {
+        &self.0
+    }
+
+    /// Whether the items have spilled to the heap.
+    pub fn spilled(&self) -> bool {
+        self.0.spilled()
+    }
+}
+
+impl<T> Default for InlineVec<T> {
+    #[inline]
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> Deref for InlineVec<T> {
+    type Target = [T];
+
+    #[inline]
+    fn deref(&self) -> &[T] {
+        &self.0
+    }
+}
+
+impl<T> DerefMut for InlineVec<T> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.0
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for InlineVec<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl<T> FromIterator<T> for InlineVec<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
+    }
+}
+
+impl<T> Extend<T> for InlineVec<T> {
+    fn extend<I: IntoIterator<Item = T>>(&mut self, iter: I) {
+        self.0.extend(iter);
+    }
+}
+
+impl<T> From<Vec<T>> for InlineVec<T> {
+    fn from(v: Vec<T>) -> Self {
+        Self(SmallVec::from_vec(v))
+    }
+}
+
+impl<'a, T> IntoIterator for &'a InlineVec<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<T: Serialize> Serialize for InlineVec<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for InlineVec<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Vec::<T>::deserialize(deserializer).map(Self::from)
+    }
+}
+
+/// Unix milliseconds as a `DateTime`, clamped to chrono's range (which
+/// every instant a clock or a calendar gives is within).
+pub(crate) fn ms_to_time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or(if ms < 0 {
+        DateTime::<Utc>::MIN_UTC
+    } else {
+        DateTime::<Utc>::MAX_UTC
+    })
+}
+
+/// Serde for an optional instant in Unix milliseconds, as the RFC 3339
+/// time it was serialized as when the seam spoke `DateTime`s.
+mod as_time {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+        ms.map(super::ms_to_time).serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        Ok(Option::<DateTime<Utc>>::deserialize(d)?.map(|t| t.timestamp_millis()))
+    }
+}
+
+/// [`as_time`] for a list of optional instants.
+mod as_times {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::InlineVec;
+
+    pub(super) fn serialize<S: Serializer>(
+        list: &InlineVec<Option<i64>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(list.iter().map(|ms| ms.map(super::ms_to_time)))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<InlineVec<Option<i64>>, D::Error> {
+        let times = Vec::<Option<DateTime<Utc>>>::deserialize(d)?;
+        Ok(times
+            .into_iter()
+            .map(|t| t.map(|t| t.timestamp_millis()))
+            .collect())
+    }
 }
 
 /// A live lease past its deadline, as [`AllowanceStore::overdue`] reports it.
+///
+/// Its instants stay `DateTime`s (unlike a batch's, see the [module
+/// docs](self#times-names-and-answers)): `overdue` is a maintenance call,
+/// its answer read by people and logs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct LeaseInfo {
@@ -375,7 +571,7 @@ impl<'a> CounterOp<'a> {
     /// An op adding `delta` to `(scope, meter, window)` with maximum `max`.
     pub fn new(
         scope: &'a ScopeKey,
-        meter: &'a str,
+        meter: Name,
         window: Window,
         delta: u64,
         max: Option<u64>,
@@ -391,13 +587,13 @@ impl<'a> CounterOp<'a> {
 }
 
 impl<'a> Batch<'a> {
-    /// A batch of `ops` applied in `mode` at `now`, with no lease, event or
-    /// cooldown.
-    pub fn new(ops: &'a [CounterOp<'a>], mode: Mode, now: DateTime<Utc>) -> Self {
+    /// A batch of `ops` applied in `mode` at `now_ms` (Unix milliseconds),
+    /// with no lease, event or cooldown.
+    pub fn new(ops: &'a [CounterOp<'a>], mode: Mode, now_ms: i64) -> Self {
         Self {
             ops,
             mode,
-            now,
+            now_ms,
             lease: None,
             event: None,
             cooldowns: &[],

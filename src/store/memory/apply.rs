@@ -7,8 +7,9 @@ use super::report::{report_views, roll_ops, state_of};
 use super::shard::{run_end, Locked, Shard, NONE};
 use super::{MemoryStore, SIDE_SHARDS};
 use crate::inline::Inline;
+use crate::name::Name;
 use crate::store::validate::invalid;
-use crate::store::{fits, Applied, Batch, CounterOp, CounterState, Mode, ScopeKey};
+use crate::store::{fits, Applied, Batch, CounterOp, CounterState, InlineVec, Mode, ScopeKey};
 use crate::Error;
 
 /// `apply`'s parts: the compact path of a batch of counter ops only, the
@@ -18,7 +19,7 @@ impl MemoryStore {
     /// [`MemoryStore::apply_general`] that such a batch takes, and no more.
     #[inline]
     pub(super) fn apply_counters(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
-        let now_ms = batch.now.timestamp_millis();
+        let now_ms = batch.now_ms;
         let ops = batch.ops;
         let mut op_shards: Inline<usize> = Inline::new();
         for op in ops {
@@ -69,8 +70,8 @@ impl MemoryStore {
             applied,
             counters,
             settled: Vec::new(),
-            cooldowns: Vec::new(),
-            replayed_at: None,
+            cooldowns: InlineVec::new(),
+            replayed_at_ms: None,
         };
         if let Some((first, k)) = sweep_turn {
             self.sweep_in_turn(first, k, now_ms);
@@ -254,7 +255,7 @@ fn add_and_report_due(
     op_at: &mut [(KeyId, usize)],
     applied: bool,
     now_ms: i64,
-) -> Vec<CounterState> {
+) -> InlineVec<CounterState> {
     if applied {
         roll_ops(locked, ops, op_shards, runs, op_at, now_ms);
         add_and_report(locked, ops, op_shards, runs, op_at, applied, now_ms)
@@ -276,9 +277,9 @@ pub(super) fn keys_full() -> Error {
 /// The error of usage or holds that would pass a `u64`.
 #[cold]
 #[inline(never)]
-pub(super) fn overflow(meter: &str) -> Error {
+pub(super) fn overflow(meter: Name) -> Error {
     Error::Overflow {
-        meter: meter.to_owned(),
+        meter: meter.as_str().to_owned(),
     }
 }
 
@@ -347,8 +348,8 @@ pub(super) fn add_and_report(
     op_at: &mut [(KeyId, usize)],
     applied: bool,
     now_ms: i64,
-) -> Vec<CounterState> {
-    let mut counters = Vec::with_capacity(ops.len());
+) -> InlineVec<CounterState> {
+    let mut counters = InlineVec::new();
     let mut i = 0;
     for &end in runs {
         let sh = locked.shard(op_shards[i]);
@@ -366,13 +367,7 @@ pub(super) fn add_and_report(
             add_run(sh, scope, run, at, now_ms);
             add = false;
         }
-        let Shard {
-            scopes,
-            holds,
-            shown,
-            times,
-            ..
-        } = sh;
+        let Shard { scopes, holds, .. } = sh;
         let list: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
         for (op, &(_, idx)) in run.iter().zip(&*at) {
             let mut counter = list.get_mut(idx);
@@ -383,9 +378,7 @@ pub(super) fn add_and_report(
             let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
             // As in `report`: once applied, the delta is in `used` or `held`.
             let delta = if applied { 0 } else { op.delta };
-            counters.push(state_of(
-                counter, held, op.window, now_ms, delta, op.max, times, shown,
-            ));
+            counters.push(state_of(counter, held, op.window, now_ms, delta, op.max));
         }
         i = end;
     }

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use parking_lot::MutexGuard;
 
@@ -14,11 +15,10 @@ use super::keys::KeyId;
 use super::ledger::{Entry, Ledger};
 use super::report::{report, roll_ops};
 use super::shard::Locked;
-use super::times::ms_to_time;
 use super::{side_index, MemoryStore};
 use crate::inline::Inline;
 use crate::store::validate::invalid;
-use crate::store::{Applied, Batch, Fraction, LeaseAction, LeaseId, Mode, SettledHold};
+use crate::store::{Applied, Batch, Fraction, InlineVec, LeaseAction, LeaseId, Mode, SettledHold};
 use crate::window::Window;
 use crate::Error;
 
@@ -66,7 +66,7 @@ impl MemoryStore {
     /// Any batch: event ids, leases, cooldowns and all.
     #[inline(never)]
     pub(super) fn apply_general(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
-        let now_ms = batch.now.timestamp_millis();
+        let now_ms = batch.now_ms;
         // The ledger first (rule 8): a replay changes nothing.
         let ledger = match self.open_ledger(batch, now_ms)? {
             ControlFlow::Break(replay) => return Ok(replay),
@@ -173,12 +173,8 @@ impl MemoryStore {
             applied,
             counters,
             settled,
-            cooldowns: if cooling.is_empty() {
-                Vec::new()
-            } else {
-                cooling.into_iter().map(|u| u.map(ms_to_time)).collect()
-            },
-            replayed_at: None,
+            cooldowns: cooling,
+            replayed_at_ms: None,
         };
         if let (Some(guard), true) = (ledger, applied) {
             record_event(guard, batch, &result, now_ms);
@@ -211,7 +207,7 @@ impl MemoryStore {
                     });
                 }
                 let mut replay = e.applied.clone();
-                replay.replayed_at = Some(ms_to_time(e.at_ms));
+                replay.replayed_at_ms = Some(e.at_ms);
                 return Ok(ControlFlow::Break(replay));
             }
         }
@@ -277,7 +273,7 @@ impl Step<'_, '_> {
         let mut charges: Vec<Charge> = Vec::new();
         for (h, &shard) in self.lease_holds.iter().zip(self.hold_shards) {
             let sh = locked.shard(shard);
-            let held = match sh.find(&h.scope, &h.meter, h.window) {
+            let held = match sh.find(&h.scope, h.meter, h.window) {
                 Some((key, _)) => {
                     // The lease is live, so its own hold has not expired.
                     sh.holds(&h.scope, key)
@@ -300,7 +296,7 @@ impl Step<'_, '_> {
         for ch in &charges {
             let sh = locked.shard(ch.shard);
             let used = sh
-                .find(&ch.hold.scope, &ch.hold.meter, ch.hold.window)
+                .find(&ch.hold.scope, ch.hold.meter, ch.hold.window)
                 .and_then(|(_, idx)| sh.scopes.get(&ch.hold.scope)?.get(idx))
                 .map_or(0, |c| c.used_now(ch.hold.window, self.now_ms));
             let also = self
@@ -308,9 +304,9 @@ impl Step<'_, '_> {
                 .ops
                 .iter()
                 .find(|o| {
-                    *o.scope == ch.hold.scope
-                        && o.meter == &*ch.hold.meter
+                    o.meter == ch.hold.meter
                         && o.window == ch.hold.window
+                        && *o.scope == ch.hold.scope
                 })
                 .map_or(0, |o| o.delta);
             if used
@@ -327,9 +323,9 @@ impl Step<'_, '_> {
     }
 
     /// Each cooldown's end if it still runs at now, and whether none does.
-    fn running_cooldowns(&self, locked: &mut Locked<'_>) -> (bool, Vec<Option<i64>>) {
+    fn running_cooldowns(&self, locked: &mut Locked<'_>) -> (bool, InlineVec<Option<i64>>) {
         let mut none_runs = true;
-        let mut cooling = Vec::with_capacity(self.batch.cooldowns.len());
+        let mut cooling = InlineVec::new();
         for (c, &shard) in self.batch.cooldowns.iter().zip(self.cooldown_shards) {
             let until = locked
                 .shard(shard)
@@ -359,10 +355,9 @@ impl Step<'_, '_> {
         };
         match l.action {
             LeaseAction::Open {
-                expires_at,
-                deadline,
+                expires_at_ms: expires_ms,
+                deadline_ms,
             } => {
-                let expires_ms = expires_at.timestamp_millis();
                 let holds = self.hold_ops(locked, found, l.id, expires_ms, &[]);
                 if let Some(g) = guard {
                     g.insert(
@@ -371,18 +366,19 @@ impl Step<'_, '_> {
                             owner: l.owner.clone(),
                             opened_ms: self.now_ms,
                             expires_ms,
-                            deadline_ms: deadline.map(|d| d.timestamp_millis()),
+                            deadline_ms,
                             settled: false,
                             holds,
                         },
                     );
                 }
             }
-            LeaseAction::Renew { expires_at } => {
-                let new_ms = expires_at.timestamp_millis();
+            LeaseAction::Renew {
+                expires_at_ms: new_ms,
+            } => {
                 for (h, &shard) in self.lease_holds.iter().zip(self.hold_shards) {
                     let sh = locked.shard(shard);
-                    if let Some((key, idx)) = sh.find(&h.scope, &h.meter, h.window) {
+                    if let Some((key, idx)) = sh.find(&h.scope, h.meter, h.window) {
                         // A renewal writes the lease's counters: rolled.
                         sh.advance(&h.scope, idx, h.window, self.now_ms);
                         let amount = sh.remove_hold(&h.scope, key, l.id, self.lease_expires);
@@ -453,13 +449,13 @@ impl Step<'_, '_> {
             if let Some((i, _)) = sh.counter_or_new(op.scope, key, op.window, self.now_ms) {
                 *idx = i;
                 sh.add_hold(op.scope, key, id, expires_ms, op.delta);
-                let listed = known.iter().any(|h| {
-                    h.scope == *op.scope && &*h.meter == op.meter && h.window == op.window
-                });
-                if let (false, Some((meter, _))) = (listed, sh.keys.get(key)) {
+                let listed = known
+                    .iter()
+                    .any(|h| h.meter == op.meter && h.window == op.window && h.scope == *op.scope);
+                if !listed {
                     added.push(HoldRef {
                         scope: op.scope.clone(),
-                        meter: meter.clone(),
+                        meter: op.meter,
                         window: op.window,
                     });
                 }
@@ -479,7 +475,7 @@ impl Step<'_, '_> {
         for ch in charges {
             let sh = locked.shard(ch.shard);
             let (scope, window) = (&ch.hold.scope, ch.hold.window);
-            if let Some((key, idx)) = sh.find(scope, &ch.hold.meter, window) {
+            if let Some((key, idx)) = sh.find(scope, ch.hold.meter, window) {
                 sh.advance(scope, idx, window, self.now_ms);
                 sh.remove_hold(scope, key, id, self.lease_expires);
                 if let Some(c) = sh.counter_mut(scope, idx) {
@@ -488,7 +484,7 @@ impl Step<'_, '_> {
             }
             settled.push(SettledHold::new(
                 ch.hold.scope,
-                ch.hold.meter,
+                Arc::from(ch.hold.meter.as_str()),
                 ch.hold.window,
                 ch.held,
                 ch.charged,
@@ -507,8 +503,7 @@ impl Step<'_, '_> {
             .zip(self.cooldown_shards)
             .zip(cooling)
         {
-            if let Some(t) = c.start_until {
-                let t = t.timestamp_millis();
+            if let Some(t) = c.start_until_ms {
                 let e = locked
                     .shard(shard)
                     .cooldowns

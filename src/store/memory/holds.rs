@@ -1,10 +1,9 @@
 //! Holds under leases: per counter, sorted by expiry, and the leases that own them.
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
 
 use super::keys::KeyId;
+use crate::name::Name;
 use crate::store::{LeaseId, ScopeKey, ScopeMap};
 use crate::window::Window;
 
@@ -121,11 +120,31 @@ pub(super) struct Lease {
     pub(super) holds: Vec<HoldRef>,
 }
 
+/// A counter a lease holds. Its meter is serialized (in a snapshot) as its
+/// string, and interned again when read back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct HoldRef {
     pub(super) scope: ScopeKey,
-    pub(super) meter: Arc<str>,
+    #[serde(with = "interned")]
+    pub(super) meter: Name,
     pub(super) window: Window,
+}
+
+/// Serde for a [`Name`] in a snapshot: the string, interned when read (a
+/// snapshot's meters are a catalog's).
+mod interned {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::name::Name;
+
+    pub(super) fn serialize<S: Serializer>(name: &Name, s: S) -> Result<S::Ok, S::Error> {
+        name.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(Name::new(&s))
+    }
 }
 
 impl Holds {

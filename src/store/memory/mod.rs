@@ -5,8 +5,9 @@
 //! `(meter, window)` ids of a shard), [`ledger`] (event ids), [`shard`] (a
 //! shard and the locks a batch holds), [`apply`] (the compact path and the
 //! phases both paths share), [`general`] (event ids, leases, cooldowns),
-//! [`report`] (counter states; rolls and views of counters due a roll),
-//! [`times`] (date caches) and [`snapshot`] (snapshot and restore).
+//! [`report`] (counter states; rolls and views of counters due a roll)
+//! and [`snapshot`] (snapshot and restore). Times are Unix milliseconds
+//! throughout, as the seam passes them.
 
 mod apply;
 mod counters;
@@ -17,7 +18,6 @@ mod ledger;
 mod report;
 mod shard;
 mod snapshot;
-mod times;
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -26,7 +26,7 @@ use std::hash::{Hash, Hasher};
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 
-use super::{AllowanceStore, Applied, Batch, LeaseId, LeaseInfo, ScopeKey};
+use super::{ms_to_time, AllowanceStore, Applied, Batch, LeaseId, LeaseInfo, ScopeKey};
 use crate::Error;
 
 // The batch checks moved to the seam (`super::validate`); the Redis backend
@@ -39,12 +39,8 @@ use keys::KEYS_COMPACT_AT;
 use ledger::Ledger;
 use shard::Shard;
 pub use snapshot::Snapshot;
-use times::ms_to_time;
 #[cfg(test)]
-use {
-    crate::window::Window, keys::same_name, keys::KeyId, snapshot::Data, std::sync::Arc,
-    times::Shown, times::Times, times::DAY_MS,
-};
+use {crate::window::Window, keys::KeyId, snapshot::Data};
 const DEFAULT_SHARDS: usize = 64;
 /// Shards of the lease table and of the event ledger.
 const SIDE_SHARDS: usize = 16;
@@ -72,7 +68,8 @@ const SNAPSHOT_VERSION: u32 = 1;
 /// sized exactly to them. A counter takes 24 bytes: its meter and window are
 /// named by a two-byte id into a small per-shard table of the `(meter,
 /// window)` pairs in use (a catalog's handful, scanned under the shard's
-/// lock), so no counter keeps a name or a window of its own. A rolling
+/// lock, a meter found by its interned name's pointer), so no counter keeps
+/// a name or a window of its own. A rolling
 /// counter's buckets (8 bytes each) are one more allocation, with its head
 /// and total in front. Holds, which only reservations make, live in a
 /// per-shard side table. For a plan of four limits, one of them rolling over

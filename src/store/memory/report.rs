@@ -8,13 +8,11 @@ use super::counters::{width_of, Counter, Ring};
 use super::holds::{expire_holds, held_at, held_in, HoldMap};
 use super::keys::KeyId;
 use super::shard::{Locked, Shard};
-use super::times::{Shown, Times};
-use crate::store::{CounterOp, CounterState, ScopeKey};
+use crate::store::{CounterOp, CounterState, InlineVec, ScopeKey};
 use crate::window::Window;
 
 /// The state of a counter of `window` (or of an absent one, `counter ==
 /// None`) holding `held`.
-#[allow(clippy::too_many_arguments)]
 // Inlined into both reports (its result is a large value, built in place).
 #[inline(always)]
 pub(super) fn state_of(
@@ -24,8 +22,6 @@ pub(super) fn state_of(
     now_ms: i64,
     delta: u64,
     max: Option<u64>,
-    times: &mut Times,
-    shown: &mut Shown,
 ) -> CounterState {
     let used = counter.map_or(0, Counter::used);
     // Past the maximum with this delta: for a zero delta, a counter that
@@ -34,10 +30,6 @@ pub(super) fn state_of(
         .is_some_and(|m| u128::from(used) + u128::from(held) + u128::from(delta) > u128::from(m));
     // Holds are in-flight work: waiting for the window does not free them.
     let pending = held.saturating_add(delta);
-    // Calendar bounds (and a rolling counter's bucket edges) recur across
-    // calls, so they go through the shard's `shown` instants; a rolling
-    // window's start is `now` less the span, new every call, so it is
-    // converted directly and evicts none of them.
     let (period_start, resets_at, available_at) = match window {
         Window::Calendar {
             period,
@@ -55,7 +47,7 @@ pub(super) fn state_of(
                 Some(m) if over && pending <= m => Some(next),
                 _ => None,
             };
-            (Some(times.at(start, shown)), Some(next), avail)
+            (Some(start), Some(next), avail)
         }
         Window::Rolling { span_secs, .. } => {
             let start = now_ms.saturating_sub((span_secs as i64).saturating_mul(1_000));
@@ -72,17 +64,16 @@ pub(super) fn state_of(
                 (Some(m), Some(r)) if over => r.available_at(pending, m),
                 _ => None,
             };
-            (Some(times.convert(start)), resets, avail)
+            (Some(start), resets, avail)
         }
         Window::Lifetime | Window::Concurrent => (None, None, None),
     };
-    let mut time = |ms| times.at(ms, shown);
     CounterState {
         used,
         held,
-        period_start,
-        resets_at: resets_at.map(&mut time),
-        available_at: available_at.map(time),
+        period_start_ms: period_start,
+        resets_at_ms: resets_at,
+        available_at_ms: available_at,
     }
 }
 
@@ -100,13 +91,11 @@ pub(super) fn view_state_of(
     now_ms: i64,
     delta: u64,
     max: Option<u64>,
-    times: &mut Times,
-    shown: &mut Shown,
 ) -> CounterState {
     let held = counter.map_or(0, |c| held_at(holds, scope, c.key(), now_ms).0);
     let (ring, span_secs) = match (counter, window) {
         (Some(c), _) if c.current(window, now_ms) => {
-            return state_of(counter, held, window, now_ms, delta, max, times, shown)
+            return state_of(counter, held, window, now_ms, delta, max)
         }
         (Some(Counter::Rolling { back, buf, .. }), Window::Rolling { span_secs, .. }) => (
             Ring {
@@ -119,7 +108,7 @@ pub(super) fn view_state_of(
         // A calendar counter due a roll reads as a new one: zero in the
         // period of `now_ms` (a lifetime or concurrent one is always
         // current).
-        _ => return state_of(None, held, window, now_ms, delta, max, times, shown),
+        _ => return state_of(None, held, window, now_ms, delta, max),
     };
     let (tail, used) = ring.view(now_ms);
     // As in `state_of`, over the buckets rolling would keep.
@@ -132,14 +121,12 @@ pub(super) fn view_state_of(
         Some(m) if over => ring.available_at_in(tail, used, pending, m),
         _ => None,
     };
-    let period_start = Some(times.convert(start));
-    let mut time = |ms| times.at(ms, shown);
     CounterState {
         used,
         held,
-        period_start,
-        resets_at: resets_at.map(&mut time),
-        available_at: available_at.map(time),
+        period_start_ms: Some(start),
+        resets_at_ms: resets_at,
+        available_at_ms: available_at,
     }
 }
 
@@ -157,20 +144,14 @@ pub(super) fn report(
     applied: bool,
     view: bool,
     now_ms: i64,
-) -> Vec<CounterState> {
-    let mut counters = Vec::with_capacity(ops.len());
+) -> InlineVec<CounterState> {
+    let mut counters = InlineVec::new();
     // When applied, the delta is already in `used` or `held`; ask about
     // a zero delta so `available_at` is not set for a fitting op.
     let delta_of = |op: &CounterOp<'_>| if applied { 0 } else { op.delta };
     let mut i = 0;
     for &end in runs {
-        let Shard {
-            scopes,
-            holds,
-            shown,
-            times,
-            ..
-        } = locked.shard(op_shards[i]);
+        let Shard { scopes, holds, .. } = locked.shard(op_shards[i]);
         let list: &[Counter] = scopes.get(ops[i].scope).map_or(&[], |c| c);
         for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
             let counter = list.get(idx);
@@ -183,16 +164,12 @@ pub(super) fn report(
                     now_ms,
                     delta_of(op),
                     op.max,
-                    times,
-                    shown,
                 ));
                 continue;
             }
             let held = counter.map_or(0, |c| held_in(holds, op.scope, c.key()));
             let (delta, max) = (delta_of(op), op.max);
-            counters.push(state_of(
-                counter, held, op.window, now_ms, delta, max, times, shown,
-            ));
+            counters.push(state_of(counter, held, op.window, now_ms, delta, max));
         }
         i = end;
     }
@@ -240,6 +217,6 @@ pub(super) fn report_views(
     runs: &[usize],
     op_at: &[(KeyId, usize)],
     now_ms: i64,
-) -> Vec<CounterState> {
+) -> InlineVec<CounterState> {
     report(locked, ops, op_shards, runs, op_at, false, true, now_ms)
 }

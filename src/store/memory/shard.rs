@@ -5,8 +5,8 @@ use parking_lot::MutexGuard;
 use super::counters::Counter;
 use super::holds::{expire_holds, with_holds, HoldMap, Holds};
 use super::keys::{KeyId, Keys};
-use super::times::{Shown, Times};
 use super::{SWEEP_BATCHES_PER_SCOPE, SWEEP_EVERY};
+use crate::name::Name;
 use crate::store::{CounterOp, LeaseId, ScopeKey, ScopeMap};
 use crate::window::Window;
 
@@ -34,11 +34,6 @@ pub(super) struct Shard {
     pub(super) holds: HoldMap,
     /// Cooldown end (Unix ms) per scope that has one.
     pub(super) cooldowns: ScopeMap<i64>,
-    /// Instants reported lately, as `DateTime`s.
-    pub(super) shown: Shown,
-    /// The date the shard's last conversion started from, kept across
-    /// batches so a report seldom converts from scratch.
-    pub(super) times: Times,
     /// Batches that locked this shard first since it last triggered a
     /// sweep; at `SWEEP_EVERY` or 4 per scope it holds, whichever is more,
     /// one shard (round robin) is swept.
@@ -57,7 +52,7 @@ impl Shard {
     pub(super) fn find(
         &self,
         scope: &ScopeKey,
-        meter: &str,
+        meter: Name,
         window: Window,
     ) -> Option<(KeyId, usize)> {
         let key = self.keys.find(meter, window, 0)?;

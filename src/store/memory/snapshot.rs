@@ -11,6 +11,7 @@ use super::holds::{Holds, Lease};
 use super::keys::KeyId;
 use super::ledger::Entry;
 use super::{side_index, MemoryStore, SNAPSHOT_VERSION};
+use crate::name::Name;
 use crate::store::{LeaseId, ScopeKey};
 use crate::window::Window;
 use crate::Error;
@@ -244,7 +245,7 @@ impl MemoryStore {
                         .filter_map(|c| {
                             let (meter, window) = s.keys.get(c.key())?;
                             let holds = s.holds(scope, c.key());
-                            Some(c.to_snap(meter.clone(), *window, holds))
+                            Some(c.to_snap(Arc::from(meter.as_str()), *window, holds))
                         })
                         .collect();
                     (scope.clone(), snap)
@@ -313,9 +314,10 @@ impl MemoryStore {
             }
             let mut list: Vec<Counter> = Vec::with_capacity(counters.len());
             for c in &counters {
+                let meter = Name::new(&c.meter);
                 let key = shard
                     .keys
-                    .intern(&c.meter, c.window, list.len())
+                    .intern(meter, c.window, list.len())
                     .ok_or_else(|| bad("too many meter and window pairs".into()))?;
                 if list.iter().any(|o| o.key() == key) {
                     return Err(bad(format!(
@@ -331,7 +333,7 @@ impl MemoryStore {
                         !l.settled
                             && l.expires_ms == h.expires_ms
                             && l.holds.iter().any(|r| {
-                                r.scope == scope && r.meter == c.meter && r.window == c.window
+                                r.meter == meter && r.window == c.window && r.scope == scope
                             })
                     });
                     if !owned {
