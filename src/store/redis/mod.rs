@@ -1,0 +1,383 @@
+//! [`RedisStore`]: counters shared by many replicas through Redis (feature
+//! `redis`).
+
+mod apply;
+mod encode;
+mod reply;
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::aio::ConnectionManager;
+use redis::aio::ConnectionManagerConfig;
+use redis::{Client, Script};
+use sha2::{Digest, Sha256};
+
+use crate::store::{FailurePolicy, ScopeKey, ScopeKind};
+use crate::window::Window;
+use crate::Error;
+
+use encode::*;
+
+const APPLY_LUA: &str = include_str!("apply.lua");
+const OVERDUE_LUA: &str = include_str!("overdue.lua");
+
+/// Whose clock rolls the windows and ends the leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TimeSource {
+    /// The Redis server's clock (`TIME`, read inside the script): one clock
+    /// for every replica, so replicas with skewed clocks agree on when a
+    /// period ends. The default.
+    #[default]
+    Server,
+    /// The engine's clock, as passed in `Batch::now`: what the conformance
+    /// suite and tests with a [`ManualClock`](crate::ManualClock) need.
+    Batch,
+}
+
+/// How a [`RedisStore`] connects and behaves. Build one with
+/// [`RedisConfig::new`], change what you need, then
+/// [`RedisConfig::connect`].
+///
+/// ```no_run
+/// # async fn run() -> Result<(), tollgate::Error> {
+/// use std::time::Duration;
+/// use tollgate::store::{FailurePolicy, RedisConfig};
+///
+/// let store = RedisConfig::new("redis://127.0.0.1:6379")
+///     .prefix("quota")
+///     .timeout(Duration::from_millis(200))
+///     .failure_policy(FailurePolicy::FailClosed)
+///     .connect()
+///     .await?;
+/// # let _ = store; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    url: String,
+    prefix: String,
+    timeout: Duration,
+    policy: FailurePolicy,
+    time: TimeSource,
+    horizon: Duration,
+    margin: Duration,
+    lifetime_ttl: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults: prefix `tollgate`, timeout 250 ms, fail closed, the
+    /// server's clock, event horizon 24 h, expiry margin 1 h, lifetime
+    /// counters kept 10 years after their last write.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: "tollgate".into(),
+            timeout: Duration::from_millis(250),
+            policy: FailurePolicy::FailClosed,
+            time: TimeSource::Server,
+            horizon: Duration::from_secs(86_400),
+            margin: Duration::from_secs(3_600),
+            lifetime_ttl: Duration::from_secs(10 * 366 * 86_400),
+        }
+    }
+
+    /// The prefix of every key (default `tollgate`). It becomes the keys'
+    /// hash tag, `{prefix}`, so it may not contain `{` or `}`.
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The longest a store call may take, connecting included; past it the
+    /// call fails with [`Error::Store`] (default 250 ms).
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What the engine's async calls do when Redis fails (default
+    /// [`FailurePolicy::FailClosed`]).
+    #[must_use]
+    pub fn failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Whose clock rolls windows (default [`TimeSource::Server`]).
+    #[must_use]
+    pub fn time_source(mut self, time: TimeSource) -> Self {
+        self.time = time;
+        self
+    }
+
+    /// How long event ids (and ended leases) are remembered (default 24 h).
+    #[must_use]
+    pub fn event_horizon(mut self, horizon: Duration) -> Self {
+        self.horizon = horizon;
+        self
+    }
+
+    /// How long a key outlives the end of what it counts, to cover clock
+    /// skew between the batch clock and the server (default 1 h).
+    #[must_use]
+    pub fn expiry_margin(mut self, margin: Duration) -> Self {
+        self.margin = margin;
+        self
+    }
+
+    /// How long a lifetime counter (a prepaid balance, a grant) is kept
+    /// after its last write (default 10 years). Every Redis key tollgate
+    /// writes has a TTL; this is the one for counters whose window never
+    /// ends.
+    #[must_use]
+    pub fn lifetime_ttl(mut self, ttl: Duration) -> Self {
+        self.lifetime_ttl = ttl;
+        self
+    }
+
+    /// Connect, within the timeout, and load the scripts.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for a prefix with braces, a zero timeout or
+    /// horizon, or a URL redis-rs refuses; [`Error::Store`] if Redis cannot
+    /// be reached within the timeout.
+    pub async fn connect(self) -> Result<RedisStore, Error> {
+        if self.prefix.contains(['{', '}']) {
+            return Err(Error::config("redis.prefix", "may not contain `{` or `}`"));
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::config("redis.timeout", "must be above zero"));
+        }
+        let ms = |d: Duration, field: &str| -> Result<i64, Error> {
+            i64::try_from(d.as_millis())
+                .ok()
+                .filter(|&m| (1..=1_i64 << 50).contains(&m))
+                .ok_or_else(|| Error::config(field, "must be between 1 ms and 2^50 ms"))
+        };
+        let horizon_ms = ms(self.horizon, "redis.event_horizon")?;
+        let margin_ms = ms(self.margin, "redis.expiry_margin")?;
+        let lifetime_ms = ms(self.lifetime_ttl, "redis.lifetime_ttl")?;
+        let client = Client::open(self.url.as_str())
+            .map_err(|e| Error::config("redis.url", e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = tokio::time::timeout(
+            self.timeout,
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| timed_out(self.timeout))?
+        .map_err(store_error)?;
+        let store = RedisStore {
+            conn,
+            apply: Script::new(APPLY_LUA),
+            overdue: Script::new(OVERDUE_LUA),
+            tag: format!("{{{}}}", self.prefix),
+            timeout: self.timeout,
+            policy: self.policy,
+            time: self.time,
+            horizon_ms,
+            margin_ms,
+            lifetime_ms,
+        };
+        let mut conn = store.conn.clone();
+        tokio::time::timeout(
+            store.timeout,
+            store.apply.prepare_invoke().load_async(&mut conn),
+        )
+        .await
+        .map_err(|_| timed_out(store.timeout))?
+        .map_err(store_error)?;
+        Ok(store)
+    }
+}
+
+/// An [`AsyncAllowanceStore`](crate::store::AsyncAllowanceStore) on Redis: every replica that uses the same
+/// Redis and prefix shares the same counters, leases, ledger and cooldowns.
+///
+/// # One round trip per decision
+/// One Lua script, loaded once and run with `EVALSHA` (reloaded by redis-rs
+/// on `NOSCRIPT`), applies a whole batch atomically: the ledger, the lease,
+/// every counter of every scope with its calendar or rolling window and its
+/// holds, the cooldowns. Redis runs a script to its end before any other
+/// command, so check and record are one step (contract rule 5).
+///
+/// # Numbers
+/// Amounts are kept as decimal strings and the script does exact u64
+/// arithmetic (16-bit limbs above 2^53, where Lua's doubles stop being
+/// exact), so the whole `u64` range of the contract holds; a sum past it is
+/// [`Error::Overflow`], as in [`MemoryStore`](crate::MemoryStore).
+///
+/// # Keys
+/// Every key starts with the hash tag `{prefix}:`. Scope ids never appear in
+/// key names: a scope is named by the first 128 bits of SHA-256 over its
+/// kind and id (`s:` or `p:` then the id's bytes), an event id by SHA-256
+/// of its bytes. All of one scope's counters live in **one hash per
+/// scope**, a counter under the field `<len>:<meter>:<window>` (the meter
+/// length-prefixed), so no two counters share a field and no counter field
+/// is ever another field's name, whatever their ids contain (delimiters,
+/// braces, empty strings).
+///
+/// | key | what |
+/// | --- | --- |
+/// | `{p}:c:<scope>` | the scope's counters (hash, below) |
+/// | `{p}:c:<scope>:x` | the scope's hold expiries: members `<counter field>\|<lease id>` (sorted set) |
+/// | `{p}:l:<lease id>` | a lease: owner, expiry, deadline, held counters (hash) |
+/// | `{p}:od` | leases with a deadline, for `overdue` (sorted set) |
+/// | `{p}:k:<scope>` | a scope's cooldown end |
+/// | `{p}:e:<sha256 of event id>` | an applied event: fingerprint, time, answer |
+///
+/// A scope's hash holds, per counter, one field packing its state as
+/// decimal integers separated by spaces: `used held start end` for a
+/// calendar window (the period it counts), `used held newest oldest
+/// amount` for a rolling window (the newest and oldest bucket numbers and
+/// the newest bucket's amount), `used held` for a lifetime or concurrent
+/// limit. Beside them: `<field>|b<n>`, the amount of an older bucket of a
+/// rolling window; `<field>|h<lease id>`, an amount a lease holds; `x`,
+/// the hash's expiry (server clock). A plain admit therefore reads one
+/// field per counter and writes them back packed: one `HMGET` and one
+/// `HSET` per scope.
+///
+/// This is the second layout: the first (before issue 5) kept each counter
+/// in a hash of its own (`{p}:c:<scope>:<len>:<meter>:<window>`). Key names carry no layout
+/// version; there is no deployed data to migrate, and a store must not be
+/// pointed at keys written by the first layout.
+///
+/// Values hold amounts and times, plus what `overdue` and a settlement must
+/// report: a lease's owner and the pools it holds. An id that looks like a
+/// secret — it starts like an API key (`sk-`, `sk_`, `pk_`, `rk_`, `api_`,
+/// `key_`, `ghp_`, `github_pat_`, `xox`, `AKIA`, `eyJ`, `Bearer `…) or is
+/// 24 characters or more of token characters mixing letters and digits —
+/// is kept only as `sha256:<hex>` (the first 128 bits), and
+/// [`AsyncAllowanceStore::overdue`](crate::store::AsyncAllowanceStore::overdue) reports such an owner as
+/// `ScopeKey::subject("sha256:<hex>")`.
+///
+/// # Expiry
+/// Every key gets a TTL when it is written. A scope's hash lives as long as
+/// its longest-lived counter needs: a calendar counter until its period
+/// ends, a rolling counter until its newest bucket leaves, a lifetime
+/// counter [`RedisConfig::lifetime_ttl`] past its last write, each hold
+/// until it expires, all plus the expiry margin. The script only ever
+/// raises a hash's TTL, never lowers it, so writing a short-lived counter
+/// never cuts a longer-lived one's life. Fields of ended windows are never
+/// read as live: a calendar counter's field carries its period and is
+/// reset when `now` leaves it; a rolling counter's carries its newest and
+/// oldest bucket, and buckets that left the window are subtracted and
+/// deleted when it is next read; a hold's amount leaves with its expiry
+/// (the scope's expiry set). The hold-expiry set gets its hash's TTL. A
+/// lease record lives its expiry plus the event horizon; a ledger entry the
+/// horizon; a cooldown its end. TTLs are relative (`PEXPIRE`) so they hold
+/// whichever clock rolls the windows. On the server's clock a hash also
+/// records the expiry it set (field `x`), and a write that would not move
+/// it later sends no `PEXPIRE`: most admits within one period or bucket
+/// only read and write fields. On the batch's clock the script reads the
+/// TTL (`PTTL`) and raises it when needed.
+///
+/// # Cost
+/// A plain admit on two counters of one scope (a day and a rolling window,
+/// server clock) makes three `redis.call`s within one period and bucket —
+/// `TIME`, one `HMGET` and one `HSET` — and answers an array whose numbers
+/// are integer replies; `examples/redis_profile` reads the count and the
+/// server's time per call from `INFO commandstats`.
+///
+/// # Redis Cluster
+/// All keys of a store share one hash tag, `{prefix}`, so every key a
+/// decision touches is in one slot and the script runs on one node. A
+/// store therefore does not spread over a cluster's shards; give tenants
+/// their own prefixes to spread load.
+///
+/// # Outages
+/// Every call is bounded by [`RedisConfig::timeout`]; a timeout or a
+/// connection error is [`Error::Store`], and the engine's async calls then
+/// follow the [`FailurePolicy`]. The connection is a redis-rs
+/// `ConnectionManager`: after an outage it reconnects by itself on the
+/// next calls.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    apply: Script,
+    overdue: Script,
+    tag: String,
+    timeout: Duration,
+    policy: FailurePolicy,
+    time: TimeSource,
+    horizon_ms: i64,
+    margin_ms: i64,
+    lifetime_ms: i64,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.tag)
+            .field("timeout", &self.timeout)
+            .field("policy", &self.policy)
+            .field("time", &self.time)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connect with the defaults of [`RedisConfig::new`].
+    ///
+    /// # Errors
+    /// As [`RedisConfig::connect`].
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        RedisConfig::new(url).connect().await
+    }
+
+    /// The hash tag every key starts with: `{prefix}`.
+    pub fn key_tag(&self) -> &str {
+        &self.tag
+    }
+
+    fn scope_hash(scope: &ScopeKey) -> String {
+        let mut h = Sha256::new();
+        h.update(match scope.kind() {
+            ScopeKind::Subject => b"s:",
+            ScopeKind::Pool => b"p:",
+        });
+        h.update(scope.id().as_bytes());
+        hex(&h.finalize()[..16])
+    }
+
+    /// A scope's hash: every counter of the scope, its buckets and hold
+    /// amounts, and the hash's expiry.
+    fn scope_key(&self, scope: &ScopeKey) -> String {
+        format!("{}:c:{}", self.tag, Self::scope_hash(scope))
+    }
+
+    /// A counter's field in its scope's hash: the meter, length-prefixed,
+    /// and the window.
+    fn counter_field(meter: &str, window: Window) -> String {
+        format!("{}:{}:{}", meter.len(), meter, window_key(window))
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, Error> {
+        let mut conn = self.conn.clone();
+        tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
+            .await
+            .map_err(|_| timed_out(self.timeout))?
+            .map_err(store_error)
+    }
+
+    fn now_arg(&self, now: DateTime<Utc>) -> (String, &'static str) {
+        (
+            now.timestamp_millis().to_string(),
+            if self.time == TimeSource::Server {
+                "1"
+            } else {
+                "0"
+            },
+        )
+    }
+}

@@ -1,0 +1,201 @@
+//! Reading the script's reply into an `Applied`.
+
+use chrono::{DateTime, Utc};
+
+use crate::store::{Applied, Batch, CounterOp, CounterState, ScopeKey, SettledHold};
+use crate::window::Window;
+use crate::Error;
+
+use super::encode::*;
+use super::RedisStore;
+
+/// One word of a script reply: the script answers an array whose numbers
+/// below 2^53 are integer replies and whose other words are strings (a
+/// string may hold several words); errors and replays are one string.
+#[derive(Clone, Copy)]
+pub(super) enum Word<'a> {
+    Str(&'a str),
+    Int(i64),
+}
+
+pub(super) struct Reply<'a>(std::vec::IntoIter<Word<'a>>);
+
+impl<'a> Reply<'a> {
+    fn new(value: &'a redis::Value) -> Result<Self, Error> {
+        fn text(b: &[u8]) -> Result<&str, Error> {
+            std::str::from_utf8(b).map_err(|_| bad_reply("not UTF-8"))
+        }
+        let mut words = Vec::new();
+        match value {
+            redis::Value::BulkString(b) => {
+                words.extend(text(b)?.split_ascii_whitespace().map(Word::Str));
+            }
+            redis::Value::Array(items) => {
+                words.reserve(items.len());
+                for item in items {
+                    match item {
+                        redis::Value::Int(n) => words.push(Word::Int(*n)),
+                        redis::Value::BulkString(b) => {
+                            words.extend(text(b)?.split_ascii_whitespace().map(Word::Str));
+                        }
+                        _ => return Err(bad_reply("element")),
+                    }
+                }
+            }
+            _ => return Err(bad_reply("type")),
+        }
+        Ok(Self(words.into_iter()))
+    }
+    fn word(&mut self) -> Result<Word<'a>, Error> {
+        self.0.next().ok_or_else(|| bad_reply("too short"))
+    }
+    fn token(&mut self) -> Result<&'a str, Error> {
+        match self.word()? {
+            Word::Str(s) => Ok(s),
+            Word::Int(_) => Err(bad_reply("a number for a word")),
+        }
+    }
+    fn int<T: std::str::FromStr + TryFrom<i64>>(&mut self) -> Result<T, Error> {
+        match self.word()? {
+            Word::Int(n) => T::try_from(n).map_err(|_| bad_reply("out of range")),
+            Word::Str(s) => s.parse().map_err(|_| bad_reply("not a number")),
+        }
+    }
+    fn time(&mut self) -> Result<Option<DateTime<Utc>>, Error> {
+        match self.word()? {
+            Word::Str("-") => Ok(None),
+            Word::Int(ms) => Ok(Some(ms_to_time(ms))),
+            Word::Str(t) => t
+                .parse::<i64>()
+                .map(|ms| Some(ms_to_time(ms)))
+                .map_err(|_| bad_reply("not a time")),
+        }
+    }
+}
+
+impl RedisStore {
+    pub(super) fn decode(
+        &self,
+        batch: &Batch<'_>,
+        descs: &[String],
+        reply: &redis::Value,
+    ) -> Result<Applied, Error> {
+        let mut r = Reply::new(reply)?;
+        let mut replayed_at = None;
+        match r.token()? {
+            "OK" => {}
+            "RE" => {
+                replayed_at = r.time()?;
+                if r.token()? != "OK" {
+                    return Err(bad_reply("replay"));
+                }
+            }
+            "ERR" => return Err(self.error(batch, descs, &mut r)),
+            _ => return Err(bad_reply("status")),
+        }
+        let applied = r.int::<u8>()? == 1;
+        let _now: i64 = r.int()?;
+        let nops: usize = r.int()?;
+        // A replay answers the first batch, whose ops the fingerprint
+        // vouches for; the reply describes itself either way.
+        let mut counters = Vec::with_capacity(nops);
+        for _ in 0..nops {
+            counters.push(CounterState {
+                used: r.int()?,
+                held: r.int()?,
+                period_start: r.time()?,
+                resets_at: r.time()?,
+                available_at: r.time()?,
+            });
+        }
+        let ncool: usize = r.int()?;
+        let mut cooldowns = Vec::with_capacity(ncool);
+        for _ in 0..ncool {
+            cooldowns.push(r.time()?);
+        }
+        let nset: usize = r.int()?;
+        let mut settled = Vec::with_capacity(nset);
+        for _ in 0..nset {
+            let desc = r.token()?;
+            let held: u64 = r.int()?;
+            let charged: u64 = r.int()?;
+            let (scope, meter, window) = self.resolve(batch, descs, desc)?;
+            settled.push(SettledHold::new(scope, meter.into(), window, held, charged));
+        }
+        Ok(Applied {
+            applied,
+            counters,
+            settled,
+            cooldowns,
+            replayed_at,
+        })
+    }
+
+    /// The counter a hold descriptor names: an op of the batch, or what the
+    /// descriptor itself says.
+    fn resolve(
+        &self,
+        batch: &Batch<'_>,
+        descs: &[String],
+        desc: &str,
+    ) -> Result<(ScopeKey, String, Window), Error> {
+        if let Some(op) = descs.iter().position(|d| d == desc).map(|i| batch.ops[i]) {
+            return Ok((op.scope.clone(), op.meter.to_owned(), op.window));
+        }
+        let text = unhex(desc).ok_or_else(|| bad_reply("hold"))?;
+        let mut parts = text.splitn(3, '\n');
+        let (who, meter, window) = (
+            parts.next().unwrap_or_default(),
+            parts.next().ok_or_else(|| bad_reply("hold meter"))?,
+            parts
+                .next()
+                .and_then(parse_window_key)
+                .ok_or_else(|| bad_reply("hold window"))?,
+        );
+        let scope = match who.split_at_checked(1) {
+            Some(("o", _)) => batch
+                .lease
+                .map(|l| l.owner.clone())
+                .ok_or_else(|| bad_reply("hold owner"))?,
+            Some(("p", id)) => ScopeKey::pool(id),
+            Some(("P", h)) => ScopeKey::pool(format!("sha256:{h}")),
+            Some(("s", h)) => ScopeKey::subject(format!("sha256:{h}")),
+            _ => return Err(bad_reply("hold scope")),
+        };
+        Ok((scope, meter.to_owned(), window))
+    }
+
+    fn error(&self, batch: &Batch<'_>, descs: &[String], r: &mut Reply<'_>) -> Error {
+        let id = || batch.lease.map(|l| l.id.to_string()).unwrap_or_default();
+        match r.token() {
+            Ok("conflict") => Error::EventConflict {
+                event: batch.event.map(|e| e.id.to_owned()).unwrap_or_default(),
+            },
+            Ok("open") => Error::InvalidBatch {
+                reason: format!("lease {} is already open", id()),
+            },
+            Ok("unknown") => Error::UnknownReservation { id: id() },
+            Ok("settled") => Error::ReservationSettled { id: id() },
+            Ok("expired") => Error::ReservationExpired { id: id() },
+            Ok("overflow") => {
+                let meter = match r.token() {
+                    Ok("hold") => r
+                        .token()
+                        .ok()
+                        .and_then(|d| self.resolve(batch, descs, d).ok())
+                        .map(|(_, m, _)| m),
+                    Ok(i) => i
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| batch.ops.get(i.checked_sub(1)?))
+                        .map(|op: &CounterOp<'_>| op.meter.to_owned()),
+                    Err(_) => None,
+                };
+                Error::Overflow {
+                    meter: meter.unwrap_or_default(),
+                }
+            }
+            _ => bad_reply("error"),
+        }
+    }
+}
