@@ -317,11 +317,12 @@ fn answers_as_the_memory_store_does() {
         now += chrono::Duration::seconds(rng.pick(&[
             0, 0, 1, 1, 7, 20, 61, 900, 3600, 172_800, -1, -61, -900, -3600, -172_800,
         ]));
+        let now_ms = now.timestamp_millis();
         let n = rng.pick(&[0usize, 1, 2, 3, 4]);
         let mut ops: Vec<CounterOp<'_>> = Vec::new();
         for _ in 0..n {
             let scope = &scopes[(rng.next() % 4) as usize];
-            let meter = rng.pick(&["t", "u", ""]);
+            let meter = tollgate::Name::new(rng.pick(&["t", "u", ""]));
             let window = rng.pick(&windows);
             if ops
                 .iter()
@@ -344,7 +345,7 @@ fn answers_as_the_memory_store_does() {
         }
         let mode = rng.pick(&[Mode::Check, Mode::WithinLimits, Mode::Force]);
         let cool: Vec<CooldownOp<'_>> = if rng.next() % 4 == 0 {
-            let until = (rng.next() % 2 == 0).then(|| now + chrono::Duration::seconds(30));
+            let until = (rng.next() % 2 == 0).then_some(now_ms + 30_000);
             vec![CooldownOp::new(
                 &scopes[(rng.next() % 2) as usize * 2],
                 until,
@@ -352,7 +353,7 @@ fn answers_as_the_memory_store_does() {
         } else {
             Vec::new()
         };
-        let mut batch = Batch::new(&ops, mode, now).with_cooldowns(&cool);
+        let mut batch = Batch::new(&ops, mode, now_ms).with_cooldowns(&cool);
         let event_id;
         if rng.next() % 5 == 0 {
             event_id = format!("ev{}", rng.next() % 6);
@@ -377,13 +378,12 @@ fn answers_as_the_memory_store_does() {
             } else {
                 let action = match lease_kind {
                     0 => LeaseAction::Open {
-                        expires_at: now
-                            + chrono::Duration::seconds(rng.pick(&[1, 30, 5000, 100_000])),
-                        deadline: None,
+                        expires_at_ms: now_ms + 1_000 * rng.pick(&[1, 30, 5000, 100_000]),
+                        deadline_ms: None,
                     },
                     1 => LeaseAction::Grow,
                     2 => LeaseAction::Renew {
-                        expires_at: now + chrono::Duration::seconds(rng.pick(&[1, 60, 9000])),
+                        expires_at_ms: now_ms + 1_000 * rng.pick(&[1, 60, 9000]),
                     },
                     _ => LeaseAction::Settle {
                         keep: rng.pick(&fractions),
@@ -412,9 +412,9 @@ fn answers_as_the_memory_store_does() {
                 assert_eq!(w, g, "step {step}: {batch:#?}");
                 seen[0] += usize::from(w.applied);
                 seen[1] += usize::from(w.settled.iter().any(|h| h.charged > 0));
-                seen[2] += usize::from(w.replayed_at.is_some());
+                seen[2] += usize::from(w.replayed_at_ms.is_some());
                 seen[3] += usize::from(w.counters.iter().any(|c| c.used >= 1 << 53));
-                seen[4] += usize::from(w.counters.iter().any(|c| c.available_at.is_some()));
+                seen[4] += usize::from(w.counters.iter().any(|c| c.available_at_ms.is_some()));
             }
             (Err(w), Err(g)) => assert_eq!(
                 std::mem::discriminant(w),

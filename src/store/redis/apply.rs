@@ -19,7 +19,7 @@ impl AsyncAllowanceStore for RedisStore {
         crate::store::validate::validate(batch)?;
         let owner = batch.lease.map(|l| l.owner);
         check_lease_scopes(batch)?;
-        let (now, server) = self.now_arg(batch.now);
+        let (now, server) = self.now_arg(batch.now_ms);
         let mode = match batch.mode {
             Mode::Check => "c",
             Mode::WithinLimits => "w",
@@ -80,7 +80,7 @@ impl AsyncAllowanceStore for RedisStore {
             Some(_) => batch
                 .ops
                 .iter()
-                .map(|op| hold_desc(op.scope, owner, op.meter, op.window))
+                .map(|op| hold_desc(op.scope, owner, &op.meter, op.window))
                 .collect(),
             None => Vec::new(),
         };
@@ -93,7 +93,7 @@ impl AsyncAllowanceStore for RedisStore {
             if let Some((_, key)) = &last {
                 inv.arg(key.as_str());
             }
-            inv.arg(Self::counter_field(op.meter, op.window));
+            inv.arg(Self::counter_field(&op.meter, op.window));
             window_args(&mut inv, op.window);
             inv.arg(op.delta)
                 .arg(op.max.map_or("-".into(), |m| m.to_string()));
@@ -103,17 +103,14 @@ impl AsyncAllowanceStore for RedisStore {
         }
         for c in batch.cooldowns {
             inv.arg(format!("{}:k:{}", self.tag, Self::scope_hash(c.scope)))
-                .arg(
-                    c.start_until
-                        .map_or("-".into(), |t| t.timestamp_millis().to_string()),
-                );
+                .arg(c.start_until_ms.map_or("-".into(), |t| t.to_string()));
         }
         let reply: redis::Value = self.run(&inv).await?;
         self.decode(batch, &descs, &reply)
     }
 
     async fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
-        let (now, server) = self.now_arg(now);
+        let (now, server) = self.now_arg(now.timestamp_millis());
         let mut inv = self.overdue.prepare_invoke();
         inv.key(format!("{}:od", self.tag))
             .arg(now)
@@ -207,16 +204,16 @@ impl RedisStore {
         };
         match l.action {
             LeaseAction::Open {
-                expires_at,
-                deadline,
+                expires_at_ms,
+                deadline_ms,
             } => {
                 args.action = "o";
-                args.p1 = expires_at.timestamp_millis().to_string();
-                args.p2 = deadline.map_or("-".into(), |d| d.timestamp_millis().to_string());
+                args.p1 = expires_at_ms.to_string();
+                args.p2 = deadline_ms.map_or("-".into(), |d| d.to_string());
             }
-            LeaseAction::Renew { expires_at } => {
+            LeaseAction::Renew { expires_at_ms } => {
                 args.action = "r";
-                args.p1 = expires_at.timestamp_millis().to_string();
+                args.p1 = expires_at_ms.to_string();
             }
             LeaseAction::Grow => args.action = "g",
             LeaseAction::Settle { keep } => {

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
+pub(super) use crate::store::ms_to_time;
 use crate::store::{ScopeKey, ScopeKind};
 use crate::window::{Period, Window};
 use crate::Error;
@@ -169,14 +169,6 @@ pub(super) fn hold_desc(
         format!("p{}", scope.id())
     };
     hex(format!("{who}\n{meter}\n{}", window_key(w)).as_bytes())
-}
-
-pub(super) fn ms_to_time(ms: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(ms).unwrap_or(if ms < 0 {
-        DateTime::<Utc>::MIN_UTC
-    } else {
-        DateTime::<Utc>::MAX_UTC
-    })
 }
 
 pub(super) fn bad_reply(what: &str) -> Error {

@@ -8,7 +8,6 @@ mod reply;
 use std::fmt;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
 use redis::aio::ConnectionManagerConfig;
 use redis::{Client, Script};
@@ -370,9 +369,9 @@ impl RedisStore {
             .map_err(store_error)
     }
 
-    fn now_arg(&self, now: DateTime<Utc>) -> (String, &'static str) {
+    fn now_arg(&self, now_ms: i64) -> (String, &'static str) {
         (
-            now.timestamp_millis().to_string(),
+            now_ms.to_string(),
             if self.time == TimeSource::Server {
                 "1"
             } else {

@@ -1,8 +1,6 @@
 //! Reading the script's reply into an `Applied`.
 
-use chrono::{DateTime, Utc};
-
-use crate::store::{Applied, Batch, CounterOp, CounterState, ScopeKey, SettledHold};
+use crate::store::{Applied, Batch, CounterOp, CounterState, InlineVec, ScopeKey, SettledHold};
 use crate::window::Window;
 use crate::Error;
 
@@ -61,13 +59,14 @@ impl<'a> Reply<'a> {
             Word::Str(s) => s.parse().map_err(|_| bad_reply("not a number")),
         }
     }
-    fn time(&mut self) -> Result<Option<DateTime<Utc>>, Error> {
+    /// An instant in Unix milliseconds, or `-` for none.
+    fn time(&mut self) -> Result<Option<i64>, Error> {
         match self.word()? {
             Word::Str("-") => Ok(None),
-            Word::Int(ms) => Ok(Some(ms_to_time(ms))),
+            Word::Int(ms) => Ok(Some(ms)),
             Word::Str(t) => t
                 .parse::<i64>()
-                .map(|ms| Some(ms_to_time(ms)))
+                .map(Some)
                 .map_err(|_| bad_reply("not a time")),
         }
     }
@@ -98,18 +97,18 @@ impl RedisStore {
         let nops: usize = r.int()?;
         // A replay answers the first batch, whose ops the fingerprint
         // vouches for; the reply describes itself either way.
-        let mut counters = Vec::with_capacity(nops);
+        let mut counters = InlineVec::new();
         for _ in 0..nops {
             counters.push(CounterState {
                 used: r.int()?,
                 held: r.int()?,
-                period_start: r.time()?,
-                resets_at: r.time()?,
-                available_at: r.time()?,
+                period_start_ms: r.time()?,
+                resets_at_ms: r.time()?,
+                available_at_ms: r.time()?,
             });
         }
         let ncool: usize = r.int()?;
-        let mut cooldowns = Vec::with_capacity(ncool);
+        let mut cooldowns = InlineVec::new();
         for _ in 0..ncool {
             cooldowns.push(r.time()?);
         }
@@ -127,7 +126,7 @@ impl RedisStore {
             counters,
             settled,
             cooldowns,
-            replayed_at,
+            replayed_at_ms: replayed_at,
         })
     }
 
@@ -140,7 +139,7 @@ impl RedisStore {
         desc: &str,
     ) -> Result<(ScopeKey, String, Window), Error> {
         if let Some(op) = descs.iter().position(|d| d == desc).map(|i| batch.ops[i]) {
-            return Ok((op.scope.clone(), op.meter.to_owned(), op.window));
+            return Ok((op.scope.clone(), op.meter.as_str().to_owned(), op.window));
         }
         let text = unhex(desc).ok_or_else(|| bad_reply("hold"))?;
         let mut parts = text.splitn(3, '\n');
@@ -188,7 +187,7 @@ impl RedisStore {
                         .parse::<usize>()
                         .ok()
                         .and_then(|i| batch.ops.get(i.checked_sub(1)?))
-                        .map(|op: &CounterOp<'_>| op.meter.to_owned()),
+                        .map(|op: &CounterOp<'_>| op.meter.as_str().to_owned()),
                     Err(_) => None,
                 };
                 Error::Overflow {
