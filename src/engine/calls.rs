@@ -57,11 +57,13 @@ macro_rules! decide_call {
             $engine.cooldowns_for(&p, $req.model, None, true)
         };
         let batch = usage_batch($call, $req.event, list.ops.as_slice(), &cooldowns, now_ms);
-        let applied = match {
+        // Read where the store wrote it: not moved out of the result.
+        let result = {
             let $b = &batch;
             $apply
-        } {
-            Ok(applied) => applied,
+        };
+        let applied = match result {
+            Ok(ref applied) => applied,
             Err($e) => {
                 let $ep = &p;
                 let $enow = $crate::store::ms_to_time(now_ms);
@@ -69,7 +71,7 @@ macro_rules! decide_call {
             }
         };
         let at_ms = applied.replayed_at_ms.unwrap_or(now_ms);
-        let mut decision = $engine.conclude($call, &p, &list, &applied, &cooldowns, at_ms);
+        let mut decision = $engine.conclude($call, &p, &list, applied, &cooldowns, at_ms);
         $crate::engine::conclude::model_refusal(&mut decision, &p);
         $engine.observe_at($call, $req, at_ms, &decision);
         Ok(decision)

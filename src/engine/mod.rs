@@ -333,11 +333,17 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
         )
     }
 
-    /// One store call, with the contract's answer shape checked.
+    /// One store call, with the contract's answer shape checked. The
+    /// store's result is returned as it came, not unwrapped and wrapped
+    /// again: an answer is several hundred bytes, each move a copy.
+    /// Inlined, so the store writes its answer into the caller's frame.
+    #[inline(always)]
     fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
-        let applied = self.store.apply(batch)?;
-        check_shape(batch, &applied)?;
-        Ok(applied)
+        let result = self.store.apply(batch);
+        if let Ok(applied) = &result {
+            check_shape(batch, applied)?;
+        }
+        result
     }
 }
 

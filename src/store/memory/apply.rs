@@ -43,36 +43,41 @@ impl MemoryStore {
             Mode::WithinLimits => fit.all,
             Mode::Force => true,
         };
-        let counters = if fit.due {
+        // The states are written into the answer, not returned and then
+        // moved into it (an answer is several hundred bytes).
+        let mut result = Applied {
+            applied,
+            counters: InlineVec::new(),
+            settled: Vec::new(),
+            cooldowns: InlineVec::new(),
+            replayed_at_ms: None,
+        };
+        let (runs, out) = (runs.as_slice(), &mut result.counters);
+        if fit.due {
             add_and_report_due(
                 &mut locked,
                 ops,
                 op_shards,
-                &runs,
+                runs,
                 &mut op_at,
                 applied,
                 now_ms,
-            )
+                out,
+            );
         } else {
             add_and_report(
                 &mut locked,
                 ops,
                 op_shards,
-                &runs,
+                runs,
                 &mut op_at,
                 applied,
                 now_ms,
-            )
-        };
+                out,
+            );
+        }
         let sweep_turn = locked.count_batch();
         drop(locked);
-        let result = Applied {
-            applied,
-            counters,
-            settled: Vec::new(),
-            cooldowns: InlineVec::new(),
-            replayed_at_ms: None,
-        };
         if let Some((first, k)) = sweep_turn {
             self.sweep_in_turn(first, k, now_ms);
         }
@@ -245,6 +250,7 @@ pub(super) fn check_ops(
 /// ([`Fit::due`]): one that applies rolls its counters first, then takes
 /// [`add_and_report`]; one that does not reports views and writes nothing
 /// ([`report_views`]).
+#[allow(clippy::too_many_arguments)]
 #[cold]
 #[inline(never)]
 fn add_and_report_due(
@@ -255,12 +261,13 @@ fn add_and_report_due(
     op_at: &mut [(KeyId, usize)],
     applied: bool,
     now_ms: i64,
-) -> InlineVec<CounterState> {
+    out: &mut InlineVec<CounterState>,
+) {
     if applied {
         roll_ops(locked, ops, op_shards, runs, op_at, now_ms);
-        add_and_report(locked, ops, op_shards, runs, op_at, applied, now_ms)
+        add_and_report(locked, ops, op_shards, runs, op_at, applied, now_ms, out);
     } else {
-        report_views(locked, ops, op_shards, runs, op_at, now_ms)
+        report_views(locked, ops, op_shards, runs, op_at, now_ms, out);
     }
 }
 
@@ -334,11 +341,12 @@ pub(super) fn add_run(
 }
 
 /// Phases 2 and 3 of a batch of counter ops only: [`add_usage`] (if
-/// `applied`, its counters already rolled), then [`report`](super::report::report), with one
+/// `applied`, its counters already rolled), then [`report`](super::report::report) into `counters`, with one
 /// counter lookup a run where both would take one. A run's report reads only
 /// its own ops' counters, so each run can be reported as soon as it is added
 /// to. A batch that did not apply with a counter due a roll is reported by
 /// [`report_views`] instead.
+#[allow(clippy::too_many_arguments)]
 #[inline(never)]
 pub(super) fn add_and_report(
     locked: &mut Locked<'_>,
@@ -348,8 +356,8 @@ pub(super) fn add_and_report(
     op_at: &mut [(KeyId, usize)],
     applied: bool,
     now_ms: i64,
-) -> InlineVec<CounterState> {
-    let mut counters = InlineVec::new();
+    counters: &mut InlineVec<CounterState>,
+) {
     let mut i = 0;
     for &end in runs {
         let sh = locked.shard(op_shards[i]);
@@ -382,5 +390,4 @@ pub(super) fn add_and_report(
         }
         i = end;
     }
-    counters
 }

@@ -156,7 +156,14 @@ impl MemoryStore {
 
         // Phase 3: report.
         let (op_at, runs) = (found.op_at.as_slice(), found.runs.as_slice());
-        let counters = report(
+        let mut result = Applied {
+            applied,
+            counters: InlineVec::new(),
+            settled,
+            cooldowns: cooling,
+            replayed_at_ms: None,
+        };
+        report(
             &mut locked,
             batch.ops,
             step.op_shards,
@@ -165,17 +172,11 @@ impl MemoryStore {
             applied,
             fit.due && !applied,
             now_ms,
+            &mut result.counters,
         );
         let sweep_turn = locked.count_batch();
         drop(locked);
         drop(lease.guard);
-        let result = Applied {
-            applied,
-            counters,
-            settled,
-            cooldowns: cooling,
-            replayed_at_ms: None,
-        };
         if let (Some(guard), true) = (ledger, applied) {
             record_event(guard, batch, &result, now_ms);
         }

@@ -132,7 +132,7 @@ pub(super) fn view_state_of(
 
 /// Phase 3: each op's counter as it stands (see `state_of`), or for a batch
 /// that did not apply with a counter due a roll (`view`), as rolling would
-/// leave it (see [`view_state_of`]).
+/// leave it (see [`view_state_of`]), appended to `counters`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
 pub(super) fn report(
@@ -144,8 +144,8 @@ pub(super) fn report(
     applied: bool,
     view: bool,
     now_ms: i64,
-) -> InlineVec<CounterState> {
-    let mut counters = InlineVec::new();
+    counters: &mut InlineVec<CounterState>,
+) {
     // When applied, the delta is already in `used` or `held`; ask about
     // a zero delta so `available_at` is not set for a fitting op.
     let delta_of = |op: &CounterOp<'_>| if applied { 0 } else { op.delta };
@@ -173,7 +173,6 @@ pub(super) fn report(
         }
         i = end;
     }
-    counters
 }
 
 /// The first step of phase 2 for a batch that applies with a counter due a
@@ -207,7 +206,7 @@ pub(super) fn roll_ops(
 
 /// Phase 3 of a batch that did not apply with a counter due a roll
 /// ([`Fit::due`](super::apply::Fit::due)): each op's counter as rolling it would leave it (see
-/// [`view_state_of`]), nothing written.
+/// [`view_state_of`]), nothing written, appended to `out`.
 #[cold]
 #[inline(never)]
 pub(super) fn report_views(
@@ -217,6 +216,9 @@ pub(super) fn report_views(
     runs: &[usize],
     op_at: &[(KeyId, usize)],
     now_ms: i64,
-) -> InlineVec<CounterState> {
-    report(locked, ops, op_shards, runs, op_at, false, true, now_ms)
+    out: &mut InlineVec<CounterState>,
+) {
+    report(
+        locked, ops, op_shards, runs, op_at, false, true, now_ms, out,
+    );
 }
