@@ -347,7 +347,7 @@ fn build_decision(
                 .settled
                 .iter()
                 .filter(|h: &&SettledHold| {
-                    h.scope == *op.scope && op.meter == *h.meter && h.window == op.window
+                    op.meter == h.meter && h.window == op.window && h.scope == *op.scope
                 })
                 .map(|h| h.charged)
                 .sum();

@@ -321,8 +321,9 @@ pub struct CounterState {
 pub struct SettledHold {
     /// Whose counter.
     pub scope: ScopeKey,
-    /// Which meter.
-    pub meter: Arc<str>,
+    /// Which meter (serialized as its string, interned when read back).
+    #[serde(with = "interned")]
+    pub meter: Name,
     /// Over which window.
     pub window: Window,
     /// The amount the lease held there.
@@ -333,7 +334,7 @@ pub struct SettledHold {
 
 impl SettledHold {
     /// A settled hold.
-    pub fn new(scope: ScopeKey, meter: Arc<str>, window: Window, held: u64, charged: u64) -> Self {
+    pub fn new(scope: ScopeKey, meter: Name, window: Window, held: u64, charged: u64) -> Self {
         Self {
             scope,
             meter,
@@ -486,6 +487,24 @@ pub(crate) fn ms_to_time(ms: i64) -> DateTime<Utc> {
     } else {
         DateTime::<Utc>::MAX_UTC
     })
+}
+
+/// Serde for a [`Name`] kept by a store (a settled hold's, a lease's in a
+/// snapshot): the string, interned when read back (a store's meters are a
+/// catalog's).
+pub(crate) mod interned {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::name::Name;
+
+    pub(crate) fn serialize<S: Serializer>(name: &Name, s: S) -> Result<S::Ok, S::Error> {
+        name.serialize(s)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(Name::new(&s))
+    }
 }
 
 /// Serde for an optional instant in Unix milliseconds, as the RFC 3339
@@ -681,4 +700,71 @@ pub(crate) fn fits(used: u64, held: u64, delta: u64, max: Option<u64>) -> bool {
             None => true,
             Some(m) => u128::from(used) + u128::from(held) + u128::from(delta) <= u128::from(m),
         }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Applied, CounterState, InlineVec, INLINE_STATES};
+
+    /// An answer serializes its instants as the RFC 3339 times it did when
+    /// the seam spoke `DateTime`s (a snapshot's ledger keeps answers), and
+    /// reads them back as the same milliseconds.
+    #[test]
+    fn an_answer_keeps_its_serialized_form() {
+        let day = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+        let mut a = Applied {
+            applied: true,
+            ..Applied::default()
+        };
+        a.counters.push(CounterState {
+            used: 3,
+            held: 1,
+            period_start_ms: Some(day),
+            resets_at_ms: Some(day + 86_400_000),
+            available_at_ms: None,
+        });
+        a.cooldowns.push(Some(day + 1_500));
+        a.cooldowns.push(None);
+        a.replayed_at_ms = Some(day + 60_000);
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(
+            json,
+            "{\"applied\":true,\"counters\":[{\"used\":3,\"held\":1,\
+             \"period_start\":\"2026-01-01T00:00:00Z\",\
+             \"resets_at\":\"2026-01-02T00:00:00Z\",\"available_at\":null}],\
+             \"settled\":[],\"cooldowns\":[\"2026-01-01T00:00:01.500Z\",null],\
+             \"replayed_at\":\"2026-01-01T00:01:00Z\"}"
+        );
+        let back: Applied = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, a);
+        // Written before the fields had defaults: still read.
+        let old = "{\"applied\":false,\"counters\":[]}";
+        assert_eq!(
+            serde_json::from_str::<Applied>(old).unwrap(),
+            Applied::default()
+        );
+    }
+
+    /// Inline up to `INLINE_STATES` items, on the heap past them, in order
+    /// either way; a sequence in serde.
+    #[test]
+    fn an_inline_vec_spills_past_its_inline_items_in_order() {
+        let mut v: InlineVec<u64> = InlineVec::new();
+        for i in 0..INLINE_STATES as u64 {
+            v.push(i);
+        }
+        assert!(!v.spilled());
+        v.push(99);
+        assert!(v.spilled());
+        let want: Vec<u64> = (0..INLINE_STATES as u64).chain([99]).collect();
+        assert_eq!(v.as_slice(), want.as_slice());
+        assert_eq!(v, InlineVec::from(want.clone()));
+        assert_eq!(v, want.iter().copied().collect::<InlineVec<u64>>());
+        assert_eq!(format!("{v:?}"), format!("{want:?}"));
+        let json = serde_json::to_string(&v).unwrap();
+        assert_eq!(json, serde_json::to_string(&want).unwrap());
+        assert_eq!(serde_json::from_str::<InlineVec<u64>>(&json).unwrap(), v);
+        v[0] = 7;
+        assert_eq!((v.len(), v.first()), (INLINE_STATES + 1, Some(&7)));
+    }
 }

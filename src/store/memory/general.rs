@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::sync::Arc;
 
 use parking_lot::MutexGuard;
 
@@ -485,7 +484,7 @@ impl Step<'_, '_> {
             }
             settled.push(SettledHold::new(
                 ch.hold.scope,
-                Arc::from(ch.hold.meter.as_str()),
+                ch.hold.meter,
                 ch.hold.window,
                 ch.held,
                 ch.charged,

@@ -125,26 +125,9 @@ pub(super) struct Lease {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct HoldRef {
     pub(super) scope: ScopeKey,
-    #[serde(with = "interned")]
+    #[serde(with = "crate::store::interned")]
     pub(super) meter: Name,
     pub(super) window: Window,
-}
-
-/// Serde for a [`Name`] in a snapshot: the string, interned when read (a
-/// snapshot's meters are a catalog's).
-mod interned {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    use crate::name::Name;
-
-    pub(super) fn serialize<S: Serializer>(name: &Name, s: S) -> Result<S::Ok, S::Error> {
-        name.serialize(s)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        Ok(Name::new(&s))
-    }
 }
 
 impl Holds {

@@ -281,6 +281,10 @@ impl MemoryStore {
     /// A store holding exactly what `snapshot` holds, with the default number
     /// of shards and the snapshot's event horizon.
     ///
+    /// A snapshot names meters by their strings; restoring interns them as
+    /// [`Name`]s (for the life of the process, as a catalog's names are), so
+    /// the engine's batches find the restored counters by pointer.
+    ///
     /// # Errors
     /// [`Error::InvalidSnapshot`] when the snapshot breaks an invariant: an
     /// unknown version, a counter named twice, a calendar counter whose

@@ -734,3 +734,45 @@ fn a_rolling_view_reads_as_the_rolled_counter() {
         }
     }
 }
+
+/// An answer keeps its states inline for a batch of up to
+/// `INLINE_STATES` ops and spills past it, one state per op in order
+/// either way (contract rule 6), on both paths.
+#[test]
+fn answers_are_inline_up_to_their_count_and_in_order_past_it() {
+    use crate::store::INLINE_STATES;
+    let store = MemoryStore::new();
+    let scopes: Vec<ScopeKey> = (0..3).map(|i| ScopeKey::subject(format!("s{i}"))).collect();
+    let meters: Vec<Name> = (0..4).map(|i| Name::new(&format!("m{i}"))).collect();
+    let ops: Vec<CounterOp<'_>> = scopes
+        .iter()
+        .flat_map(|s| meters.iter().map(move |&m| (s, m)))
+        .enumerate()
+        .map(|(i, (scope, meter))| CounterOp {
+            scope,
+            meter,
+            window: Window::Lifetime,
+            delta: i as u64 + 1,
+            max: None,
+        })
+        .collect();
+    assert!(ops.len() > INLINE_STATES);
+    for n in [4, INLINE_STATES, ops.len()] {
+        for event in [None, Some(EventKey::new("e", n as u64))] {
+            let mut batch = Batch::new(&ops[..n], Mode::Check, ms(at(0)));
+            batch.event = event;
+            let r = store.apply(&batch).unwrap();
+            assert_eq!(r.counters.spilled(), n > INLINE_STATES, "{n}");
+            assert_eq!(r.counters.len(), n);
+        }
+    }
+    store
+        .apply(&Batch::new(&ops, Mode::Force, ms(at(0))))
+        .unwrap();
+    let r = store
+        .apply(&Batch::new(&ops, Mode::Check, ms(at(1))))
+        .unwrap();
+    let used: Vec<u64> = r.counters.iter().map(|c| c.used).collect();
+    let want: Vec<u64> = (1..=ops.len() as u64).collect();
+    assert_eq!(used, want);
+}

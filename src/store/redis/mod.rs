@@ -30,7 +30,7 @@ pub enum TimeSource {
     /// period ends. The default.
     #[default]
     Server,
-    /// The engine's clock, as passed in `Batch::now`: what the conformance
+    /// The engine's clock, as passed in `Batch::now_ms`: what the conformance
     /// suite and tests with a [`ManualClock`](crate::ManualClock) need.
     Batch,
 }

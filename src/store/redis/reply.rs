@@ -1,5 +1,6 @@
 //! Reading the script's reply into an `Applied`.
 
+use crate::name::Name;
 use crate::store::{Applied, Batch, CounterOp, CounterState, InlineVec, ScopeKey, SettledHold};
 use crate::window::Window;
 use crate::Error;
@@ -119,7 +120,7 @@ impl RedisStore {
             let held: u64 = r.int()?;
             let charged: u64 = r.int()?;
             let (scope, meter, window) = self.resolve(batch, descs, desc)?;
-            settled.push(SettledHold::new(scope, meter.into(), window, held, charged));
+            settled.push(SettledHold::new(scope, meter, window, held, charged));
         }
         Ok(Applied {
             applied,
@@ -137,9 +138,9 @@ impl RedisStore {
         batch: &Batch<'_>,
         descs: &[String],
         desc: &str,
-    ) -> Result<(ScopeKey, String, Window), Error> {
+    ) -> Result<(ScopeKey, Name, Window), Error> {
         if let Some(op) = descs.iter().position(|d| d == desc).map(|i| batch.ops[i]) {
-            return Ok((op.scope.clone(), op.meter.as_str().to_owned(), op.window));
+            return Ok((op.scope.clone(), op.meter, op.window));
         }
         let text = unhex(desc).ok_or_else(|| bad_reply("hold"))?;
         let mut parts = text.splitn(3, '\n');
@@ -161,7 +162,8 @@ impl RedisStore {
             Some(("s", h)) => ScopeKey::subject(format!("sha256:{h}")),
             _ => return Err(bad_reply("hold scope")),
         };
-        Ok((scope, meter.to_owned(), window))
+        // A meter the store wrote from a batch's op: a catalog's name.
+        Ok((scope, Name::new(meter), window))
     }
 
     fn error(&self, batch: &Batch<'_>, descs: &[String], r: &mut Reply<'_>) -> Error {
@@ -182,7 +184,7 @@ impl RedisStore {
                         .token()
                         .ok()
                         .and_then(|d| self.resolve(batch, descs, d).ok())
-                        .map(|(_, m, _)| m),
+                        .map(|(_, m, _)| m.as_str().to_owned()),
                     Ok(i) => i
                         .parse::<usize>()
                         .ok()
