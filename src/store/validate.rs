@@ -22,9 +22,11 @@ pub(crate) fn validate(batch: &Batch<'_>) -> Result<(), Error> {
         op.window
             .validate()
             .map_err(|reason| invalid(format!("ops[{i}]: {reason}")))?;
+        // The meter first: an interned name, compared by pointer, tells
+        // most ops of a batch apart.
         if ops[..i]
             .iter()
-            .any(|o| o.window == op.window && o.meter == op.meter && o.scope == op.scope)
+            .any(|o| o.meter == op.meter && o.window == op.window && o.scope == op.scope)
         {
             return Err(invalid(format!(
                 "ops[{i}]: counter {} {} {} named twice",
