@@ -77,7 +77,8 @@
 //! # Features
 //!
 //! The default build carries only the core: serde, thiserror, chrono,
-//! parking_lot and rust_decimal.
+//! parking_lot, rust_decimal, fnv (event fingerprints) and smallvec (a
+//! decision's inline lists, behind [`LimitStates`] and [`MeterList`]).
 //!
 //! | feature | adds | dependencies |
 //! | --- | --- | --- |
@@ -120,7 +121,7 @@ pub use model::catalog::{
     Catalog, CatalogConfig, Limit, LimitConfig, MaxConfig, Meter, Plan, PlanConfig, Pool,
     PoolConfig, RefundPolicy, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE, MAX_PRICE_SCALE,
 };
-pub use model::decision::{Decision, LimitState, Money, Refusal, Status};
+pub use model::decision::{Decision, LimitState, LimitStates, MeterList, Money, Refusal, Status};
 pub use model::lease::LeaseId;
 pub use model::name::Name;
 pub use model::request::{Quantity, Request};
