@@ -77,8 +77,9 @@
 //! # Features
 //!
 //! The default build carries only the core: serde, thiserror, chrono,
-//! parking_lot, rust_decimal, fnv (event fingerprints) and smallvec (a
-//! decision's inline lists, behind [`LimitStates`] and [`MeterList`]).
+//! parking_lot, rust_decimal, fnv (event fingerprints), smallvec (a
+//! decision's inline lists, behind [`LimitStates`] and [`MeterList`]) and
+//! foldhash (the engine's keyed hash of subject ids).
 //!
 //! | feature | adds | dependencies |
 //! | --- | --- | --- |
