@@ -85,8 +85,8 @@ use allocations::{Resolved, Table};
 ///   compared in full, so no subject can read or spend another's quota.
 ///
 /// Only allocated subjects are in the table (a request for an unknown id is
-/// [`Error::UnknownSubject`](crate::Error::UnknownSubject) and adds nothing), so a flood needs the host to
-/// [`allocate`](Engine::allocate) the attacker's ids. A host that allocates
+/// [`Error::UnknownSubject`] and adds nothing), so a flood needs the host
+/// to [`allocate`](Engine::allocate) the attacker's ids. A host that allocates
 /// ids chosen by untrusted clients, in one process that lives long enough
 /// to be studied, can bound the risk by limiting how many subjects one
 /// client may create, or by mapping client ids to its own.
