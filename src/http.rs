@@ -301,7 +301,7 @@ impl HttpMapping {
                 body.insert("currency".into(), currency.into());
             }
             let reset = l
-                .resets_at
+                .resets_at()
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
             body.insert("reset".into(), json!(reset));
         }
@@ -378,7 +378,7 @@ fn write_ratelimit(l: &LimitState, now: DateTime<Utc>, headers: &mut HeaderMap) 
         policy.push_str(&format!(";w={}", w.min(SF_INTEGER_MAX)));
     }
     let mut current = format!("{name};r={}", remaining.min(SF_INTEGER_MAX));
-    if let Some(reset) = l.resets_at.filter(|t| *t > now) {
+    if let Some(reset) = l.resets_at().filter(|t| *t > now) {
         let t = (reset - now).to_std().map_or(0, ceil_secs);
         current.push_str(&format!(";t={}", t.min(SF_INTEGER_MAX)));
     }
@@ -437,7 +437,7 @@ fn window_secs(l: &LimitState) -> Option<u64> {
     match l.window {
         Window::Rolling { span_secs, .. } => Some(span_secs),
         Window::Calendar { .. } => {
-            let (start, end) = (l.period_start?, l.resets_at?);
+            let (start, end) = (l.period_start()?, l.resets_at()?);
             u64::try_from((end - start).num_seconds()).ok()
         }
         Window::Lifetime | Window::Concurrent => None,

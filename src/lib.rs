@@ -77,7 +77,9 @@
 //! # Features
 //!
 //! The default build carries only the core: serde, thiserror, chrono,
-//! parking_lot and rust_decimal.
+//! parking_lot, rust_decimal, fnv (event fingerprints), smallvec (a
+//! decision's inline lists, behind [`LimitStates`] and [`MeterList`]) and
+//! foldhash (the engine's keyed hash of subject ids).
 //!
 //! | feature | adds | dependencies |
 //! | --- | --- | --- |
@@ -120,7 +122,7 @@ pub use model::catalog::{
     Catalog, CatalogConfig, Limit, LimitConfig, MaxConfig, Meter, Plan, PlanConfig, Pool,
     PoolConfig, RefundPolicy, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE, MAX_PRICE_SCALE,
 };
-pub use model::decision::{Decision, LimitState, Money, Refusal, Status};
+pub use model::decision::{Decision, LimitState, LimitStates, MeterList, Money, Refusal, Status};
 pub use model::lease::LeaseId;
 pub use model::name::Name;
 pub use model::request::{Quantity, Request};

@@ -1,12 +1,14 @@
 //! Edges: amounts past `u64`, `record` past a maximum, allocations that name
-//! a model's pool, offsets that are not whole minutes.
+//! a model's pool, offsets that are not whole minutes, decisions on more
+//! limits than a decision keeps inline.
 
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use tollgate::{
-    Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, MaxConfig, MemoryStore,
-    Meter, Period, PlanConfig, PoolConfig, Request, Status, Window,
+    Allocation, CatalogConfig, Engine, Error, LimitConfig, LimitStates, ManualClock, MaxConfig,
+    MemoryStore, Meter, MeterList, Period, PlanConfig, PoolConfig, Refusal, Request, Status,
+    Window,
 };
 
 fn engine() -> (Engine<MemoryStore, ManualClock>, ManualClock) {
@@ -231,4 +233,156 @@ fn an_allocation_reads_back_as_given_and_its_overrides_stay_its_own() {
     assert!(e.deallocate("a"));
     assert_eq!(e.allocation("a"), None);
     assert!(!e.deallocate("a"));
+}
+
+/// An engine at 2026-03-02 09:00 UTC whose plan `four` has the bench's
+/// four limits (daily tokens and jobs, a monthly cost cap, a rolling
+/// 7-day runtime) and whose plan `six` adds two more: a lifetime limit
+/// and an hourly rolling limit on jobs.
+fn wide_engine() -> Engine<MemoryStore, ManualClock> {
+    let day = Window::calendar(Period::Day);
+    let week = Window::Rolling {
+        span_secs: 7 * 86_400,
+        buckets: 168,
+    };
+    let hour = Window::Rolling {
+        span_secs: 3_600,
+        buckets: 60,
+    };
+    let four = |id| {
+        PlanConfig::new(id)
+            .limit(LimitConfig::new("tok", day, 1_000u64))
+            .limit(LimitConfig::new("jobs", day, 10u64))
+            .limit(LimitConfig::new(
+                "cost",
+                Window::calendar(Period::Month),
+                rust_decimal::Decimal::ONE,
+            ))
+            .limit(LimitConfig::new("run", week, 600u64))
+            .cost_meter("cost")
+            .price("tok", rust_decimal::Decimal::new(1, 3))
+    };
+    let catalog = CatalogConfig::default()
+        .meter(Meter::count("tok"))
+        .meter(Meter::count("jobs"))
+        .meter(Meter::seconds("run"))
+        .meter(Meter::money("cost", "USD", 6))
+        .plan(four("four"))
+        .plan(
+            four("six")
+                .limit(LimitConfig::new("jobs", Window::Lifetime, 100u64))
+                .limit(LimitConfig::new("jobs", hour, 3u64)),
+        )
+        .build()
+        .unwrap();
+    let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 2, 9, 0, 0).unwrap());
+    let e = Engine::with_clock(catalog, clock);
+    e.allocate(Allocation::new("a", "four")).unwrap();
+    e.allocate(Allocation::new("b", "six")).unwrap();
+    e
+}
+
+/// (meter, used, remaining) of each limit state, in order.
+fn rows(limits: &LimitStates) -> Vec<(&str, u64, Option<u64>)> {
+    limits
+        .iter()
+        .map(|l| (l.meter.as_str(), l.used, l.remaining))
+        .collect()
+}
+
+#[test]
+fn a_decision_on_four_limits_keeps_its_states_and_unpriced_meters_inline() {
+    let e = wide_engine();
+    let req = Request::new("a")
+        .units("tok", 100)
+        .units("jobs", 1)
+        .units("run", 5);
+    let d = e.admit(&req).unwrap();
+    assert!(d.allowed && d.recorded, "{d:?}");
+    assert_eq!(LimitStates::INLINE, 4);
+    assert_eq!(d.limits.len(), 4);
+    assert!(!d.limits.spilled(), "{d:?}");
+    // Plan order; the cost of 100 tokens at $0.001 is $0.10.
+    assert_eq!(
+        rows(&d.limits),
+        [
+            ("tok", 100, Some(900)),
+            ("jobs", 1, Some(9)),
+            ("cost", 100_000, Some(900_000)),
+            ("run", 5, Some(595)),
+        ]
+    );
+    assert_eq!(d.binding, Some(0));
+    assert_eq!(d.unpriced, ["jobs", "run"]);
+    assert!(!d.unpriced.spilled() && d.unpriced.len() <= MeterList::INLINE);
+    // The list reads as a slice and compares with a `Vec` both ways.
+    let copy: Vec<_> = d.limits.clone().into_vec();
+    assert_eq!(d.limits, copy);
+    assert_eq!(copy, d.limits);
+    assert_eq!(d.limits, *copy.as_slice());
+    let mut n = 0;
+    for l in &d.limits {
+        assert!(
+            l.period_start().is_some() && l.resets_at().is_some(),
+            "{l:?}"
+        );
+        n += 1;
+    }
+    assert_eq!(n, 4);
+    assert_eq!(
+        d.limits[0].resets_at(),
+        Some(Utc.with_ymd_and_hms(2026, 3, 3, 0, 0, 0).unwrap())
+    );
+    // Debug shows the instants as dates.
+    assert!(
+        format!("{:?}", d.limits[0]).contains("period_start: Some(2026-03-02T00:00:00Z)"),
+        "{:?}",
+        d.limits[0]
+    );
+}
+
+#[test]
+fn a_decision_on_more_limits_than_inline_spills_and_answers_the_same() {
+    let e = wide_engine();
+    let job = Request::new("b")
+        .units("tok", 100)
+        .units("jobs", 1)
+        .units("run", 5);
+    for k in 1..=3u64 {
+        let d = e.admit(&job).unwrap();
+        assert!(d.allowed && d.recorded, "{k}: {d:?}");
+        assert_eq!(d.limits.len(), 6);
+        assert!(d.limits.spilled());
+        assert_eq!(
+            rows(&d.limits),
+            [
+                ("tok", 100 * k, Some(1_000 - 100 * k)),
+                ("jobs", k, Some(10 - k)),
+                ("cost", 100_000 * k, Some(1_000_000 - 100_000 * k)),
+                ("run", 5 * k, Some(600 - 5 * k)),
+                ("jobs", k, Some(100 - k)),
+                ("jobs", k, Some(3 - k)),
+            ],
+            "{k}"
+        );
+        // The hourly limit (index 5) has the least headroom.
+        assert_eq!(d.binding, Some(5), "{k}");
+        assert_eq!(d.limit(&d.limits[5].scope, "jobs"), Some(&d.limits[1]));
+    }
+    // The fourth job in the hour is refused by the sixth limit, past the
+    // inline ones, and records nothing.
+    let d = e.admit(&job).unwrap();
+    assert!(!d.allowed && !d.recorded, "{d:?}");
+    assert_eq!(d.reason, Some(Refusal::LimitExceeded));
+    assert_eq!(d.status, Status::Exceeded);
+    let exceeded: Vec<usize> = (0..d.limits.len())
+        .filter(|&i| d.limits[i].status == Status::Exceeded)
+        .collect();
+    assert_eq!(exceeded, [5]);
+    assert_eq!(d.binding, Some(5));
+    assert_eq!(d.binding_limit().map(|l| l.used), Some(3));
+    // Used at 09:00 in the bucket [09:00, 09:01): it leaves at 10:01.
+    assert_eq!(d.retry_after, Some(Duration::from_secs(3_660)));
+    let d = e.check(&Request::new("b").units("tok", 0)).unwrap();
+    assert_eq!(d.limits[0].used, 300);
 }

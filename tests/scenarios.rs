@@ -82,8 +82,8 @@ fn free_plan_monthly_input_tokens_warn_at_80_percent_and_refuse_past_20k() {
     assert_eq!(b.max, Some(20_000));
     assert_eq!(b.remaining, Some(4_001));
     assert_eq!(b.status, Status::Ok);
-    assert_eq!(b.period_start, Some(utc(2026, 3, 1, 0, 0, 0)));
-    assert_eq!(b.resets_at, Some(utc(2026, 4, 1, 0, 0, 0)));
+    assert_eq!(b.period_start(), Some(utc(2026, 3, 1, 0, 0, 0)));
+    assert_eq!(b.resets_at(), Some(utc(2026, 4, 1, 0, 0, 0)));
 
     // 16,000 of 20,000 is exactly 80 %: Warning.
     let d = engine.admit(&req(1)).unwrap();
@@ -178,8 +178,8 @@ fn monthly_quota_resets_at_0000_utc_on_the_first_and_not_a_second_before() {
     let s = subject_state(&d, "a", TOKENS_IN);
     assert_eq!(s.used, 500);
     assert_eq!(s.remaining, Some(19_500));
-    assert_eq!(s.period_start, Some(utc(2026, 4, 1, 0, 0, 0)));
-    assert_eq!(s.resets_at, Some(utc(2026, 5, 1, 0, 0, 0)));
+    assert_eq!(s.period_start(), Some(utc(2026, 4, 1, 0, 0, 0)));
+    assert_eq!(s.resets_at(), Some(utc(2026, 5, 1, 0, 0, 0)));
 }
 
 // 3 ─────────────────────────────────────────────────────────────────────────
@@ -354,7 +354,7 @@ fn rolling_seven_day_runtime_frees_usage_day_by_day_never_early() {
         let s = subject_state(&d, "r", RUNTIME_METER);
         assert_eq!(s.window, RUNTIME_WINDOW);
         assert_eq!(s.max, Some(RUNTIME_MAX));
-        assert_eq!(s.period_start, Some(t0 + day * k - day * 7));
+        assert_eq!(s.period_start(), Some(t0 + day * k - day * 7));
     }
     assert_eq!(used(), dec!(18000));
     let u = usage_of(&engine, "r", RUNTIME_METER);
@@ -838,8 +838,8 @@ fn month_ends_reset_at_exact_utc_midnights() {
         assert!(d.allowed, "{at}");
         let s = subject_state(&d, "a", TOKENS_IN);
         assert_eq!(s.used, 100, "{at}: a fresh month");
-        assert_eq!(s.period_start, Some(start), "{at}");
-        assert_eq!(s.resets_at, Some(reset), "{at}");
+        assert_eq!(s.period_start(), Some(start), "{at}");
+        assert_eq!(s.resets_at(), Some(reset), "{at}");
         clock.set(reset - chrono::Duration::seconds(1));
         assert_eq!(usage_of(&engine, "a", TOKENS_IN).units, dec!(100), "{at}");
         clock.set(reset);
@@ -899,8 +899,8 @@ fn calendar_month_in_utc_plus_nine_starts_at_1500_utc_the_day_before() {
         assert!(d.allowed);
         let s = subject_state(&d, "j", TOKENS_IN);
         assert_eq!(s.window, jst);
-        assert_eq!(s.period_start, Some(utc(2026, 2, 28, 15, 0, 0)));
-        assert_eq!(s.resets_at, Some(utc(2026, 3, 31, 15, 0, 0)));
+        assert_eq!(s.period_start(), Some(utc(2026, 2, 28, 15, 0, 0)));
+        assert_eq!(s.resets_at(), Some(utc(2026, 3, 31, 15, 0, 0)));
         let d = engine
             .admit(&Request::new("j").units(TOKENS_IN, 1))
             .unwrap();

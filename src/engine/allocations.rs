@@ -219,9 +219,16 @@ fn listed_pools(catalog: &Catalog, ids: &[String]) -> Result<Vec<Arc<Pool>>, Err
 /// subjects from different threads do not all write one lock word.
 ///
 /// Each shard's map is keyed by the scope's id (one allocation, shared with
-/// the scope) under std's randomly keyed SipHash, so callers cannot aim ids
-/// at one bucket. The shard comes from a cheap unkeyed hash of the id: ids
-/// aimed at one shard only bring back a single lock.
+/// the scope) under foldhash's fast hasher, keyed at random: one secret per
+/// process and one per map (`foldhash::fast::RandomState`). Chosen over
+/// std's SipHash because every call hashes one subject id here, and
+/// SipHash cost about 180 instructions more per call (callgrind, see
+/// `../shared/notes/one-lookup.md`); over `ahash` because foldhash has no
+/// dependencies, does not change with the CPU's features, is at least as
+/// fast on short keys, and is already in the build (hashbrown's default).
+/// It is not a cryptographic hash: see the flood-resistance note on
+/// [`Engine`](super::Engine). The shard comes from a cheap unkeyed hash of
+/// the id: ids aimed at one shard only bring back a single lock.
 #[derive(Default)]
 pub(super) struct Table {
     shards: [Shard; TABLE_SHARDS],
@@ -230,16 +237,19 @@ pub(super) struct Table {
 /// Shards of the allocation table.
 const TABLE_SHARDS: usize = 16;
 
+/// One shard's map: subject id → resolved allocation, under foldhash.
+type Map = HashMap<Arc<str>, Arc<Resolved>, foldhash::fast::RandomState>;
+
 /// One lock of the table, alone on its cache line.
 #[derive(Default)]
 #[repr(align(64))]
-struct Shard(RwLock<HashMap<Arc<str>, Arc<Resolved>>>);
+struct Shard(RwLock<Map>);
 
 impl Table {
     /// The shard holding `subject`: its last eight bytes (where ids like
     /// `agent-7` differ) and its length, multiplied into the top bits.
     #[inline]
-    pub(super) fn shard(&self, subject: &str) -> &RwLock<HashMap<Arc<str>, Arc<Resolved>>> {
+    pub(super) fn shard(&self, subject: &str) -> &RwLock<Map> {
         let b = subject.as_bytes();
         let tail = b
             .len()
@@ -282,6 +292,18 @@ mod tests {
             .iter()
             .position(|s| std::ptr::eq(&s.0, shard))
             .expect("a shard of the table")
+    }
+
+    /// Each shard's map hashes ids under keys of its own (a random state),
+    /// never one fixed function: the same id hashes differently in two
+    /// tables and in two shards of one table.
+    #[test]
+    fn table_maps_hash_ids_under_keys_of_their_own() {
+        use std::hash::BuildHasher;
+        let (a, b) = (Table::default(), Table::default());
+        let h = |t: &Table, s: usize| t.shards[s].0.read().hasher().hash_one("agent-7");
+        assert_ne!(h(&a, 0), h(&b, 0));
+        assert_ne!(h(&a, 0), h(&a, 1));
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
             allowed: true,
             recorded: false,
             reason: None,
-            limits: Vec::new(),
+            limits: Default::default(),
             binding: None,
             retry_after: None,
             cost: p.cost.clone(),

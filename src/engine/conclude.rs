@@ -11,7 +11,7 @@ use super::prepare::Prepared;
 use super::Engine;
 use crate::catalog::{cost_minor, Limit};
 use crate::clock::Clock;
-use crate::decision::{Decision, LimitState, Money, Refusal, Status};
+use crate::decision::{Decision, LimitState, LimitStates, MeterList, Money, Refusal, Status};
 use crate::name::Name;
 use crate::request::Request;
 use crate::store::{Applied, CooldownOp, CounterOp, CounterState, ScopeKey, SettledHold};
@@ -137,7 +137,7 @@ impl<S, C: Clock> Engine<S, C> {
             allowed: false,
             recorded: false,
             reason: Some(reason),
-            limits: Vec::new(),
+            limits: LimitStates::new(),
             binding: None,
             retry_after: None,
             cost: p.cost.clone(),
@@ -321,7 +321,7 @@ fn build_decision(
     call: Call,
     now_ms: i64,
     cost: Option<Money>,
-    unpriced: Vec<Name>,
+    unpriced: MeterList,
     cooling: Option<(&ScopeKey, DateTime<Utc>)>,
     zero: bool,
 ) -> Decision {
@@ -332,59 +332,56 @@ fn build_decision(
     // one is exceeded.
     let mut status = Status::Ok;
     let mut least: Option<(usize, u128, u128)> = None;
-    // Collected from zipped slices: one allocation of exactly `ops.len()`
-    // (the store answers one state per op), each state written in place
-    // rather than built and then copied by a push.
-    let states: Vec<LimitState> = ops
-        .iter()
-        .zip(limits)
-        .zip(&applied.counters)
-        .enumerate()
-        .map(|(i, ((op, limit), s))| {
-            let s: &CounterState = s;
-            // What this call adds here: its delta, plus what a settlement charged.
-            let charged: u64 = applied
-                .settled
-                .iter()
-                .filter(|h: &&SettledHold| {
-                    op.meter == h.meter && h.window == op.window && h.scope == *op.scope
-                })
-                .map(|h| h.charged)
-                .sum();
-            let requested = op.delta.saturating_add(charged);
-            // Usage with holds as if the request were recorded: for an applied
-            // batch the store already includes it.
-            let now_total = s.used.saturating_add(s.held);
-            let after = if applied.applied {
-                now_total
-            } else {
-                now_total.saturating_add(op.delta)
-            };
-            let this = status_of(limit, after, requested);
-            any_exceeded |= this == Status::Exceeded;
-            status = status.max(this);
-            let remaining = op.max.map(|m| m.saturating_sub(now_total));
-            if let (Some(max), Some(rem)) = (op.max, remaining) {
-                let (r, m) = (u128::from(rem), u128::from(max.max(1)));
-                if least.is_none_or(|(_, br, bm)| r * bm < br * m) {
-                    least = Some((i, r, m));
-                }
+    // Pushed into the inline list (no allocation up to
+    // `LimitStates::INLINE` limits) from a plain loop: collecting from a
+    // mapped iterator called its `next` out of line, one 152-byte copy
+    // per state (measured: +230 instructions per four-limit call).
+    let mut states = LimitStates::new();
+    let rows = ops.iter().zip(limits).zip(&applied.counters).enumerate();
+    for (i, ((op, limit), s)) in rows {
+        let s: &CounterState = s;
+        // What this call adds here: its delta, plus what a settlement charged.
+        let charged: u64 = applied
+            .settled
+            .iter()
+            .filter(|h: &&SettledHold| {
+                op.meter == h.meter && h.window == op.window && h.scope == *op.scope
+            })
+            .map(|h| h.charged)
+            .sum();
+        let requested = op.delta.saturating_add(charged);
+        // Usage with holds as if the request were recorded: for an applied
+        // batch the store already includes it.
+        let now_total = s.used.saturating_add(s.held);
+        let after = if applied.applied {
+            now_total
+        } else {
+            now_total.saturating_add(op.delta)
+        };
+        let this = status_of(limit, after, requested);
+        any_exceeded |= this == Status::Exceeded;
+        status = status.max(this);
+        let remaining = op.max.map(|m| m.saturating_sub(now_total));
+        if let (Some(max), Some(rem)) = (op.max, remaining) {
+            let (r, m) = (u128::from(rem), u128::from(max.max(1)));
+            if least.is_none_or(|(_, br, bm)| r * bm < br * m) {
+                least = Some((i, r, m));
             }
-            LimitState {
-                scope: op.scope.clone(),
-                meter: limit.meter,
-                window: op.window,
-                requested,
-                used: s.used,
-                held: s.held,
-                max: op.max,
-                remaining,
-                period_start: to_time(s.period_start_ms),
-                resets_at: to_time(s.resets_at_ms),
-                status: this,
-            }
-        })
-        .collect();
+        }
+        states.push(LimitState {
+            scope: op.scope.clone(),
+            meter: limit.meter,
+            window: op.window,
+            requested,
+            used: s.used,
+            held: s.held,
+            max: op.max,
+            remaining,
+            period_start_ms: s.period_start_ms,
+            resets_at_ms: s.resets_at_ms,
+            status: this,
+        });
+    }
     let allowed = match call {
         Call::Admit | Call::Reserve => applied.applied,
         Call::Check => !any_exceeded && cooling.is_none(),
@@ -401,8 +398,8 @@ fn build_decision(
         None
     } else {
         retry_at.flatten().map(|t| {
-            let ms = t.timestamp_millis().saturating_sub(now_ms);
-            std::time::Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+            let wait_ms = t.timestamp_millis().saturating_sub(now_ms);
+            std::time::Duration::from_millis(u64::try_from(wait_ms).unwrap_or(0))
         })
     };
     let charged_any = applied.settled.iter().any(|h| h.charged > 0);
@@ -477,9 +474,9 @@ mod tests {
 
     /// The unpriced meters are listed once each, in request order (a meter
     /// named twice counts once; priced, money and cost meters never), and
-    /// both lists of a decision are allocated at their exact length.
+    /// both lists of a decision stay inline (no allocation).
     #[test]
-    fn unpriced_meters_in_request_order_and_lists_at_exact_capacity() {
+    fn unpriced_meters_in_request_order_and_lists_inline() {
         let day = Window::calendar(Period::Day);
         let catalog = CatalogConfig::default()
             .meter(Meter::count("tok"))
@@ -512,14 +509,13 @@ mod tests {
         let d = engine.admit(&request("a")).unwrap();
         let ids: Vec<&str> = d.unpriced.iter().map(|m| &**m).collect();
         assert_eq!(ids, ["run", "jobs"]);
-        assert_eq!(d.unpriced.capacity(), 2);
+        assert!(!d.unpriced.spilled());
         // tok, run and the cost of tok.
         assert_eq!(d.limits.len(), 3);
-        assert_eq!(d.limits.capacity(), 3);
-        // Without a cost meter nothing is unpriced, and nothing is allocated.
+        assert!(!d.limits.spilled());
+        // Without a cost meter nothing is unpriced.
         let d = engine.admit(&request("b")).unwrap();
         assert!(d.unpriced.is_empty());
-        assert_eq!(d.unpriced.capacity(), 0);
-        assert_eq!(d.limits.capacity(), d.limits.len());
+        assert!(!d.unpriced.spilled() && !d.limits.spilled());
     }
 }

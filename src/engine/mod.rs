@@ -59,6 +59,37 @@ use allocations::{Resolved, Table};
 /// assert_eq!(d.status, Status::Exceeded);
 /// # Ok::<(), tollgate::Error>(())
 /// ```
+///
+/// # Subject ids and hash flooding
+///
+/// Subject ids often come from outside (API keys, user ids), so the engine's
+/// table of allocations hashes them with a keyed hash: foldhash's fast
+/// hasher with random secrets drawn once per process (and per map), not
+/// std's SipHash, which cost about 180 instructions more on every call.
+/// What that means for a caller that lets clients choose subject ids:
+///
+/// - **Cannot:** precompute ids that collide. Without the process's secrets
+///   an attacker cannot build a set of ids that land in one bucket of the
+///   table, and the secrets differ in every process, so a list that hurts
+///   one process is useless against the next. Lookups stay constant time
+///   on average.
+/// - **Can:** slow one process down if it can learn its secrets. foldhash
+///   is not a cryptographic hash or a keyed PRF: an attacker who can
+///   observe hash outputs, or time many lookups against one long-running
+///   process, may in principle recover enough of the key to craft colliding
+///   ids for that process, making its lookups for those ids linear in their
+///   number. It can also pick ids that fall in one of the table's 16 lock
+///   shards (chosen by an unkeyed hash), which costs lock contention, not
+///   correctness or complexity.
+/// - **Never:** change a decision. Collisions only cost time; every id is
+///   compared in full, so no subject can read or spend another's quota.
+///
+/// Only allocated subjects are in the table (a request for an unknown id is
+/// [`Error::UnknownSubject`] and adds nothing), so a flood needs the host
+/// to [`allocate`](Engine::allocate) the attacker's ids. A host that allocates
+/// ids chosen by untrusted clients, in one process that lives long enough
+/// to be studied, can bound the risk by limiting how many subjects one
+/// client may create, or by mapping client ids to its own.
 pub struct Engine<S = MemoryStore, C = SystemClock> {
     catalog: Arc<Catalog>,
     store: S,

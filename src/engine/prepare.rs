@@ -9,9 +9,8 @@ use super::reservation::Reservation;
 use super::Engine;
 use crate::catalog::{cost_minor, Pool, Unit};
 use crate::clock::Clock;
-use crate::decision::{Money, Refusal};
+use crate::decision::{MeterList, Money, Refusal};
 use crate::inline::Inline;
-use crate::name::Name;
 use crate::request::{Quantity, Request};
 use crate::Error;
 
@@ -35,26 +34,18 @@ impl Prepared {
     /// The ids of the request's unpriced meters, in request order, for a
     /// decision. The plan's table has an id only where a meter is
     /// unpriced (never the cost meter, which `amounts` may end with), so
-    /// the amounts give them; counted first, for one allocation of the
-    /// right size, none when there is none.
+    /// the amounts give them; inline, so no allocation up to
+    /// [`MeterList::INLINE`] of them.
     #[inline]
-    pub(super) fn unpriced_ids(&self) -> Vec<Name> {
+    pub(super) fn unpriced_ids(&self) -> MeterList {
         let plan = &self.alloc.plan;
-        let n = self
-            .amounts
-            .iter()
-            .filter(|&&(i, _)| plan.unpriced_of(i).is_some())
-            .count();
-        if n == 0 {
-            return Vec::new();
+        let mut ids = MeterList::new();
+        for &(i, _) in self.amounts.iter() {
+            if let Some(id) = plan.unpriced_of(i) {
+                ids.push(id);
+            }
         }
-        let mut v = Vec::with_capacity(n);
-        v.extend(
-            self.amounts
-                .iter()
-                .filter_map(|&(i, _)| plan.unpriced_of(i)),
-        );
-        v
+        ids
     }
 }
 
