@@ -341,7 +341,8 @@ pub(super) fn add_run(
 }
 
 /// Phases 2 and 3 of a batch of counter ops only: [`add_usage`] (if
-/// `applied`, its counters already rolled), then [`report`](super::report::report) into `counters`, with one
+/// `applied`, its counters already rolled), then
+/// [`report`](super::report::report) into `counters`, with one
 /// counter lookup a run where both would take one. A run's report reads only
 /// its own ops' counters, so each run can be reported as soon as it is added
 /// to. A batch that did not apply with a counter due a roll is reported by
