@@ -107,10 +107,15 @@ pub struct Applied {
 }
 
 /// How many items an [`InlineVec`] keeps inline: the counter states of a
-/// batch of up to this many ops (a plan's limits and a pool or two), and
-/// as many cooldowns, are answered without a heap allocation; a longer
-/// batch's answer spills to the heap.
-pub const INLINE_STATES: usize = 8;
+/// batch of up to this many ops, and as many cooldowns, are answered
+/// without a heap allocation; a longer batch's answer spills to the heap.
+///
+/// Four, as a [`Decision`](crate::Decision) keeps four limit states inline
+/// ([`LimitStates::INLINE`](crate::LimitStates::INLINE)): a call
+/// on more limits allocates for its decision anyway. Every answer is moved
+/// once on its way to the engine, so each inline slot costs every call
+/// (eight cost a four-limit `admit` 75 instructions more).
+pub const INLINE_STATES: usize = 4;
 
 /// A list kept inline up to [`INLINE_STATES`] items and on the heap past
 /// that: an [`Applied`]'s per-op states and cooldowns.
