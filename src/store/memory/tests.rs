@@ -757,7 +757,7 @@ fn answers_are_inline_up_to_their_count_and_in_order_past_it() {
         })
         .collect();
     assert!(ops.len() > INLINE_STATES);
-    for n in [4, INLINE_STATES, ops.len()] {
+    for n in [1, INLINE_STATES, INLINE_STATES + 1, ops.len()] {
         for event in [None, Some(EventKey::new("e", n as u64))] {
             let mut batch = Batch::new(&ops[..n], Mode::Check, ms(at(0)));
             batch.event = event;
