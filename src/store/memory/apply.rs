@@ -5,7 +5,7 @@ use super::holds::{held_at, held_in};
 use super::keys::{KeyId, KEYS_HIGH_WATER};
 use super::report::{report_views, roll_ops, state_of};
 use super::shard::{run_end, Locked, Shard, NONE};
-use super::{MemoryStore, SIDE_SHARDS};
+use super::{MemoryStore, SIDE_SHARDS, SWEEP_GRACE_MS};
 use crate::inline::Inline;
 use crate::name::Name;
 use crate::store::validate::invalid;
@@ -150,7 +150,10 @@ impl MemoryStore {
     #[inline(never)]
     pub(super) fn sweep_in_turn(&self, first: usize, k: u64, now_ms: i64) {
         let i = ((first as u64 + k) % self.shards.len() as u64) as usize;
-        Self::sweep(&mut self.shards[i].lock(), now_ms);
+        // Counters, holds and cooldowns are read a day behind, so a clock
+        // stepping back finds nothing a forward call counted swept.
+        let behind = now_ms.saturating_sub(SWEEP_GRACE_MS);
+        Self::sweep(&mut self.shards[i].lock(), behind);
         self.sweep_side(
             ((first as u64 + k) % SIDE_SHARDS as u64) as usize,
             now_ms,

@@ -53,6 +53,13 @@ const SWEEP_EVERY: u64 = 1_024;
 const SWEEP_BATCHES_PER_SCOPE: u64 = 4;
 /// How long an event id is remembered by default: 24 hours.
 const DEFAULT_HORIZON_MS: i64 = 86_400_000;
+/// How far behind the triggering batch's `now` an automatic sweep reads
+/// counters, holds and cooldowns: one is reclaimed only once it would be
+/// gone 24 hours before that batch, so a clock that steps back by up to
+/// this much after a sweep still finds the usage a forward call counted
+/// (contract rule 2). Event ids and ended leases go by the batch's own
+/// time and the horizon.
+const SWEEP_GRACE_MS: i64 = 86_400_000;
 /// Snapshot format version.
 const SNAPSHOT_VERSION: u32 = 1;
 
@@ -113,11 +120,15 @@ const SNAPSHOT_VERSION: u32 = 1;
 /// rolling buckets still in the window) out of line. A counter holding usage
 /// never moves to an earlier period or bucket: after a step back, usage a
 /// forward batch wrote still counts, and new usage joins that later period
-/// or bucket. The one exception is reclaiming: a sweep runs at the `now` of
-/// the batch that triggered it (and [`MemoryStore::reclaim`] at the time it
-/// is given), and removes a counter whose usage has all left by then, and
-/// the holds that expired by then; a step back behind that time finds them
-/// gone. A sweep rolls no counter it keeps.
+/// or bucket. Reclaiming keeps to this within a day: an automatic sweep
+/// reads counters, holds and cooldowns 24 hours behind the `now` of the
+/// batch that triggered it, so it removes a counter only once its usage had
+/// all left a day earlier, and a clock that steps back by up to a day after
+/// a sweep still finds every unit a forward call counted; a step back of
+/// more than a day behind a sweep can find an idle counter reclaimed (and
+/// read it as empty). [`MemoryStore::reclaim`] is exact at the time it is
+/// given. A sweep rolls no counter it keeps. The day of grace keeps an idle
+/// counter in memory up to a day longer than its window needs.
 ///
 /// [`MemoryStore::snapshot`] and [`MemoryStore::restore`] carry every counter,
 /// hold, lease, cooldown and ledger entry through serde, so a single-node host

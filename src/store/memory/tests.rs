@@ -300,8 +300,18 @@ fn a_clock_stepping_back_keeps_usage_in_its_own_period() {
 }
 
 /// A store with `idle` subjects recorded on day 0 and a function that
-/// runs `n` batches of one busy subject on day 1 (the idle ones can go).
+/// runs `n` batches of one busy subject on day 2 (the idle ones can go: a
+/// sweep reads a day behind its batch, and day 0's counters end on day 1).
 fn idle_then_busy(shards: usize, idle: usize) -> (MemoryStore, impl Fn(&MemoryStore, u64)) {
+    idle_then_busy_on(shards, idle, 2)
+}
+
+/// As [`idle_then_busy`], the busy subject on day `busy_day`.
+fn idle_then_busy_on(
+    shards: usize,
+    idle: usize,
+    busy_day: i64,
+) -> (MemoryStore, impl Fn(&MemoryStore, u64)) {
     fn op(scope: &ScopeKey) -> CounterOp<'_> {
         CounterOp {
             scope,
@@ -319,7 +329,7 @@ fn idle_then_busy(shards: usize, idle: usize) -> (MemoryStore, impl Fn(&MemorySt
             .unwrap();
     }
     let busy = ScopeKey::subject("busy");
-    let tomorrow = at(0) + chrono::Duration::days(1);
+    let tomorrow = at(0) + chrono::Duration::days(busy_day);
     let run = move |store: &MemoryStore, n: u64| {
         for _ in 0..n {
             store
@@ -369,6 +379,34 @@ fn a_batch_over_many_shards_locks_each_once_and_finds_every_counter() {
     assert!(!second.applied);
     assert!(second.counters.iter().all(|c| c.used == 2));
     assert_eq!(store.counter_count(), scopes.len());
+}
+
+#[test]
+fn a_clock_stepping_back_a_day_after_sweeps_finds_usage_still_counted() {
+    // Subjects used 1 of a daily 1 on day 0; a busy subject's batches on
+    // day 1 trigger sweeps of every shard; then the clock steps back to
+    // day 0. A sweep at day 1 reads day 0 (a day behind), where that usage
+    // still counts, so it is kept and a second unit is refused.
+    let (store, run) = idle_then_busy_on(2, 100, 1);
+    run(&store, 2 * SWEEP_EVERY);
+    assert_eq!(store.counter_count(), 101, "nothing swept within the grace");
+    let s = ScopeKey::subject("old7");
+    let op = CounterOp {
+        scope: &s,
+        meter: Name::new("t"),
+        window: Window::calendar(Period::Day),
+        delta: 1,
+        max: Some(1),
+    };
+    let back = at(1);
+    let got = store
+        .apply(&Batch::new(&[op], Mode::WithinLimits, ms(back)))
+        .unwrap();
+    assert!(
+        !got.applied,
+        "day 0's usage still counts after the step back"
+    );
+    assert_eq!(got.counters[0].used, 1);
 }
 
 #[test]
