@@ -122,7 +122,9 @@ pub use model::catalog::{
     Catalog, CatalogConfig, Limit, LimitConfig, MaxConfig, Meter, Plan, PlanConfig, Pool,
     PoolConfig, RefundPolicy, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE, MAX_PRICE_SCALE,
 };
-pub use model::decision::{Decision, LimitState, LimitStates, MeterList, Money, Refusal, Status};
+pub use model::decision::{
+    Amount, Decision, LimitState, LimitStates, MeterList, Money, Refusal, Status,
+};
 pub use model::lease::LeaseId;
 pub use model::name::Name;
 pub use model::request::{Quantity, Request};
