@@ -47,7 +47,8 @@ pub enum Refusal {
     },
 }
 
-/// Money: an exact decimal amount in a currency.
+/// Money: an exact decimal amount in a currency, in its major unit (the
+/// public form of money, as [`Amount::Money`] with its currency).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Money {
     /// The amount in major units (dollars).
@@ -534,6 +535,18 @@ impl<const M: usize> PartialEq<[&str; M]> for MeterList {
 /// The answer to "may this subject spend this much now?".
 ///
 /// A refusal is a `Decision` with `allowed == false`, never an `Err`.
+///
+/// # Amounts
+///
+/// One public form, as the rest of the API takes them: counts and seconds
+/// as `u64`, money as an exact [`Decimal`] in its major unit (dollars) —
+/// [`Amount`]. [`cost`](Self::cost) is [`Money`] in that form. A
+/// [`LimitState`] keeps the exact integers the store counts, in the meter's
+/// smallest unit (990,000 micro-dollars for $0.99 at scale 6), and reads
+/// each in the public form through its `*_amount` accessors
+/// ([`LimitState::used_amount`], …): the same accessors, with the same
+/// answers, as a usage report's [`MeterUsage`](crate::MeterUsage). Never a
+/// float.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Decision {
@@ -562,8 +575,9 @@ pub struct Decision {
     /// When refused: how long until every exceeded limit has room for this
     /// request, if waiting helps at all.
     pub retry_after: Option<Duration>,
-    /// The request's cost (rounded up to the cost meter's smallest unit), when
-    /// the plan has a cost meter.
+    /// The request's cost in the cost meter's major unit (rounded up to its
+    /// smallest unit), when the plan has a cost meter: the amount the cost
+    /// limit's [`LimitState::requested_amount`] reads.
     pub cost: Option<Money>,
     /// Meters in the request that have no price in the plan: they cost 0 and
     /// are listed here so unpriced usage is never silent. Kept inline up to
@@ -645,6 +659,14 @@ mod tests {
         assert_eq!(money(6).amount(0), Amount::Money(Decimal::ZERO));
         // 0.990000 equals 0.99: a Decimal compares values, not digits.
         assert_eq!(money(6).amount(990_000), Amount::Money(Decimal::new(99, 2)));
+    }
+
+    /// The scale lives in the padding of a limit state: a decision copies
+    /// four of them inline, so the state stays 152 bytes.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn a_limit_state_stays_152_bytes() {
+        assert_eq!(std::mem::size_of::<super::LimitState>(), 152);
     }
 
     /// A money amount is never a count, even of the same number.
