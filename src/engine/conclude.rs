@@ -434,16 +434,21 @@ fn build_decision(
             .meters
             .get(limit.meter_idx)
             .map_or(Scale::UNITS, |m| Scale::of(&m.unit));
-        // What this call adds here: its delta, plus what a settlement charged.
-        let charged: u64 = applied
-            .settled
-            .iter()
-            .filter(|h: &&SettledHold| {
-                op.meter == h.meter && h.window == op.window && h.scope == *op.scope
-            })
-            .map(|h| h.charged)
-            .sum();
-        let requested = op.delta.saturating_add(charged);
+        // What this call adds here: its delta, plus what a settlement charged
+        // (none outside `commit` and `release`: no sum to take).
+        let requested = if applied.settled.is_empty() {
+            op.delta
+        } else {
+            let charged: u64 = applied
+                .settled
+                .iter()
+                .filter(|h: &&SettledHold| {
+                    op.meter == h.meter && h.window == op.window && h.scope == *op.scope
+                })
+                .map(|h| h.charged)
+                .sum();
+            op.delta.saturating_add(charged)
+        };
         // Usage with holds as if the request were recorded: for an applied
         // batch the store already includes it.
         let now_total = s.used.saturating_add(s.held);
