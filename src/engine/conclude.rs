@@ -414,7 +414,6 @@ fn build_decision(
     cooling: Option<(&ScopeKey, DateTime<Utc>)>,
     zero: bool,
 ) -> Decision {
-    let mut any_exceeded = false;
     // Found in the same pass: the worst status, and the limit with the least
     // headroom as a fraction of its maximum (remaining_a / max_a <
     // remaining_b / max_b; the first of equals), the binding limit unless
@@ -458,7 +457,6 @@ fn build_decision(
             now_total.saturating_add(op.delta)
         };
         let this = status_of(limit, after, requested);
-        any_exceeded |= this == Status::Exceeded;
         status = status.max(this);
         let remaining = op.max.map(|m| m.saturating_sub(now_total));
         if let (Some(max), Some(rem)) = (op.max, remaining) {
@@ -486,6 +484,9 @@ fn build_decision(
             scale,
         });
     }
+    // The worst status of the limits (a cooldown comes later): exceeded
+    // somewhere exactly when it is `Exceeded`.
+    let any_exceeded = status == Status::Exceeded;
     let allowed = match call {
         Call::Admit | Call::Reserve => applied.applied,
         Call::Check => !any_exceeded && cooling.is_none(),
