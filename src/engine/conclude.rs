@@ -112,8 +112,8 @@ impl MeterUsage {
     }
 
     /// `max - used - held`, floored at zero, in the public form (`None`:
-    /// unlimited), as [`LimitState::remaining_amount`] reads it before a
-    /// request.
+    /// unlimited): what [`LimitState::remaining_amount`] reads for the same
+    /// counters (after an admitted request, the same number).
     pub fn remaining_amount(&self) -> Option<Amount> {
         self.max_minor.map(|m| {
             let taken = self.used_minor.saturating_add(self.held_minor);
