@@ -46,19 +46,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:<24} {:>10} {:>10}  {:<8} period start",
         "meter", "used", "max", "status"
     );
+    // Amounts in their public form: tokens and seconds as whole numbers,
+    // money as a decimal of dollars, as a decision's limits read them.
     for m in report
         .meters
         .iter()
-        .filter(|m| !m.units.is_zero() || m.max.is_some_and(|x| x.is_zero()))
+        .filter(|m| !m.used_amount().is_zero() || m.max_amount().is_some_and(|x| x.is_zero()))
     {
-        let max = m.max.map_or("unlimited".to_string(), |x| x.to_string());
+        let max = m
+            .max_amount()
+            .map_or("unlimited".to_string(), |x| x.to_string());
         let start = m
             .period_start
             .map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string());
         println!(
             "{:<24} {:>10} {:>10}  {:<8} {start}",
-            m.meter,
-            m.units,
+            m.meter.as_str(),
+            m.used_amount(),
             max,
             format!("{:?}", m.status)
         );
@@ -76,7 +80,7 @@ fn print_decision(tokens: u64, d: &Decision) {
         "admit {tokens:>5} tokens -> {:<8} allowed: {:<5} used {:>6} of {}{retry}",
         format!("{:?}", d.status),
         d.allowed,
-        l.used,
-        l.max.map_or("unlimited".into(), |m| m.to_string()),
+        l.used_amount(),
+        l.max_amount().map_or("unlimited".into(), |m| m.to_string()),
     );
 }

@@ -97,7 +97,7 @@ use serde_json::{json, Map, Value};
 use crate::store::ScopeKind;
 use crate::window::Period;
 use crate::Unit;
-use crate::{Catalog, Decision, LimitState, Refusal, Status, Window};
+use crate::{Amount, Catalog, Decision, LimitState, Refusal, Status, Window};
 
 /// `X-Quota-Warning`: set to [`WARNING_APPROACHING`] on a passing response
 /// whose usage reached a limit's warning ratio (seed 003).
@@ -272,15 +272,12 @@ impl HttpMapping {
         if let Some(l) = decision.binding_limit() {
             let shared = l.scope.kind() != ScopeKind::Subject;
             let meter = catalog.meter(&l.meter);
-            let amount = |minor: u64| -> Value {
-                match meter {
-                    Some(
-                        m @ crate::Meter {
-                            unit: Unit::Money { .. },
-                            ..
-                        },
-                    ) => m.to_decimal(minor).to_string().into(),
-                    _ => minor.into(),
+            // The public form: units as integers, money as the exact
+            // decimal string of its major unit.
+            let amount = |a: Amount| -> Value {
+                match a {
+                    Amount::Units(n) => n.into(),
+                    Amount::Money(d) => d.to_string().into(),
                 }
             };
             body.insert("meter".into(), (*l.meter).into());
@@ -292,11 +289,14 @@ impl HttpMapping {
             let (used, max) = if shared {
                 (Value::Null, Value::Null)
             } else {
-                (amount(l.used), l.max.map_or(Value::Null, amount))
+                (
+                    amount(l.used_amount()),
+                    l.max_amount().map_or(Value::Null, amount),
+                )
             };
             body.insert("used".into(), used);
             body.insert("max".into(), max);
-            body.insert("requested".into(), amount(l.requested));
+            body.insert("requested".into(), amount(l.requested_amount()));
             if let Some(currency) = meter.and_then(crate::Meter::currency) {
                 body.insert("currency".into(), currency.into());
             }

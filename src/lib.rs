@@ -61,7 +61,15 @@
 //! - **Money** is exact: [`rust_decimal::Decimal`] in, integers of the money
 //!   meter's smallest unit inside. A request's cost is Σ units × unit price,
 //!   rounded **up** once, so a charge never rounds down to zero. Meters without
-//!   a price cost 0 and are listed in [`Decision::unpriced`].
+//!   a price cost 0 and are listed in [`Decision::unpriced`]. Every amount
+//!   has one public form, [`Amount`]: `u64` for counts and seconds, a
+//!   `Decimal` of the major unit for money (a $0.99 cost reads `0.99`, 1,200
+//!   tokens `1200`), never a float. A [`LimitState`] keeps the store's exact
+//!   integers in the meter's smallest unit (`used` is 990,000 for $0.99 at
+//!   scale 6) and reads them in the public form through `used_amount`,
+//!   `held_amount`, `max_amount`, …; a usage report's [`MeterUsage`] has the
+//!   same accessors with the same answers, and [`Decision::cost`] is
+//!   [`Money`] in the same form.
 //! - **Scopes.** A request is checked against its subject's limits, the pools
 //!   its allocation draws on, and the global pools of the model it names —
 //!   all or nothing.
@@ -122,7 +130,9 @@ pub use model::catalog::{
     Catalog, CatalogConfig, Limit, LimitConfig, MaxConfig, Meter, Plan, PlanConfig, Pool,
     PoolConfig, RefundPolicy, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE, MAX_PRICE_SCALE,
 };
-pub use model::decision::{Decision, LimitState, LimitStates, MeterList, Money, Refusal, Status};
+pub use model::decision::{
+    Amount, Decision, LimitState, LimitStates, MeterList, Money, Refusal, Status,
+};
 pub use model::lease::LeaseId;
 pub use model::name::Name;
 pub use model::request::{Quantity, Request};

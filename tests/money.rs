@@ -5,8 +5,8 @@ use chrono::{TimeZone, Utc};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use tollgate::{
-    Allocation, Catalog, CatalogConfig, Engine, Error, LimitConfig, ManualClock, MaxConfig,
-    MemoryStore, Meter, Period, PlanConfig, Request, Status, Window,
+    Allocation, Amount, Catalog, CatalogConfig, Engine, Error, LimitConfig, ManualClock, MaxConfig,
+    MemoryStore, Meter, MeterUsage, Period, PlanConfig, Request, ScopeKey, Status, Window,
 };
 
 fn engine(plan: PlanConfig) -> Engine<MemoryStore, ManualClock> {
@@ -168,4 +168,108 @@ fn money_meters_are_not_listed_as_unpriced() {
         .unwrap();
     assert!(d.unpriced.is_empty(), "{:?}", d.unpriced);
     assert_eq!(d.cost.unwrap().amount, dec!(0));
+}
+
+/// The row of `meter` in `e.usage("a")`.
+fn usage_row(e: &Engine<MemoryStore, ManualClock>, meter: &str) -> MeterUsage {
+    e.usage("a")
+        .unwrap()
+        .meters
+        .into_iter()
+        .find(|m| &*m.meter == meter)
+        .unwrap_or_else(|| panic!("no row for {meter}"))
+}
+
+/// One public form for every amount: a priced request's cost limit reads
+/// the same major-unit `Decimal` (0.99) in the decision and in the usage
+/// report, and its count limit the same `u64` (1,200), though the store
+/// counts the cost in micro-dollars (scale 6).
+#[test]
+fn a_decision_and_the_usage_report_read_amounts_in_one_form() {
+    let e = engine(
+        PlanConfig::new("p")
+            .limit(LimitConfig::new("big", month(), 10_000u64))
+            .limit(LimitConfig::new("cost", month(), dec!(5)))
+            .price("big", dec!(0.000825)),
+    );
+    let d = e.admit(&Request::new("a").units("big", 1_200)).unwrap();
+    assert!(d.allowed);
+    let me = ScopeKey::subject("a");
+
+    // The cost limit: $0.99 of a $5 cap, counted as 990,000 micro-dollars.
+    let cost = d.limit(&me, "cost").expect("the cost limit is touched");
+    assert_eq!((cost.used, cost.max), (990_000, Some(5_000_000)));
+    assert_eq!(cost.money_scale(), Some(6));
+    assert_eq!(cost.used_amount(), Amount::Money(dec!(0.99)));
+    assert_eq!(cost.requested_amount(), Amount::Money(dec!(0.99)));
+    assert_eq!(cost.max_amount(), Some(Amount::Money(dec!(5))));
+    assert_eq!(cost.remaining_amount(), Some(Amount::Money(dec!(4.01))));
+    assert_eq!(cost.held_amount(), Amount::Money(Decimal::ZERO));
+    // The same number as the decision's cost.
+    assert_eq!(
+        cost.used_amount().money(),
+        Some(d.cost.as_ref().unwrap().amount)
+    );
+
+    let row = usage_row(&e, "cost");
+    assert_eq!(row.money_scale(), Some(6));
+    assert_eq!(row.used_amount(), Amount::Money(dec!(0.99)));
+    assert_eq!(row.used_amount(), cost.used_amount());
+    assert_eq!(row.held_amount(), cost.held_amount());
+    assert_eq!(row.max_amount(), cost.max_amount());
+    assert_eq!(row.remaining_amount(), cost.remaining_amount());
+    assert_eq!(row.used_amount().to_string(), "0.990000");
+
+    // The count limit: 1,200 tokens everywhere, as a u64.
+    let tokens = d.limit(&me, "big").expect("the token limit is touched");
+    assert_eq!(tokens.money_scale(), None);
+    assert_eq!(tokens.used, 1_200);
+    assert_eq!(tokens.used_amount(), Amount::Units(1_200));
+    assert_eq!(tokens.used_amount().units(), Some(1_200));
+    assert_eq!(tokens.max_amount(), Some(Amount::Units(10_000)));
+    assert_eq!(tokens.remaining_amount(), Some(Amount::Units(8_800)));
+    let row = usage_row(&e, "big");
+    assert_eq!(row.money_scale(), None);
+    assert_eq!(row.used_amount(), Amount::Units(1_200));
+    assert_eq!(row.used_amount(), tokens.used_amount());
+    assert_eq!(row.max_amount(), tokens.max_amount());
+    assert_eq!(row.remaining_amount(), tokens.remaining_amount());
+    assert_eq!(row.used_amount().to_string(), "1200");
+}
+
+/// Holds read the same in both places too: a reservation's $0.99 estimate
+/// is held as 0.99 in its decision and in the usage report.
+#[test]
+fn held_money_reads_in_one_form() {
+    let e = engine(
+        PlanConfig::new("p")
+            .limit(LimitConfig::new("big", month(), MaxConfig::Unlimited))
+            .limit(LimitConfig::new("cost", month(), dec!(5)))
+            .price("big", dec!(0.000825)),
+    );
+    let res = e
+        .reserve(
+            &Request::new("a").units("big", 1_200),
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap()
+        .expect("fits");
+    let cost = res
+        .decision()
+        .limit(&ScopeKey::subject("a"), "cost")
+        .expect("touched");
+    assert_eq!(cost.held, 990_000);
+    assert_eq!(cost.held_amount(), Amount::Money(dec!(0.99)));
+    let row = usage_row(&e, "cost");
+    assert_eq!(row.held_amount(), Amount::Money(dec!(0.99)));
+    assert_eq!(row.used_amount(), Amount::Money(Decimal::ZERO));
+    assert_eq!(row.remaining_amount(), Some(Amount::Money(dec!(4.01))));
+    // An unlimited count limit has no maximum in either place.
+    let tokens = res
+        .decision()
+        .limit(&ScopeKey::subject("a"), "big")
+        .unwrap();
+    assert_eq!(tokens.max_amount(), None);
+    assert_eq!(usage_row(&e, "big").max_amount(), None);
+    assert_eq!(tokens.held_amount(), Amount::Units(1_200));
 }

@@ -9,9 +9,11 @@ use super::observe::Call;
 use super::plan::OpList;
 use super::prepare::Prepared;
 use super::Engine;
-use crate::catalog::{cost_minor, Limit};
+use crate::catalog::{cost_minor, Catalog, Limit};
 use crate::clock::Clock;
-use crate::decision::{Decision, LimitState, LimitStates, MeterList, Money, Refusal, Status};
+use crate::decision::{
+    Amount, Decision, LimitState, LimitStates, MeterList, Money, Refusal, Scale, Status,
+};
 use crate::name::Name;
 use crate::request::Request;
 use crate::store::{Applied, CooldownOp, CounterOp, CounterState, ScopeKey, SettledHold};
@@ -19,6 +21,42 @@ use crate::window::Window;
 use crate::Error;
 
 /// One row of a [`UsageReport`]: a limit of the subject's own scope.
+///
+/// # Amounts
+///
+/// The public form of each amount — `u64` units for a count or seconds
+/// meter, money as a [`Decimal`] in the major unit, as [`Amount`] — is its
+/// `*_amount` accessor ([`used_amount`](Self::used_amount),
+/// [`held_amount`](Self::held_amount), [`max_amount`](Self::max_amount),
+/// [`remaining_amount`](Self::remaining_amount)): the same accessors, with
+/// the same answers, as the limit's [`LimitState`] in a [`Decision`], so a
+/// $0.99 cost reads `0.99` and 1,200 tokens read `1200` in both. The fields
+/// `units`, `held` and `max` hold the same amounts as a `Decimal` of the
+/// major unit for every meter (`1200` tokens, `0.990000` dollars).
+///
+/// ```
+/// # use rust_decimal::Decimal;
+/// # use tollgate::{Allocation, Amount, Catalog, Engine, Request};
+/// # let catalog: Catalog = serde_json::from_str(r#"{
+/// #   "meters": [{"id": "tok", "unit": "count"},
+/// #              {"id": "cost", "unit": {"money": {"currency": "USD", "scale": 6}}}],
+/// #   "plans": [{"id": "p", "cost_meter": "cost", "prices": {"tok": "0.000825"},
+/// #     "limits": [
+/// #       {"meter": "tok", "window": {"calendar": {"period": "day"}}, "max": 10000},
+/// #       {"meter": "cost", "window": {"calendar": {"period": "month"}}, "max": "5.00"}
+/// #     ]}]
+/// # }"#)?;
+/// # let engine = Engine::new(catalog);
+/// # engine.allocate(Allocation::new("a", "p"))?;
+/// let d = engine.admit(&Request::new("a").units("tok", 1_200))?;
+/// let report = engine.usage("a")?;
+/// let (tok, cost) = (&report.meters[0], &report.meters[1]);
+/// assert_eq!(tok.used_amount(), Amount::Units(1_200));
+/// assert_eq!(cost.used_amount(), Amount::Money(Decimal::new(99, 2)));
+/// assert_eq!(cost.used_amount(), d.limits[1].used_amount());
+/// assert_eq!(cost.max_amount(), Some(Amount::Money(Decimal::from(5))));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct MeterUsage {
@@ -30,12 +68,15 @@ pub struct MeterUsage {
     pub period_start: Option<DateTime<Utc>>,
     /// When usage next leaves the window.
     pub resets_at: Option<DateTime<Utc>>,
-    /// Usage in the meter's major unit (tokens, seconds, dollars).
+    /// Usage as a `Decimal` of the meter's major unit (tokens, seconds,
+    /// dollars); [`used_amount`](Self::used_amount) is its public form.
     pub units: Decimal,
-    /// Held by in-flight reservations, in the meter's major unit (for a
-    /// concurrent limit: the slots taken).
+    /// Held by in-flight reservations, as a `Decimal` of the meter's major
+    /// unit (for a concurrent limit: the slots taken);
+    /// [`held_amount`](Self::held_amount) is its public form.
     pub held: Decimal,
-    /// The maximum in the meter's major unit; `None` is unlimited.
+    /// The maximum as a `Decimal` of the meter's major unit; `None` is
+    /// unlimited. [`max_amount`](Self::max_amount) is its public form.
     pub max: Option<Decimal>,
     /// `units × unit price`, rounded up to the cost meter's smallest unit;
     /// `None` when the plan has no price for the meter.
@@ -43,6 +84,48 @@ pub struct MeterUsage {
     /// Status of usage plus holds against the maximum: `Exceeded` when past
     /// it (only `record` can put it there), `Warning` at the warning ratio.
     pub status: Status,
+    /// How the meter's smallest unit reads in the public form.
+    scale: Scale,
+    /// Usage, holds and the maximum in the meter's smallest unit, as the
+    /// store counts them.
+    used_minor: u64,
+    held_minor: u64,
+    max_minor: Option<u64>,
+}
+
+impl MeterUsage {
+    /// Usage in the public form: `u64` units, or money as a major-unit
+    /// [`Decimal`]; what [`LimitState::used_amount`] reads for the limit.
+    pub fn used_amount(&self) -> Amount {
+        self.scale.amount(self.used_minor)
+    }
+
+    /// Holds in the public form, as [`LimitState::held_amount`].
+    pub fn held_amount(&self) -> Amount {
+        self.scale.amount(self.held_minor)
+    }
+
+    /// The maximum in the public form (`None`: unlimited), as
+    /// [`LimitState::max_amount`].
+    pub fn max_amount(&self) -> Option<Amount> {
+        self.max_minor.map(|m| self.scale.amount(m))
+    }
+
+    /// `max - used - held`, floored at zero, in the public form (`None`:
+    /// unlimited): what [`LimitState::remaining_amount`] reads for the same
+    /// counters (after an admitted request, the same number).
+    pub fn remaining_amount(&self) -> Option<Amount> {
+        self.max_minor.map(|m| {
+            let taken = self.used_minor.saturating_add(self.held_minor);
+            self.scale.amount(m.saturating_sub(taken))
+        })
+    }
+
+    /// The decimal places of a money meter's smallest unit; `None` for a
+    /// count or seconds meter. As [`LimitState::money_scale`].
+    pub fn money_scale(&self) -> Option<u32> {
+        self.scale.money_scale()
+    }
 }
 
 /// Usage for one subject in its current periods: units and cost per meter
@@ -103,6 +186,7 @@ impl<S, C: Clock> Engine<S, C> {
             _ => None,
         };
         build_decision(
+            &self.catalog,
             ops,
             limits,
             applied,
@@ -187,6 +271,10 @@ impl<S, C: Clock> Engine<S, C> {
                     max: l.max.map(|m| meter.to_decimal(m)),
                     cost,
                     status: report_status(l, s.used.saturating_add(s.held)),
+                    scale: Scale::of(&meter.unit),
+                    used_minor: s.used,
+                    held_minor: s.held,
+                    max_minor: l.max,
                 })
             })
             .collect::<Result<_, Error>>()?;
@@ -260,7 +348,7 @@ fn binding(
     states: &[LimitState],
     applied: &Applied,
     any_exceeded: bool,
-    least: Option<(usize, u128, u128)>,
+    least: Option<(usize, u64, u64)>,
 ) -> (Option<usize>, Option<Option<DateTime<Utc>>>) {
     if !any_exceeded {
         return (least.map(|(i, _, _)| i), None);
@@ -315,6 +403,7 @@ fn cooled(
 
 #[allow(clippy::too_many_arguments)]
 fn build_decision(
+    catalog: &Catalog,
     ops: &[CounterOp<'_>],
     limits: &[&Limit],
     applied: &Applied,
@@ -325,13 +414,12 @@ fn build_decision(
     cooling: Option<(&ScopeKey, DateTime<Utc>)>,
     zero: bool,
 ) -> Decision {
-    let mut any_exceeded = false;
     // Found in the same pass: the worst status, and the limit with the least
     // headroom as a fraction of its maximum (remaining_a / max_a <
     // remaining_b / max_b; the first of equals), the binding limit unless
     // one is exceeded.
     let mut status = Status::Ok;
-    let mut least: Option<(usize, u128, u128)> = None;
+    let mut least: Option<(usize, u64, u64)> = None;
     // Pushed into the inline list (no allocation up to
     // `LimitStates::INLINE` limits) from a plain loop: collecting from a
     // mapped iterator called its `next` out of line, one 152-byte copy
@@ -340,16 +428,26 @@ fn build_decision(
     let rows = ops.iter().zip(limits).zip(&applied.counters).enumerate();
     for (i, ((op, limit), s)) in rows {
         let s: &CounterState = s;
-        // What this call adds here: its delta, plus what a settlement charged.
-        let charged: u64 = applied
-            .settled
-            .iter()
-            .filter(|h: &&SettledHold| {
-                op.meter == h.meter && h.window == op.window && h.scope == *op.scope
-            })
-            .map(|h| h.charged)
-            .sum();
-        let requested = op.delta.saturating_add(charged);
+        // The catalog has every meter a limit names.
+        let scale = catalog
+            .meters
+            .get(limit.meter_idx)
+            .map_or(Scale::UNITS, |m| Scale::of(&m.unit));
+        // What this call adds here: its delta, plus what a settlement charged
+        // (none outside `commit` and `release`: no sum to take).
+        let requested = if applied.settled.is_empty() {
+            op.delta
+        } else {
+            let charged: u64 = applied
+                .settled
+                .iter()
+                .filter(|h: &&SettledHold| {
+                    op.meter == h.meter && h.window == op.window && h.scope == *op.scope
+                })
+                .map(|h| h.charged)
+                .sum();
+            op.delta.saturating_add(charged)
+        };
         // Usage with holds as if the request were recorded: for an applied
         // batch the store already includes it.
         let now_total = s.used.saturating_add(s.held);
@@ -359,13 +457,16 @@ fn build_decision(
             now_total.saturating_add(op.delta)
         };
         let this = status_of(limit, after, requested);
-        any_exceeded |= this == Status::Exceeded;
         status = status.max(this);
         let remaining = op.max.map(|m| m.saturating_sub(now_total));
         if let (Some(max), Some(rem)) = (op.max, remaining) {
-            let (r, m) = (u128::from(rem), u128::from(max.max(1)));
-            if least.is_none_or(|(_, br, bm)| r * bm < br * m) {
-                least = Some((i, r, m));
+            let m = max.max(1);
+            // Each product of two u64s fits a u128: one multiplication each.
+            let less = |(_, br, bm): (usize, u64, u64)| {
+                u128::from(rem) * u128::from(bm) < u128::from(br) * u128::from(m)
+            };
+            if least.is_none_or(less) {
+                least = Some((i, rem, m));
             }
         }
         states.push(LimitState {
@@ -380,8 +481,12 @@ fn build_decision(
             period_start_ms: s.period_start_ms,
             resets_at_ms: s.resets_at_ms,
             status: this,
+            scale,
         });
     }
+    // The worst status of the limits (a cooldown comes later): exceeded
+    // somewhere exactly when it is `Exceeded`.
+    let any_exceeded = status == Status::Exceeded;
     let allowed = match call {
         Call::Admit | Call::Reserve => applied.applied,
         Call::Check => !any_exceeded && cooling.is_none(),

@@ -346,7 +346,10 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     }
 
     /// Usage for `subject` in the current period of each of its own limits:
-    /// units, holds and cost per meter.
+    /// units, holds and cost per meter. Each row reads its amounts in the
+    /// public form a [`Decision`]'s limit states use (`used_amount`,
+    /// `held_amount`, `max_amount`: `u64` units for counts and seconds, a
+    /// major-unit `Decimal` for money); see [`MeterUsage`].
     ///
     /// # Errors
     /// [`Error::UnknownSubject`], [`Error::Overflow`] if a meter's cost does

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use smallvec::SmallVec;
 
+use crate::model::catalog::Unit;
 use crate::model::scope::ScopeKey;
 use crate::model::window::Window;
 
@@ -46,7 +47,8 @@ pub enum Refusal {
     },
 }
 
-/// Money: an exact decimal amount in a currency.
+/// Money: an exact decimal amount in a currency, in its major unit (the
+/// public form of money, as [`Amount::Money`] with its currency).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Money {
     /// The amount in major units (dollars).
@@ -55,7 +57,159 @@ pub struct Money {
     pub currency: Name,
 }
 
+/// An amount in its public form, the one every answer reads the same way:
+/// whole units of a count or seconds meter as a `u64` (1,200 tokens are
+/// `Units(1200)`), money as an exact [`Decimal`] in the meter's major unit
+/// ($0.99 is `Money(0.99)`, whatever the meter's scale). No float anywhere:
+/// the store's integers convert to it exactly.
+///
+/// [`LimitState`] and [`MeterUsage`](crate::MeterUsage) give their amounts
+/// in this form through the same accessors (`used_amount`, `held_amount`,
+/// `max_amount`, …), so a limit in a [`Decision`] and its row in a usage
+/// report read alike.
+///
+/// ```
+/// # use rust_decimal::Decimal;
+/// use tollgate::Amount;
+///
+/// assert_eq!(Amount::Units(1_200).units(), Some(1_200));
+/// assert_eq!(Amount::Money(Decimal::new(99, 2)).money(), Some(Decimal::new(99, 2)));
+/// assert_eq!(Amount::Money(Decimal::new(99, 2)).units(), None);
+/// assert_eq!(Amount::Money(Decimal::new(990_000, 6)).to_string(), "0.990000");
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Amount {
+    /// Whole units of a count meter (tokens, requests, jobs) or a seconds
+    /// meter (seconds).
+    Units(u64),
+    /// Money in the meter's major unit (dollars, not cents), exact, at the
+    /// meter's scale (`0.990000` at scale 6; equal to `0.99`). The
+    /// currency is the meter's ([`Meter::currency`](crate::Meter::currency)).
+    Money(Decimal),
+}
+
+impl Amount {
+    /// The units of a count or seconds meter; `None` for money.
+    #[inline]
+    pub fn units(self) -> Option<u64> {
+        match self {
+            Self::Units(n) => Some(n),
+            Self::Money(_) => None,
+        }
+    }
+
+    /// The money, in the major unit; `None` for units.
+    #[inline]
+    pub fn money(self) -> Option<Decimal> {
+        match self {
+            Self::Money(d) => Some(d),
+            Self::Units(_) => None,
+        }
+    }
+
+    /// Whether the amount is zero.
+    #[inline]
+    pub fn is_zero(self) -> bool {
+        match self {
+            Self::Units(n) => n == 0,
+            Self::Money(d) => d.is_zero(),
+        }
+    }
+}
+
+/// The number alone: `1200`, `0.990000`.
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Units(n) => fmt::Display::fmt(n, f),
+            Self::Money(d) => fmt::Display::fmt(d, f),
+        }
+    }
+}
+
+/// How a meter's smallest unit reads in the public form: as units, or as
+/// money with a number of decimal places. Four bytes, kept in the padding
+/// of a [`LimitState`]: the money scale (at most
+/// [`MAX_MONEY_SCALE`](crate::MAX_MONEY_SCALE)), or [`Scale::UNITS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Scale(u32);
+
+impl Scale {
+    /// A count or seconds meter: the smallest unit is the unit.
+    pub(crate) const UNITS: Self = Self(u32::MAX);
+
+    /// The scale of a meter's `unit`.
+    #[inline(always)]
+    pub(crate) fn of(unit: &Unit) -> Self {
+        match unit {
+            Unit::Money { scale, .. } => Self(*scale),
+            _ => Self::UNITS,
+        }
+    }
+
+    /// `minor` of the smallest unit in the public form, exactly: units as
+    /// they are, money as `minor × 10^-scale` (990000 at scale 6 is
+    /// 0.990000). Every `u64` converts at every scale a catalog allows: a
+    /// `Decimal` keeps 96 bits and 28 decimal places.
+    #[inline]
+    pub(crate) fn amount(self, minor: u64) -> Amount {
+        match self.money_scale() {
+            None => Amount::Units(minor),
+            Some(scale) => {
+                let mut d = Decimal::from(minor);
+                // Fails only past 28 places, never at a built catalog's
+                // scale (at most 12).
+                let _ = d.set_scale(scale);
+                Amount::Money(d)
+            }
+        }
+    }
+
+    /// The decimal places of a money meter; `None` for units.
+    #[inline]
+    pub(crate) fn money_scale(self) -> Option<u32> {
+        (self != Self::UNITS).then_some(self.0)
+    }
+}
+
 /// One limit of one scope, as the decision found it.
+///
+/// # Amounts
+///
+/// The fields `requested`, `used`, `held`, `max` and `remaining` are the
+/// exact integers the store counts, in the meter's **smallest unit**: units
+/// for a count or seconds meter (tokens, seconds), `10^-scale` of the major
+/// unit for a money meter (990,000 for $0.99 at scale 6). The public form
+/// of each — `u64` units for counts and seconds, [`Decimal`] major units for
+/// money, as [`Amount`] — is its `*_amount` accessor
+/// ([`used_amount`](Self::used_amount), [`max_amount`](Self::max_amount),
+/// …), the same accessors a usage report's [`MeterUsage`](crate::MeterUsage)
+/// has, so both read a $0.99 cost as `0.99` and 1,200 tokens as `1200`.
+///
+/// ```
+/// # use rust_decimal::Decimal;
+/// # use tollgate::{Allocation, Amount, Catalog, Engine, Request};
+/// # let catalog: Catalog = serde_json::from_str(r#"{
+/// #   "meters": [{"id": "tok", "unit": "count"},
+/// #              {"id": "cost", "unit": {"money": {"currency": "USD", "scale": 6}}}],
+/// #   "plans": [{"id": "p", "cost_meter": "cost", "prices": {"tok": "0.000825"},
+/// #     "limits": [
+/// #       {"meter": "tok", "window": {"calendar": {"period": "day"}}, "max": 10000},
+/// #       {"meter": "cost", "window": {"calendar": {"period": "month"}}, "max": "5.00"}
+/// #     ]}]
+/// # }"#)?;
+/// # let engine = Engine::new(catalog);
+/// # engine.allocate(Allocation::new("a", "p"))?;
+/// let d = engine.admit(&Request::new("a").units("tok", 1_200))?;
+/// let (tok, cost) = (&d.limits[0], &d.limits[1]);
+/// assert_eq!(tok.used, 1_200);
+/// assert_eq!(tok.used_amount(), Amount::Units(1_200));
+/// assert_eq!(cost.used, 990_000); // micro-dollars: scale 6
+/// assert_eq!(cost.used_amount(), Amount::Money(Decimal::new(99, 2)));
+/// assert_eq!(cost.remaining_amount(), Some(Amount::Money(Decimal::new(401, 2))));
+/// assert_eq!(cost.money_scale(), Some(6));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 ///
 /// Its instants are kept as Unix milliseconds and become `DateTime`s only
 /// when read, through [`period_start`](Self::period_start) and
@@ -91,9 +245,53 @@ pub struct LimitState {
     pub(crate) resets_at_ms: Option<i64>,
     /// This limit's status for the request.
     pub status: Status,
+    /// How the meter's smallest unit reads in the public form.
+    pub(crate) scale: Scale,
 }
 
 impl LimitState {
+    /// [`requested`](Self::requested) in the public form: `u64` units, or
+    /// money as a major-unit [`Decimal`].
+    #[inline]
+    pub fn requested_amount(&self) -> Amount {
+        self.scale.amount(self.requested)
+    }
+
+    /// [`used`](Self::used) in the public form: `u64` units, or money as a
+    /// major-unit [`Decimal`].
+    #[inline]
+    pub fn used_amount(&self) -> Amount {
+        self.scale.amount(self.used)
+    }
+
+    /// [`held`](Self::held) in the public form: `u64` units, or money as a
+    /// major-unit [`Decimal`].
+    #[inline]
+    pub fn held_amount(&self) -> Amount {
+        self.scale.amount(self.held)
+    }
+
+    /// [`max`](Self::max) in the public form (`None`: unlimited).
+    #[inline]
+    pub fn max_amount(&self) -> Option<Amount> {
+        self.max.map(|m| self.scale.amount(m))
+    }
+
+    /// [`remaining`](Self::remaining) in the public form (`None`:
+    /// unlimited).
+    #[inline]
+    pub fn remaining_amount(&self) -> Option<Amount> {
+        self.remaining.map(|m| self.scale.amount(m))
+    }
+
+    /// The decimal places of the meter's smallest unit when it is money
+    /// (6: the integers count micro-dollars); `None` for a count or seconds
+    /// meter, whose integers are the units themselves.
+    #[inline]
+    pub fn money_scale(&self) -> Option<u32> {
+        self.scale.money_scale()
+    }
+
     /// Start of the current period (`None` for lifetime and concurrent
     /// windows).
     #[inline]
@@ -125,6 +323,7 @@ impl fmt::Debug for LimitState {
             .field("period_start", &self.period_start())
             .field("resets_at", &self.resets_at())
             .field("status", &self.status)
+            .field("money_scale", &self.money_scale())
             .finish()
     }
 }
@@ -166,6 +365,13 @@ macro_rules! inline_list {
             /// The items in a `Vec` (an allocation, unless empty).
             pub fn into_vec(self) -> Vec<$item> {
                 self.0.into_vec()
+            }
+
+            /// The items as a mutable slice, for the engine to finish them.
+            #[allow(dead_code)]
+            #[inline]
+            pub(crate) fn as_mut_slice(&mut self) -> &mut [$item] {
+                &mut self.0
             }
 
             /// Append `item`, spilling to the heap past [`Self::INLINE`].
@@ -329,6 +535,18 @@ impl<const M: usize> PartialEq<[&str; M]> for MeterList {
 /// The answer to "may this subject spend this much now?".
 ///
 /// A refusal is a `Decision` with `allowed == false`, never an `Err`.
+///
+/// # Amounts
+///
+/// One public form, as the rest of the API takes them: counts and seconds
+/// as `u64`, money as an exact [`Decimal`] in its major unit (dollars) —
+/// [`Amount`]. [`cost`](Self::cost) is [`Money`] in that form. A
+/// [`LimitState`] keeps the exact integers the store counts, in the meter's
+/// smallest unit (990,000 micro-dollars for $0.99 at scale 6), and reads
+/// each in the public form through its `*_amount` accessors
+/// ([`LimitState::used_amount`], …): the same accessors, with the same
+/// answers, as a usage report's [`MeterUsage`](crate::MeterUsage). Never a
+/// float.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Decision {
@@ -357,8 +575,9 @@ pub struct Decision {
     /// When refused: how long until every exceeded limit has room for this
     /// request, if waiting helps at all.
     pub retry_after: Option<Duration>,
-    /// The request's cost (rounded up to the cost meter's smallest unit), when
-    /// the plan has a cost meter.
+    /// The request's cost in the cost meter's major unit (rounded up to its
+    /// smallest unit), when the plan has a cost meter: the amount the cost
+    /// limit's [`LimitState::requested_amount`] reads.
     pub cost: Option<Money>,
     /// Meters in the request that have no price in the plan: they cost 0 and
     /// are listed here so unpriced usage is never silent. Kept inline up to
@@ -384,5 +603,77 @@ impl Decision {
         self.limits
             .iter()
             .find(|l| &l.scope == scope && &*l.meter == meter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Amount, Scale};
+    use crate::catalog::{Meter, MAX_MONEY_SCALE};
+    use rust_decimal::Decimal;
+
+    fn money(scale: u32) -> Scale {
+        Scale::of(&Meter::money("m", "USD", scale).unit)
+    }
+
+    /// Counts and seconds read as the integers themselves, every `u64`.
+    #[test]
+    fn units_read_as_the_integer() {
+        for meter in [Meter::count("c"), Meter::seconds("s")] {
+            let scale = Scale::of(&meter.unit);
+            assert_eq!(scale.money_scale(), None);
+            for n in [0, 1, 1_200, u64::MAX] {
+                assert_eq!(scale.amount(n), Amount::Units(n));
+            }
+        }
+    }
+
+    /// Money reads as `minor × 10^-scale`, exactly, at scale 0, 2, 6 and the
+    /// largest a catalog allows, up to the largest `u64`.
+    #[test]
+    fn money_reads_in_the_major_unit_exactly_at_every_scale() {
+        let cases: [(u32, u64, &str); 9] = [
+            (0, 99, "99"),
+            (0, u64::MAX, "18446744073709551615"),
+            (2, 99, "0.99"),
+            (2, 123_456, "1234.56"),
+            (2, u64::MAX, "184467440737095516.15"),
+            (6, 990_000, "0.990000"),
+            (6, u64::MAX, "18446744073709.551615"),
+            (MAX_MONEY_SCALE, 1, "0.000000000001"),
+            (MAX_MONEY_SCALE, u64::MAX, "18446744.073709551615"),
+        ];
+        for (scale, minor, want) in cases {
+            let s = money(scale);
+            assert_eq!(s.money_scale(), Some(scale));
+            let got = s.amount(minor);
+            let want: Decimal = want.parse().unwrap();
+            assert_eq!(got, Amount::Money(want), "{minor} at scale {scale}");
+            // Exact: the same digits, at the meter's scale.
+            assert_eq!(got.money().unwrap().mantissa(), i128::from(minor));
+            assert_eq!(got.money().unwrap().scale(), scale);
+            assert_eq!(got.to_string(), want.to_string());
+        }
+        // Zero at scale 6 is zero, and equal to a plain zero.
+        assert!(money(6).amount(0).is_zero());
+        assert_eq!(money(6).amount(0), Amount::Money(Decimal::ZERO));
+        // 0.990000 equals 0.99: a Decimal compares values, not digits.
+        assert_eq!(money(6).amount(990_000), Amount::Money(Decimal::new(99, 2)));
+    }
+
+    /// The scale lives in the padding of a limit state: a decision copies
+    /// four of them inline, so the state stays 152 bytes.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn a_limit_state_stays_152_bytes() {
+        assert_eq!(std::mem::size_of::<super::LimitState>(), 152);
+    }
+
+    /// A money amount is never a count, even of the same number.
+    #[test]
+    fn money_at_scale_zero_is_not_units() {
+        assert_ne!(money(0).amount(5), Amount::Units(5));
+        assert_eq!(money(0).amount(5).units(), None);
+        assert_eq!(Amount::Units(5).money(), None);
     }
 }
