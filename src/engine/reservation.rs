@@ -11,10 +11,11 @@ use super::Engine;
 use crate::catalog::Plan;
 use crate::clock::Clock;
 use crate::decision::Decision;
+use crate::inline::Inline;
 use crate::name::Name;
 use crate::request::Request;
 use crate::store::{
-    Applied, Batch, CooldownOp, CounterOp, Fraction, LeaseAction, LeaseId, LeaseOp, Mode,
+    Applied, Batch, CooldownOp, CounterOp, Fraction, LeaseAction, LeaseId, LeaseOp, Mode, ScopeKey,
 };
 use crate::Error;
 
@@ -56,10 +57,11 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     pub(super) id: LeaseId,
-    pub(super) subject: String,
+    pub(super) subject: Owner,
     pub(super) model: Option<String>,
     pub(super) pools: Vec<String>,
-    pub(super) held: Vec<(usize, Name, u64)>,
+    /// Inline for up to six meters: saves the list's allocation.
+    pub(super) held: Inline<(usize, Name, u64), 6>,
     pub(super) opened_at: DateTime<Utc>,
     pub(super) expires_at: DateTime<Utc>,
     pub(super) deadline: Option<DateTime<Utc>>,
@@ -115,6 +117,20 @@ impl Reservation {
             }
         }
         self.decision = decision.clone();
+    }
+}
+
+/// A reservation's subject: its scope key, which reads as the subject's id.
+/// A clone of the key the allocation resolved (a reference count), where a
+/// `String` was an allocation per reservation; and the lease's owner as it
+/// is, so a renewal hashes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Owner(pub(super) ScopeKey);
+
+impl std::ops::Deref for Owner {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0.id()
     }
 }
 
@@ -203,15 +219,18 @@ impl<S, C: Clock> Engine<S, C> {
         }
         Ok(Reservation {
             id: o.id,
-            subject: request.subject.to_owned(),
+            subject: Owner(o.p.alloc.scope.clone()),
             model: request.model.map(str::to_owned),
             pools: request.pools.iter().map(|s| (*s).to_owned()).collect(),
-            held: o
-                .p
-                .amounts
-                .iter()
-                .map(|&(i, n)| (i, self.catalog.meter_ids[i], n))
-                .collect(),
+            held: {
+                static FILL: std::sync::OnceLock<Name> = std::sync::OnceLock::new();
+                let fill = *FILL.get_or_init(|| Name::intern(""));
+                let mut held = Inline::filled((0, fill, 0));
+                for &(i, n) in o.p.amounts.iter() {
+                    held.push((i, self.catalog.meter_ids[i], n));
+                }
+                held
+            },
             opened_at: o.now,
             expires_at: o.expires_at,
             deadline: o.deadline,

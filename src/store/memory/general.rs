@@ -9,11 +9,13 @@ use std::ops::ControlFlow;
 use parking_lot::MutexGuard;
 
 use super::apply::{add_usage, check_ops};
-use super::holds::{HoldRef, Lease};
+use smallvec::SmallVec;
+
+use super::holds::{HoldRef, HoldRefs, Lease};
 use super::keys::KeyId;
 use super::ledger::{Entry, Ledger};
 use super::report::{report, roll_ops};
-use super::shard::Locked;
+use super::shard::{Locked, NONE};
 use super::{side_index, MemoryStore};
 use crate::inline::Inline;
 use crate::store::validate::invalid;
@@ -25,9 +27,15 @@ use crate::Error;
 pub(super) struct Charge {
     pub(super) shard: usize,
     pub(super) hold: HoldRef,
+    /// The hold's counter (key and position), found once in phase 1.
+    pub(super) at: Option<(KeyId, usize)>,
     pub(super) held: u64,
     pub(super) charged: u64,
 }
+
+/// What settling a lease does to each hold: inline for up to four holds,
+/// saving an allocation per settlement.
+pub(super) type Charges = SmallVec<[Charge; 4]>;
 
 /// A lease shard, locked.
 type LeaseGuard<'s> = MutexGuard<'s, HashMap<LeaseId, Lease>>;
@@ -36,8 +44,6 @@ type LeaseGuard<'s> = MutexGuard<'s, HashMap<LeaseId, Lease>>;
 struct LeaseState<'s> {
     /// The lease shard's lock (`None` for a batch with no lease).
     guard: Option<LeaseGuard<'s>>,
-    /// The holds of the open lease (empty for a lease the batch opens).
-    holds: Vec<HoldRef>,
     /// When the open lease expires (0 for a lease the batch opens).
     expires_ms: i64,
 }
@@ -72,7 +78,9 @@ impl MemoryStore {
             ControlFlow::Continue(ledger) => ledger,
         };
         // Then the lease (rule 7).
-        let mut lease = self.open_lease(batch, now_ms)?;
+        // Filled in this frame, not moved out of calls: saves the copies.
+        let mut lease_holds = HoldRefs::new();
+        let mut lease = self.open_lease(batch, now_ms, &mut lease_holds)?;
 
         // Lock every counter shard the batch touches, in ascending order.
         let mut op_shards: Inline<usize> = Inline::new();
@@ -81,14 +89,15 @@ impl MemoryStore {
         }
         // Most batches have no cooldowns and no lease holds: skip the
         // (out of line) collect of an empty list.
-        let cooldown_shards: Vec<usize> = match batch.cooldowns {
-            [] => Vec::new(),
-            cs => cs.iter().map(|c| self.shard_of(c.scope)).collect(),
-        };
-        let hold_shards: Vec<usize> = match lease.holds.as_slice() {
-            [] => Vec::new(),
-            hs => hs.iter().map(|h| self.shard_of(&h.scope)).collect(),
-        };
+        // Inline lists: saves two allocations per settlement.
+        let mut cooldown_shards: Inline<usize> = Inline::new();
+        for c in batch.cooldowns {
+            cooldown_shards.push(self.shard_of(c.scope));
+        }
+        let mut hold_shards: Inline<usize> = Inline::new();
+        for h in &lease_holds {
+            hold_shards.push(self.shard_of(&h.scope));
+        }
         let mut locked = self.lock_shards(
             op_shards
                 .as_slice()
@@ -97,20 +106,20 @@ impl MemoryStore {
                 .chain(&hold_shards)
                 .copied(),
         );
-        let lease_holds = std::mem::take(&mut lease.holds);
         let step = Step {
             batch,
             now_ms,
             op_shards: op_shards.as_slice(),
-            cooldown_shards: &cooldown_shards,
-            hold_shards: &hold_shards,
+            cooldown_shards: cooldown_shards.as_slice(),
+            hold_shards: hold_shards.as_slice(),
             lease_holds: &lease_holds,
             lease_expires: lease.expires_ms,
         };
 
         // Phase 1: read every named counter as of now (rolling none), and
         // decide.
-        let charges = step.settle_charges(&mut locked)?;
+        let mut charges = Charges::new();
+        step.settle_charges(&mut locked, &mut charges)?;
         let holding = matches!(
             batch.lease.map(|l| l.action),
             Some(LeaseAction::Open { .. } | LeaseAction::Grow)
@@ -149,7 +158,7 @@ impl MemoryStore {
                     now_ms,
                 );
             }
-            settled = step.apply_lease(&mut locked, &mut lease.guard, charges, &mut found);
+            settled = step.apply_lease(&mut locked, &mut lease.guard, &mut charges, &mut found);
             step.start_cooldowns(&mut locked, &mut cooling);
         }
 
@@ -222,10 +231,14 @@ impl MemoryStore {
     /// [`Error::UnknownReservation`], [`Error::ReservationSettled`] or
     /// [`Error::ReservationExpired`] for any other action on a lease that is
     /// not live or not the owner's.
-    fn open_lease(&self, batch: &Batch<'_>, now_ms: i64) -> Result<LeaseState<'_>, Error> {
+    fn open_lease(
+        &self,
+        batch: &Batch<'_>,
+        now_ms: i64,
+        holds: &mut HoldRefs,
+    ) -> Result<LeaseState<'_>, Error> {
         let mut state = LeaseState {
             guard: None,
-            holds: Vec::new(),
             expires_ms: 0,
         };
         let Some(l) = batch.lease else {
@@ -247,7 +260,7 @@ impl MemoryStore {
                 return Err(Error::ReservationExpired { id: id() })
             }
             (Some(rec), _) => {
-                state.holds.clone_from(&rec.holds);
+                holds.extend(rec.holds.iter().cloned());
                 state.expires_ms = rec.expires_ms;
             }
         }
@@ -264,62 +277,57 @@ impl Step<'_, '_> {
     /// # Errors
     /// [`Error::Overflow`] when usage plus a charge (and the batch's own
     /// delta on that counter) would pass a `u64` (rule 4).
-    fn settle_charges(&self, locked: &mut Locked<'_>) -> Result<Vec<Charge>, Error> {
+    fn settle_charges(&self, locked: &mut Locked<'_>, charges: &mut Charges) -> Result<(), Error> {
         let (Some(l), Some(LeaseAction::Settle { keep })) =
             (self.batch.lease, self.batch.lease.map(|l| l.action))
         else {
-            return Ok(Vec::new());
+            return Ok(());
         };
-        let mut charges: Vec<Charge> = Vec::new();
         for (h, &shard) in self.lease_holds.iter().zip(self.hold_shards) {
             let sh = locked.shard(shard);
-            let held = match sh.find(&h.scope, h.meter, h.window) {
-                Some((key, _)) => {
+            // One find per hold serves its hold, its usage and phase 2.
+            let at = sh.find(&h.scope, h.meter, h.window);
+            let (held, used) = match at {
+                Some((key, idx)) => (
                     // The lease is live, so its own hold has not expired.
                     sh.holds(&h.scope, key)
-                        .map_or(0, |x| x.amount(l.id, self.lease_expires))
-                }
-                None => 0,
+                        .map_or(0, |x| x.amount(l.id, self.lease_expires)),
+                    sh.scopes
+                        .get(&h.scope)
+                        .and_then(|cs| cs.get(idx))
+                        .map_or(0, |c| c.used_now(h.window, self.now_ms)),
+                ),
+                None => (0, 0),
             };
             let charged = if h.window == Window::Concurrent {
                 0
             } else {
                 keep_of(keep, held)
             };
-            charges.push(Charge {
-                shard,
-                hold: h.clone(),
-                held,
-                charged,
-            });
-        }
-        for ch in &charges {
-            let sh = locked.shard(ch.shard);
-            let used = sh
-                .find(&ch.hold.scope, ch.hold.meter, ch.hold.window)
-                .and_then(|(_, idx)| sh.scopes.get(&ch.hold.scope)?.get(idx))
-                .map_or(0, |c| c.used_now(ch.hold.window, self.now_ms));
             let also = self
                 .batch
                 .ops
                 .iter()
-                .find(|o| {
-                    o.meter == ch.hold.meter
-                        && o.window == ch.hold.window
-                        && *o.scope == ch.hold.scope
-                })
+                .find(|o| o.meter == h.meter && o.window == h.window && *o.scope == h.scope)
                 .map_or(0, |o| o.delta);
             if used
-                .checked_add(ch.charged)
+                .checked_add(charged)
                 .and_then(|u| u.checked_add(also))
                 .is_none()
             {
                 return Err(Error::Overflow {
-                    meter: ch.hold.meter.to_string(),
+                    meter: h.meter.to_string(),
                 });
             }
+            charges.push(Charge {
+                shard,
+                hold: h.clone(),
+                at,
+                held,
+                charged,
+            });
         }
-        Ok(charges)
+        Ok(())
     }
 
     /// Each cooldown's end if it still runs at now, and whether none does.
@@ -346,7 +354,7 @@ impl Step<'_, '_> {
         &self,
         locked: &mut Locked<'_>,
         guard: &mut Option<LeaseGuard<'_>>,
-        charges: Vec<Charge>,
+        charges: &mut Charges,
         found: &mut Found,
     ) -> Vec<SettledHold> {
         let Some(l) = self.batch.lease else {
@@ -403,7 +411,8 @@ impl Step<'_, '_> {
                 self.add_ops(locked, found);
                 if let Some(rec) = guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
                     rec.settled = true;
-                    rec.holds.clear();
+                    // Freed now, not when the ended lease is swept.
+                    rec.holds = Vec::new();
                 }
                 return settled;
             }
@@ -446,7 +455,14 @@ impl Step<'_, '_> {
                 continue;
             }
             let sh = locked.shard(shard);
-            if let Some((i, _)) = sh.counter_or_new(op.scope, key, op.window, self.now_ms) {
+            // A counter phase 1 found is not looked up again.
+            let at = if *idx == NONE {
+                sh.counter_or_new(op.scope, key, op.window, self.now_ms)
+                    .map(|(i, _)| i)
+            } else {
+                Some(*idx)
+            };
+            if let Some(i) = at {
                 *idx = i;
                 sh.add_hold(op.scope, key, id, expires_ms, op.delta);
                 let listed = known
@@ -469,13 +485,13 @@ impl Step<'_, '_> {
         &self,
         locked: &mut Locked<'_>,
         id: LeaseId,
-        charges: Vec<Charge>,
+        charges: &mut Charges,
     ) -> Vec<SettledHold> {
         let mut settled = Vec::with_capacity(charges.len());
-        for ch in charges {
+        for ch in charges.drain(..) {
             let sh = locked.shard(ch.shard);
             let (scope, window) = (&ch.hold.scope, ch.hold.window);
-            if let Some((key, idx)) = sh.find(scope, ch.hold.meter, window) {
+            if let Some((key, idx)) = ch.at {
                 sh.advance(scope, idx, window, self.now_ms);
                 sh.remove_hold(scope, key, id, self.lease_expires);
                 if let Some(c) = sh.counter_mut(scope, idx) {

@@ -1,6 +1,7 @@
 //! Holds under leases: per counter, sorted by expiry, and the leases that own them.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use smallvec::SmallVec;
 
 use super::keys::KeyId;
 use crate::name::Name;
@@ -96,7 +97,19 @@ pub(super) fn expire_some_holds(
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Holds {
     pub(super) total: u64,
-    pub(super) entries: Vec<Hold>,
+    /// One hold inline: a counter usually has one lease on it at a time,
+    /// and this saves its allocation and free per reservation.
+    #[serde(serialize_with = "entries_out", deserialize_with = "entries_in")]
+    pub(super) entries: SmallVec<[Hold; 1]>,
+}
+
+/// A counter's holds serialized as a plain list, as when they were a `Vec`.
+fn entries_out<S: Serializer>(entries: &SmallVec<[Hold; 1]>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(entries.iter())
+}
+
+fn entries_in<'de, D: Deserializer<'de>>(d: D) -> Result<SmallVec<[Hold; 1]>, D::Error> {
+    Vec::<Hold>::deserialize(d).map(SmallVec::from_vec)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +132,10 @@ pub(super) struct Lease {
     pub(super) settled: bool,
     pub(super) holds: Vec<HoldRef>,
 }
+
+/// A batch's copy of its lease's counters, inline up to four: saves an
+/// allocation per settlement.
+pub(super) type HoldRefs = SmallVec<[HoldRef; 4]>;
 
 /// A counter a lease holds. Its meter is serialized (in a snapshot) as its
 /// string, and interned again when read back.
