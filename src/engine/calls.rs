@@ -83,10 +83,10 @@ macro_rules! decide_call {
 macro_rules! reserve_call {
     ($engine:ident, $request:ident, $lease_ttl:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
         use $crate::engine::plan::{OpList, Shape};
-        let o = match $engine.open($request, $lease_ttl)? {
-            Ok(o) => o,
-            Err(refused) => return Ok(Err(refused)),
-        };
+        let o = $engine.open($request, $lease_ttl)?;
+        if let Some(refused) = $engine.refused_opening(&o, $request) {
+            return Ok(Err(refused));
+        }
         let mut list = OpList::new(&o.p.alloc.scope);
         $engine.ops_for(&mut list, &o.p, $request.model, Shape::Reserve);
         let cooldowns = $engine.cooldowns_for(&o.p, $request.model, None, false);

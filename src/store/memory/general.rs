@@ -3,6 +3,7 @@
 //! cooldowns), phase 2 (the lease action or usage, then cooldowns), phase 3
 //! (report), and the ledger entry.
 
+use std::collections::hash_map::{Entry as MapEntry, VacantEntry};
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
@@ -11,7 +12,7 @@ use parking_lot::MutexGuard;
 use super::apply::{add_usage, check_ops};
 use smallvec::SmallVec;
 
-use super::holds::{HoldRef, HoldRefs, Lease};
+use super::holds::{add_hold, settle_hold, HoldRef, HoldRefs, Lease};
 use super::keys::KeyId;
 use super::ledger::{Entry, Ledger};
 use super::report::{report, roll_ops};
@@ -37,15 +38,15 @@ pub(super) struct Charge {
 /// saving an allocation per settlement.
 pub(super) type Charges = SmallVec<[Charge; 4]>;
 
-/// A lease shard, locked.
-type LeaseGuard<'s> = MutexGuard<'s, HashMap<LeaseId, Lease>>;
-
-/// The lease a batch names, as found under its shard's lock.
-struct LeaseState<'s> {
-    /// The lease shard's lock (`None` for a batch with no lease).
-    guard: Option<LeaseGuard<'s>>,
-    /// When the open lease expires (0 for a lease the batch opens).
-    expires_ms: i64,
+/// The lease a batch names, found under its shard's lock: the slot a lease
+/// the batch opens goes in, or the live lease. Found once, so the id is
+/// hashed once per batch (a lookup, then an insert or a second lookup,
+/// before).
+enum LeaseSlot<'g> {
+    /// A batch with no lease (or a slot already used).
+    Empty,
+    Vacant(VacantEntry<'g, LeaseId, Lease>),
+    Live(&'g mut Lease),
 }
 
 /// What the steps of one general batch read: the batch, its time, and the
@@ -80,7 +81,9 @@ impl MemoryStore {
         // Then the lease (rule 7).
         // Filled in this frame, not moved out of calls: saves the copies.
         let mut lease_holds = HoldRefs::new();
-        let mut lease = self.open_lease(batch, now_ms, &mut lease_holds)?;
+        let mut lease_guard = batch.lease.map(|l| self.leases[side_index(&l.id)].lock());
+        let (mut slot, lease_expires) =
+            open_lease(lease_guard.as_deref_mut(), batch, now_ms, &mut lease_holds)?;
 
         // Lock every counter shard the batch touches, in ascending order.
         let mut op_shards: Inline<usize> = Inline::new();
@@ -113,7 +116,7 @@ impl MemoryStore {
             cooldown_shards: cooldown_shards.as_slice(),
             hold_shards: hold_shards.as_slice(),
             lease_holds: &lease_holds,
-            lease_expires: lease.expires_ms,
+            lease_expires,
         };
 
         // Phase 1: read every named counter as of now (rolling none), and
@@ -158,7 +161,7 @@ impl MemoryStore {
                     now_ms,
                 );
             }
-            settled = step.apply_lease(&mut locked, &mut lease.guard, &mut charges, &mut found);
+            settled = step.apply_lease(&mut locked, &mut slot, &mut charges, &mut found);
             step.start_cooldowns(&mut locked, &mut cooling);
         }
 
@@ -184,7 +187,8 @@ impl MemoryStore {
         );
         let sweep_turn = locked.count_batch();
         drop(locked);
-        drop(lease.guard);
+        drop(slot);
+        drop(lease_guard);
         if let (Some(guard), true) = (ledger, applied) {
             record_event(guard, batch, &result, now_ms);
         }
@@ -222,50 +226,44 @@ impl MemoryStore {
         }
         Ok(ControlFlow::Continue(Some(guard)))
     }
+}
 
-    /// Lock the lease shard of the batch's lease, if it has one, and find
-    /// the lease: absent for one the batch opens, live for any other action.
-    ///
-    /// # Errors
-    /// [`Error::InvalidBatch`] to open a lease that is open;
-    /// [`Error::UnknownReservation`], [`Error::ReservationSettled`] or
-    /// [`Error::ReservationExpired`] for any other action on a lease that is
-    /// not live or not the owner's.
-    fn open_lease(
-        &self,
-        batch: &Batch<'_>,
-        now_ms: i64,
-        holds: &mut HoldRefs,
-    ) -> Result<LeaseState<'_>, Error> {
-        let mut state = LeaseState {
-            guard: None,
-            expires_ms: 0,
+/// Find the lease the batch names in its shard's table `leases` (locked;
+/// `None` for a batch with no lease): absent for one the batch opens, live
+/// for any other action. Returns its slot and, for a live lease, its expiry
+/// (0 for one the batch opens), and copies its counters into `holds`.
+///
+/// # Errors
+/// [`Error::InvalidBatch`] to open a lease that is open;
+/// [`Error::UnknownReservation`], [`Error::ReservationSettled`] or
+/// [`Error::ReservationExpired`] for any other action on a lease that is
+/// not live or not the owner's.
+fn open_lease<'g>(
+    leases: Option<&'g mut HashMap<LeaseId, Lease>>,
+    batch: &Batch<'_>,
+    now_ms: i64,
+    holds: &mut HoldRefs,
+) -> Result<(LeaseSlot<'g>, i64), Error> {
+    let (Some(l), Some(leases)) = (batch.lease, leases) else {
+        return Ok((LeaseSlot::Empty, 0));
+    };
+    let id = || l.id.to_string();
+    if let LeaseAction::Open { .. } = l.action {
+        return match leases.entry(l.id) {
+            MapEntry::Occupied(_) => Err(invalid(format!("lease {} is already open", l.id))),
+            MapEntry::Vacant(v) => Ok((LeaseSlot::Vacant(v), 0)),
         };
-        let Some(l) = batch.lease else {
-            return Ok(state);
-        };
-        let guard = self.leases[side_index(&l.id)].lock();
-        let id = || l.id.to_string();
-        match (guard.get(&l.id), l.action) {
-            (Some(_), LeaseAction::Open { .. }) => {
-                return Err(invalid(format!("lease {} is already open", l.id)));
-            }
-            (None, LeaseAction::Open { .. }) => {}
-            (None, _) => return Err(Error::UnknownReservation { id: id() }),
-            (Some(rec), _) if rec.owner != *l.owner => {
-                return Err(Error::UnknownReservation { id: id() });
-            }
-            (Some(rec), _) if rec.settled => return Err(Error::ReservationSettled { id: id() }),
-            (Some(rec), _) if now_ms >= rec.expires_ms => {
-                return Err(Error::ReservationExpired { id: id() })
-            }
-            (Some(rec), _) => {
-                holds.extend(rec.holds.iter().cloned());
-                state.expires_ms = rec.expires_ms;
-            }
+    }
+    match leases.get_mut(&l.id) {
+        None => Err(Error::UnknownReservation { id: id() }),
+        Some(rec) if rec.owner != *l.owner => Err(Error::UnknownReservation { id: id() }),
+        Some(rec) if rec.settled => Err(Error::ReservationSettled { id: id() }),
+        Some(rec) if now_ms >= rec.expires_ms => Err(Error::ReservationExpired { id: id() }),
+        Some(rec) => {
+            holds.extend(rec.holds.iter().cloned());
+            let expires = rec.expires_ms;
+            Ok((LeaseSlot::Live(rec), expires))
         }
-        state.guard = Some(guard);
-        Ok(state)
     }
 }
 
@@ -353,7 +351,7 @@ impl Step<'_, '_> {
     fn apply_lease(
         &self,
         locked: &mut Locked<'_>,
-        guard: &mut Option<LeaseGuard<'_>>,
+        slot: &mut LeaseSlot<'_>,
         charges: &mut Charges,
         found: &mut Found,
     ) -> Vec<SettledHold> {
@@ -367,18 +365,15 @@ impl Step<'_, '_> {
                 deadline_ms,
             } => {
                 let holds = self.hold_ops(locked, found, l.id, expires_ms, &[]);
-                if let Some(g) = guard {
-                    g.insert(
-                        l.id,
-                        Lease {
-                            owner: l.owner.clone(),
-                            opened_ms: self.now_ms,
-                            expires_ms,
-                            deadline_ms,
-                            settled: false,
-                            holds,
-                        },
-                    );
+                if let LeaseSlot::Vacant(v) = std::mem::replace(slot, LeaseSlot::Empty) {
+                    v.insert(Lease {
+                        owner: l.owner.clone(),
+                        opened_ms: self.now_ms,
+                        expires_ms,
+                        deadline_ms,
+                        settled: false,
+                        holds,
+                    });
                 }
             }
             LeaseAction::Renew {
@@ -395,21 +390,21 @@ impl Step<'_, '_> {
                         }
                     }
                 }
-                if let Some(rec) = guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
+                if let LeaseSlot::Live(rec) = slot {
                     rec.expires_ms = new_ms;
                 }
             }
             LeaseAction::Grow => {
                 let added =
                     self.hold_ops(locked, found, l.id, self.lease_expires, self.lease_holds);
-                if let Some(rec) = guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
+                if let LeaseSlot::Live(rec) = slot {
                     rec.holds.extend(added);
                 }
             }
             LeaseAction::Settle { .. } => {
                 let settled = self.settle(locked, l.id, charges);
                 self.add_ops(locked, found);
-                if let Some(rec) = guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
+                if let LeaseSlot::Live(rec) = slot {
                     rec.settled = true;
                     // Freed now, not when the ended lease is swept.
                     rec.holds = Vec::new();
@@ -464,7 +459,7 @@ impl Step<'_, '_> {
             };
             if let Some(i) = at {
                 *idx = i;
-                sh.add_hold(op.scope, key, id, expires_ms, op.delta);
+                add_hold(&mut sh.holds, op.scope, key, id, expires_ms, op.delta);
                 let listed = known
                     .iter()
                     .any(|h| h.meter == op.meter && h.window == op.window && h.scope == *op.scope);
@@ -492,11 +487,20 @@ impl Step<'_, '_> {
             let sh = locked.shard(ch.shard);
             let (scope, window) = (&ch.hold.scope, ch.hold.window);
             if let Some((key, idx)) = ch.at {
-                sh.advance(scope, idx, window, self.now_ms);
-                sh.remove_hold(scope, key, id, self.lease_expires);
+                // The counter rolled and charged in one lookup, its holds
+                // expired and this lease's removed in one visit.
                 if let Some(c) = sh.counter_mut(scope, idx) {
+                    c.advance(window, self.now_ms);
                     c.add(window, ch.charged);
                 }
+                settle_hold(
+                    &mut sh.holds,
+                    scope,
+                    key,
+                    id,
+                    self.lease_expires,
+                    self.now_ms,
+                );
             }
             settled.push(SettledHold::new(
                 ch.hold.scope,
