@@ -12,7 +12,7 @@ use parking_lot::MutexGuard;
 use super::apply::{add_usage, check_ops};
 use smallvec::SmallVec;
 
-use super::holds::{add_hold, settle_hold, HoldRef, HoldRefs, Lease};
+use super::holds::{add_hold, held_by, settle_hold, HoldRef, HoldRefs, Lease};
 use super::keys::KeyId;
 use super::ledger::{Entry, Ledger};
 use super::report::{report, roll_ops};
@@ -283,17 +283,19 @@ impl Step<'_, '_> {
         };
         for (h, &shard) in self.lease_holds.iter().zip(self.hold_shards) {
             let sh = locked.shard(shard);
-            // One find per hold serves its hold, its usage and phase 2.
-            let at = sh.find(&h.scope, h.meter, h.window);
-            let (held, used) = match at {
-                Some((key, idx)) => (
+            // One lookup of the scope's counters serves the hold's position
+            // (kept for phase 2) and its usage.
+            let counters = sh.scopes.get(&h.scope).map_or(&[][..], |cs| &cs[..]);
+            let found = sh.keys.find(h.meter, h.window, 0).and_then(|key| {
+                let idx = counters.iter().position(|c| c.key() == key)?;
+                Some((key, idx, counters[idx].used_now(h.window, self.now_ms)))
+            });
+            let at = found.map(|(key, idx, _)| (key, idx));
+            let (held, used) = match found {
+                Some((key, _, used)) => (
                     // The lease is live, so its own hold has not expired.
-                    sh.holds(&h.scope, key)
-                        .map_or(0, |x| x.amount(l.id, self.lease_expires)),
-                    sh.scopes
-                        .get(&h.scope)
-                        .and_then(|cs| cs.get(idx))
-                        .map_or(0, |c| c.used_now(h.window, self.now_ms)),
+                    held_by(&sh.holds, &h.scope, key, l.id, self.lease_expires),
+                    used,
                 ),
                 None => (0, 0),
             };

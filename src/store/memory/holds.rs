@@ -67,6 +67,20 @@ pub(super) fn with_holds<R>(
     Some(r)
 }
 
+/// What lease `lease` (expiring at `expires_ms`) holds on `(scope, key)`.
+pub(super) fn held_by(
+    holds: &HoldMap,
+    scope: &ScopeKey,
+    key: KeyId,
+    lease: LeaseId,
+    expires_ms: i64,
+) -> u64 {
+    holds
+        .get(scope)
+        .and_then(|l| l.iter().find(|(k, _)| *k == key))
+        .map_or(0, |(_, h)| h.amount(lease, expires_ms))
+}
+
 /// Add `amount` to lease `lease`'s hold on `(scope, key)` (already checked
 /// not to overflow). The scope's list is looked up once, and made only
 /// when missing: saves a lookup per hold against a test then a lookup.
