@@ -146,6 +146,14 @@ impl Fraction {
 
     /// `ceil(amount × num / den)`, exact: a charge never rounds down.
     pub fn ceil_of(self, amount: u64) -> u64 {
+        // Nothing and everything, the shares a commit and the default
+        // refund policy use, without a 128-bit division.
+        if self.num == 0 {
+            return 0;
+        }
+        if self.num == self.den {
+            return amount;
+        }
         let p = u128::from(amount) * u128::from(self.num);
         let d = u128::from(self.den);
         // num <= den, so the result is at most `amount`.

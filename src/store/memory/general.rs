@@ -12,7 +12,7 @@ use parking_lot::MutexGuard;
 use super::apply::{add_usage, check_ops};
 use smallvec::SmallVec;
 
-use super::holds::{add_hold, held_by, settle_hold, HoldRef, HoldRefs, Lease};
+use super::holds::{add_to, held_by, settle_hold, HoldRef, HoldRefs, Lease};
 use super::keys::KeyId;
 use super::ledger::{Entry, Ledger};
 use super::report::{report, roll_ops};
@@ -442,26 +442,42 @@ impl Step<'_, '_> {
     ) -> Vec<HoldRef> {
         let mut added = Vec::new();
         let ops = self.batch.ops;
-        for ((op, &shard), (key, idx)) in ops
-            .iter()
-            .zip(self.op_shards)
-            .zip(found.op_at.as_mut_slice())
-        {
-            let key = *key;
-            if op.delta == 0 {
+        let mut start = 0;
+        for &end in found.runs.as_slice() {
+            // A run's ops share a scope and a shard.
+            let (scope, sh) = (ops[start].scope, locked.shard(self.op_shards[start]));
+            let (run, at) = (
+                &ops[start..end],
+                &mut found.op_at.as_mut_slice()[start..end],
+            );
+            start = end;
+            for (op, (key, idx)) in run.iter().zip(at.iter_mut()) {
+                // A counter phase 1 found is not looked up again.
+                if op.delta > 0 && *idx == NONE {
+                    if let Some((i, _)) = sh.counter_or_new(op.scope, *key, op.window, self.now_ms)
+                    {
+                        *idx = i;
+                    }
+                }
+            }
+            if !run
+                .iter()
+                .zip(at.iter())
+                .any(|(op, &(_, idx))| op.delta > 0 && idx != NONE)
+            {
                 continue;
             }
-            let sh = locked.shard(shard);
-            // A counter phase 1 found is not looked up again.
-            let at = if *idx == NONE {
-                sh.counter_or_new(op.scope, key, op.window, self.now_ms)
-                    .map(|(i, _)| i)
-            } else {
-                Some(*idx)
+            // The scope's holds looked up once per run, not once per op
+            // (made only here, for a hold about to be added).
+            let list = match sh.holds.get_mut(scope) {
+                Some(list) => list,
+                None => sh.holds.entry(scope.clone()).or_default(),
             };
-            if let Some(i) = at {
-                *idx = i;
-                add_hold(&mut sh.holds, op.scope, key, id, expires_ms, op.delta);
+            for (op, &(key, idx)) in run.iter().zip(at.iter()) {
+                if op.delta == 0 || idx == NONE {
+                    continue;
+                }
+                add_to(list, key, id, expires_ms, op.delta);
                 let listed = known
                     .iter()
                     .any(|h| h.meter == op.meter && h.window == op.window && h.scope == *op.scope);

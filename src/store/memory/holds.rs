@@ -81,21 +81,15 @@ pub(super) fn held_by(
         .map_or(0, |(_, h)| h.amount(lease, expires_ms))
 }
 
-/// Add `amount` to lease `lease`'s hold on `(scope, key)` (already checked
-/// not to overflow). The scope's list is looked up once, and made only
-/// when missing: saves a lookup per hold against a test then a lookup.
-pub(super) fn add_hold(
-    holds: &mut HoldMap,
-    scope: &ScopeKey,
+/// Add `amount` to lease `lease`'s hold on `key` in a scope's `list`
+/// (already checked not to overflow).
+pub(super) fn add_to(
+    list: &mut Vec<(KeyId, Holds)>,
     key: KeyId,
     lease: LeaseId,
     expires_ms: i64,
     amount: u64,
 ) {
-    let list = match holds.get_mut(scope) {
-        Some(list) => list,
-        None => holds.entry(scope.clone()).or_default(),
-    };
     match list.iter_mut().find(|(k, _)| *k == key) {
         Some((_, h)) => h.add(lease, expires_ms, amount),
         None => {
