@@ -176,4 +176,20 @@ mod tests {
             (10_000, 10_000, 10_000)
         );
     }
+
+    #[test]
+    fn ceil_of_is_exact_at_nothing_everything_and_between() {
+        use super::Fraction;
+        assert_eq!(Fraction::ZERO.ceil_of(u64::MAX), 0);
+        assert_eq!(Fraction::ONE.ceil_of(u64::MAX), u64::MAX);
+        let third = Fraction::new(1, 3).expect("valid");
+        assert_eq!(
+            (third.ceil_of(3), third.ceil_of(4), third.ceil_of(0)),
+            (1, 2, 0)
+        );
+        let all = Fraction::new(7, 7).expect("valid");
+        assert_eq!(all.ceil_of(u64::MAX), u64::MAX);
+        let none = Fraction::new(0, 9).expect("valid");
+        assert_eq!(none.ceil_of(5), 0);
+    }
 }
