@@ -93,11 +93,11 @@ impl MemoryStore {
         // Most batches have no cooldowns and no lease holds: skip the
         // (out of line) collect of an empty list.
         // Inline lists: saves two allocations per settlement.
-        let mut cooldown_shards: Inline<usize> = Inline::new();
+        let mut cooldown_shards: Inline<usize, 8> = Inline::new();
         for c in batch.cooldowns {
             cooldown_shards.push(self.shard_of(c.scope));
         }
-        let mut hold_shards: Inline<usize> = Inline::new();
+        let mut hold_shards: Inline<usize, 8> = Inline::new();
         for h in &lease_holds {
             hold_shards.push(self.shard_of(&h.scope));
         }
@@ -440,7 +440,13 @@ impl Step<'_, '_> {
         expires_ms: i64,
         known: &[HoldRef],
     ) -> Vec<HoldRef> {
-        let mut added = Vec::new();
+        // Sized for the batch when the lease is new (every op is added):
+        // one allocation, no growth.
+        let mut added = Vec::with_capacity(if known.is_empty() {
+            self.batch.ops.len()
+        } else {
+            0
+        });
         let ops = self.batch.ops;
         let mut start = 0;
         for &end in found.runs.as_slice() {
@@ -471,7 +477,11 @@ impl Step<'_, '_> {
             // (made only here, for a hold about to be added).
             let list = match sh.holds.get_mut(scope) {
                 Some(list) => list,
-                None => sh.holds.entry(scope.clone()).or_default(),
+                // Sized for the run: one allocation, no growth.
+                None => sh
+                    .holds
+                    .entry(scope.clone())
+                    .or_insert_with(|| Vec::with_capacity(run.len())),
             };
             for (op, &(key, idx)) in run.iter().zip(at.iter()) {
                 if op.delta == 0 || idx == NONE {
