@@ -187,7 +187,6 @@ impl MemoryStore {
         );
         let sweep_turn = locked.count_batch();
         drop(locked);
-        drop(slot);
         drop(lease_guard);
         if let (Some(guard), true) = (ledger, applied) {
             record_event(guard, batch, &result, now_ms);
