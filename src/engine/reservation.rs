@@ -124,8 +124,15 @@ impl Reservation {
 /// A clone of the key the allocation resolved (a reference count), where a
 /// `String` was an allocation per reservation; and the lease's owner as it
 /// is, so a renewal hashes nothing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub(super) struct Owner(pub(super) ScopeKey);
+
+/// Prints the subject's id, as the `String` it replaced did.
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
 
 impl std::ops::Deref for Owner {
     type Target = str;
@@ -303,4 +310,17 @@ pub(super) fn after(now: DateTime<Utc>, ttl: std::time::Duration) -> Result<Date
         .ok()
         .and_then(|d| now.checked_add_signed(d))
         .ok_or_else(|| Error::request(format!("lease ttl {ttl:?} is out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Owner;
+    use crate::store::ScopeKey;
+
+    #[test]
+    fn a_reservations_subject_reads_and_prints_as_its_id() {
+        let owner = Owner(ScopeKey::subject("agent-7"));
+        assert_eq!(&*owner, "agent-7");
+        assert_eq!(format!("{owner:?}"), format!("{:?}", "agent-7"));
+    }
 }
