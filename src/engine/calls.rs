@@ -83,10 +83,10 @@ macro_rules! decide_call {
 macro_rules! reserve_call {
     ($engine:ident, $request:ident, $lease_ttl:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
         use $crate::engine::plan::{OpList, Shape};
-        let o = match $engine.open($request, $lease_ttl)? {
-            Ok(o) => o,
-            Err(refused) => return Ok(Err(refused)),
-        };
+        let o = $engine.open($request, $lease_ttl)?;
+        if let Some(refused) = $engine.refused_opening(&o, $request) {
+            return Ok(Err(refused));
+        }
         let mut list = OpList::new(&o.p.alloc.scope);
         $engine.ops_for(&mut list, &o.p, $request.model, Shape::Reserve);
         let cooldowns = $engine.cooldowns_for(&o.p, $request.model, None, false);
@@ -102,14 +102,14 @@ macro_rules! reserve_call {
 /// `renew`: the body of a call returning `Result<(), Error>`.
 macro_rules! renew_call {
     ($engine:ident, $reservation:ident, $lease_ttl:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
-        use $crate::store::{Batch, LeaseAction, LeaseOp, Mode, ScopeKey};
+        use $crate::store::{Batch, LeaseAction, LeaseOp, Mode};
         let now = $engine.clock.now();
         let expires_at = $crate::engine::reservation::after(now, $lease_ttl)?;
-        let owner = ScopeKey::subject($reservation.subject.as_str());
+        let owner = &$reservation.subject.0;
         let renew = LeaseAction::Renew {
             expires_at_ms: expires_at.timestamp_millis(),
         };
-        let lease = LeaseOp::new($reservation.id, &owner, renew);
+        let lease = LeaseOp::new($reservation.id, owner, renew);
         let batch = Batch::new(&[], Mode::Force, now.timestamp_millis()).with_lease(lease);
         {
             let $b = &batch;
@@ -156,7 +156,12 @@ macro_rules! settle_call {
         let (s, now_ms) = (&$settling, $engine.clock.now_ms());
         let (p, model) = (&s.p, s.reservation.model.as_deref());
         let mut list = OpList::new(&p.alloc.scope);
-        $engine.ops_for(&mut list, p, model, Shape::Settle(&s.reservation.held));
+        $engine.ops_for(
+            &mut list,
+            p,
+            model,
+            Shape::Settle(s.reservation.held.as_slice()),
+        );
         let cooldowns = $engine.cooldowns_for(p, model, s.failed.then_some(now_ms), false);
         let keep = LeaseAction::Settle { keep: s.keep };
         let lease = LeaseOp::new(s.reservation.id, &p.alloc.scope, keep);

@@ -156,10 +156,10 @@ impl<S, C: Clock> Engine<S, C> {
         res: &Reservation,
         req: &Request<'_>,
     ) -> Result<Prepared, Error> {
-        if req.subject != res.subject {
+        if req.subject != &*res.subject {
             return Err(Error::request(format!(
                 "reservation {} belongs to `{}`, not `{}`",
-                res.id, res.subject, req.subject
+                res.id, &*res.subject, req.subject
             )));
         }
         if req.model.is_some_and(|m| Some(m) != res.model.as_deref()) {
@@ -173,9 +173,14 @@ impl<S, C: Clock> Engine<S, C> {
                 "the pools of a reservation are fixed when it is made",
             ));
         }
-        let mut full = req.clone();
-        full.pools = res.pools.iter().map(String::as_str).collect();
-        let mut p = self.prepare(&full)?;
+        // Most reservations name no pools: the request as it is, not a copy.
+        let mut p = if res.pools.is_empty() {
+            self.prepare(req)?
+        } else {
+            let mut full = req.clone();
+            full.pools = res.pools.iter().map(String::as_str).collect();
+            self.prepare(&full)?
+        };
         // The allowlist was checked when the work was admitted.
         p.model_refused = None;
         Ok(p)

@@ -11,10 +11,11 @@ use super::Engine;
 use crate::catalog::Plan;
 use crate::clock::Clock;
 use crate::decision::Decision;
+use crate::inline::Inline;
 use crate::name::Name;
 use crate::request::Request;
 use crate::store::{
-    Applied, Batch, CooldownOp, CounterOp, Fraction, LeaseAction, LeaseId, LeaseOp, Mode,
+    Applied, Batch, CooldownOp, CounterOp, Fraction, LeaseAction, LeaseId, LeaseOp, Mode, ScopeKey,
 };
 use crate::Error;
 
@@ -56,10 +57,11 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     pub(super) id: LeaseId,
-    pub(super) subject: String,
+    pub(super) subject: Owner,
     pub(super) model: Option<String>,
     pub(super) pools: Vec<String>,
-    pub(super) held: Vec<(usize, Name, u64)>,
+    /// Inline for up to six meters: saves the list's allocation.
+    pub(super) held: Inline<(usize, Name, u64), 6>,
     pub(super) opened_at: DateTime<Utc>,
     pub(super) expires_at: DateTime<Utc>,
     pub(super) deadline: Option<DateTime<Utc>>,
@@ -118,6 +120,27 @@ impl Reservation {
     }
 }
 
+/// A reservation's subject: its scope key, which reads as the subject's id.
+/// A clone of the key the allocation resolved (a reference count), where a
+/// `String` was an allocation per reservation; and the lease's owner as it
+/// is, so a renewal hashes nothing.
+#[derive(Clone, PartialEq, Eq)]
+pub(super) struct Owner(pub(super) ScopeKey);
+
+/// Prints the subject's id, as the `String` it replaced did.
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl std::ops::Deref for Owner {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.0.id()
+    }
+}
+
 /// A reservation between its checks and its store call.
 pub(super) struct Opening {
     id: LeaseId,
@@ -152,13 +175,14 @@ impl Opening {
 
 impl<S, C: Clock> Engine<S, C> {
     /// A reservation's checks before its store call: no event id, the
-    /// request resolved, the lease's expiry and deadline, the allowlist
-    /// (`Err` is the refusing decision, observed).
+    /// request resolved, the lease's expiry and deadline. The allowlist is
+    /// checked next, by [`Engine::refused_opening`]: an `Opening` returned
+    /// alone is a third of the size of one beside a `Decision`.
     pub(super) fn open(
         &self,
         request: &Request<'_>,
         lease_ttl: std::time::Duration,
-    ) -> Result<Result<Opening, Decision>, Error> {
+    ) -> Result<Opening, Error> {
         if request.event.is_some() {
             return Err(Error::request(
                 "reserve takes no event id: a retried reserve is a new reservation",
@@ -167,22 +191,26 @@ impl<S, C: Clock> Engine<S, C> {
         let p = self.prepare(request)?;
         let now = self.clock.now();
         let expires_at = after(now, lease_ttl)?;
-        if let Some(decision) = self.refuse_model(&p, Call::Reserve, request, now) {
-            return Ok(Err(decision));
-        }
         let deadline = p
             .alloc
             .plan
             .max_job_ms
             .and_then(|ms| now.checked_add_signed(chrono::Duration::milliseconds(ms)));
-        Ok(Ok(Opening {
+        Ok(Opening {
             id: LeaseId::random(),
             p,
             now,
             now_ms: now.timestamp_millis(),
             expires_at,
             deadline,
-        }))
+        })
+    }
+
+    /// The refusing decision (observed) for an opening whose model is
+    /// outside the allowlist.
+    pub(super) fn refused_opening(&self, o: &Opening, request: &Request<'_>) -> Option<Decision> {
+        o.p.model_refused.as_ref()?;
+        self.refuse_model(&o.p, Call::Reserve, request, o.now)
     }
 
     /// A reservation's answer after its store call: the `Reservation`, or
@@ -203,15 +231,18 @@ impl<S, C: Clock> Engine<S, C> {
         }
         Ok(Reservation {
             id: o.id,
-            subject: request.subject.to_owned(),
+            subject: Owner(o.p.alloc.scope.clone()),
             model: request.model.map(str::to_owned),
             pools: request.pools.iter().map(|s| (*s).to_owned()).collect(),
-            held: o
-                .p
-                .amounts
-                .iter()
-                .map(|&(i, n)| (i, self.catalog.meter_ids[i], n))
-                .collect(),
+            held: {
+                static FILL: std::sync::OnceLock<Name> = std::sync::OnceLock::new();
+                let fill = *FILL.get_or_init(|| Name::intern(""));
+                let mut held = Inline::filled((0, fill, 0));
+                for &(i, n) in o.p.amounts.iter() {
+                    held.push((i, self.catalog.meter_ids[i], n));
+                }
+                held
+            },
             opened_at: o.now,
             expires_at: o.expires_at,
             deadline: o.deadline,
@@ -279,4 +310,17 @@ pub(super) fn after(now: DateTime<Utc>, ttl: std::time::Duration) -> Result<Date
         .ok()
         .and_then(|d| now.checked_add_signed(d))
         .ok_or_else(|| Error::request(format!("lease ttl {ttl:?} is out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Owner;
+    use crate::store::ScopeKey;
+
+    #[test]
+    fn a_reservations_subject_reads_and_prints_as_its_id() {
+        let owner = Owner(ScopeKey::subject("agent-7"));
+        assert_eq!(&*owner, "agent-7");
+        assert_eq!(format!("{owner:?}"), format!("{:?}", "agent-7"));
+    }
 }

@@ -3,17 +3,20 @@
 //! cooldowns), phase 2 (the lease action or usage, then cooldowns), phase 3
 //! (report), and the ledger entry.
 
+use std::collections::hash_map::{Entry as MapEntry, VacantEntry};
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use parking_lot::MutexGuard;
 
 use super::apply::{add_usage, check_ops};
-use super::holds::{HoldRef, Lease};
+use smallvec::SmallVec;
+
+use super::holds::{add_to, held_by, settle_hold, HoldRef, HoldRefs, Lease};
 use super::keys::KeyId;
 use super::ledger::{Entry, Ledger};
 use super::report::{report, roll_ops};
-use super::shard::Locked;
+use super::shard::{Locked, NONE};
 use super::{side_index, MemoryStore};
 use crate::inline::Inline;
 use crate::store::validate::invalid;
@@ -25,21 +28,25 @@ use crate::Error;
 pub(super) struct Charge {
     pub(super) shard: usize,
     pub(super) hold: HoldRef,
+    /// The hold's counter (key and position), found once in phase 1.
+    pub(super) at: Option<(KeyId, usize)>,
     pub(super) held: u64,
     pub(super) charged: u64,
 }
 
-/// A lease shard, locked.
-type LeaseGuard<'s> = MutexGuard<'s, HashMap<LeaseId, Lease>>;
+/// What settling a lease does to each hold: inline for up to four holds,
+/// saving an allocation per settlement.
+pub(super) type Charges = SmallVec<[Charge; 4]>;
 
-/// The lease a batch names, as found under its shard's lock.
-struct LeaseState<'s> {
-    /// The lease shard's lock (`None` for a batch with no lease).
-    guard: Option<LeaseGuard<'s>>,
-    /// The holds of the open lease (empty for a lease the batch opens).
-    holds: Vec<HoldRef>,
-    /// When the open lease expires (0 for a lease the batch opens).
-    expires_ms: i64,
+/// The lease a batch names, found under its shard's lock: the slot a lease
+/// the batch opens goes in, or the live lease. Found once, so the id is
+/// hashed once per batch (a lookup, then an insert or a second lookup,
+/// before).
+enum LeaseSlot<'g> {
+    /// A batch with no lease (or a slot already used).
+    Empty,
+    Vacant(VacantEntry<'g, LeaseId, Lease>),
+    Live(&'g mut Lease),
 }
 
 /// What the steps of one general batch read: the batch, its time, and the
@@ -72,7 +79,11 @@ impl MemoryStore {
             ControlFlow::Continue(ledger) => ledger,
         };
         // Then the lease (rule 7).
-        let mut lease = self.open_lease(batch, now_ms)?;
+        // Filled in this frame, not moved out of calls: saves the copies.
+        let mut lease_holds = HoldRefs::new();
+        let mut lease_guard = batch.lease.map(|l| self.leases[side_index(&l.id)].lock());
+        let (mut slot, lease_expires) =
+            open_lease(lease_guard.as_deref_mut(), batch, now_ms, &mut lease_holds)?;
 
         // Lock every counter shard the batch touches, in ascending order.
         let mut op_shards: Inline<usize> = Inline::new();
@@ -81,14 +92,15 @@ impl MemoryStore {
         }
         // Most batches have no cooldowns and no lease holds: skip the
         // (out of line) collect of an empty list.
-        let cooldown_shards: Vec<usize> = match batch.cooldowns {
-            [] => Vec::new(),
-            cs => cs.iter().map(|c| self.shard_of(c.scope)).collect(),
-        };
-        let hold_shards: Vec<usize> = match lease.holds.as_slice() {
-            [] => Vec::new(),
-            hs => hs.iter().map(|h| self.shard_of(&h.scope)).collect(),
-        };
+        // Inline lists: saves two allocations per settlement.
+        let mut cooldown_shards: Inline<usize, 8> = Inline::new();
+        for c in batch.cooldowns {
+            cooldown_shards.push(self.shard_of(c.scope));
+        }
+        let mut hold_shards: Inline<usize, 8> = Inline::new();
+        for h in &lease_holds {
+            hold_shards.push(self.shard_of(&h.scope));
+        }
         let mut locked = self.lock_shards(
             op_shards
                 .as_slice()
@@ -97,20 +109,20 @@ impl MemoryStore {
                 .chain(&hold_shards)
                 .copied(),
         );
-        let lease_holds = std::mem::take(&mut lease.holds);
         let step = Step {
             batch,
             now_ms,
             op_shards: op_shards.as_slice(),
-            cooldown_shards: &cooldown_shards,
-            hold_shards: &hold_shards,
+            cooldown_shards: cooldown_shards.as_slice(),
+            hold_shards: hold_shards.as_slice(),
             lease_holds: &lease_holds,
-            lease_expires: lease.expires_ms,
+            lease_expires,
         };
 
         // Phase 1: read every named counter as of now (rolling none), and
         // decide.
-        let charges = step.settle_charges(&mut locked)?;
+        let mut charges = Charges::new();
+        step.settle_charges(&mut locked, &mut charges)?;
         let holding = matches!(
             batch.lease.map(|l| l.action),
             Some(LeaseAction::Open { .. } | LeaseAction::Grow)
@@ -149,7 +161,7 @@ impl MemoryStore {
                     now_ms,
                 );
             }
-            settled = step.apply_lease(&mut locked, &mut lease.guard, charges, &mut found);
+            settled = step.apply_lease(&mut locked, &mut slot, &mut charges, &mut found);
             step.start_cooldowns(&mut locked, &mut cooling);
         }
 
@@ -175,7 +187,7 @@ impl MemoryStore {
         );
         let sweep_turn = locked.count_batch();
         drop(locked);
-        drop(lease.guard);
+        drop(lease_guard);
         if let (Some(guard), true) = (ledger, applied) {
             record_event(guard, batch, &result, now_ms);
         }
@@ -213,46 +225,44 @@ impl MemoryStore {
         }
         Ok(ControlFlow::Continue(Some(guard)))
     }
+}
 
-    /// Lock the lease shard of the batch's lease, if it has one, and find
-    /// the lease: absent for one the batch opens, live for any other action.
-    ///
-    /// # Errors
-    /// [`Error::InvalidBatch`] to open a lease that is open;
-    /// [`Error::UnknownReservation`], [`Error::ReservationSettled`] or
-    /// [`Error::ReservationExpired`] for any other action on a lease that is
-    /// not live or not the owner's.
-    fn open_lease(&self, batch: &Batch<'_>, now_ms: i64) -> Result<LeaseState<'_>, Error> {
-        let mut state = LeaseState {
-            guard: None,
-            holds: Vec::new(),
-            expires_ms: 0,
+/// Find the lease the batch names in its shard's table `leases` (locked;
+/// `None` for a batch with no lease): absent for one the batch opens, live
+/// for any other action. Returns its slot and, for a live lease, its expiry
+/// (0 for one the batch opens), and copies its counters into `holds`.
+///
+/// # Errors
+/// [`Error::InvalidBatch`] to open a lease that is open;
+/// [`Error::UnknownReservation`], [`Error::ReservationSettled`] or
+/// [`Error::ReservationExpired`] for any other action on a lease that is
+/// not live or not the owner's.
+fn open_lease<'g>(
+    leases: Option<&'g mut HashMap<LeaseId, Lease>>,
+    batch: &Batch<'_>,
+    now_ms: i64,
+    holds: &mut HoldRefs,
+) -> Result<(LeaseSlot<'g>, i64), Error> {
+    let (Some(l), Some(leases)) = (batch.lease, leases) else {
+        return Ok((LeaseSlot::Empty, 0));
+    };
+    let id = || l.id.to_string();
+    if let LeaseAction::Open { .. } = l.action {
+        return match leases.entry(l.id) {
+            MapEntry::Occupied(_) => Err(invalid(format!("lease {} is already open", l.id))),
+            MapEntry::Vacant(v) => Ok((LeaseSlot::Vacant(v), 0)),
         };
-        let Some(l) = batch.lease else {
-            return Ok(state);
-        };
-        let guard = self.leases[side_index(&l.id)].lock();
-        let id = || l.id.to_string();
-        match (guard.get(&l.id), l.action) {
-            (Some(_), LeaseAction::Open { .. }) => {
-                return Err(invalid(format!("lease {} is already open", l.id)));
-            }
-            (None, LeaseAction::Open { .. }) => {}
-            (None, _) => return Err(Error::UnknownReservation { id: id() }),
-            (Some(rec), _) if rec.owner != *l.owner => {
-                return Err(Error::UnknownReservation { id: id() });
-            }
-            (Some(rec), _) if rec.settled => return Err(Error::ReservationSettled { id: id() }),
-            (Some(rec), _) if now_ms >= rec.expires_ms => {
-                return Err(Error::ReservationExpired { id: id() })
-            }
-            (Some(rec), _) => {
-                state.holds.clone_from(&rec.holds);
-                state.expires_ms = rec.expires_ms;
-            }
+    }
+    match leases.get_mut(&l.id) {
+        None => Err(Error::UnknownReservation { id: id() }),
+        Some(rec) if rec.owner != *l.owner => Err(Error::UnknownReservation { id: id() }),
+        Some(rec) if rec.settled => Err(Error::ReservationSettled { id: id() }),
+        Some(rec) if now_ms >= rec.expires_ms => Err(Error::ReservationExpired { id: id() }),
+        Some(rec) => {
+            holds.extend(rec.holds.iter().cloned());
+            let expires = rec.expires_ms;
+            Ok((LeaseSlot::Live(rec), expires))
         }
-        state.guard = Some(guard);
-        Ok(state)
     }
 }
 
@@ -264,62 +274,59 @@ impl Step<'_, '_> {
     /// # Errors
     /// [`Error::Overflow`] when usage plus a charge (and the batch's own
     /// delta on that counter) would pass a `u64` (rule 4).
-    fn settle_charges(&self, locked: &mut Locked<'_>) -> Result<Vec<Charge>, Error> {
+    fn settle_charges(&self, locked: &mut Locked<'_>, charges: &mut Charges) -> Result<(), Error> {
         let (Some(l), Some(LeaseAction::Settle { keep })) =
             (self.batch.lease, self.batch.lease.map(|l| l.action))
         else {
-            return Ok(Vec::new());
+            return Ok(());
         };
-        let mut charges: Vec<Charge> = Vec::new();
         for (h, &shard) in self.lease_holds.iter().zip(self.hold_shards) {
             let sh = locked.shard(shard);
-            let held = match sh.find(&h.scope, h.meter, h.window) {
-                Some((key, _)) => {
+            // One lookup of the scope's counters serves the hold's position
+            // (kept for phase 2) and its usage.
+            let counters = sh.scopes.get(&h.scope).map_or(&[][..], |cs| &cs[..]);
+            let found = sh.keys.find(h.meter, h.window, 0).and_then(|key| {
+                let idx = counters.iter().position(|c| c.key() == key)?;
+                Some((key, idx, counters[idx].used_now(h.window, self.now_ms)))
+            });
+            let at = found.map(|(key, idx, _)| (key, idx));
+            let (held, used) = match found {
+                Some((key, _, used)) => (
                     // The lease is live, so its own hold has not expired.
-                    sh.holds(&h.scope, key)
-                        .map_or(0, |x| x.amount(l.id, self.lease_expires))
-                }
-                None => 0,
+                    held_by(&sh.holds, &h.scope, key, l.id, self.lease_expires),
+                    used,
+                ),
+                None => (0, 0),
             };
             let charged = if h.window == Window::Concurrent {
                 0
             } else {
                 keep_of(keep, held)
             };
-            charges.push(Charge {
-                shard,
-                hold: h.clone(),
-                held,
-                charged,
-            });
-        }
-        for ch in &charges {
-            let sh = locked.shard(ch.shard);
-            let used = sh
-                .find(&ch.hold.scope, ch.hold.meter, ch.hold.window)
-                .and_then(|(_, idx)| sh.scopes.get(&ch.hold.scope)?.get(idx))
-                .map_or(0, |c| c.used_now(ch.hold.window, self.now_ms));
             let also = self
                 .batch
                 .ops
                 .iter()
-                .find(|o| {
-                    o.meter == ch.hold.meter
-                        && o.window == ch.hold.window
-                        && *o.scope == ch.hold.scope
-                })
+                .find(|o| o.meter == h.meter && o.window == h.window && *o.scope == h.scope)
                 .map_or(0, |o| o.delta);
             if used
-                .checked_add(ch.charged)
+                .checked_add(charged)
                 .and_then(|u| u.checked_add(also))
                 .is_none()
             {
                 return Err(Error::Overflow {
-                    meter: ch.hold.meter.to_string(),
+                    meter: h.meter.to_string(),
                 });
             }
+            charges.push(Charge {
+                shard,
+                hold: h.clone(),
+                at,
+                held,
+                charged,
+            });
         }
-        Ok(charges)
+        Ok(())
     }
 
     /// Each cooldown's end if it still runs at now, and whether none does.
@@ -345,8 +352,8 @@ impl Step<'_, '_> {
     fn apply_lease(
         &self,
         locked: &mut Locked<'_>,
-        guard: &mut Option<LeaseGuard<'_>>,
-        charges: Vec<Charge>,
+        slot: &mut LeaseSlot<'_>,
+        charges: &mut Charges,
         found: &mut Found,
     ) -> Vec<SettledHold> {
         let Some(l) = self.batch.lease else {
@@ -359,18 +366,15 @@ impl Step<'_, '_> {
                 deadline_ms,
             } => {
                 let holds = self.hold_ops(locked, found, l.id, expires_ms, &[]);
-                if let Some(g) = guard {
-                    g.insert(
-                        l.id,
-                        Lease {
-                            owner: l.owner.clone(),
-                            opened_ms: self.now_ms,
-                            expires_ms,
-                            deadline_ms,
-                            settled: false,
-                            holds,
-                        },
-                    );
+                if let LeaseSlot::Vacant(v) = std::mem::replace(slot, LeaseSlot::Empty) {
+                    v.insert(Lease {
+                        owner: l.owner.clone(),
+                        opened_ms: self.now_ms,
+                        expires_ms,
+                        deadline_ms,
+                        settled: false,
+                        holds,
+                    });
                 }
             }
             LeaseAction::Renew {
@@ -387,23 +391,24 @@ impl Step<'_, '_> {
                         }
                     }
                 }
-                if let Some(rec) = guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
+                if let LeaseSlot::Live(rec) = slot {
                     rec.expires_ms = new_ms;
                 }
             }
             LeaseAction::Grow => {
                 let added =
                     self.hold_ops(locked, found, l.id, self.lease_expires, self.lease_holds);
-                if let Some(rec) = guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
+                if let LeaseSlot::Live(rec) = slot {
                     rec.holds.extend(added);
                 }
             }
             LeaseAction::Settle { .. } => {
                 let settled = self.settle(locked, l.id, charges);
                 self.add_ops(locked, found);
-                if let Some(rec) = guard.as_mut().and_then(|g| g.get_mut(&l.id)) {
+                if let LeaseSlot::Live(rec) = slot {
                     rec.settled = true;
-                    rec.holds.clear();
+                    // Freed now, not when the ended lease is swept.
+                    rec.holds = Vec::new();
                 }
                 return settled;
             }
@@ -434,21 +439,54 @@ impl Step<'_, '_> {
         expires_ms: i64,
         known: &[HoldRef],
     ) -> Vec<HoldRef> {
-        let mut added = Vec::new();
+        // Sized for the batch when the lease is new (every op is added):
+        // one allocation, no growth.
+        let mut added = Vec::with_capacity(if known.is_empty() {
+            self.batch.ops.len()
+        } else {
+            0
+        });
         let ops = self.batch.ops;
-        for ((op, &shard), (key, idx)) in ops
-            .iter()
-            .zip(self.op_shards)
-            .zip(found.op_at.as_mut_slice())
-        {
-            let key = *key;
-            if op.delta == 0 {
+        let mut start = 0;
+        for &end in found.runs.as_slice() {
+            // A run's ops share a scope and a shard.
+            let (scope, sh) = (ops[start].scope, locked.shard(self.op_shards[start]));
+            let (run, at) = (
+                &ops[start..end],
+                &mut found.op_at.as_mut_slice()[start..end],
+            );
+            start = end;
+            for (op, (key, idx)) in run.iter().zip(at.iter_mut()) {
+                // A counter phase 1 found is not looked up again.
+                if op.delta > 0 && *idx == NONE {
+                    if let Some((i, _)) = sh.counter_or_new(op.scope, *key, op.window, self.now_ms)
+                    {
+                        *idx = i;
+                    }
+                }
+            }
+            if !run
+                .iter()
+                .zip(at.iter())
+                .any(|(op, &(_, idx))| op.delta > 0 && idx != NONE)
+            {
                 continue;
             }
-            let sh = locked.shard(shard);
-            if let Some((i, _)) = sh.counter_or_new(op.scope, key, op.window, self.now_ms) {
-                *idx = i;
-                sh.add_hold(op.scope, key, id, expires_ms, op.delta);
+            // The scope's holds looked up once per run, not once per op
+            // (made only here, for a hold about to be added).
+            let list = match sh.holds.get_mut(scope) {
+                Some(list) => list,
+                // Sized for the run: one allocation, no growth.
+                None => sh
+                    .holds
+                    .entry(scope.clone())
+                    .or_insert_with(|| Vec::with_capacity(run.len())),
+            };
+            for (op, &(key, idx)) in run.iter().zip(at.iter()) {
+                if op.delta == 0 || idx == NONE {
+                    continue;
+                }
+                add_to(list, key, id, expires_ms, op.delta);
                 let listed = known
                     .iter()
                     .any(|h| h.meter == op.meter && h.window == op.window && h.scope == *op.scope);
@@ -469,18 +507,27 @@ impl Step<'_, '_> {
         &self,
         locked: &mut Locked<'_>,
         id: LeaseId,
-        charges: Vec<Charge>,
+        charges: &mut Charges,
     ) -> Vec<SettledHold> {
         let mut settled = Vec::with_capacity(charges.len());
-        for ch in charges {
+        for ch in charges.drain(..) {
             let sh = locked.shard(ch.shard);
             let (scope, window) = (&ch.hold.scope, ch.hold.window);
-            if let Some((key, idx)) = sh.find(scope, ch.hold.meter, window) {
-                sh.advance(scope, idx, window, self.now_ms);
-                sh.remove_hold(scope, key, id, self.lease_expires);
+            if let Some((key, idx)) = ch.at {
+                // The counter rolled and charged in one lookup, its holds
+                // expired and this lease's removed in one visit.
                 if let Some(c) = sh.counter_mut(scope, idx) {
+                    c.advance(window, self.now_ms);
                     c.add(window, ch.charged);
                 }
+                settle_hold(
+                    &mut sh.holds,
+                    scope,
+                    key,
+                    id,
+                    self.lease_expires,
+                    self.now_ms,
+                );
             }
             settled.push(SettledHold::new(
                 ch.hold.scope,

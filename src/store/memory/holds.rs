@@ -1,6 +1,7 @@
 //! Holds under leases: per counter, sorted by expiry, and the leases that own them.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use smallvec::SmallVec;
 
 use super::keys::KeyId;
 use crate::name::Name;
@@ -66,6 +67,60 @@ pub(super) fn with_holds<R>(
     Some(r)
 }
 
+/// What lease `lease` (expiring at `expires_ms`) holds on `(scope, key)`.
+pub(super) fn held_by(
+    holds: &HoldMap,
+    scope: &ScopeKey,
+    key: KeyId,
+    lease: LeaseId,
+    expires_ms: i64,
+) -> u64 {
+    holds
+        .get(scope)
+        .and_then(|l| l.iter().find(|(k, _)| *k == key))
+        .map_or(0, |(_, h)| h.amount(lease, expires_ms))
+}
+
+/// Add `amount` to lease `lease`'s hold on `key` in a scope's `list`
+/// (already checked not to overflow).
+pub(super) fn add_to(
+    list: &mut Vec<(KeyId, Holds)>,
+    key: KeyId,
+    lease: LeaseId,
+    expires_ms: i64,
+    amount: u64,
+) {
+    match list.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, h)) => h.add(lease, expires_ms, amount),
+        None => {
+            let mut h = Holds::default();
+            h.add(lease, expires_ms, amount);
+            list.push((key, h));
+        }
+    }
+}
+
+/// Settle lease `lease`'s hold on `(scope, key)` at `now_ms`: drop the
+/// holds that expired by then and the lease's own, in one visit (two
+/// before: an expiry pass, then a removal). Returns the amount removed.
+pub(super) fn settle_hold(
+    holds: &mut HoldMap,
+    scope: &ScopeKey,
+    key: KeyId,
+    lease: LeaseId,
+    expires_ms: i64,
+    now_ms: i64,
+) -> u64 {
+    if holds.is_empty() {
+        return 0;
+    }
+    with_holds(holds, scope, key, |h| {
+        h.expire(now_ms);
+        h.remove(lease, expires_ms)
+    })
+    .unwrap_or(0)
+}
+
 /// Drop the holds of `(scope, key)` that expired by `now_ms`; returns what
 /// is still held.
 #[inline]
@@ -96,7 +151,19 @@ pub(super) fn expire_some_holds(
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(super) struct Holds {
     pub(super) total: u64,
-    pub(super) entries: Vec<Hold>,
+    /// One hold inline: a counter usually has one lease on it at a time,
+    /// and this saves its allocation and free per reservation.
+    #[serde(serialize_with = "entries_out", deserialize_with = "entries_in")]
+    pub(super) entries: SmallVec<[Hold; 1]>,
+}
+
+/// A counter's holds serialized as a plain list, as when they were a `Vec`.
+fn entries_out<S: Serializer>(entries: &SmallVec<[Hold; 1]>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(entries.iter())
+}
+
+fn entries_in<'de, D: Deserializer<'de>>(d: D) -> Result<SmallVec<[Hold; 1]>, D::Error> {
+    Vec::<Hold>::deserialize(d).map(SmallVec::from_vec)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +186,10 @@ pub(super) struct Lease {
     pub(super) settled: bool,
     pub(super) holds: Vec<HoldRef>,
 }
+
+/// A batch's copy of its lease's counters, inline up to four: saves an
+/// allocation per settlement.
+pub(super) type HoldRefs = SmallVec<[HoldRef; 4]>;
 
 /// A counter a lease holds. Its meter is serialized (in a snapshot) as its
 /// string, and interned again when read back.
