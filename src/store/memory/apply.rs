@@ -21,6 +21,14 @@ impl MemoryStore {
     pub(super) fn apply_counters(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         let now_ms = batch.now_ms;
         let ops = batch.ops;
+        // An engine batch names one scope by one reference: one shard, one
+        // run, one lookup of its counters for all three phases (saves the
+        // shard and run lists and a second map lookup).
+        if let Some(first) = ops.first() {
+            if ops.iter().all(|o| std::ptr::eq(o.scope, first.scope)) {
+                return self.apply_one_scope(batch, first.scope);
+            }
+        }
         let mut op_shards: Inline<usize> = Inline::new();
         for op in ops {
             op_shards.push(self.shard_of(op.scope));
@@ -76,6 +84,52 @@ impl MemoryStore {
                 out,
             );
         }
+        let sweep_turn = locked.count_batch();
+        drop(locked);
+        if let Some((first, k)) = sweep_turn {
+            self.sweep_in_turn(first, k, now_ms);
+        }
+        Ok(result)
+    }
+
+    /// [`MemoryStore::apply_counters`] for a batch whose ops all name
+    /// `scope`: [`apply_run`], or where it finds a counter due a roll or one
+    /// to make, the steps of the compact path from phase 2 on.
+    #[inline]
+    fn apply_one_scope(&self, batch: &Batch<'_>, scope: &ScopeKey) -> Result<Applied, Error> {
+        let now_ms = batch.now_ms;
+        let id = self.shard_of(scope);
+        let mut locked = self.lock_shards(std::iter::once(id));
+        let mut op_at: Inline<(KeyId, usize)> = Inline::new();
+        let mut result = Applied {
+            applied: false,
+            counters: InlineVec::new(),
+            settled: Vec::new(),
+            cooldowns: InlineVec::new(),
+            replayed_at_ms: None,
+        };
+        let done = apply_run(
+            locked.shard(id),
+            batch,
+            scope,
+            &mut op_at,
+            &mut result.counters,
+        )?;
+        result.applied = match done {
+            Ok(applied) => applied,
+            Err((applied, due)) => {
+                finish_one_scope(
+                    &mut locked,
+                    batch,
+                    id,
+                    &mut op_at,
+                    applied,
+                    due,
+                    &mut result.counters,
+                );
+                applied
+            }
+        };
         let sweep_turn = locked.count_batch();
         drop(locked);
         if let Some((first, k)) = sweep_turn {
@@ -393,5 +447,112 @@ pub(super) fn add_and_report(
             counters.push(state_of(counter, held, op.window, now_ms, delta, op.max));
         }
         i = end;
+    }
+}
+
+/// The three phases of a batch of counter ops that all name `scope`, on its
+/// shard `sh`, through one lookup of the scope's counters: [`check_ops`]'s
+/// reads, then [`add_and_report`]'s adds and states into `out`. Returns
+/// whether the batch applied, or (with nothing written and `op_at` filled
+/// as [`check_ops`] fills it) `Err((applied, due))` for a batch that must
+/// roll a counter, report views of counters due a roll, or make a counter:
+/// [`finish_one_scope`] takes those.
+#[inline]
+fn apply_run(
+    sh: &mut Shard,
+    batch: &Batch<'_>,
+    scope: &ScopeKey,
+    op_at: &mut Inline<(KeyId, usize)>,
+    out: &mut InlineVec<CounterState>,
+) -> Result<Result<bool, (bool, bool)>, Error> {
+    let (ops, now_ms) = (batch.ops, batch.now_ms);
+    let Shard {
+        keys,
+        scopes,
+        holds,
+        ..
+    } = sh;
+    let list: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
+    let (mut all_fit, mut due, mut new) = (true, false, false);
+    let mut hint = 0;
+    for op in ops {
+        let key = if op.delta > 0 {
+            Some(
+                keys.intern(op.meter, op.window, hint)
+                    .ok_or_else(keys_full)?,
+            )
+        } else {
+            keys.find(op.meter, op.window, hint)
+        };
+        hint = key.map_or(0, |k| usize::from(k) + 1);
+        let idx = key.and_then(|k| list.iter().position(|c| c.key() == k));
+        op_at.push((key.unwrap_or_default(), idx.unwrap_or(NONE)));
+        let (used, held) = match idx.and_then(|x| list.get(x)) {
+            Some(c) => {
+                let used = if c.current(op.window, now_ms) {
+                    c.used()
+                } else {
+                    due = true;
+                    c.used_at(op.window, now_ms)
+                };
+                let (held, expired) = held_at(holds, scope, c.key(), now_ms);
+                due |= expired;
+                (used, held)
+            }
+            None => {
+                new |= op.delta > 0;
+                (0, 0)
+            }
+        };
+        if used.checked_add(op.delta).is_none() && (batch.mode == Mode::Force || op.max.is_none()) {
+            return Err(overflow(op.meter));
+        }
+        all_fit &= fits(used, held, op.delta, op.max);
+    }
+    let applied = match batch.mode {
+        Mode::Check => false,
+        Mode::WithinLimits => all_fit,
+        Mode::Force => true,
+    };
+    if due || (applied && new) {
+        return Ok(Err((applied, due)));
+    }
+    for (op, &(_, idx)) in ops.iter().zip(op_at.as_slice()) {
+        let mut counter = list.get_mut(idx);
+        if let (true, Some(c)) = (applied && op.delta > 0, &mut counter) {
+            c.add(op.window, op.delta);
+        }
+        let counter = counter.map(|c| &*c);
+        let held = counter.map_or(0, |c| held_in(holds, scope, c.key()));
+        let delta = if applied { 0 } else { op.delta };
+        out.push(state_of(counter, held, op.window, now_ms, delta, op.max));
+    }
+    Ok(Ok(applied))
+}
+
+/// Phases 2 and 3 of a one-scope batch that [`apply_run`] handed back: as
+/// [`MemoryStore::apply_counters`] takes them, over one run on shard `id`.
+#[cold]
+#[inline(never)]
+fn finish_one_scope(
+    locked: &mut Locked<'_>,
+    batch: &Batch<'_>,
+    id: usize,
+    op_at: &mut Inline<(KeyId, usize)>,
+    applied: bool,
+    due: bool,
+    out: &mut InlineVec<CounterState>,
+) {
+    let ops = batch.ops;
+    let mut shards: Inline<usize> = Inline::new();
+    for _ in ops {
+        shards.push(id);
+    }
+    let runs = [ops.len()];
+    let (shards, at) = (shards.as_slice(), op_at.as_mut_slice());
+    if due {
+        add_and_report_due(locked, ops, shards, &runs, at, applied, batch.now_ms, out);
+    } else {
+        add_and_report(locked, ops, shards, &runs, at, applied, batch.now_ms, out);
     }
 }
