@@ -99,7 +99,12 @@ impl MemoryStore {
     fn apply_one_scope(&self, batch: &Batch<'_>, scope: &ScopeKey) -> Result<Applied, Error> {
         let now_ms = batch.now_ms;
         let id = self.shard_of(scope);
-        let mut locked = self.lock_shards(std::iter::once(id));
+        // The shard's guard itself, not a `Locked` (saves building and
+        // dropping its list of further shards).
+        let mut guard = self.shards[id].lock();
+        if guard.keys.0.len() >= KEYS_HIGH_WATER {
+            guard.compact_keys();
+        }
         let mut op_at: Inline<(KeyId, usize)> = Inline::new();
         let mut result = Applied {
             applied: false,
@@ -108,16 +113,21 @@ impl MemoryStore {
             cooldowns: InlineVec::new(),
             replayed_at_ms: None,
         };
-        let done = apply_run(
-            locked.shard(id),
-            batch,
-            scope,
-            &mut op_at,
-            &mut result.counters,
-        )?;
-        result.applied = match done {
-            Ok(applied) => applied,
+        let done = apply_run(&mut guard, batch, scope, &mut op_at, &mut result.counters)?;
+        let sweep_turn = match done {
+            Ok(applied) => {
+                result.applied = applied;
+                let turn = guard.count_batch(id);
+                drop(guard);
+                turn
+            }
             Err((applied, due)) => {
+                result.applied = applied;
+                let mut locked = Locked {
+                    first_id: id,
+                    first: Some(guard),
+                    rest: Vec::new(),
+                };
                 finish_one_scope(
                     &mut locked,
                     batch,
@@ -127,11 +137,9 @@ impl MemoryStore {
                     due,
                     &mut result.counters,
                 );
-                applied
+                locked.count_batch()
             }
         };
-        let sweep_turn = locked.count_batch();
-        drop(locked);
         if let Some((first, k)) = sweep_turn {
             self.sweep_in_turn(first, k, now_ms);
         }
