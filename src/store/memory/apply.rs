@@ -24,7 +24,7 @@ impl MemoryStore {
         // An engine batch names one scope by one reference: one shard, one
         // run, one lookup of its counters for all three phases (saves the
         // shard and run lists and a second map lookup).
-        if let Some(first) = ops.first() {
+        if let (Some(first), true) = (ops.first(), ops.len() <= RUN_OPS) {
             if ops.iter().all(|o| std::ptr::eq(o.scope, first.scope)) {
                 return self.apply_one_scope(batch, first.scope);
             }
@@ -105,7 +105,6 @@ impl MemoryStore {
         if guard.keys.0.len() >= KEYS_HIGH_WATER {
             guard.compact_keys();
         }
-        let mut op_at: Inline<(KeyId, usize)> = Inline::new();
         let mut result = Applied {
             applied: false,
             counters: InlineVec::new(),
@@ -113,30 +112,20 @@ impl MemoryStore {
             cooldowns: InlineVec::new(),
             replayed_at_ms: None,
         };
-        let done = apply_run(&mut guard, batch, scope, &mut op_at, &mut result.counters)?;
-        let sweep_turn = match done {
-            Ok(applied) => {
+        let sweep_turn = match apply_run(&mut guard, batch, scope, &mut result.counters)? {
+            Some(applied) => {
                 result.applied = applied;
                 let turn = guard.count_batch(id);
                 drop(guard);
                 turn
             }
-            Err((applied, due)) => {
-                result.applied = applied;
+            None => {
                 let mut locked = Locked {
                     first_id: id,
                     first: Some(guard),
                     rest: Vec::new(),
                 };
-                finish_one_scope(
-                    &mut locked,
-                    batch,
-                    id,
-                    &mut op_at,
-                    applied,
-                    due,
-                    &mut result.counters,
-                );
+                result.applied = finish_one_scope(&mut locked, batch, id, &mut result.counters)?;
                 locked.count_batch()
             }
         };
@@ -458,21 +447,22 @@ pub(super) fn add_and_report(
     }
 }
 
-/// The three phases of a batch of counter ops that all name `scope`, on its
-/// shard `sh`, through one lookup of the scope's counters: [`check_ops`]'s
-/// reads, then [`add_and_report`]'s adds and states into `out`. Returns
-/// whether the batch applied, or (with nothing written and `op_at` filled
-/// as [`check_ops`] fills it) `Err((applied, due))` for a batch that must
-/// roll a counter, report views of counters due a roll, or make a counter:
-/// [`finish_one_scope`] takes those.
+/// The most ops [`apply_run`] takes (its positions are a fixed array).
+const RUN_OPS: usize = 16;
+
+/// The three phases of a batch of at most [`RUN_OPS`] counter ops that all
+/// name `scope`, on its shard `sh`, through one lookup of the scope's
+/// counters: [`check_ops`]'s reads, then [`add_and_report`]'s adds and
+/// states into `out`. Returns whether the batch applied, or `None`, having
+/// written nothing, for a batch that must roll a counter, report views of
+/// counters due a roll, or make a counter: [`finish_one_scope`] takes those.
 #[inline]
 fn apply_run(
     sh: &mut Shard,
     batch: &Batch<'_>,
     scope: &ScopeKey,
-    op_at: &mut Inline<(KeyId, usize)>,
     out: &mut InlineVec<CounterState>,
-) -> Result<Result<bool, (bool, bool)>, Error> {
+) -> Result<Option<bool>, Error> {
     let (ops, now_ms) = (batch.ops, batch.now_ms);
     let Shard {
         keys,
@@ -481,9 +471,13 @@ fn apply_run(
         ..
     } = sh;
     let list: &mut [Counter] = scopes.get_mut(scope).map_or(&mut [], |c| c);
+    // Each op's counter position, `u32::MAX` for none: a fixed array of
+    // one value, not an `Inline` of pairs (saves filling 256 bytes slot by
+    // slot). A scope has at most 65,536 counters, one per key.
+    let mut at = [u32::MAX; RUN_OPS];
     let (mut all_fit, mut due, mut new) = (true, false, false);
     let mut hint = 0;
-    for op in ops {
+    for (op, at) in ops.iter().zip(&mut at) {
         let key = if op.delta > 0 {
             Some(
                 keys.intern(op.meter, op.window, hint)
@@ -494,9 +488,9 @@ fn apply_run(
         };
         hint = key.map_or(0, |k| usize::from(k) + 1);
         let idx = key.and_then(|k| list.iter().position(|c| c.key() == k));
-        op_at.push((key.unwrap_or_default(), idx.unwrap_or(NONE)));
         let (used, held) = match idx.and_then(|x| list.get(x)) {
             Some(c) => {
+                *at = idx.map_or(u32::MAX, |x| x as u32);
                 let used = if c.current(op.window, now_ms) {
                     c.used()
                 } else {
@@ -523,10 +517,10 @@ fn apply_run(
         Mode::Force => true,
     };
     if due || (applied && new) {
-        return Ok(Err((applied, due)));
+        return Ok(None);
     }
-    for (op, &(_, idx)) in ops.iter().zip(op_at.as_slice()) {
-        let mut counter = list.get_mut(idx);
+    for (op, &idx) in ops.iter().zip(&at) {
+        let mut counter = list.get_mut(idx as usize);
         if let (true, Some(c)) = (applied && op.delta > 0, &mut counter) {
             c.add(op.window, op.delta);
         }
@@ -535,32 +529,40 @@ fn apply_run(
         let delta = if applied { 0 } else { op.delta };
         out.push(state_of(counter, held, op.window, now_ms, delta, op.max));
     }
-    Ok(Ok(applied))
+    Ok(Some(applied))
 }
 
-/// Phases 2 and 3 of a one-scope batch that [`apply_run`] handed back: as
-/// [`MemoryStore::apply_counters`] takes them, over one run on shard `id`.
+/// A one-scope batch that [`apply_run`] handed back, on its shard `id`
+/// (nothing written yet): the compact path's steps, [`check_ops`] again
+/// then phases 2 and 3 as [`MemoryStore::apply_counters`] takes them.
+/// Returns whether the batch applied.
 #[cold]
 #[inline(never)]
 fn finish_one_scope(
     locked: &mut Locked<'_>,
     batch: &Batch<'_>,
     id: usize,
-    op_at: &mut Inline<(KeyId, usize)>,
-    applied: bool,
-    due: bool,
     out: &mut InlineVec<CounterState>,
-) {
-    let ops = batch.ops;
+) -> Result<bool, Error> {
+    let (ops, now_ms) = (batch.ops, batch.now_ms);
     let mut shards: Inline<usize> = Inline::new();
     for _ in ops {
         shards.push(id);
     }
-    let runs = [ops.len()];
-    let (shards, at) = (shards.as_slice(), op_at.as_mut_slice());
-    if due {
-        add_and_report_due(locked, ops, shards, &runs, at, applied, batch.now_ms, out);
+    let shards = shards.as_slice();
+    let mut op_at: Inline<(KeyId, usize)> = Inline::new();
+    let mut runs: Inline<usize> = Inline::new();
+    let fit = check_ops(locked, batch, shards, false, now_ms, &mut op_at, &mut runs)?;
+    let applied = match batch.mode {
+        Mode::Check => false,
+        Mode::WithinLimits => fit.all,
+        Mode::Force => true,
+    };
+    let (runs, at) = (runs.as_slice(), op_at.as_mut_slice());
+    if fit.due {
+        add_and_report_due(locked, ops, shards, runs, at, applied, now_ms, out);
     } else {
-        add_and_report(locked, ops, shards, &runs, at, applied, batch.now_ms, out);
+        add_and_report(locked, ops, shards, runs, at, applied, now_ms, out);
     }
+    Ok(applied)
 }
