@@ -321,6 +321,61 @@ fn malformed_batches_are_refused_and_change_nothing() {
     assert_eq!(store.counter_count(), 0);
 }
 
+/// Validation tells a repeated counter from a repeated meter, whatever
+/// references name the scope, and checks every calendar offset but UTC's.
+#[test]
+fn a_counter_named_twice_is_told_from_a_meter_named_twice() {
+    let store = MemoryStore::new();
+    let (a, a2, b) = (
+        ScopeKey::subject("a"),
+        ScopeKey::subject(String::from("a")),
+        ScopeKey::subject("b"),
+    );
+    let day = Window::calendar(Period::Day);
+    let op = |scope, window| CounterOp {
+        scope,
+        meter: Name::new("t"),
+        window,
+        delta: 1,
+        max: None,
+    };
+    // One meter over two windows, and on two scopes: four counters.
+    let fine = [
+        op(&a, day),
+        op(&a, Window::Lifetime),
+        op(&b, day),
+        op(&b, Window::Lifetime),
+    ];
+    let r = store
+        .apply(&Batch::new(&fine, Mode::WithinLimits, ms(at(0))))
+        .unwrap();
+    assert!(r.applied);
+    assert_eq!(store.counter_count(), 4);
+    // The same counter through another reference to an equal scope.
+    let twice = [op(&a, day), op(&b, day), op(&a2, day)];
+    let err = store
+        .apply(&Batch::new(&twice, Mode::Force, ms(at(0))))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidBatch { reason } if reason.starts_with("ops[2]") && reason.contains("twice")),
+        "{err}"
+    );
+    // Offsets off the minute or a day or more are refused; a whole-minute
+    // offset within a day is not.
+    for (offset, ok) in [(0, true), (-300, true), (30, false), (86_400, false)] {
+        let w = Window::Calendar {
+            period: Period::Day,
+            utc_offset_secs: offset,
+        };
+        let r = store.apply(&Batch::new(&[op(&b, w)], Mode::Check, ms(at(0))));
+        assert_eq!(r.is_ok(), ok, "{offset}");
+    }
+    let r = store
+        .apply(&Batch::new(&fine, Mode::Check, ms(at(0))))
+        .unwrap();
+    assert_eq!(r.counters.iter().map(|c| c.used).sum::<u64>(), 4);
+}
+
 #[test]
 fn a_clock_stepping_back_keeps_usage_in_its_own_period() {
     let store = MemoryStore::new();
