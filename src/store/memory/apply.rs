@@ -521,13 +521,18 @@ fn apply_run(
     if due || (applied && new) {
         return Ok(None);
     }
+    let any_holds = !holds.is_empty();
     for (op, &idx) in ops.iter().zip(&at) {
         let mut counter = list.get_mut(idx as usize);
         if let (true, Some(c)) = (applied && op.delta > 0, &mut counter) {
             c.add(op.window, op.delta);
         }
         let counter = counter.map(|c| &*c);
-        let held = counter.map_or(0, |c| held_in(holds, scope, c.key()));
+        // Most shards hold nothing: tested once, not in a call an op.
+        let held = match counter {
+            Some(c) if any_holds => held_in(holds, scope, c.key()),
+            _ => 0,
+        };
         let delta = if applied { 0 } else { op.delta };
         out.push(state_of(counter, held, op.window, now_ms, delta, op.max));
     }
