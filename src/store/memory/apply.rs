@@ -477,6 +477,8 @@ fn apply_run(
     // one value, not an `Inline` of pairs (saves filling 256 bytes slot by
     // slot). A scope has at most 65,536 counters, one per key.
     let mut at = [u32::MAX; RUN_OPS];
+    // Most shards hold nothing: tested once a batch, not in a call an op.
+    let any_holds = !holds.is_empty();
     let (mut all_fit, mut due, mut new) = (true, false, false);
     let mut hint = 0;
     for (op, at) in ops.iter().zip(&mut at) {
@@ -499,7 +501,11 @@ fn apply_run(
                     due = true;
                     c.used_at(op.window, now_ms)
                 };
-                let (held, expired) = held_at(holds, scope, c.key(), now_ms);
+                let (held, expired) = if any_holds {
+                    held_at(holds, scope, c.key(), now_ms)
+                } else {
+                    (0, false)
+                };
                 due |= expired;
                 (used, held)
             }
@@ -521,14 +527,13 @@ fn apply_run(
     if due || (applied && new) {
         return Ok(None);
     }
-    let any_holds = !holds.is_empty();
     for (op, &idx) in ops.iter().zip(&at) {
         let mut counter = list.get_mut(idx as usize);
         if let (true, Some(c)) = (applied && op.delta > 0, &mut counter) {
             c.add(op.window, op.delta);
         }
         let counter = counter.map(|c| &*c);
-        // Most shards hold nothing: tested once, not in a call an op.
+        // `any_holds`: no lookup an op in a shard that holds nothing.
         let held = match counter {
             Some(c) if any_holds => held_in(holds, scope, c.key()),
             _ => 0,
