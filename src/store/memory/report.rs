@@ -26,8 +26,12 @@ pub(super) fn state_of(
     let used = counter.map_or(0, Counter::used);
     // Past the maximum with this delta: for a zero delta, a counter that
     // `Force` already took past it.
-    let over = max
-        .is_some_and(|m| u128::from(used) + u128::from(held) + u128::from(delta) > u128::from(m));
+    // In u64, a sum past it counting as over (saves the u128 adds).
+    let over = max.is_some_and(|m| {
+        used.checked_add(held)
+            .and_then(|s| s.checked_add(delta))
+            .is_none_or(|s| s > m)
+    });
     // Holds are in-flight work: waiting for the window does not free them.
     let pending = held.saturating_add(delta);
     let (period_start, resets_at, available_at) = match window {

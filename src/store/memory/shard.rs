@@ -153,6 +153,19 @@ impl Shard {
         Some((used, expire_holds(&mut self.holds, scope, key, now_ms)))
     }
 
+    /// Count a batch on this shard, `id`, the first it locked: see
+    /// [`Locked::count_batch`].
+    #[inline]
+    pub(super) fn count_batch(&mut self, id: usize) -> Option<(usize, u64)> {
+        self.batches += 1;
+        let period = SWEEP_EVERY.max(SWEEP_BATCHES_PER_SCOPE * self.scopes.len() as u64);
+        (self.batches >= period).then(|| {
+            self.batches = 0;
+            self.sweeps += 1;
+            (id, self.sweeps)
+        })
+    }
+
     /// Drop the keys no counter uses, renumbering the rest.
     #[cold]
     #[inline(never)]
@@ -217,14 +230,8 @@ impl Locked<'_> {
     #[inline]
     pub(super) fn count_batch(&mut self) -> Option<(usize, u64)> {
         let first = self.first_id;
-        self.first.as_deref_mut().and_then(|shard| {
-            shard.batches += 1;
-            let period = SWEEP_EVERY.max(SWEEP_BATCHES_PER_SCOPE * shard.scopes.len() as u64);
-            (shard.batches >= period).then(|| {
-                shard.batches = 0;
-                shard.sweeps += 1;
-                (first, shard.sweeps)
-            })
-        })
+        self.first
+            .as_deref_mut()
+            .and_then(|shard| shard.count_batch(first))
     }
 }

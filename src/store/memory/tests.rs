@@ -169,6 +169,59 @@ fn the_compact_path_answers_as_the_general_path() {
     assert_eq!(plain.snapshot().scopes, general.snapshot().scopes);
 }
 
+/// A batch on one scope takes a path of its own up to 16 ops, and the
+/// compact path past them: at 1, 16 and 17 ops, with a counter refused, one
+/// made, one due a roll and one current, both answer and count as the
+/// general path does.
+#[test]
+fn a_one_scope_batch_answers_as_the_general_path_at_16_ops_and_past_them() {
+    let (plain, general) = (MemoryStore::with_shards(2), MemoryStore::with_shards(2));
+    let scope = ScopeKey::subject("s");
+    let meters: Vec<Name> = (0..17).map(|i| Name::new(&format!("m{i}"))).collect();
+    let windows = [
+        Window::calendar(Period::Day),
+        Window::Rolling {
+            span_secs: 3_600,
+            buckets: 60,
+        },
+        Window::Lifetime,
+    ];
+    for (day, n) in [(0, 1), (1, 16), (2, 17)] {
+        // Seconds after the first batch: made, current, due a roll (a day
+        // later), then current again: refused, checked, forced past.
+        for (secs, mode, max) in [
+            (0, Mode::WithinLimits, 100),
+            (1, Mode::WithinLimits, 100),
+            (86_400, Mode::WithinLimits, 100),
+            (86_401, Mode::WithinLimits, 5),
+            (86_402, Mode::Check, 5),
+            (86_403, Mode::Force, 5),
+        ] {
+            let ops: Vec<CounterOp<'_>> = meters[..n]
+                .iter()
+                .enumerate()
+                .map(|(i, &meter)| CounterOp {
+                    scope: &scope,
+                    meter,
+                    window: windows[i % 3],
+                    delta: ((i + 1) % 4) as u64 * 3,
+                    max: Some(max),
+                })
+                .collect();
+            let now = ms(at(0)) + day * 2 * 86_400_000 + secs * 1_000;
+            let batch = Batch::new(&ops, mode, now);
+            let id = format!("e{n}-{secs}");
+            let a = plain.apply(&batch).unwrap();
+            let b = general
+                .apply(&batch.with_event(EventKey::new(&id, 0)))
+                .unwrap();
+            assert_eq!(a, b, "{n} ops, {secs} s, {mode:?}");
+            assert_eq!(a.counters.len(), n);
+        }
+    }
+    assert_eq!(plain.snapshot().scopes, general.snapshot().scopes);
+}
+
 #[test]
 fn a_batch_that_does_not_fit_changes_nothing() {
     let store = MemoryStore::new();
@@ -266,6 +319,61 @@ fn malformed_batches_are_refused_and_change_nothing() {
         assert!(matches!(err, Error::InvalidBatch { .. }), "{window}");
     }
     assert_eq!(store.counter_count(), 0);
+}
+
+/// Validation tells a repeated counter from a repeated meter, whatever
+/// references name the scope, and checks every calendar offset but UTC's.
+#[test]
+fn a_counter_named_twice_is_told_from_a_meter_named_twice() {
+    let store = MemoryStore::new();
+    let (a, a2, b) = (
+        ScopeKey::subject("a"),
+        ScopeKey::subject(String::from("a")),
+        ScopeKey::subject("b"),
+    );
+    let day = Window::calendar(Period::Day);
+    let op = |scope, window| CounterOp {
+        scope,
+        meter: Name::new("t"),
+        window,
+        delta: 1,
+        max: None,
+    };
+    // One meter over two windows, and on two scopes: four counters.
+    let fine = [
+        op(&a, day),
+        op(&a, Window::Lifetime),
+        op(&b, day),
+        op(&b, Window::Lifetime),
+    ];
+    let r = store
+        .apply(&Batch::new(&fine, Mode::WithinLimits, ms(at(0))))
+        .unwrap();
+    assert!(r.applied);
+    assert_eq!(store.counter_count(), 4);
+    // The same counter through another reference to an equal scope.
+    let twice = [op(&a, day), op(&b, day), op(&a2, day)];
+    let err = store
+        .apply(&Batch::new(&twice, Mode::Force, ms(at(0))))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidBatch { reason } if reason.starts_with("ops[2]") && reason.contains("twice")),
+        "{err}"
+    );
+    // Offsets off the minute or a day or more are refused; a whole-minute
+    // offset within a day is not.
+    for (offset, ok) in [(0, true), (-300, true), (30, false), (86_400, false)] {
+        let w = Window::Calendar {
+            period: Period::Day,
+            utc_offset_secs: offset,
+        };
+        let r = store.apply(&Batch::new(&[op(&b, w)], Mode::Check, ms(at(0))));
+        assert_eq!(r.is_ok(), ok, "{offset}");
+    }
+    let r = store
+        .apply(&Batch::new(&fine, Mode::Check, ms(at(0))))
+        .unwrap();
+    assert_eq!(r.counters.iter().map(|c| c.used).sum::<u64>(), 4);
 }
 
 #[test]
