@@ -4,7 +4,6 @@
 //! (report), and the ledger entry.
 
 use std::collections::hash_map::{Entry as MapEntry, VacantEntry};
-use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use parking_lot::MutexGuard;
@@ -17,7 +16,7 @@ use super::keys::KeyId;
 use super::ledger::{Entry, Ledger};
 use super::report::{report, roll_ops};
 use super::shard::{Locked, NONE};
-use super::{side_index, MemoryStore};
+use super::{LeaseMap, MemoryStore};
 use crate::inline::Inline;
 use crate::store::validate::invalid;
 use crate::store::{Applied, Batch, Fraction, InlineVec, LeaseAction, LeaseId, Mode, SettledHold};
@@ -81,7 +80,9 @@ impl MemoryStore {
         // Then the lease (rule 7).
         // Filled in this frame, not moved out of calls: saves the copies.
         let mut lease_holds = HoldRefs::new();
-        let mut lease_guard = batch.lease.map(|l| self.leases[side_index(&l.id)].lock());
+        let mut lease_guard = batch
+            .lease
+            .map(|l| self.leases[self.side_index(&l.id)].lock());
         let (mut slot, lease_expires) =
             open_lease(lease_guard.as_deref_mut(), batch, now_ms, &mut lease_holds)?;
 
@@ -210,7 +211,7 @@ impl MemoryStore {
         let Some(ev) = batch.event else {
             return Ok(ControlFlow::Continue(None));
         };
-        let guard = self.ledger[side_index(ev.id)].lock();
+        let guard = self.ledger[self.side_index(ev.id)].lock();
         if let Some(e) = guard.get(ev.id) {
             if now_ms.saturating_sub(e.at_ms) < self.horizon_ms {
                 if Some(e.fingerprint) != crate::store::event_fingerprint(batch) {
@@ -238,7 +239,7 @@ impl MemoryStore {
 /// [`Error::ReservationExpired`] for any other action on a lease that is
 /// not live or not the owner's.
 fn open_lease<'g>(
-    leases: Option<&'g mut HashMap<LeaseId, Lease>>,
+    leases: Option<&'g mut LeaseMap>,
     batch: &Batch<'_>,
     now_ms: i64,
     holds: &mut HoldRefs,
