@@ -17,7 +17,7 @@ use super::ledger::{Entry, Ledger};
 use super::report::{report, roll_ops};
 use super::shard::{Locked, NONE};
 use super::{LeaseMap, MemoryStore};
-use crate::inline::Inline;
+use crate::inline::SmallList;
 use crate::store::validate::invalid;
 use crate::store::{Applied, Batch, Fraction, InlineVec, LeaseAction, LeaseId, Mode, SettledHold};
 use crate::window::Window;
@@ -63,8 +63,8 @@ struct Step<'a, 'b> {
 /// Each op's key and counter position, and where each run of ops on one
 /// scope ends (see [`check_ops`]).
 struct Found {
-    op_at: Inline<(KeyId, usize)>,
-    runs: Inline<usize>,
+    op_at: SmallList<(KeyId, usize)>,
+    runs: SmallList<usize>,
 }
 
 impl MemoryStore {
@@ -87,18 +87,18 @@ impl MemoryStore {
             open_lease(lease_guard.as_deref_mut(), batch, now_ms, &mut lease_holds)?;
 
         // Lock every counter shard the batch touches, in ascending order.
-        let mut op_shards: Inline<usize> = Inline::new();
+        let mut op_shards: SmallList<usize> = SmallList::new();
         for op in batch.ops {
             op_shards.push(self.shard_of(op.scope));
         }
         // Most batches have no cooldowns and no lease holds: skip the
         // (out of line) collect of an empty list.
         // Inline lists: saves two allocations per settlement.
-        let mut cooldown_shards: Inline<usize, 8> = Inline::new();
+        let mut cooldown_shards: SmallList<usize, 8> = SmallList::new();
         for c in batch.cooldowns {
             cooldown_shards.push(self.shard_of(c.scope));
         }
-        let mut hold_shards: Inline<usize, 8> = Inline::new();
+        let mut hold_shards: SmallList<usize, 8> = SmallList::new();
         for h in &lease_holds {
             hold_shards.push(self.shard_of(&h.scope));
         }
@@ -129,8 +129,8 @@ impl MemoryStore {
             Some(LeaseAction::Open { .. } | LeaseAction::Grow)
         );
         let mut found = Found {
-            op_at: Inline::new(),
-            runs: Inline::new(),
+            op_at: SmallList::new(),
+            runs: SmallList::new(),
         };
         let fit = check_ops(
             &mut locked,
