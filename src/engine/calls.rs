@@ -49,7 +49,7 @@ macro_rules! decide_call {
                 return Ok(decision);
             }
         }
-        let mut list = OpList::new(&p.alloc.scope);
+        let mut list = OpList::new();
         $engine.ops_for(&mut list, &p, $req.model, Shape::Usage);
         let cooldowns = if $call == Call::Record {
             Vec::new()
@@ -87,7 +87,7 @@ macro_rules! reserve_call {
         if let Some(refused) = $engine.refused_opening(&o, $request) {
             return Ok(Err(refused));
         }
-        let mut list = OpList::new(&o.p.alloc.scope);
+        let mut list = OpList::new();
         $engine.ops_for(&mut list, &o.p, $request.model, Shape::Reserve);
         let cooldowns = $engine.cooldowns_for(&o.p, $request.model, None, false);
         let batch = o.batch(list.ops.as_slice(), &cooldowns);
@@ -131,7 +131,7 @@ macro_rules! grow_call {
         }
         let p = $engine.prepare_for($reservation, $more)?;
         let now_ms = $engine.clock.now_ms();
-        let mut list = OpList::new(&p.alloc.scope);
+        let mut list = OpList::new();
         $engine.ops_for(&mut list, &p, $reservation.model.as_deref(), Shape::Usage);
         let lease = LeaseOp::new($reservation.id, &p.alloc.scope, LeaseAction::Grow);
         let batch = lease_batch(Call::Grow, lease, None, list.ops.as_slice(), &[], now_ms);
@@ -155,7 +155,7 @@ macro_rules! settle_call {
         use $crate::store::{LeaseAction, LeaseOp};
         let (s, now_ms) = (&$settling, $engine.clock.now_ms());
         let (p, model) = (&s.p, s.reservation.model.as_deref());
-        let mut list = OpList::new(&p.alloc.scope);
+        let mut list = OpList::new();
         $engine.ops_for(
             &mut list,
             p,

@@ -9,7 +9,7 @@ use super::observe::Call;
 use super::plan::OpList;
 use super::prepare::Prepared;
 use super::Engine;
-use crate::catalog::{cost_minor, Catalog, Limit};
+use crate::catalog::{cost_minor, Limit};
 use crate::clock::Clock;
 use crate::decision::{
     Amount, Decision, LimitState, LimitStates, MeterList, Money, Refusal, Scale, Status,
@@ -186,7 +186,6 @@ impl<S, C: Clock> Engine<S, C> {
             _ => None,
         };
         build_decision(
-            &self.catalog,
             ops,
             limits,
             applied,
@@ -403,7 +402,6 @@ fn cooled(
 
 #[allow(clippy::too_many_arguments)]
 fn build_decision(
-    catalog: &Catalog,
     ops: &[CounterOp<'_>],
     limits: &[&Limit],
     applied: &Applied,
@@ -428,11 +426,8 @@ fn build_decision(
     let rows = ops.iter().zip(limits).zip(&applied.counters).enumerate();
     for (i, ((op, limit), s)) in rows {
         let s: &CounterState = s;
-        // The catalog has every meter a limit names.
-        let scale = catalog
-            .meters
-            .get(limit.meter_idx)
-            .map_or(Scale::UNITS, |m| Scale::of(&m.unit));
+        // Kept on the limit at validation: no catalog lookup per limit.
+        let scale = limit.scale;
         // What this call adds here: its delta, plus what a settlement charged
         // (none outside `commit` and `release`: no sum to take).
         let requested = if applied.settled.is_empty() {

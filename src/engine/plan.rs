@@ -3,15 +3,13 @@
 
 use std::hash::Hasher as _;
 
-use rust_decimal::Decimal;
-
 use super::allocations::Resolved;
 use super::observe::Call;
 use super::prepare::Prepared;
 use super::Engine;
 use crate::catalog::{Limit, Pool};
 use crate::clock::Clock;
-use crate::inline::Inline;
+use crate::inline::SmallList;
 use crate::name::Name;
 use crate::store::{Batch, CooldownOp, CounterOp, EventKey, LeaseId, LeaseOp, Mode, ScopeKey};
 use crate::window::Window;
@@ -21,35 +19,19 @@ use std::sync::Arc;
 /// and a pool or two; more spill to the heap.
 const INLINE_OPS: usize = 8;
 
-/// Fills the unused inline slots of a call's limit list; never read.
-static NO_LIMIT: std::sync::LazyLock<Limit> = std::sync::LazyLock::new(|| Limit {
-    meter: Name::intern(""),
-    meter_idx: 0,
-    window: Window::Lifetime,
-    max: None,
-    warn_at: Decimal::ONE,
-    warn_threshold: u64::MAX,
-});
-
 /// A call's ops and, for each, the limit it counts against.
 pub(super) struct OpList<'a> {
-    pub(super) ops: Inline<CounterOp<'a>, INLINE_OPS>,
-    pub(super) limits: Inline<&'a Limit, INLINE_OPS>,
+    pub(super) ops: SmallList<CounterOp<'a>, INLINE_OPS>,
+    pub(super) limits: SmallList<&'a Limit, INLINE_OPS>,
 }
 
 impl<'a> OpList<'a> {
-    /// An empty list; its spare slots (never read) name `scope`.
+    /// An empty list. Its spare slots stay uninitialised (no fill per call).
     #[inline(always)]
-    pub(super) fn new(scope: &'a ScopeKey) -> Self {
+    pub(super) fn new() -> Self {
         OpList {
-            ops: Inline::filled(CounterOp::new(
-                scope,
-                NO_LIMIT.meter,
-                Window::Lifetime,
-                0,
-                None,
-            )),
-            limits: Inline::filled(&*NO_LIMIT),
+            ops: SmallList::new(),
+            limits: SmallList::new(),
         }
     }
 }

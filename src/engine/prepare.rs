@@ -10,7 +10,7 @@ use super::Engine;
 use crate::catalog::{cost_minor, Pool, Unit};
 use crate::clock::Clock;
 use crate::decision::{MeterList, Money, Refusal};
-use crate::inline::Inline;
+use crate::inline::SmallList;
 use crate::request::{Quantity, Request};
 use crate::Error;
 
@@ -20,7 +20,7 @@ pub(super) struct Prepared {
     /// Pools named by the request and not listed by the allocation.
     pub(super) extra: Vec<Arc<Pool>>,
     /// Amount per meter index, in smallest units, the cost meter included.
-    pub(super) amounts: Inline<(usize, u64), 6>,
+    pub(super) amounts: SmallList<(usize, u64), 6>,
     pub(super) cost: Option<Money>,
     pub(super) model_refused: Option<Refusal>,
 }
@@ -84,7 +84,7 @@ impl<S, C: Clock> Engine<S, C> {
             self.request_pools(&alloc, &req.pools)?
         };
 
-        let mut amounts: Inline<(usize, u64), 6> = Inline::new();
+        let mut amounts: SmallList<(usize, u64), 6> = SmallList::new();
         for &(meter_id, qty) in &req.amounts {
             let Some(idx) = self.catalog.meter_idx(meter_id) else {
                 return Err(unknown_meter(meter_id));
@@ -240,7 +240,7 @@ impl<S, C: Clock> Engine<S, C> {
 
 #[inline]
 fn add_amount(
-    amounts: &mut Inline<(usize, u64), 6>,
+    amounts: &mut SmallList<(usize, u64), 6>,
     idx: usize,
     n: u64,
     id: &str,

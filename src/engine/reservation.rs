@@ -11,7 +11,7 @@ use super::Engine;
 use crate::catalog::Plan;
 use crate::clock::Clock;
 use crate::decision::Decision;
-use crate::inline::Inline;
+use crate::inline::SmallList;
 use crate::name::Name;
 use crate::request::Request;
 use crate::store::{
@@ -61,7 +61,7 @@ pub struct Reservation {
     pub(super) model: Option<String>,
     pub(super) pools: Vec<String>,
     /// Inline for up to six meters: saves the list's allocation.
-    pub(super) held: Inline<(usize, Name, u64), 6>,
+    pub(super) held: SmallList<(usize, Name, u64), 6>,
     pub(super) opened_at: DateTime<Utc>,
     pub(super) expires_at: DateTime<Utc>,
     pub(super) deadline: Option<DateTime<Utc>>,
@@ -235,9 +235,7 @@ impl<S, C: Clock> Engine<S, C> {
             model: request.model.map(str::to_owned),
             pools: request.pools.iter().map(|s| (*s).to_owned()).collect(),
             held: {
-                static FILL: std::sync::OnceLock<Name> = std::sync::OnceLock::new();
-                let fill = *FILL.get_or_init(|| Name::intern(""));
-                let mut held = Inline::filled((0, fill, 0));
+                let mut held = SmallList::new();
                 for &(i, n) in o.p.amounts.iter() {
                     held.push((i, self.catalog.meter_ids[i], n));
                 }

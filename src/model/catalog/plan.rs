@@ -30,6 +30,8 @@ pub struct Limit {
     pub(crate) warn_at: Decimal,
     /// Smallest usage that is `Warning`: ceil(max × warn_at).
     pub(crate) warn_threshold: u64,
+    // The meter's scale, kept here at validation: `conclude` reads it per limit, no catalog lookup.
+    pub(crate) scale: crate::model::decision::Scale,
 }
 
 impl Limit {

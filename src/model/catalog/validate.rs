@@ -317,6 +317,7 @@ impl Catalog {
             max,
             warn_at,
             warn_threshold,
+            scale: crate::model::decision::Scale::of(&meter.unit),
         })
     }
 }

@@ -6,7 +6,7 @@ use super::keys::{KeyId, KEYS_HIGH_WATER};
 use super::report::{report_views, roll_ops, state_of};
 use super::shard::{run_end, Locked, Shard, NONE};
 use super::{MemoryStore, SIDE_SHARDS, SWEEP_GRACE_MS};
-use crate::inline::Inline;
+use crate::inline::SmallList;
 use crate::name::Name;
 use crate::store::validate::invalid;
 use crate::store::{fits, Applied, Batch, CounterOp, CounterState, InlineVec, Mode, ScopeKey};
@@ -29,14 +29,14 @@ impl MemoryStore {
                 return self.apply_one_scope(batch, first.scope);
             }
         }
-        let mut op_shards: Inline<usize> = Inline::new();
+        let mut op_shards: SmallList<usize> = SmallList::new();
         for op in ops {
             op_shards.push(self.shard_of(op.scope));
         }
         let op_shards = op_shards.as_slice();
         let mut locked = self.lock_shards(op_shards.iter().copied());
-        let mut op_at: Inline<(KeyId, usize)> = Inline::new();
-        let mut runs: Inline<usize> = Inline::new();
+        let mut op_at: SmallList<(KeyId, usize)> = SmallList::new();
+        let mut runs: SmallList<usize> = SmallList::new();
         let fit = check_ops(
             &mut locked,
             batch,
@@ -167,7 +167,7 @@ impl MemoryStore {
     #[cold]
     #[inline(never)]
     pub(super) fn lock_sorted(&self, ids: impl Iterator<Item = usize>) -> Locked<'_> {
-        let mut all: Inline<usize> = Inline::new();
+        let mut all: SmallList<usize> = SmallList::new();
         for i in ids {
             all.push(i);
         }
@@ -239,8 +239,8 @@ pub(super) fn check_ops(
     op_shards: &[usize],
     holding: bool,
     now_ms: i64,
-    op_at: &mut Inline<(KeyId, usize)>,
-    runs: &mut Inline<usize>,
+    op_at: &mut SmallList<(KeyId, usize)>,
+    runs: &mut SmallList<usize>,
 ) -> Result<Fit, Error> {
     let ops = batch.ops;
     let mut all_fit = true;
@@ -557,13 +557,13 @@ fn finish_one_scope(
     out: &mut InlineVec<CounterState>,
 ) -> Result<bool, Error> {
     let (ops, now_ms) = (batch.ops, batch.now_ms);
-    let mut shards: Inline<usize> = Inline::new();
+    let mut shards: SmallList<usize> = SmallList::new();
     for _ in ops {
         shards.push(id);
     }
     let shards = shards.as_slice();
-    let mut op_at: Inline<(KeyId, usize)> = Inline::new();
-    let mut runs: Inline<usize> = Inline::new();
+    let mut op_at: SmallList<(KeyId, usize)> = SmallList::new();
+    let mut runs: SmallList<usize> = SmallList::new();
     let fit = check_ops(locked, batch, shards, false, now_ms, &mut op_at, &mut runs)?;
     let applied = match batch.mode {
         Mode::Check => false,

@@ -4,7 +4,6 @@
 //! (report), and the ledger entry.
 
 use std::collections::hash_map::{Entry as MapEntry, VacantEntry};
-use std::collections::HashMap;
 use std::ops::ControlFlow;
 
 use parking_lot::MutexGuard;
@@ -17,8 +16,8 @@ use super::keys::KeyId;
 use super::ledger::{Entry, Ledger};
 use super::report::{report, roll_ops};
 use super::shard::{Locked, NONE};
-use super::{side_index, MemoryStore};
-use crate::inline::Inline;
+use super::{LeaseMap, MemoryStore};
+use crate::inline::SmallList;
 use crate::store::validate::invalid;
 use crate::store::{Applied, Batch, Fraction, InlineVec, LeaseAction, LeaseId, Mode, SettledHold};
 use crate::window::Window;
@@ -64,8 +63,8 @@ struct Step<'a, 'b> {
 /// Each op's key and counter position, and where each run of ops on one
 /// scope ends (see [`check_ops`]).
 struct Found {
-    op_at: Inline<(KeyId, usize)>,
-    runs: Inline<usize>,
+    op_at: SmallList<(KeyId, usize)>,
+    runs: SmallList<usize>,
 }
 
 impl MemoryStore {
@@ -81,23 +80,25 @@ impl MemoryStore {
         // Then the lease (rule 7).
         // Filled in this frame, not moved out of calls: saves the copies.
         let mut lease_holds = HoldRefs::new();
-        let mut lease_guard = batch.lease.map(|l| self.leases[side_index(&l.id)].lock());
+        let mut lease_guard = batch
+            .lease
+            .map(|l| self.leases[self.side_index(&l.id)].lock());
         let (mut slot, lease_expires) =
             open_lease(lease_guard.as_deref_mut(), batch, now_ms, &mut lease_holds)?;
 
         // Lock every counter shard the batch touches, in ascending order.
-        let mut op_shards: Inline<usize> = Inline::new();
+        let mut op_shards: SmallList<usize> = SmallList::new();
         for op in batch.ops {
             op_shards.push(self.shard_of(op.scope));
         }
         // Most batches have no cooldowns and no lease holds: skip the
         // (out of line) collect of an empty list.
         // Inline lists: saves two allocations per settlement.
-        let mut cooldown_shards: Inline<usize, 8> = Inline::new();
+        let mut cooldown_shards: SmallList<usize, 8> = SmallList::new();
         for c in batch.cooldowns {
             cooldown_shards.push(self.shard_of(c.scope));
         }
-        let mut hold_shards: Inline<usize, 8> = Inline::new();
+        let mut hold_shards: SmallList<usize, 8> = SmallList::new();
         for h in &lease_holds {
             hold_shards.push(self.shard_of(&h.scope));
         }
@@ -128,8 +129,8 @@ impl MemoryStore {
             Some(LeaseAction::Open { .. } | LeaseAction::Grow)
         );
         let mut found = Found {
-            op_at: Inline::new(),
-            runs: Inline::new(),
+            op_at: SmallList::new(),
+            runs: SmallList::new(),
         };
         let fit = check_ops(
             &mut locked,
@@ -210,7 +211,7 @@ impl MemoryStore {
         let Some(ev) = batch.event else {
             return Ok(ControlFlow::Continue(None));
         };
-        let guard = self.ledger[side_index(ev.id)].lock();
+        let guard = self.ledger[self.side_index(ev.id)].lock();
         if let Some(e) = guard.get(ev.id) {
             if now_ms.saturating_sub(e.at_ms) < self.horizon_ms {
                 if Some(e.fingerprint) != crate::store::event_fingerprint(batch) {
@@ -238,7 +239,7 @@ impl MemoryStore {
 /// [`Error::ReservationExpired`] for any other action on a lease that is
 /// not live or not the owner's.
 fn open_lease<'g>(
-    leases: Option<&'g mut HashMap<LeaseId, Lease>>,
+    leases: Option<&'g mut LeaseMap>,
     batch: &Batch<'_>,
     now_ms: i64,
     holds: &mut HoldRefs,

@@ -19,9 +19,8 @@ mod report;
 mod shard;
 mod snapshot;
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
@@ -136,10 +135,17 @@ const SNAPSHOT_VERSION: u32 = 1;
 #[derive(Debug)]
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
-    leases: Box<[Mutex<HashMap<LeaseId, Lease>>]>,
+    leases: Box<[Mutex<LeaseMap>]>,
     ledger: Box<[Mutex<Ledger>]>,
+    // Keyed at random per store: picks the side shard of a lease or event id.
+    side_hasher: foldhash::fast::RandomState,
     horizon_ms: i64,
 }
+
+/// One side shard's lease table. A `LeaseId` is random already, so foldhash's
+/// fast keyed hash (not SipHash) is enough; it stays keyed because a caller
+/// can name any id through `LeaseId::from_u128`.
+type LeaseMap = HashMap<LeaseId, Lease, foldhash::fast::RandomState>;
 
 impl Default for MemoryStore {
     fn default() -> Self {
@@ -147,17 +153,17 @@ impl Default for MemoryStore {
     }
 }
 
-fn side_index<T: Hash + ?Sized>(key: &T) -> usize {
-    let mut h = DefaultHasher::new();
-    key.hash(&mut h);
-    (h.finish() % SIDE_SHARDS as u64) as usize
-}
-
 fn side_shards<T: Default>() -> Box<[Mutex<T>]> {
     (0..SIDE_SHARDS).map(|_| Mutex::new(T::default())).collect()
 }
 
 impl MemoryStore {
+    /// The side shard (lease table, ledger) of `key`: foldhash under this
+    /// store's random key, cheaper than std's SipHash on the reserve path.
+    fn side_index<T: Hash + ?Sized>(&self, key: &T) -> usize {
+        (self.side_hasher.hash_one(key) % SIDE_SHARDS as u64) as usize
+    }
+
     /// A store with the default number of shards (64).
     pub fn new() -> Self {
         Self::with_shards(DEFAULT_SHARDS)
@@ -172,6 +178,7 @@ impl MemoryStore {
                 .collect(),
             leases: side_shards(),
             ledger: side_shards(),
+            side_hasher: foldhash::fast::RandomState::default(),
             horizon_ms: DEFAULT_HORIZON_MS,
         }
     }

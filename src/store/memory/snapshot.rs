@@ -10,7 +10,7 @@ use super::counters::{width_of, Counter, RING_HEADER};
 use super::holds::{Holds, Lease};
 use super::keys::KeyId;
 use super::ledger::Entry;
-use super::{side_index, MemoryStore, SNAPSHOT_VERSION};
+use super::{MemoryStore, SNAPSHOT_VERSION};
 use crate::name::Name;
 use crate::store::{LeaseId, ScopeKey};
 use crate::window::Window;
@@ -363,10 +363,12 @@ impl MemoryStore {
             store.shards[shard].get_mut().cooldowns.insert(scope, until);
         }
         for (id, lease) in leases {
-            store.leases[side_index(&id)].get_mut().insert(id, lease);
+            let side = store.side_index(&id);
+            store.leases[side].get_mut().insert(id, lease);
         }
         for (id, entry) in snapshot.events {
-            let map = store.ledger[side_index(id.as_str())].get_mut();
+            let side = store.side_index(id.as_str());
+            let map = store.ledger[side].get_mut();
             if map.insert(id.clone().into_boxed_str(), entry).is_some() {
                 return Err(bad(format!("event `{id}` listed twice")));
             }
