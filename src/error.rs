@@ -116,6 +116,18 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// An allocation from a shared
+    /// [`AllocationSource`](crate::AllocationSource) that cannot be used:
+    /// it names a plan, pool or meter the catalog lacks, or has a bad
+    /// override. An allocation this engine had cached for the subject stays
+    /// in force.
+    #[error("invalid allocation for subject `{subject}`: {reason}")]
+    InvalidAllocation {
+        /// The subject it was loaded for.
+        subject: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A snapshot that cannot be restored: it breaks an invariant the store
     /// keeps (bucket counts, totals, duplicate counters or leases).
     #[error("invalid snapshot: {reason}")]

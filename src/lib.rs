@@ -121,9 +121,11 @@ pub mod tower;
 pub(crate) use model::{catalog, decision, name, request, window};
 
 pub use clock::{Clock, ClockStep, ManualClock, SystemClock};
+#[cfg(feature = "async")]
+pub use engine::AsyncAllocationSource;
 pub use engine::{
-    Allocation, Call, DecisionEvent, Engine, MeterUsage, Observer, Outcome, Reservation,
-    UsageReport,
+    Allocation, AllocationSource, AuditChange, AuditEvent, AuditPart, Call, DecisionEvent, Engine,
+    MemoryAllocations, MeterUsage, Observer, Outcome, Reservation, UsageReport,
 };
 pub use error::Error;
 pub use model::catalog::{

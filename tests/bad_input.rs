@@ -176,7 +176,7 @@ fn unknown_subject_is_refused_by_check_admit_record_and_usage() {
 
     // A deallocated subject is unknown too, and its counters stay.
     let e2 = engine_with_usage();
-    assert!(e2.deallocate("alice"));
+    assert!(e2.deallocate("alice").unwrap());
     let want_alice = Error::UnknownSubject {
         subject: "alice".into(),
     };

@@ -230,9 +230,9 @@ fn an_allocation_reads_back_as_given_and_its_overrides_stay_its_own() {
     // Reallocating replaces the binding; deallocating removes it.
     e.allocate(Allocation::new("a", "p")).unwrap();
     assert_eq!(e.allocation("a"), Some(Allocation::new("a", "p")));
-    assert!(e.deallocate("a"));
+    assert!(e.deallocate("a").unwrap());
     assert_eq!(e.allocation("a"), None);
-    assert!(!e.deallocate("a"));
+    assert!(!e.deallocate("a").unwrap());
 }
 
 /// An engine at 2026-03-02 09:00 UTC whose plan `four` has the bench's

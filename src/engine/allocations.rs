@@ -2,6 +2,7 @@
 //! against the catalog, and the sharded table of resolved allocations.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -104,6 +105,9 @@ pub(super) struct Resolved {
     pub(super) plan: Arc<Plan>,
     pub(super) limits: Arc<[Limit]>,
     pub(super) more: Option<Box<More>>,
+    /// When it was resolved or last confirmed by a shared source (Unix ms,
+    /// the engine's clock); read only by an engine with a source.
+    pub(super) loaded_ms: AtomicI64,
 }
 
 /// The rarer parts of an allocation; never all empty.
@@ -125,6 +129,7 @@ impl Resolved {
     pub(super) fn new(
         catalog: &Catalog,
         allocation: Allocation,
+        now_ms: i64,
     ) -> Result<(Arc<str>, Self), Error> {
         if allocation.subject.is_empty() {
             return Err(Error::config("subject", "empty subject id"));
@@ -168,6 +173,7 @@ impl Resolved {
                     overrides: allocation.overrides,
                 })
             }),
+            loaded_ms: AtomicI64::new(now_ms),
         };
         Ok((subject, resolved))
     }
@@ -176,6 +182,22 @@ impl Resolved {
     #[inline]
     pub(super) fn pools(&self) -> &[Arc<Pool>] {
         self.more.as_ref().map_or(&[], |m| &m.pools)
+    }
+
+    /// When it was resolved or last confirmed (Unix ms).
+    pub(super) fn loaded_ms(&self) -> i64 {
+        self.loaded_ms.load(Ordering::Relaxed)
+    }
+
+    /// Mark it confirmed by the source at `now_ms`.
+    pub(super) fn confirm(self: &Arc<Self>, now_ms: i64) -> Arc<Self> {
+        self.loaded_ms.store(now_ms, Ordering::Relaxed);
+        self.clone()
+    }
+
+    /// Whether `allocation` is the one this was resolved from.
+    pub(super) fn same_as(&self, allocation: &Allocation) -> bool {
+        self.allocation() == *allocation
     }
 
     /// The allocation as it was given to [`Engine::allocate`](super::Engine::allocate).
@@ -264,16 +286,27 @@ impl Table {
         &self.shards[(h >> 60) as usize].0
     }
 
-    /// Bind `subject` to `resolved`, replacing any earlier allocation.
-    pub(super) fn insert(&self, subject: Arc<str>, resolved: Resolved) {
-        self.shard(&subject)
-            .write()
-            .insert(subject, Arc::new(resolved));
+    /// The resolved allocation of `subject`.
+    #[inline]
+    pub(super) fn get(&self, subject: &str) -> Option<Arc<Resolved>> {
+        self.shard(subject).read().get(subject).cloned()
     }
 
-    /// Unbind `subject`; whether it was bound.
-    pub(super) fn remove(&self, subject: &str) -> bool {
-        self.shard(subject).write().remove(subject).is_some()
+    /// Bind `subject` to `resolved`, replacing any earlier allocation: the
+    /// new one and the one it replaced.
+    pub(super) fn insert(
+        &self,
+        subject: Arc<str>,
+        resolved: Resolved,
+    ) -> (Arc<Resolved>, Option<Arc<Resolved>>) {
+        let new = Arc::new(resolved);
+        let old = self.shard(&subject).write().insert(subject, new.clone());
+        (new, old)
+    }
+
+    /// Unbind `subject`; the allocation it had.
+    pub(super) fn remove(&self, subject: &str) -> Option<Arc<Resolved>> {
+        self.shard(subject).write().remove(subject)
     }
 
     /// Subjects allocated.

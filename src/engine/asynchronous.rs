@@ -58,6 +58,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         request: &Request<'_>,
         lease_ttl: std::time::Duration,
     ) -> Result<Result<Reservation, Decision>, Error> {
+        self.refresh_async(request.subject).await?;
         reserve_call!(self, request, lease_ttl, apply: |b| self.apply_async(b).await)
     }
 
@@ -82,6 +83,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         reservation: &mut Reservation,
         more: &Request<'_>,
     ) -> Result<Decision, Error> {
+        self.refresh_async(reservation.subject()).await?;
         grow_call!(self, reservation, more, apply: |b| self.apply_async(b).await)
     }
 
@@ -94,6 +96,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         reservation: &Reservation,
         actual: &Request<'_>,
     ) -> Result<Decision, Error> {
+        self.refresh_async(reservation.subject()).await?;
         let settling = self.settling_commit(reservation, actual)?;
         settle_call!(self, settling, apply: |b| self.apply_async(b).await)
     }
@@ -107,6 +110,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         reservation: &Reservation,
         outcome: Outcome,
     ) -> Result<Decision, Error> {
+        self.refresh_async(reservation.subject()).await?;
         let request = Request::new(&reservation.subject);
         let settling = self.settling_release(reservation, &request, outcome)?;
         settle_call!(self, settling, apply: |b| self.apply_async(b).await)
@@ -119,6 +123,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
     /// As [`Engine::usage`]. A failing store is an error whatever the
     /// store's policy: a report is never made up.
     pub async fn usage_async(&self, subject: &str) -> Result<UsageReport, Error> {
+        self.refresh_async(subject).await?;
         usage_call!(self, subject, apply: |b| self.apply_async(b).await)
     }
 
@@ -133,6 +138,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
     /// `check_async`, `admit_async` and `record_async`: a store error may
     /// fail open ([`Engine::fail_open`]).
     async fn decide_async(&self, req: &Request<'_>, call: Call) -> Result<Decision, Error> {
+        self.refresh_async(req.subject).await?;
         decide_call!(
             self, req, call,
             apply: |b| self.apply_async(b).await,

@@ -24,18 +24,25 @@ mod calls;
 mod allocations;
 #[cfg(feature = "async")]
 mod asynchronous;
+mod audit;
 mod conclude;
 mod observe;
 mod plan;
 mod prepare;
 mod reservation;
+mod shared;
 
 pub use allocations::Allocation;
+pub use audit::{AuditChange, AuditEvent, AuditPart};
 pub use conclude::{MeterUsage, UsageReport};
 pub use observe::{Call, DecisionEvent, Observer};
 pub use reservation::{Outcome, Reservation};
+#[cfg(feature = "async")]
+pub use shared::AsyncAllocationSource;
+pub use shared::{AllocationSource, MemoryAllocations};
 
 use allocations::{Resolved, Table};
+use shared::{Shared, Source};
 
 /// The quota engine: plans, allocations, a store and a clock.
 ///
@@ -96,6 +103,8 @@ pub struct Engine<S = MemoryStore, C = SystemClock> {
     clock: C,
     /// Subject → its resolved allocation, in shards (see `allocations::Table`).
     allocations: Table,
+    /// The shared source of allocations, if any (see [`shared`]).
+    shared: Option<Shared>,
     observer: Option<Arc<dyn Observer>>,
 }
 
@@ -105,6 +114,7 @@ impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for Engine<S, C> {
             .field("store", &self.store)
             .field("clock", &self.clock)
             .field("allocations", &self.allocations.len())
+            .field("shared_allocations", &self.shared.is_some())
             .field("observer", &self.observer.is_some())
             .finish_non_exhaustive()
     }
@@ -133,6 +143,7 @@ impl<S, C: Clock> Engine<S, C> {
             store,
             clock,
             allocations: Table::default(),
+            shared: None,
             observer: None,
         }
     }
@@ -159,34 +170,142 @@ impl<S, C: Clock> Engine<S, C> {
         &self.clock
     }
 
+    /// Take allocations from `source`, shared by every replica, caching
+    /// each for at most `max_age` (see the [`AllocationSource`] docs and
+    /// the rules in the `shared` module: a miss asks the source, writes go
+    /// through it, a failing source keeps what is cached). Allocations
+    /// already made on this engine stay cached until `max_age` passes.
+    #[must_use]
+    pub fn with_allocation_source(
+        mut self,
+        source: impl AllocationSource + 'static,
+        max_age: std::time::Duration,
+    ) -> Self {
+        self.shared = Some(Shared {
+            source: Source::Sync(Arc::new(source)),
+            max_age_ms: duration_ms(max_age),
+        });
+        self
+    }
+
+    /// [`Engine::with_allocation_source`] with an async source, for an
+    /// engine on an async store (feature `async`): its `*_async` calls and
+    /// [`Engine::allocate_async`] / [`Engine::deallocate_async`] use it;
+    /// the sync `allocate` and `deallocate` then fail with
+    /// [`Error::InvalidRequest`] rather than block.
+    #[cfg(feature = "async")]
+    #[must_use]
+    pub fn with_async_allocation_source(
+        mut self,
+        source: impl AsyncAllocationSource + 'static,
+        max_age: std::time::Duration,
+    ) -> Self {
+        self.shared = Some(Shared {
+            source: Source::Async(Arc::new(source)),
+            max_age_ms: duration_ms(max_age),
+        });
+        self
+    }
+
     /// Bind a subject to a plan, replacing any earlier allocation of the same
     /// subject. Usage is kept per subject, meter and window, so moving to a
-    /// plan with the same windows keeps the usage already counted.
+    /// plan with the same windows keeps the usage already counted. With an
+    /// [allocation source](Engine::with_allocation_source) the allocation
+    /// is saved there first. The observer's
+    /// [`on_audit`](Observer::on_audit) sees the change, with no actor
+    /// (see [`Engine::allocate_as`]).
     ///
     /// # Errors
     /// [`Error::UnknownPlan`], [`Error::UnknownPool`], or
     /// [`Error::InvalidConfig`] for an empty subject or a bad override (the
-    /// field is `overrides[i]…`). Nothing changes on error.
+    /// field is `overrides[i]…`); the source's error; with an async source,
+    /// [`Error::InvalidRequest`] (use `allocate_async`). Nothing changes on
+    /// error.
     pub fn allocate(&self, allocation: Allocation) -> Result<(), Error> {
-        let (subject, resolved) = Resolved::new(&self.catalog, allocation)?;
-        self.allocations.insert(subject, resolved);
+        self.allocate_by(allocation, None)
+    }
+
+    /// [`Engine::allocate`], audited as made by `actor` (an operator, an
+    /// admin API's caller, a billing webhook).
+    ///
+    /// # Errors
+    /// As [`Engine::allocate`].
+    pub fn allocate_as(&self, allocation: Allocation, actor: &str) -> Result<(), Error> {
+        self.allocate_by(allocation, Some(actor))
+    }
+
+    pub(super) fn allocate_by(
+        &self,
+        allocation: Allocation,
+        actor: Option<&str>,
+    ) -> Result<(), Error> {
+        let saved = self.shared.as_ref().map(|_| allocation.clone());
+        let (key, resolved) = Resolved::new(&self.catalog, allocation, self.clock.now_ms())?;
+        let before = match (&self.shared, &saved) {
+            (Some(shared), Some(a)) => match &shared.source {
+                Source::Sync(src) => src.save(a)?,
+                #[cfg(feature = "async")]
+                Source::Async(_) => return Err(async_source("allocate")),
+            },
+            _ => None,
+        };
+        let from_source = self.shared.is_some();
+        self.bind(key, resolved, before, from_source, actor);
         Ok(())
     }
 
-    /// The allocation binding `subject`, as it was given to [`Engine::allocate`].
+    /// The allocation binding `subject`, as it was given to
+    /// [`Engine::allocate`] (with a source: the copy this engine has
+    /// cached, if any).
     pub fn allocation(&self, subject: &str) -> Option<Allocation> {
-        self.allocations
-            .shard(subject)
-            .read()
-            .get(subject)
-            .map(|r| r.allocation())
+        self.allocations.get(subject).map(|r| r.allocation())
     }
 
-    /// Remove a subject's allocation. Its counters stay in the store until
-    /// they age out. Returns whether it was allocated.
-    pub fn deallocate(&self, subject: &str) -> bool {
-        self.allocations.remove(subject)
+    /// Remove a subject's allocation (with a source, there first). Its
+    /// counters stay in the store until they age out. Returns whether it
+    /// was allocated. The observer's [`on_audit`](Observer::on_audit) sees
+    /// the removal.
+    ///
+    /// # Errors
+    /// The source's error; with an async source, [`Error::InvalidRequest`]
+    /// (use `deallocate_async`). Nothing changes on error. Without a
+    /// source it never fails.
+    pub fn deallocate(&self, subject: &str) -> Result<bool, Error> {
+        self.deallocate_by(subject, None)
     }
+
+    /// [`Engine::deallocate`], audited as made by `actor`.
+    ///
+    /// # Errors
+    /// As [`Engine::deallocate`].
+    pub fn deallocate_as(&self, subject: &str, actor: &str) -> Result<bool, Error> {
+        self.deallocate_by(subject, Some(actor))
+    }
+
+    pub(super) fn deallocate_by(&self, subject: &str, actor: Option<&str>) -> Result<bool, Error> {
+        let before = match &self.shared {
+            Some(shared) => match &shared.source {
+                Source::Sync(src) => src.remove(subject)?,
+                #[cfg(feature = "async")]
+                Source::Async(_) => return Err(async_source("deallocate")),
+            },
+            None => None,
+        };
+        Ok(self.unbind(subject, before, self.shared.is_some(), actor))
+    }
+}
+
+/// A duration in whole milliseconds, saturating.
+fn duration_ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The error of a sync write on an engine whose source is async.
+#[cfg(feature = "async")]
+fn async_source(call: &str) -> Error {
+    Error::request(format!(
+        "allocations come from an async source: use `{call}_async`"
+    ))
 }
 
 /// The sync calls, for an [`AllowanceStore`] (the embedded [`MemoryStore`]

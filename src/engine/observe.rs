@@ -49,6 +49,13 @@ pub struct DecisionEvent<'a> {
 pub trait Observer: Send + Sync {
     /// Called once per decision.
     fn on_decision(&self, event: &DecisionEvent<'_>);
+
+    /// Called once per change to an allocation made through this engine
+    /// (and for an allocation from a shared source that it refuses): see
+    /// [`AuditEvent`](super::AuditEvent). Does nothing unless implemented.
+    fn on_audit(&self, event: &super::AuditEvent) {
+        let _ = event;
+    }
 }
 
 impl<F: Fn(&DecisionEvent<'_>) + Send + Sync> Observer for F {

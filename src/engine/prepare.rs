@@ -54,13 +54,15 @@ impl<S, C: Clock> Engine<S, C> {
     ///
     /// # Errors
     /// [`Error::UnknownSubject`].
+    #[inline(always)]
     pub(super) fn allocation_of(&self, subject: &str) -> Result<Arc<Resolved>, Error> {
-        self.allocations
-            .shard(subject)
-            .read()
-            .get(subject)
-            .cloned()
-            .ok_or_else(|| unknown_subject(subject))
+        match &self.shared {
+            None => self
+                .allocations
+                .get(subject)
+                .ok_or_else(|| unknown_subject(subject)),
+            Some(shared) => self.shared_allocation_of(shared, subject),
+        }
     }
 
     /// Resolve a request: allocation, pools named for it, amounts in smallest
@@ -267,7 +269,7 @@ fn overflow(meter: &str) -> Error {
 /// [`Error::UnknownSubject`], built out of the way of the common path.
 #[cold]
 #[inline(never)]
-fn unknown_subject(subject: &str) -> Error {
+pub(super) fn unknown_subject(subject: &str) -> Error {
     Error::UnknownSubject {
         subject: subject.to_owned(),
     }

@@ -131,7 +131,7 @@ use chrono::{DateTime, Utc};
 
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use self::redis::{RedisConfig, RedisStore, TimeSource};
+pub use self::redis::{RedisAllocations, RedisConfig, RedisStore, TimeSource};
 pub(crate) use applied::{interned, ms_to_time};
 pub use applied::{Applied, CounterState, InlineVec, LeaseInfo, SettledHold, INLINE_STATES};
 #[cfg(feature = "async")]

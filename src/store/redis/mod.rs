@@ -1,6 +1,7 @@
 //! [`RedisStore`]: counters shared by many replicas through Redis (feature
 //! `redis`).
 
+mod allocations;
 mod apply;
 mod encode;
 mod reply;
@@ -18,6 +19,8 @@ use crate::window::Window;
 use crate::Error;
 
 use encode::*;
+
+pub use allocations::RedisAllocations;
 
 const APPLY_LUA: &str = include_str!("apply.lua");
 const OVERDUE_LUA: &str = include_str!("overdue.lua");
