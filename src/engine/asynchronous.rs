@@ -168,6 +168,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
             return Err(error);
         }
         let decision = Decision {
+            plan: p.alloc.plan.name,
             status: Status::Ok,
             allowed: true,
             recorded: false,

@@ -93,6 +93,23 @@ pub struct MeterUsage {
     max_minor: Option<u64>,
 }
 
+impl serde::Serialize for MeterUsage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(9))?;
+        m.serialize_entry("meter", &self.meter)?;
+        m.serialize_entry("window", &self.window)?;
+        m.serialize_entry("period_start", &self.period_start)?;
+        m.serialize_entry("resets_at", &self.resets_at)?;
+        m.serialize_entry("units", &self.used_amount())?;
+        m.serialize_entry("held", &self.held_amount())?;
+        m.serialize_entry("max", &self.max_amount())?;
+        m.serialize_entry("cost", &self.cost)?;
+        m.serialize_entry("status", &self.status)?;
+        m.end()
+    }
+}
+
 impl MeterUsage {
     /// Usage in the public form: `u64` units, or money as a major-unit
     /// [`Decimal`]; what [`LimitState::used_amount`] reads for the limit.
@@ -130,7 +147,48 @@ impl MeterUsage {
 
 /// Usage for one subject in its current periods: units and cost per meter
 /// (the shape of seed 003's `/usage`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Serializes as `{"subject", "plan", "at", "meters": [MeterUsage…]}`,
+/// each row `{"meter", "window", "period_start", "resets_at", "units",
+/// "held", "max", "cost", "status"}` with amounts in their public form (a
+/// number for counts and seconds, a decimal string of the major unit for
+/// money) and instants as RFC 3339. Takos's `GET /api/billing/usage` is a
+/// few lines over it:
+///
+/// ```
+/// # use tollgate::{Allocation, Catalog, Engine, Request};
+/// # use rust_decimal::Decimal;
+/// # let catalog: Catalog = serde_json::from_str(r#"{
+/// #   "meters": [{"id": "llm_tokens_input", "unit": "count"},
+/// #              {"id": "cost", "unit": {"money": {"currency": "USD", "scale": 6}}}],
+/// #   "plans": [{"id": "plan_plus", "cost_meter": "cost",
+/// #     "prices": {"llm_tokens_input": "0.00001"},
+/// #     "limits": [
+/// #       {"meter": "llm_tokens_input", "window": {"calendar": {"period": "month"}}, "max": 1000000},
+/// #       {"meter": "cost", "window": {"calendar": {"period": "month"}}, "max": 50}]}]
+/// # }"#)?;
+/// # let engine = Engine::new(catalog);
+/// # engine.allocate(Allocation::new("acct-1", "plan_plus"))?;
+/// # engine.admit(&Request::new("acct-1").units("llm_tokens_input", 15_000))?;
+/// let report = engine.usage("acct-1")?;
+/// let monthly = report.meters.iter().filter(|m| m.period_start.is_some());
+/// let takos = serde_json::json!({
+///     "period_start": report.meters[0].period_start.map(|t| t.date_naive().to_string()),
+///     "meters": monthly
+///         .filter(|m| m.cost.is_some())
+///         .map(|m| serde_json::json!({
+///             "meter_type": m.meter,
+///             "units": m.used_amount(),
+///             // Cents, rounded up like every charge.
+///             "cost_cents": m.cost.as_ref().map(|c| (c.amount * Decimal::from(100)).ceil()),
+///         }))
+///         .collect::<Vec<_>>(),
+/// });
+/// assert_eq!(takos["meters"][0]["units"], 15_000);
+/// assert_eq!(takos["meters"][0]["cost_cents"], "15");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct UsageReport {
     /// The subject.
@@ -186,6 +244,7 @@ impl<S, C: Clock> Engine<S, C> {
             _ => None,
         };
         build_decision(
+            p.alloc.plan.name,
             ops,
             limits,
             applied,
@@ -211,6 +270,7 @@ impl<S, C: Clock> Engine<S, C> {
     ) -> Option<Decision> {
         let reason = p.model_refused.clone()?;
         let decision = Decision {
+            plan: p.alloc.plan.name,
             // A request of zero is never `Exceeded`, whatever refuses it.
             status: if p.is_zero() {
                 Status::Ok
@@ -402,6 +462,7 @@ fn cooled(
 
 #[allow(clippy::too_many_arguments)]
 fn build_decision(
+    plan: Name,
     ops: &[CounterOp<'_>],
     limits: &[&Limit],
     applied: &Applied,
@@ -504,6 +565,7 @@ fn build_decision(
     };
     let charged_any = applied.settled.iter().any(|h| h.charged > 0);
     Decision {
+        plan,
         status,
         allowed,
         // A request none of whose meters has a limit touches no counter.

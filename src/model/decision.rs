@@ -15,7 +15,8 @@ use crate::model::window::Window;
 /// How close a limit, or a whole decision, is to its maximum.
 ///
 /// Ordered: `Ok < Warning < Exceeded`; a decision's status is its worst limit's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Status {
     /// Below the warning ratio.
     Ok,
@@ -28,7 +29,8 @@ pub enum Status {
 }
 
 /// Why a request may not proceed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
 #[non_exhaustive]
 pub enum Refusal {
     /// One or more limits would be exceeded; see [`Decision::binding`].
@@ -49,7 +51,7 @@ pub enum Refusal {
 
 /// Money: an exact decimal amount in a currency, in its major unit (the
 /// public form of money, as [`Amount::Money`] with its currency).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Money {
     /// The amount in major units (dollars).
     pub amount: Decimal,
@@ -550,6 +552,13 @@ impl<const M: usize> PartialEq<[&str; M]> for MeterList {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Decision {
+    /// The plan whose limits applied: the subject's plan when the decision
+    /// was made. A plan change mid-period keeps the usage already counted
+    /// on every limit of the same meter and window; the new plan's maximums
+    /// apply from the next decision on, and each decision (like each usage
+    /// report, [`UsageReport::plan`](crate::UsageReport::plan)) names the
+    /// plan it was made under.
+    pub plan: Name,
     /// The worst status over all limits.
     pub status: Status,
     /// Whether the work may proceed. For `admit`, whether it was admitted; for

@@ -7,6 +7,7 @@
 
 pub(crate) mod catalog;
 pub(crate) mod decision;
+mod json;
 pub(crate) mod lease;
 pub(crate) mod name;
 pub(crate) mod request;

@@ -65,6 +65,9 @@ pub(crate) struct Keep {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub(crate) id: Arc<str>,
+    /// The id, interned: what a [`Decision`](crate::Decision) names the
+    /// plan by, copied without touching a shared count.
+    pub(crate) name: Name,
     /// Shared with every allocation of the plan that overrides nothing.
     pub(crate) limits: Arc<[Limit]>,
     pub(crate) cost_meter: Option<usize>,

@@ -143,6 +143,7 @@ impl Catalog {
         };
         Ok(Plan {
             id: Arc::from(p.id.as_str()),
+            name: Name::intern(&p.id),
             limits: limits.into(),
             cost_meter,
             cost: cost_meter.map(|idx| CostMeter {
