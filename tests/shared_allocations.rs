@@ -357,3 +357,17 @@ fn an_engine_without_a_source_audits_its_own_changes() {
     );
     assert_eq!(e.allocation("u"), None);
 }
+
+#[test]
+fn a_clock_step_back_does_not_stretch_the_staleness_bound() {
+    let source = MemoryAllocations::new();
+    let (a, b, clock) = replicas(&source);
+    a.allocate(Allocation::new("sk-live-1", "free")).unwrap();
+    assert_eq!(b.check(&jobs(1)).unwrap().limits[0].max, Some(10));
+    a.allocate(Allocation::new("sk-live-1", "plus")).unwrap();
+    // Back an hour: b's copy was loaded "in the future"; it is reloaded
+    // now, not an hour and max_age from now.
+    clock.rewind(Duration::from_secs(3_600));
+    let d = b.check(&jobs(1)).unwrap();
+    assert_eq!((&*d.plan, d.limits[0].max), ("plus", Some(100)));
+}

@@ -13,8 +13,9 @@
 //! - **Staleness is bounded.** A cached allocation older than `max_age` is
 //!   loaded again by the next call that needs it, so a change made through
 //!   any replica (or by the host directly in the source) is enforced by
-//!   every replica at most `max_age` after it was saved. `max_age` zero
-//!   asks the source on every call.
+//!   every replica at most `max_age` after it was saved, on the engine's
+//!   clock (a copy whose load time is ahead of the clock, after a step
+//!   back, counts as stale). `max_age` zero asks the source on every call.
 //! - **Writes go through.** [`Engine::allocate`] and
 //!   [`Engine::deallocate`] (or their `_async` twins) write the source
 //!   first, then the cache: an error from the source changes nothing.
@@ -297,7 +298,12 @@ impl<S, C: Clock> Engine<S, C> {
     pub(super) fn cached(&self, shared: &Shared, subject: &str) -> Cached {
         let hit = self.allocations.get(subject);
         match hit {
-            Some(r) if self.clock.now_ms().saturating_sub(r.loaded_ms()) < shared.max_age_ms => {
+            // A copy loaded "after" now (the clock stepped back) is stale
+            // too: the bound holds whichever way the clock moves.
+            Some(r)
+                if (0..shared.max_age_ms)
+                    .contains(&self.clock.now_ms().saturating_sub(r.loaded_ms())) =>
+            {
                 Cached::Fresh(r)
             }
             other => Cached::Stale(other),
