@@ -22,7 +22,7 @@
 //! `{"kind": "cooldown", "scope": …, "until": …}`; `cost` is
 //! `{"amount": "0.99", "currency": "usd"}`.
 
-use serde::ser::{SerializeMap, SerializeSeq};
+use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
 use super::decision::{Amount, Decision, LimitState, LimitStates, MeterList};
@@ -56,21 +56,13 @@ impl Serialize for LimitState {
 
 impl Serialize for LimitStates {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(self.len()))?;
-        for l in self.iter() {
-            seq.serialize_element(l)?;
-        }
-        seq.end()
+        s.collect_seq(self.iter())
     }
 }
 
 impl Serialize for MeterList {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(self.len()))?;
-        for n in self.iter() {
-            seq.serialize_element(n)?;
-        }
-        seq.end()
+        s.collect_seq(self.iter())
     }
 }
 
