@@ -303,7 +303,7 @@ impl<S, C: Clock> Engine<S, C> {
         let cost_meter_idx = alloc.plan.cost_meter.unwrap_or_default();
         let cost_meter = alloc.plan.cost_meter.map(|i| &self.catalog.meters[i]);
         let meters = alloc
-            .limits
+            .limits()
             .iter()
             .zip(&applied.counters)
             .map(|(l, s)| -> Result<MeterUsage, Error> {

@@ -62,7 +62,7 @@ impl<S, C: Clock> Engine<S, C> {
             .and_then(|m| self.catalog.model_pools.get(m))
             .map_or(&[], Vec::as_slice);
         let alloc = &*p.alloc;
-        std::iter::once((&alloc.scope, &*alloc.limits, alloc.plan.cooldown_ms))
+        std::iter::once((&alloc.scope, alloc.limits(), alloc.plan.cooldown_ms))
             .chain(
                 alloc
                     .pools()
@@ -98,7 +98,7 @@ impl<S, C: Clock> Engine<S, C> {
         push_ops(
             list,
             &alloc.scope,
-            &alloc.limits,
+            alloc.limits(),
             p.amounts.as_slice(),
             shape,
         );
@@ -262,7 +262,7 @@ pub(super) fn lease_batch<'a>(
 /// (delta 0) in check mode.
 pub(super) fn usage_ops(alloc: &Resolved) -> Vec<CounterOp<'_>> {
     alloc
-        .limits
+        .limits()
         .iter()
         .map(|l| CounterOp::new(&alloc.scope, l.meter, l.window, 0, l.max))
         .collect()
