@@ -5,25 +5,51 @@
 //! meters a request consumes; the host says how to find the subject with a
 //! [`SubjectSource`] (a header, a request extension its auth layer set).
 //!
-//! For a request matching a route:
+//! # Any store
+//!
+//! [`QuotaLayer::new`] takes an engine on a sync store (the embedded
+//! [`MemoryStore`](crate::MemoryStore)): its calls are quick and run
+//! inline, in `call` and in the response future, with nothing boxed.
+//! [`QuotaLayer::new_async`] (feature `async`) takes an engine on an
+//! [`AsyncAllowanceStore`](crate::store::AsyncAllowanceStore) such as
+//! `RedisStore`: each gated request is one boxed future that awaits the
+//! engine's `*_async` calls, so no executor thread ever waits on the
+//! store. Both build the same `QuotaLayer` type and gate the same way.
+//!
+//! # A gated request
 //!
 //! 1. The subject is read. Missing, or not allocated in the engine: the
 //!    configured status (401 by default, see
-//!    [`QuotaLayer::unknown_subject`]). Malformed (a header that is not
-//!    visible ASCII, empty, or sent twice): 400.
+//!    [`QuotaLayer::unknown_subject`]). Malformed: 400 (see
+//!    [`SubjectSource::header`]).
 //! 2. The route's [`requires`](Route::requires) amounts are checked (a
-//!    preflight that records nothing: "has at least one input token left"),
-//!    then its [`consumes`](Route::consumes) amounts are admitted with
-//!    [`Engine::admit`]: atomically, all or nothing.
+//!    preflight that records nothing). Then a route that holds anything
+//!    ([`consumes`](Route::consumes), [`reserve`](Route::reserve),
+//!    [`reserve_with`](Route::reserve_with), [`in_flight`](Route::in_flight))
+//!    opens a reservation with [`Engine::reserve`]: every amount held at
+//!    once, all or nothing, with a slot on each concurrent limit of the
+//!    subject's plan. A route with no meters only checks that the subject
+//!    is allocated.
 //! 3. A refused write gets the [`HttpMapping`] response (402, 429 or 403,
-//!    with a JSON body) and consumes nothing; the inner service is not
-//!    called. A refused read (GET or HEAD) is still served, consumes
-//!    nothing, and carries the warning header.
-//! 4. The inner service answers. If the route has a
-//!    [`record_after`](Route::record_after) hook, it reads the actual usage
-//!    from the response (tokens known only once the work is done) and it is
-//!    recorded with [`Engine::record`].
-//! 5. The response carries `X-Quota-Warning: approaching` when any of those
+//!    with a JSON body) and holds nothing; the inner service is not
+//!    called. A refused read (GET or HEAD) is still served, holds and
+//!    consumes nothing, and carries the warning header.
+//! 4. The inner service answers, and the reservation is settled:
+//!    - 404 or 405 (the app has no such route or method): released as
+//!      [`Cancelled`](crate::Outcome::Cancelled), all of it given back;
+//!    - a 5xx, or the inner service's error: released as
+//!      [`Failed`](crate::Outcome::Failed), the plan's refund policy
+//!      keeps its share (50 % by default) and starts its cooldown;
+//!    - anything else: committed ([`Engine::commit`]) with the `consumes`
+//!      amounts plus the usage the [`record_after`](Route::record_after)
+//!      hook read from the response, or with the held amounts when there is
+//!      no hook or it read nothing;
+//!    - the response future dropped first (the client went away):
+//!      released as `Cancelled`.
+//!
+//!    On a route that holds nothing, the hook's usage is recorded with
+//!    [`Engine::record`] (not for a 404 or 405).
+//! 5. The response carries `X-Quota-Warning: approaching` when any of the
 //!    decisions reached the warning ratio, and the `RateLimit` /
 //!    `RateLimit-Policy` fields of the subject's tightest limit.
 //!
@@ -31,12 +57,40 @@
 //!
 //! An engine error other than an unknown subject (a failing store) answers
 //! 503 with `{"error":"quota_unavailable"}`; the inner service is not
-//! called. A failure to record after the response cannot un-send the work:
+//! called. A failure to settle after the response cannot un-send the work:
 //! the response passes and carries a [`RecordError`] extension, for an
-//! outer layer to log.
+//! outer layer to log; the hold returns at the lease's expiry
+//! ([`QuotaLayer::lease_ttl`]). A commit that finds the lease expired
+//! records the usage instead.
 //!
-//! Engine calls are synchronous and quick on the memory store; they run
-//! inside `call` and the response future.
+//! # No way around the gate
+//!
+//! The gate matches a superset of what the router serves, and gives back
+//! what the router turns away. The rules, each tested over real HTTP in
+//! `tests/gate_bypass.rs`:
+//!
+//! - **Paths as sent.** Patterns match the request path still
+//!   percent-encoded, byte for byte, as axum's router does: `%73earch` is
+//!   not `search` to either.
+//! - **Empty segments.** `{id}` matches an empty segment
+//!   (`/api/spaces//search`), as axum's router does.
+//! - **`*` families and trailing slashes.** `search*` matches `search`,
+//!   `search/`, `searchX` and `search/more`; what the app then answers
+//!   with 404 or 405 is given back (rule below), so a family gates every
+//!   path the app might serve without charging for the ones it does not.
+//!   A pattern without `*` matches its path only: `/health` is not
+//!   `/health/` (nor to axum).
+//! - **HEAD follows GET.** A `HEAD` request is gated by the first `HEAD`
+//!   route matching it, or else by the first `GET` route (axum answers
+//!   `HEAD` with the `GET` handler).
+//! - **404 and 405 give back.** A request the app answers 404 or 405 is
+//!   released as cancelled: nothing it held stays used.
+//! - **Subject headers** must be one header, non-empty, all visible ASCII
+//!   (`!` to `~`): a space, tab, control or non-ASCII byte is 400.
+//! - **Holds, not preflights.** A reservation counts for every concurrent
+//!   request the moment it is taken, so concurrent requests cannot
+//!   overshoot a maximum the way a [`requires`](Route::requires) preflight
+//!   followed by a recorded usage can.
 //!
 //! ```
 //! use std::sync::Arc;
