@@ -223,10 +223,19 @@ pub(super) fn settled(
 
 /// The passing headers of every decision, written into `parts`.
 pub(super) fn write_headers(shared: &Shared, decisions: &[Decision], parts: &mut response::Parts) {
-    let refs: Vec<&Decision> = decisions.iter().collect();
-    shared
-        .mapping
-        .write_passing_headers(&refs, shared.engine.now(), &mut parts.headers);
+    let now = shared.engine.now();
+    let headers = &mut parts.headers;
+    // One or two decisions on every path but a preflight's: no list to
+    // allocate.
+    match decisions {
+        [] => shared.mapping.write_passing_headers(&[], now, headers),
+        [a] => shared.mapping.write_passing_headers(&[a], now, headers),
+        [a, b] => shared.mapping.write_passing_headers(&[a, b], now, headers),
+        more => {
+            let refs: Vec<&Decision> = more.iter().collect();
+            shared.mapping.write_passing_headers(&refs, now, headers);
+        }
+    }
 }
 
 /// What the sync path does after the inner service answers. Dropped with
