@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use ::http::{request, response, Method};
 
-/// Usage known only after the inner service answered, returned by a
-/// [`record_after`](Route::record_after) hook.
+/// Amounts of meters: the usage a [`record_after`](Route::record_after) hook
+/// reads from a response, or the estimate a
+/// [`reserve_with`](Route::reserve_with) hook computes from a request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
     pub(super) amounts: Vec<(Cow<'static, str>, u64)>,
