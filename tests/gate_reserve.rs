@@ -117,15 +117,19 @@ fn engine() -> Arc<Engine> {
     engine
 }
 
-async fn app(layering: Layering) -> App {
-    let engine = engine();
+fn layer(engine: &Arc<Engine>, layering: Layering) -> QuotaLayer {
     let subject = SubjectSource::header("x-api-key");
-    let layer = match layering {
+    match layering {
         Layering::Sync => QuotaLayer::new(engine.clone(), subject, routes()),
         Layering::Async => QuotaLayer::new_async(engine.clone(), subject, routes())
             .map(|l| l.spawn_with(|f| drop(tokio::spawn(f)))),
     }
-    .expect("valid routes");
+    .expect("valid routes")
+}
+
+async fn app(layering: Layering) -> App {
+    let engine = engine();
+    let layer = layer(&engine, layering);
     let keeper = Arc::new(Gatekeeper {
         entered: AtomicUsize::new(0),
         go: Semaphore::new(0),
@@ -299,4 +303,51 @@ fn bad_reservation_settings_are_refused_with_typed_errors() {
         }
     }
     assert!(layer.lease_ttl(Duration::from_secs(30)).is_ok());
+}
+
+/// An inner service that fails (not a response: an error, as a hyper or
+/// tower stack's service can).
+#[derive(Clone)]
+struct Failing;
+
+impl tower_service::Service<http::Request<String>> for Failing {
+    type Response = http::Response<String>;
+    type Error = &'static str;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<String>) -> Self::Future {
+        std::future::ready(Err("handler failed"))
+    }
+}
+
+#[tokio::test]
+async fn an_inner_service_error_releases_the_hold_as_failed() {
+    use tower_layer::Layer;
+    use tower_service::Service;
+    for layering in BOTH {
+        let engine = engine();
+        let mut service = layer(&engine, layering).layer(Failing);
+        let request = http::Request::post("/chat")
+            .header("x-api-key", KEY)
+            .header("x-max-tokens", "1000")
+            .body(String::new())
+            .unwrap();
+        let answer = service.call(request).await;
+        assert_eq!(answer.err(), Some("handler failed"), "{layering:?}");
+        let report = engine.usage(KEY).unwrap();
+        let row = report.meters.iter().find(|m| &*m.meter == TOKENS).unwrap();
+        // The default refund policy keeps 50 % of a failed hold.
+        assert_eq!(
+            (row.units, row.held),
+            (500.into(), 0.into()),
+            "{layering:?}"
+        );
+    }
 }
