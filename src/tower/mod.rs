@@ -195,8 +195,7 @@ impl fmt::Debug for QuotaLayer {
 impl QuotaLayer {
     /// A layer gating `routes` on `engine`, on a sync store (the embedded
     /// [`MemoryStore`](crate::MemoryStore)): the engine is called inline, in
-    /// `call` and in the response future, with no allocation beyond the
-    /// request's. Use [`QuotaLayer::new_async`] for an async store. Each
+    /// `call` and in the response future, and nothing is boxed. Use [`QuotaLayer::new_async`] for an async store. Each
     /// request's subject is found with `subject`; unknown subjects get 401
     /// (see [`QuotaLayer::unknown_subject`]).
     ///

@@ -95,7 +95,7 @@ impl Route {
     /// Requests with `method` whose path matches `pattern`. The pattern is
     /// checked by [`QuotaLayer::new`](super::QuotaLayer::new). A `GET` route
     /// also gates `HEAD` requests (axum answers them with the `GET` handler)
-    /// unless a `HEAD` route for the same path comes first.
+    /// that no `HEAD` route matches.
     pub fn new(method: Method, pattern: impl Into<String>) -> Self {
         Self {
             method,
