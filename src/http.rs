@@ -372,17 +372,26 @@ fn write_ratelimit(l: &LimitState, now: DateTime<Utc>, headers: &mut HeaderMap) 
     let (Some(max), Some(remaining)) = (l.max, l.remaining) else {
         return;
     };
-    let name = policy_name(l);
-    let mut policy = format!("{name};q={}", max.min(SF_INTEGER_MAX));
+    // Written by hand into two buffers, not with `format!`: this runs on
+    // every passing response of the tower gate.
+    let mut policy = String::with_capacity(64);
+    push_policy_name(&mut policy, l);
+    let mut current = String::with_capacity(policy.len() + 24);
+    current.push_str(&policy);
+    policy.push_str(";q=");
+    push_u64(&mut policy, max.min(SF_INTEGER_MAX));
     if let Some(w) = window_secs(l) {
-        policy.push_str(&format!(";w={}", w.min(SF_INTEGER_MAX)));
+        policy.push_str(";w=");
+        push_u64(&mut policy, w.min(SF_INTEGER_MAX));
     }
-    let mut current = format!("{name};r={}", remaining.min(SF_INTEGER_MAX));
+    current.push_str(";r=");
+    push_u64(&mut current, remaining.min(SF_INTEGER_MAX));
     if let Some(reset) = l.resets_at().filter(|t| *t > now) {
         let t = (reset - now).to_std().map_or(0, ceil_secs);
-        current.push_str(&format!(";t={}", t.min(SF_INTEGER_MAX)));
+        current.push_str(";t=");
+        push_u64(&mut current, t.min(SF_INTEGER_MAX));
     }
-    // Both strings are printable ASCII by construction (see `policy_name`).
+    // Both strings are printable ASCII by construction (see `push_policy_name`).
     if let (Ok(p), Ok(c)) = (
         HeaderValue::from_str(&policy),
         HeaderValue::from_str(&current),
@@ -392,43 +401,70 @@ fn write_ratelimit(l: &LimitState, now: DateTime<Utc>, headers: &mut HeaderMap) 
     }
 }
 
-/// The policy identifier as a structured-field string: `"meter/window"`,
-/// quotes and backslashes escaped, anything outside printable ASCII replaced
-/// by `_` (a structured-field string cannot carry it).
-fn policy_name(l: &LimitState) -> String {
-    let window = match l.window {
-        // `day`, `week`, `month`, with an offset such as `day+09:00`.
-        Window::Calendar { .. } | Window::Lifetime | Window::Concurrent => l.window.to_string(),
-        Window::Rolling { span_secs, .. } => span_label(span_secs),
-    };
-    let mut out = String::with_capacity(l.meter.len() + window.len() + 3);
-    out.push('"');
-    for c in l
-        .meter
-        .chars()
-        .chain(std::iter::once('/'))
-        .chain(window.chars())
-    {
-        match c {
-            '"' | '\\' => {
-                out.push('\\');
-                out.push(c);
-            }
-            ' '..='~' => out.push(c),
-            _ => out.push('_'),
+/// `n` in decimal, appended to `out`.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        // `n % 10` is below 10: the cast cannot truncate.
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
-    out.push('"');
-    out
+    // ASCII digits are UTF-8.
+    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or_default());
 }
 
-fn span_label(secs: u64) -> String {
+/// Writes into a structured-field string: quotes and backslashes escaped,
+/// anything outside printable ASCII replaced by `_` (a structured-field
+/// string cannot carry it).
+struct SfString<'a>(&'a mut String);
+
+impl std::fmt::Write for SfString<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for c in s.chars() {
+            match c {
+                '"' | '\\' => {
+                    self.0.push('\\');
+                    self.0.push(c);
+                }
+                ' '..='~' => self.0.push(c),
+                _ => self.0.push('_'),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The policy identifier as a structured-field string, `"meter/window"`,
+/// appended to `out`.
+fn push_policy_name(out: &mut String, l: &LimitState) {
+    use std::fmt::Write;
+    out.push('"');
+    let mut sf = SfString(out);
+    // Writing to a `String` cannot fail.
+    let _ = sf.write_str(&l.meter);
+    let _ = sf.write_str("/");
+    let _ = match l.window {
+        // `day`, `week`, `month`, with an offset such as `day+09:00`.
+        Window::Calendar { .. } | Window::Lifetime | Window::Concurrent => {
+            write!(sf, "{}", l.window)
+        }
+        Window::Rolling { span_secs, .. } => write_span_label(&mut sf, span_secs),
+    };
+    out.push('"');
+}
+
+fn write_span_label(out: &mut impl std::fmt::Write, secs: u64) -> std::fmt::Result {
     for (unit, size) in [("w", 604_800), ("d", 86_400), ("h", 3_600), ("m", 60)] {
         if secs % size == 0 {
-            return format!("{}{unit}", secs / size);
+            return write!(out, "{}{unit}", secs / size);
         }
     }
-    format!("{secs}s")
+    write!(out, "{secs}s")
 }
 
 /// The window's length in seconds: the span of a rolling window, the current
@@ -459,6 +495,21 @@ mod tests {
         assert_eq!(ceil_secs(Duration::from_millis(1)), 1);
         assert_eq!(ceil_secs(Duration::from_millis(1_000)), 1);
         assert_eq!(ceil_secs(Duration::from_millis(1_001)), 2);
+    }
+
+    fn span_label(secs: u64) -> String {
+        let mut out = String::new();
+        write_span_label(&mut out, secs).unwrap();
+        out
+    }
+
+    #[test]
+    fn integers_are_written_in_decimal() {
+        for n in [0, 7, 10, 99, 1_000_000, SF_INTEGER_MAX, u64::MAX] {
+            let mut out = String::from("x=");
+            push_u64(&mut out, n);
+            assert_eq!(out, format!("x={n}"));
+        }
     }
 
     #[test]

@@ -5,25 +5,51 @@
 //! meters a request consumes; the host says how to find the subject with a
 //! [`SubjectSource`] (a header, a request extension its auth layer set).
 //!
-//! For a request matching a route:
+//! # Any store
+//!
+//! [`QuotaLayer::new`] takes an engine on a sync store (the embedded
+//! [`MemoryStore`](crate::MemoryStore)): its calls are quick and run
+//! inline, in `call` and in the response future, with nothing boxed.
+//! [`QuotaLayer::new_async`] (feature `async`) takes an engine on an
+//! [`AsyncAllowanceStore`](crate::store::AsyncAllowanceStore) such as
+//! `RedisStore`: each gated request is one boxed future that awaits the
+//! engine's `*_async` calls, so no executor thread ever waits on the
+//! store. Both build the same `QuotaLayer` type and gate the same way.
+//!
+//! # A gated request
 //!
 //! 1. The subject is read. Missing, or not allocated in the engine: the
 //!    configured status (401 by default, see
-//!    [`QuotaLayer::unknown_subject`]). Malformed (a header that is not
-//!    visible ASCII, empty, or sent twice): 400.
+//!    [`QuotaLayer::unknown_subject`]). Malformed: 400 (see
+//!    [`SubjectSource::header`]).
 //! 2. The route's [`requires`](Route::requires) amounts are checked (a
-//!    preflight that records nothing: "has at least one input token left"),
-//!    then its [`consumes`](Route::consumes) amounts are admitted with
-//!    [`Engine::admit`]: atomically, all or nothing.
+//!    preflight that records nothing). Then a route that holds anything
+//!    ([`consumes`](Route::consumes), [`reserve`](Route::reserve),
+//!    [`reserve_with`](Route::reserve_with), [`in_flight`](Route::in_flight))
+//!    opens a reservation with [`Engine::reserve`]: every amount held at
+//!    once, all or nothing, with a slot on each concurrent limit of the
+//!    subject's plan. A route with no meters only checks that the subject
+//!    is allocated.
 //! 3. A refused write gets the [`HttpMapping`] response (402, 429 or 403,
-//!    with a JSON body) and consumes nothing; the inner service is not
-//!    called. A refused read (GET or HEAD) is still served, consumes
-//!    nothing, and carries the warning header.
-//! 4. The inner service answers. If the route has a
-//!    [`record_after`](Route::record_after) hook, it reads the actual usage
-//!    from the response (tokens known only once the work is done) and it is
-//!    recorded with [`Engine::record`].
-//! 5. The response carries `X-Quota-Warning: approaching` when any of those
+//!    with a JSON body) and holds nothing; the inner service is not
+//!    called. A refused read (GET or HEAD) is still served, holds and
+//!    consumes nothing, and carries the warning header.
+//! 4. The inner service answers, and the reservation is settled:
+//!    - 404 or 405 (the app has no such route or method): released as
+//!      [`Cancelled`](crate::Outcome::Cancelled), all of it given back;
+//!    - a 5xx, or the inner service's error: released as
+//!      [`Failed`](crate::Outcome::Failed), the plan's refund policy
+//!      keeps its share (50 % by default) and starts its cooldown;
+//!    - anything else: committed ([`Engine::commit`]) with the `consumes`
+//!      amounts plus the usage the [`record_after`](Route::record_after)
+//!      hook read from the response, or with the held amounts when there is
+//!      no hook or it read nothing;
+//!    - the response future dropped first (the client went away):
+//!      released as `Cancelled`.
+//!
+//!    On a route that holds nothing, the hook's usage is recorded with
+//!    [`Engine::record`] (not for a 404 or 405).
+//! 5. The response carries `X-Quota-Warning: approaching` when any of the
 //!    decisions reached the warning ratio, and the `RateLimit` /
 //!    `RateLimit-Policy` fields of the subject's tightest limit.
 //!
@@ -31,12 +57,40 @@
 //!
 //! An engine error other than an unknown subject (a failing store) answers
 //! 503 with `{"error":"quota_unavailable"}`; the inner service is not
-//! called. A failure to record after the response cannot un-send the work:
+//! called. A failure to settle after the response cannot un-send the work:
 //! the response passes and carries a [`RecordError`] extension, for an
-//! outer layer to log.
+//! outer layer to log; the hold returns at the lease's expiry
+//! ([`QuotaLayer::lease_ttl`]). A commit that finds the lease expired
+//! records the usage instead.
 //!
-//! Engine calls are synchronous and quick on the memory store; they run
-//! inside `call` and the response future.
+//! # No way around the gate
+//!
+//! The gate matches a superset of what the router serves, and gives back
+//! what the router turns away. The rules, each tested over real HTTP in
+//! `tests/gate_bypass.rs`:
+//!
+//! - **Paths as sent.** Patterns match the request path still
+//!   percent-encoded, byte for byte, as axum's router does: `%73earch` is
+//!   not `search` to either.
+//! - **Empty segments.** `{id}` matches an empty segment
+//!   (`/api/spaces//search`), as axum's router does.
+//! - **`*` families and trailing slashes.** `search*` matches `search`,
+//!   `search/`, `searchX` and `search/more`; what the app then answers
+//!   with 404 or 405 is given back (rule below), so a family gates every
+//!   path the app might serve without charging for the ones it does not.
+//!   A pattern without `*` matches its path only: `/health` is not
+//!   `/health/` (nor to axum).
+//! - **HEAD follows GET.** A `HEAD` request is gated by the first `HEAD`
+//!   route matching it, or else by the first `GET` route (axum answers
+//!   `HEAD` with the `GET` handler).
+//! - **404 and 405 give back.** A request the app answers 404 or 405 is
+//!   released as cancelled: nothing it held stays used.
+//! - **Subject headers** must be one header, non-empty, all visible ASCII
+//!   (`!` to `~`): a space, tab, control or non-ASCII byte is 400.
+//! - **Holds, not preflights.** A reservation counts for every concurrent
+//!   request the moment it is taken, so concurrent requests cannot
+//!   overshoot a maximum the way a [`requires`](Route::requires) preflight
+//!   followed by a recorded usage can.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -60,25 +114,31 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod engine;
+mod flow;
 mod routes;
 mod subject;
+
+#[cfg(feature = "async")]
+mod async_flow;
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use ::http::header::{HeaderValue, CONTENT_TYPE};
 use ::http::{Method, Request as HttpRequest, Response, StatusCode};
-use chrono::{DateTime, Utc};
 use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::http::HttpMapping;
-use crate::{AllowanceStore, Catalog, Clock, Decision, Engine, Error, Request, Unit};
+use crate::{AllowanceStore, Catalog, Clock, Engine, Error, Unit};
 
+use flow::{Gate, SyncPost};
 use routes::Pattern;
 pub use routes::{Route, Routes, Usage};
 pub use subject::{SubjectError, SubjectSource};
@@ -89,41 +149,19 @@ struct Gated {
     pattern: Pattern,
 }
 
-/// The engine with its store and clock types erased, so the layer is one
-/// type whatever the engine's.
-trait Gate: Send + Sync {
-    fn check(&self, request: &Request<'_>) -> Result<Decision, Error>;
-    fn admit(&self, request: &Request<'_>) -> Result<Decision, Error>;
-    fn record(&self, request: &Request<'_>) -> Result<Decision, Error>;
-    fn catalog(&self) -> &Catalog;
-    fn now(&self) -> DateTime<Utc>;
-}
-
-impl<S: AllowanceStore, C: Clock> Gate for Engine<S, C> {
-    fn check(&self, request: &Request<'_>) -> Result<Decision, Error> {
-        Engine::check(self, request)
-    }
-    fn admit(&self, request: &Request<'_>) -> Result<Decision, Error> {
-        Engine::admit(self, request)
-    }
-    fn record(&self, request: &Request<'_>) -> Result<Decision, Error> {
-        Engine::record(self, request)
-    }
-    fn catalog(&self) -> &Catalog {
-        Engine::catalog(self)
-    }
-    fn now(&self) -> DateTime<Utc> {
-        Engine::clock(self).now()
-    }
-}
+/// How long a gate's reservation lives unless settled: 5 minutes.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(300);
 
 #[derive(Clone)]
 struct Shared {
-    engine: Arc<dyn Gate>,
+    engine: Gate,
     routes: Arc<[Gated]>,
     subject: SubjectSource,
     mapping: HttpMapping,
     unknown_subject: StatusCode,
+    lease_ttl: Duration,
+    #[cfg(feature = "async")]
+    spawn: Option<async_flow::Spawn>,
 }
 
 impl fmt::Debug for Shared {
@@ -135,6 +173,7 @@ impl fmt::Debug for Shared {
             )
             .field("mapping", &self.mapping)
             .field("unknown_subject", &self.unknown_subject)
+            .field("lease_ttl", &self.lease_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -154,15 +193,17 @@ impl fmt::Debug for QuotaLayer {
 }
 
 impl QuotaLayer {
-    /// A layer gating `routes` on `engine`, finding each request's subject
-    /// with `subject`. Unknown subjects get 401; see
-    /// [`QuotaLayer::unknown_subject`].
+    /// A layer gating `routes` on `engine`, on a sync store (the embedded
+    /// [`MemoryStore`](crate::MemoryStore)): the engine is called inline, in
+    /// `call` and in the response future, and nothing is boxed. Use [`QuotaLayer::new_async`] for an async store. Each
+    /// request's subject is found with `subject`; unknown subjects get 401
+    /// (see [`QuotaLayer::unknown_subject`]).
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a bad path pattern (the field is
-    /// `routes[i].pattern`) or a money meter in `consumes`/`requires` (they
-    /// take whole units); [`Error::UnknownMeter`] for a meter the catalog
-    /// does not have.
+    /// `routes[i].pattern`) or a money meter in `consumes`, `requires` or
+    /// `reserve` (they take whole units); [`Error::UnknownMeter`] for a meter
+    /// the catalog does not have.
     pub fn new<S, C>(
         engine: Arc<Engine<S, C>>,
         subject: SubjectSource,
@@ -172,44 +213,49 @@ impl QuotaLayer {
         S: AllowanceStore + 'static,
         C: Clock + 'static,
     {
-        let catalog = engine.catalog();
-        let gated = routes
-            .routes
-            .into_iter()
-            .enumerate()
-            .map(|(i, route)| {
-                let pattern =
-                    Pattern::parse(&route.pattern).map_err(|reason| Error::InvalidConfig {
-                        field: format!("routes[{i}].pattern"),
-                        reason,
-                    })?;
-                for (list, amounts) in
-                    [("consumes", &route.consumes), ("requires", &route.requires)]
-                {
-                    for (j, (meter, _)) in amounts.iter().enumerate() {
-                        let m = catalog.meter(meter).ok_or_else(|| Error::UnknownMeter {
-                            meter: meter.clone(),
-                        })?;
-                        if matches!(m.unit, Unit::Money { .. }) {
-                            return Err(Error::InvalidConfig {
-                                field: format!("routes[{i}].{list}[{j}]"),
-                                reason: format!("`{meter}` is a money meter; routes take units"),
-                            });
-                        }
-                    }
-                }
-                Ok(Gated { route, pattern })
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        Ok(Self {
+        let gated = gate_routes(engine.catalog(), routes)?;
+        Ok(Self::build(Gate::Sync(engine), gated, subject))
+    }
+
+    /// A layer gating `routes` on `engine`, on an async store (such as
+    /// `RedisStore`, feature `redis`): each gated request runs as one boxed
+    /// future that awaits the engine's `*_async` calls, so no executor
+    /// thread waits on the store. Otherwise as [`QuotaLayer::new`].
+    ///
+    /// A reservation whose response future is dropped (the client went
+    /// away) is released on a task started by the
+    /// [spawner](QuotaLayer::spawn_with); with the `redis` feature the
+    /// default spawns on the current tokio runtime.
+    ///
+    /// # Errors
+    /// As [`QuotaLayer::new`].
+    #[cfg(feature = "async")]
+    pub fn new_async<S, C>(
+        engine: Arc<Engine<S, C>>,
+        subject: SubjectSource,
+        routes: Routes,
+    ) -> Result<Self, Error>
+    where
+        S: crate::store::AsyncAllowanceStore + 'static,
+        C: Clock + Send + Sync + 'static,
+    {
+        let gated = gate_routes(engine.catalog(), routes)?;
+        Ok(Self::build(Gate::Async(engine), gated, subject))
+    }
+
+    fn build(engine: Gate, gated: Vec<Gated>, subject: SubjectSource) -> Self {
+        Self {
             shared: Arc::new(Shared {
                 engine,
                 routes: gated.into(),
                 subject,
                 mapping: HttpMapping::new(),
                 unknown_subject: StatusCode::UNAUTHORIZED,
+                lease_ttl: DEFAULT_LEASE_TTL,
+                #[cfg(feature = "async")]
+                spawn: default_spawn(),
             }),
-        })
+        }
     }
 
     /// The status for a request whose subject is missing or not allocated
@@ -227,6 +273,91 @@ impl QuotaLayer {
         Arc::make_mut(&mut self.shared).mapping = mapping;
         self
     }
+
+    /// How long a reservation lives unless settled ([`DEFAULT_LEASE_TTL`]
+    /// by default): if the process dies mid-request, its holds return then.
+    /// A handler that runs longer still has its usage recorded.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] (field `lease_ttl`) for a zero duration or
+    /// one over a day; the layer is unchanged.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Result<Self, Error> {
+        if ttl.is_zero() || ttl > Duration::from_secs(86_400) {
+            return Err(Error::InvalidConfig {
+                field: "lease_ttl".into(),
+                reason: format!("{ttl:?} is not within (0, 1 day]"),
+            });
+        }
+        Arc::make_mut(&mut self.shared).lease_ttl = ttl;
+        Ok(self)
+    }
+
+    /// How an async layer ([`QuotaLayer::new_async`]) starts the task that
+    /// releases a reservation whose response future was dropped: `spawn`
+    /// gets the future to run (`|f| { tokio::spawn(f); }`). Without the
+    /// `redis` feature there is no default, and such a hold returns only at
+    /// its lease's expiry until a spawner is set. A sync layer releases in
+    /// place and ignores this.
+    #[cfg(feature = "async")]
+    #[must_use]
+    pub fn spawn_with<F>(mut self, spawn: F) -> Self
+    where
+        F: Fn(Pin<Box<dyn Future<Output = ()> + Send>>) + Send + Sync + 'static,
+    {
+        Arc::make_mut(&mut self.shared).spawn = Some(Arc::new(spawn));
+        self
+    }
+}
+
+/// With tokio present (feature `redis`), spawn on the current runtime.
+#[cfg(feature = "async")]
+fn default_spawn() -> Option<async_flow::Spawn> {
+    #[cfg(feature = "redis")]
+    {
+        Some(Arc::new(|future| {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(future);
+            }
+        }))
+    }
+    #[cfg(not(feature = "redis"))]
+    {
+        None
+    }
+}
+
+/// Parse and check a route table against `catalog`.
+fn gate_routes(catalog: &Catalog, routes: Routes) -> Result<Vec<Gated>, Error> {
+    routes
+        .routes
+        .into_iter()
+        .enumerate()
+        .map(|(i, route)| {
+            let pattern =
+                Pattern::parse(&route.pattern).map_err(|reason| Error::InvalidConfig {
+                    field: format!("routes[{i}].pattern"),
+                    reason,
+                })?;
+            for (list, amounts) in [
+                ("consumes", &route.consumes),
+                ("requires", &route.requires),
+                ("reserve", &route.reserve),
+            ] {
+                for (j, (meter, _)) in amounts.iter().enumerate() {
+                    let m = catalog.meter(meter).ok_or_else(|| Error::UnknownMeter {
+                        meter: meter.clone(),
+                    })?;
+                    if matches!(m.unit, Unit::Money { .. }) {
+                        return Err(Error::InvalidConfig {
+                            field: format!("routes[{i}].{list}[{j}]"),
+                            reason: format!("`{meter}` is a money meter; routes take units"),
+                        });
+                    }
+                }
+            }
+            Ok(Gated { route, pattern })
+        })
+        .collect()
 }
 
 impl<S> Layer<S> for QuotaLayer {
@@ -319,88 +450,51 @@ fn json_response<B: From<String>>(status: StatusCode, error: &str) -> Response<B
     response
 }
 
-fn engine_error_response<B: From<String>>(shared: &Shared, error: &Error) -> Response<B> {
-    match error {
-        Error::UnknownSubject { .. } => json_response(shared.unknown_subject, "unknown_subject"),
-        _ => json_response(StatusCode::SERVICE_UNAVAILABLE, "quota_unavailable"),
-    }
-}
-
-/// What happens after the inner service answers.
-struct Post {
-    shared: Arc<Shared>,
-    route: usize,
-    subject: String,
-    decisions: Vec<Decision>,
-}
-
-impl Post {
-    fn finish<B>(self, response: Response<B>) -> Response<B> {
-        let Post {
-            shared,
-            route,
-            subject,
-            mut decisions,
-        } = self;
-        let (mut parts, body) = response.into_parts();
-        if let Some(hook) = &shared.routes[route].route.record {
-            let usage = hook(&mut parts);
-            if !usage.is_empty() {
-                let mut request = Request::new(&subject);
-                for (meter, n) in &usage.amounts {
-                    request = request.units(meter, *n);
-                }
-                if let Some(model) = &usage.model {
-                    request = request.model(model);
-                }
-                match shared.engine.record(&request) {
-                    Ok(d) => decisions.push(d),
-                    Err(error) => {
-                        parts.extensions.insert(RecordError { error });
-                    }
-                }
-            }
-        }
-        let refs: Vec<&Decision> = decisions.iter().collect();
-        shared
-            .mapping
-            .write_passing_headers(&refs, shared.engine.now(), &mut parts.headers);
-        Response::from_parts(parts, body)
-    }
-}
-
-impl fmt::Debug for Post {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Post")
-            .field("route", &self.route)
-            .field("subject", &self.subject)
-            .finish_non_exhaustive()
-    }
+/// The first route gating `method` on `path`; a `HEAD` request falls back
+/// to the `GET` routes.
+fn find_route(routes: &[Gated], method: &Method, path: &str) -> Option<usize> {
+    let find = |m: &Method| {
+        routes
+            .iter()
+            .position(|g| g.route.method == *m && g.pattern.matches(path))
+    };
+    find(method).or_else(|| {
+        (method == Method::HEAD)
+            .then(|| find(&Method::GET))
+            .flatten()
+    })
 }
 
 pin_project! {
     /// The response future of [`Quota`].
-    pub struct ResponseFuture<F, B> {
+    pub struct ResponseFuture<F, B, E> {
         #[pin]
-        kind: Kind<F, B>,
+        kind: Kind<F, B, E>,
     }
 }
+
+#[cfg(feature = "async")]
+type Boxed<B, E> = engine::BoxFuture<'static, Result<Response<B>, E>>;
+#[cfg(not(feature = "async"))]
+type Boxed<B, E> = std::marker::PhantomData<fn() -> (B, E)>;
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, B> {
+    enum Kind<F, B, E> {
         Passthrough { #[pin] future: F },
-        Gated { #[pin] future: F, post: Option<Post> },
+        Gated { #[pin] future: F, post: Option<SyncPost> },
         Ready { response: Option<Response<B>> },
+        Async { future: Boxed<B, E> },
     }
 }
 
-impl<F, B> fmt::Debug for ResponseFuture<F, B> {
+impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match &self.kind {
             Kind::Passthrough { .. } => "passthrough",
             Kind::Gated { .. } => "gated",
             Kind::Ready { .. } => "ready",
+            Kind::Async { .. } => "async",
         };
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)
@@ -408,7 +502,7 @@ impl<F, B> fmt::Debug for ResponseFuture<F, B> {
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B>
+impl<F, B, E> Future for ResponseFuture<F, B, E>
 where
     F: Future<Output = Result<Response<B>, E>>,
 {
@@ -418,49 +512,55 @@ where
         match self.project().kind.project() {
             KindProj::Passthrough { future } => future.poll(cx),
             KindProj::Gated { future, post } => {
-                let response = match future.poll(cx) {
+                let result = match future.poll(cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Ready(Ok(r)) => r,
+                    Poll::Ready(r) => r,
                 };
-                Poll::Ready(Ok(match post.take() {
-                    Some(post) => post.finish(response),
-                    None => response,
-                }))
+                Poll::Ready(match (result, post.take()) {
+                    (Ok(response), Some(post)) => Ok(post.finish(response)),
+                    (Err(e), Some(post)) => {
+                        post.fail();
+                        Err(e)
+                    }
+                    (result, None) => result,
+                })
             }
             KindProj::Ready { response } => match response.take() {
                 Some(r) => Poll::Ready(Ok(r)),
                 None => panic!("ResponseFuture polled after completion"),
             },
+            #[cfg(feature = "async")]
+            KindProj::Async { future } => future.as_mut().poll(cx),
+            #[cfg(not(feature = "async"))]
+            KindProj::Async { .. } => unreachable!("no async gate without the `async` feature"),
         }
     }
 }
 
 impl<S, ReqBody, ResBody> Service<HttpRequest<ReqBody>> for Quota<S>
 where
-    S: Service<HttpRequest<ReqBody>, Response = Response<ResBody>>,
-    ResBody: From<String>,
+    S: Service<HttpRequest<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: From<String> + Send + 'static,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: HttpRequest<ReqBody>) -> Self::Future {
-        let ready = |response| ResponseFuture {
+        let ready = |response: Response<String>| ResponseFuture {
             kind: Kind::Ready {
-                response: Some(response),
+                response: Some(response.map(ResBody::from)),
             },
         };
         let shared = &self.shared;
-        let Some(route) = shared
-            .routes
-            .iter()
-            .position(|g| g.route.method == req.method() && g.pattern.matches(req.uri().path()))
-        else {
+        let Some(route) = find_route(&shared.routes, req.method(), req.uri().path()) else {
             return ResponseFuture {
                 kind: Kind::Passthrough {
                     future: self.inner.call(req),
@@ -477,54 +577,40 @@ where
                 return ready(json_response(StatusCode::BAD_REQUEST, "malformed_subject"))
             }
         };
-        let read = is_read(&parts.method);
-        let gated = &shared.routes[route].route;
-        let engine = &shared.engine;
-        let decide = |amounts: &[(String, u64)], admit: bool| {
-            let mut request = Request::new(&subject);
-            for (meter, n) in amounts {
-                request = request.units(meter, *n);
-            }
-            if admit {
-                engine.admit(&request)
-            } else {
-                engine.check(&request)
+        let engine = match &shared.engine {
+            Gate::Sync(engine) => engine.clone(),
+            #[cfg(feature = "async")]
+            Gate::Async(engine) => {
+                // The inner service that was polled ready goes into the
+                // future; a clone stays for the next call.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                let future = async_flow::gated(
+                    shared.clone(),
+                    engine.clone(),
+                    route,
+                    subject,
+                    parts,
+                    body,
+                    inner,
+                );
+                return ResponseFuture {
+                    kind: Kind::Async { future },
+                };
             }
         };
-        // The preflight first (it records nothing), then the atomic admit.
-        // A route with neither still checks that the subject is allocated.
-        let mut decisions = Vec::with_capacity(2);
-        let preflight = !gated.requires.is_empty() || gated.consumes.is_empty();
-        for (amounts, admit) in [(&gated.requires, false), (&gated.consumes, true)] {
-            if (admit && amounts.is_empty()) || (!admit && !preflight) {
-                continue;
-            }
-            let decision = match decide(amounts, admit) {
-                Ok(d) => d,
-                Err(e) => return ready(engine_error_response(shared, &e)),
-            };
-            let refused = !decision.allowed;
-            if refused && !read {
-                let refusal = shared
-                    .mapping
-                    .refusal(engine.catalog(), &decision, engine.now());
-                if let Some(r) = refusal {
-                    return ready(r.map(ResBody::from));
-                }
-            }
-            decisions.push(decision);
-            // A refused read is still served, but consumes nothing: after a
-            // refused preflight it is not admitted either.
-            if refused {
-                break;
-            }
-        }
-        let post = Post {
+        let mut post = SyncPost {
             shared: shared.clone(),
+            engine,
             route,
             subject,
-            decisions,
+            estimate: Usage::new(),
+            decisions: Vec::new(),
+            hold: None,
         };
+        if let Err(response) = sync_pre(&mut post, &parts) {
+            return ready(response);
+        }
         ResponseFuture {
             kind: Kind::Gated {
                 future: self.inner.call(HttpRequest::from_parts(parts, body)),
@@ -532,4 +618,40 @@ where
             },
         }
     }
+}
+
+/// The sync path's asks before the handler, into `post`; `Err` is the
+/// response that ends the request (returned unboxed: it is sent at once).
+#[allow(clippy::result_large_err)]
+fn sync_pre(post: &mut SyncPost, parts: &::http::request::Parts) -> Result<(), Response<String>> {
+    let shared = post.shared.clone();
+    let gated = &shared.routes[post.route].route;
+    let read = is_read(&parts.method);
+    post.estimate = flow::estimate(gated, parts);
+    for ask in flow::asks(gated) {
+        let answer = if ask == flow::Ask::Reserve {
+            let request = flow::reserve_request(&post.subject, gated, &post.estimate);
+            match post.engine.reserve(&request, shared.lease_ttl) {
+                Ok(Ok(reservation)) => {
+                    post.hold = Some(reservation);
+                    continue;
+                }
+                Ok(Err(decision)) => Ok(decision),
+                Err(e) => Err(e),
+            }
+        } else {
+            post.engine
+                .check(&flow::check_request(&post.subject, gated, ask))
+        };
+        let decision = answer.map_err(|e| flow::engine_error_response(&shared, &e))?;
+        if let Some(response) = flow::refusal(&shared, &decision, read) {
+            return Err(response);
+        }
+        let refused = !decision.allowed;
+        post.decisions.push(decision);
+        if refused {
+            break;
+        }
+    }
+    Ok(())
 }

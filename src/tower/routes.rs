@@ -4,10 +4,11 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use ::http::{response, Method};
+use ::http::{request, response, Method};
 
-/// Usage known only after the inner service answered, returned by a
-/// [`record_after`](Route::record_after) hook.
+/// Amounts of meters: the usage a [`record_after`](Route::record_after) hook
+/// reads from a response, or the estimate a
+/// [`reserve_with`](Route::reserve_with) hook computes from a request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
     pub(super) amounts: Vec<(Cow<'static, str>, u64)>,
@@ -41,21 +42,29 @@ impl Usage {
 }
 
 type RecordHook = Arc<dyn Fn(&mut response::Parts) -> Usage + Send + Sync>;
+type EstimateHook = Arc<dyn Fn(&request::Parts) -> Usage + Send + Sync>;
 
 /// One entry of a [`Routes`] table: a method, a path pattern, and what a
 /// matching request consumes.
 ///
-/// Patterns are matched against the request path, segment by segment:
-/// a literal segment matches itself; `{name}` matches any one non-empty
-/// segment; a last segment ending in `*` matches when the rest of the path
-/// starts with the text before the `*` (`/api/runs*` matches `/api/runs`,
-/// `/api/runs/7` and `/api/runs-all`). Nothing else may hold `{`, `}` or `*`.
+/// Patterns are matched against the request path as it arrived (still
+/// percent-encoded, as axum's router matches it), segment by segment:
+/// a literal segment matches exactly the same bytes; `{name}` matches any
+/// one segment, the empty one included (axum routes `/a//b` to `/a/{id}/b`);
+/// a last segment ending in `*` matches when the rest of the path starts
+/// with the text before the `*` (`/api/runs*` matches `/api/runs`,
+/// `/api/runs/`, `/api/runs/7` and `/api/runs-all`). Nothing else may hold
+/// `{`, `}` or `*`. See the [module docs](super#no-way-around-the-gate) for
+/// how the gate stays in step with the router.
 #[derive(Clone)]
 pub struct Route {
     pub(super) method: Method,
     pub(super) pattern: String,
     pub(super) consumes: Vec<(String, u64)>,
     pub(super) requires: Vec<(String, u64)>,
+    pub(super) reserve: Vec<(String, u64)>,
+    pub(super) estimate: Option<EstimateHook>,
+    pub(super) in_flight: bool,
     pub(super) record: Option<RecordHook>,
 }
 
@@ -66,28 +75,46 @@ impl fmt::Debug for Route {
             .field("pattern", &self.pattern)
             .field("consumes", &self.consumes)
             .field("requires", &self.requires)
+            .field("reserve", &self.reserve)
+            .field("reserve_with", &self.estimate.is_some())
+            .field("in_flight", &self.in_flight)
             .field("record_after", &self.record.is_some())
             .finish()
     }
 }
 
 impl Route {
+    /// Whether a matching request opens a reservation.
+    pub(super) fn reserving(&self) -> bool {
+        !self.consumes.is_empty()
+            || !self.reserve.is_empty()
+            || self.estimate.is_some()
+            || self.in_flight
+    }
+
     /// Requests with `method` whose path matches `pattern`. The pattern is
-    /// checked by [`QuotaLayer::new`](super::QuotaLayer::new). `HEAD` is a method of its own: a `GET`
-    /// route does not gate `HEAD` requests (axum answers them with the `GET`
-    /// handler), so list both to meter both.
+    /// checked by [`QuotaLayer::new`](super::QuotaLayer::new). A `GET` route
+    /// also gates `HEAD` requests (axum answers them with the `GET` handler)
+    /// that no `HEAD` route matches.
     pub fn new(method: Method, pattern: impl Into<String>) -> Self {
         Self {
             method,
             pattern: pattern.into(),
             consumes: Vec::new(),
             requires: Vec::new(),
+            reserve: Vec::new(),
+            estimate: None,
+            in_flight: false,
             record: None,
         }
     }
 
-    /// A matching request consumes `n` units of `meter`: admitted atomically
-    /// with the route's other `consumes`, refused with nothing recorded.
+    /// A matching request consumes `n` units of `meter`: held atomically
+    /// with the route's other amounts before the handler runs (refused with
+    /// nothing recorded), and counted once the handler answers. Given back
+    /// in full when the app answers 404 or 405; on a 5xx or a handler error
+    /// the plan's refund policy for a failure applies; given back in full
+    /// when the client goes away first.
     #[must_use]
     pub fn consumes(mut self, meter: impl Into<String>, n: u64) -> Self {
         self.consumes.push((meter.into(), n));
@@ -95,19 +122,63 @@ impl Route {
     }
 
     /// A matching request is refused unless `n` units of `meter` would still
-    /// fit, but nothing is recorded: a preflight for usage that is recorded
-    /// after the work ([`Route::record_after`]), such as input tokens.
+    /// fit, but nothing is recorded or held: a preflight. Concurrent
+    /// requests all pass it at once, so usage recorded afterwards
+    /// ([`Route::record_after`]) can overshoot the maximum; prefer
+    /// [`Route::reserve`] or [`Route::reserve_with`], which hold an estimate.
     #[must_use]
     pub fn requires(mut self, meter: impl Into<String>, n: u64) -> Self {
         self.requires.push((meter.into(), n));
         self
     }
 
+    /// Hold an estimate of `n` units of `meter` before the handler runs
+    /// (a reservation: the hold counts for every other request at once, so
+    /// concurrent requests cannot overshoot), then settle it with the actual
+    /// usage the [`record_after`](Route::record_after) hook reads from the
+    /// response. Without a hook, or when the hook returns an empty
+    /// [`Usage`], the estimate is what is counted.
+    #[must_use]
+    pub fn reserve(mut self, meter: impl Into<String>, n: u64) -> Self {
+        self.reserve.push((meter.into(), n));
+        self
+    }
+
+    /// Like [`Route::reserve`], with the estimate computed from the request
+    /// head: a `max_tokens` header or query parameter, the `Content-Length`.
+    /// A field of the body is not in the head: have an earlier layer parse
+    /// it into a request extension and read that here. The estimate's model,
+    /// if it names one, is the reservation's model (its pools are drawn on).
+    #[must_use]
+    pub fn reserve_with<F>(mut self, estimate: F) -> Self
+    where
+        F: Fn(&request::Parts) -> Usage + Send + Sync + 'static,
+    {
+        self.estimate = Some(Arc::new(estimate));
+        self
+    }
+
+    /// A matching request holds a slot on each concurrent limit of its
+    /// subject's plan while the handler runs (the per-subject limit on
+    /// requests in flight), even if it holds no amounts; past the limit it
+    /// is refused with 429. Every reserving route (`consumes`, `reserve`)
+    /// takes the slot too.
+    #[must_use]
+    pub fn in_flight(mut self) -> Self {
+        self.in_flight = true;
+        self
+    }
+
     /// After the inner service answers, `hook` reads the actual usage from
     /// the response (a header or extension the handler set; it may remove
-    /// it) and the usage is recorded with [`Engine::record`](crate::Engine::record): always
-    /// counted, even past a maximum. The hook sees every response, errors
-    /// included; return an empty [`Usage`] to record nothing.
+    /// it). On a reserving route the usage settles the reservation
+    /// ([`Engine::commit`](crate::Engine::commit), the `consumes` amounts
+    /// added); otherwise it is recorded with
+    /// [`Engine::record`](crate::Engine::record): always counted, even past
+    /// a maximum. The hook sees every response, errors included (so it can
+    /// strip private headers), but the usage of a 404 or 405 is not
+    /// counted, nor on a reserving route that of a 5xx; return an empty
+    /// [`Usage`] to record nothing.
     #[must_use]
     pub fn record_after<F>(mut self, hook: F) -> Self
     where
@@ -198,7 +269,7 @@ impl Pattern {
             };
             let ok = match seg {
                 Segment::Literal(l) => head == l,
-                Segment::Param => !head.is_empty(),
+                Segment::Param => true,
             };
             if !ok {
                 return false;
@@ -231,7 +302,9 @@ mod tests {
         assert!(m("/api/spaces/{id}/search*", "/api/spaces/s1/search"));
         assert!(m("/api/spaces/{id}/search*", "/api/spaces/s1/search/q"));
         assert!(m("/api/spaces/{id}/search*", "/api/spaces/s1/searches"));
-        assert!(!m("/api/spaces/{id}/search*", "/api/spaces//search"));
+        assert!(m("/api/spaces/{id}/search*", "/api/spaces//search"));
+        assert!(m("/api/spaces/{id}/search*", "/api/spaces/s1/search/"));
+        assert!(!m("/api/spaces/{id}/search*", "/api/spaces/s1/%73earch"));
         assert!(!m("/api/spaces/{id}/search*", "/api/spaces/s1/index"));
         assert!(!m("/api/spaces/{id}/search*", "/api/spaces/s1"));
         assert!(m("/api/runs*", "/api/runs"));

@@ -35,8 +35,9 @@ pub enum SubjectError {
 
 impl SubjectSource {
     /// The value of the header `name` (for example `x-api-key`). Missing:
-    /// [`SubjectError::Missing`]. Empty, not visible ASCII, or present more
-    /// than once: [`SubjectError::Malformed`].
+    /// [`SubjectError::Missing`]. Empty, holding any byte that is not
+    /// visible ASCII (`!` to `~`: no space, no tab, no control or non-ASCII
+    /// byte), or present more than once: [`SubjectError::Malformed`].
     ///
     /// # Panics
     /// If `name` is not a valid lower-case header name; pass a
@@ -53,10 +54,15 @@ impl SubjectSource {
             if values.next().is_some() {
                 return Err(SubjectError::Malformed);
             }
-            match value.to_str() {
-                Ok(s) if !s.is_empty() => Ok(s.to_owned()),
-                _ => Err(SubjectError::Malformed),
+            let bytes = value.as_bytes();
+            if bytes.is_empty() || !bytes.iter().all(|b| (b'!'..=b'~').contains(b)) {
+                return Err(SubjectError::Malformed);
             }
+            // Visible ASCII is UTF-8.
+            value
+                .to_str()
+                .map(str::to_owned)
+                .map_err(|_| SubjectError::Malformed)
         })
     }
 
