@@ -2,7 +2,6 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 
 use crate::store::{
     Applied, AsyncAllowanceStore, Batch, FailurePolicy, LeaseAction, LeaseId, LeaseInfo, LeaseOp,
@@ -39,15 +38,16 @@ impl AsyncAllowanceStore for RedisStore {
             .lease
             .map_or_else(LeaseArgs::none, |l| self.lease_args(&l));
         let (ekey, efp) = match batch.event {
+            // The fingerprint mixes in the lease owner's id: it is kept
+            // only under the key too.
             Some(e) => (
-                format!(
-                    "{}:e:{}",
-                    self.tag,
-                    hex(&Sha256::digest(e.id.as_bytes())[..16])
+                format!("{}:e:{}", self.tag, self.keyed.event(e.id)),
+                self.keyed.digest(
+                    b"f:",
+                    &crate::store::event_fingerprint(batch)
+                        .unwrap_or(e.fingerprint)
+                        .to_le_bytes(),
                 ),
-                crate::store::event_fingerprint(batch)
-                    .unwrap_or(e.fingerprint)
-                    .to_string(),
             ),
             None => ("-".into(), "-".into()),
         };
@@ -80,7 +80,7 @@ impl AsyncAllowanceStore for RedisStore {
             Some(_) => batch
                 .ops
                 .iter()
-                .map(|op| hold_desc(op.scope, owner, &op.meter, op.window))
+                .map(|op| self.hold_desc(op.scope, owner, &op.meter, op.window))
                 .collect(),
             None => Vec::new(),
         };
@@ -102,7 +102,7 @@ impl AsyncAllowanceStore for RedisStore {
             }
         }
         for c in batch.cooldowns {
-            inv.arg(format!("{}:k:{}", self.tag, Self::scope_hash(c.scope)))
+            inv.arg(format!("{}:k:{}", self.tag, self.scope_hash(c.scope)))
                 .arg(c.start_until_ms.map_or("-".into(), |t| t.to_string()));
         }
         let reply: redis::Value = self.run(&inv).await?;
@@ -120,7 +120,11 @@ impl AsyncAllowanceStore for RedisStore {
         let mut out = Vec::with_capacity(rows.len() / 5);
         for row in rows.chunks_exact(5) {
             let id: LeaseId = row[0].parse().map_err(|_| bad_reply("lease id"))?;
-            let owner = unhex(&row[1]).ok_or_else(|| bad_reply("owner"))?;
+            // The owner's digest, as `digest_of` writes it.
+            if row[1].len() != 32 || !row[1].bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad_reply("owner"));
+            }
+            let owner = format!("hmac:{}", row[1]);
             let ms = |s: &str| s.parse::<i64>().map(ms_to_time).ok();
             out.push(LeaseInfo::new(
                 id,
@@ -190,16 +194,12 @@ impl LeaseArgs {
 impl RedisStore {
     fn lease_args(&self, l: &LeaseOp<'_>) -> LeaseArgs {
         let lid = l.id.to_string();
-        let shown = if looks_secret(l.owner.id()) {
-            digest(l.owner.id())
-        } else {
-            l.owner.id().to_owned()
-        };
         let mut args = LeaseArgs {
             lkey: format!("{}:l:{lid}", self.tag),
             lid,
-            owner_sid: Self::scope_hash(l.owner),
-            owner_desc: hex(shown.as_bytes()),
+            owner_sid: self.scope_hash(l.owner),
+            // `overdue` answers the owner's digest, never its id.
+            owner_desc: self.scope_hash(l.owner),
             ..LeaseArgs::none()
         };
         match l.action {

@@ -3,6 +3,7 @@
 
 mod apply;
 mod encode;
+mod keyed;
 mod reply;
 
 use std::fmt;
@@ -11,13 +12,14 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::aio::ConnectionManagerConfig;
 use redis::{Client, Script};
-use sha2::{Digest, Sha256};
 
-use crate::store::{FailurePolicy, ScopeKey, ScopeKind};
+use crate::store::{FailurePolicy, ScopeKey};
 use crate::window::Window;
 use crate::Error;
 
 use encode::*;
+use keyed::MIN_SECRET_LEN;
+use keyed::{Keyed, Secret};
 
 const APPLY_LUA: &str = include_str!("apply.lua");
 const OVERDUE_LUA: &str = include_str!("overdue.lua");
@@ -62,9 +64,13 @@ pub struct RedisConfig {
     horizon: Duration,
     margin: Duration,
     lifetime_ttl: Duration,
+    secret: Option<Secret>,
 }
 
 impl RedisConfig {
+    /// The shortest secret [`RedisConfig::secret`] takes, in bytes.
+    pub const MIN_SECRET_LEN: usize = MIN_SECRET_LEN;
+
     /// Defaults: prefix `tollgate`, timeout 250 ms, fail closed, the
     /// server's clock, event horizon 24 h, expiry margin 1 h, lifetime
     /// counters kept 10 years after their last write.
@@ -78,7 +84,26 @@ impl RedisConfig {
             horizon: Duration::from_secs(86_400),
             margin: Duration::from_secs(3_600),
             lifetime_ttl: Duration::from_secs(10 * 366 * 86_400),
+            secret: None,
         }
+    }
+
+    /// The secret the store's keyed digests use (HMAC-SHA-256): every
+    /// subject, pool, lease owner and event id is kept in Redis only as its
+    /// digest under this secret, never as text. Every replica sharing a
+    /// prefix must use the same secret, and changing it orphans every
+    /// counter written before. At least [`Self::MIN_SECRET_LEN`] bytes.
+    ///
+    /// Without one, [`connect`](Self::connect) uses the secret stored under
+    /// `{prefix}:secret`, generating a random one there if none is (so
+    /// every replica agrees without configuration). That key is then the
+    /// one key without a TTL, and whoever can read the Redis can read it
+    /// and test guessed ids against the digests: give a secret here to keep
+    /// it out of Redis.
+    #[must_use]
+    pub fn secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.secret = Some(Secret(secret.as_ref().to_vec()));
+        self
     }
 
     /// The prefix of every key (default `tollgate`). It becomes the keys'
@@ -141,11 +166,22 @@ impl RedisConfig {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a prefix with braces, a zero timeout or
-    /// horizon, or a URL redis-rs refuses; [`Error::Store`] if Redis cannot
-    /// be reached within the timeout.
+    /// horizon, a secret shorter than [`Self::MIN_SECRET_LEN`], or a URL
+    /// redis-rs refuses; [`Error::Store`] if Redis cannot be reached within
+    /// the timeout.
     pub async fn connect(self) -> Result<RedisStore, Error> {
         if self.prefix.contains(['{', '}']) {
             return Err(Error::config("redis.prefix", "may not contain `{` or `}`"));
+        }
+        if self
+            .secret
+            .as_ref()
+            .is_some_and(|s| s.0.len() < MIN_SECRET_LEN)
+        {
+            return Err(Error::config(
+                "redis.secret",
+                format!("must be at least {MIN_SECRET_LEN} bytes"),
+            ));
         }
         if self.timeout.is_zero() {
             return Err(Error::config("redis.timeout", "must be above zero"));
@@ -173,11 +209,25 @@ impl RedisConfig {
         .await
         .map_err(|_| timed_out(self.timeout))?
         .map_err(store_error)?;
+        let tag = format!("{{{}}}", self.prefix);
+        let keyed = match &self.secret {
+            Some(s) => Keyed::new(&s.0),
+            None => {
+                let secret = tokio::time::timeout(
+                    self.timeout,
+                    stored_secret(conn.clone(), &format!("{tag}:secret")),
+                )
+                .await
+                .map_err(|_| timed_out(self.timeout))??;
+                Keyed::new(secret.as_bytes())
+            }
+        };
         let store = RedisStore {
             conn,
+            keyed,
             apply: Script::new(APPLY_LUA),
             overdue: Script::new(OVERDUE_LUA),
-            tag: format!("{{{}}}", self.prefix),
+            tag,
             timeout: self.timeout,
             policy: self.policy,
             time: self.time,
@@ -214,10 +264,13 @@ impl RedisConfig {
 /// [`Error::Overflow`], as in [`MemoryStore`](crate::MemoryStore).
 ///
 /// # Keys
-/// Every key starts with the hash tag `{prefix}:`. Scope ids never appear in
-/// key names: a scope is named by the first 128 bits of SHA-256 over its
-/// kind and id (`s:` or `p:` then the id's bytes), an event id by SHA-256
-/// of its bytes. All of one scope's counters live in **one hash per
+/// Every key starts with the hash tag `{prefix}:`. No subject, pool, lease
+/// owner or event id is stored or returned as text, in a key or a value: a
+/// scope is named by its keyed digest (the first 128 bits of HMAC-SHA-256,
+/// under the store's secret ([`RedisConfig::secret`]), over its kind and
+/// id), an event id likewise, and an event's fingerprint is kept only as
+/// its digest. Ids shaped like credentials need no special case.
+/// All of one scope's counters live in **one hash per
 /// scope**, a counter under the field `<len>:<meter>:<window>` (the meter
 /// length-prefixed), so no two counters share a field and no counter field
 /// is ever another field's name, whatever their ids contain (delimiters,
@@ -230,7 +283,8 @@ impl RedisConfig {
 /// | `{p}:l:<lease id>` | a lease: owner, expiry, deadline, held counters (hash) |
 /// | `{p}:od` | leases with a deadline, for `overdue` (sorted set) |
 /// | `{p}:k:<scope>` | a scope's cooldown end |
-/// | `{p}:e:<sha256 of event id>` | an applied event: fingerprint, time, answer |
+/// | `{p}:e:<event digest>` | an applied event: fingerprint digest, time, answer |
+/// | `{p}:secret` | the generated secret, when none is configured (no TTL) |
 ///
 /// A scope's hash holds, per counter, one field packing its state as
 /// decimal integers separated by spaces: `used held start end` for a
@@ -248,14 +302,15 @@ impl RedisConfig {
 /// version; there is no deployed data to migrate, and a store must not be
 /// pointed at keys written by the first layout.
 ///
-/// Values hold amounts and times, plus what `overdue` and a settlement must
-/// report: a lease's owner and the pools it holds. An id that looks like a
-/// secret — it starts like an API key (`sk-`, `sk_`, `pk_`, `rk_`, `api_`,
-/// `key_`, `ghp_`, `github_pat_`, `xox`, `AKIA`, `eyJ`, `Bearer `…) or is
-/// 24 characters or more of token characters mixing letters and digits —
-/// is kept only as `sha256:<hex>` (the first 128 bits), and
-/// [`AsyncAllowanceStore::overdue`](crate::store::AsyncAllowanceStore::overdue) reports such an owner as
-/// `ScopeKey::subject("sha256:<hex>")`.
+/// Values hold amounts, times, lease ids, digests and meter names. What
+/// `overdue` and a settlement must report about a scope is its digest:
+/// [`AsyncAllowanceStore::overdue`](crate::store::AsyncAllowanceStore::overdue)
+/// reports each overdue lease by its [`LeaseId`](crate::store::LeaseId)
+/// (the id of the host's `Reservation`) with the owner
+/// `ScopeKey::subject("hmac:<hex>")`, which [`RedisStore::digest_of`]
+/// computes for an id the host knows; a settlement reports a held pool its
+/// batch did not name as `ScopeKey::pool("hmac:<hex>")` (the engine names
+/// every pool it settles, so it never sees one).
 ///
 /// # Expiry
 /// Every key gets a TTL when it is written. A scope's hash lives as long as
@@ -300,6 +355,7 @@ impl RedisConfig {
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    keyed: Keyed,
     apply: Script,
     overdue: Script,
     tag: String,
@@ -336,20 +392,24 @@ impl RedisStore {
         &self.tag
     }
 
-    fn scope_hash(scope: &ScopeKey) -> String {
-        let mut h = Sha256::new();
-        h.update(match scope.kind() {
-            ScopeKind::Subject => b"s:",
-            ScopeKind::Pool => b"p:",
-        });
-        h.update(scope.id().as_bytes());
-        hex(&h.finalize()[..16])
+    /// How this store names `scope` wherever it reports a scope it does
+    /// not store: `hmac:` and the scope's keyed digest (hex). `overdue`
+    /// reports a lease's owner as `ScopeKey::subject(digest_of(owner))`,
+    /// and a settlement a held pool the batch did not name as
+    /// `ScopeKey::pool(digest_of(pool))`: compute this for the ids you know
+    /// to map them back (or keep your reservations by lease id).
+    pub fn digest_of(&self, scope: &ScopeKey) -> String {
+        format!("hmac:{}", self.keyed.scope(scope))
+    }
+
+    fn scope_hash(&self, scope: &ScopeKey) -> String {
+        self.keyed.scope(scope)
     }
 
     /// A scope's hash: every counter of the scope, its buckets and hold
     /// amounts, and the hash's expiry.
     fn scope_key(&self, scope: &ScopeKey) -> String {
-        format!("{}:c:{}", self.tag, Self::scope_hash(scope))
+        format!("{}:c:{}", self.tag, self.scope_hash(scope))
     }
 
     /// A counter's field in its scope's hash: the meter, length-prefixed,
@@ -379,4 +439,23 @@ impl RedisStore {
             },
         )
     }
+}
+
+/// The secret stored under `key`, made there first if none is.
+async fn stored_secret(mut conn: ConnectionManager, key: &str) -> Result<String, Error> {
+    let _: Option<String> = redis::cmd("SET")
+        .arg(key)
+        .arg(keyed::fresh_secret())
+        .arg("NX")
+        .query_async(&mut conn)
+        .await
+        .map_err(store_error)?;
+    let secret: Option<String> = redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .map_err(store_error)?;
+    secret
+        .filter(|s| s.len() >= MIN_SECRET_LEN)
+        .ok_or_else(|| Error::config("redis.secret", format!("`{key}` holds no usable secret")))
 }
