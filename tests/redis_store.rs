@@ -623,7 +623,16 @@ fn an_outage_fails_closed_or_open_and_recovers() {
             let started = Instant::now();
             let r = closed.admit_async(&req).await;
             let took = started.elapsed();
-            assert!(matches!(r, Err(Error::Store { .. })), "{r:?}");
+            // The first call after the kill may have been written to the
+            // dead connection (outcome unknown); then reconnecting is
+            // refused and nothing leaves.
+            assert!(
+                matches!(
+                    r,
+                    Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. })
+                ),
+                "{r:?}"
+            );
             assert!(took <= timeout + Duration::from_millis(50), "took {took:?}");
 
             let started = Instant::now();

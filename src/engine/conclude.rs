@@ -226,6 +226,7 @@ impl<S, C: Clock> Engine<S, C> {
             cost: p.cost.clone(),
             unpriced: p.unpriced_ids(),
             allowed_on_error: false,
+            record_unknown: None,
         };
         self.observe(call, req, now, &decision);
         Some(decision)
@@ -515,6 +516,7 @@ fn build_decision(
         cost,
         unpriced,
         allowed_on_error: false,
+        record_unknown: None,
     }
 }
 

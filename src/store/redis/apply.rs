@@ -105,7 +105,16 @@ impl AsyncAllowanceStore for RedisStore {
             inv.arg(format!("{}:k:{}", self.tag, self.scope_hash(c.scope)))
                 .arg(c.start_until_ms.map_or("-".into(), |t| t.to_string()));
         }
-        let reply: redis::Value = self.run(&inv).await?;
+        let reply: redis::Value = self.run(&inv).await.map_err(|e| match e {
+            // A check changes nothing, whether it ran or not.
+            e if batch.mode == Mode::Check => known(e),
+            // The retry that settles it is the one with this event id.
+            Error::StoreOutcomeUnknown { message, .. } => Error::StoreOutcomeUnknown {
+                message,
+                event: batch.event.map(|e| e.id.to_owned()),
+            },
+            e => e,
+        })?;
         self.decode(batch, &descs, &reply)
     }
 
@@ -116,7 +125,7 @@ impl AsyncAllowanceStore for RedisStore {
             .arg(now)
             .arg(server)
             .arg(format!("{}:l:", self.tag));
-        let rows: Vec<String> = self.run(&inv).await?;
+        let rows: Vec<String> = self.run(&inv).await.map_err(known)?;
         let mut out = Vec::with_capacity(rows.len() / 5);
         for row in rows.chunks_exact(5) {
             let id: LeaseId = row[0].parse().map_err(|_| bad_reply("lease id"))?;
@@ -140,6 +149,11 @@ impl AsyncAllowanceStore for RedisStore {
 
     fn failure_policy(&self) -> FailurePolicy {
         self.policy
+    }
+
+    /// `true`: a call that times out may have applied.
+    fn needs_event_ids(&self) -> bool {
+        true
     }
 }
 

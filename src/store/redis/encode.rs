@@ -21,6 +21,37 @@ pub(super) fn store_error(e: redis::RedisError) -> Error {
     }
 }
 
+/// A call that was sent (or may have been) and got no answer in time.
+pub(super) fn unanswered(timeout: Duration) -> Error {
+    Error::StoreOutcomeUnknown {
+        message: format!("redis: no answer within {timeout:?}"),
+        event: None,
+    }
+}
+
+/// A failed call: [`Error::Store`] when Redis answered with an error (the
+/// script did not run: Redis refuses a command whole) or the connection
+/// was refused; [`Error::StoreOutcomeUnknown`] when the connection failed
+/// otherwise (dropped, reset, an I/O timeout), since the request may have
+/// left before it did.
+pub(super) fn call_error(e: redis::RedisError) -> Error {
+    if matches!(e.kind(), redis::ErrorKind::Server(_)) || e.is_connection_refusal() {
+        return store_error(e);
+    }
+    Error::StoreOutcomeUnknown {
+        message: format!("redis: {e}"),
+        event: None,
+    }
+}
+
+/// A read's failure: nothing it could have done changes anything.
+pub(super) fn known(e: Error) -> Error {
+    match e {
+        Error::StoreOutcomeUnknown { message, .. } => Error::Store { message },
+        e => e,
+    }
+}
+
 pub(super) fn hex(bytes: &[u8]) -> String {
     ::hex::encode(bytes)
 }

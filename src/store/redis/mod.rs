@@ -115,7 +115,8 @@ impl RedisConfig {
     }
 
     /// The longest a store call may take, connecting included; past it the
-    /// call fails with [`Error::Store`] (default 250 ms).
+    /// call fails with [`Error::StoreOutcomeUnknown`] (or [`Error::Store`]
+    /// for a read) (default 250 ms).
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -200,8 +201,10 @@ impl RedisConfig {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
+            // A reconnect is tried once per failed call: refused at once
+            // when Redis is down, so a call that sent nothing says so
+            // (`Error::Store`) instead of waiting out its timeout.
+            .set_number_of_retries(0);
         let conn = tokio::time::timeout(
             self.timeout,
             ConnectionManager::new_with_config(client, config),
@@ -347,11 +350,18 @@ impl RedisConfig {
 /// their own prefixes to spread load.
 ///
 /// # Outages
-/// Every call is bounded by [`RedisConfig::timeout`]; a timeout or a
-/// connection error is [`Error::Store`], and the engine's async calls then
-/// follow the [`FailurePolicy`]. The connection is a redis-rs
-/// `ConnectionManager`: after an outage it reconnects by itself on the
-/// next calls.
+/// Every call is bounded by [`RedisConfig::timeout`]. A call Redis never
+/// got — the connection refused — or refused whole (a server error) is
+/// [`Error::Store`]: nothing changed. A call that timed out or lost its
+/// connection after it was written may have run: it is
+/// [`Error::StoreOutcomeUnknown`], naming the batch's event id, and the
+/// engine gives every mutating call one (see the
+/// [store contract](crate::store#ambiguous-outcomes)); a check-mode batch
+/// changes nothing either way and fails as [`Error::Store`]. The engine's
+/// async calls then follow the [`FailurePolicy`]. The connection is a
+/// redis-rs `ConnectionManager`: after an outage it reconnects by itself,
+/// once per failed call, and a call refused by a stale connection is
+/// retried once on the new one.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -422,11 +432,20 @@ impl RedisStore {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, Error> {
-        let mut conn = self.conn.clone();
-        tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
+        let call = async {
+            let mut conn = self.conn.clone();
+            match invocation.invoke_async(&mut conn).await {
+                // Refused: nothing left, and the connection manager has
+                // started a new connection; one more try uses it (a store
+                // recovers on the first call after an outage).
+                Err(e) if e.is_connection_refusal() => invocation.invoke_async(&mut conn).await,
+                r => r,
+            }
+        };
+        tokio::time::timeout(self.timeout, call)
             .await
-            .map_err(|_| timed_out(self.timeout))?
-            .map_err(store_error)
+            .map_err(|_| unanswered(self.timeout))?
+            .map_err(call_error)
     }
 
     fn now_arg(&self, now_ms: i64) -> (String, &'static str) {
