@@ -133,6 +133,14 @@ pub enum Error {
         /// What the backend reported.
         message: String,
     },
+    /// A batch a Redis Cluster store cannot apply safely: one spanning
+    /// hash slots in a way its protocol does not cover (see `RedisStore`'s
+    /// section on Redis Cluster). Nothing changed.
+    #[error("batch spans cluster slots: {reason}")]
+    CrossSlot {
+        /// What the batch does that cannot span slots.
+        reason: String,
+    },
     /// A network store's call left and no answer came back (a timeout, a
     /// connection lost mid-call): the call may or may not have applied.
     /// Retry it with `event` as its event id

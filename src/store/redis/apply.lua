@@ -228,9 +228,16 @@ if ekey ~= '-' or action ~= '-' then horizon = ARGV[4] + 0 end
 -- op's hold descriptor.
 local base = 10
 local efp
+-- An event key starting with '?' is consulted, never written (the first
+-- phase of a batch spanning cluster slots).
+local ewrite = true
 if ekey ~= '-' then
   efp = ARGV[11]
   base = 11
+  if string.byte(ekey, 1) == 63 then
+    ekey = string.sub(ekey, 2)
+    ewrite = false
+  end
 end
 local lkey, owner, ownerdesc, lp1, lp2, lid, odkey
 local OPF = 7
@@ -945,7 +952,7 @@ else
   out[o + 1] = 0
 end
 
-if applied and ekey ~= '-' then
+if applied and ekey ~= '-' and ewrite then
   -- The ledger keeps the answer as one string, which a replay returns.
   local words = {}
   for i, v in ipairs(out) do words[i] = type(v) == 'number' and S(v) or v end

@@ -2,9 +2,11 @@
 //! `redis`).
 
 mod apply;
+mod conn;
 mod encode;
 mod keyed;
 mod reply;
+mod span;
 
 use std::fmt;
 use std::time::Duration;
@@ -17,6 +19,7 @@ use crate::store::{FailurePolicy, ScopeKey};
 use crate::window::Window;
 use crate::Error;
 
+use conn::{Conn, Layout};
 use encode::*;
 use keyed::MIN_SECRET_LEN;
 use keyed::{Keyed, Secret};
@@ -57,6 +60,7 @@ pub enum TimeSource {
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
     url: String,
+    nodes: Vec<String>,
     prefix: String,
     timeout: Duration,
     policy: FailurePolicy,
@@ -77,6 +81,7 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            nodes: Vec::new(),
             prefix: "tollgate".into(),
             timeout: Duration::from_millis(250),
             policy: FailurePolicy::FailClosed,
@@ -106,8 +111,28 @@ impl RedisConfig {
         self
     }
 
+    /// A store on a Redis Cluster (feature `redis-cluster`), reached
+    /// through any of `nodes` (`redis://host:port` URLs), with the
+    /// defaults of [`RedisConfig::new`]. See [`RedisStore`]'s section on
+    /// Redis Cluster.
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub fn cluster<I, S>(nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
+        Self {
+            url: String::new(),
+            nodes,
+            ..Self::new("")
+        }
+    }
+
     /// The prefix of every key (default `tollgate`). It becomes the keys'
-    /// hash tag, `{prefix}`, so it may not contain `{` or `}`.
+    /// hash tag, `{prefix}` (on a cluster `{prefix:<scope digest>}`), so
+    /// it may not contain `{` or `}`.
     #[must_use]
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -196,37 +221,27 @@ impl RedisConfig {
         let horizon_ms = ms(self.horizon, "redis.event_horizon")?;
         let margin_ms = ms(self.margin, "redis.expiry_margin")?;
         let lifetime_ms = ms(self.lifetime_ttl, "redis.lifetime_ttl")?;
-        let client = Client::open(self.url.as_str())
-            .map_err(|e| Error::config("redis.url", e.to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            // A reconnect is tried once per failed call: refused at once
-            // when Redis is down, so a call that sent nothing says so
-            // (`Error::Store`) instead of waiting out its timeout.
-            .set_number_of_retries(0);
-        let conn = tokio::time::timeout(
-            self.timeout,
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        .map_err(|_| timed_out(self.timeout))?
-        .map_err(store_error)?;
+        let conn = self.open().await?;
         let tag = format!("{{{}}}", self.prefix);
         let keyed = match &self.secret {
             Some(s) => Keyed::new(&s.0),
             None => {
                 let secret = tokio::time::timeout(
                     self.timeout,
-                    stored_secret(conn.clone(), &format!("{tag}:secret")),
+                    stored_secret(&conn, &format!("{tag}:secret")),
                 )
                 .await
                 .map_err(|_| timed_out(self.timeout))??;
                 Keyed::new(secret.as_bytes())
             }
         };
+        let layout = Layout {
+            prefix: self.prefix.clone(),
+            cluster: conn.single().is_none(),
+        };
         let store = RedisStore {
             conn,
+            layout,
             keyed,
             apply: Script::new(APPLY_LUA),
             overdue: Script::new(OVERDUE_LUA),
@@ -238,15 +253,76 @@ impl RedisConfig {
             margin_ms,
             lifetime_ms,
         };
-        let mut conn = store.conn.clone();
-        tokio::time::timeout(
-            store.timeout,
-            store.apply.prepare_invoke().load_async(&mut conn),
+        // One node: load the script now. A cluster's nodes load it on
+        // first use (`EVALSHA`, then `EVAL` on `NOSCRIPT`).
+        if let Some(c) = store.conn.single() {
+            tokio::time::timeout(
+                store.timeout,
+                store.apply.prepare_invoke().load_async(&mut c.clone()),
+            )
+            .await
+            .map_err(|_| timed_out(store.timeout))?
+            .map_err(store_error)?;
+        }
+        Ok(store)
+    }
+
+    /// The connection: one node (refused if it is a cluster node), or a
+    /// cluster.
+    async fn open(&self) -> Result<Conn, Error> {
+        #[cfg(feature = "redis-cluster")]
+        if !self.nodes.is_empty() {
+            let client = redis::cluster::ClusterClient::builder(self.nodes.clone())
+                .connection_timeout(self.timeout)
+                .response_timeout(self.timeout)
+                // No hidden retries: a call resent after its connection
+                // failed could apply twice (see the store contract).
+                .retries(0)
+                .build()
+                .map_err(|e| Error::config("redis.cluster", e.to_string()))?;
+            let conn = tokio::time::timeout(self.timeout, client.get_async_connection())
+                .await
+                .map_err(|_| timed_out(self.timeout))?
+                .map_err(store_error)?;
+            return Ok(Conn::Cluster(conn));
+        }
+        if self.url.is_empty() && !self.nodes.is_empty() {
+            return Err(Error::config(
+                "redis.cluster",
+                "needs feature `redis-cluster`",
+            ));
+        }
+        let client = Client::open(self.url.as_str())
+            .map_err(|e| Error::config("redis.url", e.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            // A reconnect is tried once per failed call: refused at once
+            // when Redis is down, so a call that sent nothing says so
+            // (`Error::Store`) instead of waiting out its timeout.
+            .set_number_of_retries(0);
+        let manager = tokio::time::timeout(
+            self.timeout,
+            ConnectionManager::new_with_config(client, config),
         )
         .await
-        .map_err(|_| timed_out(store.timeout))?
+        .map_err(|_| timed_out(self.timeout))?
         .map_err(store_error)?;
-        Ok(store)
+        let conn = Conn::Single(manager);
+        // A cluster node answers only for its own slots: every call would
+        // fail with `MOVED`. Refused here, with what to do instead.
+        let info: String =
+            tokio::time::timeout(self.timeout, conn.query(redis::cmd("INFO").arg("cluster")))
+                .await
+                .map_err(|_| timed_out(self.timeout))?
+                .map_err(store_error)?;
+        if info.contains("cluster_enabled:1") {
+            return Err(Error::config(
+                "redis.url",
+                "is a Redis Cluster node: connect with RedisConfig::cluster (feature `redis-cluster`)",
+            ));
+        }
+        Ok(conn)
     }
 }
 
@@ -344,10 +420,42 @@ impl RedisConfig {
 /// server's time per call from `INFO commandstats`.
 ///
 /// # Redis Cluster
-/// All keys of a store share one hash tag, `{prefix}`, so every key a
-/// decision touches is in one slot and the script runs on one node. A
-/// store therefore does not spread over a cluster's shards; give tenants
-/// their own prefixes to spread load.
+/// On one node every key shares the hash tag `{prefix}`. On a cluster
+/// ([`RedisConfig::cluster`], feature `redis-cluster`; redis-rs's async
+/// cluster client, with its own retries off so no call is resent) each
+/// scope has its own tag, `{prefix:<scope digest>}`: a scope's counters,
+/// holds and cooldown, the leases it owns with their deadline index, and
+/// the events of the decisions it is home to (the lease owner's, else the
+/// first op's) share one slot, and scopes spread over the primaries. A
+/// decision whose keys share a slot (a subject's own limits) is one
+/// script call, as on one node. One spanning slots (a subject and a
+/// shared pool) is one call per slot, ordered so it never over-admits:
+///
+/// - an admit (`WithinLimits`) first opens a lease on each slot holding
+///   that slot's deltas — a hold counts toward every maximum — then, if
+///   every slot held, settles each keeping all of it as usage; if one
+///   refused, the others are released. A failure midway leaves only holds,
+///   which expire 60 s past the batch's time (so engine clocks must be
+///   within that of Redis's on [`TimeSource::Server`]);
+/// - a record (`Force`) applies each slot's part, keeping the event in
+///   each, so a retry after a failure midway applies only what had not
+///   applied (the failure is [`Error::StoreOutcomeUnknown`]);
+/// - a check reads each slot;
+/// - a reservation opens its lease on each slot (its deadline on the
+///   owner's, whose record lists the other slots), and renew and settle
+///   visit every slot; a grow whose ops span slots is refused with
+///   [`Error::CrossSlot`], since a grow cannot be taken back.
+///
+/// Atomicity across slots is that of these steps, not of one script: a
+/// reader between two steps may see one slot applied and not the other,
+/// and an admit refused by a slot still held the others for a moment.
+/// An event id is remembered in its decision's home slot; a settlement
+/// with one also leaves a marker in the event's own slot, so another
+/// owner's settlement under the same id is [`Error::EventConflict`].
+/// `overdue` scans every primary for deadline indexes (`SCAN`): a pass
+/// over the keys, for a maintenance call. A cluster node given to
+/// [`RedisConfig::new`] is refused at connect (every call would answer
+/// `MOVED`); a prefix with braces is refused in both modes.
 ///
 /// # Outages
 /// Every call is bounded by [`RedisConfig::timeout`]. A call Redis never
@@ -364,7 +472,8 @@ impl RedisConfig {
 /// retried once on the new one.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
+    layout: Layout,
     keyed: Keyed,
     apply: Script,
     overdue: Script,
@@ -398,6 +507,9 @@ impl RedisStore {
     }
 
     /// The hash tag every key starts with: `{prefix}`.
+    ///
+    /// On a cluster each scope's keys start with `{prefix:<digest>}`
+    /// instead, and every other key (the generated secret) with this.
     pub fn key_tag(&self) -> &str {
         &self.tag
     }
@@ -416,12 +528,6 @@ impl RedisStore {
         self.keyed.scope(scope)
     }
 
-    /// A scope's hash: every counter of the scope, its buckets and hold
-    /// amounts, and the hash's expiry.
-    fn scope_key(&self, scope: &ScopeKey) -> String {
-        format!("{}:c:{}", self.tag, self.scope_hash(scope))
-    }
-
     /// A counter's field in its scope's hash: the meter, length-prefixed,
     /// and the window.
     fn counter_field(meter: &str, window: Window) -> String {
@@ -433,12 +539,11 @@ impl RedisStore {
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, Error> {
         let call = async {
-            let mut conn = self.conn.clone();
-            match invocation.invoke_async(&mut conn).await {
+            match self.conn.invoke(invocation).await {
                 // Refused: nothing left, and the connection manager has
                 // started a new connection; one more try uses it (a store
                 // recovers on the first call after an outage).
-                Err(e) if e.is_connection_refusal() => invocation.invoke_async(&mut conn).await,
+                Err(e) if e.is_connection_refusal() => self.conn.invoke(invocation).await,
                 r => r,
             }
         };
@@ -461,17 +566,18 @@ impl RedisStore {
 }
 
 /// The secret stored under `key`, made there first if none is.
-async fn stored_secret(mut conn: ConnectionManager, key: &str) -> Result<String, Error> {
-    let _: Option<String> = redis::cmd("SET")
-        .arg(key)
-        .arg(keyed::fresh_secret())
-        .arg("NX")
-        .query_async(&mut conn)
+async fn stored_secret(conn: &Conn, key: &str) -> Result<String, Error> {
+    let _: Option<String> = conn
+        .query(
+            redis::cmd("SET")
+                .arg(key)
+                .arg(keyed::fresh_secret())
+                .arg("NX"),
+        )
         .await
         .map_err(store_error)?;
-    let secret: Option<String> = redis::cmd("GET")
-        .arg(key)
-        .query_async(&mut conn)
+    let secret: Option<String> = conn
+        .query(redis::cmd("GET").arg(key))
         .await
         .map_err(store_error)?;
     secret
