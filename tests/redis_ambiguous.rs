@@ -235,3 +235,96 @@ fn nothing_sent_is_a_plain_store_error() {
         );
     });
 }
+
+/// Every admit gets an event id (the engine's when the host gives none);
+/// the engine's are kept for the retry horizon, the host's for the event
+/// horizon. A retry with the host's id replays.
+#[test]
+fn engine_made_event_ids_are_kept_for_the_retry_horizon() {
+    let Ok(url) = std::env::var("TOLLGATE_REDIS_URL") else {
+        eprintln!("skipped: TOLLGATE_REDIS_URL not set");
+        return;
+    };
+    runtime().block_on(async {
+        let prefix = prefix();
+        let store = RedisConfig::new(url.as_str())
+            .prefix(&prefix)
+            .retry_horizon(Duration::from_secs(60))
+            .expiry_margin(Duration::from_secs(1))
+            .connect()
+            .await
+            .expect("connect");
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("tokens"))
+            .plan(PlanConfig::new("plan").limit(LimitConfig::new(
+                "tokens",
+                Window::calendar(Period::Day),
+                1_000u64,
+            )))
+            .build()
+            .expect("catalog");
+        let engine = Engine::with_store_and_clock(catalog, store, SystemClock);
+        engine
+            .allocate(Allocation::new("agent", "plan"))
+            .expect("allocate");
+        let mut conn = redis::Client::open(url.as_str())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let ttls = |pattern: String| {
+            let mut conn = conn.clone();
+            async move {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(pattern)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("keys");
+                let mut out = Vec::new();
+                for k in keys {
+                    let t: i64 = redis::cmd("PTTL")
+                        .arg(&k)
+                        .query_async(&mut conn)
+                        .await
+                        .expect("pttl");
+                    out.push(t);
+                }
+                out
+            }
+        };
+        let req = Request::new("agent").units("tokens", 1);
+        engine.admit_async(&req).await.expect("admit");
+        let made = ttls(format!("{{{prefix}}}:e:*")).await;
+        assert_eq!(made.len(), 1, "the admit carried an event id");
+        assert!(
+            made[0] > 0 && made[0] <= 61_000,
+            "kept for the retry horizon: {made:?}"
+        );
+        let hosts = Request::new("agent").units("tokens", 1).event("host-1");
+        engine.admit_async(&hosts).await.expect("admit");
+        let again = engine.admit_async(&hosts).await.expect("replay");
+        assert!(
+            again.recorded || again.allowed,
+            "a replay answers the first"
+        );
+        let all = ttls(format!("{{{prefix}}}:e:*")).await;
+        assert_eq!(all.len(), 2);
+        assert!(
+            all.iter().any(|&t| t > 3_600_000),
+            "the host's id is kept for the event horizon: {all:?}"
+        );
+        assert_eq!(used(&engine).await, 2.into(), "the replay counted once");
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{{{prefix}}}:*"))
+            .query_async(&mut conn)
+            .await
+            .expect("keys");
+        for k in keys {
+            let _: () = redis::cmd("DEL")
+                .arg(k)
+                .query_async(&mut conn)
+                .await
+                .expect("del");
+        }
+    });
+}

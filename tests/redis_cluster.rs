@@ -406,3 +406,128 @@ fn overdue_reads_every_primary() {
         flush(&nodes, &prefix).await;
     });
 }
+
+/// A spanning admit that one slot refuses changes nothing anywhere: the
+/// slot that held gives its hold back. A grow spanning slots is refused
+/// with `Error::CrossSlot`, and changes nothing either.
+#[test]
+fn spanning_refusals_and_grows_change_nothing() {
+    let Some(nodes) = nodes() else { return };
+    let rt = runtime();
+    let prefix = unique_prefix("span-refuse");
+    rt.block_on(async {
+        let store = store(&nodes, &prefix, TimeSource::Batch).await;
+        let (a, p) = (ScopeKey::subject("a"), ScopeKey::pool("p"));
+        let t = Name::new("t");
+        let day = Window::calendar(Period::Day);
+        let now = Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap();
+        let now_ms = now.timestamp_millis();
+        let read = |store: RedisStore| {
+            let (a, p) = (a.clone(), p.clone());
+            async move {
+                let ops = [
+                    CounterOp::new(&a, t, day, 0, None),
+                    CounterOp::new(&p, t, day, 0, None),
+                ];
+                let r = store
+                    .apply(&Batch::new(&ops, Mode::Check, now_ms))
+                    .await
+                    .expect("check");
+                (
+                    (r.counters[0].used, r.counters[0].held),
+                    (r.counters[1].used, r.counters[1].held),
+                )
+            }
+        };
+        let ops = [
+            CounterOp::new(&a, t, day, 5, Some(10)),
+            CounterOp::new(&p, t, day, 5, Some(4)),
+        ];
+        let r = store
+            .apply(&Batch::new(&ops, Mode::WithinLimits, now_ms))
+            .await
+            .expect("apply");
+        assert!(!r.applied);
+        assert_eq!(read(store.clone()).await, ((0, 0), (0, 0)), "no hold kept");
+
+        // A reservation across both slots, then a grow across them.
+        let id = tollgate::store::LeaseId::random();
+        let open = tollgate::store::LeaseOp::new(
+            id,
+            &a,
+            tollgate::store::LeaseAction::Open {
+                expires_at_ms: now_ms + 60_000,
+                deadline_ms: None,
+            },
+        );
+        let hold = [
+            CounterOp::new(&a, t, day, 2, Some(10)),
+            CounterOp::new(&p, t, day, 3, Some(4)),
+        ];
+        let r = store
+            .apply(&Batch::new(&hold, Mode::WithinLimits, now_ms).with_lease(open))
+            .await
+            .expect("open");
+        assert!(r.applied);
+        assert_eq!(read(store.clone()).await, ((0, 2), (0, 3)));
+        let grow = tollgate::store::LeaseOp::new(id, &a, tollgate::store::LeaseAction::Grow);
+        let err = store
+            .apply(&Batch::new(&hold, Mode::WithinLimits, now_ms).with_lease(grow))
+            .await
+            .expect_err("a grow across slots");
+        assert!(matches!(err, Error::CrossSlot { .. }), "{err:?}");
+        assert_eq!(read(store.clone()).await, ((0, 2), (0, 3)), "unchanged");
+        // Renew reaches both slots; a settlement charges both.
+        let renew = tollgate::store::LeaseOp::new(
+            id,
+            &a,
+            tollgate::store::LeaseAction::Renew {
+                expires_at_ms: now_ms + 600_000,
+            },
+        );
+        store
+            .apply(&Batch::new(&[], Mode::Force, now_ms).with_lease(renew))
+            .await
+            .expect("renew");
+        let later = now_ms + 120_000;
+        let ops = [
+            CounterOp::new(&a, t, day, 0, None),
+            CounterOp::new(&p, t, day, 0, None),
+        ];
+        let r = store
+            .apply(&Batch::new(&ops, Mode::Check, later))
+            .await
+            .expect("check");
+        assert_eq!(
+            (r.counters[0].held, r.counters[1].held),
+            (2, 3),
+            "both holds renewed past their first expiry"
+        );
+        let settle = tollgate::store::LeaseOp::new(
+            id,
+            &a,
+            tollgate::store::LeaseAction::Settle {
+                keep: tollgate::store::Fraction::ONE,
+            },
+        );
+        let r = store
+            .apply(&Batch::new(&[], Mode::Force, later).with_lease(settle))
+            .await
+            .expect("settle");
+        assert_eq!(r.settled.len(), 2, "a hold settled on each slot");
+        let r = store
+            .apply(&Batch::new(&ops, Mode::Check, later))
+            .await
+            .expect("check");
+        assert_eq!(
+            (
+                r.counters[0].used,
+                r.counters[0].held,
+                r.counters[1].used,
+                r.counters[1].held
+            ),
+            (2, 0, 3, 0)
+        );
+        flush(&nodes, &prefix).await;
+    });
+}

@@ -67,9 +67,10 @@ impl AsyncAllowanceStore for RedisStore {
         self.policy
     }
 
-    /// `true`: a call that times out may have applied.
+    /// A call that times out may have applied: `true` unless turned off
+    /// with [`RedisConfig::engine_event_ids`](super::RedisConfig::engine_event_ids).
     fn needs_event_ids(&self) -> bool {
-        true
+        self.made_ids
     }
 }
 
@@ -263,10 +264,15 @@ impl RedisStore {
             ),
             None => ("-".into(), "-".into()),
         };
+        // An id the engine made is kept only as long as a retry needs it.
+        let horizon = match batch.event {
+            Some(e) if e.id.starts_with("tollgate:") => self.retry_horizon_ms,
+            _ => self.horizon_ms,
+        };
         inv.arg(now)
             .arg(server)
             .arg(mode)
-            .arg(self.horizon_ms)
+            .arg(horizon)
             .arg(self.margin_ms)
             .arg(self.lifetime_ms)
             .arg(batch.ops.len())

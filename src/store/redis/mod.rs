@@ -66,6 +66,8 @@ pub struct RedisConfig {
     policy: FailurePolicy,
     time: TimeSource,
     horizon: Duration,
+    retry_horizon: Duration,
+    made_ids: bool,
     margin: Duration,
     lifetime_ttl: Duration,
     secret: Option<Secret>,
@@ -87,6 +89,8 @@ impl RedisConfig {
             policy: FailurePolicy::FailClosed,
             time: TimeSource::Server,
             horizon: Duration::from_secs(86_400),
+            retry_horizon: Duration::from_secs(900),
+            made_ids: true,
             margin: Duration::from_secs(3_600),
             lifetime_ttl: Duration::from_secs(10 * 366 * 86_400),
             secret: None,
@@ -170,6 +174,32 @@ impl RedisConfig {
         self
     }
 
+    /// How long an event id the engine made is remembered (default 15
+    /// minutes): the async engine gives every mutating call without an
+    /// event id one of its own (`tollgate:` and 32 hex digits) so that a
+    /// retry of an ambiguous call counts once (see the
+    /// [store contract](crate::store#ambiguous-outcomes)). A host retries
+    /// such a call soon or never, so these ids, one per decision, are kept
+    /// for this instead of the event horizon. An id of that shape given by
+    /// the host is kept as long.
+    #[must_use]
+    pub fn retry_horizon(mut self, horizon: Duration) -> Self {
+        self.retry_horizon = horizon;
+        self
+    }
+
+    /// Whether the async engine gives a mutating call without an event id
+    /// one of its own (default `true`; see
+    /// [`retry_horizon`](Self::retry_horizon)). Off, such a call whose
+    /// outcome is unknown ([`Error::StoreOutcomeUnknown`] with no event)
+    /// cannot be retried without risking a double count, and each
+    /// decision saves the ledger's three `redis.call`s.
+    #[must_use]
+    pub fn engine_event_ids(mut self, on: bool) -> Self {
+        self.made_ids = on;
+        self
+    }
+
     /// How long a key outlives the end of what it counts, to cover clock
     /// skew between the batch clock and the server (default 1 h).
     #[must_use]
@@ -219,6 +249,7 @@ impl RedisConfig {
                 .ok_or_else(|| Error::config(field, "must be between 1 ms and 2^50 ms"))
         };
         let horizon_ms = ms(self.horizon, "redis.event_horizon")?;
+        let retry_horizon_ms = ms(self.retry_horizon, "redis.retry_horizon")?;
         let margin_ms = ms(self.margin, "redis.expiry_margin")?;
         let lifetime_ms = ms(self.lifetime_ttl, "redis.lifetime_ttl")?;
         let conn = self.open().await?;
@@ -250,6 +281,8 @@ impl RedisConfig {
             policy: self.policy,
             time: self.time,
             horizon_ms,
+            retry_horizon_ms,
+            made_ids: self.made_ids,
             margin_ms,
             lifetime_ms,
         };
@@ -482,6 +515,8 @@ pub struct RedisStore {
     policy: FailurePolicy,
     time: TimeSource,
     horizon_ms: i64,
+    retry_horizon_ms: i64,
+    made_ids: bool,
     margin_ms: i64,
     lifetime_ms: i64,
 }
