@@ -10,7 +10,8 @@ use super::{AllowanceStore, Applied, Batch, LeaseInfo, MemoryStore};
 use crate::Error;
 
 /// What the engine's async calls do when the store fails ([`Error::Store`]:
-/// an outage, a timeout).
+/// an outage; [`Error::StoreOutcomeUnknown`]: a timeout after the call
+/// left).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum FailurePolicy {
     /// The call returns the store's `Err`: nothing is admitted while the
