@@ -395,7 +395,7 @@ impl RedisConfig {
 /// | `{p}:l:<lease id>` | a lease: owner, expiry, deadline, held counters (hash) |
 /// | `{p}:od` | leases with a deadline, for `overdue` (sorted set) |
 /// | `{p}:k:<scope>` | a scope's cooldown end |
-/// | `{p}:e:<event digest>` | an applied event: fingerprint digest, time, answer |
+/// | `{p}:e:<event digest>` | an applied event, one string: fingerprint digest, time, answer |
 /// | `{p}:secret` | the generated secret, when none is configured (no TTL) |
 ///
 /// A scope's hash holds, per counter, one field packing its state as
