@@ -149,8 +149,33 @@ fn conformance_on(name: &str, run: impl FnOnce(&dyn Fn() -> Blocking)) {
     };
     run(&new);
     for prefix in prefixes.into_inner().unwrap() {
+        // Every key written has a TTL (the generated secret excepted).
+        let without = rt.block_on(keys_without_ttl(&nodes, &prefix));
+        assert!(without.is_empty(), "keys without a TTL: {without:?}");
         rt.block_on(flush(&nodes, &prefix));
     }
+}
+
+async fn keys_without_ttl(nodes: &[String], prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (url, keys) in keys_by_node(nodes, prefix).await {
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        for k in keys.into_iter().filter(|k| !k.ends_with("}:secret")) {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .expect("pttl");
+            if ttl == -1 {
+                out.push(k);
+            }
+        }
+    }
+    out
 }
 
 #[test]
