@@ -474,6 +474,17 @@ fn spanning_refusals_and_grows_change_nothing() {
             .expect("apply");
         assert!(!r.applied);
         assert_eq!(read(store.clone()).await, ((0, 0), (0, 0)), "no hold kept");
+        // Refused by the first slot: the second is only read.
+        let ops = [
+            CounterOp::new(&a, t, day, 11, Some(10)),
+            CounterOp::new(&p, t, day, 1, Some(4)),
+        ];
+        let r = store
+            .apply(&Batch::new(&ops, Mode::WithinLimits, now_ms))
+            .await
+            .expect("apply");
+        assert!(!r.applied);
+        assert_eq!(read(store.clone()).await, ((0, 0), (0, 0)), "nothing applied");
 
         // A reservation across both slots, then a grow across them.
         let id = tollgate::store::LeaseId::random();

@@ -187,8 +187,8 @@ impl RedisStore {
         }
     }
 
-    /// Each part on its own: a check (lease and event only consulted), or
-    /// a forced batch (the event kept in every part).
+    /// Each part on its own: a check (`check`: in `Mode::Check`, the event
+    /// only consulted), or a forced batch (the event kept in every part).
     async fn span_each(
         &self,
         batch: &Batch<'_>,
@@ -199,7 +199,8 @@ impl RedisStore {
         let mut answers = Vec::with_capacity(parts.len());
         for part in parts {
             let (ops, cools) = pieces(batch, part, false, true);
-            let mut sub = Batch::new(&ops, batch.mode, batch.now_ms).with_cooldowns(&cools);
+            let mode = if check { Mode::Check } else { batch.mode };
+            let mut sub = Batch::new(&ops, mode, batch.now_ms).with_cooldowns(&cools);
             sub.event = batch.event;
             let r = self
                 .apply_one(&sub, &sub_digests(digests, part), check)
