@@ -484,7 +484,11 @@ fn spanning_refusals_and_grows_change_nothing() {
             .await
             .expect("apply");
         assert!(!r.applied);
-        assert_eq!(read(store.clone()).await, ((0, 0), (0, 0)), "nothing applied");
+        assert_eq!(
+            read(store.clone()).await,
+            ((0, 0), (0, 0)),
+            "nothing applied"
+        );
 
         // A reservation across both slots, then a grow across them.
         let id = tollgate::store::LeaseId::random();
