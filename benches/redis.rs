@@ -3,6 +3,10 @@
 //! (ZREMRANGEBYSCORE + ZRANGE + ZADD, one pipeline) at 10 and 1,000 entries
 //! per key, each at 1 and 50 concurrent tasks on one multiplexed connection;
 //! and a floor script doing only the Redis commands of the admit (`FLOOR`).
+//! Each `EVALSHA` case also prints the server's µs per call, from
+//! `INFO commandstats` around the case (server-wide: run it on a Redis no
+//! one else uses); the admit runs twice, with the event id the engine gives
+//! every admit (the ledger) and without (`RedisConfig::engine_event_ids`).
 //!
 //! `TOLLGATE_REDIS_URL=redis://127.0.0.1:6379 cargo bench --features redis --bench redis`
 //! (skipped without the variable). `TOLLGATE_BENCH_SECS` sets the time per
@@ -78,6 +82,35 @@ fn floor_args(prefix: &str) -> (String, Vec<String>) {
     )
 }
 
+/// `EVALSHA`'s calls and µs so far, from `INFO commandstats`.
+async fn evalsha_stats(c: &ConnectionManager) -> (u64, u64) {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c.clone())
+        .await
+        .expect("info");
+    let line = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+        .unwrap_or_default();
+    let field = |k: &str| {
+        line.split(',')
+            .find_map(|f| f.strip_prefix(k)?.strip_prefix('='))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (field("calls"), field("usec"))
+}
+
+/// Server µs per `EVALSHA` between two readings (NaN without calls).
+fn server_us(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let calls = after.0.saturating_sub(before.0);
+    if calls == 0 {
+        return f64::NAN;
+    }
+    after.1.saturating_sub(before.1) as f64 / calls as f64
+}
+
 /// Run `op` from `tasks` tasks for `secs`; returns operations per second.
 async fn run<F, Fut>(tasks: usize, secs: f64, op: F) -> f64
 where
@@ -125,11 +158,6 @@ async fn bench(url: String, secs: f64) {
     let client = redis::Client::open(url.as_str()).expect("url");
     let conn = ConnectionManager::new(client).await.expect("connect");
 
-    let store = RedisConfig::new(url.clone())
-        .prefix(prefix.clone())
-        .connect()
-        .await
-        .expect("connect RedisStore");
     let catalog = CatalogConfig::default()
         .meter(Meter::count("tokens"))
         .plan(
@@ -150,33 +178,55 @@ async fn bench(url: String, secs: f64) {
         )
         .build()
         .expect("catalog");
-    let engine = Arc::new(Engine::with_store_and_clock(catalog, store, SystemClock));
-    engine
-        .allocate(Allocation::new("agent", "plan"))
-        .expect("allocate");
+    let mut engines = Vec::new();
+    for made_ids in [true, false] {
+        let store = RedisConfig::new(url.clone())
+            .prefix(prefix.clone())
+            .engine_event_ids(made_ids)
+            .connect()
+            .await
+            .expect("connect RedisStore");
+        let engine = Arc::new(Engine::with_store_and_clock(
+            catalog.clone(),
+            store,
+            SystemClock,
+        ));
+        engine
+            .allocate(Allocation::new("agent", "plan"))
+            .expect("allocate");
+        engines.push(engine);
+    }
 
     println!(
-        "case                                   tasks    ops/s   (µs/op at 1 task; {secs} s each)"
+        "case                                   tasks    ops/s   server µs/EVALSHA   (µs/op at 1 task; {secs} s each)"
     );
-    let mut results = Vec::new();
+    let mut results: Vec<(&str, usize, f64, f64)> = Vec::new();
     for tasks in [1usize, 50] {
-        let e = engine.clone();
-        let admit = run(tasks, secs, move || {
+        for (e, name) in engines.iter().zip([
+            "tollgate admit (day + rolling 24h/24)",
+            "tollgate admit, no engine event id",
+        ]) {
             let e = e.clone();
-            async move {
-                let d = e
-                    .admit_async(&Request::new("agent").units("tokens", 1))
-                    .await
-                    .expect("admit");
-                assert!(d.allowed);
-            }
-        })
-        .await;
-        results.push(("tollgate admit (day + rolling 24h/24)", tasks, admit));
+            let s0 = evalsha_stats(&conn).await;
+            let admit = run(tasks, secs, move || {
+                let e = e.clone();
+                async move {
+                    let d = e
+                        .admit_async(&Request::new("agent").units("tokens", 1))
+                        .await
+                        .expect("admit");
+                    assert!(d.allowed);
+                }
+            })
+            .await;
+            let us = server_us(s0, evalsha_stats(&conn).await);
+            results.push((name, tasks, admit, us));
+        }
 
         let script = Arc::new(redis::Script::new(TRIVIAL));
         let c = conn.clone();
         let key = format!("{{{prefix}}}:trivial");
+        let s0 = evalsha_stats(&conn).await;
         let trivial = run(tasks, secs, move || {
             let (script, mut c, key) = (script.clone(), c.clone(), key.clone());
             async move {
@@ -189,12 +239,14 @@ async fn bench(url: String, secs: f64) {
             }
         })
         .await;
-        results.push(("trivial EVALSHA INCRBY", tasks, trivial));
+        let us = server_us(s0, evalsha_stats(&conn).await);
+        results.push(("trivial EVALSHA INCRBY", tasks, trivial, us));
 
         let script = Arc::new(redis::Script::new(FLOOR));
         let c = conn.clone();
         let (key, args) = floor_args(&prefix);
         let args = Arc::new(args);
+        let s0 = evalsha_stats(&conn).await;
         let floor = run(tasks, secs, move || {
             let (script, mut c, key, args) = (script.clone(), c.clone(), key.clone(), args.clone());
             async move {
@@ -207,7 +259,8 @@ async fn bench(url: String, secs: f64) {
             }
         })
         .await;
-        results.push(("floor: TIME + HMGET + HSET, same args", tasks, floor));
+        let us = server_us(s0, evalsha_stats(&conn).await);
+        results.push(("floor: TIME + HMGET + HSET, same args", tasks, floor, us));
 
         for entries in [10usize, 1_000] {
             let key = format!("{{{prefix}}}:zset{entries}");
@@ -257,23 +310,43 @@ async fn bench(url: String, secs: f64) {
                 },
                 tasks,
                 zset,
+                f64::NAN,
             ));
         }
     }
-    for (name, tasks, ops) in &results {
+    for (name, tasks, ops, us) in &results {
         let per = if *tasks == 1 {
             format!("{:.0} µs", 1e6 / ops)
         } else {
             String::new()
         };
-        println!("{name:<38} {tasks:>5} {ops:>9.0}   {per}");
+        let server = if us.is_nan() {
+            "-".to_owned()
+        } else {
+            format!("{us:.1}")
+        };
+        println!("{name:<38} {tasks:>5} {ops:>9.0}   {server:>17}   {per}");
     }
     let find = |n: &str, t: usize| {
         results
             .iter()
-            .find(|(name, tasks, _)| name.starts_with(n) && *tasks == t)
+            .find(|(name, tasks, _, _)| name.starts_with(n) && *tasks == t)
             .map_or(f64::NAN, |r| r.2)
     };
+    let server = |n: &str| {
+        results
+            .iter()
+            .find(|(name, tasks, _, _)| name.starts_with(n) && *tasks == 50)
+            .map_or(f64::NAN, |r| r.3)
+    };
+    println!(
+        "server µs per decision at 50 tasks: admit {:.1} (no engine event id {:.1}), trivial {:.1}, floor {:.1}; trivial / admit {:.2}×",
+        server("tollgate admit (day"),
+        server("tollgate admit, no"),
+        server("trivial"),
+        server("floor"),
+        server("trivial") / server("tollgate admit (day"),
+    );
     println!(
         "admit / trivial at 50 tasks: {:.2}×; admit / sorted set (1,000) at 50 tasks: {:.1}×",
         find("tollgate", 50) / find("trivial", 50),

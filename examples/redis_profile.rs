@@ -9,8 +9,10 @@
 //!     cargo run --release --features redis --example redis_profile -- 20000 50
 //! ```
 //!
-//! Arguments: the number of admits (default 20,000) and of concurrent tasks
-//! (default 1). One task measures a server that waits for every call (cold
+//! Arguments: the number of admits (default 20,000), of concurrent tasks
+//! (default 1), and `no-ids` to turn off the event id the engine gives
+//! every admit (`RedisConfig::engine_event_ids(false)`: what the ledger
+//! costs). One task measures a server that waits for every call (cold
 //! caches); many, a busy one, as in the bench at 50 tasks.
 //!
 //! Commandstats are server-wide: other clients running at the same time
@@ -64,6 +66,7 @@ async fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1)
         .max(1);
+    let made_ids = std::env::args().nth(3).as_deref() != Some("no-ids");
     let prefix = format!("tollgate-profile:{}", std::process::id());
     let client = redis::Client::open(url.as_str()).expect("url");
     let mut conn = client
@@ -72,6 +75,7 @@ async fn main() {
         .expect("connect");
     let store = RedisConfig::new(url.clone())
         .prefix(prefix.clone())
+        .engine_event_ids(made_ids)
         .connect()
         .await
         .expect("connect RedisStore");
@@ -123,7 +127,12 @@ async fn main() {
     let wall = started.elapsed();
     let after = stats(&mut conn).await;
     println!(
-        "{n} admits from {tasks} tasks, {:.1} µs wall each",
+        "{n} admits from {tasks} tasks{}, {:.1} µs wall each",
+        if made_ids {
+            ""
+        } else {
+            " (no engine event ids)"
+        },
         wall.as_secs_f64() * 1e6 / n as f64
     );
     let mut inner = 0;

@@ -1,10 +1,13 @@
 //! The one error type. A refusal is a [`Decision`](crate::Decision), never an
-//! error: `Err` means the input was bad or the store failed, and nothing changed.
+//! error: `Err` means the input was bad or the store failed, and nothing
+//! changed — except [`Error::StoreOutcomeUnknown`], a network store's call
+//! that left without an answer.
 
 use rust_decimal::Decimal;
 
 /// Everything that can go wrong in tollgate. Each variant names the input
-/// that caused it; when an engine call returns `Err`, no counter changed.
+/// that caused it; when an engine call returns `Err`, no counter changed,
+/// except with [`Error::StoreOutcomeUnknown`], whose call may have applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -135,12 +138,36 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
-    /// The store failed (a backend's connection, a poisoned state). Nothing is
-    /// known to have changed.
+    /// The store failed before the call reached it, or refused it (no
+    /// connection, a server error): nothing changed. Retrying is safe.
     #[error("store failed: {message}")]
     Store {
         /// What the backend reported.
         message: String,
+    },
+    /// A batch a Redis Cluster store cannot apply safely: one spanning
+    /// hash slots in a way its protocol does not cover (see `RedisStore`'s
+    /// section on Redis Cluster). Nothing changed.
+    #[error("batch spans cluster slots: {reason}")]
+    CrossSlot {
+        /// What the batch does that cannot span slots.
+        reason: String,
+    },
+    /// A network store's call left and no answer came back (a timeout, a
+    /// connection lost mid-call): the call may or may not have applied.
+    /// Retry it with `event` as its event id
+    /// ([`Request::event`](crate::Request::event)): a store applies an
+    /// event at most once, so the retry answers what happened (applying
+    /// the call if it had not been). See the
+    /// [store contract](crate::store#ambiguous-outcomes).
+    #[error("store outcome unknown: {message}")]
+    StoreOutcomeUnknown {
+        /// What the backend reported.
+        message: String,
+        /// The event id the call carried — the host's, or one the async
+        /// engine made for it — if it carried one: a `reserve`, `renew`,
+        /// `grow` or `release` carries none (see the store contract).
+        event: Option<String>,
     },
 }
 

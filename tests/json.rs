@@ -48,6 +48,10 @@ fn a_decision_serializes_with_public_amounts_and_rfc3339_instants() {
     // 3,000 × $0.00033 = $0.99, exact, as a decimal string.
     assert_eq!(v["cost"], json!({"amount": "0.990000", "currency": "USD"}));
     assert_eq!(v["unpriced"], json!(["img"]));
+    assert_eq!(
+        (v["allowed_on_error"].clone(), v["record_unknown"].clone()),
+        (json!(false), json!(null))
+    );
     let tok = &v["limits"][0];
     assert_eq!(tok["scope"], "subject:agent-7");
     assert_eq!(tok["meter"], "tok");

@@ -127,7 +127,8 @@ async fn scan(conn: &mut redis::aio::MultiplexedConnection, tag: &str) -> Vec<St
     }
 }
 
-/// Keys under `tag` with no TTL.
+/// Keys under `tag` with no TTL (the generated secret's excepted: it must
+/// outlive every key it names).
 async fn keys_without_ttl(url: &str, tag: &str) -> (usize, Vec<String>) {
     let client = redis::Client::open(url).expect("url");
     let mut conn = client
@@ -136,7 +137,7 @@ async fn keys_without_ttl(url: &str, tag: &str) -> (usize, Vec<String>) {
         .expect("connect");
     let keys = scan(&mut conn, tag).await;
     let mut without = Vec::new();
-    for k in &keys {
+    for k in keys.iter().filter(|k| **k != format!("{tag}:secret")) {
         let ttl: i64 = redis::cmd("PTTL")
             .arg(k)
             .query_async(&mut conn)
@@ -406,7 +407,18 @@ fn answers_as_the_memory_store_does() {
             }
         }
         let want = AllowanceStore::apply(&memory, &batch);
-        let got = redis.apply(&batch);
+        // A held scope the batch does not name comes back as its keyed
+        // digest: the test maps it back as a host would (`digest_of`).
+        let got = redis.apply(&batch).map(|mut g| {
+            for h in &mut g.settled {
+                if let Some(s) = scopes.iter().find(|s| {
+                    s.kind() == h.scope.kind() && redis.store.digest_of(s) == h.scope.id()
+                }) {
+                    h.scope = s.clone();
+                }
+            }
+            g
+        });
         match (&want, &got) {
             (Ok(w), Ok(g)) => {
                 assert_eq!(w, g, "step {step}: {batch:#?}");
@@ -611,7 +623,16 @@ fn an_outage_fails_closed_or_open_and_recovers() {
             let started = Instant::now();
             let r = closed.admit_async(&req).await;
             let took = started.elapsed();
-            assert!(matches!(r, Err(Error::Store { .. })), "{r:?}");
+            // The first call after the kill may have been written to the
+            // dead connection (outcome unknown); then reconnecting is
+            // refused and nothing leaves.
+            assert!(
+                matches!(
+                    r,
+                    Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. })
+                ),
+                "{r:?}"
+            );
             assert!(took <= timeout + Duration::from_millis(50), "took {took:?}");
 
             let started = Instant::now();
@@ -701,10 +722,10 @@ fn reservations_through_the_async_engine() {
         let overdue = engine.overdue_async().await.expect("overdue");
         assert_eq!(overdue.len(), 1);
         assert_eq!(overdue[0].id, res.id());
-        assert!(
-            overdue[0].owner.id().starts_with("sha256:"),
-            "a secret-looking owner is kept as a digest: {}",
-            overdue[0].owner
+        assert_eq!(
+            overdue[0].owner,
+            ScopeKey::subject(engine.store().digest_of(&ScopeKey::subject(secret))),
+            "an owner is reported as its keyed digest"
         );
         let d = engine
             .commit_async(&res, &Request::new(secret).units("tokens", 40).event("c1"))

@@ -97,6 +97,15 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         actual: &Request<'_>,
     ) -> Result<Decision, Error> {
         self.refresh_async(reservation.subject()).await?;
+        let made = self.made_event_id(actual, true);
+        let with_id;
+        let actual = match &made {
+            Some(id) => {
+                with_id = actual.clone().event(id);
+                &with_id
+            }
+            None => actual,
+        };
         let settling = self.settling_commit(reservation, actual)?;
         settle_call!(self, settling, apply: |b| self.apply_async(b).await)
     }
@@ -139,6 +148,15 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
     /// fail open ([`Engine::fail_open`]).
     async fn decide_async(&self, req: &Request<'_>, call: Call) -> Result<Decision, Error> {
         self.refresh_async(req.subject).await?;
+        let made = self.made_event_id(req, matches!(call, Call::Admit | Call::Record));
+        let with_id;
+        let req = match &made {
+            Some(id) => {
+                with_id = req.clone().event(id);
+                &with_id
+            }
+            None => req,
+        };
         decide_call!(
             self, req, call,
             apply: |b| self.apply_async(b).await,
@@ -146,11 +164,24 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         )
     }
 
+    /// The event id the engine makes for a mutating call without one, on
+    /// a store whose outcomes can be unknown
+    /// ([`AsyncAllowanceStore::needs_event_ids`]): a retry of an ambiguous
+    /// call with it counts once. Random (a [`LeaseId`](crate::store::LeaseId)'s
+    /// 128 bits).
+    fn made_event_id(&self, req: &Request<'_>, mutating: bool) -> Option<String> {
+        (mutating && req.event.is_none() && self.store.needs_event_ids())
+            .then(|| format!("tollgate:{}", crate::store::LeaseId::random()))
+    }
+
     /// The fail-open stage of `check_async`, `admit_async` and
     /// `record_async`: under [`FailurePolicy::FailOpen`] a store that fails
-    /// ([`Error::Store`]) allows the request, unrecorded and observed, with
-    /// `allowed_on_error` set; any other error, or any error under
-    /// `FailClosed`, is returned.
+    /// ([`Error::Store`]) or leaves the outcome unknown
+    /// ([`Error::StoreOutcomeUnknown`]) allows the request, observed, with
+    /// `allowed_on_error` set and `recorded: false`; for an unknown outcome
+    /// of `admit_async` or `record_async` `record_unknown` names the event
+    /// id to retry with. Any other error, or any error under `FailClosed`,
+    /// is returned.
     ///
     /// # Errors
     /// `error`, unless the policy fails open on it.
@@ -162,11 +193,17 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         p: &Prepared,
         now: DateTime<Utc>,
     ) -> Result<Decision, Error> {
-        if !matches!(error, Error::Store { .. })
-            || self.store.failure_policy() != FailurePolicy::FailOpen
-        {
-            return Err(error);
-        }
+        let record_unknown = match error {
+            _ if self.store.failure_policy() != FailurePolicy::FailOpen => return Err(error),
+            Error::Store { .. } => None,
+            Error::StoreOutcomeUnknown { event, .. } if call != Call::Check => Some(
+                event
+                    .or_else(|| req.event.map(str::to_owned))
+                    .unwrap_or_default(),
+            ),
+            Error::StoreOutcomeUnknown { .. } => None,
+            _ => return Err(error),
+        };
         let decision = Decision {
             plan: p.alloc.plan.name,
             status: Status::Ok,
@@ -179,17 +216,28 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
             cost: p.cost.clone(),
             unpriced: p.unpriced_ids(),
             allowed_on_error: true,
+            record_unknown,
         };
         self.observe(call, req, now, &decision);
         Ok(decision)
     }
 
-    /// One store call, with the contract's answer shape checked.
+    /// One store call, with the contract's answer shape checked; an
+    /// unknown outcome names the batch's event id.
     async fn apply_async(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
-        let result = self.store.apply(batch).await;
-        if let Ok(applied) = &result {
-            check_shape(batch, applied)?;
+        match self.store.apply(batch).await {
+            Ok(applied) => {
+                check_shape(batch, &applied)?;
+                Ok(applied)
+            }
+            Err(Error::StoreOutcomeUnknown {
+                message,
+                event: None,
+            }) => Err(Error::StoreOutcomeUnknown {
+                message,
+                event: batch.event.map(|e| e.id.to_owned()),
+            }),
+            Err(e) => Err(e),
         }
-        result
     }
 }

@@ -286,6 +286,7 @@ impl<S, C: Clock> Engine<S, C> {
             cost: p.cost.clone(),
             unpriced: p.unpriced_ids(),
             allowed_on_error: false,
+            record_unknown: None,
         };
         self.observe(call, req, now, &decision);
         Some(decision)
@@ -577,6 +578,7 @@ fn build_decision(
         cost,
         unpriced,
         allowed_on_error: false,
+        record_unknown: None,
     }
 }
 

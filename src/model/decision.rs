@@ -599,6 +599,15 @@ pub struct Decision {
     /// `allowed: true`, `recorded: false` and no limit states; the observer
     /// sees it like any other decision, so it can count it.
     pub allowed_on_error: bool,
+    /// On a fail-open decision (`allowed_on_error`) of `admit_async` or
+    /// `record_async` whose store call left without an answer
+    /// ([`Error::StoreOutcomeUnknown`](crate::Error::StoreOutcomeUnknown)):
+    /// the event id the call carried, the host's or one the engine made.
+    /// The request may or may not have been recorded; retrying it with
+    /// this event id ([`Request::event`](crate::Request::event)) records
+    /// it exactly once. `None` everywhere else: a fail-open decision with
+    /// `None` here was not recorded.
+    pub record_unknown: Option<String>,
 }
 
 impl Decision {

@@ -14,7 +14,7 @@
 //!              "remaining": 4000, "period_start": "2026-04-01T00:00:00Z",
 //!              "resets_at": "2026-05-01T00:00:00Z", "status": "warning"}],
 //!  "binding": 0, "retry_after_ms": null, "cost": null, "unpriced": [],
-//!  "allowed_on_error": false}
+//!  "allowed_on_error": false, "record_unknown": null}
 //! ```
 //!
 //! A refusal's `reason` is `{"kind": "limit_exceeded"}`,
@@ -68,7 +68,7 @@ impl Serialize for MeterList {
 
 impl Serialize for Decision {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(11))?;
+        let mut m = s.serialize_map(Some(12))?;
         m.serialize_entry("plan", &self.plan)?;
         m.serialize_entry("status", &self.status)?;
         m.serialize_entry("allowed", &self.allowed)?;
@@ -83,6 +83,7 @@ impl Serialize for Decision {
         m.serialize_entry("cost", &self.cost)?;
         m.serialize_entry("unpriced", &self.unpriced)?;
         m.serialize_entry("allowed_on_error", &self.allowed_on_error)?;
+        m.serialize_entry("record_unknown", &self.record_unknown)?;
         m.end()
     }
 }

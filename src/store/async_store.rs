@@ -10,7 +10,8 @@ use super::{AllowanceStore, Applied, Batch, LeaseInfo, MemoryStore};
 use crate::Error;
 
 /// What the engine's async calls do when the store fails ([`Error::Store`]:
-/// an outage, a timeout).
+/// an outage; [`Error::StoreOutcomeUnknown`]: a timeout after the call
+/// left).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum FailurePolicy {
     /// The call returns the store's `Err`: nothing is admitted while the
@@ -57,6 +58,15 @@ pub trait AsyncAllowanceStore: Send + Sync {
     fn failure_policy(&self) -> FailurePolicy {
         FailurePolicy::FailClosed
     }
+
+    /// Whether a call may end without its outcome known
+    /// ([`Error::StoreOutcomeUnknown`]): a network store. The engine then
+    /// gives every `admit_async`, `record_async` and `commit_async` an
+    /// event id when the host gave none, so a retry counts once (see the
+    /// [store contract](super#ambiguous-outcomes)). Default `false`.
+    fn needs_event_ids(&self) -> bool {
+        false
+    }
 }
 
 #[async_trait]
@@ -82,5 +92,9 @@ impl<T: AsyncAllowanceStore + ?Sized> AsyncAllowanceStore for Arc<T> {
 
     fn failure_policy(&self) -> FailurePolicy {
         (**self).failure_policy()
+    }
+
+    fn needs_event_ids(&self) -> bool {
+        (**self).needs_event_ids()
     }
 }

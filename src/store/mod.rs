@@ -100,6 +100,38 @@
 //! Policy — statuses, warning ratios, prices, allowlists, refund shares,
 //! fingerprints — stays in the engine, so a backend stays small.
 //!
+//! # Ambiguous outcomes
+//!
+//! A network store (an [`AsyncAllowanceStore`] whose
+//! `needs_event_ids` is `true`: `RedisStore`, and every store that talks to
+//! a server) tells two failures apart:
+//!
+//! - [`Error::Store`]: the call did not reach the backend, or the backend
+//!   refused it whole (a refused connection, a server error). **Nothing
+//!   changed**; a retry is a first try.
+//! - [`Error::StoreOutcomeUnknown`]: the call left (or may have) and no
+//!   answer came back in time (a timeout, a connection lost mid-call). It
+//!   **may or may not have applied**. Its `event` names the batch's event
+//!   id: retrying the call with that id applies it at most once (rule 8) —
+//!   a replay if the first try applied, the call itself if it did not.
+//!   A batch in [`Mode::Check`] changes nothing either way, so a network
+//!   store reports its failure as [`Error::Store`].
+//!
+//! So that every mutating call can be retried this way, the async engine
+//! gives `admit_async`, `record_async` and `commit_async` an event id of
+//! its own (`tollgate:` and 128 random bits) when the host gave none and
+//! the store needs one. Under `FailurePolicy::FailOpen` a fail-open
+//! decision says which case it met:
+//! [`Decision::record_unknown`](crate::Decision::record_unknown) is the
+//! event id to retry with when the record is unknown, and `None` when
+//! nothing was recorded. Calls that take no event id are retried by their
+//! own rules: a `reserve_async` whose outcome is unknown may have left a
+//! lease, whose holds return at its expiry (a retry opens another); a
+//! retried `release_async` of a lease that did settle answers
+//! [`Error::ReservationSettled`]; a `renew_async` retried sets the same
+//! expiry; a `grow_async` whose outcome is unknown may have grown the
+//! holds, which return when the reservation settles or expires.
+//!
 //! # Times, names and answers
 //!
 //! Every instant in a batch and in its answer is an `i64` of Unix

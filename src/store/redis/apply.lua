@@ -228,9 +228,16 @@ if ekey ~= '-' or action ~= '-' then horizon = ARGV[4] + 0 end
 -- op's hold descriptor.
 local base = 10
 local efp
+-- An event key starting with '?' is consulted, never written (the first
+-- phase of a batch spanning cluster slots).
+local ewrite = true
 if ekey ~= '-' then
   efp = ARGV[11]
   base = 11
+  if string.byte(ekey, 1) == 63 then
+    ekey = string.sub(ekey, 2)
+    ewrite = false
+  end
 end
 local lkey, owner, ownerdesc, lp1, lp2, lid, odkey
 local OPF = 7
@@ -247,11 +254,15 @@ local function maxu()
 end
 
 -- The ledger first (rule 8).
+-- An entry is one string: the fingerprint, the time it applied, the answer.
 if ekey ~= '-' then
-  local e = call('HMGET', ekey, 'f', 'at', 'r')
-  if e[1] and now - tonumber(e[2]) < horizon then
-    if e[1] ~= efp then return 'ERR conflict' end
-    return 'RE ' .. e[2] .. ' ' .. e[3]
+  local e = call('GET', ekey)
+  if e then
+    local f, at = string.match(e, '^(%S+) (%d+)')
+    if f and now - at < horizon then
+      if f ~= efp then return 'ERR conflict' end
+      return 'RE ' .. string.sub(e, #f + 2)
+    end
   end
 end
 
@@ -945,11 +956,16 @@ else
   out[o + 1] = 0
 end
 
-if applied and ekey ~= '-' then
-  -- The ledger keeps the answer as one string, which a replay returns.
-  local words = {}
-  for i, v in ipairs(out) do words[i] = type(v) == 'number' and S(v) or v end
-  call('HSET', ekey, 'f', efp, 'at', S(now), 'r', table.concat(words, ' '))
-  call('PEXPIRE', ekey, horizon + margin)
+if applied and ekey ~= '-' and ewrite then
+  -- The ledger keeps the answer as one string, which a replay returns:
+  -- one SET with its TTL. table.concat prints a number below 10^14
+  -- exactly (%.14g); a larger one is formatted first.
+  local words = {efp, S(now)}
+  for i = 1, #out do
+    local v = out[i]
+    if type(v) == 'number' and v >= 1e14 then v = S(v) end
+    words[i + 2] = v
+  end
+  call('SET', ekey, table.concat(words, ' '), 'PX', horizon + margin)
 end
 return out

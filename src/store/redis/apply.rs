@@ -2,7 +2,6 @@
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sha2::{Digest, Sha256};
 
 use crate::store::{
     Applied, AsyncAllowanceStore, Batch, FailurePolicy, LeaseAction, LeaseId, LeaseInfo, LeaseOp,
@@ -17,110 +16,40 @@ use super::RedisStore;
 impl AsyncAllowanceStore for RedisStore {
     async fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         crate::store::validate::validate(batch)?;
-        let owner = batch.lease.map(|l| l.owner);
         check_lease_scopes(batch)?;
-        let (now, server) = self.now_arg(batch.now_ms);
-        let mode = match batch.mode {
-            Mode::Check => "c",
-            Mode::WithinLimits => "w",
-            Mode::Force => "f",
+        let digests = Digests::of(self, batch);
+        let extra = self.lease_slots(batch, &digests).await?;
+        let r = if !extra.is_empty() || !digests.one_slot(self) {
+            self.apply_spanning(batch, &digests, &extra).await
+        } else {
+            self.apply_one(batch, &digests, false).await
         };
-        let mut inv = self.apply.prepare_invoke();
-        inv.key(format!("{}:od", self.tag));
-        let LeaseArgs {
-            action,
-            lkey,
-            lid,
-            owner_sid,
-            owner_desc,
-            p1,
-            p2,
-        } = batch
-            .lease
-            .map_or_else(LeaseArgs::none, |l| self.lease_args(&l));
-        let (ekey, efp) = match batch.event {
-            Some(e) => (
-                format!(
-                    "{}:e:{}",
-                    self.tag,
-                    hex(&Sha256::digest(e.id.as_bytes())[..16])
-                ),
-                crate::store::event_fingerprint(batch)
-                    .unwrap_or(e.fingerprint)
-                    .to_string(),
-            ),
-            None => ("-".into(), "-".into()),
-        };
-        inv.arg(now)
-            .arg(server)
-            .arg(mode)
-            .arg(self.horizon_ms)
-            .arg(self.margin_ms)
-            .arg(self.lifetime_ms)
-            .arg(batch.ops.len())
-            .arg(batch.cooldowns.len())
-            .arg(action)
-            .arg(ekey);
-        // What only an event or a lease needs is sent only with one (the
-        // script reads the layout from `ekey` and `action`).
-        if batch.event.is_some() {
-            inv.arg(efp);
-        }
-        if batch.lease.is_some() {
-            inv.arg(lkey)
-                .arg(owner_sid)
-                .arg(owner_desc)
-                .arg(p1)
-                .arg(p2)
-                .arg(lid)
-                .arg(format!("{}:od", self.tag));
-        }
-        // Only a lease stores or reports hold descriptors.
-        let descs: Vec<String> = match batch.lease {
-            Some(_) => batch
-                .ops
-                .iter()
-                .map(|op| hold_desc(op.scope, owner, &op.meter, op.window))
-                .collect(),
-            None => Vec::new(),
-        };
-        let mut last: Option<(&ScopeKey, String)> = None;
-        for (i, op) in batch.ops.iter().enumerate() {
-            // Ops of one scope (the usual batch) hash its id once.
-            if last.as_ref().is_none_or(|(scope, _)| *scope != op.scope) {
-                last = Some((op.scope, self.scope_key(op.scope)));
-            }
-            if let Some((_, key)) = &last {
-                inv.arg(key.as_str());
-            }
-            inv.arg(Self::counter_field(&op.meter, op.window));
-            window_args(&mut inv, op.window);
-            inv.arg(op.delta)
-                .arg(op.max.map_or("-".into(), |m| m.to_string()));
-            if let Some(desc) = descs.get(i) {
-                inv.arg(desc.as_str());
-            }
-        }
-        for c in batch.cooldowns {
-            inv.arg(format!("{}:k:{}", self.tag, Self::scope_hash(c.scope)))
-                .arg(c.start_until_ms.map_or("-".into(), |t| t.to_string()));
-        }
-        let reply: redis::Value = self.run(&inv).await?;
-        self.decode(batch, &descs, &reply)
+        self.settled_event(batch, r).await
     }
 
     async fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
         let (now, server) = self.now_arg(now.timestamp_millis());
-        let mut inv = self.overdue.prepare_invoke();
-        inv.key(format!("{}:od", self.tag))
-            .arg(now)
-            .arg(server)
-            .arg(format!("{}:l:", self.tag));
-        let rows: Vec<String> = self.run(&inv).await?;
+        let mut rows: Vec<String> = Vec::new();
+        for od in self.overdue_indexes().await? {
+            let Some(tag) = od.strip_suffix(":od") else {
+                continue;
+            };
+            let mut inv = self.overdue.prepare_invoke();
+            inv.key(od.as_str())
+                .arg(now.as_str())
+                .arg(server)
+                .arg(format!("{tag}:l:"));
+            let part: Vec<String> = self.run(&inv).await.map_err(known)?;
+            rows.extend(part);
+        }
         let mut out = Vec::with_capacity(rows.len() / 5);
         for row in rows.chunks_exact(5) {
             let id: LeaseId = row[0].parse().map_err(|_| bad_reply("lease id"))?;
-            let owner = unhex(&row[1]).ok_or_else(|| bad_reply("owner"))?;
+            // The owner's digest, as `digest_of` writes it.
+            if row[1].len() != 32 || !row[1].bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad_reply("owner"));
+            }
+            let owner = format!("hmac:{}", row[1]);
             let ms = |s: &str| s.parse::<i64>().map(ms_to_time).ok();
             out.push(LeaseInfo::new(
                 id,
@@ -136,6 +65,12 @@ impl AsyncAllowanceStore for RedisStore {
 
     fn failure_policy(&self) -> FailurePolicy {
         self.policy
+    }
+
+    /// A call that times out may have applied: `true` unless turned off
+    /// with [`RedisConfig::engine_event_ids`](super::RedisConfig::engine_event_ids).
+    fn needs_event_ids(&self) -> bool {
+        self.made_ids
     }
 }
 
@@ -188,18 +123,14 @@ impl LeaseArgs {
 }
 
 impl RedisStore {
-    fn lease_args(&self, l: &LeaseOp<'_>) -> LeaseArgs {
+    fn lease_args(&self, l: &LeaseOp<'_>, home: &str) -> LeaseArgs {
         let lid = l.id.to_string();
-        let shown = if looks_secret(l.owner.id()) {
-            digest(l.owner.id())
-        } else {
-            l.owner.id().to_owned()
-        };
         let mut args = LeaseArgs {
-            lkey: format!("{}:l:{lid}", self.tag),
+            lkey: self.layout.lease(home, &lid),
             lid,
-            owner_sid: Self::scope_hash(l.owner),
-            owner_desc: hex(shown.as_bytes()),
+            owner_sid: self.scope_hash(l.owner),
+            // `overdue` answers the owner's digest, never its id.
+            owner_desc: self.scope_hash(l.owner),
             ..LeaseArgs::none()
         };
         match l.action {
@@ -224,4 +155,339 @@ impl RedisStore {
         }
         args
     }
+}
+
+/// The keyed digest of every scope a batch names, and its home: the scope
+/// whose slot holds the batch's lease record, event and deadline index
+/// (the lease's owner, else the first op's scope, else the first
+/// cooldown's).
+pub(super) struct Digests {
+    pub(super) ops: Vec<String>,
+    pub(super) cools: Vec<String>,
+    pub(super) owner: Option<String>,
+    pub(super) home: String,
+}
+
+impl Digests {
+    pub(super) fn of(store: &RedisStore, batch: &Batch<'_>) -> Self {
+        let mut ops: Vec<String> = Vec::with_capacity(batch.ops.len());
+        for (i, op) in batch.ops.iter().enumerate() {
+            // Ops of one scope (the usual batch) hash its id once.
+            match i.checked_sub(1).map(|j| (batch.ops[j].scope, j)) {
+                Some((prev, j)) if prev == op.scope => {
+                    let d = ops[j].clone();
+                    ops.push(d);
+                }
+                _ => ops.push(store.scope_hash(op.scope)),
+            }
+        }
+        let cools: Vec<String> = batch
+            .cooldowns
+            .iter()
+            .map(|c| store.scope_hash(c.scope))
+            .collect();
+        let owner = batch.lease.map(|l| store.scope_hash(l.owner));
+        let home = owner
+            .clone()
+            .or_else(|| ops.first().cloned())
+            .or_else(|| cools.first().cloned())
+            .unwrap_or_default();
+        Self {
+            ops,
+            cools,
+            owner,
+            home,
+        }
+    }
+
+    /// Whether every key of the batch is in one slot (always, on one node).
+    pub(super) fn one_slot(&self, store: &RedisStore) -> bool {
+        if !store.layout.cluster {
+            return true;
+        }
+        let home = store.layout.slot(&self.home);
+        self.ops
+            .iter()
+            .chain(&self.cools)
+            .all(|d| store.layout.slot(d) == home)
+    }
+}
+
+impl RedisStore {
+    /// One batch whose keys share a slot, as one script call. With
+    /// `ledger_read_only`, the event ledger is consulted but not written
+    /// (the first phase of a decision spanning slots).
+    pub(super) async fn apply_one(
+        &self,
+        batch: &Batch<'_>,
+        digests: &Digests,
+        ledger_read_only: bool,
+    ) -> Result<Applied, Error> {
+        let owner = batch.lease.map(|l| l.owner);
+        let (now, server) = self.now_arg(batch.now_ms);
+        let mode = match batch.mode {
+            Mode::Check => "c",
+            Mode::WithinLimits => "w",
+            Mode::Force => "f",
+        };
+        let home = digests.home.as_str();
+        let odkey = self.layout.overdue(home);
+        let mut inv = self.apply.prepare_invoke();
+        // The first key routes the call on a cluster: the home slot's.
+        inv.key(odkey.as_str());
+        let LeaseArgs {
+            action,
+            lkey,
+            lid,
+            owner_sid,
+            owner_desc,
+            p1,
+            p2,
+        } = batch
+            .lease
+            .map_or_else(LeaseArgs::none, |l| self.lease_args(&l, home));
+        let (ekey, efp) = match batch.event {
+            // The fingerprint mixes in the lease owner's id: it is kept
+            // only under the key too.
+            Some(e) => (
+                format!(
+                    "{}{}",
+                    if ledger_read_only { "?" } else { "" },
+                    self.layout.event(home, &self.keyed.event(e.id))
+                ),
+                self.keyed.digest(
+                    b"f:",
+                    &crate::store::event_fingerprint(batch)
+                        .unwrap_or(e.fingerprint)
+                        .to_le_bytes(),
+                ),
+            ),
+            None => ("-".into(), "-".into()),
+        };
+        // An id the engine made is kept only as long as a retry needs it.
+        let horizon = match batch.event {
+            Some(e) if e.id.starts_with("tollgate:") => self.retry_horizon_ms,
+            _ => self.horizon_ms,
+        };
+        inv.arg(now)
+            .arg(server)
+            .arg(mode)
+            .arg(horizon)
+            .arg(self.margin_ms)
+            .arg(self.lifetime_ms)
+            .arg(batch.ops.len())
+            .arg(batch.cooldowns.len())
+            .arg(action)
+            .arg(ekey);
+        // What only an event or a lease needs is sent only with one (the
+        // script reads the layout from `ekey` and `action`).
+        if batch.event.is_some() {
+            inv.arg(efp);
+        }
+        if batch.lease.is_some() {
+            inv.arg(lkey)
+                .arg(owner_sid)
+                .arg(owner_desc)
+                .arg(p1)
+                .arg(p2)
+                .arg(lid)
+                .arg(odkey.as_str());
+        }
+        // Only a lease stores or reports hold descriptors.
+        let descs: Vec<String> = match batch.lease {
+            Some(_) => batch
+                .ops
+                .iter()
+                .map(|op| self.hold_desc(op.scope, owner, &op.meter, op.window))
+                .collect(),
+            None => Vec::new(),
+        };
+        let mut last: Option<(&str, String)> = None;
+        for (i, op) in batch.ops.iter().enumerate() {
+            let d = digests.ops[i].as_str();
+            if last.as_ref().is_none_or(|(prev, _)| *prev != d) {
+                last = Some((d, self.layout.counters(d)));
+            }
+            if let Some((_, key)) = &last {
+                inv.arg(key.as_str());
+            }
+            inv.arg(Self::counter_field(&op.meter, op.window));
+            window_args(&mut inv, op.window);
+            inv.arg(op.delta)
+                .arg(op.max.map_or("-".into(), |m| m.to_string()));
+            if let Some(desc) = descs.get(i) {
+                inv.arg(desc.as_str());
+            }
+        }
+        for (c, d) in batch.cooldowns.iter().zip(&digests.cools) {
+            inv.arg(self.layout.cooldown(d))
+                .arg(c.start_until_ms.map_or("-".into(), |t| t.to_string()));
+        }
+        let reply: redis::Value = self.run(&inv).await.map_err(|e| match e {
+            // A check changes nothing, whether it ran or not.
+            e if batch.mode == Mode::Check => known(e),
+            // The retry that settles it is the one with this event id.
+            Error::StoreOutcomeUnknown { message, .. } => Error::StoreOutcomeUnknown {
+                message,
+                event: batch.event.map(|e| e.id.to_owned()),
+            },
+            e => e,
+        })?;
+        self.decode(batch, &descs, &reply)
+    }
+}
+
+impl RedisStore {
+    /// On a cluster an event is kept in its decision's home slot, the
+    /// lease owner's for a settlement: another owner's settlement under
+    /// the same id would find no lease there rather than the event. So a
+    /// settlement with an event also leaves a marker in the event's own
+    /// slot, `{prefix:e:<event digest>}` (best effort, after it applied),
+    /// and a settlement answered "unknown reservation" reads it: an event
+    /// id already settled with another fingerprint is
+    /// [`Error::EventConflict`] (contract rule 8).
+    async fn settled_event(
+        &self,
+        batch: &Batch<'_>,
+        r: Result<Applied, Error>,
+    ) -> Result<Applied, Error> {
+        let (Some(event), Some(lease)) = (batch.event, batch.lease) else {
+            return r;
+        };
+        if !self.layout.cluster || !matches!(lease.action, LeaseAction::Settle { .. }) {
+            return r;
+        }
+        let fp = crate::store::event_fingerprint(batch)
+            .unwrap_or(event.fingerprint)
+            .to_string();
+        let key = format!(
+            "{{{}:e:{}}}",
+            self.layout.prefix,
+            self.keyed.event(event.id)
+        );
+        let fp = self.keyed.digest(b"f:", fp.as_bytes());
+        let bounded = |cmd: redis::Cmd| async move {
+            tokio::time::timeout(self.timeout, self.conn.query::<Option<String>>(&cmd))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
+        };
+        match r {
+            Ok(a) if a.replayed_at_ms.is_none() => {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(&key)
+                    .arg(&fp)
+                    .arg("PX")
+                    .arg(self.horizon_ms + self.margin_ms);
+                bounded(cmd).await;
+                Ok(a)
+            }
+            Err(Error::UnknownReservation { id }) => {
+                let mut cmd = redis::cmd("GET");
+                cmd.arg(&key);
+                match bounded(cmd).await {
+                    Some(kept) if kept != fp => Err(Error::EventConflict {
+                        event: event.id.to_owned(),
+                    }),
+                    _ => Err(Error::UnknownReservation { id }),
+                }
+            }
+            r => r,
+        }
+    }
+
+    /// On a cluster, the other slots' scopes (by digest) a lease opened
+    /// across slots also lives in, for a renew or a settlement (its
+    /// owner's record lists them); none on one node.
+    async fn lease_slots(
+        &self,
+        batch: &Batch<'_>,
+        digests: &Digests,
+    ) -> Result<Vec<String>, Error> {
+        let Some(lease) = batch.lease else {
+            return Ok(Vec::new());
+        };
+        if !self.layout.cluster
+            || !matches!(
+                lease.action,
+                LeaseAction::Renew { .. } | LeaseAction::Settle { .. }
+            )
+        {
+            return Ok(Vec::new());
+        }
+        let key = self.layout.lease(&digests.home, &lease.id.to_string());
+        let sp: Option<String> = tokio::time::timeout(
+            self.timeout,
+            self.conn.query(redis::cmd("HGET").arg(key).arg("sp")),
+        )
+        .await
+        .map_err(|_| timed_out(self.timeout))?
+        .map_err(store_error)?;
+        Ok(sp
+            .unwrap_or_default()
+            .split_ascii_whitespace()
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// The deadline indexes to read: one on one node; on a cluster, every
+    /// `{prefix:<owner>}:od` on every primary (found with `SCAN`, so
+    /// `overdue` costs a pass over the keys: a maintenance call).
+    async fn overdue_indexes(&self) -> Result<Vec<String>, Error> {
+        if !self.layout.cluster {
+            return Ok(vec![self.layout.overdue("")]);
+        }
+        #[cfg(feature = "redis-cluster")]
+        {
+            let mut pattern = String::from("{");
+            for ch in self.layout.prefix.chars() {
+                if matches!(ch, '*' | '?' | '[' | ']' | '\\') {
+                    pattern.push('\\');
+                }
+                pattern.push(ch);
+            }
+            pattern.push_str(":*}:od");
+            let mut found = Vec::new();
+            for (host, port) in bounded(self.timeout, self.conn.primaries()).await? {
+                let mut cursor = 0u64;
+                loop {
+                    let mut cmd = redis::cmd("SCAN");
+                    cmd.arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .arg("TYPE")
+                        .arg("zset");
+                    let value = bounded(self.timeout, self.conn.on_node(&host, port, cmd)).await?;
+                    let (next, keys): (u64, Vec<String>) =
+                        redis::FromRedisValue::from_redis_value(value)
+                            .map_err(|_| bad_reply("scan"))?;
+                    found.extend(keys);
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+            found.sort();
+            found.dedup();
+            Ok(found)
+        }
+        #[cfg(not(feature = "redis-cluster"))]
+        Ok(Vec::new())
+    }
+}
+
+/// A read bounded by the timeout: nothing it does changes anything.
+#[cfg(feature = "redis-cluster")]
+async fn bounded<T>(
+    timeout: std::time::Duration,
+    f: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, Error> {
+    tokio::time::timeout(timeout, f)
+        .await
+        .map_err(|_| timed_out(timeout))?
+        .map_err(store_error)
 }

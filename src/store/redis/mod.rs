@@ -3,8 +3,11 @@
 
 mod allocations;
 mod apply;
+mod conn;
 mod encode;
+mod keyed;
 mod reply;
+mod span;
 
 use std::fmt;
 use std::time::Duration;
@@ -12,13 +15,15 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::aio::ConnectionManagerConfig;
 use redis::{Client, Script};
-use sha2::{Digest, Sha256};
 
-use crate::store::{FailurePolicy, ScopeKey, ScopeKind};
+use crate::store::{FailurePolicy, ScopeKey};
 use crate::window::Window;
 use crate::Error;
 
+use conn::{Conn, Layout};
 use encode::*;
+use keyed::MIN_SECRET_LEN;
+use keyed::{Keyed, Secret};
 
 pub use allocations::RedisAllocations;
 
@@ -58,34 +63,83 @@ pub enum TimeSource {
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
     url: String,
+    nodes: Vec<String>,
     prefix: String,
     timeout: Duration,
     policy: FailurePolicy,
     time: TimeSource,
     horizon: Duration,
+    retry_horizon: Duration,
+    made_ids: bool,
     margin: Duration,
     lifetime_ttl: Duration,
+    secret: Option<Secret>,
 }
 
 impl RedisConfig {
+    /// The shortest secret [`RedisConfig::secret`] takes, in bytes.
+    pub const MIN_SECRET_LEN: usize = MIN_SECRET_LEN;
+
     /// Defaults: prefix `tollgate`, timeout 250 ms, fail closed, the
     /// server's clock, event horizon 24 h, expiry margin 1 h, lifetime
     /// counters kept 10 years after their last write.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            nodes: Vec::new(),
             prefix: "tollgate".into(),
             timeout: Duration::from_millis(250),
             policy: FailurePolicy::FailClosed,
             time: TimeSource::Server,
             horizon: Duration::from_secs(86_400),
+            retry_horizon: Duration::from_secs(900),
+            made_ids: true,
             margin: Duration::from_secs(3_600),
             lifetime_ttl: Duration::from_secs(10 * 366 * 86_400),
+            secret: None,
+        }
+    }
+
+    /// The secret the store's keyed digests use (HMAC-SHA-256): every
+    /// subject, pool, lease owner and event id is kept in Redis only as its
+    /// digest under this secret, never as text. Every replica sharing a
+    /// prefix must use the same secret, and changing it orphans every
+    /// counter written before. At least [`Self::MIN_SECRET_LEN`] bytes.
+    ///
+    /// Without one, [`connect`](Self::connect) uses the secret stored under
+    /// `{prefix}:secret`, generating a random one there if none is (so
+    /// every replica agrees without configuration). That key is then the
+    /// one key without a TTL, and whoever can read the Redis can read it
+    /// and test guessed ids against the digests: give a secret here to keep
+    /// it out of Redis.
+    #[must_use]
+    pub fn secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.secret = Some(Secret(secret.as_ref().to_vec()));
+        self
+    }
+
+    /// A store on a Redis Cluster (feature `redis-cluster`), reached
+    /// through any of `nodes` (`redis://host:port` URLs), with the
+    /// defaults of [`RedisConfig::new`]. See [`RedisStore`]'s section on
+    /// Redis Cluster.
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub fn cluster<I, S>(nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
+        Self {
+            url: String::new(),
+            nodes,
+            ..Self::new("")
         }
     }
 
     /// The prefix of every key (default `tollgate`). It becomes the keys'
-    /// hash tag, `{prefix}`, so it may not contain `{` or `}`.
+    /// hash tag, `{prefix}` (on a cluster `{prefix:<scope digest>}`), so
+    /// it may not contain `{` or `}`.
     #[must_use]
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -93,7 +147,8 @@ impl RedisConfig {
     }
 
     /// The longest a store call may take, connecting included; past it the
-    /// call fails with [`Error::Store`] (default 250 ms).
+    /// call fails with [`Error::StoreOutcomeUnknown`] (or [`Error::Store`]
+    /// for a read) (default 250 ms).
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -122,6 +177,32 @@ impl RedisConfig {
         self
     }
 
+    /// How long an event id the engine made is remembered (default 15
+    /// minutes): the async engine gives every mutating call without an
+    /// event id one of its own (`tollgate:` and 32 hex digits) so that a
+    /// retry of an ambiguous call counts once (see the
+    /// [store contract](crate::store#ambiguous-outcomes)). A host retries
+    /// such a call soon or never, so these ids, one per decision, are kept
+    /// for this instead of the event horizon. An id of that shape given by
+    /// the host is kept as long.
+    #[must_use]
+    pub fn retry_horizon(mut self, horizon: Duration) -> Self {
+        self.retry_horizon = horizon;
+        self
+    }
+
+    /// Whether the async engine gives a mutating call without an event id
+    /// one of its own (default `true`; see
+    /// [`retry_horizon`](Self::retry_horizon)). Off, such a call whose
+    /// outcome is unknown ([`Error::StoreOutcomeUnknown`] with no event)
+    /// cannot be retried without risking a double count, and each
+    /// decision saves the ledger's three `redis.call`s.
+    #[must_use]
+    pub fn engine_event_ids(mut self, on: bool) -> Self {
+        self.made_ids = on;
+        self
+    }
+
     /// How long a key outlives the end of what it counts, to cover clock
     /// skew between the batch clock and the server (default 1 h).
     #[must_use]
@@ -144,11 +225,22 @@ impl RedisConfig {
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a prefix with braces, a zero timeout or
-    /// horizon, or a URL redis-rs refuses; [`Error::Store`] if Redis cannot
-    /// be reached within the timeout.
+    /// horizon, a secret shorter than [`Self::MIN_SECRET_LEN`], or a URL
+    /// redis-rs refuses; [`Error::Store`] if Redis cannot be reached within
+    /// the timeout.
     pub async fn connect(self) -> Result<RedisStore, Error> {
         if self.prefix.contains(['{', '}']) {
             return Err(Error::config("redis.prefix", "may not contain `{` or `}`"));
+        }
+        if self
+            .secret
+            .as_ref()
+            .is_some_and(|s| s.0.len() < MIN_SECRET_LEN)
+        {
+            return Err(Error::config(
+                "redis.secret",
+                format!("must be at least {MIN_SECRET_LEN} bytes"),
+            ));
         }
         if self.timeout.is_zero() {
             return Err(Error::config("redis.timeout", "must be above zero"));
@@ -160,43 +252,113 @@ impl RedisConfig {
                 .ok_or_else(|| Error::config(field, "must be between 1 ms and 2^50 ms"))
         };
         let horizon_ms = ms(self.horizon, "redis.event_horizon")?;
+        let retry_horizon_ms = ms(self.retry_horizon, "redis.retry_horizon")?;
         let margin_ms = ms(self.margin, "redis.expiry_margin")?;
         let lifetime_ms = ms(self.lifetime_ttl, "redis.lifetime_ttl")?;
+        let conn = self.open().await?;
+        let tag = format!("{{{}}}", self.prefix);
+        let keyed = match &self.secret {
+            Some(s) => Keyed::new(&s.0),
+            None => {
+                let secret = tokio::time::timeout(
+                    self.timeout,
+                    stored_secret(&conn, &format!("{tag}:secret")),
+                )
+                .await
+                .map_err(|_| timed_out(self.timeout))??;
+                Keyed::new(secret.as_bytes())
+            }
+        };
+        let layout = Layout {
+            prefix: self.prefix.clone(),
+            cluster: conn.single().is_none(),
+        };
+        let store = RedisStore {
+            conn,
+            layout,
+            keyed,
+            apply: Script::new(APPLY_LUA),
+            overdue: Script::new(OVERDUE_LUA),
+            tag,
+            timeout: self.timeout,
+            policy: self.policy,
+            time: self.time,
+            horizon_ms,
+            retry_horizon_ms,
+            made_ids: self.made_ids,
+            margin_ms,
+            lifetime_ms,
+        };
+        // One node: load the script now. A cluster's nodes load it on
+        // first use (`EVALSHA`, then `EVAL` on `NOSCRIPT`).
+        if let Some(c) = store.conn.single() {
+            tokio::time::timeout(
+                store.timeout,
+                store.apply.prepare_invoke().load_async(&mut c.clone()),
+            )
+            .await
+            .map_err(|_| timed_out(store.timeout))?
+            .map_err(store_error)?;
+        }
+        Ok(store)
+    }
+
+    /// The connection: one node (refused if it is a cluster node), or a
+    /// cluster.
+    async fn open(&self) -> Result<Conn, Error> {
+        #[cfg(feature = "redis-cluster")]
+        if !self.nodes.is_empty() {
+            let client = redis::cluster::ClusterClient::builder(self.nodes.clone())
+                .connection_timeout(self.timeout)
+                .response_timeout(self.timeout)
+                // No hidden retries: a call resent after its connection
+                // failed could apply twice (see the store contract).
+                .retries(0)
+                .build()
+                .map_err(|e| Error::config("redis.cluster", e.to_string()))?;
+            let conn = tokio::time::timeout(self.timeout, client.get_async_connection())
+                .await
+                .map_err(|_| timed_out(self.timeout))?
+                .map_err(store_error)?;
+            return Ok(Conn::Cluster(conn));
+        }
+        if self.url.is_empty() && !self.nodes.is_empty() {
+            return Err(Error::config(
+                "redis.cluster",
+                "needs feature `redis-cluster`",
+            ));
+        }
         let client = Client::open(self.url.as_str())
             .map_err(|e| Error::config("redis.url", e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = tokio::time::timeout(
+            // A reconnect is tried once per failed call: refused at once
+            // when Redis is down, so a call that sent nothing says so
+            // (`Error::Store`) instead of waiting out its timeout.
+            .set_number_of_retries(0);
+        let manager = tokio::time::timeout(
             self.timeout,
             ConnectionManager::new_with_config(client, config),
         )
         .await
         .map_err(|_| timed_out(self.timeout))?
         .map_err(store_error)?;
-        let store = RedisStore {
-            conn,
-            apply: Script::new(APPLY_LUA),
-            overdue: Script::new(OVERDUE_LUA),
-            tag: format!("{{{}}}", self.prefix),
-            timeout: self.timeout,
-            policy: self.policy,
-            time: self.time,
-            horizon_ms,
-            margin_ms,
-            lifetime_ms,
-        };
-        let mut conn = store.conn.clone();
-        tokio::time::timeout(
-            store.timeout,
-            store.apply.prepare_invoke().load_async(&mut conn),
-        )
-        .await
-        .map_err(|_| timed_out(store.timeout))?
-        .map_err(store_error)?;
-        Ok(store)
+        let conn = Conn::Single(manager);
+        // A cluster node answers only for its own slots: every call would
+        // fail with `MOVED`. Refused here, with what to do instead.
+        let info: String =
+            tokio::time::timeout(self.timeout, conn.query(redis::cmd("INFO").arg("cluster")))
+                .await
+                .map_err(|_| timed_out(self.timeout))?
+                .map_err(store_error)?;
+        if info.contains("cluster_enabled:1") {
+            return Err(Error::config(
+                "redis.url",
+                "is a Redis Cluster node: connect with RedisConfig::cluster (feature `redis-cluster`)",
+            ));
+        }
+        Ok(conn)
     }
 }
 
@@ -217,10 +379,13 @@ impl RedisConfig {
 /// [`Error::Overflow`], as in [`MemoryStore`](crate::MemoryStore).
 ///
 /// # Keys
-/// Every key starts with the hash tag `{prefix}:`. Scope ids never appear in
-/// key names: a scope is named by the first 128 bits of SHA-256 over its
-/// kind and id (`s:` or `p:` then the id's bytes), an event id by SHA-256
-/// of its bytes. All of one scope's counters live in **one hash per
+/// Every key starts with the hash tag `{prefix}:`. No subject, pool, lease
+/// owner or event id is stored or returned as text, in a key or a value: a
+/// scope is named by its keyed digest (the first 128 bits of HMAC-SHA-256,
+/// under the store's secret ([`RedisConfig::secret`]), over its kind and
+/// id), an event id likewise, and an event's fingerprint is kept only as
+/// its digest. Ids shaped like credentials need no special case.
+/// All of one scope's counters live in **one hash per
 /// scope**, a counter under the field `<len>:<meter>:<window>` (the meter
 /// length-prefixed), so no two counters share a field and no counter field
 /// is ever another field's name, whatever their ids contain (delimiters,
@@ -233,7 +398,8 @@ impl RedisConfig {
 /// | `{p}:l:<lease id>` | a lease: owner, expiry, deadline, held counters (hash) |
 /// | `{p}:od` | leases with a deadline, for `overdue` (sorted set) |
 /// | `{p}:k:<scope>` | a scope's cooldown end |
-/// | `{p}:e:<sha256 of event id>` | an applied event: fingerprint, time, answer |
+/// | `{p}:e:<event digest>` | an applied event, one string: fingerprint digest, time, answer |
+/// | `{p}:secret` | the generated secret, when none is configured (no TTL) |
 ///
 /// A scope's hash holds, per counter, one field packing its state as
 /// decimal integers separated by spaces: `used held start end` for a
@@ -251,14 +417,15 @@ impl RedisConfig {
 /// version; there is no deployed data to migrate, and a store must not be
 /// pointed at keys written by the first layout.
 ///
-/// Values hold amounts and times, plus what `overdue` and a settlement must
-/// report: a lease's owner and the pools it holds. An id that looks like a
-/// secret — it starts like an API key (`sk-`, `sk_`, `pk_`, `rk_`, `api_`,
-/// `key_`, `ghp_`, `github_pat_`, `xox`, `AKIA`, `eyJ`, `Bearer `…) or is
-/// 24 characters or more of token characters mixing letters and digits —
-/// is kept only as `sha256:<hex>` (the first 128 bits), and
-/// [`AsyncAllowanceStore::overdue`](crate::store::AsyncAllowanceStore::overdue) reports such an owner as
-/// `ScopeKey::subject("sha256:<hex>")`.
+/// Values hold amounts, times, lease ids, digests and meter names. What
+/// `overdue` and a settlement must report about a scope is its digest:
+/// [`AsyncAllowanceStore::overdue`](crate::store::AsyncAllowanceStore::overdue)
+/// reports each overdue lease by its [`LeaseId`](crate::store::LeaseId)
+/// (the id of the host's `Reservation`) with the owner
+/// `ScopeKey::subject("hmac:<hex>")`, which [`RedisStore::digest_of`]
+/// computes for an id the host knows; a settlement reports a held pool its
+/// batch did not name as `ScopeKey::pool("hmac:<hex>")` (the engine names
+/// every pool it settles, so it never sees one).
 ///
 /// # Expiry
 /// Every key gets a TTL when it is written. A scope's hash lives as long as
@@ -289,20 +456,61 @@ impl RedisConfig {
 /// server's time per call from `INFO commandstats`.
 ///
 /// # Redis Cluster
-/// All keys of a store share one hash tag, `{prefix}`, so every key a
-/// decision touches is in one slot and the script runs on one node. A
-/// store therefore does not spread over a cluster's shards; give tenants
-/// their own prefixes to spread load.
+/// On one node every key shares the hash tag `{prefix}`. On a cluster
+/// ([`RedisConfig::cluster`], feature `redis-cluster`; redis-rs's async
+/// cluster client, with its own retries off so no call is resent) each
+/// scope has its own tag, `{prefix:<scope digest>}`: a scope's counters,
+/// holds and cooldown, the leases it owns with their deadline index, and
+/// the events of the decisions it is home to (the lease owner's, else the
+/// first op's) share one slot, and scopes spread over the primaries. A
+/// decision whose keys share a slot (a subject's own limits) is one
+/// script call, as on one node. One spanning slots (a subject and a
+/// shared pool) is one call per slot, ordered so it never over-admits:
+///
+/// - an admit (`WithinLimits`) first opens a lease on each slot holding
+///   that slot's deltas — a hold counts toward every maximum — then, if
+///   every slot held, settles each keeping all of it as usage; if one
+///   refused, the others are released. A failure midway leaves only holds,
+///   which expire 60 s past the batch's time (so engine clocks must be
+///   within that of Redis's on [`TimeSource::Server`]);
+/// - a record (`Force`) applies each slot's part, keeping the event in
+///   each, so a retry after a failure midway applies only what had not
+///   applied (the failure is [`Error::StoreOutcomeUnknown`]);
+/// - a check reads each slot;
+/// - a reservation opens its lease on each slot (its deadline on the
+///   owner's, whose record lists the other slots), and renew and settle
+///   visit every slot; a grow whose ops span slots is refused with
+///   [`Error::CrossSlot`], since a grow cannot be taken back.
+///
+/// Atomicity across slots is that of these steps, not of one script: a
+/// reader between two steps may see one slot applied and not the other,
+/// and an admit refused by a slot still held the others for a moment.
+/// An event id is remembered in its decision's home slot; a settlement
+/// with one also leaves a marker in the event's own slot, so another
+/// owner's settlement under the same id is [`Error::EventConflict`].
+/// `overdue` scans every primary for deadline indexes (`SCAN`): a pass
+/// over the keys, for a maintenance call. A cluster node given to
+/// [`RedisConfig::new`] is refused at connect (every call would answer
+/// `MOVED`); a prefix with braces is refused in both modes.
 ///
 /// # Outages
-/// Every call is bounded by [`RedisConfig::timeout`]; a timeout or a
-/// connection error is [`Error::Store`], and the engine's async calls then
-/// follow the [`FailurePolicy`]. The connection is a redis-rs
-/// `ConnectionManager`: after an outage it reconnects by itself on the
-/// next calls.
+/// Every call is bounded by [`RedisConfig::timeout`]. A call Redis never
+/// got — the connection refused — or refused whole (a server error) is
+/// [`Error::Store`]: nothing changed. A call that timed out or lost its
+/// connection after it was written may have run: it is
+/// [`Error::StoreOutcomeUnknown`], naming the batch's event id, and the
+/// engine gives every mutating call one (see the
+/// [store contract](crate::store#ambiguous-outcomes)); a check-mode batch
+/// changes nothing either way and fails as [`Error::Store`]. The engine's
+/// async calls then follow the [`FailurePolicy`]. The connection is a
+/// redis-rs `ConnectionManager`: after an outage it reconnects by itself,
+/// once per failed call, and a call refused by a stale connection is
+/// retried once on the new one.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
+    layout: Layout,
+    keyed: Keyed,
     apply: Script,
     overdue: Script,
     tag: String,
@@ -310,6 +518,8 @@ pub struct RedisStore {
     policy: FailurePolicy,
     time: TimeSource,
     horizon_ms: i64,
+    retry_horizon_ms: i64,
+    made_ids: bool,
     margin_ms: i64,
     lifetime_ms: i64,
 }
@@ -335,24 +545,25 @@ impl RedisStore {
     }
 
     /// The hash tag every key starts with: `{prefix}`.
+    ///
+    /// On a cluster each scope's keys start with `{prefix:<digest>}`
+    /// instead, and every other key (the generated secret) with this.
     pub fn key_tag(&self) -> &str {
         &self.tag
     }
 
-    fn scope_hash(scope: &ScopeKey) -> String {
-        let mut h = Sha256::new();
-        h.update(match scope.kind() {
-            ScopeKind::Subject => b"s:",
-            ScopeKind::Pool => b"p:",
-        });
-        h.update(scope.id().as_bytes());
-        hex(&h.finalize()[..16])
+    /// How this store names `scope` wherever it reports a scope it does
+    /// not store: `hmac:` and the scope's keyed digest (hex). `overdue`
+    /// reports a lease's owner as `ScopeKey::subject(digest_of(owner))`,
+    /// and a settlement a held pool the batch did not name as
+    /// `ScopeKey::pool(digest_of(pool))`: compute this for the ids you know
+    /// to map them back (or keep your reservations by lease id).
+    pub fn digest_of(&self, scope: &ScopeKey) -> String {
+        format!("hmac:{}", self.keyed.scope(scope))
     }
 
-    /// A scope's hash: every counter of the scope, its buckets and hold
-    /// amounts, and the hash's expiry.
-    fn scope_key(&self, scope: &ScopeKey) -> String {
-        format!("{}:c:{}", self.tag, Self::scope_hash(scope))
+    fn scope_hash(&self, scope: &ScopeKey) -> String {
+        self.keyed.scope(scope)
     }
 
     /// A counter's field in its scope's hash: the meter, length-prefixed,
@@ -365,11 +576,19 @@ impl RedisStore {
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, Error> {
-        let mut conn = self.conn.clone();
-        tokio::time::timeout(self.timeout, invocation.invoke_async(&mut conn))
+        let call = async {
+            match self.conn.invoke(invocation).await {
+                // Refused: nothing left, and the connection manager has
+                // started a new connection; one more try uses it (a store
+                // recovers on the first call after an outage).
+                Err(e) if e.is_connection_refusal() => self.conn.invoke(invocation).await,
+                r => r,
+            }
+        };
+        tokio::time::timeout(self.timeout, call)
             .await
-            .map_err(|_| timed_out(self.timeout))?
-            .map_err(store_error)
+            .map_err(|_| unanswered(self.timeout))?
+            .map_err(call_error)
     }
 
     fn now_arg(&self, now_ms: i64) -> (String, &'static str) {
@@ -382,4 +601,24 @@ impl RedisStore {
             },
         )
     }
+}
+
+/// The secret stored under `key`, made there first if none is.
+async fn stored_secret(conn: &Conn, key: &str) -> Result<String, Error> {
+    let _: Option<String> = conn
+        .query(
+            redis::cmd("SET")
+                .arg(key)
+                .arg(keyed::fresh_secret())
+                .arg("NX"),
+        )
+        .await
+        .map_err(store_error)?;
+    let secret: Option<String> = conn
+        .query(redis::cmd("GET").arg(key))
+        .await
+        .map_err(store_error)?;
+    secret
+        .filter(|s| s.len() >= MIN_SECRET_LEN)
+        .ok_or_else(|| Error::config("redis.secret", format!("`{key}` holds no usable secret")))
 }

@@ -157,9 +157,8 @@ impl RedisStore {
                 .lease
                 .map(|l| l.owner.clone())
                 .ok_or_else(|| bad_reply("hold owner"))?,
-            Some(("p", id)) => ScopeKey::pool(id),
-            Some(("P", h)) => ScopeKey::pool(format!("sha256:{h}")),
-            Some(("s", h)) => ScopeKey::subject(format!("sha256:{h}")),
+            Some(("P", h)) => ScopeKey::pool(format!("hmac:{h}")),
+            Some(("s", h)) => ScopeKey::subject(format!("hmac:{h}")),
             _ => return Err(bad_reply("hold scope")),
         };
         // A meter the store wrote from a batch's op: a catalog's name.

@@ -1,0 +1,573 @@
+//! `RedisStore` on a Redis Cluster named by `TOLLGATE_REDIS_CLUSTER_URLS`
+//! (comma-separated node URLs; `.ci/run` starts a local 3-primary cluster):
+//! the conformance suite unchanged, eight engines sharing a subject's and
+//! a pool's limits, subjects spread over the primaries, `overdue` across
+//! them, and a cluster node refused as a single Redis. Without the
+//! variable every test prints that it was skipped and passes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use tollgate::store::{
+    AllowanceStore, Applied, AsyncAllowanceStore, Batch, CounterOp, LeaseInfo, Mode, RedisConfig,
+    RedisStore, TimeSource,
+};
+use tollgate::{
+    conformance, Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, Meter, Name,
+    Period, PlanConfig, PoolConfig, Request, ScopeKey, SystemClock, Window,
+};
+
+fn nodes() -> Option<Vec<String>> {
+    match std::env::var("TOLLGATE_REDIS_CLUSTER_URLS") {
+        Ok(u) if !u.is_empty() => Some(u.split(',').map(str::to_owned).collect()),
+        _ => {
+            eprintln!("skipped: TOLLGATE_REDIS_CLUSTER_URLS not set");
+            None
+        }
+    }
+}
+
+fn unique_prefix(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "tollgate-test:{name}:{}:{nanos}:{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+async fn store(nodes: &[String], prefix: &str, time: TimeSource) -> RedisStore {
+    RedisConfig::cluster(nodes.iter().cloned())
+        .prefix(prefix)
+        .time_source(time)
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the cluster")
+}
+
+/// Every key under `prefix` on every primary, by node URL.
+async fn keys_by_node(nodes: &[String], prefix: &str) -> HashMap<String, Vec<String>> {
+    let mut out = HashMap::new();
+    for url in nodes {
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let role: Vec<redis::Value> = redis::cmd("ROLE")
+            .query_async(&mut conn)
+            .await
+            .expect("role");
+        if !matches!(&role[0], redis::Value::BulkString(b) if b == b"master") {
+            continue;
+        }
+        let mut keys = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{{{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .expect("scan");
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        out.insert(url.clone(), keys);
+    }
+    out
+}
+
+async fn flush(nodes: &[String], prefix: &str) {
+    for (url, keys) in keys_by_node(nodes, prefix).await {
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        for k in keys {
+            let _: () = redis::cmd("DEL")
+                .arg(k)
+                .query_async(&mut conn)
+                .await
+                .expect("del");
+        }
+    }
+}
+
+/// The sync seam over a `RedisStore`, for the conformance suite.
+struct Blocking {
+    rt: Arc<tokio::runtime::Runtime>,
+    store: RedisStore,
+}
+
+impl AllowanceStore for Blocking {
+    fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        self.rt
+            .block_on(AsyncAllowanceStore::apply(&self.store, batch))
+    }
+
+    fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
+        self.rt
+            .block_on(AsyncAllowanceStore::overdue(&self.store, now))
+    }
+}
+
+fn conformance_on(name: &str, run: impl FnOnce(&dyn Fn() -> Blocking)) {
+    let Some(nodes) = nodes() else { return };
+    let rt = Arc::new(runtime());
+    let prefixes = std::sync::Mutex::new(Vec::new());
+    let new = || {
+        let prefix = unique_prefix(name);
+        let store = rt.block_on(store(&nodes, &prefix, TimeSource::Batch));
+        prefixes.lock().unwrap().push(prefix);
+        Blocking {
+            rt: rt.clone(),
+            store,
+        }
+    };
+    run(&new);
+    for prefix in prefixes.into_inner().unwrap() {
+        // Every key written has a TTL (the generated secret excepted).
+        let without = rt.block_on(keys_without_ttl(&nodes, &prefix));
+        assert!(without.is_empty(), "keys without a TTL: {without:?}");
+        rt.block_on(flush(&nodes, &prefix));
+    }
+}
+
+async fn keys_without_ttl(nodes: &[String], prefix: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (url, keys) in keys_by_node(nodes, prefix).await {
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        for k in keys.into_iter().filter(|k| !k.ends_with("}:secret")) {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(&k)
+                .query_async(&mut conn)
+                .await
+                .expect("pttl");
+            if ttl == -1 {
+                out.push(k);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn conformance_batches_are_all_or_nothing() {
+    conformance_on("c-all-or-nothing", |new| {
+        conformance::batches_are_all_or_nothing(new)
+    });
+}
+
+#[test]
+fn conformance_bad_batches_change_nothing() {
+    conformance_on("c-bad", |new| conformance::bad_batches_change_nothing(new));
+}
+
+#[test]
+fn conformance_windows_roll_exactly() {
+    conformance_on("c-windows", |new| conformance::windows_roll_exactly(new));
+}
+
+#[test]
+fn conformance_holds_count_and_settle() {
+    conformance_on("c-holds", |new| conformance::holds_count_and_settle(new));
+}
+
+#[test]
+fn conformance_leases_expire_and_renew() {
+    conformance_on("c-leases", |new| conformance::leases_expire_and_renew(new));
+}
+
+#[test]
+fn conformance_events_apply_once() {
+    conformance_on("c-events", |new| conformance::events_apply_once(new));
+}
+
+#[test]
+fn conformance_cooldowns_block_until_they_end() {
+    conformance_on("c-cooldowns", |new| {
+        conformance::cooldowns_block_until_they_end(new)
+    });
+}
+
+#[test]
+fn conformance_concurrent_batches_never_over_admit() {
+    conformance_on("c-concurrent", |new| {
+        conformance::concurrent_batches_never_over_admit(new)
+    });
+}
+
+#[test]
+fn conformance_clock_steps_back_free_nothing() {
+    conformance_on("c-clock-steps", |new| {
+        conformance::clock_steps_back_free_nothing(new)
+    });
+}
+
+/// A cluster node given as a single Redis would answer `MOVED` to most
+/// calls: refused at connect, saying what to do.
+#[test]
+fn a_cluster_node_is_refused_as_a_single_redis() {
+    let Some(nodes) = nodes() else { return };
+    runtime().block_on(async {
+        let err = RedisConfig::new(nodes[0].as_str())
+            .prefix(unique_prefix("single"))
+            .connect()
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&err, Error::InvalidConfig { field, reason }
+                if field == "redis.url" && reason.contains("RedisConfig::cluster")),
+            "{err:?}"
+        );
+    });
+}
+
+/// 10,000 subjects, one counter each: their keys spread over the three
+/// primaries within ±20 % of an even share.
+#[test]
+fn subjects_spread_over_the_primaries() {
+    let Some(nodes) = nodes() else { return };
+    let rt = runtime();
+    let prefix = unique_prefix("spread");
+    rt.block_on(async {
+        let store = store(&nodes, &prefix, TimeSource::Server).await;
+        let meter = Name::new("t");
+        let mut tasks = Vec::new();
+        for part in 0..8u32 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in (part..10_000).step_by(8) {
+                    let scope = ScopeKey::subject(format!("user-{i}"));
+                    let ops = [CounterOp::new(&scope, meter, Window::Lifetime, 1, Some(5))];
+                    let r = store
+                        .apply(&Batch::new(&ops, Mode::WithinLimits, 0))
+                        .await
+                        .expect("apply");
+                    assert!(r.applied);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        let by_node = keys_by_node(&nodes, &prefix).await;
+        // Counter hashes only (the generated secret is one more key).
+        let counts: Vec<usize> = by_node
+            .values()
+            .map(|keys| keys.iter().filter(|k| k.ends_with("}:c")).count())
+            .collect();
+        assert_eq!(counts.iter().sum::<usize>(), 10_000, "{counts:?}");
+        assert_eq!(counts.len(), 3, "three primaries: {counts:?}");
+        let share = 10_000.0 / counts.len() as f64;
+        for c in &counts {
+            let off = (*c as f64 - share).abs() / share;
+            assert!(off <= 0.2, "{counts:?}: {c} is {off:.2} off an even share");
+        }
+        flush(&nodes, &prefix).await;
+    });
+}
+
+fn catalog() -> tollgate::Catalog {
+    CatalogConfig::default()
+        .meter(Meter::count("tokens"))
+        .plan(
+            PlanConfig::new("plan")
+                .max_job_duration("10m")
+                .limit(LimitConfig::new(
+                    "tokens",
+                    Window::calendar(Period::Day),
+                    1_000u64,
+                )),
+        )
+        .pool(PoolConfig::new("team").limit(LimitConfig::new(
+            "tokens",
+            Window::calendar(Period::Day),
+            600u64,
+        )))
+        .build()
+        .expect("catalog")
+}
+
+/// Eight engines, each with its own cluster connection, admit at once for
+/// four subjects sharing one pool (so each decision spans two slots): the
+/// pool never admits past its maximum, and admits exactly it.
+#[test]
+fn eight_engines_share_a_pool_across_slots() {
+    let Some(nodes) = nodes() else { return };
+    let rt = runtime();
+    let prefix = unique_prefix("eight");
+    let admitted = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for e in 0..8 {
+            let store = store(&nodes, &prefix, TimeSource::Server).await;
+            let engine = Engine::with_store_and_clock(catalog(), store, SystemClock);
+            for s in 0..4 {
+                engine
+                    .allocate(Allocation::new(format!("agent-{s}"), "plan").with_pool("team"))
+                    .expect("allocate");
+            }
+            tasks.push(tokio::spawn(async move {
+                let mut mine = 0u64;
+                let subject = format!("agent-{}", e % 4);
+                for _ in 0..100 {
+                    let d = engine
+                        .admit_async(&Request::new(&subject).units("tokens", 3))
+                        .await
+                        .expect("admit");
+                    if d.allowed {
+                        mine += 3;
+                    }
+                }
+                mine
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.expect("task");
+        }
+        total
+    });
+    assert_eq!(admitted, 600, "the pool admitted exactly its maximum");
+    rt.block_on(async {
+        let store = store(&nodes, &prefix, TimeSource::Server).await;
+        let engine = Engine::with_store_and_clock(catalog(), store, SystemClock);
+        engine
+            .allocate(Allocation::new("agent-0", "plan").with_pool("team"))
+            .expect("allocate");
+        let d = engine
+            .check_async(&Request::new("agent-0").units("tokens", 0))
+            .await
+            .expect("check");
+        let pool = d.limit(&ScopeKey::pool("team"), "tokens").expect("pool");
+        assert_eq!((pool.used, pool.held), (600, 0), "no hold left behind");
+        flush(&nodes, &prefix).await;
+    });
+}
+
+/// Reservations of subjects on different primaries: `overdue` finds every
+/// one, on every primary.
+#[test]
+fn overdue_reads_every_primary() {
+    let Some(nodes) = nodes() else { return };
+    let rt = runtime();
+    let prefix = unique_prefix("overdue");
+    rt.block_on(async {
+        let store = store(&nodes, &prefix, TimeSource::Batch).await;
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("tokens"))
+            .plan(
+                PlanConfig::new("plan")
+                    .max_job_duration("10m")
+                    .limit(LimitConfig::new(
+                        "tokens",
+                        Window::calendar(Period::Day),
+                        1_000u64,
+                    )),
+            )
+            .build()
+            .expect("catalog");
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap());
+        let engine = Engine::with_store_and_clock(catalog, store, clock.clone());
+        let mut ids = Vec::new();
+        for s in 0..12 {
+            let subject = format!("worker-{s}");
+            engine
+                .allocate(Allocation::new(subject.as_str(), "plan"))
+                .expect("allocate");
+            let res = engine
+                .reserve_async(
+                    &Request::new(&subject).units("tokens", 5),
+                    Duration::from_secs(3600),
+                )
+                .await
+                .expect("reserve")
+                .expect("admitted");
+            ids.push(res.id());
+        }
+        clock.advance(chrono::Duration::minutes(11));
+        let mut found: Vec<_> = engine
+            .overdue_async()
+            .await
+            .expect("overdue")
+            .into_iter()
+            .map(|l| l.id)
+            .collect();
+        found.sort();
+        ids.sort();
+        assert_eq!(found, ids);
+        let by_node = keys_by_node(&nodes, &prefix).await;
+        assert!(
+            by_node.values().filter(|k| !k.is_empty()).count() >= 2,
+            "the leases live on more than one primary"
+        );
+        flush(&nodes, &prefix).await;
+    });
+}
+
+/// A spanning admit that one slot refuses changes nothing anywhere: the
+/// slot that held gives its hold back. A grow spanning slots is refused
+/// with `Error::CrossSlot`, and changes nothing either.
+#[test]
+fn spanning_refusals_and_grows_change_nothing() {
+    let Some(nodes) = nodes() else { return };
+    let rt = runtime();
+    let prefix = unique_prefix("span-refuse");
+    rt.block_on(async {
+        let store = store(&nodes, &prefix, TimeSource::Batch).await;
+        let (a, p) = (ScopeKey::subject("a"), ScopeKey::pool("p"));
+        let t = Name::new("t");
+        let day = Window::calendar(Period::Day);
+        let now = Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap();
+        let now_ms = now.timestamp_millis();
+        let read = |store: RedisStore| {
+            let (a, p) = (a.clone(), p.clone());
+            async move {
+                let ops = [
+                    CounterOp::new(&a, t, day, 0, None),
+                    CounterOp::new(&p, t, day, 0, None),
+                ];
+                let r = store
+                    .apply(&Batch::new(&ops, Mode::Check, now_ms))
+                    .await
+                    .expect("check");
+                (
+                    (r.counters[0].used, r.counters[0].held),
+                    (r.counters[1].used, r.counters[1].held),
+                )
+            }
+        };
+        let ops = [
+            CounterOp::new(&a, t, day, 5, Some(10)),
+            CounterOp::new(&p, t, day, 5, Some(4)),
+        ];
+        let r = store
+            .apply(&Batch::new(&ops, Mode::WithinLimits, now_ms))
+            .await
+            .expect("apply");
+        assert!(!r.applied);
+        assert_eq!(read(store.clone()).await, ((0, 0), (0, 0)), "no hold kept");
+        // Refused by the first slot: the second is only read.
+        let ops = [
+            CounterOp::new(&a, t, day, 11, Some(10)),
+            CounterOp::new(&p, t, day, 1, Some(4)),
+        ];
+        let r = store
+            .apply(&Batch::new(&ops, Mode::WithinLimits, now_ms))
+            .await
+            .expect("apply");
+        assert!(!r.applied);
+        assert_eq!(
+            read(store.clone()).await,
+            ((0, 0), (0, 0)),
+            "nothing applied"
+        );
+
+        // A reservation across both slots, then a grow across them.
+        let id = tollgate::store::LeaseId::random();
+        let open = tollgate::store::LeaseOp::new(
+            id,
+            &a,
+            tollgate::store::LeaseAction::Open {
+                expires_at_ms: now_ms + 60_000,
+                deadline_ms: None,
+            },
+        );
+        let hold = [
+            CounterOp::new(&a, t, day, 2, Some(10)),
+            CounterOp::new(&p, t, day, 3, Some(4)),
+        ];
+        let r = store
+            .apply(&Batch::new(&hold, Mode::WithinLimits, now_ms).with_lease(open))
+            .await
+            .expect("open");
+        assert!(r.applied);
+        assert_eq!(read(store.clone()).await, ((0, 2), (0, 3)));
+        let grow = tollgate::store::LeaseOp::new(id, &a, tollgate::store::LeaseAction::Grow);
+        let err = store
+            .apply(&Batch::new(&hold, Mode::WithinLimits, now_ms).with_lease(grow))
+            .await
+            .expect_err("a grow across slots");
+        assert!(matches!(err, Error::CrossSlot { .. }), "{err:?}");
+        assert_eq!(read(store.clone()).await, ((0, 2), (0, 3)), "unchanged");
+        // Renew reaches both slots; a settlement charges both.
+        let renew = tollgate::store::LeaseOp::new(
+            id,
+            &a,
+            tollgate::store::LeaseAction::Renew {
+                expires_at_ms: now_ms + 600_000,
+            },
+        );
+        store
+            .apply(&Batch::new(&[], Mode::Force, now_ms).with_lease(renew))
+            .await
+            .expect("renew");
+        let later = now_ms + 120_000;
+        let ops = [
+            CounterOp::new(&a, t, day, 0, None),
+            CounterOp::new(&p, t, day, 0, None),
+        ];
+        let r = store
+            .apply(&Batch::new(&ops, Mode::Check, later))
+            .await
+            .expect("check");
+        assert_eq!(
+            (r.counters[0].held, r.counters[1].held),
+            (2, 3),
+            "both holds renewed past their first expiry"
+        );
+        let settle = tollgate::store::LeaseOp::new(
+            id,
+            &a,
+            tollgate::store::LeaseAction::Settle {
+                keep: tollgate::store::Fraction::ONE,
+            },
+        );
+        let r = store
+            .apply(&Batch::new(&[], Mode::Force, later).with_lease(settle))
+            .await
+            .expect("settle");
+        assert_eq!(r.settled.len(), 2, "a hold settled on each slot");
+        let r = store
+            .apply(&Batch::new(&ops, Mode::Check, later))
+            .await
+            .expect("check");
+        assert_eq!(
+            (
+                r.counters[0].used,
+                r.counters[0].held,
+                r.counters[1].used,
+                r.counters[1].held
+            ),
+            (2, 0, 3, 0)
+        );
+        flush(&nodes, &prefix).await;
+    });
+}

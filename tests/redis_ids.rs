@@ -1,0 +1,285 @@
+//! `RedisStore` keeps no subject, pool, owner or event id as text: every key
+//! and every value under a store's prefix is read back after admits,
+//! reservations, settlements and `overdue`, and none holds an id (raw or
+//! hex), whatever shape the id has. Needs `TOLLGATE_REDIS_URL`; without it
+//! each test prints that it was skipped and passes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use tollgate::store::{RedisConfig, TimeSource};
+use tollgate::{
+    Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, Meter, Period, PlanConfig,
+    PoolConfig, Request, ScopeKey, Window,
+};
+
+fn url() -> Option<String> {
+    match std::env::var("TOLLGATE_REDIS_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            eprintln!("skipped: TOLLGATE_REDIS_URL not set");
+            None
+        }
+    }
+}
+
+fn unique_prefix(name: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "tollgate-test:{name}:{}:{nanos}:{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Subject ids of every shape the issue names, and plain ones.
+const SUBJECTS: [&str; 10] = [
+    "Basic dXNlcjpwYXNzd29yZA==",
+    "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+    "glpat-Xq8vP2mN4kL7sR1tY3wZ",
+    "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    "4111111111111111",
+    "sk-ant-api03-Zx9yW8vU7tS6",
+    "api_key=abc123def",
+    "Bearer eyJhbGciOiJIUzI1NiJ9",
+    "agent-7",
+    "acme",
+];
+const POOL: &str = "xoxb-1234-team-pool-5678";
+
+/// Every key name, and every string, hash field, hash value and set member
+/// under `tag` (the generated secret's key excepted: it holds the secret).
+async fn everything_under(url: &str, tag: &str) -> Vec<String> {
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{tag}:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    let mut out = Vec::new();
+    for key in keys {
+        if key == format!("{tag}:secret") {
+            continue;
+        }
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("type");
+        let values: Vec<String> = match kind.as_str() {
+            "string" => vec![redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .expect("get")],
+            "hash" => redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .expect("hgetall"),
+            "zset" => redis::cmd("ZRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .expect("zrange"),
+            other => panic!("{key}: unexpected type {other}"),
+        };
+        out.push(key);
+        out.extend(values);
+    }
+    out
+}
+
+fn assert_no_id(texts: &[String], ids: &[&str]) {
+    for id in ids {
+        let hexed = hex::encode(id.as_bytes());
+        for t in texts {
+            assert!(!t.contains(id), "`{t}` holds the id `{id}`");
+            assert!(
+                !t.to_ascii_lowercase().contains(&hexed),
+                "`{t}` holds the id `{id}` in hex"
+            );
+        }
+    }
+}
+
+#[test]
+fn no_id_is_stored_or_returned_as_text() {
+    let Some(url) = url() else { return };
+    runtime().block_on(async {
+        let store = RedisConfig::new(&url)
+            .prefix(unique_prefix("ids"))
+            .time_source(TimeSource::Batch)
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect");
+        let tag = store.key_tag().to_owned();
+        let digests: Vec<String> = SUBJECTS
+            .iter()
+            .map(|s| store.digest_of(&ScopeKey::subject(*s)))
+            .collect();
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("tokens"))
+            .plan(
+                PlanConfig::new("plan")
+                    .max_job_duration("10m")
+                    .cooldown_after_failure("1m")
+                    .limit(LimitConfig::new(
+                        "tokens",
+                        Window::calendar(Period::Day),
+                        1_000u64,
+                    ))
+                    .limit(LimitConfig::new(
+                        "tokens",
+                        Window::Rolling {
+                            span_secs: 3600,
+                            buckets: 6,
+                        },
+                        1_000u64,
+                    )),
+            )
+            .pool(PoolConfig::new(POOL).limit(LimitConfig::new(
+                "tokens",
+                Window::Lifetime,
+                100_000u64,
+            )))
+            .build()
+            .expect("catalog");
+        let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap());
+        let engine = Engine::with_store_and_clock(catalog, store.clone(), clock.clone());
+        let mut reservations = Vec::new();
+        for (i, s) in SUBJECTS.iter().enumerate() {
+            engine
+                .allocate(Allocation::new(*s, "plan").with_pool(POOL))
+                .expect("allocate");
+            let event = format!("{s}#event");
+            let d = engine
+                .admit_async(&Request::new(s).units("tokens", 3).event(&event))
+                .await
+                .expect("admit");
+            assert!(d.recorded);
+            let res = engine
+                .reserve_async(
+                    &Request::new(s).units("tokens", 10),
+                    Duration::from_secs(3600),
+                )
+                .await
+                .expect("reserve")
+                .expect("admitted");
+            if i % 2 == 0 {
+                reservations.push((i, res));
+            } else {
+                let d = engine
+                    .release_async(&res, tollgate::Outcome::Failed)
+                    .await
+                    .expect("release");
+                assert!(d.recorded);
+            }
+        }
+        clock.advance(chrono::Duration::minutes(11));
+        let overdue = engine.overdue_async().await.expect("overdue");
+        assert_eq!(overdue.len(), reservations.len());
+        for (i, res) in &reservations {
+            let info = overdue
+                .iter()
+                .find(|l| l.id == res.id())
+                .expect("each open reservation is overdue, by its lease id");
+            // The owner is the digest the host can compute for its id.
+            assert_eq!(info.owner, ScopeKey::subject(digests[*i].as_str()));
+        }
+        let shown: Vec<String> = overdue.iter().map(|l| format!("{l:?}")).collect();
+        assert_no_id(&shown, &SUBJECTS);
+        for (i, res) in &reservations {
+            let s = SUBJECTS[*i];
+            let d = engine
+                .commit_async(res, &Request::new(s).units("tokens", 4))
+                .await
+                .expect("commit");
+            let l = d
+                .limit(&ScopeKey::pool(POOL), "tokens")
+                .expect("the pool's limit, named by the engine");
+            assert!(l.used >= 4);
+        }
+
+        let mut ids: Vec<&str> = SUBJECTS.to_vec();
+        ids.push(POOL);
+        let events: Vec<String> = SUBJECTS.iter().map(|s| format!("{s}#event")).collect();
+        ids.extend(events.iter().map(String::as_str));
+        let texts = everything_under(&url, &tag).await;
+        assert!(texts.len() > 30, "the store wrote keys: {}", texts.len());
+        assert_no_id(&texts, &ids);
+    });
+}
+
+#[test]
+fn secrets_are_checked_and_shared() {
+    let Some(url) = url() else { return };
+    runtime().block_on(async {
+        let prefix = unique_prefix("secret");
+        let err = RedisConfig::new(&url)
+            .prefix(&prefix)
+            .secret("short")
+            .connect()
+            .await
+            .expect_err("a short secret is refused");
+        assert!(
+            matches!(&err, Error::InvalidConfig { field, .. } if field == "redis.secret"),
+            "{err:?}"
+        );
+        // Two replicas with no secret configured agree through the stored one.
+        let a = RedisConfig::new(&url)
+            .prefix(&prefix)
+            .connect()
+            .await
+            .expect("a");
+        let b = RedisConfig::new(&url)
+            .prefix(&prefix)
+            .connect()
+            .await
+            .expect("b");
+        let x = ScopeKey::subject("x");
+        assert_eq!(a.digest_of(&x), b.digest_of(&x));
+        // A configured secret gives other digests, and is never printed.
+        let c = RedisConfig::new(&url)
+            .prefix(&prefix)
+            .secret("0123456789abcdef-configured")
+            .connect()
+            .await
+            .expect("c");
+        assert_ne!(a.digest_of(&x), c.digest_of(&x));
+        let config = format!(
+            "{:?}",
+            RedisConfig::new(&url).secret("0123456789abcdef-configured")
+        );
+        assert!(!config.contains("configured"), "{config}");
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let _: () = redis::cmd("DEL")
+            .arg(format!("{}:secret", a.key_tag()))
+            .query_async(&mut conn)
+            .await
+            .expect("del");
+    });
+}
