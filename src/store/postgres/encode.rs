@@ -89,6 +89,13 @@ pub(super) fn encode(batch: &Batch<'_>, ns: &str, horizon_ms: i64) -> String {
             o.insert("s".into(), op.scope.id().into());
             o.insert("m".into(), op.meter.as_str().into());
             o.insert("w".into(), window_code(op.window).into());
+            let kind = match op.window {
+                Window::Calendar { .. } => "C",
+                Window::Rolling { .. } => "R",
+                Window::Lifetime => "L",
+                Window::Concurrent => "X",
+            };
+            o.insert("t".into(), kind.into());
             match op.window {
                 Window::Calendar {
                     period,
@@ -120,8 +127,20 @@ pub(super) fn encode(batch: &Batch<'_>, ns: &str, horizon_ms: i64) -> String {
         .iter()
         .map(|c| json!({"k": kind_name(c.scope), "s": c.scope.id(), "u": c.start_until_ms}))
         .collect();
+    // The scopes to lock, as "kind:id", sorted bytewise and distinct: one
+    // order for every batch, so no two wait on each other.
+    let mut locks: Vec<String> = batch
+        .ops
+        .iter()
+        .map(|o| o.scope)
+        .chain(batch.cooldowns.iter().map(|c| c.scope))
+        .map(|s| format!("{}:{}", kind_name(s), s.id()))
+        .collect();
+    locks.sort_unstable();
+    locks.dedup();
     let mut b = Map::new();
     b.insert("now".into(), batch.now_ms.into());
+    b.insert("lk".into(), locks.into());
     let mode = match batch.mode {
         Mode::Check => "c",
         Mode::WithinLimits => "w",

@@ -269,7 +269,11 @@ fn store_error(e: &tokio_postgres::Error, sent: bool) -> Error {
             return err;
         }
         return Error::Store {
-            message: format!("postgres: {e} (rolled back: nothing changed)"),
+            message: format!(
+                "postgres: {} {} (rolled back: nothing changed)",
+                db.code().code(),
+                db.message()
+            ),
         };
     }
     let message = if sent {

@@ -85,7 +85,8 @@ CREATE TYPE __SCHEMA__.ctr AS (
     head bigint,
     tail bigint,
     slots numeric[],
-    dirty boolean      -- write it back
+    dirty boolean,     -- write it back
+    xh boolean         -- holds of ended leases to drop
 );
 
 -- Floor division and Euclidean remainder.
@@ -278,7 +279,7 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT ROW(ex, __SCHEMA__.win_kind(w), coalesce(used, 0), 0::numeric,
         CASE WHEN ex THEN ps END, CASE WHEN ex THEN pe END, bw,
         array_length(slots, 1), CASE WHEN ex THEN head END, tail, slots,
-        false)::__SCHEMA__.ctr
+        false, false)::__SCHEMA__.ctr
 $$;
 
 -- Roll an existing counter of a settling lease's hold (not named by an op),
@@ -351,8 +352,14 @@ DECLARE
     r record;
     h record;
     lrec record;
-    keys bigint[] := '{}';
-    k bigint;
+    lks text[] := ARRAY(SELECT jsonb_array_elements_text(b->'lk'));
+    lk text;
+    v text;
+    ks text[] := '{}';
+    ss text[] := '{}';
+    ms text[] := '{}';
+    ws text[] := '{}';
+    anydirty boolean := false;
     all_fit boolean := true;
     cool boolean := true;
     applied boolean;
@@ -402,18 +409,18 @@ BEGIN
             RAISE EXCEPTION USING ERRCODE = 'TGEXP', MESSAGE = ls->>'id';
         ELSE
             lexp := lrec.expires_ms;
-            SELECT coalesce(array_agg(hashtextextended(ns || '|s|' || x.scope_kind || ':'
-                || x.scope_id, 0)), '{}') INTO keys
-            FROM __SCHEMA__.holds x WHERE x.lease_id = ls->>'id';
+            -- The lease's holds' scopes join the sorted list.
+            SELECT coalesce(array_agg(DISTINCT q.s COLLATE "C" ORDER BY q.s COLLATE "C"), '{}') INTO lks
+            FROM (SELECT unnest(lks) AS s UNION ALL
+                SELECT x.scope_kind || ':' || x.scope_id FROM __SCHEMA__.holds x
+                WHERE x.lease_id = ls->>'id') q;
         END IF;
     END IF;
 
-    -- Every scope named, locked in ascending order.
-    SELECT keys || coalesce(array_agg(hashtextextended(ns || '|s|' || (e->>'k') || ':'
-        || (e->>'s'), 0)), '{}') INTO keys
-    FROM (SELECT jsonb_array_elements(ops) e UNION ALL SELECT jsonb_array_elements(cds)) q;
-    FOR k IN SELECT DISTINCT unnest(keys) ORDER BY 1 LOOP
-        PERFORM pg_advisory_xact_lock(k);
+    -- Every scope named, locked in ascending (bytewise) order of
+    -- "kind:id" (the client sends them sorted and distinct).
+    FOREACH lk IN ARRAY lks LOOP
+        v := pg_advisory_xact_lock(hashtextextended(ns || '|s|' || lk, 0))::text;
     END LOOP;
 
     -- Phase 1: settle charges (rule 7) read as of now.
@@ -456,24 +463,24 @@ BEGIN
 
     -- Phase 1: every op's counter as of now (rolled in memory only), its
     -- live holds, whether it fits (rules 2, 3, 4).
-    FOR r IN SELECT q.e, q.i, t.used AS tused, t.period_start_ms, t.period_end_ms,
-            t.bucket_ms, t.head, t.tail, t.slots, t.scope_kind IS NOT NULL AS tex,
-            (SELECT coalesce(sum(x.amount), 0) FROM __SCHEMA__.holds x
-                JOIN __SCHEMA__.leases l ON l.id = x.lease_id
-                WHERE x.scope_kind = q.e->>'k' AND x.scope_id = q.e->>'s'
-                  AND x.meter = q.e->>'m' AND x."window" = q.e->>'w'
-                  AND x.amount > 0 AND l.expires_ms > now_ms AND NOT l.settled) AS held
+    FOR r IN SELECT q.e, ROW(t.scope_kind IS NOT NULL, q.e->>'t', coalesce(t.used, 0),
+                coalesce(hs.live, 0), t.period_start_ms, t.period_end_ms,
+                (q.e->>'bw')::bigint, (q.e->>'n')::int, t.head, t.tail, t.slots, false,
+                coalesce(hs.expired, false))::__SCHEMA__.ctr AS c
         FROM jsonb_array_elements(ops) WITH ORDINALITY AS q(e, i)
         LEFT JOIN __SCHEMA__.counters t ON t.scope_kind = q.e->>'k'
             AND t.scope_id = q.e->>'s' AND t.meter = q.e->>'m' AND t."window" = q.e->>'w'
+        LEFT JOIN LATERAL (SELECT
+                sum(x.amount) FILTER (WHERE l.expires_ms > now_ms AND NOT l.settled) AS live,
+                bool_or(l.expires_ms <= now_ms) AS expired
+            FROM __SCHEMA__.holds x JOIN __SCHEMA__.leases l ON l.id = x.lease_id
+            WHERE x.scope_kind = q.e->>'k' AND x.scope_id = q.e->>'s'
+              AND x.meter = q.e->>'m' AND x."window" = q.e->>'w' AND x.amount > 0) hs
+            ON t.scope_kind IS NOT NULL
         ORDER BY q.i
     LOOP
         o := r.e;
-        c := __SCHEMA__.load(o->>'w', r.tused, r.period_start_ms, r.period_end_ms,
-            (o->>'bw')::bigint, r.head, r.tail, r.slots, r.tex);
-        c.n := (o->>'n')::int;
-        c := __SCHEMA__.roll(c, o->>'p', (o->>'o')::int, now_ms);
-        c.held := CASE WHEN r.tex THEN r.held ELSE 0 END;
+        c := __SCHEMA__.roll(r.c, o->>'p', (o->>'o')::int, now_ms);
         delta := (o->>'d')::numeric;
         mx := (o->>'x')::numeric;
         target := CASE WHEN holding THEN c.held ELSE c.used END;
@@ -482,6 +489,10 @@ BEGIN
         END IF;
         all_fit := all_fit AND (delta = 0 OR mx IS NULL OR c.used + c.held + delta <= mx);
         cs := cs || c;
+        ks := ks || (o->>'k');
+        ss := ss || (o->>'s');
+        ms := ms || (o->>'m');
+        ws := ws || (o->>'w');
     END LOOP;
 
     -- Cooldowns (rule 9).
@@ -558,14 +569,27 @@ BEGIN
             ELSE
                 c := __SCHEMA__.add(c, delta);
             END IF;
-            IF c.ex THEN
-                IF c.dirty THEN
-                    PERFORM __SCHEMA__.put(c, o->>'k', o->>'s', o->>'m', o->>'w', now_ms);
-                END IF;
+            IF c.ex AND c.xh THEN
                 PERFORM __SCHEMA__.drop_expired(o->>'k', o->>'s', o->>'m', o->>'w', now_ms);
             END IF;
+            anydirty := anydirty OR (c.ex AND c.dirty);
             cs[i] := c;
         END LOOP;
+        -- Every counter the batch changed, in one statement.
+        IF anydirty THEN
+            INSERT INTO __SCHEMA__.counters AS t (scope_kind, scope_id, meter, "window", used,
+                period_start_ms, period_end_ms, bucket_ms, head, tail, slots, updated_ms)
+            SELECT ks[i], ss[i], ms[i], ws[i], (cs[i]).used, (cs[i]).ps, (cs[i]).pe,
+                CASE WHEN (cs[i]).kind = 'R' THEN (cs[i]).bw END, (cs[i]).head,
+                (cs[i]).tail, (cs[i]).slots, now_ms
+            FROM generate_subscripts(cs, 1) AS i
+            WHERE (cs[i]).ex AND (cs[i]).dirty
+            ON CONFLICT (scope_kind, scope_id, meter, "window") DO UPDATE SET
+                used = excluded.used, period_start_ms = excluded.period_start_ms,
+                period_end_ms = excluded.period_end_ms, head = excluded.head,
+                tail = excluded.tail, slots = excluded.slots,
+                updated_ms = excluded.updated_ms;
+        END IF;
         FOR i IN 0..jsonb_array_length(cds) - 1 LOOP
             o := cds->i;
             IF o->>'u' IS NOT NULL THEN
