@@ -352,8 +352,7 @@ DECLARE
     r record;
     h record;
     lrec record;
-    lks text[] := ARRAY(SELECT jsonb_array_elements_text(b->'lk'));
-    lk text;
+    lks jsonb := b->'lk';
     v text;
     ks text[] := '{}';
     ss text[] := '{}';
@@ -410,17 +409,17 @@ BEGIN
         ELSE
             lexp := lrec.expires_ms;
             -- The lease's holds' scopes join the sorted list.
-            SELECT coalesce(array_agg(DISTINCT q.s COLLATE "C" ORDER BY q.s COLLATE "C"), '{}') INTO lks
-            FROM (SELECT unnest(lks) AS s UNION ALL
-                SELECT x.scope_kind || ':' || x.scope_id FROM __SCHEMA__.holds x
-                WHERE x.lease_id = ls->>'id') q;
+            SELECT coalesce(jsonb_agg(to_jsonb(q.s) ORDER BY q.s COLLATE "C"), '[]') INTO lks
+            FROM (SELECT DISTINCT u.s FROM (SELECT jsonb_array_elements_text(lks) AS s
+                UNION ALL SELECT x.scope_kind || ':' || x.scope_id FROM __SCHEMA__.holds x
+                WHERE x.lease_id = ls->>'id') u) q;
         END IF;
     END IF;
 
     -- Every scope named, locked in ascending (bytewise) order of
     -- "kind:id" (the client sends them sorted and distinct).
-    FOREACH lk IN ARRAY lks LOOP
-        v := pg_advisory_xact_lock(hashtextextended(ns || '|s|' || lk, 0))::text;
+    FOR i IN 0..jsonb_array_length(lks) - 1 LOOP
+        v := pg_advisory_xact_lock(hashtextextended(ns || '|s|' || (lks->>i), 0))::text;
     END LOOP;
 
     -- Phase 1: settle charges (rule 7) read as of now.
@@ -428,7 +427,9 @@ BEGIN
         FOR h IN SELECT x.*, t.used AS tused, t.period_start_ms, t.period_end_ms,
                 t.bucket_ms, t.head, t.tail, t.slots, t.scope_kind IS NOT NULL AS tex
             FROM __SCHEMA__.holds x
-            LEFT JOIN __SCHEMA__.counters t USING (scope_kind, scope_id, meter, "window")
+            LEFT JOIN LATERAL (SELECT * FROM __SCHEMA__.counters y
+                WHERE y.scope_kind = x.scope_kind AND y.scope_id = x.scope_id
+                  AND y.meter = x.meter AND y."window" = x."window" OFFSET 0) t ON true
             WHERE x.lease_id = ls->>'id' ORDER BY x.seq
         LOOP
             held := CASE WHEN h.tex THEN h.amount ELSE 0 END;
@@ -468,8 +469,11 @@ BEGIN
                 (q.e->>'bw')::bigint, (q.e->>'n')::int, t.head, t.tail, t.slots, false,
                 coalesce(hs.expired, false))::__SCHEMA__.ctr AS c
         FROM jsonb_array_elements(ops) WITH ORDINALITY AS q(e, i)
-        LEFT JOIN __SCHEMA__.counters t ON t.scope_kind = q.e->>'k'
-            AND t.scope_id = q.e->>'s' AND t.meter = q.e->>'m' AND t."window" = q.e->>'w'
+        -- One primary-key probe per op (OFFSET 0 keeps the planner from
+        -- turning it into a join over the whole table).
+        LEFT JOIN LATERAL (SELECT * FROM __SCHEMA__.counters x WHERE x.scope_kind = q.e->>'k'
+            AND x.scope_id = q.e->>'s' AND x.meter = q.e->>'m' AND x."window" = q.e->>'w'
+            OFFSET 0) t ON true
         LEFT JOIN LATERAL (SELECT
                 sum(x.amount) FILTER (WHERE l.expires_ms > now_ms AND NOT l.settled) AS live,
                 bool_or(l.expires_ms <= now_ms) AS expired
@@ -496,19 +500,21 @@ BEGIN
     END LOOP;
 
     -- Cooldowns (rule 9).
-    FOR r IN SELECT q.e, q.i, t.until_ms FROM jsonb_array_elements(cds) WITH ORDINALITY
-            AS q(e, i)
-        LEFT JOIN __SCHEMA__.cooldowns t ON t.scope_kind = q.e->>'k'
-            AND t.scope_id = q.e->>'s'
-        ORDER BY q.i
-    LOOP
-        IF r.until_ms > now_ms THEN
-            cool := false;
-            cooling := cooling || to_jsonb(r.until_ms);
-        ELSE
-            cooling := cooling || 'null'::jsonb;
-        END IF;
-    END LOOP;
+    IF jsonb_array_length(cds) > 0 THEN
+        FOR r IN SELECT q.e, q.i, t.until_ms FROM jsonb_array_elements(cds) WITH ORDINALITY
+                AS q(e, i)
+            LEFT JOIN LATERAL (SELECT x.until_ms FROM __SCHEMA__.cooldowns x
+                WHERE x.scope_kind = q.e->>'k' AND x.scope_id = q.e->>'s' OFFSET 0) t ON true
+            ORDER BY q.i
+        LOOP
+            IF r.until_ms > now_ms THEN
+                cool := false;
+                cooling := cooling || to_jsonb(r.until_ms);
+            ELSE
+                cooling := cooling || 'null'::jsonb;
+            END IF;
+        END LOOP;
+    END IF;
 
     applied := CASE md WHEN 'c' THEN false WHEN 'w' THEN all_fit AND cool ELSE true END;
 
