@@ -1,55 +1,7 @@
 //! [`PostgresStore`]: durable counters in the host's own PostgreSQL
 //! (feature `postgres`).
 //!
-//! # Design
-//!
-//! - **Client.** `tokio-postgres` (the asynchronous half of the `postgres`
-//!   crates, pure Rust, no libpq) pooled by `deadpool-postgres`: both well
-//!   kept, small, and already what most tokio hosts use; statements are
-//!   prepared once per pooled connection.
-//! - **Schema.** Plain tables a host can read and join with its own billing:
-//!   `counters` (one row per scope, meter and window, with the window's
-//!   period or buckets), `leases`, `holds`, `events` (the idempotency
-//!   ledger) and `cooldowns`, in a schema of the host's choosing (default
-//!   `tollgate`). [`PostgresStore::migrate`] creates or updates them from the
-//!   SQL files in `src/store/postgres/migrations/`, in one transaction, and
-//!   records the version in `schema_version`; running it again changes
-//!   nothing.
-//! - **One round trip.** A batch is one call of the server-side function
-//!   `<schema>.apply(jsonb)` (PL/pgSQL, a port of the memory store's steps)
-//!   in its own implicit transaction: it checks everything, then writes
-//!   everything, or raises and rolls back. Amounts are `numeric(20,0)`, so
-//!   every sum is exact over the whole `u64` range.
-//! - **Isolation and locks.** READ COMMITTED (the server's default) with
-//!   transaction-scoped advisory locks taken before anything is read, in one
-//!   fixed order: the event id, then the lease id, then every scope the
-//!   batch names (its ops, its cooldowns, its lease's holds) in ascending
-//!   order of a 64-bit hash. Every batch that reads or writes a scope's
-//!   counters, holds or cooldown holds that scope's lock until it commits,
-//!   and under READ COMMITTED each statement after the lock is granted reads
-//!   a snapshot taken after it, so it sees every write of the batch that
-//!   held the lock before. Batches that share a scope therefore run one
-//!   after the other, exactly as under the memory store's shard mutex: no
-//!   interleaving can let two batches each see room for the same last unit.
-//!   The fixed order means no two batches wait on each other (no deadlock);
-//!   two scopes whose hashes collide only share a lock.
-//!
-//! # Whose clock
-//!
-//! The engine's: windows roll and leases end at [`Batch::now_ms`]. Replicas
-//! whose clocks disagree follow contract rule 2 (a counter's time never goes
-//! back), so a replica behind never frees usage one ahead counted.
-//!
-//! # Errors and what is known
-//!
-//! Every failure of the client is mapped by one function (`store_error`),
-//! which says whether the statement had been sent. Before it is sent
-//! (taking a pooled connection, preparing the statement) nothing changed.
-//! After it is sent, a refusal the server answers (bad input, a lease or
-//! event error, a serialization or deadlock error) rolled the whole call
-//! back: nothing changed. A connection lost, or the call timing out, after
-//! the statement was sent leaves its outcome unknown: the server may have
-//! committed it.
+//! See [`PostgresStore`] for the design, the clock and what an error says.
 
 mod encode;
 
@@ -220,8 +172,57 @@ impl PostgresConfig {
 
 /// An [`AsyncAllowanceStore`] on PostgreSQL: every replica of a service
 /// shares its counters through the host's database, and an acknowledged
-/// decision is as durable as the server's commit (see the [module
-/// docs](self) for the design, the clock and what an error says).
+/// decision is as durable as the server's commit.
+///
+/// # Design
+///
+/// - **Client.** `tokio-postgres` (the asynchronous half of the `postgres`
+///   crates, pure Rust, no libpq) pooled by `deadpool-postgres`: both well
+///   kept, small, and already what most tokio hosts use; statements are
+///   prepared once per pooled connection.
+/// - **Schema.** Plain tables a host can read and join with its own billing:
+///   `counters` (one row per scope, meter and window, with the window's
+///   period or buckets), `leases`, `holds`, `events` (the idempotency
+///   ledger) and `cooldowns`, in a schema of the host's choosing (default
+///   `tollgate`). [`PostgresStore::migrate`] creates or updates them from the
+///   SQL files in `src/store/postgres/migrations/`, in one transaction, and
+///   records the version in `schema_version`; running it again changes
+///   nothing.
+/// - **One round trip.** A batch is one call of the server-side function
+///   `<schema>.apply(jsonb)` (PL/pgSQL, a port of the memory store's steps)
+///   in its own implicit transaction: it checks everything, then writes
+///   everything, or raises and rolls back. Amounts are `numeric(20,0)`, so
+///   every sum is exact over the whole `u64` range.
+/// - **Isolation and locks.** READ COMMITTED (the server's default) with
+///   transaction-scoped advisory locks taken before anything is read, in one
+///   fixed order: the event id, then the lease id, then every scope the
+///   batch names (its ops, its cooldowns, its lease's holds) in ascending
+///   order of a 64-bit hash. Every batch that reads or writes a scope's
+///   counters, holds or cooldown holds that scope's lock until it commits,
+///   and under READ COMMITTED each statement after the lock is granted reads
+///   a snapshot taken after it, so it sees every write of the batch that
+///   held the lock before. Batches that share a scope therefore run one
+///   after the other, exactly as under the memory store's shard mutex: no
+///   interleaving can let two batches each see room for the same last unit.
+///   The fixed order means no two batches wait on each other (no deadlock);
+///   two scopes whose hashes collide only share a lock.
+///
+/// # Whose clock
+///
+/// The engine's: windows roll and leases end at `Batch::now_ms`. Replicas
+/// whose clocks disagree follow contract rule 2 (a counter's time never goes
+/// back), so a replica behind never frees usage one ahead counted.
+///
+/// # Errors and what is known
+///
+/// Every failure of the client is mapped by one function (`store_error`),
+/// which says whether the statement had been sent. Before it is sent
+/// (taking a pooled connection, preparing the statement) nothing changed.
+/// After it is sent, a refusal the server answers (bad input, a lease or
+/// event error, a serialization or deadlock error) rolled the whole call
+/// back: nothing changed. A connection lost, or the call timing out, after
+/// the statement was sent leaves its outcome unknown: the server may have
+/// committed it.
 ///
 /// Run [`PostgresStore::migrate`] once (at deploy or at start-up) before
 /// the first call.
