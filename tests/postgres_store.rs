@@ -580,3 +580,123 @@ fn bad_config_is_refused() {
         }
     });
 }
+
+/// A call that times out after its statement was sent says its outcome is
+/// unknown, and it is: the statement waits on a lock another session holds,
+/// the call gives up, and once the lock is free the server commits it.
+#[test]
+fn a_timeout_after_sending_says_the_outcome_is_unknown() {
+    let Some(url) = url() else { return };
+    let rt = Arc::new(runtime());
+    let guard = blocking(&rt, &url, "unknown");
+    let schema = guard.store.schema().to_owned();
+    rt.block_on(async {
+        let store = PostgresConfig::new(url.clone())
+            .schema(schema.clone())
+            .timeout(Duration::from_millis(300))
+            .connect()
+            .await
+            .expect("connect");
+        let (other, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        // The scope's lock, as apply() names it.
+        let lock = format!("hashtextextended('{schema}|s|subject:x', 0)");
+        other
+            .batch_execute(&format!("SELECT pg_advisory_lock({lock})"))
+            .await
+            .expect("lock");
+        let scope = ScopeKey::subject("x");
+        let ops = [CounterOp::new(
+            &scope,
+            tollgate::Name::new("m"),
+            Window::Lifetime,
+            7,
+            Some(100),
+        )];
+        let batch = Batch::new(&ops, Mode::WithinLimits, 1_000);
+        // Warm the pooled connection (prepared statement) on another scope.
+        let warm_scope = ScopeKey::subject("y");
+        let warm_ops = [CounterOp::new(
+            &warm_scope,
+            tollgate::Name::new("m"),
+            Window::Lifetime,
+            0,
+            None,
+        )];
+        AsyncAllowanceStore::apply(&store, &Batch::new(&warm_ops, Mode::Check, 1_000))
+            .await
+            .expect("warm");
+        match AsyncAllowanceStore::apply(&store, &batch).await {
+            Err(Error::Store { message }) => {
+                assert!(message.contains("outcome unknown"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        other
+            .batch_execute(&format!("SELECT pg_advisory_unlock({lock})"))
+            .await
+            .expect("unlock");
+        let check = Batch::new(&ops, Mode::Check, 2_000);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = AsyncAllowanceStore::apply(&guard.store, &check)
+                .await
+                .expect("check");
+            if got.counters[0].used == 7 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sent statement never committed: {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
+/// `reclaim` forgets event ids past the horizon (the id applies again),
+/// ended cooldowns and long-ended leases, and keeps what is live.
+#[test]
+fn reclaim_forgets_only_what_has_ended() {
+    let Some(url) = url() else { return };
+    let rt = Arc::new(runtime());
+    let guard = blocking(&rt, &url, "reclaim");
+    let store = guard.store.clone();
+    let scope = ScopeKey::subject("r");
+    rt.block_on(async {
+        let ops = [CounterOp::new(
+            &scope,
+            tollgate::Name::new("m"),
+            Window::Lifetime,
+            1,
+            None,
+        )];
+        let day = 86_400_000;
+        let at = |ms: i64| Utc.timestamp_millis_opt(ms).unwrap();
+        let ev = |now| Batch::new(&ops, Mode::WithinLimits, now).with_event(EventKey::new("e", 1));
+        assert!(
+            AsyncAllowanceStore::apply(&store, &ev(day))
+                .await
+                .unwrap()
+                .applied
+        );
+        let cool = [CooldownOp::new(&scope, Some(day + 60_000))];
+        let c = Batch::new(&[], Mode::Force, day).with_cooldowns(&cool);
+        AsyncAllowanceStore::apply(&store, &c).await.unwrap();
+        // Within the horizon nothing goes and the event replays.
+        assert_eq!(store.reclaim(at(day + 1_000)).await.unwrap(), 0);
+        let replay = AsyncAllowanceStore::apply(&store, &ev(day + 1_000))
+            .await
+            .unwrap();
+        assert_eq!(replay.replayed_at_ms, Some(day));
+        // A horizon later: the event id and the ended cooldown go.
+        assert_eq!(store.reclaim(at(2 * day)).await.unwrap(), 2);
+        let again = AsyncAllowanceStore::apply(&store, &ev(2 * day))
+            .await
+            .unwrap();
+        assert!(again.applied && again.replayed_at_ms.is_none());
+        assert_eq!(again.counters[0].used, 2, "counters are kept");
+    });
+}
