@@ -354,10 +354,6 @@ DECLARE
     lrec record;
     lks jsonb := b->'lk';
     v text;
-    ks text[] := '{}';
-    ss text[] := '{}';
-    ms text[] := '{}';
-    ws text[] := '{}';
     anydirty boolean := false;
     all_fit boolean := true;
     cool boolean := true;
@@ -493,10 +489,6 @@ BEGIN
         END IF;
         all_fit := all_fit AND (delta = 0 OR mx IS NULL OR c.used + c.held + delta <= mx);
         cs := cs || c;
-        ks := ks || (o->>'k');
-        ss := ss || (o->>'s');
-        ms := ms || (o->>'m');
-        ws := ws || (o->>'w');
     END LOOP;
 
     -- Cooldowns (rule 9).
@@ -585,11 +577,12 @@ BEGIN
         IF anydirty THEN
             INSERT INTO __SCHEMA__.counters AS t (scope_kind, scope_id, meter, "window", used,
                 period_start_ms, period_end_ms, bucket_ms, head, tail, slots, updated_ms)
-            SELECT ks[i], ss[i], ms[i], ws[i], (cs[i]).used, (cs[i]).ps, (cs[i]).pe,
-                CASE WHEN (cs[i]).kind = 'R' THEN (cs[i]).bw END, (cs[i]).head,
-                (cs[i]).tail, (cs[i]).slots, now_ms
-            FROM generate_subscripts(cs, 1) AS i
-            WHERE (cs[i]).ex AND (cs[i]).dirty
+            SELECT q.e->>'k', q.e->>'s', q.e->>'m', q.e->>'w', (cs[q.i]).used,
+                (cs[q.i]).ps, (cs[q.i]).pe,
+                CASE WHEN (cs[q.i]).kind = 'R' THEN (cs[q.i]).bw END, (cs[q.i]).head,
+                (cs[q.i]).tail, (cs[q.i]).slots, now_ms
+            FROM jsonb_array_elements(ops) WITH ORDINALITY AS q(e, i)
+            WHERE (cs[q.i]).ex AND (cs[q.i]).dirty
             ON CONFLICT (scope_kind, scope_id, meter, "window") DO UPDATE SET
                 used = excluded.used, period_start_ms = excluded.period_start_ms,
                 period_end_ms = excluded.period_end_ms, head = excluded.head,
@@ -612,12 +605,12 @@ BEGIN
     END IF;
 
     -- Phase 3: report.
-    FOR i IN 1..nops LOOP
-        o := ops->(i - 1);
-        states := states || jsonb_build_array(__SCHEMA__.state(cs[i], now_ms,
-            (o->>'sp')::bigint, CASE WHEN applied THEN 0 ELSE (o->>'d')::numeric END,
-            (o->>'x')::numeric));
-    END LOOP;
+    IF nops > 0 THEN
+        SELECT jsonb_agg(__SCHEMA__.state(cs[q.i], now_ms, (q.e->>'sp')::bigint,
+                CASE WHEN applied THEN 0 ELSE (q.e->>'d')::numeric END,
+                (q.e->>'x')::numeric) ORDER BY q.i) INTO states
+        FROM jsonb_array_elements(ops) WITH ORDINALITY AS q(e, i);
+    END IF;
     ans := jsonb_build_object('a', applied, 'c', states, 's', settled, 'cd', cooling);
     IF applied AND ev IS NOT NULL THEN
         INSERT INTO __SCHEMA__.events AS t VALUES (ev->>'id', (b->>'efp')::numeric, now_ms, ans)
