@@ -320,6 +320,222 @@ BEGIN
     END LOOP;
 END $$;
 
+-- Rule 8: the answer to replay for the batch's event id (NULL: none), or
+-- TGCON for an id applied with another fingerprint. Locks the id first.
+CREATE OR REPLACE FUNCTION __SCHEMA__.ledger(b jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    ev jsonb := b->'event';
+    r record;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended((b->>'ns') || '|e|' || (ev->>'id'), 0));
+    SELECT * INTO r FROM __SCHEMA__.events WHERE id = ev->>'id';
+    IF FOUND AND (b->>'now')::bigint - r.at_ms < (b->>'hz')::bigint THEN
+        IF r.fingerprint <> (b->>'efp')::numeric THEN
+            RAISE EXCEPTION USING ERRCODE = 'TGCON', MESSAGE = ev->>'id';
+        END IF;
+        RETURN r.answer || jsonb_build_object('r', r.at_ms);
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- Rule 7: lock the batch's lease and check it can take the action (TGINV,
+-- TGUNK, TGSET, TGEXP otherwise). Returns the scopes to lock: lks with the
+-- scopes of the lease's holds, sorted bytewise and distinct.
+CREATE OR REPLACE FUNCTION __SCHEMA__.lease_check(b jsonb, lks jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    ls jsonb := b->'lease';
+    lrec record;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended((b->>'ns') || '|l|' || (ls->>'id'), 0));
+    SELECT * INTO lrec FROM __SCHEMA__.leases WHERE id = ls->>'id';
+    IF ls->>'a' = 'open' THEN
+        IF FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'TGINV',
+                MESSAGE = format('lease %s is already open', ls->>'id');
+        END IF;
+        RETURN lks;
+    ELSIF NOT FOUND OR lrec.owner_kind <> ls->>'ok' OR lrec.owner_id <> ls->>'os' THEN
+        RAISE EXCEPTION USING ERRCODE = 'TGUNK', MESSAGE = ls->>'id';
+    ELSIF lrec.settled THEN
+        RAISE EXCEPTION USING ERRCODE = 'TGSET', MESSAGE = ls->>'id';
+    ELSIF (b->>'now')::bigint >= lrec.expires_ms THEN
+        RAISE EXCEPTION USING ERRCODE = 'TGEXP', MESSAGE = ls->>'id';
+    END IF;
+    SELECT coalesce(jsonb_agg(to_jsonb(q.s) ORDER BY q.s COLLATE "C"), '[]') INTO lks
+    FROM (SELECT DISTINCT u.s FROM (SELECT jsonb_array_elements_text(lks) AS s
+        UNION ALL SELECT x.scope_kind || ':' || x.scope_id FROM __SCHEMA__.holds x
+        WHERE x.lease_id = ls->>'id') u) q;
+    RETURN lks;
+END $$;
+
+-- Rule 7, settling: each hold of the lease (in the order taken), what it
+-- held and what it charges, its counter read as of now; TGOVF if usage plus
+-- the charge (and an op's delta on that counter) would pass 2^64 - 1.
+-- j: the op naming the same counter; ex: the counter exists.
+CREATE OR REPLACE FUNCTION __SCHEMA__.settle_charges(b jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    ls jsonb := b->'lease';
+    ops jsonb := b->'ops';
+    now_ms bigint := (b->>'now')::bigint;
+    charges jsonb := '[]';
+    h record;
+    c __SCHEMA__.ctr;
+    o jsonb;
+    held numeric;
+    used numeric;
+    charged numeric;
+    also numeric;
+    j int;
+BEGIN
+    FOR h IN SELECT x.*, t.used AS tused, t.period_start_ms, t.period_end_ms,
+            t.bucket_ms, t.head, t.tail, t.slots, t.scope_kind IS NOT NULL AS tex
+        FROM __SCHEMA__.holds x
+        LEFT JOIN LATERAL (SELECT * FROM __SCHEMA__.counters y
+            WHERE y.scope_kind = x.scope_kind AND y.scope_id = x.scope_id
+              AND y.meter = x.meter AND y."window" = x."window" OFFSET 0) t ON true
+        WHERE x.lease_id = ls->>'id' ORDER BY x.seq
+    LOOP
+        held := CASE WHEN h.tex THEN h.amount ELSE 0 END;
+        used := 0;
+        IF h.tex THEN
+            c := __SCHEMA__.load(h."window", h.tused, h.period_start_ms,
+                h.period_end_ms, h.bucket_ms, h.head, h.tail, h.slots, true);
+            c := __SCHEMA__.roll(c, __SCHEMA__.win_period(h."window"),
+                __SCHEMA__.win_off(h."window"), now_ms);
+            used := c.used;
+        END IF;
+        charged := CASE WHEN h."window" = 'concurrent' THEN 0
+            ELSE ceil(held * (ls->>'num')::numeric / (ls->>'den')::numeric) END;
+        also := 0;
+        j := NULL;
+        FOR i IN 1..jsonb_array_length(ops) LOOP
+            o := ops->(i - 1);
+            IF o->>'k' = h.scope_kind AND o->>'s' = h.scope_id AND o->>'m' = h.meter
+                AND o->>'w' = h."window" THEN
+                also := (o->>'d')::numeric;
+                j := i;
+            END IF;
+        END LOOP;
+        IF used + charged + also > 18446744073709551615 THEN
+            RAISE EXCEPTION USING ERRCODE = 'TGOVF', MESSAGE = h.meter;
+        END IF;
+        charges := charges || jsonb_build_array(jsonb_build_object('k', h.scope_kind,
+            's', h.scope_id, 'm', h.meter, 'w', h."window", 'held', held,
+            'charged', charged, 'j', j, 'ex', h.tex));
+    END LOOP;
+    RETURN charges;
+END $$;
+
+-- Rule 7, a lease action that applies: open the lease, move its expiry
+-- (rolling its counters), or settle it (charging each hold, on the op's
+-- counter in cs when an op names it). Returns cs and the settled holds.
+CREATE OR REPLACE FUNCTION __SCHEMA__.lease_writes(b jsonb, charges jsonb,
+    INOUT cs __SCHEMA__.ctr[], OUT settled jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+    ls jsonb := b->'lease';
+    now_ms bigint := (b->>'now')::bigint;
+    act text := b->'lease'->>'a';
+    o jsonb;
+    c __SCHEMA__.ctr;
+    j int;
+BEGIN
+    settled := '[]';
+    IF act = 'open' THEN
+        INSERT INTO __SCHEMA__.leases (id, owner_kind, owner_id, opened_ms, expires_ms,
+            deadline_ms)
+        VALUES (ls->>'id', ls->>'ok', ls->>'os', now_ms, (ls->>'exp')::bigint,
+            (ls->>'dl')::bigint);
+    ELSIF act = 'renew' THEN
+        PERFORM __SCHEMA__.roll_holds(ls->>'id', now_ms);
+        UPDATE __SCHEMA__.leases SET expires_ms = (ls->>'exp')::bigint WHERE id = ls->>'id';
+    ELSIF act = 'settle' THEN
+        FOR i IN 0..jsonb_array_length(charges) - 1 LOOP
+            o := charges->i;
+            j := (o->>'j')::int;
+            IF j IS NOT NULL THEN
+                c := __SCHEMA__.add(cs[j], (o->>'charged')::numeric);
+                c.held := c.held - (o->>'held')::numeric;
+                cs[j] := c;
+            ELSIF (o->>'ex')::boolean THEN
+                PERFORM __SCHEMA__.charge(o->>'k', o->>'s', o->>'m', o->>'w',
+                    (o->>'charged')::numeric, now_ms);
+            END IF;
+            settled := settled || jsonb_build_array(jsonb_build_array(o->>'k', o->>'s',
+                o->>'m', o->>'w', o->'held', o->'charged'));
+        END LOOP;
+        DELETE FROM __SCHEMA__.holds WHERE lease_id = ls->>'id';
+        UPDATE __SCHEMA__.leases SET settled = true WHERE id = ls->>'id';
+    END IF;
+END $$;
+
+-- Rule 7, open or grow: add delta to the lease's hold on op o's counter
+-- (a new hold goes last in the lease's order).
+CREATE OR REPLACE FUNCTION __SCHEMA__.hold(lease text, o jsonb, delta numeric)
+RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE __SCHEMA__.holds SET amount = amount + delta
+    WHERE lease_id = lease AND scope_kind = o->>'k' AND scope_id = o->>'s'
+      AND meter = o->>'m' AND "window" = o->>'w';
+    IF NOT FOUND THEN
+        INSERT INTO __SCHEMA__.holds
+        SELECT lease, coalesce(max(seq), 0) + 1, o->>'k', o->>'s', o->>'m', o->>'w', delta
+        FROM __SCHEMA__.holds WHERE lease_id = lease;
+    END IF;
+END $$;
+
+-- Rule 9: each listed scope's cooldown end if it runs past now_ms (else
+-- null), and whether none does.
+CREATE OR REPLACE FUNCTION __SCHEMA__.cooldowns_at(cds jsonb, now_ms bigint,
+    OUT cool boolean, OUT cooling jsonb)
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    cool := true;
+    cooling := '[]';
+    FOR r IN SELECT t.until_ms FROM jsonb_array_elements(cds) WITH ORDINALITY AS q(e, i)
+        LEFT JOIN LATERAL (SELECT x.until_ms FROM __SCHEMA__.cooldowns x
+            WHERE x.scope_kind = q.e->>'k' AND x.scope_id = q.e->>'s' OFFSET 0) t ON true
+        ORDER BY q.i
+    LOOP
+        IF r.until_ms > now_ms THEN
+            cool := false;
+            cooling := cooling || to_jsonb(r.until_ms);
+        ELSE
+            cooling := cooling || 'null'::jsonb;
+        END IF;
+    END LOOP;
+END $$;
+
+-- Rule 9, a batch that applies: start (or lengthen) the listed cooldowns;
+-- returns cooling with each started one's end.
+CREATE OR REPLACE FUNCTION __SCHEMA__.cooldowns_start(cds jsonb, now_ms bigint,
+    cooling jsonb) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    o jsonb;
+    until bigint;
+BEGIN
+    FOR i IN 0..jsonb_array_length(cds) - 1 LOOP
+        o := cds->i;
+        IF o->>'u' IS NOT NULL THEN
+            INSERT INTO __SCHEMA__.cooldowns AS t VALUES (o->>'k', o->>'s', (o->>'u')::bigint)
+            ON CONFLICT (scope_kind, scope_id) DO UPDATE
+                SET until_ms = greatest(t.until_ms, excluded.until_ms)
+            RETURNING t.until_ms INTO until;
+            IF until > now_ms THEN
+                cooling := jsonb_set(cooling, ARRAY[i::text], to_jsonb(until));
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN cooling;
+END $$;
+
 -- Apply one batch (contract rules 1-9) and answer it as jsonb:
 -- {"a": applied, "c": [state per op], "s": [settled holds], "cd": [cooldown
 -- ends], "r": replayed_at}. A refusal of bad input raises SQLSTATE TGxxx
@@ -327,7 +543,7 @@ END $$;
 --
 -- Locks: transaction-scoped advisory locks, taken in a fixed order before
 -- anything is read: the event id, then the lease id, then every scope the
--- batch names (ops, cooldowns, the lease's holds) in ascending key order.
+-- batch names (ops, cooldowns, the lease's holds) in ascending order.
 -- Every batch that reads or writes a scope's counters, holds or cooldown
 -- holds that scope's lock until it commits, and under READ COMMITTED each
 -- statement after the lock reads a snapshot taken after it: so batches that
@@ -340,19 +556,14 @@ DECLARE
     ops jsonb := b->'ops';
     nops int := jsonb_array_length(b->'ops');
     ls jsonb := b->'lease';
-    ev jsonb := b->'event';
     cds jsonb := b->'cd';
-    ns text := b->>'ns';
     act text := b->'lease'->>'a';
-    u64 constant numeric := 18446744073709551615;
-    holding boolean := b->'lease'->>'a' IN ('open', 'grow');
+    holding boolean := coalesce(b->'lease'->>'a' IN ('open', 'grow'), false);
+    lks jsonb := b->'lk';
     cs __SCHEMA__.ctr[] := '{}';
     c __SCHEMA__.ctr;
     o jsonb;
     r record;
-    h record;
-    lrec record;
-    lks jsonb := b->'lk';
     v text;
     anydirty boolean := false;
     all_fit boolean := true;
@@ -361,112 +572,39 @@ DECLARE
     cooling jsonb := '[]';
     states jsonb := '[]';
     settled jsonb := '[]';
+    charges jsonb := '[]';
     delta numeric;
     mx numeric;
     target numeric;
-    lexp bigint := 0;
-    charges jsonb := '[]';
-    held numeric;
-    charged numeric;
-    used numeric;
-    also numeric;
-    j int;
-    seqn int;
-    until bigint;
     ans jsonb;
 BEGIN
     -- The ledger first (rule 8): a replay changes nothing.
-    IF ev IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock(hashtextextended(ns || '|e|' || (ev->>'id'), 0));
-        SELECT * INTO r FROM __SCHEMA__.events WHERE id = ev->>'id';
-        IF FOUND AND now_ms - r.at_ms < (b->>'hz')::bigint THEN
-            IF r.fingerprint <> (b->>'efp')::numeric THEN
-                RAISE EXCEPTION USING ERRCODE = 'TGCON', MESSAGE = ev->>'id';
-            END IF;
-            RETURN r.answer || jsonb_build_object('r', r.at_ms);
+    IF b->'event' IS NOT NULL THEN
+        ans := __SCHEMA__.ledger(b);
+        IF ans IS NOT NULL THEN
+            RETURN ans;
         END IF;
     END IF;
-
-    -- Then the lease (rule 7).
+    -- Then the lease (rule 7), whose holds' scopes are locked too.
     IF ls IS NOT NULL THEN
-        PERFORM pg_advisory_xact_lock(hashtextextended(ns || '|l|' || (ls->>'id'), 0));
-        SELECT * INTO lrec FROM __SCHEMA__.leases WHERE id = ls->>'id';
-        IF act = 'open' THEN
-            IF FOUND THEN
-                RAISE EXCEPTION USING ERRCODE = 'TGINV',
-                    MESSAGE = format('lease %s is already open', ls->>'id');
-            END IF;
-        ELSIF NOT FOUND OR lrec.owner_kind <> ls->>'ok' OR lrec.owner_id <> ls->>'os' THEN
-            RAISE EXCEPTION USING ERRCODE = 'TGUNK', MESSAGE = ls->>'id';
-        ELSIF lrec.settled THEN
-            RAISE EXCEPTION USING ERRCODE = 'TGSET', MESSAGE = ls->>'id';
-        ELSIF now_ms >= lrec.expires_ms THEN
-            RAISE EXCEPTION USING ERRCODE = 'TGEXP', MESSAGE = ls->>'id';
-        ELSE
-            lexp := lrec.expires_ms;
-            -- The lease's holds' scopes join the sorted list.
-            SELECT coalesce(jsonb_agg(to_jsonb(q.s) ORDER BY q.s COLLATE "C"), '[]') INTO lks
-            FROM (SELECT DISTINCT u.s FROM (SELECT jsonb_array_elements_text(lks) AS s
-                UNION ALL SELECT x.scope_kind || ':' || x.scope_id FROM __SCHEMA__.holds x
-                WHERE x.lease_id = ls->>'id') u) q;
-        END IF;
+        lks := __SCHEMA__.lease_check(b, lks);
     END IF;
-
-    -- Every scope named, locked in ascending (bytewise) order of
-    -- "kind:id" (the client sends them sorted and distinct).
+    -- Every scope named, locked in ascending (bytewise) order of "kind:id".
     FOR i IN 0..jsonb_array_length(lks) - 1 LOOP
-        v := pg_advisory_xact_lock(hashtextextended(ns || '|s|' || (lks->>i), 0))::text;
+        v := pg_advisory_xact_lock(hashtextextended((b->>'ns') || '|s|' || (lks->>i), 0))::text;
     END LOOP;
 
-    -- Phase 1: settle charges (rule 7) read as of now.
+    -- Phase 1: read everything as of now (rolled in memory only) and decide.
     IF act = 'settle' THEN
-        FOR h IN SELECT x.*, t.used AS tused, t.period_start_ms, t.period_end_ms,
-                t.bucket_ms, t.head, t.tail, t.slots, t.scope_kind IS NOT NULL AS tex
-            FROM __SCHEMA__.holds x
-            LEFT JOIN LATERAL (SELECT * FROM __SCHEMA__.counters y
-                WHERE y.scope_kind = x.scope_kind AND y.scope_id = x.scope_id
-                  AND y.meter = x.meter AND y."window" = x."window" OFFSET 0) t ON true
-            WHERE x.lease_id = ls->>'id' ORDER BY x.seq
-        LOOP
-            held := CASE WHEN h.tex THEN h.amount ELSE 0 END;
-            used := 0;
-            IF h.tex THEN
-                c := __SCHEMA__.load(h."window", h.tused, h.period_start_ms,
-                    h.period_end_ms, h.bucket_ms, h.head, h.tail, h.slots, true);
-                c := __SCHEMA__.roll(c, __SCHEMA__.win_period(h."window"),
-                    __SCHEMA__.win_off(h."window"), now_ms);
-                used := c.used;
-            END IF;
-            charged := CASE WHEN h."window" = 'concurrent' THEN 0
-                ELSE ceil(held * (ls->>'num')::numeric / (ls->>'den')::numeric) END;
-            also := 0;
-            j := NULL;
-            FOR i IN 1..nops LOOP
-                o := ops->(i - 1);
-                IF o->>'k' = h.scope_kind AND o->>'s' = h.scope_id AND o->>'m' = h.meter
-                    AND o->>'w' = h."window" THEN
-                    also := (o->>'d')::numeric;
-                    j := i;
-                END IF;
-            END LOOP;
-            IF used + charged + also > u64 THEN
-                RAISE EXCEPTION USING ERRCODE = 'TGOVF', MESSAGE = h.meter;
-            END IF;
-            charges := charges || jsonb_build_array(jsonb_build_object('k', h.scope_kind,
-                's', h.scope_id, 'm', h.meter, 'w', h."window", 'held', held,
-                'charged', charged, 'j', j, 'ex', h.tex));
-        END LOOP;
+        charges := __SCHEMA__.settle_charges(b);
     END IF;
-
-    -- Phase 1: every op's counter as of now (rolled in memory only), its
-    -- live holds, whether it fits (rules 2, 3, 4).
+    -- Each op's counter and live holds: one primary-key probe per op
+    -- (OFFSET 0 keeps the planner from joining over the whole table).
     FOR r IN SELECT q.e, ROW(t.scope_kind IS NOT NULL, q.e->>'t', coalesce(t.used, 0),
                 coalesce(hs.live, 0), t.period_start_ms, t.period_end_ms,
                 (q.e->>'bw')::bigint, (q.e->>'n')::int, t.head, t.tail, t.slots, false,
                 coalesce(hs.expired, false))::__SCHEMA__.ctr AS c
         FROM jsonb_array_elements(ops) WITH ORDINALITY AS q(e, i)
-        -- One primary-key probe per op (OFFSET 0 keeps the planner from
-        -- turning it into a join over the whole table).
         LEFT JOIN LATERAL (SELECT * FROM __SCHEMA__.counters x WHERE x.scope_kind = q.e->>'k'
             AND x.scope_id = q.e->>'s' AND x.meter = q.e->>'m' AND x."window" = q.e->>'w'
             OFFSET 0) t ON true
@@ -483,89 +621,35 @@ BEGIN
         c := __SCHEMA__.roll(r.c, o->>'p', (o->>'o')::int, now_ms);
         delta := (o->>'d')::numeric;
         mx := (o->>'x')::numeric;
+        -- Rule 4: past 2^64 - 1 an error where the delta would be added anyway.
         target := CASE WHEN holding THEN c.held ELSE c.used END;
-        IF target + delta > u64 AND (md = 'f' OR mx IS NULL) THEN
+        IF target + delta > 18446744073709551615 AND (md = 'f' OR mx IS NULL) THEN
             RAISE EXCEPTION USING ERRCODE = 'TGOVF', MESSAGE = o->>'m';
         END IF;
         all_fit := all_fit AND (delta = 0 OR mx IS NULL OR c.used + c.held + delta <= mx);
         cs := cs || c;
     END LOOP;
-
-    -- Cooldowns (rule 9).
     IF jsonb_array_length(cds) > 0 THEN
-        FOR r IN SELECT q.e, q.i, t.until_ms FROM jsonb_array_elements(cds) WITH ORDINALITY
-                AS q(e, i)
-            LEFT JOIN LATERAL (SELECT x.until_ms FROM __SCHEMA__.cooldowns x
-                WHERE x.scope_kind = q.e->>'k' AND x.scope_id = q.e->>'s' OFFSET 0) t ON true
-            ORDER BY q.i
-        LOOP
-            IF r.until_ms > now_ms THEN
-                cool := false;
-                cooling := cooling || to_jsonb(r.until_ms);
-            ELSE
-                cooling := cooling || 'null'::jsonb;
-            END IF;
-        END LOOP;
+        SELECT * INTO cool, cooling FROM __SCHEMA__.cooldowns_at(cds, now_ms);
     END IF;
-
     applied := CASE md WHEN 'c' THEN false WHEN 'w' THEN all_fit AND cool ELSE true END;
 
     -- Phase 2: apply the whole batch, or nothing.
     IF applied THEN
-        IF act = 'open' THEN
-            INSERT INTO __SCHEMA__.leases (id, owner_kind, owner_id, opened_ms, expires_ms,
-                deadline_ms)
-            VALUES (ls->>'id', ls->>'ok', ls->>'os', now_ms, (ls->>'exp')::bigint,
-                (ls->>'dl')::bigint);
-            lexp := (ls->>'exp')::bigint;
-        ELSIF act = 'renew' THEN
-            PERFORM __SCHEMA__.roll_holds(ls->>'id', now_ms);
-            UPDATE __SCHEMA__.leases SET expires_ms = (ls->>'exp')::bigint
-            WHERE id = ls->>'id';
-        ELSIF act = 'settle' THEN
-            FOR i IN 0..jsonb_array_length(charges) - 1 LOOP
-                o := charges->i;
-                charged := (o->>'charged')::numeric;
-                j := (o->>'j')::int;
-                IF j IS NOT NULL THEN
-                    c := cs[j];
-                    c := __SCHEMA__.add(c, charged);
-                    c.held := c.held - (o->>'held')::numeric;
-                    cs[j] := c;
-                ELSIF (o->>'ex')::boolean THEN
-                    PERFORM __SCHEMA__.charge(o->>'k', o->>'s', o->>'m', o->>'w', charged,
-                        now_ms);
-                END IF;
-                settled := settled || jsonb_build_array(jsonb_build_array(o->>'k', o->>'s',
-                    o->>'m', o->>'w', o->'held', o->'charged'));
-            END LOOP;
-            DELETE FROM __SCHEMA__.holds WHERE lease_id = ls->>'id';
-            UPDATE __SCHEMA__.leases SET settled = true WHERE id = ls->>'id';
-        END IF;
-        IF holding THEN
-            SELECT coalesce(max(seq), 0) INTO seqn FROM __SCHEMA__.holds
-            WHERE lease_id = ls->>'id';
+        IF ls IS NOT NULL THEN
+            SELECT * INTO cs, settled FROM __SCHEMA__.lease_writes(b, charges, cs);
         END IF;
         FOR i IN 1..nops LOOP
             o := ops->(i - 1);
             c := cs[i];
             delta := (o->>'d')::numeric;
-            IF holding THEN
-                IF delta > 0 THEN
-                    c.ex := true;
-                    c.dirty := true;
-                    c.held := c.held + delta;
-                    UPDATE __SCHEMA__.holds SET amount = amount + delta
-                    WHERE lease_id = ls->>'id' AND scope_kind = o->>'k'
-                      AND scope_id = o->>'s' AND meter = o->>'m' AND "window" = o->>'w';
-                    IF NOT FOUND THEN
-                        seqn := seqn + 1;
-                        INSERT INTO __SCHEMA__.holds VALUES (ls->>'id', seqn, o->>'k',
-                            o->>'s', o->>'m', o->>'w', delta);
-                    END IF;
-                END IF;
-            ELSE
+            IF NOT holding THEN
                 c := __SCHEMA__.add(c, delta);
+            ELSIF delta > 0 THEN
+                c.ex := true;
+                c.dirty := true;
+                c.held := c.held + delta;
+                PERFORM __SCHEMA__.hold(ls->>'id', o, delta);
             END IF;
             IF c.ex AND c.xh THEN
                 PERFORM __SCHEMA__.drop_expired(o->>'k', o->>'s', o->>'m', o->>'w', now_ms);
@@ -589,22 +673,12 @@ BEGIN
                 tail = excluded.tail, slots = excluded.slots,
                 updated_ms = excluded.updated_ms;
         END IF;
-        FOR i IN 0..jsonb_array_length(cds) - 1 LOOP
-            o := cds->i;
-            IF o->>'u' IS NOT NULL THEN
-                INSERT INTO __SCHEMA__.cooldowns AS t VALUES (o->>'k', o->>'s',
-                    (o->>'u')::bigint)
-                ON CONFLICT (scope_kind, scope_id) DO UPDATE
-                    SET until_ms = greatest(t.until_ms, excluded.until_ms)
-                RETURNING t.until_ms INTO until;
-                IF until > now_ms THEN
-                    cooling := jsonb_set(cooling, ARRAY[i::text], to_jsonb(until));
-                END IF;
-            END IF;
-        END LOOP;
+        IF jsonb_array_length(cds) > 0 THEN
+            cooling := __SCHEMA__.cooldowns_start(cds, now_ms, cooling);
+        END IF;
     END IF;
 
-    -- Phase 3: report.
+    -- Phase 3: report, and remember an applied event.
     IF nops > 0 THEN
         SELECT jsonb_agg(__SCHEMA__.state(cs[q.i], now_ms, (q.e->>'sp')::bigint,
                 CASE WHEN applied THEN 0 ELSE (q.e->>'d')::numeric END,
@@ -612,8 +686,9 @@ BEGIN
         FROM jsonb_array_elements(ops) WITH ORDINALITY AS q(e, i);
     END IF;
     ans := jsonb_build_object('a', applied, 'c', states, 's', settled, 'cd', cooling);
-    IF applied AND ev IS NOT NULL THEN
-        INSERT INTO __SCHEMA__.events AS t VALUES (ev->>'id', (b->>'efp')::numeric, now_ms, ans)
+    IF applied AND b->'event' IS NOT NULL THEN
+        INSERT INTO __SCHEMA__.events AS t
+        VALUES (b->'event'->>'id', (b->>'efp')::numeric, now_ms, ans)
         ON CONFLICT (id) DO UPDATE SET fingerprint = excluded.fingerprint,
             at_ms = excluded.at_ms, answer = excluded.answer;
     END IF;
