@@ -96,6 +96,7 @@
 //! | `conformance` | `conformance`: the [`AllowanceStore`] conformance suite, for a backend's own tests | none |
 //! | `async` | `async`: `store::AsyncAllowanceStore` and the engine's `*_async` calls (`admit_async`, `reserve_async`, …), with a fail-open or fail-closed `store::FailurePolicy`; `MemoryStore` serves both forms. A feature because `async-trait` brings `syn` with its full parser | `async-trait` |
 //! | `redis` | `redis`: `store::RedisStore`, counters shared by many replicas, one Lua script and one round trip per decision; implies `async`. redis-rs 1.x needs Rust 1.88 | `redis` (tokio), `tokio` (time), `sha2` |
+//! | `postgres` | `postgres`: `store::PostgresStore`, durable counters in the host's PostgreSQL, schema shipped as SQL migrations (`migrate()`), one server-side function call and one round trip per decision; implies `async` | `tokio-postgres`, `deadpool-postgres`, `tokio` (time), `serde_json` |
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]

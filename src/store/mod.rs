@@ -153,6 +153,8 @@ mod applied;
 #[cfg(feature = "async")]
 mod async_store;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 mod validate;
@@ -161,6 +163,9 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use self::postgres::{PostgresConfig, PostgresStore};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::{RedisAllocations, RedisConfig, RedisStore, TimeSource};
