@@ -618,6 +618,7 @@ fn an_outage_fails_closed_or_open_and_recovers() {
     });
 
     server.stop();
+    const SLACK: Duration = Duration::from_secs(2);
     rt.block_on(async {
         for _ in 0..3 {
             let started = Instant::now();
@@ -633,13 +634,17 @@ fn an_outage_fails_closed_or_open_and_recovers() {
                 ),
                 "{r:?}"
             );
-            assert!(took <= timeout + Duration::from_millis(50), "took {took:?}");
+            // Bounded by the timeout, not hanging on the dead server; the slack
+            // is for a loaded machine's scheduling, not a speed claim.
+            assert!(took <= timeout + SLACK, "took {took:?}");
 
             let started = Instant::now();
             let d = open.admit_async(&req).await.expect("fail open");
             let took = started.elapsed();
             assert!(d.allowed && d.allowed_on_error && !d.recorded, "{d:?}");
-            assert!(took <= timeout + Duration::from_millis(50), "took {took:?}");
+            // Bounded by the timeout, not hanging on the dead server; the slack
+            // is for a loaded machine's scheduling, not a speed claim.
+            assert!(took <= timeout + SLACK, "took {took:?}");
             // Reservations cannot be made up: they fail closed.
             assert!(open
                 .reserve_async(&req, Duration::from_secs(60))
