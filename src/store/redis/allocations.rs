@@ -26,6 +26,8 @@ use crate::{Allocation, Error};
 /// answer the value they replaced, so the audit's old value is Redis's.
 /// Unlike the counters' keys these have no TTL: they are the record, kept
 /// until [`Engine::deallocate_async`](crate::Engine::deallocate_async).
+/// It talks to one Redis node (not a Redis Cluster), with a secret of its
+/// own (not the `RedisStore`'s).
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), tollgate::Error> {
