@@ -700,3 +700,47 @@ fn reclaim_forgets_only_what_has_ended() {
         assert_eq!(again.counters[0].used, 2, "counters are kept");
     });
 }
+
+/// An admit without the host's event id gets one the engine makes (a row
+/// in `events`, so a retry after an unknown outcome counts once), unless
+/// the store turns them off; a host's id is kept either way.
+#[test]
+fn engine_event_ids_can_be_turned_off() {
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    for on in [true, false] {
+        let schema = unique_schema("made_ids");
+        let events = rt.block_on(async {
+            let store = PostgresConfig::new(url.clone())
+                .schema(schema.clone())
+                .timeout(Duration::from_secs(10))
+                .engine_event_ids(on)
+                .connect()
+                .await
+                .expect("connect");
+            store.migrate().await.expect("migrate");
+            let engine = Engine::with_store_and_clock(catalog(10), store.clone(), SystemClock);
+            engine.allocate(Allocation::new("agent", "plan")).unwrap();
+            let req = Request::new("agent").units("tokens", 1);
+            assert!(engine.admit_async(&req).await.unwrap().allowed);
+            assert!(
+                engine
+                    .admit_async(&req.clone().event("host-1"))
+                    .await
+                    .unwrap()
+                    .allowed
+            );
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            let row = client
+                .query_one(&format!("SELECT count(*) FROM \"{schema}\".events"), &[])
+                .await
+                .expect("events");
+            store.drop_schema().await.expect("drop schema");
+            row.get::<_, i64>(0)
+        });
+        assert_eq!(events, if on { 2 } else { 1 }, "engine ids on: {on}");
+    }
+}

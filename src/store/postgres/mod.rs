@@ -48,6 +48,7 @@ pub struct PostgresConfig {
     timeout: Duration,
     policy: FailurePolicy,
     horizon: Duration,
+    made_ids: bool,
 }
 
 impl PostgresConfig {
@@ -62,6 +63,7 @@ impl PostgresConfig {
             timeout: Duration::from_secs(1),
             policy: FailurePolicy::FailClosed,
             horizon: Duration::from_secs(86_400),
+            made_ids: true,
         }
     }
 
@@ -101,6 +103,21 @@ impl PostgresConfig {
     #[must_use]
     pub fn event_horizon(mut self, horizon: Duration) -> Self {
         self.horizon = horizon;
+        self
+    }
+
+    /// Whether the async engine gives a mutating call without an event id
+    /// one of its own (default `true`), so that a call whose outcome is
+    /// unknown ([`Error::StoreOutcomeUnknown`]) can be retried with it and
+    /// count once (see the [store contract](crate::store#ambiguous-outcomes)).
+    /// Each such id is a row of the `events` table until
+    /// [`PostgresStore::reclaim`] removes it past the event horizon. Off,
+    /// a decision writes no event row unless the host gave an id, and a
+    /// call with an unknown outcome cannot be retried without risking a
+    /// double count.
+    #[must_use]
+    pub fn engine_event_ids(mut self, on: bool) -> Self {
+        self.made_ids = on;
         self
     }
 
@@ -166,6 +183,7 @@ impl PostgresConfig {
             timeout: self.timeout,
             policy: self.policy,
             horizon_ms,
+            made_ids: self.made_ids,
         })
     }
 }
@@ -234,6 +252,7 @@ pub struct PostgresStore {
     timeout: Duration,
     policy: FailurePolicy,
     horizon_ms: i64,
+    made_ids: bool,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -475,7 +494,7 @@ impl AsyncAllowanceStore for PostgresStore {
     }
 
     fn needs_event_ids(&self) -> bool {
-        true
+        self.made_ids
     }
 
     async fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
