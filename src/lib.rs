@@ -112,6 +112,7 @@ pub mod http;
 mod inline;
 mod model;
 pub mod store;
+mod telemetry;
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod tower;

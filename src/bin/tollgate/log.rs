@@ -81,6 +81,12 @@ impl<'a> AmountList<'a> {
         }
     }
 
+    /// Up to four whole amounts, if that is all there is.
+    pub fn small_ints(&self) -> Option<&[(Cow<'a, str>, Num)]> {
+        let head = &self.head[..self.len];
+        (self.rest.is_empty() && head.iter().all(|(_, n)| matches!(n, Num::Int(_)))).then_some(head)
+    }
+
     /// The amounts in order.
     pub fn iter(&self) -> impl Iterator<Item = &(Cow<'a, str>, Num)> {
         self.head[..self.len].iter().chain(self.rest.iter())
@@ -89,9 +95,101 @@ impl<'a> AmountList<'a> {
 
 /// Parse RFC 3339 text (`2026-04-01T09:00:00Z`) into Unix milliseconds.
 pub fn parse_time(text: &str) -> Result<i64, String> {
+    if let Some(ms) = fast_time(text.as_bytes()) {
+        return Ok(ms);
+    }
     chrono::DateTime::parse_from_rfc3339(text)
         .map(|t| t.timestamp_millis())
         .map_err(|e| format!("timestamp `{text}`: {e}"))
+}
+
+/// The common RFC 3339 forms (`YYYY-MM-DDTHH:MM:SS`, optional fraction,
+/// `Z` or `±HH:MM`) without chrono's general parser; `None` for anything
+/// else (a leap second, a lower-case `t`, …), which chrono then reads.
+fn fast_time(b: &[u8]) -> Option<i64> {
+    fn num(b: &[u8]) -> Option<i64> {
+        b.iter().try_fold(0i64, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
+        })
+    }
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (y, mo, d) = (num(&b[0..4])?, num(&b[5..7])?, num(&b[8..10])?);
+    let (h, mi, s) = (num(&b[11..13])?, num(&b[14..16])?, num(&b[17..19])?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&mo)
+        || d < 1
+        || d > month_days[(mo - 1) as usize]
+        || h > 23
+        || mi > 59
+        || s > 59
+    {
+        return None;
+    }
+    let mut i = 19;
+    let mut ms = 0;
+    if b[i] == b'.' {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            if i - start < 3 {
+                ms = ms * 10 + i64::from(b[i] - b'0');
+            }
+            i += 1;
+        }
+        match i - start {
+            0 => return None,
+            1 => ms *= 100,
+            2 => ms *= 10,
+            _ => {}
+        }
+    }
+    let offset = match &b[i..] {
+        [b'Z'] => 0,
+        [sign @ (b'+' | b'-'), oh @ .., b':', om1, om2] if oh.len() == 2 => {
+            let (oh, om) = (num(oh)?, num(&[*om1, *om2])?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let o = (oh * 60 + om) * 60_000;
+            if *sign == b'-' {
+                -o
+            } else {
+                o
+            }
+        }
+        _ => return None,
+    };
+    // Days from the civil date (H. Hinnant's algorithm).
+    let yy = if mo <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + h) * 60 + mi) * 60_000 + s * 1_000 + ms - offset)
 }
 
 /// Parse a decimal or whole amount.
@@ -201,9 +299,14 @@ impl<'de> Deserialize<'de> for JsonNum {
     }
 }
 
-/// Parse one JSON line.
+/// Parse one JSON line. The line is checked as UTF-8 once, then parsed as
+/// text (serde_json's byte reader checks every string again).
 pub fn json_line(line: &[u8]) -> Result<Event<'_>, String> {
-    serde_json::from_slice(line).map_err(|e| e.to_string())
+    let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
+    if let Some(ev) = crate::fast::line(text) {
+        return Ok(ev);
+    }
+    serde_json::from_str(text).map_err(|e| e.to_string())
 }
 
 /// A CSV column.
@@ -299,5 +402,38 @@ fn parse_ms_or_time(v: &str) -> Result<i64, String> {
     match v.parse::<i64>() {
         Ok(ms) => Ok(ms),
         Err(_) => parse_time(v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fast_time_parser_agrees_with_chrono() {
+        for t in [
+            "2026-04-01T09:00:00Z",
+            "2026-04-01T09:00:00.5Z",
+            "2026-04-01T09:00:00.25Z",
+            "2026-04-01T09:00:00.123456789Z",
+            "2024-02-29T23:59:59+09:30",
+            "1969-12-31T23:59:59.999-05:00",
+            "2000-03-01T00:00:00Z",
+            "1600-01-01T00:00:00Z",
+        ] {
+            let chrono = chrono::DateTime::parse_from_rfc3339(t)
+                .unwrap()
+                .timestamp_millis();
+            assert_eq!(fast_time(t.as_bytes()), Some(chrono), "{t}");
+        }
+        for t in [
+            "2026-02-29T00:00:00Z",
+            "2026-04-01T24:00:00Z",
+            "2026-04-01T09:00:00",
+            "2026-04-01T09:00:00.Z",
+        ] {
+            assert_eq!(fast_time(t.as_bytes()), None, "{t}");
+            assert!(parse_time(t).is_err(), "{t}");
+        }
     }
 }

@@ -5,6 +5,7 @@
 
 mod catalog;
 mod chart;
+mod fast;
 mod log;
 mod replay;
 mod report;

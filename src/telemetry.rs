@@ -1,0 +1,256 @@
+//! Spans (feature `tracing`) and metrics (feature `metrics`) for engine
+//! calls. Without either feature every hook here is an empty inline
+//! function and [`Watch`] is a zero-sized value: the calls compile as
+//! before.
+//!
+//! A [`Watch`] follows one engine call: the `calls` macros open it, mark
+//! the store call's start and end around `apply`, and close it with the
+//! decision or the error.
+//!
+//! Span (`tracing`, level DEBUG, target `tollgate`): `tollgate.call` with
+//! fields `call`, `subject` (a 64-bit FNV-1a digest of the subject id, never
+//! the id), `status`, `reason`, `binding` (the binding limit's meter),
+//! `store_us` (the store call's latency) and `error`. The digest and the
+//! clock are read only when a subscriber wants the span.
+//!
+//! Metrics (`metrics` facade; names in [`crate`]'s docs):
+//! `tollgate_decisions_total{call, status, reason}`,
+//! `tollgate_store_seconds{call}` (histogram),
+//! `tollgate_store_errors_total{call}`, `tollgate_fail_open_total{call}`,
+//! `tollgate_outcome_unknown_total{call}`,
+//! `tollgate_lease_expired_total{call}`, `tollgate_reservations_in_flight`
+//! (gauge).
+
+use crate::decision::{Decision, Refusal, Status};
+use crate::engine::Call;
+use crate::Error;
+
+#[cfg(any(feature = "tracing", feature = "metrics"))]
+use std::time::Instant;
+
+/// The metric names.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) mod names {
+    /// Decisions, by `call`, `status` and `reason`.
+    pub(crate) const DECISIONS: &str = "tollgate_decisions_total";
+    /// Store call latency in seconds, by `call`.
+    pub(crate) const STORE_SECONDS: &str = "tollgate_store_seconds";
+    /// Store calls that failed, by `call`.
+    pub(crate) const STORE_ERRORS: &str = "tollgate_store_errors_total";
+    /// Decisions allowed because the store failed under a fail-open policy.
+    pub(crate) const FAIL_OPEN: &str = "tollgate_fail_open_total";
+    /// Store calls whose outcome is unknown (sent, no answer).
+    pub(crate) const OUTCOME_UNKNOWN: &str = "tollgate_outcome_unknown_total";
+    /// Settlements (commit, release) that found their lease expired.
+    pub(crate) const LEASE_EXPIRED: &str = "tollgate_lease_expired_total";
+    /// Reservations opened and not yet settled or found expired.
+    pub(crate) const IN_FLIGHT: &str = "tollgate_reservations_in_flight";
+}
+
+/// A call's name as a label.
+#[allow(dead_code)]
+pub(crate) fn call_name(call: Call) -> &'static str {
+    match call {
+        Call::Check => "check",
+        Call::Admit => "admit",
+        Call::Record => "record",
+        Call::Reserve => "reserve",
+        Call::Grow => "grow",
+        Call::Commit => "commit",
+        Call::Release => "release",
+    }
+}
+
+#[allow(dead_code)]
+fn status_name(status: Status) -> &'static str {
+    match status {
+        Status::Ok => "ok",
+        Status::Warning => "warning",
+        Status::Exceeded => "exceeded",
+    }
+}
+
+#[allow(dead_code)]
+fn reason_name(decision: &Decision) -> &'static str {
+    match &decision.reason {
+        None => "none",
+        Some(Refusal::LimitExceeded) => "limit_exceeded",
+        Some(Refusal::ModelNotAllowed { .. }) => "model_not_allowed",
+        Some(Refusal::Cooldown { .. }) => "cooldown",
+    }
+}
+
+/// The subject as a span shows it: a 64-bit FNV-1a digest in hex.
+#[cfg(feature = "tracing")]
+pub(crate) fn digest(subject: &str) -> String {
+    use std::hash::Hasher;
+    let mut h = fnv::FnvHasher::default();
+    h.write(subject.as_bytes());
+    format!("{:016x}", h.finish())
+}
+
+/// One engine call, watched.
+#[derive(Debug)]
+pub(crate) struct Watch {
+    #[cfg(any(feature = "tracing", feature = "metrics"))]
+    call: Call,
+    #[cfg(feature = "tracing")]
+    span: tracing::Span,
+    /// When the store call started, if anyone wants its latency.
+    #[cfg(any(feature = "tracing", feature = "metrics"))]
+    store_start: Option<Instant>,
+    #[cfg(any(feature = "tracing", feature = "metrics"))]
+    store_secs: Option<f64>,
+}
+
+impl Watch {
+    /// Open the watch on `call` for `subject`.
+    #[inline(always)]
+    #[allow(unused_variables)]
+    pub(crate) fn new(call: Call, subject: &str) -> Self {
+        #[cfg(feature = "tracing")]
+        let span = {
+            let span = tracing::debug_span!(
+                target: "tollgate",
+                "tollgate.call",
+                call = call_name(call),
+                subject = tracing::field::Empty,
+                status = tracing::field::Empty,
+                reason = tracing::field::Empty,
+                binding = tracing::field::Empty,
+                store_us = tracing::field::Empty,
+                error = tracing::field::Empty,
+            );
+            if !span.is_disabled() {
+                span.record("subject", digest(subject).as_str());
+            }
+            span
+        };
+        Self {
+            #[cfg(any(feature = "tracing", feature = "metrics"))]
+            call,
+            #[cfg(feature = "tracing")]
+            span,
+            #[cfg(any(feature = "tracing", feature = "metrics"))]
+            store_start: None,
+            #[cfg(any(feature = "tracing", feature = "metrics"))]
+            store_secs: None,
+        }
+    }
+
+    /// Whether the store call's latency is wanted: always under `metrics`,
+    /// under `tracing` only when a subscriber wants the span.
+    #[cfg(any(feature = "tracing", feature = "metrics"))]
+    #[inline(always)]
+    fn timed(&self) -> bool {
+        #[cfg(feature = "metrics")]
+        return true;
+        #[cfg(all(feature = "tracing", not(feature = "metrics")))]
+        return !self.span.is_disabled();
+    }
+
+    /// The store call starts.
+    #[inline(always)]
+    pub(crate) fn store_start(&mut self) {
+        #[cfg(any(feature = "tracing", feature = "metrics"))]
+        if self.timed() {
+            self.store_start = Some(Instant::now());
+        }
+    }
+
+    /// The store call returned.
+    #[inline(always)]
+    pub(crate) fn store_end(&mut self) {
+        #[cfg(any(feature = "tracing", feature = "metrics"))]
+        if let Some(start) = self.store_start.take() {
+            let secs = start.elapsed().as_secs_f64();
+            self.store_secs = Some(secs);
+            #[cfg(feature = "metrics")]
+            metrics::histogram!(names::STORE_SECONDS, "call" => call_name(self.call)).record(secs);
+            #[cfg(feature = "tracing")]
+            self.span.record("store_us", (secs * 1e6) as u64);
+        }
+    }
+
+    /// The call decided.
+    #[inline(always)]
+    #[allow(unused_variables)]
+    pub(crate) fn decided(&self, decision: &Decision) {
+        #[cfg(feature = "metrics")]
+        {
+            let call = call_name(self.call);
+            metrics::counter!(
+                names::DECISIONS,
+                "call" => call,
+                "status" => status_name(decision.status),
+                "reason" => reason_name(decision),
+            )
+            .increment(1);
+            if decision.allowed_on_error {
+                metrics::counter!(names::FAIL_OPEN, "call" => call).increment(1);
+            }
+        }
+        #[cfg(feature = "tracing")]
+        if !self.span.is_disabled() {
+            self.span.record("status", status_name(decision.status));
+            self.span.record("reason", reason_name(decision));
+            if let Some(l) = decision.binding_limit() {
+                self.span
+                    .record("binding", tracing::field::display(&l.meter));
+            }
+        }
+    }
+
+    /// The call failed with `error` (bad input, or a failing store).
+    #[inline(always)]
+    #[allow(unused_variables)]
+    pub(crate) fn failed(&self, error: &Error) {
+        #[cfg(feature = "metrics")]
+        {
+            let call = call_name(self.call);
+            match error {
+                Error::Store { .. } => {
+                    metrics::counter!(names::STORE_ERRORS, "call" => call).increment(1);
+                }
+                Error::ReservationExpired { .. }
+                    if matches!(self.call, Call::Commit | Call::Release) =>
+                {
+                    metrics::counter!(names::LEASE_EXPIRED, "call" => call).increment(1);
+                    metrics::gauge!(names::IN_FLIGHT).decrement(1.0);
+                }
+                _ => {}
+            }
+        }
+        #[cfg(feature = "tracing")]
+        if !self.span.is_disabled() {
+            self.span.record("error", tracing::field::display(error));
+        }
+    }
+
+    /// A reservation opened (`reserve` returned one).
+    #[inline(always)]
+    pub(crate) fn opened(&self) {
+        #[cfg(feature = "metrics")]
+        metrics::gauge!(names::IN_FLIGHT).increment(1.0);
+    }
+
+    /// A reservation settled (`commit` or `release` applied).
+    #[inline(always)]
+    pub(crate) fn settled(&self) {
+        #[cfg(feature = "metrics")]
+        metrics::gauge!(names::IN_FLIGHT).decrement(1.0);
+    }
+}
+
+/// Hook for a store call whose outcome is unknown: the request was sent and
+/// no answer came (a timeout after the write may have applied). Issue 18's
+/// async store work calls this where it detects one.
+#[allow(dead_code)]
+#[inline(always)]
+#[allow(unused_variables)]
+pub(crate) fn outcome_unknown(call: Call) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!(names::OUTCOME_UNKNOWN, "call" => call_name(call)).increment(1);
+    #[cfg(feature = "tracing")]
+    tracing::warn!(target: "tollgate", call = call_name(call), "store call outcome unknown");
+}
