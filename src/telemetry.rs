@@ -10,7 +10,8 @@
 //! Span (`tracing`, level DEBUG, target `tollgate`): `tollgate.call` with
 //! fields `call`, `subject` (a 64-bit FNV-1a digest of the subject id, never
 //! the id), `status`, `reason`, `binding` (the binding limit's meter),
-//! `store_us` (the store call's latency) and `error`. The digest and the
+//! `store_us` (the store call's latency) and `error` (the error's kind,
+//! such as `unknown_subject`: not its message, which can name the subject). The digest and the
 //! clock are read only when a subscriber wants the span.
 //!
 //! Metrics (`metrics` facade; names in [`crate`]'s docs):
@@ -80,6 +81,32 @@ fn reason_name(decision: &Decision) -> &'static str {
     }
 }
 
+/// An error's kind, for a span: not its message, which can name the subject.
+#[cfg(feature = "tracing")]
+fn error_kind(error: &Error) -> &'static str {
+    match error {
+        Error::UnknownSubject { .. } => "unknown_subject",
+        Error::UnknownPlan { .. } => "unknown_plan",
+        Error::UnknownMeter { .. } => "unknown_meter",
+        Error::UnknownPool { .. } => "unknown_pool",
+        Error::NegativeAmount { .. } => "negative_amount",
+        Error::Overflow { .. } => "overflow",
+        Error::CurrencyMismatch { .. } => "currency_mismatch",
+        Error::WrongUnit { .. } => "wrong_unit",
+        Error::InvalidConfig { .. } => "invalid_config",
+        Error::InvalidBatch { .. } => "invalid_batch",
+        Error::UnknownReservation { .. } => "unknown_reservation",
+        Error::ReservationExpired { .. } => "reservation_expired",
+        Error::ReservationSettled { .. } => "reservation_settled",
+        Error::EventConflict { .. } => "event_conflict",
+        Error::InvalidRequest { .. } => "invalid_request",
+        Error::InvalidSnapshot { .. } => "invalid_snapshot",
+        Error::Store { .. } => "store",
+        #[allow(unreachable_patterns)]
+        _ => "other",
+    }
+}
+
 /// The subject as a span shows it: a 64-bit FNV-1a digest in hex.
 #[cfg(feature = "tracing")]
 pub(crate) fn digest(subject: &str) -> String {
@@ -92,7 +119,7 @@ pub(crate) fn digest(subject: &str) -> String {
 /// One engine call, watched.
 #[derive(Debug)]
 pub(crate) struct Watch {
-    #[cfg(any(feature = "tracing", feature = "metrics"))]
+    #[cfg(feature = "metrics")]
     call: Call,
     #[cfg(feature = "tracing")]
     span: tracing::Span,
@@ -127,7 +154,7 @@ impl Watch {
             span
         };
         Self {
-            #[cfg(any(feature = "tracing", feature = "metrics"))]
+            #[cfg(feature = "metrics")]
             call,
             #[cfg(feature = "tracing")]
             span,
@@ -223,7 +250,7 @@ impl Watch {
         }
         #[cfg(feature = "tracing")]
         if !self.span.is_disabled() {
-            self.span.record("error", tracing::field::display(error));
+            self.span.record("error", error_kind(error));
         }
     }
 
