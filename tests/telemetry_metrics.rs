@@ -74,11 +74,7 @@ fn read(recorder: &DebuggingRecorder) -> Metrics {
         .collect()
 }
 
-fn counter(
-    m: &Metrics,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> u64 {
+fn counter(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
     m.iter()
         .filter(|(n, l, _)| {
             n == name
