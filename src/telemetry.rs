@@ -14,7 +14,7 @@
 //! such as `unknown_subject`: not its message, which can name the subject). The digest and the
 //! clock are read only when a subscriber wants the span.
 //!
-//! Metrics (`metrics` facade; names in [`crate`]'s docs):
+//! Metrics (`metrics` facade; the README lists them):
 //! `tollgate_decisions_total{call, status, reason}`,
 //! `tollgate_store_seconds{call}` (histogram),
 //! `tollgate_store_errors_total{call}`, `tollgate_fail_open_total{call}`,

@@ -233,3 +233,60 @@ fn reservations_in_flight_and_lease_expiries() {
         1
     );
 }
+
+/// An async store that is down, and fails open.
+#[cfg(feature = "async")]
+#[derive(Debug)]
+struct DownOpen;
+
+#[cfg(feature = "async")]
+#[async_trait::async_trait]
+impl tollgate::store::AsyncAllowanceStore for DownOpen {
+    async fn apply(&self, _: &Batch<'_>) -> Result<Applied, Error> {
+        Err(Error::Store {
+            message: "down".into(),
+        })
+    }
+
+    async fn overdue(&self, _: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
+        Ok(Vec::new())
+    }
+
+    fn failure_policy(&self) -> tollgate::store::FailurePolicy {
+        tollgate::store::FailurePolicy::FailOpen
+    }
+}
+
+#[cfg(feature = "async")]
+#[test]
+fn a_fail_open_decision_is_counted() {
+    let recorder = DebuggingRecorder::new();
+    let (sync_engine, _, clock) = engine();
+    let engine = Engine::with_store_and_clock(sync_engine.catalog().clone(), DownOpen, clock);
+    engine.allocate(Allocation::new("a", "p")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let d = engine
+                .admit_async(&Request::new("a").units("tokens", 5))
+                .await
+                .unwrap();
+            assert!(d.allowed && d.allowed_on_error);
+        });
+    });
+    let m = read(&recorder);
+    assert_eq!(
+        counter(&m, "tollgate_fail_open_total", &[("call", "admit")]),
+        1
+    );
+    assert_eq!(
+        counter(&m, "tollgate_store_errors_total", &[("call", "admit")]),
+        1
+    );
+    assert_eq!(
+        counter(&m, "tollgate_decisions_total", &[("call", "admit")]),
+        1
+    );
+}
