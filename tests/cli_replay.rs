@@ -94,6 +94,10 @@ fn the_shipped_log_replays_per_subject_and_per_plan() {
     assert_eq!(peak(a7, "llm_tokens_input")["peak"], "18000");
     assert_eq!(peak(a7, "llm_tokens_input")["max"], "20000");
     assert_eq!(a7["cost"], Value::Null);
+    // Every limit of the plan is listed, those no request touched at 0.
+    assert_eq!(a7["peaks"].as_array().unwrap().len(), 11);
+    assert_eq!(peak(a7, "r2_storage_gb_month")["peak"], "0");
+    assert_eq!(peak(a7, "r2_storage_gb_month")["max"], "1");
 
     // agent-9 on pay-as-you-go: exact cost, 1,206 + 2,700 + 6,900 USD.
     let a9 = subject(&r, "agent-9");

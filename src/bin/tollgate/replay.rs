@@ -228,6 +228,7 @@ struct Replayer<'c> {
     /// Each meter's currency (`None` for counts), scanned: cheaper than
     /// the catalog's map for a handful of meters.
     currencies: Vec<(&'c str, Option<&'c str>)>,
+    catalog: &'c Catalog,
     assign: HashMap<String, String>,
     default_plan: Option<String>,
     index: HashMap<Box<str>, usize, RandomState>,
@@ -263,6 +264,7 @@ impl<'c> Replayer<'c> {
                 .iter()
                 .map(|m| (m.id.as_str(), m.currency()))
                 .collect(),
+            catalog,
             assign,
             default_plan,
             index: HashMap::default(),
@@ -289,10 +291,11 @@ impl<'c> Replayer<'c> {
             .allocate(Allocation::new(id, plan.as_str()))
             .map_err(|e| format!("subject `{id}`: {e}"))?;
         let i = self.out.subjects.len();
+        let tally = self.unused_limits(id, &plan);
         self.out.subjects.push(Subject {
             id: id.to_owned(),
             plan,
-            tally: Tally::default(),
+            tally,
         });
         self.index.insert(id.into(), i);
         Ok(i)
@@ -329,6 +332,28 @@ impl<'c> Replayer<'c> {
             };
         }
         Ok(req)
+    }
+
+    /// A new subject's tally: every limit of its plan at a peak of 0, so a
+    /// limit no request touched is reported too.
+    fn unused_limits(&self, id: &str, plan: &str) -> Tally {
+        let mut tally = Tally::default();
+        let Some(plan) = self.catalog.plan(plan) else {
+            return tally;
+        };
+        let scope = ScopeKey::subject(id);
+        for l in plan.limits() {
+            let meter = self.catalog.meter(l.meter());
+            tally.peaks.push(Peak {
+                scope: scope.clone(),
+                meter: Name::new(l.meter()),
+                window: l.window(),
+                max: l.max(),
+                peak: 0,
+                scale: meter.and_then(|m| m.currency().map(|_| m.scale())),
+            });
+        }
+        tally
     }
 
     /// Replay one event.
