@@ -48,6 +48,111 @@ pub(crate) mod names {
     pub(crate) const IN_FLIGHT: &str = "tollgate_reservations_in_flight";
 }
 
+/// Every metric's keys, built once: a key with its labels (and its hash)
+/// is made at first use and reused, so a call neither allocates a label
+/// list nor hashes one; the recorder only looks the key up.
+#[cfg(feature = "metrics")]
+mod keys {
+    use std::sync::OnceLock;
+
+    use metrics::{Key, Label, Level, Metadata};
+
+    use super::names;
+
+    /// Where the metrics come from, as the `metrics` macros say it.
+    pub(super) static META: Metadata<'static> =
+        Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
+
+    pub(super) const CALLS: [&str; 7] = [
+        "check", "admit", "record", "reserve", "grow", "commit", "release",
+    ];
+    pub(super) const STATUSES: [&str; 3] = ["ok", "warning", "exceeded"];
+    pub(super) const REASONS: [&str; 4] =
+        ["none", "limit_exceeded", "model_not_allowed", "cooldown"];
+
+    /// The keys, by call index (and status and reason for decisions).
+    pub(super) struct Keys {
+        pub(super) decisions: Vec<Key>,
+        pub(super) store_seconds: Vec<Key>,
+        pub(super) store_errors: Vec<Key>,
+        pub(super) fail_open: Vec<Key>,
+        pub(super) outcome_unknown: Vec<Key>,
+        pub(super) lease_expired: Vec<Key>,
+        pub(super) in_flight: Key,
+    }
+
+    fn per_call(name: &'static str) -> Vec<Key> {
+        CALLS
+            .iter()
+            .map(|c| Key::from_parts(name, vec![Label::from_static_parts("call", c)]))
+            .collect()
+    }
+
+    pub(super) fn get() -> &'static Keys {
+        static KEYS: OnceLock<Keys> = OnceLock::new();
+        KEYS.get_or_init(|| {
+            let mut decisions = Vec::with_capacity(CALLS.len() * STATUSES.len() * REASONS.len());
+            for c in CALLS {
+                for s in STATUSES {
+                    for r in REASONS {
+                        decisions.push(Key::from_parts(
+                            names::DECISIONS,
+                            vec![
+                                Label::from_static_parts("call", c),
+                                Label::from_static_parts("status", s),
+                                Label::from_static_parts("reason", r),
+                            ],
+                        ));
+                    }
+                }
+            }
+            Keys {
+                decisions,
+                store_seconds: per_call(names::STORE_SECONDS),
+                store_errors: per_call(names::STORE_ERRORS),
+                fail_open: per_call(names::FAIL_OPEN),
+                outcome_unknown: per_call(names::OUTCOME_UNKNOWN),
+                lease_expired: per_call(names::LEASE_EXPIRED),
+                in_flight: Key::from_static_name(names::IN_FLIGHT),
+            }
+        })
+    }
+
+    /// Add one to counter `key`.
+    pub(super) fn count(key: &Key) {
+        metrics::with_recorder(|r| r.register_counter(key, &META).increment(1));
+    }
+}
+
+#[cfg(feature = "metrics")]
+fn call_index(call: Call) -> usize {
+    match call {
+        Call::Check => 0,
+        Call::Admit => 1,
+        Call::Record => 2,
+        Call::Reserve => 3,
+        Call::Grow => 4,
+        Call::Commit => 5,
+        Call::Release => 6,
+    }
+}
+
+#[cfg(feature = "metrics")]
+fn decision_index(call: Call, decision: &Decision) -> usize {
+    let status = match decision.status {
+        Status::Ok => 0,
+        Status::Warning => 1,
+        Status::Exceeded => 2,
+    };
+    let reason = match &decision.reason {
+        None => 0,
+        Some(Refusal::LimitExceeded) => 1,
+        Some(Refusal::ModelNotAllowed { .. }) => 2,
+        Some(Refusal::Cooldown { .. }) => 3,
+    };
+    (call_index(call) * keys::STATUSES.len() + status) * keys::REASONS.len() + reason
+}
+
 /// A call's name as a label.
 #[allow(dead_code)]
 pub(crate) fn call_name(call: Call) -> &'static str {
@@ -193,7 +298,10 @@ impl Watch {
             let secs = start.elapsed().as_secs_f64();
             self.store_secs = Some(secs);
             #[cfg(feature = "metrics")]
-            metrics::histogram!(names::STORE_SECONDS, "call" => call_name(self.call)).record(secs);
+            metrics::with_recorder(|r| {
+                let key = &keys::get().store_seconds[call_index(self.call)];
+                r.register_histogram(key, &keys::META).record(secs);
+            });
             #[cfg(feature = "tracing")]
             self.span.record("store_us", (secs * 1e6) as u64);
         }
@@ -205,16 +313,10 @@ impl Watch {
     pub(crate) fn decided(&self, decision: &Decision) {
         #[cfg(feature = "metrics")]
         {
-            let call = call_name(self.call);
-            metrics::counter!(
-                names::DECISIONS,
-                "call" => call,
-                "status" => status_name(decision.status),
-                "reason" => reason_name(decision),
-            )
-            .increment(1);
+            let k = keys::get();
+            keys::count(&k.decisions[decision_index(self.call, decision)]);
             if decision.allowed_on_error {
-                metrics::counter!(names::FAIL_OPEN, "call" => call).increment(1);
+                keys::count(&k.fail_open[call_index(self.call)]);
             }
         }
         #[cfg(feature = "tracing")]
@@ -234,16 +336,14 @@ impl Watch {
     pub(crate) fn failed(&self, error: &Error) {
         #[cfg(feature = "metrics")]
         {
-            let call = call_name(self.call);
+            let k = keys::get();
             match error {
-                Error::Store { .. } => {
-                    metrics::counter!(names::STORE_ERRORS, "call" => call).increment(1);
-                }
+                Error::Store { .. } => keys::count(&k.store_errors[call_index(self.call)]),
                 Error::ReservationExpired { .. }
                     if matches!(self.call, Call::Commit | Call::Release) =>
                 {
-                    metrics::counter!(names::LEASE_EXPIRED, "call" => call).increment(1);
-                    metrics::gauge!(names::IN_FLIGHT).decrement(1.0);
+                    keys::count(&k.lease_expired[call_index(self.call)]);
+                    in_flight(-1.0);
                 }
                 _ => {}
             }
@@ -258,15 +358,28 @@ impl Watch {
     #[inline(always)]
     pub(crate) fn opened(&self) {
         #[cfg(feature = "metrics")]
-        metrics::gauge!(names::IN_FLIGHT).increment(1.0);
+        in_flight(1.0);
     }
 
     /// A reservation settled (`commit` or `release` applied).
     #[inline(always)]
     pub(crate) fn settled(&self) {
         #[cfg(feature = "metrics")]
-        metrics::gauge!(names::IN_FLIGHT).decrement(1.0);
+        in_flight(-1.0);
     }
+}
+
+/// Move the reservations-in-flight gauge by `by`.
+#[cfg(feature = "metrics")]
+fn in_flight(by: f64) {
+    metrics::with_recorder(|r| {
+        let g = r.register_gauge(&keys::get().in_flight, &keys::META);
+        if by >= 0.0 {
+            g.increment(by);
+        } else {
+            g.decrement(-by);
+        }
+    });
 }
 
 /// Hook for a store call whose outcome is unknown: the request was sent and
@@ -277,7 +390,7 @@ impl Watch {
 #[allow(unused_variables)]
 pub(crate) fn outcome_unknown(call: Call) {
     #[cfg(feature = "metrics")]
-    metrics::counter!(names::OUTCOME_UNKNOWN, "call" => call_name(call)).increment(1);
+    keys::count(&keys::get().outcome_unknown[call_index(call)]);
     #[cfg(feature = "tracing")]
     tracing::warn!(target: "tollgate", call = call_name(call), "store call outcome unknown");
 }

@@ -168,7 +168,9 @@ fn replay_command(
     } else {
         print!("{}", report::text(&out));
     }
-    if let (Some(path), Some((from, to))) = (chart, out.span) {
+    if let Some(path) = chart {
+        // With no event replayed the chart has no time axis: its panels stay empty.
+        let (from, to) = out.span.unwrap_or((0, 1));
         if let Err(e) = std::fs::write(&path, chart::svg(&out.series, from, to)) {
             eprintln!("cannot write {}: {e}", path.display());
             return ExitCode::FAILURE;

@@ -359,9 +359,9 @@ impl<'c> Replayer<'c> {
     /// Replay one event.
     #[inline]
     fn event(&mut self, ev: &Event<'_>) -> Result<(), String> {
-        let i = self.subject(&ev.subject)?;
         let at = DateTime::from_timestamp_millis(ev.ts)
             .ok_or_else(|| format!("timestamp {} out of range", ev.ts))?;
+        let i = self.subject(&ev.subject)?;
         self.clock.set(at);
         let mut req = match ev.amounts.small_ints() {
             // The usual line, built in one chain (a builder called in a loop
