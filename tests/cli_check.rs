@@ -29,6 +29,10 @@ fn the_shipped_catalog_passes() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("ok (12 meters, 3 plans, 0 pools)"), "{out}");
+
+    let o = tollgate(&["check", "examples/bench_plans.toml"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok (4 meters, 1 plans, 0 pools)"));
 }
 
 #[test]
