@@ -7,6 +7,37 @@ use std::borrow::Cow;
 
 use crate::log::{parse_time, AmountList, Event, Num};
 
+/// Bytes that end the fast scan of a string: the closing quote, a
+/// backslash (an escape) and control bytes (invalid JSON).
+static STOP: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = true;
+        i += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
+/// The length of the string body at the start of `b`, up to its closing
+/// quote; `None` at an escape, a control byte or the end of the line.
+/// Kept out of line: a tight loop of its own, one table load per byte.
+#[inline(never)]
+fn string_len(b: &[u8]) -> Option<usize> {
+    let i = b.iter().position(|&c| STOP[usize::from(c)])?;
+    (b[i] == b'"').then_some(i)
+}
+
+/// The length of the run of JSON whitespace at the start of `b`.
+#[inline(never)]
+fn ws_len(b: &[u8]) -> usize {
+    b.iter()
+        .position(|c| !matches!(c, b' ' | b'\t' | b'\r' | b'\n'))
+        .unwrap_or(b.len())
+}
+
 struct Cursor<'a> {
     text: &'a str,
     at: usize,
@@ -15,9 +46,10 @@ struct Cursor<'a> {
 impl<'a> Cursor<'a> {
     #[inline]
     fn ws(&mut self) {
-        let b = self.text.as_bytes();
-        while self.at < b.len() && matches!(b[self.at], b' ' | b'\t' | b'\r' | b'\n') {
+        // Usually one space or none: checked here, a longer run scanned.
+        if let Some(b' ' | b'\t' | b'\r' | b'\n') = self.text.as_bytes().get(self.at) {
             self.at += 1;
+            self.at += ws_len(&self.text.as_bytes()[self.at..]);
         }
     }
 
@@ -39,13 +71,7 @@ impl<'a> Cursor<'a> {
         self.eat(b'"')?;
         let start = self.at;
         // Escapes and control bytes send the line to serde_json.
-        let b = &self.text.as_bytes()[start..];
-        let len = b
-            .iter()
-            .position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
-        if b[len] != b'"' {
-            return None;
-        }
+        let len = string_len(&self.text.as_bytes()[start..])?;
         let s = &self.text[start..start + len];
         self.at = start + len + 1;
         Some(s)
