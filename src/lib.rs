@@ -95,6 +95,9 @@
 //! | `tower` | `tower`: `QuotaLayer` / `Quota<S>` middleware with route gates (method + path pattern → meters), subject lookup, reads that pass when exceeded, and usage recorded after the response; implies `http` | `tower-layer`, `tower-service`, `pin-project-lite` |
 //! | `conformance` | `conformance`: the [`AllowanceStore`] conformance suite, for a backend's own tests | none |
 //! | `async` | `async`: `store::AsyncAllowanceStore` and the engine's `*_async` calls (`admit_async`, `reserve_async`, …), with a fail-open or fail-closed `store::FailurePolicy`; `MemoryStore` serves both forms. A feature because `async-trait` brings `syn` with its full parser | `async-trait` |
+//! | `metrics` | decisions by call, status and reason, store latency, store errors, fail-open and outcome-unknown counts, lease expiries and reservations in flight, on the `metrics` facade (names in the README) | `metrics` |
+//! | `tracing` | a DEBUG span `tollgate.call` per engine call: call, status, refusal reason, binding meter, store latency; the subject only as a digest | `tracing` |
+//! | `cli` | the `tollgate` binary: `check` a catalog, `replay` a usage log against plans, `usage` of a snapshot | `clap`, `indicatif`, `toml`, `serde_json`, `serde_path_to_error` |
 //! | `redis` | `redis`: `store::RedisStore`, counters shared by many replicas, one Lua script and one round trip per decision; implies `async`. redis-rs 1.x needs Rust 1.88 | `redis` (tokio), `tokio` (time), `sha2` |
 //! | `postgres` | `postgres`: `store::PostgresStore`, durable counters in the host's PostgreSQL, schema shipped as SQL migrations (`migrate()`), one server-side function call and one round trip per decision; implies `async` | `tokio-postgres`, `deadpool-postgres`, `tokio` (time), `serde_json` |
 
@@ -113,6 +116,7 @@ pub mod http;
 mod inline;
 mod model;
 pub mod store;
+mod telemetry;
 #[cfg(feature = "tower")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
 pub mod tower;

@@ -35,9 +35,16 @@ macro_rules! decide_call {
     ) => {{
         use $crate::engine::observe::Call;
         use $crate::engine::plan::{usage_batch, OpList, Shape};
+        let mut watch = $crate::telemetry::Watch::new($call, $req.subject);
         // Inlined here: the prepared request is built in this frame, not
         // returned through two copies.
-        let p = $engine.prepare_inline($req)?;
+        let p = match $engine.prepare_inline($req) {
+            Ok(p) => p,
+            Err(e) => {
+                watch.failed(&e);
+                return Err(e);
+            }
+        };
         let now_ms = $engine.clock.now_ms();
 
         // `check` and `admit` refuse a model outside the allowlist without
@@ -46,6 +53,7 @@ macro_rules! decide_call {
         if $call != Call::Record && p.model_refused.is_some() {
             let now = $crate::store::ms_to_time(now_ms);
             if let Some(decision) = $engine.refuse_model(&p, $call, $req, now) {
+                watch.decided(&decision);
                 return Ok(decision);
             }
         }
@@ -58,22 +66,30 @@ macro_rules! decide_call {
         };
         let batch = usage_batch($call, $req.event, list.ops.as_slice(), &cooldowns, now_ms);
         // Read where the store wrote it: not moved out of the result.
+        watch.store_start();
         let result = {
             let $b = &batch;
             $apply
         };
+        watch.store_end();
         let applied = match result {
             Ok(ref applied) => applied,
             Err($e) => {
+                watch.failed(&$e);
                 let $ep = &p;
                 let $enow = $crate::store::ms_to_time(now_ms);
-                return $on_error;
+                let answer: Result<$crate::Decision, $crate::Error> = $on_error;
+                if let Ok(ref decision) = answer {
+                    watch.decided(decision);
+                }
+                return answer;
             }
         };
         let at_ms = applied.replayed_at_ms.unwrap_or(now_ms);
         let mut decision = $engine.conclude($call, &p, &list, applied, &cooldowns, at_ms);
         $crate::engine::conclude::model_refusal(&mut decision, &p);
         $engine.observe_at($call, $req, at_ms, &decision);
+        watch.decided(&decision);
         Ok(decision)
     }};
 }
@@ -83,19 +99,45 @@ macro_rules! decide_call {
 macro_rules! reserve_call {
     ($engine:ident, $request:ident, $lease_ttl:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
         use $crate::engine::plan::{OpList, Shape};
-        let o = $engine.open($request, $lease_ttl)?;
+        let mut watch =
+            $crate::telemetry::Watch::new($crate::engine::Call::Reserve, $request.subject);
+        let o = match $engine.open($request, $lease_ttl) {
+            Ok(o) => o,
+            Err(e) => {
+                watch.failed(&e);
+                return Err(e);
+            }
+        };
         if let Some(refused) = $engine.refused_opening(&o, $request) {
+            watch.decided(&refused);
             return Ok(Err(refused));
         }
         let mut list = OpList::new();
         $engine.ops_for(&mut list, &o.p, $request.model, Shape::Reserve);
         let cooldowns = $engine.cooldowns_for(&o.p, $request.model, None, false);
         let batch = o.batch(list.ops.as_slice(), &cooldowns);
+        watch.store_start();
         let applied = {
             let $b = &batch;
             $apply
-        }?;
-        Ok($engine.opened($request, &o, &list, &applied, &cooldowns))
+        };
+        watch.store_end();
+        let applied = match applied {
+            Ok(a) => a,
+            Err(e) => {
+                watch.failed(&e);
+                return Err(e);
+            }
+        };
+        let opened = $engine.opened($request, &o, &list, &applied, &cooldowns);
+        match &opened {
+            Ok(r) => {
+                watch.decided(&r.decision);
+                watch.opened();
+            }
+            Err(refused) => watch.decided(refused),
+        }
+        Ok(opened)
     }};
 }
 
@@ -135,12 +177,23 @@ macro_rules! grow_call {
         $engine.ops_for(&mut list, &p, $reservation.model.as_deref(), Shape::Usage);
         let lease = LeaseOp::new($reservation.id, &p.alloc.scope, LeaseAction::Grow);
         let batch = lease_batch(Call::Grow, lease, None, list.ops.as_slice(), &[], now_ms);
+        let mut watch = $crate::telemetry::Watch::new(Call::Grow, $more.subject);
+        watch.store_start();
         let applied = {
             let $b = &batch;
             $apply
-        }?;
+        };
+        watch.store_end();
+        let applied = match applied {
+            Ok(a) => a,
+            Err(e) => {
+                watch.failed(&e);
+                return Err(e);
+            }
+        };
         let decision = $engine.conclude(Call::Grow, &p, &list, &applied, &[], now_ms);
         $engine.observe_at(Call::Grow, $more, now_ms, &decision);
+        watch.decided(&decision);
         $reservation.grown(&p.amounts, &$engine.catalog.meter_ids, &decision);
         Ok(decision)
     }};
@@ -167,13 +220,27 @@ macro_rules! settle_call {
         let lease = LeaseOp::new(s.reservation.id, &p.alloc.scope, keep);
         let ops = list.ops.as_slice();
         let batch = lease_batch(s.call, lease, s.request.event, ops, &cooldowns, now_ms);
+        let mut watch = $crate::telemetry::Watch::new(s.call, s.request.subject);
+        watch.store_start();
         let applied = {
             let $b = &batch;
             $apply
-        }?;
+        };
+        watch.store_end();
+        let applied = match applied {
+            Ok(a) => a,
+            Err(e) => {
+                watch.failed(&e);
+                return Err(e);
+            }
+        };
         let at_ms = applied.replayed_at_ms.unwrap_or(now_ms);
         let decision = $engine.conclude(s.call, p, &list, &applied, &[], at_ms);
         $engine.observe_at(s.call, s.request, at_ms, &decision);
+        watch.decided(&decision);
+        if applied.replayed_at_ms.is_none() {
+            watch.settled();
+        }
         Ok(decision)
     }};
 }
