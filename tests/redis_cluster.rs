@@ -5,6 +5,10 @@
 //! them, and a cluster node refused as a single Redis. Without the
 //! variable every test prints that it was skipped and passes.
 
+#[path = "support/conformance.rs"]
+#[macro_use]
+mod conformance_tests;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,8 +20,8 @@ use tollgate::store::{
     RedisStore, TimeSource,
 };
 use tollgate::{
-    conformance, Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, Meter, Name,
-    Period, PlanConfig, PoolConfig, Request, ScopeKey, SystemClock, Window,
+    Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, Meter, Name, Period,
+    PlanConfig, PoolConfig, Request, ScopeKey, SystemClock, Window,
 };
 
 fn nodes() -> Option<Vec<String>> {
@@ -156,6 +160,8 @@ fn conformance_on(name: &str, run: impl FnOnce(&dyn Fn() -> Blocking)) {
     }
 }
 
+conformance_tests!();
+
 async fn keys_without_ttl(nodes: &[String], prefix: &str) -> Vec<String> {
     let mut out = Vec::new();
     for (url, keys) in keys_by_node(nodes, prefix).await {
@@ -176,59 +182,6 @@ async fn keys_without_ttl(nodes: &[String], prefix: &str) -> Vec<String> {
         }
     }
     out
-}
-
-#[test]
-fn conformance_batches_are_all_or_nothing() {
-    conformance_on("c-all-or-nothing", |new| {
-        conformance::batches_are_all_or_nothing(new)
-    });
-}
-
-#[test]
-fn conformance_bad_batches_change_nothing() {
-    conformance_on("c-bad", |new| conformance::bad_batches_change_nothing(new));
-}
-
-#[test]
-fn conformance_windows_roll_exactly() {
-    conformance_on("c-windows", |new| conformance::windows_roll_exactly(new));
-}
-
-#[test]
-fn conformance_holds_count_and_settle() {
-    conformance_on("c-holds", |new| conformance::holds_count_and_settle(new));
-}
-
-#[test]
-fn conformance_leases_expire_and_renew() {
-    conformance_on("c-leases", |new| conformance::leases_expire_and_renew(new));
-}
-
-#[test]
-fn conformance_events_apply_once() {
-    conformance_on("c-events", |new| conformance::events_apply_once(new));
-}
-
-#[test]
-fn conformance_cooldowns_block_until_they_end() {
-    conformance_on("c-cooldowns", |new| {
-        conformance::cooldowns_block_until_they_end(new)
-    });
-}
-
-#[test]
-fn conformance_concurrent_batches_never_over_admit() {
-    conformance_on("c-concurrent", |new| {
-        conformance::concurrent_batches_never_over_admit(new)
-    });
-}
-
-#[test]
-fn conformance_clock_steps_back_free_nothing() {
-    conformance_on("c-clock-steps", |new| {
-        conformance::clock_steps_back_free_nothing(new)
-    });
 }
 
 /// A cluster node given as a single Redis would answer `MOVED` to most

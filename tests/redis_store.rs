@@ -3,6 +3,9 @@
 //! one limit, an outage and its recovery, and TTLs on every key written.
 //! Without the variable every test prints that it was skipped and passes.
 
+#[path = "support/conformance.rs"]
+#[macro_use]
+mod conformance_tests;
 #[path = "support/differential.rs"]
 mod differential;
 
@@ -17,8 +20,8 @@ use tollgate::store::{
     RedisStore, TimeSource,
 };
 use tollgate::{
-    conformance, Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, Meter, Period,
-    PlanConfig, Request, ScopeKey, SystemClock, Window,
+    Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, Meter, Period, PlanConfig,
+    Request, ScopeKey, SystemClock, Window,
 };
 
 fn url() -> Option<String> {
@@ -172,58 +175,7 @@ fn conformance_on(name: &str, run: impl FnOnce(&dyn Fn() -> Blocking)) {
     }
 }
 
-#[test]
-fn conformance_batches_are_all_or_nothing() {
-    conformance_on("all-or-nothing", |new| {
-        conformance::batches_are_all_or_nothing(new)
-    });
-}
-
-#[test]
-fn conformance_bad_batches_change_nothing() {
-    conformance_on("bad", |new| conformance::bad_batches_change_nothing(new));
-}
-
-#[test]
-fn conformance_windows_roll_exactly() {
-    conformance_on("windows", |new| conformance::windows_roll_exactly(new));
-}
-
-#[test]
-fn conformance_holds_count_and_settle() {
-    conformance_on("holds", |new| conformance::holds_count_and_settle(new));
-}
-
-#[test]
-fn conformance_leases_expire_and_renew() {
-    conformance_on("leases", |new| conformance::leases_expire_and_renew(new));
-}
-
-#[test]
-fn conformance_events_apply_once() {
-    conformance_on("events", |new| conformance::events_apply_once(new));
-}
-
-#[test]
-fn conformance_cooldowns_block_until_they_end() {
-    conformance_on("cooldowns", |new| {
-        conformance::cooldowns_block_until_they_end(new)
-    });
-}
-
-#[test]
-fn conformance_concurrent_batches_never_over_admit() {
-    conformance_on("concurrent", |new| {
-        conformance::concurrent_batches_never_over_admit(new)
-    });
-}
-
-#[test]
-fn conformance_clock_steps_back_free_nothing() {
-    conformance_on("clock-steps", |new| {
-        conformance::clock_steps_back_free_nothing(new)
-    });
-}
+conformance_tests!();
 
 /// Random batches, the same on `MemoryStore` and `RedisStore` (see
 /// `support/differential.rs`). Amounts reach past 2^53 and up to
