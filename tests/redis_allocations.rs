@@ -4,7 +4,10 @@
 
 #![cfg(feature = "redis")]
 
-use std::sync::atomic::{AtomicU64, Ordering};
+#[path = "support/redis_env.rs"]
+mod redis_env;
+use redis_env::{unique_prefix, url};
+
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
@@ -13,28 +16,6 @@ use tollgate::{
     Allocation, AsyncAllocationSource, Catalog, Engine, Error, LimitConfig, ManualClock, Period,
     Request, Window,
 };
-
-fn url() -> Option<String> {
-    match std::env::var("TOLLGATE_REDIS_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ => {
-            eprintln!("skipped: TOLLGATE_REDIS_URL not set");
-            None
-        }
-    }
-}
-
-fn unique(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "tollgate-test-alloc-{name}-{}-{nanos}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 fn catalog() -> Catalog {
     serde_json::from_str(
@@ -103,7 +84,7 @@ async fn dump_and_flush(url: &str, prefix: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_allocations_through_redis() {
     let Some(url) = url() else { return };
-    let prefix = unique("share");
+    let prefix = unique_prefix("share");
     let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 4, 8, 12, 0, 0).unwrap());
     let a = replica(&url, &prefix, &clock).await;
     a.allocate_async(Allocation::new(SUBJECT, "free"))

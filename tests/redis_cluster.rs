@@ -9,8 +9,11 @@
 #[macro_use]
 mod conformance_tests;
 
+#[path = "support/redis_env.rs"]
+mod redis_env;
+use redis_env::unique_prefix;
+
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,18 +35,6 @@ fn nodes() -> Option<Vec<String>> {
             None
         }
     }
-}
-
-fn unique_prefix(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "tollgate-test:{name}:{}:{nanos}:{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -4,7 +4,10 @@
 //! hex), whatever shape the id has. Needs `TOLLGATE_REDIS_URL`; without it
 //! each test prints that it was skipped and passes.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+#[path = "support/redis_env.rs"]
+mod redis_env;
+use redis_env::{unique_prefix, url};
+
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
@@ -13,28 +16,6 @@ use tollgate::{
     Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, Meter, Period, PlanConfig,
     PoolConfig, Request, ScopeKey, Window,
 };
-
-fn url() -> Option<String> {
-    match std::env::var("TOLLGATE_REDIS_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ => {
-            eprintln!("skipped: TOLLGATE_REDIS_URL not set");
-            None
-        }
-    }
-}
-
-fn unique_prefix(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "tollgate-test:{name}:{}:{nanos}:{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -9,6 +9,10 @@ mod conformance_tests;
 #[path = "support/differential.rs"]
 mod differential;
 
+#[path = "support/redis_env.rs"]
+mod redis_env;
+use redis_env::{unique_prefix, url};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,29 +27,6 @@ use tollgate::{
     Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, Meter, Period, PlanConfig,
     Request, ScopeKey, SystemClock, Window,
 };
-
-fn url() -> Option<String> {
-    match std::env::var("TOLLGATE_REDIS_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ => {
-            eprintln!("skipped: TOLLGATE_REDIS_URL not set");
-            None
-        }
-    }
-}
-
-/// A prefix no other test run uses.
-fn unique_prefix(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "tollgate-test:{name}:{}:{nanos}:{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// A store on batch time under its own prefix `name`.
 async fn batch_store(url: &str, name: &str) -> RedisStore {
