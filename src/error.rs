@@ -111,6 +111,14 @@ pub enum Error {
         /// The event id.
         event: String,
     },
+    /// A grant (top-up) whose payment id the balance already holds with
+    /// another amount, expiry or priority: a payment id credits once.
+    /// Nothing changed.
+    #[error("payment id `{payment}` was already granted with other terms")]
+    GrantConflict {
+        /// The payment id.
+        payment: String,
+    },
     /// A request that cannot be made this way: an empty event id, an event id
     /// on a call that does not take one, or amounts for another subject than
     /// the reservation's.

@@ -57,3 +57,24 @@ fn a_store_restored_from_a_snapshot_conforms() {
         tollgate::MemoryStore::restore(MemoryStore::new().snapshot()).expect("restore")
     });
 }
+
+#[test]
+fn balances_consume_grants_in_order() {
+    conformance::balances_consume_grants_in_order(MemoryStore::new);
+}
+
+#[test]
+fn grants_are_idempotent() {
+    conformance::grants_are_idempotent(MemoryStore::new);
+}
+
+#[test]
+fn balance_holds_settle() {
+    conformance::balance_holds_settle(MemoryStore::new);
+}
+
+#[test]
+fn concurrent_debits_never_overdraw() {
+    conformance::concurrent_debits_never_overdraw(MemoryStore::new);
+    conformance::concurrent_debits_never_overdraw(one_shard);
+}

@@ -29,7 +29,12 @@ use crate::store::{
 };
 use crate::{Error, Period, ScopeKey, Window};
 
+mod balances;
 mod clock_steps;
+pub use balances::{
+    balance_holds_settle, balances_consume_grants_in_order, concurrent_debits_never_overdraw,
+    grants_are_idempotent, run_balances,
+};
 pub use clock_steps::clock_steps_back_free_nothing;
 
 /// 2026-01-01 00:00 UTC plus `secs`.
@@ -690,4 +695,5 @@ pub fn run_all<S: AllowanceStore>(new: impl Fn() -> S) {
     cooldowns_block_until_they_end(&new);
     concurrent_batches_never_over_admit(&new);
     clock_steps_back_free_nothing(&new);
+    run_balances(&new);
 }

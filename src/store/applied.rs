@@ -104,6 +104,61 @@ pub struct Applied {
     /// as an RFC 3339 time under `replayed_at`.
     #[serde(rename = "replayed_at", default, with = "as_time")]
     pub replayed_at_ms: Option<i64>,
+    /// The batch's balance ([`BalanceOp`](super::BalanceOp)), if it names
+    /// one: as of after the batch if it applied, as it stands otherwise.
+    /// Boxed: most batches have none, and every answer is moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Box<BalanceState>>,
+}
+
+/// A prepaid balance as a batch leaves it (contract rule 10). Amounts are
+/// in the balance meter's smallest unit; instants are Unix milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BalanceState {
+    /// What the live grants have left.
+    pub remaining: u64,
+    /// The balance's live holds (reservations).
+    pub held: u64,
+    /// What consumption took past the grants, within the overdraft.
+    pub debt: u64,
+    /// Whether the batch's debit fit (`amount <= remaining - held - debt`,
+    /// or a zero amount); `true` for a batch with no debit.
+    pub fits: bool,
+    /// What the batch's consumption could not cover (grants and overdraft
+    /// exhausted); never recorded anywhere.
+    pub uncovered: u64,
+    /// Every grant not expired at `now` with something left (live ones and
+    /// those not yet effective), in consumption order.
+    pub grants: Vec<GrantState>,
+}
+
+impl BalanceState {
+    /// `remaining - held - debt`: what a debit may take now (negative when
+    /// holds or debt pass what the grants have left).
+    pub fn available(&self) -> i128 {
+        i128::from(self.remaining) - i128::from(self.held) - i128::from(self.debt)
+    }
+}
+
+/// One grant of a balance (contract rule 10).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GrantState {
+    /// Its id (the host's payment id).
+    pub id: String,
+    /// What it credited.
+    pub amount: u64,
+    /// What has been consumed of it.
+    pub spent: u64,
+    /// From when it counts.
+    pub effective_at_ms: i64,
+    /// When it stops counting, if ever.
+    pub expires_at_ms: Option<i64>,
+    /// Its priority (lower is consumed first).
+    pub priority: u32,
+    /// When it was granted (the batch's `now_ms`).
+    pub granted_at_ms: i64,
 }
 
 /// How many items an [`InlineVec`] keeps inline: the counter states of a

@@ -96,6 +96,57 @@
 //!    When the batch applies, a `start_until_ms` extends the scope's cooldown
 //!    to at least that time. [`Applied::cooldowns`] reports each listed
 //!    scope's cooldown end if it is still running after the batch.
+//! 10. **Keep prepaid balances** ([`BalanceOp`]). A balance is identified by
+//!     `(scope, meter)` (the meter is the money meter it is kept in, in its
+//!     smallest unit); one that does not exist is empty. It holds *grants*
+//!     (credits), *holds* under leases, and a *debt*:
+//!     - A grant is *live* at `now` when `effective_at_ms <= now` and (no
+//!       expiry, or) `now < expires_at_ms`: from its expiry on, to the
+//!       millisecond, what it has left stops counting. Its *remaining* is
+//!       `amount - spent`. Grants are consumed in one order every backend
+//!       keeps: `priority` ascending, then `expires_at_ms` ascending (no
+//!       expiry last), then `effective_at_ms` ascending, then the id's bytes
+//!       ascending.
+//!     - A clock stepping back (rule 2): grants are read at the later of
+//!       `now` and the latest `now` of a batch that applied to the balance,
+//!       so an expired grant never counts again. Holds go by `now`, as a
+//!       counter's do.
+//!     - A balance's *available* amount is the remaining of its live grants,
+//!       less its live holds, less its debt (it may be negative).
+//!     - [`BalanceAction::Debit`] `{ amount, overdraft }` *fits* when `amount`
+//!       is zero or `amount <= available`. Its place in the batch's decision
+//!       is that of an op: in `Check` and `WithinLimits` a debit that does
+//!       not fit makes the batch not fit. When the batch applies:
+//!       with no lease, `amount` is *consumed*; with [`LeaseAction::Open`]
+//!       or [`LeaseAction::Grow`], `amount` becomes (or is added to) the
+//!       lease's hold on the balance instead (a lease holds on at most one
+//!       balance: naming another is [`Error::InvalidBatch`]); with
+//!       [`LeaseAction::Settle`], see below. *Consuming* `n` takes from the
+//!       live grants in order until `n` is covered; what no grant covers
+//!       becomes debt as long as the debt stays at or below `overdraft`; the
+//!       rest is *uncovered* (reported, never recorded). Consuming ignores
+//!       holds: usage that happened (`Force`) may take what a reservation
+//!       held, and that reservation's own charge may then be uncovered.
+//!     - A lease's hold on a balance counts while the lease is live and moves
+//!       with its expiry ([`LeaseAction::Renew`]); [`LeaseAction::Settle`]
+//!       removes it and consumes `keep.ceil_of(hold)`, whether or not the
+//!       batch names the balance, then consumes the batch's own debit.
+//!     - [`BalanceAction::Grant`] (mode `Force`, no ops, no lease) adds a
+//!       grant. Its id is the host's payment id: a grant whose id the balance
+//!       already has, with the same amount, times and priority, changes
+//!       nothing and answers with [`Applied::replayed_at_ms`] set to when it
+//!       was first granted; with anything different it is
+//!       [`Error::GrantConflict`]. A new grant first pays the debt off
+//!       (`spent` starts at what it repays). A zero amount, an empty id, or
+//!       an expiry at or before the effective time is [`Error::InvalidBatch`];
+//!       grants whose amounts together pass a `u64` are [`Error::Overflow`].
+//!       Grants are records: a backend keeps them (spent and expired ones
+//!       too) as long as the balance exists.
+//!
+//!     [`Applied::balance`] reports the batch's balance, as of after the
+//!     batch if it applied: live remaining, holds, debt, whether the debit
+//!     fit, what was uncovered, and every grant not yet expired with
+//!     something left, in consumption order.
 //!
 //! Policy — statuses, warning ratios, prices, allowlists, refund shares,
 //! fingerprints — stays in the engine, so a backend stays small.
@@ -170,7 +221,10 @@ pub use self::postgres::{PostgresConfig, PostgresStore};
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::{RedisAllocations, RedisConfig, RedisStore, TimeSource};
 pub(crate) use applied::{interned, ms_to_time};
-pub use applied::{Applied, CounterState, InlineVec, LeaseInfo, SettledHold, INLINE_STATES};
+pub use applied::{
+    Applied, BalanceState, CounterState, GrantState, InlineVec, LeaseInfo, SettledHold,
+    INLINE_STATES,
+};
 #[cfg(feature = "async")]
 #[cfg_attr(docsrs, doc(cfg(feature = "async")))]
 pub use async_store::{AsyncAllowanceStore, FailurePolicy};
@@ -300,6 +354,91 @@ impl<'a> CooldownOp<'a> {
     }
 }
 
+/// A batch's prepaid balance (contract rule 10): which balance, and what
+/// the batch does to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BalanceOp<'a> {
+    /// Whose balance: a subject's or a pool's.
+    pub scope: &'a ScopeKey,
+    /// The money meter it is kept in (amounts in its smallest unit);
+    /// interned, as an op's meter.
+    pub meter: Name,
+    /// What to do.
+    pub action: BalanceAction<'a>,
+}
+
+impl<'a> BalanceOp<'a> {
+    /// A balance op.
+    pub fn new(scope: &'a ScopeKey, meter: Name, action: BalanceAction<'a>) -> Self {
+        Self {
+            scope,
+            meter,
+            action,
+        }
+    }
+}
+
+/// What a batch does to a balance (contract rule 10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BalanceAction<'a> {
+    /// Debit `amount` (or hold it, under a lease the batch opens or grows).
+    Debit {
+        /// The amount, in the meter's smallest unit.
+        amount: u64,
+        /// How far a consumption may take the balance below zero (as debt)
+        /// before the rest is uncovered.
+        overdraft: u64,
+    },
+    /// Add a grant (a top-up), idempotent by its id.
+    Grant(GrantOp<'a>),
+}
+
+/// A grant to add to a balance (contract rule 10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GrantOp<'a> {
+    /// The host's payment id: the grant's id within its balance.
+    pub id: &'a str,
+    /// The amount credited, in the meter's smallest unit; not zero.
+    pub amount: u64,
+    /// From when it counts (Unix milliseconds).
+    pub effective_at_ms: i64,
+    /// When it stops counting (Unix milliseconds), if ever.
+    pub expires_at_ms: Option<i64>,
+    /// Lower is consumed first.
+    pub priority: u32,
+}
+
+impl<'a> GrantOp<'a> {
+    /// A grant of `amount` under `id`, effective at `effective_at_ms`, with
+    /// no expiry and priority 0.
+    pub fn new(id: &'a str, amount: u64, effective_at_ms: i64) -> Self {
+        Self {
+            id,
+            amount,
+            effective_at_ms,
+            expires_at_ms: None,
+            priority: 0,
+        }
+    }
+
+    /// The same grant expiring at `expires_at_ms` (Unix milliseconds).
+    #[must_use]
+    pub fn expiring(mut self, expires_at_ms: i64) -> Self {
+        self.expires_at_ms = Some(expires_at_ms);
+        self
+    }
+
+    /// The same grant with `priority` (lower is consumed first).
+    #[must_use]
+    pub fn priority(mut self, priority: u32) -> Self {
+        self.priority = priority;
+        self
+    }
+}
+
 /// A set of counter operations applied as one atomic step.
 #[derive(Debug, Clone, Copy)]
 #[non_exhaustive]
@@ -316,6 +455,8 @@ pub struct Batch<'a> {
     pub event: Option<EventKey<'a>>,
     /// Cooldowns to check, and to start when the batch applies.
     pub cooldowns: &'a [CooldownOp<'a>],
+    /// A prepaid balance to debit, hold on, or credit (contract rule 10).
+    pub balance: Option<BalanceOp<'a>>,
 }
 
 impl<'a> CounterOp<'a> {
@@ -348,6 +489,7 @@ impl<'a> Batch<'a> {
             lease: None,
             event: None,
             cooldowns: &[],
+            balance: None,
         }
     }
 
@@ -371,6 +513,13 @@ impl<'a> Batch<'a> {
         self.cooldowns = cooldowns;
         self
     }
+
+    /// The same batch acting on a prepaid balance (contract rule 10).
+    #[must_use]
+    pub fn with_balance(mut self, balance: BalanceOp<'a>) -> Self {
+        self.balance = Some(balance);
+        self
+    }
 }
 
 /// The storage seam. See the [module docs](self) for the contract.
@@ -383,7 +532,8 @@ pub trait AllowanceStore: Send + Sync {
     /// [`Error::UnknownReservation`], [`Error::ReservationSettled`] or
     /// [`Error::ReservationExpired`] for a lease op on a lease that cannot
     /// take it (rule 7), [`Error::EventConflict`] for an event id reused with
-    /// another fingerprint (rule 8) — nothing changes in any of these cases;
+    /// another fingerprint (rule 8), [`Error::GrantConflict`] for a grant id
+    /// reused with other terms (rule 10) — nothing changes in any of these cases;
     /// [`Error::Store`] if the backend fails.
     fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error>;
 

@@ -1,6 +1,6 @@
 //! Batch checks every backend runs before it applies a batch (contract rules 1 and 7).
 
-use super::{Batch, CounterOp, LeaseAction, Mode};
+use super::{BalanceAction, Batch, CounterOp, LeaseAction, Mode};
 use crate::window::Window;
 use crate::Error;
 
@@ -55,6 +55,39 @@ pub(crate) fn validate(batch: &Batch<'_>) -> Result<(), Error> {
                 batch.mode,
                 ops.len()
             )));
+        }
+    }
+    if let Some(b) = batch.balance {
+        validate_balance(batch, b.action)?;
+    }
+    Ok(())
+}
+
+/// Contract rule 10: a grant is a forced batch of its own, with an id, an
+/// amount and an expiry after its start; a debit rides on no renewal.
+#[inline(never)]
+fn validate_balance(batch: &Batch<'_>, action: BalanceAction<'_>) -> Result<(), Error> {
+    match action {
+        BalanceAction::Grant(g) => {
+            if batch.mode != Mode::Force || !batch.ops.is_empty() || batch.lease.is_some() {
+                return Err(invalid(
+                    "a grant is a forced batch with no ops and no lease",
+                ));
+            }
+            if g.id.is_empty() {
+                return Err(invalid("a grant needs an id"));
+            }
+            if g.amount == 0 {
+                return Err(invalid("a grant of zero"));
+            }
+            if g.expires_at_ms.is_some_and(|e| e <= g.effective_at_ms) {
+                return Err(invalid("a grant that expires before it starts"));
+            }
+        }
+        BalanceAction::Debit { .. } => {
+            if let Some(LeaseAction::Renew { .. }) = batch.lease.map(|l| l.action) {
+                return Err(invalid("a renewal debits no balance"));
+            }
         }
     }
     Ok(())

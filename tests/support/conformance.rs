@@ -15,6 +15,10 @@ macro_rules! conformance_tests {
             cooldowns_block_until_they_end => "cooldowns",
             concurrent_batches_never_over_admit => "concurrent",
             clock_steps_back_free_nothing => "clock",
+            balances_consume_grants_in_order => "balances",
+            grants_are_idempotent => "grants",
+            balance_holds_settle => "balance_holds",
+            concurrent_debits_never_overdraw => "balance_threads",
         );
     };
     (@each $($check:ident => $name:literal),* $(,)?) => {

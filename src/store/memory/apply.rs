@@ -59,6 +59,7 @@ impl MemoryStore {
             settled: Vec::new(),
             cooldowns: InlineVec::new(),
             replayed_at_ms: None,
+            balance: None,
         };
         let (runs, out) = (runs.as_slice(), &mut result.counters);
         if fit.due {
@@ -113,6 +114,7 @@ impl MemoryStore {
             settled: Vec::new(),
             cooldowns: InlineVec::new(),
             replayed_at_ms: None,
+            balance: None,
         };
         let sweep_turn = match apply_run(&mut guard, batch, scope, &mut result.counters)? {
             Some(applied) => {

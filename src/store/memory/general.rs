@@ -11,7 +11,8 @@ use parking_lot::MutexGuard;
 use super::apply::{add_usage, check_ops};
 use smallvec::SmallVec;
 
-use super::holds::{add_to, held_by, settle_hold, HoldRef, HoldRefs, Lease};
+use super::balance::{self, Balance, BalanceMap};
+use super::holds::{add_to, held_by, settle_hold, BalanceRef, HoldRef, HoldRefs, Lease};
 use super::keys::KeyId;
 use super::ledger::{Entry, Ledger};
 use super::report::{report, roll_ops};
@@ -19,7 +20,9 @@ use super::shard::{Locked, NONE};
 use super::{LeaseMap, MemoryStore};
 use crate::inline::SmallList;
 use crate::store::validate::invalid;
-use crate::store::{Applied, Batch, Fraction, InlineVec, LeaseAction, LeaseId, Mode, SettledHold};
+use crate::store::{
+    Applied, BalanceAction, Batch, Fraction, InlineVec, LeaseAction, LeaseId, Mode, SettledHold,
+};
 use crate::window::Window;
 use crate::Error;
 
@@ -86,6 +89,14 @@ impl MemoryStore {
         let (mut slot, lease_expires) =
             open_lease(lease_guard.as_deref_mut(), batch, now_ms, &mut lease_holds)?;
 
+        // The balance the batch acts on: the one it names, or the one its
+        // lease holds on (a renewal, a settlement naming none).
+        let lease_balance = match &slot {
+            LeaseSlot::Live(rec) => rec.balance.clone(),
+            _ => None,
+        };
+        let target = balance_target(batch, lease_balance.as_ref())?;
+
         // Lock every counter shard the batch touches, in ascending order.
         let mut op_shards: SmallList<usize> = SmallList::new();
         for op in batch.ops {
@@ -142,15 +153,32 @@ impl MemoryStore {
             &mut found.runs,
         )?;
         let (cool, mut cooling) = step.running_cooldowns(&mut locked);
+        // The balance last (lock order: ledger, lease, counters, balance).
+        let mut bal_guard = target
+            .as_ref()
+            .map(|b| self.balances[self.side_index(&b.scope)].lock());
+        let bal_check = check_balance(bal_guard.as_deref(), target.as_ref(), &step)?;
+        if let Some(replayed_at) = bal_check.replayed_at {
+            // A grant already made: nothing changes.
+            let state = bal_state(bal_guard.as_deref(), target.as_ref(), now_ms, true, 0);
+            let mut result = Applied {
+                applied: true,
+                balance: state,
+                ..Applied::default()
+            };
+            result.replayed_at_ms = Some(replayed_at);
+            return Ok(result);
+        }
         let applied = match batch.mode {
             Mode::Check => false,
-            Mode::WithinLimits => fit.all && cool,
+            Mode::WithinLimits => fit.all && cool && bal_check.fits,
             Mode::Force => true,
         };
 
         // Phase 2: apply the whole batch, or nothing; only a batch that
         // applies rolls its counters (contract rule 2).
         let mut settled = Vec::new();
+        let mut uncovered = 0;
         if applied {
             if fit.due {
                 roll_ops(
@@ -164,6 +192,9 @@ impl MemoryStore {
             }
             settled = step.apply_lease(&mut locked, &mut slot, &mut charges, &mut found);
             step.start_cooldowns(&mut locked, &mut cooling);
+            if let (Some(map), Some(b)) = (bal_guard.as_deref_mut(), target.as_ref()) {
+                uncovered = step.apply_balance(balance::find_mut(map, &b.scope, b.meter));
+            }
         }
 
         // Phase 3: report.
@@ -174,7 +205,18 @@ impl MemoryStore {
             settled,
             cooldowns: cooling,
             replayed_at_ms: None,
+            balance: match batch.balance {
+                Some(_) => bal_state(
+                    bal_guard.as_deref(),
+                    target.as_ref(),
+                    now_ms,
+                    bal_check.fits,
+                    uncovered,
+                ),
+                None => None,
+            },
         };
+        drop(bal_guard);
         report(
             &mut locked,
             batch.ops,
@@ -375,6 +417,7 @@ impl Step<'_, '_> {
                         deadline_ms,
                         settled: false,
                         holds,
+                        balance: self.holding_balance(),
                     });
                 }
             }
@@ -401,6 +444,9 @@ impl Step<'_, '_> {
                     self.hold_ops(locked, found, l.id, self.lease_expires, self.lease_holds);
                 if let LeaseSlot::Live(rec) = slot {
                     rec.holds.extend(added);
+                    if rec.balance.is_none() {
+                        rec.balance = self.holding_balance();
+                    }
                 }
             }
             LeaseAction::Settle { .. } => {
@@ -587,4 +633,142 @@ fn record_event(
 
 pub(super) fn keep_of(keep: Fraction, held: u64) -> u64 {
     keep.ceil_of(held)
+}
+
+/// Contract rule 10 for one batch, found in phase 1: whether its debit fits,
+/// and whether its grant was made before (a replay).
+struct BalanceCheck {
+    fits: bool,
+    replayed_at: Option<i64>,
+}
+
+/// The balance a batch acts on: the one it names, else the one its live
+/// lease holds on.
+///
+/// # Errors
+/// [`Error::InvalidBatch`] when the batch names another balance than its
+/// lease holds on.
+fn balance_target(
+    batch: &Batch<'_>,
+    lease_balance: Option<&BalanceRef>,
+) -> Result<Option<BalanceRef>, Error> {
+    match (batch.balance, lease_balance) {
+        (Some(b), Some(l)) if *b.scope != l.scope || b.meter != l.meter => Err(invalid(
+            "a lease holds on one balance: the batch names another",
+        )),
+        (Some(b), _) => Ok(Some(BalanceRef {
+            scope: b.scope.clone(),
+            meter: b.meter,
+        })),
+        (None, l) => Ok(l.cloned()),
+    }
+}
+
+/// Phase 1 of rule 10: the debit's fit, a grant's replay or conflict, and
+/// overflow of holds — before anything changes.
+///
+/// # Errors
+/// [`Error::GrantConflict`], or [`Error::Overflow`] for grants or holds
+/// past a `u64`.
+fn check_balance(
+    map: Option<&BalanceMap>,
+    target: Option<&BalanceRef>,
+    step: &Step<'_, '_>,
+) -> Result<BalanceCheck, Error> {
+    let mut out = BalanceCheck {
+        fits: true,
+        replayed_at: None,
+    };
+    let (Some(map), Some(b), Some(op)) = (map, target, step.batch.balance) else {
+        return Ok(out);
+    };
+    let empty = Balance::default();
+    let bal = balance::find(map, &b.scope, b.meter).unwrap_or(&empty);
+    match op.action {
+        BalanceAction::Grant(g) => out.replayed_at = bal.check_grant(&g, b.meter)?,
+        BalanceAction::Debit { amount, .. } => {
+            let holding = matches!(
+                step.batch.lease.map(|l| l.action),
+                Some(LeaseAction::Open { .. } | LeaseAction::Grow)
+            );
+            if holding && bal.holds.total.checked_add(amount).is_none() {
+                return Err(Error::Overflow {
+                    meter: b.meter.to_string(),
+                });
+            }
+            if step.batch.mode != Mode::Force {
+                out.fits = bal.fits(amount, step.now_ms);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The batch's balance as it reports it.
+fn bal_state(
+    map: Option<&BalanceMap>,
+    target: Option<&BalanceRef>,
+    now_ms: i64,
+    fits: bool,
+    uncovered: u64,
+) -> Option<Box<crate::store::BalanceState>> {
+    let b = target?;
+    let empty = Balance::default();
+    let bal = map
+        .and_then(|m| balance::find(m, &b.scope, b.meter))
+        .unwrap_or(&empty);
+    Some(Box::new(bal.state(now_ms, fits, uncovered)))
+}
+
+impl Step<'_, '_> {
+    /// The balance a lease this batch opens or grows holds on.
+    fn holding_balance(&self) -> Option<BalanceRef> {
+        match self.batch.balance? {
+            b @ crate::store::BalanceOp {
+                action: BalanceAction::Debit { amount, .. },
+                ..
+            } if amount > 0 => Some(BalanceRef {
+                scope: b.scope.clone(),
+                meter: b.meter,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Phase 2 of rule 10 on the batch's balance; returns what was left
+    /// uncovered.
+    fn apply_balance(&self, bal: &mut Balance) -> u64 {
+        bal.touch(self.now_ms);
+        let (amount, overdraft, grant) = match self.batch.balance.map(|b| b.action) {
+            Some(BalanceAction::Debit { amount, overdraft }) => (amount, overdraft, None),
+            Some(BalanceAction::Grant(g)) => (0, 0, Some(g)),
+            None => (0, 0, None),
+        };
+        if let Some(g) = grant {
+            bal.add_grant(&g, self.now_ms);
+            return 0;
+        }
+        match self.batch.lease.map(|l| (l.id, l.action)) {
+            None => bal.consume(amount, overdraft, self.now_ms),
+            Some((id, LeaseAction::Open { expires_at_ms, .. })) => {
+                bal.hold(id, expires_at_ms, amount);
+                0
+            }
+            Some((id, LeaseAction::Grow)) => {
+                bal.hold(id, self.lease_expires, amount);
+                0
+            }
+            Some((id, LeaseAction::Renew { expires_at_ms })) => {
+                let held = bal.holds.remove(id, self.lease_expires);
+                bal.hold(id, expires_at_ms, held);
+                0
+            }
+            Some((id, LeaseAction::Settle { keep })) => {
+                let held = bal.holds.remove(id, self.lease_expires);
+                let kept = keep_of(keep, held);
+                bal.consume(kept, overdraft, self.now_ms)
+                    + bal.consume(amount, overdraft, self.now_ms)
+            }
+        }
+    }
 }

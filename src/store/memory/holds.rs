@@ -185,6 +185,18 @@ pub(super) struct Lease {
     #[serde(default)]
     pub(super) settled: bool,
     pub(super) holds: Vec<HoldRef>,
+    /// The balance it holds on, if any (contract rule 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) balance: Option<BalanceRef>,
+}
+
+/// A balance a lease holds on: its scope and money meter (serialized as its
+/// string, interned when read back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct BalanceRef {
+    pub(super) scope: ScopeKey,
+    #[serde(with = "crate::store::interned")]
+    pub(super) meter: Name,
 }
 
 /// A batch's copy of its lease's counters, inline up to four: saves an

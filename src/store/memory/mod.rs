@@ -10,6 +10,7 @@
 //! throughout, as the seam passes them.
 
 mod apply;
+mod balance;
 mod counters;
 mod general;
 mod holds;
@@ -137,6 +138,8 @@ pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
     leases: Box<[Mutex<LeaseMap>]>,
     ledger: Box<[Mutex<Ledger>]>,
+    /// Prepaid balances (contract rule 10), by the side shard of their scope.
+    balances: Box<[Mutex<balance::BalanceMap>]>,
     // Keyed at random per store: picks the side shard of a lease or event id.
     side_hasher: foldhash::fast::RandomState,
     horizon_ms: i64,
@@ -178,6 +181,7 @@ impl MemoryStore {
                 .collect(),
             leases: side_shards(),
             ledger: side_shards(),
+            balances: side_shards(),
             side_hasher: foldhash::fast::RandomState::default(),
             horizon_ms: DEFAULT_HORIZON_MS,
         }
@@ -282,6 +286,18 @@ impl MemoryStore {
             !(ended && now_ms.saturating_sub(l.expires_ms) >= horizon)
         });
         self.ledger[i].lock().sweep(now_ms, horizon, exact);
+        // Balances are records (grants stay); only their holds of ended
+        // leases go, read a day behind as counters' holds are.
+        let behind = if exact {
+            now_ms
+        } else {
+            now_ms.saturating_sub(SWEEP_GRACE_MS)
+        };
+        for list in self.balances[i].lock().values_mut() {
+            for (_, b) in list.iter_mut() {
+                b.holds.expire(behind);
+            }
+        }
     }
 }
 
@@ -291,7 +307,11 @@ impl AllowanceStore for MemoryStore {
         // Most batches only count: no event id, no lease, no cooldowns. They
         // take a compact path; the rest take the general one, out of line,
         // so its code stays out of the instruction cache of the usual call.
-        if batch.event.is_none() && batch.lease.is_none() && batch.cooldowns.is_empty() {
+        if batch.event.is_none()
+            && batch.lease.is_none()
+            && batch.cooldowns.is_empty()
+            && batch.balance.is_none()
+        {
             self.apply_counters(batch)
         } else {
             self.apply_general(batch)

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::balance::Balance;
 use super::counters::{width_of, Counter, RING_HEADER};
 use super::holds::{Holds, Lease};
 use super::keys::KeyId;
@@ -67,6 +68,9 @@ pub struct Snapshot {
     pub(super) cooldowns: Vec<(ScopeKey, i64)>,
     pub(super) leases: Vec<(LeaseId, Lease)>,
     pub(super) events: Vec<(String, Entry)>,
+    /// Prepaid balances: scope, money meter, grants, holds and debt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) balances: Vec<(ScopeKey, Arc<str>, Balance)>,
 }
 
 impl Snapshot {
@@ -83,6 +87,11 @@ impl Snapshot {
     /// Number of remembered event ids.
     pub fn event_count(&self) -> usize {
         self.events.len()
+    }
+
+    /// Number of prepaid balances.
+    pub fn balance_count(&self) -> usize {
+        self.balances.len()
     }
 }
 
@@ -236,6 +245,17 @@ impl MemoryStore {
         let ledger: Vec<_> = self.ledger.iter().map(|m| m.lock()).collect();
         let leases: Vec<_> = self.leases.iter().map(|m| m.lock()).collect();
         let shards: Vec<_> = self.shards.iter().map(|m| m.lock()).collect();
+        let balance_shards: Vec<_> = self.balances.iter().map(|m| m.lock()).collect();
+        let mut balances: Vec<(ScopeKey, Arc<str>, Balance)> = balance_shards
+            .iter()
+            .flat_map(|m| {
+                m.iter().flat_map(|(scope, list)| {
+                    list.iter()
+                        .map(|(meter, b)| (scope.clone(), Arc::from(meter.as_str()), b.clone()))
+                })
+            })
+            .collect();
+        balances.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         let mut scopes: Vec<(ScopeKey, Vec<SnapCounter>)> = shards
             .iter()
             .flat_map(|s| {
@@ -275,6 +295,7 @@ impl MemoryStore {
             cooldowns,
             leases: lease_list,
             events,
+            balances,
         }
     }
 
@@ -292,7 +313,8 @@ impl MemoryStore {
     /// that ends 40 days out would block its subject until then), a rolling
     /// counter whose bucket width or count does not match its window's span
     /// and buckets, buckets that do not add up to their total, holds that are
-    /// unsorted or belong to no live lease, a lease or event id listed twice.
+    /// unsorted or belong to no live lease, a lease or event id listed twice,
+    /// a balance listed twice or with malformed, repeated or unordered grants.
     /// Nothing is restored then.
     pub fn restore(snapshot: Snapshot) -> Result<Self, Error> {
         let bad = |reason: String| Error::InvalidSnapshot { reason };
@@ -361,6 +383,36 @@ impl MemoryStore {
         for (scope, until) in snapshot.cooldowns {
             let shard = store.shard_of(&scope);
             store.shards[shard].get_mut().cooldowns.insert(scope, until);
+        }
+        for (scope, meter, balance) in snapshot.balances {
+            balance
+                .check()
+                .map_err(|r| bad(format!("{scope} balance {meter}: {r}")))?;
+            let meter = Name::new(&meter);
+            for h in &balance.holds.entries {
+                let owned = leases.get(&h.lease).is_some_and(|l| {
+                    !l.settled
+                        && l.expires_ms == h.expires_ms
+                        && l.balance
+                            .as_ref()
+                            .is_some_and(|b| b.meter == meter && b.scope == scope)
+                });
+                if !owned {
+                    return Err(bad(format!(
+                        "{scope} balance {meter} holds for lease {} that does not hold it",
+                        h.lease
+                    )));
+                }
+            }
+            let side = store.side_index(&scope);
+            let list = store.balances[side]
+                .get_mut()
+                .entry(scope.clone())
+                .or_default();
+            if list.iter().any(|(m, _)| *m == meter) {
+                return Err(bad(format!("{scope} balance {meter} listed twice")));
+            }
+            list.push((meter, balance));
         }
         for (id, lease) in leases {
             let side = store.side_index(&id);

@@ -475,6 +475,11 @@ impl PostgresStore {
 impl AsyncAllowanceStore for PostgresStore {
     async fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         validate(batch)?;
+        if batch.balance.is_some() {
+            return Err(crate::store::validate::invalid(
+                "prepaid balances are not kept by PostgresStore yet",
+            ));
+        }
         let arg = encode::encode(batch, &self.schema, self.horizon_ms);
         // Whether the statement went out is known only inside `call`; a
         // timeout here may have cut it after it was sent.

@@ -16,6 +16,11 @@ use super::RedisStore;
 impl AsyncAllowanceStore for RedisStore {
     async fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         crate::store::validate::validate(batch)?;
+        if batch.balance.is_some() {
+            return Err(crate::store::validate::invalid(
+                "prepaid balances are not kept by RedisStore yet",
+            ));
+        }
         check_lease_scopes(batch)?;
         let digests = Digests::of(self, batch);
         let extra = self.lease_slots(batch, &digests).await?;

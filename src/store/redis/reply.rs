@@ -128,6 +128,7 @@ impl RedisStore {
             settled,
             cooldowns,
             replayed_at_ms: replayed_at,
+            balance: None,
         })
     }
 

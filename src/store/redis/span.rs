@@ -146,6 +146,7 @@ fn merge(batch: &Batch<'_>, parts: &[Part], answers: &[Applied], replayed: Optio
         settled,
         cooldowns,
         replayed_at_ms: replayed,
+        balance: None,
     }
 }
 
