@@ -119,6 +119,23 @@ pub enum Error {
         /// The payment id.
         payment: String,
     },
+    /// A top-up that cannot be credited: an amount of zero or less, an
+    /// amount finer than the balance's smallest unit, an empty payment id,
+    /// or an expiry at or before the time it takes effect. Nothing changed.
+    #[error("invalid top-up `{payment}`: {reason}")]
+    InvalidTopUp {
+        /// The payment id given.
+        payment: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A top-up or balance query for a subject whose plan keeps no prepaid
+    /// balance ([`PlanConfig::balance`](crate::PlanConfig::balance)).
+    #[error("the plan of `{subject}` keeps no prepaid balance")]
+    NoBalance {
+        /// The subject.
+        subject: String,
+    },
     /// A request that cannot be made this way: an empty event id, an event id
     /// on a call that does not take one, or amounts for another subject than
     /// the reservation's.

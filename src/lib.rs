@@ -129,16 +129,16 @@ pub use clock::{Clock, ClockStep, ManualClock, SystemClock};
 #[cfg(feature = "async")]
 pub use engine::AsyncAllocationSource;
 pub use engine::{
-    Allocation, AllocationSource, AuditChange, AuditEvent, AuditPart, Call, DecisionEvent, Engine,
-    MemoryAllocations, MeterUsage, Observer, Outcome, Reservation, UsageReport,
+    Allocation, AllocationSource, AuditChange, AuditEvent, AuditPart, Call, Credit, DecisionEvent,
+    Engine, MemoryAllocations, MeterUsage, Observer, Outcome, Reservation, TopUp, UsageReport,
 };
 pub use error::Error;
 pub use model::catalog::{
-    Catalog, CatalogConfig, Limit, LimitConfig, MaxConfig, Meter, Plan, PlanConfig, Pool,
-    PoolConfig, RefundPolicy, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE, MAX_PRICE_SCALE,
+    BalanceConfig, Catalog, CatalogConfig, Limit, LimitConfig, MaxConfig, Meter, Plan, PlanConfig,
+    Pool, PoolConfig, RefundPolicy, Unit, DEFAULT_WARN_AT, MAX_MONEY_SCALE, MAX_PRICE_SCALE,
 };
 pub use model::decision::{
-    Amount, Decision, LimitState, LimitStates, MeterList, Money, Refusal, Status,
+    Amount, Balance, Decision, Grant, LimitState, LimitStates, MeterList, Money, Refusal, Status,
 };
 pub use model::lease::LeaseId;
 pub use model::name::Name;

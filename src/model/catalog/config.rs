@@ -175,6 +175,56 @@ pub struct PlanConfig {
     /// admitted or reserved for this span (`"10m"`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cooldown_after_failure: Option<String>,
+    /// A prepaid balance the plan's priced usage spends from (seed 003's
+    /// pay-as-you-go plan): every cost is debited from it in the same step
+    /// as the plan's limits, and `admit` refuses what the balance cannot
+    /// pay ([`Refusal::InsufficientBalance`](crate::Refusal::InsufficientBalance)).
+    /// Needs a `cost_meter`: the balance is kept in it. Credited with
+    /// [`Engine::top_up`](crate::Engine::top_up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<BalanceConfig>,
+}
+
+/// A plan's prepaid balance as written in configuration:
+///
+/// ```toml
+/// balance = { overdraft = "5.00", pool = "account" }
+/// ```
+///
+/// Both fields are optional (`balance = {}` keeps the balance on the
+/// subject, with no overdraft).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceConfig {
+    /// How far usage that already happened (`record`, `commit`) may take
+    /// the balance below zero, as debt the next top-up repays first, in
+    /// the cost meter's major unit; default 0 (no overdraft). `admit` and
+    /// `reserve` never spend past the balance, whatever the overdraft.
+    #[serde(default, deserialize_with = "strict_decimal")]
+    pub overdraft: Decimal,
+    /// Keep the balance on this pool (an account shared by its subjects)
+    /// instead of on each subject.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+}
+
+impl BalanceConfig {
+    /// A balance on the subject, no overdraft.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Allow an overdraft of `amount` (major units of the cost meter).
+    #[must_use]
+    pub fn overdraft(mut self, amount: Decimal) -> Self {
+        self.overdraft = amount;
+        self
+    }
+    /// Keep the balance on pool `id`.
+    #[must_use]
+    pub fn pool(mut self, id: impl Into<String>) -> Self {
+        self.pool = Some(id.into());
+        self
+    }
 }
 
 /// The share of a reservation's holds returned to the quota when it is
@@ -229,7 +279,14 @@ impl PlanConfig {
             max_job_duration: None,
             refunds: None,
             cooldown_after_failure: None,
+            balance: None,
         }
+    }
+    /// Spend priced usage from a prepaid balance ([`BalanceConfig`]).
+    #[must_use]
+    pub fn balance(mut self, balance: BalanceConfig) -> Self {
+        self.balance = Some(balance);
+        self
     }
     /// Set the maximum job duration (a span such as `"2h"`).
     #[must_use]

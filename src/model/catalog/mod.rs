@@ -26,7 +26,9 @@ mod pool;
 mod tests;
 mod validate;
 
-pub use config::{CatalogConfig, LimitConfig, MaxConfig, PlanConfig, PoolConfig, RefundPolicy};
+pub use config::{
+    BalanceConfig, CatalogConfig, LimitConfig, MaxConfig, PlanConfig, PoolConfig, RefundPolicy,
+};
 pub use meter::{Meter, Unit, MAX_MONEY_SCALE};
 pub(crate) use plan::cost_minor;
 // At their old paths (`crate::catalog::Keep`), for the engine to name.
@@ -106,6 +108,7 @@ impl Catalog {
         for p in &config.pools {
             catalog.add_pool(p)?;
         }
+        catalog.check_balance_pools(&config)?;
         catalog.config = config;
         Ok(catalog)
     }

@@ -10,6 +10,7 @@ use super::meter::{minor_to_decimal, Meter, Unit};
 use super::Catalog;
 use crate::model::lease::Fraction;
 use crate::model::name::Name;
+use crate::model::scope::ScopeKey;
 use crate::model::window::Window;
 
 /// Most decimal places a unit price may have. Prices are kept as exact
@@ -87,6 +88,17 @@ pub struct Plan {
     pub(crate) keep: Keep,
     /// Cooldown after a failure, in milliseconds.
     pub(crate) cooldown_ms: Option<i64>,
+    /// The prepaid balance its priced usage spends from, if any.
+    pub(crate) balance: Option<PlanBalance>,
+}
+
+/// A plan's prepaid balance, validated: kept in the plan's cost meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PlanBalance {
+    /// The overdraft, in the cost meter's smallest unit.
+    pub(crate) overdraft: u64,
+    /// The pool the balance is kept on; `None`: on the subject.
+    pub(crate) pool: Option<ScopeKey>,
 }
 
 impl Plan {
@@ -144,6 +156,11 @@ impl Plan {
     #[cfg(test)]
     pub(crate) fn table_entries(&self) -> usize {
         self.limits.len() + self.prices.len()
+    }
+
+    /// Whether its priced usage spends from a prepaid balance.
+    pub fn has_balance(&self) -> bool {
+        self.balance.is_some()
     }
 
     /// The id of the money meter its costs are charged to, if any.

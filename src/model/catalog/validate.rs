@@ -9,7 +9,8 @@ use rust_decimal::Decimal;
 use super::config::{CatalogConfig, LimitConfig, MaxConfig, PlanConfig, PoolConfig};
 use super::plan::UnpricedIds;
 use super::plan::{
-    keep_fraction, CostMeter, Keep, Limit, Plan, PlanPrice, DEFAULT_WARN_AT, MAX_PRICE_SCALE,
+    keep_fraction, CostMeter, Keep, Limit, Plan, PlanBalance, PlanPrice, DEFAULT_WARN_AT,
+    MAX_PRICE_SCALE,
 };
 use super::{Catalog, Meter, Pool, Unit, MAX_MONEY_SCALE};
 use crate::model::name::Name;
@@ -168,7 +169,76 @@ impl Catalog {
                 p.cooldown_after_failure.as_deref(),
                 &format!("{field}.cooldown_after_failure"),
             )?,
+            balance: self.resolve_balance(p, cost_meter, field)?,
         })
+    }
+
+    /// Validate plan `p`'s balance: it needs a cost meter, and its
+    /// overdraft is a non-negative amount exact in that meter's smallest
+    /// unit. Its pool is checked once the pools are known
+    /// ([`Catalog::check_balance_pools`]).
+    fn resolve_balance(
+        &self,
+        p: &PlanConfig,
+        cost_meter: Option<usize>,
+        field: &str,
+    ) -> Result<Option<PlanBalance>, Error> {
+        let Some(b) = &p.balance else {
+            return Ok(None);
+        };
+        let Some(idx) = cost_meter else {
+            return Err(Error::config(
+                format!("{field}.cost_meter"),
+                "a plan with a balance needs a money cost_meter (the balance is kept in it)",
+            ));
+        };
+        let meter = &self.meters[idx];
+        let f = format!("{field}.balance.overdraft");
+        if b.overdraft.is_sign_negative() && !b.overdraft.is_zero() {
+            return Err(Error::config(f, "a negative overdraft"));
+        }
+        let overdraft = meter
+            .to_minor_ceil(b.overdraft)
+            .filter(|&m| meter.to_decimal(m) == b.overdraft)
+            .ok_or_else(|| {
+                Error::config(
+                    &f,
+                    format!(
+                        "{} is not a whole number of `{}`'s smallest unit within range",
+                        b.overdraft, meter.id
+                    ),
+                )
+            })?;
+        if let Some(pool) = &b.pool {
+            if pool.is_empty() {
+                return Err(Error::config(
+                    format!("{field}.balance.pool"),
+                    "empty pool id",
+                ));
+            }
+        }
+        Ok(Some(PlanBalance {
+            overdraft,
+            pool: b
+                .pool
+                .as_deref()
+                .map(|id| ScopeKey::pool(Arc::<str>::from(id))),
+        }))
+    }
+
+    /// Every plan's balance pool names a pool of the catalog.
+    pub(super) fn check_balance_pools(&self, config: &CatalogConfig) -> Result<(), Error> {
+        for p in &config.plans {
+            if let Some(pool) = p.balance.as_ref().and_then(|b| b.pool.as_ref()) {
+                if !self.pools.contains_key(pool) {
+                    return Err(Error::config(
+                        format!("plans[{}].balance.pool", p.id),
+                        format!("unknown pool `{pool}`"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Validate plan `p`'s prices (`field` is the plan's path) into its
