@@ -13,6 +13,7 @@
 //! | refused, binding limit is a quota or a cost cap | `402 Payment Required` | `Retry-After` when waiting helps, `RateLimit-Policy`, `RateLimit` |
 //! | refused, binding limit is a rate (a window of at most [`HttpMapping::rate_window`], one hour by default) | `429 Too Many Requests` | as for 402 |
 //! | refused, model outside the allowlist | `403 Forbidden` | none |
+//! | refused, the prepaid balance cannot pay ([`Refusal::InsufficientBalance`]) | `402 Payment Required` | none |
 //!
 //! A limit on a money meter (a cost cap) is always a quota, whatever its
 //! window: waiting a minute does not pay for anything.
@@ -50,8 +51,11 @@
 //!  "reset":"2026-04-01T00:00:00Z","retry_after":1036800,"scope":"subject","used":100,"window":"month"}
 //! ```
 //!
-//! `error` is `quota_exceeded` (402), `rate_limited` (429) or
-//! `model_not_allowed` (403; the body is then only `error` and `model`).
+//! `error` is `quota_exceeded` (402), `rate_limited` (429),
+//! `model_not_allowed` (403; the body is then only `error` and `model`) or
+//! `insufficient_balance` (402; the body is then `error`, `needed`,
+//! `available` — exact decimal strings in the major unit, `available`
+//! negative in debt — and `currency`).
 //! `scope` is `subject` or `shared`; for `shared`, `used` and `max` are
 //! `null`. `used`, `max` and `requested` are JSON integers for count and
 //! seconds meters; for money meters they are exact decimal strings in the
@@ -173,6 +177,7 @@ impl HttpMapping {
         }
         Some(match &decision.reason {
             Some(Refusal::ModelNotAllowed { .. }) => StatusCode::FORBIDDEN,
+            Some(Refusal::InsufficientBalance { .. }) => StatusCode::PAYMENT_REQUIRED,
             _ => match decision.binding_limit() {
                 Some(l) if self.is_rate(catalog, l) => StatusCode::TOO_MANY_REQUESTS,
                 _ => StatusCode::PAYMENT_REQUIRED,
@@ -255,6 +260,13 @@ impl HttpMapping {
         if let Some(Refusal::ModelNotAllowed { model }) = &decision.reason {
             body.insert("error".into(), "model_not_allowed".into());
             body.insert("model".into(), model.as_str().into());
+            return Some(Value::Object(body).to_string());
+        }
+        if let Some(Refusal::InsufficientBalance { needed, available }) = &decision.reason {
+            body.insert("error".into(), "insufficient_balance".into());
+            body.insert("needed".into(), needed.amount.to_string().into());
+            body.insert("available".into(), available.amount.to_string().into());
+            body.insert("currency".into(), needed.currency.as_str().into());
             return Some(Value::Object(body).to_string());
         }
         let rate = decision

@@ -67,8 +67,13 @@ mod keys {
         "check", "admit", "record", "reserve", "grow", "commit", "release",
     ];
     pub(super) const STATUSES: [&str; 3] = ["ok", "warning", "exceeded"];
-    pub(super) const REASONS: [&str; 4] =
-        ["none", "limit_exceeded", "model_not_allowed", "cooldown"];
+    pub(super) const REASONS: [&str; 5] = [
+        "none",
+        "limit_exceeded",
+        "model_not_allowed",
+        "cooldown",
+        "insufficient_balance",
+    ];
 
     /// The keys, by call index (and status and reason for decisions).
     pub(super) struct Keys {
@@ -149,6 +154,7 @@ fn decision_index(call: Call, decision: &Decision) -> usize {
         Some(Refusal::LimitExceeded) => 1,
         Some(Refusal::ModelNotAllowed { .. }) => 2,
         Some(Refusal::Cooldown { .. }) => 3,
+        Some(Refusal::InsufficientBalance { .. }) => 4,
     };
     (call_index(call) * keys::STATUSES.len() + status) * keys::REASONS.len() + reason
 }
@@ -183,6 +189,7 @@ fn reason_name(decision: &Decision) -> &'static str {
         Some(Refusal::LimitExceeded) => "limit_exceeded",
         Some(Refusal::ModelNotAllowed { .. }) => "model_not_allowed",
         Some(Refusal::Cooldown { .. }) => "cooldown",
+        Some(Refusal::InsufficientBalance { .. }) => "insufficient_balance",
     }
 }
 
@@ -207,6 +214,9 @@ fn error_kind(error: &Error) -> &'static str {
         Error::InvalidRequest { .. } => "invalid_request",
         Error::InvalidSnapshot { .. } => "invalid_snapshot",
         Error::Store { .. } => "store",
+        Error::InvalidTopUp { .. } => "invalid_top_up",
+        Error::NoBalance { .. } => "no_balance",
+        Error::GrantConflict { .. } => "grant_conflict",
         #[allow(unreachable_patterns)]
         _ => "other",
     }

@@ -220,6 +220,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
             unpriced: p.unpriced_ids(),
             allowed_on_error: true,
             record_unknown,
+            balance: None,
         };
         self.observe(call, req, now, &decision);
         Ok(decision)
@@ -227,7 +228,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
 
     /// One store call, with the contract's answer shape checked; an
     /// unknown outcome names the batch's event id.
-    async fn apply_async(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+    pub(super) async fn apply_async(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         match self.store.apply(batch).await {
             Ok(applied) => {
                 check_shape(batch, &applied)?;

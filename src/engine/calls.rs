@@ -34,7 +34,7 @@ macro_rules! decide_call {
         on_store_error: |$e:ident, $ep:pat_param, $enow:pat_param| $on_error:expr $(,)?
     ) => {{
         use $crate::engine::observe::Call;
-        use $crate::engine::plan::{usage_batch, OpList, Shape};
+        use $crate::engine::plan::{balance_op, usage_batch, OpList, Shape};
         let mut watch = $crate::telemetry::Watch::new($call, $req.subject);
         // Inlined here: the prepared request is built in this frame, not
         // returned through two copies.
@@ -64,7 +64,9 @@ macro_rules! decide_call {
         } else {
             $engine.cooldowns_for(&p, $req.model, None, true)
         };
-        let batch = usage_batch($call, $req.event, list.ops.as_slice(), &cooldowns, now_ms);
+        let balance = balance_op(&p);
+        let ops = list.ops.as_slice();
+        let batch = usage_batch($call, $req.event, ops, &cooldowns, balance, now_ms);
         // Read where the store wrote it: not moved out of the result.
         watch.store_start();
         let result = {
@@ -115,7 +117,8 @@ macro_rules! reserve_call {
         let mut list = OpList::new();
         $engine.ops_for(&mut list, &o.p, $request.model, Shape::Reserve);
         let cooldowns = $engine.cooldowns_for(&o.p, $request.model, None, false);
-        let batch = o.batch(list.ops.as_slice(), &cooldowns);
+        let balance = $crate::engine::plan::balance_op(&o.p);
+        let batch = o.batch(list.ops.as_slice(), &cooldowns, balance);
         watch.store_start();
         let applied = {
             let $b = &batch;
@@ -166,7 +169,7 @@ macro_rules! renew_call {
 macro_rules! grow_call {
     ($engine:ident, $reservation:ident, $more:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
         use $crate::engine::observe::Call;
-        use $crate::engine::plan::{lease_batch, OpList, Shape};
+        use $crate::engine::plan::{balance_op, lease_batch, OpList, Shape};
         use $crate::store::{LeaseAction, LeaseOp};
         if $more.event.is_some() {
             return Err($crate::Error::request("grow takes no event id"));
@@ -176,7 +179,8 @@ macro_rules! grow_call {
         let mut list = OpList::new();
         $engine.ops_for(&mut list, &p, $reservation.model.as_deref(), Shape::Usage);
         let lease = LeaseOp::new($reservation.id, &p.alloc.scope, LeaseAction::Grow);
-        let batch = lease_batch(Call::Grow, lease, None, list.ops.as_slice(), &[], now_ms);
+        let ops = list.ops.as_slice();
+        let batch = lease_batch(Call::Grow, lease, None, ops, &[], balance_op(&p), now_ms);
         let mut watch = $crate::telemetry::Watch::new(Call::Grow, $more.subject);
         watch.store_start();
         let applied = {
@@ -204,7 +208,7 @@ macro_rules! grow_call {
 /// [`Settling`](super::reservation::Settling).
 macro_rules! settle_call {
     ($engine:ident, $settling:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
-        use $crate::engine::plan::{lease_batch, OpList, Shape};
+        use $crate::engine::plan::{balance_op, lease_batch, OpList, Shape};
         use $crate::store::{LeaseAction, LeaseOp};
         let (s, now_ms) = (&$settling, $engine.clock.now_ms());
         let (p, model) = (&s.p, s.reservation.model.as_deref());
@@ -219,7 +223,8 @@ macro_rules! settle_call {
         let keep = LeaseAction::Settle { keep: s.keep };
         let lease = LeaseOp::new(s.reservation.id, &p.alloc.scope, keep);
         let ops = list.ops.as_slice();
-        let batch = lease_batch(s.call, lease, s.request.event, ops, &cooldowns, now_ms);
+        let (event, balance) = (s.request.event, balance_op(p));
+        let batch = lease_batch(s.call, lease, event, ops, &cooldowns, balance, now_ms);
         let mut watch = $crate::telemetry::Watch::new(s.call, s.request.subject);
         watch.store_start();
         let applied = {
@@ -252,7 +257,10 @@ macro_rules! usage_call {
         let alloc = $engine.allocation_of($subject)?;
         let now = $engine.clock.now();
         let ops = $crate::engine::plan::usage_ops(&alloc);
-        let batch = Batch::new(&ops, Mode::Check, now.timestamp_millis());
+        let mut batch = Batch::new(&ops, Mode::Check, now.timestamp_millis());
+        if let Some(b) = $crate::engine::balance::report_op(&alloc) {
+            batch = batch.with_balance(b);
+        }
         let applied = {
             let $b = &batch;
             $apply

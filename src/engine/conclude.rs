@@ -200,6 +200,10 @@ pub struct UsageReport {
     /// One row per limit of the subject's own scope, in plan order then
     /// override order.
     pub meters: Vec<MeterUsage>,
+    /// The prepaid balance the plan spends from, with its live grants
+    /// (seed 003's `balance_cents`), when the plan keeps one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balance: Option<crate::Balance>,
 }
 
 impl<S, C: Clock> Engine<S, C> {
@@ -217,7 +221,11 @@ impl<S, C: Clock> Engine<S, C> {
         at_ms: i64,
     ) -> Decision {
         let (ops, limits) = (list.ops.as_slice(), list.limits.as_slice());
-        self.finish_quiet(call, p, ops, limits, applied, cooldowns, at_ms)
+        let mut decision = self.finish_quiet(call, p, ops, limits, applied, cooldowns, at_ms);
+        if let Some(b) = &applied.balance {
+            super::balance::conclude_balance(&mut decision, call, p, applied, b);
+        }
+        decision
     }
 
     /// The decision on the limits and cooldowns the store answered.
@@ -287,6 +295,7 @@ impl<S, C: Clock> Engine<S, C> {
             unpriced: p.unpriced_ids(),
             allowed_on_error: false,
             record_unknown: None,
+            balance: None,
         };
         self.observe(call, req, now, &decision);
         Some(decision)
@@ -343,6 +352,7 @@ impl<S, C: Clock> Engine<S, C> {
             plan: alloc.plan.id.to_string(),
             at: now,
             meters,
+            balance: super::balance::report_view(alloc, applied),
         })
     }
 }
@@ -579,6 +589,7 @@ fn build_decision(
         unpriced,
         allowed_on_error: false,
         record_unknown: None,
+        balance: None,
     }
 }
 

@@ -25,6 +25,7 @@ mod allocations;
 #[cfg(feature = "async")]
 mod asynchronous;
 mod audit;
+mod balance;
 mod conclude;
 mod observe;
 mod plan;
@@ -34,6 +35,7 @@ mod shared;
 
 pub use allocations::Allocation;
 pub use audit::{AuditChange, AuditEvent, AuditPart};
+pub use balance::{Credit, TopUp};
 pub use conclude::{MeterUsage, UsageReport};
 pub use observe::{Call, DecisionEvent, Observer};
 pub use reservation::{Outcome, Reservation};
@@ -516,7 +518,11 @@ impl<S, C: Clock> Engine<S, C> {
 /// check was when it was written in `apply`.
 #[inline(always)]
 fn check_shape(batch: &Batch<'_>, applied: &Applied) -> Result<(), Error> {
-    if applied.counters.len() != batch.ops.len() || applied.cooldowns.len() != batch.cooldowns.len()
+    // A store that does not keep balances must not pass for one that does:
+    // a batch naming a balance needs an answer with one.
+    if applied.counters.len() != batch.ops.len()
+        || applied.cooldowns.len() != batch.cooldowns.len()
+        || batch.balance.is_some() != applied.balance.is_some()
     {
         return Err(shape_error(batch, applied));
     }
@@ -529,11 +535,13 @@ fn check_shape(batch: &Batch<'_>, applied: &Applied) -> Result<(), Error> {
 fn shape_error(batch: &Batch<'_>, applied: &Applied) -> Error {
     Error::Store {
         message: format!(
-            "store returned {} counters for {} ops and {} cooldowns for {}",
+            "store returned {} counters for {} ops, {} cooldowns for {} and {} balance for {}",
             applied.counters.len(),
             batch.ops.len(),
             applied.cooldowns.len(),
-            batch.cooldowns.len()
+            batch.cooldowns.len(),
+            u8::from(applied.balance.is_some()),
+            u8::from(batch.balance.is_some()),
         ),
     }
 }

@@ -11,7 +11,10 @@ use crate::catalog::{Limit, Pool};
 use crate::clock::Clock;
 use crate::inline::SmallList;
 use crate::name::Name;
-use crate::store::{Batch, CooldownOp, CounterOp, EventKey, LeaseId, LeaseOp, Mode, ScopeKey};
+use crate::store::{
+    BalanceAction, BalanceOp, Batch, CooldownOp, CounterOp, EventKey, LeaseId, LeaseOp, Mode,
+    ScopeKey,
+};
 use crate::window::Window;
 use std::sync::Arc;
 
@@ -214,6 +217,31 @@ fn push_ops<'a>(
     }
 }
 
+/// The balance op of a call whose plan spends from a prepaid balance:
+/// debit the request's cost (in the cost meter's smallest unit) from the
+/// subject's balance or the plan's pool's. `None` for every other plan, the
+/// one branch the hot path pays.
+#[inline(always)]
+pub(super) fn balance_op(p: &Prepared) -> Option<BalanceOp<'_>> {
+    p.alloc.plan.balance.as_ref()?;
+    balance_debit(p)
+}
+
+/// [`balance_op`] past its branch.
+#[inline(never)]
+fn balance_debit(p: &Prepared) -> Option<BalanceOp<'_>> {
+    let cm = p.alloc.plan.cost.as_ref()?;
+    let amount = p
+        .amounts
+        .iter()
+        .find(|(i, _)| *i == cm.idx)
+        .map_or(0, |&(_, n)| n);
+    super::balance::balance_of(&p.alloc, |overdraft| BalanceAction::Debit {
+        amount,
+        overdraft,
+    })
+}
+
 /// The batch of a check (read only), an admit (within limits) or a record
 /// (forced); an event id counts for admit and record, with the
 /// fingerprint of what they record. Part of the hot path, inlined into it.
@@ -223,6 +251,7 @@ pub(super) fn usage_batch<'a>(
     event: Option<&'a str>,
     ops: &'a [CounterOp<'a>],
     cooldowns: &'a [CooldownOp<'a>],
+    balance: Option<BalanceOp<'a>>,
     now_ms: i64,
 ) -> Batch<'a> {
     let mode = match call {
@@ -231,8 +260,12 @@ pub(super) fn usage_batch<'a>(
         _ => Mode::Force,
     };
     let mut batch = Batch::new(ops, mode, now_ms).with_cooldowns(cooldowns);
+    if let Some(b) = balance {
+        batch = batch.with_balance(b);
+    }
     if let (Some(id), Call::Admit | Call::Record) = (event, call) {
-        batch = batch.with_event(EventKey::new(id, fingerprint(call, None, ops)));
+        let print = fingerprint(call, None, ops, balance.as_ref());
+        batch = batch.with_event(EventKey::new(id, print));
     }
     batch
 }
@@ -246,14 +279,21 @@ pub(super) fn lease_batch<'a>(
     event: Option<&'a str>,
     ops: &'a [CounterOp<'a>],
     cooldowns: &'a [CooldownOp<'a>],
+    balance: Option<BalanceOp<'a>>,
     now_ms: i64,
 ) -> Batch<'a> {
     let id = lease.id;
-    let batch = Batch::new(ops, Mode::Force, now_ms)
+    let mut batch = Batch::new(ops, Mode::Force, now_ms)
         .with_lease(lease)
         .with_cooldowns(cooldowns);
+    if let Some(b) = balance {
+        batch = batch.with_balance(b);
+    }
     match event {
-        Some(event) => batch.with_event(EventKey::new(event, fingerprint(call, Some(id), ops))),
+        Some(event) => {
+            let print = fingerprint(call, Some(id), ops, balance.as_ref());
+            batch.with_event(EventKey::new(event, print))
+        }
         None => batch,
     }
 }
@@ -287,11 +327,17 @@ impl Fnv {
     }
 }
 
-/// What an event does: the call, the lease, and every op (scope, meter,
-/// window, delta, maximum). A retry of the same request on the same plan
-/// has the same fingerprint.
+/// What an event does: the call, the lease, every op (scope, meter,
+/// window, delta, maximum) and its balance debit, if any (written after
+/// the ops, so an event without one keeps its fingerprint). A retry of the
+/// same request on the same plan has the same fingerprint.
 #[inline(never)]
-fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64 {
+fn fingerprint(
+    call: Call,
+    lease: Option<LeaseId>,
+    ops: &[CounterOp<'_>],
+    balance: Option<&BalanceOp<'_>>,
+) -> u64 {
     let mut h = Fnv(fnv::FnvHasher::default());
     h.u64(match call {
         Call::Check => 0,
@@ -328,6 +374,16 @@ fn fingerprint(call: Call, lease: Option<LeaseId>, ops: &[CounterOp<'_>]) -> u64
         h.u64(op.delta);
         h.u64(op.max.map_or(u64::MAX, |m| m));
         h.u64(u64::from(op.max.is_some()));
+    }
+    if let Some(b) = balance {
+        h.u64(8);
+        h.u64(b.scope.kind() as u64);
+        h.str(b.scope.id());
+        h.str(b.meter.as_str());
+        if let BalanceAction::Debit { amount, overdraft } = b.action {
+            h.u64(amount);
+            h.u64(overdraft);
+        }
     }
     h.0.finish()
 }
@@ -377,11 +433,17 @@ mod tests {
             ),
         ];
         let lease = LeaseId::from_u128(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
-        assert_eq!(fingerprint(Call::Admit, None, &ops), 0x2aa2_b381_fed4_70d1);
         assert_eq!(
-            fingerprint(Call::Commit, Some(lease), &ops),
+            fingerprint(Call::Admit, None, &ops, None),
+            0x2aa2_b381_fed4_70d1
+        );
+        assert_eq!(
+            fingerprint(Call::Commit, Some(lease), &ops, None),
             0x9410_4d6a_489b_4ad5
         );
-        assert_eq!(fingerprint(Call::Record, None, &[]), 0xcf21_924e_7b0f_f7c7);
+        assert_eq!(
+            fingerprint(Call::Record, None, &[], None),
+            0xcf21_924e_7b0f_f7c7
+        );
     }
 }

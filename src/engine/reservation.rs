@@ -15,7 +15,8 @@ use crate::inline::SmallList;
 use crate::name::Name;
 use crate::request::Request;
 use crate::store::{
-    Applied, Batch, CooldownOp, CounterOp, Fraction, LeaseAction, LeaseId, LeaseOp, Mode, ScopeKey,
+    Applied, BalanceOp, Batch, CooldownOp, CounterOp, Fraction, LeaseAction, LeaseId, LeaseOp,
+    Mode, ScopeKey,
 };
 use crate::Error;
 
@@ -158,6 +159,7 @@ impl Opening {
         &'a self,
         ops: &'a [CounterOp<'a>],
         cooldowns: &'a [CooldownOp<'a>],
+        balance: Option<BalanceOp<'a>>,
     ) -> Batch<'a> {
         let lease = LeaseOp::new(
             self.id,
@@ -167,9 +169,13 @@ impl Opening {
                 deadline_ms: self.deadline.map(|d| d.timestamp_millis()),
             },
         );
-        Batch::new(ops, Mode::WithinLimits, self.now_ms)
+        let batch = Batch::new(ops, Mode::WithinLimits, self.now_ms)
             .with_lease(lease)
-            .with_cooldowns(cooldowns)
+            .with_cooldowns(cooldowns);
+        match balance {
+            Some(b) => batch.with_balance(b),
+            None => batch,
+        }
     }
 }
 

@@ -47,6 +47,64 @@ pub enum Refusal {
         /// When the cooldown ends.
         until: DateTime<Utc>,
     },
+    /// The request's cost is more than the prepaid balance has available
+    /// (for `record` and `commit`: more than it and the plan's overdraft
+    /// could cover); see [`Decision::balance`]. HTTP 402.
+    InsufficientBalance {
+        /// The cost that did not fit.
+        needed: Money,
+        /// What the balance had available before the request: its live
+        /// grants' remaining, less holds and debt (negative in debt).
+        available: Money,
+    },
+}
+
+/// A prepaid balance as a decision, a usage report or a top-up reads it
+/// (amounts in the cost meter's major unit and currency, exact).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Balance {
+    /// Whose balance: the subject's, or the pool the plan keeps it on.
+    pub scope: ScopeKey,
+    /// Its currency.
+    pub currency: Name,
+    /// What the live grants have left.
+    pub remaining: Decimal,
+    /// What live reservations hold on it.
+    pub held: Decimal,
+    /// What usage past the grants took under the plan's overdraft; the
+    /// next top-up repays it first.
+    pub debt: Decimal,
+    /// `remaining - held - debt`: what `admit` may still spend (negative
+    /// in debt).
+    pub available: Decimal,
+    /// Of this call's cost, what neither the grants nor the overdraft
+    /// covered (never recorded on the balance); zero outside `record` and
+    /// `commit`.
+    pub uncovered: Decimal,
+    /// Every grant not yet expired with something left, in the order they
+    /// are spent: priority, then soonest expiry, then oldest.
+    pub grants: Vec<Grant>,
+}
+
+/// A credit grant (a top-up) on a [`Balance`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Grant {
+    /// The host's payment id.
+    pub id: String,
+    /// The amount credited.
+    pub amount: Decimal,
+    /// What it has left.
+    pub remaining: Decimal,
+    /// From when it counts.
+    pub effective_at: DateTime<Utc>,
+    /// When it stops counting, if ever.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Lower is spent first.
+    pub priority: u32,
+    /// When the store first credited it.
+    pub granted_at: DateTime<Utc>,
 }
 
 /// Money: an exact decimal amount in a currency, in its major unit (the
@@ -608,6 +666,10 @@ pub struct Decision {
     /// it exactly once. `None` everywhere else: a fail-open decision with
     /// `None` here was not recorded.
     pub record_unknown: Option<String>,
+    /// When the plan spends from a prepaid balance: the balance after the
+    /// call (before it, if nothing was recorded), with its live grants.
+    /// Boxed: most plans keep none, and a decision stays small.
+    pub balance: Option<Box<Balance>>,
 }
 
 impl Decision {

@@ -14,13 +14,18 @@
 //!              "remaining": 4000, "period_start": "2026-04-01T00:00:00Z",
 //!              "resets_at": "2026-05-01T00:00:00Z", "status": "warning"}],
 //!  "binding": 0, "retry_after_ms": null, "cost": null, "unpriced": [],
-//!  "allowed_on_error": false, "record_unknown": null}
+//!  "allowed_on_error": false, "record_unknown": null, "balance": null}
 //! ```
 //!
 //! A refusal's `reason` is `{"kind": "limit_exceeded"}`,
-//! `{"kind": "model_not_allowed", "model": …}` or
-//! `{"kind": "cooldown", "scope": …, "until": …}`; `cost` is
-//! `{"amount": "0.99", "currency": "usd"}`.
+//! `{"kind": "model_not_allowed", "model": …}`,
+//! `{"kind": "cooldown", "scope": …, "until": …}` or
+//! `{"kind": "insufficient_balance", "needed": …, "available": …}`; `cost`
+//! is `{"amount": "0.99", "currency": "usd"}`. `balance`, on a plan that
+//! spends from a prepaid balance, is a [`Balance`](crate::Balance): `scope`,
+//! `currency`, `remaining`, `held`, `debt`, `available`, `uncovered` (money
+//! strings) and `grants` (`id`, `amount`, `remaining`, `effective_at`,
+//! `expires_at`, `priority`, `granted_at`).
 
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
@@ -68,7 +73,7 @@ impl Serialize for MeterList {
 
 impl Serialize for Decision {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(12))?;
+        let mut m = s.serialize_map(Some(13))?;
         m.serialize_entry("plan", &self.plan)?;
         m.serialize_entry("status", &self.status)?;
         m.serialize_entry("allowed", &self.allowed)?;
@@ -84,6 +89,7 @@ impl Serialize for Decision {
         m.serialize_entry("unpriced", &self.unpriced)?;
         m.serialize_entry("allowed_on_error", &self.allowed_on_error)?;
         m.serialize_entry("record_unknown", &self.record_unknown)?;
+        m.serialize_entry("balance", &self.balance)?;
         m.end()
     }
 }
