@@ -342,3 +342,36 @@ fn usage_reads_a_snapshot_and_refuses_a_broken_one() {
     let o = tollgate(&["usage", "--snapshot", "/nonexistent.json"]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn a_starting_balance_refuses_what_it_cannot_pay_for() {
+    // Everyone on pay-as-you-go with $2,500 of credit each: agent-7's
+    // 2,313.25 fits; agent-9's 1,206 does, then 2,700 and 6,900 do not
+    // (1,294 left), refused for the balance, not for a limit.
+    let (o, r) = replay_json(&[
+        "--plans",
+        PLANS,
+        "--log",
+        LOG,
+        "--plan",
+        "*=plan_payg",
+        "--balance",
+        "2500",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let a7 = subject(&r, "agent-7");
+    assert_eq!(a7["admitted"], 6);
+    assert_eq!(a7["cost"]["amount"], "2313.25");
+    let a9 = subject(&r, "agent-9");
+    assert_eq!(a9["requests"], 3);
+    assert_eq!(a9["admitted"], 1);
+    assert_eq!(a9["cost"]["amount"], "1206");
+    let by_balance = a9["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["reason"] == "insufficient_balance")
+        .expect("refused for the balance");
+    assert_eq!(by_balance["count"], 2);
+    assert_eq!(by_balance["meter"], Value::Null);
+}

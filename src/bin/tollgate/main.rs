@@ -56,6 +56,11 @@ enum Command {
         /// Write an SVG chart of each limit's use over time against its maximum.
         #[arg(long, value_name = "FILE.svg")]
         chart: Option<PathBuf>,
+        /// What each prepaid balance starts with, in its plan's currency
+        /// (e.g. `100.00`). Without it, balances start with a credit no log
+        /// spends, so only limits refuse.
+        #[arg(long, value_name = "AMOUNT")]
+        balance: Option<rust_decimal::Decimal>,
     },
     /// Print a memory snapshot's usage: each scope's counters, used and held.
     Usage {
@@ -108,6 +113,7 @@ fn main() -> ExitCode {
             json,
             strict,
             chart,
+            balance,
         } => {
             let opts = replay::Options {
                 log,
@@ -115,6 +121,7 @@ fn main() -> ExitCode {
                 strict,
                 chart: chart.is_some(),
                 progress: true,
+                balance,
             };
             replay_command(&plans, &opts, json, chart)
         }

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rust_decimal::Decimal;
 use tollgate::{
     Allocation, Catalog, Decision, Engine, LimitState, ManualClock, Name, Refusal, Request,
-    ScopeKey, Window,
+    ScopeKey, TopUp, Window,
 };
 
 use crate::chart::Series;
@@ -31,6 +31,9 @@ pub struct Options {
     pub chart: bool,
     /// Show a progress bar for large logs on a terminal.
     pub progress: bool,
+    /// What each prepaid balance starts with (in its plan's currency);
+    /// `None`: a credit no log spends, so balances do not refuse.
+    pub balance: Option<Decimal>,
 }
 
 /// A bad line: its number (from 1) and why.
@@ -45,7 +48,7 @@ pub struct BadLine {
 /// Why a request was refused: the reason and, for a limit, the binding meter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RefusalKey {
-    /// `limit_exceeded`, `model_not_allowed` or `cooldown`.
+    /// `limit_exceeded`, `model_not_allowed`, `cooldown` or `insufficient_balance`.
     pub reason: &'static str,
     /// The binding limit's meter, for `limit_exceeded`.
     pub meter: Option<String>,
@@ -186,6 +189,10 @@ fn refusal_key(d: &Decision) -> RefusalKey {
             reason: "cooldown",
             meter: None,
         },
+        Some(Refusal::InsufficientBalance { .. }) => RefusalKey {
+            reason: "insufficient_balance",
+            meter: None,
+        },
         _ => RefusalKey {
             reason: "limit_exceeded",
             meter: d.binding_limit().map(|l| l.meter.to_string()),
@@ -235,6 +242,8 @@ struct Replayer<'c> {
     out: Outcome,
     series: HashMap<(String, String), usize>,
     chart: bool,
+    /// What each prepaid balance starts with (`Options::balance`).
+    balance: Option<Decimal>,
     /// Event ids seen, per subject index.
     events: std::collections::HashSet<(usize, Box<str>), RandomState>,
 }
@@ -271,6 +280,7 @@ impl<'c> Replayer<'c> {
             out: Outcome::default(),
             series: HashMap::new(),
             chart: opts.chart,
+            balance: opts.balance,
             events: Default::default(),
         }
     }
@@ -290,6 +300,7 @@ impl<'c> Replayer<'c> {
         self.engine
             .allocate(Allocation::new(id, plan.as_str()))
             .map_err(|e| format!("subject `{id}`: {e}"))?;
+        self.credit(id, &plan)?;
         let i = self.out.subjects.len();
         let tally = self.unused_limits(id, &plan);
         self.out.subjects.push(Subject {
@@ -299,6 +310,33 @@ impl<'c> Replayer<'c> {
         });
         self.index.insert(id.into(), i);
         Ok(i)
+    }
+
+    /// Credit the prepaid balance `id`'s plan spends from (once per
+    /// balance: a pool's members share the payment id) with what the
+    /// replay starts balances with.
+    fn credit(&self, id: &str, plan: &str) -> Result<(), String> {
+        let Some(p) = self.catalog.plan(plan).filter(|p| p.has_balance()) else {
+            return Ok(());
+        };
+        let meter = p
+            .cost_meter(self.catalog)
+            .and_then(|m| self.catalog.meter(m))
+            .ok_or_else(|| format!("plan `{plan}` keeps a balance without a cost meter"))?;
+        let currency = meter.currency().unwrap_or_default();
+        // Half of u64's range in the smallest unit: no log spends it, and
+        // one grant can never overflow the balance.
+        let amount = self.balance.unwrap_or_else(|| {
+            Decimal::from_i128_with_scale(i128::from(u64::MAX / 2), meter.scale())
+        });
+        self.engine
+            .top_up(
+                id,
+                // From the epoch: a log need not be in time order.
+                &TopUp::new("tollgate-replay", amount, currency).effective_at(DateTime::UNIX_EPOCH),
+            )
+            .map(|_| ())
+            .map_err(|e| format!("subject `{id}`: starting balance: {e}"))
     }
 
     /// Whether `meter` is not a money meter (an unknown one is left to the
