@@ -121,7 +121,9 @@ pub enum Error {
     },
     /// A top-up that cannot be credited: an amount of zero or less, an
     /// amount finer than the balance's smallest unit, an empty payment id,
-    /// or an expiry at or before the time it takes effect. Nothing changed.
+    /// one longer than [`MAX_PAYMENT_ID_BYTES`](crate::MAX_PAYMENT_ID_BYTES)
+    /// or with a control character, or an expiry at or before the time it
+    /// takes effect. Nothing changed.
     #[error("invalid top-up `{payment}`: {reason}")]
     InvalidTopUp {
         /// The payment id given.

@@ -131,6 +131,7 @@ pub use engine::AsyncAllocationSource;
 pub use engine::{
     Allocation, AllocationSource, AuditChange, AuditEvent, AuditPart, Call, Credit, DecisionEvent,
     Engine, MemoryAllocations, MeterUsage, Observer, Outcome, Reservation, TopUp, UsageReport,
+    MAX_PAYMENT_ID_BYTES,
 };
 pub use error::Error;
 pub use model::catalog::{

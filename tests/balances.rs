@@ -257,11 +257,15 @@ fn bad_top_ups_get_typed_errors_and_change_nothing() {
         .unwrap();
     let before = engine.balance("ann").unwrap();
     let now = clock.now_utc();
+    let long_id = "p".repeat(tollgate::MAX_PAYMENT_ID_BYTES + 1);
     let cases: Vec<(TopUp<'_>, &str)> = vec![
         (TopUp::new("z", Decimal::ZERO, "USD"), "invalid"),
         (TopUp::new("n", usd(-100), "USD"), "invalid"),
         (TopUp::new("f", Decimal::new(1, 3), "USD"), "invalid"),
         (TopUp::new("", usd(100), "USD"), "invalid"),
+        (TopUp::new(&long_id, usd(100), "USD"), "invalid"),
+        (TopUp::new("pay\u{0}1", usd(100), "USD"), "invalid"),
+        (TopUp::new("pay\n1", usd(100), "USD"), "invalid"),
         (
             TopUp::new("e", usd(100), "USD").expires_at(now - chrono::Duration::seconds(1)),
             "invalid",

@@ -100,6 +100,12 @@ pub struct Credit {
     pub balance: Balance,
 }
 
+/// The longest payment id a top-up takes, in bytes: ids are stored as
+/// given (PostgreSQL) or encrypted (Redis) with every grant, for as long as
+/// the balance exists; payment providers' ids are far shorter (Stripe's
+/// are under 70 bytes).
+pub const MAX_PAYMENT_ID_BYTES: usize = 256;
+
 /// The balance op naming `alloc`'s balance with `action`, if its plan
 /// keeps one (and so has a cost meter).
 pub(super) fn balance_of<'a>(
@@ -223,6 +229,12 @@ impl<S, C: Clock> Engine<S, C> {
         if t.payment.is_empty() {
             return Err(bad("an empty payment id"));
         }
+        if t.payment.len() > MAX_PAYMENT_ID_BYTES {
+            return Err(bad("a payment id longer than 256 bytes"));
+        }
+        if t.payment.chars().any(char::is_control) {
+            return Err(bad("a payment id with a control character"));
+        }
         if t.currency != cm.currency.as_str() {
             return Err(Error::CurrencyMismatch {
                 meter: cm.id.to_string(),
@@ -322,8 +334,9 @@ impl<S: crate::store::AllowanceStore, C: Clock> Engine<S, C> {
     /// # Errors
     /// [`Error::UnknownSubject`]; [`Error::NoBalance`] if the plan keeps no
     /// balance; [`Error::InvalidTopUp`] for an amount of zero or less or
-    /// finer than the smallest unit, an empty payment id, or an expiry at
-    /// or before the start; [`Error::CurrencyMismatch`] for another
+    /// finer than the smallest unit, an empty payment id, one longer than
+    /// [`MAX_PAYMENT_ID_BYTES`] or with a control character, or an expiry
+    /// at or before the start; [`Error::CurrencyMismatch`] for another
     /// currency; [`Error::GrantConflict`] for a payment id already credited
     /// with other terms; [`Error::Overflow`] past the balance's integers;
     /// or a failing store. On every error nothing changed.

@@ -35,7 +35,7 @@ mod shared;
 
 pub use allocations::Allocation;
 pub use audit::{AuditChange, AuditEvent, AuditPart};
-pub use balance::{Credit, TopUp};
+pub use balance::{Credit, TopUp, MAX_PAYMENT_ID_BYTES};
 pub use conclude::{MeterUsage, UsageReport};
 pub use observe::{Call, DecisionEvent, Observer};
 pub use reservation::{Outcome, Reservation};
