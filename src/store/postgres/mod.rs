@@ -449,8 +449,10 @@ impl PostgresStore {
 
     /// Forget what no batch can read any more as of `now`: ended cooldowns,
     /// event ids older than the horizon, and leases that settled or expired
-    /// more than a horizon ago (with their holds). Returns how many rows
-    /// went. Counters stay (a host may keep them as history).
+    /// more than a horizon ago (with their holds, on counters and on
+    /// balances). Returns how many rows went. Counters stay (a host may keep
+    /// them as history), and so do balances and their grants (records a
+    /// redelivered payment id is checked against).
     ///
     /// # Errors
     /// [`Error::Store`] if the server cannot be reached or refuses.
