@@ -1,8 +1,9 @@
 //! `PostgresStore` on a PostgreSQL server the test starts itself (initdb
 //! and pg_ctl from `pg_config --bindir`, in a temp dir, on a free port):
 //! killed with SIGKILL mid-run and restarted, it has counted every
-//! acknowledged decision and admitted nothing past the maximum; and an
-//! engine fails closed or open while it is down, as on Redis.
+//! acknowledged decision and admitted nothing past the maximum (and, on a
+//! prepaid balance, consumed every acknowledged debit and never overdrew);
+//! and an engine fails closed or open while it is down, as on Redis.
 //!
 //! Runs where `TOLLGATE_POSTGRES_URL` is set (CI) and the machine has
 //! PostgreSQL's server binaries; otherwise prints that it was skipped.
@@ -14,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tollgate::store::{
-    AsyncAllowanceStore, Batch, CounterOp, FailurePolicy, Mode, PostgresConfig, PostgresStore,
+    AsyncAllowanceStore, BalanceAction, BalanceOp, Batch, CounterOp, FailurePolicy, GrantOp, Mode,
+    PostgresConfig, PostgresStore,
 };
 use tollgate::{
     Allocation, CatalogConfig, Engine, Error, LimitConfig, Meter, Name, PlanConfig, Request,
@@ -300,6 +302,108 @@ fn acknowledged_decisions_survive_sigkill() {
         "only unknown outcomes count unacknowledged: {used} > {acked} + {unknown}"
     );
     assert_eq!(used, MAX, "the callers went on until it was full");
+}
+
+/// A prepaid balance (contract rule 10) through a crash: a grant of 600,
+/// then eight callers debit one unit at a time; the server is SIGKILLed
+/// once 200 debits are acknowledged, restarted, and the callers go on until
+/// a debit is refused. The grant is still there, once; every acknowledged
+/// debit was consumed, only unknown outcomes may have been consumed
+/// unacknowledged, and the balance never went below zero.
+#[test]
+fn acknowledged_debits_survive_sigkill() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    const GRANT: u64 = 600;
+    let rt = runtime();
+    let store = rt.block_on(store_on(&server.url(), FailurePolicy::FailClosed));
+    let cost = Name::new("cost");
+    let scope = ScopeKey::subject("payer");
+    let grant = |now_ms| {
+        let g = GrantOp::new("payment-1", GRANT, 0);
+        let op = BalanceOp::new(&scope, cost, BalanceAction::Grant(g));
+        let store = store.clone();
+        let batch = Batch::new(&[], Mode::Force, now_ms).with_balance(op);
+        rt.block_on(async move { store.apply(&batch).await })
+    };
+    let first = grant(1_000).expect("grant");
+    assert_eq!(first.balance.expect("balance").remaining, GRANT);
+    let acked = Arc::new(AtomicU64::new(0));
+    let unknown = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, acked, unknown, refused) = (
+                store.clone(),
+                acked.clone(),
+                unknown.clone(),
+                refused.clone(),
+            );
+            rt.spawn(async move {
+                let scope = ScopeKey::subject("payer");
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !refused.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    let debit = BalanceAction::Debit {
+                        amount: 1,
+                        overdraft: 0,
+                    };
+                    let now_ms = chrono::Utc::now().timestamp_millis();
+                    let batch = Batch::new(&[], Mode::WithinLimits, now_ms)
+                        .with_balance(BalanceOp::new(&scope, Name::new("cost"), debit));
+                    match store.apply(&batch).await {
+                        Ok(a) if a.applied => {
+                            acked.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(a) => {
+                            let b = a.balance.expect("balance");
+                            assert!(!b.fits && b.available() >= 0, "{b:?}");
+                            refused.store(true, Ordering::SeqCst);
+                        }
+                        Err(Error::StoreOutcomeUnknown { .. }) => {
+                            unknown.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(Error::Store { .. }) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::SeqCst) < 200 {
+        assert!(Instant::now() < deadline, "no progress before the kill");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server.kill9();
+    let at_kill = acked.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    server.up();
+    for t in tasks {
+        rt.block_on(t).expect("caller");
+    }
+    assert!(refused.load(Ordering::SeqCst), "the balance ran out");
+    let (acked, unknown) = (acked.load(Ordering::SeqCst), unknown.load(Ordering::SeqCst));
+    // The same grant again, after recovery: a replay, credited once.
+    let again = grant(chrono::Utc::now().timestamp_millis()).expect("grant again");
+    assert_eq!(again.replayed_at_ms, Some(1_000), "the grant survived");
+    let b = again.balance.expect("balance");
+    let consumed = GRANT - b.remaining;
+    eprintln!("acked {acked} ({at_kill} before the kill), unknown {unknown}, consumed {consumed}");
+    assert!(acked > at_kill, "debits acknowledged after the restart too");
+    assert_eq!((b.debt, b.held), (0, 0), "never overdrawn");
+    assert!(
+        consumed >= acked,
+        "every acknowledged debit consumed: {consumed} < {acked}"
+    );
+    assert!(
+        consumed <= acked + unknown,
+        "only unknown outcomes consume unacknowledged: {consumed} > {acked} + {unknown}"
+    );
+    assert_eq!(consumed, GRANT, "the callers went on until it was spent");
 }
 
 fn catalog() -> tollgate::Catalog {

@@ -2,7 +2,8 @@
 //! `TOLLGATE_POSTGRES_URL`: the conformance suite unchanged (through a
 //! blocking adapter), the same answers as the memory store on random
 //! batches, many engines on one limit, reservations through the async
-//! engine, and `migrate()` run twice. Each store lives in its own schema,
+//! engine, `migrate()` run twice and from a version 1 schema, and prepaid
+//! balances on random batches as the memory store keeps them. Each store lives in its own schema,
 //! dropped when the store is. Without the variable every test prints that
 //! it was skipped and passes.
 
@@ -19,8 +20,9 @@ use std::time::Duration;
 use chrono::TimeZone;
 use chrono::{DateTime, Utc};
 use tollgate::store::{
-    AllowanceStore, Applied, AsyncAllowanceStore, Batch, CooldownOp, CounterOp, EventKey,
-    LeaseInfo, Mode, PostgresConfig, PostgresStore,
+    AllowanceStore, Applied, AsyncAllowanceStore, BalanceAction, BalanceOp, Batch, CooldownOp,
+    CounterOp, EventKey, Fraction, GrantOp, LeaseAction, LeaseId, LeaseInfo, LeaseOp, Mode,
+    PostgresConfig, PostgresStore,
 };
 use tollgate::{
     Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, Meter, Period, PlanConfig,
@@ -301,7 +303,7 @@ fn migrate_is_idempotent() {
         );
         let other = store.clone();
         let (x, y) = tokio::join!(store.migrate(), other.migrate());
-        assert_eq!((x.unwrap(), y.unwrap()), (1, 1));
+        assert_eq!((x.unwrap(), y.unwrap()), (2, 2));
         let check = Batch::new(&ops, Mode::Check, 2_000);
         let got = AsyncAllowanceStore::apply(&store, &check).await.unwrap();
         assert_eq!(got.counters[0].used, 5, "data kept across migrate()");
@@ -502,4 +504,495 @@ fn engine_event_ids_can_be_turned_off() {
         });
         assert_eq!(events, if on { 2 } else { 1 }, "engine ids on: {on}");
     }
+}
+
+/// A small deterministic generator (xorshift64*) for the balance
+/// differential test.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn pick<T: Copy>(&mut self, from: &[T]) -> T {
+        from[(self.next() % from.len() as u64) as usize]
+    }
+}
+
+/// Contract rule 10 on random batches, the same on `MemoryStore` and
+/// `PostgresStore`: grants (repeated and conflicting payment ids, ids whose
+/// byte order is not a locale's, expiries to the millisecond, priorities,
+/// amounts up to `u64::MAX`), debits in every mode with overdrafts, holds
+/// under leases (open, grow, renew, settle with every kind of keep,
+/// expired, other owners, other balances), with counter ops, events and a
+/// clock stepping back. Every answer, balance and grants included, and
+/// which error, must be equal.
+#[test]
+fn balances_answer_as_the_memory_store_does() {
+    let Some(url) = url() else { return };
+    let rt = Arc::new(runtime());
+    let pg = blocking(&rt, &url, "bal_diff");
+    let memory = tollgate::MemoryStore::new();
+    let seed = std::env::var("TOLLGATE_DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x51ed_2701_a5a5_0f0f_u64);
+    eprintln!("balance differential seed {seed}");
+    let mut rng = Rng(seed);
+    let scopes = [
+        ScopeKey::subject("a"),
+        ScopeKey::subject("b"),
+        ScopeKey::pool("p{x}:y"),
+    ];
+    let meters = [tollgate::Name::new("cost"), tollgate::Name::new("usd")];
+    let ids = ["g0", "g1", "B", "a", "é", "a b", "Z", "ab", "g2", "g3"];
+    let fractions = [
+        Fraction::ZERO,
+        Fraction::ONE,
+        Fraction::new(1, 2).unwrap(),
+        Fraction::new(1, 3).unwrap(),
+        Fraction::new(u64::MAX - 1, u64::MAX).unwrap(),
+    ];
+    let mut now: i64 = 1_767_225_600_000;
+    let mut leases: Vec<(LeaseId, usize)> = Vec::new();
+    let mut ended: Vec<(LeaseId, usize)> = Vec::new();
+    let mut next_lease = 1u128;
+    // Grants applied, replayed, conflicts; debits applied with uncovered,
+    // with debt; settlements that consumed; refused debits.
+    let mut seen = [0usize; 7];
+    for step in 0..1_000 {
+        now += if rng.next() % 40 == 0 {
+            rng.pick(&[600_000, 3_600_000, 86_400_000, -3_600_000])
+        } else {
+            rng.pick(&[0, 0, 1, 7, 500, 1_000, 60_000, -1, -500, -60_000])
+        };
+        let s = (rng.next() % 3) as usize;
+        let scope = &scopes[s];
+        let meter = meters[(rng.next() % 4 == 0) as usize];
+        let kind = match rng.next() % 10 {
+            // With no lease to act on, open one.
+            k if k > 5 && leases.is_empty() => 5,
+            k => k,
+        };
+        let grant;
+        let gid;
+        let balance;
+        let mut mode = rng.pick(&[Mode::Check, Mode::WithinLimits, Mode::Force]);
+        let mut lease = None;
+        let mut opened = None;
+        if kind < 3 {
+            let eff = now + rng.pick(&[0, 0, -1_000, 5, 60_000]);
+            gid = if rng.next() % 3 == 0 {
+                rng.pick(&ids).to_owned()
+            } else {
+                format!("n{}", rng.next() % 200)
+            };
+            let mut g = GrantOp::new(
+                &gid,
+                if rng.next() % 8 == 0 {
+                    rng.pick(&[u64::MAX / 2, u64::MAX])
+                } else {
+                    rng.pick(&[1, 5, 20, 50, 100, 1_000])
+                },
+                eff,
+            )
+            .priority(rng.pick(&[0, 0, 1, 2, u32::MAX]));
+            if rng.next() % 2 == 0 {
+                g = g.expiring(eff + rng.pick(&[1, 10, 1_000, 60_000, 3_600_000]));
+            }
+            grant = g;
+            balance = Some(BalanceOp::new(scope, meter, BalanceAction::Grant(grant)));
+            mode = Mode::Force;
+        } else {
+            let amount = if kind == 3 && rng.next() % 3 == 0 {
+                rng.pick(&[u64::MAX / 2, u64::MAX])
+            } else {
+                rng.pick(&[0, 1, 3, 10, 25, 100, 400])
+            };
+            let debit = BalanceAction::Debit {
+                amount,
+                overdraft: rng.pick(&[0, 0, 0, 5, 100, 100, u64::MAX]),
+            };
+            balance = (rng.next() % 8 != 0).then(|| BalanceOp::new(scope, meter, debit));
+            if kind >= 5 {
+                let (id, owner) = if kind == 5 || leases.is_empty() {
+                    next_lease += 1;
+                    (LeaseId::from_u128(next_lease), s)
+                } else if !ended.is_empty() && rng.next() % 8 == 0 {
+                    ended[(rng.next() % ended.len() as u64) as usize]
+                } else {
+                    leases[(rng.next() % leases.len() as u64) as usize]
+                };
+                // Now and then another owner: an unknown reservation.
+                let owner = if rng.next() % 15 == 0 {
+                    (owner + 1) % 3
+                } else {
+                    owner
+                };
+                let action = match kind {
+                    5 => LeaseAction::Open {
+                        expires_at_ms: now
+                            + rng.pick(&[1, 50, 1_000, 60_000, 7_200_000, 172_800_000]),
+                        deadline_ms: None,
+                    },
+                    6 | 7 => LeaseAction::Grow,
+                    8 => LeaseAction::Renew {
+                        expires_at_ms: now + rng.pick(&[1, 1_000, 120_000]),
+                    },
+                    _ => LeaseAction::Settle {
+                        keep: rng.pick(&fractions),
+                    },
+                };
+                mode = match action {
+                    LeaseAction::Open { .. } => {
+                        rng.pick(&[Mode::WithinLimits, Mode::WithinLimits, Mode::Check])
+                    }
+                    LeaseAction::Grow => rng.pick(&[Mode::WithinLimits, Mode::Force]),
+                    _ => Mode::Force,
+                };
+                if kind == 5 {
+                    opened = Some((id, owner));
+                }
+                lease = Some(LeaseOp::new(id, &scopes[owner], action));
+            }
+        }
+        let balance = match lease.map(|l| l.action) {
+            // A renewal debits nothing (the contract refuses it).
+            Some(LeaseAction::Renew { .. }) => None,
+            // Holds stay small: settling a hold near 2^64 and a debit past
+            // the balance is uncovered past a u64.
+            Some(_) => balance.filter(
+                |b| matches!(b.action, BalanceAction::Debit { amount, .. } if amount <= 400),
+            ),
+            None => balance,
+        };
+        let op_scope = &scopes[s];
+        let ops = if rng.next() % 3 == 0
+            && !matches!(balance.map(|b| b.action), Some(BalanceAction::Grant(_)))
+            && !matches!(lease.map(|l| l.action), Some(LeaseAction::Renew { .. }))
+        {
+            vec![CounterOp::new(
+                op_scope,
+                tollgate::Name::new("t"),
+                Window::Lifetime,
+                rng.pick(&[0, 1, 5]),
+                Some(20),
+            )]
+        } else {
+            Vec::new()
+        };
+        let mut batch = Batch::new(&ops, mode, now);
+        if let Some(l) = lease {
+            batch = batch.with_lease(l);
+        }
+        if let Some(b) = balance {
+            batch = batch.with_balance(b);
+        }
+        let event_id;
+        if rng.next() % 10 == 0 {
+            event_id = format!("ev{}", rng.next() % 5);
+            batch = batch.with_event(EventKey::new(&event_id, rng.next() % 2));
+        }
+        let want = AllowanceStore::apply(&memory, &batch);
+        let got = pg.apply(&batch);
+        match (&want, &got) {
+            (Ok(w), Ok(g)) => {
+                assert_eq!(w, g, "step {step}: {batch:#?}");
+                let b = w.balance.as_deref();
+                let grant = matches!(
+                    batch.balance.map(|b| b.action),
+                    Some(BalanceAction::Grant(_))
+                );
+                seen[0] += usize::from(grant && w.applied && w.replayed_at_ms.is_none());
+                seen[1] += usize::from(grant && w.replayed_at_ms.is_some());
+                seen[3] += usize::from(b.is_some_and(|b| b.uncovered > 0));
+                seen[4] += usize::from(b.is_some_and(|b| b.debt > 0));
+                seen[5] += usize::from(
+                    w.applied
+                        && matches!(
+                            batch.lease.map(|l| l.action),
+                            Some(LeaseAction::Settle { .. })
+                        )
+                        && b.is_some(),
+                );
+                seen[6] += usize::from(!w.applied && b.is_some_and(|b| !b.fits));
+            }
+            (Err(w), Err(g)) => {
+                assert_eq!(
+                    std::mem::discriminant(w),
+                    std::mem::discriminant(g),
+                    "step {step}: {w} / {g}"
+                );
+                seen[2] += usize::from(matches!(w, Error::GrantConflict { .. }));
+            }
+            _ => panic!("step {step}: memory {want:?}, postgres {got:?}, batch {batch:#?}"),
+        }
+        if let (Some(l), Ok(a)) = (opened, &want) {
+            if a.applied {
+                leases.push(l);
+            }
+        }
+        // A lease settled or ended is tried now and then, not as often.
+        if let (Some(l), false) = (batch.lease, opened.is_some()) {
+            let gone = match &want {
+                Ok(a) => a.applied && matches!(l.action, LeaseAction::Settle { .. }),
+                Err(e) => matches!(
+                    e,
+                    Error::ReservationExpired { .. } | Error::ReservationSettled { .. }
+                ),
+            };
+            if let (true, Some(i)) = (gone, leases.iter().position(|x| x.0 == l.id)) {
+                ended.push(leases.swap_remove(i));
+            }
+        }
+    }
+    eprintln!("paths taken: {seen:?}");
+    assert!(
+        seen.iter().all(|&n| n > 0) || std::env::var("TOLLGATE_DIFF_SEED").is_ok(),
+        "every path was taken: {seen:?}"
+    );
+}
+
+/// A schema left at version 1 (before balances) by an older tollgate,
+/// with a counter and a live lease in it, upgrades in place: `migrate()`
+/// answers 2, the counter and the lease are kept (the lease settles), and
+/// balances work; a second `migrate()` changes nothing.
+#[test]
+fn a_version_1_schema_upgrades() {
+    let Some(url) = url() else { return };
+    let rt = Arc::new(runtime());
+    let schema = unique_schema("upgrade");
+    let store = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        // What `migrate()` of version 1 did.
+        let v1 = include_str!("../src/store/postgres/migrations/001_schema.sql")
+            .replace("__SCHEMA__", &format!("\"{schema}\""));
+        client
+            .batch_execute(&format!(
+                "BEGIN;
+                 CREATE SCHEMA \"{schema}\";
+                 CREATE TABLE \"{schema}\".schema_version (
+                     version int PRIMARY KEY,
+                     applied_at timestamptz NOT NULL DEFAULT now());
+                 {v1}
+                 INSERT INTO \"{schema}\".schema_version (version) VALUES (1);
+                 COMMIT;"
+            ))
+            .await
+            .expect("a version 1 schema");
+        PostgresConfig::new(url.clone())
+            .schema(schema.clone())
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("connect")
+    });
+    // Dropped (with its schema) at the end of the test.
+    let guard = Blocking {
+        rt: rt.clone(),
+        store: store.clone(),
+    };
+    let a = ScopeKey::subject("a");
+    let t = tollgate::Name::new("t");
+    let cost = tollgate::Name::new("cost");
+    let ops = [CounterOp::new(&a, t, Window::Lifetime, 3, Some(100))];
+    assert!(
+        guard
+            .apply(&Batch::new(&ops, Mode::Force, 1_000))
+            .unwrap()
+            .applied
+    );
+    let id = LeaseId::from_u128(7);
+    let open = LeaseOp::new(
+        id,
+        &a,
+        LeaseAction::Open {
+            expires_at_ms: 1_000_000,
+            deadline_ms: None,
+        },
+    );
+    let hold = [CounterOp::new(&a, t, Window::Lifetime, 10, Some(100))];
+    let r = guard
+        .apply(&Batch::new(&hold, Mode::WithinLimits, 1_000).with_lease(open))
+        .unwrap();
+    assert_eq!((r.counters[0].used, r.counters[0].held), (3, 10));
+    // Version 1 refuses nothing about balances itself: the crate does.
+    assert_eq!(rt.block_on(store.migrate()).unwrap(), 2, "upgraded");
+    assert_eq!(rt.block_on(store.migrate()).unwrap(), 2, "once");
+    let grant = BalanceOp::new(
+        &a,
+        cost,
+        BalanceAction::Grant(GrantOp::new("pay-1", 100, 0)),
+    );
+    let r = guard
+        .apply(&Batch::new(&[], Mode::Force, 2_000).with_balance(grant))
+        .unwrap();
+    assert_eq!(r.balance.as_ref().unwrap().remaining, 100);
+    let settle = LeaseOp::new(
+        id,
+        &a,
+        LeaseAction::Settle {
+            keep: Fraction::ONE,
+        },
+    );
+    let debit = BalanceOp::new(
+        &a,
+        cost,
+        BalanceAction::Debit {
+            amount: 30,
+            overdraft: 0,
+        },
+    );
+    let r = guard
+        .apply(
+            &Batch::new(&[], Mode::Force, 3_000)
+                .with_lease(settle)
+                .with_balance(debit),
+        )
+        .expect("a lease opened before the upgrade settles");
+    assert_eq!(r.settled.len(), 1);
+    assert_eq!(r.settled[0].charged, 10);
+    assert_eq!(r.balance.unwrap().remaining, 70);
+    let check = guard.apply(&Batch::new(&ops, Mode::Check, 4_000)).unwrap();
+    assert_eq!(
+        (check.counters[0].used, check.counters[0].held),
+        (13, 0),
+        "data kept across the upgrade"
+    );
+}
+
+/// What the conformance suite leaves out: a refused grant (conflict, zero,
+/// overflow, NUL byte) changes nothing and never panics; ids with a NUL
+/// byte anywhere are a typed error; `reclaim` forgets ended leases (their
+/// holds on a balance with them) but never balances or grants, spent and
+/// expired ones included; grants come back in byte order of their ids.
+#[test]
+fn balances_keep_their_records() {
+    let Some(url) = url() else { return };
+    let rt = Arc::new(runtime());
+    let guard = blocking(&rt, &url, "bal_records");
+    let store = guard.store.clone();
+    let a = ScopeKey::subject("a");
+    let cost = tollgate::Name::new("cost");
+    let grant = |g: GrantOp<'static>, now: i64| {
+        guard.apply(
+            &Batch::new(&[], Mode::Force, now).with_balance(BalanceOp::new(
+                &a,
+                cost,
+                BalanceAction::Grant(g),
+            )),
+        )
+    };
+    let debit = |amount: u64| {
+        BalanceOp::new(
+            &a,
+            cost,
+            BalanceAction::Debit {
+                amount,
+                overdraft: 0,
+            },
+        )
+    };
+    // Ids whose byte order differs from a locale's ("B" < "a" < "b" < "é").
+    for id in ["é", "b", "a", "B"] {
+        grant(GrantOp::new(id, 10, 0), 1_000).expect("grant");
+    }
+    let short = grant(GrantOp::new("short", 5, 0).expiring(2_000), 1_000).expect("grant");
+    let order: Vec<String> = short
+        .balance
+        .unwrap()
+        .grants
+        .into_iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(order, ["short", "B", "a", "b", "é"]);
+    for bad in [
+        GrantOp::new("a", 11, 0),
+        GrantOp::new("nul\0id", 5, 0),
+        GrantOp::new("huge", u64::MAX, 0),
+    ] {
+        let r = grant(bad, 1_500);
+        assert!(
+            matches!(
+                r,
+                Err(Error::GrantConflict { .. }
+                    | Error::InvalidBatch { .. }
+                    | Error::Overflow { .. })
+            ),
+            "{r:?}"
+        );
+    }
+    let nul = ScopeKey::subject("x\0y");
+    let r = guard.apply(
+        &Batch::new(&[], Mode::Force, 1_500).with_balance(BalanceOp::new(
+            &nul,
+            cost,
+            BalanceAction::Debit {
+                amount: 1,
+                overdraft: 0,
+            },
+        )),
+    );
+    assert!(matches!(r, Err(Error::InvalidBatch { .. })), "{r:?}");
+    // A hold under a lease that ends, then a debit that spends "short".
+    let open = LeaseOp::new(
+        LeaseId::from_u128(1),
+        &a,
+        LeaseAction::Open {
+            expires_at_ms: 3_000,
+            deadline_ms: None,
+        },
+    );
+    let r = guard
+        .apply(
+            &Batch::new(&[], Mode::WithinLimits, 1_500)
+                .with_lease(open)
+                .with_balance(debit(20)),
+        )
+        .unwrap();
+    assert_eq!(r.balance.unwrap().held, 20);
+    let r = guard
+        .apply(&Batch::new(&[], Mode::WithinLimits, 1_600).with_balance(debit(8)))
+        .unwrap();
+    let b = r.balance.unwrap();
+    assert_eq!((b.remaining, b.held), (37, 20), "short spent, then B");
+    let count = |table: &str| {
+        rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            let row = client
+                .query_one(
+                    &format!("SELECT count(*) FROM \"{}\".{table}", store.schema()),
+                    &[],
+                )
+                .await
+                .expect("count");
+            row.get::<_, i64>(0)
+        })
+    };
+    assert_eq!((count("grants"), count("balance_holds")), (5, 1));
+    // Long after: the ended lease and its hold go; the balance, every grant
+    // (the spent, expired "short" too) stay.
+    let later = Utc.timestamp_millis_opt(3_000 + 86_400_000).unwrap();
+    assert!(rt.block_on(store.reclaim(later)).unwrap() >= 1);
+    assert_eq!(
+        (count("balances"), count("grants"), count("balance_holds")),
+        (1, 5, 0)
+    );
+    let r = grant(GrantOp::new("short", 5, 0).expiring(2_000), 90_000_000).expect("replay");
+    assert_eq!(
+        r.replayed_at_ms,
+        Some(1_000),
+        "a spent, expired grant still replays"
+    );
+    let b = r.balance.unwrap();
+    assert_eq!((b.remaining, b.held, b.grants.len()), (37, 0, 4));
 }

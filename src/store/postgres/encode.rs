@@ -5,8 +5,8 @@ use serde_json::{json, Map, Value};
 
 use crate::name::Name;
 use crate::store::{
-    event_fingerprint, Applied, Batch, CounterState, LeaseAction, Mode, ScopeKey, ScopeKind,
-    SettledHold,
+    event_fingerprint, Applied, BalanceAction, BalanceState, Batch, CounterState, GrantState,
+    LeaseAction, Mode, ScopeKey, ScopeKind, SettledHold,
 };
 use crate::window::{Period, Window};
 use crate::Error;
@@ -77,6 +77,37 @@ pub(super) fn parse_window(code: &str) -> Option<Window> {
     })
 }
 
+/// Refuse a batch naming text PostgreSQL cannot keep: a `text` (and a
+/// `jsonb` string) holds no NUL byte, so a scope id, meter, event id or
+/// grant id with one is [`Error::InvalidBatch`] here, before anything is
+/// sent, rather than a server error.
+pub(super) fn refuse_nul(batch: &Batch<'_>) -> Result<(), Error> {
+    let grant_id = batch.balance.and_then(|b| match b.action {
+        BalanceAction::Grant(g) => Some(g.id),
+        BalanceAction::Debit { .. } => None,
+    });
+    let mut texts = batch
+        .ops
+        .iter()
+        .flat_map(|o| [o.scope.id(), o.meter.as_str()])
+        .chain(batch.cooldowns.iter().map(|c| c.scope.id()))
+        .chain(batch.lease.iter().map(|l| l.owner.id()))
+        .chain(batch.event.iter().map(|e| e.id))
+        .chain(
+            batch
+                .balance
+                .iter()
+                .flat_map(|b| [b.scope.id(), b.meter.as_str()]),
+        )
+        .chain(grant_id);
+    match texts.find(|t| t.as_bytes().contains(&0)) {
+        None => Ok(()),
+        Some(t) => Err(Error::InvalidBatch {
+            reason: format!("PostgresStore keeps text without NUL bytes: {t:?} has one"),
+        }),
+    }
+}
+
 /// The function's argument for `batch` (already validated): the store's
 /// lock namespace `ns` and event horizon ride along.
 pub(super) fn encode(batch: &Batch<'_>, ns: &str, horizon_ms: i64) -> String {
@@ -134,6 +165,7 @@ pub(super) fn encode(batch: &Batch<'_>, ns: &str, horizon_ms: i64) -> String {
         .iter()
         .map(|o| o.scope)
         .chain(batch.cooldowns.iter().map(|c| c.scope))
+        .chain(batch.balance.iter().map(|b| b.scope))
         .map(|s| format!("{}:{}", kind_name(s), s.id()))
         .collect();
     locks.sort_unstable();
@@ -179,6 +211,31 @@ pub(super) fn encode(batch: &Batch<'_>, ns: &str, horizon_ms: i64) -> String {
             }
         }
         b.insert("lease".into(), Value::Object(o));
+    }
+    if let Some(bal) = batch.balance {
+        let mut o = Map::new();
+        o.insert("k".into(), kind_name(bal.scope).into());
+        o.insert("s".into(), bal.scope.id().into());
+        o.insert("m".into(), bal.meter.as_str().into());
+        match bal.action {
+            BalanceAction::Debit { amount, overdraft } => {
+                o.insert("a".into(), "d".into());
+                o.insert("n".into(), amount.into());
+                o.insert("od".into(), overdraft.into());
+            }
+            BalanceAction::Grant(g) => {
+                o.insert("a".into(), "g".into());
+                o.insert("id".into(), g.id.into());
+                o.insert("n".into(), g.amount.into());
+                o.insert("eff".into(), g.effective_at_ms.into());
+                o.insert(
+                    "exp".into(),
+                    g.expires_at_ms.map_or(Value::Null, Value::from),
+                );
+                o.insert("pr".into(), g.priority.into());
+            }
+        }
+        b.insert("bal".into(), Value::Object(o));
     }
     if let Some(ev) = batch.event {
         b.insert("event".into(), json!({"id": ev.id, "fp": ev.fingerprint}));
@@ -240,7 +297,40 @@ pub(super) fn decode(text: &str) -> Result<Applied, Error> {
         out.cooldowns.push(opt_i64(c)?);
     }
     out.replayed_at_ms = opt_i64(&v["r"])?;
+    if let Some(b) = v.get("b").filter(|b| !b.is_null()) {
+        out.balance = Some(Box::new(balance(b)?));
+    }
     Ok(out)
+}
+
+/// A balance as `bal_state` reports it.
+fn balance(b: &Value) -> Result<BalanceState, Error> {
+    let bad = || bad_answer("a balance");
+    let mut grants = Vec::new();
+    for g in b["g"].as_array().ok_or_else(bad)? {
+        let g = g.as_array().filter(|g| g.len() == 7).ok_or_else(bad)?;
+        let at = |i: usize| g[i].as_i64().ok_or_else(bad);
+        grants.push(GrantState {
+            id: g[0].as_str().ok_or_else(bad)?.to_owned(),
+            amount: amount(&g[1])?,
+            spent: amount(&g[2])?,
+            effective_at_ms: at(3)?,
+            expires_at_ms: opt_i64(&g[4])?,
+            priority: g[5]
+                .as_u64()
+                .and_then(|p| u32::try_from(p).ok())
+                .ok_or_else(bad)?,
+            granted_at_ms: at(6)?,
+        });
+    }
+    Ok(BalanceState {
+        remaining: amount(&b["rem"])?,
+        held: amount(&b["held"])?,
+        debt: amount(&b["debt"])?,
+        fits: b["fits"].as_bool().ok_or_else(bad)?,
+        uncovered: amount(&b["unc"])?,
+        grants,
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! [`PostgresStore`]: durable counters in the host's own PostgreSQL
-//! (feature `postgres`).
+//! [`PostgresStore`]: durable counters and prepaid balances in the host's
+//! own PostgreSQL (feature `postgres`).
 //!
 //! See [`PostgresStore`] for the design, the clock and what an error says.
 
@@ -19,7 +19,10 @@ use crate::Error;
 
 /// The migrations, in order: `(version, SQL)`. `__SCHEMA__` in the SQL is
 /// the store's schema.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("migrations/001_schema.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("migrations/001_schema.sql")),
+    (2, include_str!("migrations/002_balances.sql")),
+];
 
 /// How a [`PostgresStore`] connects and behaves. Build one with
 /// [`PostgresConfig::new`], change what you need, then
@@ -201,11 +204,34 @@ impl PostgresConfig {
 /// - **Schema.** Plain tables a host can read and join with its own billing:
 ///   `counters` (one row per scope, meter and window, with the window's
 ///   period or buckets), `leases`, `holds`, `events` (the idempotency
-///   ledger) and `cooldowns`, in a schema of the host's choosing (default
-///   `tollgate`). [`PostgresStore::migrate`] creates or updates them from the
-///   SQL files in `src/store/postgres/migrations/`, in one transaction, and
-///   records the version in `schema_version`; running it again changes
-///   nothing.
+///   ledger), `cooldowns`, and the prepaid balances' `balances`, `grants`
+///   and `balance_holds` (below), in a schema of the host's choosing
+///   (default `tollgate`). [`PostgresStore::migrate`] creates or updates
+///   them from the SQL files in `src/store/postgres/migrations/` (version 1
+///   the counters, leases, ledger and cooldowns; version 2 the balances),
+///   the missing ones in order, in one transaction, and records the version
+///   in `schema_version`; a store at version 1 upgrades in place, and
+///   running it again changes nothing.
+/// - **Prepaid balances** (contract rule 10). `balances` has one row per
+///   scope and money meter (`scope_kind`, `scope_id`, `meter`): its `debt`
+///   and `seen_ms`, the latest `now` of a batch that applied to it (grants
+///   are read at the later of `now` and it, so a clock stepping back never
+///   brings an expired grant back). `grants` has one row per grant, keyed
+///   by the balance and the payment `id`: `amount`, `spent`, `effective_ms`,
+///   `expires_ms`, `priority`, `granted_ms`; a grant is consumed in the
+///   order priority, expiry (none last), start, id bytes (`COLLATE "C"`,
+///   whatever the database's locale), and its row is the record a
+///   redelivered payment id is checked against. `balance_holds` has one row
+///   per lease that holds on a balance (at most one each): the amount,
+///   counted while the lease is live and moving with its expiry. Balances
+///   and grants (spent and expired ones too) are records: kept as long as
+///   the schema, never removed by [`PostgresStore::reclaim`]; a hold goes
+///   when its lease settles, is zeroed by a batch that applies to the
+///   balance at or after the lease's expiry, and goes with the lease row
+///   when `reclaim` removes it. A balance's rows are read and written in the
+///   same call as the rest of the batch, under its scope's lock (below).
+///   Text holds no NUL byte: a batch naming a scope, meter, event or grant
+///   id with one is [`Error::InvalidBatch`].
 /// - **One round trip.** A batch is one call of the server-side function
 ///   `<schema>.apply(jsonb)` (PL/pgSQL, a port of the memory store's steps)
 ///   in its own implicit transaction: it checks everything, then writes
@@ -214,9 +240,11 @@ impl PostgresConfig {
 /// - **Isolation and locks.** READ COMMITTED (the server's default) with
 ///   transaction-scoped advisory locks taken before anything is read, in one
 ///   fixed order: the event id, then the lease id, then every scope the
-///   batch names (its ops, its cooldowns, its lease's holds) in ascending
-///   order of a 64-bit hash. Every batch that reads or writes a scope's
-///   counters, holds or cooldown holds that scope's lock until it commits,
+///   batch names (its ops, its cooldowns, its balance, its lease's holds and
+///   the balance its lease holds on) in ascending (bytewise) order of
+///   `kind:id`, each lock a 64-bit hash of it. Every batch that reads or
+///   writes a scope's counters, holds, cooldown or balances holds that
+///   scope's lock until it commits,
 ///   and under READ COMMITTED each statement after the lock is granted reads
 ///   a snapshot taken after it, so it sees every write of the batch that
 ///   held the lock before. Batches that share a scope therefore run one
@@ -269,7 +297,7 @@ impl fmt::Debug for PostgresStore {
 /// had been sent to the server when it failed.
 ///
 /// A refusal the server answered (SQLSTATE `TGxxx`: the function's own
-/// typed errors) is the error it names, with nothing changed. Any other
+/// typed errors, `TGGRT` a grant conflict) is the error it names, with nothing changed. Any other
 /// answered error rolled the call back, so nothing changed either. Without
 /// an answer, after the statement was sent (`sent` and no SQLSTATE: a lost
 /// connection), the outcome is unknown; the message says so.
@@ -283,6 +311,7 @@ fn store_error(e: &tokio_postgres::Error, sent: bool) -> Error {
             "TGEXP" => Some(Error::ReservationExpired { id: text }),
             "TGCON" => Some(Error::EventConflict { event: text }),
             "TGOVF" => Some(Error::Overflow { meter: text }),
+            "TGGRT" => Some(Error::GrantConflict { payment: text }),
             _ => None,
         };
         if let Some(err) = typed {
@@ -420,8 +449,10 @@ impl PostgresStore {
 
     /// Forget what no batch can read any more as of `now`: ended cooldowns,
     /// event ids older than the horizon, and leases that settled or expired
-    /// more than a horizon ago (with their holds). Returns how many rows
-    /// went. Counters stay (a host may keep them as history).
+    /// more than a horizon ago (with their holds, on counters and on
+    /// balances). Returns how many rows went. Counters stay (a host may keep
+    /// them as history), and so do balances and their grants (records a
+    /// redelivered payment id is checked against).
     ///
     /// # Errors
     /// [`Error::Store`] if the server cannot be reached or refuses.
@@ -475,11 +506,7 @@ impl PostgresStore {
 impl AsyncAllowanceStore for PostgresStore {
     async fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         validate(batch)?;
-        if batch.balance.is_some() {
-            return Err(crate::store::validate::invalid(
-                "prepaid balances are not kept by PostgresStore yet",
-            ));
-        }
+        encode::refuse_nul(batch)?;
         let arg = encode::encode(batch, &self.schema, self.horizon_ms);
         // Whether the statement went out is known only inside `call`; a
         // timeout here may have cut it after it was sent.
