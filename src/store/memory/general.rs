@@ -766,8 +766,9 @@ impl Step<'_, '_> {
             Some((id, LeaseAction::Settle { keep })) => {
                 let held = bal.holds.remove(id, self.lease_expires);
                 let kept = keep_of(keep, held);
+                // Capped, as PostgreSQL's numeric answer is: the two may pass a u64.
                 bal.consume(kept, overdraft, self.now_ms)
-                    + bal.consume(amount, overdraft, self.now_ms)
+                    .saturating_add(bal.consume(amount, overdraft, self.now_ms))
             }
         }
     }

@@ -6,6 +6,7 @@ use crate::store::{CooldownOp, CounterOp, EventKey, LeaseAction, LeaseOp, Mode, 
 use crate::window::Period;
 use chrono::{DateTime, TimeZone, Utc};
 
+mod balances;
 mod sweeps;
 
 #[test]
