@@ -230,14 +230,18 @@ fn a_limit_and_the_balance_are_one_step() {
 
 #[test]
 fn top_ups_credit_once_per_payment_and_conflicts_are_typed() {
-    let (engine, _) = engine();
+    let (engine, clock) = engine();
     let t = TopUp::new("pi_1", usd(2_000), "USD");
     let first = engine.top_up("ann", &t).unwrap();
     assert!(first.new);
+    assert_eq!(first.balance.grants[0].effective_at, clock.now_utc());
+    // The webhook comes again an hour later: same payment, credited once.
+    clock.advance(Duration::from_secs(3_600));
     let again = engine.top_up("ann", &t).unwrap();
     assert!(!again.new, "a redelivered webhook credits once");
     assert_eq!(again.granted_at, first.granted_at);
     assert_eq!(remaining(&again.balance), usd(2_000));
+    assert_eq!(again.balance.grants[0].effective_at, first.granted_at);
 
     let other = TopUp::new("pi_1", usd(2_500), "USD");
     match engine.top_up("ann", &other) {
@@ -267,7 +271,9 @@ fn bad_top_ups_get_typed_errors_and_change_nothing() {
         (TopUp::new("pay\u{0}1", usd(100), "USD"), "invalid"),
         (TopUp::new("pay\n1", usd(100), "USD"), "invalid"),
         (
-            TopUp::new("e", usd(100), "USD").expires_at(now - chrono::Duration::seconds(1)),
+            TopUp::new("e", usd(100), "USD")
+                .effective_at(now)
+                .expires_at(now - chrono::Duration::seconds(1)),
             "invalid",
         ),
         (
@@ -396,6 +402,20 @@ fn an_expired_grant_stops_counting_to_the_millisecond() {
     clock.rewind(Duration::from_secs(60));
     assert_eq!(engine.balance("ann").unwrap().available, usd(50));
     assert!(engine.admit(&tokens("ann", 50)).unwrap().allowed);
+    assert!(!engine.admit(&tokens("ann", 1)).unwrap().allowed);
+}
+
+#[test]
+fn a_top_up_already_expired_is_kept_and_never_counts() {
+    let (engine, clock) = engine();
+    let promo = TopUp::new("promo", usd(100), "USD").expires_at(clock.now_utc());
+    let c = engine.top_up("ann", &promo).unwrap();
+    assert!(c.new);
+    assert_eq!(c.balance.available, Decimal::ZERO);
+    assert!(c.balance.grants.is_empty());
+    // Redelivered a day later: found, not credited again, not an error.
+    clock.advance(Duration::from_secs(86_400));
+    assert!(!engine.top_up("ann", &promo).unwrap().new);
     assert!(!engine.admit(&tokens("ann", 1)).unwrap().allowed);
 }
 

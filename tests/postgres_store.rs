@@ -10,6 +10,8 @@
 #[path = "support/conformance.rs"]
 #[macro_use]
 mod conformance_tests;
+#[path = "support/balance_replicas.rs"]
+mod balance_replicas;
 #[path = "support/differential.rs"]
 mod differential;
 
@@ -137,6 +139,28 @@ fn catalog(max: u64) -> tollgate::Catalog {
         )))
         .build()
         .expect("catalog")
+}
+
+/// Prepaid balances through eight engines on one schema: top-ups credit
+/// once across replicas, spending never passes the balance.
+#[test]
+fn replicas_spend_one_balance() {
+    let Some(url) = url() else { return };
+    let rt = Arc::new(runtime());
+    let guard = blocking(&rt, &url, "replicas");
+    let schema = guard.store.schema().to_owned();
+    rt.block_on(balance_replicas::replicas_spend_one_balance(|| {
+        let (url, schema) = (url.clone(), schema.clone());
+        async move {
+            PostgresConfig::new(url)
+                .schema(schema)
+                .pool_size(2)
+                .timeout(Duration::from_secs(10))
+                .connect()
+                .await
+                .expect("connect")
+        }
+    }));
 }
 
 /// Eight engines, each with its own pool, admit against one limit in one

@@ -45,7 +45,12 @@ pub struct TopUp<'a> {
     pub amount: Decimal,
     /// Its currency: the plan's cost meter's.
     pub currency: &'a str,
-    /// From when it counts; `None`: from the engine's clock's now.
+    /// From when it counts; `None`: from when it is first credited. A
+    /// top-up without one is sent to the store as effective from the Unix
+    /// epoch (the same every time, so a webhook redelivered later still
+    /// matches it: an effective time of "now" would differ on each
+    /// delivery) — it counts as soon as it exists, and among grants of one
+    /// priority and expiry it is spent before those with a date.
     pub effective_at: Option<DateTime<Utc>>,
     /// When what it has left stops counting (to the millisecond), if ever.
     pub expires_at: Option<DateTime<Utc>>,
@@ -67,7 +72,9 @@ impl<'a> TopUp<'a> {
             priority: 0,
         }
     }
-    /// Stop counting at `at` (a promotional credit, a yearly pack).
+    /// Stop counting at `at` (a promotional credit, a yearly pack). An
+    /// expiry already past is taken, and the grant never counts: a webhook
+    /// redelivered after a promotion ended must still find its payment.
     #[must_use]
     pub fn expires_at(mut self, at: DateTime<Utc>) -> Self {
         self.expires_at = Some(at);
@@ -106,6 +113,9 @@ pub struct Credit {
 /// are under 70 bytes).
 pub const MAX_PAYMENT_ID_BYTES: usize = 256;
 
+/// The effective time a top-up without one is sent with (the Unix epoch).
+const DEFAULT_EFFECTIVE_MS: i64 = 0;
+
 /// The balance op naming `alloc`'s balance with `action`, if its plan
 /// keeps one (and so has a cost meter).
 pub(super) fn balance_of<'a>(
@@ -137,7 +147,13 @@ pub(super) fn view(scope: &ScopeKey, cm: CostMeter, b: &BalanceState) -> Balance
                 id: g.id.clone(),
                 amount: cm.to_decimal(g.amount),
                 remaining: cm.to_decimal(g.amount.saturating_sub(g.spent)),
-                effective_at: ms_to_time(g.effective_at_ms),
+                // Sent as the epoch (`TopUp::effective_at` None): it counts
+                // from when it was credited.
+                effective_at: ms_to_time(if g.effective_at_ms == DEFAULT_EFFECTIVE_MS {
+                    g.granted_at_ms
+                } else {
+                    g.effective_at_ms
+                }),
                 expires_at: g.expires_at_ms.map(ms_to_time),
                 priority: g.priority,
                 granted_at: ms_to_time(g.granted_at_ms),
@@ -214,7 +230,6 @@ impl<S, C: Clock> Engine<S, C> {
         alloc: &'a Resolved,
         subject: &str,
         t: &TopUp<'a>,
-        now_ms: i64,
     ) -> Result<(BalanceOp<'a>, CostMeter), Error> {
         let plan = &alloc.plan;
         let (Some(_), Some(cm)) = (plan.balance.as_ref(), plan.cost) else {
@@ -254,7 +269,9 @@ impl<S, C: Clock> Engine<S, C> {
         if cm.to_decimal(amount) != t.amount {
             return Err(bad("an amount finer than the balance's smallest unit"));
         }
-        let effective_at_ms = t.effective_at.map_or(now_ms, |at| at.timestamp_millis());
+        let effective_at_ms = t
+            .effective_at
+            .map_or(DEFAULT_EFFECTIVE_MS, |at| at.timestamp_millis());
         let expires_at_ms = t.expires_at.map(|at| at.timestamp_millis());
         if expires_at_ms.is_some_and(|e| e <= effective_at_ms) {
             return Err(bad("it expires at or before it takes effect"));
@@ -343,7 +360,7 @@ impl<S: crate::store::AllowanceStore, C: Clock> Engine<S, C> {
     pub fn top_up(&self, subject: &str, top_up: &TopUp<'_>) -> Result<Credit, Error> {
         let alloc = self.allocation_of(subject)?;
         let now_ms = self.clock.now_ms();
-        let (op, cm) = self.grant_batch(&alloc, subject, top_up, now_ms)?;
+        let (op, cm) = self.grant_batch(&alloc, subject, top_up)?;
         let batch = Batch::new(&[], Mode::Force, now_ms).with_balance(op);
         let applied = self.apply(&batch)?;
         Self::credited(&op, cm, &applied, now_ms)
@@ -378,7 +395,7 @@ impl<S: crate::store::AsyncAllowanceStore, C: Clock> Engine<S, C> {
         self.refresh_async(subject).await?;
         let alloc = self.allocation_of(subject)?;
         let now_ms = self.clock.now_ms();
-        let (op, cm) = self.grant_batch(&alloc, subject, top_up, now_ms)?;
+        let (op, cm) = self.grant_batch(&alloc, subject, top_up)?;
         let batch = Batch::new(&[], Mode::Force, now_ms).with_balance(op);
         let applied = self.apply_async(&batch).await?;
         Self::credited(&op, cm, &applied, now_ms)

@@ -97,7 +97,8 @@ pub struct Grant {
     pub amount: Decimal,
     /// What it has left.
     pub remaining: Decimal,
-    /// From when it counts.
+    /// From when it counts: the top-up's `effective_at`, or when it was
+    /// credited if it gave none.
     pub effective_at: DateTime<Utc>,
     /// When it stops counting, if ever.
     pub expires_at: Option<DateTime<Utc>>,
