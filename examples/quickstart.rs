@@ -1,9 +1,11 @@
 //! Load the Takos plans, bind an agent to the Free plan, and drive it through
-//! Ok → Warning → Exceeded; then print its usage.
+//! Ok → Warning → Exceeded; spend a Pay-as-you-go agent's prepaid balance
+//! down to a refusal; then print the Free agent's usage.
 //!
 //! Run with `cargo run --example quickstart`.
 
-use tollgate::{Allocation, Catalog, Decision, Engine, Request};
+use rust_decimal::Decimal;
+use tollgate::{Allocation, Catalog, Decision, Engine, Refusal, Request, TopUp};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Plans live in configuration (TOML or JSON); a bad file fails here,
@@ -26,18 +28,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         d.status, d.allowed
     );
 
-    // Pay-as-you-go is unlimited but priced: the decision carries the cost.
-    let d = engine.admit(
-        &Request::new("agent-8")
-            .units("llm_tokens_input", 1_000)
-            .units("llm_tokens_output", 200),
-    )?;
-    if let Some(cost) = &d.cost {
-        println!(
-            "agent-8 on plan_payg: 1,000 in + 200 out tokens cost {} {}",
-            cost.amount.normalize(),
-            cost.currency
-        );
+    // Pay-as-you-go has no quotas: it spends a prepaid balance, bought in
+    // packs. A redelivered payment webhook credits once.
+    let pack = TopUp::new("pay_001", Decimal::new(100, 0), "USD");
+    engine.top_up("agent-8", &pack)?;
+    engine.top_up("agent-8", &pack)?;
+    let request = Request::new("agent-8")
+        .units("llm_tokens_input", 1_000)
+        .units("llm_tokens_output", 200);
+    println!("\nagent-8 on plan_payg, after one 100 USD pack:");
+    for _ in 0..2 {
+        let d = engine.admit(&request)?;
+        let left = d.balance.as_ref().map(|b| b.available.normalize());
+        match (&d.cost, &d.reason) {
+            (Some(cost), Some(Refusal::InsufficientBalance { available, .. })) => println!(
+                "admit 1,000 in + 200 out tokens ({} {}) -> refused: {} left (HTTP 402)",
+                cost.amount.normalize(),
+                cost.currency,
+                available.amount.normalize()
+            ),
+            (Some(cost), _) => println!(
+                "admit 1,000 in + 200 out tokens ({} {}) -> allowed: {}, balance left {}",
+                cost.amount.normalize(),
+                cost.currency,
+                d.allowed,
+                left.unwrap_or_default()
+            ),
+            (None, _) => println!("admit -> {:?}", d.status),
+        }
     }
 
     let report = engine.usage("agent-7")?;
