@@ -666,6 +666,18 @@ fn bad_balance_config_is_refused_with_its_field() {
             "cost_meter = \"cost\"\nbalance = { pool = \"nope\" }",
             "plans[p].balance.pool",
         ),
+        (
+            "cost_meter = \"cost\"\nbalance = { overdraft = \"99999999999999999999999\" }",
+            "plans[p].balance.overdraft",
+        ),
+        (
+            "cost_meter = \"cost\"\nbalance = { overdraft = 1.5 }",
+            "amount 1.5 is a float",
+        ),
+        (
+            "cost_meter = \"cost\"\nbalance = { overdraft = \"1\", limit = 3 }",
+            "unknown field `limit`",
+        ),
     ];
     for (plan, field) in cases {
         let err = toml::from_str::<Catalog>(&base(plan))

@@ -457,6 +457,12 @@ fn strict_prices<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Dec
     Ok(raw.into_iter().map(|(k, v)| (k, v.0)).collect())
 }
 
+/// An exact decimal that is not a price (a refund share, an overdraft).
 fn strict_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
-    Price::deserialize(d).map(|p| p.0)
+    let v = d.deserialize_any(ExactDecimal {
+        what: "amount",
+        unlimited: false,
+    })?;
+    // `unlimited: false` never yields None.
+    Ok(v.unwrap_or_default())
 }
