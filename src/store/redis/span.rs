@@ -114,6 +114,7 @@ fn sub_digests(digests: &Digests, part: &Part) -> Digests {
             .map(|&i| digests.cools[i].clone())
             .collect(),
         owner: digests.owner.clone(),
+        bal: None,
         home: part.home.clone(),
     }
 }
@@ -171,6 +172,13 @@ impl RedisStore {
         digests: &Digests,
         extra: &[String],
     ) -> Result<Applied, Error> {
+        if batch.balance.is_some() {
+            return Err(Error::CrossSlot {
+                reason: "a prepaid balance in another cluster slot than the rest of its batch \
+                         (a balance is kept in its scope's slot)"
+                    .into(),
+            });
+        }
         let parts = parts(self, digests, extra);
         match batch.lease.map(|l| l.action) {
             _ if batch.mode == Mode::Check => self.span_each(batch, digests, &parts, true).await,
