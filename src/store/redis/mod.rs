@@ -522,7 +522,19 @@ impl RedisConfig {
 /// - a reservation opens its lease on each slot (its deadline on the
 ///   owner's, whose record lists the other slots), and renew and settle
 ///   visit every slot; a grow whose ops span slots is refused with
-///   [`Error::CrossSlot`], since a grow cannot be taken back.
+///   [`Error::CrossSlot`], since a grow cannot be taken back;
+/// - a prepaid balance is kept in its scope's slot (a subject's balance in
+///   the subject's: a decision on a subject's own limits and balance is
+///   one call). A batch whose balance is in another slot than some of its
+///   ops (a pool's limit, or a pool's balance) takes the steps above with
+///   the balance in its slot's part: an admit holds the debit with the
+///   deltas, then settles it (consumed); a reservation holds it on the
+///   balance's slot, where renew and settle move and consume it; a record
+///   or a check applies or reads it there. Between two steps another
+///   decision may consume what a phase-1 hold did not cover (a forced
+///   record ignores holds), so an admit's debit may then end partly in
+///   debt or uncovered, as a record's does. A grant whose cooldowns are in
+///   another slot than its balance is refused with [`Error::CrossSlot`].
 ///
 /// Atomicity across slots is that of these steps, not of one script: a
 /// reader between two steps may see one slot applied and not the other,
