@@ -834,23 +834,27 @@ end
 -- the debit fit, what was uncovered, then every grant not expired with
 -- something left, in order (sealed id, amount, spent, effective, expiry,
 -- priority, granted), then the time a replayed grant was first made or '-'.
-local function bstate(out, fits, unc, replay)
-  local o = #out
-  out[o + 1], out[o + 2], out[o + 3] = 'B', N(bremaining()), N(bheld())
-  out[o + 4], out[o + 5], out[o + 6] = N(bal.debt), fits and 1 or 0, N(unc)
-  local t, list = bt(), {}
-  for _, g in ipairs(bal.grants) do
-    if cmp(g.spent, g.amount) < 0 and (not g.exp or t < g.exp) then list[#list + 1] = g end
-  end
-  o = o + 7
-  out[o] = #list
-  for _, g in ipairs(list) do
-    out[o + 1], out[o + 2], out[o + 3], out[o + 4] = g.ct, N(g.amount), N(g.spent), g.effs
-    out[o + 5], out[o + 6], out[o + 7] = g.exs, g.prs, g.granted
+local bstate
+if bal then
+  -- (Defined only with a balance: every function made costs every call.)
+  bstate = function(out, fits, unc, replay)
+    local o = #out
+    out[o + 1], out[o + 2], out[o + 3] = 'B', N(bremaining()), N(bheld())
+    out[o + 4], out[o + 5], out[o + 6] = N(bal.debt), fits and 1 or 0, N(unc)
+    local t, list = bt(), {}
+    for _, g in ipairs(bal.grants) do
+      if cmp(g.spent, g.amount) < 0 and (not g.exp or t < g.exp) then list[#list + 1] = g end
+    end
     o = o + 7
+    out[o] = #list
+    for _, g in ipairs(list) do
+      out[o + 1], out[o + 2], out[o + 3], out[o + 4] = g.ct, N(g.amount), N(g.spent), g.effs
+      out[o + 5], out[o + 6], out[o + 7] = g.exs, g.prs, g.granted
+      o = o + 7
+    end
+    out[o + 1] = replay or '-'
+    return out
   end
-  out[o + 1] = replay or '-'
-  return out
 end
 
 if bal and bal.replay then
