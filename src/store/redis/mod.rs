@@ -384,7 +384,9 @@ impl RedisConfig {
 /// scope is named by its keyed digest (the first 128 bits of HMAC-SHA-256,
 /// under the store's secret ([`RedisConfig::secret`]), over its kind and
 /// id), an event id likewise, and an event's fingerprint is kept only as
-/// its digest. Ids shaped like credentials need no special case.
+/// its digest. A grant's payment id is indexed by its keyed digest and
+/// kept only sealed (see [Prepaid balances](#prepaid-balances)). Ids
+/// shaped like credentials need no special case.
 /// All of one scope's counters live in **one hash per
 /// scope**, a counter under the field `<len>:<meter>:<window>` (the meter
 /// length-prefixed), so no two counters share a field and no counter field
