@@ -102,9 +102,12 @@ impl RedisConfig {
 
     /// The secret the store's keyed digests use (HMAC-SHA-256): every
     /// subject, pool, lease owner and event id is kept in Redis only as its
-    /// digest under this secret, never as text. Every replica sharing a
-    /// prefix must use the same secret, and changing it orphans every
-    /// counter written before. At least [`Self::MIN_SECRET_LEN`] bytes.
+    /// digest under this secret, never as text, and a prepaid balance's
+    /// grant ids (payment ids) are sealed under a key derived from it.
+    /// Every replica sharing a prefix must use the same secret, and
+    /// changing it orphans every counter written before (and a balance
+    /// whose grants were sealed under the old one answers
+    /// [`Error::Store`]). At least [`Self::MIN_SECRET_LEN`] bytes.
     ///
     /// Without one, [`connect`](Self::connect) uses the secret stored under
     /// `{prefix}:secret`, generating a random one there if none is (so
