@@ -105,9 +105,7 @@ impl RedisConfig {
     /// digest under this secret, never as text, and a prepaid balance's
     /// grant ids (payment ids) are sealed under a key derived from it.
     /// Every replica sharing a prefix must use the same secret, and
-    /// changing it orphans every counter written before (and a balance
-    /// whose grants were sealed under the old one answers
-    /// [`Error::Store`]). At least [`Self::MIN_SECRET_LEN`] bytes.
+    /// changing it orphans every counter and balance written before. At least [`Self::MIN_SECRET_LEN`] bytes.
     ///
     /// Without one, [`connect`](Self::connect) uses the secret stored under
     /// `{prefix}:secret`, generating a random one there if none is (so
@@ -458,8 +456,9 @@ impl RedisConfig {
 /// the id's keyed digest (deterministic, which GCM-SIV is built for, and
 /// which reveals only the equality the index digest already shows). Whoever
 /// reads Redis without the secret learns neither the id nor a way to test
-/// guesses; a store with another secret cannot open it (and answers
-/// [`Error::Store`]). `rank` orders grants whose priority, expiry and start
+/// guesses; a store with another secret names the balance by another
+/// digest, and cannot open the id either (a sealed id it cannot open is
+/// answered [`Error::Store`]). `rank` orders grants whose priority, expiry and start
 /// tie, by their ids' bytes: the script cannot read ids, so a new grant
 /// that ties with others is answered `TIE` with their sealed ids, and the
 /// client makes the call again with the order it computed (the script
