@@ -515,3 +515,173 @@ fn spanning_refusals_and_grows_change_nothing() {
         flush(&nodes, &prefix).await;
     });
 }
+
+/// Prepaid balances on a cluster (contract rule 10): a balance lives in
+/// its scope's slot, and a batch whose balance is in another slot than
+/// (some of) its ops takes the spanning steps — an admit holds the debit
+/// with the deltas and then consumes it, a reservation holds on the
+/// balance's slot and settles there — answering as `MemoryStore` does for
+/// the same batches. A grant whose cooldowns are in another slot is
+/// refused ([`Error::CrossSlot`]), changing nothing.
+#[test]
+fn balances_across_slots_answer_as_the_memory_store_does() {
+    use tollgate::store::{
+        BalanceAction, BalanceOp, CooldownOp, Fraction, GrantOp, LeaseAction, LeaseId, LeaseOp,
+        MemoryStore,
+    };
+    let Some(nodes) = nodes() else { return };
+    let rt = Arc::new(runtime());
+    let prefix = unique_prefix("balances");
+    let store = rt.block_on(store(&nodes, &prefix, TimeSource::Batch));
+    let slot = |s: &ScopeKey| {
+        let d = store.digest_of(s);
+        let tag = format!("{{{prefix}:{}}}", d.trim_start_matches("hmac:"));
+        rt.block_on(async {
+            let client = redis::Client::open(nodes[0].as_str()).expect("url");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(tag)
+                .query_async::<i64>(&mut conn)
+                .await
+                .expect("keyslot")
+        })
+    };
+    let a = ScopeKey::subject("a");
+    let p = (0..50)
+        .map(|i| ScopeKey::pool(format!("team-{i}")))
+        .find(|p| slot(p) != slot(&a))
+        .expect("a pool in another slot");
+    let redis = Blocking {
+        rt: rt.clone(),
+        store: store.clone(),
+    };
+    let memory = MemoryStore::new();
+    let both = |batch: &Batch<'_>| -> Applied {
+        let want = AllowanceStore::apply(&memory, batch).expect("memory");
+        let got = redis.apply(batch).expect("redis");
+        assert_eq!(
+            (got.applied, &got.counters, &got.balance, got.replayed_at_ms),
+            (
+                want.applied,
+                &want.counters,
+                &want.balance,
+                want.replayed_at_ms
+            ),
+            "{batch:?}"
+        );
+        got
+    };
+    let cost = Name::new("cost");
+    let t = Name::new("t");
+    let day = Window::calendar(Period::Day);
+    let now = Utc
+        .with_ymd_and_hms(2026, 3, 1, 12, 0, 0)
+        .unwrap()
+        .timestamp_millis();
+    let debit =
+        |s, amount, overdraft| BalanceOp::new(s, cost, BalanceAction::Debit { amount, overdraft });
+    let grant = |s, id, amount| {
+        BalanceOp::new(s, cost, BalanceAction::Grant(GrantOp::new(id, amount, now)))
+    };
+    // Grants, each in its balance's slot.
+    both(&Batch::new(&[], Mode::Force, now).with_balance(grant(&a, "pay-a", 100)));
+    both(&Batch::new(&[], Mode::Force, now).with_balance(grant(&p, "pay-p", 50)));
+    let ops = [
+        CounterOp::new(&a, t, day, 1, Some(10)),
+        CounterOp::new(&p, t, day, 1, Some(10)),
+    ];
+    // An admit over both slots, debiting the subject's balance: held with
+    // the deltas, then consumed.
+    let r = both(&Batch::new(&ops, Mode::WithinLimits, now + 1).with_balance(debit(&a, 30, 0)));
+    assert!(r.applied);
+    assert_eq!(
+        r.balance.as_ref().map(|b| (b.remaining, b.held)),
+        Some((70, 0))
+    );
+    // Refused by the balance, then by the pool's limit: nothing held.
+    let r = both(&Batch::new(&ops, Mode::WithinLimits, now + 2).with_balance(debit(&a, 80, 0)));
+    assert!(!r.applied);
+    let full = [
+        CounterOp::new(&a, t, day, 1, Some(10)),
+        CounterOp::new(&p, t, day, 10, Some(10)),
+    ];
+    let r = both(&Batch::new(&full, Mode::WithinLimits, now + 3).with_balance(debit(&a, 5, 0)));
+    assert!(!r.applied);
+    assert_eq!(
+        r.balance.as_ref().map(|b| (b.remaining, b.held)),
+        Some((70, 0))
+    );
+    // The pool's balance, debited by a batch whose ops are the subject's.
+    let mine = [CounterOp::new(&a, t, day, 1, Some(10))];
+    let r = both(&Batch::new(&mine, Mode::WithinLimits, now + 4).with_balance(debit(&p, 20, 0)));
+    assert_eq!(r.balance.as_ref().map(|b| b.remaining), Some(30));
+    // A record past the balance: debt within the overdraft, the rest
+    // uncovered.
+    let r = both(&Batch::new(&ops, Mode::Force, now + 5).with_balance(debit(&p, 45, 10)));
+    assert_eq!(
+        r.balance
+            .as_ref()
+            .map(|b| (b.remaining, b.debt, b.uncovered)),
+        Some((0, 10, 5))
+    );
+    both(&Batch::new(&[], Mode::Force, now + 6).with_balance(grant(&p, "pay-p2", 60)));
+    // A check over both slots reports the balance.
+    let r = both(&Batch::new(&ops, Mode::Check, now + 6).with_balance(debit(&p, 51, 0)));
+    assert!(!r.balance.expect("reported").fits);
+    // A reservation across slots holding on the pool's balance: renewed,
+    // then settled keeping half, with a debit of its own.
+    for (who, keep) in [(&p, Fraction::new(1, 2)), (&a, Some(Fraction::ONE))] {
+        let keep = keep.unwrap_or(Fraction::ONE);
+        let id = LeaseId::random();
+        let open = LeaseOp::new(
+            id,
+            &a,
+            LeaseAction::Open {
+                expires_at_ms: now + 1_000,
+                deadline_ms: None,
+            },
+        );
+        let r = both(
+            &Batch::new(&ops, Mode::WithinLimits, now + 7)
+                .with_lease(open)
+                .with_balance(debit(who, 20, 0)),
+        );
+        assert_eq!(r.balance.as_ref().map(|b| b.held), Some(20));
+        let renew = LeaseOp::new(
+            id,
+            &a,
+            LeaseAction::Renew {
+                expires_at_ms: now + 2_000,
+            },
+        );
+        both(&Batch::new(&[], Mode::Force, now + 8).with_lease(renew));
+        let read = Batch::new(&[], Mode::Check, now + 1_500).with_balance(debit(who, 0, 0));
+        assert_eq!(both(&read).balance.map(|b| b.held), Some(20), "renewed");
+        let settle = LeaseOp::new(id, &a, LeaseAction::Settle { keep });
+        let r = both(
+            &Batch::new(&ops, Mode::Force, now + 9)
+                .with_lease(settle)
+                .with_balance(debit(who, 5, 0)),
+        );
+        assert_eq!(r.balance.as_ref().map(|b| b.held), Some(0));
+    }
+    // A grant whose cooldown is in another slot: refused, nothing changed.
+    let cools = [CooldownOp::new(&a, None)];
+    let err = redis
+        .apply(
+            &Batch::new(&[], Mode::Force, now + 10)
+                .with_cooldowns(&cools)
+                .with_balance(grant(&p, "pay-p3", 5)),
+        )
+        .expect_err("a grant across slots");
+    assert!(matches!(err, Error::CrossSlot { .. }), "{err:?}");
+    let read = Batch::new(&[], Mode::Check, now + 10).with_balance(debit(&p, 0, 0));
+    assert_eq!(both(&read).balance.map(|b| b.grants.len()), Some(1));
+    let without = rt.block_on(keys_without_ttl(&nodes, &prefix));
+    assert!(without.is_empty(), "keys without a TTL: {without:?}");
+    rt.block_on(flush(&nodes, &prefix));
+}

@@ -11,7 +11,10 @@ use redis_env::{unique_prefix, url};
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
-use tollgate::store::{RedisConfig, TimeSource};
+use tollgate::store::{
+    AsyncAllowanceStore, BalanceAction, BalanceOp, Batch, GrantOp, LeaseAction, LeaseId, LeaseOp,
+    Mode, RedisConfig, TimeSource,
+};
 use tollgate::{
     Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, Meter, Period, PlanConfig,
     PoolConfig, Request, ScopeKey, Window,
@@ -39,6 +42,15 @@ const SUBJECTS: [&str; 10] = [
     "acme",
 ];
 const POOL: &str = "xoxb-1234-team-pool-5678";
+/// Payment ids (a prepaid balance's grant ids) of credential-like shapes.
+const PAYMENTS: [&str; 6] = [
+    "pi_3NxYz2LkdIwHu7ix0Abc1234",
+    "ch_1Mq2Lk2eZvKYlo2CkPvNx8Qw",
+    "PAYID-MXQ7ZKQ8XV123456AB",
+    "whsec_payment_9f8e7d6c5b4a",
+    "order:4111111111111111",
+    "Bearer pay-eyJhbGciOiJIUzI1NiJ9",
+];
 
 /// Every key name, and every string, hash field, hash value and set member
 /// under `tag` (the generated secret's key excepted: it holds the secret).
@@ -201,12 +213,101 @@ fn no_id_is_stored_or_returned_as_text() {
             assert!(l.used >= 4);
         }
 
+        // Prepaid balances: grants under payment ids (and under the
+        // subjects' own ids, as a host might use), debits, a hold.
+        let payments: Vec<String> = SUBJECTS
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| {
+                [
+                    format!("{}-{i}", PAYMENTS[i % PAYMENTS.len()]),
+                    (*s).to_owned(),
+                ]
+            })
+            .collect();
+        let cost = tollgate::Name::new("cost");
+        let now = clock.now_utc().timestamp_millis();
+        let pool = ScopeKey::pool(POOL);
+        for (i, s) in SUBJECTS.iter().enumerate() {
+            let subject = ScopeKey::subject(*s);
+            let scope = if i % 3 == 0 { &pool } else { &subject };
+            for p in &payments[2 * i..2 * i + 2] {
+                let g = BalanceOp::new(
+                    scope,
+                    cost,
+                    BalanceAction::Grant(GrantOp::new(p, 100, now).expiring(now + 86_400_000)),
+                );
+                let r = AsyncAllowanceStore::apply(
+                    &store,
+                    &Batch::new(&[], Mode::Force, now).with_balance(g),
+                )
+                .await
+                .expect("grant");
+                assert!(r.applied);
+            }
+            let debit = BalanceOp::new(
+                scope,
+                cost,
+                BalanceAction::Debit {
+                    amount: 30,
+                    overdraft: 0,
+                },
+            );
+            let open = LeaseOp::new(
+                LeaseId::random(),
+                &subject,
+                LeaseAction::Open {
+                    expires_at_ms: now + 60_000,
+                    deadline_ms: None,
+                },
+            );
+            let r = AsyncAllowanceStore::apply(
+                &store,
+                &Batch::new(&[], Mode::WithinLimits, now)
+                    .with_lease(open)
+                    .with_balance(debit),
+            )
+            .await
+            .expect("hold");
+            assert!(r.applied);
+            let r = AsyncAllowanceStore::apply(
+                &store,
+                &Batch::new(&[], Mode::WithinLimits, now + 1)
+                    .with_balance(debit)
+                    .with_event(tollgate::store::EventKey::new(&format!("{s}#debit"), 7)),
+            )
+            .await
+            .expect("debit");
+            assert!(r.applied);
+            // The answer names each grant by its payment id, read back.
+            let b = r.balance.expect("reported");
+            let listed: Vec<&str> = b.grants.iter().map(|g| g.id.as_str()).collect();
+            let mut want: Vec<&str> = payments[2 * i..2 * i + 2]
+                .iter()
+                .map(String::as_str)
+                .collect();
+            want.sort_unstable();
+            if i % 3 == 0 {
+                // The pool's balance collects several subjects' grants.
+                assert!(want.iter().all(|w| listed.contains(w)), "{listed:?}");
+            } else {
+                assert_eq!(listed, want, "grants reported by their payment ids");
+            }
+        }
+
         let mut ids: Vec<&str> = SUBJECTS.to_vec();
         ids.push(POOL);
+        ids.extend(payments.iter().map(String::as_str));
         let events: Vec<String> = SUBJECTS.iter().map(|s| format!("{s}#event")).collect();
         ids.extend(events.iter().map(String::as_str));
         let texts = everything_under(&url, &tag).await;
         assert!(texts.len() > 30, "the store wrote keys: {}", texts.len());
+        assert!(
+            texts
+                .iter()
+                .any(|t| t.contains(":b:") && t.ends_with(":4:cost")),
+            "the balances' keys were scanned"
+        );
         assert_no_id(&texts, &ids);
     });
 }

@@ -736,3 +736,338 @@ fn usage_async_on_redis_matches_usage_in_memory() {
         flush(&url, &tag).await;
     });
 }
+
+/// A small deterministic generator for the balance differential.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Random prepaid-balance batches (contract rule 10) — grants (replayed,
+/// conflicting, tied on their terms so the ids' bytes order them, past a
+/// `u64`), debits in every mode with overdrafts, holds under leases that
+/// open, grow, renew, settle and expire, on a subject's and a pool's
+/// balance, with a clock that now and then steps back — give the same
+/// answers (or the same kind of error) on `MemoryStore` and `RedisStore`.
+#[test]
+fn balances_answer_as_the_memory_store_does() {
+    use tollgate::store::{
+        BalanceAction, BalanceOp, CounterOp, Fraction, GrantOp, LeaseAction, LeaseId, LeaseOp,
+        MemoryStore, Mode,
+    };
+    use tollgate::Name;
+
+    let Some(url) = url() else { return };
+    let rt = Arc::new(runtime());
+    let store = rt.block_on(batch_store(&url, "baldiff"));
+    let tag = store.key_tag().to_owned();
+    let redis = Blocking {
+        rt: rt.clone(),
+        store,
+    };
+    let memory = MemoryStore::new();
+    let a = ScopeKey::subject("a");
+    let team = ScopeKey::pool("team");
+    let cost = Name::new("cost");
+    let meter = Name::new("t");
+    let ids = [
+        "pay-b", "pay-a", "pay-c", "Pay-0", "pi_1", "pi_10", "é-ü", "pay a",
+    ];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let base = 1_767_225_600_000_i64;
+    let mut now = base;
+    let mut leases: Vec<(LeaseId, bool)> = Vec::new();
+    let mut seen = [0usize; 6];
+    // Replays, uncovered, in debt, applied, refused, conflicts, overflows,
+    // other errors.
+    let mut outcomes = [0usize; 8];
+    // Answers listing grants tied on their terms (ordered by id bytes).
+    let mut ties = 0;
+    // Events applied again and replayed.
+    let mut replays = 0;
+    for step in 0..1_500 {
+        now += rng.below(20) as i64;
+        if rng.below(10) == 0 {
+            now -= rng.below(40) as i64;
+        }
+        let scope = if rng.below(4) == 0 { &team } else { &a };
+        let amount = match rng.below(20) {
+            0 => 0,
+            1 => u64::MAX - rng.below(3),
+            2 => 1 << 53,
+            _ => 1 + rng.below(60),
+        };
+        let overdraft = [0, 0, 5, 30, u64::MAX][rng.below(5) as usize];
+        let debit = BalanceOp::new(scope, cost, BalanceAction::Debit { amount, overdraft });
+        let mode = [Mode::Check, Mode::WithinLimits, Mode::Force][rng.below(3) as usize];
+        let ops_one = [CounterOp::new(
+            &a,
+            meter,
+            Window::Lifetime,
+            rng.below(3),
+            Some(1_000),
+        )];
+        let ops: &[CounterOp<'_>] = if rng.below(3) == 0 { &ops_one } else { &[] };
+        // Mostly one of the latest leases, on the balance it holds on.
+        let pick_lease = |rng: &mut Rng, leases: &[(LeaseId, bool)]| {
+            if leases.is_empty() || rng.below(10) == 0 {
+                (LeaseId::random(), false)
+            } else {
+                let back = 1 + rng.below(leases.len().min(3) as u64) as usize;
+                leases[leases.len() - back]
+            }
+        };
+        let kind = rng.below(12);
+        // Ids come in generations, so new grants keep arriving; an id's
+        // terms are its own but for now and then (a conflict).
+        let which = rng.below(ids.len() as u64) as usize;
+        let id_pick = format!("{}#{}", ids[which], step / 250);
+        let grant_op;
+        let batch = match kind {
+            0..=2 => {
+                seen[0] += 1;
+                // Terms from small sets, so grants tie and ids repeat.
+                let w = which as u64;
+                let gen = (step / 250) as i64;
+                // Ids 0 and 6, 1 and 7 have the same terms: tied, the
+                // ids' bytes order them.
+                let eff = base + gen * 250 + [0, 50][(w % 2) as usize];
+                let amount = match rng.below(25) {
+                    0 => u64::MAX - rng.below(100),
+                    1 => 1 + rng.below(80),
+                    _ => 10 + w * 7,
+                };
+                let mut g = GrantOp::new(&id_pick, amount, eff);
+                if w % 3 != 0 {
+                    g = g.expiring(eff + [1, 100, 300][(w % 3) as usize]);
+                }
+                g = g.priority(if rng.below(15) == 0 {
+                    9
+                } else {
+                    (w % 2) as u32
+                });
+                grant_op = BalanceOp::new(scope, cost, BalanceAction::Grant(g));
+                Batch::new(&[], Mode::Force, now).with_balance(grant_op)
+            }
+            3..=5 => {
+                seen[1] += 1;
+                Batch::new(ops, mode, now).with_balance(debit)
+            }
+            6 | 7 => {
+                seen[2] += 1;
+                let id = LeaseId::random();
+                leases.push((id, scope == &team));
+                let open = LeaseOp::new(
+                    id,
+                    &a,
+                    LeaseAction::Open {
+                        expires_at_ms: now + 1 + rng.below(150) as i64,
+                        deadline_ms: None,
+                    },
+                );
+                let m = if rng.below(4) == 0 {
+                    Mode::Check
+                } else {
+                    Mode::WithinLimits
+                };
+                Batch::new(ops, m, now).with_lease(open).with_balance(debit)
+            }
+            8 => {
+                seen[3] += 1;
+                let (id, on_team) = pick_lease(&mut rng, &leases);
+                let grow = LeaseOp::new(id, &a, LeaseAction::Grow);
+                let m = if rng.below(2) == 0 {
+                    Mode::Force
+                } else {
+                    Mode::WithinLimits
+                };
+                let s = if on_team == (rng.below(8) != 0) {
+                    &team
+                } else {
+                    &a
+                };
+                let debit = BalanceOp::new(s, cost, BalanceAction::Debit { amount, overdraft });
+                Batch::new(ops, m, now).with_lease(grow).with_balance(debit)
+            }
+            9 => {
+                seen[4] += 1;
+                let renew = LeaseOp::new(
+                    pick_lease(&mut rng, &leases).0,
+                    &a,
+                    LeaseAction::Renew {
+                        expires_at_ms: now + 1 + rng.below(150) as i64,
+                    },
+                );
+                Batch::new(&[], Mode::Force, now).with_lease(renew)
+            }
+            _ => {
+                seen[5] += 1;
+                let keep = Fraction::new(rng.below(4), 3).unwrap_or(Fraction::ONE);
+                let (id, on_team) = pick_lease(&mut rng, &leases);
+                let settle = LeaseOp::new(id, &a, LeaseAction::Settle { keep });
+                let b = Batch::new(ops, Mode::Force, now).with_lease(settle);
+                let s = if on_team == (rng.below(8) != 0) {
+                    &team
+                } else {
+                    &a
+                };
+                if rng.below(2) == 0 {
+                    b.with_balance(BalanceOp::new(
+                        s,
+                        cost,
+                        BalanceAction::Debit { amount, overdraft },
+                    ))
+                } else {
+                    b
+                }
+            }
+        };
+        // Now and then under an event id, applied twice: the second is a
+        // replay of the first answer, balance and all.
+        let ev = format!("ev-{step}");
+        let evented = rng.below(6) == 0;
+        let batch = if evented {
+            batch.with_event(tollgate::store::EventKey::new(&ev, step as u64))
+        } else {
+            batch
+        };
+        let want = AllowanceStore::apply(&memory, &batch);
+        let got = redis.apply(&batch);
+        if evented {
+            let again = (AllowanceStore::apply(&memory, &batch), redis.apply(&batch));
+            match again {
+                (Ok(w), Ok(g)) => {
+                    replays += usize::from(w.replayed_at_ms == Some(now));
+                    assert_eq!(g, w, "step {step}, again: {batch:?}");
+                }
+                (Err(w), Err(g)) => assert_eq!(
+                    std::mem::discriminant(&g),
+                    std::mem::discriminant(&w),
+                    "step {step}, again: {batch:?}: {g:?} for {w:?}"
+                ),
+                (w, g) => panic!("step {step}, again: {batch:?}: redis {g:?}, memory {w:?}"),
+            }
+        }
+        if let Ok(Some(b)) = want.as_ref().map(|w| w.balance.as_ref()) {
+            ties += b
+                .grants
+                .windows(2)
+                .filter(|p| {
+                    (p[0].priority, p[0].expires_at_ms, p[0].effective_at_ms)
+                        == (p[1].priority, p[1].expires_at_ms, p[1].effective_at_ms)
+                })
+                .count();
+        }
+        match &want {
+            Ok(w) if w.replayed_at_ms.is_some() => outcomes[0] += 1,
+            Ok(w) if w.applied && w.balance.as_ref().is_some_and(|b| b.uncovered > 0) => {
+                outcomes[1] += 1
+            }
+            Ok(w) if w.applied && w.balance.as_ref().is_some_and(|b| b.debt > 0) => {
+                outcomes[2] += 1
+            }
+            Ok(w) if w.applied => outcomes[3] += 1,
+            Ok(_) => outcomes[4] += 1,
+            Err(Error::GrantConflict { .. }) => outcomes[5] += 1,
+            Err(Error::Overflow { .. }) => outcomes[6] += 1,
+            Err(_) => outcomes[7] += 1,
+        }
+        match (&want, &got) {
+            (Ok(w), Ok(g)) => assert_eq!(g, w, "step {step}: {batch:?}"),
+            (Err(w), Err(g)) => assert_eq!(
+                std::mem::discriminant(g),
+                std::mem::discriminant(w),
+                "step {step}: {batch:?}: {g:?} for {w:?}"
+            ),
+            _ => panic!("step {step}: {batch:?}: redis {got:?}, memory {want:?}"),
+        }
+        // A read of both balances at the same time agrees too.
+        for s in [&a, &team] {
+            let read = BalanceOp::new(
+                s,
+                cost,
+                BalanceAction::Debit {
+                    amount: 0,
+                    overdraft: 0,
+                },
+            );
+            let b = Batch::new(&[], Mode::Check, now).with_balance(read);
+            assert_eq!(
+                redis.apply(&b).ok(),
+                AllowanceStore::apply(&memory, &b).ok(),
+                "step {step}: read of {s:?}"
+            );
+        }
+    }
+    assert!(
+        seen.iter().all(|&n| n > 50),
+        "every kind of batch ran: {seen:?}"
+    );
+    assert!(
+        outcomes.iter().all(|&n| n > 0),
+        "every kind of answer was compared: {outcomes:?}"
+    );
+    assert!(ties > 5, "grants tied on their terms: {ties}");
+    assert!(replays > 20, "events replayed: {replays}");
+    let (_, without) = rt.block_on(keys_without_ttl(&url, &tag));
+    assert!(without.is_empty(), "keys without a TTL: {without:?}");
+    rt.block_on(flush(&url, &tag));
+}
+
+/// Grants tied on priority, expiry and start are consumed in the order of
+/// their ids' bytes, which only the client can read (the script asks for
+/// their order and the call is made again): the same on every store.
+#[test]
+fn tied_grants_go_by_their_ids_bytes() {
+    use tollgate::store::{BalanceAction, BalanceOp, GrantOp, Mode};
+    use tollgate::Name;
+
+    let Some(url) = url() else { return };
+    let rt = Arc::new(runtime());
+    let store = rt.block_on(batch_store(&url, "ties"));
+    let tag = store.key_tag().to_owned();
+    let redis = Blocking {
+        rt: rt.clone(),
+        store,
+    };
+    let a = ScopeKey::subject("a");
+    let cost = Name::new("cost");
+    let now = 1_767_225_600_000_i64;
+    for id in ["pay-c", "pay-a", "Pay-z", "pay-b", "pay-a2"] {
+        let g = BalanceOp::new(&a, cost, BalanceAction::Grant(GrantOp::new(id, 10, now)));
+        let r = redis
+            .apply(&Batch::new(&[], Mode::Force, now).with_balance(g))
+            .expect("grant");
+        assert!(r.applied && r.replayed_at_ms.is_none());
+    }
+    let debit = BalanceOp::new(
+        &a,
+        cost,
+        BalanceAction::Debit {
+            amount: 25,
+            overdraft: 0,
+        },
+    );
+    let r = redis
+        .apply(&Batch::new(&[], Mode::WithinLimits, now + 1).with_balance(debit))
+        .expect("debit");
+    let b = r.balance.expect("reported");
+    let left: Vec<(&str, u64)> = b.grants.iter().map(|g| (g.id.as_str(), g.spent)).collect();
+    assert_eq!(
+        left,
+        [("pay-a2", 5), ("pay-b", 0), ("pay-c", 0)],
+        "`Pay-z` then `pay-a` spent first (bytes: `P` < `p`), then half of `pay-a2`"
+    );
+    assert_eq!(b.remaining, 25);
+    rt.block_on(flush(&url, &tag));
+}

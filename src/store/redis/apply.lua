@@ -247,10 +247,30 @@ if action ~= '-' then
   base = base + 7
   OPF = 8
 end
+-- A prepaid balance (rule 10), after the cooldowns (sent with a balance or
+-- a lease): its key ('-': the one the lease holds on, if any), the action
+-- ('d' debit: amount, overdraft; 'g' grant: id digest, amount, effective,
+-- expiry or '-', priority, sealed id, the order of tied grants or '-';
+-- '-' none). Only a balance the batch names is reported.
+local bkey, bact, bargs, breport = nil, '-', 0, false
+do
+  local k = base + nops * OPF + ncool * 2
+  if ARGV[k + 1] then
+    bkey, bact, bargs = ARGV[k + 1], ARGV[k + 2], k + 2
+    if bkey == '-' then bkey = nil else breport = true end
+  end
+end
 
 local function maxu()
   big = true
   return {B - 1, B - 1, B - 1, B - 1}
+end
+
+-- An amount for a reply: a number below 2^53 goes out as an integer reply
+-- (no formatting here), anything larger as a decimal string.
+local function N(v)
+  if not big or type(v) == 'number' then return v end
+  return S(v)
 end
 
 -- The ledger first (rule 8).
@@ -270,7 +290,7 @@ end
 local lease = nil
 local lexp = 0
 if action ~= '-' then
-  local rec = call('HMGET', lkey, 'o', 'ex', 'st', 'n')
+  local rec = call('HMGET', lkey, 'o', 'ex', 'st', 'n', 'bk')
   if action == 'o' then
     if rec[1] then return 'ERR open' end
   else
@@ -278,7 +298,12 @@ if action ~= '-' then
     if rec[3] == '1' then return 'ERR settled' end
     lexp = tonumber(rec[2])
     if now >= lexp then return 'ERR expired' end
-    lease = {n = tonumber(rec[4]), holds = {}}
+    lease = {n = tonumber(rec[4]), holds = {}, bk = rec[5]}
+    -- A lease holds on one balance: the batch may name only that one.
+    if rec[5] then
+      if bkey and bkey ~= rec[5] then return 'ERR balance' end
+      bkey = rec[5]
+    end
     for i = 1, lease.n do
       local h = call('HMGET', lkey, 'k' .. i, 'c' .. i, 'w' .. i, 'd' .. i)
       lease.holds[i] = {hk = h[1], cid = h[2], w = h[3], desc = h[4]}
@@ -671,6 +696,172 @@ for i = 1, ncool do
   end
 end
 
+-- The balance (rule 10): read whole (its debt 'd', the latest time a batch
+-- applied to it 't', grants 'g<id digest>' = "amount spent effective
+-- expiry priority granted rank sealed-id", holds 'h<lease>' = "amount
+-- expiry"), then decided like an op.
+local bal, bfits, bunc = nil, true, 0
+local bamount, bod = 0, 0
+local bt, bheld, bremaining, blive, bsort
+if bkey then
+  bal = {debt = 0, seen = false, grants = {}, byd = {}, holds = {}, htotal = 0,
+    del = {}, ddirty = false, tdirty = false}
+  local all = call('HGETALL', bkey)
+  for i = 1, #all, 2 do
+    local f, v = all[i], all[i + 1]
+    local c = string.byte(f, 1)
+    if f == 'd' then
+      bal.debt = P(v)
+    elseif f == 't' then
+      bal.seen = v + 0
+    elseif c == 103 then
+      local a, sp, ef, ex, pr, ga, r, ct = string.match(v,
+        '^(%d+) (%d+) (%-?%d+) (%S+) (%d+) (%-?%d+) (%d+) (%x+)$')
+      if a then
+        local g = {d = string.sub(f, 2), amt = a, amount = P(a), spent = P(sp), effs = ef,
+          eff = ef + 0, exs = ex, exp = ex ~= '-' and ex + 0 or false, prs = pr, prio = pr + 0,
+          granted = ga, r = r + 0, ct = ct, dirty = false}
+        bal.grants[#bal.grants + 1] = g
+        bal.byd[g.d] = g
+      end
+    elseif c == 104 then
+      local a, ex = string.match(v, '^(%d+) (%-?%d+)$')
+      if a then
+        local h = {amount = P(a), exp = ex + 0, dirty = false}
+        bal.holds[string.sub(f, 2)] = h
+        bal.htotal = add(bal.htotal, h.amount) or maxu()
+      end
+    end
+  end
+  -- Consumption order: priority, expiry (none last), start, then the ids'
+  -- bytes, kept as each grant's rank among grants tied on the rest.
+  bsort = function()
+    table.sort(bal.grants, function(x, y)
+      if x.prio ~= y.prio then return x.prio < y.prio end
+      if (not x.exp) ~= (not y.exp) then return not y.exp end
+      if x.exp and x.exp ~= y.exp then return x.exp < y.exp end
+      if x.eff ~= y.eff then return x.eff < y.eff end
+      if x.r ~= y.r then return x.r < y.r end
+      return x.d < y.d
+    end)
+  end
+  bsort()
+  -- Grants are read at the later of now and the latest time a batch
+  -- applied (a clock stepping back never revives an expired grant); holds
+  -- at now.
+  bt = function()
+    if bal.seen and bal.seen > now then return bal.seen end
+    return now
+  end
+  blive = function(g, t)
+    return g.eff <= t and (not g.exp or t < g.exp)
+  end
+  bheld = function()
+    local s = 0
+    for _, h in pairs(bal.holds) do
+      if h.exp > now then s = add(s, h.amount) or maxu() end
+    end
+    return s
+  end
+  bremaining = function()
+    local t, s = bt(), 0
+    for _, g in ipairs(bal.grants) do
+      if blive(g, t) then s = add(s, sub(g.amount, g.spent)) or maxu() end
+    end
+    return s
+  end
+  if bact == 'g' then
+    local gd = ARGV[bargs + 1]
+    local old = bal.byd[gd]
+    if old then
+      if old.amt ~= ARGV[bargs + 2] or old.effs ~= ARGV[bargs + 3]
+          or old.exs ~= ARGV[bargs + 4] or old.prs ~= ARGV[bargs + 5] then
+        return 'ERR grant'
+      end
+      bal.replay = old.granted
+    else
+      local tot = P(ARGV[bargs + 2])
+      for _, g in ipairs(bal.grants) do
+        if tot then tot = add(tot, g.amount) end
+      end
+      if not tot then return 'ERR overflow balance' end
+      local eff, ex, pr = ARGV[bargs + 3] + 0, ARGV[bargs + 4], ARGV[bargs + 5] + 0
+      ex = ex ~= '-' and ex + 0 or false
+      local tied = {}
+      for _, g in ipairs(bal.grants) do
+        if g.prio == pr and g.exp == ex and g.eff == eff then tied[#tied + 1] = g end
+      end
+      if #tied > 0 then
+        -- Only the caller reads ids: it names the order of every tied
+        -- grant and this one, checked to be of exactly these grants.
+        local order, rank, n = ARGV[bargs + 7], {}, 0
+        local ok = order ~= '-'
+        if ok then
+          for d in string.gmatch(order, '[^,]+') do
+            n = n + 1
+            rank[d] = n
+          end
+          ok = n == #tied + 1 and rank[gd] ~= nil
+          for _, g in ipairs(tied) do ok = ok and rank[g.d] ~= nil end
+        end
+        if not ok then
+          local w = {'TIE'}
+          for _, g in ipairs(tied) do
+            w[#w + 1] = g.d
+            w[#w + 1] = g.ct
+          end
+          return table.concat(w, ' ')
+        end
+        bal.rank, bal.tied = rank, tied
+      end
+    end
+  elseif bact == 'd' then
+    bamount, bod = P(ARGV[bargs + 1]), P(ARGV[bargs + 2])
+    if not bamount or not bod then return 'ERR overflow balance' end
+    if (action == 'o' or action == 'g') and not add(bal.htotal, bamount) then
+      return 'ERR overflow balance'
+    end
+    if mode ~= 'f' and bamount ~= 0 then
+      local need = add(bamount, bheld())
+      need = need and add(need, bal.debt)
+      bfits = need and cmp(need, bremaining()) <= 0 or false
+    end
+  end
+  allfit = allfit and bfits
+end
+
+-- The balance's part of an answer: 'B', remaining, held, debt, whether
+-- the debit fit, what was uncovered, then every grant not expired with
+-- something left, in order (sealed id, amount, spent, effective, expiry,
+-- priority, granted), then the time a replayed grant was first made or '-'.
+local bstate
+if bal then
+  -- (Defined only with a balance: every function made costs every call.)
+  bstate = function(out, fits, unc, replay)
+    local o = #out
+    out[o + 1], out[o + 2], out[o + 3] = 'B', N(bremaining()), N(bheld())
+    out[o + 4], out[o + 5], out[o + 6] = N(bal.debt), fits and 1 or 0, N(unc)
+    local t, list = bt(), {}
+    for _, g in ipairs(bal.grants) do
+      if cmp(g.spent, g.amount) < 0 and (not g.exp or t < g.exp) then list[#list + 1] = g end
+    end
+    o = o + 7
+    out[o] = #list
+    for _, g in ipairs(list) do
+      out[o + 1], out[o + 2], out[o + 3], out[o + 4] = g.ct, N(g.amount), N(g.spent), g.effs
+      out[o + 5], out[o + 6], out[o + 7] = g.exs, g.prs, g.granted
+      o = o + 7
+    end
+    out[o + 1] = replay or '-'
+    return out
+  end
+end
+
+if bal and bal.replay then
+  -- A grant already made: nothing changes.
+  return bstate({'OK', 1, now, 0, 0, 0}, true, 0, bal.replay)
+end
+
 local applied
 if mode == 'c' then applied = false
 elseif mode == 'w' then applied = allfit
@@ -750,6 +941,131 @@ if applied then
     for i = 1, nops do
       local op = ops[i]
       addusage(op.c, op.delta)
+    end
+  end
+  if bal then
+    -- Expired holds go; the balance's time moves on.
+    for l, h in pairs(bal.holds) do
+      if h.exp <= now then
+        bal.del[#bal.del + 1] = 'h' .. l
+        bal.holds[l] = nil
+      end
+    end
+    if not bal.seen or now > bal.seen then
+      bal.seen = now
+      bal.tdirty = true
+    end
+    -- Consume n: live grants in order, then debt up to od; returns what
+    -- was left uncovered.
+    local function consume(n, od)
+      local left, t = n, bt()
+      for _, g in ipairs(bal.grants) do
+        if left == 0 then break end
+        if blive(g, t) then
+          local l = sub(g.amount, g.spent)
+          local take = cmp(left, l) <= 0 and left or l
+          if take ~= 0 then
+            g.spent = add(g.spent, take)
+            g.dirty = true
+            left = sub(left, take)
+          end
+        end
+      end
+      local room = 0
+      if cmp(od, bal.debt) > 0 then room = sub(od, bal.debt) end
+      local owed = cmp(left, room) <= 0 and left or room
+      if owed ~= 0 then
+        bal.debt = add(bal.debt, owed)
+        bal.ddirty = true
+      end
+      return sub(left, owed)
+    end
+    local function hold(exp, n)
+      if n == 0 then return end
+      local h = bal.holds[lid]
+      if h and h.exp == exp then
+        h.amount = add(h.amount, n)
+      else
+        h = {amount = n, exp = exp}
+        bal.holds[lid] = h
+      end
+      h.dirty = true
+    end
+    if bact == 'g' then
+      local amt = ARGV[bargs + 2]
+      local a = P(amt)
+      local repaid = cmp(a, bal.debt) <= 0 and a or bal.debt
+      if repaid ~= 0 then
+        bal.debt = sub(bal.debt, repaid)
+        bal.ddirty = true
+      end
+      local ex = ARGV[bargs + 4]
+      local g = {d = ARGV[bargs + 1], amt = amt, amount = a, spent = repaid,
+        effs = ARGV[bargs + 3], eff = ARGV[bargs + 3] + 0, exs = ex,
+        exp = ex ~= '-' and ex + 0 or false, prs = ARGV[bargs + 5], prio = ARGV[bargs + 5] + 0,
+        granted = S(now), r = 0, ct = ARGV[bargs + 6], dirty = true}
+      if bal.rank then
+        g.r = bal.rank[g.d]
+        for _, o in ipairs(bal.tied) do
+          o.r = bal.rank[o.d]
+          o.dirty = true
+        end
+      end
+      bal.grants[#bal.grants + 1] = g
+      bsort()
+    elseif action == '-' then
+      bunc = consume(bamount, bod)
+    elseif action == 'o' then
+      hold(tonumber(lp1), bamount)
+      if bamount ~= 0 then call('HSET', lkey, 'bk', bkey) end
+    elseif action == 'g' then
+      hold(lexp, bamount)
+      if bamount ~= 0 and not lease.bk then call('HSET', lkey, 'bk', bkey) end
+    elseif action == 'r' then
+      local h = bal.holds[lid]
+      if h then
+        h.exp = tonumber(lp1)
+        h.dirty = true
+      end
+    elseif action == 's' then
+      local h = bal.holds[lid]
+      local held = h and h.amount or 0
+      if h then
+        bal.holds[lid] = nil
+        bal.del[#bal.del + 1] = 'h' .. lid
+      end
+      local kept = share(held, P(lp1), P(lp2))
+      bunc = add(consume(kept, bod), consume(bamount, bod)) or maxu()
+    end
+    -- Write back what changed; the hash lives the lifetime TTL past this
+    -- write, or past its last hold if later (only ever raised).
+    local fields = {}
+    if bal.ddirty or bal.tdirty then
+      fields[#fields + 1] = 'd'
+      fields[#fields + 1] = S(bal.debt)
+      fields[#fields + 1] = 't'
+      fields[#fields + 1] = S(bal.seen)
+    end
+    for _, g in ipairs(bal.grants) do
+      if g.dirty then
+        fields[#fields + 1] = 'g' .. g.d
+        fields[#fields + 1] = g.amt .. ' ' .. S(g.spent) .. ' ' .. g.effs .. ' ' .. g.exs .. ' '
+          .. g.prs .. ' ' .. g.granted .. ' ' .. fmt('%d', g.r) .. ' ' .. g.ct
+      end
+    end
+    local ttl = ARGV[6] + margin
+    for l, h in pairs(bal.holds) do
+      if h.dirty then
+        fields[#fields + 1] = 'h' .. l
+        fields[#fields + 1] = S(h.amount) .. ' ' .. fmt('%d', h.exp)
+      end
+      if h.exp - now + margin > ttl then ttl = h.exp - now + margin end
+    end
+    if #bal.del > 0 then call('HDEL', bkey, unpack(bal.del)) end
+    if #fields > 0 then
+      call('HSET', bkey, unpack(fields))
+      local cur = call('PTTL', bkey)
+      if cur < ttl then call('PEXPIRE', bkey, ttl) end
     end
   end
   for i = 1, ncool do
@@ -887,10 +1203,6 @@ end
 
 -- Phase 3: report, as an array: a number below 2^53 goes out as an
 -- integer reply (no formatting here), anything larger as a decimal string.
-local function N(v)
-  if not big or type(v) == 'number' then return v end
-  return S(v)
-end
 local out
 if nops == 2 and ncool == 0 and not settled then
   -- (The common shape, 16 words, made at its size: every word is set.)
@@ -955,6 +1267,7 @@ if settled then
 else
   out[o + 1] = 0
 end
+if breport then bstate(out, bfits, bunc, nil) end
 
 if applied and ekey ~= '-' and ewrite then
   -- The ledger keeps the answer as one string, which a replay returns:

@@ -4,8 +4,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::store::{
-    Applied, AsyncAllowanceStore, Batch, FailurePolicy, LeaseAction, LeaseId, LeaseInfo, LeaseOp,
-    Mode, ScopeKey, ScopeKind,
+    Applied, AsyncAllowanceStore, BalanceAction, Batch, FailurePolicy, LeaseAction, LeaseId,
+    LeaseInfo, LeaseOp, Mode, ScopeKey, ScopeKind,
 };
 use crate::Error;
 
@@ -16,11 +16,6 @@ use super::RedisStore;
 impl AsyncAllowanceStore for RedisStore {
     async fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         crate::store::validate::validate(batch)?;
-        if batch.balance.is_some() {
-            return Err(crate::store::validate::invalid(
-                "prepaid balances are not kept by RedisStore yet",
-            ));
-        }
         check_lease_scopes(batch)?;
         let digests = Digests::of(self, batch);
         let extra = self.lease_slots(batch, &digests).await?;
@@ -165,11 +160,13 @@ impl RedisStore {
 /// The keyed digest of every scope a batch names, and its home: the scope
 /// whose slot holds the batch's lease record, event and deadline index
 /// (the lease's owner, else the first op's scope, else the first
-/// cooldown's).
+/// cooldown's, else the balance's).
 pub(super) struct Digests {
     pub(super) ops: Vec<String>,
     pub(super) cools: Vec<String>,
     pub(super) owner: Option<String>,
+    /// The scope of the batch's balance, if it names one.
+    pub(super) bal: Option<String>,
     pub(super) home: String,
 }
 
@@ -192,15 +189,27 @@ impl Digests {
             .map(|c| store.scope_hash(c.scope))
             .collect();
         let owner = batch.lease.map(|l| store.scope_hash(l.owner));
+        let bal = batch.balance.map(|b| {
+            match ops
+                .iter()
+                .zip(batch.ops)
+                .find(|(_, op)| op.scope == b.scope)
+            {
+                Some((d, _)) => d.clone(),
+                None => store.scope_hash(b.scope),
+            }
+        });
         let home = owner
             .clone()
             .or_else(|| ops.first().cloned())
             .or_else(|| cools.first().cloned())
+            .or_else(|| bal.clone())
             .unwrap_or_default();
         Self {
             ops,
             cools,
             owner,
+            bal,
             home,
         }
     }
@@ -214,6 +223,7 @@ impl Digests {
         self.ops
             .iter()
             .chain(&self.cools)
+            .chain(&self.bal)
             .all(|d| store.layout.slot(d) == home)
     }
 }
@@ -228,6 +238,56 @@ impl RedisStore {
         digests: &Digests,
         ledger_read_only: bool,
     ) -> Result<Applied, Error> {
+        let grant = match batch.balance.map(|b| b.action) {
+            Some(BalanceAction::Grant(g)) => Some(g),
+            _ => None,
+        };
+        let mut ties = String::from("-");
+        // A grant whose terms tie with grants the balance has is placed by
+        // the ids' bytes, which only this side can read: the script names
+        // the tied grants, and the call is made again with their order (a
+        // few times at most, should grants keep arriving in between).
+        for _ in 0..8 {
+            let (reply, descs) = self
+                .apply_call(batch, digests, ledger_read_only, &ties)
+                .await?;
+            match (tied_grants(&reply), grant) {
+                (Some(tied), Some(g)) => {
+                    let mut all: Vec<(String, String)> = Vec::with_capacity(tied.len() + 1);
+                    for (dig, sealed) in tied {
+                        let id = self
+                            .keyed
+                            .open_grant(&sealed)
+                            .ok_or_else(|| bad_reply("a grant id not sealed under this secret"))?;
+                        all.push((id, dig));
+                    }
+                    all.push((g.id.to_owned(), self.keyed.grant(g.id)));
+                    all.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                    ties = all
+                        .iter()
+                        .map(|(_, d)| d.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",");
+                }
+                (Some(_), None) => return Err(bad_reply("tie")),
+                (None, _) => return self.decode(batch, &descs, &reply),
+            }
+        }
+        Err(Error::Store {
+            message: "redis: grants with the same terms kept arriving; try again".into(),
+        })
+    }
+
+    /// One script call for [`RedisStore::apply_one`], with the order of
+    /// tied grants (`ties`, `-` for none known); the reply and the hold
+    /// descriptors.
+    async fn apply_call(
+        &self,
+        batch: &Batch<'_>,
+        digests: &Digests,
+        ledger_read_only: bool,
+        ties: &str,
+    ) -> Result<(redis::Value, Vec<String>), Error> {
         let owner = batch.lease.map(|l| l.owner);
         let (now, server) = self.now_arg(batch.now_ms);
         let mode = match batch.mode {
@@ -328,6 +388,37 @@ impl RedisStore {
             inv.arg(self.layout.cooldown(d))
                 .arg(c.start_until_ms.map_or("-".into(), |t| t.to_string()));
         }
+        // The balance (rule 10): named by the batch, or (`-`) the one its
+        // lease holds on, which the script reads from the lease record.
+        if batch.balance.is_some() || batch.lease.is_some() {
+            match (batch.balance, &digests.bal) {
+                (Some(b), Some(d)) => {
+                    inv.arg(self.layout.balance(d, &b.meter));
+                    match b.action {
+                        BalanceAction::Debit { amount, overdraft } => {
+                            inv.arg("d").arg(amount).arg(overdraft);
+                        }
+                        BalanceAction::Grant(g) => {
+                            let sealed = self
+                                .keyed
+                                .seal_grant(g.id)
+                                .ok_or_else(|| crate::store::validate::invalid("a grant id"))?;
+                            inv.arg("g")
+                                .arg(self.keyed.grant(g.id))
+                                .arg(g.amount)
+                                .arg(g.effective_at_ms)
+                                .arg(g.expires_at_ms.map_or("-".into(), |e| e.to_string()))
+                                .arg(g.priority)
+                                .arg(sealed)
+                                .arg(ties);
+                        }
+                    }
+                }
+                _ => {
+                    inv.arg("-").arg("-");
+                }
+            }
+        }
         let reply: redis::Value = self.run(&inv).await.map_err(|e| match e {
             // A check changes nothing, whether it ran or not.
             e if batch.mode == Mode::Check => known(e),
@@ -338,8 +429,26 @@ impl RedisStore {
             },
             e => e,
         })?;
-        self.decode(batch, &descs, &reply)
+        Ok((reply, descs))
     }
+}
+
+/// A reply naming the grants a new grant ties with (`TIE` and pairs of
+/// digest and sealed id), if it is one.
+fn tied_grants(reply: &redis::Value) -> Option<Vec<(String, String)>> {
+    let redis::Value::BulkString(b) = reply else {
+        return None;
+    };
+    let text = std::str::from_utf8(b).ok()?;
+    let mut words = text.split_ascii_whitespace();
+    if words.next() != Some("TIE") {
+        return None;
+    }
+    let mut out = Vec::new();
+    while let (Some(d), Some(s)) = (words.next(), words.next()) {
+        out.push((d.to_owned(), s.to_owned()));
+    }
+    Some(out)
 }
 
 impl RedisStore {

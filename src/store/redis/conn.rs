@@ -148,6 +148,12 @@ impl Layout {
         self.key(digest, "k", "")
     }
 
+    /// A scope's prepaid balance in one money meter (a hash), in the
+    /// scope's slot; the meter length-prefixed, as in a counter field.
+    pub(super) fn balance(&self, digest: &str, meter: &str) -> String {
+        self.key(digest, "b", &format!(":{}:{meter}", meter.len()))
+    }
+
     /// A lease record, in its owner's slot.
     pub(super) fn lease(&self, owner: &str, id: &str) -> String {
         format!("{}:l:{id}", self.tag(owner))

@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
+use aes_gcm_siv::{Aes256GcmSiv, Nonce};
 use sha2::{Digest, Sha256};
 
 use crate::store::{ScopeKey, ScopeKind};
@@ -17,7 +19,14 @@ pub(super) const MIN_SECRET_LEN: usize = 16;
 pub(super) struct Keyed {
     inner: Sha256,
     outer: Sha256,
+    /// AES-256-GCM-SIV under a key derived from the secret (HMAC-SHA-256
+    /// of a fixed label): seals a grant's id (the host's payment id),
+    /// which an answer must report but Redis may not hold as text.
+    seal: Aes256GcmSiv,
 }
+
+/// The associated data every sealed grant id is bound to.
+const GRANT_AAD: &[u8] = b"tollgate redis grant id v1";
 
 impl fmt::Debug for Keyed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -48,20 +57,78 @@ impl Keyed {
             h.update(key.map(|k| k ^ byte));
             h
         };
-        Self {
+        let mut keyed = Self {
             inner: pad(0x36),
             outer: pad(0x5c),
-        }
+            seal: Aes256GcmSiv::new(&[0u8; 32].into()),
+        };
+        keyed.seal = Aes256GcmSiv::new(&keyed.mac(b"aead-key:", b"grant ids").into());
+        keyed
     }
 
-    /// HMAC-SHA-256 of `domain` then `data`, first 128 bits, as hex.
-    pub(super) fn digest(&self, domain: &[u8], data: &[u8]) -> String {
+    /// The whole HMAC-SHA-256 of `domain` then `data`.
+    fn mac(&self, domain: &[u8], data: &[u8]) -> [u8; 32] {
         let mut inner = self.inner.clone();
         inner.update(domain);
         inner.update(data);
         let mut outer = self.outer.clone();
         outer.update(inner.finalize());
-        ::hex::encode(&outer.finalize()[..16])
+        outer.finalize().into()
+    }
+
+    /// A grant id's digest: what a balance indexes (and dedupes) its
+    /// grants by.
+    pub(super) fn grant(&self, id: &str) -> String {
+        self.digest(b"g:", id.as_bytes())
+    }
+
+    /// A grant id sealed (AES-256-GCM-SIV), as hex of nonce and
+    /// ciphertext. The nonce is the id's keyed digest (deterministic: GCM-SIV
+    /// is built for nonce reuse, and equal ids already share their index
+    /// digest), so a grant written twice is written the same.
+    pub(super) fn seal_grant(&self, id: &str) -> Option<String> {
+        let mac = self.mac(b"gn:", id.as_bytes());
+        let nonce = Nonce::from_slice(&mac[..12]);
+        let sealed = self
+            .seal
+            .encrypt(
+                nonce,
+                Payload {
+                    msg: id.as_bytes(),
+                    aad: GRANT_AAD,
+                },
+            )
+            .ok()?;
+        let mut out = Vec::with_capacity(12 + sealed.len());
+        out.extend_from_slice(&mac[..12]);
+        out.extend_from_slice(&sealed);
+        Some(::hex::encode(out))
+    }
+
+    /// A grant id from [`Keyed::seal_grant`]'s hex; `None` if it was not
+    /// sealed under this store's secret.
+    pub(super) fn open_grant(&self, sealed: &str) -> Option<String> {
+        let bytes = ::hex::decode(sealed).ok()?;
+        if bytes.len() < 12 {
+            return None;
+        }
+        let (nonce, ct) = bytes.split_at(12);
+        let id = self
+            .seal
+            .decrypt(
+                Nonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: GRANT_AAD,
+                },
+            )
+            .ok()?;
+        String::from_utf8(id).ok()
+    }
+
+    /// HMAC-SHA-256 of `domain` then `data`, first 128 bits, as hex.
+    pub(super) fn digest(&self, domain: &[u8], data: &[u8]) -> String {
+        ::hex::encode(&self.mac(domain, data)[..16])
     }
 
     /// A scope's digest: its kind and id under the key. It names the
@@ -134,5 +201,22 @@ mod tests {
         );
         assert_eq!(a.len(), 32);
         assert_ne!(fresh_secret(), fresh_secret());
+    }
+
+    #[test]
+    fn grant_ids_seal_and_open_under_their_secret_only() {
+        let k = Keyed::new(b"0123456789abcdef");
+        let id = "pi_3Nx{payment}\n id";
+        let sealed = k.seal_grant(id).expect("sealed");
+        assert!(!sealed.contains(&::hex::encode(id)));
+        assert_eq!(k.seal_grant(id).as_deref(), Some(sealed.as_str()));
+        assert_eq!(k.open_grant(&sealed).as_deref(), Some(id));
+        assert_eq!(Keyed::new(b"0123456789abcdeF").open_grant(&sealed), None);
+        let mut bad = sealed.clone().into_bytes();
+        let last = bad.len() - 1;
+        bad[last] = if bad[last] == b'0' { b'1' } else { b'0' };
+        assert_eq!(k.open_grant(std::str::from_utf8(&bad).unwrap()), None);
+        assert_eq!(k.open_grant("zz"), None);
+        assert_ne!(k.grant(id), k.event(id));
     }
 }

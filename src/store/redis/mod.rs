@@ -102,9 +102,10 @@ impl RedisConfig {
 
     /// The secret the store's keyed digests use (HMAC-SHA-256): every
     /// subject, pool, lease owner and event id is kept in Redis only as its
-    /// digest under this secret, never as text. Every replica sharing a
-    /// prefix must use the same secret, and changing it orphans every
-    /// counter written before. At least [`Self::MIN_SECRET_LEN`] bytes.
+    /// digest under this secret, never as text, and a prepaid balance's
+    /// grant ids (payment ids) are sealed under a key derived from it.
+    /// Every replica sharing a prefix must use the same secret, and
+    /// changing it orphans every counter and balance written before. At least [`Self::MIN_SECRET_LEN`] bytes.
     ///
     /// Without one, [`connect`](Self::connect) uses the secret stored under
     /// `{prefix}:secret`, generating a random one there if none is (so
@@ -384,7 +385,9 @@ impl RedisConfig {
 /// scope is named by its keyed digest (the first 128 bits of HMAC-SHA-256,
 /// under the store's secret ([`RedisConfig::secret`]), over its kind and
 /// id), an event id likewise, and an event's fingerprint is kept only as
-/// its digest. Ids shaped like credentials need no special case.
+/// its digest. A grant's payment id is indexed by its keyed digest and
+/// kept only sealed (see [Prepaid balances](#prepaid-balances)). Ids
+/// shaped like credentials need no special case.
 /// All of one scope's counters live in **one hash per
 /// scope**, a counter under the field `<len>:<meter>:<window>` (the meter
 /// length-prefixed), so no two counters share a field and no counter field
@@ -395,9 +398,10 @@ impl RedisConfig {
 /// | --- | --- |
 /// | `{p}:c:<scope>` | the scope's counters (hash, below) |
 /// | `{p}:c:<scope>:x` | the scope's hold expiries: members `<counter field>\|<lease id>` (sorted set) |
-/// | `{p}:l:<lease id>` | a lease: owner, expiry, deadline, held counters (hash) |
+/// | `{p}:l:<lease id>` | a lease: owner, expiry, deadline, held counters, the balance key it holds on (hash) |
 /// | `{p}:od` | leases with a deadline, for `overdue` (sorted set) |
 /// | `{p}:k:<scope>` | a scope's cooldown end |
+/// | `{p}:b:<scope>:<len>:<meter>` | a scope's prepaid balance in one money meter (hash, see [Prepaid balances](#prepaid-balances)) |
 /// | `{p}:e:<event digest>` | an applied event, one string: fingerprint digest, time, answer |
 /// | `{p}:secret` | the generated secret, when none is configured (no TTL) |
 ///
@@ -426,6 +430,48 @@ impl RedisConfig {
 /// computes for an id the host knows; a settlement reports a held pool its
 /// batch did not name as `ScopeKey::pool("hmac:<hex>")` (the engine names
 /// every pool it settles, so it never sees one).
+///
+/// # Prepaid balances
+/// A balance (contract rule 10) is one hash per scope and money meter,
+/// `{p}:b:<scope digest>:<len>:<meter>`, in its scope's slot (on a cluster
+/// a subject's balance shares the slot of its counters and leases, so a
+/// decision on a subject's own limits and balance is one script call). It
+/// is read whole (`HGETALL`) and written in the same script as the rest of
+/// the batch, so a debit and the counters it rides with are one atomic
+/// step. Its fields:
+///
+/// | field | value |
+/// | --- | --- |
+/// | `d` | the debt |
+/// | `t` | the latest `now` of a batch that applied to it (grants are read at the later of this and `now`, so a clock stepping back never revives an expired grant) |
+/// | `g<id digest>` | a grant: `amount spent effective expiry priority granted rank sealed-id` |
+/// | `h<lease id>` | a lease's hold: `amount expiry` |
+///
+/// A grant is indexed (and a redelivered one recognised) by its payment
+/// id's keyed digest (HMAC-SHA-256 under the store's secret, domain `g:`),
+/// never by the id. Since an answer must report each grant's id
+/// ([`GrantState::id`](crate::store::GrantState::id)), the id is also kept
+/// *sealed*: AES-256-GCM-SIV (RustCrypto's `aes-gcm-siv`) under a key
+/// derived from the same secret (HMAC-SHA-256 of a fixed label), the nonce
+/// the id's keyed digest (deterministic, which GCM-SIV is built for, and
+/// which reveals only the equality the index digest already shows). Whoever
+/// reads Redis without the secret learns neither the id nor a way to test
+/// guesses; a store with another secret names the balance by another
+/// digest, and cannot open the id either (a sealed id it cannot open is
+/// answered [`Error::Store`]). `rank` orders grants whose priority, expiry and start
+/// tie, by their ids' bytes: the script cannot read ids, so a new grant
+/// that ties with others is answered `TIE` with their sealed ids, and the
+/// client makes the call again with the order it computed (the script
+/// checks that order names exactly the tied grants; nothing is written
+/// before). Amounts are decimal strings with the script's exact u64
+/// arithmetic, as counters. A hold counts while `now < expiry` and is
+/// deleted by the next batch that applies to the balance; a lease record
+/// names the balance it holds on (`bk`), so a renewal or settlement that
+/// names no balance still moves or settles its hold. Grants are records:
+/// spent and expired ones stay, so a balance's hash grows with its grants
+/// and every decision on it reads them all. The hash lives
+/// [`RedisConfig::lifetime_ttl`] (plus the margin) past its last write, or
+/// past its last hold's expiry if later; its TTL is only ever raised.
 ///
 /// # Expiry
 /// Every key gets a TTL when it is written. A scope's hash lives as long as
@@ -480,7 +526,19 @@ impl RedisConfig {
 /// - a reservation opens its lease on each slot (its deadline on the
 ///   owner's, whose record lists the other slots), and renew and settle
 ///   visit every slot; a grow whose ops span slots is refused with
-///   [`Error::CrossSlot`], since a grow cannot be taken back.
+///   [`Error::CrossSlot`], since a grow cannot be taken back;
+/// - a prepaid balance is kept in its scope's slot (a subject's balance in
+///   the subject's: a decision on a subject's own limits and balance is
+///   one call). A batch whose balance is in another slot than some of its
+///   ops (a pool's limit, or a pool's balance) takes the steps above with
+///   the balance in its slot's part: an admit holds the debit with the
+///   deltas, then settles it (consumed); a reservation holds it on the
+///   balance's slot, where renew and settle move and consume it; a record
+///   or a check applies or reads it there. Between two steps another
+///   decision may consume what a phase-1 hold did not cover (a forced
+///   record ignores holds), so an admit's debit may then end partly in
+///   debt or uncovered, as a record's does. A grant whose cooldowns are in
+///   another slot than its balance is refused with [`Error::CrossSlot`].
 ///
 /// Atomicity across slots is that of these steps, not of one script: a
 /// reader between two steps may see one slot applied and not the other,

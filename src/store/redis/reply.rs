@@ -1,7 +1,10 @@
 //! Reading the script's reply into an `Applied`.
 
 use crate::name::Name;
-use crate::store::{Applied, Batch, CounterOp, CounterState, InlineVec, ScopeKey, SettledHold};
+use crate::store::{
+    Applied, BalanceState, Batch, CounterOp, CounterState, GrantState, InlineVec, ScopeKey,
+    SettledHold,
+};
 use crate::window::Window;
 use crate::Error;
 
@@ -44,6 +47,9 @@ impl<'a> Reply<'a> {
             _ => return Err(bad_reply("type")),
         }
         Ok(Self(words.into_iter()))
+    }
+    fn done(&self) -> bool {
+        self.0.as_slice().is_empty()
     }
     fn word(&mut self) -> Result<Word<'a>, Error> {
         self.0.next().ok_or_else(|| bad_reply("too short"))
@@ -122,14 +128,58 @@ impl RedisStore {
             let (scope, meter, window) = self.resolve(batch, descs, desc)?;
             settled.push(SettledHold::new(scope, meter, window, held, charged));
         }
+        let mut balance = None;
+        if !r.done() {
+            if r.token()? != "B" {
+                return Err(bad_reply("balance"));
+            }
+            let (b, replayed) = self.balance(&mut r)?;
+            balance = Some(Box::new(b));
+            if replayed.is_some() {
+                replayed_at = replayed;
+            }
+        }
         Ok(Applied {
             applied,
             counters,
             settled,
             cooldowns,
             replayed_at_ms: replayed_at,
-            balance: None,
+            balance,
         })
+    }
+
+    /// A balance's part of a reply (after its `B`), and when a replayed
+    /// grant was first made.
+    fn balance(&self, r: &mut Reply<'_>) -> Result<(BalanceState, Option<i64>), Error> {
+        let mut b = BalanceState {
+            remaining: r.int()?,
+            held: r.int()?,
+            debt: r.int()?,
+            fits: r.int::<u8>()? == 1,
+            uncovered: r.int()?,
+            grants: Vec::new(),
+        };
+        let n: usize = r.int()?;
+        b.grants.reserve(n.min(1024));
+        for _ in 0..n {
+            let sealed = r.token()?;
+            let id = self
+                .keyed
+                .open_grant(sealed)
+                .ok_or_else(|| bad_reply("a grant id not sealed under this secret"))?;
+            b.grants.push(GrantState {
+                id,
+                amount: r.int()?,
+                spent: r.int()?,
+                effective_at_ms: r.int()?,
+                expires_at_ms: r.time()?,
+                priority: r.int()?,
+                granted_at_ms: r.int()?,
+            });
+        }
+        let replayed = r.time()?;
+        Ok((b, replayed))
     }
 
     /// The counter a hold descriptor names: an op of the batch, or what the
@@ -176,10 +226,20 @@ impl RedisStore {
                 reason: format!("lease {} is already open", id()),
             },
             Ok("unknown") => Error::UnknownReservation { id: id() },
+            Ok("grant") => Error::GrantConflict {
+                payment: match batch.balance.map(|b| b.action) {
+                    Some(crate::store::BalanceAction::Grant(g)) => g.id.to_owned(),
+                    _ => String::new(),
+                },
+            },
+            Ok("balance") => Error::InvalidBatch {
+                reason: "a lease holds on one balance: the batch names another".into(),
+            },
             Ok("settled") => Error::ReservationSettled { id: id() },
             Ok("expired") => Error::ReservationExpired { id: id() },
             Ok("overflow") => {
                 let meter = match r.token() {
+                    Ok("balance") => batch.balance.map(|b| b.meter.as_str().to_owned()),
                     Ok("hold") => r
                         .token()
                         .ok()

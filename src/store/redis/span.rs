@@ -16,9 +16,14 @@
 //!   record on each slot; its owner's record lists the others (field
 //!   `sp`), and renew and settle visit them all. A grow across slots is
 //!   refused ([`Error::CrossSlot`]): its holds could not be taken back.
+//! - A prepaid balance goes with the part of its slot: held with the
+//!   deltas in an admit's phase 1 and consumed by its settlement, held
+//!   under a reservation's lease there. A grant spanning slots (its
+//!   cooldowns elsewhere) is refused ([`Error::CrossSlot`]).
 
 use crate::store::{
-    Applied, Batch, CooldownOp, CounterOp, Fraction, InlineVec, LeaseAction, LeaseId, LeaseOp, Mode,
+    Applied, BalanceAction, Batch, CooldownOp, CounterOp, Fraction, InlineVec, LeaseAction,
+    LeaseId, LeaseOp, Mode,
 };
 use crate::Error;
 
@@ -35,6 +40,8 @@ struct Part {
     home: String,
     ops: Vec<usize>,
     cools: Vec<usize>,
+    /// Whether the batch's balance is in this slot.
+    bal: bool,
 }
 
 /// The parts of a batch by slot, the home slot's first; `extra` are more
@@ -51,6 +58,7 @@ fn parts(store: &RedisStore, digests: &Digests, extra: &[String]) -> Vec<Part> {
                 home: d.to_owned(),
                 ops: Vec::new(),
                 cools: Vec::new(),
+                bal: false,
             },
         ));
         parts.len() - 1
@@ -64,6 +72,10 @@ fn parts(store: &RedisStore, digests: &Digests, extra: &[String]) -> Vec<Part> {
     for (i, d) in digests.cools.iter().enumerate() {
         let p = at(store, &mut parts, d);
         parts[p].1.cools.push(i);
+    }
+    if let Some(d) = &digests.bal {
+        let p = at(store, &mut parts, d);
+        parts[p].1.bal = true;
     }
     for d in extra {
         at(store, &mut parts, d);
@@ -114,6 +126,7 @@ fn sub_digests(digests: &Digests, part: &Part) -> Digests {
             .map(|&i| digests.cools[i].clone())
             .collect(),
         owner: digests.owner.clone(),
+        bal: if part.bal { digests.bal.clone() } else { None },
         home: part.home.clone(),
     }
 }
@@ -140,13 +153,36 @@ fn merge(batch: &Batch<'_>, parts: &[Part], answers: &[Applied], replayed: Optio
     for c in by_cool {
         cooldowns.push(c.flatten());
     }
+    let balance = parts
+        .iter()
+        .zip(answers)
+        .find(|(p, _)| p.bal)
+        .and_then(|(_, a)| a.balance.clone());
     Applied {
         applied: answers.iter().all(|a| a.applied),
         counters,
         settled,
         cooldowns,
         replayed_at_ms: replayed,
-        balance: None,
+        balance,
+    }
+}
+
+/// The part's sub-batch with the batch's balance, if it is in the part's
+/// slot; `amount_zero`: a debit that only reports (and takes the
+/// overdraft) where the part's lease already holds the amount.
+fn with_bal<'a>(sub: Batch<'a>, batch: &Batch<'a>, part: &Part, amount_zero: bool) -> Batch<'a> {
+    match batch.balance {
+        Some(mut b) if part.bal => {
+            if let (true, BalanceAction::Debit { overdraft, .. }) = (amount_zero, b.action) {
+                b.action = BalanceAction::Debit {
+                    amount: 0,
+                    overdraft,
+                };
+            }
+            sub.with_balance(b)
+        }
+        _ => sub,
     }
 }
 
@@ -171,6 +207,12 @@ impl RedisStore {
         digests: &Digests,
         extra: &[String],
     ) -> Result<Applied, Error> {
+        if let Some(BalanceAction::Grant(_)) = batch.balance.map(|b| b.action) {
+            return Err(Error::CrossSlot {
+                reason: "a grant whose cooldowns are in another cluster slot than its balance"
+                    .into(),
+            });
+        }
         let parts = parts(self, digests, extra);
         match batch.lease.map(|l| l.action) {
             _ if batch.mode == Mode::Check => self.span_each(batch, digests, &parts, true).await,
@@ -202,6 +244,7 @@ impl RedisStore {
             let (ops, cools) = pieces(batch, part, false, true);
             let mode = if check { Mode::Check } else { batch.mode };
             let mut sub = Batch::new(&ops, mode, batch.now_ms).with_cooldowns(&cools);
+            sub = with_bal(sub, batch, part, false);
             sub.event = batch.event;
             let r = self
                 .apply_one(&sub, &sub_digests(digests, part), check)
@@ -226,7 +269,18 @@ impl RedisStore {
         parts: &[Part],
     ) -> Result<Applied, Error> {
         let id = LeaseId::random();
-        let owner = batch.ops[0].scope;
+        // The phase-1 leases' owner: any scope of the batch will do.
+        let Some(owner) = batch
+            .ops
+            .first()
+            .map(|o| o.scope)
+            .or_else(|| batch.balance.map(|b| b.scope))
+            .or_else(|| batch.cooldowns.first().map(|c| c.scope))
+        else {
+            return Err(Error::CrossSlot {
+                reason: "an admit naming no scope".into(),
+            });
+        };
         let open = LeaseOp::new(
             id,
             owner,
@@ -244,6 +298,8 @@ impl RedisStore {
             let mut sub = Batch::new(&ops, Mode::WithinLimits, batch.now_ms)
                 .with_cooldowns(&cools)
                 .with_lease(open);
+            // The debit is held, as the ops' deltas are.
+            sub = with_bal(sub, batch, part, false);
             sub.event = batch.event;
             match self
                 .apply_one(&sub, &sub_digests(digests, part), true)
@@ -295,6 +351,9 @@ impl RedisStore {
                     for i in idx {
                         out.counters[i] = rest.counters[i];
                     }
+                    if out.balance.is_none() {
+                        out.balance = rest.balance;
+                    }
                 }
             }
             return Ok(out);
@@ -318,6 +377,8 @@ impl RedisStore {
             let mut sub = Batch::new(&ops, Mode::Force, batch.now_ms)
                 .with_cooldowns(&cools)
                 .with_lease(settle);
+            // Settling keeps all of the held debit: consumed.
+            sub = with_bal(sub, batch, part, true);
             sub.event = batch.event;
             match self
                 .apply_one(&sub, &sub_digests(digests, part), false)
@@ -368,7 +429,12 @@ impl RedisStore {
                     keep: Fraction::ZERO,
                 },
             );
-            let sub = Batch::new(&ops, Mode::Force, batch.now_ms).with_lease(release);
+            let sub = with_bal(
+                Batch::new(&ops, Mode::Force, batch.now_ms).with_lease(release),
+                batch,
+                part,
+                true,
+            );
             out.push(
                 self.apply_one(&sub, &sub_digests(digests, part), false)
                     .await
@@ -414,9 +480,14 @@ impl RedisStore {
                     deadline_ms: None,
                 }
             };
-            let sub = Batch::new(&ops, batch.mode, batch.now_ms)
-                .with_cooldowns(&cools)
-                .with_lease(LeaseOp::new(lease.id, lease.owner, action));
+            let sub = with_bal(
+                Batch::new(&ops, batch.mode, batch.now_ms)
+                    .with_cooldowns(&cools)
+                    .with_lease(LeaseOp::new(lease.id, lease.owner, action)),
+                batch,
+                part,
+                false,
+            );
             match self
                 .apply_one(&sub, &sub_digests(digests, part), false)
                 .await
@@ -497,6 +568,7 @@ impl RedisStore {
             if lease_slots.contains(&self.layout.slot(&part.home)) {
                 sub = sub.with_lease(lease);
             }
+            sub = with_bal(sub, batch, part, false);
             sub.event = batch.event;
             match self
                 .apply_one(&sub, &sub_digests(digests, part), false)
