@@ -9,6 +9,8 @@
 #[macro_use]
 mod conformance_tests;
 
+#[path = "support/balance_replicas.rs"]
+mod balance_replicas;
 #[path = "support/redis_env.rs"]
 mod redis_env;
 use redis_env::unique_prefix;
@@ -263,6 +265,20 @@ fn catalog() -> tollgate::Catalog {
 /// Eight engines, each with its own cluster connection, admit at once for
 /// four subjects sharing one pool (so each decision spans two slots): the
 /// pool never admits past its maximum, and admits exactly it.
+/// Prepaid balances through eight engines on the cluster: top-ups credit
+/// once across replicas, spending never passes the balance.
+#[test]
+fn replicas_spend_one_balance() {
+    let Some(nodes) = nodes() else { return };
+    let rt = runtime();
+    let prefix = unique_prefix("replicas");
+    rt.block_on(balance_replicas::replicas_spend_one_balance(|| {
+        let (nodes, prefix) = (nodes.clone(), prefix.clone());
+        async move { store(&nodes, &prefix, TimeSource::Server).await }
+    }));
+    rt.block_on(flush(&nodes, &prefix));
+}
+
 #[test]
 fn eight_engines_share_a_pool_across_slots() {
     let Some(nodes) = nodes() else { return };

@@ -6,6 +6,8 @@
 #[path = "support/conformance.rs"]
 #[macro_use]
 mod conformance_tests;
+#[path = "support/balance_replicas.rs"]
+mod balance_replicas;
 #[path = "support/differential.rs"]
 mod differential;
 
@@ -200,6 +202,28 @@ fn catalog(max: u64) -> tollgate::Catalog {
         )))
         .build()
         .expect("catalog")
+}
+
+/// Prepaid balances through eight engines on one Redis, on the server's
+/// clock (the default): top-ups credit once across replicas, spending
+/// never passes the balance.
+#[test]
+fn replicas_spend_one_balance() {
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    let prefix = unique_prefix("replicas");
+    rt.block_on(balance_replicas::replicas_spend_one_balance(|| {
+        let (url, prefix) = (url.clone(), prefix.clone());
+        async move {
+            RedisConfig::new(url)
+                .prefix(prefix)
+                .timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .expect("connect")
+        }
+    }));
+    rt.block_on(flush(&url, &format!("{{{prefix}}}")));
 }
 
 /// Eight engines, each with its own connection, admit against one limit at
