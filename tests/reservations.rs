@@ -138,15 +138,23 @@ fn an_actual_above_the_estimate_is_recorded_like_record() {
 #[test]
 fn release_refunds_by_outcome_with_the_default_policy() {
     let (e, _) = engine();
-    // Failed: 50 % of 1,001 returns; 501 (rounded up) stays used.
-    for (outcome, used) in [
-        (Outcome::Failed, 501u64),
-        (Outcome::Cancelled, 0),
-        (Outcome::Completed, 1_001),
+    // Failed: 50 % of 1,001 returns; 501 (rounded up) stays used. The
+    // held $1.001 is kept in the same share, rounded up to the micro-dollar,
+    // and the decision's cost is that charge.
+    for (outcome, used, micro) in [
+        (Outcome::Failed, 501u64, 500_500i64),
+        (Outcome::Cancelled, 0, 0),
+        (Outcome::Completed, 1_001, 1_001_000),
     ] {
         let (e2, _) = engine();
         let res = e2.reserve(&job("agent-1", 1_001), MIN).unwrap().unwrap();
         let d = e2.release(&res, outcome).unwrap();
+        assert_eq!(limit(&d, COST).used, micro as u64, "{outcome:?}");
+        assert_eq!(
+            d.cost.as_ref().map(|c| c.amount),
+            Some(Decimal::new(micro, 6)),
+            "{outcome:?}: the release's cost is what it charged"
+        );
         assert_eq!(limit(&d, TOKENS).used, used, "{outcome:?}");
         assert_eq!(
             limit(&d, TOKENS).requested,

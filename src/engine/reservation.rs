@@ -280,9 +280,20 @@ impl<S, C: Clock> Engine<S, C> {
         request: &'r Request<'q>,
         outcome: Outcome,
     ) -> Result<Settling<'r, 'q>, Error> {
-        let p = self.prepare_for(reservation, request)?;
+        let mut p = self.prepare_for(reservation, request)?;
+        let keep = outcome.keep(&p.alloc.plan);
+        // The decision's cost is what the release charges: the kept share
+        // of the held cost, rounded up as the store keeps it.
+        if let (Some(cm), Some(cost)) = (p.alloc.plan.cost, p.cost.as_mut()) {
+            let held = reservation
+                .held
+                .iter()
+                .find(|&&(i, _, _)| i == cm.idx)
+                .map_or(0, |&(_, _, n)| n);
+            cost.amount += cm.to_decimal(keep.ceil_of(held));
+        }
         Ok(Settling {
-            keep: outcome.keep(&p.alloc.plan),
+            keep,
             p,
             reservation,
             request,
