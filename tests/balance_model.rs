@@ -1,4 +1,5 @@
-//! Random sequences of top-ups, admits, records, reservations, settlements
+//! Random sequences of top-ups, admits, records, reservations, growths,
+//! settlements
 //! and clock moves on one prepaid balance with an overdraft, checked after
 //! every step against what a balance must keep:
 //!
@@ -48,6 +49,7 @@ enum Step {
     Admit(u64),
     Record(u64),
     Reserve(u64),
+    Grow { which: usize, more: u64 },
     Commit { which: usize, actual: u64 },
     Release { which: usize, outcome: u8 },
     Advance(u64),
@@ -59,6 +61,7 @@ fn step() -> impl Strategy<Value = Step> {
         4 => (0u64..150).prop_map(Step::Admit),
         2 => (0u64..150).prop_map(Step::Record),
         3 => (0u64..120).prop_map(Step::Reserve),
+        2 => (0usize..4, 0u64..80).prop_map(|(which, more)| Step::Grow { which, more }),
         2 => (0usize..4, 0u64..150).prop_map(|(which, actual)| Step::Commit { which, actual }),
         2 => (0usize..4, 0u8..3).prop_map(|(which, outcome)| Step::Release { which, outcome }),
         1 => (1u64..90).prop_map(Step::Advance),
@@ -177,6 +180,30 @@ fn run(steps: &[Step]) -> Result<(), TestCaseError> {
                 let d = engine.record(&tokens(n)).expect("record");
                 prop_assert!(d.recorded || n == 0);
                 m.charged += charged(&d);
+            }
+            Step::Grow { which, more } => {
+                if m.open.is_empty() {
+                    continue;
+                }
+                let k = which % m.open.len();
+                let exp = m.open[k].2;
+                match engine.grow(&mut m.open[k].0, &tokens(more)) {
+                    Ok(d) => {
+                        prop_assert!(exp > now_ms);
+                        let fits = more == 0 || i128::from(more) <= cents(before.available);
+                        // A growth is held whether or not it fit (the
+                        // stream ran); the decision says whether to stop.
+                        prop_assert_eq!(d.allowed, fits, "grow {} with {}", more, before.available);
+                        m.open[k].1 += i128::from(more);
+                        if !fits {
+                            let is_balance =
+                                matches!(d.reason, Some(Refusal::InsufficientBalance { .. }));
+                            prop_assert!(is_balance, "{:?}", d.reason);
+                        }
+                    }
+                    Err(Error::ReservationExpired { .. }) => prop_assert!(exp <= now_ms),
+                    Err(e) => prop_assert!(false, "grow: {e:?}"),
+                }
             }
             Step::Commit { which, actual } => {
                 if m.open.is_empty() {

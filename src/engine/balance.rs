@@ -189,7 +189,10 @@ pub(super) fn conclude_balance(
         .find(|(i, _)| *i == cm.idx)
         .map_or(0, |&(_, n)| n);
     let short = match call {
-        Call::Check | Call::Admit | Call::Reserve | Call::Grow => requested > 0 && !b.fits,
+        Call::Check | Call::Admit | Call::Reserve => requested > 0 && !b.fits,
+        // A growth is forced (the stream ran): the store holds it whether
+        // or not it fit, so it fit exactly when nothing is overdrawn after.
+        Call::Grow => requested > 0 && b.available() < 0,
         _ => b.uncovered > 0,
     };
     if applied.applied && requested > 0 && call != Call::Check {

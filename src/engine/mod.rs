@@ -400,7 +400,9 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     /// Grow a live reservation's holds by `more` (a stream's running tokens
     /// or cost). The growth is always held, like [`Engine::record`]: it
     /// already happened. The decision is `Exceeded` once usage plus holds is
-    /// past a maximum: the host should stop the work there. `more` must name
+    /// past a maximum, or (reason [`Refusal::InsufficientBalance`](crate::Refusal::InsufficientBalance))
+    /// once the growth's cost is more than the prepaid balance had
+    /// available: the host should stop the work there. `more` must name
     /// the reservation's subject (and its model, if it names one).
     ///
     /// # Errors

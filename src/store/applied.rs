@@ -123,7 +123,10 @@ pub struct BalanceState {
     /// What consumption took past the grants, within the overdraft.
     pub debt: u64,
     /// Whether the batch's debit fit (`amount <= remaining - held - debt`,
-    /// or a zero amount); `true` for a batch with no debit.
+    /// or a zero amount), as `Check` and `WithinLimits` batches decide it;
+    /// `true` for a batch with no debit and for a `Force` batch, which
+    /// applies either way (its `uncovered`, or for a hold the available
+    /// amount after it, tells).
     pub fits: bool,
     /// What the batch's consumption could not cover (grants and overdraft
     /// exhausted); never recorded anywhere.
