@@ -106,7 +106,11 @@ async fn serve(configure: impl FnOnce(QuotaLayer) -> QuotaLayer) -> App {
     let clock = ManualClock::new(Utc.with_ymd_and_hms(2026, 3, 10, 12, 0, 0).unwrap());
     let store = Arc::new(Flaky::default());
     let engine = Arc::new(Engine::with_store_and_clock(catalog, store.clone(), clock));
-    for (subject, plan) in [("free-1", "plan_free"), ("free-2", "plan_free")] {
+    for (subject, plan) in [
+        ("free-1", "plan_free"),
+        ("free-2", "plan_free"),
+        ("payg-1", "plan_payg"),
+    ] {
         engine.allocate(Allocation::new(subject, plan)).unwrap();
     }
     let layer = QuotaLayer::new(engine.clone(), SubjectSource::header("x-api-key"), routes())
@@ -241,6 +245,40 @@ impl App {
 }
 
 const SEARCH_PATH: &str = "/api/spaces/s1/search";
+
+#[tokio::test]
+async fn a_prepaid_balance_runs_out_with_402_and_a_top_up_reopens_it() {
+    let app = serve(|l| l).await;
+    // No credit: a $0.02 search is refused before the handler runs.
+    let a = app.send(Method::POST, SEARCH_PATH, "payg-1").await;
+    assert_eq!(a.status, StatusCode::PAYMENT_REQUIRED);
+    let b = a.json();
+    assert_eq!(b["error"], "insufficient_balance");
+    assert_eq!(
+        (b["needed"].as_str(), b["available"].as_str()),
+        (Some("0.020000"), Some("0.000000"))
+    );
+    assert_eq!(app.searches.load(Ordering::SeqCst), 0, "handler not called");
+
+    // A $0.05 pack pays for two searches ($0.04), not a third.
+    let pack = tollgate::TopUp::new("pay-7", rust_decimal::Decimal::new(5, 2), "USD");
+    app.engine.top_up("payg-1", &pack).unwrap();
+    for _ in 0..2 {
+        let a = app.send(Method::POST, SEARCH_PATH, "payg-1").await;
+        assert_eq!(a.status, StatusCode::OK);
+    }
+    let a = app.send(Method::POST, SEARCH_PATH, "payg-1").await;
+    assert_eq!(a.status, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(a.json()["available"], "0.010000");
+    assert_eq!(app.searches.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        app.used("payg-1", SEARCH),
+        2,
+        "refused searches record nothing"
+    );
+    let left = app.engine.balance("payg-1").unwrap();
+    assert_eq!(left.available, rust_decimal::Decimal::new(1, 2));
+}
 
 #[tokio::test]
 async fn writes_go_ok_then_warning_then_402_while_reads_still_answer() {
