@@ -47,7 +47,8 @@ fn read<S: AllowanceStore>(s: &S, scope: &ScopeKey, now: i64) -> BalanceState {
 /// stop counting at their expiry to the millisecond, count from their
 /// start; a debit that does not fit refuses the whole batch; a forced
 /// debit runs into debt up to the overdraft and reports the rest as
-/// uncovered; a new grant pays the debt off first; a clock stepping back
+/// uncovered; a new live grant pays the debt off first (an expired or not
+/// yet effective one does not); a clock stepping back
 /// never brings an expired grant back.
 pub fn balances_consume_grants_in_order<S: AllowanceStore>(new: impl Fn() -> S) {
     let s = new();
@@ -132,6 +133,20 @@ pub fn balances_consume_grants_in_order<S: AllowanceStore>(new: impl Fn() -> S) 
     );
     assert!(!r.applied, "admission never uses the overdraft");
 
+    // Only a live grant pays debt off: one already expired, or one not
+    // yet effective, leaves the debt as it was.
+    let b = top_up(&s, &a, GrantOp::new("gone", 40, t(0)).expiring(t(5)), t(11));
+    assert_eq!(
+        (b.remaining, b.debt),
+        (0, 20),
+        "an expired grant repays nothing"
+    );
+    let b = top_up(&s, &a, GrantOp::new("next", 40, t(200)), t(11));
+    assert_eq!(
+        (b.remaining, b.debt),
+        (0, 20),
+        "a grant not yet effective repays nothing"
+    );
     let b = top_up(&s, &a, GrantOp::new("d", 50, t(11)), t(11));
     assert_eq!(
         (b.remaining, b.debt),

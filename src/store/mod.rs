@@ -136,8 +136,10 @@
 //!       already has, with the same amount, times and priority, changes
 //!       nothing and answers with [`Applied::replayed_at_ms`] set to when it
 //!       was first granted; with anything different it is
-//!       [`Error::GrantConflict`]. A new grant first pays the debt off
-//!       (`spent` starts at what it repays). A zero amount, an empty id, or
+//!       [`Error::GrantConflict`]. A new grant that is live (read at the
+//!       balance's time, as above) first pays the debt off (`spent` starts
+//!       at what it repays); one not yet effective or already expired
+//!       leaves the debt. A zero amount, an empty id, or
 //!       an expiry at or before the effective time is [`Error::InvalidBatch`];
 //!       grants whose amounts together pass a `u64` are [`Error::Overflow`].
 //!       Grants are records: a backend keeps them (spent and expired ones

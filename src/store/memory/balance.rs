@@ -165,20 +165,24 @@ impl Balance {
         Ok(None)
     }
 
-    /// Add a grant checked by [`Balance::check_grant`]; it pays the debt
-    /// off first.
+    /// Add a grant checked by [`Balance::check_grant`]; if it is live, it
+    /// pays the debt off first (one not yet effective or already expired
+    /// leaves the debt alone).
     pub(super) fn add_grant(&mut self, g: &GrantOp<'_>, now_ms: i64) {
-        let repaid = g.amount.min(self.debt);
-        self.debt -= repaid;
-        let grant = Grant {
+        let mut grant = Grant {
             id: Box::from(g.id),
             amount: g.amount,
-            spent: repaid,
+            spent: 0,
             effective_ms: g.effective_at_ms,
             expires_ms: g.expires_at_ms,
             priority: g.priority,
             granted_ms: now_ms,
         };
+        if grant.live(self.t(now_ms)) {
+            let repaid = g.amount.min(self.debt);
+            self.debt -= repaid;
+            grant.spent = repaid;
+        }
         let at = self
             .grants
             .partition_point(|old| old.order(&grant) == Ordering::Less);

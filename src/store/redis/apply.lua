@@ -994,12 +994,17 @@ if applied then
     if bact == 'g' then
       local amt = ARGV[bargs + 2]
       local a = P(amt)
-      local repaid = cmp(a, bal.debt) <= 0 and a or bal.debt
+      local ex = ARGV[bargs + 4]
+      -- Only a live grant pays the debt off (one not yet effective or
+      -- already expired leaves it).
+      local t = bt()
+      local glive = ARGV[bargs + 3] + 0 <= t and (ex == '-' or t < ex + 0)
+      local repaid = 0
+      if glive then repaid = cmp(a, bal.debt) <= 0 and a or bal.debt end
       if repaid ~= 0 then
         bal.debt = sub(bal.debt, repaid)
         bal.ddirty = true
       end
-      local ex = ARGV[bargs + 4]
       local g = {d = ARGV[bargs + 1], amt = amt, amount = a, spent = repaid,
         effs = ARGV[bargs + 3], eff = ARGV[bargs + 3] + 0, exs = ex,
         exp = ex ~= '-' and ex + 0 or false, prs = ARGV[bargs + 5], prio = ARGV[bargs + 5] + 0,

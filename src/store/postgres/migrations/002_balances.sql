@@ -240,6 +240,7 @@ DECLARE
     amt numeric := 0;
     od numeric := 0;
     d numeric;
+    t bigint;
     repaid numeric;
     held numeric;
     kept numeric;
@@ -254,9 +255,16 @@ BEGIN
       AND l.id = h.lease_id AND l.expires_ms <= now_ms;
     IF bal->>'a' = 'g' THEN
         amt := (bal->>'n')::numeric;
-        SELECT x.debt INTO d FROM __SCHEMA__.balances x
+        -- Only a live grant (at the balance's time, the upsert above) pays
+        -- the debt off; one not yet effective or already expired leaves it.
+        SELECT x.debt, x.seen_ms INTO d, t FROM __SCHEMA__.balances x
         WHERE x.scope_kind = bk AND x.scope_id = bs AND x.meter = bm;
-        repaid := least(amt, d);
+        IF (bal->>'eff')::bigint <= t
+           AND ((bal->>'exp') IS NULL OR t < (bal->>'exp')::bigint) THEN
+            repaid := least(amt, d);
+        ELSE
+            repaid := 0;
+        END IF;
         IF repaid > 0 THEN
             UPDATE __SCHEMA__.balances x SET debt = x.debt - repaid
             WHERE x.scope_kind = bk AND x.scope_id = bs AND x.meter = bm;
