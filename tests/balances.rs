@@ -716,3 +716,91 @@ fn a_store_that_keeps_no_balance_is_an_error_not_free_credit() {
         Err(Error::Store { .. })
     ));
 }
+
+#[test]
+fn a_reservation_settles_on_its_balance_after_a_plan_change() {
+    // Opened on ann's own balance; ann then moves to the team plan, whose
+    // balance is the pool's: the commit charges where the hold was.
+    let (engine, _) = engine();
+    engine
+        .top_up("ann", &TopUp::new("own", usd(100), "USD"))
+        .unwrap();
+    let r = engine
+        .reserve(&tokens("ann", 40), Duration::from_secs(60))
+        .unwrap()
+        .expect("reserved");
+    engine
+        .allocate(Allocation::new("ann", "team").with_pool("acct"))
+        .unwrap();
+    let d = engine.commit(&r, &tokens("ann", 30)).unwrap();
+    assert!(d.allowed && d.recorded);
+    engine.allocate(Allocation::new("ann", "payg")).unwrap();
+    let b = engine.balance("ann").unwrap();
+    assert_eq!(
+        (b.remaining, b.held),
+        (usd(70), usd(0)),
+        "charged where it held"
+    );
+
+    // Moved to a plan with no balance: a release still settles the hold.
+    let r = engine
+        .reserve(&tokens("ann", 20), Duration::from_secs(60))
+        .unwrap()
+        .expect("reserved");
+    engine
+        .allocate(Allocation::new("ann", "quota_only"))
+        .unwrap();
+    engine.release(&r, Outcome::Cancelled).unwrap();
+    engine.allocate(Allocation::new("ann", "payg")).unwrap();
+    let b = engine.balance("ann").unwrap();
+    assert_eq!((b.remaining, b.held), (usd(70), usd(0)), "hold given back");
+}
+
+#[test]
+fn a_short_balance_is_the_reason_even_when_a_limit_refuses_too() {
+    // 60 tokens: past the 50-token cap and past the $0.05 balance. Waiting
+    // for the cap would not help: the reason is the balance (402), the
+    // binding limit is still named, and there is no retry time.
+    let (engine, _) = engine();
+    engine
+        .top_up("cap", &TopUp::new("p", usd(5), "USD"))
+        .unwrap();
+    let d = engine.admit(&tokens("cap", 60)).unwrap();
+    assert!(!d.allowed);
+    assert!(matches!(
+        d.reason,
+        Some(Refusal::InsufficientBalance { ref needed, ref available })
+            if needed.amount == usd(60) && available.amount == usd(5)
+    ));
+    assert_eq!(d.retry_after, None);
+    assert_eq!(
+        d.binding_limit().map(|l| l.meter.to_string()),
+        Some("tokens".into())
+    );
+}
+
+#[test]
+fn a_release_whose_kept_share_is_uncovered_says_what_it_needed() {
+    // The grant under a reservation expires before the work completes:
+    // the kept $1.00 cannot be covered, and the refusal says $1.00.
+    let (engine, clock) = engine();
+    let expiry = clock.now_utc() + chrono::Duration::seconds(30);
+    engine
+        .top_up(
+            "ann",
+            &TopUp::new("promo", usd(100), "USD").expires_at(expiry),
+        )
+        .unwrap();
+    let r = engine
+        .reserve(&tokens("ann", 100), Duration::from_secs(60))
+        .unwrap()
+        .expect("reserved");
+    clock.advance(Duration::from_secs(31));
+    let d = engine.release(&r, Outcome::Completed).unwrap();
+    assert_eq!(d.cost.as_ref().map(|c| c.amount), Some(usd(100)));
+    assert_eq!(d.balance.as_ref().unwrap().uncovered, usd(100));
+    assert!(matches!(
+        d.reason,
+        Some(Refusal::InsufficientBalance { ref needed, .. }) if needed.amount == usd(100)
+    ));
+}

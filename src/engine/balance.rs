@@ -21,7 +21,7 @@ use crate::decision::{Balance, Decision, Grant, Money, Refusal, Status};
 use crate::store::{
     ms_to_time, Applied, BalanceAction, BalanceOp, BalanceState, Batch, GrantOp, Mode, ScopeKey,
 };
-use crate::Error;
+use crate::{Error, Name};
 
 /// A top-up to credit ([`Engine::top_up`]): a credit grant on the balance
 /// the subject's plan spends from, idempotent by the host's payment id.
@@ -55,7 +55,9 @@ pub struct TopUp<'a> {
     /// When what it has left stops counting (to the millisecond), if ever.
     pub expires_at: Option<DateTime<Utc>>,
     /// Grants are spent lowest priority first (default 0), then the
-    /// soonest-expiring, then the oldest.
+    /// soonest-expiring (none last), then the earliest effective (a top-up
+    /// without `effective_at` first), then by payment id bytes — not by
+    /// when they were credited.
     pub priority: u32,
 }
 
@@ -126,6 +128,30 @@ pub(super) fn balance_of<'a>(
     let (b, cm) = (plan.balance.as_ref()?, plan.cost.as_ref()?);
     let scope = b.pool.as_ref().unwrap_or(&alloc.scope);
     Some(BalanceOp::new(scope, cm.id, action(b.overdraft)))
+}
+
+/// The balance op of a growth or settlement of a reservation whose hold is
+/// on `held_on`: that balance, whatever the subject's plan is now (a lease
+/// holds on one balance). The debit is the current plan's when it keeps
+/// its money in the same meter, else zero (the settlement then only
+/// settles the hold); with no hold, the current plan's op.
+pub(super) fn settle_op<'a>(
+    p: &'a Prepared,
+    held_on: Option<&'a (ScopeKey, Name)>,
+) -> Option<BalanceOp<'a>> {
+    let current = super::plan::balance_op(p);
+    let Some((scope, meter)) = held_on else {
+        return current;
+    };
+    let (amount, overdraft) = match current.map(|c| (c.meter, c.action)) {
+        Some((m, BalanceAction::Debit { amount, overdraft })) if m == *meter => (amount, overdraft),
+        _ => (0, 0),
+    };
+    Some(BalanceOp::new(
+        scope,
+        *meter,
+        BalanceAction::Debit { amount, overdraft },
+    ))
 }
 
 /// A store's balance in its public form.
@@ -199,6 +225,8 @@ pub(super) fn conclude_balance(
         decision.recorded = true;
     }
     if short {
+        // The balance's refusal wins over a limit's or a cooldown's: waiting
+        // never helps it (a 429 with a retry time would only lead to a 402).
         decision.status = Status::Exceeded;
         decision.allowed = false;
         decision.retry_after = None;
@@ -206,21 +234,26 @@ pub(super) fn conclude_balance(
             .limits
             .iter()
             .any(|l| l.status == Status::Exceeded && l.requested > 0);
-        if !by_limit && !matches!(decision.reason, Some(Refusal::Cooldown { .. })) {
+        if !by_limit {
             decision.binding = None;
-            let available =
-                Decimal::try_from_i128_with_scale(b.available(), cm.scale).unwrap_or(Decimal::MIN);
-            decision.reason = Some(Refusal::InsufficientBalance {
-                needed: Money {
-                    amount: cm.to_decimal(requested),
-                    currency: cm.currency,
-                },
-                available: Money {
-                    amount: available,
-                    currency: cm.currency,
-                },
-            });
         }
+        let available =
+            Decimal::try_from_i128_with_scale(b.available(), cm.scale).unwrap_or(Decimal::MIN);
+        // The decision's cost: the request's, or for a release the kept share.
+        let needed = decision
+            .cost
+            .as_ref()
+            .map_or_else(|| cm.to_decimal(requested), |c| c.amount);
+        decision.reason = Some(Refusal::InsufficientBalance {
+            needed: Money {
+                amount: needed,
+                currency: cm.currency,
+            },
+            available: Money {
+                amount: available,
+                currency: cm.currency,
+            },
+        });
     }
     decision.balance = Some(Box::new(view(scope, cm, b)));
 }

@@ -169,7 +169,7 @@ macro_rules! renew_call {
 macro_rules! grow_call {
     ($engine:ident, $reservation:ident, $more:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
         use $crate::engine::observe::Call;
-        use $crate::engine::plan::{balance_op, lease_batch, OpList, Shape};
+        use $crate::engine::plan::{lease_batch, OpList, Shape};
         use $crate::store::{LeaseAction, LeaseOp};
         if $more.event.is_some() {
             return Err($crate::Error::request("grow takes no event id"));
@@ -180,7 +180,8 @@ macro_rules! grow_call {
         $engine.ops_for(&mut list, &p, $reservation.model.as_deref(), Shape::Usage);
         let lease = LeaseOp::new($reservation.id, &p.alloc.scope, LeaseAction::Grow);
         let ops = list.ops.as_slice();
-        let batch = lease_batch(Call::Grow, lease, None, ops, &[], balance_op(&p), now_ms);
+        let balance = $crate::engine::balance::settle_op(&p, $reservation.balance.as_ref());
+        let batch = lease_batch(Call::Grow, lease, None, ops, &[], balance, now_ms);
         let mut watch = $crate::telemetry::Watch::new(Call::Grow, $more.subject);
         watch.store_start();
         let applied = {
@@ -208,7 +209,7 @@ macro_rules! grow_call {
 /// [`Settling`](super::reservation::Settling).
 macro_rules! settle_call {
     ($engine:ident, $settling:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
-        use $crate::engine::plan::{balance_op, lease_batch, OpList, Shape};
+        use $crate::engine::plan::{lease_batch, OpList, Shape};
         use $crate::store::{LeaseAction, LeaseOp};
         let (s, now_ms) = (&$settling, $engine.clock.now_ms());
         let (p, model) = (&s.p, s.reservation.model.as_deref());
@@ -223,7 +224,8 @@ macro_rules! settle_call {
         let keep = LeaseAction::Settle { keep: s.keep };
         let lease = LeaseOp::new(s.reservation.id, &p.alloc.scope, keep);
         let ops = list.ops.as_slice();
-        let (event, balance) = (s.request.event, balance_op(p));
+        let balance = $crate::engine::balance::settle_op(p, s.reservation.balance.as_ref());
+        let event = s.request.event;
         let batch = lease_batch(s.call, lease, event, ops, &cooldowns, balance, now_ms);
         let mut watch = $crate::telemetry::Watch::new(s.call, s.request.subject);
         watch.store_start();

@@ -67,6 +67,10 @@ pub struct Reservation {
     pub(super) expires_at: DateTime<Utc>,
     pub(super) deadline: Option<DateTime<Utc>>,
     pub(super) decision: Decision,
+    /// The prepaid balance its hold is on (scope, money meter), if its plan
+    /// kept one when it opened: growths and the settlement name it even
+    /// after a plan change.
+    pub(super) balance: Option<(ScopeKey, Name)>,
 }
 
 impl Reservation {
@@ -247,6 +251,7 @@ impl<S, C: Clock> Engine<S, C> {
                 }
                 held
             },
+            balance: super::plan::balance_op(&o.p).map(|b| (b.scope.clone(), b.meter)),
             opened_at: o.now,
             expires_at: o.expires_at,
             deadline: o.deadline,

@@ -48,13 +48,17 @@ pub enum Refusal {
         until: DateTime<Utc>,
     },
     /// The request's cost is more than the prepaid balance has available
-    /// (for `record` and `commit`: more than it and the plan's overdraft
-    /// could cover); see [`Decision::balance`]. HTTP 402.
+    /// (for `record`, `commit` and `release`, which count the usage anyway:
+    /// more than it and the plan's overdraft could cover); see
+    /// [`Decision::balance`]. HTTP 402.
     InsufficientBalance {
-        /// The cost that did not fit.
+        /// The cost that did not fit (for a `release`, the kept share).
         needed: Money,
-        /// What the balance had available before the request: its live
-        /// grants' remaining, less holds and debt (negative in debt).
+        /// For `check`, `admit`, `reserve` and `grow`: what the balance had
+        /// available before the request (after it, for a growth, which is
+        /// held anyway); for `record`, `commit` and `release`: what is
+        /// available after it. Its live grants' remaining, less holds and
+        /// debt (negative in debt).
         available: Money,
     },
 }
@@ -79,11 +83,13 @@ pub struct Balance {
     /// in debt).
     pub available: Decimal,
     /// Of this call's cost, what neither the grants nor the overdraft
-    /// covered (never recorded on the balance); zero outside `record` and
-    /// `commit`.
+    /// covered (never recorded on the balance); zero outside `record`,
+    /// `commit` and `release`.
     pub uncovered: Decimal,
     /// Every grant not yet expired with something left, in the order they
-    /// are spent: priority, then soonest expiry, then oldest.
+    /// are spent: lowest priority, then soonest expiry (none last), then
+    /// earliest effective time (a top-up without one first), then payment
+    /// id bytes.
     pub grants: Vec<Grant>,
 }
 
