@@ -804,3 +804,30 @@ fn a_release_whose_kept_share_is_uncovered_says_what_it_needed() {
         Some(Refusal::InsufficientBalance { ref needed, .. }) if needed.amount == usd(100)
     ));
 }
+
+#[test]
+fn only_a_pools_members_spend_its_balance() {
+    let (engine, _) = engine();
+    engine
+        .top_up("t1", &TopUp::new("acct-pack", usd(100), "USD"))
+        .unwrap();
+    // Not drawing on the pool: refused at allocate, and nothing bound.
+    let e = engine
+        .allocate(Allocation::new("stranger", "team"))
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidConfig { ref field, .. } if field == "pools"),
+        "{e:?}"
+    );
+    assert!(matches!(
+        engine.admit(&tokens("stranger", 1)),
+        Err(Error::UnknownSubject { .. })
+    ));
+    // Ann, already on her own plan, keeps it when the move is refused.
+    assert!(engine.allocate(Allocation::new("ann", "team")).is_err());
+    assert!(matches!(
+        engine.top_up("ann", &TopUp::new("own", usd(1), "USD")),
+        Ok(c) if c.balance.scope == ScopeKey::subject("ann")
+    ));
+    assert_eq!(engine.balance("t2").unwrap().available, usd(100));
+}

@@ -162,6 +162,19 @@ impl Resolved {
             Some(limits.into())
         };
         let pools = listed_pools(catalog, &allocation.pools)?;
+        // A plan that spends a pool's prepaid balance is for that pool's
+        // members only: anyone else would spend money not theirs.
+        if let Some(bp) = plan.balance.as_ref().and_then(|b| b.pool.as_ref()) {
+            if !pools.iter().any(|p| p.scope == *bp) {
+                return Err(Error::config(
+                    "pools",
+                    format!(
+                        "plan `{}` spends the prepaid balance of `{bp}`: the allocation must draw on that pool",
+                        allocation.plan
+                    ),
+                ));
+            }
+        }
         let subject: Arc<str> = Arc::from(allocation.subject);
         let resolved = Resolved {
             scope: ScopeKey::subject(subject.clone()),

@@ -203,7 +203,9 @@ pub struct BalanceConfig {
     #[serde(default, deserialize_with = "strict_decimal")]
     pub overdraft: Decimal,
     /// Keep the balance on this pool (an account shared by its subjects)
-    /// instead of on each subject.
+    /// instead of on each subject. An allocation to the plan must then draw
+    /// on the pool ([`Allocation::with_pool`](crate::Allocation::with_pool)),
+    /// else `allocate` is [`Error::InvalidConfig`](crate::Error::InvalidConfig).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
 }
