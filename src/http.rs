@@ -55,7 +55,8 @@
 //! `model_not_allowed` (403; the body is then only `error` and `model`) or
 //! `insufficient_balance` (402; the body is then `error`, `needed`,
 //! `available` — exact decimal strings in the major unit, `available`
-//! negative in debt — and `currency`).
+//! negative in debt, and left out when the balance is a pool's — and
+//! `currency`).
 //! `scope` is `subject` or `shared`; for `shared`, `used` and `max` are
 //! `null`. `used`, `max` and `requested` are JSON integers for count and
 //! seconds meters; for money meters they are exact decimal strings in the
@@ -265,7 +266,14 @@ impl HttpMapping {
         if let Some(Refusal::InsufficientBalance { needed, available }) = &decision.reason {
             body.insert("error".into(), "insufficient_balance".into());
             body.insert("needed".into(), needed.amount.to_string().into());
-            body.insert("available".into(), available.amount.to_string().into());
+            // A pool's balance is an account's money: not shown to a member.
+            let pooled = decision
+                .balance
+                .as_ref()
+                .is_some_and(|b| b.scope.kind() == crate::store::ScopeKind::Pool);
+            if !pooled {
+                body.insert("available".into(), available.amount.to_string().into());
+            }
             body.insert("currency".into(), needed.currency.as_str().into());
             return Some(Value::Object(body).to_string());
         }

@@ -194,3 +194,31 @@ async fn usage_async_reports_as_usage_does() {
         ));
     }
 }
+
+/// A plan spending a prepaid balance never fails open on a priced request:
+/// that would hand out the money the balance guards.
+#[tokio::test]
+async fn a_prepaid_balance_never_fails_open() {
+    let catalog: tollgate::Catalog = serde_json::from_str(
+        r#"{"meters": [{"id": "tokens", "unit": "count"},
+                       {"id": "cost", "unit": {"money": {"currency": "USD", "scale": 2}}}],
+            "plans": [{"id": "payg", "cost_meter": "cost", "balance": {},
+                       "prices": {"tokens": "0.01"},
+                       "limits": [{"meter": "tokens", "window": "lifetime", "max": -1}]}]}"#,
+    )
+    .unwrap();
+    let open = Engine::with_store_and_clock(catalog, Down(FailurePolicy::FailOpen), clock());
+    open.allocate(Allocation::new("a", "payg")).unwrap();
+    let priced = Request::new("a").units("tokens", 5);
+    assert!(matches!(
+        open.admit_async(&priced).await,
+        Err(Error::Store { .. })
+    ));
+    assert!(matches!(
+        open.record_async(&priced).await,
+        Err(Error::Store { .. })
+    ));
+    // Nothing to pay: the store's policy applies.
+    let free = Request::new("a").units("tokens", 0);
+    assert!(open.admit_async(&free).await.unwrap().allowed_on_error);
+}

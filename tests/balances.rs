@@ -830,4 +830,16 @@ fn only_a_pools_members_spend_its_balance() {
         Ok(c) if c.balance.scope == ScopeKey::subject("ann")
     ));
     assert_eq!(engine.balance("t2").unwrap().available, usd(100));
+
+    // Over HTTP, a member is not shown the account's money.
+    #[cfg(feature = "http")]
+    {
+        let catalog: Catalog = toml::from_str(PLANS).unwrap();
+        let d = engine.admit(&tokens("t1", 101)).unwrap();
+        assert!(!d.allowed);
+        let body = HttpMapping::default().refusal_body(&catalog, &d).unwrap();
+        assert!(body.contains(r#""error":"insufficient_balance""#), "{body}");
+        assert!(body.contains(r#""needed":"1.01""#), "{body}");
+        assert!(!body.contains("available"), "{body}");
+    }
 }

@@ -226,6 +226,42 @@ fn replicas_spend_one_balance() {
     rt.block_on(flush(&url, &format!("{{{prefix}}}")));
 }
 
+/// On the server's clock, a top-up says when the store credited it, the
+/// same on its redelivery, whatever the engine's clock reads.
+#[test]
+fn a_top_up_reports_the_stores_time_on_every_delivery() {
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    let prefix = unique_prefix("granted");
+    let hour_behind = Utc::now() - chrono::Duration::hours(1);
+    rt.block_on(async {
+        let store = RedisConfig::new(url.clone())
+            .prefix(prefix.clone())
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect");
+        let clock = ManualClock::new(hour_behind);
+        let engine =
+            Engine::with_store_and_clock(balance_replicas::catalog(), store, clock.clone());
+        engine
+            .allocate(Allocation::new("acct", "payg"))
+            .expect("allocate");
+        let pack = tollgate::TopUp::new("pay-1", rust_decimal::Decimal::new(100, 2), "USD");
+        let first = engine.top_up_async("acct", &pack).await.expect("top up");
+        clock.advance(Duration::from_secs(60));
+        let again = engine.top_up_async("acct", &pack).await.expect("again");
+        assert!(first.new && !again.new);
+        assert_eq!(first.granted_at, again.granted_at);
+        assert_eq!(first.balance.grants[0].granted_at, first.granted_at);
+        assert!(
+            first.granted_at > hour_behind + chrono::Duration::minutes(30),
+            "the server's time"
+        );
+    });
+    rt.block_on(flush(&url, &format!("{{{prefix}}}")));
+}
+
 /// Eight engines, each with its own connection, admit against one limit at
 /// once: never more than the maximum, and exactly the maximum when demand
 /// exceeds it.

@@ -180,8 +180,9 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
     /// ([`Error::StoreOutcomeUnknown`]) allows the request, observed, with
     /// `allowed_on_error` set and `recorded: false`; for an unknown outcome
     /// of `admit_async` or `record_async` `record_unknown` names the event
-    /// id to retry with. Any other error, or any error under `FailClosed`,
-    /// is returned.
+    /// id to retry with. Any other error, any error under `FailClosed`, and
+    /// any error of a priced request on a plan with a prepaid balance is
+    /// returned.
     ///
     /// # Errors
     /// `error`, unless the policy fails open on it.
@@ -196,8 +197,14 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         if matches!(error, Error::StoreOutcomeUnknown { .. }) {
             crate::telemetry::outcome_unknown(call);
         }
+        // A plan spending a prepaid balance never fails open: that would
+        // hand out the money the balance exists to guard.
+        let guarded =
+            p.alloc.plan.balance.is_some() && p.cost.as_ref().is_some_and(|c| !c.amount.is_zero());
         let record_unknown = match error {
-            _ if self.store.failure_policy() != FailurePolicy::FailOpen => return Err(error),
+            _ if self.store.failure_policy() != FailurePolicy::FailOpen || guarded => {
+                return Err(error)
+            }
             Error::Store { .. } => None,
             Error::StoreOutcomeUnknown { event, .. } if call != Call::Check => Some(
                 event

@@ -331,9 +331,20 @@ impl<S, C: Clock> Engine<S, C> {
         now_ms: i64,
     ) -> Result<Credit, Error> {
         let b = applied.balance.as_deref().ok_or_else(no_answer)?;
+        let id = match op.action {
+            BalanceAction::Grant(g) => g.id,
+            BalanceAction::Debit { .. } => "",
+        };
+        // The store's time (a Redis store may keep the server's), as a
+        // redelivery will answer it; the call's time if it is not listed.
+        let listed = b
+            .grants
+            .iter()
+            .find(|g| g.id == id)
+            .map(|g| g.granted_at_ms);
         Ok(Credit {
             new: applied.replayed_at_ms.is_none(),
-            granted_at: ms_to_time(applied.replayed_at_ms.unwrap_or(now_ms)),
+            granted_at: ms_to_time(applied.replayed_at_ms.or(listed).unwrap_or(now_ms)),
             balance: view(op.scope, cm, b),
         })
     }

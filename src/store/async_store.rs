@@ -25,7 +25,8 @@ pub enum FailurePolicy {
     /// the outage is lost. Reservation calls (`reserve_async`, `renew_async`,
     /// `grow_async`, `commit_async`, `release_async`), `usage_async` and
     /// `overdue_async` still fail closed: a reservation without a lease
-    /// cannot be made up.
+    /// cannot be made up. So does a priced request on a plan that spends a
+    /// prepaid balance: failing open would give its money away.
     FailOpen,
 }
 

@@ -9,7 +9,8 @@ use rust_decimal::Decimal;
 use tollgate::store::AsyncAllowanceStore;
 use tollgate::{Allocation, Catalog, Engine, Error, Refusal, Request, SystemClock, TopUp};
 
-fn catalog() -> Catalog {
+/// One plan, `payg`: tokens at $0.01 from a prepaid balance.
+pub fn catalog() -> Catalog {
     serde_json::from_str(
         r#"{
           "meters": [
