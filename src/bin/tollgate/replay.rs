@@ -362,11 +362,12 @@ impl<'c> Replayer<'c> {
                 .iter()
                 .find(|(m, _)| m == meter)
                 .and_then(|(_, c)| *c);
-            req = match (currency, *n) {
-                (Some(c), Num::Int(i)) => req.money(meter, Decimal::from(i), c),
-                (Some(c), Num::Dec(d)) => req.money(meter, d, c),
-                (None, Num::Int(i)) => req.units(meter, i),
-                (None, Num::Dec(d)) => req.units(meter, whole(meter, d)?),
+            // Added in place: the request is not moved per amount.
+            match (currency, *n) {
+                (Some(c), Num::Int(i)) => req.add_money(meter, Decimal::from(i), c),
+                (Some(c), Num::Dec(d)) => req.add_money(meter, d, c),
+                (None, Num::Int(i)) => req.add_units(meter, i),
+                (None, Num::Dec(d)) => req.add_units(meter, whole(meter, d)?),
             };
         }
         Ok(req)
@@ -444,29 +445,18 @@ impl<'c> Replayer<'c> {
     }
 }
 
-/// A request of up to four whole amounts of count meters, built in one
-/// chain.
+/// A request of whole amounts of count meters, built in place.
 #[inline(always)]
 fn counts<'e>(subject: &'e str, a: &'e [(Cow<'_, str>, Num)]) -> Request<'e> {
-    let n = |i: usize| match a[i].1 {
-        Num::Int(n) => n,
-        Num::Dec(_) => 0,
-    };
-    let r = Request::new(subject);
-    match a.len() {
-        0 => r,
-        1 => r.units(&a[0].0, n(0)),
-        2 => r.units(&a[0].0, n(0)).units(&a[1].0, n(1)),
-        3 => r
-            .units(&a[0].0, n(0))
-            .units(&a[1].0, n(1))
-            .units(&a[2].0, n(2)),
-        _ => r
-            .units(&a[0].0, n(0))
-            .units(&a[1].0, n(1))
-            .units(&a[2].0, n(2))
-            .units(&a[3].0, n(3)),
+    let mut r = Request::new(subject);
+    for (meter, n) in a {
+        // In place (`add_units`): no copy of the request per amount.
+        r.add_units(meter, match n {
+            Num::Int(n) => *n,
+            Num::Dec(_) => 0,
+        });
     }
+    r
 }
 
 /// A count meter's whole units from a decimal amount.
