@@ -193,9 +193,6 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         p: &Prepared,
         now: DateTime<Utc>,
     ) -> Result<Decision, Error> {
-        if matches!(error, Error::StoreOutcomeUnknown { .. }) {
-            crate::telemetry::outcome_unknown(call);
-        }
         let record_unknown = match error {
             _ if self.store.failure_policy() != FailurePolicy::FailOpen => return Err(error),
             Error::Store { .. } => None,

@@ -300,7 +300,15 @@ fn open_lease<'g>(
         None => Err(Error::UnknownReservation { id: id() }),
         Some(rec) if rec.owner != *l.owner => Err(Error::UnknownReservation { id: id() }),
         Some(rec) if rec.settled => Err(Error::ReservationSettled { id: id() }),
-        Some(rec) if now_ms >= rec.expires_ms => Err(Error::ReservationExpired { id: id() }),
+        Some(rec) if now_ms >= rec.expires_ms => {
+            // Counted once: the engine counts this call's find only if no
+            // call or sweep counted the expiry before.
+            crate::telemetry::lease_found_expired(!std::mem::replace(
+                &mut rec.expiry_counted,
+                true,
+            ));
+            Err(Error::ReservationExpired { id: id() })
+        }
         Some(rec) => {
             holds.extend(rec.holds.iter().cloned());
             let expires = rec.expires_ms;
@@ -416,6 +424,7 @@ impl Step<'_, '_> {
                         expires_ms,
                         deadline_ms,
                         settled: false,
+                        expiry_counted: false,
                         holds,
                         balance: self.holding_balance(),
                     });

@@ -184,6 +184,10 @@ pub(super) struct Lease {
     pub(super) deadline_ms: Option<i64>,
     #[serde(default)]
     pub(super) settled: bool,
+    /// Whether its expiry was counted (telemetry): by the first call that
+    /// found it expired, or by a sweep. Not kept in snapshots.
+    #[serde(skip)]
+    pub(super) expiry_counted: bool,
     pub(super) holds: Vec<HoldRef>,
     /// The balance it holds on, if any (contract rule 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
