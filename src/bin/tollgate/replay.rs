@@ -451,10 +451,13 @@ fn counts<'e>(subject: &'e str, a: &'e [(Cow<'_, str>, Num)]) -> Request<'e> {
     let mut r = Request::new(subject);
     for (meter, n) in a {
         // In place (`add_units`): no copy of the request per amount.
-        r.add_units(meter, match n {
-            Num::Int(n) => *n,
-            Num::Dec(_) => 0,
-        });
+        r.add_units(
+            meter,
+            match n {
+                Num::Int(n) => *n,
+                Num::Dec(_) => 0,
+            },
+        );
     }
     r
 }
