@@ -49,6 +49,19 @@ pub struct Event<'a> {
     pub event: Option<Cow<'a, str>>,
 }
 
+impl Event<'_> {
+    /// An event with nothing read yet, for a parser to fill.
+    pub fn empty() -> Self {
+        Self {
+            ts: 0,
+            subject: Cow::Borrowed(""),
+            amounts: AmountList::default(),
+            model: None,
+            event: None,
+        }
+    }
+}
+
 /// A line's amounts, meter and amount, the first four inline (a plain
 /// array, not a `SmallVec`: the list must stay covariant in its lifetime for
 /// serde to borrow into it).
@@ -301,12 +314,19 @@ impl<'de> Deserialize<'de> for JsonNum {
 
 /// Parse one JSON line. The line is checked as UTF-8 once, then parsed as
 /// text (serde_json's byte reader checks every string again).
-pub fn json_line(line: &[u8]) -> Result<Event<'_>, String> {
+pub fn json_line<T>(
+    line: &[u8],
+    then: impl FnOnce(&Event<'_>) -> Result<T, String>,
+) -> Result<T, String> {
     let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
-    if let Some(ev) = crate::fast::line(text) {
-        return Ok(ev);
+    // The event lives in this frame and is handed on by reference: parsed
+    // in place, never moved.
+    let mut ev = Event::empty();
+    if crate::fast::line_into(text, &mut ev).is_some() {
+        return then(&ev);
     }
-    serde_json::from_str(text).map_err(|e| e.to_string())
+    let ev: Event<'_> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    then(&ev)
 }
 
 /// A CSV column.

@@ -349,12 +349,11 @@ impl<'c> Replayer<'c> {
             .any(|(m, c)| *m == meter && c.is_some())
     }
 
-    /// The request for `ev`, money and all.
-    fn request<'e>(&self, ev: &'e Event<'_>) -> Result<Request<'e>, String>
+    /// `ev`'s amounts, money and all, added to `req`.
+    fn request<'e>(&self, req: &mut Request<'e>, ev: &'e Event<'_>) -> Result<(), String>
     where
         'c: 'e,
     {
-        let mut req = Request::new(&ev.subject);
         for (meter, n) in ev.amounts.iter() {
             // Money for a money meter, in the meter's own currency.
             let currency = self
@@ -370,7 +369,7 @@ impl<'c> Replayer<'c> {
                 (None, Num::Dec(d)) => req.add_units(meter, whole(meter, d)?),
             };
         }
-        Ok(req)
+        Ok(())
     }
 
     /// A new subject's tally: every limit of its plan at a peak of 0, so a
@@ -402,12 +401,13 @@ impl<'c> Replayer<'c> {
             .ok_or_else(|| format!("timestamp {} out of range", ev.ts))?;
         let i = self.subject(&ev.subject)?;
         self.clock.set(at);
-        let mut req = match ev.amounts.small_ints() {
-            // The usual line, built in one chain (a builder called in a loop
-            // copies the request at every step).
-            Some(a) if a.iter().all(|(m, _)| self.is_count(m)) => counts(&ev.subject, a),
-            _ => self.request(ev)?,
-        };
+        // Built in this frame and filled in place: not returned from a
+        // helper and moved into it.
+        let mut req = Request::new(&ev.subject);
+        match ev.amounts.small_ints() {
+            Some(a) if a.iter().all(|(m, _)| self.is_count(m)) => counts(&mut req, a),
+            _ => self.request(&mut req, ev)?,
+        }
         if let Some(m) = &ev.model {
             req = req.model(m);
         }
@@ -445,13 +445,12 @@ impl<'c> Replayer<'c> {
     }
 }
 
-/// A request of whole amounts of count meters, built in place.
+/// Whole amounts of count meters, added to `req`.
 #[inline(always)]
-fn counts<'e>(subject: &'e str, a: &'e [(Cow<'_, str>, Num)]) -> Request<'e> {
-    let mut r = Request::new(subject);
+fn counts<'e>(req: &mut Request<'e>, a: &'e [(Cow<'_, str>, Num)]) {
     for (meter, n) in a {
         // In place (`add_units`): no copy of the request per amount.
-        r.add_units(
+        req.add_units(
             meter,
             match n {
                 Num::Int(n) => *n,
@@ -459,7 +458,6 @@ fn counts<'e>(subject: &'e str, a: &'e [(Cow<'_, str>, Num)]) -> Request<'e> {
             },
         );
     }
-    r
 }
 
 /// A count meter's whole units from a decimal amount.
@@ -522,7 +520,7 @@ pub fn run(catalog: &Catalog, opts: &Options) -> Result<Outcome, String> {
                 },
             }
         } else {
-            log::json_line(line).and_then(|ev| r.event(&ev))
+            log::json_line(line, |ev| r.event(ev))
         };
         r.out.lines += 1;
         if let Err(reason) = result {
