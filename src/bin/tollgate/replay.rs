@@ -110,19 +110,23 @@ impl Tally {
                 }
             }
         }
-        for l in d.limits.as_slice() {
-            self.peak(l);
+        for (i, l) in d.limits.as_slice().iter().enumerate() {
+            self.peak(i, l);
         }
     }
 
+    /// Raise the peak of `l`, the decision's `i`th limit.
     #[inline]
-    fn peak(&mut self, l: &LimitState) {
+    fn peak(&mut self, i: usize, l: &LimitState) {
         let use_now = l.used.saturating_add(l.held);
-        if let Some(p) = self
-            .peaks
-            .iter_mut()
-            .find(|p| p.meter == l.meter && p.window == l.window && p.scope == l.scope)
-        {
+        let same = |p: &Peak| p.meter == l.meter && p.window == l.window && p.scope == l.scope;
+        // A subject's decisions list its limits in one order: its slot is
+        // usually at the same index, checked before the scan.
+        let at = match self.peaks.get(i) {
+            Some(p) if same(p) => Some(i),
+            _ => self.peaks.iter().position(same),
+        };
+        if let Some(p) = at.and_then(|at| self.peaks.get_mut(at)) {
             p.peak = p.peak.max(use_now);
             p.max = l.max;
             return;
