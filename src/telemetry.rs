@@ -272,7 +272,7 @@ pub(crate) fn digest(subject: &str) -> String {
 /// One engine call, watched.
 #[derive(Debug)]
 pub(crate) struct Watch {
-    #[cfg(feature = "metrics")]
+    #[cfg(any(feature = "tracing", feature = "metrics"))]
     call: Call,
     #[cfg(feature = "tracing")]
     span: tracing::Span,
@@ -307,7 +307,7 @@ impl Watch {
             span
         };
         Self {
-            #[cfg(feature = "metrics")]
+            #[cfg(any(feature = "tracing", feature = "metrics"))]
             call,
             #[cfg(feature = "tracing")]
             span,
