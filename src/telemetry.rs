@@ -19,8 +19,20 @@
 //! `tollgate_store_seconds{call}` (histogram),
 //! `tollgate_store_errors_total{call}`, `tollgate_fail_open_total{call}`,
 //! `tollgate_outcome_unknown_total{call}`,
-//! `tollgate_lease_expired_total{call}`, `tollgate_reservations_in_flight`
+//! `tollgate_lease_expired_total{found, call}`, `tollgate_reservations_in_flight`
 //! (gauge).
+//!
+//! `renew` and `usage` make no decision: they have a span, store latency
+//! and store errors only.
+//!
+//! A lease expiry is counted once: `found="call"` (with the `call` that
+//! found it) when a call on the lease finds it expired, `found="sweep"`
+//! (with `call="none"`) when the memory store's sweep finds a lease that
+//! expired unsettled before any call did. The memory store tells which
+//! expiries it has counted ([`lease_found_expired`], [`lease_swept`]); on
+//! a store that does not (Redis, Postgres), each `commit` or `release`
+//! that finds its lease expired counts, and a lease never settled is not
+//! counted.
 
 use crate::decision::{Decision, Refusal, Status};
 use crate::engine::Call;
@@ -42,7 +54,7 @@ pub(crate) mod names {
     pub(crate) const FAIL_OPEN: &str = "tollgate_fail_open_total";
     /// Store calls whose outcome is unknown (sent, no answer).
     pub(crate) const OUTCOME_UNKNOWN: &str = "tollgate_outcome_unknown_total";
-    /// Settlements (commit, release) that found their lease expired.
+    /// Lease expiries, each once: by the call or the sweep that found it.
     pub(crate) const LEASE_EXPIRED: &str = "tollgate_lease_expired_total";
     /// Reservations opened and not yet settled or found expired.
     pub(crate) const IN_FLIGHT: &str = "tollgate_reservations_in_flight";
@@ -63,8 +75,8 @@ mod keys {
     pub(super) static META: Metadata<'static> =
         Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
-    pub(super) const CALLS: [&str; 7] = [
-        "check", "admit", "record", "reserve", "grow", "commit", "release",
+    pub(super) const CALLS: [&str; 9] = [
+        "check", "admit", "record", "reserve", "grow", "commit", "release", "renew", "usage",
     ];
     pub(super) const STATUSES: [&str; 3] = ["ok", "warning", "exceeded"];
     pub(super) const REASONS: [&str; 5] = [
@@ -82,7 +94,10 @@ mod keys {
         pub(super) store_errors: Vec<Key>,
         pub(super) fail_open: Vec<Key>,
         pub(super) outcome_unknown: Vec<Key>,
+        /// By call index (`found="call"`).
         pub(super) lease_expired: Vec<Key>,
+        /// `found="sweep"`.
+        pub(super) lease_swept: Key,
         pub(super) in_flight: Key,
     }
 
@@ -117,7 +132,25 @@ mod keys {
                 store_errors: per_call(names::STORE_ERRORS),
                 fail_open: per_call(names::FAIL_OPEN),
                 outcome_unknown: per_call(names::OUTCOME_UNKNOWN),
-                lease_expired: per_call(names::LEASE_EXPIRED),
+                lease_expired: CALLS
+                    .iter()
+                    .map(|c| {
+                        Key::from_parts(
+                            names::LEASE_EXPIRED,
+                            vec![
+                                Label::from_static_parts("call", c),
+                                Label::from_static_parts("found", "call"),
+                            ],
+                        )
+                    })
+                    .collect(),
+                lease_swept: Key::from_parts(
+                    names::LEASE_EXPIRED,
+                    vec![
+                        Label::from_static_parts("call", "none"),
+                        Label::from_static_parts("found", "sweep"),
+                    ],
+                ),
                 in_flight: Key::from_static_name(names::IN_FLIGHT),
             }
         })
@@ -139,6 +172,8 @@ fn call_index(call: Call) -> usize {
         Call::Grow => 4,
         Call::Commit => 5,
         Call::Release => 6,
+        Call::Renew => 7,
+        Call::Usage => 8,
     }
 }
 
@@ -170,6 +205,8 @@ pub(crate) fn call_name(call: Call) -> &'static str {
         Call::Grow => "grow",
         Call::Commit => "commit",
         Call::Release => "release",
+        Call::Renew => "renew",
+        Call::Usage => "usage",
     }
 }
 
@@ -217,6 +254,7 @@ fn error_kind(error: &Error) -> &'static str {
         Error::InvalidTopUp { .. } => "invalid_top_up",
         Error::NoBalance { .. } => "no_balance",
         Error::GrantConflict { .. } => "grant_conflict",
+        Error::StoreOutcomeUnknown { .. } => "store_outcome_unknown",
         #[allow(unreachable_patterns)]
         _ => "other",
     }
@@ -234,7 +272,7 @@ pub(crate) fn digest(subject: &str) -> String {
 /// One engine call, watched.
 #[derive(Debug)]
 pub(crate) struct Watch {
-    #[cfg(feature = "metrics")]
+    #[cfg(any(feature = "tracing", feature = "metrics"))]
     call: Call,
     #[cfg(feature = "tracing")]
     span: tracing::Span,
@@ -269,7 +307,7 @@ impl Watch {
             span
         };
         Self {
-            #[cfg(feature = "metrics")]
+            #[cfg(any(feature = "tracing", feature = "metrics"))]
             call,
             #[cfg(feature = "tracing")]
             span,
@@ -294,6 +332,10 @@ impl Watch {
     /// The store call starts.
     #[inline(always)]
     pub(crate) fn store_start(&mut self) {
+        // A word a store left and no call read (a wrapping store answered
+        // otherwise) is not this call's.
+        #[cfg(feature = "metrics")]
+        STORE_FOUND.set(None);
         #[cfg(any(feature = "tracing", feature = "metrics"))]
         if self.timed() {
             self.store_start = Some(Instant::now());
@@ -349,14 +391,30 @@ impl Watch {
             let k = keys::get();
             match error {
                 Error::Store { .. } => keys::count(&k.store_errors[call_index(self.call)]),
-                Error::ReservationExpired { .. }
-                    if matches!(self.call, Call::Commit | Call::Release) =>
-                {
-                    keys::count(&k.lease_expired[call_index(self.call)]);
-                    in_flight(-1.0);
+                Error::ReservationExpired { .. } => {
+                    // The store's word first: a memory store says whether
+                    // this call is the first to find the expiry.
+                    let count = match STORE_FOUND.take() {
+                        Some(first) => first,
+                        None => matches!(self.call, Call::Commit | Call::Release),
+                    };
+                    if count {
+                        keys::count(&k.lease_expired[call_index(self.call)]);
+                        in_flight(-1.0);
+                    }
                 }
                 _ => {}
             }
+        }
+        if matches!(error, Error::StoreOutcomeUnknown { .. }) {
+            #[cfg(feature = "metrics")]
+            keys::count(&keys::get().outcome_unknown[call_index(self.call)]);
+            #[cfg(feature = "tracing")]
+            tracing::warn!(
+                target: "tollgate",
+                call = call_name(self.call),
+                "store call outcome unknown"
+            );
         }
         #[cfg(feature = "tracing")]
         if !self.span.is_disabled() {
@@ -392,16 +450,35 @@ fn in_flight(by: f64) {
     });
 }
 
-/// Hook for a store call whose outcome is unknown: the request was sent and
-/// no answer came (a timeout after the write may have applied). Called by
-/// the async `check`, `admit` and `record` when the store answers
-/// [`Error::StoreOutcomeUnknown`](crate::Error::StoreOutcomeUnknown).
-#[cfg_attr(not(feature = "async"), allow(dead_code))]
+#[cfg(feature = "metrics")]
+thread_local! {
+    /// What the store said of the last lease it found expired on this
+    /// thread: `Some(true)` the first time a call found that lease expired,
+    /// `Some(false)` when its expiry was counted before (by a call or the
+    /// sweep). `None`: the store said nothing (it does not count expiries).
+    /// A store call runs on the caller's thread (the memory store's async
+    /// `apply` does not await), so the engine reads it right after.
+    static STORE_FOUND: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Hook for the memory store: a call found a lease expired; `first` if no
+/// call or sweep counted its expiry before. The engine counts it
+/// (`found="call"`) when it sees the error, only if `first`.
 #[inline(always)]
 #[allow(unused_variables)]
-pub(crate) fn outcome_unknown(call: Call) {
+pub(crate) fn lease_found_expired(first: bool) {
     #[cfg(feature = "metrics")]
-    keys::count(&keys::get().outcome_unknown[call_index(call)]);
-    #[cfg(feature = "tracing")]
-    tracing::warn!(target: "tollgate", call = call_name(call), "store call outcome unknown");
+    STORE_FOUND.set(Some(first));
+}
+
+/// Hook for the memory store's sweep: it found a lease expired unsettled
+/// that no call had found. Counted `found="sweep"`, and the lease leaves
+/// the in-flight gauge.
+#[inline(always)]
+pub(crate) fn lease_swept() {
+    #[cfg(feature = "metrics")]
+    {
+        keys::count(&keys::get().lease_swept);
+        in_flight(-1.0);
+    }
 }

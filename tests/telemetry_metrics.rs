@@ -219,11 +219,24 @@ fn reservations_in_flight_and_lease_expiries() {
             .commit(&r2, &Request::new("a").units("tokens", 5))
             .unwrap_err();
         assert!(matches!(e, Error::ReservationExpired { .. }));
+        // Found expired again: the same expiry, not counted twice.
+        let e = engine
+            .release(&r2, tollgate::Outcome::Cancelled)
+            .unwrap_err();
+        assert!(matches!(e, Error::ReservationExpired { .. }));
         snaps.push(read(&recorder));
     });
     assert_eq!(total(&snaps, in_flight), 0.0);
     assert_eq!(total(&snaps, "tollgate_lease_expired_total"), 1.0);
     let all: Vec<_> = snaps.into_iter().flatten().collect();
+    assert_eq!(
+        counter(
+            &all,
+            "tollgate_lease_expired_total",
+            &[("call", "commit"), ("found", "call")]
+        ),
+        1
+    );
     assert_eq!(
         counter(&all, "tollgate_decisions_total", &[("call", "reserve")]),
         2
@@ -232,6 +245,124 @@ fn reservations_in_flight_and_lease_expiries() {
         counter(&all, "tollgate_decisions_total", &[("call", "commit")]),
         1
     );
+}
+
+#[test]
+fn a_lease_never_settled_is_counted_once_by_the_sweep() {
+    let recorder = DebuggingRecorder::new();
+    let (engine, store, clock) = engine();
+    let mut snaps = Vec::new();
+    let in_flight = "tollgate_reservations_in_flight";
+    let start = Utc.with_ymd_and_hms(2026, 4, 1, 9, 0, 0).unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        let ttl = Duration::from_secs(60);
+        let r = engine
+            .reserve(&Request::new("a").units("tokens", 10), ttl)
+            .unwrap()
+            .unwrap();
+        snaps.push(read(&recorder));
+        assert_eq!(total(&snaps, in_flight), 1.0);
+        clock.advance(Duration::from_secs(61));
+        // Nobody settles it; the memory store's sweep finds it expired.
+        store.inner.reclaim(start + chrono::Duration::seconds(61));
+        snaps.push(read(&recorder));
+        assert_eq!(total(&snaps, in_flight), 0.0);
+        assert_eq!(total(&snaps, "tollgate_lease_expired_total"), 1.0);
+        // A later sweep, and a call finding it expired, count nothing more.
+        store.inner.reclaim(start + chrono::Duration::seconds(62));
+        let e = engine
+            .commit(&r, &Request::new("a").units("tokens", 5))
+            .unwrap_err();
+        assert!(matches!(e, Error::ReservationExpired { .. }));
+        snaps.push(read(&recorder));
+    });
+    assert_eq!(total(&snaps, in_flight), 0.0);
+    assert_eq!(total(&snaps, "tollgate_lease_expired_total"), 1.0);
+    let all: Vec<_> = snaps.into_iter().flatten().collect();
+    assert_eq!(
+        counter(
+            &all,
+            "tollgate_lease_expired_total",
+            &[("call", "none"), ("found", "sweep")]
+        ),
+        1
+    );
+}
+
+#[test]
+fn a_call_found_expiry_is_not_counted_again_by_the_sweep() {
+    let recorder = DebuggingRecorder::new();
+    let (engine, store, clock) = engine();
+    let start = Utc.with_ymd_and_hms(2026, 4, 1, 9, 0, 0).unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        let mut r = engine
+            .reserve(
+                &Request::new("a").units("tokens", 10),
+                Duration::from_secs(60),
+            )
+            .unwrap()
+            .unwrap();
+        clock.advance(Duration::from_secs(61));
+        let e = engine.renew(&mut r, Duration::from_secs(60)).unwrap_err();
+        assert!(matches!(e, Error::ReservationExpired { .. }));
+        store.inner.reclaim(start + chrono::Duration::seconds(61));
+    });
+    let m = read(&recorder);
+    assert_eq!(gauge(&m, "tollgate_reservations_in_flight"), 0.0);
+    assert_eq!(counter(&m, "tollgate_lease_expired_total", &[]), 1);
+    assert_eq!(
+        counter(
+            &m,
+            "tollgate_lease_expired_total",
+            &[("call", "renew"), ("found", "call")]
+        ),
+        1
+    );
+}
+
+#[test]
+fn renew_and_usage_time_their_store_calls() {
+    let recorder = DebuggingRecorder::new();
+    let (engine, store, _) = engine();
+    metrics::with_local_recorder(&recorder, || {
+        let mut r = engine
+            .reserve(
+                &Request::new("a").units("tokens", 10),
+                Duration::from_secs(60),
+            )
+            .unwrap()
+            .unwrap();
+        engine.renew(&mut r, Duration::from_secs(120)).unwrap();
+        engine.usage("a").unwrap();
+        store.down.store(true, Ordering::SeqCst);
+        assert!(engine.usage("a").is_err());
+        assert!(engine.renew(&mut r, Duration::from_secs(120)).is_err());
+    });
+    let m = read(&recorder);
+    let samples = |call: &str| -> usize {
+        m.iter()
+            .filter(|(n, l, _)| {
+                n == "tollgate_store_seconds" && l.iter().any(|(k, v)| k == "call" && v == call)
+            })
+            .map(|(_, _, v)| match v {
+                DebugValue::Histogram(h) => h.len(),
+                other => panic!("not a histogram: {other:?}"),
+            })
+            .sum()
+    };
+    assert_eq!(samples("renew"), 2);
+    assert_eq!(samples("usage"), 2);
+    for call in ["renew", "usage"] {
+        assert_eq!(
+            counter(&m, "tollgate_store_errors_total", &[("call", call)]),
+            1
+        );
+        // They decide nothing.
+        assert_eq!(
+            counter(&m, "tollgate_decisions_total", &[("call", call)]),
+            0
+        );
+    }
 }
 
 /// An async store that is down, and fails open; `.0`: whether its calls
@@ -331,4 +462,53 @@ fn an_unknown_outcome_is_counted() {
         counter(&m, "tollgate_fail_open_total", &[("call", "admit")]),
         1
     );
+}
+
+#[cfg(feature = "async")]
+#[test]
+fn an_unknown_outcome_of_a_reservation_call_is_counted() {
+    let recorder = DebuggingRecorder::new();
+    let (sync_engine, _, clock) = engine();
+    // A reservation for the settling calls, opened on a store that works.
+    let r = sync_engine
+        .reserve(
+            &Request::new("a").units("tokens", 5),
+            Duration::from_secs(60),
+        )
+        .unwrap()
+        .unwrap();
+    let engine = Engine::with_store_and_clock(sync_engine.catalog().clone(), DownOpen(true), clock);
+    engine.allocate(Allocation::new("a", "p")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        rt.block_on(async {
+            let e = engine
+                .reserve_async(
+                    &Request::new("a").units("tokens", 5),
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap_err();
+            assert!(matches!(e, Error::StoreOutcomeUnknown { .. }));
+            let mut g = r.clone();
+            let more = Request::new("a").units("tokens", 1);
+            assert!(engine.grow_async(&mut g, &more).await.is_err());
+            let actual = Request::new("a").units("tokens", 1);
+            assert!(engine.commit_async(&r, &actual).await.is_err());
+            let cancelled = tollgate::Outcome::Cancelled;
+            assert!(engine.release_async(&r, cancelled).await.is_err());
+        });
+    });
+    let m = read(&recorder);
+    for call in ["reserve", "grow", "commit", "release"] {
+        assert_eq!(
+            counter(&m, "tollgate_outcome_unknown_total", &[("call", call)]),
+            1,
+            "{call}"
+        );
+    }
+    // Reservations fail closed: no fail-open decision.
+    assert_eq!(counter(&m, "tollgate_fail_open_total", &[]), 0);
 }

@@ -141,3 +141,35 @@ fn each_call_has_a_span_with_its_outcome_and_a_digest_of_the_subject() {
     assert_eq!(bad["error"], "unknown_subject");
     assert!(!bad.contains_key("status"));
 }
+
+#[test]
+fn renew_and_usage_have_spans() {
+    let engine = engine();
+    let spans = Spans::default();
+    let keep = Keep {
+        spans: spans.clone(),
+        next: AtomicU64::new(0),
+    };
+    let ttl = std::time::Duration::from_secs(60);
+    let mut r = engine
+        .reserve(&Request::new("agent-secret-7").units("jobs", 1), ttl)
+        .unwrap()
+        .unwrap();
+    tracing::subscriber::with_default(keep, || {
+        engine.renew(&mut r, ttl).unwrap();
+        engine.usage("agent-secret-7").unwrap();
+        assert!(engine.usage("nobody").is_err());
+    });
+    let spans = spans.lock().unwrap();
+    assert_eq!(spans.len(), 3, "{spans:?}");
+    let (renew, usage, bad) = (&spans[0].1, &spans[1].1, &spans[2].1);
+    assert_eq!(renew["call"], "renew");
+    assert!(renew["store_us"].parse::<u64>().is_ok(), "{renew:?}");
+    assert_eq!(usage["call"], "usage");
+    assert!(usage["store_us"].parse::<u64>().is_ok(), "{usage:?}");
+    assert_eq!(renew["subject"], usage["subject"]);
+    assert_eq!(bad["call"], "usage");
+    assert_eq!(bad["error"], "unknown_subject");
+    // They decide nothing: no status.
+    assert!(!renew.contains_key("status") && !usage.contains_key("status"));
+}

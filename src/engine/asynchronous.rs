@@ -194,9 +194,6 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         p: &Prepared,
         now: DateTime<Utc>,
     ) -> Result<Decision, Error> {
-        if matches!(error, Error::StoreOutcomeUnknown { .. }) {
-            crate::telemetry::outcome_unknown(call);
-        }
         // A plan spending a prepaid balance never fails open: that would
         // hand out the money the balance exists to guard.
         let guarded =

@@ -148,18 +148,32 @@ macro_rules! reserve_call {
 macro_rules! renew_call {
     ($engine:ident, $reservation:ident, $lease_ttl:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
         use $crate::store::{Batch, LeaseAction, LeaseOp, Mode};
+        let mut watch =
+            $crate::telemetry::Watch::new($crate::engine::Call::Renew, $reservation.subject());
         let now = $engine.clock.now();
-        let expires_at = $crate::engine::reservation::after(now, $lease_ttl)?;
+        let expires_at = match $crate::engine::reservation::after(now, $lease_ttl) {
+            Ok(t) => t,
+            Err(e) => {
+                watch.failed(&e);
+                return Err(e);
+            }
+        };
         let owner = &$reservation.subject.0;
         let renew = LeaseAction::Renew {
             expires_at_ms: expires_at.timestamp_millis(),
         };
         let lease = LeaseOp::new($reservation.id, owner, renew);
         let batch = Batch::new(&[], Mode::Force, now.timestamp_millis()).with_lease(lease);
-        {
+        watch.store_start();
+        let applied = {
             let $b = &batch;
             $apply
-        }?;
+        };
+        watch.store_end();
+        if let Err(e) = applied {
+            watch.failed(&e);
+            return Err(e);
+        }
         $reservation.expires_at = expires_at;
         Ok(())
     }};
@@ -256,17 +270,37 @@ macro_rules! settle_call {
 macro_rules! usage_call {
     ($engine:ident, $subject:ident, apply: |$b:ident| $apply:expr $(,)?) => {{
         use $crate::store::{Batch, Mode};
-        let alloc = $engine.allocation_of($subject)?;
+        let mut watch = $crate::telemetry::Watch::new($crate::engine::Call::Usage, $subject);
+        let alloc = match $engine.allocation_of($subject) {
+            Ok(a) => a,
+            Err(e) => {
+                watch.failed(&e);
+                return Err(e);
+            }
+        };
         let now = $engine.clock.now();
         let ops = $crate::engine::plan::usage_ops(&alloc);
         let mut batch = Batch::new(&ops, Mode::Check, now.timestamp_millis());
         if let Some(b) = $crate::engine::balance::report_op(&alloc) {
             batch = batch.with_balance(b);
         }
+        watch.store_start();
         let applied = {
             let $b = &batch;
             $apply
-        }?;
-        $engine.usage_report($subject, &alloc, &applied, now)
+        };
+        watch.store_end();
+        let applied = match applied {
+            Ok(a) => a,
+            Err(e) => {
+                watch.failed(&e);
+                return Err(e);
+            }
+        };
+        let report = $engine.usage_report($subject, &alloc, &applied, now);
+        if let Err(ref e) = report {
+            watch.failed(e);
+        }
+        report
     }};
 }

@@ -25,6 +25,10 @@ pub enum Call {
     Commit,
     /// [`Engine::release`].
     Release,
+    /// [`Engine::renew`] (a span and store metrics; it makes no decision).
+    Renew,
+    /// [`Engine::usage`] (a span and store metrics; it makes no decision).
+    Usage,
 }
 
 /// A decision as an [`Observer`] sees it.

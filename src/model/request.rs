@@ -88,6 +88,32 @@ impl<'a> Request<'a> {
         self
     }
 
+    /// Add `n` units of `meter` in place: [`Request::units`] for a request
+    /// built in a loop, without moving it at each step.
+    ///
+    /// ```
+    /// use tollgate::Request;
+    /// let mut req = Request::new("agent-7");
+    /// for (meter, n) in [("llm_tokens_input", 1_200), ("jobs", 1)] {
+    ///     req.add_units(meter, n);
+    /// }
+    /// assert_eq!(req, Request::new("agent-7").units("llm_tokens_input", 1_200).units("jobs", 1));
+    /// ```
+    #[inline]
+    pub fn add_units(&mut self, meter: &'a str, n: u64) -> &mut Self {
+        self.amounts.push((meter, Quantity::Units(n)));
+        self
+    }
+
+    /// Add money to a money `meter` in place: [`Request::money`] for a
+    /// request built in a loop.
+    #[inline]
+    pub fn add_money(&mut self, meter: &'a str, amount: Decimal, currency: &'a str) -> &mut Self {
+        self.amounts
+            .push((meter, Quantity::Money { amount, currency }));
+        self
+    }
+
     /// Name the model the work runs on: the allocation's allowlist is checked
     /// and the model's global pools are drawn on.
     #[must_use]

@@ -26,6 +26,8 @@ static STOP: [bool; 256] = {
 /// Kept out of line: a tight loop of its own, one table load per byte.
 #[inline(never)]
 fn string_len(b: &[u8]) -> Option<usize> {
+    // A byte at a time: the strings are short (keys, ids, a timestamp), and
+    // eight bytes a step (SWAR) measured 25 % more instructions here.
     let i = b.iter().position(|&c| STOP[usize::from(c)])?;
     (b[i] == b'"').then_some(i)
 }
@@ -108,12 +110,13 @@ impl<'a> Cursor<'a> {
         self.string().map(Some)
     }
 
-    fn amounts(&mut self) -> Option<AmountList<'a>> {
-        let mut out = AmountList::default();
+    /// The amounts object, pushed onto `out` (the event's own list: built
+    /// in place, not returned).
+    fn amounts(&mut self, out: &mut AmountList<'a>) -> Option<()> {
         self.eat(b'{')?;
         if self.peek()? == b'}' {
             self.at += 1;
-            return Some(out);
+            return Some(());
         }
         loop {
             let meter = self.string()?;
@@ -127,7 +130,7 @@ impl<'a> Cursor<'a> {
                 b',' => self.at += 1,
                 b'}' => {
                     self.at += 1;
-                    return Some(out);
+                    return Some(());
                 }
                 _ => return None,
             }
@@ -135,26 +138,42 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// The line as an event, if it is in the usual shape.
-pub fn line(text: &str) -> Option<Event<'_>> {
+/// Read the line into `ev` (an empty event), if it is in the usual shape;
+/// `None` leaves `ev` partly filled, for the caller to drop.
+pub fn line_into<'a>(text: &'a str, ev: &mut Event<'a>) -> Option<()> {
     let mut c = Cursor { text, at: 0 };
     c.eat(b'{')?;
-    let (mut ts, mut subject, mut amounts) = (None, None, None);
-    let (mut model, mut event) = (None, None);
+    let (mut ts, mut subject, mut amounts) = (false, false, false);
+    let (mut model, mut event) = (false, false);
     loop {
         let key = c.string()?;
         c.eat(b':')?;
+        // Each field written where the event keeps it: no event struct
+        // assembled and then moved.
         match key {
-            "ts" | "timestamp" if ts.is_none() => {
-                ts = Some(match c.peek()? {
+            "ts" | "timestamp" if !ts => {
+                ts = true;
+                ev.ts = match c.peek()? {
                     b'"' => parse_time(c.string()?).ok()?,
                     _ => i64::try_from(c.uint()?).ok()?,
-                });
+                };
             }
-            "subject" if subject.is_none() => subject = Some(c.string()?),
-            "amounts" if amounts.is_none() => amounts = Some(c.amounts()?),
-            "model" if model.is_none() => model = Some(c.opt_string()?),
-            "event" if event.is_none() => event = Some(c.opt_string()?),
+            "subject" if !subject => {
+                subject = true;
+                ev.subject = Cow::Borrowed(c.string()?);
+            }
+            "amounts" if !amounts => {
+                amounts = true;
+                c.amounts(&mut ev.amounts)?;
+            }
+            "model" if !model => {
+                model = true;
+                ev.model = c.opt_string()?.map(Cow::Borrowed);
+            }
+            "event" if !event => {
+                event = true;
+                ev.event = c.opt_string()?.map(Cow::Borrowed);
+            }
             _ => return None,
         }
         match c.peek()? {
@@ -167,16 +186,15 @@ pub fn line(text: &str) -> Option<Event<'_>> {
         }
     }
     c.ws();
-    if c.at != text.len() {
-        return None;
-    }
-    Some(Event {
-        ts: ts?,
-        subject: Cow::Borrowed(subject?),
-        amounts: amounts.unwrap_or_default(),
-        model: model.flatten().map(Cow::Borrowed),
-        event: event.flatten().map(Cow::Borrowed),
-    })
+    (c.at == text.len() && ts && subject).then_some(())
+}
+
+/// The line as an event, if it is in the usual shape.
+#[cfg(test)]
+fn line(text: &str) -> Option<Event<'_>> {
+    let mut ev = Event::empty();
+    line_into(text, &mut ev)?;
+    Some(ev)
 }
 
 #[cfg(test)]
@@ -197,6 +215,21 @@ mod tests {
         );
         same(r#"{"subject": "a", "ts": "2026-04-01T09:00:00.25+02:00", "model": null}"#);
         same(r#"{"ts": 0, "subject": "a", "amounts": {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}}"#);
+    }
+
+    #[test]
+    fn string_len_finds_the_first_stop_byte_at_every_offset() {
+        for n in 0..20 {
+            for stop in [b'"', b'\\', b'\n', 0x1f] {
+                let mut b = vec![b'a'; n];
+                b.extend_from_slice("é€".as_bytes());
+                b.push(stop);
+                b.extend_from_slice(b"zz\"");
+                let want = (stop == b'"').then_some(n + 5);
+                assert_eq!(string_len(&b), want, "{n} {stop}");
+            }
+            assert_eq!(string_len(&vec![b'a'; n]), None);
+        }
     }
 
     #[test]

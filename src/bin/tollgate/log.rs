@@ -49,6 +49,19 @@ pub struct Event<'a> {
     pub event: Option<Cow<'a, str>>,
 }
 
+impl Event<'_> {
+    /// An event with nothing read yet, for a parser to fill.
+    pub fn empty() -> Self {
+        Self {
+            ts: 0,
+            subject: Cow::Borrowed(""),
+            amounts: AmountList::default(),
+            model: None,
+            event: None,
+        }
+    }
+}
+
 /// A line's amounts, meter and amount, the first four inline (a plain
 /// array, not a `SmallVec`: the list must stay covariant in its lifetime for
 /// serde to borrow into it).
@@ -107,11 +120,6 @@ pub fn parse_time(text: &str) -> Result<i64, String> {
 /// `Z` or `±HH:MM`) without chrono's general parser; `None` for anything
 /// else (a leap second, a lower-case `t`, …), which chrono then reads.
 fn fast_time(b: &[u8]) -> Option<i64> {
-    fn num(b: &[u8]) -> Option<i64> {
-        b.iter().try_fold(0i64, |n, &c| {
-            c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
-        })
-    }
     if b.len() < 20
         || b[4] != b'-'
         || b[7] != b'-'
@@ -121,32 +129,22 @@ fn fast_time(b: &[u8]) -> Option<i64> {
     {
         return None;
     }
-    let (y, mo, d) = (num(&b[0..4])?, num(&b[5..7])?, num(&b[8..10])?);
     let (h, mi, s) = (num(&b[11..13])?, num(&b[14..16])?, num(&b[17..19])?);
-    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let month_days = [
-        31,
-        if leap { 29 } else { 28 },
-        31,
-        30,
-        31,
-        30,
-        31,
-        31,
-        30,
-        31,
-        30,
-        31,
-    ];
-    if !(1..=12).contains(&mo)
-        || d < 1
-        || d > month_days[(mo - 1) as usize]
-        || h > 23
-        || mi > 59
-        || s > 59
-    {
+    if h > 23 || mi > 59 || s > 59 {
         return None;
     }
+    let mut date = [0u8; 10];
+    date.copy_from_slice(&b[..10]);
+    // A log's lines mostly share their date: the last one's day number
+    // is reused (a cache of one, per thread; all zeros is no date).
+    let days = match LAST_DATE.get() {
+        (last, days) if last == date => days,
+        _ => {
+            let days = civil_days(&date)?;
+            LAST_DATE.set((date, days));
+            days
+        }
+    };
     let mut i = 19;
     let mut ms = 0;
     if b[i] == b'.' {
@@ -181,15 +179,51 @@ fn fast_time(b: &[u8]) -> Option<i64> {
         }
         _ => return None,
     };
-    // Days from the civil date (H. Hinnant's algorithm).
+    Some(((days * 24 + h) * 60 + mi) * 60_000 + s * 1_000 + ms - offset)
+}
+
+thread_local! {
+    /// The date (`YYYY-MM-DD`) [`fast_time`] read last, and its day number.
+    static LAST_DATE: std::cell::Cell<([u8; 10], i64)> =
+        const { std::cell::Cell::new(([0; 10], 0)) };
+}
+
+/// Whole digits, or `None`.
+fn num(b: &[u8]) -> Option<i64> {
+    b.iter().try_fold(0i64, |n, &c| {
+        c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
+    })
+}
+
+/// Days since the Unix epoch of a valid `YYYY-MM-DD` (H. Hinnant's
+/// algorithm), or `None`.
+fn civil_days(b: &[u8; 10]) -> Option<i64> {
+    let (y, mo, d) = (num(&b[0..4])?, num(&b[5..7])?, num(&b[8..10])?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&mo) || d < 1 || d > month_days[(mo - 1) as usize] {
+        return None;
+    }
     let yy = if mo <= 2 { y - 1 } else { y };
     let era = yy.div_euclid(400);
     let yoe = yy - era * 400;
     let mp = (mo + 9) % 12;
     let doy = (153 * mp + 2) / 5 + d - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 24 + h) * 60 + mi) * 60_000 + s * 1_000 + ms - offset)
+    Some(era * 146_097 + doe - 719_468)
 }
 
 /// Parse a decimal or whole amount.
@@ -301,12 +335,19 @@ impl<'de> Deserialize<'de> for JsonNum {
 
 /// Parse one JSON line. The line is checked as UTF-8 once, then parsed as
 /// text (serde_json's byte reader checks every string again).
-pub fn json_line(line: &[u8]) -> Result<Event<'_>, String> {
+pub fn json_line<T>(
+    line: &[u8],
+    then: impl FnOnce(&Event<'_>) -> Result<T, String>,
+) -> Result<T, String> {
     let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
-    if let Some(ev) = crate::fast::line(text) {
-        return Ok(ev);
+    // The event lives in this frame and is handed on by reference: parsed
+    // in place, never moved.
+    let mut ev = Event::empty();
+    if crate::fast::line_into(text, &mut ev).is_some() {
+        return then(&ev);
     }
-    serde_json::from_str(text).map_err(|e| e.to_string())
+    let ev: Event<'_> = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    then(&ev)
 }
 
 /// A CSV column.
@@ -435,5 +476,24 @@ mod tests {
             assert_eq!(fast_time(t.as_bytes()), None, "{t}");
             assert!(parse_time(t).is_err(), "{t}");
         }
+    }
+
+    #[test]
+    fn the_last_date_reused_gives_the_same_instants() {
+        // Same date, another date, back, and a bad time on a cached date.
+        for t in [
+            "2026-04-01T09:00:00Z",
+            "2026-04-01T23:59:59.5Z",
+            "2026-04-02T00:00:00+01:00",
+            "2026-04-01T00:00:00-01:00",
+            "2026-04-01T00:00:00Z",
+        ] {
+            let chrono = chrono::DateTime::parse_from_rfc3339(t)
+                .unwrap()
+                .timestamp_millis();
+            assert_eq!(fast_time(t.as_bytes()), Some(chrono), "{t}");
+        }
+        assert_eq!(fast_time(b"2026-04-01T25:00:00Z"), None);
+        assert_eq!(fast_time(b"2026-04-31T00:00:00Z"), None);
     }
 }

@@ -110,19 +110,23 @@ impl Tally {
                 }
             }
         }
-        for l in d.limits.as_slice() {
-            self.peak(l);
+        for (i, l) in d.limits.as_slice().iter().enumerate() {
+            self.peak(i, l);
         }
     }
 
+    /// Raise the peak of `l`, the decision's `i`th limit.
     #[inline]
-    fn peak(&mut self, l: &LimitState) {
+    fn peak(&mut self, i: usize, l: &LimitState) {
         let use_now = l.used.saturating_add(l.held);
-        if let Some(p) = self
-            .peaks
-            .iter_mut()
-            .find(|p| p.meter == l.meter && p.window == l.window && p.scope == l.scope)
-        {
+        let same = |p: &Peak| p.meter == l.meter && p.window == l.window && p.scope == l.scope;
+        // A subject's decisions list its limits in one order: its slot is
+        // usually at the same index, checked before the scan.
+        let at = match self.peaks.get(i) {
+            Some(p) if same(p) => Some(i),
+            _ => self.peaks.iter().position(same),
+        };
+        if let Some(p) = at.and_then(|at| self.peaks.get_mut(at)) {
             p.peak = p.peak.max(use_now);
             p.max = l.max;
             return;
@@ -349,12 +353,11 @@ impl<'c> Replayer<'c> {
             .any(|(m, c)| *m == meter && c.is_some())
     }
 
-    /// The request for `ev`, money and all.
-    fn request<'e>(&self, ev: &'e Event<'_>) -> Result<Request<'e>, String>
+    /// `ev`'s amounts, money and all, added to `req`.
+    fn request<'e>(&self, req: &mut Request<'e>, ev: &'e Event<'_>) -> Result<(), String>
     where
         'c: 'e,
     {
-        let mut req = Request::new(&ev.subject);
         for (meter, n) in ev.amounts.iter() {
             // Money for a money meter, in the meter's own currency.
             let currency = self
@@ -362,14 +365,15 @@ impl<'c> Replayer<'c> {
                 .iter()
                 .find(|(m, _)| m == meter)
                 .and_then(|(_, c)| *c);
-            req = match (currency, *n) {
-                (Some(c), Num::Int(i)) => req.money(meter, Decimal::from(i), c),
-                (Some(c), Num::Dec(d)) => req.money(meter, d, c),
-                (None, Num::Int(i)) => req.units(meter, i),
-                (None, Num::Dec(d)) => req.units(meter, whole(meter, d)?),
+            // Added in place: the request is not moved per amount.
+            match (currency, *n) {
+                (Some(c), Num::Int(i)) => req.add_money(meter, Decimal::from(i), c),
+                (Some(c), Num::Dec(d)) => req.add_money(meter, d, c),
+                (None, Num::Int(i)) => req.add_units(meter, i),
+                (None, Num::Dec(d)) => req.add_units(meter, whole(meter, d)?),
             };
         }
-        Ok(req)
+        Ok(())
     }
 
     /// A new subject's tally: every limit of its plan at a peak of 0, so a
@@ -401,12 +405,13 @@ impl<'c> Replayer<'c> {
             .ok_or_else(|| format!("timestamp {} out of range", ev.ts))?;
         let i = self.subject(&ev.subject)?;
         self.clock.set(at);
-        let mut req = match ev.amounts.small_ints() {
-            // The usual line, built in one chain (a builder called in a loop
-            // copies the request at every step).
-            Some(a) if a.iter().all(|(m, _)| self.is_count(m)) => counts(&ev.subject, a),
-            _ => self.request(ev)?,
-        };
+        // Built in this frame and filled in place: not returned from a
+        // helper and moved into it.
+        let mut req = Request::new(&ev.subject);
+        match ev.amounts.small_ints() {
+            Some(a) if a.iter().all(|(m, _)| self.is_count(m)) => counts(&mut req, a),
+            _ => self.request(&mut req, ev)?,
+        }
         if let Some(m) = &ev.model {
             req = req.model(m);
         }
@@ -444,28 +449,18 @@ impl<'c> Replayer<'c> {
     }
 }
 
-/// A request of up to four whole amounts of count meters, built in one
-/// chain.
+/// Whole amounts of count meters, added to `req`.
 #[inline(always)]
-fn counts<'e>(subject: &'e str, a: &'e [(Cow<'_, str>, Num)]) -> Request<'e> {
-    let n = |i: usize| match a[i].1 {
-        Num::Int(n) => n,
-        Num::Dec(_) => 0,
-    };
-    let r = Request::new(subject);
-    match a.len() {
-        0 => r,
-        1 => r.units(&a[0].0, n(0)),
-        2 => r.units(&a[0].0, n(0)).units(&a[1].0, n(1)),
-        3 => r
-            .units(&a[0].0, n(0))
-            .units(&a[1].0, n(1))
-            .units(&a[2].0, n(2)),
-        _ => r
-            .units(&a[0].0, n(0))
-            .units(&a[1].0, n(1))
-            .units(&a[2].0, n(2))
-            .units(&a[3].0, n(3)),
+fn counts<'e>(req: &mut Request<'e>, a: &'e [(Cow<'_, str>, Num)]) {
+    for (meter, n) in a {
+        // In place (`add_units`): no copy of the request per amount.
+        req.add_units(
+            meter,
+            match n {
+                Num::Int(n) => *n,
+                Num::Dec(_) => 0,
+            },
+        );
     }
 }
 
@@ -529,7 +524,7 @@ pub fn run(catalog: &Catalog, opts: &Options) -> Result<Outcome, String> {
                 },
             }
         } else {
-            log::json_line(line).and_then(|ev| r.event(&ev))
+            log::json_line(line, |ev| r.event(ev))
         };
         r.out.lines += 1;
         if let Err(reason) = result {

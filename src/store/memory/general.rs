@@ -12,7 +12,7 @@ use super::apply::{add_usage, check_ops};
 use smallvec::SmallVec;
 
 use super::balance::{self, Balance, BalanceMap};
-use super::holds::{add_to, held_by, settle_hold, BalanceRef, HoldRef, HoldRefs, Lease};
+use super::holds::{add_to, held_by, settle_hold, BalanceRef, Counted, HoldRef, HoldRefs, Lease};
 use super::keys::KeyId;
 use super::ledger::{Entry, Ledger};
 use super::report::{report, roll_ops};
@@ -300,7 +300,13 @@ fn open_lease<'g>(
         None => Err(Error::UnknownReservation { id: id() }),
         Some(rec) if rec.owner != *l.owner => Err(Error::UnknownReservation { id: id() }),
         Some(rec) if rec.settled => Err(Error::ReservationSettled { id: id() }),
-        Some(rec) if now_ms >= rec.expires_ms => Err(Error::ReservationExpired { id: id() }),
+        Some(rec) if now_ms >= rec.expires_ms => {
+            // Counted once: the engine counts this call's find only if no
+            // call or sweep counted the expiry before.
+            let counted = std::mem::replace(&mut rec.expiry_counted.0, true);
+            crate::telemetry::lease_found_expired(!counted);
+            Err(Error::ReservationExpired { id: id() })
+        }
         Some(rec) => {
             holds.extend(rec.holds.iter().cloned());
             let expires = rec.expires_ms;
@@ -416,6 +422,7 @@ impl Step<'_, '_> {
                         expires_ms,
                         deadline_ms,
                         settled: false,
+                        expiry_counted: Counted(false),
                         holds,
                         balance: self.holding_balance(),
                     });

@@ -184,11 +184,29 @@ pub(super) struct Lease {
     pub(super) deadline_ms: Option<i64>,
     #[serde(default)]
     pub(super) settled: bool,
+    /// Whether its expiry was counted (telemetry): by the first call that
+    /// found it expired, or by a sweep. Not kept in snapshots.
+    #[serde(skip)]
+    pub(super) expiry_counted: Counted,
     pub(super) holds: Vec<HoldRef>,
     /// The balance it holds on, if any (contract rule 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) balance: Option<BalanceRef>,
 }
+
+/// Whether a lease's expiry was counted: telemetry's bookkeeping, not the
+/// lease's state, so two leases compare equal whatever it says (a
+/// snapshot, which does not keep it, restores an equal store).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Counted(pub(super) bool);
+
+impl PartialEq for Counted {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for Counted {}
 
 /// A balance a lease holds on: its scope and money meter (serialized as its
 /// string, interned when read back).

@@ -283,6 +283,11 @@ impl MemoryStore {
         let horizon = self.horizon_ms;
         self.leases[i].lock().retain(|_, l| {
             let ended = l.settled || now_ms >= l.expires_ms;
+            if ended && !l.settled && !l.expiry_counted.0 {
+                // Expired unsettled, and no call found it: counted here, once.
+                l.expiry_counted.0 = true;
+                crate::telemetry::lease_swept();
+            }
             !(ended && now_ms.saturating_sub(l.expires_ms) >= horizon)
         });
         self.ledger[i].lock().sweep(now_ms, horizon, exact);
