@@ -165,16 +165,17 @@ fn main() {
 /// on one subject (one row), 32 callers on a subject (a row) each.
 const CASES: [(usize, bool); 3] = [(1, false), (32, false), (32, true)];
 
-/// `admit_async` in each of [`CASES`] through one store (its own pool of
-/// [`POOL`] connections, closed before the next side runs, so that the run
-/// never holds more than `POOL` connections for cases).
-async fn admit_cases(
+/// `admit_async` by `tasks` callers through a store of its own (a pool
+/// of [`POOL`] connections, closed when the case ends, so that the run
+/// never holds more than two pools' worth of connections).
+async fn admit_case(
     url: &str,
     schema: &str,
     catalog: &tollgate::Catalog,
     ids: bool,
+    (tasks, spread): (usize, bool),
     secs: f64,
-) -> Vec<f64> {
+) -> f64 {
     let store = PostgresConfig::new(url)
         .schema(schema)
         .pool_size(POOL)
@@ -194,25 +195,18 @@ async fn admit_cases(
             .allocate(Allocation::new(s.as_str(), "plan"))
             .expect("allocate");
     }
-    let mut out = Vec::new();
-    for (tasks, spread) in CASES {
-        let (e, subs) = (engine.clone(), subjects.clone());
-        out.push(
-            run(tasks, secs, move |caller| {
-                let e = e.clone();
-                let who = subs[if spread { caller } else { 0 }].clone();
-                async move {
-                    let d = e
-                        .admit_async(&Request::new(&who).units("tokens", 1))
-                        .await
-                        .expect("admit");
-                    assert!(d.allowed);
-                }
-            })
-            .await,
-        );
-    }
-    out
+    run(tasks, secs, move |caller| {
+        let e = engine.clone();
+        let who = subjects[if spread { caller } else { 0 }].clone();
+        async move {
+            let d = e
+                .admit_async(&Request::new(&who).units("tokens", 1))
+                .await
+                .expect("admit");
+            assert!(d.allowed);
+        }
+    })
+    .await
 }
 
 async fn bench(url: String, secs: f64) {
@@ -253,11 +247,6 @@ async fn bench(url: String, secs: f64) {
         .build()
         .expect("catalog");
     println!("case                                          tasks    ops/s   (µs/op at 1 task; {secs} s each)");
-    // Engine-made event ids on (the default: an `events` row per admit),
-    // then off.
-    let with_ids = admit_cases(&url, &schema, &catalog, true, secs).await;
-    let no_ids = admit_cases(&url, &schema, &catalog, false, secs).await;
-
     let pg: tokio_postgres::Config = url.parse().expect("url");
     let manager = Manager::from_config(
         pg,
@@ -295,22 +284,18 @@ async fn bench(url: String, secs: f64) {
     ];
 
     let mut results = Vec::new();
-    for (k, (tasks, spread)) in CASES.into_iter().enumerate() {
+    for (tasks, spread) in CASES {
         let subject = if spread {
             "a subject each"
         } else {
             "one subject"
         };
-        results.push((
-            format!("admit, 4 limits, {subject}, event ids"),
-            tasks,
-            with_ids[k],
-        ));
-        results.push((
-            format!("admit, 4 limits, {subject}, no ids"),
-            tasks,
-            no_ids[k],
-        ));
+        // Engine-made event ids on (the default: an `events` row per
+        // admit), then off.
+        for (ids, label) in [(true, "event ids"), (false, "no ids")] {
+            let ops = admit_case(&url, &schema, &catalog, ids, (tasks, spread), secs).await;
+            results.push((format!("admit, 4 limits, {subject}, {label}"), tasks, ops));
+        }
 
         let (p, sql) = (pool.clone(), update.clone());
         let trivial = run(tasks, secs, move |caller| {
