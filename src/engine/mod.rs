@@ -497,10 +497,34 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     #[inline(always)]
     fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         let result = self.store.apply(batch);
-        if let Ok(applied) = &result {
-            check_shape(batch, applied)?;
+        match &result {
+            Ok(applied) => check_shape(batch, applied)?,
+            Err(Error::Overflow { .. }) => return Err(charged_overflow(result)),
+            Err(_) => {}
         }
         result
+    }
+}
+
+/// A store's [`Error::Overflow`] on a counter of money charged (named by
+/// `catalog::charged_name`, written by `plan`'s `charge_ops`) names the
+/// cost meter it is kept in, as an
+/// overflow of the cost itself does: the counter's own name is the
+/// engine's. Every other result as it is.
+#[cold]
+#[inline(never)]
+fn charged_overflow(result: Result<Applied, Error>) -> Error {
+    match result {
+        Ok(_) => Error::Store {
+            message: "no error to map".into(),
+        },
+        Err(Error::Overflow { meter }) => match meter.split_once("\u{1f}charged:") {
+            Some((_, cost_meter)) => Error::Overflow {
+                meter: cost_meter.to_owned(),
+            },
+            None => Error::Overflow { meter },
+        },
+        Err(e) => e,
     }
 }
 

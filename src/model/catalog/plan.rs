@@ -139,6 +139,14 @@ impl Plan {
         self.price_of(idx).map(|p| p.units)
     }
 
+    /// Its price for the meter at catalog index `idx` (as
+    /// [`Plan::price_units_of`]) with the name of the meter's counter of
+    /// money charged ([`charged_name`]); `None` when unpriced.
+    #[inline]
+    pub(crate) fn charge_of(&self, idx: usize) -> Option<(u128, Name)> {
+        self.price_of(idx).and_then(|p| Some((p.units, p.charged?)))
+    }
+
     /// The id of the meter at catalog index `idx` when a request naming it
     /// is listed as unpriced in a decision: the plan has a cost meter, sets
     /// no price for the meter, and the meter is not money. `None` otherwise.
@@ -178,6 +186,22 @@ pub(crate) struct PlanPrice {
     pub(crate) price: Decimal,
     /// The same price as an exact integer of `10^-MAX_PRICE_SCALE` major units.
     pub(crate) units: u128,
+    /// The counter of money charged for the meter in the plan's cost meter
+    /// ([`charged_name`]), interned at validation so a call never interns.
+    /// Always `Some` (a plan with prices has a cost meter).
+    pub(crate) charged: Option<Name>,
+}
+
+/// The name of the engine's counter of money charged for `meter` in
+/// `cost_meter` (in the cost meter's smallest unit), kept beside each of the
+/// meter's counters of a limit window: `<meter>` U+001F `charged:` `<cost
+/// meter>`. Meter ids may hold no control character (the catalog refuses
+/// them), so no catalog meter is ever named like one.
+///
+/// Interns (a global lock): called when a catalog is validated and when a
+/// usage report is read, never on a call's hot path.
+pub(crate) fn charged_name(meter: &str, cost_meter: &str) -> Name {
+    Name::intern(&format!("{meter}\u{1f}charged:{cost_meter}"))
 }
 
 /// The catalog's table, by meter index, of the id a request naming the meter
