@@ -163,8 +163,9 @@ impl MeterUsage {
     }
 }
 
-/// Usage for one subject in its current periods: units and cost per meter
-/// (the shape of seed 003's `/usage`).
+/// Usage for one subject in its current periods: units and cost per meter,
+/// the cost as charged when the usage was counted
+/// ([`MeterUsage::cost`]; the shape of seed 003's `/usage`).
 ///
 /// Serializes as `{"subject", "plan", "at", "meters": [MeterUsage…]}`,
 /// each row `{"meter", "window", "period_start", "resets_at", "units",

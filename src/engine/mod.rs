@@ -469,14 +469,15 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     }
 
     /// Usage for `subject` in the current period of each of its own limits:
-    /// units, holds and cost per meter. Each row reads its amounts in the
+    /// units, holds and cost per meter, the cost **as charged** when the
+    /// usage was counted (a plan or price change never re-prices past
+    /// usage; see [`MeterUsage::cost`]). Each row reads its amounts in the
     /// public form a [`Decision`]'s limit states use (`used_amount`,
     /// `held_amount`, `max_amount`: `u64` units for counts and seconds, a
     /// major-unit `Decimal` for money); see [`MeterUsage`].
     ///
     /// # Errors
-    /// [`Error::UnknownSubject`], [`Error::Overflow`] if a meter's cost does
-    /// not fit the cost meter's integer, or a failing store.
+    /// [`Error::UnknownSubject`], or a failing store.
     pub fn usage(&self, subject: &str) -> Result<UsageReport, Error> {
         usage_call!(self, subject, apply: |b| self.apply(b))
     }

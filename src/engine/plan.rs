@@ -248,31 +248,46 @@ impl<S, C: Clock> Engine<S, C> {
     }
 }
 
-/// [`Engine::charge_ops`] past its branch.
+/// [`Engine::charge_ops`] past its branch: by the plan's prices (a
+/// handful), each priced meter of the request costed once, then its ops.
 #[inline(never)]
 fn charge_walk<'a>(list: &mut OpList<'a>, p: &'a Prepared) {
-    let Some(cm) = &p.alloc.plan.cost else {
+    let plan = &*p.alloc.plan;
+    let Some(cm) = &plan.cost else {
         return;
     };
     let subject = &p.alloc.scope;
-    let plan = &*p.alloc.plan;
-    for i in 0..list.limits.len() {
-        let (Some(op), Some(limit)) = (list.ops.as_slice().get(i), list.limits.as_slice().get(i))
-        else {
-            break;
-        };
-        if op.delta == 0 || op.window == Window::Concurrent || !std::ptr::eq(op.scope, subject) {
+    let amounts = p.amounts.as_slice();
+    // The limits are not pushed to: read as one slice. The ops are, so each
+    // is read by index (a push may move them to the heap).
+    let limits = list.limits.as_slice();
+    for price in plan.prices.iter() {
+        let Some(&(_, units)) = amounts.iter().find(|(i, _)| *i == price.meter_idx) else {
             continue;
-        }
-        let Some((price, charged)) = plan.charge_of(limit.meter_idx) else {
+        };
+        let (Some(charged), true) = (price.charged, units > 0) else {
             continue;
         };
         // One term of the request's cost, which fitted: so does this.
-        let cost = cost_minor([(op.delta, price)], cm.scale).unwrap_or(u64::MAX);
-        if cost > 0 {
-            let (scope, window) = (op.scope, op.window);
+        let cost = cost_minor([(units, price.units)], cm.scale).unwrap_or(u64::MAX);
+        if cost == 0 {
+            continue;
+        }
+        for (i, limit) in limits.iter().enumerate() {
+            if limit.meter_idx != price.meter_idx {
+                continue;
+            }
+            let Some(&op) = list.ops.as_slice().get(i) else {
+                break;
+            };
+            // The op adds the request's units (a settlement's report of a
+            // held meter adds none; a concurrent limit takes slots).
+            if op.delta == 0 || op.window == Window::Concurrent || !std::ptr::eq(op.scope, subject)
+            {
+                continue;
+            }
             list.ops
-                .push(CounterOp::new(scope, charged, window, cost, None));
+                .push(CounterOp::new(op.scope, charged, op.window, cost, None));
         }
     }
 }

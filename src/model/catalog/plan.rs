@@ -139,14 +139,6 @@ impl Plan {
         self.price_of(idx).map(|p| p.units)
     }
 
-    /// Its price for the meter at catalog index `idx` (as
-    /// [`Plan::price_units_of`]) with the name of the meter's counter of
-    /// money charged ([`charged_name`]); `None` when unpriced.
-    #[inline]
-    pub(crate) fn charge_of(&self, idx: usize) -> Option<(u128, Name)> {
-        self.price_of(idx).and_then(|p| Some((p.units, p.charged?)))
-    }
-
     /// The id of the meter at catalog index `idx` when a request naming it
     /// is listed as unpriced in a decision: the plan has a cost meter, sets
     /// no price for the meter, and the meter is not money. `None` otherwise.
