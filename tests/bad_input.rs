@@ -146,8 +146,9 @@ fn assert_setup_usage(e: &TestEngine) {
     assert_eq!(units(e, "alice", "cost"), dec!(0.1));
     assert_eq!(pool_used(e, "alice", "account:acme", "tokens"), 100);
     assert_eq!(pool_used(e, "alice", "account:acme", "jobs"), 3);
-    // tokens, jobs, runtime, cost for alice; tokens and jobs for the pool.
-    assert_eq!(e.store().counter_count(), 6);
+    // tokens, jobs, runtime, cost and the money charged for tokens for
+    // alice; tokens and jobs for the pool.
+    assert_eq!(e.store().counter_count(), 7);
 }
 
 /// Run `req` through check, admit and record; each must fail with `want`.
@@ -182,7 +183,7 @@ fn unknown_subject_is_refused_by_check_admit_record_and_usage() {
     };
     assert_all_calls_fail(&e2, &Request::new("alice").units("tokens", 5), &want_alice);
     assert_eq!(e2.usage("alice").unwrap_err(), want_alice);
-    assert_eq!(e2.store().counter_count(), 6);
+    assert_eq!(e2.store().counter_count(), 7);
 
     assert_eq!(snapshot(&e, "alice"), before);
     assert_setup_usage(&e);

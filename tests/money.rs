@@ -83,15 +83,22 @@ fn usage_report_cost_is_exact_and_overflow_is_an_error_not_a_number() {
         r.meters[1].cost.as_ref().unwrap().amount,
         dec!(10000000000000)
     );
-    // Twice that is 2 × 10^19 micro-dollars: past u64. Each record fit on its
-    // own; the report says Overflow rather than printing a made-up number.
-    e.record(&Request::new("a").units("big", 10_000_000))
-        .unwrap();
+    // Twice that is 2 × 10^19 micro-dollars: past u64. The money charged
+    // for the meter is kept as charged, so the second record cannot be kept
+    // exactly: it is refused with Overflow and changes nothing, rather than
+    // a report printing a made-up number.
     assert_eq!(
-        e.usage("a").unwrap_err(),
+        e.record(&Request::new("a").units("big", 10_000_000))
+            .unwrap_err(),
         Error::Overflow {
             meter: "cost".into()
         }
+    );
+    let r = e.usage("a").unwrap();
+    assert_eq!(r.meters[1].units, dec!(10000000));
+    assert_eq!(
+        r.meters[1].cost.as_ref().unwrap().amount,
+        dec!(10000000000000)
     );
 }
 

@@ -245,6 +245,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
                 message,
                 event: batch.event.map(|e| e.id.to_owned()),
             }),
+            Err(e @ Error::Overflow { .. }) => Err(super::charged_overflow(Err(e))),
             Err(e) => Err(e),
         }
     }

@@ -59,6 +59,10 @@ macro_rules! decide_call {
         }
         let mut list = OpList::new();
         $engine.ops_for(&mut list, &p, $req.model, Shape::Usage);
+        let usage = list.limits.len();
+        if $call != Call::Check {
+            $engine.charge_ops(&mut list, &p);
+        }
         let cooldowns = if $call == Call::Record {
             Vec::new()
         } else {
@@ -66,7 +70,7 @@ macro_rules! decide_call {
         };
         let balance = balance_op(&p);
         let ops = list.ops.as_slice();
-        let batch = usage_batch($call, $req.event, ops, &cooldowns, balance, now_ms);
+        let batch = usage_batch($call, $req.event, ops, usage, &cooldowns, balance, now_ms);
         // Read where the store wrote it: not moved out of the result.
         watch.store_start();
         let result = {
@@ -116,6 +120,7 @@ macro_rules! reserve_call {
         }
         let mut list = OpList::new();
         $engine.ops_for(&mut list, &o.p, $request.model, Shape::Reserve);
+        $engine.charge_ops(&mut list, &o.p);
         let cooldowns = $engine.cooldowns_for(&o.p, $request.model, None, false);
         let balance = $crate::engine::plan::balance_op(&o.p);
         let batch = o.batch(list.ops.as_slice(), &cooldowns, balance);
@@ -192,10 +197,12 @@ macro_rules! grow_call {
         let now_ms = $engine.clock.now_ms();
         let mut list = OpList::new();
         $engine.ops_for(&mut list, &p, $reservation.model.as_deref(), Shape::Usage);
+        let usage = list.limits.len();
+        $engine.charge_ops(&mut list, &p);
         let lease = LeaseOp::new($reservation.id, &p.alloc.scope, LeaseAction::Grow);
         let ops = list.ops.as_slice();
         let balance = $crate::engine::balance::settle_op(&p, $reservation.balance.as_ref());
-        let batch = lease_batch(Call::Grow, lease, None, ops, &[], balance, now_ms);
+        let batch = lease_batch(Call::Grow, lease, None, ops, usage, &[], balance, now_ms);
         let mut watch = $crate::telemetry::Watch::new(Call::Grow, $more.subject);
         watch.store_start();
         let applied = {
@@ -234,13 +241,17 @@ macro_rules! settle_call {
             model,
             Shape::Settle(s.reservation.held.as_slice()),
         );
+        let usage = list.limits.len();
+        $engine.charge_ops(&mut list, p);
         let cooldowns = $engine.cooldowns_for(p, model, s.failed.then_some(now_ms), false);
         let keep = LeaseAction::Settle { keep: s.keep };
         let lease = LeaseOp::new(s.reservation.id, &p.alloc.scope, keep);
         let ops = list.ops.as_slice();
         let balance = $crate::engine::balance::settle_op(p, s.reservation.balance.as_ref());
         let event = s.request.event;
-        let batch = lease_batch(s.call, lease, event, ops, &cooldowns, balance, now_ms);
+        let batch = lease_batch(
+            s.call, lease, event, ops, usage, &cooldowns, balance, now_ms,
+        );
         let mut watch = $crate::telemetry::Watch::new(s.call, s.request.subject);
         watch.store_start();
         let applied = {
@@ -279,7 +290,7 @@ macro_rules! usage_call {
             }
         };
         let now = $engine.clock.now();
-        let ops = $crate::engine::plan::usage_ops(&alloc);
+        let (ops, charged) = $crate::engine::plan::usage_ops(&alloc);
         let mut batch = Batch::new(&ops, Mode::Check, now.timestamp_millis());
         if let Some(b) = $crate::engine::balance::report_op(&alloc) {
             batch = batch.with_balance(b);
@@ -297,7 +308,7 @@ macro_rules! usage_call {
                 return Err(e);
             }
         };
-        let report = $engine.usage_report($subject, &alloc, &applied, now);
+        let report = $engine.usage_report($subject, &alloc, &applied, &charged, now);
         if let Err(ref e) = report {
             watch.failed(e);
         }

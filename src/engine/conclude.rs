@@ -9,7 +9,7 @@ use super::observe::Call;
 use super::plan::OpList;
 use super::prepare::Prepared;
 use super::Engine;
-use crate::catalog::{cost_minor, Limit};
+use crate::catalog::Limit;
 use crate::clock::Clock;
 use crate::decision::{
     Amount, Decision, LimitState, LimitStates, MeterList, Money, Refusal, Scale, Status,
@@ -78,8 +78,26 @@ pub struct MeterUsage {
     /// The maximum as a `Decimal` of the meter's major unit; `None` is
     /// unlimited. [`max_amount`](Self::max_amount) is its public form.
     pub max: Option<Decimal>,
-    /// `units × unit price`, rounded up to the cost meter's smallest unit;
-    /// `None` when the plan has no price for the meter.
+    /// The money charged for this usage **as charged**: the sum of what
+    /// each `admit`, `record`, `commit`, `release` (its kept share) and
+    /// `grow` (once settled) charged for the meter in this window, at the
+    /// prices of the plan in force when it was counted. A plan change or a
+    /// new price never re-prices it: tokens used on a plan without prices
+    /// stay charged 0 after a move to a priced one. Reservations' holds are
+    /// not in it until settled, as they are not in `units`.
+    ///
+    /// Each call's share for one meter is `units × price` rounded up to the
+    /// cost meter's smallest unit on its own (never down to zero), so over
+    /// a request pricing `n` meters the rows' shares add up to the
+    /// decision's [`cost`](crate::Decision::cost) (the sum rounded up once)
+    /// or up to `n - 1` smallest units more; for one priced meter, exactly.
+    ///
+    /// `None` when the plan has no cost meter, or neither prices the meter
+    /// nor has charged anything for it in the window. Usage counted before
+    /// tollgate kept these counters (versions up to 0.1.0) has no record of
+    /// its charge: it reads as charged 0 (a report cannot tell it from usage on a plan without
+    /// prices, which must read 0), so a window open across the upgrade
+    /// shows only what was charged since.
     pub cost: Option<Money>,
     /// Status of usage plus holds against the maximum: `Exceeded` when past
     /// it (only `record` can put it there), `Warning` at the warning ratio.
@@ -145,8 +163,9 @@ impl MeterUsage {
     }
 }
 
-/// Usage for one subject in its current periods: units and cost per meter
-/// (the shape of seed 003's `/usage`).
+/// Usage for one subject in its current periods: units and cost per meter,
+/// the cost as charged when the usage was counted
+/// ([`MeterUsage::cost`]; the shape of seed 003's `/usage`).
 ///
 /// Serializes as `{"subject", "plan", "at", "meters": [MeterUsage…]}`,
 /// each row `{"meter", "window", "period_start", "resets_at", "units",
@@ -302,31 +321,36 @@ impl<S, C: Clock> Engine<S, C> {
     }
 
     /// The report [`Engine::usage`] (and its async twin) answers, from the
-    /// store's answer to [`usage_ops`](super::plan::usage_ops).
+    /// store's answer to [`usage_ops`](super::plan::usage_ops) (`charged`:
+    /// for each limit, the index of its counter of money charged).
+    ///
+    /// A row's cost is its counter of money charged: what was charged for
+    /// the usage when it was recorded, whatever the plan and its prices
+    /// now. It is `Some` when the plan has a cost meter and prices the
+    /// meter, or has charged something for it in the window (under an
+    /// earlier plan); `None` otherwise.
     pub(super) fn usage_report(
         &self,
         subject: &str,
         alloc: &Resolved,
         applied: &Applied,
+        charged: &[Option<usize>],
         now: DateTime<Utc>,
     ) -> Result<UsageReport, Error> {
-        let cost_meter_idx = alloc.plan.cost_meter.unwrap_or_default();
-        let cost_meter = alloc.plan.cost_meter.map(|i| &self.catalog.meters[i]);
+        let cost_meter = alloc.plan.cost;
         let meters = alloc
             .limits()
             .iter()
             .zip(&applied.counters)
-            .map(|(l, s)| -> Result<MeterUsage, Error> {
+            .zip(charged)
+            .map(|((l, s), c)| -> Result<MeterUsage, Error> {
                 let meter = &self.catalog.meters[l.meter_idx];
-                let price = alloc.plan.price_units_of(l.meter_idx);
-                let cost = match (price, cost_meter) {
-                    (Some(p), Some(cm)) => Some(Money {
-                        amount: cm.to_decimal(cost_minor([(s.used, p)], cm.scale()).ok_or_else(
-                            || Error::Overflow {
-                                meter: cm.id.clone(),
-                            },
-                        )?),
-                        currency: self.catalog.currency(cost_meter_idx),
+                let priced = alloc.plan.price_units_of(l.meter_idx).is_some();
+                let charged = c.and_then(|i| applied.counters.get(i)).map(|c| c.used);
+                let cost = match (cost_meter, charged) {
+                    (Some(cm), Some(minor)) if priced || minor > 0 => Some(Money {
+                        amount: cm.to_decimal(minor),
+                        currency: cm.currency,
                     }),
                     _ => None,
                 };

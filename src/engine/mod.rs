@@ -469,14 +469,15 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     }
 
     /// Usage for `subject` in the current period of each of its own limits:
-    /// units, holds and cost per meter. Each row reads its amounts in the
+    /// units, holds and cost per meter, the cost **as charged** when the
+    /// usage was counted (a plan or price change never re-prices past
+    /// usage; see [`MeterUsage::cost`]). Each row reads its amounts in the
     /// public form a [`Decision`]'s limit states use (`used_amount`,
     /// `held_amount`, `max_amount`: `u64` units for counts and seconds, a
     /// major-unit `Decimal` for money); see [`MeterUsage`].
     ///
     /// # Errors
-    /// [`Error::UnknownSubject`], [`Error::Overflow`] if a meter's cost does
-    /// not fit the cost meter's integer, or a failing store.
+    /// [`Error::UnknownSubject`], or a failing store.
     pub fn usage(&self, subject: &str) -> Result<UsageReport, Error> {
         usage_call!(self, subject, apply: |b| self.apply(b))
     }
@@ -497,10 +498,34 @@ impl<S: AllowanceStore, C: Clock> Engine<S, C> {
     #[inline(always)]
     fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         let result = self.store.apply(batch);
-        if let Ok(applied) = &result {
-            check_shape(batch, applied)?;
+        match &result {
+            Ok(applied) => check_shape(batch, applied)?,
+            Err(Error::Overflow { .. }) => return Err(charged_overflow(result)),
+            Err(_) => {}
         }
         result
+    }
+}
+
+/// A store's [`Error::Overflow`] on a counter of money charged (named by
+/// `catalog::charged_name`, written by `plan`'s `charge_ops`) names the
+/// cost meter it is kept in, as an
+/// overflow of the cost itself does: the counter's own name is the
+/// engine's. Every other result as it is.
+#[cold]
+#[inline(never)]
+fn charged_overflow(result: Result<Applied, Error>) -> Error {
+    match result {
+        Ok(_) => Error::Store {
+            message: "no error to map".into(),
+        },
+        Err(Error::Overflow { meter }) => match meter.split_once("\u{1f}charged:") {
+            Some((_, cost_meter)) => Error::Overflow {
+                meter: cost_meter.to_owned(),
+            },
+            None => Error::Overflow { meter },
+        },
+        Err(e) => e,
     }
 }
 

@@ -7,7 +7,7 @@ use super::allocations::Resolved;
 use super::observe::Call;
 use super::prepare::Prepared;
 use super::Engine;
-use crate::catalog::{Limit, Pool};
+use crate::catalog::{cost_minor, Limit, Pool};
 use crate::clock::Clock;
 use crate::inline::SmallList;
 use crate::name::Name;
@@ -217,6 +217,81 @@ fn push_ops<'a>(
     }
 }
 
+impl<S, C: Clock> Engine<S, C> {
+    /// The money a call charges, meter by meter, appended to `list` after
+    /// every usage op (so `list.ops[..list.limits.len()]` stays the usage,
+    /// row for row with its limits): for each op on the subject's own scope
+    /// that adds to a priced meter's counter of a limit window, an op adding
+    /// that meter's cost, in the cost meter's smallest unit, to the meter's
+    /// counter of money charged ([`charged_name`](crate::catalog::charged_name))
+    /// in the same window, with no maximum. A usage report reads these back
+    /// as the cost charged ([`super::conclude`]).
+    ///
+    /// Each meter's cost is `delta × price` rounded up on its own (a charge
+    /// never rounds down to zero), so the shares of a request pricing `n`
+    /// meters sum to its decision's cost (`Σ delta × price`, rounded up
+    /// once) or up to `n - 1` smallest units more.
+    ///
+    /// In a reservation these ops are holds like the usage beside them:
+    /// `grow` adds to them, `release` keeps the policy's share of each
+    /// (rounded up, as the units), `commit` charges the actual request's.
+    /// Nothing for a plan without prices, a zero delta, a zero price, a
+    /// concurrent limit or a pool's scope (a report covers only the
+    /// subject's own).
+    #[inline(always)]
+    pub(super) fn charge_ops<'a>(&'a self, list: &mut OpList<'a>, p: &'a Prepared) {
+        let plan = &*p.alloc.plan;
+        if plan.prices.is_empty() {
+            return;
+        }
+        charge_walk(list, p);
+    }
+}
+
+/// [`Engine::charge_ops`] past its branch: by the plan's prices (a
+/// handful), each priced meter of the request costed once, then its ops.
+#[inline(never)]
+fn charge_walk<'a>(list: &mut OpList<'a>, p: &'a Prepared) {
+    let plan = &*p.alloc.plan;
+    let Some(cm) = &plan.cost else {
+        return;
+    };
+    let subject = &p.alloc.scope;
+    let amounts = p.amounts.as_slice();
+    // The limits are not pushed to: read as one slice. The ops are, so each
+    // is read by index (a push may move them to the heap).
+    let limits = list.limits.as_slice();
+    for price in plan.prices.iter() {
+        let Some(&(_, units)) = amounts.iter().find(|(i, _)| *i == price.meter_idx) else {
+            continue;
+        };
+        let (Some(charged), true) = (price.charged, units > 0) else {
+            continue;
+        };
+        // One term of the request's cost, which fitted: so does this.
+        let cost = cost_minor([(units, price.units)], cm.scale).unwrap_or(u64::MAX);
+        if cost == 0 {
+            continue;
+        }
+        for (i, limit) in limits.iter().enumerate() {
+            if limit.meter_idx != price.meter_idx {
+                continue;
+            }
+            let Some(&op) = list.ops.as_slice().get(i) else {
+                break;
+            };
+            // The op adds the request's units (a settlement's report of a
+            // held meter adds none; a concurrent limit takes slots).
+            if op.delta == 0 || op.window == Window::Concurrent || !std::ptr::eq(op.scope, subject)
+            {
+                continue;
+            }
+            list.ops
+                .push(CounterOp::new(op.scope, charged, op.window, cost, None));
+        }
+    }
+}
+
 /// The balance op of a call whose plan spends from a prepaid balance:
 /// debit the request's cost (in the cost meter's smallest unit) from the
 /// subject's balance or the plan's pool's. `None` for every other plan, the
@@ -244,12 +319,16 @@ fn balance_debit(p: &Prepared) -> Option<BalanceOp<'_>> {
 
 /// The batch of a check (read only), an admit (within limits) or a record
 /// (forced); an event id counts for admit and record, with the
-/// fingerprint of what they record. Part of the hot path, inlined into it.
+/// fingerprint of what they record: the first `usage` ops, the usage (the
+/// money charged per meter after them, [`Engine::charge_ops`], is left
+/// out, so a retry after a price change still replays). Part of the hot
+/// path, inlined into it.
 #[inline(always)]
 pub(super) fn usage_batch<'a>(
     call: Call,
     event: Option<&'a str>,
     ops: &'a [CounterOp<'a>],
+    usage: usize,
     cooldowns: &'a [CooldownOp<'a>],
     balance: Option<BalanceOp<'a>>,
     now_ms: i64,
@@ -264,7 +343,7 @@ pub(super) fn usage_batch<'a>(
         batch = batch.with_balance(b);
     }
     if let (Some(id), Call::Admit | Call::Record) = (event, call) {
-        let print = fingerprint(call, None, ops, balance.as_ref());
+        let print = fingerprint(call, None, &ops[..usage.min(ops.len())], balance.as_ref());
         batch = batch.with_event(EventKey::new(id, print));
     }
     batch
@@ -272,12 +351,15 @@ pub(super) fn usage_batch<'a>(
 
 /// The forced batch of a call on a reservation (`grow`, `commit`,
 /// `release`): `lease` says what it does to the lease; an event id is
-/// fingerprinted with the lease's id.
+/// fingerprinted with the lease's id and the first `usage` ops (as
+/// [`usage_batch`]).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn lease_batch<'a>(
     call: Call,
     lease: LeaseOp<'a>,
     event: Option<&'a str>,
     ops: &'a [CounterOp<'a>],
+    usage: usize,
     cooldowns: &'a [CooldownOp<'a>],
     balance: Option<BalanceOp<'a>>,
     now_ms: i64,
@@ -291,21 +373,39 @@ pub(super) fn lease_batch<'a>(
     }
     match event {
         Some(event) => {
-            let print = fingerprint(call, Some(id), ops, balance.as_ref());
+            let usage_ops = &ops[..usage.min(ops.len())];
+            let print = fingerprint(call, Some(id), usage_ops, balance.as_ref());
             batch.with_event(EventKey::new(event, print))
         }
         None => batch,
     }
 }
 
-/// The batch behind a usage report: every limit of the allocation, read
-/// (delta 0) in check mode.
-pub(super) fn usage_ops(alloc: &Resolved) -> Vec<CounterOp<'_>> {
-    alloc
-        .limits()
+/// The batch behind a usage report, read (delta 0) in check mode: every
+/// limit of the allocation, one op each in order; then, when the plan has a
+/// cost meter, the counter of money charged in it
+/// ([`Engine::charge_ops`]) beside each limit of a meter that is not money
+/// and not concurrent, whether or not the plan prices it now (an earlier
+/// plan may have). With the ops, for each limit the index of its money
+/// charged op, if it has one.
+pub(super) fn usage_ops(alloc: &Resolved) -> (Vec<CounterOp<'_>>, Vec<Option<usize>>) {
+    let limits = alloc.limits();
+    let mut ops: Vec<CounterOp<'_>> = limits
         .iter()
         .map(|l| CounterOp::new(&alloc.scope, l.meter, l.window, 0, l.max))
-        .collect()
+        .collect();
+    let mut charged = vec![None; limits.len()];
+    if let Some(cm) = &alloc.plan.cost {
+        for (l, slot) in limits.iter().zip(&mut charged) {
+            if l.window == Window::Concurrent || l.scale.money_scale().is_some() {
+                continue;
+            }
+            let name = crate::catalog::charged_name(&l.meter, &cm.id);
+            *slot = Some(ops.len());
+            ops.push(CounterOp::new(&alloc.scope, name, l.window, 0, None));
+        }
+    }
+    (ops, charged)
 }
 
 /// FNV-1a, 64 bit ([`fnv::FnvHasher`]): a digest that is the same in every

@@ -30,7 +30,7 @@ pub use config::{
     BalanceConfig, CatalogConfig, LimitConfig, MaxConfig, PlanConfig, PoolConfig, RefundPolicy,
 };
 pub use meter::{Meter, Unit, MAX_MONEY_SCALE};
-pub(crate) use plan::cost_minor;
+pub(crate) use plan::{charged_name, cost_minor};
 // At their old paths (`crate::catalog::Keep`), for the engine to name.
 #[allow(unused_imports)]
 pub(crate) use plan::{CostMeter, Keep};

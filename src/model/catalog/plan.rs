@@ -178,6 +178,22 @@ pub(crate) struct PlanPrice {
     pub(crate) price: Decimal,
     /// The same price as an exact integer of `10^-MAX_PRICE_SCALE` major units.
     pub(crate) units: u128,
+    /// The counter of money charged for the meter in the plan's cost meter
+    /// ([`charged_name`]), interned at validation so a call never interns.
+    /// Always `Some` (a plan with prices has a cost meter).
+    pub(crate) charged: Option<Name>,
+}
+
+/// The name of the engine's counter of money charged for `meter` in
+/// `cost_meter` (in the cost meter's smallest unit), kept beside each of the
+/// meter's counters of a limit window: `<meter>` U+001F `charged:` `<cost
+/// meter>`. Meter ids may hold no control character (the catalog refuses
+/// them), so no catalog meter is ever named like one.
+///
+/// Interns (a global lock): called when a catalog is validated and when a
+/// usage report is read, never on a call's hot path.
+pub(crate) fn charged_name(meter: &str, cost_meter: &str) -> Name {
+    Name::intern(&format!("{meter}\u{1f}charged:{cost_meter}"))
 }
 
 /// The catalog's table, by meter index, of the id a request naming the meter

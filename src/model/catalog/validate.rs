@@ -30,6 +30,15 @@ impl Catalog {
             if m.id.is_empty() {
                 return Err(Error::config(format!("{field}.id"), "empty id"));
             }
+            // Control characters are the engine's own: the counters of money
+            // charged per meter are named with one, so no meter can be
+            // named like them (see `charged_name`).
+            if m.id.chars().any(char::is_control) {
+                return Err(Error::config(
+                    format!("{field}.id"),
+                    format!("meter id {:?} holds a control character", m.id),
+                ));
+            }
             if meter_index.insert(m.id.clone(), i).is_some() {
                 return Err(Error::config(
                     format!("{field}.id"),
@@ -282,10 +291,13 @@ impl Catalog {
                 .ok()
                 .and_then(|m| m.checked_mul(10u128.pow(MAX_PRICE_SCALE - price.scale())))
                 .ok_or_else(|| Error::config(&f, format!("price {price} is too large")))?;
+            let charged = cost_meter
+                .map(|cm| super::plan::charged_name(&self.meters[idx].id, &self.meters[cm].id));
             prices.push(PlanPrice {
                 meter_idx: idx,
                 price: *price,
                 units,
+                charged,
             });
         }
         prices.sort_unstable_by_key(|p| p.meter_idx);
