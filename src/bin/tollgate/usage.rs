@@ -98,7 +98,7 @@ fn rows(v: &Value) -> Vec<Row> {
             };
             rows.push(Row {
                 scope: scope.clone(),
-                meter: c["meter"].as_str().unwrap_or_default().to_owned(),
+                meter: readable(c["meter"].as_str().unwrap_or_default()),
                 window,
                 period,
                 used: used.unwrap_or(0),
@@ -107,4 +107,28 @@ fn rows(v: &Value) -> Vec<Row> {
         }
     }
     rows
+}
+
+/// A counter's meter as a person reads it: the engine's counter of money
+/// charged for a meter (`<meter>` U+001F `charged:<cost meter>`) reads
+/// `<meter> (charged, <cost meter>)`; any other control character is
+/// escaped, never printed raw.
+fn readable(meter: &str) -> String {
+    match meter.split_once("\u{1f}charged:") {
+        Some((m, cost)) => format!("{} (charged, {})", m.escape_debug(), cost.escape_debug()),
+        None => meter.escape_debug().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn charged_counters_read_as_words() {
+        assert_eq!(
+            super::readable("llm_tokens_input\u{1f}charged:cost"),
+            "llm_tokens_input (charged, cost)"
+        );
+        assert_eq!(super::readable("tokens"), "tokens");
+        assert_eq!(super::readable("a\u{7}b"), "a\\u{7}b");
+    }
 }
