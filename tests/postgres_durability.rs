@@ -8,15 +8,17 @@
 //! Runs where `TOLLGATE_POSTGRES_URL` is set (CI) and the machine has
 //! PostgreSQL's server binaries; otherwise prints that it was skipped.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tollgate::store::{
-    AsyncAllowanceStore, BalanceAction, BalanceOp, Batch, CounterOp, FailurePolicy, GrantOp, Mode,
-    PostgresConfig, PostgresStore,
+    Applied, AsyncAllowanceStore, BalanceAction, BalanceOp, Batch, CounterOp, FailurePolicy,
+    GrantOp, Mode, PostgresConfig, PostgresStore,
 };
 use tollgate::{
     Allocation, CatalogConfig, Engine, Error, LimitConfig, Meter, Name, PlanConfig, Request,
@@ -202,20 +204,27 @@ async fn store_on(url: &str, policy: FailurePolicy) -> PostgresStore {
     store
 }
 
-/// Eight callers admit one unit at a time against a lifetime maximum; the
-/// server is SIGKILLed once 200 are acknowledged, restarted, and the
-/// callers go on until the maximum is reached. Every acknowledged admit is
-/// counted (the counter is at least the acknowledged total), nothing passed
-/// the maximum, and only a call whose outcome was unknown can have counted
-/// without an acknowledgement.
-#[test]
-fn acknowledged_decisions_survive_sigkill() {
-    let Some(server) = Server::start() else {
-        return;
-    };
-    const MAX: u64 = 600;
-    let rt = runtime();
-    let store = rt.block_on(store_on(&server.url(), FailurePolicy::FailClosed));
+/// One caller's call: a batch of its own, applied.
+type Call = fn(PostgresStore) -> Pin<Box<dyn Future<Output = Result<Applied, Error>> + Send>>;
+
+/// What callers saw through a kill: calls acknowledged (applied), calls
+/// whose outcome was unknown, and calls acknowledged before the kill.
+struct ThroughKill {
+    acked: u64,
+    unknown: u64,
+    at_kill: u64,
+}
+
+/// Eight callers run `call` until one is refused (an answer that did not
+/// apply, checked by `refused_well`); the server is SIGKILLed once 200
+/// calls are acknowledged, restarted 300 ms later, and the callers go on.
+fn eight_callers_through_a_kill(
+    rt: &tokio::runtime::Runtime,
+    server: &Server,
+    store: &PostgresStore,
+    call: Call,
+    refused_well: fn(&Applied),
+) -> ThroughKill {
     let acked = Arc::new(AtomicU64::new(0));
     let unknown = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicBool::new(false));
@@ -228,25 +237,14 @@ fn acknowledged_decisions_survive_sigkill() {
                 refused.clone(),
             );
             rt.spawn(async move {
-                let scope = ScopeKey::subject("agent");
-                let meter = Name::new("tokens");
                 let deadline = Instant::now() + Duration::from_secs(120);
                 while !refused.load(Ordering::SeqCst) && Instant::now() < deadline {
-                    let ops = [CounterOp::new(
-                        &scope,
-                        meter,
-                        Window::Lifetime,
-                        1,
-                        Some(MAX),
-                    )];
-                    let now_ms = chrono::Utc::now().timestamp_millis();
-                    let batch = Batch::new(&ops, Mode::WithinLimits, now_ms);
-                    match store.apply(&batch).await {
+                    match call(store.clone()).await {
                         Ok(a) if a.applied => {
                             acked.fetch_add(1, Ordering::SeqCst);
                         }
                         Ok(a) => {
-                            assert!(a.counters[0].used <= MAX, "{a:?}");
+                            refused_well(&a);
                             refused.store(true, Ordering::SeqCst);
                         }
                         Err(Error::StoreOutcomeUnknown { .. }) => {
@@ -262,7 +260,7 @@ fn acknowledged_decisions_survive_sigkill() {
             })
         })
         .collect();
-    // Kill mid-run, once 200 decisions are acknowledged.
+    // Kill mid-run, once 200 calls are acknowledged.
     let deadline = Instant::now() + Duration::from_secs(60);
     while acked.load(Ordering::SeqCst) < 200 {
         assert!(Instant::now() < deadline, "no progress before the kill");
@@ -275,8 +273,56 @@ fn acknowledged_decisions_survive_sigkill() {
     for t in tasks {
         rt.block_on(t).expect("caller");
     }
-    assert!(refused.load(Ordering::SeqCst), "the maximum was reached");
-    let (acked, unknown) = (acked.load(Ordering::SeqCst), unknown.load(Ordering::SeqCst));
+    assert!(
+        refused.load(Ordering::SeqCst),
+        "a caller was refused at the end"
+    );
+    ThroughKill {
+        acked: acked.load(Ordering::SeqCst),
+        unknown: unknown.load(Ordering::SeqCst),
+        at_kill,
+    }
+}
+
+/// Eight callers admit one unit at a time against a lifetime maximum; the
+/// server is SIGKILLed once 200 are acknowledged, restarted, and the
+/// callers go on until the maximum is reached. Every acknowledged admit is
+/// counted (the counter is at least the acknowledged total), nothing passed
+/// the maximum, and only a call whose outcome was unknown can have counted
+/// without an acknowledgement.
+#[test]
+fn acknowledged_decisions_survive_sigkill() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    const MAX: u64 = 600;
+    let rt = runtime();
+    let store = rt.block_on(store_on(&server.url(), FailurePolicy::FailClosed));
+    fn admit_one(
+        store: PostgresStore,
+    ) -> Pin<Box<dyn Future<Output = Result<Applied, Error>> + Send>> {
+        Box::pin(async move {
+            let scope = ScopeKey::subject("agent");
+            let ops = [CounterOp::new(
+                &scope,
+                Name::new("tokens"),
+                Window::Lifetime,
+                1,
+                Some(MAX),
+            )];
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            store
+                .apply(&Batch::new(&ops, Mode::WithinLimits, now_ms))
+                .await
+        })
+    }
+    let ThroughKill {
+        acked,
+        unknown,
+        at_kill,
+    } = eight_callers_through_a_kill(&rt, &server, &store, admit_one, |a| {
+        assert!(a.counters[0].used <= MAX, "{a:?}");
+    });
     // What the server holds after crash recovery.
     let used = rt.block_on(async {
         let scope = ScopeKey::subject("agent");
@@ -329,64 +375,32 @@ fn acknowledged_debits_survive_sigkill() {
     };
     let first = grant(1_000).expect("grant");
     assert_eq!(first.balance.expect("balance").remaining, GRANT);
-    let acked = Arc::new(AtomicU64::new(0));
-    let unknown = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let (store, acked, unknown, refused) = (
-                store.clone(),
-                acked.clone(),
-                unknown.clone(),
-                refused.clone(),
-            );
-            rt.spawn(async move {
-                let scope = ScopeKey::subject("payer");
-                let deadline = Instant::now() + Duration::from_secs(120);
-                while !refused.load(Ordering::SeqCst) && Instant::now() < deadline {
-                    let debit = BalanceAction::Debit {
-                        amount: 1,
-                        overdraft: 0,
-                    };
-                    let now_ms = chrono::Utc::now().timestamp_millis();
-                    let batch = Batch::new(&[], Mode::WithinLimits, now_ms)
-                        .with_balance(BalanceOp::new(&scope, Name::new("cost"), debit));
-                    match store.apply(&batch).await {
-                        Ok(a) if a.applied => {
-                            acked.fetch_add(1, Ordering::SeqCst);
-                        }
-                        Ok(a) => {
-                            let b = a.balance.expect("balance");
-                            assert!(!b.fits && b.available() >= 0, "{b:?}");
-                            refused.store(true, Ordering::SeqCst);
-                        }
-                        Err(Error::StoreOutcomeUnknown { .. }) => {
-                            unknown.fetch_add(1, Ordering::SeqCst);
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                        Err(Error::Store { .. }) => {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                        Err(e) => panic!("{e}"),
-                    }
-                }
-            })
+    fn debit_one(
+        store: PostgresStore,
+    ) -> Pin<Box<dyn Future<Output = Result<Applied, Error>> + Send>> {
+        Box::pin(async move {
+            let scope = ScopeKey::subject("payer");
+            let debit = BalanceAction::Debit {
+                amount: 1,
+                overdraft: 0,
+            };
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            let batch = Batch::new(&[], Mode::WithinLimits, now_ms).with_balance(BalanceOp::new(
+                &scope,
+                Name::new("cost"),
+                debit,
+            ));
+            store.apply(&batch).await
         })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while acked.load(Ordering::SeqCst) < 200 {
-        assert!(Instant::now() < deadline, "no progress before the kill");
-        std::thread::sleep(Duration::from_millis(5));
     }
-    server.kill9();
-    let at_kill = acked.load(Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(300));
-    server.up();
-    for t in tasks {
-        rt.block_on(t).expect("caller");
-    }
-    assert!(refused.load(Ordering::SeqCst), "the balance ran out");
-    let (acked, unknown) = (acked.load(Ordering::SeqCst), unknown.load(Ordering::SeqCst));
+    let ThroughKill {
+        acked,
+        unknown,
+        at_kill,
+    } = eight_callers_through_a_kill(&rt, &server, &store, debit_one, |a| {
+        let b = a.balance.as_deref().expect("balance");
+        assert!(!b.fits && b.available() >= 0, "{b:?}");
+    });
     // The same grant again, after recovery: a replay, credited once.
     let again = grant(chrono::Utc::now().timestamp_millis()).expect("grant again");
     assert_eq!(again.replayed_at_ms, Some(1_000), "the grant survived");
