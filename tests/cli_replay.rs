@@ -375,3 +375,30 @@ fn a_starting_balance_refuses_what_it_cannot_pay_for() {
     assert_eq!(by_balance["count"], 2);
     assert_eq!(by_balance["meter"], Value::Null);
 }
+
+#[test]
+fn a_log_cannot_write_terminal_escapes() {
+    // A subject id with an escape sequence, and a bad line quoting one.
+    let log = file(
+        "escapes.jsonl",
+        concat!(
+            r#"{"ts": "2026-04-01T09:00:00Z", "subject": "ev\u001b[2Jil", "amounts": {"llm_tokens_input": 10}}"#,
+            "\n",
+            r#"{"ts": "2026-04-01T09:00:00Z", "subject": "x", "amounts": {"no\u001b[31m_such": 1}}"#,
+            "\n",
+        ),
+    );
+    let o = tollgate(&["replay", "--plans", PLANS, "--log", log.to_str().unwrap()]);
+    for (name, bytes) in [("stdout", &o.stdout), ("stderr", &o.stderr)] {
+        assert!(
+            !bytes.contains(&0x1b),
+            "{name} holds a raw ESC: {}",
+            text(bytes)
+        );
+    }
+    assert!(
+        text(&o.stdout).contains(r"subject ev\u{1b}[2Jil"),
+        "{}",
+        text(&o.stdout)
+    );
+}

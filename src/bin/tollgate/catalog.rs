@@ -142,7 +142,12 @@ pub fn load(path: &Path) -> Result<Catalog, Vec<Problem>> {
 /// Print `problems` of `path` on stderr, one a line.
 pub fn report(path: &Path, problems: &[Problem]) {
     for p in problems {
-        eprintln!("{}: {}: {}", path.display(), p.field, p.reason);
+        eprintln!(
+            "{}: {}: {}",
+            path.display(),
+            visible(&p.field),
+            visible(&p.reason)
+        );
     }
     let n = problems.len();
     eprintln!(
@@ -150,4 +155,27 @@ pub fn report(path: &Path, problems: &[Problem]) {
         path.display(),
         if n == 1 { "" } else { "s" }
     );
+}
+
+/// `s` with each control character written as `\u{..}`, so a terminal
+/// shows every character an id holds.
+pub fn visible(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod visible_tests {
+    #[test]
+    fn control_characters_are_written_out() {
+        assert_eq!(super::visible("to\u{1f}kens `x`"), "to\\u{1f}kens `x`");
+        assert_eq!(super::visible("plain"), "plain");
+    }
 }

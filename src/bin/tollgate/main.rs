@@ -127,11 +127,11 @@ fn main() -> ExitCode {
         }
         Command::Usage { snapshot, json } => match usage::run(&snapshot, json) {
             Ok(text) => {
-                print!("{text}");
+                print!("{}", shown(&text));
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{e}");
+                eprintln!("{}", shown(&e.to_string()));
                 ExitCode::FAILURE
             }
         },
@@ -163,17 +163,22 @@ fn replay_command(
     let out = match replay::run(&catalog, opts) {
         Ok(out) => out,
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", shown(&e));
             return ExitCode::FAILURE;
         }
     };
     for b in &out.bad {
-        eprintln!("{}: line {}: {}", opts.log.display(), b.line, b.reason);
+        eprintln!(
+            "{}: line {}: {}",
+            opts.log.display(),
+            b.line,
+            shown(&b.reason)
+        );
     }
     if json {
         println!("{:#}", report::json(&out));
     } else {
-        print!("{}", report::text(&out));
+        print!("{}", shown(&report::text(&out)));
     }
     if let Some(path) = chart {
         // With no event replayed the chart has no time axis: its panels stay empty.
@@ -188,4 +193,14 @@ fn replay_command(
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Text for a terminal: each line with its control characters written as
+/// `\u{..}` (a log's subject id or a snapshot's meter cannot move the
+/// cursor or recolour the screen), line breaks kept.
+fn shown(text: &str) -> String {
+    text.split('\n')
+        .map(catalog::visible)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
