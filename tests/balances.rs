@@ -675,6 +675,10 @@ fn bad_balance_config_is_refused_with_its_field() {
             "amount 1.5 is a float",
         ),
         (
+            "cost_meter = \"cost\"\nbalance = { pool = \"gpt\" }\n[[pools]]\nid = \"gpt\"\nmodel = \"gpt-5\"",
+            "is a model's global pool",
+        ),
+        (
             "cost_meter = \"cost\"\nbalance = { overdraft = \"1\", limit = 3 }",
             "unknown field `limit`",
         ),

@@ -239,10 +239,21 @@ impl Catalog {
     pub(super) fn check_balance_pools(&self, config: &CatalogConfig) -> Result<(), Error> {
         for p in &config.plans {
             if let Some(pool) = p.balance.as_ref().and_then(|b| b.pool.as_ref()) {
-                if !self.pools.contains_key(pool) {
+                let field = || format!("plans[{}].balance.pool", p.id);
+                let Some(found) = self.pools.get(pool) else {
+                    return Err(Error::config(field(), format!("unknown pool `{pool}`")));
+                };
+                // No allocation may draw on a model's global pool, so no
+                // subject could ever be on this plan.
+                if self
+                    .model_pools
+                    .values()
+                    .flatten()
+                    .any(|m| m.id == found.id)
+                {
                     return Err(Error::config(
-                        format!("plans[{}].balance.pool", p.id),
-                        format!("unknown pool `{pool}`"),
+                        field(),
+                        format!("pool `{pool}` is a model's global pool: it cannot keep a plan's balance"),
                     ));
                 }
             }
