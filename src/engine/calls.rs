@@ -23,6 +23,27 @@
 //! no `DateTime` is built on the way to a decision unless an observer or a
 //! refusal needs one.
 
+/// One store call timed by `$watch`: the store's answer, or, on an error,
+/// the error counted by the watch and returned from the calling function.
+/// `$b` names `$batch` inside `$apply` (which may `.await`).
+macro_rules! watched_store_call {
+    ($watch:ident, |$b:ident| $batch:expr => $apply:expr) => {{
+        $watch.store_start();
+        let result = {
+            let $b = $batch;
+            $apply
+        };
+        $watch.store_end();
+        match result {
+            Ok(a) => a,
+            Err(e) => {
+                $watch.failed(&e);
+                return Err(e);
+            }
+        }
+    }};
+}
+
 /// `check`, `admit` and `record`: the body of a call returning
 /// `Result<Decision, Error>`. `on_store_error: |e, p, now| …` answers a
 /// store error (`e`) given the prepared request and the call's time (a
@@ -124,19 +145,7 @@ macro_rules! reserve_call {
         let cooldowns = $engine.cooldowns_for(&o.p, $request.model, None, false);
         let balance = $crate::engine::plan::balance_op(&o.p);
         let batch = o.batch(list.ops.as_slice(), &cooldowns, balance);
-        watch.store_start();
-        let applied = {
-            let $b = &batch;
-            $apply
-        };
-        watch.store_end();
-        let applied = match applied {
-            Ok(a) => a,
-            Err(e) => {
-                watch.failed(&e);
-                return Err(e);
-            }
-        };
+        let applied = watched_store_call!(watch, |$b| &batch => $apply);
         let opened = $engine.opened($request, &o, &list, &applied, &cooldowns);
         match &opened {
             Ok(r) => {
@@ -169,16 +178,7 @@ macro_rules! renew_call {
         };
         let lease = LeaseOp::new($reservation.id, owner, renew);
         let batch = Batch::new(&[], Mode::Force, now.timestamp_millis()).with_lease(lease);
-        watch.store_start();
-        let applied = {
-            let $b = &batch;
-            $apply
-        };
-        watch.store_end();
-        if let Err(e) = applied {
-            watch.failed(&e);
-            return Err(e);
-        }
+        watched_store_call!(watch, |$b| &batch => $apply);
         $reservation.expires_at = expires_at;
         Ok(())
     }};
@@ -204,19 +204,7 @@ macro_rules! grow_call {
         let balance = $crate::engine::balance::settle_op(&p, $reservation.balance.as_ref());
         let batch = lease_batch(Call::Grow, lease, None, ops, usage, &[], balance, now_ms);
         let mut watch = $crate::telemetry::Watch::new(Call::Grow, $more.subject);
-        watch.store_start();
-        let applied = {
-            let $b = &batch;
-            $apply
-        };
-        watch.store_end();
-        let applied = match applied {
-            Ok(a) => a,
-            Err(e) => {
-                watch.failed(&e);
-                return Err(e);
-            }
-        };
+        let applied = watched_store_call!(watch, |$b| &batch => $apply);
         let decision = $engine.conclude(Call::Grow, &p, &list, &applied, &[], now_ms);
         $engine.observe_at(Call::Grow, $more, now_ms, &decision);
         watch.decided(&decision);
@@ -253,19 +241,7 @@ macro_rules! settle_call {
             s.call, lease, event, ops, usage, &cooldowns, balance, now_ms,
         );
         let mut watch = $crate::telemetry::Watch::new(s.call, s.request.subject);
-        watch.store_start();
-        let applied = {
-            let $b = &batch;
-            $apply
-        };
-        watch.store_end();
-        let applied = match applied {
-            Ok(a) => a,
-            Err(e) => {
-                watch.failed(&e);
-                return Err(e);
-            }
-        };
+        let applied = watched_store_call!(watch, |$b| &batch => $apply);
         let at_ms = applied.replayed_at_ms.unwrap_or(now_ms);
         let decision = $engine.conclude(s.call, p, &list, &applied, &[], at_ms);
         $engine.observe_at(s.call, s.request, at_ms, &decision);
@@ -295,19 +271,7 @@ macro_rules! usage_call {
         if let Some(b) = $crate::engine::balance::report_op(&alloc) {
             batch = batch.with_balance(b);
         }
-        watch.store_start();
-        let applied = {
-            let $b = &batch;
-            $apply
-        };
-        watch.store_end();
-        let applied = match applied {
-            Ok(a) => a,
-            Err(e) => {
-                watch.failed(&e);
-                return Err(e);
-            }
-        };
+        let applied = watched_store_call!(watch, |$b| &batch => $apply);
         let report = $engine.usage_report($subject, &alloc, &applied, &charged, now);
         if let Err(ref e) = report {
             watch.failed(e);
