@@ -165,6 +165,16 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A report of a calendar period further back than the store keeps
+    /// ([`Engine::usage_in`](crate::Engine::usage_in); contract rule 11 of
+    /// the [store](crate::store)). Nothing was read.
+    #[error("usage history: {asked} periods back asked, the store keeps {kept}")]
+    HistoryNotKept {
+        /// How many periods back the report asked for.
+        asked: u32,
+        /// How many closed periods the store keeps per counter.
+        kept: u32,
+    },
     /// The store failed before the call reached it, or refused it (no
     /// connection, a server error): nothing changed. Retrying is safe.
     #[error("store failed: {message}")]

@@ -78,3 +78,19 @@ fn concurrent_debits_never_overdraw() {
     conformance::concurrent_debits_never_overdraw(MemoryStore::new);
     conformance::concurrent_debits_never_overdraw(one_shard);
 }
+
+#[test]
+fn closed_periods_are_kept() {
+    conformance::closed_periods_are_kept(MemoryStore::new);
+    conformance::closed_periods_are_kept(one_shard);
+    conformance::closed_periods_are_kept(|| {
+        MemoryStore::new()
+            .with_history_periods(12)
+            .expect("12 periods is a valid depth")
+    });
+    conformance::closed_periods_are_kept(|| {
+        MemoryStore::new()
+            .with_history_periods(0)
+            .expect("0 periods is a valid depth")
+    });
+}

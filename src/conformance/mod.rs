@@ -31,11 +31,13 @@ use crate::{Error, Period, ScopeKey, Window};
 
 mod balances;
 mod clock_steps;
+mod history;
 pub use balances::{
     balance_holds_settle, balances_consume_grants_in_order, concurrent_debits_never_overdraw,
     grants_are_idempotent, run_balances,
 };
 pub use clock_steps::clock_steps_back_free_nothing;
+pub use history::closed_periods_are_kept;
 
 /// 2026-01-01 00:00 UTC plus `secs`.
 fn at(secs: i64) -> DateTime<Utc> {
@@ -696,4 +698,5 @@ pub fn run_all<S: AllowanceStore>(new: impl Fn() -> S) {
     concurrent_batches_never_over_admit(&new);
     clock_steps_back_free_nothing(&new);
     run_balances(&new);
+    closed_periods_are_kept(&new);
 }

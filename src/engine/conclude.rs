@@ -381,6 +381,78 @@ impl<S, C: Clock> Engine<S, C> {
     }
 }
 
+impl<S, C: Clock> Engine<S, C> {
+    /// The report [`Engine::usage_in`] (and its async twin) answers for a
+    /// closed period, from the store's answer (`used`, one per op) to
+    /// [`period_ops`](super::plan::period_ops): one row per limit read
+    /// (`rows`, indexes into the allocation's limits), with its period's
+    /// bounds, its usage and the money charged for it, nothing held.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn past_report(
+        &self,
+        subject: &str,
+        alloc: &Resolved,
+        ops: &[crate::store::PeriodOp<'_>],
+        rows: &[usize],
+        charged: &[Option<usize>],
+        used: &[u64],
+        now: DateTime<Utc>,
+    ) -> Result<UsageReport, Error> {
+        if used.len() != ops.len() {
+            return Err(Error::Store {
+                message: format!(
+                    "store returned {} period totals for {} periods",
+                    used.len(),
+                    ops.len()
+                ),
+            });
+        }
+        let limits = alloc.limits();
+        let cost_meter = alloc.plan.cost;
+        let meters = rows
+            .iter()
+            .zip(ops)
+            .zip(used)
+            .zip(charged)
+            .map(|(((&i, op), &units), c)| {
+                let l = &limits[i];
+                let meter = &self.catalog.meters[l.meter_idx];
+                let priced = alloc.plan.price_units_of(l.meter_idx).is_some();
+                let charged = c.and_then(|c| used.get(c).copied());
+                let cost = match (cost_meter, charged) {
+                    (Some(cm), Some(minor)) if priced || minor > 0 => Some(Money {
+                        amount: cm.to_decimal(minor),
+                        currency: cm.currency,
+                    }),
+                    _ => None,
+                };
+                MeterUsage {
+                    meter: l.meter,
+                    window: l.window,
+                    period_start: Some(crate::store::ms_to_time(op.start_ms)),
+                    resets_at: op.end_ms().map(crate::store::ms_to_time),
+                    units: meter.to_decimal(units),
+                    held: meter.to_decimal(0),
+                    max: l.max.map(|m| meter.to_decimal(m)),
+                    cost,
+                    status: report_status(l, units),
+                    scale: Scale::of(&meter.unit),
+                    used_minor: units,
+                    held_minor: 0,
+                    max_minor: l.max,
+                }
+            })
+            .collect();
+        Ok(UsageReport {
+            subject: subject.to_owned(),
+            plan: alloc.plan.id.to_string(),
+            at: now,
+            meters,
+            balance: None,
+        })
+    }
+}
+
 /// The allowlist's refusal of `p`, if any, on its `decision`: a `record`
 /// outside the allowlist still records, and reports the refusal (the other
 /// calls never reach the store with a refused model). A step of its own,

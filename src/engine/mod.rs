@@ -27,6 +27,7 @@ mod asynchronous;
 mod audit;
 mod balance;
 mod conclude;
+mod history;
 mod observe;
 mod plan;
 mod prepare;

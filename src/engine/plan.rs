@@ -13,7 +13,7 @@ use crate::inline::SmallList;
 use crate::name::Name;
 use crate::store::{
     BalanceAction, BalanceOp, Batch, CooldownOp, CounterOp, EventKey, LeaseId, LeaseOp, Mode,
-    ScopeKey,
+    PeriodOp, ScopeKey,
 };
 use crate::window::Window;
 use std::sync::Arc;
@@ -406,6 +406,45 @@ pub(super) fn usage_ops(alloc: &Resolved) -> (Vec<CounterOp<'_>>, Vec<Option<usi
         }
     }
     (ops, charged)
+}
+
+/// The query behind a report of a past period (contract rule 11): for each
+/// limit of the allocation kept per calendar `period`, its counter's period
+/// `back` periods before the one containing `now_ms`; then, as in
+/// [`usage_ops`], each such limit's counter of money charged. With the
+/// ops, the limits read (by index into `alloc.limits()`), and for each the
+/// index of its money charged op, if it has one.
+pub(super) fn period_ops(
+    alloc: &Resolved,
+    period: crate::window::Period,
+    back: u32,
+    now_ms: i64,
+) -> (Vec<PeriodOp<'_>>, Vec<usize>, Vec<Option<usize>>) {
+    let limits = alloc.limits();
+    let rows: Vec<usize> = (0..limits.len())
+        .filter(|&i| matches!(limits[i].window, Window::Calendar { period: p, .. } if p == period))
+        .collect();
+    let mut ops: Vec<PeriodOp<'_>> = Vec::with_capacity(rows.len() * 2);
+    let mut starts = Vec::with_capacity(rows.len());
+    for &i in &rows {
+        let l = &limits[i];
+        let (start, _) = crate::store::period_back(l.window, now_ms, back).unwrap_or_default();
+        starts.push(start);
+        ops.push(PeriodOp::new(&alloc.scope, l.meter, l.window, start));
+    }
+    let mut charged = vec![None; rows.len()];
+    if let Some(cm) = &alloc.plan.cost {
+        for ((&i, slot), &start) in rows.iter().zip(&mut charged).zip(&starts) {
+            let l = &limits[i];
+            if l.scale.money_scale().is_some() {
+                continue;
+            }
+            let name = crate::catalog::charged_name(&l.meter, &cm.id);
+            *slot = Some(ops.len());
+            ops.push(PeriodOp::new(&alloc.scope, name, l.window, start));
+        }
+    }
+    (ops, rows, charged)
 }
 
 /// FNV-1a, 64 bit ([`fnv::FnvHasher`]): a digest that is the same in every

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{AllowanceStore, Applied, Batch, LeaseInfo, MemoryStore};
+use super::{AllowanceStore, Applied, Batch, LeaseInfo, MemoryStore, PeriodOp};
 use crate::Error;
 
 /// What the engine's async calls do when the store fails ([`Error::Store`]:
@@ -54,6 +54,24 @@ pub trait AsyncAllowanceStore: Send + Sync {
     /// [`Error::Store`] if the backend fails or times out.
     async fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error>;
 
+    /// As [`AllowanceStore::history_periods`]: how many closed periods of
+    /// each calendar counter the store keeps. Default 0.
+    fn history_periods(&self) -> u32 {
+        0
+    }
+
+    /// As [`AllowanceStore::period_usage`]: the usage each op's counter
+    /// counted in the calendar period starting at its `start_ms`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBatch`] for an op that names no calendar period;
+    /// [`Error::HistoryNotKept`] from a store that keeps none (the
+    /// default); [`Error::Store`] if the backend fails or times out.
+    async fn period_usage(&self, ops: &[PeriodOp<'_>], now_ms: i64) -> Result<Vec<u64>, Error> {
+        let _ = (ops, now_ms);
+        Err(super::history::no_history())
+    }
+
     /// What the engine does when this store fails. Fail closed unless the
     /// backend is configured otherwise.
     fn failure_policy(&self) -> FailurePolicy {
@@ -79,6 +97,14 @@ impl AsyncAllowanceStore for MemoryStore {
     async fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
         AllowanceStore::overdue(self, now)
     }
+
+    fn history_periods(&self) -> u32 {
+        AllowanceStore::history_periods(self)
+    }
+
+    async fn period_usage(&self, ops: &[PeriodOp<'_>], now_ms: i64) -> Result<Vec<u64>, Error> {
+        AllowanceStore::period_usage(self, ops, now_ms)
+    }
 }
 
 #[async_trait]
@@ -97,5 +123,13 @@ impl<T: AsyncAllowanceStore + ?Sized> AsyncAllowanceStore for Arc<T> {
 
     fn needs_event_ids(&self) -> bool {
         (**self).needs_event_ids()
+    }
+
+    fn history_periods(&self) -> u32 {
+        (**self).history_periods()
+    }
+
+    async fn period_usage(&self, ops: &[PeriodOp<'_>], now_ms: i64) -> Result<Vec<u64>, Error> {
+        (**self).period_usage(ops, now_ms).await
     }
 }

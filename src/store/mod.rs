@@ -150,6 +150,24 @@
 //!     fit, what was uncovered, and every grant not yet expired with
 //!     something left, in consumption order.
 //!
+//! 11. **Keep closed periods** (an opt-out part of the contract:
+//!     [`AllowanceStore::history_periods`] says how many, `N`; a store that
+//!     keeps none says 0). A [`Window::Calendar`] counter's usage in each
+//!     of the `N` periods before the one containing `now` stays readable
+//!     through [`AllowanceStore::period_usage`]: a batch that rolls a
+//!     counter past a period holding usage, and a backend that forgets
+//!     such a counter (a sweep, a TTL, a reclaim), keeps that period's
+//!     total first. A total more than `N` periods behind `now` may be
+//!     forgotten, so what is kept is flat in traffic: at most `N` totals
+//!     per counter. `period_usage` answers, per [`PeriodOp`], the usage the
+//!     counter counted in the period starting at `start_ms`: the counter's
+//!     own if it still holds that period (rolled or not), else the total
+//!     kept for it, else 0 (nothing was counted, or it was forgotten). It
+//!     changes nothing. An op whose window is not calendar, or whose
+//!     `start_ms` is not the start of one of its periods, is
+//!     [`Error::InvalidBatch`]. Holds are not kept: a period's total is its
+//!     usage.
+//!
 //! Policy — statuses, warning ratios, prices, allowlists, refund shares,
 //! fingerprints — stays in the engine, so a backend stays small.
 //!
@@ -205,6 +223,7 @@
 mod applied;
 #[cfg(feature = "async")]
 mod async_store;
+mod history;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -230,6 +249,8 @@ pub use applied::{
 #[cfg(feature = "async")]
 #[cfg_attr(docsrs, doc(cfg(feature = "async")))]
 pub use async_store::{AsyncAllowanceStore, FailurePolicy};
+pub(crate) use history::{checked_depth, period_back, validate_period_ops};
+pub use history::{PeriodOp, DEFAULT_HISTORY_PERIODS, MAX_HISTORY_PERIODS};
 pub use memory::{MemoryStore, Snapshot};
 
 // The model's types a batch names, kept at their `store::` paths.
@@ -545,6 +566,25 @@ pub trait AllowanceStore: Send + Sync {
     /// # Errors
     /// [`Error::Store`] if the backend fails.
     fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error>;
+
+    /// How many closed periods of each calendar counter the store keeps
+    /// (contract rule 11). The default, 0, is a store that keeps none.
+    fn history_periods(&self) -> u32 {
+        0
+    }
+
+    /// The usage each op's counter counted in the calendar period starting
+    /// at its `start_ms`, one number per op in order, as of `now_ms`
+    /// (contract rule 11). Changes nothing.
+    ///
+    /// # Errors
+    /// [`Error::InvalidBatch`] for an op that names no calendar period;
+    /// [`Error::HistoryNotKept`] from a store that keeps none (the
+    /// default); [`Error::Store`] if the backend fails.
+    fn period_usage(&self, ops: &[PeriodOp<'_>], now_ms: i64) -> Result<Vec<u64>, Error> {
+        let _ = (ops, now_ms);
+        Err(history::no_history())
+    }
 }
 
 impl<T: AllowanceStore + ?Sized> AllowanceStore for Arc<T> {
@@ -554,6 +594,14 @@ impl<T: AllowanceStore + ?Sized> AllowanceStore for Arc<T> {
 
     fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
         (**self).overdue(now)
+    }
+
+    fn history_periods(&self) -> u32 {
+        (**self).history_periods()
+    }
+
+    fn period_usage(&self, ops: &[PeriodOp<'_>], now_ms: i64) -> Result<Vec<u64>, Error> {
+        (**self).period_usage(ops, now_ms)
     }
 }
 

@@ -200,6 +200,15 @@ impl<B: AsRef<[u64]> + AsMut<[u64]>> Ring<B> {
     }
 }
 
+/// A calendar period a counter closed with usage in it: `[start, end)` and
+/// its total (contract rule 11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Closed {
+    pub(super) start: i64,
+    pub(super) end: i64,
+    pub(super) used: u64,
+}
+
 /// The bucket width of a window (0 for any but a rolling one).
 pub(super) fn width_of(window: Window) -> i64 {
     match window {
@@ -288,10 +297,33 @@ impl Counter {
 
     /// Roll the counter (of `window`) forward to `now_ms`: only for a batch
     /// that applies (contract rule 2); others read [`Counter::used_at`].
+    /// Returns the period a calendar counter closed with usage in it, for
+    /// the shard's history (contract rule 11).
     #[inline]
-    pub(super) fn advance(&mut self, window: Window, now_ms: i64) {
-        if !self.current(window, now_ms) {
-            self.roll(window, now_ms);
+    #[must_use]
+    pub(super) fn advance(&mut self, window: Window, now_ms: i64) -> Option<Closed> {
+        if self.current(window, now_ms) {
+            None
+        } else {
+            self.roll(window, now_ms)
+        }
+    }
+
+    /// The period a calendar counter holding usage has closed by `now_ms`
+    /// (read, not rolled: a sweep about to drop it keeps its total).
+    pub(super) fn closed_by(&self, now_ms: i64) -> Option<Closed> {
+        match *self {
+            Counter::Calendar {
+                len_ms,
+                start,
+                used,
+                ..
+            } if used > 0 && now_ms >= start.saturating_add(i64::from(len_ms)) => Some(Closed {
+                start,
+                end: start.saturating_add(i64::from(len_ms)),
+                used,
+            }),
+            _ => None,
         }
     }
 
@@ -328,7 +360,9 @@ impl Counter {
     }
 
     #[inline(never)]
-    pub(super) fn roll(&mut self, window: Window, now_ms: i64) {
+    #[must_use]
+    pub(super) fn roll(&mut self, window: Window, now_ms: i64) -> Option<Closed> {
+        let closed = self.closed_by(now_ms);
         match (self, window) {
             (
                 Counter::Calendar {
@@ -362,6 +396,15 @@ impl Counter {
                 *back = ring.back;
             }
             _ => {}
+        }
+        closed
+    }
+
+    /// A calendar counter's period start and usage, as kept (not rolled).
+    pub(super) fn calendar_period(&self) -> Option<(i64, u64)> {
+        match *self {
+            Counter::Calendar { start, used, .. } => Some((start, used)),
+            _ => None,
         }
     }
 

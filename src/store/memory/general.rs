@@ -570,8 +570,10 @@ impl Step<'_, '_> {
             if let Some((key, idx)) = ch.at {
                 // The counter rolled and charged in one lookup, its holds
                 // expired and this lease's removed in one visit.
-                if let Some(c) = sh.counter_mut(scope, idx) {
-                    c.advance(window, self.now_ms);
+                if let Some(c) = sh.scopes.get_mut(scope).and_then(|l| l.get_mut(idx)) {
+                    if let Some(closed) = c.advance(window, self.now_ms) {
+                        sh.history.keep(scope, ch.hold.meter, window, closed);
+                    }
                     c.add(window, ch.charged);
                 }
                 settle_hold(

@@ -13,6 +13,7 @@ mod apply;
 mod balance;
 mod counters;
 mod general;
+mod history;
 mod holds;
 mod keys;
 mod ledger;
@@ -26,7 +27,10 @@ use std::hash::{BuildHasher, Hash};
 use chrono::{DateTime, Utc};
 use parking_lot::Mutex;
 
-use super::{ms_to_time, AllowanceStore, Applied, Batch, LeaseId, LeaseInfo, ScopeKey};
+use super::{
+    ms_to_time, validate_period_ops, AllowanceStore, Applied, Batch, LeaseId, LeaseInfo, PeriodOp,
+    ScopeKey,
+};
 use crate::Error;
 
 // The batch checks moved to the seam (`super::validate`); the Redis backend
@@ -185,6 +189,33 @@ impl MemoryStore {
             side_hasher: foldhash::fast::RandomState::default(),
             horizon_ms: DEFAULT_HORIZON_MS,
         }
+        .with_depth(crate::store::DEFAULT_HISTORY_PERIODS)
+    }
+
+    /// The same store keeping the totals of `periods` closed calendar
+    /// periods per counter (contract rule 11; default
+    /// [`DEFAULT_HISTORY_PERIODS`](crate::store::DEFAULT_HISTORY_PERIODS),
+    /// 0 keeps none). Each kept total is about 100 bytes, made when a
+    /// period with usage closes; totals more than `periods` periods old are
+    /// dropped by sweeps, so memory is flat in traffic.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] (field `history_periods`) past
+    /// [`MAX_HISTORY_PERIODS`](crate::store::MAX_HISTORY_PERIODS).
+    pub fn with_history_periods(self, periods: u32) -> Result<Self, Error> {
+        Ok(self.with_depth(crate::store::checked_depth(periods)?))
+    }
+
+    fn with_depth(mut self, periods: u32) -> Self {
+        for shard in self.shards.iter_mut() {
+            shard.get_mut().history.depth = periods;
+        }
+        self
+    }
+
+    /// Number of closed-period totals kept (contract rule 11).
+    pub fn history_count(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().history.len()).sum()
     }
 
     /// The same store remembering event ids (and ended leases) for `horizon`
@@ -239,6 +270,7 @@ impl MemoryStore {
             scopes,
             holds,
             cooldowns,
+            history,
             ..
         } = shard;
         holds.retain(|_, list| {
@@ -254,7 +286,7 @@ impl MemoryStore {
             // A counter is read as of now, not rolled: a sweep runs at the
             // time of whichever batch triggered it, and only a batch that
             // applies rolls a counter (contract rule 2).
-            let mut keep = |c: &mut Counter| {
+            let keep = |c: &Counter| {
                 let key = c.key();
                 let Some(&(_, window)) = keys.get(key) else {
                     return true;
@@ -262,17 +294,28 @@ impl MemoryStore {
                 let holds = held.is_some_and(|l| l.iter().any(|(k, _)| *k == key));
                 c.used_now(window, now_ms) > 0 || holds
             };
-            if counters.iter_mut().all(&mut keep) {
+            if counters.iter().all(keep) {
                 return true;
             }
             let mut v = std::mem::take(counters).into_vec();
             let before = v.len();
-            v.retain_mut(keep);
+            v.retain(|c| {
+                let kept = keep(c);
+                // A calendar counter dropped with usage in a closed period:
+                // its total is kept first (contract rule 11).
+                if let (false, Some(closed), Some(&(meter, window))) =
+                    (kept, c.closed_by(now_ms), keys.get(c.key()))
+                {
+                    history.keep(scope, meter, window, closed);
+                }
+                kept
+            });
             removed += before - v.len();
             *counters = v.into_boxed_slice();
             !counters.is_empty()
         });
         cooldowns.retain(|_, until| *until > now_ms);
+        history.prune(now_ms);
         if shard.keys.0.len() > KEYS_COMPACT_AT {
             shard.compact_keys();
         }
@@ -342,6 +385,33 @@ impl AllowanceStore for MemoryStore {
         }
         out.sort_by_key(|l| (l.deadline, l.id));
         Ok(out)
+    }
+
+    fn history_periods(&self) -> u32 {
+        self.shards[0].lock().history.depth
+    }
+
+    fn period_usage(&self, ops: &[PeriodOp<'_>], _now_ms: i64) -> Result<Vec<u64>, Error> {
+        validate_period_ops(ops)?;
+        Ok(ops
+            .iter()
+            .map(|op| {
+                let shard = self.shards[self.shard_of(op.scope)].lock();
+                // The counter's own, if it still holds the period, and what
+                // a roll or sweep kept of it: disjoint usage of one period.
+                let live = shard
+                    .find(op.scope, op.meter, op.window)
+                    .and_then(|(_, idx)| shard.scopes.get(op.scope)?.get(idx))
+                    .and_then(|c| c.calendar_period())
+                    .filter(|&(start, _)| start == op.start_ms)
+                    .map_or(0, |(_, used)| used);
+                let kept = shard
+                    .history
+                    .get(op.scope, op.meter, op.window, op.start_ms)
+                    .unwrap_or(0);
+                live.saturating_add(kept)
+            })
+            .collect())
     }
 }
 

@@ -194,12 +194,19 @@ pub(super) fn roll_ops(
 ) {
     let mut i = 0;
     for &end in runs {
-        let Shard { scopes, holds, .. } = locked.shard(op_shards[i]);
+        let Shard {
+            scopes,
+            holds,
+            history,
+            ..
+        } = locked.shard(op_shards[i]);
         let scope = ops[i].scope;
         if let Some(list) = scopes.get_mut(scope) {
             for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
                 if let Some(c) = list.get_mut(idx) {
-                    c.advance(op.window, now_ms);
+                    if let Some(closed) = c.advance(op.window, now_ms) {
+                        history.keep(scope, op.meter, op.window, closed);
+                    }
                     expire_holds(holds, scope, c.key(), now_ms);
                 }
             }

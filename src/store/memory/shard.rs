@@ -3,6 +3,7 @@
 use parking_lot::MutexGuard;
 
 use super::counters::Counter;
+use super::history::History;
 use super::holds::{expire_holds, with_holds, HoldMap, Holds};
 use super::keys::{KeyId, Keys};
 use super::{SWEEP_BATCHES_PER_SCOPE, SWEEP_EVERY};
@@ -40,6 +41,8 @@ pub(super) struct Shard {
     pub(super) batches: u64,
     /// Sweeps this shard has triggered: picks the next shard in turn.
     pub(super) sweeps: u64,
+    /// The calendar periods its counters closed (contract rule 11).
+    pub(super) history: History,
 }
 
 impl Shard {
@@ -57,10 +60,6 @@ impl Shard {
     ) -> Option<(KeyId, usize)> {
         let key = self.keys.find(meter, window, 0)?;
         Some((key, self.position(scope, key)?))
-    }
-
-    pub(super) fn counter_mut(&mut self, scope: &ScopeKey, idx: usize) -> Option<&mut Counter> {
-        self.scopes.get_mut(scope)?.get_mut(idx)
     }
 
     /// The counter `key` (of `window`) of `scope`, created if absent, and its
@@ -147,9 +146,12 @@ impl Shard {
         window: Window,
         now_ms: i64,
     ) -> Option<(u64, u64)> {
-        let c = self.counter_mut(scope, idx)?;
-        c.advance(window, now_ms);
+        let c = self.scopes.get_mut(scope)?.get_mut(idx)?;
+        let closed = c.advance(window, now_ms);
         let (used, key) = (c.used(), c.key());
+        if let (Some(closed), Some(&(meter, _))) = (closed, self.keys.get(key)) {
+            self.history.keep(scope, meter, window, closed);
+        }
         Some((used, expire_holds(&mut self.holds, scope, key, now_ms)))
     }
 

@@ -8,12 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use super::balance::Balance;
 use super::counters::{width_of, Counter, RING_HEADER};
+use super::history::Past;
 use super::holds::{Holds, Lease};
 use super::keys::KeyId;
 use super::ledger::Entry;
 use super::{MemoryStore, SNAPSHOT_VERSION};
 use crate::name::Name;
-use crate::store::{LeaseId, ScopeKey};
+use crate::store::{LeaseId, PeriodOp, ScopeKey};
 use crate::window::Window;
 use crate::Error;
 
@@ -71,6 +72,27 @@ pub struct Snapshot {
     /// Prepaid balances: scope, money meter, grants, holds and debt.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(super) balances: Vec<(ScopeKey, Arc<str>, Balance)>,
+    /// Closed periods kept per counter (contract rule 11); a snapshot
+    /// without it keeps the default.
+    #[serde(default = "default_history_periods")]
+    pub(super) history_periods: u32,
+    /// The totals of closed calendar periods, per scope.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(super) history: Vec<(ScopeKey, Vec<SnapPast>)>,
+}
+
+fn default_history_periods() -> u32 {
+    crate::store::DEFAULT_HISTORY_PERIODS
+}
+
+/// A closed calendar period's total in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct SnapPast {
+    pub(super) meter: Arc<str>,
+    pub(super) window: Window,
+    pub(super) start: i64,
+    pub(super) end: i64,
+    pub(super) used: u64,
 }
 
 impl Snapshot {
@@ -288,6 +310,26 @@ impl MemoryStore {
             .flat_map(|m| m.map.iter().map(|(k, v)| (k.to_string(), v.clone())))
             .collect();
         events.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut history: Vec<(ScopeKey, Vec<SnapPast>)> = shards
+            .iter()
+            .flat_map(|s| {
+                s.history.map.iter().map(|(scope, list)| {
+                    let mut list: Vec<SnapPast> = list
+                        .iter()
+                        .map(|p| SnapPast {
+                            meter: Arc::from(p.meter.as_str()),
+                            window: p.window,
+                            start: p.start,
+                            end: p.end,
+                            used: p.used,
+                        })
+                        .collect();
+                    list.sort_by(|a, b| (&a.meter, a.start).cmp(&(&b.meter, b.start)));
+                    (scope.clone(), list)
+                })
+            })
+            .collect();
+        history.sort_by(|a, b| a.0.cmp(&b.0));
         Snapshot {
             version: SNAPSHOT_VERSION,
             horizon_ms: self.horizon_ms,
@@ -296,6 +338,8 @@ impl MemoryStore {
             leases: lease_list,
             events,
             balances,
+            history_periods: shards.first().map_or(0, |s| s.history.depth),
+            history,
         }
     }
 
@@ -314,7 +358,10 @@ impl MemoryStore {
     /// counter whose bucket width or count does not match its window's span
     /// and buckets, buckets that do not add up to their total, holds that are
     /// unsorted or belong to no live lease, a lease or event id listed twice,
-    /// a balance listed twice or with malformed, repeated or unordered grants.
+    /// a balance listed twice or with malformed, repeated or unordered grants,
+    /// a closed period's total that is not one period of its window, is
+    /// zero, or is listed twice, a history depth past
+    /// [`MAX_HISTORY_PERIODS`](crate::store::MAX_HISTORY_PERIODS).
     /// Nothing is restored then.
     pub fn restore(snapshot: Snapshot) -> Result<Self, Error> {
         let bad = |reason: String| Error::InvalidSnapshot { reason };
@@ -324,7 +371,9 @@ impl MemoryStore {
         if snapshot.horizon_ms <= 0 {
             return Err(bad("event horizon must be positive".into()));
         }
-        let mut store = Self::new();
+        let depth = crate::store::checked_depth(snapshot.history_periods)
+            .map_err(|e| bad(e.to_string()))?;
+        let mut store = Self::new().with_depth(depth);
         store.horizon_ms = snapshot.horizon_ms;
         let mut leases: HashMap<LeaseId, Lease> = HashMap::new();
         for (id, lease) in snapshot.leases {
@@ -413,6 +462,41 @@ impl MemoryStore {
                 return Err(bad(format!("{scope} balance {meter} listed twice")));
             }
             list.push((meter, balance));
+        }
+        for (scope, list) in snapshot.history {
+            let shard_id = store.shard_of(&scope);
+            let shard = store.shards[shard_id].get_mut();
+            if shard.history.map.contains_key(&scope) {
+                return Err(bad(format!("history of {scope} listed twice")));
+            }
+            let mut kept: Vec<Past> = Vec::with_capacity(list.len());
+            for p in list {
+                let meter = Name::new(&p.meter);
+                let op = PeriodOp::new(&scope, meter, p.window, p.start);
+                if op.end_ms() != Some(p.end) || p.used == 0 {
+                    return Err(bad(format!(
+                        "history of {scope} {}: [{}, {}) is not one period of {} with usage",
+                        p.meter, p.start, p.end, p.window
+                    )));
+                }
+                if kept
+                    .iter()
+                    .any(|k| k.meter == meter && k.window == p.window && k.start == p.start)
+                {
+                    return Err(bad(format!(
+                        "history of {scope} {}: period {} listed twice",
+                        p.meter, p.start
+                    )));
+                }
+                kept.push(Past {
+                    meter,
+                    window: p.window,
+                    start: p.start,
+                    end: p.end,
+                    used: p.used,
+                });
+            }
+            shard.history.map.insert(scope, kept);
         }
         for (id, lease) in leases {
             let side = store.side_index(&id);

@@ -641,7 +641,7 @@ fn a_rolling_view_reads_as_the_rolled_counter() {
             ];
             now += step[(next() % step.len() as u64) as usize];
             if next() % 2 == 0 {
-                c.advance(w, now);
+                let _closed = c.advance(w, now);
                 c.add(w, next() % 5);
             }
             let before = c.clone();
@@ -661,7 +661,7 @@ fn a_rolling_view_reads_as_the_rolled_counter() {
             );
             assert_eq!(c, before, "a view writes nothing");
             let mut rolled = c.clone();
-            rolled.advance(w, now);
+            let _closed = rolled.advance(w, now);
             let (rtail, rtotal, rresets, ravail) = ring_of(&rolled, w);
             assert_eq!((used, total), (rtotal, rtotal));
             if total > 0 {
