@@ -100,6 +100,19 @@ impl AllowanceStore for Blocking {
         self.rt
             .block_on(AsyncAllowanceStore::overdue(&self.store, now))
     }
+
+    fn history_periods(&self) -> u32 {
+        AsyncAllowanceStore::history_periods(&self.store)
+    }
+
+    fn period_usage(
+        &self,
+        ops: &[tollgate::store::PeriodOp<'_>],
+        now_ms: i64,
+    ) -> Result<Vec<u64>, Error> {
+        self.rt
+            .block_on(AsyncAllowanceStore::period_usage(&self.store, ops, now_ms))
+    }
 }
 
 fn blocking(rt: &Arc<tokio::runtime::Runtime>, url: &str, name: &str) -> Blocking {
@@ -327,7 +340,7 @@ fn migrate_is_idempotent() {
         );
         let other = store.clone();
         let (x, y) = tokio::join!(store.migrate(), other.migrate());
-        assert_eq!((x.unwrap(), y.unwrap()), (2, 2));
+        assert_eq!((x.unwrap(), y.unwrap()), (3, 3));
         let check = Batch::new(&ops, Mode::Check, 2_000);
         let got = AsyncAllowanceStore::apply(&store, &check).await.unwrap();
         assert_eq!(got.counters[0].used, 5, "data kept across migrate()");
@@ -846,9 +859,29 @@ fn a_version_1_schema_upgrades() {
         .apply(&Batch::new(&hold, Mode::WithinLimits, 1_000).with_lease(open))
         .unwrap();
     assert_eq!((r.counters[0].used, r.counters[0].held), (3, 10));
+    // A day counter written on version 1, rolled after the upgrade: its
+    // day is kept (version 3's trigger).
+    let day = Window::calendar(Period::Day);
+    let daily = [CounterOp::new(&a, t, day, 4, None)];
+    assert!(
+        guard
+            .apply(&Batch::new(&daily, Mode::Force, 1_000))
+            .unwrap()
+            .applied
+    );
     // Version 1 refuses nothing about balances itself: the crate does.
-    assert_eq!(rt.block_on(store.migrate()).unwrap(), 2, "upgraded");
-    assert_eq!(rt.block_on(store.migrate()).unwrap(), 2, "once");
+    assert_eq!(rt.block_on(store.migrate()).unwrap(), 3, "upgraded");
+    assert_eq!(rt.block_on(store.migrate()).unwrap(), 3, "once");
+    const DAY_MS: i64 = 86_400_000;
+    let next = [CounterOp::new(&a, t, day, 1, None)];
+    assert!(
+        guard
+            .apply(&Batch::new(&next, Mode::Force, DAY_MS + 1_000))
+            .unwrap()
+            .applied
+    );
+    let q = [tollgate::store::PeriodOp::new(&a, t, day, 0)];
+    assert_eq!(guard.period_usage(&q, DAY_MS + 2_000).unwrap(), [4]);
     let grant = BalanceOp::new(
         &a,
         cost,
@@ -1019,4 +1052,120 @@ fn balances_keep_their_records() {
     );
     let b = r.balance.unwrap();
     assert_eq!((b.remaining, b.held, b.grants.len()), (37, 0, 4));
+}
+
+/// Usage history (contract rule 11) through the engine on PostgreSQL: a
+/// month read back after it rolled (the trigger's `counter_history` row, a
+/// table the host can read) and before (the counter's own row), a depth
+/// past the maximum refused at connect, and `reclaim` deleting totals past
+/// the depth.
+#[test]
+fn closed_periods_are_reported_and_reclaimed() {
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    let schema = unique_schema("history");
+    rt.block_on(async {
+        match PostgresConfig::new(url.clone())
+            .history_periods(tollgate::store::MAX_HISTORY_PERIODS + 1)
+            .connect()
+            .await
+        {
+            Err(Error::InvalidConfig { field, .. }) => {
+                assert_eq!(field, "postgres.history_periods")
+            }
+            other => panic!("expected InvalidConfig, got {:?}", other.map(|_| ())),
+        }
+        let store = PostgresConfig::new(url.clone())
+            .schema(schema.clone())
+            .timeout(Duration::from_secs(10))
+            .history_periods(2)
+            .connect()
+            .await
+            .expect("connect");
+        store.migrate().await.expect("migrate");
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("tokens"))
+            .plan(PlanConfig::new("plan").limit(LimitConfig::new(
+                "tokens",
+                Window::calendar(Period::Month),
+                1_000_000,
+            )))
+            .build()
+            .expect("catalog");
+        let clock = Arc::new(ManualClock::new(
+            Utc.with_ymd_and_hms(2026, 3, 10, 12, 0, 0).unwrap(),
+        ));
+        let store = Arc::new(store);
+        let e = Engine::with_store_and_clock(catalog, store.clone(), clock.clone());
+        e.allocate(Allocation::new("acct", "plan")).unwrap();
+        e.admit_async(&Request::new("acct").units("tokens", 1_234))
+            .await
+            .unwrap();
+        clock.set(Utc.with_ymd_and_hms(2026, 4, 2, 0, 0, 0).unwrap());
+        let units = |r: &tollgate::UsageReport| r.meters[0].units;
+        // March, read from its counter's row (nothing written in April yet).
+        let march = e.usage_in_async("acct", Period::Month, 1).await.unwrap();
+        assert_eq!(units(&march), 1_234.into());
+        e.admit_async(&Request::new("acct").units("tokens", 5))
+            .await
+            .unwrap();
+        // March, read from the row the roll kept.
+        assert_eq!(
+            e.usage_in_async("acct", Period::Month, 1).await.unwrap(),
+            march
+        );
+        assert_eq!(
+            units(&e.usage_in_async("acct", Period::Month, 0).await.unwrap()),
+            5.into()
+        );
+        assert!(matches!(
+            e.usage_in_async("acct", Period::Month, 3).await,
+            Err(Error::HistoryNotKept { asked: 3, kept: 2 })
+        ));
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        tokio::spawn(conn);
+        let rows = |sql: &'static str| {
+            let client = &client;
+            let schema = schema.clone();
+            async move {
+                client
+                    .query(&sql.replace("__S__", &schema), &[])
+                    .await
+                    .expect("query")
+            }
+        };
+        let kept = rows(
+            "SELECT used::text, period_start_ms, period_end_ms FROM \"__S__\".counter_history \
+             WHERE scope_id = 'acct'",
+        )
+        .await;
+        assert_eq!(kept.len(), 1, "one closed period kept");
+        assert_eq!(kept[0].get::<_, String>(0), "1234");
+        assert_eq!(
+            kept[0].get::<_, i64>(1),
+            Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0)
+                .unwrap()
+                .timestamp_millis()
+        );
+        // Reclaim within the depth keeps it; well past it, it goes.
+        store
+            .reclaim(Utc.with_ymd_and_hms(2026, 5, 15, 0, 0, 0).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            rows("SELECT 1 FROM \"__S__\".counter_history").await.len(),
+            1
+        );
+        store
+            .reclaim(Utc.with_ymd_and_hms(2026, 9, 1, 0, 0, 0).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            rows("SELECT 1 FROM \"__S__\".counter_history").await.len(),
+            0
+        );
+        store.drop_schema().await.expect("drop schema");
+    });
 }

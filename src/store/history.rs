@@ -103,14 +103,15 @@ pub(crate) fn no_history() -> Error {
     Error::HistoryNotKept { asked: 1, kept: 0 }
 }
 
-/// A history depth as configured: at most [`MAX_HISTORY_PERIODS`].
+/// A history depth as configured (`field`): at most
+/// [`MAX_HISTORY_PERIODS`].
 ///
 /// # Errors
-/// [`Error::InvalidConfig`] past it.
-pub(crate) fn checked_depth(periods: u32) -> Result<u32, Error> {
+/// [`Error::InvalidConfig`] naming `field` past it.
+pub(crate) fn checked_depth(field: &str, periods: u32) -> Result<u32, Error> {
     if periods > MAX_HISTORY_PERIODS {
         return Err(Error::config(
-            "history_periods",
+            field,
             format!("{periods} is more than the {MAX_HISTORY_PERIODS} a store keeps"),
         ));
     }

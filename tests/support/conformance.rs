@@ -19,6 +19,7 @@ macro_rules! conformance_tests {
             grants_are_idempotent => "grants",
             balance_holds_settle => "balance_holds",
             concurrent_debits_never_overdraw => "balance_threads",
+            closed_periods_are_kept => "history",
         );
     };
     (@each $($check:ident => $name:literal),* $(,)?) => {

@@ -203,7 +203,7 @@ impl MemoryStore {
     /// [`Error::InvalidConfig`] (field `history_periods`) past
     /// [`MAX_HISTORY_PERIODS`](crate::store::MAX_HISTORY_PERIODS).
     pub fn with_history_periods(self, periods: u32) -> Result<Self, Error> {
-        Ok(self.with_depth(crate::store::checked_depth(periods)?))
+        Ok(self.with_depth(crate::store::checked_depth("history_periods", periods)?))
     }
 
     fn with_depth(mut self, periods: u32) -> Self {

@@ -371,7 +371,7 @@ impl MemoryStore {
         if snapshot.horizon_ms <= 0 {
             return Err(bad("event horizon must be positive".into()));
         }
-        let depth = crate::store::checked_depth(snapshot.history_periods)
+        let depth = crate::store::checked_depth("history_periods", snapshot.history_periods)
             .map_err(|e| bad(e.to_string()))?;
         let mut store = Self::new().with_depth(depth);
         store.horizon_ms = snapshot.horizon_ms;

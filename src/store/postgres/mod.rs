@@ -14,7 +14,9 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 use crate::store::validate::validate;
-use crate::store::{ms_to_time, Applied, AsyncAllowanceStore, Batch, FailurePolicy, LeaseInfo};
+use crate::store::{
+    ms_to_time, Applied, AsyncAllowanceStore, Batch, FailurePolicy, LeaseInfo, PeriodOp,
+};
 use crate::Error;
 
 /// The migrations, in order: `(version, SQL)`. `__SCHEMA__` in the SQL is
@@ -22,6 +24,7 @@ use crate::Error;
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("migrations/001_schema.sql")),
     (2, include_str!("migrations/002_balances.sql")),
+    (3, include_str!("migrations/003_history.sql")),
 ];
 
 /// How a [`PostgresStore`] connects and behaves. Build one with
@@ -52,6 +55,7 @@ pub struct PostgresConfig {
     policy: FailurePolicy,
     horizon: Duration,
     made_ids: bool,
+    history: u32,
 }
 
 impl PostgresConfig {
@@ -67,7 +71,22 @@ impl PostgresConfig {
             policy: FailurePolicy::FailClosed,
             horizon: Duration::from_secs(86_400),
             made_ids: true,
+            history: crate::store::DEFAULT_HISTORY_PERIODS,
         }
+    }
+
+    /// How many closed periods of each calendar counter reports may read
+    /// back (contract rule 11; default
+    /// [`DEFAULT_HISTORY_PERIODS`](crate::store::DEFAULT_HISTORY_PERIODS)).
+    /// Every closed period with usage is a row of `counter_history`, made
+    /// by the batch that rolls its counter; [`PostgresStore::reclaim`]
+    /// deletes those more than `periods` (+ 1) periods old, so the table is
+    /// flat in traffic as long as `reclaim` runs. 0 keeps the rows (the
+    /// trigger is the schema's) but reports read none back.
+    #[must_use]
+    pub fn history_periods(mut self, periods: u32) -> Self {
+        self.history = periods;
+        self
     }
 
     /// The schema holding the store's tables and functions (default
@@ -158,6 +177,7 @@ impl PostgresConfig {
             .ok_or_else(|| {
                 Error::config("postgres.event_horizon", "must be between 1 ms and 2^50 ms")
             })?;
+        let history = crate::store::checked_depth("postgres.history_periods", self.history)?;
         let mut pg: tokio_postgres::Config = self
             .url
             .parse()
@@ -187,6 +207,7 @@ impl PostgresConfig {
             policy: self.policy,
             horizon_ms,
             made_ids: self.made_ids,
+            history,
         })
     }
 }
@@ -281,6 +302,7 @@ pub struct PostgresStore {
     policy: FailurePolicy,
     horizon_ms: i64,
     made_ids: bool,
+    history: u32,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -468,6 +490,16 @@ impl PostgresStore {
                     "DELETE FROM \"{s}\".leases WHERE (settled OR expires_ms <= $1) \
                      AND $1 - expires_ms >= $2"
                 ),
+                // Closed periods more than `history_periods` + 1 periods
+                // old: a period ending more than (depth + 1) of its
+                // window's longest periods before now is past the depth.
+                format!(
+                    "DELETE FROM \"{s}\".counter_history WHERE $1 - period_end_ms > \
+                     ({depth} + 1) * CASE split_part(\"window\", '@', 1) \
+                     WHEN 'day' THEN 86400000 WHEN 'week' THEN 604800000 \
+                     ELSE 2678400000 END",
+                    depth = i64::from(self.history)
+                ),
             ] {
                 let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = if sql.contains("$2") {
                     &[&now_ms, &h]
@@ -527,6 +559,70 @@ impl AsyncAllowanceStore for PostgresStore {
 
     fn needs_event_ids(&self) -> bool {
         self.made_ids
+    }
+
+    fn history_periods(&self) -> u32 {
+        self.history
+    }
+
+    async fn period_usage(&self, ops: &[PeriodOp<'_>], _now_ms: i64) -> Result<Vec<u64>, Error> {
+        crate::store::validate_period_ops(ops)?;
+        if let Some(op) = ops
+            .iter()
+            .find(|o| o.scope.id().contains('\0') || o.meter.as_str().contains('\0'))
+        {
+            return Err(Error::InvalidBatch {
+                reason: format!(
+                    "PostgresStore keeps text without NUL bytes: {:?} has one",
+                    op.scope.id()
+                ),
+            });
+        }
+        let kinds: Vec<&str> = ops.iter().map(|o| encode::kind_name(o.scope)).collect();
+        let ids: Vec<&str> = ops.iter().map(|o| o.scope.id()).collect();
+        let meters: Vec<&str> = ops.iter().map(|o| o.meter.as_str()).collect();
+        let windows: Vec<String> = ops.iter().map(|o| encode::window_code(o.window)).collect();
+        let starts: Vec<i64> = ops.iter().map(|o| o.start_ms).collect();
+        // The counter's own usage if it still holds the period, plus what
+        // rolls kept of it (rule 11), one row per op in order.
+        let sql = format!(
+            "SELECT (coalesce((SELECT c.used FROM \"{s}\".counters c \
+               WHERE c.scope_kind = q.k AND c.scope_id = q.id AND c.meter = q.m \
+               AND c.\"window\" = q.w AND c.period_start_ms = q.st), 0) \
+             + coalesce((SELECT h.used FROM \"{s}\".counter_history h \
+               WHERE h.scope_kind = q.k AND h.scope_id = q.id AND h.meter = q.m \
+               AND h.\"window\" = q.w AND h.period_start_ms = q.st), 0))::text \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) \
+               WITH ORDINALITY AS q(k, id, m, w, st, i) ORDER BY q.i",
+            s = self.schema
+        );
+        let fut = async {
+            let client = self.client().await?;
+            let rows = client
+                .query(&sql, &[&kinds, &ids, &meters, &windows, &starts])
+                .await
+                .map_err(|e| store_error(&e, true))?;
+            rows.iter()
+                .map(|row| {
+                    let text: String = row.try_get(0).map_err(|e| store_error(&e, true))?;
+                    // Two u64 totals of one period add up past u64 only
+                    // from a corrupt table: read as the most a u64 holds.
+                    let n: u128 = text.parse().map_err(|_| Error::Store {
+                        message: format!("postgres: period total `{text}` is not a count"),
+                    })?;
+                    Ok(u64::try_from(n).unwrap_or(u64::MAX))
+                })
+                .collect::<Result<Vec<u64>, Error>>()
+        };
+        let used = tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| timed_out(self.timeout, false))?;
+        // A read changes nothing: whatever became of it, it is a plain
+        // store error.
+        match used {
+            Err(Error::StoreOutcomeUnknown { message, .. }) => Err(Error::Store { message }),
+            other => other,
+        }
     }
 
     async fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
