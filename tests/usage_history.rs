@@ -295,6 +295,7 @@ fn snapshots_keep_history_and_refuse_bad_totals() {
         j["history"].as_array_mut().unwrap().push(h);
     });
     bad(&|j| j["history_periods"] = 10_000.into());
+    bad(&|j| j["history_periods"] = 0.into());
 }
 
 #[test]

@@ -360,7 +360,7 @@ impl MemoryStore {
     /// unsorted or belong to no live lease, a lease or event id listed twice,
     /// a balance listed twice or with malformed, repeated or unordered grants,
     /// a closed period's total that is not one period of its window, is
-    /// zero, or is listed twice, a history depth past
+    /// zero, or is listed twice, more of a counter's totals than the depth, a history depth past
     /// [`MAX_HISTORY_PERIODS`](crate::store::MAX_HISTORY_PERIODS).
     /// Nothing is restored then.
     pub fn restore(snapshot: Snapshot) -> Result<Self, Error> {
@@ -495,6 +495,17 @@ impl MemoryStore {
                     end: p.end,
                     used: p.used,
                 });
+            }
+            if let Some(p) = kept.iter().find(|p| {
+                kept.iter()
+                    .filter(|k| k.meter == p.meter && k.window == p.window)
+                    .count()
+                    > depth as usize
+            }) {
+                return Err(bad(format!(
+                    "history of {scope} {}: more closed periods than the {depth} kept",
+                    p.meter
+                )));
             }
             shard.history.map.insert(scope, kept);
         }
