@@ -110,12 +110,12 @@ fn free_to_payg_mid_month_keeps_free_tokens_charged_at_zero() {
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["meters"][0]["cost"]["amount"], "3.000000");
 
-    // Back to free: a plan without a cost meter reports no cost (no money
-    // meter to report it in), as before.
+    // Back to free: the month's charge is still reported as charged, in
+    // the cost meter it was charged in, although Free has none.
     e.allocate(Allocation::new("acct", "free")).unwrap();
     assert_eq!(
         row(&e.usage("acct").unwrap(), "tok_in"),
-        (dec!(15100), None)
+        (dec!(15100), Some(dec!(3)))
     );
     // And on PAYG again, the month's charge is still $3.
     e.allocate(Allocation::new("acct", "payg")).unwrap();

@@ -266,13 +266,14 @@ macro_rules! usage_call {
             }
         };
         let now = $engine.clock.now();
-        let (ops, charged) = $crate::engine::plan::usage_ops(&alloc);
+        let cms = $crate::engine::plan::cost_meters(&$engine.catalog, &alloc);
+        let (ops, charged) = $crate::engine::plan::usage_ops(&alloc, &cms);
         let mut batch = Batch::new(&ops, Mode::Check, now.timestamp_millis());
         if let Some(b) = $crate::engine::balance::report_op(&alloc) {
             batch = batch.with_balance(b);
         }
         let applied = watched_store_call!(watch, |$b| &batch => $apply);
-        let report = $engine.usage_report($subject, &alloc, &applied, &charged, now);
+        let report = $engine.usage_report($subject, &alloc, &applied, &cms, &charged, now);
         if let Err(ref e) = report {
             watch.failed(e);
         }

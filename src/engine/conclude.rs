@@ -9,7 +9,7 @@ use super::observe::Call;
 use super::plan::OpList;
 use super::prepare::Prepared;
 use super::Engine;
-use crate::catalog::Limit;
+use crate::catalog::{CostMeter, Limit};
 use crate::clock::Clock;
 use crate::decision::{
     Amount, Decision, LimitState, LimitStates, MeterList, Money, Refusal, Scale, Status,
@@ -92,8 +92,13 @@ pub struct MeterUsage {
     /// decision's [`cost`](crate::Decision::cost) (the sum rounded up once)
     /// or up to `n - 1` smallest units more; for one priced meter, exactly.
     ///
-    /// `None` when the plan has no cost meter, or neither prices the meter
-    /// nor has charged anything for it in the window. Usage counted before
+    /// The money is read in every cost meter a plan of the catalog keeps,
+    /// so usage charged under an earlier plan shows its charge in the cost
+    /// meter it was charged in, even on a plan with another cost meter or
+    /// none (usage charged in two cost meters in one window, a plan change
+    /// between currencies, shows the current plan's, else the first in
+    /// catalog order). `None` when nothing was charged for the meter in the
+    /// window and the plan does not price it. Usage counted before
     /// tollgate kept these counters (versions up to 0.1.0) has no record of
     /// its charge: it reads as charged 0 (a report cannot tell it from usage on a plan without
     /// prices, which must read 0), so a window open across the upgrade
@@ -329,15 +334,16 @@ impl<S, C: Clock> Engine<S, C> {
     /// now. It is `Some` when the plan has a cost meter and prices the
     /// meter, or has charged something for it in the window (under an
     /// earlier plan); `None` otherwise.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn usage_report(
         &self,
         subject: &str,
         alloc: &Resolved,
         applied: &Applied,
+        cms: &[CostMeter],
         charged: &[Option<usize>],
         now: DateTime<Utc>,
     ) -> Result<UsageReport, Error> {
-        let cost_meter = alloc.plan.cost;
         let meters = alloc
             .limits()
             .iter()
@@ -346,14 +352,11 @@ impl<S, C: Clock> Engine<S, C> {
             .map(|((l, s), c)| -> Result<MeterUsage, Error> {
                 let meter = &self.catalog.meters[l.meter_idx];
                 let priced = alloc.plan.price_units_of(l.meter_idx).is_some();
-                let charged = c.and_then(|i| applied.counters.get(i)).map(|c| c.used);
-                let cost = match (cost_meter, charged) {
-                    (Some(cm), Some(minor)) if priced || minor > 0 => Some(Money {
-                        amount: cm.to_decimal(minor),
-                        currency: cm.currency,
-                    }),
-                    _ => None,
-                };
+                let cost = c.and_then(|first| {
+                    charged_money(alloc, cms, priced, |k| {
+                        applied.counters.get(first + k).map_or(0, |c| c.used)
+                    })
+                });
                 Ok(MeterUsage {
                     meter: l.meter,
                     window: l.window,
@@ -394,6 +397,7 @@ impl<S, C: Clock> Engine<S, C> {
         alloc: &Resolved,
         ops: &[crate::store::PeriodOp<'_>],
         rows: &[usize],
+        cms: &[CostMeter],
         charged: &[Option<usize>],
         used: &[u64],
         now: DateTime<Utc>,
@@ -408,7 +412,6 @@ impl<S, C: Clock> Engine<S, C> {
             });
         }
         let limits = alloc.limits();
-        let cost_meter = alloc.plan.cost;
         let meters = rows
             .iter()
             .zip(ops)
@@ -418,14 +421,11 @@ impl<S, C: Clock> Engine<S, C> {
                 let l = &limits[i];
                 let meter = &self.catalog.meters[l.meter_idx];
                 let priced = alloc.plan.price_units_of(l.meter_idx).is_some();
-                let charged = c.and_then(|c| used.get(c).copied());
-                let cost = match (cost_meter, charged) {
-                    (Some(cm), Some(minor)) if priced || minor > 0 => Some(Money {
-                        amount: cm.to_decimal(minor),
-                        currency: cm.currency,
-                    }),
-                    _ => None,
-                };
+                let cost = c.and_then(|first| {
+                    charged_money(alloc, cms, priced, |k| {
+                        used.get(first + k).copied().unwrap_or(0)
+                    })
+                });
                 MeterUsage {
                     meter: l.meter,
                     window: l.window,
@@ -450,6 +450,33 @@ impl<S, C: Clock> Engine<S, C> {
             meters,
             balance: None,
         })
+    }
+}
+
+/// A report row's money charged, from its counters of money charged in
+/// each of `cms` (`amount(k)`: the one in `cms[k]`): the first cost meter
+/// that holds some, the plan's own first, so usage charged under an
+/// earlier plan (another cost meter, or now a plan without one) shows what
+/// it was charged; 0 in the plan's cost meter when nothing was charged and
+/// the plan prices the meter; `None` otherwise. Usage charged in two cost
+/// meters in one period (a plan change between currencies) shows the
+/// first's.
+fn charged_money(
+    alloc: &Resolved,
+    cms: &[CostMeter],
+    priced: bool,
+    amount: impl Fn(usize) -> u64,
+) -> Option<Money> {
+    let money = |cm: &CostMeter, minor: u64| Money {
+        amount: cm.to_decimal(minor),
+        currency: cm.currency,
+    };
+    if let Some((k, minor)) = (0..cms.len()).map(|k| (k, amount(k))).find(|&(_, m)| m > 0) {
+        return Some(money(&cms[k], minor));
+    }
+    match (&alloc.plan.cost, priced) {
+        (Some(cm), true) => Some(money(cm, 0)),
+        _ => None,
     }
 }
 

@@ -44,9 +44,11 @@ macro_rules! usage_in_call {
         };
         let now = $engine.clock.now();
         let $now_ms = now.timestamp_millis();
-        let (ops, rows, charged) = super::plan::period_ops(&alloc, $period, $back, $now_ms);
+        let cms = super::plan::cost_meters(&$engine.catalog, &alloc);
+        let (ops, rows, charged) = super::plan::period_ops(&alloc, &cms, $period, $back, $now_ms);
         let used = watched_store_call!(watch, |$ops| &ops[..] => $read);
-        let report = $engine.past_report($subject, &alloc, &ops, &rows, &charged, &used, now);
+        let report =
+            $engine.past_report($subject, &alloc, &ops, &rows, &cms, &charged, &used, now);
         if let Err(ref e) = report {
             watch.failed(e);
         }
@@ -100,6 +102,7 @@ impl<S: crate::store::AsyncAllowanceStore, C: Clock> Engine<S, C> {
         period: Period,
         back: u32,
     ) -> Result<UsageReport, Error> {
+        self.refresh_async(subject).await?;
         if back == 0 {
             return self
                 .usage_async(subject)

@@ -7,7 +7,7 @@ use super::allocations::Resolved;
 use super::observe::Call;
 use super::prepare::Prepared;
 use super::Engine;
-use crate::catalog::{cost_minor, Limit, Pool};
+use crate::catalog::{cost_minor, Catalog, CostMeter, Limit, Pool};
 use crate::clock::Clock;
 use crate::inline::SmallList;
 use crate::name::Name;
@@ -381,28 +381,58 @@ pub(super) fn lease_batch<'a>(
     }
 }
 
+/// Every cost meter a plan of the catalog keeps money in: the
+/// allocation's plan's first (if it has one), then the others in catalog
+/// order. A report looks for the money charged for a limit's usage in each,
+/// so usage charged under an earlier plan (another cost meter, or a plan
+/// now without one) still shows what it was charged.
+pub(super) fn cost_meters(catalog: &Catalog, alloc: &Resolved) -> Vec<CostMeter> {
+    let mut cms: Vec<CostMeter> = alloc.plan.cost.into_iter().collect();
+    let mut rest: Vec<CostMeter> = catalog
+        .plans
+        .values()
+        .filter_map(|p| p.cost)
+        .filter(|c| cms.iter().all(|m| m.idx != c.idx))
+        .collect();
+    rest.sort_by_key(|c| c.idx);
+    rest.dedup_by_key(|c| c.idx);
+    cms.extend(rest);
+    cms
+}
+
+/// Whether a limit has counters of money charged beside it: a meter that
+/// is not money, on a window that is not concurrent.
+fn charged_beside(l: &Limit) -> bool {
+    l.window != Window::Concurrent && l.scale.money_scale().is_none()
+}
+
 /// The batch behind a usage report, read (delta 0) in check mode: every
-/// limit of the allocation, one op each in order; then, when the plan has a
-/// cost meter, the counter of money charged in it
-/// ([`Engine::charge_ops`]) beside each limit of a meter that is not money
-/// and not concurrent, whether or not the plan prices it now (an earlier
-/// plan may have). With the ops, for each limit the index of its money
-/// charged op, if it has one.
-pub(super) fn usage_ops(alloc: &Resolved) -> (Vec<CounterOp<'_>>, Vec<Option<usize>>) {
+/// limit of the allocation, one op each in order; then, for each limit of a
+/// meter that is not money and not concurrent, its counter of money charged
+/// ([`Engine::charge_ops`]) in each of `cms` ([`cost_meters`]), whether or
+/// not the plan prices it now (an earlier plan may have). With the ops, for
+/// each limit the index of the first of its `cms.len()` money charged ops,
+/// if it has them.
+pub(super) fn usage_ops<'a>(
+    alloc: &'a Resolved,
+    cms: &[CostMeter],
+) -> (Vec<CounterOp<'a>>, Vec<Option<usize>>) {
     let limits = alloc.limits();
     let mut ops: Vec<CounterOp<'_>> = limits
         .iter()
         .map(|l| CounterOp::new(&alloc.scope, l.meter, l.window, 0, l.max))
         .collect();
     let mut charged = vec![None; limits.len()];
-    if let Some(cm) = &alloc.plan.cost {
+    if !cms.is_empty() {
         for (l, slot) in limits.iter().zip(&mut charged) {
-            if l.window == Window::Concurrent || l.scale.money_scale().is_some() {
+            if !charged_beside(l) {
                 continue;
             }
-            let name = crate::catalog::charged_name(&l.meter, &cm.id);
             *slot = Some(ops.len());
-            ops.push(CounterOp::new(&alloc.scope, name, l.window, 0, None));
+            for cm in cms {
+                let name = crate::catalog::charged_name(&l.meter, &cm.id);
+                ops.push(CounterOp::new(&alloc.scope, name, l.window, 0, None));
+            }
         }
     }
     (ops, charged)
@@ -411,20 +441,21 @@ pub(super) fn usage_ops(alloc: &Resolved) -> (Vec<CounterOp<'_>>, Vec<Option<usi
 /// The query behind a report of a past period (contract rule 11): for each
 /// limit of the allocation kept per calendar `period`, its counter's period
 /// `back` periods before the one containing `now_ms`; then, as in
-/// [`usage_ops`], each such limit's counter of money charged. With the
-/// ops, the limits read (by index into `alloc.limits()`), and for each the
-/// index of its money charged op, if it has one.
-pub(super) fn period_ops(
-    alloc: &Resolved,
+/// [`usage_ops`], each such limit's counters of money charged in `cms`.
+/// With the ops, the limits read (by index into `alloc.limits()`), and for
+/// each the index of the first of its money charged ops, if it has them.
+pub(super) fn period_ops<'a>(
+    alloc: &'a Resolved,
+    cms: &[CostMeter],
     period: crate::window::Period,
     back: u32,
     now_ms: i64,
-) -> (Vec<PeriodOp<'_>>, Vec<usize>, Vec<Option<usize>>) {
+) -> (Vec<PeriodOp<'a>>, Vec<usize>, Vec<Option<usize>>) {
     let limits = alloc.limits();
     let rows: Vec<usize> = (0..limits.len())
         .filter(|&i| matches!(limits[i].window, Window::Calendar { period: p, .. } if p == period))
         .collect();
-    let mut ops: Vec<PeriodOp<'_>> = Vec::with_capacity(rows.len() * 2);
+    let mut ops: Vec<PeriodOp<'_>> = Vec::with_capacity(rows.len() * (1 + cms.len()));
     let mut starts = Vec::with_capacity(rows.len());
     for &i in &rows {
         let l = &limits[i];
@@ -433,15 +464,17 @@ pub(super) fn period_ops(
         ops.push(PeriodOp::new(&alloc.scope, l.meter, l.window, start));
     }
     let mut charged = vec![None; rows.len()];
-    if let Some(cm) = &alloc.plan.cost {
+    if !cms.is_empty() {
         for ((&i, slot), &start) in rows.iter().zip(&mut charged).zip(&starts) {
             let l = &limits[i];
-            if l.scale.money_scale().is_some() {
+            if !charged_beside(l) {
                 continue;
             }
-            let name = crate::catalog::charged_name(&l.meter, &cm.id);
             *slot = Some(ops.len());
-            ops.push(PeriodOp::new(&alloc.scope, name, l.window, start));
+            for cm in cms {
+                let name = crate::catalog::charged_name(&l.meter, &cm.id);
+                ops.push(PeriodOp::new(&alloc.scope, name, l.window, start));
+            }
         }
     }
     (ops, rows, charged)

@@ -17,6 +17,12 @@ pub const DEFAULT_HISTORY_PERIODS: u32 = 1;
 /// months, or a year of days.
 pub const MAX_HISTORY_PERIODS: u32 = 366;
 
+/// The earliest and latest period starts a query may name: ±2^47 ms
+/// (about ±4,460 years around 1970), well inside what a `DateTime` and the
+/// calendar arithmetic hold.
+const MIN_PERIOD_MS: i64 = -(1 << 47);
+const MAX_PERIOD_MS: i64 = 1 << 47;
+
 /// One calendar period of one counter a report of a past period reads
 /// ([`AllowanceStore::period_usage`](super::AllowanceStore::period_usage),
 /// contract rule 11).
@@ -46,8 +52,13 @@ impl<'a> PeriodOp<'a> {
         }
     }
 
-    /// The end of the period (the start of the next), if the op is valid.
+    /// The end of the period (the start of the next), if the op is valid:
+    /// a calendar window, and a start that is one of its periods' within
+    /// the instants a `DateTime` holds.
     pub(crate) fn end_ms(&self) -> Option<i64> {
+        if !(MIN_PERIOD_MS..=MAX_PERIOD_MS).contains(&self.start_ms) {
+            return None;
+        }
         match self.window {
             Window::Calendar {
                 period,

@@ -572,7 +572,8 @@ impl Step<'_, '_> {
                 // expired and this lease's removed in one visit.
                 if let Some(c) = sh.scopes.get_mut(scope).and_then(|l| l.get_mut(idx)) {
                     if let Some(closed) = c.advance(window, self.now_ms) {
-                        sh.history.keep(scope, ch.hold.meter, window, closed);
+                        sh.history
+                            .keep(scope, ch.hold.meter, window, closed, self.now_ms);
                     }
                     c.add(window, ch.charged);
                 }

@@ -208,7 +208,9 @@ impl MemoryStore {
 
     fn with_depth(mut self, periods: u32) -> Self {
         for shard in self.shards.iter_mut() {
-            shard.get_mut().history.depth = periods;
+            let history = &mut shard.get_mut().history;
+            history.depth = periods;
+            history.trim();
         }
         self
     }
@@ -306,7 +308,7 @@ impl MemoryStore {
                 if let (false, Some(closed), Some(&(meter, window))) =
                     (kept, c.closed_by(now_ms), keys.get(c.key()))
                 {
-                    history.keep(scope, meter, window, closed);
+                    history.keep(scope, meter, window, closed, now_ms);
                 }
                 kept
             });

@@ -205,7 +205,7 @@ pub(super) fn roll_ops(
             for (op, &(_, idx)) in ops[i..end].iter().zip(&op_at[i..end]) {
                 if let Some(c) = list.get_mut(idx) {
                     if let Some(closed) = c.advance(op.window, now_ms) {
-                        history.keep(scope, op.meter, op.window, closed);
+                        history.keep(scope, op.meter, op.window, closed, now_ms);
                     }
                     expire_holds(holds, scope, c.key(), now_ms);
                 }

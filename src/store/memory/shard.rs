@@ -150,7 +150,7 @@ impl Shard {
         let closed = c.advance(window, now_ms);
         let (used, key) = (c.used(), c.key());
         if let (Some(closed), Some(&(meter, _))) = (closed, self.keys.get(key)) {
-            self.history.keep(scope, meter, window, closed);
+            self.history.keep(scope, meter, window, closed, now_ms);
         }
         Some((used, expire_holds(&mut self.holds, scope, key, now_ms)))
     }

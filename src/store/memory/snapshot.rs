@@ -470,6 +470,9 @@ impl MemoryStore {
                 return Err(bad(format!("history of {scope} listed twice")));
             }
             let mut kept: Vec<Past> = Vec::with_capacity(list.len());
+            let mut periods: std::collections::HashSet<(Name, Window, i64)> =
+                std::collections::HashSet::with_capacity(list.len());
+            let mut per_counter: HashMap<(Name, Window), usize> = HashMap::new();
             for p in list {
                 let meter = Name::new(&p.meter);
                 let op = PeriodOp::new(&scope, meter, p.window, p.start);
@@ -479,13 +482,18 @@ impl MemoryStore {
                         p.meter, p.start, p.end, p.window
                     )));
                 }
-                if kept
-                    .iter()
-                    .any(|k| k.meter == meter && k.window == p.window && k.start == p.start)
-                {
+                if !periods.insert((meter, p.window, p.start)) {
                     return Err(bad(format!(
                         "history of {scope} {}: period {} listed twice",
                         p.meter, p.start
+                    )));
+                }
+                let n = per_counter.entry((meter, p.window)).or_insert(0);
+                *n += 1;
+                if *n > depth as usize {
+                    return Err(bad(format!(
+                        "history of {scope} {}: more closed periods than the {depth} kept",
+                        p.meter
                     )));
                 }
                 kept.push(Past {
@@ -495,17 +503,6 @@ impl MemoryStore {
                     end: p.end,
                     used: p.used,
                 });
-            }
-            if let Some(p) = kept.iter().find(|p| {
-                kept.iter()
-                    .filter(|k| k.meter == p.meter && k.window == p.window)
-                    .count()
-                    > depth as usize
-            }) {
-                return Err(bad(format!(
-                    "history of {scope} {}: more closed periods than the {depth} kept",
-                    p.meter
-                )));
             }
             shard.history.map.insert(scope, kept);
         }

@@ -470,11 +470,14 @@ impl PostgresStore {
     }
 
     /// Forget what no batch can read any more as of `now`: ended cooldowns,
-    /// event ids older than the horizon, and leases that settled or expired
+    /// event ids older than the horizon, leases that settled or expired
     /// more than a horizon ago (with their holds, on counters and on
-    /// balances). Returns how many rows went. Counters stay (a host may keep
-    /// them as history), and so do balances and their grants (records a
-    /// redelivered payment id is checked against).
+    /// balances), and `counter_history` rows more than
+    /// [`history_periods`](PostgresConfig::history_periods) + 1 periods
+    /// before `now` (a period ending more than that many of its window's
+    /// longest periods ago). Returns how many rows went. Counters stay (a
+    /// host may keep them as history), and so do balances and their grants
+    /// (records a redelivered payment id is checked against).
     ///
     /// # Errors
     /// [`Error::Store`] if the server cannot be reached or refuses.
