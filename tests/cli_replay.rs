@@ -323,6 +323,27 @@ fn usage_reads_a_snapshot_and_refuses_a_broken_one() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["counters"].as_array().unwrap().len(), 2);
 
+    // In May, April's tokens are a closed period's kept total.
+    engine.clock().set(
+        chrono::DateTime::parse_from_rfc3339("2026-05-02T00:00:00Z")
+            .unwrap()
+            .to_utc(),
+    );
+    engine
+        .admit(&Request::new("agent-7").units("llm_tokens_input", 5))
+        .unwrap();
+    let may = file(
+        "may.json",
+        &serde_json::to_string(&engine.store().snapshot()).unwrap(),
+    );
+    let o = tollgate(&["usage", "--snapshot", may.to_str().unwrap()]);
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("llm_tokens_input (month 2026-04-01T00:00:00+00:00 .. 2026-05-01T00:00:00+00:00): closed, used 1200"),
+        "{out}"
+    );
+    assert!(out.contains("1 closed periods"), "{out}");
+
     // A tampered total is refused by the store's checks: exit 1.
     let mut broken: Value = serde_json::from_str(&snap).unwrap();
     let counters = broken["scopes"][0][1].as_array_mut().unwrap();

@@ -16,6 +16,9 @@ struct Row {
     period: Option<(i64, i64)>,
     used: u64,
     held: u64,
+    /// A closed calendar period's kept total (contract rule 11), not a
+    /// live counter.
+    closed: bool,
 }
 
 /// Read, check (as `MemoryStore::restore` does) and report the snapshot.
@@ -39,16 +42,17 @@ pub fn run(path: &Path, as_json: bool) -> Result<String, String> {
             "counters": rows.iter().map(|r| json!({
                 "scope": r.scope, "meter": r.meter, "window": r.window,
                 "period": r.period.map(|(a, b)| json!({"start": time(a), "end": time(b)})),
-                "used": r.used, "held": r.held,
+                "used": r.used, "held": r.held, "closed": r.closed,
             })).collect::<Vec<_>>(),
         });
         return Ok(format!("{v:#}\n"));
     }
     let mut out = String::new();
+    let closed = rows.iter().filter(|r| r.closed).count();
     let _ = writeln!(
         out,
-        "{} counters, {leases} leases, {events} event ids (amounts in each meter's smallest unit)",
-        rows.len()
+        "{} counters, {closed} closed periods, {leases} leases, {events} event ids (amounts in each meter's smallest unit)",
+        rows.len() - closed
     );
     let mut last = "";
     for r in &rows {
@@ -60,11 +64,19 @@ pub fn run(path: &Path, as_json: bool) -> Result<String, String> {
             .period
             .map(|(a, b)| format!(" {} .. {}", time(a), time(b)))
             .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "  {} ({}{period}): used {}, held {}",
-            r.meter, r.window, r.used, r.held
-        );
+        if r.closed {
+            let _ = writeln!(
+                out,
+                "  {} ({}{period}): closed, used {}",
+                r.meter, r.window, r.used
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  {} ({}{period}): used {}, held {}",
+                r.meter, r.window, r.used, r.held
+            );
+        }
     }
     Ok(out)
 }
@@ -103,9 +115,29 @@ fn rows(v: &Value) -> Vec<Row> {
                 period,
                 used: used.unwrap_or(0),
                 held: c["holds"]["total"].as_u64().unwrap_or(0),
+                closed: false,
             });
         }
     }
+    // Closed periods' totals, after each scope's live counters.
+    for entry in v["history"].as_array().into_iter().flatten() {
+        let scope = entry[0].as_str().unwrap_or_default().to_owned();
+        for p in entry[1].as_array().into_iter().flatten() {
+            let window = serde_json::from_value::<Window>(p["window"].clone())
+                .map_or_else(|_| p["window"].to_string(), |w| w.to_string());
+            rows.push(Row {
+                scope: scope.clone(),
+                meter: readable(p["meter"].as_str().unwrap_or_default()),
+                window,
+                period: p["start"].as_i64().zip(p["end"].as_i64()),
+                used: p["used"].as_u64().unwrap_or(0),
+                held: 0,
+                closed: true,
+            });
+        }
+    }
+    // Stable: a scope's closed periods follow its live counters.
+    rows.sort_by(|a, b| (&a.scope, a.closed).cmp(&(&b.scope, b.closed)));
     rows
 }
 
