@@ -1,0 +1,1225 @@
+//! Capacity leases: shared counters at memory speed (feature `async`).
+//!
+//! [`CapacityStore`] wraps a shared [`AsyncAllowanceStore`] (Redis,
+//! PostgreSQL) and is itself one, so an [`Engine`](crate::Engine) runs on it
+//! unchanged. For each *shape* of admit (the exact list of counters a
+//! request touches: its scopes, meters, windows and maxima) it borrows a
+//! **slice** of every counter from the shared store as holds under one
+//! lease ([`LeaseAction::Open`]), admits locally while the slice covers a
+//! request, and turns what it admitted into usage when the slice
+//! **settles** ([`LeaseAction::Settle`] with `keep` zero and the admitted
+//! amounts as the batch's usage, mode `Force`). A hold counts for every
+//! other replica at once and returns by itself at the lease's expiry, so a
+//! replica that dies with slices out leaves nothing behind past
+//! [`CapacityConfig::lease_ttl`].
+//!
+//! ```no_run
+//! # async fn demo(redis: tollgate::store::RedisStore, catalog: tollgate::Catalog)
+//! #     -> Result<(), tollgate::Error> {
+//! use std::sync::Arc;
+//! use tollgate::capacity::{CapacityConfig, CapacityStore};
+//! use tollgate::{Clock, Engine, Request, SystemClock};
+//!
+//! let store = Arc::new(CapacityStore::new(redis, CapacityConfig::new().replicas(4))?);
+//! let engine = Engine::with_store_and_clock(catalog, Arc::clone(&store), SystemClock);
+//! // Top up and settle every `top_up_interval`, in the background:
+//! let bg = Arc::clone(&store);
+//! tokio::spawn(async move {
+//!     loop {
+//!         bg.maintain(SystemClock.now()).await;
+//!         tokio::time::sleep(bg.config().top_up_interval_value()).await;
+//!     }
+//! });
+//! let decision = engine.admit_async(&Request::new("agent-7").units("tokens", 120)).await?;
+//! // … and before the process exits, give every slice back:
+//! store.shutdown(SystemClock.now()).await;
+//! # Ok(()) }
+//! ```
+//!
+//! # What goes local and what goes to the store
+//!
+//! Only a plain admit is decided locally: a [`Mode::WithinLimits`] batch
+//! with no lease, no cooldown, no balance, no [`Window::Concurrent`]
+//! counter, and either no event id or one the async engine made itself
+//! (`tollgate:…`, see below). A [`Mode::Check`] of such a shape is answered
+//! locally when the slice covers it. **Everything else goes straight to
+//! the inner store, unchanged**, so it keeps its exact semantics:
+//!
+//! - *Evented calls* (a host's event id): the store's ledger applies them
+//!   once (contract rule 8). The slices this engine holds count there as
+//!   holds, so the store decides against used + every replica's holds.
+//! - *Reservations* (`reserve`, `renew`, `grow`, `commit`, `release`) and
+//!   *concurrency limits*: a concurrent "in flight" counter is a count of
+//!   live leases and cannot be sliced; those batches carry a lease and go
+//!   to the store.
+//! - *Balances and priced plans that spend a balance*, *cooldowns*, and
+//!   `record` (mode `Force`): straight to the store in this first version.
+//! - *Usage reports* ([`Engine::usage_async`](crate::Engine::usage_async))
+//!   read the store. What this engine admitted locally becomes usage when
+//!   its slice settles, at the latest one [`CapacityConfig::top_up_interval`]
+//!   later if [`CapacityStore::maintain`] runs every interval: **a usage
+//!   report lags by at most one top-up interval** (plus one settle's round
+//!   trip).
+//!
+//! An event id the engine made (`tollgate:` and 128 random bits, given to
+//! every async admit on a store that [needs event
+//! ids](AsyncAllowanceStore::needs_event_ids)) exists only so that a retry
+//! after [`Error::StoreOutcomeUnknown`] counts once. A local admit has no
+//! unknown outcome; a slice grown with an unknown outcome only grew holds,
+//! never usage, so a retry admitted locally counts once too. An id that
+//! came back from this store in a `StoreOutcomeUnknown` answered by the
+//! inner store is remembered, and a retry with it goes to the store.
+//!
+//! # Slices: size, top-up, give back
+//!
+//! - A slice covers about [`CapacityConfig::slice_decisions`] requests of
+//!   the shape's last size, or twice what the shape used in the last
+//!   top-up interval, whichever is larger.
+//! - It shrinks near the limit: at most `free / replicas` of each counter,
+//!   where `free = max - used - held` as the store last answered. When
+//!   that is less than [`CapacityConfig::min_slice_decisions`] requests of
+//!   the current size, the slice is given back and the shape's decisions
+//!   go **straight to the store** for one top-up interval, then it looks
+//!   again.
+//! - A request its slice cannot cover grows the lease by what is missing
+//!   plus a new slice (one round trip); [`CapacityStore::maintain`] tops up
+//!   slices that are three-quarters used, and settles and reopens every
+//!   slice that admitted anything in the last interval, in the background.
+//! - A slice is given back (settled: its admitted part becomes usage, the
+//!   rest returns) when it has been idle for four top-up intervals, before
+//!   its calendar period ends (no local admit within two top-up intervals
+//!   of the period's end), halfway through its lease, on
+//!   [`CapacityStore::shutdown`], and when the shape goes straight to the
+//!   store.
+//!
+//! # Guarantees
+//!
+//! - **Never over-admits.** Every local admit is covered by a hold the
+//!   shared store counted before it; the store refuses a slice that does
+//!   not fit. A slice is used locally only until half its lease has run,
+//!   and settles before the lease expires, so what it admitted becomes
+//!   usage — as long as the process lives (next point).
+//! - **A killed replica loses nothing past its lease expiry.** Its holds
+//!   return at expiry, nothing charged (contract rule 7). What it had
+//!   admitted locally since its last settle is *not* charged: like a
+//!   reservation whose holder crashed, it is forgotten. Bound: one slice
+//!   per shape, at most one top-up interval of that shape's admissions.
+//! - **Extra refusals near the limit are bounded.** A request is refused
+//!   only when `used + held_by_others + (delta - own_unused) > max`: this
+//!   engine's own unused slice never refuses its own request. The
+//!   refusals a single store would not make come from other replicas'
+//!   unused slices; each is at most `free / replicas` at its grant, and is
+//!   given back within one top-up interval of its replica seeing free
+//!   space below the sharing threshold. Once every replica goes straight
+//!   to the store, the capacity left unadmitted is below one request, as
+//!   with a single store. [`CapacityStats::refused_by_holds`] counts the
+//!   refusals that would have fit without any hold (an upper bound of the
+//!   extra ones).
+//!
+//! # Windows
+//!
+//! - *Calendar*: a slice is not used locally within two top-up intervals
+//!   of its period's end; `maintain` settles it before the roll, so its
+//!   usage lands in the period it was admitted in. A settle that comes
+//!   after another replica rolled the counter lands in the new period
+//!   (contract rule 2: counted late, never lost).
+//! - *Rolling*: usage is written when the slice settles, so it enters its
+//!   bucket up to one top-up interval late and leaves the window that much
+//!   late (never early).
+//! - *Lifetime*: as calendar, with no roll.
+//!
+//! The answers of local decisions report each counter as the store last
+//! answered this engine, plus what this engine admitted since: other
+//! replicas' admissions since then show only as their holds.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use parking_lot::{Mutex, RwLock};
+use smallvec::SmallVec;
+
+use crate::name::Name;
+use crate::store::{
+    Applied, AsyncAllowanceStore, Batch, CounterOp, CounterState, EventKey, FailurePolicy,
+    Fraction, LeaseAction, LeaseId, LeaseInfo, LeaseOp, Mode, ScopeKey,
+};
+use crate::window::Window;
+use crate::Error;
+
+/// The prefix of the event ids the async engine makes itself.
+const ENGINE_EVENT_PREFIX: &str = "tollgate:";
+/// How many event ids answered `StoreOutcomeUnknown` are remembered.
+const UNKNOWN_IDS_KEPT: usize = 1024;
+/// Lock shards of the shape table.
+const SHARDS: usize = 16;
+/// How many times a settle is retried after a store error.
+const SETTLE_TRIES: usize = 3;
+
+/// How a [`CapacityStore`] sizes, tops up and gives back its slices.
+///
+/// Build one with [`CapacityConfig::new`] and change what you need; a
+/// [`CapacityStore::new`] checks it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapacityConfig {
+    replicas: u32,
+    lease_ttl: Duration,
+    top_up_interval: Duration,
+    slice_decisions: u32,
+    min_slice_decisions: u32,
+    max_shapes: usize,
+}
+
+impl Default for CapacityConfig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CapacityConfig {
+    /// The defaults: 8 replicas, a 30 s lease, a 100 ms top-up interval,
+    /// slices of 64 requests, straight to the store below 4 requests a
+    /// slice, at most 65,536 shapes with slices out.
+    pub fn new() -> Self {
+        Self {
+            replicas: 8,
+            lease_ttl: Duration::from_secs(30),
+            top_up_interval: Duration::from_millis(100),
+            slice_decisions: 64,
+            min_slice_decisions: 4,
+            max_shapes: 65_536,
+        }
+    }
+
+    /// How many engines share the store (default 8): a slice takes at most
+    /// `1 / replicas` of what is free. At least 1.
+    #[must_use]
+    pub fn replicas(mut self, replicas: u32) -> Self {
+        self.replicas = replicas;
+        self
+    }
+
+    /// How long a slice's lease lasts (default 30 s): a killed replica's
+    /// holds return this long after they were last opened. At least four
+    /// top-up intervals.
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// How often [`CapacityStore::maintain`] is meant to run (default
+    /// 100 ms): the usage-report lag, and the slice sizing's unit of time.
+    /// At least 1 ms.
+    #[must_use]
+    pub fn top_up_interval(mut self, interval: Duration) -> Self {
+        self.top_up_interval = interval;
+        self
+    }
+
+    /// How many requests of the last size a fresh slice covers at least
+    /// (default 64). At least `min_slice_decisions`.
+    #[must_use]
+    pub fn slice_decisions(mut self, n: u32) -> Self {
+        self.slice_decisions = n;
+        self
+    }
+
+    /// Below this many requests of the current size in a slice, a shape
+    /// goes straight to the store (default 4). At least 1.
+    #[must_use]
+    pub fn min_slice_decisions(mut self, n: u32) -> Self {
+        self.min_slice_decisions = n;
+        self
+    }
+
+    /// At most this many shapes hold slices at once (default 65,536);
+    /// past it, new shapes go straight to the store. At least 1.
+    #[must_use]
+    pub fn max_shapes(mut self, n: usize) -> Self {
+        self.max_shapes = n;
+        self
+    }
+
+    /// The configured top-up interval (how often to call
+    /// [`CapacityStore::maintain`]).
+    pub fn top_up_interval_value(&self) -> Duration {
+        self.top_up_interval
+    }
+
+    /// The configured lease time.
+    pub fn lease_ttl_value(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// The configured replica count.
+    pub fn replicas_value(&self) -> u32 {
+        self.replicas
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        let bad =
+            |field: &str, reason: &str| Err(Error::config(format!("capacity.{field}"), reason));
+        if self.replicas == 0 {
+            return bad("replicas", "must be at least 1");
+        }
+        if self.top_up_interval < Duration::from_millis(1) {
+            return bad("top_up_interval", "must be at least 1 ms");
+        }
+        if self.top_up_interval > Duration::from_secs(86_400) {
+            return bad("top_up_interval", "must be at most a day");
+        }
+        if self.lease_ttl < self.top_up_interval.saturating_mul(4) {
+            return bad("lease_ttl", "must be at least four top-up intervals");
+        }
+        if self.lease_ttl > Duration::from_secs(86_400 * 7) {
+            return bad("lease_ttl", "must be at most a week");
+        }
+        if self.min_slice_decisions == 0 {
+            return bad("min_slice_decisions", "must be at least 1");
+        }
+        if self.slice_decisions < self.min_slice_decisions {
+            return bad("slice_decisions", "must be at least min_slice_decisions");
+        }
+        if self.max_shapes == 0 {
+            return bad("max_shapes", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// What a [`CapacityStore`] has done so far (counts since it was made).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct CapacityStats {
+    /// Admits decided from a slice, with no store call.
+    pub local_admits: u64,
+    /// Checks answered from a slice.
+    pub local_checks: u64,
+    /// Batches passed to the inner store unchanged.
+    pub passed_through: u64,
+    /// Calls to the inner store's `apply`, of every kind (pass-through,
+    /// open, grow, settle).
+    pub store_calls: u64,
+    /// Admits refused on a slice's behalf (its lease could not grow).
+    pub refusals: u64,
+    /// Of those, the ones that would have fit had no counter had any hold
+    /// (an upper bound of the refusals a single store would not make).
+    pub refused_by_holds: u64,
+    /// Slices settled (given back, their admitted part made usage).
+    pub settles: u64,
+    /// Units admitted locally whose settle failed (lease expired or the
+    /// store unreachable): admitted, never charged.
+    pub lost_units: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    local_admits: AtomicU64,
+    local_checks: AtomicU64,
+    passed_through: AtomicU64,
+    store_calls: AtomicU64,
+    refusals: AtomicU64,
+    refused_by_holds: AtomicU64,
+    settles: AtomicU64,
+    lost_units: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+/// One counter of a shape.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct OpKey {
+    scope: ScopeKey,
+    meter: Name,
+    window: Window,
+    max: Option<u64>,
+}
+
+impl OpKey {
+    fn matches(&self, op: &CounterOp<'_>) -> bool {
+        self.meter == op.meter
+            && self.window == op.window
+            && self.max == op.max
+            && self.scope == *op.scope
+    }
+}
+
+/// One counter's slice.
+#[derive(Clone, Copy, Default)]
+struct OpSlice {
+    /// Held under the lease.
+    granted: u64,
+    /// Admitted locally, not yet settled.
+    consumed: u64,
+    /// The store's `used` at the last answer.
+    base_used: u64,
+    /// The store's `held` at the last answer, less this slice's hold.
+    base_held_others: u64,
+    /// What was free at the last answer (`max - used - held`, all holds).
+    free: u64,
+    period_start_ms: Option<i64>,
+    resets_at_ms: Option<i64>,
+    /// The last request's delta.
+    last_delta: u64,
+    /// Admitted since the last settle or top-up sizing.
+    demand: u64,
+}
+
+#[derive(Default)]
+struct ShapeState {
+    /// A store call for this shape is running: others pass through.
+    busy: bool,
+    lease: Option<LeaseId>,
+    expires_at_ms: i64,
+    /// Local admits only before this instant.
+    use_until_ms: i64,
+    last_settle_ms: i64,
+    last_use_ms: i64,
+    /// Straight to the store until this instant.
+    direct_until_ms: i64,
+    slices: SmallVec<[OpSlice; 4]>,
+}
+
+struct Shape {
+    ops: SmallVec<[OpKey; 4]>,
+    owner: ScopeKey,
+    state: Mutex<ShapeState>,
+}
+
+type Shard = RwLock<HashMap<u64, SmallVec<[Arc<Shape>; 1]>>>;
+
+/// An [`AsyncAllowanceStore`] that admits from slices of a shared store's
+/// counters, borrowed as holds under leases. See the [module docs](self).
+pub struct CapacityStore<S> {
+    inner: S,
+    config: CapacityConfig,
+    shards: Box<[Shard]>,
+    shapes: AtomicU64,
+    hasher: foldhash::fast::RandomState,
+    unknown_ids: Mutex<std::collections::VecDeque<String>>,
+    closed: AtomicBool,
+    counters: Counters,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for CapacityStore<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CapacityStore")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .field("shapes", &self.shapes.load(Ordering::Relaxed))
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a shape's slow path decided to do, taken under its lock.
+enum Plan {
+    /// Go to the inner store with the batch as it is.
+    Pass,
+    /// Settle the current lease (if any), then open a new one.
+    Reopen,
+    /// Grow the current lease.
+    Grow,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl<S> CapacityStore<S> {
+    /// Counts of what this store did.
+    pub fn stats(&self) -> CapacityStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CapacityStats {
+            local_admits: l(&c.local_admits),
+            local_checks: l(&c.local_checks),
+            passed_through: l(&c.passed_through),
+            store_calls: l(&c.store_calls),
+            refusals: l(&c.refusals),
+            refused_by_holds: l(&c.refused_by_holds),
+            settles: l(&c.settles),
+            lost_units: l(&c.lost_units),
+        }
+    }
+}
+
+impl<S: AsyncAllowanceStore> CapacityStore<S> {
+    /// A capacity store over `inner`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when `config` is out of range (see each
+    /// setter of [`CapacityConfig`]); `inner` is dropped untouched.
+    pub fn new(inner: S, config: CapacityConfig) -> Result<Self, Error> {
+        config.validate()?;
+        Ok(Self {
+            inner,
+            config,
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shapes: AtomicU64::new(0),
+            hasher: foldhash::fast::RandomState::default(),
+            unknown_ids: Mutex::new(std::collections::VecDeque::new()),
+            closed: AtomicBool::new(false),
+            counters: Counters::default(),
+        })
+    }
+
+    /// The inner store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CapacityConfig {
+        &self.config
+    }
+
+    async fn call(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        bump(&self.counters.store_calls, 1);
+        self.inner.apply(batch).await
+    }
+
+    async fn pass(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        bump(&self.counters.passed_through, 1);
+        let r = self.call(batch).await;
+        if let (Err(Error::StoreOutcomeUnknown { .. }), Some(ev)) = (&r, batch.event) {
+            if ev.id.starts_with(ENGINE_EVENT_PREFIX) {
+                let mut ids = self.unknown_ids.lock();
+                if ids.len() >= UNKNOWN_IDS_KEPT {
+                    ids.pop_front();
+                }
+                ids.push_back(ev.id.to_owned());
+            }
+        }
+        r
+    }
+
+    /// Whether `batch` may be decided from slices.
+    fn eligible(&self, batch: &Batch<'_>) -> bool {
+        if self.closed.load(Ordering::Relaxed)
+            || batch.lease.is_some()
+            || batch.balance.is_some()
+            || !batch.cooldowns.is_empty()
+            || batch.ops.is_empty()
+            || batch.ops.len() > 16
+            || !matches!(batch.mode, Mode::WithinLimits | Mode::Check)
+            || batch.ops.iter().all(|op| op.delta == 0)
+            || batch
+                .ops
+                .iter()
+                .any(|op| matches!(op.window, Window::Concurrent))
+        {
+            return false;
+        }
+        match batch.event {
+            None => true,
+            Some(ev) => {
+                ev.id.starts_with(ENGINE_EVENT_PREFIX)
+                    && !self.unknown_ids.lock().iter().any(|id| id == ev.id)
+            }
+        }
+    }
+
+    fn hash_ops(&self, ops: &[CounterOp<'_>]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        for op in ops {
+            op.scope.hash(&mut h);
+            op.meter.hash(&mut h);
+            op.window.hash(&mut h);
+            op.max.hash(&mut h);
+        }
+        h.finish()
+    }
+
+    fn shard(&self, hash: u64) -> &Shard {
+        // The shard count is a power of two; the low bits pick it.
+        &self.shards[usize::try_from(hash % SHARDS as u64).unwrap_or(0)]
+    }
+
+    fn find(&self, hash: u64, ops: &[CounterOp<'_>]) -> Option<Arc<Shape>> {
+        let shard = self.shard(hash).read();
+        shard.get(&hash)?.iter().find_map(|s| {
+            (s.ops.len() == ops.len() && s.ops.iter().zip(ops).all(|(k, op)| k.matches(op)))
+                .then(|| Arc::clone(s))
+        })
+    }
+
+    fn find_or_add(&self, hash: u64, ops: &[CounterOp<'_>]) -> Option<Arc<Shape>> {
+        if let Some(s) = self.find(hash, ops) {
+            return Some(s);
+        }
+        let mut shard = self.shard(hash).write();
+        let list = shard.entry(hash).or_default();
+        if let Some(s) = list.iter().find(|s| {
+            s.ops.len() == ops.len() && s.ops.iter().zip(ops).all(|(k, op)| k.matches(op))
+        }) {
+            return Some(Arc::clone(s));
+        }
+        if self.shapes.load(Ordering::Relaxed) >= self.config.max_shapes as u64 {
+            return None;
+        }
+        self.shapes.fetch_add(1, Ordering::Relaxed);
+        let shape = Arc::new(Shape {
+            ops: ops
+                .iter()
+                .map(|op| OpKey {
+                    scope: op.scope.clone(),
+                    meter: op.meter,
+                    window: op.window,
+                    max: op.max,
+                })
+                .collect(),
+            owner: ops[0].scope.clone(),
+            state: Mutex::new(ShapeState {
+                slices: SmallVec::from_elem(OpSlice::default(), ops.len()),
+                ..ShapeState::default()
+            }),
+        });
+        list.push(Arc::clone(&shape));
+        Some(shape)
+    }
+
+    /// The answer of a decision taken from `st`'s slices.
+    fn local_answer(st: &ShapeState, applied: bool) -> Applied {
+        let mut a = Applied {
+            applied,
+            ..Applied::default()
+        };
+        for s in &st.slices {
+            let mut c = CounterState::default();
+            c.used = s.base_used.saturating_add(s.consumed);
+            c.held = s.base_held_others;
+            c.period_start_ms = s.period_start_ms;
+            c.resets_at_ms = s.resets_at_ms;
+            a.counters.push(c);
+        }
+        a
+    }
+
+    /// The end of the earliest calendar period among `st`'s counters.
+    fn period_end(shape: &Shape, st: &ShapeState) -> Option<i64> {
+        shape
+            .ops
+            .iter()
+            .zip(&st.slices)
+            .filter(|(k, _)| matches!(k.window, Window::Calendar { .. }))
+            .filter_map(|(_, s)| s.resets_at_ms)
+            .min()
+    }
+
+    fn usable(&self, shape: &Shape, st: &ShapeState, now: i64) -> bool {
+        st.lease.is_some()
+            && now < st.use_until_ms
+            && Self::period_end(shape, st)
+                .is_none_or(|end| now < end.saturating_sub(2 * ms(self.config.top_up_interval)))
+    }
+
+    /// The slice to ask for on op `i` beyond what a request needs: demand
+    /// sized, at most `free / replicas`; `None` when too small to share.
+    fn slice_size(&self, key: &OpKey, s: &OpSlice, delta: u64, free: Option<u64>) -> Option<u64> {
+        let size = delta.max(s.last_delta).max(1);
+        let want = size
+            .saturating_mul(u64::from(self.config.slice_decisions))
+            .max(s.demand.saturating_mul(2));
+        match (key.max, free) {
+            (None, _) | (_, None) => Some(want),
+            (Some(_), Some(free)) => {
+                let share = free / u64::from(self.config.replicas);
+                let min = size.saturating_mul(u64::from(self.config.min_slice_decisions));
+                (share >= min).then(|| want.min(share))
+            }
+        }
+    }
+
+    /// Decide `batch` from slices, or from the store on their behalf.
+    async fn apply_sliced(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        let hash = self.hash_ops(batch.ops);
+        let now = batch.now_ms;
+        let shape = if batch.mode == Mode::Check {
+            self.find(hash, batch.ops)
+        } else {
+            self.find_or_add(hash, batch.ops)
+        };
+        let Some(shape) = shape else {
+            return self.pass(batch).await;
+        };
+        // The fast path: one lock, no store call.
+        let plan = {
+            let mut st = shape.state.lock();
+            let covered = self.usable(&shape, &st, now)
+                && !st.busy
+                && st
+                    .slices
+                    .iter()
+                    .zip(batch.ops)
+                    .all(|(s, op)| s.consumed.saturating_add(op.delta) <= s.granted);
+            if covered {
+                if batch.mode == Mode::Check {
+                    bump(&self.counters.local_checks, 1);
+                    return Ok(Self::local_answer(&st, false));
+                }
+                for (s, op) in st.slices.iter_mut().zip(batch.ops) {
+                    s.consumed += op.delta;
+                    s.demand = s.demand.saturating_add(op.delta);
+                    s.last_delta = op.delta;
+                }
+                st.last_use_ms = st.last_use_ms.max(now);
+                bump(&self.counters.local_admits, 1);
+                return Ok(Self::local_answer(&st, true));
+            }
+            if batch.mode == Mode::Check || st.busy || now < st.direct_until_ms {
+                Plan::Pass
+            } else if self.usable(&shape, &st, now) {
+                st.busy = true;
+                Plan::Grow
+            } else {
+                st.busy = true;
+                Plan::Reopen
+            }
+        };
+        match plan {
+            Plan::Pass => {
+                let mut a = self.pass(batch).await?;
+                // This engine's own unused slice is not in its way.
+                let st = shape.state.lock();
+                if st.lease.is_some() {
+                    for (c, s) in a.counters.iter_mut().zip(&st.slices) {
+                        c.held = c.held.saturating_sub(s.granted - s.consumed);
+                    }
+                }
+                Ok(a)
+            }
+            Plan::Grow | Plan::Reopen => {
+                let r = self.slow(&shape, batch, matches!(plan, Plan::Grow)).await;
+                shape.state.lock().busy = false;
+                r
+            }
+        }
+    }
+
+    /// The slow path, with the shape marked busy: grow (or settle and
+    /// reopen) the lease to cover the request, or go to the store.
+    async fn slow(&self, shape: &Shape, batch: &Batch<'_>, grow: bool) -> Result<Applied, Error> {
+        let now = batch.now_ms;
+        if !grow {
+            self.settle(shape, now).await;
+        }
+        // First try: what is missing plus a slice, sized from what the
+        // store last said was free.
+        let mut needs: SmallVec<[u64; 4]> = SmallVec::new();
+        let (lease, first, share) = {
+            let st = shape.state.lock();
+            let mut first: SmallVec<[u64; 4]> = SmallVec::new();
+            let mut share = true;
+            for ((key, s), op) in shape.ops.iter().zip(&st.slices).zip(batch.ops) {
+                let need = s
+                    .consumed
+                    .saturating_add(op.delta)
+                    .saturating_sub(s.granted);
+                needs.push(need);
+                let known = st.lease.is_some() || s.base_used > 0 || s.free > 0;
+                match self.slice_size(key, s, op.delta, known.then_some(s.free)) {
+                    Some(extra) => first.push(need.saturating_add(extra)),
+                    None => {
+                        share = false;
+                        first.push(need);
+                    }
+                }
+            }
+            (st.lease, first, share)
+        };
+        if !share || self.near_period_end(shape, now) {
+            // Too little left to share, or the period is about to roll:
+            // give the slice back and let the store decide.
+            return self.go_direct(shape, batch).await;
+        }
+        let a = match self.take(shape, lease, &first, now).await {
+            Ok(a) => a,
+            Err(
+                Error::UnknownReservation { .. }
+                | Error::ReservationExpired { .. }
+                | Error::ReservationSettled { .. },
+            ) => {
+                // The lease is gone (the clock passed its expiry): what it
+                // admitted was never charged. Start over from the store.
+                self.drop_lease(shape);
+                return self.pass(batch).await;
+            }
+            Err(e) => return Err(e),
+        };
+        if a.applied {
+            return Ok(self.consume(shape, batch, &first, &a, now));
+        }
+        // Refused: what is free now, counting every hold but this slice's
+        // unused part?
+        let (fits, frees) = {
+            let mut fits = true;
+            let mut frees: SmallVec<[Option<u64>; 4]> = SmallVec::new();
+            for ((key, c), need) in shape.ops.iter().zip(&a.counters).zip(&needs) {
+                // `held` counts this slice's whole hold: `need` is what
+                // the request needs beyond its unused part.
+                let free = key
+                    .max
+                    .map(|m| m.saturating_sub(c.used.saturating_add(c.held)));
+                if free.is_some_and(|f| *need > f) {
+                    fits = false;
+                }
+                frees.push(free);
+            }
+            (fits, frees)
+        };
+        if !fits {
+            bump(&self.counters.refusals, 1);
+            let by_holds = shape
+                .ops
+                .iter()
+                .zip(&a.counters)
+                .zip(batch.ops)
+                .all(|((k, c), op)| k.max.is_none_or(|m| c.used.saturating_add(op.delta) <= m));
+            if by_holds {
+                bump(&self.counters.refused_by_holds, 1);
+            }
+            let mut a = a;
+            let st = shape.state.lock();
+            if st.lease.is_some() {
+                for (c, s) in a.counters.iter_mut().zip(&st.slices) {
+                    c.held = c.held.saturating_sub(s.granted - s.consumed);
+                }
+            }
+            return Ok(a);
+        }
+        // It fits: near the limit. Take what is missing and a shrunken
+        // slice, or give the slice back and go straight to the store.
+        let mut second: SmallVec<[u64; 4]> = SmallVec::new();
+        let mut share = true;
+        {
+            let st = shape.state.lock();
+            for (((key, s), op), (need, free)) in shape
+                .ops
+                .iter()
+                .zip(&st.slices)
+                .zip(batch.ops)
+                .zip(needs.iter().zip(&frees))
+            {
+                let rest = free.map(|f| f - need);
+                match self.slice_size(key, s, op.delta, rest) {
+                    Some(extra) => second.push(need + extra),
+                    None => {
+                        share = false;
+                        second.push(*need);
+                    }
+                }
+            }
+        }
+        if !share {
+            return self.go_direct(shape, batch).await;
+        }
+        let lease = shape.state.lock().lease;
+        let a = self.take(shape, lease, &second, now).await?;
+        if a.applied {
+            return Ok(self.consume(shape, batch, &second, &a, now));
+        }
+        // Another replica took it meanwhile: the store decides.
+        self.pass(batch).await
+    }
+
+    /// Give the shape's slice back and send its decisions straight to the
+    /// store for one top-up interval, starting with `batch`.
+    async fn go_direct(&self, shape: &Shape, batch: &Batch<'_>) -> Result<Applied, Error> {
+        let now = batch.now_ms;
+        self.settle(shape, now).await;
+        shape.state.lock().direct_until_ms = now.saturating_add(ms(self.config.top_up_interval));
+        self.pass(batch).await
+    }
+
+    /// Whether `now` is within two top-up intervals before the end of the
+    /// shape's earliest calendar period (as the store last answered).
+    fn near_period_end(&self, shape: &Shape, now: i64) -> bool {
+        let st = shape.state.lock();
+        Self::period_end(shape, &st).is_some_and(|end| {
+            now < end && now >= end.saturating_sub(2 * ms(self.config.top_up_interval))
+        })
+    }
+
+    /// Forget a lease the store no longer has, counting what it admitted
+    /// as lost.
+    fn drop_lease(&self, shape: &Shape) {
+        let mut st = shape.state.lock();
+        st.lease = None;
+        let lost: u64 = st.slices.iter().map(|s| s.consumed).sum();
+        for s in &mut st.slices {
+            s.granted = 0;
+            s.consumed = 0;
+        }
+        bump(&self.counters.lost_units, lost);
+    }
+
+    /// Open a lease holding `amounts`, or grow `lease` by them.
+    async fn take(
+        &self,
+        shape: &Shape,
+        lease: Option<LeaseId>,
+        amounts: &[u64],
+        now: i64,
+    ) -> Result<Applied, Error> {
+        let ops: SmallVec<[CounterOp<'_>; 4]> = shape
+            .ops
+            .iter()
+            .zip(amounts)
+            .map(|(k, &d)| CounterOp::new(&k.scope, k.meter, k.window, d, k.max))
+            .collect();
+        let (id, action) = match lease {
+            Some(id) => (id, LeaseAction::Grow),
+            None => (
+                LeaseId::random(),
+                LeaseAction::Open {
+                    expires_at_ms: now.saturating_add(ms(self.config.lease_ttl)),
+                    deadline_ms: None,
+                },
+            ),
+        };
+        let batch = Batch::new(&ops, Mode::WithinLimits, now).with_lease(LeaseOp::new(
+            id,
+            &shape.owner,
+            action,
+        ));
+        let mut a = self.call(&batch).await?;
+        if a.applied && lease.is_none() {
+            let mut st = shape.state.lock();
+            st.lease = Some(id);
+            st.expires_at_ms = now.saturating_add(ms(self.config.lease_ttl));
+            st.use_until_ms = now.saturating_add(ms(self.config.lease_ttl) / 2);
+            st.last_settle_ms = now;
+            a.settled.clear();
+        }
+        Ok(a)
+    }
+
+    /// Record a successful open or grow of `amounts`, and consume `batch`.
+    fn consume(
+        &self,
+        shape: &Shape,
+        batch: &Batch<'_>,
+        amounts: &[u64],
+        a: &Applied,
+        now: i64,
+    ) -> Applied {
+        let mut st = shape.state.lock();
+        for (((s, op), &amt), c) in st
+            .slices
+            .iter_mut()
+            .zip(batch.ops)
+            .zip(amounts)
+            .zip(&a.counters)
+        {
+            s.granted = s.granted.saturating_add(amt);
+            s.base_used = c.used.saturating_sub(s.consumed);
+            s.base_held_others = c.held.saturating_sub(s.granted);
+            s.period_start_ms = c.period_start_ms;
+            s.resets_at_ms = c.resets_at_ms;
+            s.consumed = s.consumed.saturating_add(op.delta);
+            s.demand = s.demand.saturating_add(op.delta);
+            s.last_delta = op.delta;
+        }
+        // `free` as if this slice's unused part were free too.
+        for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
+            s.free = k.max.map_or(u64::MAX, |m| {
+                m.saturating_sub(
+                    s.base_used
+                        .saturating_add(s.base_held_others)
+                        .saturating_add(s.consumed),
+                )
+            });
+        }
+        st.last_use_ms = st.last_use_ms.max(now);
+        bump(&self.counters.local_admits, 1);
+        Self::local_answer(&st, true)
+    }
+
+    /// Settle the shape's lease, if any: what it admitted becomes usage,
+    /// the rest returns. Failures are counted in
+    /// [`CapacityStats::lost_units`].
+    async fn settle(&self, shape: &Shape, now: i64) {
+        let (lease, consumed) = {
+            let mut st = shape.state.lock();
+            let Some(lease) = st.lease.take() else {
+                return;
+            };
+            let consumed: SmallVec<[u64; 4]> = st.slices.iter().map(|s| s.consumed).collect();
+            for s in &mut st.slices {
+                s.granted = 0;
+                s.consumed = 0;
+                s.demand = 0;
+            }
+            st.last_settle_ms = now;
+            (lease, consumed)
+        };
+        let ops: SmallVec<[CounterOp<'_>; 4]> = shape
+            .ops
+            .iter()
+            .zip(&consumed)
+            .map(|(k, &d)| CounterOp::new(&k.scope, k.meter, k.window, d, k.max))
+            .collect();
+        let id = format!("tollgate-capacity:{lease}");
+        let fingerprint = consumed.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &c| {
+            (h ^ c).wrapping_mul(0x0100_0000_01b3)
+        });
+        let batch = Batch::new(&ops, Mode::Force, now)
+            .with_lease(LeaseOp::new(
+                lease,
+                &shape.owner,
+                LeaseAction::Settle {
+                    keep: Fraction::ZERO,
+                },
+            ))
+            .with_event(EventKey::new(&id, fingerprint));
+        for _ in 0..SETTLE_TRIES {
+            match self.call(&batch).await {
+                Ok(a) => {
+                    bump(&self.counters.settles, 1);
+                    let mut st = shape.state.lock();
+                    for (s, c) in st.slices.iter_mut().zip(&a.counters) {
+                        s.base_used = c.used;
+                        s.base_held_others = c.held;
+                        s.period_start_ms = c.period_start_ms;
+                        s.resets_at_ms = c.resets_at_ms;
+                    }
+                    for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
+                        s.free = k.max.map_or(u64::MAX, |m| {
+                            m.saturating_sub(s.base_used.saturating_add(s.base_held_others))
+                        });
+                    }
+                    return;
+                }
+                Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. }) => continue,
+                Err(_) => break,
+            }
+        }
+        bump(&self.counters.lost_units, consumed.iter().sum());
+    }
+
+    fn all_shapes(&self) -> Vec<Arc<Shape>> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.read()
+                    .values()
+                    .flat_map(|l| l.iter().cloned())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Background work, meant to run every [`CapacityConfig::top_up_interval`]
+    /// at the engine clock's `now`: settle (and reopen) every slice that
+    /// admitted anything since its last settle an interval or more ago,
+    /// or is near its period's end or half its lease; top up slices three
+    /// quarters used; give back slices idle for four intervals; forget
+    /// idle shapes. Store errors are absorbed (a slice that cannot be
+    /// topped up is grown or reopened on demand).
+    pub async fn maintain(&self, now: DateTime<Utc>) {
+        let now = now.timestamp_millis();
+        let interval = ms(self.config.top_up_interval);
+        for shape in self.all_shapes() {
+            enum Job {
+                None,
+                Flush { reopen: bool },
+                TopUp,
+                Forget,
+            }
+            let job = {
+                let mut st = shape.state.lock();
+                if st.busy {
+                    Job::None
+                } else if st.lease.is_none() {
+                    if now.saturating_sub(st.last_use_ms) > 4 * interval
+                        && now >= st.direct_until_ms
+                    {
+                        Job::Forget
+                    } else {
+                        Job::None
+                    }
+                } else {
+                    let idle = now.saturating_sub(st.last_use_ms) > 4 * interval;
+                    let stale = !self.usable(&shape, &st, now.saturating_add(interval));
+                    let used = st.slices.iter().any(|s| s.consumed > 0);
+                    let due = now.saturating_sub(st.last_settle_ms) >= interval;
+                    let low = st
+                        .slices
+                        .iter()
+                        .any(|s| s.granted > 0 && s.consumed >= s.granted / 4 * 3);
+                    if idle || stale || (used && due) {
+                        st.busy = true;
+                        Job::Flush {
+                            reopen: !idle && !stale,
+                        }
+                    } else if low {
+                        st.busy = true;
+                        Job::TopUp
+                    } else {
+                        Job::None
+                    }
+                }
+            };
+            match job {
+                Job::None => {}
+                Job::Forget => self.forget(&shape),
+                Job::Flush { reopen } => {
+                    self.settle(&shape, now).await;
+                    if reopen {
+                        self.refill(&shape, None, now).await;
+                    }
+                    shape.state.lock().busy = false;
+                }
+                Job::TopUp => {
+                    let lease = shape.state.lock().lease;
+                    self.refill(&shape, lease, now).await;
+                    shape.state.lock().busy = false;
+                }
+            }
+        }
+    }
+
+    /// Open (or grow) a slice sized from demand, if there is room to share.
+    async fn refill(&self, shape: &Shape, lease: Option<LeaseId>, now: i64) {
+        let amounts: Option<SmallVec<[u64; 4]>> = {
+            let st = shape.state.lock();
+            shape
+                .ops
+                .iter()
+                .zip(&st.slices)
+                .map(|(k, s)| {
+                    let free = s.free.saturating_sub(s.granted.saturating_sub(s.consumed));
+                    self.slice_size(k, s, s.last_delta, Some(free))
+                })
+                .collect()
+        };
+        let Some(amounts) = amounts else {
+            return;
+        };
+        if let Ok(a) = self.take(shape, lease, &amounts, now).await {
+            if a.applied {
+                let mut st = shape.state.lock();
+                for ((s, &amt), c) in st.slices.iter_mut().zip(&amounts).zip(&a.counters) {
+                    s.granted = s.granted.saturating_add(amt);
+                    s.base_used = c.used.saturating_sub(s.consumed);
+                    s.base_held_others = c.held.saturating_sub(s.granted);
+                    s.demand = 0;
+                }
+                for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
+                    s.free = k.max.map_or(u64::MAX, |m| {
+                        m.saturating_sub(
+                            s.base_used
+                                .saturating_add(s.base_held_others)
+                                .saturating_add(s.consumed),
+                        )
+                    });
+                }
+            }
+        }
+    }
+
+    fn forget(&self, shape: &Arc<Shape>) {
+        let mut shard = self.shard(self.hash_keys(&shape.ops)).write();
+        for list in shard.values_mut() {
+            let before = list.len();
+            list.retain(|s| {
+                // Still idle and leaseless under the shard lock.
+                !(Arc::ptr_eq(s, shape) && {
+                    let st = s.state.lock();
+                    st.lease.is_none() && !st.busy
+                })
+            });
+            if list.len() < before {
+                self.shapes.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        shard.retain(|_, l| !l.is_empty());
+    }
+
+    fn hash_keys(&self, keys: &[OpKey]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        for k in keys {
+            k.scope.hash(&mut h);
+            k.meter.hash(&mut h);
+            k.window.hash(&mut h);
+            k.max.hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// Give every slice back (their admitted parts become usage) and send
+    /// every later batch straight to the store. Call it before the process
+    /// exits; a replica that never calls it loses its unsettled admissions
+    /// and its holds return at their lease's expiry. Store errors are
+    /// counted in [`CapacityStats::lost_units`].
+    pub async fn shutdown(&self, now: DateTime<Utc>) {
+        self.closed.store(true, Ordering::Relaxed);
+        let now = now.timestamp_millis();
+        for shape in self.all_shapes() {
+            // Wait out a running slow path: it clears `busy` when done.
+            while !claim(&shape) {
+                tokio_free_yield().await;
+            }
+            self.settle(&shape, now).await;
+            shape.state.lock().busy = false;
+        }
+    }
+}
+
+/// Mark `shape` busy if no one else has.
+fn claim(shape: &Shape) -> bool {
+    let mut st = shape.state.lock();
+    !std::mem::replace(&mut st.busy, true)
+}
+
+/// Yield to the executor without naming a runtime.
+async fn tokio_free_yield() {
+    struct Yield(bool);
+    impl std::future::Future for Yield {
+        type Output = ();
+        fn poll(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<()> {
+            if self.0 {
+                std::task::Poll::Ready(())
+            } else {
+                self.0 = true;
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            }
+        }
+    }
+    Yield(false).await;
+}
+
+#[async_trait]
+impl<S: AsyncAllowanceStore> AsyncAllowanceStore for CapacityStore<S> {
+    async fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        if self.eligible(batch) {
+            self.apply_sliced(batch).await
+        } else {
+            self.pass(batch).await
+        }
+    }
+
+    async fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
+        self.inner.overdue(now).await
+    }
+
+    fn failure_policy(&self) -> FailurePolicy {
+        self.inner.failure_policy()
+    }
+
+    fn needs_event_ids(&self) -> bool {
+        self.inner.needs_event_ids()
+    }
+}
