@@ -305,7 +305,8 @@ pub struct CapacityStats {
     /// Calls to the inner store's `apply`, of every kind (pass-through,
     /// open, grow, settle).
     pub store_calls: u64,
-    /// Admits refused on a slice's behalf (its lease could not grow).
+    /// Admits of a sliceable shape refused (by a lease that could not grow,
+    /// or by the store when the shape went straight to it).
     pub refusals: u64,
     /// Of those, the ones that would have fit had no counter had any hold
     /// (an upper bound of the refusals a single store would not make).
@@ -685,17 +686,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             }
         };
         match plan {
-            Plan::Pass => {
-                let mut a = self.pass(batch).await?;
-                // This engine's own unused slice is not in its way.
-                let st = shape.state.lock();
-                if st.lease.is_some() {
-                    for (c, s) in a.counters.iter_mut().zip(&st.slices) {
-                        c.held = c.held.saturating_sub(s.granted - s.consumed);
-                    }
-                }
-                Ok(a)
-            }
+            Plan::Pass => self.pass_shape(&shape, batch).await,
             Plan::Grow | Plan::Reopen => {
                 let r = self.slow(&shape, batch, matches!(plan, Plan::Grow)).await;
                 shape.state.lock().busy = false;
@@ -776,23 +767,8 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             (fits, frees)
         };
         if !fits {
-            bump(&self.counters.refusals, 1);
-            let by_holds = shape
-                .ops
-                .iter()
-                .zip(&a.counters)
-                .zip(batch.ops)
-                .all(|((k, c), op)| k.max.is_none_or(|m| c.used.saturating_add(op.delta) <= m));
-            if by_holds {
-                bump(&self.counters.refused_by_holds, 1);
-            }
             let mut a = a;
-            let st = shape.state.lock();
-            if st.lease.is_some() {
-                for (c, s) in a.counters.iter_mut().zip(&st.slices) {
-                    c.held = c.held.saturating_sub(s.granted - s.consumed);
-                }
-            }
+            self.refused(shape, batch, &mut a);
             return Ok(a);
         }
         // It fits: near the limit. Take what is missing and a shrunken
@@ -827,7 +803,45 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             return Ok(self.consume(shape, batch, &second, &a, now));
         }
         // Another replica took it meanwhile: the store decides.
-        self.pass(batch).await
+        self.pass_shape(shape, batch).await
+    }
+
+    /// Pass a batch of `shape` to the store; count a refused admit.
+    async fn pass_shape(&self, shape: &Shape, batch: &Batch<'_>) -> Result<Applied, Error> {
+        let mut a = self.pass(batch).await?;
+        if batch.mode == Mode::WithinLimits && !a.applied {
+            self.refused(shape, batch, &mut a);
+        } else {
+            Self::own_slice_is_free(shape, &mut a);
+        }
+        Ok(a)
+    }
+
+    /// Count a refused admit of `shape`, and report its counters with this
+    /// engine's own unused slice left out of `held`.
+    fn refused(&self, shape: &Shape, batch: &Batch<'_>, a: &mut Applied) {
+        bump(&self.counters.refusals, 1);
+        let by_holds = shape
+            .ops
+            .iter()
+            .zip(&a.counters)
+            .zip(batch.ops)
+            .all(|((k, c), op)| k.max.is_none_or(|m| c.used.saturating_add(op.delta) <= m));
+        if by_holds {
+            bump(&self.counters.refused_by_holds, 1);
+        }
+        Self::own_slice_is_free(shape, a);
+    }
+
+    /// This engine's own unused slice is not in its way: leave it out of
+    /// the answer's `held`.
+    fn own_slice_is_free(shape: &Shape, a: &mut Applied) {
+        let st = shape.state.lock();
+        if st.lease.is_some() {
+            for (c, s) in a.counters.iter_mut().zip(&st.slices) {
+                c.held = c.held.saturating_sub(s.granted.saturating_sub(s.consumed));
+            }
+        }
     }
 
     /// Give the shape's slice back and send its decisions straight to the
@@ -836,7 +850,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         let now = batch.now_ms;
         self.settle(shape, now).await;
         shape.state.lock().direct_until_ms = now.saturating_add(ms(self.config.top_up_interval));
-        self.pass(batch).await
+        self.pass_shape(shape, batch).await
     }
 
     /// Whether `now` is within two top-up intervals before the end of the

@@ -148,6 +148,12 @@ pub struct OverAdmit {
     pub refusals: u64,
     pub refused_by_holds: u64,
     pub local_admits: u64,
+    /// Refusals the engines saw.
+    pub engine_refusals: u64,
+    /// Of those, the ones a single store that had admitted everything
+    /// admitted so far would not have made.
+    pub extra_refusals: u64,
+    pub extra_refused_units: u64,
 }
 
 /// Eight engines, each on its own capacity store over its own connection
@@ -156,11 +162,13 @@ pub struct OverAdmit {
 /// at or below the maximum and equal to what was admitted; nothing is
 /// held; what is left unadmitted is less than the largest request.
 pub async fn never_over_admits(stores: Vec<Dyn>, reader: Dyn) -> OverAdmit {
-    const MAX: u64 = 60_000;
+    const MAX: u64 = 200_000;
     const LARGEST: u64 = 50;
     let window = Window::Lifetime;
     let mut tasks = Vec::new();
+    let total = Arc::new(AtomicU64::new(0));
     for (i, store) in stores.into_iter().enumerate() {
+        let total = Arc::clone(&total);
         tasks.push(tokio::spawn(async move {
             let cap = Arc::new(CapacityStore::new(store, config()).expect("config"));
             let engine = cap_engine(Arc::clone(&cap), catalog(MAX, window), SystemClock);
@@ -176,6 +184,7 @@ pub async fn never_over_admits(stores: Vec<Dyn>, reader: Dyn) -> OverAdmit {
             };
             let mut rng = Rng::new(i as u64 + 1);
             let (mut tokens, mut requests, mut refused_in_a_row) = (0u64, 0u64, 0);
+            let (mut refusals, mut extra, mut extra_units) = (0u64, 0u64, 0u64);
             for _ in 0..200_000 {
                 let size = 1 + rng.below(LARGEST);
                 let d = engine.admit_async(&request(size)).await.expect("admit");
@@ -183,7 +192,15 @@ pub async fn never_over_admits(stores: Vec<Dyn>, reader: Dyn) -> OverAdmit {
                     tokens += size;
                     requests += 1;
                     refused_in_a_row = 0;
+                    total.fetch_add(size, Ordering::Relaxed);
                 } else {
+                    refusals += 1;
+                    // One store that had admitted what every engine had so
+                    // far would have admitted this one.
+                    if total.load(Ordering::Relaxed) + size <= MAX {
+                        extra += 1;
+                        extra_units += size;
+                    }
                     refused_in_a_row += 1;
                     if refused_in_a_row == 30 {
                         break;
@@ -193,7 +210,7 @@ pub async fn never_over_admits(stores: Vec<Dyn>, reader: Dyn) -> OverAdmit {
             stop.store(true, Ordering::Relaxed);
             bg.await.expect("maintenance task");
             cap.shutdown(SystemClock.now()).await;
-            (tokens, requests, cap.stats())
+            (tokens, requests, cap.stats(), (refusals, extra, extra_units))
         }));
     }
     let mut out = OverAdmit {
@@ -206,9 +223,16 @@ pub async fn never_over_admits(stores: Vec<Dyn>, reader: Dyn) -> OverAdmit {
         refusals: 0,
         refused_by_holds: 0,
         local_admits: 0,
+        engine_refusals: 0,
+        extra_refusals: 0,
+        extra_refused_units: 0,
     };
     for t in tasks {
-        let (tokens, requests, stats) = t.await.expect("engine task");
+        let (tokens, requests, stats, (refusals, extra, extra_units)) =
+            t.await.expect("engine task");
+        out.engine_refusals += refusals;
+        out.extra_refusals += extra;
+        out.extra_refused_units += extra_units;
         out.admitted_tokens += tokens;
         out.admitted_requests += requests;
         out.refusals += stats.refusals;
