@@ -655,7 +655,6 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         let plan = {
             let mut st = shape.state.lock();
             let covered = self.usable(&shape, &st, now)
-                && !st.busy
                 && st
                     .slices
                     .iter()
@@ -746,7 +745,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             Err(e) => return Err(e),
         };
         if a.applied {
-            return Ok(self.consume(shape, batch, &first, &a, now));
+            if let Some(a) = self.consume(shape, batch, &first, &a, now) {
+                return Ok(a);
+            }
+            return self.pass_shape(shape, batch).await;
         }
         // Refused: what is free now, counting every hold but this slice's
         // unused part?
@@ -800,7 +802,9 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         let lease = shape.state.lock().lease;
         let a = self.take(shape, lease, &second, now).await?;
         if a.applied {
-            return Ok(self.consume(shape, batch, &second, &a, now));
+            if let Some(a) = self.consume(shape, batch, &second, &a, now) {
+                return Ok(a);
+            }
         }
         // Another replica took it meanwhile: the store decides.
         self.pass_shape(shape, batch).await
@@ -857,9 +861,16 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     /// shape's earliest calendar period (as the store last answered).
     fn near_period_end(&self, shape: &Shape, now: i64) -> bool {
         let st = shape.state.lock();
-        Self::period_end(shape, &st).is_some_and(|end| {
-            now < end && now >= end.saturating_sub(2 * ms(self.config.top_up_interval))
-        })
+        self.near_end(shape, &st, now)
+    }
+
+    /// Whether `now` is within three top-up intervals before the end of
+    /// the shape's earliest calendar period, or past it (for `maintain`,
+    /// which runs once an interval: a slice it would reopen could not be
+    /// used).
+    fn near_end(&self, shape: &Shape, st: &ShapeState, now: i64) -> bool {
+        Self::period_end(shape, st)
+            .is_some_and(|end| now >= end.saturating_sub(3 * ms(self.config.top_up_interval)))
     }
 
     /// Forget a lease the store no longer has, counting what it admitted
@@ -924,23 +935,14 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         amounts: &[u64],
         a: &Applied,
         now: i64,
-    ) -> Applied {
+    ) -> Option<Applied> {
         let mut st = shape.state.lock();
-        for (((s, op), &amt), c) in st
-            .slices
-            .iter_mut()
-            .zip(batch.ops)
-            .zip(amounts)
-            .zip(&a.counters)
-        {
+        for ((s, &amt), c) in st.slices.iter_mut().zip(amounts).zip(&a.counters) {
             s.granted = s.granted.saturating_add(amt);
-            s.base_used = c.used.saturating_sub(s.consumed);
+            s.base_used = c.used;
             s.base_held_others = c.held.saturating_sub(s.granted);
             s.period_start_ms = c.period_start_ms;
             s.resets_at_ms = c.resets_at_ms;
-            s.consumed = s.consumed.saturating_add(op.delta);
-            s.demand = s.demand.saturating_add(op.delta);
-            s.last_delta = op.delta;
         }
         // `free` as if this slice's unused part were free too.
         for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
@@ -952,9 +954,24 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 )
             });
         }
+        // Local admits went on while the store answered: the request is
+        // admitted only if the grown slice still covers it.
+        let covered = st
+            .slices
+            .iter()
+            .zip(batch.ops)
+            .all(|(s, op)| s.consumed.saturating_add(op.delta) <= s.granted);
+        if !covered {
+            return None;
+        }
+        for (s, op) in st.slices.iter_mut().zip(batch.ops) {
+            s.consumed += op.delta;
+            s.demand = s.demand.saturating_add(op.delta);
+            s.last_delta = op.delta;
+        }
         st.last_use_ms = st.last_use_ms.max(now);
         bump(&self.counters.local_admits, 1);
-        Self::local_answer(&st, true)
+        Some(Self::local_answer(&st, true))
     }
 
     /// Settle the shape's lease, if any: what it admitted becomes usage,
@@ -975,10 +992,16 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             st.last_settle_ms = now;
             (lease, consumed)
         };
+        self.settle_lease(shape, lease, &consumed, now).await;
+    }
+
+    /// Settle `lease` (no longer the shape's current one), charging
+    /// `consumed` as usage.
+    async fn settle_lease(&self, shape: &Shape, lease: LeaseId, consumed: &[u64], now: i64) {
         let ops: SmallVec<[CounterOp<'_>; 4]> = shape
             .ops
             .iter()
-            .zip(&consumed)
+            .zip(consumed)
             .map(|(k, &d)| CounterOp::new(&k.scope, k.meter, k.window, d, k.max))
             .collect();
         let id = format!("tollgate-capacity:{lease}");
@@ -1001,13 +1024,17 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                     let mut st = shape.state.lock();
                     for (s, c) in st.slices.iter_mut().zip(&a.counters) {
                         s.base_used = c.used;
-                        s.base_held_others = c.held;
+                        s.base_held_others = c.held.saturating_sub(s.granted);
                         s.period_start_ms = c.period_start_ms;
                         s.resets_at_ms = c.resets_at_ms;
                     }
                     for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
                         s.free = k.max.map_or(u64::MAX, |m| {
-                            m.saturating_sub(s.base_used.saturating_add(s.base_held_others))
+                            m.saturating_sub(
+                                s.base_used
+                                    .saturating_add(s.base_held_others)
+                                    .saturating_add(s.consumed),
+                            )
                         });
                     }
                     return;
@@ -1017,6 +1044,81 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             }
         }
         bump(&self.counters.lost_units, consumed.iter().sum());
+    }
+
+    /// Open a fresh slice, then settle the old one: local admits go on
+    /// from the old slice while the new one opens. Falls back to settle
+    /// and refill when the store refuses the new slice beside the old.
+    async fn roll_over(&self, shape: &Shape, now: i64) {
+        let amounts: Option<SmallVec<[u64; 4]>> = {
+            let st = shape.state.lock();
+            shape
+                .ops
+                .iter()
+                .zip(&st.slices)
+                .map(|(k, s)| self.slice_size(k, s, s.last_delta, Some(s.free)))
+                .collect()
+        };
+        let opened = match amounts {
+            Some(amounts) => match self.open(shape, &amounts, now).await {
+                Ok((id, a)) if a.applied => Some((id, amounts, a)),
+                _ => None,
+            },
+            None => None,
+        };
+        let Some((id, amounts, a)) = opened else {
+            self.settle(shape, now).await;
+            self.refill(shape, None, now).await;
+            return;
+        };
+        let old = {
+            let mut st = shape.state.lock();
+            let old = st.lease.replace(id).map(|lease| {
+                let consumed: SmallVec<[u64; 4]> = st.slices.iter().map(|s| s.consumed).collect();
+                (lease, consumed)
+            });
+            for ((s, &amt), c) in st.slices.iter_mut().zip(&amounts).zip(&a.counters) {
+                s.granted = amt;
+                s.consumed = 0;
+                s.demand = 0;
+                s.base_used = c.used;
+                s.period_start_ms = c.period_start_ms;
+                s.resets_at_ms = c.resets_at_ms;
+            }
+            st.expires_at_ms = now.saturating_add(ms(self.config.lease_ttl));
+            st.use_until_ms = now.saturating_add(ms(self.config.lease_ttl) / 2);
+            st.last_settle_ms = now;
+            old
+        };
+        if let Some((lease, consumed)) = old {
+            self.settle_lease(shape, lease, &consumed, now).await;
+        }
+    }
+
+    /// Open a new lease holding `amounts`; the shape's state is untouched.
+    async fn open(
+        &self,
+        shape: &Shape,
+        amounts: &[u64],
+        now: i64,
+    ) -> Result<(LeaseId, Applied), Error> {
+        let ops: SmallVec<[CounterOp<'_>; 4]> = shape
+            .ops
+            .iter()
+            .zip(amounts)
+            .map(|(k, &d)| CounterOp::new(&k.scope, k.meter, k.window, d, k.max))
+            .collect();
+        let id = LeaseId::random();
+        let action = LeaseAction::Open {
+            expires_at_ms: now.saturating_add(ms(self.config.lease_ttl)),
+            deadline_ms: None,
+        };
+        let batch = Batch::new(&ops, Mode::WithinLimits, now).with_lease(LeaseOp::new(
+            id,
+            &shape.owner,
+            action,
+        ));
+        Ok((id, self.call(&batch).await?))
     }
 
     fn all_shapes(&self) -> Vec<Arc<Shape>> {
@@ -1072,7 +1174,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                     if idle || stale || (used && due) {
                         st.busy = true;
                         Job::Flush {
-                            reopen: !idle && !stale,
+                            reopen: !idle && !self.near_end(&shape, &st, now),
                         }
                     } else if low {
                         st.busy = true;
@@ -1086,9 +1188,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 Job::None => {}
                 Job::Forget => self.forget(&shape),
                 Job::Flush { reopen } => {
-                    self.settle(&shape, now).await;
                     if reopen {
-                        self.refill(&shape, None, now).await;
+                        self.roll_over(&shape, now).await;
+                    } else {
+                        self.settle(&shape, now).await;
                     }
                     shape.state.lock().busy = false;
                 }
@@ -1123,7 +1226,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 let mut st = shape.state.lock();
                 for ((s, &amt), c) in st.slices.iter_mut().zip(&amounts).zip(&a.counters) {
                     s.granted = s.granted.saturating_add(amt);
-                    s.base_used = c.used.saturating_sub(s.consumed);
+                    s.base_used = c.used;
                     s.base_held_others = c.held.saturating_sub(s.granted);
                     s.demand = 0;
                 }
