@@ -4,7 +4,10 @@
 //! concurrent tasks (a 2-worker tokio runtime), over 1 and 100 subjects.
 //! The capacity store's `maintain` runs every top-up interval (100 ms) in
 //! a background task, as a host would run it; a wrapper counts the Redis
-//! store's `apply` calls, printed as round trips per decision.
+//! store's `apply` calls, printed as round trips per decision. The
+//! capacity rows run twice: with the event id the async engine makes for
+//! every admit on a Redis store (the default), and without
+//! (`RedisConfig::engine_event_ids(false)`).
 //!
 //! `TOLLGATE_REDIS_URL=redis://127.0.0.1:6379 cargo bench --features redis --bench capacity`
 //! (skipped without the variable). `TOLLGATE_BENCH_SECS` sets the time per
@@ -130,6 +133,39 @@ async fn run<S: AsyncAllowanceStore + 'static>(
     (n as f64 / start.elapsed().as_secs_f64(), n)
 }
 
+/// Decisions per second and store calls per decision of `admit_async` on
+/// a `CapacityStore` over `redis`, maintained every top-up interval.
+async fn capacity<S: AsyncAllowanceStore + 'static>(
+    redis: S,
+    tasks: usize,
+    subjects: usize,
+    secs: f64,
+) -> (f64, f64) {
+    let counting = Arc::new(Counting {
+        inner: redis,
+        calls: AtomicU64::new(0),
+    });
+    let cap =
+        Arc::new(CapacityStore::new(Arc::clone(&counting), CapacityConfig::new()).expect("config"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let bg = {
+        let (cap, stop) = (Arc::clone(&cap), Arc::clone(&stop));
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                cap.maintain(SystemClock.now()).await;
+                tokio::time::sleep(cap.config().top_up_interval_value()).await;
+            }
+        })
+    };
+    let e = engine(Arc::clone(&cap), subjects);
+    let (rate, n) = run(&e, tasks, subjects, secs).await;
+    stop.store(true, Ordering::Relaxed);
+    bg.await.expect("maintenance");
+    cap.shutdown(SystemClock.now()).await;
+    let calls = counting.calls.load(Ordering::Relaxed);
+    (rate, calls as f64 / n as f64)
+}
+
 fn main() {
     let Ok(url) = std::env::var("TOLLGATE_REDIS_URL") else {
         eprintln!("skipped: TOLLGATE_REDIS_URL not set");
@@ -163,44 +199,28 @@ fn main() {
                 );
 
                 let prefix = format!("tollgate-bench:capacity:{nanos}:{subjects}:{tasks}");
-                let redis = RedisConfig::new(url.clone())
-                    .prefix(&prefix)
-                    .connect()
-                    .await
-                    .expect("connect");
-                let counting = Arc::new(Counting {
-                    inner: redis,
-                    calls: AtomicU64::new(0),
-                });
-                let cap = Arc::new(
-                    CapacityStore::new(Arc::clone(&counting), CapacityConfig::new())
-                        .expect("config"),
-                );
-                let stop = Arc::new(AtomicBool::new(false));
-                let bg = {
-                    let (cap, stop) = (Arc::clone(&cap), Arc::clone(&stop));
-                    tokio::spawn(async move {
-                        while !stop.load(Ordering::Relaxed) {
-                            cap.maintain(SystemClock.now()).await;
-                            tokio::time::sleep(cap.config().top_up_interval_value()).await;
-                        }
-                    })
-                };
-                let e = engine(Arc::clone(&cap), subjects);
-                let (rate, n) = run(&e, tasks, subjects, secs).await;
-                stop.store(true, Ordering::Relaxed);
-                bg.await.expect("maintenance");
-                let calls = counting.calls.load(Ordering::Relaxed);
-                println!(
-                    "{:<34} {:>6} {:>9} {:>14.0} {:>9.2} {:>12.4}",
-                    "capacity over redis",
-                    tasks,
-                    subjects,
-                    rate,
-                    rate / mem_rate,
-                    calls as f64 / n as f64
-                );
-                cap.shutdown(SystemClock.now()).await;
+                for ids in [true, false] {
+                    let redis = RedisConfig::new(url.clone())
+                        .prefix(format!("{prefix}:{ids}"))
+                        .engine_event_ids(ids)
+                        .connect()
+                        .await
+                        .expect("connect");
+                    let (rate, per) = capacity(redis, tasks, subjects, secs).await;
+                    println!(
+                        "{:<34} {:>6} {:>9} {:>14.0} {:>9.2} {:>12.4}",
+                        if ids {
+                            "capacity over redis"
+                        } else {
+                            "capacity over redis, no engine ids"
+                        },
+                        tasks,
+                        subjects,
+                        rate,
+                        rate / mem_rate,
+                        per
+                    );
+                }
 
                 let direct = RedisConfig::new(url.clone())
                     .prefix(format!("{prefix}:direct"))

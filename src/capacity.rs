@@ -133,7 +133,7 @@
 //! replicas' admissions since then show only as their holds.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -386,6 +386,9 @@ struct ShapeState {
     /// Straight to the store until this instant.
     direct_until_ms: i64,
     slices: SmallVec<[OpSlice; 4]>,
+    /// Counted here, under the lock already taken, not on a shared atomic.
+    local_admits: u64,
+    local_checks: u64,
 }
 
 struct Shape {
@@ -394,7 +397,27 @@ struct Shape {
     state: Mutex<ShapeState>,
 }
 
-type Shard = RwLock<HashMap<u64, SmallVec<[Arc<Shape>; 1]>>>;
+type Shard = RwLock<HashMap<u64, SmallVec<[Arc<Shape>; 1]>, BuildHasherDefault<KeyHasher>>>;
+
+/// The shape table's keys are keyed hashes already: used as they are.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
 /// An [`AsyncAllowanceStore`] that admits from slices of a shared store's
 /// counters, borrowed as holds under leases. See the [module docs](self).
@@ -405,6 +428,8 @@ pub struct CapacityStore<S> {
     shapes: AtomicU64,
     hasher: foldhash::fast::RandomState,
     unknown_ids: Mutex<std::collections::VecDeque<String>>,
+    /// Whether `unknown_ids` has ever held an id: the fast path's test.
+    unknown_any: AtomicBool,
     closed: AtomicBool,
     counters: Counters,
 }
@@ -418,6 +443,11 @@ impl<S: std::fmt::Debug> std::fmt::Debug for CapacityStore<S> {
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
+}
+
+/// Whether `shape` is the shape of `ops`.
+fn same_ops(shape: &Shape, ops: &[CounterOp<'_>]) -> bool {
+    shape.ops.len() == ops.len() && shape.ops.iter().zip(ops).all(|(k, op)| k.matches(op))
 }
 
 /// What a shape's slow path decided to do, taken under its lock.
@@ -439,9 +469,17 @@ impl<S> CapacityStore<S> {
     pub fn stats(&self) -> CapacityStats {
         let c = &self.counters;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (mut admits, mut checks) = (l(&c.local_admits), l(&c.local_checks));
+        for shard in self.shards.iter() {
+            for shape in shard.read().values().flatten() {
+                let st = shape.state.lock();
+                admits += st.local_admits;
+                checks += st.local_checks;
+            }
+        }
         CapacityStats {
-            local_admits: l(&c.local_admits),
-            local_checks: l(&c.local_checks),
+            local_admits: admits,
+            local_checks: checks,
             passed_through: l(&c.passed_through),
             store_calls: l(&c.store_calls),
             refusals: l(&c.refusals),
@@ -463,10 +501,13 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         Ok(Self {
             inner,
             config,
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(HashMap::default()))
+                .collect(),
             shapes: AtomicU64::new(0),
             hasher: foldhash::fast::RandomState::default(),
             unknown_ids: Mutex::new(std::collections::VecDeque::new()),
+            unknown_any: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             counters: Counters::default(),
         })
@@ -497,6 +538,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                     ids.pop_front();
                 }
                 ids.push_back(ev.id.to_owned());
+                self.unknown_any.store(true, Ordering::Relaxed);
             }
         }
         r
@@ -523,7 +565,8 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             None => true,
             Some(ev) => {
                 ev.id.starts_with(ENGINE_EVENT_PREFIX)
-                    && !self.unknown_ids.lock().iter().any(|id| id == ev.id)
+                    && !(self.unknown_any.load(Ordering::Relaxed)
+                        && self.unknown_ids.lock().iter().any(|id| id == ev.id))
             }
         }
     }
@@ -532,7 +575,8 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         let mut h = self.hasher.build_hasher();
         for op in ops {
             op.scope.hash(&mut h);
-            op.meter.hash(&mut h);
+            // Interned: one name, one address.
+            h.write_usize(op.meter.as_str().as_ptr() as usize);
             op.window.hash(&mut h);
             op.max.hash(&mut h);
         }
@@ -546,10 +590,11 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
 
     fn find(&self, hash: u64, ops: &[CounterOp<'_>]) -> Option<Arc<Shape>> {
         let shard = self.shard(hash).read();
-        shard.get(&hash)?.iter().find_map(|s| {
-            (s.ops.len() == ops.len() && s.ops.iter().zip(ops).all(|(k, op)| k.matches(op)))
-                .then(|| Arc::clone(s))
-        })
+        shard
+            .get(&hash)?
+            .iter()
+            .find(|s| same_ops(s, ops))
+            .map(Arc::clone)
     }
 
     fn find_or_add(&self, hash: u64, ops: &[CounterOp<'_>]) -> Option<Arc<Shape>> {
@@ -558,9 +603,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         }
         let mut shard = self.shard(hash).write();
         let list = shard.entry(hash).or_default();
-        if let Some(s) = list.iter().find(|s| {
-            s.ops.len() == ops.len() && s.ops.iter().zip(ops).all(|(k, op)| k.matches(op))
-        }) {
+        if let Some(s) = list.iter().find(|s| same_ops(s, ops)) {
             return Some(Arc::clone(s));
         }
         if self.shapes.load(Ordering::Relaxed) >= self.config.max_shapes as u64 {
@@ -642,46 +685,30 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     /// Decide `batch` from slices, or from the store on their behalf.
     async fn apply_sliced(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         let hash = self.hash_ops(batch.ops);
-        let now = batch.now_ms;
-        let shape = if batch.mode == Mode::Check {
-            self.find(hash, batch.ops)
-        } else {
-            self.find_or_add(hash, batch.ops)
+        // The fast path: the shard's read lock and the shape's lock, no
+        // store call, no reference count touched.
+        let found = {
+            let shard = self.shard(hash).read();
+            shard
+                .get(&hash)
+                .and_then(|l| l.iter().find(|s| same_ops(s, batch.ops)))
+                .map(|shape| match self.decide(shape, batch) {
+                    Ok(a) => Ok(a),
+                    Err(plan) => Err((Arc::clone(shape), plan)),
+                })
         };
-        let Some(shape) = shape else {
-            return self.pass(batch).await;
-        };
-        // The fast path: one lock, no store call.
-        let plan = {
-            let mut st = shape.state.lock();
-            let covered = self.usable(&shape, &st, now)
-                && st
-                    .slices
-                    .iter()
-                    .zip(batch.ops)
-                    .all(|(s, op)| s.consumed.saturating_add(op.delta) <= s.granted);
-            if covered {
-                if batch.mode == Mode::Check {
-                    bump(&self.counters.local_checks, 1);
-                    return Ok(Self::local_answer(&st, false));
+        let (shape, plan) = match found {
+            Some(Ok(a)) => return Ok(a),
+            Some(Err(slow)) => slow,
+            None if batch.mode == Mode::Check => return self.pass(batch).await,
+            None => {
+                let Some(shape) = self.find_or_add(hash, batch.ops) else {
+                    return self.pass(batch).await;
+                };
+                match self.decide(&shape, batch) {
+                    Ok(a) => return Ok(a),
+                    Err(plan) => (shape, plan),
                 }
-                for (s, op) in st.slices.iter_mut().zip(batch.ops) {
-                    s.consumed += op.delta;
-                    s.demand = s.demand.saturating_add(op.delta);
-                    s.last_delta = op.delta;
-                }
-                st.last_use_ms = st.last_use_ms.max(now);
-                bump(&self.counters.local_admits, 1);
-                return Ok(Self::local_answer(&st, true));
-            }
-            if batch.mode == Mode::Check || st.busy || now < st.direct_until_ms {
-                Plan::Pass
-            } else if self.usable(&shape, &st, now) {
-                st.busy = true;
-                Plan::Grow
-            } else {
-                st.busy = true;
-                Plan::Reopen
             }
         };
         match plan {
@@ -692,6 +719,45 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 r
             }
         }
+    }
+
+    /// Decide `batch` from `shape`'s slice under its lock, or say which
+    /// slow path to take (marking the shape busy for `Grow` and `Reopen`).
+    fn decide(&self, shape: &Shape, batch: &Batch<'_>) -> Result<Applied, Plan> {
+        let now = batch.now_ms;
+        let mut st = shape.state.lock();
+        let usable = self.usable(shape, &st, now);
+        let covered = usable
+            && st
+                .slices
+                .iter()
+                .zip(batch.ops)
+                .all(|(s, op)| s.consumed.saturating_add(op.delta) <= s.granted);
+        if covered {
+            if batch.mode == Mode::Check {
+                st.local_checks += 1;
+                return Ok(Self::local_answer(&st, false));
+            }
+            for (s, op) in st.slices.iter_mut().zip(batch.ops) {
+                s.consumed += op.delta;
+                s.demand = s.demand.saturating_add(op.delta);
+                s.last_delta = op.delta;
+            }
+            st.last_use_ms = st.last_use_ms.max(now);
+            st.local_admits += 1;
+            return Ok(Self::local_answer(&st, true));
+        }
+        Err(
+            if batch.mode == Mode::Check || st.busy || now < st.direct_until_ms {
+                Plan::Pass
+            } else if usable {
+                st.busy = true;
+                Plan::Grow
+            } else {
+                st.busy = true;
+                Plan::Reopen
+            },
+        )
     }
 
     /// The slow path, with the shape marked busy: grow (or settle and
@@ -970,7 +1036,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             s.last_delta = op.delta;
         }
         st.last_use_ms = st.last_use_ms.max(now);
-        bump(&self.counters.local_admits, 1);
+        st.local_admits += 1;
         Some(Self::local_answer(&st, true))
     }
 
@@ -1248,10 +1314,16 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         for list in shard.values_mut() {
             let before = list.len();
             list.retain(|s| {
-                // Still idle and leaseless under the shard lock.
+                // Still idle and leaseless under the shard lock: its
+                // counts move to the store's.
                 !(Arc::ptr_eq(s, shape) && {
                     let st = s.state.lock();
-                    st.lease.is_none() && !st.busy
+                    let gone = st.lease.is_none() && !st.busy;
+                    if gone {
+                        bump(&self.counters.local_admits, st.local_admits);
+                        bump(&self.counters.local_checks, st.local_checks);
+                    }
+                    gone
                 })
             });
             if list.len() < before {
@@ -1265,7 +1337,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         let mut h = self.hasher.build_hasher();
         for k in keys {
             k.scope.hash(&mut h);
-            k.meter.hash(&mut h);
+            h.write_usize(k.meter.as_str().as_ptr() as usize);
             k.window.hash(&mut h);
             k.max.hash(&mut h);
         }
