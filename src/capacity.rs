@@ -14,14 +14,16 @@
 //! [`CapacityConfig::lease_ttl`].
 //!
 //! ```no_run
-//! # async fn demo(redis: tollgate::store::RedisStore, catalog: tollgate::Catalog)
-//! #     -> Result<(), tollgate::Error> {
+//! # async fn demo<S: tollgate::store::AsyncAllowanceStore + 'static>(
+//! #     shared: S, catalog: tollgate::Catalog) -> Result<(), tollgate::Error> {
 //! use std::sync::Arc;
 //! use tollgate::capacity::{CapacityConfig, CapacityStore};
-//! use tollgate::{Clock, Engine, Request, SystemClock};
+//! use tollgate::{Allocation, Clock, Engine, Request, SystemClock};
 //!
-//! let store = Arc::new(CapacityStore::new(redis, CapacityConfig::new().replicas(4))?);
+//! // `shared`: a RedisStore or PostgresStore every replica uses.
+//! let store = Arc::new(CapacityStore::new(shared, CapacityConfig::new().replicas(4))?);
 //! let engine = Engine::with_store_and_clock(catalog, Arc::clone(&store), SystemClock);
+//! engine.allocate(Allocation::new("agent-7", "plan_free"))?;
 //! // Top up and settle every `top_up_interval`, in the background:
 //! let bg = Arc::clone(&store);
 //! tokio::spawn(async move {
@@ -637,11 +639,13 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             ..Applied::default()
         };
         for s in &st.slices {
-            let mut c = CounterState::default();
-            c.used = s.base_used.saturating_add(s.consumed);
-            c.held = s.base_held_others;
-            c.period_start_ms = s.period_start_ms;
-            c.resets_at_ms = s.resets_at_ms;
+            let c = CounterState {
+                used: s.base_used.saturating_add(s.consumed),
+                held: s.base_held_others,
+                period_start_ms: s.period_start_ms,
+                resets_at_ms: s.resets_at_ms,
+                ..CounterState::default()
+            };
             a.counters.push(c);
         }
         a
