@@ -6,13 +6,16 @@
 #[path = "support/capacity.rs"]
 mod capacity;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use capacity::Dyn;
+use chrono::{DateTime, Utc};
 use tollgate::capacity::{CapacityConfig, CapacityStore};
-use tollgate::store::MemoryStore;
-use tollgate::{Error, Snapshot};
+use tollgate::store::{Applied, AsyncAllowanceStore, Batch, LeaseInfo, MemoryStore, Mode};
+use tollgate::{Allocation, Engine, Error, ManualClock, Outcome, Period, Snapshot, Window};
 
 fn memory() -> Arc<MemoryStore> {
     Arc::new(MemoryStore::new())
@@ -86,4 +89,136 @@ fn a_bad_config_is_a_typed_error_and_changes_nothing() {
     }
     assert_eq!(store.snapshot(), before, "the store is untouched");
     assert!(CapacityStore::new(store, CapacityConfig::new()).is_ok());
+}
+
+/// A store that applies the next plain admit it is given, then answers
+/// that its outcome is unknown (a timeout after the call left), as a
+/// network store may; it asks for engine event ids.
+struct Flaky {
+    inner: MemoryStore,
+    fail_next: AtomicBool,
+}
+
+#[async_trait]
+impl AsyncAllowanceStore for Flaky {
+    async fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        let a = AsyncAllowanceStore::apply(&self.inner, batch).await?;
+        if batch.lease.is_none()
+            && batch.mode == Mode::WithinLimits
+            && self.fail_next.swap(false, Ordering::Relaxed)
+        {
+            return Err(Error::StoreOutcomeUnknown {
+                message: "timed out".into(),
+                event: batch.event.map(|e| e.id.to_owned()),
+            });
+        }
+        Ok(a)
+    }
+
+    async fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
+        AsyncAllowanceStore::overdue(&self.inner, now).await
+    }
+
+    fn needs_event_ids(&self) -> bool {
+        true
+    }
+}
+
+/// An admit that went to the store and came back unknown is retried with
+/// the event id the engine made for it; by then the shape could slice
+/// again, but the retry goes to the store, whose ledger counts it once.
+#[tokio::test]
+async fn a_retry_after_an_unknown_outcome_counts_once() {
+    let flaky = Arc::new(Flaky {
+        inner: MemoryStore::new(),
+        fail_next: AtomicBool::new(false),
+    });
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::calendar(Period::Month);
+    let other = Engine::with_store_and_clock(
+        capacity::catalog(1_000, window),
+        Arc::clone(&flaky),
+        clock.clone(),
+    );
+    other.allocate(Allocation::new("agent", "plan")).unwrap();
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&flaky), capacity::config()).unwrap());
+    let engine = Engine::with_store_and_clock(
+        capacity::catalog(1_000, window),
+        Arc::clone(&cap),
+        clock.clone(),
+    );
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    // Another replica holds 990: too little is left to share, so this
+    // admit goes straight to the store, which applies it and times out.
+    let held = other
+        .reserve_async(&capacity::request(990), Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("reserved");
+    flaky.fail_next.store(true, Ordering::Relaxed);
+    let id = match engine.admit_async(&capacity::request(3)).await {
+        Err(Error::StoreOutcomeUnknown {
+            event: Some(id), ..
+        }) => id,
+        other => panic!("expected an unknown outcome with an event id, got {other:?}"),
+    };
+    assert!(id.starts_with("tollgate:"), "{id}");
+    // Room again, and past the straight-to-the-store interval.
+    other
+        .release_async(&held, Outcome::Cancelled)
+        .await
+        .unwrap();
+    clock.advance(Duration::from_millis(500));
+    let retry = capacity::request(3).event(&id);
+    assert!(engine.admit_async(&retry).await.unwrap().allowed);
+    cap.shutdown(clock.now_utc()).await;
+    let report = other.usage_async("agent").await.unwrap();
+    let tokens = report
+        .meters
+        .iter()
+        .find(|m| m.meter.as_str() == "tokens")
+        .unwrap();
+    assert_eq!(tokens.units, 3.into(), "the retry counted once");
+}
+
+/// A check the slice covers is answered locally; after `shutdown` every
+/// batch goes to the store.
+#[tokio::test]
+async fn checks_from_the_slice_and_shutdown_sends_all_to_the_store() {
+    let shared = memory();
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::calendar(Period::Month);
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&shared) as Dyn, capacity::config()).unwrap());
+    let engine = Engine::with_store_and_clock(
+        capacity::catalog(100_000, window),
+        Arc::clone(&cap),
+        clock.clone(),
+    );
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    assert!(
+        engine
+            .admit_async(&capacity::request(10))
+            .await
+            .unwrap()
+            .allowed
+    );
+    let d = engine.check_async(&capacity::request(10)).await.unwrap();
+    assert!(d.allowed);
+    assert_eq!(cap.stats().local_checks, 1);
+    cap.shutdown(clock.now_utc()).await;
+    let before = cap.stats();
+    assert!(
+        engine
+            .admit_async(&capacity::request(10))
+            .await
+            .unwrap()
+            .allowed
+    );
+    let after = cap.stats();
+    assert_eq!(after.local_admits, before.local_admits);
+    assert_eq!(after.passed_through, before.passed_through + 1);
+    let reader: Engine<Dyn, ManualClock> =
+        Engine::with_store_and_clock(capacity::catalog(100_000, window), shared, clock);
+    reader.allocate(Allocation::new("agent", "plan")).unwrap();
+    assert_eq!(capacity::read(&reader, "tokens").await, (20, 0));
 }

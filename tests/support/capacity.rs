@@ -210,7 +210,12 @@ pub async fn never_over_admits(stores: Vec<Dyn>, reader: Dyn) -> OverAdmit {
             stop.store(true, Ordering::Relaxed);
             bg.await.expect("maintenance task");
             cap.shutdown(SystemClock.now()).await;
-            (tokens, requests, cap.stats(), (refusals, extra, extra_units))
+            (
+                tokens,
+                requests,
+                cap.stats(),
+                (refusals, extra, extra_units),
+            )
         }));
     }
     let mut out = OverAdmit {
