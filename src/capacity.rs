@@ -752,7 +752,11 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             return Ok(Self::local_answer(&st, true));
         }
         Err(
-            if batch.mode == Mode::Check || st.busy || now < st.direct_until_ms {
+            if batch.mode == Mode::Check
+                || st.busy
+                || now < st.direct_until_ms
+                || self.closed.load(Ordering::Relaxed)
+            {
                 Plan::Pass
             } else if usable {
                 st.busy = true;
