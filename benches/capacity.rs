@@ -11,7 +11,9 @@
 //!
 //! `TOLLGATE_REDIS_URL=redis://127.0.0.1:6379 cargo bench --features redis --bench capacity`
 //! (skipped without the variable). `TOLLGATE_BENCH_SECS` sets the time per
-//! case (default 3 s). Keys live under their own prefix.
+//! case (default 3 s), `TOLLGATE_BENCH_ROUNDS` how many interleaved rounds
+//! of the memory and capacity cases run (default 3; medians are printed).
+//! Keys live under their own prefix.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -166,6 +168,12 @@ async fn capacity<S: AsyncAllowanceStore + 'static>(
     (rate, calls as f64 / n as f64)
 }
 
+/// The median of `v` (the upper one of an even count).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn main() {
     let Ok(url) = std::env::var("TOLLGATE_REDIS_URL") else {
         eprintln!("skipped: TOLLGATE_REDIS_URL not set");
@@ -176,6 +184,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
+    let rounds: usize = std::env::var("TOLLGATE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -191,34 +203,48 @@ fn main() {
         );
         for subjects in [1usize, 100] {
             for tasks in [1usize, 8] {
-                let mem = engine(MemoryStore::new(), subjects);
-                let (mem_rate, _) = run(&mem, tasks, subjects, secs).await;
+                // Interleaved rounds, medians: the machine is shared and
+                // its speed drifts; each round runs every case once.
+                let prefix = format!("tollgate-bench:capacity:{nanos}:{subjects}:{tasks}");
+                let (mut mem, mut ids_on, mut ids_off) = (Vec::new(), Vec::new(), Vec::new());
+                for round in 0..rounds {
+                    let m = engine(MemoryStore::new(), subjects);
+                    mem.push(run(&m, tasks, subjects, secs).await.0);
+                    for ids in [true, false] {
+                        let redis = RedisConfig::new(url.clone())
+                            .prefix(format!("{prefix}:{ids}:{round}"))
+                            .engine_event_ids(ids)
+                            .connect()
+                            .await
+                            .expect("connect");
+                        let r = capacity(redis, tasks, subjects, secs).await;
+                        if ids {
+                            ids_on.push(r);
+                        } else {
+                            ids_off.push(r);
+                        }
+                    }
+                }
+                let mem_rate = median(&mut mem);
                 println!(
                     "{:<34} {:>6} {:>9} {:>14.0} {:>9} {:>12}",
                     "memory", tasks, subjects, mem_rate, "1.00", "-"
                 );
-
-                let prefix = format!("tollgate-bench:capacity:{nanos}:{subjects}:{tasks}");
-                for ids in [true, false] {
-                    let redis = RedisConfig::new(url.clone())
-                        .prefix(format!("{prefix}:{ids}"))
-                        .engine_event_ids(ids)
-                        .connect()
-                        .await
-                        .expect("connect");
-                    let (rate, per) = capacity(redis, tasks, subjects, secs).await;
+                for (name, runs) in [
+                    ("capacity over redis", &mut ids_on),
+                    ("capacity over redis, no engine ids", &mut ids_off),
+                ] {
+                    let mut rates: Vec<f64> = runs.iter().map(|r| r.0).collect();
+                    let mut per: Vec<f64> = runs.iter().map(|r| r.1).collect();
+                    let rate = median(&mut rates);
                     println!(
                         "{:<34} {:>6} {:>9} {:>14.0} {:>9.2} {:>12.4}",
-                        if ids {
-                            "capacity over redis"
-                        } else {
-                            "capacity over redis, no engine ids"
-                        },
+                        name,
                         tasks,
                         subjects,
                         rate,
                         rate / mem_rate,
-                        per
+                        median(&mut per)
                     );
                 }
 

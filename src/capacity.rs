@@ -704,10 +704,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         let (shape, plan) = match found {
             Some(Ok(a)) => return Ok(a),
             Some(Err(slow)) => slow,
-            None if batch.mode == Mode::Check => return self.pass(batch).await,
+            None if batch.mode == Mode::Check => return Box::pin(self.pass(batch)).await,
             None => {
                 let Some(shape) = self.find_or_add(hash, batch.ops) else {
-                    return self.pass(batch).await;
+                    return Box::pin(self.pass(batch)).await;
                 };
                 match self.decide(&shape, batch) {
                     Ok(a) => return Ok(a),
@@ -716,9 +716,12 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             }
         };
         match plan {
-            Plan::Pass => self.pass_shape(&shape, batch).await,
+            // Boxed: the slow paths' state (their batches and store calls)
+            // would otherwise size every call's future, which the fast
+            // path builds and moves on each admit.
+            Plan::Pass => Box::pin(self.pass_shape(&shape, batch)).await,
             Plan::Grow | Plan::Reopen => {
-                let r = self.slow(&shape, batch, matches!(plan, Plan::Grow)).await;
+                let r = Box::pin(self.slow(&shape, batch, matches!(plan, Plan::Grow))).await;
                 shape.state.lock().busy = false;
                 r
             }
@@ -1404,7 +1407,7 @@ impl<S: AsyncAllowanceStore> AsyncAllowanceStore for CapacityStore<S> {
         if self.eligible(batch) {
             self.apply_sliced(batch).await
         } else {
-            self.pass(batch).await
+            Box::pin(self.pass(batch)).await
         }
     }
 
