@@ -85,8 +85,10 @@
 //!   again.
 //! - A request its slice cannot cover grows the lease by what is missing
 //!   plus a new slice (one round trip); [`CapacityStore::maintain`] tops up
-//!   slices that are three-quarters used, and settles and reopens every
-//!   slice that admitted anything in the last interval, in the background.
+//!   slices that are three-quarters used, and replaces every slice that
+//!   admitted anything in the last interval, in the background: it opens
+//!   the next slice first (local admits go on from the old one), then
+//!   settles the old one.
 //! - A slice is given back (settled: its admitted part becomes usage, the
 //!   rest returns) when it has been idle for four top-up intervals, before
 //!   its calendar period ends (no local admit within two top-up intervals
@@ -98,25 +100,64 @@
 //!
 //! - **Never over-admits.** Every local admit is covered by a hold the
 //!   shared store counted before it; the store refuses a slice that does
-//!   not fit. A slice is used locally only until half its lease has run,
-//!   and settles before the lease expires, so what it admitted becomes
-//!   usage — as long as the process lives (next point).
+//!   not fit, and a grown slice is used only if it still covers the
+//!   request once the store answered. A slice is used locally only until
+//!   half its lease has run; `maintain` settles it long before the lease
+//!   expires, so what it admitted becomes usage. Tested by
+//!   `tests/capacity_{redis,postgres,memory}.rs` (eight engines at once,
+//!   random sizes: the counters end equal to what was admitted, at or
+//!   below the maximum) and, step by step with every interleaving of
+//!   admits, `maintain`, clock steps and restarts a seeded generator
+//!   makes, by `tests/capacity_memory.rs`.
 //! - **A killed replica loses nothing past its lease expiry.** Its holds
-//!   return at expiry, nothing charged (contract rule 7). What it had
-//!   admitted locally since its last settle is *not* charged: like a
-//!   reservation whose holder crashed, it is forgotten. Bound: one slice
-//!   per shape, at most one top-up interval of that shape's admissions.
+//!   return at expiry, nothing charged (contract rule 7), and the whole
+//!   maximum less what was settled can be admitted again. What it had
+//!   admitted locally since its last settle is *not* charged: like the
+//!   work of a reservation whose holder crashed, it is forgotten, so a
+//!   crash can let that much through past the maximum. Bound: what the
+//!   replica admitted in its last top-up interval, at most its slices.
 //! - **Extra refusals near the limit are bounded.** A request is refused
 //!   only when `used + held_by_others + (delta - own_unused) > max`: this
-//!   engine's own unused slice never refuses its own request. The
-//!   refusals a single store would not make come from other replicas'
-//!   unused slices; each is at most `free / replicas` at its grant, and is
+//!   engine's own unused slice never refuses its own request on its slow
+//!   path. A refusal a single store would not make comes from other
+//!   replicas' unused slices (each at most `free / replicas` at its grant,
 //!   given back within one top-up interval of its replica seeing free
-//!   space below the sharing threshold. Once every replica goes straight
-//!   to the store, the capacity left unadmitted is below one request, as
-//!   with a single store. [`CapacityStats::refused_by_holds`] counts the
-//!   refusals that would have fit without any hold (an upper bound of the
-//!   extra ones).
+//!   space below the sharing threshold, or after four idle intervals), or
+//!   from a request that reached the store while this engine's own slice
+//!   was being grown. Once every replica goes straight to the store, the
+//!   capacity left unadmitted is below one request, as with a single
+//!   store (asserted by the eight-engine tests).
+//!   [`CapacityStats::refused_by_holds`] counts refusals that would have
+//!   fit with no hold at all; BENCHMARKS.md has the measured counts.
+//!
+//! # Running it
+//!
+//! - Run [`CapacityStore::maintain`] every
+//!   [`CapacityConfig::top_up_interval`] (a background task) and
+//!   [`CapacityStore::shutdown`] before exit. Without `maintain`, a slice
+//!   is settled only when a request it cannot cover comes; one left alone
+//!   past its lease's expiry loses what it admitted
+//!   ([`CapacityStats::lost_units`]).
+//! - The engine's clock sets the leases' expiry. On a store that rolls on
+//!   its own clock (`RedisStore` with `TimeSource::Server`, the default),
+//!   keep the two within half a lease of each other.
+//! - Round trips: about two per shape with admits per top-up interval
+//!   (open the next slice, settle the last), plus one per slice that runs
+//!   out between intervals; far from the limits that is well under 0.05
+//!   per decision (measured in BENCHMARKS.md).
+//! - A slice whose open or grow ended with an unknown outcome may have
+//!   left holds: they return when the slice settles, or at the lease's
+//!   expiry.
+//! - Shares are per shape: a pool counter that many subjects' shapes draw
+//!   on may be held by one slice per shape per replica, each at most
+//!   `free / replicas`; idle shapes give theirs back after four intervals.
+//! - On a store that needs event ids (Redis, PostgreSQL), the async
+//!   engine makes one for every admit, local ones included; that costs
+//!   about a third of a local admit (BENCHMARKS.md). The store's own
+//!   switch (`RedisConfig::engine_event_ids(false)`) removes it, with the
+//!   trade-off it documents for calls that reach the store.
+//! - A usage report reads the store: it shows this engine's unused slices
+//!   as held, and its local admissions once they settle.
 //!
 //! # Windows
 //!
