@@ -776,18 +776,18 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         let mut st = shape.state.lock();
         let usable = self.usable(shape, &st, now);
         let covered = usable
-            && st
-                .slices
-                .iter()
-                .zip(batch.ops)
-                .all(|(s, op)| s.consumed.saturating_add(op.delta) <= s.granted);
+            && st.slices.iter().zip(batch.ops).all(|(s, op)| {
+                s.consumed
+                    .checked_add(op.delta)
+                    .is_some_and(|c| c <= s.granted)
+            });
         if covered {
             if batch.mode == Mode::Check {
                 st.local_checks += 1;
                 return Ok(Self::local_answer(&st, false));
             }
             for (s, op) in st.slices.iter_mut().zip(batch.ops) {
-                s.consumed += op.delta;
+                s.consumed = s.consumed.saturating_add(op.delta);
                 s.demand = s.demand.saturating_add(op.delta);
                 s.last_delta = op.delta;
             }
@@ -1074,16 +1074,16 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         }
         // Local admits went on while the store answered: the request is
         // admitted only if the grown slice still covers it.
-        let covered = st
-            .slices
-            .iter()
-            .zip(batch.ops)
-            .all(|(s, op)| s.consumed.saturating_add(op.delta) <= s.granted);
+        let covered = st.slices.iter().zip(batch.ops).all(|(s, op)| {
+            s.consumed
+                .checked_add(op.delta)
+                .is_some_and(|c| c <= s.granted)
+        });
         if !covered {
             return None;
         }
         for (s, op) in st.slices.iter_mut().zip(batch.ops) {
-            s.consumed += op.delta;
+            s.consumed = s.consumed.saturating_add(op.delta);
             s.demand = s.demand.saturating_add(op.delta);
             s.last_delta = op.delta;
         }

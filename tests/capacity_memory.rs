@@ -306,3 +306,43 @@ async fn random_interleavings_never_over_admit() {
         );
     }
 }
+
+/// Amounts near `u64::MAX`: no panic, no wrap, never past the maximum.
+#[tokio::test]
+async fn huge_amounts_neither_panic_nor_over_admit() {
+    const MAX: u64 = u64::MAX / 2;
+    let shared = memory();
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&shared) as Dyn, capacity::config()).unwrap());
+    let engine = Engine::with_store_and_clock(
+        capacity::catalog(MAX, window),
+        Arc::clone(&cap),
+        clock.clone(),
+    );
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    let mut admitted = 0u64;
+    for size in [
+        u64::MAX / 8,
+        u64::MAX / 8,
+        u64::MAX / 4,
+        u64::MAX,
+        1,
+        u64::MAX / 8,
+    ] {
+        if let Ok(d) = engine.admit_async(&capacity::request(size)).await {
+            if d.allowed {
+                admitted += size;
+            }
+        }
+        cap.maintain(clock.now_utc()).await;
+    }
+    cap.shutdown(clock.now_utc()).await;
+    let reader: Engine<Dyn, ManualClock> =
+        Engine::with_store_and_clock(capacity::catalog(MAX, window), shared, clock);
+    reader.allocate(Allocation::new("agent", "plan")).unwrap();
+    let (used, held) = capacity::read(&reader, "tokens").await;
+    assert!(admitted <= MAX);
+    assert_eq!((used, held), (admitted, 0));
+    assert_eq!(cap.stats().lost_units, 0);
+}
