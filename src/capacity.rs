@@ -176,9 +176,12 @@
 //! replicas' admissions since then show only as their holds.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -202,6 +205,8 @@ const UNKNOWN_IDS_KEPT: usize = 1024;
 const SHARDS: usize = 16;
 /// How many times a settle is retried after a store error.
 const SETTLE_TRIES: usize = 3;
+/// How many shapes `maintain` works on at once.
+const MAINTAIN_AT_ONCE: usize = 16;
 
 /// How a [`CapacityStore`] sizes, tops up and gives back its slices.
 ///
@@ -1260,66 +1265,75 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     /// topped up is grown or reopened on demand).
     pub async fn maintain(&self, now: DateTime<Utc>) {
         let now = now.timestamp_millis();
-        let interval = ms(self.config.top_up_interval);
+        let mut work = Vec::new();
         for shape in self.all_shapes() {
-            enum Job {
-                None,
-                Flush { reopen: bool },
-                TopUp,
-                Forget,
-            }
-            let job = {
-                let mut st = shape.state.lock();
-                if st.busy {
-                    Job::None
-                } else if st.lease.is_none() {
-                    if now.saturating_sub(st.last_use_ms) > 4 * interval
-                        && now >= st.direct_until_ms
-                    {
-                        Job::Forget
-                    } else {
-                        Job::None
-                    }
-                } else {
-                    let idle = now.saturating_sub(st.last_use_ms) > 4 * interval;
-                    let stale = !self.usable(&shape, &st, now.saturating_add(interval));
-                    let used = st.slices.iter().any(|s| s.consumed > 0);
-                    let due = now.saturating_sub(st.last_settle_ms) >= interval;
-                    let low = st
-                        .slices
-                        .iter()
-                        .any(|s| s.granted > 0 && s.consumed >= s.granted / 4 * 3);
-                    if idle || stale || (used && due) {
-                        st.busy = true;
-                        Job::Flush {
-                            reopen: !idle && !self.near_end(&shape, &st, now),
-                        }
-                    } else if low {
-                        st.busy = true;
-                        Job::TopUp
-                    } else {
-                        Job::None
-                    }
-                }
-            };
-            match job {
+            match self.job(&shape, now) {
                 Job::None => {}
                 Job::Forget => self.forget(&shape),
-                Job::Flush { reopen } => {
-                    if reopen {
-                        self.roll_over(&shape, now).await;
-                    } else {
-                        self.settle(&shape, now).await;
-                    }
-                    shape.state.lock().busy = false;
-                }
-                Job::TopUp => {
-                    let lease = shape.state.lock().lease;
-                    self.refill(&shape, lease, now).await;
-                    shape.state.lock().busy = false;
-                }
+                job => work.push((shape, job)),
             }
         }
+        // Up to `MAINTAIN_AT_ONCE` shapes' store calls in flight at once,
+        // so a pass over many shapes stays within an interval.
+        while !work.is_empty() {
+            let chunk: Vec<_> = work
+                .drain(..work.len().min(MAINTAIN_AT_ONCE))
+                .map(|(shape, job)| {
+                    Box::pin(async move { self.run_job(&shape, job, now).await })
+                        as Pin<Box<dyn Future<Output = ()> + Send + '_>>
+                })
+                .collect();
+            JoinAll(chunk.into_iter().map(Some).collect()).await;
+        }
+    }
+
+    /// What `maintain` does with `shape` now; marks it busy for a job
+    /// with store calls.
+    fn job(&self, shape: &Shape, now: i64) -> Job {
+        let interval = ms(self.config.top_up_interval);
+        let mut st = shape.state.lock();
+        if st.busy {
+            return Job::None;
+        }
+        let idle = now.saturating_sub(st.last_use_ms) > 4 * interval;
+        if st.lease.is_none() {
+            return if idle && now >= st.direct_until_ms {
+                Job::Forget
+            } else {
+                Job::None
+            };
+        }
+        let stale = !self.usable(shape, &st, now.saturating_add(interval));
+        let used = st.slices.iter().any(|s| s.consumed > 0);
+        let due = now.saturating_sub(st.last_settle_ms) >= interval;
+        let low = st
+            .slices
+            .iter()
+            .any(|s| s.granted > 0 && s.consumed >= s.granted / 4 * 3);
+        if idle || stale || (used && due) {
+            st.busy = true;
+            Job::Flush {
+                reopen: !idle && !self.near_end(shape, &st, now),
+            }
+        } else if low {
+            st.busy = true;
+            Job::TopUp
+        } else {
+            Job::None
+        }
+    }
+
+    async fn run_job(&self, shape: &Shape, job: Job, now: i64) {
+        match job {
+            Job::None | Job::Forget => {}
+            Job::Flush { reopen: true } => self.roll_over(shape, now).await,
+            Job::Flush { reopen: false } => self.settle(shape, now).await,
+            Job::TopUp => {
+                let lease = shape.state.lock().lease;
+                self.refill(shape, lease, now).await;
+            }
+        }
+        shape.state.lock().busy = false;
     }
 
     /// Open (or grow) a slice sized from demand, if there is room to share.
@@ -1411,6 +1425,42 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             }
             self.settle(&shape, now).await;
             shape.state.lock().busy = false;
+        }
+    }
+}
+
+/// What `maintain` does with one shape.
+enum Job {
+    None,
+    /// Settle the slice; with `reopen`, open the next one first.
+    Flush {
+        reopen: bool,
+    },
+    TopUp,
+    Forget,
+}
+
+/// Polls every future to the end (a `join_all` without a dependency).
+struct JoinAll<'a>(Vec<Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>>);
+
+impl Future for JoinAll<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut pending = false;
+        for slot in &mut self.0 {
+            if let Some(f) = slot {
+                if f.as_mut().poll(cx).is_ready() {
+                    *slot = None;
+                } else {
+                    pending = true;
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
         }
     }
 }

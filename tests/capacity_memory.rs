@@ -346,3 +346,8 @@ async fn huge_amounts_neither_panic_nor_over_admit() {
     assert_eq!((used, held), (admitted, 0));
     assert_eq!(cap.stats().lost_units, 0);
 }
+
+#[tokio::test]
+async fn one_maintain_settles_many_subjects_on_memory() {
+    capacity::one_maintain_settles_many_subjects(memory() as Dyn).await;
+}

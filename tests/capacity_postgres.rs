@@ -113,3 +113,11 @@ async fn near_the_limit_decisions_go_to_the_store() {
     capacity::near_the_limit_goes_to_the_store(all.pop().expect("a store")).await;
     owner.drop_schema().await.expect("drop schema");
 }
+
+#[tokio::test]
+async fn one_maintain_settles_many_subjects() {
+    let Some(url) = url() else { return };
+    let (mut all, owner) = stores(&url, "many", 1).await;
+    capacity::one_maintain_settles_many_subjects(all.pop().expect("a store")).await;
+    owner.drop_schema().await.expect("drop schema");
+}

@@ -82,3 +82,10 @@ async fn near_the_limit_decisions_go_to_the_store() {
     let prefix = redis_env::unique_prefix("cap-near");
     capacity::near_the_limit_goes_to_the_store(store(&url, &prefix).await).await;
 }
+
+#[tokio::test]
+async fn one_maintain_settles_many_subjects() {
+    let Some(url) = redis_env::url() else { return };
+    let prefix = redis_env::unique_prefix("cap-many");
+    capacity::one_maintain_settles_many_subjects(store(&url, &prefix).await).await;
+}

@@ -441,3 +441,44 @@ pub async fn near_the_limit_goes_to_the_store(store: Dyn) {
         "the last ones went to the store"
     );
 }
+
+/// Fifty subjects, each with a slice that admitted something: one
+/// `maintain` an interval later settles them all (its store calls run
+/// several shapes at once), and every report shows what was admitted.
+pub async fn one_maintain_settles_many_subjects(store: Dyn) {
+    let clock = ManualClock::new(t0());
+    let window = Window::calendar(Period::Month);
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&store), config()).expect("config"));
+    let engine =
+        Engine::with_store_and_clock(catalog(1_000_000, window), Arc::clone(&cap), clock.clone());
+    let reader = Engine::with_store_and_clock(catalog(1_000_000, window), store, clock.clone());
+    let ids: Vec<String> = (0..50).map(|i| format!("subject-{i}")).collect();
+    for id in &ids {
+        engine
+            .allocate(Allocation::new(id.as_str(), "plan"))
+            .expect("allocate");
+        reader
+            .allocate(Allocation::new(id.as_str(), "plan"))
+            .expect("allocate");
+    }
+    for (i, id) in ids.iter().enumerate() {
+        for _ in 0..=i % 5 {
+            let req = Request::new(id).units("tokens", 7).units("requests", 1);
+            assert!(engine.admit_async(&req).await.unwrap().allowed);
+        }
+    }
+    clock.advance(Duration::from_millis(100));
+    cap.maintain(clock.now_utc()).await;
+    for (i, id) in ids.iter().enumerate() {
+        let report = reader.usage_async(id).await.expect("usage");
+        let tokens = report
+            .meters
+            .iter()
+            .find(|m| m.meter.as_str() == "tokens")
+            .unwrap();
+        let expect = 7 * (i as u64 % 5 + 1);
+        assert_eq!(tokens.units, Decimal::from(expect), "{id}");
+    }
+    assert_eq!(cap.stats().lost_units, 0);
+    cap.shutdown(clock.now_utc()).await;
+}
