@@ -144,7 +144,10 @@
 //! - Round trips: about two per shape with admits per top-up interval
 //!   (open the next slice, settle the last), plus one per slice that runs
 //!   out between intervals; far from the limits that is well under 0.05
-//!   per decision (measured in BENCHMARKS.md).
+//!   per decision (measured in BENCHMARKS.md). `maintain` runs up to 16
+//!   shapes' calls at once: the usage-report lag stays one interval while
+//!   a pass (about `2 × active shapes / 16` round trips) fits in one;
+//!   with more active shapes, lengthen the interval.
 //! - A slice whose open or grow ended with an unknown outcome may have
 //!   left holds: they return when the slice settles, or at the lease's
 //!   expiry.
@@ -1257,12 +1260,15 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     }
 
     /// Background work, meant to run every [`CapacityConfig::top_up_interval`]
-    /// at the engine clock's `now`: settle (and reopen) every slice that
-    /// admitted anything since its last settle an interval or more ago,
-    /// or is near its period's end or half its lease; top up slices three
-    /// quarters used; give back slices idle for four intervals; forget
-    /// idle shapes. Store errors are absorbed (a slice that cannot be
-    /// topped up is grown or reopened on demand).
+    /// at the engine clock's `now`: replace (open the next, settle the
+    /// last) every slice that admitted anything since its last settle an
+    /// interval or more ago, or has run half its lease; settle without
+    /// replacing the slices near their calendar period's end and those
+    /// idle for four intervals; top up slices three quarters used; forget
+    /// idle shapes. Up to 16 shapes' store calls run at once. Store errors
+    /// are absorbed: a slice that cannot be topped up is grown or reopened
+    /// on demand, and a settle that fails three times is counted in
+    /// [`CapacityStats::lost_units`].
     pub async fn maintain(&self, now: DateTime<Utc>) {
         let now = now.timestamp_millis();
         let mut work = Vec::new();
