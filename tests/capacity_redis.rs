@@ -89,3 +89,28 @@ async fn one_maintain_settles_many_subjects() {
     let prefix = redis_env::unique_prefix("cap-many");
     capacity::one_maintain_settles_many_subjects(store(&url, &prefix).await).await;
 }
+
+/// The same eight engines on Redis's own clock (`TimeSource::Server`, the
+/// default): leases end by the server's time, the engines' expiries are
+/// set from theirs (one machine here, so the two agree).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_engines_never_over_admit_on_server_time() {
+    let Some(url) = redis_env::url() else { return };
+    let prefix = redis_env::unique_prefix("cap-over-server");
+    let server = |url: String, prefix: String| async move {
+        Arc::new(
+            RedisConfig::new(url)
+                .prefix(prefix)
+                .timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .expect("connect to TOLLGATE_REDIS_URL"),
+        ) as Dyn
+    };
+    let mut stores = Vec::new();
+    for _ in 0..8 {
+        stores.push(server(url.clone(), prefix.clone()).await);
+    }
+    let out = capacity::never_over_admits(stores, server(url.clone(), prefix.clone()).await).await;
+    eprintln!("redis, server time: {out:?}");
+}
