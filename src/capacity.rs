@@ -195,7 +195,7 @@ use smallvec::SmallVec;
 use crate::name::Name;
 use crate::store::{
     Applied, AsyncAllowanceStore, Batch, CounterOp, CounterState, EventKey, FailurePolicy,
-    Fraction, LeaseAction, LeaseId, LeaseInfo, LeaseOp, Mode, ScopeKey,
+    Fraction, LeaseAction, LeaseId, LeaseInfo, LeaseOp, Mode, PeriodOp, ScopeKey,
 };
 use crate::window::Window;
 use crate::Error;
@@ -1510,6 +1510,19 @@ impl<S: AsyncAllowanceStore> AsyncAllowanceStore for CapacityStore<S> {
 
     async fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
         self.inner.overdue(now).await
+    }
+
+    /// The inner store's.
+    fn history_periods(&self) -> u32 {
+        self.inner.history_periods()
+    }
+
+    /// Straight to the inner store. Usage a slice admitted is in a past
+    /// period once the slice settled before that period ended (see
+    /// [Windows](self#windows)).
+    async fn period_usage(&self, ops: &[PeriodOp<'_>], now_ms: i64) -> Result<Vec<u64>, Error> {
+        bump(&self.counters.store_calls, 1);
+        self.inner.period_usage(ops, now_ms).await
     }
 
     fn failure_policy(&self) -> FailurePolicy {

@@ -386,6 +386,25 @@ pub async fn period_roll_gives_back(store: Dyn) {
     cap.maintain(clock.now_utc()).await;
     let (used, _) = read(&reader, "tokens").await;
     assert_eq!(used, 100, "the new day counts only its own");
+    // A store that keeps closed periods (memory, PostgreSQL) has the day
+    // before with everything its slices admitted, read through the
+    // capacity store.
+    if cap.history_periods() > 0 {
+        let past = engine
+            .usage_in_async("agent", Period::Day, 1)
+            .await
+            .expect("usage of the day before");
+        let tokens = past
+            .meters
+            .iter()
+            .find(|m| m.meter.as_str() == "tokens")
+            .expect("tokens row");
+        assert_eq!(
+            tokens.units,
+            Decimal::from(505u64),
+            "the day before kept it all"
+        );
+    }
 }
 
 /// A host's event id goes to the store: replayed once, counted once;
