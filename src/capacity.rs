@@ -173,6 +173,9 @@
 //!   bucket up to one top-up interval late and leaves the window that much
 //!   late (never early).
 //! - *Lifetime*: as calendar, with no roll.
+//! - *Usage history* (`period_usage`, `Engine::usage_in_async`) reads the
+//!   inner store: a closed period holds what its slices admitted, since
+//!   they settled before it ended.
 //!
 //! The answers of local decisions report each counter as the store last
 //! answered this engine, plus what this engine admitted since: other
