@@ -260,11 +260,8 @@ async fn bench(url: String, secs: f64) {
                 .allocate(Allocation::new(subject.as_str(), plan))
                 .expect("allocate");
             let name: &'static str = Box::leak(
-                format!(
-                    "admit, {} limits, {ids}",
-                    if plan == "two" { 2 } else { 4 }
-                )
-                .into_boxed_str(),
+                format!("admit, {} limits, {ids}", if plan == "two" { 2 } else { 4 })
+                    .into_boxed_str(),
             );
             engines.push((name, engine.clone(), subject));
         }
