@@ -19,6 +19,7 @@ local ARGV = ARGV
 local TWO53 = 9007199254740992
 local B = 65536
 local floor = math.floor
+local byte, spack, sunpack = string.byte, struct.pack, struct.unpack
 
 local function tolimbs(v)
   big = true
@@ -274,14 +275,29 @@ local function N(v)
 end
 
 -- The ledger first (rule 8).
--- An entry is one string: the fingerprint, the time it applied, the answer.
+-- An entry is one string: the fingerprint, the time it applied and the
+-- answer, packed by cmsgpack (one C call: formatting the answer's numbers
+-- as text cost ~3 µs per admit, BENCHMARKS.md). An entry written before
+-- (text: "<fingerprint> <time> <answer words>", starting with a hex digit,
+-- where msgpack starts at 0x80 or above) is still read.
 if ekey ~= '-' then
   local e = call('GET', ekey)
   if e then
-    local f, at = string.match(e, '^(%S+) (%d+)')
-    if f and now - at < horizon then
-      if f ~= efp then return 'ERR conflict' end
-      return 'RE ' .. string.sub(e, #f + 2)
+    if string.byte(e, 1) >= 128 then
+      local f, at, ans = cmsgpack.unpack(e)
+      if type(f) == 'string' and type(at) == 'number' and type(ans) == 'table'
+          and now - at < horizon then
+        if f ~= efp then return 'ERR conflict' end
+        local r = {'RE', at}
+        for i = 1, #ans do r[i + 2] = ans[i] end
+        return r
+      end
+    else
+      local f, at = string.match(e, '^(%S+) (%d+)')
+      if f and now - at < horizon then
+        if f ~= efp then return 'ERR conflict' end
+        return 'RE ' .. string.sub(e, #f + 2)
+      end
     end
   end
 end
@@ -382,16 +398,30 @@ local function fill(c, v)
   local kind = w.kind
   local a, b, d
   if v then
-    local u, hl
-    if kind == 'R' then
-      u, hl, c.raw, a, b, d = string.match(v, '^(%d+) (%d+) ((%-?%d+) (%-?%d+)) (%d+)$')
-    elseif kind == 'C' then
-      u, hl, c.raw, a, b = string.match(v, '^(%d+) (%d+) ((%-?%d+) (%-?%d+))$')
+    if byte(v, 1) == 35 then
+      -- '#' and doubles (pack): every value below 2^53, read exactly.
+      if kind == 'R' then
+        c.used, c.held, a, b, d = sunpack('<xddddd', v)
+      elseif kind == 'C' then
+        c.used, c.held, a, b = sunpack('<xdddd', v)
+      else
+        c.used, c.held = sunpack('<xdd', v)
+      end
     else
-      u, hl = string.match(v, '^(%d+) (%d+)$')
+      -- Decimal text: an amount at or past 2^53, or a field written
+      -- before this format (read alike, written back in the new form).
+      local u, hl
+      if kind == 'R' then
+        u, hl, c.raw, a, b, d = string.match(v, '^(%d+) (%d+) ((%-?%d+) (%-?%d+)) (%d+)$')
+      elseif kind == 'C' then
+        u, hl, c.raw, a, b = string.match(v, '^(%d+) (%d+) ((%-?%d+) (%-?%d+))$')
+      else
+        u, hl = string.match(v, '^(%d+) (%d+)$')
+      end
+      c.used = P(u)
+      if hl ~= '0' then c.held = P(hl) end
+      if d then d = P(d) end
     end
-    c.used = P(u)
-    if hl ~= '0' then c.held = P(hl) end
   end
   if kind == 'C' then
     -- The start stays the string read unless the counter rolls (pack and
@@ -450,7 +480,7 @@ local function fill(c, v)
     end
     c.s, c.e = s, e
   elseif kind == 'R' then
-    local hd, tl, bv = a and a + 0, b and b + 0, P(d)
+    local hd, tl, bv = a and a + 0, b and b + 0, d or 0
     local cur = now / w.width
     cur = cur - cur % 1
     if not hd then
@@ -1108,8 +1138,19 @@ end
 -- gets the hash's TTL with every PEXPIRE. A batch that does not apply
 -- writes nothing back (rule 2).
 local function pack(c)
-  local kind, hl = c.w.kind, c.held
-  local head = S(c.used) .. (hl == 0 and ' 0' or ' ' .. S(hl))
+  local kind, u, hl = c.w.kind, c.used, c.held
+  if not big or (type(u) == 'number' and type(hl) == 'number'
+      and (kind ~= 'R' or type(c.bv) == 'number')) then
+    -- Every value below 2^53: '#' and doubles, one C call each way
+    -- (decimal text cost ~1 µs per counter, BENCHMARKS.md).
+    if kind == 'C' then
+      return spack('<Bdddd', 35, u, hl, c.s, c.e)
+    elseif kind == 'R' then
+      return spack('<Bddddd', 35, u, hl, c.hd, c.tl, c.bv)
+    end
+    return spack('<Bdd', 35, u, hl)
+  end
+  local head = S(u) .. (hl == 0 and ' 0' or ' ' .. S(hl))
   if kind == 'C' then
     return head .. ' ' .. (c.raw or fmt('%d %d', c.s, c.e))
   elseif kind == 'R' then
@@ -1275,15 +1316,9 @@ end
 if breport then bstate(out, bfits, bunc, nil) end
 
 if applied and ekey ~= '-' and ewrite then
-  -- The ledger keeps the answer as one string, which a replay returns:
-  -- one SET with its TTL. table.concat prints a number below 10^14
-  -- exactly (%.14g); a larger one is formatted first.
-  local words = {efp, S(now)}
-  for i = 1, #out do
-    local v = out[i]
-    if type(v) == 'number' and v >= 1e14 then v = S(v) end
-    words[i + 2] = v
-  end
-  call('SET', ekey, table.concat(words, ' '), 'PX', horizon + margin)
+  -- The ledger keeps the answer, which a replay returns: one SET with its
+  -- TTL. (Every number in it is an integer below 2^53, which msgpack keeps
+  -- exactly; a larger amount is already a decimal string.)
+  call('SET', ekey, cmsgpack.pack(efp, now, out), 'PX', horizon + margin)
 end
 return out
