@@ -1377,3 +1377,74 @@ fn text_fields_and_ledger_entries_are_still_read() {
     });
     rt.block_on(flush(&url, &tag));
 }
+
+/// The apply library is loaded at connect; a server that loses it
+/// (`FUNCTION DELETE`, a restart without persistence) gets it again on the
+/// next call, which then applies once.
+#[test]
+fn a_server_without_the_library_gets_it_again() {
+    use tollgate::store::{CounterOp, Mode};
+    use tollgate::Name;
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    let store = rt.block_on(batch_store(&url, "reload"));
+    let tag = store.key_tag().to_owned();
+    let s = ScopeKey::subject("a");
+    let ops = [CounterOp::new(
+        &s,
+        Name::new("t"),
+        Window::Lifetime,
+        1,
+        None,
+    )];
+    rt.block_on(async {
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let libraries = async |conn: &mut redis::aio::MultiplexedConnection| -> Vec<String> {
+            fn words(v: &redis::Value, out: &mut Vec<String>) {
+                match v {
+                    redis::Value::BulkString(b) => out.push(String::from_utf8_lossy(b).into()),
+                    redis::Value::SimpleString(s) => out.push(s.clone()),
+                    redis::Value::Array(items) => items.iter().for_each(|i| words(i, out)),
+                    redis::Value::Map(kv) => kv.iter().for_each(|(k, v)| {
+                        words(k, out);
+                        words(v, out);
+                    }),
+                    _ => {}
+                }
+            }
+            let list: redis::Value = redis::cmd("FUNCTION")
+                .arg("LIST")
+                .arg("LIBRARYNAME")
+                .arg("tollgate_*")
+                .query_async(conn)
+                .await
+                .expect("function list");
+            let mut all = Vec::new();
+            words(&list, &mut all);
+            all.windows(2)
+                .filter(|w| w[0] == "library_name")
+                .map(|w| w[1].clone())
+                .collect()
+        };
+        let loaded = libraries(&mut conn).await;
+        assert!(!loaded.is_empty(), "no tollgate library loaded");
+        for name in &loaded {
+            let _: () = redis::cmd("FUNCTION")
+                .arg("DELETE")
+                .arg(name)
+                .query_async(&mut conn)
+                .await
+                .expect("function delete");
+        }
+        let a = AsyncAllowanceStore::apply(&store, &Batch::new(&ops, Mode::Force, 1_000))
+            .await
+            .expect("apply after FUNCTION DELETE");
+        assert_eq!(a.counters[0].used, 1, "applied once");
+        assert!(!libraries(&mut conn).await.is_empty(), "loaded again");
+    });
+    rt.block_on(flush(&url, &tag));
+}

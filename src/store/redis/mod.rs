@@ -10,6 +10,7 @@ mod reply;
 mod span;
 
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -29,6 +30,28 @@ pub use allocations::RedisAllocations;
 
 const APPLY_LUA: &str = include_str!("apply.lua");
 const OVERDUE_LUA: &str = include_str!("overdue.lua");
+
+/// The apply library as `FUNCTION LOAD` takes it (its version filled in:
+/// the first 64 bits of SHA-256 of `apply.lua`, hex) and its function's
+/// name; made once per process.
+fn apply_library() -> &'static (String, String) {
+    static LIB: OnceLock<(String, String)> = OnceLock::new();
+    LIB.get_or_init(|| {
+        use sha2::{Digest, Sha256};
+        let version = hex(&Sha256::digest(APPLY_LUA.as_bytes())[..8]);
+        (
+            APPLY_LUA.replace("@V@", &version),
+            format!("tollgate_apply_{version}"),
+        )
+    })
+}
+
+/// Whether a call failed because the server has not loaded the library
+/// (a server restarted without persistence, `FUNCTION FLUSH`, a new
+/// node): refused whole, so nothing ran.
+fn library_missing(e: &redis::RedisError) -> bool {
+    e.detail().is_some_and(|d| d.contains("Function not found"))
+}
 
 /// Whose clock rolls the windows and ends the leases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -278,7 +301,6 @@ impl RedisConfig {
             conn,
             layout,
             keyed,
-            apply: Script::new(APPLY_LUA),
             overdue: Script::new(OVERDUE_LUA),
             tag,
             timeout: self.timeout,
@@ -290,17 +312,13 @@ impl RedisConfig {
             margin_ms,
             lifetime_ms,
         };
-        // One node: load the script now. A cluster's nodes load it on
-        // first use (`EVALSHA`, then `EVAL` on `NOSCRIPT`).
-        if let Some(c) = store.conn.single() {
-            tokio::time::timeout(
-                store.timeout,
-                store.apply.prepare_invoke().load_async(&mut c.clone()),
-            )
+        // Load the library now (on a cluster, on every primary); a node
+        // that loses it later gets it again on the call that finds it
+        // missing.
+        tokio::time::timeout(store.timeout, store.load_library())
             .await
             .map_err(|_| timed_out(store.timeout))?
             .map_err(store_error)?;
-        }
         Ok(store)
     }
 
@@ -569,7 +587,6 @@ pub struct RedisStore {
     conn: Conn,
     layout: Layout,
     keyed: Keyed,
-    apply: Script,
     overdue: Script,
     tag: String,
     timeout: Duration,
@@ -640,6 +657,48 @@ impl RedisStore {
                 // started a new connection; one more try uses it (a store
                 // recovers on the first call after an outage).
                 Err(e) if e.is_connection_refusal() => self.conn.invoke(invocation).await,
+                r => r,
+            }
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| unanswered(self.timeout))?
+            .map_err(call_error)
+    }
+
+    /// `FUNCTION LOAD REPLACE` of the apply library (redis-rs sends it to
+    /// every primary of a cluster). The same version is the same code, so
+    /// replacing it is harmless.
+    async fn load_library(&self) -> redis::RedisResult<()> {
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LOAD")
+            .arg("REPLACE")
+            .arg(apply_library().0.as_str());
+        self.conn.query::<redis::Value>(&cmd).await.map(|_| ())
+    }
+
+    /// A new `FCALL` of the apply library's function with `key` (the
+    /// routing key); arguments follow.
+    fn fcall(key: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(apply_library().1.as_str()).arg(1).arg(key);
+        cmd
+    }
+
+    /// Run an `FCALL` within the timeout: as [`RedisStore::run`], and a
+    /// server without the library (the call refused whole) gets it and
+    /// the call once more.
+    async fn call_apply<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, Error> {
+        let call = async {
+            let r = match self.conn.query(cmd).await {
+                Err(e) if e.is_connection_refusal() => self.conn.query(cmd).await,
+                r => r,
+            };
+            match r {
+                Err(e) if library_missing(&e) => {
+                    self.load_library().await?;
+                    self.conn.query(cmd).await
+                }
                 r => r,
             }
         };
