@@ -579,8 +579,9 @@ fn reservations_through_the_async_engine() {
 /// field must match the key's real TTL after every kind of write, and cover
 /// every calendar counter's period end and every hold's expiry, plus the
 /// margin; the hold-expiry set lives as long as its hash.
-/// A counter field's numbers: `#` and little-endian doubles (every value
-/// below 2^53), or decimal words separated by spaces.
+/// A counter field's numbers (or the expiry field `x`'s): `#` and
+/// little-endian doubles (every value below 2^53), or decimal words
+/// separated by spaces.
 fn counter_words(v: &[u8]) -> Vec<i64> {
     match v.split_first() {
         Some((b'#', rest)) => rest
@@ -661,12 +662,7 @@ fn server_clock_expiries_match_what_keys_record() {
                 let x = fields
                     .chunks(2)
                     .find(|kv| kv[0] == b"x")
-                    .map(|kv| {
-                        std::str::from_utf8(&kv[1])
-                            .expect("x")
-                            .parse::<i64>()
-                            .expect("x")
-                    })
+                    .map(|kv| counter_words(&kv[1])[0])
                     .unwrap_or_else(|| panic!("{step}: {key} has no x"));
                 assert!(pttl > 0, "{step}: {key} pttl {pttl}");
                 assert!(
@@ -1323,6 +1319,41 @@ fn text_fields_and_ledger_entries_are_still_read() {
         assert_eq!(a.counters[1].used, (1 << 53) + 4);
         let day_field = raw_field(&url, &store, &s, "1:t:cd0").await;
         assert_eq!(day_field.first(), Some(&b'#'), "{day_field:?}");
+
+        // On the server's clock, a hash's expiry field `x` in decimal text
+        // is read too (and a lifetime counter beside it).
+        let srv = RedisConfig::new(url.as_str())
+            .prefix(tag.trim_matches(['{', '}']))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect");
+        let s2 = ScopeKey::subject("old-server-clock");
+        let key2 = format!(
+            "{tag}:c:{}",
+            srv.digest_of(&s2).strip_prefix("hmac:").expect("digest")
+        );
+        let far = Utc::now().timestamp_millis() + 86_400_000;
+        let _: () = redis::cmd("HSET")
+            .arg(&key2)
+            .arg("x")
+            .arg(far.to_string())
+            .arg("1:t:l")
+            .arg("7 0")
+            .query_async(&mut conn)
+            .await
+            .expect("hset");
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(&key2)
+            .arg(60_000)
+            .query_async(&mut conn)
+            .await
+            .expect("pexpire");
+        let ops2 = [CounterOp::new(&s2, t, Window::Lifetime, 1, None)];
+        let a = AsyncAllowanceStore::apply(&srv, &Batch::new(&ops2, Mode::Force, now))
+            .await
+            .expect("server clock");
+        assert_eq!(a.counters[0].used, 8);
 
         // A ledger entry in the text form: "<fingerprint digest> <time>
         // <answer words>". Its fingerprint digest is taken from the entry

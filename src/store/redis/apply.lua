@@ -235,10 +235,20 @@ local function hashof(hk)
   end
   return h
 end
+-- The hash's expiry field x: '#' and a double, as counters are packed
+-- (decimal text before; still read). A store of an earlier version,
+-- which reads x as a number, fails on a hash this one wrote instead of
+-- reading its packed counters as empty.
 local function readhash(h, x)
   h.read = true
   if x then
-    if srv then h.x = x + 0 else h.delx = true end
+    if not srv then
+      h.delx = true
+    elseif byte(x, 1) == 35 then
+      h.x = sunpack('<xd', x)
+    else
+      h.x = x + 0
+    end
   end
 end
 
@@ -1271,7 +1281,7 @@ local function apply(ARGV)
           if not keep then
             if grow and grow - ends > 0 then ttl = ttl + (grow - ends) end
             if x and x - now > ttl then ttl = x - now end
-            fields[n + 1], fields[n + 2], n = 'x', S(now + ttl), n + 2
+            fields[n + 1], fields[n + 2], n = 'x', spack('<Bd', 35, now + ttl), n + 2
           end
         end
         call('HSET', hk, unpack(fields, 1, n))
