@@ -2,10 +2,13 @@
 //! `EVALSHA` INCRBY script and seed 004's sorted-set pattern
 //! (ZREMRANGEBYSCORE + ZRANGE + ZADD, one pipeline) at 10 and 1,000 entries
 //! per key, each at 1 and 50 concurrent tasks on one multiplexed connection;
-//! and a floor script doing only the Redis commands of the admit (`FLOOR`).
-//! Each `EVALSHA` case also prints the server's µs per call, from
+//! and floor scripts doing only the Redis commands of the admits (`FLOOR`,
+//! `FLOOR4`). Each script case (the store's `FCALL`, the others' `EVALSHA`)
+//! also prints the server's µs per call, from
 //! `INFO commandstats` around the case (server-wide: run it on a Redis no
-//! one else uses); the admit runs twice, with the event id the engine gives
+//! one else uses). Two plans: two limits (a calendar day and a rolling 24 h
+//! in 24 buckets) and four (day, week, rolling 24 h, lifetime: the plan of
+//! issue 18's target), each admitted with the event id the engine gives
 //! every admit (the ledger) and without (`RedisConfig::engine_event_ids`).
 //!
 //! `TOLLGATE_REDIS_URL=redis://127.0.0.1:6379 cargo bench --features redis --bench redis`
@@ -82,27 +85,86 @@ fn floor_args(prefix: &str) -> (String, Vec<String>) {
     )
 }
 
-/// `EVALSHA`'s calls and µs so far, from `INFO commandstats`.
+/// [`FLOOR`] for the four-limit admit: the same Redis work with four
+/// counters (one `HMGET` of the expiry field and four fields, one `HSET` of
+/// four) and a reply of that admit's shape (26 words).
+const FLOOR4: &str = r"
+local t = redis.call('TIME')
+local h = ARGV[11]
+local v = redis.call('HMGET', h, 'x', ARGV[12], ARGV[19], ARGV[26], ARGV[33])
+local a = tonumber(string.match(v[2] or '0', '^%d+')) + 1
+local b = tonumber(string.match(v[3] or '0', '^%d+')) + 1
+local c = tonumber(string.match(v[4] or '0', '^%d+')) + 1
+local d = tonumber(string.match(v[5] or '0', '^%d+')) + 1
+redis.call('HSET', h, ARGV[12], a .. ' 0 1795996800000 1796083200000',
+  ARGV[19], b .. ' 0 1795737600000 1796342400000', ARGV[26], c .. ' 0 498907 498907 ' .. c,
+  ARGV[33], d .. ' 0')
+return {'OK', 1, t[1] * 1000, 4, 1, a, 1795996800000, 1796083200000, '-',
+  1, b, 1795737600000, 1796342400000, '-', 1, c, 1795979660072, 1796155200000, '-',
+  1, d, '-', '-', '-', 0, 0}
+";
+
+/// [`FLOOR4`]'s key and arguments: the four-limit admit's 38 (as `MONITOR`
+/// shows them).
+fn floor4_args(prefix: &str) -> (String, Vec<String>) {
+    let h = format!("{{{prefix}}}:c:floor4");
+    let max = "9223372036854775807";
+    let mut args: Vec<String> = [
+        "1796065967344",
+        "1",
+        "w",
+        "86400000",
+        "3600000",
+        "316224000000",
+        "4",
+        "0",
+        "-",
+        "-",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    for op in [
+        ["6:tokens:cd0", "C", "d", "0"],
+        ["6:tokens:cw0", "C", "w", "0"],
+        ["6:tokens:r86400/24", "R", "3600000", "25"],
+        ["6:tokens:l", "L", "-", "-"],
+    ] {
+        args.push(h.clone());
+        args.extend(op.iter().map(|s| (*s).to_owned()));
+        args.push("1".to_owned());
+        args.push(max.to_owned());
+    }
+    (format!("{{{prefix}}}:od"), args)
+}
+
+/// Script calls (`EVALSHA` and `FCALL`: the store's library runs with
+/// `FCALL`, the trivial and floor scripts with `EVALSHA`) and their µs so
+/// far, from `INFO commandstats`.
 async fn evalsha_stats(c: &ConnectionManager) -> (u64, u64) {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(&mut c.clone())
         .await
         .expect("info");
-    let line = info
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
-        .unwrap_or_default();
-    let field = |k: &str| {
-        line.split(',')
-            .find_map(|f| f.strip_prefix(k)?.strip_prefix('='))
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (field("calls"), field("usec"))
+    let mut out = (0, 0);
+    for line in info.lines().filter_map(|l| {
+        l.strip_prefix("cmdstat_evalsha:")
+            .or_else(|| l.strip_prefix("cmdstat_fcall:"))
+    }) {
+        let field = |k: &str| {
+            line.split(',')
+                .find_map(|f| f.strip_prefix(k)?.strip_prefix('='))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        out.0 += field("calls");
+        out.1 += field("usec");
+    }
+    out
 }
 
-/// Server µs per `EVALSHA` between two readings (NaN without calls).
+/// Server µs per script call between two readings (NaN without calls).
 fn server_us(before: (u64, u64), after: (u64, u64)) -> f64 {
     let calls = after.0.saturating_sub(before.0);
     if calls == 0 {
@@ -158,28 +220,36 @@ async fn bench(url: String, secs: f64) {
     let client = redis::Client::open(url.as_str()).expect("url");
     let conn = ConnectionManager::new(client).await.expect("connect");
 
+    let day = || LimitConfig::new("tokens", Window::calendar(Period::Day), u64::MAX / 2);
+    let rolling = || {
+        LimitConfig::new(
+            "tokens",
+            Window::Rolling {
+                span_secs: 86_400,
+                buckets: 24,
+            },
+            u64::MAX / 2,
+        )
+    };
     let catalog = CatalogConfig::default()
         .meter(Meter::count("tokens"))
+        .plan(PlanConfig::new("two").limit(day()).limit(rolling()))
         .plan(
-            PlanConfig::new("plan")
+            PlanConfig::new("four")
+                .limit(day())
                 .limit(LimitConfig::new(
                     "tokens",
-                    Window::calendar(Period::Day),
+                    Window::calendar(Period::Week),
                     u64::MAX / 2,
                 ))
-                .limit(LimitConfig::new(
-                    "tokens",
-                    Window::Rolling {
-                        span_secs: 86_400,
-                        buckets: 24,
-                    },
-                    u64::MAX / 2,
-                )),
+                .limit(rolling())
+                .limit(LimitConfig::new("tokens", Window::Lifetime, u64::MAX / 2)),
         )
         .build()
         .expect("catalog");
+    // (name, engine, subject): each case admits one subject of its plan.
     let mut engines = Vec::new();
-    for made_ids in [true, false] {
+    for (made_ids, ids) in [(true, "engine event id"), (false, "no engine event id")] {
         let store = RedisConfig::new(url.clone())
             .prefix(prefix.clone())
             .engine_event_ids(made_ids)
@@ -191,28 +261,32 @@ async fn bench(url: String, secs: f64) {
             store,
             SystemClock,
         ));
-        engine
-            .allocate(Allocation::new("agent", "plan"))
-            .expect("allocate");
-        engines.push(engine);
+        for plan in ["two", "four"] {
+            let subject = format!("agent-{plan}-{made_ids}");
+            engine
+                .allocate(Allocation::new(subject.as_str(), plan))
+                .expect("allocate");
+            let name: &'static str = Box::leak(
+                format!("admit, {} limits, {ids}", if plan == "two" { 2 } else { 4 })
+                    .into_boxed_str(),
+            );
+            engines.push((name, engine.clone(), subject));
+        }
     }
 
     println!(
-        "case                                   tasks    ops/s   server µs/EVALSHA   (µs/op at 1 task; {secs} s each)"
+        "case                                     tasks    ops/s   server µs per call  (µs/op at 1 task; {secs} s each)"
     );
     let mut results: Vec<(&str, usize, f64, f64)> = Vec::new();
     for tasks in [1usize, 50] {
-        for (e, name) in engines.iter().zip([
-            "tollgate admit (day + rolling 24h/24)",
-            "tollgate admit, no engine event id",
-        ]) {
-            let e = e.clone();
+        for (name, e, subject) in &engines {
+            let (e, subject) = (e.clone(), Arc::new(subject.clone()));
             let s0 = evalsha_stats(&conn).await;
             let admit = run(tasks, secs, move || {
-                let e = e.clone();
+                let (e, subject) = (e.clone(), subject.clone());
                 async move {
                     let d = e
-                        .admit_async(&Request::new("agent").units("tokens", 1))
+                        .admit_async(&Request::new(subject.as_str()).units("tokens", 1))
                         .await
                         .expect("admit");
                     assert!(d.allowed);
@@ -242,25 +316,40 @@ async fn bench(url: String, secs: f64) {
         let us = server_us(s0, evalsha_stats(&conn).await);
         results.push(("trivial EVALSHA INCRBY", tasks, trivial, us));
 
-        let script = Arc::new(redis::Script::new(FLOOR));
-        let c = conn.clone();
-        let (key, args) = floor_args(&prefix);
-        let args = Arc::new(args);
-        let s0 = evalsha_stats(&conn).await;
-        let floor = run(tasks, secs, move || {
-            let (script, mut c, key, args) = (script.clone(), c.clone(), key.clone(), args.clone());
-            async move {
-                let mut inv = script.key(&key);
-                for a in args.iter() {
-                    inv.arg(a);
+        for (name, src, (key, args), words) in [
+            (
+                "floor: TIME + HMGET + HSET, 2 counters",
+                FLOOR,
+                floor_args(&prefix),
+                16,
+            ),
+            (
+                "floor: TIME + HMGET + HSET, 4 counters",
+                FLOOR4,
+                floor4_args(&prefix),
+                26,
+            ),
+        ] {
+            let script = Arc::new(redis::Script::new(src));
+            let c = conn.clone();
+            let args = Arc::new(args);
+            let s0 = evalsha_stats(&conn).await;
+            let floor = run(tasks, secs, move || {
+                let (script, mut c, key, args) =
+                    (script.clone(), c.clone(), key.clone(), args.clone());
+                async move {
+                    let mut inv = script.key(&key);
+                    for a in args.iter() {
+                        inv.arg(a);
+                    }
+                    let v: redis::Value = inv.invoke_async(&mut c).await.expect("evalsha");
+                    assert!(matches!(v, redis::Value::Array(ref w) if w.len() == words));
                 }
-                let v: redis::Value = inv.invoke_async(&mut c).await.expect("evalsha");
-                assert!(matches!(v, redis::Value::Array(ref w) if w.len() == 16));
-            }
-        })
-        .await;
-        let us = server_us(s0, evalsha_stats(&conn).await);
-        results.push(("floor: TIME + HMGET + HSET, same args", tasks, floor, us));
+            })
+            .await;
+            let us = server_us(s0, evalsha_stats(&conn).await);
+            results.push((name, tasks, floor, us));
+        }
 
         for entries in [10usize, 1_000] {
             let key = format!("{{{prefix}}}:zset{entries}");
@@ -325,7 +414,7 @@ async fn bench(url: String, secs: f64) {
         } else {
             format!("{us:.1}")
         };
-        println!("{name:<38} {tasks:>5} {ops:>9.0}   {server:>17}   {per}");
+        println!("{name:<40} {tasks:>5} {ops:>9.0}   {server:>17}   {per}");
     }
     let find = |n: &str, t: usize| {
         results
@@ -333,29 +422,30 @@ async fn bench(url: String, secs: f64) {
             .find(|(name, tasks, _, _)| name.starts_with(n) && *tasks == t)
             .map_or(f64::NAN, |r| r.2)
     };
-    let server = |n: &str| {
+    let server = |n: &str, t: usize| {
         results
             .iter()
-            .find(|(name, tasks, _, _)| name.starts_with(n) && *tasks == 50)
+            .find(|(name, tasks, _, _)| name.starts_with(n) && *tasks == t)
             .map_or(f64::NAN, |r| r.3)
     };
+    for tasks in [1usize, 50] {
+        println!(
+            "server µs per decision at {tasks} task(s): 4 limits: admit {:.1}, no engine event id {:.1}, floor {:.1}; 2 limits: admit {:.1}, no engine event id {:.1}, floor {:.1}; trivial {:.1}; trivial / admit (4 limits) {:.2}×",
+            server("admit, 4 limits, engine", tasks),
+            server("admit, 4 limits, no", tasks),
+            server("floor: TIME + HMGET + HSET, 4", tasks),
+            server("admit, 2 limits, engine", tasks),
+            server("admit, 2 limits, no", tasks),
+            server("floor: TIME + HMGET + HSET, 2", tasks),
+            server("trivial", tasks),
+            server("trivial", tasks) / server("admit, 4 limits, engine", tasks),
+        );
+    }
     println!(
-        "server µs per decision at 50 tasks: admit {:.1} (no engine event id {:.1}), trivial {:.1}, floor {:.1}; trivial / admit {:.2}×",
-        server("tollgate admit (day"),
-        server("tollgate admit, no"),
-        server("trivial"),
-        server("floor"),
-        server("trivial") / server("tollgate admit (day"),
-    );
-    println!(
-        "admit / trivial at 50 tasks: {:.2}×; admit / sorted set (1,000) at 50 tasks: {:.1}×",
-        find("tollgate", 50) / find("trivial", 50),
-        find("tollgate", 50) / find("seed-004 sorted set, 1,000", 50)
-    );
-    println!(
-        "floor / trivial at 50 tasks: {:.2}×; admit / floor at 50 tasks: {:.2}×",
-        find("floor", 50) / find("trivial", 50),
-        find("tollgate", 50) / find("floor", 50)
+        "at 50 tasks, ops/s: admit (4 limits) / trivial {:.2}×; admit (2 limits) / sorted set (1,000) {:.1}×; floor (2) / trivial {:.2}×",
+        find("admit, 4 limits, engine", 50) / find("trivial", 50),
+        find("admit, 2 limits, engine", 50) / find("seed-004 sorted set, 1,000", 50),
+        find("floor: TIME + HMGET + HSET, 2", 50) / find("trivial", 50),
     );
 
     // Clean up: only this run's prefix.

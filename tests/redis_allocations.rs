@@ -65,12 +65,13 @@ async fn dump_and_flush(url: &str, prefix: &str) -> Vec<String> {
             .await
             .unwrap();
         if kind == "string" {
-            let v: String = redis::cmd("GET")
+            // (The event ledger's values are binary msgpack.)
+            let v: Vec<u8> = redis::cmd("GET")
                 .arg(k)
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            seen.push(v);
+            seen.push(String::from_utf8_lossy(&v).into_owned());
         }
         let _: () = redis::cmd("DEL")
             .arg(k)

@@ -53,7 +53,8 @@ const PAYMENTS: [&str; 6] = [
 ];
 
 /// Every key name, and every string, hash field, hash value and set member
-/// under `tag` (the generated secret's key excepted: it holds the secret).
+/// under `tag` (the generated secret's key excepted: it holds the secret),
+/// binary ones as lossy UTF-8.
 async fn everything_under(url: &str, tag: &str) -> Vec<String> {
     let client = redis::Client::open(url).expect("url");
     let mut conn = client
@@ -75,7 +76,9 @@ async fn everything_under(url: &str, tag: &str) -> Vec<String> {
             .query_async(&mut conn)
             .await
             .expect("type");
-        let values: Vec<String> = match kind.as_str() {
+        // Values may be binary (packed counters, the ledger's msgpack):
+        // read as bytes, compared as lossy text.
+        let values: Vec<Vec<u8>> = match kind.as_str() {
             "string" => vec![redis::cmd("GET")
                 .arg(&key)
                 .query_async(&mut conn)
@@ -96,7 +99,11 @@ async fn everything_under(url: &str, tag: &str) -> Vec<String> {
             other => panic!("{key}: unexpected type {other}"),
         };
         out.push(key);
-        out.extend(values);
+        out.extend(
+            values
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned()),
+        );
     }
     out
 }

@@ -579,6 +579,23 @@ fn reservations_through_the_async_engine() {
 /// field must match the key's real TTL after every kind of write, and cover
 /// every calendar counter's period end and every hold's expiry, plus the
 /// margin; the hold-expiry set lives as long as its hash.
+/// A counter field's numbers (or the expiry field `x`'s): `#` and
+/// little-endian doubles (every value below 2^53), or decimal words
+/// separated by spaces.
+fn counter_words(v: &[u8]) -> Vec<i64> {
+    match v.split_first() {
+        Some((b'#', rest)) => rest
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as i64)
+            .collect(),
+        _ => std::str::from_utf8(v)
+            .expect("text")
+            .split(' ')
+            .map(|w| w.parse().expect("number"))
+            .collect(),
+    }
+}
+
 #[test]
 fn server_clock_expiries_match_what_keys_record() {
     let Some(url) = url() else { return };
@@ -632,7 +649,7 @@ fn server_clock_expiries_match_what_keys_record() {
                 if !key.contains(":c:") || key.ends_with(":x") {
                     continue;
                 }
-                let (fields, pttl, time): (Vec<String>, i64, (i64, i64)) = redis::pipe()
+                let (fields, pttl, time): (Vec<Vec<u8>>, i64, (i64, i64)) = redis::pipe()
                     .cmd("HGETALL")
                     .arg(&key)
                     .cmd("PTTL")
@@ -644,8 +661,8 @@ fn server_clock_expiries_match_what_keys_record() {
                 let now = time.0 * 1000 + time.1 / 1000;
                 let x = fields
                     .chunks(2)
-                    .find(|kv| kv[0] == "x")
-                    .map(|kv| kv[1].parse::<i64>().expect("x"))
+                    .find(|kv| kv[0] == b"x")
+                    .map(|kv| counter_words(&kv[1])[0])
                     .unwrap_or_else(|| panic!("{step}: {key} has no x"));
                 assert!(pttl > 0, "{step}: {key} pttl {pttl}");
                 assert!(
@@ -655,15 +672,12 @@ fn server_clock_expiries_match_what_keys_record() {
                 );
                 // A calendar counter's field packs `used held start end`.
                 for kv in fields.chunks(2) {
-                    if kv[0] == "x" || kv[0].contains('|') {
+                    if kv[0] == b"x" || kv[0].contains(&b'|') {
                         continue;
                     }
                     counters += 1;
-                    let words: Vec<i64> = kv[1]
-                        .split(' ')
-                        .map(|w| w.parse().expect("number"))
-                        .collect();
-                    if kv[0].ends_with(":cd0") {
+                    let words = counter_words(&kv[1]);
+                    if kv[0].ends_with(b":cd0") {
                         assert_eq!(words.len(), 4, "{step}: {kv:?}");
                         assert!(
                             x >= words[3] + margin_ms,
@@ -1129,5 +1143,339 @@ fn tied_grants_go_by_their_ids_bytes() {
         "`Pay-z` then `pay-a` spent first (bytes: `P` < `p`), then half of `pay-a2`"
     );
     assert_eq!(b.remaining, 25);
+    rt.block_on(flush(&url, &tag));
+}
+
+/// The raw value of a counter's field: `scope`'s hash, the field of
+/// `meter` (length-prefixed) and window code `w`.
+async fn raw_field(url: &str, store: &RedisStore, scope: &ScopeKey, field: &str) -> Vec<u8> {
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let digest = store.digest_of(scope);
+    let key = format!(
+        "{}:c:{}",
+        store.key_tag(),
+        digest.strip_prefix("hmac:").expect("digest")
+    );
+    let v: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(&key)
+        .arg(field)
+        .query_async(&mut conn)
+        .await
+        .expect("hget");
+    v.unwrap_or_default()
+}
+
+/// Counters below 2^53 are packed as doubles, at or past it kept as
+/// decimal text: near, at and past 2^53 and up to `u64::MAX` a counter
+/// stays exact beside small ones in the same scope hash (a lifetime, a
+/// calendar and a rolling window, fast and slow in one batch), and a sum
+/// past `u64::MAX` is refused with nothing changed.
+#[test]
+fn counters_stay_exact_across_2_53() {
+    use tollgate::store::{CounterOp, Mode};
+    use tollgate::Name;
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    let store = rt.block_on(batch_store(&url, "exact53"));
+    let tag = store.key_tag().to_owned();
+    let s = ScopeKey::subject("big");
+    let t = Name::new("t");
+    let day = Window::calendar(Period::Day);
+    let rolling = Window::Rolling {
+        span_secs: 3_600,
+        buckets: 4,
+    };
+    let now = Utc
+        .with_ymd_and_hms(2026, 12, 6, 12, 0, 0)
+        .unwrap()
+        .timestamp_millis();
+    const P53: u64 = 1 << 53;
+    let apply = |deltas: [u64; 3], mode: Mode, max: Option<u64>| {
+        let ops = [
+            CounterOp::new(&s, t, Window::Lifetime, deltas[0], max),
+            CounterOp::new(&s, t, day, deltas[1], Some(1_000)),
+            CounterOp::new(&s, t, rolling, deltas[2], None),
+        ];
+        rt.block_on(AsyncAllowanceStore::apply(
+            &store,
+            &Batch::new(&ops, mode, now),
+        ))
+    };
+    let used = |a: &Applied| -> Vec<u64> { a.counters.iter().map(|c| c.used).collect() };
+    // (lifetime delta, day delta, rolling delta) and the counters after.
+    let steps: [([u64; 3], [u64; 3]); 6] = [
+        ([P53 - 2, 1, 1], [P53 - 2, 1, 1]),
+        ([1, 1, P53 - 2], [P53 - 1, 2, P53 - 1]),
+        ([1, 1, 1], [P53, 3, P53]),
+        ([1, 1, 2], [P53 + 1, 4, P53 + 2]),
+        ([0, 1, 0], [P53 + 1, 5, P53 + 2]),
+        (
+            [u64::MAX - P53 - 2, 1, u64::MAX - P53 - 2],
+            [u64::MAX - 1, 6, u64::MAX],
+        ),
+    ];
+    for (i, (deltas, want)) in steps.iter().enumerate() {
+        let a = apply(*deltas, Mode::Force, None).expect("force");
+        assert!(a.applied, "step {i}");
+        assert_eq!(used(&a), want.to_vec(), "step {i}");
+        // Read back (from the stored fields) by a check.
+        let a = apply([0; 3], Mode::Check, None).expect("check");
+        assert_eq!(used(&a), want.to_vec(), "step {i}, read back");
+    }
+    // The small counter is packed; the large ones are decimal text.
+    rt.block_on(async {
+        let small = raw_field(&url, &store, &s, "1:t:cd0").await;
+        assert_eq!(small.first(), Some(&b'#'), "{small:?}");
+        let large = raw_field(&url, &store, &s, "1:t:l").await;
+        assert_eq!(
+            std::str::from_utf8(&large).ok(),
+            Some(format!("{} 0", u64::MAX - 1).as_str())
+        );
+    });
+    // Past u64::MAX: refused (forced, or with no maximum), nothing changed.
+    assert!(matches!(
+        apply([2, 1, 0], Mode::Force, None),
+        Err(Error::Overflow { .. })
+    ));
+    assert!(matches!(
+        apply([0, 1, 1], Mode::Force, None),
+        Err(Error::Overflow { .. })
+    ));
+    // Within limits: the lifetime counter's last unit fits u64::MAX, two
+    // do not.
+    let a = apply([2, 1, 0], Mode::WithinLimits, Some(u64::MAX)).expect("within");
+    assert!(!a.applied);
+    let a = apply([0; 3], Mode::Check, None).expect("check");
+    assert_eq!(used(&a), vec![u64::MAX - 1, 6, u64::MAX]);
+    let a = apply([1, 1, 0], Mode::WithinLimits, Some(u64::MAX)).expect("within");
+    assert!(a.applied);
+    assert_eq!(used(&a), vec![u64::MAX, 7, u64::MAX]);
+    rt.block_on(flush(&url, &tag));
+}
+
+/// Counter fields and ledger entries written as decimal text (before
+/// counters were packed) are read as they were meant, and a counter is
+/// written back packed.
+#[test]
+fn text_fields_and_ledger_entries_are_still_read() {
+    use tollgate::store::{CounterOp, EventKey, Mode};
+    use tollgate::Name;
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    let store = rt.block_on(batch_store(&url, "text-format"));
+    let tag = store.key_tag().to_owned();
+    let s = ScopeKey::subject("old");
+    let t = Name::new("t");
+    let day = Window::calendar(Period::Day);
+    let start = Utc
+        .with_ymd_and_hms(2026, 12, 6, 0, 0, 0)
+        .unwrap()
+        .timestamp_millis();
+    let (end, now) = (start + 86_400_000, start + 43_200_000);
+    let key = format!(
+        "{tag}:c:{}",
+        store
+            .digest_of(&s)
+            .strip_prefix("hmac:")
+            .expect("digest")
+            .to_owned()
+    );
+    rt.block_on(async {
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        // Today's counter at 40 and a lifetime one at 2^53 + 3, as text.
+        let _: () = redis::cmd("HSET")
+            .arg(&key)
+            .arg("1:t:cd0")
+            .arg(format!("40 0 {start} {end}"))
+            .arg("1:t:l")
+            .arg(format!("{} 0", (1u64 << 53) + 3))
+            .query_async(&mut conn)
+            .await
+            .expect("hset");
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(&key)
+            .arg(60_000)
+            .query_async(&mut conn)
+            .await
+            .expect("pexpire");
+        let ops = [
+            CounterOp::new(&s, t, day, 2, Some(100)),
+            CounterOp::new(&s, t, Window::Lifetime, 1, None),
+        ];
+        let a = AsyncAllowanceStore::apply(&store, &Batch::new(&ops, Mode::WithinLimits, now))
+            .await
+            .expect("admit");
+        assert!(a.applied);
+        assert_eq!(a.counters[0].used, 42);
+        assert_eq!(a.counters[0].period_start_ms, Some(start));
+        assert_eq!(a.counters[1].used, (1 << 53) + 4);
+        let day_field = raw_field(&url, &store, &s, "1:t:cd0").await;
+        assert_eq!(day_field.first(), Some(&b'#'), "{day_field:?}");
+
+        // On the server's clock, a hash's expiry field `x` in decimal text
+        // is read too (and a lifetime counter beside it).
+        let srv = RedisConfig::new(url.as_str())
+            .prefix(tag.trim_matches(['{', '}']))
+            .timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect");
+        let s2 = ScopeKey::subject("old-server-clock");
+        let key2 = format!(
+            "{tag}:c:{}",
+            srv.digest_of(&s2).strip_prefix("hmac:").expect("digest")
+        );
+        let far = Utc::now().timestamp_millis() + 86_400_000;
+        let _: () = redis::cmd("HSET")
+            .arg(&key2)
+            .arg("x")
+            .arg(far.to_string())
+            .arg("1:t:l")
+            .arg("7 0")
+            .query_async(&mut conn)
+            .await
+            .expect("hset");
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(&key2)
+            .arg(60_000)
+            .query_async(&mut conn)
+            .await
+            .expect("pexpire");
+        let ops2 = [CounterOp::new(&s2, t, Window::Lifetime, 1, None)];
+        let a = AsyncAllowanceStore::apply(&srv, &Batch::new(&ops2, Mode::Force, now))
+            .await
+            .expect("server clock");
+        assert_eq!(a.counters[0].used, 8);
+
+        // A ledger entry in the text form: "<fingerprint digest> <time>
+        // <answer words>". Its fingerprint digest is taken from the entry
+        // this store writes (msgpack: str8 of 32 bytes first).
+        let once = [CounterOp::new(&s, t, Window::Lifetime, 5, None)];
+        let batch = Batch::new(&once, Mode::Force, now).with_event(EventKey::new("evt-old", 9));
+        let first = AsyncAllowanceStore::apply(&store, &batch)
+            .await
+            .expect("record");
+        assert_eq!(first.counters[0].used, (1 << 53) + 9);
+        let ekeys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{tag}:e:*"))
+            .query_async(&mut conn)
+            .await
+            .expect("keys");
+        assert_eq!(ekeys.len(), 1, "{ekeys:?}");
+        let entry: Vec<u8> = redis::cmd("GET")
+            .arg(&ekeys[0])
+            .query_async(&mut conn)
+            .await
+            .expect("get");
+        assert_eq!(&entry[..2], &[0xd9, 32], "{entry:?}");
+        let fp = std::str::from_utf8(&entry[2..34]).expect("digest");
+        let text = format!("{fp} {now} OK 1 {now} 1 777 0 - - - 0 0");
+        let _: () = redis::cmd("SET")
+            .arg(&ekeys[0])
+            .arg(text)
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut conn)
+            .await
+            .expect("set");
+        let again = AsyncAllowanceStore::apply(&store, &batch)
+            .await
+            .expect("replay");
+        assert_eq!(again.replayed_at_ms, Some(now));
+        assert_eq!(again.counters[0].used, 777, "answered from the entry");
+        let other = Batch::new(&once, Mode::Force, now).with_event(EventKey::new("evt-old", 10));
+        assert!(matches!(
+            AsyncAllowanceStore::apply(&store, &other).await,
+            Err(Error::EventConflict { .. })
+        ));
+        // And a replay of an entry in the new form answers the same.
+        let b2 = Batch::new(&once, Mode::Force, now).with_event(EventKey::new("evt-new", 9));
+        let a1 = AsyncAllowanceStore::apply(&store, &b2).await.expect("new");
+        let a2 = AsyncAllowanceStore::apply(&store, &b2)
+            .await
+            .expect("replay");
+        assert_eq!(a2.replayed_at_ms, Some(now));
+        assert_eq!(a1.counters, a2.counters);
+        assert_eq!(a1.applied, a2.applied);
+    });
+    rt.block_on(flush(&url, &tag));
+}
+
+/// The apply library is loaded at connect; a server that loses it
+/// (`FUNCTION DELETE`, a restart without persistence) gets it again on the
+/// next call, which then applies once.
+#[test]
+fn a_server_without_the_library_gets_it_again() {
+    use tollgate::store::{CounterOp, Mode};
+    use tollgate::Name;
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    let store = rt.block_on(batch_store(&url, "reload"));
+    let tag = store.key_tag().to_owned();
+    let s = ScopeKey::subject("a");
+    let ops = [CounterOp::new(
+        &s,
+        Name::new("t"),
+        Window::Lifetime,
+        1,
+        None,
+    )];
+    rt.block_on(async {
+        let client = redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let libraries = async |conn: &mut redis::aio::MultiplexedConnection| -> Vec<String> {
+            fn words(v: &redis::Value, out: &mut Vec<String>) {
+                match v {
+                    redis::Value::BulkString(b) => out.push(String::from_utf8_lossy(b).into()),
+                    redis::Value::SimpleString(s) => out.push(s.clone()),
+                    redis::Value::Array(items) => items.iter().for_each(|i| words(i, out)),
+                    redis::Value::Map(kv) => kv.iter().for_each(|(k, v)| {
+                        words(k, out);
+                        words(v, out);
+                    }),
+                    _ => {}
+                }
+            }
+            let list: redis::Value = redis::cmd("FUNCTION")
+                .arg("LIST")
+                .arg("LIBRARYNAME")
+                .arg("tollgate_*")
+                .query_async(conn)
+                .await
+                .expect("function list");
+            let mut all = Vec::new();
+            words(&list, &mut all);
+            all.windows(2)
+                .filter(|w| w[0] == "library_name")
+                .map(|w| w[1].clone())
+                .collect()
+        };
+        let loaded = libraries(&mut conn).await;
+        assert!(!loaded.is_empty(), "no tollgate library loaded");
+        for name in &loaded {
+            let _: () = redis::cmd("FUNCTION")
+                .arg("DELETE")
+                .arg(name)
+                .query_async(&mut conn)
+                .await
+                .expect("function delete");
+        }
+        let a = AsyncAllowanceStore::apply(&store, &Batch::new(&ops, Mode::Force, 1_000))
+            .await
+            .expect("apply after FUNCTION DELETE");
+        assert_eq!(a.counters[0].used, 1, "applied once");
+        assert!(!libraries(&mut conn).await.is_empty(), "loaded again");
+    });
     rt.block_on(flush(&url, &tag));
 }

@@ -297,9 +297,8 @@ impl RedisStore {
         };
         let home = digests.home.as_str();
         let odkey = self.layout.overdue(home);
-        let mut inv = self.apply.prepare_invoke();
-        // The first key routes the call on a cluster: the home slot's.
-        inv.key(odkey.as_str());
+        // The key routes the call on a cluster: the home slot's.
+        let mut inv = Self::fcall(odkey.as_str());
         let LeaseArgs {
             action,
             lkey,
@@ -419,7 +418,7 @@ impl RedisStore {
                 }
             }
         }
-        let reply: redis::Value = self.run(&inv).await.map_err(|e| match e {
+        let reply: redis::Value = self.call_apply(&inv).await.map_err(|e| match e {
             // A check changes nothing, whether it ran or not.
             e if batch.mode == Mode::Check => known(e),
             // The retry that settles it is the one with this event id.

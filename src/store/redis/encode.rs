@@ -115,7 +115,7 @@ pub(super) fn period_code(p: Period) -> char {
 /// and UTC offset of a calendar window, the bucket width (ms) and count
 /// (buckets + 1) of a rolling one (separate arguments, so the script
 /// parses no spec on the hot path).
-pub(super) fn window_args(inv: &mut redis::ScriptInvocation<'_>, w: Window) {
+pub(super) fn window_args(inv: &mut redis::Cmd, w: Window) {
     match w {
         Window::Calendar {
             period,

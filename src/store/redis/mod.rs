@@ -10,6 +10,7 @@ mod reply;
 mod span;
 
 use std::fmt;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -29,6 +30,28 @@ pub use allocations::RedisAllocations;
 
 const APPLY_LUA: &str = include_str!("apply.lua");
 const OVERDUE_LUA: &str = include_str!("overdue.lua");
+
+/// The apply library as `FUNCTION LOAD` takes it (its version filled in:
+/// the first 64 bits of SHA-256 of `apply.lua`, hex) and its function's
+/// name; made once per process.
+fn apply_library() -> &'static (String, String) {
+    static LIB: OnceLock<(String, String)> = OnceLock::new();
+    LIB.get_or_init(|| {
+        use sha2::{Digest, Sha256};
+        let version = hex(&Sha256::digest(APPLY_LUA.as_bytes())[..8]);
+        (
+            APPLY_LUA.replace("@V@", &version),
+            format!("tollgate_apply_{version}"),
+        )
+    })
+}
+
+/// Whether a call failed because the server has not loaded the library
+/// (a server restarted without persistence, `FUNCTION FLUSH`, a new
+/// node): refused whole, so nothing ran.
+fn library_missing(e: &redis::RedisError) -> bool {
+    e.detail().is_some_and(|d| d.contains("Function not found"))
+}
 
 /// Whose clock rolls the windows and ends the leases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -215,20 +238,24 @@ impl RedisConfig {
     /// How long a lifetime counter (a prepaid balance, a grant) is kept
     /// after its last write (default 10 years). Every Redis key tollgate
     /// writes has a TTL; this is the one for counters whose window never
-    /// ends.
+    /// ends. A scope's counters on the server's clock may be kept up to a
+    /// day (or a sixteenth of this, if less) longer, so that admits need
+    /// not move the key's expiry every time.
     #[must_use]
     pub fn lifetime_ttl(mut self, ttl: Duration) -> Self {
         self.lifetime_ttl = ttl;
         self
     }
 
-    /// Connect, within the timeout, and load the scripts.
+    /// Connect, within the timeout, and load the function library (see
+    /// [`RedisStore`]: Redis 7.0 or later).
     ///
     /// # Errors
     /// [`Error::InvalidConfig`] for a prefix with braces, a zero timeout or
     /// horizon, a secret shorter than [`Self::MIN_SECRET_LEN`], or a URL
     /// redis-rs refuses; [`Error::Store`] if Redis cannot be reached within
-    /// the timeout.
+    /// the timeout or refuses the library (a Redis before 7.0, a user the
+    /// ACL denies `FUNCTION LOAD`).
     pub async fn connect(self) -> Result<RedisStore, Error> {
         if self.prefix.contains(['{', '}']) {
             return Err(Error::config("redis.prefix", "may not contain `{` or `}`"));
@@ -278,7 +305,6 @@ impl RedisConfig {
             conn,
             layout,
             keyed,
-            apply: Script::new(APPLY_LUA),
             overdue: Script::new(OVERDUE_LUA),
             tag,
             timeout: self.timeout,
@@ -290,17 +316,13 @@ impl RedisConfig {
             margin_ms,
             lifetime_ms,
         };
-        // One node: load the script now. A cluster's nodes load it on
-        // first use (`EVALSHA`, then `EVAL` on `NOSCRIPT`).
-        if let Some(c) = store.conn.single() {
-            tokio::time::timeout(
-                store.timeout,
-                store.apply.prepare_invoke().load_async(&mut c.clone()),
-            )
+        // Load the library now (on a cluster, on every primary); a node
+        // that loses it later gets it again on the call that finds it
+        // missing.
+        tokio::time::timeout(store.timeout, store.load_library())
             .await
             .map_err(|_| timed_out(store.timeout))?
             .map_err(store_error)?;
-        }
         Ok(store)
     }
 
@@ -367,17 +389,38 @@ impl RedisConfig {
 /// Redis and prefix shares the same counters, leases, ledger and cooldowns.
 ///
 /// # One round trip per decision
-/// One Lua script, loaded once and run with `EVALSHA` (reloaded by redis-rs
-/// on `NOSCRIPT`), applies a whole batch atomically: the ledger, the lease,
-/// every counter of every scope with its calendar or rolling window and its
-/// holds, the cooldowns. Redis runs a script to its end before any other
-/// command, so check and record are one step (contract rule 5).
+/// One Lua function applies a whole batch atomically: the ledger, the
+/// lease, every counter of every scope with its calendar or rolling window
+/// and its holds, the cooldowns. Redis runs a function to its end before
+/// any other command, so check and record are one step (contract rule 5).
+///
+/// It is a Redis Functions library (Redis 7.0 or later), `tollgate_<v>`
+/// with the function `tollgate_apply_<v>`, where `<v>` is the first 64
+/// bits of SHA-256 of its source (hex): [`RedisConfig::connect`] loads it
+/// (`FUNCTION LOAD REPLACE`; on a cluster, on every primary) and each
+/// batch is one `FCALL`. A server that lacks it (restarted without
+/// persistence, `FUNCTION FLUSH`, a node added later) refuses the call
+/// whole, and the store loads it and calls once more. Functions rather than
+/// `EVALSHA`: a library's helpers are made once, when it loads, where a
+/// script makes every one of its closures on every call, and `FCALL` is
+/// dispatched faster (together ~1.5 µs of server time per admit, see
+/// BENCHMARKS.md). Functions are kept by the server (in its RDB and AOF,
+/// and copied to replicas): each tollgate version adds its own small
+/// library beside the others, so replicas of two versions can share a
+/// Redis during an upgrade; `FUNCTION DELETE tollgate_<v>` removes one no
+/// store uses any more.
 ///
 /// # Numbers
-/// Amounts are kept as decimal strings and the script does exact u64
-/// arithmetic (16-bit limbs above 2^53, where Lua's doubles stop being
-/// exact), so the whole `u64` range of the contract holds; a sum past it is
-/// [`Error::Overflow`], as in [`MemoryStore`](crate::MemoryStore).
+/// A counter whose values are all below 2^53 is kept packed (a `#` byte
+/// and little-endian doubles, which hold every integer below 2^53
+/// exactly), read and written with one `struct.unpack` and one
+/// `struct.pack`; at or past 2^53 it is kept as decimal text and the
+/// function does exact u64 arithmetic (16-bit limbs, where Lua's doubles
+/// stop being exact), so the whole `u64` range of the contract holds; a
+/// sum past it is [`Error::Overflow`], as in
+/// [`MemoryStore`](crate::MemoryStore). A counter moves between the two
+/// forms as it crosses 2^53. Holds, older rolling buckets and balances are
+/// decimal text.
 ///
 /// # Keys
 /// Every key starts with the hash tag `{prefix}:`. No subject, pool, lease
@@ -402,24 +445,33 @@ impl RedisConfig {
 /// | `{p}:od` | leases with a deadline, for `overdue` (sorted set) |
 /// | `{p}:k:<scope>` | a scope's cooldown end |
 /// | `{p}:b:<scope>:<len>:<meter>` | a scope's prepaid balance in one money meter (hash, see [Prepaid balances](#prepaid-balances)) |
-/// | `{p}:e:<event digest>` | an applied event, one string: fingerprint digest, time, answer |
+/// | `{p}:e:<event digest>` | an applied event, one string: fingerprint digest, time, answer (msgpack) |
 /// | `{p}:secret` | the generated secret, when none is configured (no TTL) |
 ///
-/// A scope's hash holds, per counter, one field packing its state as
-/// decimal integers separated by spaces: `used held start end` for a
-/// calendar window (the period it counts), `used held newest oldest
-/// amount` for a rolling window (the newest and oldest bucket numbers and
-/// the newest bucket's amount), `used held` for a lifetime or concurrent
-/// limit. Beside them: `<field>|b<n>`, the amount of an older bucket of a
-/// rolling window; `<field>|h<lease id>`, an amount a lease holds; `x`,
-/// the hash's expiry (server clock). A plain admit therefore reads one
-/// field per counter and writes them back packed: one `HMGET` and one
-/// `HSET` per scope.
+/// A scope's hash holds, per counter, one field packing its state: `used
+/// held start end` for a calendar window (the period it counts), `used
+/// held newest oldest amount` for a rolling window (the newest and oldest
+/// bucket numbers and the newest bucket's amount), `used held` for a
+/// lifetime or concurrent limit — as `#` and doubles while every value is
+/// below 2^53, else as decimal integers separated by spaces (see
+/// [Numbers](#numbers)). Beside them: `<field>|b<n>`, the amount of an
+/// older bucket of a rolling window; `<field>|h<lease id>`, an amount a
+/// lease holds; `x`, the hash's expiry (server clock; `#` and a double). A
+/// plain admit therefore reads one field per counter and writes them back
+/// packed: one `HMGET` and one `HSET` per scope.
 ///
-/// This is the second layout: the first (before issue 5) kept each counter
-/// in a hash of its own (`{p}:c:<scope>:<len>:<meter>:<window>`). Key names carry no layout
-/// version; there is no deployed data to migrate, and a store must not be
-/// pointed at keys written by the first layout.
+/// This is the second key layout: the first (before issue 5) kept each
+/// counter in a hash of its own (`{p}:c:<scope>:<len>:<meter>:<window>`);
+/// key names carry no layout version, and a store must not be pointed at
+/// keys written by the first layout. Within it, the packed values (and the
+/// ledger's msgpack entries) came with issue 18: this version reads the
+/// decimal-text fields and ledger entries earlier versions wrote, and
+/// writes them back packed. An earlier version does not read packed
+/// values: on the server's clock it fails (a Lua error, [`Error::Store`])
+/// on any scope hash this version wrote, since its expiry field `x` is no
+/// longer a number; on the batch's clock it would read packed counters as
+/// empty. Stop every replica of an earlier version before starting this
+/// one on the same prefix (or give this one a new prefix).
 ///
 /// Values hold amounts, times, lease ids, digests and meter names. What
 /// `overdue` and a settlement must report about a scope is its digest:
@@ -477,7 +529,8 @@ impl RedisConfig {
 /// Every key gets a TTL when it is written. A scope's hash lives as long as
 /// its longest-lived counter needs: a calendar counter until its period
 /// ends, a rolling counter until its newest bucket leaves, a lifetime
-/// counter [`RedisConfig::lifetime_ttl`] past its last write, each hold
+/// counter [`RedisConfig::lifetime_ttl`] past its last write (on the
+/// server's clock, up to a day more: see [Cost](#cost)), each hold
 /// until it expires, all plus the expiry margin. The script only ever
 /// raises a hash's TTL, never lowers it, so writing a short-lived counter
 /// never cuts a longer-lived one's life. Fields of ended windows are never
@@ -495,16 +548,22 @@ impl RedisConfig {
 /// TTL (`PTTL`) and raises it when needed.
 ///
 /// # Cost
-/// A plain admit on two counters of one scope (a day and a rolling window,
-/// server clock) makes three `redis.call`s within one period and bucket —
-/// `TIME`, one `HMGET` and one `HSET` — and answers an array whose numbers
-/// are integer replies; `examples/redis_profile` reads the count and the
-/// server's time per call from `INFO commandstats`.
+/// A plain admit on the counters of one scope (server clock) makes three
+/// `redis.call`s within one period and bucket — `TIME`, one `HMGET` and
+/// one `HSET` — and answers an array whose numbers are integer replies;
+/// with an event id, a `GET` and a `SET` more (the ledger's entry is the
+/// answer packed with `cmsgpack`). A lifetime counter's hash, when its
+/// expiry must move, is given a day more (or a sixteenth of
+/// [`RedisConfig::lifetime_ttl`], if less) so the admits in between send
+/// no `PEXPIRE`. `benches/redis.rs` prints the server's µs per `FCALL`
+/// from `INFO commandstats` beside a trivial script's and a floor
+/// script's (BENCHMARKS.md).
 ///
 /// # Redis Cluster
 /// On one node every key shares the hash tag `{prefix}`. On a cluster
 /// ([`RedisConfig::cluster`], feature `redis-cluster`; redis-rs's async
-/// cluster client, with its own retries off so no call is resent) each
+/// cluster client, with its own retries off so no call is resent; the
+/// function library loaded on every primary) each
 /// scope has its own tag, `{prefix:<scope digest>}`: a scope's counters,
 /// holds and cooldown, the leases it owns with their deadline index, and
 /// the events of the decisions it is home to (the lease owner's, else the
@@ -569,7 +628,6 @@ pub struct RedisStore {
     conn: Conn,
     layout: Layout,
     keyed: Keyed,
-    apply: Script,
     overdue: Script,
     tag: String,
     timeout: Duration,
@@ -640,6 +698,48 @@ impl RedisStore {
                 // started a new connection; one more try uses it (a store
                 // recovers on the first call after an outage).
                 Err(e) if e.is_connection_refusal() => self.conn.invoke(invocation).await,
+                r => r,
+            }
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .map_err(|_| unanswered(self.timeout))?
+            .map_err(call_error)
+    }
+
+    /// `FUNCTION LOAD REPLACE` of the apply library (redis-rs sends it to
+    /// every primary of a cluster). The same version is the same code, so
+    /// replacing it is harmless.
+    async fn load_library(&self) -> redis::RedisResult<()> {
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LOAD")
+            .arg("REPLACE")
+            .arg(apply_library().0.as_str());
+        self.conn.query::<redis::Value>(&cmd).await.map(|_| ())
+    }
+
+    /// A new `FCALL` of the apply library's function with `key` (the
+    /// routing key); arguments follow.
+    fn fcall(key: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(apply_library().1.as_str()).arg(1).arg(key);
+        cmd
+    }
+
+    /// Run an `FCALL` within the timeout: as [`RedisStore::run`], and a
+    /// server without the library (the call refused whole) gets it and
+    /// the call once more.
+    async fn call_apply<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, Error> {
+        let call = async {
+            let r = match self.conn.query(cmd).await {
+                Err(e) if e.is_connection_refusal() => self.conn.query(cmd).await,
+                r => r,
+            };
+            match r {
+                Err(e) if library_missing(&e) => {
+                    self.load_library().await?;
+                    self.conn.query(cmd).await
+                }
                 r => r,
             }
         };
