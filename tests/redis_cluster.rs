@@ -129,6 +129,19 @@ impl AllowanceStore for Blocking {
         self.rt
             .block_on(AsyncAllowanceStore::overdue(&self.store, now))
     }
+
+    fn history_periods(&self) -> u32 {
+        AsyncAllowanceStore::history_periods(&self.store)
+    }
+
+    fn period_usage(
+        &self,
+        ops: &[tollgate::store::PeriodOp<'_>],
+        now_ms: i64,
+    ) -> Result<Vec<u64>, Error> {
+        self.rt
+            .block_on(AsyncAllowanceStore::period_usage(&self.store, ops, now_ms))
+    }
 }
 
 fn conformance_on(name: &str, run: impl FnOnce(&dyn Fn() -> Blocking)) {

@@ -65,6 +65,19 @@ impl AllowanceStore for Blocking {
         self.rt
             .block_on(AsyncAllowanceStore::overdue(&self.store, now))
     }
+
+    fn history_periods(&self) -> u32 {
+        AsyncAllowanceStore::history_periods(&self.store)
+    }
+
+    fn period_usage(
+        &self,
+        ops: &[tollgate::store::PeriodOp<'_>],
+        now_ms: i64,
+    ) -> Result<Vec<u64>, Error> {
+        self.rt
+            .block_on(AsyncAllowanceStore::period_usage(&self.store, ops, now_ms))
+    }
 }
 
 /// Delete every key under `tag` (the store's own prefix only).
@@ -1478,4 +1491,100 @@ fn a_server_without_the_library_gets_it_again() {
         assert!(!libraries(&mut conn).await.is_empty(), "loaded again");
     });
     rt.block_on(flush(&url, &tag));
+}
+
+/// Usage history (contract rule 11) through the engine on Redis: last
+/// month read before its counter rolled (the hash lives `history_periods`
+/// months past the period's end for it) and after (the total the roll kept
+/// in the hash), a depth past the maximum refused at connect, and a report
+/// further back than kept refused.
+#[test]
+fn closed_periods_are_reported_through_the_engine() {
+    let Some(url) = url() else { return };
+    let rt = runtime();
+    rt.block_on(async {
+        match RedisConfig::new(url.clone())
+            .history_periods(tollgate::store::MAX_HISTORY_PERIODS + 1)
+            .connect()
+            .await
+        {
+            Err(Error::InvalidConfig { field, .. }) => assert_eq!(field, "redis.history_periods"),
+            other => panic!("expected InvalidConfig, got {:?}", other.map(|_| ())),
+        }
+        let store = RedisConfig::new(url.clone())
+            .prefix(unique_prefix("history"))
+            .time_source(TimeSource::Batch)
+            .timeout(Duration::from_secs(5))
+            .history_periods(2)
+            .connect()
+            .await
+            .expect("connect");
+        let tag = store.key_tag().to_owned();
+        let catalog = CatalogConfig::default()
+            .meter(Meter::count("tokens"))
+            .plan(PlanConfig::new("plan").limit(LimitConfig::new(
+                "tokens",
+                Window::calendar(Period::Month),
+                1_000_000u64,
+            )))
+            .build()
+            .expect("catalog");
+        let march = Utc.with_ymd_and_hms(2026, 3, 10, 12, 0, 0).unwrap();
+        let clock = Arc::new(ManualClock::new(march));
+        let e = Engine::with_store_and_clock(catalog, store, clock.clone());
+        e.allocate(Allocation::new("acct", "plan")).unwrap();
+        e.admit_async(&Request::new("acct").units("tokens", 1_234))
+            .await
+            .unwrap();
+        // The scope's hash lives two months' worth past March's end.
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let keys = scan(&mut conn, &tag).await;
+        let hash = keys
+            .iter()
+            .find(|k| k.contains(":c:") && !k.ends_with(":x"))
+            .expect("the scope's counters hash");
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(hash)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let april = Utc.with_ymd_and_hms(2026, 4, 1, 0, 0, 0).unwrap();
+        let readable_until = (april - march).num_milliseconds() + 2 * 31 * 86_400_000;
+        assert!(
+            pttl >= readable_until,
+            "the hash expires in {pttl} ms, before March stops being readable ({readable_until} ms)"
+        );
+        let units = |r: &tollgate::UsageReport| r.meters[0].units;
+        clock.set(Utc.with_ymd_and_hms(2026, 4, 2, 0, 0, 0).unwrap());
+        let before = e.usage_in_async("acct", Period::Month, 1).await.unwrap();
+        assert_eq!(units(&before), 1_234.into(), "March, from its counter");
+        e.admit_async(&Request::new("acct").units("tokens", 5))
+            .await
+            .unwrap();
+        let after = e.usage_in_async("acct", Period::Month, 1).await.unwrap();
+        assert_eq!(after, before, "March, from the total its roll kept");
+        assert_eq!(
+            units(&e.usage_in_async("acct", Period::Month, 0).await.unwrap()),
+            5.into()
+        );
+        // May: April is one back, March two.
+        clock.set(Utc.with_ymd_and_hms(2026, 5, 3, 0, 0, 0).unwrap());
+        e.admit_async(&Request::new("acct").units("tokens", 1))
+            .await
+            .unwrap();
+        assert_eq!(
+            units(&e.usage_in_async("acct", Period::Month, 1).await.unwrap()),
+            5.into()
+        );
+        assert_eq!(
+            units(&e.usage_in_async("acct", Period::Month, 2).await.unwrap()),
+            1_234.into()
+        );
+        assert!(matches!(
+            e.usage_in_async("acct", Period::Month, 3).await,
+            Err(Error::HistoryNotKept { asked: 3, kept: 2 })
+        ));
+        flush(&url, &tag).await;
+    });
 }

@@ -32,7 +32,8 @@ local call, type, tonumber, floor, fmt, byte, spack, sunpack
 -- and asks type() only once a value at or past 2^53 exists (big).
 -- Per call, set by apply (the helpers read them): big (a value at or past
 -- 2^53 exists), now, srv (the server's clock), the scope hashes.
-local big, now, srv, hashes, hlist = false, 0, false, nil, nil
+-- depth: closed calendar periods kept per counter (contract rule 11).
+local big, now, srv, hashes, hlist, depth = false, 0, false, nil, nil, 0
 local TWO53 = 9007199254740992
 local B = 65536
 
@@ -352,6 +353,8 @@ local function fill(c, v)
           return s * DAY - offms, e * DAY - offms
         end
       end
+      -- A period that ended with usage is kept at write-back (rule 11).
+      if e and now >= e and depth > 0 and c.used ~= 0 then c.closed = {s + 0, e, c.used} end
       s, e = bounds(w.period, w.off + 0, now)
       c.used = 0
     end
@@ -447,6 +450,56 @@ local function within(s, op)
   return cmp(s, maxof(op)) <= 0
 end
 
+-- The longest period of a calendar window ('d', 'w', else a month).
+local function periodlen(period)
+  if period == 'd' then return 86400000 elseif period == 'w' then return 604800000 end
+  return 2678400000
+end
+
+-- A counter's closed periods (rule 11): field cid|p, 'start:used;...'.
+local function parsekept(v)
+  local list = {}
+  if v then
+    for st, u in string.gmatch(v, '(%-?%d+):(%d+)') do list[#list + 1] = {st + 0, u} end
+  end
+  return list
+end
+
+-- Keep the period counter c closed (c.closed: start, end, usage) in its
+-- history field, adding to a total kept for the same period. When it then
+-- holds more than `depth`, those outside the `depth` periods before now go
+-- first (the oldest, else the latest: a clock that stepped back), then
+-- the oldest; none older than that stays. Returns the field, its value and
+-- how long the hash must live for it.
+local function keepclosed(hk, c)
+  local cl, w = c.closed, c.w
+  local f = c.p .. '|p'
+  local list, found = parsekept(call('HGET', hk, f)), false
+  for _, x in ipairs(list) do
+    if x[1] == cl[1] then
+      x[2] = S(add(P(x[2]), cl[3]) or maxu())
+      found = true
+    end
+  end
+  if not found then list[#list + 1] = {cl[1], S(cl[3])} end
+  table.sort(list, function(x, y) return x[1] < y[1] end)
+  local off = w.off + 0
+  local cur = bounds(w.period, off, now)
+  local oldest = cur
+  for _ = 1, depth do oldest = bounds(w.period, off, oldest - 1) end
+  while #list > depth do
+    if list[1][1] < oldest or list[#list][1] < cur then
+      table.remove(list, 1)
+    else
+      table.remove(list)
+    end
+  end
+  while #list > 0 and list[1][1] < oldest do table.remove(list, 1) end
+  local out = {}
+  for i, x in ipairs(list) do out[i] = fmt('%d:%s', x[1], x[2]) end
+  return f, table.concat(out, ';'), cl[2] + depth * periodlen(w.period)
+end
+
 local function pack(c)
   local kind, u, hl = c.w.kind, c.used, c.held
   if not big or (type(u) == 'number' and type(hl) == 'number'
@@ -492,17 +545,18 @@ local function apply(ARGV)
   local ncool = count(ARGV[8])
   local action = ARGV[9]
   local ekey = ARGV[10]
+  depth = ARGV[11] + 0
   if ekey ~= '-' or action ~= '-' then horizon = ARGV[4] + 0 end
   -- What only an event or a lease needs comes only with one, and so does an
   -- op's hold descriptor.
-  local base = 10
+  local base = 11
   local efp
   -- An event key starting with '?' is consulted, never written (the first
   -- phase of a batch spanning cluster slots).
   local ewrite = true
   if ekey ~= '-' then
-    efp = ARGV[11]
-    base = 11
+    efp = ARGV[12]
+    base = 12
     if string.byte(ekey, 1) == 63 then
       ekey = string.sub(ekey, 2)
       ewrite = false
@@ -1239,7 +1293,9 @@ local function apply(ARGV)
           if bs then fields[n + 1], fields[n + 2], n = bs[2], S(bs[3]), n + 2 end
           local e = now
           if w.kind == 'C' then
-            e = c.e
+            -- An ended period stays readable, unrolled, for `depth`
+            -- periods (rule 11).
+            e = c.e + depth * periodlen(w.period)
           elseif w.kind == 'R' then
             e = (c.hd + w.n) * w.width
           elseif w.kind == 'L' then
@@ -1250,6 +1306,11 @@ local function apply(ARGV)
             local g = e + math.min(86400000, floor(ARGV[6] / 16))
             if not grow or g > grow then grow = g end
           end
+          if not ends or e > ends then ends = e end
+        end
+        if c.closed then
+          local f, v, e = keepclosed(hk, c)
+          fields[n + 1], fields[n + 2], n = f, v, n + 2
           if not ends or e > ends then ends = e end
         end
       end
@@ -1388,6 +1449,43 @@ local function apply(ARGV)
   end
   return out
 end
+
+-- The usage each counter of one scope hash counted in a calendar period
+-- (rule 11): args are pairs (counter field, period start); one decimal
+-- string each. The counter's own usage if it holds that period (rolled or
+-- not), plus the total kept for it.
+local function periods(hk, args)
+  if not call then
+    call, type, tonumber, floor, fmt, byte, spack, sunpack = globals()
+  end
+  big = false
+  local out = {}
+  for i = 1, #args / 2 do
+    local cid, start = args[2 * i - 1], args[2 * i] + 0
+    local total = 0
+    local v = call('HGET', hk, cid)
+    if v then
+      local u, st
+      if byte(v, 1) == 35 then
+        local held
+        u, held, st = sunpack('<xdddd', v)
+      else
+        local us, ss = string.match(v, '^(%d+) %d+ (%-?%d+) %-?%d+$')
+        u, st = P(us), ss and ss + 0
+      end
+      if u and st == start then total = u end
+    end
+    for _, x in ipairs(parsekept(call('HGET', hk, cid .. '|p'))) do
+      if x[1] == start then total = add(total, P(x[2])) or maxu() end
+    end
+    out[i] = S(total)
+  end
+  return out
+end
+
+-- FCALL_RO tollgate_periods_@V@ 1 <scope hash> <field> <start> ...
+redis.register_function{function_name = 'tollgate_periods_@V@',
+  callback = function(keys, args) return periods(keys[1], args) end, flags = {'no-writes'}}
 
 -- FCALL tollgate_apply_@V@ 1 <the home slot's key, for routing> <args>.
 redis.register_function('tollgate_apply_@V@', function(_, args) return apply(args) end)

@@ -72,6 +72,18 @@ impl AsyncAllowanceStore for RedisStore {
     fn needs_event_ids(&self) -> bool {
         self.made_ids
     }
+
+    fn history_periods(&self) -> u32 {
+        self.history_depth()
+    }
+
+    async fn period_usage(
+        &self,
+        ops: &[crate::store::PeriodOp<'_>],
+        _now_ms: i64,
+    ) -> Result<Vec<u64>, Error> {
+        self.read_periods(ops).await
+    }
 }
 
 /// A lease holds counters of its owner and of pools only.
@@ -342,7 +354,8 @@ impl RedisStore {
             .arg(batch.ops.len())
             .arg(batch.cooldowns.len())
             .arg(action)
-            .arg(ekey);
+            .arg(ekey)
+            .arg(self.history_depth());
         // What only an event or a lease needs is sent only with one (the
         // script reads the layout from `ekey` and `action`).
         if batch.event.is_some() {

@@ -97,6 +97,7 @@ pub struct RedisConfig {
     margin: Duration,
     lifetime_ttl: Duration,
     secret: Option<Secret>,
+    history: u32,
 }
 
 impl RedisConfig {
@@ -120,7 +121,24 @@ impl RedisConfig {
             margin: Duration::from_secs(3_600),
             lifetime_ttl: Duration::from_secs(10 * 366 * 86_400),
             secret: None,
+            history: crate::store::DEFAULT_HISTORY_PERIODS,
         }
+    }
+
+    /// How many closed periods of each calendar counter the store keeps
+    /// for reports of past periods (contract rule 11; default
+    /// [`DEFAULT_HISTORY_PERIODS`](crate::store::DEFAULT_HISTORY_PERIODS),
+    /// at most [`MAX_HISTORY_PERIODS`](crate::store::MAX_HISTORY_PERIODS)).
+    /// A batch that rolls a calendar counter past a period with usage keeps
+    /// its total in the scope's hash (field `<counter>|p`), at most this
+    /// many per counter; a calendar counter's hash lives this many of its
+    /// window's longest periods past the period's end (plus the margin), so
+    /// an ended period not yet rolled stays readable too. Every replica
+    /// sharing a prefix should use the same depth.
+    #[must_use]
+    pub fn history_periods(mut self, periods: u32) -> Self {
+        self.history = periods;
+        self
     }
 
     /// The secret the store's keyed digests use (HMAC-SHA-256): every
@@ -283,6 +301,7 @@ impl RedisConfig {
         let retry_horizon_ms = ms(self.retry_horizon, "redis.retry_horizon")?;
         let margin_ms = ms(self.margin, "redis.expiry_margin")?;
         let lifetime_ms = ms(self.lifetime_ttl, "redis.lifetime_ttl")?;
+        let history = crate::store::checked_depth("redis.history_periods", self.history)?;
         let conn = self.open().await?;
         let tag = format!("{{{}}}", self.prefix);
         let keyed = match &self.secret {
@@ -315,6 +334,7 @@ impl RedisConfig {
             made_ids: self.made_ids,
             margin_ms,
             lifetime_ms,
+            history,
         };
         // Load the library now (on a cluster, on every primary); a node
         // that loses it later gets it again on the call that finds it
@@ -638,6 +658,7 @@ pub struct RedisStore {
     made_ids: bool,
     margin_ms: i64,
     lifetime_ms: i64,
+    history: u32,
 }
 
 impl fmt::Debug for RedisStore {
@@ -724,6 +745,64 @@ impl RedisStore {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(apply_library().1.as_str()).arg(1).arg(key);
         cmd
+    }
+
+    /// A new `FCALL` of the library's read of closed periods (rule 11) on
+    /// the scope hash `key`; (field, start) pairs follow. (`FCALL`, not
+    /// `FCALL_RO`: routed as every other call; the function writes nothing.)
+    fn fcall_periods(key: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        let name = apply_library()
+            .1
+            .replacen("tollgate_apply_", "tollgate_periods_", 1);
+        cmd.arg(name).arg(1).arg(key);
+        cmd
+    }
+
+    /// How many closed periods per counter the store keeps.
+    pub(super) fn history_depth(&self) -> u32 {
+        self.history
+    }
+
+    /// The usage each op's counter counted in its period (rule 11): one
+    /// call per scope hash.
+    pub(super) async fn read_periods(
+        &self,
+        ops: &[crate::store::PeriodOp<'_>],
+    ) -> Result<Vec<u64>, Error> {
+        crate::store::validate_period_ops(ops)?;
+        let mut out = vec![0u64; ops.len()];
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let key = self.layout.counters(&self.scope_hash(op.scope));
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, list)) => list.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        for (key, list) in groups {
+            let mut cmd = Self::fcall_periods(&key);
+            for &i in &list {
+                cmd.arg(Self::counter_field(&ops[i].meter, ops[i].window))
+                    .arg(ops[i].start_ms);
+            }
+            let reply: Vec<String> = self.call_apply(&cmd).await.map_err(known)?;
+            if reply.len() != list.len() {
+                return Err(Error::Store {
+                    message: format!(
+                        "redis: {} period totals for {} periods",
+                        reply.len(),
+                        list.len()
+                    ),
+                });
+            }
+            for (&i, v) in list.iter().zip(&reply) {
+                out[i] = v.parse().map_err(|_| Error::Store {
+                    message: format!("redis: period total `{v}` is not a count"),
+                })?;
+            }
+        }
+        Ok(out)
     }
 
     /// Run an `FCALL` within the timeout: as [`RedisStore::run`], and a
