@@ -1,0 +1,456 @@
+//! Adversarial review of capacity leases (`tollgate::capacity`), on the
+//! in-process `MemoryStore`. Each test states the promise it attacks; a
+//! failing test is a finding (see the review report).
+
+#[path = "support/capacity.rs"]
+mod capacity;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use capacity::Dyn;
+use chrono::{DateTime, Utc};
+use tollgate::capacity::{CapacityConfig, CapacityStore};
+use tollgate::store::{Applied, AsyncAllowanceStore, Batch, LeaseInfo, MemoryStore, Mode};
+use tollgate::{
+    Allocation, CatalogConfig, Engine, Error, LimitConfig, ManualClock, MaxConfig, Meter,
+    Outcome, Period, PlanConfig, Request, Window,
+};
+
+fn memory() -> Arc<MemoryStore> {
+    Arc::new(MemoryStore::new())
+}
+
+fn reader(shared: Dyn, max: u64, window: Window, clock: ManualClock) -> Engine<Dyn, ManualClock> {
+    let r = Engine::with_store_and_clock(capacity::catalog(max, window), shared, clock);
+    r.allocate(Allocation::new("agent", "plan")).unwrap();
+    r
+}
+
+/// A wrapper store with switches: `down` fails every call with
+/// `Error::Store` (nothing applied); `apply_then_unknown` applies the next
+/// N plain admits and answers `StoreOutcomeUnknown`; `unknown_unapplied`
+/// answers `StoreOutcomeUnknown` for the next N plain admits without
+/// applying them. It asks for engine event ids, as Redis and PostgreSQL do.
+#[derive(Default)]
+struct Switch {
+    inner: MemoryStore,
+    down: AtomicBool,
+    apply_then_unknown: AtomicU64,
+    unknown_unapplied: AtomicU64,
+}
+
+fn take_one(c: &AtomicU64) -> bool {
+    c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+#[async_trait]
+impl AsyncAllowanceStore for Switch {
+    async fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        if self.down.load(Ordering::Relaxed) {
+            return Err(Error::Store {
+                message: "connection refused".into(),
+            });
+        }
+        let plain = batch.lease.is_none() && batch.mode == Mode::WithinLimits;
+        let unknown = || Error::StoreOutcomeUnknown {
+            message: "timed out".into(),
+            event: batch.event.map(|e| e.id.to_owned()),
+        };
+        if plain && take_one(&self.unknown_unapplied) {
+            return Err(unknown());
+        }
+        let a = AsyncAllowanceStore::apply(&self.inner, batch).await?;
+        if plain && take_one(&self.apply_then_unknown) {
+            return Err(unknown());
+        }
+        Ok(a)
+    }
+
+    async fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
+        AsyncAllowanceStore::overdue(&self.inner, now).await
+    }
+
+    fn needs_event_ids(&self) -> bool {
+        true
+    }
+}
+
+/// Promise: "Evented calls (your event id) … go straight to the inner
+/// store with their exact semantics". A host's own event id that happens to
+/// start with `tollgate:` is taken for an engine-made one and decided
+/// locally, so the host's retry is counted again instead of replayed.
+#[tokio::test]
+async fn host_event_id_with_engine_prefix_is_counted_twice() {
+    let shared = memory();
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&shared) as Dyn, capacity::config()).unwrap());
+    let engine = Engine::with_store_and_clock(
+        capacity::catalog(100_000, window),
+        Arc::clone(&cap),
+        clock.clone(),
+    );
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    // The host's idempotency key (e.g. forwarded from its own client).
+    let req = capacity::request(10).event("tollgate:order-42");
+    assert!(engine.admit_async(&req).await.unwrap().allowed);
+    // The host retries (its own timeout): must be answered as before.
+    assert!(engine.admit_async(&req).await.unwrap().allowed);
+    cap.shutdown(clock.now_utc()).await;
+    let r = reader(shared as Dyn, 100_000, window, clock);
+    assert_eq!(
+        capacity::read(&r, "tokens").await,
+        (10, 0),
+        "an evented admit retried with the same id must count once (it does on the plain store)"
+    );
+}
+
+/// Promise: "a retry of an unknown-outcome id goes to the store". Only the
+/// last 1,024 such ids are remembered: after more unknown outcomes than
+/// that (one burst of a store outage at any real rate), the retry of an
+/// older one that *had* applied is admitted locally and counted twice.
+#[tokio::test]
+async fn retry_of_an_evicted_unknown_id_is_counted_twice() {
+    let flaky = Arc::new(Switch::default());
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let other = Engine::with_store_and_clock(
+        capacity::catalog(1_000, window),
+        Arc::clone(&flaky),
+        clock.clone(),
+    );
+    other.allocate(Allocation::new("agent", "plan")).unwrap();
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&flaky), capacity::config()).unwrap());
+    let engine = Engine::with_store_and_clock(
+        capacity::catalog(1_000, window),
+        Arc::clone(&cap),
+        clock.clone(),
+    );
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    // Near the limit: the admit goes straight to the store, which applies
+    // it and times out.
+    let held = other
+        .reserve_async(&capacity::request(990), Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("reserved");
+    flaky.apply_then_unknown.store(1, Ordering::Relaxed);
+    let id = match engine.admit_async(&capacity::request(3)).await {
+        Err(Error::StoreOutcomeUnknown {
+            event: Some(id), ..
+        }) => id,
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    };
+    // The outage goes on: 1,100 more admits time out (none applied).
+    flaky.unknown_unapplied.store(1_100, Ordering::Relaxed);
+    for _ in 0..1_100 {
+        let r = engine.admit_async(&capacity::request(1)).await;
+        assert!(matches!(r, Err(Error::StoreOutcomeUnknown { .. })), "{r:?}");
+    }
+    other
+        .release_async(&held, Outcome::Cancelled)
+        .await
+        .unwrap();
+    clock.advance(Duration::from_millis(500));
+    // The host retries the first admit with the id it was given.
+    let retry = capacity::request(3).event(&id);
+    assert!(engine.admit_async(&retry).await.unwrap().allowed);
+    cap.shutdown(clock.now_utc()).await;
+    let r = reader(flaky as Dyn, 1_000, window, clock);
+    assert_eq!(
+        capacity::read(&r, "tokens").await,
+        (3, 0),
+        "the retry of an applied admit must count once"
+    );
+}
+
+/// Admit `size` repeatedly (maintaining every 100 ms of clock) until the
+/// engine refuses; the total admitted.
+async fn admit_until_refused(
+    engine: &Engine<Arc<CapacityStore<Dyn>>, ManualClock>,
+    cap: &CapacityStore<Dyn>,
+    clock: &ManualClock,
+    size: u64,
+) -> u64 {
+    let mut total = 0;
+    for _ in 0..2_000 {
+        let d = engine.admit_async(&capacity::request(size)).await.unwrap();
+        if !d.allowed {
+            // Let other slices come back, then try once more.
+            clock.advance(Duration::from_millis(500));
+            cap.maintain(clock.now_utc()).await;
+            let d = engine.admit_async(&capacity::request(size)).await.unwrap();
+            if !d.allowed {
+                break;
+            }
+        }
+        total += size;
+        clock.advance(Duration::from_millis(10));
+        cap.maintain(clock.now_utc()).await;
+    }
+    total
+}
+
+/// Promise: "never over-admits while replicas live … a store error … during
+/// settle: nothing lost silently, no local admit without a hold". A settle
+/// is tried three times back to back (no backoff, no later retry); a store
+/// unreachable for those three calls makes the slice's admissions never
+/// charged, and once its hold expires the whole maximum can be admitted
+/// again by the same, live, replica.
+#[tokio::test]
+async fn a_settle_that_fails_three_times_over_admits() {
+    const MAX: u64 = 1_000;
+    let flaky = Arc::new(Switch::default());
+    let shared: Dyn = Arc::clone(&flaky) as Dyn;
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&shared), capacity::config()).unwrap());
+    let engine = Engine::with_store_and_clock(
+        capacity::catalog(MAX, window),
+        Arc::clone(&cap),
+        clock.clone(),
+    );
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    let mut admitted = 0;
+    for _ in 0..10 {
+        assert!(engine.admit_async(&capacity::request(10)).await.unwrap().allowed);
+        admitted += 10;
+    }
+    assert_eq!(cap.stats().local_admits, 10);
+    // A blip: the store is unreachable for one maintain pass.
+    flaky.down.store(true, Ordering::Relaxed);
+    clock.advance(Duration::from_millis(100));
+    cap.maintain(clock.now_utc()).await;
+    flaky.down.store(false, Ordering::Relaxed);
+    eprintln!("after the blip: {:?}", cap.stats());
+    // The replica lives on, maintained as documented.
+    for _ in 0..60 {
+        clock.advance(Duration::from_millis(100));
+        cap.maintain(clock.now_utc()).await;
+    }
+    admitted += admit_until_refused(&engine, &cap, &clock, 10).await;
+    cap.shutdown(clock.now_utc()).await;
+    let r = reader(shared, MAX, window, clock);
+    let (used, held) = capacity::read(&r, "tokens").await;
+    eprintln!("admitted {admitted}, store used {used} held {held}, {:?}", cap.stats());
+    assert!(admitted <= MAX, "over-admitted: {admitted} > {MAX}");
+}
+
+/// Promise: clock steps between `maintain` calls keep "never over-admits".
+/// A ManualClock stepped forward past the lease (here 5 s, lease 4 s)
+/// makes `maintain`'s settle find the lease expired: what the slice
+/// admitted is never charged and the maximum can be admitted again.
+#[tokio::test]
+async fn a_forward_clock_step_over_admits() {
+    const MAX: u64 = 1_000;
+    let shared: Dyn = memory();
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&shared), capacity::config()).unwrap());
+    let engine = Engine::with_store_and_clock(
+        capacity::catalog(MAX, window),
+        Arc::clone(&cap),
+        clock.clone(),
+    );
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    let mut admitted = 0;
+    for _ in 0..10 {
+        assert!(engine.admit_async(&capacity::request(10)).await.unwrap().allowed);
+        admitted += 10;
+    }
+    // NTP steps the clock 5 s forward between two maintain calls.
+    clock.advance(Duration::from_secs(5));
+    cap.maintain(clock.now_utc()).await;
+    admitted += admit_until_refused(&engine, &cap, &clock, 10).await;
+    cap.shutdown(clock.now_utc()).await;
+    let r = reader(shared, MAX, window, clock);
+    let (used, held) = capacity::read(&r, "tokens").await;
+    eprintln!("admitted {admitted}, store used {used} held {held}, {:?}", cap.stats());
+    assert!(admitted <= MAX, "over-admitted: {admitted} > {MAX}");
+}
+
+/// Promise: amounts near `u64::MAX` neither panic nor change semantics. On
+/// an unlimited meter a large request makes its slice `size × 64`,
+/// saturated to a hold of `u64::MAX`; every other replica's slice on that
+/// counter then overflows (contract rule 4) and its plain admit of one
+/// unit fails with an error although the meter is unlimited.
+#[tokio::test]
+async fn a_huge_slice_on_an_unlimited_meter_breaks_other_replicas() {
+    let shared: Dyn = memory();
+    let clock = ManualClock::new(capacity::t0());
+    let catalog = || {
+        CatalogConfig::default()
+            .meter(Meter::count("tokens"))
+            .plan(PlanConfig::new("plan").limit(LimitConfig::new(
+                "tokens",
+                Window::Lifetime,
+                MaxConfig::Unlimited,
+            )))
+            .build()
+            .expect("catalog")
+    };
+    let make = || {
+        let cap = Arc::new(CapacityStore::new(Arc::clone(&shared), capacity::config()).unwrap());
+        let e = Engine::with_store_and_clock(catalog(), Arc::clone(&cap), clock.clone());
+        e.allocate(Allocation::new("agent", "plan")).unwrap();
+        (cap, e)
+    };
+    let (_a, ea) = make();
+    let (_b, eb) = make();
+    let big = Request::new("agent").units("tokens", 1u64 << 58);
+    assert!(ea.admit_async(&big).await.unwrap().allowed);
+    let one = Request::new("agent").units("tokens", 1u64);
+    let d = eb.admit_async(&one).await;
+    assert!(
+        matches!(&d, Ok(d) if d.allowed),
+        "an admit of 1 unit on an unlimited meter: {d:?}"
+    );
+}
+
+/// Promise: a lowered maximum is enforced. An allocation moved to a
+/// smaller plan while a slice of the bigger one is out: total admitted must
+/// stay within the smaller maximum. (Held in review.)
+#[tokio::test]
+async fn a_lowered_max_is_enforced_at_once() {
+    let shared: Dyn = memory();
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let catalog = CatalogConfig::default()
+        .meter(Meter::count("tokens"))
+        .plan(PlanConfig::new("big").limit(LimitConfig::new("tokens", window, 10_000u64)))
+        .plan(PlanConfig::new("small").limit(LimitConfig::new("tokens", window, 300u64)))
+        .build()
+        .unwrap();
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&shared), CapacityConfig::new()).unwrap());
+    let engine = Engine::with_store_and_clock(catalog, Arc::clone(&cap), clock.clone());
+    engine.allocate(Allocation::new("agent", "big")).unwrap();
+    let req = Request::new("agent").units("tokens", 20u64);
+    let mut admitted = 0;
+    for _ in 0..10 {
+        assert!(engine.admit_async(&req).await.unwrap().allowed);
+        admitted += 20;
+    }
+    engine.allocate(Allocation::new("agent", "small")).unwrap();
+    for _ in 0..200 {
+        if engine.admit_async(&req).await.unwrap().allowed {
+            admitted += 20;
+        }
+        clock.advance(Duration::from_millis(50));
+        cap.maintain(clock.now_utc()).await;
+    }
+    cap.shutdown(clock.now_utc()).await;
+    assert!(admitted <= 300, "admitted {admitted} past the lowered max 300");
+}
+
+/// Promise: every local admit is settled (by `maintain` or `shutdown`).
+/// `maintain` forgets an idle leaseless shape; a shape just made by
+/// `find_or_add` is idle and leaseless until its first `decide`, so a
+/// `maintain` running in between removes it from the table, and the admit
+/// then opens a lease on a shape no one will ever settle: its admission is
+/// never charged (and its hold lingers until expiry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_shape_forgotten_by_a_racing_maintain_is_never_settled() {
+    const SUBJECTS: usize = 4_000;
+    let shared: Dyn = memory();
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&shared), capacity::config()).unwrap());
+    let engine = Arc::new(Engine::with_store_and_clock(
+        capacity::catalog(1_000_000, window),
+        Arc::clone(&cap),
+        clock.clone(),
+    ));
+    let names: Vec<String> = (0..SUBJECTS).map(|i| format!("s{i}")).collect();
+    for n in &names {
+        engine.allocate(Allocation::new(n.as_str(), "plan")).unwrap();
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let bg = {
+        let (cap, done, clock) = (Arc::clone(&cap), Arc::clone(&done), clock.clone());
+        tokio::spawn(async move {
+            while !done.load(Ordering::Relaxed) {
+                cap.maintain(clock.now_utc()).await;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let names2 = names.clone();
+    let fg = {
+        let engine = Arc::clone(&engine);
+        tokio::spawn(async move {
+            for n in &names2 {
+                let req = Request::new(n.as_str()).units("tokens", 5u64).units("requests", 1u64);
+                assert!(engine.admit_async(&req).await.unwrap().allowed);
+            }
+        })
+    };
+    fg.await.unwrap();
+    done.store(true, Ordering::Relaxed);
+    bg.await.unwrap();
+    cap.shutdown(clock.now_utc()).await;
+    let r = Engine::with_store_and_clock(capacity::catalog(1_000_000, window), shared, clock);
+    let mut missing = Vec::new();
+    for n in &names {
+        r.allocate(Allocation::new(n.as_str(), "plan")).unwrap();
+        let report = r.usage_async(n).await.unwrap();
+        let row = report.meters.iter().find(|m| m.meter.as_str() == "tokens").unwrap();
+        if row.units != 5.into() || !row.held.is_zero() {
+            missing.push((n.clone(), row.units, row.held));
+        }
+    }
+    assert!(missing.is_empty(), "admits never settled: {missing:?}");
+}
+
+/// Promise: "An engine's own unused slice never refuses its own request".
+/// One engine (`replicas(1)`), one subject, a 1,000-token limit: three
+/// request shapes that all touch the `tokens` counter (tokens alone,
+/// tokens + requests, tokens + images). Each shape takes its own slice of
+/// the counter; the first two take all of it, so the third shape's first
+/// request is refused with 30 of 1,000 tokens admitted.
+#[tokio::test]
+async fn one_engines_own_shapes_refuse_each_other() {
+    let shared: Dyn = memory();
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let catalog = CatalogConfig::default()
+        .meter(Meter::count("tokens"))
+        .meter(Meter::count("requests"))
+        .meter(Meter::count("images"))
+        .plan(
+            PlanConfig::new("plan")
+                .limit(LimitConfig::new("tokens", window, 1_000u64))
+                .limit(LimitConfig::new("requests", window, 1_000_000u64))
+                .limit(LimitConfig::new("images", window, 1_000_000u64)),
+        )
+        .build()
+        .unwrap();
+    let cap = Arc::new(
+        CapacityStore::new(Arc::clone(&shared), CapacityConfig::new().replicas(1)).unwrap(),
+    );
+    let engine = Engine::with_store_and_clock(catalog, Arc::clone(&cap), clock.clone());
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    let shapes = [
+        Request::new("agent").units("tokens", 10u64),
+        Request::new("agent").units("tokens", 10u64).units("requests", 1u64),
+        Request::new("agent").units("tokens", 10u64).units("images", 1u64),
+    ];
+    let mut refused = Vec::new();
+    for (i, r) in shapes.iter().enumerate() {
+        let d = engine.admit_async(r).await.unwrap();
+        if !d.allowed {
+            refused.push(i);
+        }
+    }
+    eprintln!("{:?}", cap.stats());
+    assert!(
+        refused.is_empty(),
+        "shapes {refused:?} refused with at most 30 of 1,000 tokens admitted"
+    );
+}
+
+#[allow(dead_code)]
+fn _unused(_: Period) {}
