@@ -40,6 +40,8 @@ struct Switch {
     down: AtomicBool,
     apply_then_unknown: AtomicU64,
     unknown_unapplied: AtomicU64,
+    /// Apply the next N lease batches (open, grow) and answer unknown.
+    lease_unknown: AtomicU64,
 }
 
 fn take_one(c: &AtomicU64) -> bool {
@@ -64,6 +66,10 @@ impl AsyncAllowanceStore for Switch {
             return Err(unknown());
         }
         let a = AsyncAllowanceStore::apply(&self.inner, batch).await?;
+        if batch.lease.is_some() && batch.mode == Mode::WithinLimits && take_one(&self.lease_unknown)
+        {
+            return Err(unknown());
+        }
         if plain && take_one(&self.apply_then_unknown) {
             return Err(unknown());
         }
@@ -352,6 +358,12 @@ async fn a_lowered_max_is_enforced_at_once() {
 /// `maintain` running in between removes it from the table, and the admit
 /// then opens a lease on a shape no one will ever settle: its admission is
 /// never charged (and its hold lingers until expiry).
+///
+/// Found by reading (src/capacity.rs `apply_sliced`'s `None` arm:
+/// `find_or_add` then `decide` with no shard lock between them, and
+/// `job`/`forget`); the window holds no await, and this stress run did
+/// not hit it on the review machine, so it is ignored by default.
+#[ignore = "probabilistic; the race was found by reading, not reproduced"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_shape_forgotten_by_a_racing_maintain_is_never_settled() {
     const SUBJECTS: usize = 4_000;
@@ -558,6 +570,68 @@ async fn a_backward_clock_step_stalls_settles() {
         used + 10 >= admitted,
         "2 s of maintain every interval, yet used {used} of {admitted} admitted"
     );
+}
+
+/// Contract of `Error::StoreOutcomeUnknown::event`: "The event id the call
+/// carried — the host's, or one the async engine made for it". An admit
+/// whose slice open times out still names its engine-made id (the engine
+/// fills it in). (Held in review.)
+#[tokio::test]
+async fn an_unknown_slice_open_loses_the_admits_event_id() {
+    let flaky = Arc::new(Switch::default());
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&flaky), capacity::config()).unwrap());
+    let engine = Engine::with_store_and_clock(
+        capacity::catalog(1_000, window),
+        Arc::clone(&cap),
+        clock.clone(),
+    );
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    flaky.lease_unknown.store(1, Ordering::Relaxed);
+    match engine.admit_async(&capacity::request(3)).await {
+        Err(Error::StoreOutcomeUnknown { event, .. }) => assert!(
+            event.as_deref().is_some_and(|e| e.starts_with("tollgate:")),
+            "the admit carried an engine-made id; the error names {event:?}"
+        ),
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    }
+}
+
+/// Promise (README knob table and "Near the limit"): "a slice takes at
+/// most `free / replicas` of a counter", so another replica's unused slice
+/// is at most `free / replicas` at its grant. A shape's *first* slice is
+/// sized with `free` unknown and takes `64 × size` whatever the limit:
+/// here 650 of a 1,000 limit with `replicas(8)`, and the other replica's
+/// request of 400 (used 10 of 1,000) is refused.
+#[tokio::test]
+async fn a_first_slice_ignores_the_replica_share() {
+    let shared: Dyn = memory();
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let make = || {
+        let cap = Arc::new(CapacityStore::new(Arc::clone(&shared), capacity::config()).unwrap());
+        let e = Engine::with_store_and_clock(
+            capacity::catalog(1_000, window),
+            Arc::clone(&cap),
+            clock.clone(),
+        );
+        e.allocate(Allocation::new("agent", "plan")).unwrap();
+        (cap, e)
+    };
+    let (a, ea) = make();
+    let (b, eb) = make();
+    assert!(ea.admit_async(&capacity::request(10)).await.unwrap().allowed);
+    let r = reader(Arc::clone(&shared), 1_000, window, clock.clone());
+    let (used, held) = capacity::read(&r, "tokens").await;
+    eprintln!("after one admit of 10: used {used} held {held}");
+    let d = eb.admit_async(&capacity::request(400)).await.unwrap();
+    eprintln!("{:?} {:?}", a.stats(), b.stats());
+    assert!(
+        held <= 10 + 1_000 / 8,
+        "replica A's first slice holds {held} of 1,000 (share is 1,000 / 8)"
+    );
+    assert!(d.allowed, "replica B's 400 refused with 10 of 1,000 admitted");
 }
 
 #[allow(dead_code)]
