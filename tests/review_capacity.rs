@@ -634,5 +634,130 @@ async fn a_first_slice_ignores_the_replica_share() {
     assert!(d.allowed, "replica B's 400 refused with 10 of 1,000 admitted");
 }
 
+/// Fails every `fail_every`th call with `Error::Store` (nothing applied)
+/// and answers every `unknown_every`th call, after applying it, with
+/// `StoreOutcomeUnknown`.
+struct EveryNth {
+    inner: Arc<MemoryStore>,
+    calls: AtomicU64,
+    fail_every: u64,
+    unknown_every: u64,
+}
+
+#[async_trait]
+impl AsyncAllowanceStore for EveryNth {
+    async fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed) + 1;
+        if n % self.fail_every == 0 {
+            return Err(Error::Store {
+                message: "connection reset".into(),
+            });
+        }
+        let a = AsyncAllowanceStore::apply(&*self.inner, batch).await?;
+        if n % self.unknown_every == 0 {
+            return Err(Error::StoreOutcomeUnknown {
+                message: "timed out".into(),
+                event: batch.event.map(|e| e.id.to_owned()),
+            });
+        }
+        Ok(a)
+    }
+
+    async fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
+        AsyncAllowanceStore::overdue(&*self.inner, now).await
+    }
+
+    fn needs_event_ids(&self) -> bool {
+        true
+    }
+}
+
+/// The seeded interleavings of `capacity_memory.rs`, on a store that
+/// fails every Nth call and leaves every Mth outcome unknown; a host
+/// retries an unknown admit with the id it was given. After every step:
+/// admitted <= max, and every admit is covered by usage or a hold.
+#[tokio::test]
+async fn interleavings_on_a_store_failing_every_nth_call() {
+    const MAX: u64 = 5_000;
+    let window = Window::Lifetime;
+    for (seed, fail_every, unknown_every) in [(1u64, 3u64, 7u64), (2, 4, 5), (3, 5, 3), (4, 2, 9)] {
+        let shared = Arc::new(EveryNth {
+            inner: memory(),
+            calls: AtomicU64::new(0),
+            fail_every,
+            unknown_every,
+        });
+        let dynd: Dyn = Arc::clone(&shared) as Dyn;
+        let clock = ManualClock::new(capacity::t0());
+        let make = || {
+            let cap = Arc::new(CapacityStore::new(Arc::clone(&dynd), capacity::config()).unwrap());
+            let e = Engine::with_store_and_clock(
+                capacity::catalog(MAX, window),
+                Arc::clone(&cap),
+                clock.clone(),
+            );
+            e.allocate(Allocation::new("agent", "plan")).unwrap();
+            (cap, e)
+        };
+        let mut engines: Vec<_> = (0..4).map(|_| make()).collect();
+        let mut lost = 0;
+        let r = reader(Arc::clone(&shared.inner) as Dyn, MAX, window, clock.clone());
+        let mut rng = capacity::Rng::new(seed);
+        let mut admitted = 0u64;
+        for step in 0..1_500 {
+            let i = rng.below(4) as usize;
+            match rng.below(100) {
+                0..=69 => {
+                    let size = 1 + rng.below(60);
+                    let mut req = capacity::request(size);
+                    let mut id = String::new();
+                    for _ in 0..20 {
+                        match engines[i].1.admit_async(&req).await {
+                            Ok(d) => {
+                                if d.allowed {
+                                    admitted += size;
+                                }
+                                break;
+                            }
+                            Err(Error::StoreOutcomeUnknown { event: Some(e), .. }) => {
+                                id = e;
+                                req = capacity::request(size).event(&id);
+                            }
+                            Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. }) => {}
+                            Err(e) => panic!("seed {seed} step {step}: {e:?}"),
+                        }
+                    }
+                    let _ = &id;
+                }
+                70..=84 => engines[i].0.maintain(clock.now_utc()).await,
+                85..=96 => {
+                    clock.advance(Duration::from_millis(rng.below(101)));
+                    for (cap, _) in &engines {
+                        cap.maintain(clock.now_utc()).await;
+                    }
+                }
+                _ => {
+                    engines[i].0.shutdown(clock.now_utc()).await;
+                    lost += engines[i].0.stats().lost_units;
+                    engines[i] = make();
+                }
+            }
+            let (used, held) = capacity::read(&r, "tokens").await;
+            assert!(admitted <= MAX, "seed {seed} step {step}: over-admitted {admitted}");
+            assert!(
+                admitted <= used + held,
+                "seed {seed} step {step}: used {used} held {held} admitted {admitted}"
+            );
+        }
+        for (cap, _) in &engines {
+            cap.shutdown(clock.now_utc()).await;
+            lost += cap.stats().lost_units;
+        }
+        let (used, held) = capacity::read(&r, "tokens").await;
+        eprintln!("seed {seed}: admitted {admitted} used {used} held {held} lost {lost}");
+        assert_eq!(used, admitted, "seed {seed}: held {held} lost {lost}");
+    }
+}
+
 #[allow(dead_code)]
 fn _unused(_: Period) {}
