@@ -759,5 +759,62 @@ async fn interleavings_on_a_store_failing_every_nth_call() {
     }
 }
 
+/// Extreme but valid configurations: no panic (debug build: overflow
+/// checks on), never over the maximum, usage equal to what was admitted
+/// after shutdown. Also `max_shapes(1)`: a second shape passes through.
+/// (Held in review.)
+#[tokio::test]
+async fn extreme_valid_configs_hold() {
+    const MAX: u64 = 3_000;
+    let configs = [
+        CapacityConfig::new()
+            .replicas(u32::MAX)
+            .slice_decisions(u32::MAX)
+            .min_slice_decisions(u32::MAX),
+        CapacityConfig::new()
+            .replicas(1)
+            .slice_decisions(u32::MAX)
+            .min_slice_decisions(1)
+            .max_shapes(1),
+        CapacityConfig::new()
+            .top_up_interval(Duration::from_micros(1_999))
+            .lease_ttl(Duration::from_micros(7_996)),
+        CapacityConfig::new()
+            .top_up_interval(Duration::from_secs(86_400))
+            .lease_ttl(Duration::from_secs(86_400 * 7))
+            .max_shapes(usize::MAX),
+    ];
+    for (n, config) in configs.into_iter().enumerate() {
+        let shared: Dyn = memory();
+        let clock = ManualClock::new(capacity::t0());
+        let window = Window::calendar(Period::Day);
+        let cap = Arc::new(CapacityStore::new(Arc::clone(&shared), config).unwrap());
+        let engine = Engine::with_store_and_clock(
+            capacity::catalog(MAX, window),
+            Arc::clone(&cap),
+            clock.clone(),
+        );
+        engine.allocate(Allocation::new("agent", "plan")).unwrap();
+        engine.allocate(Allocation::new("other", "plan")).unwrap();
+        let mut admitted = 0;
+        let mut rng = capacity::Rng::new(n as u64 + 1);
+        for _ in 0..400 {
+            let size = 1 + rng.below(30);
+            if engine.admit_async(&capacity::request(size)).await.unwrap().allowed {
+                admitted += size;
+            }
+            let other = Request::new("other").units("tokens", 1u64);
+            assert!(engine.admit_async(&other).await.unwrap().allowed);
+            clock.advance(Duration::from_millis(rng.below(3)));
+            cap.maintain(clock.now_utc()).await;
+        }
+        cap.shutdown(clock.now_utc()).await;
+        let r = reader(shared, MAX, window, clock);
+        let (used, held) = capacity::read(&r, "tokens").await;
+        assert!(admitted <= MAX, "config {n}: {admitted}");
+        assert_eq!((used, held), (admitted, 0), "config {n}: {:?}", cap.stats());
+    }
+}
+
 #[allow(dead_code)]
 fn _unused(_: Period) {}
