@@ -816,5 +816,50 @@ async fn extreme_valid_configs_hold() {
     }
 }
 
+/// Calendar periods: admits every 10 ms across midnight, `maintain` every
+/// 100–190 ms (an interval plus jitter): every admit lands in its own day
+/// (`usage_in` reads the day before). (Held in review.)
+#[tokio::test]
+async fn calendar_usage_lands_in_its_own_period() {
+    use chrono::TimeZone;
+    let shared: Dyn = memory();
+    let midnight = Utc.with_ymd_and_hms(2026, 5, 2, 0, 0, 0).unwrap();
+    let clock = ManualClock::new(midnight - chrono::TimeDelta::seconds(3));
+    let window = Window::calendar(Period::Day);
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&shared), capacity::config()).unwrap());
+    let engine = Engine::with_store_and_clock(
+        capacity::catalog(1_000_000, window),
+        Arc::clone(&cap),
+        clock.clone(),
+    );
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    let (mut before, mut after) = (0u64, 0u64);
+    let mut next_maintain = clock.now_utc();
+    let mut rng = capacity::Rng::new(7);
+    while clock.now_utc() < midnight + chrono::TimeDelta::seconds(2) {
+        let at = clock.now_utc();
+        if engine.admit_async(&capacity::request(3)).await.unwrap().allowed {
+            if at < midnight {
+                before += 3;
+            } else {
+                after += 3;
+            }
+        }
+        clock.advance(Duration::from_millis(10));
+        if clock.now_utc() >= next_maintain {
+            cap.maintain(clock.now_utc()).await;
+            next_maintain = clock.now_utc()
+                + chrono::TimeDelta::milliseconds(100 + rng.below(91) as i64);
+        }
+    }
+    cap.shutdown(clock.now_utc()).await;
+    let past = engine.usage_in_async("agent", Period::Day, 1).await.unwrap();
+    let row = past.meters.iter().find(|m| m.meter.as_str() == "tokens").unwrap();
+    let r = reader(shared, 1_000_000, window, clock);
+    let (used, _) = capacity::read(&r, "tokens").await;
+    assert!(before > 0 && after > 0);
+    assert_eq!((row.units, used), (before.into(), after), "{:?}", cap.stats());
+}
+
 #[allow(dead_code)]
 fn _unused(_: Period) {}
