@@ -577,7 +577,7 @@ async fn a_backward_clock_step_stalls_settles() {
 /// whose slice open times out still names its engine-made id (the engine
 /// fills it in). (Held in review.)
 #[tokio::test]
-async fn an_unknown_slice_open_loses_the_admits_event_id() {
+async fn an_unknown_slice_open_keeps_the_admits_event_id() {
     let flaky = Arc::new(Switch::default());
     let clock = ManualClock::new(capacity::t0());
     let window = Window::Lifetime;
