@@ -205,8 +205,10 @@ use crate::Error;
 
 /// The prefix of the event ids the async engine makes itself.
 const ENGINE_EVENT_PREFIX: &str = "tollgate:";
-/// How many event ids answered `StoreOutcomeUnknown` are remembered.
-const UNKNOWN_IDS_KEPT: usize = 1024;
+/// How many event ids answered `StoreOutcomeUnknown` are remembered at
+/// once; past it, every engine-made id goes to the store until the
+/// remembered ones have aged out.
+const UNKNOWN_IDS_KEPT: usize = 16_384;
 /// Lock shards of the shape table.
 const SHARDS: usize = 16;
 /// How many times a settle is retried after a store error.
@@ -226,6 +228,7 @@ pub struct CapacityConfig {
     slice_decisions: u32,
     min_slice_decisions: u32,
     max_shapes: usize,
+    unknown_id_window: Duration,
 }
 
 impl Default for CapacityConfig {
@@ -246,6 +249,7 @@ impl CapacityConfig {
             slice_decisions: 64,
             min_slice_decisions: 4,
             max_shapes: 65_536,
+            unknown_id_window: Duration::from_secs(900),
         }
     }
 
@@ -299,6 +303,19 @@ impl CapacityConfig {
         self
     }
 
+    /// How long an engine-made event id that came back in an
+    /// [`Error::StoreOutcomeUnknown`] from the inner store is remembered
+    /// (default 15 minutes, the default
+    /// [`RedisConfig::retry_horizon`](crate::store::RedisConfig::retry_horizon)):
+    /// a retry with it within this time goes to the store, whose ledger
+    /// replays it. Set it to at least the time the inner store keeps
+    /// engine-made ids. At least 1 ms, at most a week.
+    #[must_use]
+    pub fn unknown_id_window(mut self, window: Duration) -> Self {
+        self.unknown_id_window = window;
+        self
+    }
+
     /// The configured top-up interval (how often to call
     /// [`CapacityStore::maintain`]).
     pub fn top_up_interval_value(&self) -> Duration {
@@ -342,6 +359,11 @@ impl CapacityConfig {
         if self.max_shapes == 0 {
             return bad("max_shapes", "must be at least 1");
         }
+        if self.unknown_id_window < Duration::from_millis(1)
+            || self.unknown_id_window > Duration::from_secs(86_400 * 7)
+        {
+            return bad("unknown_id_window", "must be between 1 ms and a week");
+        }
         Ok(())
     }
 }
@@ -356,8 +378,8 @@ pub struct CapacityStats {
     pub local_checks: u64,
     /// Batches passed to the inner store unchanged.
     pub passed_through: u64,
-    /// Calls to the inner store's `apply`, of every kind (pass-through,
-    /// open, grow, settle).
+    /// Calls to the inner store, of every kind: `apply` (pass-through,
+    /// open, grow, settle, late charge) and `period_usage`.
     pub store_calls: u64,
     /// Admits of a sliceable shape refused (by a lease that could not grow,
     /// or by the store when the shape went straight to it).
@@ -367,9 +389,21 @@ pub struct CapacityStats {
     pub refused_by_holds: u64,
     /// Slices settled (given back, their admitted part made usage).
     pub settles: u64,
-    /// Units admitted locally whose settle failed (lease expired or the
-    /// store unreachable): admitted, never charged.
+    /// Units admitted locally that could never be charged: the store
+    /// refused both the settle and the late charge with an error other
+    /// than an outage (for example [`Error::Overflow`]). Summed over every
+    /// counter of the slice, whatever its meter. A settle the store could
+    /// not be reached for is not lost: it stays pending
+    /// ([`pending_settles`](Self::pending_settles)).
     pub lost_units: u64,
+    /// Settles that failed on a store error and wait for the next
+    /// [`CapacityStore::maintain`] or [`CapacityStore::shutdown`] to try
+    /// again (now, not a total).
+    pub pending_settles: u64,
+    /// Slices whose lease had expired when they settled (a store outage
+    /// longer than half a lease, a forward clock step, no `maintain`):
+    /// what they admitted was charged as plain usage instead.
+    pub late_charges: u64,
 }
 
 #[derive(Default)]
@@ -382,6 +416,7 @@ struct Counters {
     refused_by_holds: AtomicU64,
     settles: AtomicU64,
     lost_units: AtomicU64,
+    late_charges: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -481,9 +516,12 @@ pub struct CapacityStore<S> {
     shards: Box<[Shard]>,
     shapes: AtomicU64,
     hasher: foldhash::fast::RandomState,
-    unknown_ids: Mutex<std::collections::VecDeque<String>>,
+    unknown_ids: Mutex<UnknownIds>,
     /// Whether `unknown_ids` has ever held an id: the fast path's test.
     unknown_any: AtomicBool,
+    /// Settles that failed on a store error, retried by `maintain` and
+    /// `shutdown`.
+    pending: Mutex<Vec<PendingSettle>>,
     closed: AtomicBool,
     counters: Counters,
 }
@@ -499,6 +537,44 @@ impl<S: std::fmt::Debug> std::fmt::Debug for CapacityStore<S> {
     }
 }
 
+/// Engine-made event ids that came back from the inner store in a
+/// `StoreOutcomeUnknown`, with when (batch time).
+#[derive(Default)]
+struct UnknownIds {
+    ids: HashMap<Box<str>, i64>,
+    /// Every engine-made id goes to the store until this instant: set when
+    /// `ids` was full.
+    all_until_ms: i64,
+}
+
+/// A settle that failed on a store error: retried until it lands.
+struct PendingSettle {
+    ops: SmallVec<[OpKey; 4]>,
+    owner: ScopeKey,
+    lease: LeaseId,
+    consumed: SmallVec<[u64; 4]>,
+}
+
+/// How one try of a settle ended.
+enum SettleTry {
+    /// Landed (settled, already settled, or charged late); the store's
+    /// answer to the settle when there was one.
+    Done(Option<Applied>),
+    /// A store error: try again later.
+    Retry,
+}
+
+/// Whether `id` has the exact shape of an event id the async engine makes
+/// (`tollgate:` and 32 lowercase hex digits, a [`LeaseId`] as displayed).
+/// A host id of that shape is reserved: it is taken for an engine-made id.
+fn engine_made(id: &str) -> bool {
+    id.strip_prefix(ENGINE_EVENT_PREFIX).is_some_and(|h| {
+        h.len() == 32
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 /// Whether `shape` is the shape of `ops`.
 fn same_ops(shape: &Shape, ops: &[CounterOp<'_>]) -> bool {
     shape.ops.len() == ops.len() && shape.ops.iter().zip(ops).all(|(k, op)| k.matches(op))
@@ -512,6 +588,22 @@ enum Plan {
     Reopen,
     /// Grow the current lease.
     Grow,
+}
+
+/// What was free on `k` at the last answer, as if `s`'s unused part were
+/// free too: `max - used - held by others - admitted from the slice`
+/// (`u64::MAX` stands for the maximum of an unlimited counter).
+fn free_of(k: &OpKey, s: &OpSlice) -> u64 {
+    k.max.unwrap_or(u64::MAX).saturating_sub(
+        s.base_used
+            .saturating_add(s.base_held_others)
+            .saturating_add(s.consumed),
+    )
+}
+
+/// The sum of `amounts`, saturated.
+fn total(amounts: &[u64]) -> u64 {
+    amounts.iter().fold(0u64, |t, &a| t.saturating_add(a))
 }
 
 fn ms(d: Duration) -> i64 {
@@ -540,6 +632,8 @@ impl<S> CapacityStore<S> {
             refused_by_holds: l(&c.refused_by_holds),
             settles: l(&c.settles),
             lost_units: l(&c.lost_units),
+            pending_settles: self.pending.lock().len() as u64,
+            late_charges: l(&c.late_charges),
         }
     }
 }
@@ -560,8 +654,9 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 .collect(),
             shapes: AtomicU64::new(0),
             hasher: foldhash::fast::RandomState::default(),
-            unknown_ids: Mutex::new(std::collections::VecDeque::new()),
+            unknown_ids: Mutex::new(UnknownIds::default()),
             unknown_any: AtomicBool::new(false),
+            pending: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
             counters: Counters::default(),
         })
@@ -586,16 +681,43 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         bump(&self.counters.passed_through, 1);
         let r = self.call(batch).await;
         if let (Err(Error::StoreOutcomeUnknown { .. }), Some(ev)) = (&r, batch.event) {
-            if ev.id.starts_with(ENGINE_EVENT_PREFIX) {
-                let mut ids = self.unknown_ids.lock();
-                if ids.len() >= UNKNOWN_IDS_KEPT {
-                    ids.pop_front();
-                }
-                ids.push_back(ev.id.to_owned());
-                self.unknown_any.store(true, Ordering::Relaxed);
+            if engine_made(ev.id) {
+                self.remember_unknown(ev.id, batch.now_ms);
             }
         }
         r
+    }
+
+    /// Remember an engine-made id whose outcome is unknown, for
+    /// [`CapacityConfig::unknown_id_window`]. When the list is full of
+    /// ids younger than that, every engine-made id goes to the store until
+    /// they have aged out.
+    fn remember_unknown(&self, id: &str, now: i64) {
+        let window = ms(self.config.unknown_id_window);
+        let mut u = self.unknown_ids.lock();
+        if u.ids.len() >= UNKNOWN_IDS_KEPT && !u.ids.contains_key(id) {
+            u.ids.retain(|_, &mut at| now.saturating_sub(at) < window);
+            if u.ids.len() >= UNKNOWN_IDS_KEPT {
+                // Every id dropped here is younger than `window`.
+                let newest = u.ids.values().copied().max().unwrap_or(now).max(now);
+                u.all_until_ms = u.all_until_ms.max(newest.saturating_add(window));
+                u.ids.clear();
+            }
+        }
+        let at = u.ids.entry(id.into()).or_insert(now);
+        *at = (*at).max(now);
+        self.unknown_any.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether an engine-made `id` must go to the store: it came back
+    /// unknown within the window, or the list overflowed.
+    fn unknown_at(&self, id: &str, now: i64) -> bool {
+        let window = ms(self.config.unknown_id_window);
+        let u = self.unknown_ids.lock();
+        now < u.all_until_ms
+            || u.ids
+                .get(id)
+                .is_some_and(|&at| now.saturating_sub(at) < window)
     }
 
     /// Whether `batch` may be decided from slices.
@@ -617,10 +739,12 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         }
         match batch.event {
             None => true,
+            // Only an id of the exact shape the engine makes: any other
+            // is the host's, applied once by the store's ledger.
             Some(ev) => {
-                ev.id.starts_with(ENGINE_EVENT_PREFIX)
+                engine_made(ev.id)
                     && !(self.unknown_any.load(Ordering::Relaxed)
-                        && self.unknown_ids.lock().iter().any(|id| id == ev.id))
+                        && self.unknown_at(ev.id, batch.now_ms))
             }
         }
     }
@@ -866,10 +990,11 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 | Error::ReservationExpired { .. }
                 | Error::ReservationSettled { .. },
             ) => {
-                // The lease is gone (the clock passed its expiry): what it
-                // admitted was never charged. Start over from the store.
-                self.drop_lease(shape);
-                return self.pass(batch).await;
+                // The lease is gone (the clock passed its expiry): settle
+                // charges what it admitted as plain usage. Start over from
+                // the store.
+                self.settle(shape, now).await;
+                return self.pass_shape(shape, batch).await;
             }
             Err(e) => return Err(e),
         };
@@ -1002,19 +1127,6 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             .is_some_and(|end| now >= end.saturating_sub(3 * ms(self.config.top_up_interval)))
     }
 
-    /// Forget a lease the store no longer has, counting what it admitted
-    /// as lost.
-    fn drop_lease(&self, shape: &Shape) {
-        let mut st = shape.state.lock();
-        st.lease = None;
-        let lost: u64 = st.slices.iter().map(|s| s.consumed).sum();
-        for s in &mut st.slices {
-            s.granted = 0;
-            s.consumed = 0;
-        }
-        bump(&self.counters.lost_units, lost);
-    }
-
     /// Open a lease holding `amounts`, or grow `lease` by them.
     async fn take(
         &self,
@@ -1075,13 +1187,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         }
         // `free` as if this slice's unused part were free too.
         for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
-            s.free = k.max.map_or(u64::MAX, |m| {
-                m.saturating_sub(
-                    s.base_used
-                        .saturating_add(s.base_held_others)
-                        .saturating_add(s.consumed),
-                )
-            });
+            s.free = free_of(k, s);
         }
         // Local admits went on while the store answered: the request is
         // admitted only if the grown slice still covers it.
@@ -1125,10 +1231,54 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     }
 
     /// Settle `lease` (no longer the shape's current one), charging
-    /// `consumed` as usage.
+    /// `consumed` as usage. Tried three times; then kept pending, and
+    /// retried by every `maintain` and `shutdown` until it lands.
     async fn settle_lease(&self, shape: &Shape, lease: LeaseId, consumed: &[u64], now: i64) {
-        let ops: SmallVec<[CounterOp<'_>; 4]> = shape
-            .ops
+        for _ in 0..SETTLE_TRIES {
+            match self
+                .try_settle(&shape.ops, &shape.owner, lease, consumed, now)
+                .await
+            {
+                SettleTry::Done(Some(a)) => {
+                    let mut st = shape.state.lock();
+                    for (s, c) in st.slices.iter_mut().zip(&a.counters) {
+                        s.base_used = c.used;
+                        s.base_held_others = c.held.saturating_sub(s.granted);
+                        s.period_start_ms = c.period_start_ms;
+                        s.resets_at_ms = c.resets_at_ms;
+                    }
+                    for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
+                        s.free = free_of(k, s);
+                    }
+                    return;
+                }
+                SettleTry::Done(None) => return,
+                SettleTry::Retry => {}
+            }
+        }
+        self.pending.lock().push(PendingSettle {
+            ops: shape.ops.clone(),
+            owner: shape.owner.clone(),
+            lease,
+            consumed: consumed.iter().copied().collect(),
+        });
+    }
+
+    /// One try of a settle. The settle carries the event id
+    /// `tollgate-capacity:{lease}`, so a retry after an unknown outcome
+    /// is replayed by the store's ledger, never applied twice. If the
+    /// lease is gone (expired, or forgotten after its expiry), what it
+    /// admitted is charged as plain usage (mode `Force`, event id
+    /// `tollgate-capacity:{lease}:late`): counted late, never lost.
+    async fn try_settle(
+        &self,
+        keys: &[OpKey],
+        owner: &ScopeKey,
+        lease: LeaseId,
+        consumed: &[u64],
+        now: i64,
+    ) -> SettleTry {
+        let ops: SmallVec<[CounterOp<'_>; 4]> = keys
             .iter()
             .zip(consumed)
             .map(|(k, &d)| CounterOp::new(&k.scope, k.meter, k.window, d, k.max))
@@ -1140,39 +1290,82 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         let batch = Batch::new(&ops, Mode::Force, now)
             .with_lease(LeaseOp::new(
                 lease,
-                &shape.owner,
+                owner,
                 LeaseAction::Settle {
                     keep: Fraction::ZERO,
                 },
             ))
             .with_event(EventKey::new(&id, fingerprint));
-        for _ in 0..SETTLE_TRIES {
-            match self.call(&batch).await {
-                Ok(a) => {
+        match self.call(&batch).await {
+            Ok(a) => {
+                bump(&self.counters.settles, 1);
+                SettleTry::Done(Some(a))
+            }
+            Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. }) => SettleTry::Retry,
+            // Settled by an earlier try whose answer was lost, and its
+            // ledger entry forgotten since: charged then.
+            Err(Error::ReservationSettled { .. }) => {
+                bump(&self.counters.settles, 1);
+                SettleTry::Done(None)
+            }
+            Err(Error::ReservationExpired { .. } | Error::UnknownReservation { .. }) => {
+                let charged: SmallVec<[CounterOp<'_>; 4]> =
+                    ops.iter().filter(|op| op.delta > 0).copied().collect();
+                if charged.is_empty() {
                     bump(&self.counters.settles, 1);
-                    let mut st = shape.state.lock();
-                    for (s, c) in st.slices.iter_mut().zip(&a.counters) {
-                        s.base_used = c.used;
-                        s.base_held_others = c.held.saturating_sub(s.granted);
-                        s.period_start_ms = c.period_start_ms;
-                        s.resets_at_ms = c.resets_at_ms;
-                    }
-                    for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
-                        s.free = k.max.map_or(u64::MAX, |m| {
-                            m.saturating_sub(
-                                s.base_used
-                                    .saturating_add(s.base_held_others)
-                                    .saturating_add(s.consumed),
-                            )
-                        });
-                    }
-                    return;
+                    return SettleTry::Done(None);
                 }
-                Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. }) => continue,
-                Err(_) => break,
+                let late = format!("{id}:late");
+                let batch = Batch::new(&charged, Mode::Force, now)
+                    .with_event(EventKey::new(&late, fingerprint));
+                match self.call(&batch).await {
+                    Ok(_) => {
+                        bump(&self.counters.settles, 1);
+                        bump(&self.counters.late_charges, 1);
+                        SettleTry::Done(None)
+                    }
+                    Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. }) => {
+                        SettleTry::Retry
+                    }
+                    Err(_) => {
+                        bump(&self.counters.lost_units, total(consumed));
+                        SettleTry::Done(None)
+                    }
+                }
+            }
+            Err(_) => {
+                bump(&self.counters.lost_units, total(consumed));
+                SettleTry::Done(None)
             }
         }
-        bump(&self.counters.lost_units, consumed.iter().sum());
+    }
+
+    /// Try every pending settle once more (up to 16 at once); keep the
+    /// ones that fail again.
+    async fn retry_pending(&self, now: i64) {
+        let mut work = std::mem::take(&mut *self.pending.lock());
+        let failed = Mutex::new(Vec::new());
+        while !work.is_empty() {
+            let chunk: Vec<_> = work
+                .drain(..work.len().min(MAINTAIN_AT_ONCE))
+                .map(|p| {
+                    let failed = &failed;
+                    Box::pin(async move {
+                        if let SettleTry::Retry = self
+                            .try_settle(&p.ops, &p.owner, p.lease, &p.consumed, now)
+                            .await
+                        {
+                            failed.lock().push(p);
+                        }
+                    }) as Pin<Box<dyn Future<Output = ()> + Send + '_>>
+                })
+                .collect();
+            JoinAll(chunk.into_iter().map(Some).collect()).await;
+        }
+        let failed = failed.into_inner();
+        if !failed.is_empty() {
+            self.pending.lock().extend(failed);
+        }
     }
 
     /// Open a fresh slice, then settle the old one: local admits go on
@@ -1274,6 +1467,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     /// [`CapacityStats::lost_units`].
     pub async fn maintain(&self, now: DateTime<Utc>) {
         let now = now.timestamp_millis();
+        self.retry_pending(now).await;
         let mut work = Vec::new();
         for shape in self.all_shapes() {
             match self.job(&shape, now) {
@@ -1372,13 +1566,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                     s.demand = 0;
                 }
                 for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
-                    s.free = k.max.map_or(u64::MAX, |m| {
-                        m.saturating_sub(
-                            s.base_used
-                                .saturating_add(s.base_held_others)
-                                .saturating_add(s.consumed),
-                        )
-                    });
+                    s.free = free_of(k, s);
                 }
             }
         }
@@ -1435,6 +1623,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             self.settle(&shape, now).await;
             shape.state.lock().busy = false;
         }
+        self.retry_pending(now).await;
     }
 }
 
