@@ -847,19 +847,19 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
 
     /// The slice to ask for on op `i` beyond what a request needs: demand
     /// sized, at most `free / replicas`; `None` when too small to share.
+    /// `free` unknown (a shape's first slice) is taken as the whole
+    /// maximum. An unlimited counter's maximum is `u64::MAX`: its slices
+    /// too are at most `free / replicas`, so no replica's hold can make
+    /// another's overflow.
     fn slice_size(&self, key: &OpKey, s: &OpSlice, delta: u64, free: Option<u64>) -> Option<u64> {
         let size = delta.max(s.last_delta).max(1);
         let want = size
             .saturating_mul(u64::from(self.config.slice_decisions))
             .max(s.demand.saturating_mul(2));
-        match (key.max, free) {
-            (None, _) | (_, None) => Some(want),
-            (Some(_), Some(free)) => {
-                let share = free / u64::from(self.config.replicas);
-                let min = size.saturating_mul(u64::from(self.config.min_slice_decisions));
-                (share >= min).then(|| want.min(share))
-            }
-        }
+        let free = free.unwrap_or_else(|| key.max.unwrap_or(u64::MAX));
+        let share = free / u64::from(self.config.replicas);
+        let min = size.saturating_mul(u64::from(self.config.min_slice_decisions));
+        (share >= min).then(|| want.min(share))
     }
 
     /// Decide `batch` from slices, or from the store on their behalf.
@@ -996,6 +996,9 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 self.settle(shape, now).await;
                 return self.pass_shape(shape, batch).await;
             }
+            // A slice the counter cannot hold (near `u64::MAX`): the
+            // store decides.
+            Err(Error::Overflow { .. }) => return self.go_direct(shape, batch).await,
             Err(e) => return Err(e),
         };
         if a.applied {
@@ -1008,14 +1011,15 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         // unused part?
         let (fits, frees) = {
             let mut fits = true;
-            let mut frees: SmallVec<[Option<u64>; 4]> = SmallVec::new();
+            let mut frees: SmallVec<[u64; 4]> = SmallVec::new();
             for ((key, c), need) in shape.ops.iter().zip(&a.counters).zip(&needs) {
                 // `held` counts this slice's whole hold: `need` is what
                 // the request needs beyond its unused part.
                 let free = key
                     .max
-                    .map(|m| m.saturating_sub(c.used.saturating_add(c.held)));
-                if free.is_some_and(|f| *need > f) {
+                    .unwrap_or(u64::MAX)
+                    .saturating_sub(c.used.saturating_add(c.held));
+                if *need > free {
                     fits = false;
                 }
                 frees.push(free);
@@ -1040,8 +1044,8 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 .zip(batch.ops)
                 .zip(needs.iter().zip(&frees))
             {
-                let rest = free.map(|f| f - need);
-                match self.slice_size(key, s, op.delta, rest) {
+                let rest = free.saturating_sub(*need);
+                match self.slice_size(key, s, op.delta, Some(rest)) {
                     Some(extra) => second.push(need + extra),
                     None => {
                         share = false;
@@ -1054,7 +1058,11 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             return self.go_direct(shape, batch).await;
         }
         let lease = shape.state.lock().lease;
-        let a = self.take(shape, lease, &second, now).await?;
+        let a = match self.take(shape, lease, &second, now).await {
+            Ok(a) => a,
+            Err(Error::Overflow { .. }) => return self.go_direct(shape, batch).await,
+            Err(e) => return Err(e),
+        };
         if a.applied {
             if let Some(a) = self.consume(shape, batch, &second, &a, now) {
                 return Ok(a);
