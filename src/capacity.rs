@@ -1506,6 +1506,8 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         if st.busy {
             return Job::None;
         }
+        // The clock stepped back: a last use in the future is a use now.
+        st.last_use_ms = st.last_use_ms.min(now);
         let idle = now.saturating_sub(st.last_use_ms) > 4 * interval;
         if st.lease.is_none() {
             return if idle && now >= st.direct_until_ms {
@@ -1516,7 +1518,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         }
         let stale = !self.usable(shape, &st, now.saturating_add(interval));
         let used = st.slices.iter().any(|s| s.consumed > 0);
-        let due = now.saturating_sub(st.last_settle_ms) >= interval;
+        // A last settle an interval or more in the future (the clock
+        // stepped back) is due now, as one an interval in the past.
+        let due = now.saturating_sub(st.last_settle_ms) >= interval
+            || st.last_settle_ms.saturating_sub(now) >= interval;
         let low = st
             .slices
             .iter()
