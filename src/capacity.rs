@@ -1027,6 +1027,26 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             (fits, frees)
         };
         if !fits {
+            // This engine's other shapes' slices on the same counters are
+            // holds too: give them back and ask once more for what is
+            // missing.
+            if self.give_back_own(shape, &a, &needs, now).await {
+                let lease = shape.state.lock().lease;
+                match self.take(shape, lease, &needs, now).await {
+                    Ok(b) if b.applied => {
+                        if let Some(d) = self.consume(shape, batch, &needs, &b, now) {
+                            return Ok(d);
+                        }
+                        return self.pass_shape(shape, batch).await;
+                    }
+                    Ok(mut b) => {
+                        self.refused(shape, batch, &mut b);
+                        return Ok(b);
+                    }
+                    Err(Error::Overflow { .. }) => return self.go_direct(shape, batch).await,
+                    Err(e) => return Err(e),
+                }
+            }
             let mut a = a;
             self.refused(shape, batch, &mut a);
             return Ok(a);
@@ -1070,6 +1090,43 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         }
         // Another replica took it meanwhile: the store decides.
         self.pass_shape(shape, batch).await
+    }
+
+    /// On a refusal that holds make (each counter's usage leaves room for
+    /// what the request needs), settle this engine's other shapes' slices
+    /// on any of `shape`'s counters; whether any was given back. Scans the
+    /// shape table: it runs on such refusals only.
+    async fn give_back_own(&self, shape: &Shape, a: &Applied, needs: &[u64], now: i64) -> bool {
+        let by_holds = shape
+            .ops
+            .iter()
+            .zip(&a.counters)
+            .zip(needs)
+            .all(|((k, c), &need)| k.max.is_none_or(|m| c.used.saturating_add(need) <= m));
+        if !by_holds {
+            return false;
+        }
+        let mut gave = false;
+        for other in self.all_shapes() {
+            if std::ptr::eq(&*other, shape) {
+                continue;
+            }
+            let shares = other.ops.iter().any(|o| {
+                shape
+                    .ops
+                    .iter()
+                    .any(|k| k.scope == o.scope && k.meter == o.meter && k.window == o.window)
+            });
+            if !shares || other.state.lock().lease.is_none() || !claim(&other) {
+                continue;
+            }
+            if other.state.lock().lease.is_some() {
+                self.settle(&other, now).await;
+                gave = true;
+            }
+            other.state.lock().busy = false;
+        }
+        gave
     }
 
     /// Pass a batch of `shape` to the store; count a refused admit.
