@@ -474,6 +474,10 @@ struct ShapeState {
     last_use_ms: i64,
     /// Straight to the store until this instant.
     direct_until_ms: i64,
+    /// Removed from the shape table by `forget`: whoever still holds it
+    /// passes its batches to the store (no slice on a shape no `maintain`
+    /// or `shutdown` would see).
+    gone: bool,
     slices: SmallVec<[OpSlice; 4]>,
     /// Counted here, under the lock already taken, not on a shared atomic.
     local_admits: u64,
@@ -775,7 +779,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             .map(Arc::clone)
     }
 
-    fn find_or_add(&self, hash: u64, ops: &[CounterOp<'_>]) -> Option<Arc<Shape>> {
+    fn find_or_add(&self, hash: u64, ops: &[CounterOp<'_>], now: i64) -> Option<Arc<Shape>> {
         if let Some(s) = self.find(hash, ops) {
             return Some(s);
         }
@@ -799,8 +803,11 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 })
                 .collect(),
             owner: ops[0].scope.clone(),
+            // In use from its making: not idle for `maintain` to forget
+            // before its first decision.
             state: Mutex::new(ShapeState {
                 slices: SmallVec::from_elem(OpSlice::default(), ops.len()),
+                last_use_ms: now,
                 ..ShapeState::default()
             }),
         });
@@ -882,7 +889,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             Some(Err(slow)) => slow,
             None if batch.mode == Mode::Check => return Box::pin(self.pass(batch)).await,
             None => {
-                let Some(shape) = self.find_or_add(hash, batch.ops) else {
+                let Some(shape) = self.find_or_add(hash, batch.ops, batch.now_ms) else {
                     return Box::pin(self.pass(batch)).await;
                 };
                 match self.decide(&shape, batch) {
@@ -909,6 +916,9 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     fn decide(&self, shape: &Shape, batch: &Batch<'_>) -> Result<Applied, Plan> {
         let now = batch.now_ms;
         let mut st = shape.state.lock();
+        if st.gone {
+            return Err(Plan::Pass);
+        }
         let usable = self.usable(shape, &st, now);
         let covered = usable
             && st.slices.iter().zip(batch.ops).all(|(s, op)| {
@@ -1650,9 +1660,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 // Still idle and leaseless under the shard lock: its
                 // counts move to the store's.
                 !(Arc::ptr_eq(s, shape) && {
-                    let st = s.state.lock();
+                    let mut st = s.state.lock();
                     let gone = st.lease.is_none() && !st.busy;
                     if gone {
+                        st.gone = true;
                         bump(&self.counters.local_admits, st.local_admits);
                         bump(&self.counters.local_checks, st.local_checks);
                     }
