@@ -42,14 +42,19 @@
 //!
 //! Only a plain admit is decided locally: a [`Mode::WithinLimits`] batch
 //! with no lease, no cooldown, no balance, no [`Window::Concurrent`]
-//! counter, and either no event id or one the async engine made itself
-//! (`tollgate:…`, see below). A [`Mode::Check`] of such a shape is answered
+//! counter, and either no event id or one of the exact shape the async
+//! engine makes itself (`tollgate:` and 32 lowercase hex digits, see
+//! below). A [`Mode::Check`] of such a shape is answered
 //! locally when the slice covers it. **Everything else goes straight to
 //! the inner store, unchanged**, so it keeps its exact semantics:
 //!
 //! - *Evented calls* (a host's event id): the store's ledger applies them
 //!   once (contract rule 8). The slices this engine holds count there as
 //!   holds, so the store decides against used + every replica's holds.
+//!   **An id of the engine's shape (`tollgate:` and exactly 32 lowercase
+//!   hex digits) is reserved**: it is taken for one the engine made and
+//!   may be decided locally. Any other id, `tollgate:order-42` included,
+//!   is the host's and goes to the store.
 //! - *Reservations* (`reserve`, `renew`, `grow`, `commit`, `release`) and
 //!   *concurrency limits*: a concurrent "in flight" counter is a count of
 //!   live leases and cannot be sliced; those batches carry a lease and go
@@ -70,7 +75,11 @@
 //! unknown outcome; a slice grown with an unknown outcome only grew holds,
 //! never usage, so a retry admitted locally counts once too. An id that
 //! came back from this store in a `StoreOutcomeUnknown` answered by the
-//! inner store is remembered, and a retry with it goes to the store.
+//! inner store is remembered for [`CapacityConfig::unknown_id_window`]
+//! (15 minutes by default, as long as Redis keeps engine-made ids), and a
+//! retry with it within that time goes to the store. Up to 16,384 such
+//! ids are kept at once; past that, every engine-made id goes to the store
+//! until the remembered ones have aged out.
 //!
 //! # Slices: size, top-up, give back
 //!
@@ -78,7 +87,10 @@
 //!   the shape's last size, or twice what the shape used in the last
 //!   top-up interval, whichever is larger.
 //! - It shrinks near the limit: at most `free / replicas` of each counter,
-//!   where `free = max - used - held` as the store last answered. When
+//!   where `free = max - used - held` as the store last answered (for a
+//!   shape's first slice, before any answer, the whole maximum; for an
+//!   unlimited counter, `u64::MAX`, so no slice can make another
+//!   replica's counter overflow). When
 //!   that is less than [`CapacityConfig::min_slice_decisions`] requests of
 //!   the current size, the slice is given back and the shape's decisions
 //!   go **straight to the store** for one top-up interval, then it looks
@@ -103,7 +115,17 @@
 //!   not fit, and a grown slice is used only if it still covers the
 //!   request once the store answered. A slice is used locally only until
 //!   half its lease has run; `maintain` settles it long before the lease
-//!   expires, so what it admitted becomes usage. Tested by
+//!   expires, so what it admitted becomes usage. A settle that fails on a
+//!   store error is kept and tried again by every `maintain` and
+//!   `shutdown` (its event id, `tollgate-capacity:{lease}`, makes a retry
+//!   safe); meanwhile its hold still counts. If the lease expired first
+//!   (the store unreachable for about half a lease, a forward clock step
+//!   past the lease, or no `maintain`), what the slice admitted is charged
+//!   as plain usage (mode `Force`) when the store answers: counted late,
+//!   never dropped. Between that expiry and the late charge, other
+//!   replicas may use the returned hold, so the counter can end above its
+//!   maximum by at most what that slice admitted
+//!   ([`CapacityStats::late_charges`] counts these). Tested by
 //!   `tests/capacity_{redis,postgres,memory}.rs` (eight engines at once,
 //!   random sizes: the counters end equal to what was admitted, at or
 //!   below the maximum) and, step by step with every interleaving of
@@ -119,7 +141,10 @@
 //! - **Extra refusals near the limit are bounded.** A request is refused
 //!   only when `used + held_by_others + (delta - own_unused) > max`: this
 //!   engine's own unused slice never refuses its own request on its slow
-//!   path. A refusal a single store would not make comes from other
+//!   path, and neither do its other shapes' slices: on a refusal that
+//!   holds make, it settles its other shapes' slices on the same counters
+//!   and asks once more (a scan of the shape table, on such refusals
+//!   only). A refusal a single store would not make comes from other
 //!   replicas' unused slices (each at most `free / replicas` at its grant,
 //!   given back within one top-up interval of its replica seeing free
 //!   space below the sharing threshold, or after four idle intervals), or
@@ -136,8 +161,14 @@
 //!   [`CapacityConfig::top_up_interval`] (a background task) and
 //!   [`CapacityStore::shutdown`] before exit. Without `maintain`, a slice
 //!   is settled only when a request it cannot cover comes; one left alone
-//!   past its lease's expiry loses what it admitted
-//!   ([`CapacityStats::lost_units`]).
+//!   past its lease's expiry is charged late (see Guarantees). Settles
+//!   that still fail at `shutdown` stay pending
+//!   ([`CapacityStats::pending_settles`]): call `shutdown` (or `maintain`)
+//!   again once the store is back; a process that exits with settles
+//!   pending loses them as a killed replica would.
+//! - Clock steps: a step forward past a lease is a late charge (see
+//!   Guarantees); after a step back of an interval or more, `maintain`
+//!   settles every used slice at once and goes on every interval.
 //! - The engine's clock sets the leases' expiry. On a store that rolls on
 //!   its own clock (`RedisStore` with `TimeSource::Server`, the default),
 //!   keep the two within half a lease of each other.
@@ -1285,8 +1316,8 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     }
 
     /// Settle the shape's lease, if any: what it admitted becomes usage,
-    /// the rest returns. Failures are counted in
-    /// [`CapacityStats::lost_units`].
+    /// the rest returns. A settle that fails on store errors stays
+    /// pending (see `settle_lease`).
     async fn settle(&self, shape: &Shape, now: i64) {
         let (lease, consumed) = {
             let mut st = shape.state.lock();
@@ -1536,10 +1567,11 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     /// interval or more ago, or has run half its lease; settle without
     /// replacing the slices near their calendar period's end and those
     /// idle for four intervals; top up slices three quarters used; forget
-    /// idle shapes. Up to 16 shapes' store calls run at once. Store errors
-    /// are absorbed: a slice that cannot be topped up is grown or reopened
-    /// on demand, and a settle that fails three times is counted in
-    /// [`CapacityStats::lost_units`].
+    /// idle shapes. First, it tries every pending settle again. Up to 16
+    /// shapes' store calls run at once. Store errors are absorbed: a slice
+    /// that cannot be topped up is grown or reopened on demand, and a
+    /// settle that fails three times stays pending
+    /// ([`CapacityStats::pending_settles`]) for the next pass.
     pub async fn maintain(&self, now: DateTime<Utc>) {
         let now = now.timestamp_millis();
         self.retry_pending(now).await;
@@ -1688,11 +1720,12 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         h.finish()
     }
 
-    /// Give every slice back (their admitted parts become usage) and send
-    /// every later batch straight to the store. Call it before the process
-    /// exits; a replica that never calls it loses its unsettled admissions
-    /// and its holds return at their lease's expiry. Store errors are
-    /// counted in [`CapacityStats::lost_units`].
+    /// Give every slice back (their admitted parts become usage), try every
+    /// pending settle again, and send every later batch straight to the
+    /// store. Call it before the process exits; a replica that never calls
+    /// it loses its unsettled admissions and its holds return at their
+    /// lease's expiry. Settles that fail on a store error stay pending
+    /// ([`CapacityStats::pending_settles`]): call it again to retry them.
     pub async fn shutdown(&self, now: DateTime<Utc>) {
         self.closed.store(true, Ordering::Relaxed);
         let now = now.timestamp_millis();
