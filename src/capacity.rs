@@ -594,7 +594,7 @@ struct PendingSettle {
 enum SettleTry {
     /// Landed (settled, already settled, or charged late); the store's
     /// answer to the settle when there was one.
-    Done(Option<Applied>),
+    Done(Option<Box<Applied>>),
     /// A store error: try again later.
     Retry,
 }
@@ -1405,7 +1405,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         match self.call(&batch).await {
             Ok(a) => {
                 bump(&self.counters.settles, 1);
-                SettleTry::Done(Some(a))
+                SettleTry::Done(Some(Box::new(a)))
             }
             Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. }) => SettleTry::Retry,
             // Settled by an earlier try whose answer was lost, and its
