@@ -557,6 +557,8 @@ pub struct CapacityStore<S> {
     /// Settles that failed on a store error, retried by `maintain` and
     /// `shutdown`.
     pending: Mutex<Vec<PendingSettle>>,
+    /// How many settles are pending, those being retried included.
+    pending_count: AtomicU64,
     closed: AtomicBool,
     counters: Counters,
 }
@@ -667,7 +669,7 @@ impl<S> CapacityStore<S> {
             refused_by_holds: l(&c.refused_by_holds),
             settles: l(&c.settles),
             lost_units: l(&c.lost_units),
-            pending_settles: self.pending.lock().len() as u64,
+            pending_settles: l(&self.pending_count),
             late_charges: l(&c.late_charges),
         }
     }
@@ -692,6 +694,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             unknown_ids: Mutex::new(UnknownIds::default()),
             unknown_any: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
+            pending_count: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             counters: Counters::default(),
         })
@@ -1362,6 +1365,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 SettleTry::Retry => {}
             }
         }
+        bump(&self.pending_count, 1);
         self.pending.lock().push(PendingSettle {
             ops: shape.ops.clone(),
             owner: shape.owner.clone(),
@@ -1450,6 +1454,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     /// ones that fail again.
     async fn retry_pending(&self, now: i64) {
         let mut work = std::mem::take(&mut *self.pending.lock());
+        let tried = work.len() as u64;
         let failed = Mutex::new(Vec::new());
         while !work.is_empty() {
             let chunk: Vec<_> = work
@@ -1469,6 +1474,8 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             JoinAll(chunk.into_iter().map(Some).collect()).await;
         }
         let failed = failed.into_inner();
+        self.pending_count
+            .fetch_sub(tried - failed.len() as u64, Ordering::Relaxed);
         if !failed.is_empty() {
             self.pending.lock().extend(failed);
         }

@@ -156,3 +156,52 @@ async fn redis_a_settle_that_fails_three_times_is_retried_and_never_over_admits(
     );
     assert!(admitted <= MAX, "over-admitted: {admitted} > {MAX}");
 }
+
+/// The clock steps 5 s forward (lease 4 s) between two maintain calls:
+/// Redis finds the slice's lease expired at its settle, and what the slice
+/// admitted is charged late as plain usage, so the same replica never
+/// admits past the maximum.
+#[tokio::test]
+async fn redis_a_forward_clock_step_charges_late_and_never_over_admits() {
+    const MAX: u64 = 1_000;
+    let Some(url) = redis_env::url() else { return };
+    let prefix = redis_env::unique_prefix("review-step");
+    let redis = store(&url, &prefix).await;
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&redis), capacity::config()).unwrap());
+    let engine = Engine::with_store_and_clock(
+        capacity::catalog(MAX, window),
+        Arc::clone(&cap),
+        clock.clone(),
+    );
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    let mut admitted = 0;
+    for _ in 0..10 {
+        let d = engine.admit_async(&capacity::request(10)).await.unwrap();
+        assert!(d.allowed);
+        admitted += 10;
+    }
+    clock.advance(Duration::from_secs(5));
+    cap.maintain(clock.now_utc()).await;
+    for _ in 0..400 {
+        if engine
+            .admit_async(&capacity::request(10))
+            .await
+            .unwrap()
+            .allowed
+        {
+            admitted += 10;
+        }
+        clock.advance(Duration::from_millis(20));
+        cap.maintain(clock.now_utc()).await;
+    }
+    cap.shutdown(clock.now_utc()).await;
+    let stats = cap.stats();
+    let r = reader(redis, MAX, window, clock);
+    let (used, held) = capacity::read(&r, "tokens").await;
+    eprintln!("admitted {admitted}, redis used {used} held {held}, {stats:?}");
+    assert!(admitted <= MAX, "over-admitted: {admitted} > {MAX}");
+    assert_eq!((used, held), (admitted, 0));
+    assert_eq!((stats.late_charges, stats.lost_units), (1, 0));
+}
