@@ -1150,15 +1150,28 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         if !by_holds {
             return false;
         }
+        // The counters whose holds are in the way.
+        let full: SmallVec<[&OpKey; 4]> = shape
+            .ops
+            .iter()
+            .zip(&a.counters)
+            .zip(needs)
+            .filter(|((k, c), &need)| {
+                k.max
+                    .is_some_and(|m| c.used.saturating_add(c.held).saturating_add(need) > m)
+            })
+            .map(|((k, _), _)| k)
+            .collect();
+        if full.is_empty() {
+            return false;
+        }
         let mut gave = false;
         for other in self.all_shapes() {
             if std::ptr::eq(&*other, shape) {
                 continue;
             }
             let shares = other.ops.iter().any(|o| {
-                shape
-                    .ops
-                    .iter()
+                full.iter()
                     .any(|k| k.scope == o.scope && k.meter == o.meter && k.window == o.window)
             });
             if !shares || other.state.lock().lease.is_none() || !claim(&other) {
