@@ -179,6 +179,66 @@ async fn retry_of_an_old_unknown_id_counts_once_after_a_burst() {
     );
 }
 
+/// Promise: "a retry of an unknown-outcome id goes to the store", even
+/// past the 16,384 ids kept at once: after 17,000 unknown outcomes the
+/// list overflows, every engine-made id goes to the store until the
+/// remembered ones age out, and the retry of the first (applied) admit
+/// counts once.
+#[tokio::test]
+async fn retry_of_an_unknown_id_counts_once_past_the_id_list() {
+    let flaky = Arc::new(Switch::default());
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let other = Engine::with_store_and_clock(
+        capacity::catalog(1_000, window),
+        Arc::clone(&flaky),
+        clock.clone(),
+    );
+    other.allocate(Allocation::new("agent", "plan")).unwrap();
+    let cap = Arc::new(CapacityStore::new(Arc::clone(&flaky), capacity::config()).unwrap());
+    let engine = Engine::with_store_and_clock(
+        capacity::catalog(1_000, window),
+        Arc::clone(&cap),
+        clock.clone(),
+    );
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    // Near the limit: the admit goes straight to the store, which applies
+    // it and times out.
+    let held = other
+        .reserve_async(&capacity::request(990), Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("reserved");
+    flaky.apply_then_unknown.store(1, Ordering::Relaxed);
+    let id = match engine.admit_async(&capacity::request(3)).await {
+        Err(Error::StoreOutcomeUnknown {
+            event: Some(id), ..
+        }) => id,
+        other => panic!("expected an unknown outcome, got {other:?}"),
+    };
+    // The outage goes on: 17,000 more admits time out (none applied).
+    flaky.unknown_unapplied.store(17_000, Ordering::Relaxed);
+    for _ in 0..17_000 {
+        let r = engine.admit_async(&capacity::request(1)).await;
+        assert!(matches!(r, Err(Error::StoreOutcomeUnknown { .. })), "{r:?}");
+    }
+    other
+        .release_async(&held, Outcome::Cancelled)
+        .await
+        .unwrap();
+    clock.advance(Duration::from_millis(500));
+    // The host retries the first admit with the id it was given.
+    let retry = capacity::request(3).event(&id);
+    assert!(engine.admit_async(&retry).await.unwrap().allowed);
+    cap.shutdown(clock.now_utc()).await;
+    let r = reader(flaky as Dyn, 1_000, window, clock);
+    assert_eq!(
+        capacity::read(&r, "tokens").await,
+        (3, 0),
+        "the retry of an applied admit must count once"
+    );
+}
+
 /// Admit `size` repeatedly (maintaining every 100 ms of clock) until the
 /// engine refuses; the total admitted.
 async fn admit_until_refused(
