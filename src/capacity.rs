@@ -336,8 +336,7 @@ impl CapacityConfig {
 
     /// How long an engine-made event id that came back in an
     /// [`Error::StoreOutcomeUnknown`] from the inner store is remembered
-    /// (default 15 minutes, the default
-    /// [`RedisConfig::retry_horizon`](crate::store::RedisConfig::retry_horizon)):
+    /// (default 15 minutes, the default `RedisConfig::retry_horizon`):
     /// a retry with it within this time goes to the store, whose ledger
     /// replays it. Set it to at least the time the inner store keeps
     /// engine-made ids. At least 1 ms, at most a week.
