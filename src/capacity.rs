@@ -42,14 +42,19 @@
 //!
 //! Only a plain admit is decided locally: a [`Mode::WithinLimits`] batch
 //! with no lease, no cooldown, no balance, no [`Window::Concurrent`]
-//! counter, and either no event id or one the async engine made itself
-//! (`tollgate:…`, see below). A [`Mode::Check`] of such a shape is answered
+//! counter, and either no event id or one of the exact shape the async
+//! engine makes itself (`tollgate:` and 32 lowercase hex digits, see
+//! below). A [`Mode::Check`] of such a shape is answered
 //! locally when the slice covers it. **Everything else goes straight to
 //! the inner store, unchanged**, so it keeps its exact semantics:
 //!
 //! - *Evented calls* (a host's event id): the store's ledger applies them
 //!   once (contract rule 8). The slices this engine holds count there as
 //!   holds, so the store decides against used + every replica's holds.
+//!   **An id of the engine's shape (`tollgate:` and exactly 32 lowercase
+//!   hex digits) is reserved**: it is taken for one the engine made and
+//!   may be decided locally. Any other id, `tollgate:order-42` included,
+//!   is the host's and goes to the store.
 //! - *Reservations* (`reserve`, `renew`, `grow`, `commit`, `release`) and
 //!   *concurrency limits*: a concurrent "in flight" counter is a count of
 //!   live leases and cannot be sliced; those batches carry a lease and go
@@ -70,7 +75,11 @@
 //! unknown outcome; a slice grown with an unknown outcome only grew holds,
 //! never usage, so a retry admitted locally counts once too. An id that
 //! came back from this store in a `StoreOutcomeUnknown` answered by the
-//! inner store is remembered, and a retry with it goes to the store.
+//! inner store is remembered for [`CapacityConfig::unknown_id_window`]
+//! (15 minutes by default, as long as Redis keeps engine-made ids), and a
+//! retry with it within that time goes to the store. Up to 16,384 such
+//! ids are kept at once; past that, every engine-made id goes to the store
+//! until the remembered ones have aged out.
 //!
 //! # Slices: size, top-up, give back
 //!
@@ -78,7 +87,10 @@
 //!   the shape's last size, or twice what the shape used in the last
 //!   top-up interval, whichever is larger.
 //! - It shrinks near the limit: at most `free / replicas` of each counter,
-//!   where `free = max - used - held` as the store last answered. When
+//!   where `free = max - used - held` as the store last answered (for a
+//!   shape's first slice, before any answer, the whole maximum; for an
+//!   unlimited counter, `u64::MAX`, so no slice can make another
+//!   replica's counter overflow). When
 //!   that is less than [`CapacityConfig::min_slice_decisions`] requests of
 //!   the current size, the slice is given back and the shape's decisions
 //!   go **straight to the store** for one top-up interval, then it looks
@@ -103,7 +115,17 @@
 //!   not fit, and a grown slice is used only if it still covers the
 //!   request once the store answered. A slice is used locally only until
 //!   half its lease has run; `maintain` settles it long before the lease
-//!   expires, so what it admitted becomes usage. Tested by
+//!   expires, so what it admitted becomes usage. A settle that fails on a
+//!   store error is kept and tried again by every `maintain` and
+//!   `shutdown` (its event id, `tollgate-capacity:{lease}`, makes a retry
+//!   safe); meanwhile its hold still counts. If the lease expired first
+//!   (the store unreachable for about half a lease, a forward clock step
+//!   past the lease, or no `maintain`), what the slice admitted is charged
+//!   as plain usage (mode `Force`) when the store answers: counted late,
+//!   never dropped. Between that expiry and the late charge, other
+//!   replicas may use the returned hold, so the counter can end above its
+//!   maximum by at most what that slice admitted
+//!   ([`CapacityStats::late_charges`] counts these). Tested by
 //!   `tests/capacity_{redis,postgres,memory}.rs` (eight engines at once,
 //!   random sizes: the counters end equal to what was admitted, at or
 //!   below the maximum) and, step by step with every interleaving of
@@ -119,7 +141,10 @@
 //! - **Extra refusals near the limit are bounded.** A request is refused
 //!   only when `used + held_by_others + (delta - own_unused) > max`: this
 //!   engine's own unused slice never refuses its own request on its slow
-//!   path. A refusal a single store would not make comes from other
+//!   path, and neither do its other shapes' slices: on a refusal that
+//!   holds make, it settles its other shapes' slices on the same counters
+//!   and asks once more (a scan of the shape table, on such refusals
+//!   only). A refusal a single store would not make comes from other
 //!   replicas' unused slices (each at most `free / replicas` at its grant,
 //!   given back within one top-up interval of its replica seeing free
 //!   space below the sharing threshold, or after four idle intervals), or
@@ -136,8 +161,14 @@
 //!   [`CapacityConfig::top_up_interval`] (a background task) and
 //!   [`CapacityStore::shutdown`] before exit. Without `maintain`, a slice
 //!   is settled only when a request it cannot cover comes; one left alone
-//!   past its lease's expiry loses what it admitted
-//!   ([`CapacityStats::lost_units`]).
+//!   past its lease's expiry is charged late (see Guarantees). Settles
+//!   that still fail at `shutdown` stay pending
+//!   ([`CapacityStats::pending_settles`]): call `shutdown` (or `maintain`)
+//!   again once the store is back; a process that exits with settles
+//!   pending loses them as a killed replica would.
+//! - Clock steps: a step forward past a lease is a late charge (see
+//!   Guarantees); after a step back of an interval or more, `maintain`
+//!   settles every used slice at once and goes on every interval.
 //! - The engine's clock sets the leases' expiry. On a store that rolls on
 //!   its own clock (`RedisStore` with `TimeSource::Server`, the default),
 //!   keep the two within half a lease of each other.
@@ -205,8 +236,10 @@ use crate::Error;
 
 /// The prefix of the event ids the async engine makes itself.
 const ENGINE_EVENT_PREFIX: &str = "tollgate:";
-/// How many event ids answered `StoreOutcomeUnknown` are remembered.
-const UNKNOWN_IDS_KEPT: usize = 1024;
+/// How many event ids answered `StoreOutcomeUnknown` are remembered at
+/// once; past it, every engine-made id goes to the store until the
+/// remembered ones have aged out.
+const UNKNOWN_IDS_KEPT: usize = 16_384;
 /// Lock shards of the shape table.
 const SHARDS: usize = 16;
 /// How many times a settle is retried after a store error.
@@ -226,6 +259,7 @@ pub struct CapacityConfig {
     slice_decisions: u32,
     min_slice_decisions: u32,
     max_shapes: usize,
+    unknown_id_window: Duration,
 }
 
 impl Default for CapacityConfig {
@@ -246,6 +280,7 @@ impl CapacityConfig {
             slice_decisions: 64,
             min_slice_decisions: 4,
             max_shapes: 65_536,
+            unknown_id_window: Duration::from_secs(900),
         }
     }
 
@@ -299,6 +334,18 @@ impl CapacityConfig {
         self
     }
 
+    /// How long an engine-made event id that came back in an
+    /// [`Error::StoreOutcomeUnknown`] from the inner store is remembered
+    /// (default 15 minutes, the default `RedisConfig::retry_horizon`):
+    /// a retry with it within this time goes to the store, whose ledger
+    /// replays it. Set it to at least the time the inner store keeps
+    /// engine-made ids. At least 1 ms, at most a week.
+    #[must_use]
+    pub fn unknown_id_window(mut self, window: Duration) -> Self {
+        self.unknown_id_window = window;
+        self
+    }
+
     /// The configured top-up interval (how often to call
     /// [`CapacityStore::maintain`]).
     pub fn top_up_interval_value(&self) -> Duration {
@@ -342,6 +389,11 @@ impl CapacityConfig {
         if self.max_shapes == 0 {
             return bad("max_shapes", "must be at least 1");
         }
+        if self.unknown_id_window < Duration::from_millis(1)
+            || self.unknown_id_window > Duration::from_secs(86_400 * 7)
+        {
+            return bad("unknown_id_window", "must be between 1 ms and a week");
+        }
         Ok(())
     }
 }
@@ -356,8 +408,8 @@ pub struct CapacityStats {
     pub local_checks: u64,
     /// Batches passed to the inner store unchanged.
     pub passed_through: u64,
-    /// Calls to the inner store's `apply`, of every kind (pass-through,
-    /// open, grow, settle).
+    /// Calls to the inner store, of every kind: `apply` (pass-through,
+    /// open, grow, settle, late charge) and `period_usage`.
     pub store_calls: u64,
     /// Admits of a sliceable shape refused (by a lease that could not grow,
     /// or by the store when the shape went straight to it).
@@ -367,9 +419,21 @@ pub struct CapacityStats {
     pub refused_by_holds: u64,
     /// Slices settled (given back, their admitted part made usage).
     pub settles: u64,
-    /// Units admitted locally whose settle failed (lease expired or the
-    /// store unreachable): admitted, never charged.
+    /// Units admitted locally that could never be charged: the store
+    /// refused both the settle and the late charge with an error other
+    /// than an outage (for example [`Error::Overflow`]). Summed over every
+    /// counter of the slice, whatever its meter. A settle the store could
+    /// not be reached for is not lost: it stays pending
+    /// ([`pending_settles`](Self::pending_settles)).
     pub lost_units: u64,
+    /// Settles that failed on a store error and wait for the next
+    /// [`CapacityStore::maintain`] or [`CapacityStore::shutdown`] to try
+    /// again (now, not a total).
+    pub pending_settles: u64,
+    /// Slices whose lease had expired when they settled (a store outage
+    /// longer than half a lease, a forward clock step, no `maintain`):
+    /// what they admitted was charged as plain usage instead.
+    pub late_charges: u64,
 }
 
 #[derive(Default)]
@@ -382,6 +446,7 @@ struct Counters {
     refused_by_holds: AtomicU64,
     settles: AtomicU64,
     lost_units: AtomicU64,
+    late_charges: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -439,6 +504,10 @@ struct ShapeState {
     last_use_ms: i64,
     /// Straight to the store until this instant.
     direct_until_ms: i64,
+    /// Removed from the shape table by `forget`: whoever still holds it
+    /// passes its batches to the store (no slice on a shape no `maintain`
+    /// or `shutdown` would see).
+    gone: bool,
     slices: SmallVec<[OpSlice; 4]>,
     /// Counted here, under the lock already taken, not on a shared atomic.
     local_admits: u64,
@@ -481,9 +550,14 @@ pub struct CapacityStore<S> {
     shards: Box<[Shard]>,
     shapes: AtomicU64,
     hasher: foldhash::fast::RandomState,
-    unknown_ids: Mutex<std::collections::VecDeque<String>>,
+    unknown_ids: Mutex<UnknownIds>,
     /// Whether `unknown_ids` has ever held an id: the fast path's test.
     unknown_any: AtomicBool,
+    /// Settles that failed on a store error, retried by `maintain` and
+    /// `shutdown`.
+    pending: Mutex<Vec<PendingSettle>>,
+    /// How many settles are pending, those being retried included.
+    pending_count: AtomicU64,
     closed: AtomicBool,
     counters: Counters,
 }
@@ -499,6 +573,44 @@ impl<S: std::fmt::Debug> std::fmt::Debug for CapacityStore<S> {
     }
 }
 
+/// Engine-made event ids that came back from the inner store in a
+/// `StoreOutcomeUnknown`, with when (batch time).
+#[derive(Default)]
+struct UnknownIds {
+    ids: HashMap<Box<str>, i64>,
+    /// Every engine-made id goes to the store until this instant: set when
+    /// `ids` was full.
+    all_until_ms: i64,
+}
+
+/// A settle that failed on a store error: retried until it lands.
+struct PendingSettle {
+    ops: SmallVec<[OpKey; 4]>,
+    owner: ScopeKey,
+    lease: LeaseId,
+    consumed: SmallVec<[u64; 4]>,
+}
+
+/// How one try of a settle ended.
+enum SettleTry {
+    /// Landed (settled, already settled, or charged late); the store's
+    /// answer to the settle when there was one.
+    Done(Option<Box<Applied>>),
+    /// A store error: try again later.
+    Retry,
+}
+
+/// Whether `id` has the exact shape of an event id the async engine makes
+/// (`tollgate:` and 32 lowercase hex digits, a [`LeaseId`] as displayed).
+/// A host id of that shape is reserved: it is taken for an engine-made id.
+fn engine_made(id: &str) -> bool {
+    id.strip_prefix(ENGINE_EVENT_PREFIX).is_some_and(|h| {
+        h.len() == 32
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 /// Whether `shape` is the shape of `ops`.
 fn same_ops(shape: &Shape, ops: &[CounterOp<'_>]) -> bool {
     shape.ops.len() == ops.len() && shape.ops.iter().zip(ops).all(|(k, op)| k.matches(op))
@@ -512,6 +624,22 @@ enum Plan {
     Reopen,
     /// Grow the current lease.
     Grow,
+}
+
+/// What was free on `k` at the last answer, as if `s`'s unused part were
+/// free too: `max - used - held by others - admitted from the slice`
+/// (`u64::MAX` stands for the maximum of an unlimited counter).
+fn free_of(k: &OpKey, s: &OpSlice) -> u64 {
+    k.max.unwrap_or(u64::MAX).saturating_sub(
+        s.base_used
+            .saturating_add(s.base_held_others)
+            .saturating_add(s.consumed),
+    )
+}
+
+/// The sum of `amounts`, saturated.
+fn total(amounts: &[u64]) -> u64 {
+    amounts.iter().fold(0u64, |t, &a| t.saturating_add(a))
 }
 
 fn ms(d: Duration) -> i64 {
@@ -540,6 +668,8 @@ impl<S> CapacityStore<S> {
             refused_by_holds: l(&c.refused_by_holds),
             settles: l(&c.settles),
             lost_units: l(&c.lost_units),
+            pending_settles: l(&self.pending_count),
+            late_charges: l(&c.late_charges),
         }
     }
 }
@@ -560,8 +690,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 .collect(),
             shapes: AtomicU64::new(0),
             hasher: foldhash::fast::RandomState::default(),
-            unknown_ids: Mutex::new(std::collections::VecDeque::new()),
+            unknown_ids: Mutex::new(UnknownIds::default()),
             unknown_any: AtomicBool::new(false),
+            pending: Mutex::new(Vec::new()),
+            pending_count: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             counters: Counters::default(),
         })
@@ -586,16 +718,43 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         bump(&self.counters.passed_through, 1);
         let r = self.call(batch).await;
         if let (Err(Error::StoreOutcomeUnknown { .. }), Some(ev)) = (&r, batch.event) {
-            if ev.id.starts_with(ENGINE_EVENT_PREFIX) {
-                let mut ids = self.unknown_ids.lock();
-                if ids.len() >= UNKNOWN_IDS_KEPT {
-                    ids.pop_front();
-                }
-                ids.push_back(ev.id.to_owned());
-                self.unknown_any.store(true, Ordering::Relaxed);
+            if engine_made(ev.id) {
+                self.remember_unknown(ev.id, batch.now_ms);
             }
         }
         r
+    }
+
+    /// Remember an engine-made id whose outcome is unknown, for
+    /// [`CapacityConfig::unknown_id_window`]. When the list is full of
+    /// ids younger than that, every engine-made id goes to the store until
+    /// they have aged out.
+    fn remember_unknown(&self, id: &str, now: i64) {
+        let window = ms(self.config.unknown_id_window);
+        let mut u = self.unknown_ids.lock();
+        if u.ids.len() >= UNKNOWN_IDS_KEPT && !u.ids.contains_key(id) {
+            u.ids.retain(|_, &mut at| now.saturating_sub(at) < window);
+            if u.ids.len() >= UNKNOWN_IDS_KEPT {
+                // Every id dropped here is younger than `window`.
+                let newest = u.ids.values().copied().max().unwrap_or(now).max(now);
+                u.all_until_ms = u.all_until_ms.max(newest.saturating_add(window));
+                u.ids.clear();
+            }
+        }
+        let at = u.ids.entry(id.into()).or_insert(now);
+        *at = (*at).max(now);
+        self.unknown_any.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether an engine-made `id` must go to the store: it came back
+    /// unknown within the window, or the list overflowed.
+    fn unknown_at(&self, id: &str, now: i64) -> bool {
+        let window = ms(self.config.unknown_id_window);
+        let u = self.unknown_ids.lock();
+        now < u.all_until_ms
+            || u.ids
+                .get(id)
+                .is_some_and(|&at| now.saturating_sub(at) < window)
     }
 
     /// Whether `batch` may be decided from slices.
@@ -617,10 +776,12 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         }
         match batch.event {
             None => true,
+            // Only an id of the exact shape the engine makes: any other
+            // is the host's, applied once by the store's ledger.
             Some(ev) => {
-                ev.id.starts_with(ENGINE_EVENT_PREFIX)
+                engine_made(ev.id)
                     && !(self.unknown_any.load(Ordering::Relaxed)
-                        && self.unknown_ids.lock().iter().any(|id| id == ev.id))
+                        && self.unknown_at(ev.id, batch.now_ms))
             }
         }
     }
@@ -651,7 +812,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             .map(Arc::clone)
     }
 
-    fn find_or_add(&self, hash: u64, ops: &[CounterOp<'_>]) -> Option<Arc<Shape>> {
+    fn find_or_add(&self, hash: u64, ops: &[CounterOp<'_>], now: i64) -> Option<Arc<Shape>> {
         if let Some(s) = self.find(hash, ops) {
             return Some(s);
         }
@@ -675,8 +836,11 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 })
                 .collect(),
             owner: ops[0].scope.clone(),
+            // In use from its making: not idle for `maintain` to forget
+            // before its first decision.
             state: Mutex::new(ShapeState {
                 slices: SmallVec::from_elem(OpSlice::default(), ops.len()),
+                last_use_ms: now,
                 ..ShapeState::default()
             }),
         });
@@ -723,19 +887,19 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
 
     /// The slice to ask for on op `i` beyond what a request needs: demand
     /// sized, at most `free / replicas`; `None` when too small to share.
+    /// `free` unknown (a shape's first slice) is taken as the whole
+    /// maximum. An unlimited counter's maximum is `u64::MAX`: its slices
+    /// too are at most `free / replicas`, so no replica's hold can make
+    /// another's overflow.
     fn slice_size(&self, key: &OpKey, s: &OpSlice, delta: u64, free: Option<u64>) -> Option<u64> {
         let size = delta.max(s.last_delta).max(1);
         let want = size
             .saturating_mul(u64::from(self.config.slice_decisions))
             .max(s.demand.saturating_mul(2));
-        match (key.max, free) {
-            (None, _) | (_, None) => Some(want),
-            (Some(_), Some(free)) => {
-                let share = free / u64::from(self.config.replicas);
-                let min = size.saturating_mul(u64::from(self.config.min_slice_decisions));
-                (share >= min).then(|| want.min(share))
-            }
-        }
+        let free = free.unwrap_or_else(|| key.max.unwrap_or(u64::MAX));
+        let share = free / u64::from(self.config.replicas);
+        let min = size.saturating_mul(u64::from(self.config.min_slice_decisions));
+        (share >= min).then(|| want.min(share))
     }
 
     /// Decide `batch` from slices, or from the store on their behalf.
@@ -758,7 +922,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             Some(Err(slow)) => slow,
             None if batch.mode == Mode::Check => return Box::pin(self.pass(batch)).await,
             None => {
-                let Some(shape) = self.find_or_add(hash, batch.ops) else {
+                let Some(shape) = self.find_or_add(hash, batch.ops, batch.now_ms) else {
                     return Box::pin(self.pass(batch)).await;
                 };
                 match self.decide(&shape, batch) {
@@ -785,6 +949,9 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     fn decide(&self, shape: &Shape, batch: &Batch<'_>) -> Result<Applied, Plan> {
         let now = batch.now_ms;
         let mut st = shape.state.lock();
+        if st.gone {
+            return Err(Plan::Pass);
+        }
         let usable = self.usable(shape, &st, now);
         let covered = usable
             && st.slices.iter().zip(batch.ops).all(|(s, op)| {
@@ -866,11 +1033,15 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 | Error::ReservationExpired { .. }
                 | Error::ReservationSettled { .. },
             ) => {
-                // The lease is gone (the clock passed its expiry): what it
-                // admitted was never charged. Start over from the store.
-                self.drop_lease(shape);
-                return self.pass(batch).await;
+                // The lease is gone (the clock passed its expiry): settle
+                // charges what it admitted as plain usage. Start over from
+                // the store.
+                self.settle(shape, now).await;
+                return self.pass_shape(shape, batch).await;
             }
+            // A slice the counter cannot hold (near `u64::MAX`): the
+            // store decides.
+            Err(Error::Overflow { .. }) => return self.go_direct(shape, batch).await,
             Err(e) => return Err(e),
         };
         if a.applied {
@@ -883,14 +1054,15 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         // unused part?
         let (fits, frees) = {
             let mut fits = true;
-            let mut frees: SmallVec<[Option<u64>; 4]> = SmallVec::new();
+            let mut frees: SmallVec<[u64; 4]> = SmallVec::new();
             for ((key, c), need) in shape.ops.iter().zip(&a.counters).zip(&needs) {
                 // `held` counts this slice's whole hold: `need` is what
                 // the request needs beyond its unused part.
                 let free = key
                     .max
-                    .map(|m| m.saturating_sub(c.used.saturating_add(c.held)));
-                if free.is_some_and(|f| *need > f) {
+                    .unwrap_or(u64::MAX)
+                    .saturating_sub(c.used.saturating_add(c.held));
+                if *need > free {
                     fits = false;
                 }
                 frees.push(free);
@@ -898,6 +1070,26 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             (fits, frees)
         };
         if !fits {
+            // This engine's other shapes' slices on the same counters are
+            // holds too: give them back and ask once more for what is
+            // missing.
+            if self.give_back_own(shape, &a, &needs, now).await {
+                let lease = shape.state.lock().lease;
+                match self.take(shape, lease, &needs, now).await {
+                    Ok(b) if b.applied => {
+                        if let Some(d) = self.consume(shape, batch, &needs, &b, now) {
+                            return Ok(d);
+                        }
+                        return self.pass_shape(shape, batch).await;
+                    }
+                    Ok(mut b) => {
+                        self.refused(shape, batch, &mut b);
+                        return Ok(b);
+                    }
+                    Err(Error::Overflow { .. }) => return self.go_direct(shape, batch).await,
+                    Err(e) => return Err(e),
+                }
+            }
             let mut a = a;
             self.refused(shape, batch, &mut a);
             return Ok(a);
@@ -915,8 +1107,8 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 .zip(batch.ops)
                 .zip(needs.iter().zip(&frees))
             {
-                let rest = free.map(|f| f - need);
-                match self.slice_size(key, s, op.delta, rest) {
+                let rest = free.saturating_sub(*need);
+                match self.slice_size(key, s, op.delta, Some(rest)) {
                     Some(extra) => second.push(need + extra),
                     None => {
                         share = false;
@@ -929,7 +1121,11 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             return self.go_direct(shape, batch).await;
         }
         let lease = shape.state.lock().lease;
-        let a = self.take(shape, lease, &second, now).await?;
+        let a = match self.take(shape, lease, &second, now).await {
+            Ok(a) => a,
+            Err(Error::Overflow { .. }) => return self.go_direct(shape, batch).await,
+            Err(e) => return Err(e),
+        };
         if a.applied {
             if let Some(a) = self.consume(shape, batch, &second, &a, now) {
                 return Ok(a);
@@ -937,6 +1133,56 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         }
         // Another replica took it meanwhile: the store decides.
         self.pass_shape(shape, batch).await
+    }
+
+    /// On a refusal that holds make (each counter's usage leaves room for
+    /// what the request needs), settle this engine's other shapes' slices
+    /// on any of `shape`'s counters; whether any was given back. Scans the
+    /// shape table: it runs on such refusals only.
+    async fn give_back_own(&self, shape: &Shape, a: &Applied, needs: &[u64], now: i64) -> bool {
+        let by_holds = shape
+            .ops
+            .iter()
+            .zip(&a.counters)
+            .zip(needs)
+            .all(|((k, c), &need)| k.max.is_none_or(|m| c.used.saturating_add(need) <= m));
+        if !by_holds {
+            return false;
+        }
+        // The counters whose holds are in the way.
+        let full: SmallVec<[&OpKey; 4]> = shape
+            .ops
+            .iter()
+            .zip(&a.counters)
+            .zip(needs)
+            .filter(|((k, c), &need)| {
+                k.max
+                    .is_some_and(|m| c.used.saturating_add(c.held).saturating_add(need) > m)
+            })
+            .map(|((k, _), _)| k)
+            .collect();
+        if full.is_empty() {
+            return false;
+        }
+        let mut gave = false;
+        for other in self.all_shapes() {
+            if std::ptr::eq(&*other, shape) {
+                continue;
+            }
+            let shares = other.ops.iter().any(|o| {
+                full.iter()
+                    .any(|k| k.scope == o.scope && k.meter == o.meter && k.window == o.window)
+            });
+            if !shares || other.state.lock().lease.is_none() || !claim(&other) {
+                continue;
+            }
+            if other.state.lock().lease.is_some() {
+                self.settle(&other, now).await;
+                gave = true;
+            }
+            other.state.lock().busy = false;
+        }
+        gave
     }
 
     /// Pass a batch of `shape` to the store; count a refused admit.
@@ -1002,19 +1248,6 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             .is_some_and(|end| now >= end.saturating_sub(3 * ms(self.config.top_up_interval)))
     }
 
-    /// Forget a lease the store no longer has, counting what it admitted
-    /// as lost.
-    fn drop_lease(&self, shape: &Shape) {
-        let mut st = shape.state.lock();
-        st.lease = None;
-        let lost: u64 = st.slices.iter().map(|s| s.consumed).sum();
-        for s in &mut st.slices {
-            s.granted = 0;
-            s.consumed = 0;
-        }
-        bump(&self.counters.lost_units, lost);
-    }
-
     /// Open a lease holding `amounts`, or grow `lease` by them.
     async fn take(
         &self,
@@ -1075,13 +1308,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         }
         // `free` as if this slice's unused part were free too.
         for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
-            s.free = k.max.map_or(u64::MAX, |m| {
-                m.saturating_sub(
-                    s.base_used
-                        .saturating_add(s.base_held_others)
-                        .saturating_add(s.consumed),
-                )
-            });
+            s.free = free_of(k, s);
         }
         // Local admits went on while the store answered: the request is
         // admitted only if the grown slice still covers it.
@@ -1104,8 +1331,8 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     }
 
     /// Settle the shape's lease, if any: what it admitted becomes usage,
-    /// the rest returns. Failures are counted in
-    /// [`CapacityStats::lost_units`].
+    /// the rest returns. A settle that fails on store errors stays
+    /// pending (see `settle_lease`).
     async fn settle(&self, shape: &Shape, now: i64) {
         let (lease, consumed) = {
             let mut st = shape.state.lock();
@@ -1125,10 +1352,55 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     }
 
     /// Settle `lease` (no longer the shape's current one), charging
-    /// `consumed` as usage.
+    /// `consumed` as usage. Tried three times; then kept pending, and
+    /// retried by every `maintain` and `shutdown` until it lands.
     async fn settle_lease(&self, shape: &Shape, lease: LeaseId, consumed: &[u64], now: i64) {
-        let ops: SmallVec<[CounterOp<'_>; 4]> = shape
-            .ops
+        for _ in 0..SETTLE_TRIES {
+            match self
+                .try_settle(&shape.ops, &shape.owner, lease, consumed, now)
+                .await
+            {
+                SettleTry::Done(Some(a)) => {
+                    let mut st = shape.state.lock();
+                    for (s, c) in st.slices.iter_mut().zip(&a.counters) {
+                        s.base_used = c.used;
+                        s.base_held_others = c.held.saturating_sub(s.granted);
+                        s.period_start_ms = c.period_start_ms;
+                        s.resets_at_ms = c.resets_at_ms;
+                    }
+                    for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
+                        s.free = free_of(k, s);
+                    }
+                    return;
+                }
+                SettleTry::Done(None) => return,
+                SettleTry::Retry => {}
+            }
+        }
+        bump(&self.pending_count, 1);
+        self.pending.lock().push(PendingSettle {
+            ops: shape.ops.clone(),
+            owner: shape.owner.clone(),
+            lease,
+            consumed: consumed.iter().copied().collect(),
+        });
+    }
+
+    /// One try of a settle. The settle carries the event id
+    /// `tollgate-capacity:{lease}`, so a retry after an unknown outcome
+    /// is replayed by the store's ledger, never applied twice. If the
+    /// lease is gone (expired, or forgotten after its expiry), what it
+    /// admitted is charged as plain usage (mode `Force`, event id
+    /// `tollgate-capacity:{lease}:late`): counted late, never lost.
+    async fn try_settle(
+        &self,
+        keys: &[OpKey],
+        owner: &ScopeKey,
+        lease: LeaseId,
+        consumed: &[u64],
+        now: i64,
+    ) -> SettleTry {
+        let ops: SmallVec<[CounterOp<'_>; 4]> = keys
             .iter()
             .zip(consumed)
             .map(|(k, &d)| CounterOp::new(&k.scope, k.meter, k.window, d, k.max))
@@ -1140,39 +1412,85 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         let batch = Batch::new(&ops, Mode::Force, now)
             .with_lease(LeaseOp::new(
                 lease,
-                &shape.owner,
+                owner,
                 LeaseAction::Settle {
                     keep: Fraction::ZERO,
                 },
             ))
             .with_event(EventKey::new(&id, fingerprint));
-        for _ in 0..SETTLE_TRIES {
-            match self.call(&batch).await {
-                Ok(a) => {
+        match self.call(&batch).await {
+            Ok(a) => {
+                bump(&self.counters.settles, 1);
+                SettleTry::Done(Some(Box::new(a)))
+            }
+            Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. }) => SettleTry::Retry,
+            // Settled by an earlier try whose answer was lost, and its
+            // ledger entry forgotten since: charged then.
+            Err(Error::ReservationSettled { .. }) => {
+                bump(&self.counters.settles, 1);
+                SettleTry::Done(None)
+            }
+            Err(Error::ReservationExpired { .. } | Error::UnknownReservation { .. }) => {
+                let charged: SmallVec<[CounterOp<'_>; 4]> =
+                    ops.iter().filter(|op| op.delta > 0).copied().collect();
+                if charged.is_empty() {
                     bump(&self.counters.settles, 1);
-                    let mut st = shape.state.lock();
-                    for (s, c) in st.slices.iter_mut().zip(&a.counters) {
-                        s.base_used = c.used;
-                        s.base_held_others = c.held.saturating_sub(s.granted);
-                        s.period_start_ms = c.period_start_ms;
-                        s.resets_at_ms = c.resets_at_ms;
-                    }
-                    for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
-                        s.free = k.max.map_or(u64::MAX, |m| {
-                            m.saturating_sub(
-                                s.base_used
-                                    .saturating_add(s.base_held_others)
-                                    .saturating_add(s.consumed),
-                            )
-                        });
-                    }
-                    return;
+                    return SettleTry::Done(None);
                 }
-                Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. }) => continue,
-                Err(_) => break,
+                let late = format!("{id}:late");
+                let batch = Batch::new(&charged, Mode::Force, now)
+                    .with_event(EventKey::new(&late, fingerprint));
+                match self.call(&batch).await {
+                    Ok(_) => {
+                        bump(&self.counters.settles, 1);
+                        bump(&self.counters.late_charges, 1);
+                        SettleTry::Done(None)
+                    }
+                    Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. }) => {
+                        SettleTry::Retry
+                    }
+                    Err(_) => {
+                        bump(&self.counters.lost_units, total(consumed));
+                        SettleTry::Done(None)
+                    }
+                }
+            }
+            Err(_) => {
+                bump(&self.counters.lost_units, total(consumed));
+                SettleTry::Done(None)
             }
         }
-        bump(&self.counters.lost_units, consumed.iter().sum());
+    }
+
+    /// Try every pending settle once more (up to 16 at once); keep the
+    /// ones that fail again.
+    async fn retry_pending(&self, now: i64) {
+        let mut work = std::mem::take(&mut *self.pending.lock());
+        let tried = work.len() as u64;
+        let failed = Mutex::new(Vec::new());
+        while !work.is_empty() {
+            let chunk: Vec<_> = work
+                .drain(..work.len().min(MAINTAIN_AT_ONCE))
+                .map(|p| {
+                    let failed = &failed;
+                    Box::pin(async move {
+                        if let SettleTry::Retry = self
+                            .try_settle(&p.ops, &p.owner, p.lease, &p.consumed, now)
+                            .await
+                        {
+                            failed.lock().push(p);
+                        }
+                    }) as Pin<Box<dyn Future<Output = ()> + Send + '_>>
+                })
+                .collect();
+            JoinAll(chunk.into_iter().map(Some).collect()).await;
+        }
+        let failed = failed.into_inner();
+        self.pending_count
+            .fetch_sub(tried - failed.len() as u64, Ordering::Relaxed);
+        if !failed.is_empty() {
+            self.pending.lock().extend(failed);
+        }
     }
 
     /// Open a fresh slice, then settle the old one: local admits go on
@@ -1268,12 +1586,14 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     /// interval or more ago, or has run half its lease; settle without
     /// replacing the slices near their calendar period's end and those
     /// idle for four intervals; top up slices three quarters used; forget
-    /// idle shapes. Up to 16 shapes' store calls run at once. Store errors
-    /// are absorbed: a slice that cannot be topped up is grown or reopened
-    /// on demand, and a settle that fails three times is counted in
-    /// [`CapacityStats::lost_units`].
+    /// idle shapes. First, it tries every pending settle again. Up to 16
+    /// shapes' store calls run at once. Store errors are absorbed: a slice
+    /// that cannot be topped up is grown or reopened on demand, and a
+    /// settle that fails three times stays pending
+    /// ([`CapacityStats::pending_settles`]) for the next pass.
     pub async fn maintain(&self, now: DateTime<Utc>) {
         let now = now.timestamp_millis();
+        self.retry_pending(now).await;
         let mut work = Vec::new();
         for shape in self.all_shapes() {
             match self.job(&shape, now) {
@@ -1304,6 +1624,8 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         if st.busy {
             return Job::None;
         }
+        // The clock stepped back: a last use in the future is a use now.
+        st.last_use_ms = st.last_use_ms.min(now);
         let idle = now.saturating_sub(st.last_use_ms) > 4 * interval;
         if st.lease.is_none() {
             return if idle && now >= st.direct_until_ms {
@@ -1314,7 +1636,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         }
         let stale = !self.usable(shape, &st, now.saturating_add(interval));
         let used = st.slices.iter().any(|s| s.consumed > 0);
-        let due = now.saturating_sub(st.last_settle_ms) >= interval;
+        // A last settle an interval or more in the future (the clock
+        // stepped back) is due now, as one an interval in the past.
+        let due = now.saturating_sub(st.last_settle_ms) >= interval
+            || st.last_settle_ms.saturating_sub(now) >= interval;
         let low = st
             .slices
             .iter()
@@ -1372,13 +1697,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                     s.demand = 0;
                 }
                 for (s, k) in st.slices.iter_mut().zip(&shape.ops) {
-                    s.free = k.max.map_or(u64::MAX, |m| {
-                        m.saturating_sub(
-                            s.base_used
-                                .saturating_add(s.base_held_others)
-                                .saturating_add(s.consumed),
-                        )
-                    });
+                    s.free = free_of(k, s);
                 }
             }
         }
@@ -1392,9 +1711,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 // Still idle and leaseless under the shard lock: its
                 // counts move to the store's.
                 !(Arc::ptr_eq(s, shape) && {
-                    let st = s.state.lock();
+                    let mut st = s.state.lock();
                     let gone = st.lease.is_none() && !st.busy;
                     if gone {
+                        st.gone = true;
                         bump(&self.counters.local_admits, st.local_admits);
                         bump(&self.counters.local_checks, st.local_checks);
                     }
@@ -1419,11 +1739,12 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         h.finish()
     }
 
-    /// Give every slice back (their admitted parts become usage) and send
-    /// every later batch straight to the store. Call it before the process
-    /// exits; a replica that never calls it loses its unsettled admissions
-    /// and its holds return at their lease's expiry. Store errors are
-    /// counted in [`CapacityStats::lost_units`].
+    /// Give every slice back (their admitted parts become usage), try every
+    /// pending settle again, and send every later batch straight to the
+    /// store. Call it before the process exits; a replica that never calls
+    /// it loses its unsettled admissions and its holds return at their
+    /// lease's expiry. Settles that fail on a store error stay pending
+    /// ([`CapacityStats::pending_settles`]): call it again to retry them.
     pub async fn shutdown(&self, now: DateTime<Utc>) {
         self.closed.store(true, Ordering::Relaxed);
         let now = now.timestamp_millis();
@@ -1435,6 +1756,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             self.settle(&shape, now).await;
             shape.state.lock().busy = false;
         }
+        self.retry_pending(now).await;
     }
 }
 
