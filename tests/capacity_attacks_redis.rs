@@ -1,7 +1,7 @@
 //! Review findings on capacity leases, checked against a real Redis
 //! (`TOLLGATE_REDIS_URL`; skipped without it). Each test has its own key
 //! prefix. The memory-store versions, with the diagnosis, are in
-//! `tests/review_capacity.rs`.
+//! `tests/capacity_attacks.rs`.
 
 #[path = "support/capacity.rs"]
 mod capacity;
