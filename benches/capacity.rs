@@ -266,5 +266,43 @@ fn main() {
                 );
             }
         }
+        // Every key this run wrote starts with its prefix: delete them (a
+        // run writes an event key per admit; left, they pile up in a
+        // shared Redis until their TTL).
+        let deleted = delete_keys(&url, &format!("{{tollgate-bench:capacity:{nanos}:*")).await;
+        println!("deleted {deleted} keys");
     });
+}
+
+/// `SCAN` for `pattern` and `UNLINK` what it finds; returns how many.
+async fn delete_keys(url: &str, pattern: &str) -> usize {
+    let client = redis::Client::open(url).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let (mut cursor, mut n) = (0u64, 0usize);
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1_000)
+            .query_async(&mut conn)
+            .await
+            .expect("scan");
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .expect("unlink");
+            n += keys.len();
+        }
+        if next == 0 {
+            return n;
+        }
+        cursor = next;
+    }
 }
