@@ -108,12 +108,12 @@ pub struct MeterUsage {
     /// it (only `record` can put it there), `Warning` at the warning ratio.
     pub status: Status,
     /// How the meter's smallest unit reads in the public form.
-    scale: Scale,
+    pub(super) scale: Scale,
     /// Usage, holds and the maximum in the meter's smallest unit, as the
     /// store counts them.
-    used_minor: u64,
-    held_minor: u64,
-    max_minor: Option<u64>,
+    pub(super) used_minor: u64,
+    pub(super) held_minor: u64,
+    pub(super) max_minor: Option<u64>,
 }
 
 impl serde::Serialize for MeterUsage {
@@ -384,75 +384,6 @@ impl<S, C: Clock> Engine<S, C> {
     }
 }
 
-impl<S, C: Clock> Engine<S, C> {
-    /// The report [`Engine::usage_in`] (and its async twin) answers for a
-    /// closed period, from the store's answer (`used`, one per op) to
-    /// [`period_ops`](super::plan::period_ops): one row per limit read
-    /// (`rows`, indexes into the allocation's limits), with its period's
-    /// bounds, its usage and the money charged for it, nothing held.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn past_report(
-        &self,
-        subject: &str,
-        alloc: &Resolved,
-        ops: &[crate::store::PeriodOp<'_>],
-        rows: &[usize],
-        cms: &[CostMeter],
-        charged: &[Option<usize>],
-        used: &[u64],
-        now: DateTime<Utc>,
-    ) -> Result<UsageReport, Error> {
-        if used.len() != ops.len() {
-            return Err(Error::Store {
-                message: format!(
-                    "store returned {} period totals for {} periods",
-                    used.len(),
-                    ops.len()
-                ),
-            });
-        }
-        let limits = alloc.limits();
-        let meters = rows
-            .iter()
-            .zip(ops)
-            .zip(used)
-            .zip(charged)
-            .map(|(((&i, op), &units), c)| {
-                let l = &limits[i];
-                let meter = &self.catalog.meters[l.meter_idx];
-                let priced = alloc.plan.price_units_of(l.meter_idx).is_some();
-                let cost = c.and_then(|first| {
-                    charged_money(alloc, cms, priced, |k| {
-                        used.get(first + k).copied().unwrap_or(0)
-                    })
-                });
-                MeterUsage {
-                    meter: l.meter,
-                    window: l.window,
-                    period_start: Some(crate::store::ms_to_time(op.start_ms)),
-                    resets_at: op.end_ms().map(crate::store::ms_to_time),
-                    units: meter.to_decimal(units),
-                    held: meter.to_decimal(0),
-                    max: l.max.map(|m| meter.to_decimal(m)),
-                    cost,
-                    status: report_status(l, units),
-                    scale: Scale::of(&meter.unit),
-                    used_minor: units,
-                    held_minor: 0,
-                    max_minor: l.max,
-                }
-            })
-            .collect();
-        Ok(UsageReport {
-            subject: subject.to_owned(),
-            plan: alloc.plan.id.to_string(),
-            at: now,
-            meters,
-            balance: None,
-        })
-    }
-}
-
 /// A report row's money charged, from its counters of money charged in
 /// each of `cms` (`amount(k)`: the one in `cms[k]`): the first cost meter
 /// that holds some, the plan's own first, so usage charged under an
@@ -461,7 +392,7 @@ impl<S, C: Clock> Engine<S, C> {
 /// the plan prices the meter; `None` otherwise. Usage charged in two cost
 /// meters in one period (a plan change between currencies) shows the
 /// first's.
-fn charged_money(
+pub(super) fn charged_money(
     alloc: &Resolved,
     cms: &[CostMeter],
     priced: bool,
@@ -519,7 +450,7 @@ fn status_of(limit: &Limit, after: u64, delta: u64) -> Status {
 
 /// A report's status: like [`status_of`] for a zero request, except that
 /// usage already past the maximum (through `record`) is `Exceeded`.
-fn report_status(limit: &Limit, used: u64) -> Status {
+pub(super) fn report_status(limit: &Limit, used: u64) -> Status {
     match limit.max {
         Some(m) if used > m => Status::Exceeded,
         _ => status_of(limit, used, 0),

@@ -1,8 +1,14 @@
 //! Reports of past calendar periods: [`Engine::usage_in`] and its async
 //! twin, over contract rule 11 of the [store](crate::store).
 
-use super::{Engine, UsageReport};
+use chrono::{DateTime, Utc};
+
+use super::allocations::Resolved;
+use super::conclude::{charged_money, report_status};
+use super::{Engine, MeterUsage, UsageReport};
+use crate::catalog::CostMeter;
 use crate::clock::Clock;
+use crate::decision::Scale;
 use crate::store::AllowanceStore;
 use crate::window::{Period, Window};
 use crate::Error;
@@ -112,5 +118,74 @@ impl<S: crate::store::AsyncAllowanceStore, C: Clock> Engine<S, C> {
         usage_in_call!(self, subject, period, back,
             kept: self.store.history_periods(),
             read: |ops, now_ms| self.store.period_usage(ops, now_ms).await)
+    }
+}
+
+impl<S, C: Clock> Engine<S, C> {
+    /// The report [`Engine::usage_in`] (and its async twin) answers for a
+    /// closed period, from the store's answer (`used`, one per op) to
+    /// [`period_ops`](super::plan::period_ops): one row per limit read
+    /// (`rows`, indexes into the allocation's limits), with its period's
+    /// bounds, its usage and the money charged for it, nothing held.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn past_report(
+        &self,
+        subject: &str,
+        alloc: &Resolved,
+        ops: &[crate::store::PeriodOp<'_>],
+        rows: &[usize],
+        cms: &[CostMeter],
+        charged: &[Option<usize>],
+        used: &[u64],
+        now: DateTime<Utc>,
+    ) -> Result<UsageReport, Error> {
+        if used.len() != ops.len() {
+            return Err(Error::Store {
+                message: format!(
+                    "store returned {} period totals for {} periods",
+                    used.len(),
+                    ops.len()
+                ),
+            });
+        }
+        let limits = alloc.limits();
+        let meters = rows
+            .iter()
+            .zip(ops)
+            .zip(used)
+            .zip(charged)
+            .map(|(((&i, op), &units), c)| {
+                let l = &limits[i];
+                let meter = &self.catalog.meters[l.meter_idx];
+                let priced = alloc.plan.price_units_of(l.meter_idx).is_some();
+                let cost = c.and_then(|first| {
+                    charged_money(alloc, cms, priced, |k| {
+                        used.get(first + k).copied().unwrap_or(0)
+                    })
+                });
+                MeterUsage {
+                    meter: l.meter,
+                    window: l.window,
+                    period_start: Some(crate::store::ms_to_time(op.start_ms)),
+                    resets_at: op.end_ms().map(crate::store::ms_to_time),
+                    units: meter.to_decimal(units),
+                    held: meter.to_decimal(0),
+                    max: l.max.map(|m| meter.to_decimal(m)),
+                    cost,
+                    status: report_status(l, units),
+                    scale: Scale::of(&meter.unit),
+                    used_minor: units,
+                    held_minor: 0,
+                    max_minor: l.max,
+                }
+            })
+            .collect();
+        Ok(UsageReport {
+            subject: subject.to_owned(),
+            plan: alloc.plan.id.to_string(),
+            at: now,
+            meters,
+            balance: None,
+        })
     }
 }

@@ -5,6 +5,7 @@ mod allocations;
 mod apply;
 mod conn;
 mod encode;
+mod history;
 mod keyed;
 mod reply;
 mod span;
@@ -745,64 +746,6 @@ impl RedisStore {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(apply_library().1.as_str()).arg(1).arg(key);
         cmd
-    }
-
-    /// A new `FCALL` of the library's read of closed periods (rule 11) on
-    /// the scope hash `key`; (field, start) pairs follow. (`FCALL`, not
-    /// `FCALL_RO`: routed as every other call; the function writes nothing.)
-    fn fcall_periods(key: &str) -> redis::Cmd {
-        let mut cmd = redis::cmd("FCALL");
-        let name = apply_library()
-            .1
-            .replacen("tollgate_apply_", "tollgate_periods_", 1);
-        cmd.arg(name).arg(1).arg(key);
-        cmd
-    }
-
-    /// How many closed periods per counter the store keeps.
-    pub(super) fn history_depth(&self) -> u32 {
-        self.history
-    }
-
-    /// The usage each op's counter counted in its period (rule 11): one
-    /// call per scope hash.
-    pub(super) async fn read_periods(
-        &self,
-        ops: &[crate::store::PeriodOp<'_>],
-    ) -> Result<Vec<u64>, Error> {
-        crate::store::validate_period_ops(ops)?;
-        let mut out = vec![0u64; ops.len()];
-        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
-        for (i, op) in ops.iter().enumerate() {
-            let key = self.layout.counters(&self.scope_hash(op.scope));
-            match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, list)) => list.push(i),
-                None => groups.push((key, vec![i])),
-            }
-        }
-        for (key, list) in groups {
-            let mut cmd = Self::fcall_periods(&key);
-            for &i in &list {
-                cmd.arg(Self::counter_field(&ops[i].meter, ops[i].window))
-                    .arg(ops[i].start_ms);
-            }
-            let reply: Vec<String> = self.call_apply(&cmd).await.map_err(known)?;
-            if reply.len() != list.len() {
-                return Err(Error::Store {
-                    message: format!(
-                        "redis: {} period totals for {} periods",
-                        reply.len(),
-                        list.len()
-                    ),
-                });
-            }
-            for (&i, v) in list.iter().zip(&reply) {
-                out[i] = v.parse().map_err(|_| Error::Store {
-                    message: format!("redis: period total `{v}` is not a count"),
-                })?;
-            }
-        }
-        Ok(out)
     }
 
     /// Run an `FCALL` within the timeout: as [`RedisStore::run`], and a
