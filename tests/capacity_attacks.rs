@@ -448,7 +448,7 @@ async fn a_lowered_max_is_enforced_at_once() {
 /// forgotten one passes its batches to the store: with many new shapes
 /// and `maintain` running all the while, every admit is settled.
 ///
-/// Found by reading (src/capacity.rs `apply_sliced`'s `None` arm and
+/// Found by reading (src/capacity/admit.rs `apply_sliced`'s `None` arm and
 /// `job`/`forget`); the window holds no await, so this stress run is a
 /// guard that may not hit it, not a reproduction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

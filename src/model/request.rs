@@ -139,6 +139,13 @@ impl<'a> Request<'a> {
     /// the first [`Decision`](crate::Decision). Reusing the id for different
     /// amounts is [`Error::EventConflict`](crate::Error::EventConflict).
     /// `check` ignores it; `reserve` and `grow` refuse it.
+    ///
+    /// Ids of the shape the async engine makes for itself — `tollgate:`
+    /// then 32 lowercase hex digits — are reserved: pass one only to retry
+    /// a call whose error named it
+    /// ([`Error::StoreOutcomeUnknown`](crate::Error::StoreOutcomeUnknown)'s
+    /// `event`). A `capacity::CapacityStore` (feature `async`) decides
+    /// such an id locally unless it saw it end with an unknown outcome.
     #[must_use]
     #[inline]
     pub fn event(mut self, id: &'a str) -> Self {
