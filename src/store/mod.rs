@@ -173,7 +173,7 @@
 //!
 //! # Ambiguous outcomes
 //!
-//! A network store (an [`AsyncAllowanceStore`] whose
+//! A network store (an `AsyncAllowanceStore`, feature `async`, whose
 //! `needs_event_ids` is `true`: `RedisStore`, and every store that talks to
 //! a server) tells two failures apart:
 //!
