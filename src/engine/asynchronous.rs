@@ -171,7 +171,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
     /// 128 bits).
     fn made_event_id(&self, req: &Request<'_>, mutating: bool) -> Option<String> {
         (mutating && req.event.is_none() && self.store.needs_event_ids())
-            .then(|| format!("tollgate:{}", crate::store::LeaseId::random()))
+            .then(|| crate::store::LeaseId::random().prefixed("tollgate:"))
     }
 
     /// The fail-open stage of `check_async`, `admit_async` and
