@@ -298,3 +298,29 @@ async fn a_settle_applied_unknown_then_retried_past_the_horizon_is_charged_twice
     eprintln!("admitted {admitted}, used {used} held {held}, {:?}", cap.stats());
     assert_eq!((used, held), (admitted, 0), "a settle applied once was charged again late");
 }
+
+/// Promise (`Request::event`): "`admit` … appl[ies] a request with an
+/// event id once within the store's horizon". The capacity module
+/// reserves ids of the shape `tollgate:` + 32 lowercase hex digits, but
+/// nothing a host reads when it picks its ids (`Request::event`, the
+/// store docs) says so: a host whose idempotency keys happen to have that
+/// shape (`tollgate:` + an MD5/UUID-simple of its order id) has every
+/// retry decided locally and counted again.
+#[tokio::test]
+async fn a_host_id_of_the_engine_shape_counts_twice() {
+    let shared: Dyn = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let cap: Cap = Arc::new(CapacityStore::new(Arc::clone(&shared), capacity::config()).unwrap());
+    let engine = engine_on(&cap, 100_000, window, &clock);
+    let req = capacity::request(10).event("tollgate:0123456789abcdef0123456789abcdef");
+    assert!(engine.admit_async(&req).await.unwrap().allowed);
+    assert!(engine.admit_async(&req).await.unwrap().allowed);
+    cap.shutdown(clock.now_utc()).await;
+    let r = reader(shared, 100_000, window, clock);
+    assert_eq!(
+        capacity::read(&r, "tokens").await,
+        (10, 0),
+        "a host's evented admit retried with the same id must count once"
+    );
+}
