@@ -36,6 +36,8 @@ struct Gate {
     apply_then_unknown: AtomicU64,
     /// After a settle answered unknown, go down.
     down_after_unknown_settle: AtomicBool,
+    /// The next N settles fail with `Error::Store` (nothing applied).
+    settle_fail: AtomicU64,
 }
 
 impl Gate {
@@ -73,6 +75,11 @@ impl AsyncAllowanceStore for Gate {
                 std::future::pending::<()>().await;
             }
             _ => {}
+        }
+        if matches!(action, Some(LeaseAction::Settle { .. })) && take_one(&self.settle_fail) {
+            return Err(Error::Store {
+                message: "connection reset".into(),
+            });
         }
         let a = AsyncAllowanceStore::apply(&self.inner, batch).await?;
         if matches!(action, Some(LeaseAction::Settle { .. })) && take_one(&self.settle_unknown) {
@@ -323,4 +330,83 @@ async fn a_host_id_of_the_engine_shape_counts_twice() {
         (10, 0),
         "a host's evented admit retried with the same id must count once"
     );
+}
+
+/// Held (kept as a regression test): the store fails exactly while a
+/// refusal gives back this engine's other shapes' slices. One engine
+/// (`replicas(1)`), three shapes on one 1,000-token counter; the first
+/// two take it all; the third's refusal gives them back while the first
+/// three settles fail. Admits go on to the limit; after shutdown the
+/// counter equals what was admitted, at most the maximum, nothing held.
+#[tokio::test]
+async fn give_back_during_a_store_failure_counts_everything() {
+    use tollgate::{CatalogConfig, LimitConfig, Meter, PlanConfig, Request};
+    const MAX: u64 = 1_000;
+    let gate = Arc::new(Gate::default());
+    let shared: Dyn = Arc::clone(&gate) as Dyn;
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let catalog = CatalogConfig::default()
+        .meter(Meter::count("tokens"))
+        .meter(Meter::count("requests"))
+        .meter(Meter::count("images"))
+        .plan(
+            PlanConfig::new("plan")
+                .limit(LimitConfig::new("tokens", window, MAX))
+                .limit(LimitConfig::new("requests", window, 1_000_000u64))
+                .limit(LimitConfig::new("images", window, 1_000_000u64)),
+        )
+        .build()
+        .unwrap();
+    let cap: Cap = Arc::new(
+        CapacityStore::new(
+            Arc::clone(&shared),
+            tollgate::capacity::CapacityConfig::new().replicas(1),
+        )
+        .unwrap(),
+    );
+    let engine = Engine::with_store_and_clock(catalog.clone(), Arc::clone(&cap), clock.clone());
+    engine.allocate(Allocation::new("agent", "plan")).unwrap();
+    let shapes = [
+        Request::new("agent").units("tokens", 10u64),
+        Request::new("agent")
+            .units("tokens", 10u64)
+            .units("requests", 1u64),
+        Request::new("agent")
+            .units("tokens", 10u64)
+            .units("images", 1u64),
+    ];
+    let mut admitted = 0;
+    for (i, r) in shapes.iter().enumerate() {
+        if i == 2 {
+            gate.settle_fail.store(3, Ordering::Relaxed);
+        }
+        match engine.admit_async(r).await {
+            Ok(d) if d.allowed => admitted += 10,
+            Ok(_) => {}
+            Err(e) => eprintln!("shape {i}: {e}"),
+        }
+    }
+    eprintln!("after give-back: {:?}", cap.stats());
+    for round in 0..300 {
+        let r = &shapes[round % 3];
+        if let Ok(d) = engine.admit_async(r).await {
+            if d.allowed {
+                admitted += 10;
+            }
+        }
+        clock.advance(Duration::from_millis(20));
+        if round % 5 == 0 {
+            cap.maintain(clock.now_utc()).await;
+        }
+    }
+    cap.shutdown(clock.now_utc()).await;
+    let st = cap.stats();
+    let plain = Engine::with_store_and_clock(catalog, Arc::clone(&shared), clock.clone());
+    plain.allocate(Allocation::new("agent", "plan")).unwrap();
+    let (used, held) = capacity::read(&plain, "tokens").await;
+    eprintln!("admitted {admitted}, used {used} held {held}, {st:?}");
+    assert!(admitted <= MAX);
+    assert_eq!((used, held), (admitted, 0));
+    assert_eq!(st.pending_settles, 0);
 }
