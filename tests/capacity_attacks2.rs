@@ -410,3 +410,50 @@ async fn give_back_during_a_store_failure_counts_everything() {
     assert_eq!((used, held), (admitted, 0));
     assert_eq!(st.pending_settles, 0);
 }
+
+/// Promise: a pending settle "is kept and tried again by every `maintain`
+/// and `shutdown` … until it lands"; `pending_settles` is honest. A
+/// `maintain` pass dropped while it retries pending settles (a host that
+/// bounds each pass with `tokio::time::timeout(interval, …)`, or a
+/// shutdown with a deadline) has taken them out of the list: they are
+/// never tried again, yet `pending_settles` still counts them, and what
+/// their slices admitted is never charged.
+#[tokio::test]
+async fn a_cancelled_maintain_drops_the_pending_settles_it_was_retrying() {
+    let gate = Arc::new(Gate::default());
+    let shared: Dyn = Arc::clone(&gate) as Dyn;
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let cap: Cap = Arc::new(CapacityStore::new(Arc::clone(&shared), capacity::config()).unwrap());
+    let engine = engine_on(&cap, 100_000, window, &clock);
+    let mut admitted = 0;
+    for _ in 0..5 {
+        assert!(engine.admit_async(&capacity::request(10)).await.unwrap().allowed);
+        admitted += 10;
+    }
+    // A blip: the settle fails three times and goes pending.
+    gate.settle_fail.store(3, Ordering::Relaxed);
+    clock.advance(Duration::from_millis(100));
+    cap.maintain(clock.now_utc()).await;
+    assert_eq!(cap.stats().pending_settles, 1);
+    // The next pass's retry hangs; the host's per-pass timeout drops it.
+    gate.stall_settle.store(true, Ordering::Relaxed);
+    clock.advance(Duration::from_millis(100));
+    let r = tokio::time::timeout(Duration::from_millis(100), cap.maintain(clock.now_utc())).await;
+    assert!(r.is_err(), "the pass was expected to hang");
+    gate.stall_settle.store(false, Ordering::Relaxed);
+    for _ in 0..10 {
+        clock.advance(Duration::from_millis(100));
+        cap.maintain(clock.now_utc()).await;
+    }
+    cap.shutdown(clock.now_utc()).await;
+    let st = cap.stats();
+    let r = reader(shared, 100_000, window, clock);
+    let (used, held) = capacity::read(&r, "tokens").await;
+    eprintln!("admitted {admitted}, used {used} held {held}, {st:?}");
+    assert_eq!(
+        (used, held, st.pending_settles),
+        (admitted, 0, 0),
+        "a pending settle taken by a dropped maintain is lost"
+    );
+}
