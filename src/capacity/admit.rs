@@ -12,45 +12,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
 
     pub(super) async fn pass(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         bump(&self.counters.passed_through, 1);
-        let r = self.call(batch).await;
-        if let (Err(Error::StoreOutcomeUnknown { .. }), Some(ev)) = (&r, batch.event) {
-            if engine_made(ev.id) {
-                self.remember_unknown(ev.id, batch.now_ms);
-            }
-        }
-        r
-    }
-
-    /// Remember an engine-made id whose outcome is unknown, for
-    /// [`CapacityConfig::unknown_id_window`]. When the list is full of
-    /// ids younger than that, every engine-made id goes to the store until
-    /// they have aged out.
-    pub(super) fn remember_unknown(&self, id: &str, now: i64) {
-        let window = ms(self.config.unknown_id_window);
-        let mut u = self.unknown_ids.lock();
-        if u.ids.len() >= UNKNOWN_IDS_KEPT && !u.ids.contains_key(id) {
-            u.ids.retain(|_, &mut at| now.saturating_sub(at) < window);
-            if u.ids.len() >= UNKNOWN_IDS_KEPT {
-                // Every id dropped here is younger than `window`.
-                let newest = u.ids.values().copied().max().unwrap_or(now).max(now);
-                u.all_until_ms = u.all_until_ms.max(newest.saturating_add(window));
-                u.ids.clear();
-            }
-        }
-        let at = u.ids.entry(id.into()).or_insert(now);
-        *at = (*at).max(now);
-        self.unknown_any.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether an engine-made `id` must go to the store: it came back
-    /// unknown within the window, or the list overflowed.
-    pub(super) fn unknown_at(&self, id: &str, now: i64) -> bool {
-        let window = ms(self.config.unknown_id_window);
-        let u = self.unknown_ids.lock();
-        now < u.all_until_ms
-            || u.ids
-                .get(id)
-                .is_some_and(|&at| now.saturating_sub(at) < window)
+        self.call(batch).await
     }
 
     /// Whether `batch` may be decided from slices.
@@ -70,16 +32,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         {
             return false;
         }
-        match batch.event {
-            None => true,
-            // Only an id of the exact shape the engine makes: any other
-            // is the host's, applied once by the store's ledger.
-            Some(ev) => {
-                engine_made(ev.id)
-                    && !(self.unknown_any.load(Ordering::Relaxed)
-                        && self.unknown_at(ev.id, batch.now_ms))
-            }
-        }
+        // Only an id the engine made for this very call (no earlier try of
+        // it exists): any other, a host's retry with an id the engine once
+        // made included, is applied once by the store's ledger.
+        batch.event.is_none_or(|ev| ev.engine_made())
     }
 
     pub(super) fn hash_ops(&self, ops: &[CounterOp<'_>]) -> u64 {

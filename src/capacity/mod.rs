@@ -42,19 +42,18 @@
 //!
 //! Only a plain admit is decided locally: a [`Mode::WithinLimits`] batch
 //! with no lease, no cooldown, no balance, no [`Window::Concurrent`]
-//! counter, and either no event id or one of the exact shape the async
-//! engine makes itself (`tollgate:` and 32 lowercase hex digits, see
-//! below). A [`Mode::Check`] of such a shape is answered
+//! counter, and either no event id or one the async engine made for that
+//! very call ([`EventKey::engine_made`], see below). A [`Mode::Check`] of
+//! such a shape is answered
 //! locally when the slice covers it. **Everything else goes straight to
 //! the inner store, unchanged**, so it keeps its exact semantics:
 //!
 //! - *Evented calls* (a host's event id): the store's ledger applies them
 //!   once (contract rule 8). The slices this engine holds count there as
 //!   holds, so the store decides against used + every replica's holds.
-//!   **An id of the engine's shape (`tollgate:` and exactly 32 lowercase
-//!   hex digits) is reserved**: it is taken for one the engine made and
-//!   may be decided locally. Any other id, `tollgate:order-42` included,
-//!   is the host's and goes to the store.
+//!   Every id the host passes ([`Request::event`](crate::Request::event))
+//!   is the host's, whatever its shape, and goes to the store; so does a
+//!   host's retry with an id the engine once made.
 //! - *Reservations* (`reserve`, `renew`, `grow`, `commit`, `release`) and
 //!   *concurrency limits*: a concurrent "in flight" counter is a count of
 //!   live leases and cannot be sliced; those batches carry a lease and go
@@ -71,15 +70,13 @@
 //! An event id the engine made (`tollgate:` and 128 random bits, given to
 //! every async admit on a store that [needs event
 //! ids](AsyncAllowanceStore::needs_event_ids)) exists only so that a retry
-//! after [`Error::StoreOutcomeUnknown`] counts once. A local admit has no
-//! unknown outcome; a slice grown with an unknown outcome only grew holds,
-//! never usage, so a retry admitted locally counts once too. An id that
-//! came back from this store in a `StoreOutcomeUnknown` answered by the
-//! inner store is remembered for [`CapacityConfig::unknown_id_window`]
-//! (15 minutes by default, as long as Redis keeps engine-made ids), and a
-//! retry with it within that time goes to the store. Up to 16,384 such
-//! ids are kept at once; past that, every engine-made id goes to the store
-//! until the remembered ones have aged out.
+//! after [`Error::StoreOutcomeUnknown`] counts once. The engine marks the
+//! batch's key ([`EventKey::engine_made`]): no earlier try of that id
+//! exists, so deciding it locally cannot count anything twice. The host
+//! retries with the id the error named through
+//! [`Request::event`](crate::Request::event), unmarked, so the retry goes
+//! to the store, whose ledger replays it if the first try applied — on
+//! this replica or any other, before or after a restart.
 //!
 //! # Slices: size, top-up, give back
 //!
@@ -234,12 +231,6 @@ use crate::store::{
 use crate::window::Window;
 use crate::Error;
 
-/// The prefix of the event ids the async engine makes itself.
-const ENGINE_EVENT_PREFIX: &str = "tollgate:";
-/// How many event ids answered `StoreOutcomeUnknown` are remembered at
-/// once; past it, every engine-made id goes to the store until the
-/// remembered ones have aged out.
-const UNKNOWN_IDS_KEPT: usize = 16_384;
 /// Lock shards of the shape table.
 const SHARDS: usize = 16;
 /// How many times a settle is retried after a store error.
@@ -353,9 +344,6 @@ pub struct CapacityStore<S> {
     shards: Box<[Shard]>,
     shapes: AtomicU64,
     hasher: foldhash::fast::RandomState,
-    unknown_ids: Mutex<UnknownIds>,
-    /// Whether `unknown_ids` has ever held an id: the fast path's test.
-    unknown_any: AtomicBool,
     /// Settles that failed on a store error, retried by `maintain` and
     /// `shutdown`.
     pending: Mutex<Vec<PendingSettle>>,
@@ -376,16 +364,6 @@ impl<S: std::fmt::Debug> std::fmt::Debug for CapacityStore<S> {
     }
 }
 
-/// Engine-made event ids that came back from the inner store in a
-/// `StoreOutcomeUnknown`, with when (batch time).
-#[derive(Default)]
-struct UnknownIds {
-    ids: HashMap<Box<str>, i64>,
-    /// Every engine-made id goes to the store until this instant: set when
-    /// `ids` was full.
-    all_until_ms: i64,
-}
-
 /// A settle that failed on a store error: retried until it lands.
 struct PendingSettle {
     ops: SmallVec<[OpKey; 4]>,
@@ -401,17 +379,6 @@ enum SettleTry {
     Done(Option<Box<Applied>>),
     /// A store error: try again later.
     Retry,
-}
-
-/// Whether `id` has the exact shape of an event id the async engine makes
-/// (`tollgate:` and 32 lowercase hex digits, a [`LeaseId`] as displayed).
-/// A host id of that shape is reserved: it is taken for an engine-made id.
-fn engine_made(id: &str) -> bool {
-    id.strip_prefix(ENGINE_EVENT_PREFIX).is_some_and(|h| {
-        h.len() == 32
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
 }
 
 /// Whether `shape` is the shape of `ops`.
@@ -493,8 +460,6 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 .collect(),
             shapes: AtomicU64::new(0),
             hasher: foldhash::fast::RandomState::default(),
-            unknown_ids: Mutex::new(UnknownIds::default()),
-            unknown_any: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
             pending_count: AtomicU64::new(0),
             closed: AtomicBool::new(false),
