@@ -200,9 +200,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             // path builds and moves on each admit.
             Plan::Pass => Box::pin(self.pass_shape(&shape, batch)).await,
             Plan::Grow | Plan::Reopen => {
-                let r = Box::pin(self.slow(&shape, batch, matches!(plan, Plan::Grow))).await;
-                shape.state.lock().busy = false;
-                r
+                // `decide` marked it busy: unmarked when the slow path
+                // ends or its future is dropped (a request timeout).
+                let claimed = Claimed::marked(shape);
+                Box::pin(self.slow(&claimed.0, batch, matches!(plan, Plan::Grow))).await
             }
         }
     }
@@ -447,14 +448,16 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 full.iter()
                     .any(|k| k.scope == o.scope && k.meter == o.meter && k.window == o.window)
             });
-            if !shares || other.state.lock().lease.is_none() || !claim(&other) {
+            if !shares || other.state.lock().lease.is_none() {
                 continue;
             }
+            let Some(_claimed) = Claimed::try_new(&other) else {
+                continue;
+            };
             if other.state.lock().lease.is_some() {
                 self.settle(&other, now).await;
                 gave = true;
             }
-            other.state.lock().busy = false;
         }
         gave
     }
@@ -561,11 +564,24 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         ));
         let mut a = self.call(&batch).await?;
         if a.applied && lease.is_none() {
-            let mut st = shape.state.lock();
-            st.lease = Some(id);
-            st.expires_at_ms = now.saturating_add(ms(self.config.lease_ttl));
-            st.use_until_ms = now.saturating_add(ms(self.config.lease_ttl) / 2);
-            st.last_settle_ms = now;
+            let given_up = {
+                let mut st = shape.state.lock();
+                if st.gone {
+                    // `shutdown` gave the shape up while the slice opened:
+                    // give it back (nothing admitted from it); the
+                    // caller's `consume` finds the shape gone.
+                    Some(self.unsettled(shape, id, SmallVec::from_elem(0, amounts.len())))
+                } else {
+                    st.lease = Some(id);
+                    st.expires_at_ms = now.saturating_add(ms(self.config.lease_ttl));
+                    st.use_until_ms = now.saturating_add(ms(self.config.lease_ttl) / 2);
+                    st.last_settle_ms = now;
+                    None
+                }
+            };
+            if let Some(unsettled) = given_up {
+                self.settle_lease(shape, unsettled, now).await;
+            }
             a.settled.clear();
         }
         Ok(a)
@@ -581,6 +597,11 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         now: i64,
     ) -> Option<Applied> {
         let mut st = shape.state.lock();
+        if st.gone || st.lease.is_none() {
+            // `shutdown` settled the slice while it grew: the store
+            // decides.
+            return None;
+        }
         for ((s, &amt), c) in st.slices.iter_mut().zip(amounts).zip(&a.counters) {
             s.granted = s.granted.saturating_add(amt);
             s.base_used = c.used;

@@ -370,6 +370,62 @@ struct PendingSettle {
     owner: ScopeKey,
     lease: LeaseId,
     consumed: SmallVec<[u64; 4]>,
+    /// A try ended with an unknown outcome: the settle may have applied.
+    maybe_applied: bool,
+}
+
+/// A settle whose lease is out of its shape: until it has landed, it is
+/// this value's. Dropped unfinished (every try failed, or the future
+/// running it was dropped: a request timeout, a `maintain` pass bounded
+/// by the host), it goes to the pending list, so what the slice admitted
+/// is still charged.
+struct Unsettled<'a, S> {
+    store: &'a CapacityStore<S>,
+    item: Option<PendingSettle>,
+    /// Already counted in `pending_count` (taken from the pending list).
+    counted: bool,
+}
+
+impl<S> Unsettled<'_, S> {
+    /// It landed: nothing to keep.
+    fn done(&mut self) {
+        if self.item.take().is_some() && self.counted {
+            self.store.pending_count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<S> Drop for Unsettled<'_, S> {
+    fn drop(&mut self) {
+        if let Some(p) = self.item.take() {
+            if !self.counted {
+                bump(&self.store.pending_count, 1);
+            }
+            self.store.pending.lock().push(p);
+        }
+    }
+}
+
+/// A shape marked busy (a store call for it is running): unmarked when
+/// this is dropped, whether the call finished or its future was dropped.
+struct Claimed(Arc<Shape>);
+
+impl Claimed {
+    /// Mark `shape` busy if no one else has.
+    fn try_new(shape: &Arc<Shape>) -> Option<Self> {
+        claim(shape).then(|| Self(Arc::clone(shape)))
+    }
+
+    /// `shape`, marked busy already (by `decide` or `job`).
+    fn marked(shape: Arc<Shape>) -> Self {
+        Self(shape)
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        self.0.state.lock().busy = false;
+    }
 }
 
 /// How one try of a settle ended.
@@ -377,8 +433,9 @@ enum SettleTry {
     /// Landed (settled, already settled, or charged late); the store's
     /// answer to the settle when there was one.
     Done(Option<Box<Applied>>),
-    /// A store error: try again later.
-    Retry,
+    /// A store error: try again later. `unknown`: the outcome is unknown,
+    /// so this try may have applied.
+    Retry { unknown: bool },
 }
 
 /// Whether `shape` is the shape of `ops`.
@@ -440,6 +497,7 @@ impl<S> CapacityStore<S> {
             lost_units: l(&c.lost_units),
             pending_settles: l(&self.pending_count),
             late_charges: l(&c.late_charges),
+            uncertain_settles: l(&c.uncertain_settles),
         }
     }
 }

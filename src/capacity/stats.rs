@@ -38,6 +38,13 @@ pub struct CapacityStats {
     /// longer than half a lease, a forward clock step, no `maintain`):
     /// what they admitted was charged as plain usage instead.
     pub late_charges: u64,
+    /// Settles whose outcome stays uncertain: a try ended with an unknown
+    /// outcome (it may have applied), and by the next answer the store had
+    /// forgotten the lease (its event horizon past the lease's expiry).
+    /// What such a slice admitted is not charged again: charging it could
+    /// count it twice. If that try had not applied, the counter is short
+    /// by at most what the slice admitted.
+    pub uncertain_settles: u64,
 }
 
 #[derive(Default)]
@@ -51,6 +58,7 @@ pub(super) struct Counters {
     pub(super) settles: AtomicU64,
     pub(super) lost_units: AtomicU64,
     pub(super) late_charges: AtomicU64,
+    pub(super) uncertain_settles: AtomicU64,
 }
 
 pub(super) fn bump(c: &AtomicU64, by: u64) {
