@@ -88,7 +88,9 @@ impl AsyncAllowanceStore for Gate {
             }
             return Err(unknown());
         }
-        if action.is_none() && batch.mode == Mode::WithinLimits && take_one(&self.apply_then_unknown)
+        if action.is_none()
+            && batch.mode == Mode::WithinLimits
+            && take_one(&self.apply_then_unknown)
         {
             return Err(unknown());
         }
@@ -135,7 +137,13 @@ async fn a_cancelled_grow_leaves_the_shape_busy_and_shutdown_hangs() {
     let window = Window::Lifetime;
     let cap: Cap = Arc::new(CapacityStore::new(Arc::clone(&shared), capacity::config()).unwrap());
     let engine = engine_on(&cap, 100_000, window, &clock);
-    assert!(engine.admit_async(&capacity::request(10)).await.unwrap().allowed);
+    assert!(
+        engine
+            .admit_async(&capacity::request(10))
+            .await
+            .unwrap()
+            .allowed
+    );
     // A request the slice does not cover grows the lease; the store hangs
     // and the host's timeout drops the admit's future.
     gate.stall_grow.store(true, Ordering::Relaxed);
@@ -179,7 +187,13 @@ async fn a_cancelled_settle_loses_the_slices_admissions() {
     let engine = engine_on(&cap, MAX, window, &clock);
     let mut admitted = 0;
     for _ in 0..5 {
-        assert!(engine.admit_async(&capacity::request(10)).await.unwrap().allowed);
+        assert!(
+            engine
+                .admit_async(&capacity::request(10))
+                .await
+                .unwrap()
+                .allowed
+        );
         admitted += 10;
     }
     assert_eq!(cap.stats().local_admits, 5);
@@ -206,7 +220,8 @@ async fn a_cancelled_settle_loses_the_slices_admissions() {
     let (used, _) = capacity::read(&other, "tokens").await;
     eprintln!("admitted {admitted}, store used {used}, {:?}", cap.stats());
     assert_eq!(
-        used, admitted,
+        used,
+        admitted,
         "admissions of a slice whose settle was cancelled are never charged (pending_settles {})",
         cap.stats().pending_settles
     );
@@ -242,7 +257,10 @@ async fn an_unknown_admit_retried_on_another_replica_counts_twice() {
         }) => id,
         other => panic!("expected an unknown outcome, got {other:?}"),
     };
-    plain.release_async(&held, Outcome::Cancelled).await.unwrap();
+    plain
+        .release_async(&held, Outcome::Cancelled)
+        .await
+        .unwrap();
     // The host retries with the id it was given, on replica B.
     let b: Cap = Arc::new(CapacityStore::new(Arc::clone(&shared), capacity::config()).unwrap());
     let eb = engine_on(&b, 1_000, window, &clock);
@@ -277,14 +295,21 @@ async fn a_settle_applied_unknown_then_retried_past_the_horizon_is_charged_twice
     let engine = engine_on(&cap, 100_000, window, &clock);
     let mut admitted = 0;
     for _ in 0..5 {
-        assert!(engine.admit_async(&capacity::request(10)).await.unwrap().allowed);
+        assert!(
+            engine
+                .admit_async(&capacity::request(10))
+                .await
+                .unwrap()
+                .allowed
+        );
         admitted += 10;
     }
     // The settle lands but its answer is lost; the store then stays
     // unreachable for the two immediate retries and the next passes.
     gate.settle_unknown.store(1, Ordering::Relaxed);
     clock.advance(Duration::from_millis(100));
-    gate.down_after_unknown_settle.store(true, Ordering::Relaxed);
+    gate.down_after_unknown_settle
+        .store(true, Ordering::Relaxed);
     cap.maintain(clock.now_utc()).await;
     assert!(gate.down.load(Ordering::Relaxed));
     eprintln!("after the lost answer: {:?}", cap.stats());
@@ -302,8 +327,15 @@ async fn a_settle_applied_unknown_then_retried_past_the_horizon_is_charged_twice
     cap.shutdown(clock.now_utc()).await;
     let r = reader(shared, 100_000, window, clock);
     let (used, held) = capacity::read(&r, "tokens").await;
-    eprintln!("admitted {admitted}, used {used} held {held}, {:?}", cap.stats());
-    assert_eq!((used, held), (admitted, 0), "a settle applied once was charged again late");
+    eprintln!(
+        "admitted {admitted}, used {used} held {held}, {:?}",
+        cap.stats()
+    );
+    assert_eq!(
+        (used, held),
+        (admitted, 0),
+        "a settle applied once was charged again late"
+    );
 }
 
 /// Promise (`Request::event`): "`admit` … appl[ies] a request with an
@@ -428,7 +460,13 @@ async fn a_cancelled_maintain_drops_the_pending_settles_it_was_retrying() {
     let engine = engine_on(&cap, 100_000, window, &clock);
     let mut admitted = 0;
     for _ in 0..5 {
-        assert!(engine.admit_async(&capacity::request(10)).await.unwrap().allowed);
+        assert!(
+            engine
+                .admit_async(&capacity::request(10))
+                .await
+                .unwrap()
+                .allowed
+        );
         admitted += 10;
     }
     // A blip: the settle fails three times and goes pending.

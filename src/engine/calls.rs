@@ -91,7 +91,15 @@ macro_rules! decide_call {
         };
         let balance = balance_op(&p);
         let ops = list.ops.as_slice();
-        let batch = usage_batch($call, $req.event_ref(), ops, usage, &cooldowns, balance, now_ms);
+        let batch = usage_batch(
+            $call,
+            $req.event_ref(),
+            ops,
+            usage,
+            &cooldowns,
+            balance,
+            now_ms,
+        );
         // Read where the store wrote it: not moved out of the result.
         watch.store_start();
         let result = {

@@ -178,7 +178,12 @@ impl Fraction {
 mod tests {
     #[test]
     fn prefixed_writes_what_display_writes() {
-        for bits in [0u128, 1, u128::MAX, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210] {
+        for bits in [
+            0u128,
+            1,
+            u128::MAX,
+            0x0123_4567_89ab_cdef_fedc_ba98_7654_3210,
+        ] {
             let id = super::LeaseId::from_u128(bits);
             assert_eq!(id.prefixed("tollgate:"), format!("tollgate:{id}"));
         }
