@@ -1,7 +1,11 @@
 //! Second adversarial review of capacity leases (`tollgate::capacity`),
-//! attacking the fixes (pending settles, late charges, engine-id shape,
-//! unknown-id window, give-back). Every test states the promise it checks.
-//! Feature `async`; `cargo test --all-features --test capacity_attacks2`.
+//! attacking the first review's fixes (pending settles, late charges,
+//! engine-made ids, give-back), kept as regression tests of the fixes:
+//! drop guards for busy shapes and for settles under way, a bounded
+//! `shutdown`, the engine's own mark on the ids it makes
+//! (`EventKey::engine_made`), and uncertain settles. Every test states the
+//! promise it checks. Feature `async`;
+//! `cargo test --all-features --test capacity_attacks2`.
 
 #[path = "support/capacity.rs"]
 mod capacity;
@@ -127,10 +131,12 @@ fn reader(shared: Dyn, max: u64, window: Window, clock: ManualClock) -> Engine<D
 /// Promise: "`shutdown` … give[s] every slice back"; "nothing held after
 /// shutdown". An admit future dropped while its slice grows (a request
 /// timeout, a client that hung up: tower/axum drop the handler's future)
-/// leaves the shape marked busy forever: `maintain` skips it from then
-/// on, and `shutdown` spins waiting for it. Expected: shutdown completes.
+/// used to leave the shape marked busy forever: `maintain` skipped it from then
+/// on, and `shutdown` spun waiting for it. The busy mark is now a drop
+/// guard: the shape is freed, `maintain` goes on with it and `shutdown`
+/// returns with nothing held.
 #[tokio::test]
-async fn a_cancelled_grow_leaves_the_shape_busy_and_shutdown_hangs() {
+async fn a_cancelled_grow_frees_the_shape_and_shutdown_returns() {
     let gate = Arc::new(Gate::default());
     let shared: Dyn = Arc::clone(&gate) as Dyn;
     let clock = ManualClock::new(capacity::t0());
@@ -172,12 +178,14 @@ async fn a_cancelled_grow_leaves_the_shape_busy_and_shutdown_hangs() {
 
 /// Promise: "counted late, never dropped"; a live replica never
 /// over-admits. An admit future dropped while its slow path settles the
-/// old slice (`settle` took the lease out of the shape before the store
-/// call) loses that slice's admissions: they are neither settled nor
-/// pending, so they are never charged, and once the hold expires the whole
-/// maximum is admitted again. Expected: counted (settled or pending).
+/// old slice (`settle` takes the lease out of the shape before the store
+/// call) used to lose that slice's admissions: neither settled nor
+/// pending, never charged, and once the hold expired the whole maximum
+/// was admitted again. The settle under way is now owned by a guard that
+/// puts it on the pending list when dropped: the next `maintain` settles
+/// it and everything admitted is counted.
 #[tokio::test]
-async fn a_cancelled_settle_loses_the_slices_admissions() {
+async fn a_cancelled_settle_keeps_the_slices_admissions_pending() {
     const MAX: u64 = 1_000;
     let gate = Arc::new(Gate::default());
     let shared: Dyn = Arc::clone(&gate) as Dyn;
@@ -228,14 +236,16 @@ async fn a_cancelled_settle_loses_the_slices_admissions() {
 }
 
 /// Promise: a retry of an unknown-outcome admit with its event id counts
-/// once ("an id that came back … in a StoreOutcomeUnknown … a retry with
-/// it … goes to the store"). The remembered ids live in one process's
-/// `CapacityStore`; the host's retry of an engine-made id on another
-/// replica (load-balanced retry, or this one after a restart) is decided
-/// locally from a slice, and the admit counts twice. On the plain shared
-/// store it counts once.
+/// once, as on the plain shared store. Unknown-outcome ids used to be
+/// remembered in one process's `CapacityStore`, so the host's retry of an
+/// engine-made id on another replica (a load-balanced retry, or this one
+/// after a restart) was decided locally from a slice and counted twice.
+/// Now only a batch the engine marked as carrying an id it made for that
+/// very call (`EventKey::engine_made`) is decided locally; the host's
+/// retry, through `Request::event`, is unmarked and goes to the store's
+/// ledger, on any replica.
 #[tokio::test]
-async fn an_unknown_admit_retried_on_another_replica_counts_twice() {
+async fn an_unknown_admit_retried_on_another_replica_counts_once() {
     let gate = Arc::new(Gate::default());
     let shared: Dyn = Arc::clone(&gate) as Dyn;
     let clock = ManualClock::new(capacity::t0());
@@ -282,11 +292,13 @@ async fn an_unknown_admit_retried_on_another_replica_counts_twice() {
 /// *unsettled*. A settle that was applied but answered unknown, whose
 /// retries fail until the store has forgotten both the settle's id and the
 /// settled lease (its event horizon past the lease's expiry), is answered
-/// `UnknownReservation` and charged again as a late charge: double
-/// counted. Here the memory store's horizon is 2 s (Redis: the lease
+/// `UnknownReservation`; it used to be charged again as a late charge
+/// (double counted). A pending settle now remembers that a try may have
+/// applied, and such a settle is counted in `uncertain_settles` instead of
+/// charged again. Here the memory store's horizon is 2 s (Redis: the lease
 /// record lives `horizon` past its expiry too).
 #[tokio::test]
-async fn a_settle_applied_unknown_then_retried_past_the_horizon_is_charged_twice() {
+async fn a_settle_applied_unknown_then_retried_past_the_horizon_is_charged_once() {
     let gate = Arc::new(Gate::with_horizon(Duration::from_secs(2)));
     let shared: Dyn = Arc::clone(&gate) as Dyn;
     let clock = ManualClock::new(capacity::t0());
@@ -336,17 +348,18 @@ async fn a_settle_applied_unknown_then_retried_past_the_horizon_is_charged_twice
         (admitted, 0),
         "a settle applied once was charged again late"
     );
+    assert_eq!(cap.stats().uncertain_settles, 1);
 }
 
 /// Promise (`Request::event`): "`admit` … appl[ies] a request with an
-/// event id once within the store's horizon". The capacity module
-/// reserves ids of the shape `tollgate:` + 32 lowercase hex digits, but
-/// nothing a host reads when it picks its ids (`Request::event`, the
-/// store docs) says so: a host whose idempotency keys happen to have that
-/// shape (`tollgate:` + an MD5/UUID-simple of its order id) has every
-/// retry decided locally and counted again.
+/// event id once within the store's horizon". The capacity module used
+/// to take ids of the shape `tollgate:` + 32 lowercase hex digits for its
+/// engine's own, so a host whose idempotency keys had that shape
+/// (`tollgate:` + an MD5/UUID-simple of its order id) had every retry
+/// decided locally and counted again. No id shape is reserved now: every
+/// id the host passes goes to the store.
 #[tokio::test]
-async fn a_host_id_of_the_engine_shape_counts_twice() {
+async fn a_host_id_of_the_engine_shape_counts_once() {
     let shared: Dyn = Arc::new(MemoryStore::new());
     let clock = ManualClock::new(capacity::t0());
     let window = Window::Lifetime;
@@ -447,11 +460,12 @@ async fn give_back_during_a_store_failure_counts_everything() {
 /// and `shutdown` … until it lands"; `pending_settles` is honest. A
 /// `maintain` pass dropped while it retries pending settles (a host that
 /// bounds each pass with `tokio::time::timeout(interval, …)`, or a
-/// shutdown with a deadline) has taken them out of the list: they are
-/// never tried again, yet `pending_settles` still counts them, and what
-/// their slices admitted is never charged.
+/// shutdown with a deadline) used to lose the settles it had taken out of
+/// the list (still counted in `pending_settles`, never charged). Each is
+/// now held by a guard while it is tried and put back when the pass is
+/// dropped: later passes settle it and `pending_settles` ends at zero.
 #[tokio::test]
-async fn a_cancelled_maintain_drops_the_pending_settles_it_was_retrying() {
+async fn a_cancelled_maintain_keeps_the_pending_settles_it_was_retrying() {
     let gate = Arc::new(Gate::default());
     let shared: Dyn = Arc::clone(&gate) as Dyn;
     let clock = ManualClock::new(capacity::t0());
@@ -494,4 +508,44 @@ async fn a_cancelled_maintain_drops_the_pending_settles_it_was_retrying() {
         (admitted, 0, 0),
         "a pending settle taken by a dropped maintain is lost"
     );
+}
+
+/// Promise (`shutdown`): a shape whose store call is running is waited
+/// for at most four top-up intervals; past that its slice is settled
+/// anyway and the shape given up. An admit whose grow hangs for good (a
+/// dead connection, its future still alive in a spawned task) does not
+/// keep `shutdown` from returning, and nothing stays held.
+#[tokio::test]
+async fn shutdown_gives_up_a_shape_whose_grow_hangs() {
+    let gate = Arc::new(Gate::default());
+    let shared: Dyn = Arc::clone(&gate) as Dyn;
+    let clock = ManualClock::new(capacity::t0());
+    let window = Window::Lifetime;
+    let cap: Cap = Arc::new(CapacityStore::new(Arc::clone(&shared), capacity::config()).unwrap());
+    let engine = Arc::new(engine_on(&cap, 100_000, window, &clock));
+    assert!(
+        engine
+            .admit_async(&capacity::request(10))
+            .await
+            .unwrap()
+            .allowed
+    );
+    gate.stall_grow.store(true, Ordering::Relaxed);
+    let hung = {
+        let engine = Arc::clone(&engine);
+        tokio::spawn(async move { engine.admit_async(&capacity::request(1_000)).await })
+    };
+    // Let the spawned admit reach its hung grow.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!hung.is_finished(), "the admit was expected to hang");
+    let done = tokio::time::timeout(Duration::from_secs(10), cap.shutdown(clock.now_utc())).await;
+    hung.abort();
+    let r = reader(shared, 100_000, window, clock);
+    let (used, held) = capacity::read(&r, "tokens").await;
+    eprintln!("used {used} held {held} {:?}", cap.stats());
+    assert!(done.is_ok(), "shutdown never returned while a grow hung");
+    assert_eq!((used, held), (10, 0));
+    assert_eq!(cap.stats().pending_settles, 0);
 }
