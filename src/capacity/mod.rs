@@ -113,16 +113,24 @@
 //!   request once the store answered. A slice is used locally only until
 //!   half its lease has run; `maintain` settles it long before the lease
 //!   expires, so what it admitted becomes usage. A settle that fails on a
-//!   store error is kept and tried again by every `maintain` and
-//!   `shutdown` (its event id, `tollgate-capacity:{lease}`, makes a retry
-//!   safe); meanwhile its hold still counts. If the lease expired first
+//!   store error, or whose future is dropped midway (an admit's request
+//!   timeout, a `maintain` pass the host bounds with a timeout), is kept
+//!   and tried again by every `maintain` and `shutdown` (its event id,
+//!   `tollgate-capacity:{lease}`, makes a retry safe); meanwhile its hold
+//!   still counts. If the lease expired first
 //!   (the store unreachable for about half a lease, a forward clock step
 //!   past the lease, or no `maintain`), what the slice admitted is charged
 //!   as plain usage (mode `Force`) when the store answers: counted late,
 //!   never dropped. Between that expiry and the late charge, other
 //!   replicas may use the returned hold, so the counter can end above its
 //!   maximum by at most what that slice admitted
-//!   ([`CapacityStats::late_charges`] counts these). Tested by
+//!   ([`CapacityStats::late_charges`] counts these). One case is not
+//!   charged late: a settle one of whose tries ended with an unknown
+//!   outcome (it may have applied) and that the store answers with an
+//!   unknown lease (it forgot the lease, its event horizon past the
+//!   lease's expiry). Charging it could count it twice; it is counted in
+//!   [`CapacityStats::uncertain_settles`] instead, and the counter may be
+//!   short by at most what that slice admitted. Tested by
 //!   `tests/capacity_{redis,postgres,memory}.rs` (eight engines at once,
 //!   random sizes: the counters end equal to what was admitted, at or
 //!   below the maximum) and, step by step with every interleaving of
@@ -162,7 +170,19 @@
 //!   that still fail at `shutdown` stay pending
 //!   ([`CapacityStats::pending_settles`]): call `shutdown` (or `maintain`)
 //!   again once the store is back; a process that exits with settles
-//!   pending loses them as a killed replica would.
+//!   pending loses them as a killed replica would. `shutdown` waits for a
+//!   shape whose store call is running (an admit growing its slice, a
+//!   `maintain` job) at most four top-up intervals of real time; past
+//!   that (a hung call) it settles the slice anyway and gives the shape
+//!   up: the running call's request goes to the store, and a slice it
+//!   opens meanwhile is given back at once. After `shutdown`, `maintain`
+//!   settles slices and never opens new ones.
+//! - Cancellation: every future may be dropped at any await (a request
+//!   timeout, a bounded `maintain` pass). A shape's store call marks it
+//!   busy under a guard that unmarks it on drop, and a settle under way is
+//!   put back on the pending list on drop: nothing admitted is lost and no
+//!   shape stays busy. A dropped open or grow may leave holds, which
+//!   return when the slice settles or at the lease's expiry.
 //! - Clock steps: a step forward past a lease is a late charge (see
 //!   Guarantees); after a step back of an interval or more, `maintain`
 //!   settles every used slice at once and goes on every interval.
@@ -344,8 +364,8 @@ pub struct CapacityStore<S> {
     shards: Box<[Shard]>,
     shapes: AtomicU64,
     hasher: foldhash::fast::RandomState,
-    /// Settles that failed on a store error, retried by `maintain` and
-    /// `shutdown`.
+    /// Settles that failed on a store error (or whose future was
+    /// dropped), retried by `maintain` and `shutdown`.
     pending: Mutex<Vec<PendingSettle>>,
     /// How many settles are pending, those being retried included.
     pending_count: AtomicU64,

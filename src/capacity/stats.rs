@@ -30,7 +30,8 @@ pub struct CapacityStats {
     /// not be reached for is not lost: it stays pending
     /// ([`pending_settles`](Self::pending_settles)).
     pub lost_units: u64,
-    /// Settles that failed on a store error and wait for the next
+    /// Settles that failed on a store error (or whose future was dropped
+    /// midway) and wait for the next
     /// [`CapacityStore::maintain`] or [`CapacityStore::shutdown`] to try
     /// again (now, not a total).
     pub pending_settles: u64,
