@@ -157,6 +157,7 @@ impl<'a> Request<'a> {
     }
 
     /// `self` with an event id the async engine made for this very call.
+    #[cfg(feature = "async")]
     pub(crate) fn made_event(mut self, id: &'a str) -> Self {
         self.event = Some(id);
         self.event_made = true;
