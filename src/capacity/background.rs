@@ -469,16 +469,17 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     /// ([`CapacityStats::pending_settles`]): call it again to retry them.
     ///
     /// A shape whose store call is running (an admit growing its slice, a
-    /// `maintain` job) is waited for, at most four top-up intervals; past
-    /// that (a hung store call) its slice is settled anyway and the shape
-    /// is given up: the running call's batch goes to the store, and a
+    /// `maintain` job) is waited for, at most four top-up intervals from
+    /// the start of the call for all of them together; past that (a hung
+    /// store call) its slice is settled anyway and the shape is given up: the running call's batch goes to the store, and a
     /// slice it opens meanwhile is given back at once.
     pub async fn shutdown(&self, now: DateTime<Utc>) {
         self.closed.store(true, Ordering::Relaxed);
         let now = now.timestamp_millis();
+        // One bound for every busy shape together.
+        let started = std::time::Instant::now();
         let wait = self.config.top_up_interval.saturating_mul(4);
         for shape in self.all_shapes() {
-            let started = std::time::Instant::now();
             let claimed = loop {
                 if let Some(c) = Claimed::try_new(&shape) {
                     break Some(c);

@@ -170,13 +170,13 @@
 //!   that still fail at `shutdown` stay pending
 //!   ([`CapacityStats::pending_settles`]): call `shutdown` (or `maintain`)
 //!   again once the store is back; a process that exits with settles
-//!   pending loses them as a killed replica would. `shutdown` waits for a
-//!   shape whose store call is running (an admit growing its slice, a
-//!   `maintain` job) at most four top-up intervals of real time; past
-//!   that (a hung call) it settles the slice anyway and gives the shape
-//!   up: the running call's request goes to the store, and a slice it
-//!   opens meanwhile is given back at once. After `shutdown`, `maintain`
-//!   settles slices and never opens new ones.
+//!   pending loses them as a killed replica would. `shutdown` waits for
+//!   shapes whose store call is running (an admit growing its slice, a
+//!   `maintain` job) at most four top-up intervals of real time in all;
+//!   past that (a hung call) it settles such a slice anyway and gives the
+//!   shape up: the running call's request goes to the store, and a slice
+//!   it opens meanwhile is given back at once. After `shutdown`,
+//!   `maintain` settles slices and never opens new ones.
 //! - Cancellation: every future may be dropped at any await (a request
 //!   timeout, a bounded `maintain` pass). A shape's store call marks it
 //!   busy under a guard that unmarks it on drop, and a settle under way is
