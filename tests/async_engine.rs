@@ -222,3 +222,72 @@ async fn a_prepaid_balance_never_fails_open() {
     let free = Request::new("a").units("tokens", 0);
     assert!(open.admit_async(&free).await.unwrap().allowed_on_error);
 }
+
+/// `EventKey::engine_made` is set on the batch of an admit, record or
+/// commit whose id the async engine made for that very call, and on no
+/// other: a host's id, and the host's retry with an id an unknown outcome
+/// named, are unmarked.
+#[tokio::test]
+async fn only_the_ids_the_engine_makes_are_marked_engine_made() {
+    #[derive(Default)]
+    struct Marks {
+        inner: tollgate::MemoryStore,
+        seen: std::sync::Mutex<Vec<(String, bool)>>,
+    }
+    #[async_trait]
+    impl AsyncAllowanceStore for Marks {
+        async fn apply(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
+            if let Some(e) = batch.event {
+                self.seen
+                    .lock()
+                    .unwrap()
+                    .push((e.id.to_owned(), e.engine_made()));
+            }
+            AsyncAllowanceStore::apply(&self.inner, batch).await
+        }
+        async fn overdue(&self, now: DateTime<Utc>) -> Result<Vec<LeaseInfo>, Error> {
+            AsyncAllowanceStore::overdue(&self.inner, now).await
+        }
+        fn needs_event_ids(&self) -> bool {
+            true
+        }
+    }
+    let store = Arc::new(Marks::default());
+    let engine = Engine::with_store_and_clock(catalog(), Arc::clone(&store), clock());
+    engine.allocate(Allocation::new("a", "plan")).unwrap();
+    let req = Request::new("a").units("tokens", 1);
+    engine.admit_async(&req).await.unwrap();
+    engine.record_async(&req).await.unwrap();
+    let r = engine
+        .reserve_async(&req, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    engine.commit_async(&r, &req).await.unwrap();
+    let made: Vec<String> = store
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(
+        made.len(),
+        3,
+        "admit, record and commit carried ids: {made:?}"
+    );
+    assert!(store.seen.lock().unwrap().iter().all(|(_, m)| *m));
+    store.seen.lock().unwrap().clear();
+    // The host's own id, and its retry with an id the engine made.
+    engine
+        .admit_async(&req.clone().event("host-1"))
+        .await
+        .unwrap();
+    engine
+        .admit_async(&req.clone().event(&made[0]))
+        .await
+        .unwrap();
+    let seen = store.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|(_, m)| !m), "{seen:?}");
+}

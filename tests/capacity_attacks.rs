@@ -90,9 +90,8 @@ impl AsyncAllowanceStore for Switch {
 
 /// Promise: "Evented calls (your event id) … go straight to the inner
 /// store with their exact semantics". A host's own event id that starts
-/// with `tollgate:` but is not of the engine's exact shape (`tollgate:`
-/// and 32 lowercase hex digits) goes to the store, so the host's retry is
-/// replayed by its ledger and counts once.
+/// with `tollgate:` goes to the store (as every host id does, whatever its
+/// shape), so the host's retry is replayed by its ledger and counts once.
 #[tokio::test]
 async fn host_event_id_with_engine_prefix_counts_once() {
     let shared = memory();
@@ -119,11 +118,12 @@ async fn host_event_id_with_engine_prefix_counts_once() {
     );
 }
 
-/// Promise: "a retry of an unknown-outcome id goes to the store". Unknown
-/// ids are kept by time (`unknown_id_window`), not as the last N: after a
-/// burst of more than 1,024 unknown outcomes (a store outage), the retry
+/// Promise: "a retry of an unknown-outcome id goes to the store". After
+/// a burst of more than 1,024 unknown outcomes (a store outage), the retry
 /// of an older one that *had* applied still goes to the store and counts
-/// once.
+/// once. (No list of unknown ids is kept any more: the host's retry
+/// carries no `EventKey::engine_made` mark, so it always goes to the
+/// store.)
 #[tokio::test]
 async fn retry_of_an_old_unknown_id_counts_once_after_a_burst() {
     let flaky = Arc::new(Switch::default());
@@ -180,10 +180,9 @@ async fn retry_of_an_old_unknown_id_counts_once_after_a_burst() {
 }
 
 /// Promise: "a retry of an unknown-outcome id goes to the store", even
-/// past the 16,384 ids kept at once: after 17,000 unknown outcomes the
-/// list overflows, every engine-made id goes to the store until the
-/// remembered ones age out, and the retry of the first (applied) admit
-/// counts once.
+/// after 17,000 unknown outcomes (once past the 16,384 ids the capacity
+/// store used to remember; now it keeps none, the retry being unmarked):
+/// the retry of the first (applied) admit counts once.
 #[tokio::test]
 async fn retry_of_an_unknown_id_counts_once_past_the_id_list() {
     let flaky = Arc::new(Switch::default());

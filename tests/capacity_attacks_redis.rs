@@ -39,9 +39,9 @@ fn reader(shared: Dyn, max: u64, window: Window, clock: ManualClock) -> Engine<D
     r
 }
 
-/// A host's event id starting with `tollgate:` but not of the engine's
-/// exact shape goes to Redis, whose ledger replays its retry: it counts
-/// once.
+/// A host's event id starting with `tollgate:` goes to Redis (as every
+/// host id does, whatever its shape), whose ledger replays its retry: it
+/// counts once.
 #[tokio::test]
 async fn redis_host_event_id_with_engine_prefix_counts_once() {
     let Some(url) = redis_env::url() else { return };

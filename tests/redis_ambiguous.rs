@@ -314,6 +314,19 @@ fn engine_made_event_ids_are_kept_for_the_retry_horizon() {
             "the host's id is kept for the event horizon: {all:?}"
         );
         assert_eq!(used(&engine).await, 2.into(), "the replay counted once");
+        // The host's id of the engine's own shape is the host's all the
+        // same: only the engine's mark on the batch shortens the horizon.
+        let shaped = Request::new("agent")
+            .units("tokens", 1)
+            .event("tollgate:0123456789abcdef0123456789abcdef");
+        engine.admit_async(&shaped).await.expect("admit");
+        let all = ttls(format!("{{{prefix}}}:e:*")).await;
+        assert_eq!(all.len(), 3);
+        assert_eq!(
+            all.iter().filter(|&&t| t > 3_600_000).count(),
+            2,
+            "a host id of the engine's shape is kept for the event horizon: {all:?}"
+        );
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(format!("{{{prefix}}}:*"))
             .query_async(&mut conn)

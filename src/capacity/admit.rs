@@ -12,45 +12,7 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
 
     pub(super) async fn pass(&self, batch: &Batch<'_>) -> Result<Applied, Error> {
         bump(&self.counters.passed_through, 1);
-        let r = self.call(batch).await;
-        if let (Err(Error::StoreOutcomeUnknown { .. }), Some(ev)) = (&r, batch.event) {
-            if engine_made(ev.id) {
-                self.remember_unknown(ev.id, batch.now_ms);
-            }
-        }
-        r
-    }
-
-    /// Remember an engine-made id whose outcome is unknown, for
-    /// [`CapacityConfig::unknown_id_window`]. When the list is full of
-    /// ids younger than that, every engine-made id goes to the store until
-    /// they have aged out.
-    pub(super) fn remember_unknown(&self, id: &str, now: i64) {
-        let window = ms(self.config.unknown_id_window);
-        let mut u = self.unknown_ids.lock();
-        if u.ids.len() >= UNKNOWN_IDS_KEPT && !u.ids.contains_key(id) {
-            u.ids.retain(|_, &mut at| now.saturating_sub(at) < window);
-            if u.ids.len() >= UNKNOWN_IDS_KEPT {
-                // Every id dropped here is younger than `window`.
-                let newest = u.ids.values().copied().max().unwrap_or(now).max(now);
-                u.all_until_ms = u.all_until_ms.max(newest.saturating_add(window));
-                u.ids.clear();
-            }
-        }
-        let at = u.ids.entry(id.into()).or_insert(now);
-        *at = (*at).max(now);
-        self.unknown_any.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether an engine-made `id` must go to the store: it came back
-    /// unknown within the window, or the list overflowed.
-    pub(super) fn unknown_at(&self, id: &str, now: i64) -> bool {
-        let window = ms(self.config.unknown_id_window);
-        let u = self.unknown_ids.lock();
-        now < u.all_until_ms
-            || u.ids
-                .get(id)
-                .is_some_and(|&at| now.saturating_sub(at) < window)
+        self.call(batch).await
     }
 
     /// Whether `batch` may be decided from slices.
@@ -70,16 +32,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         {
             return false;
         }
-        match batch.event {
-            None => true,
-            // Only an id of the exact shape the engine makes: any other
-            // is the host's, applied once by the store's ledger.
-            Some(ev) => {
-                engine_made(ev.id)
-                    && !(self.unknown_any.load(Ordering::Relaxed)
-                        && self.unknown_at(ev.id, batch.now_ms))
-            }
-        }
+        // Only an id the engine made for this very call (no earlier try of
+        // it exists): any other, a host's retry with an id the engine once
+        // made included, is applied once by the store's ledger.
+        batch.event.is_none_or(|ev| ev.engine_made())
     }
 
     pub(super) fn hash_ops(&self, ops: &[CounterOp<'_>]) -> u64 {
@@ -244,9 +200,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             // path builds and moves on each admit.
             Plan::Pass => Box::pin(self.pass_shape(&shape, batch)).await,
             Plan::Grow | Plan::Reopen => {
-                let r = Box::pin(self.slow(&shape, batch, matches!(plan, Plan::Grow))).await;
-                shape.state.lock().busy = false;
-                r
+                // `decide` marked it busy: unmarked when the slow path
+                // ends or its future is dropped (a request timeout).
+                let claimed = Claimed::marked(shape);
+                Box::pin(self.slow(&claimed.0, batch, matches!(plan, Plan::Grow))).await
             }
         }
     }
@@ -491,14 +448,16 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 full.iter()
                     .any(|k| k.scope == o.scope && k.meter == o.meter && k.window == o.window)
             });
-            if !shares || other.state.lock().lease.is_none() || !claim(&other) {
+            if !shares || other.state.lock().lease.is_none() {
                 continue;
             }
+            let Some(_claimed) = Claimed::try_new(&other) else {
+                continue;
+            };
             if other.state.lock().lease.is_some() {
                 self.settle(&other, now).await;
                 gave = true;
             }
-            other.state.lock().busy = false;
         }
         gave
     }
@@ -605,11 +564,24 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         ));
         let mut a = self.call(&batch).await?;
         if a.applied && lease.is_none() {
-            let mut st = shape.state.lock();
-            st.lease = Some(id);
-            st.expires_at_ms = now.saturating_add(ms(self.config.lease_ttl));
-            st.use_until_ms = now.saturating_add(ms(self.config.lease_ttl) / 2);
-            st.last_settle_ms = now;
+            let given_up = {
+                let mut st = shape.state.lock();
+                if st.gone {
+                    // `shutdown` gave the shape up while the slice opened:
+                    // give it back (nothing admitted from it); the
+                    // caller's `consume` finds the shape gone.
+                    Some(self.unsettled(shape, id, SmallVec::from_elem(0, amounts.len())))
+                } else {
+                    st.lease = Some(id);
+                    st.expires_at_ms = now.saturating_add(ms(self.config.lease_ttl));
+                    st.use_until_ms = now.saturating_add(ms(self.config.lease_ttl) / 2);
+                    st.last_settle_ms = now;
+                    None
+                }
+            };
+            if let Some(unsettled) = given_up {
+                self.settle_lease(shape, unsettled, now).await;
+            }
             a.settled.clear();
         }
         Ok(a)
@@ -625,6 +597,11 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         now: i64,
     ) -> Option<Applied> {
         let mut st = shape.state.lock();
+        if st.gone || st.lease.is_none() {
+            // `shutdown` settled the slice while it grew: the store
+            // decides.
+            return None;
+        }
         for ((s, &amt), c) in st.slices.iter_mut().zip(amounts).zip(&a.counters) {
             s.granted = s.granted.saturating_add(amt);
             s.base_used = c.used;

@@ -5,10 +5,12 @@ use super::*;
 
 impl<S: AsyncAllowanceStore> CapacityStore<S> {
     /// Settle the shape's lease, if any: what it admitted becomes usage,
-    /// the rest returns. A settle that fails on store errors stays
-    /// pending (see `settle_lease`).
+    /// the rest returns. A settle that fails on store errors, or whose
+    /// future is dropped, stays pending (see `settle_lease`).
     pub(super) async fn settle(&self, shape: &Shape, now: i64) {
-        let (lease, consumed) = {
+        // Taken out of the shape and into its guard under one lock, with
+        // no await between.
+        let unsettled = {
             let mut st = shape.state.lock();
             let Some(lease) = st.lease.take() else {
                 return;
@@ -20,27 +22,48 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 s.demand = 0;
             }
             st.last_settle_ms = now;
-            (lease, consumed)
+            self.unsettled(shape, lease, consumed)
         };
-        self.settle_lease(shape, lease, &consumed, now).await;
+        self.settle_lease(shape, unsettled, now).await;
     }
 
-    /// Settle `lease` (no longer the shape's current one), charging
-    /// `consumed` as usage. Tried three times; then kept pending, and
-    /// retried by every `maintain` and `shutdown` until it lands.
-    pub(super) async fn settle_lease(
+    /// The guard of a settle of `lease` (no longer the shape's current
+    /// one), charging `consumed`.
+    pub(super) fn unsettled(
         &self,
         shape: &Shape,
         lease: LeaseId,
-        consumed: &[u64],
+        consumed: SmallVec<[u64; 4]>,
+    ) -> Unsettled<'_, S> {
+        Unsettled {
+            store: self,
+            item: Some(PendingSettle {
+                ops: shape.ops.clone(),
+                owner: shape.owner.clone(),
+                lease,
+                consumed,
+                maybe_applied: false,
+            }),
+            counted: false,
+        }
+    }
+
+    /// Settle the lease `unsettled` holds. Tried three times; then kept
+    /// pending, and retried by every `maintain` and `shutdown` until it
+    /// lands. Dropped before it landed, it is kept pending too.
+    pub(super) async fn settle_lease(
+        &self,
+        shape: &Shape,
+        mut unsettled: Unsettled<'_, S>,
         now: i64,
     ) {
         for _ in 0..SETTLE_TRIES {
-            match self
-                .try_settle(&shape.ops, &shape.owner, lease, consumed, now)
-                .await
-            {
+            let Some(p) = unsettled.item.as_mut() else {
+                return;
+            };
+            match self.try_settle(p, now).await {
                 SettleTry::Done(Some(a)) => {
+                    unsettled.done();
                     let mut st = shape.state.lock();
                     for (s, c) in st.slices.iter_mut().zip(&a.counters) {
                         s.base_used = c.used;
@@ -53,17 +76,14 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                     }
                     return;
                 }
-                SettleTry::Done(None) => return,
-                SettleTry::Retry => {}
+                SettleTry::Done(None) => {
+                    unsettled.done();
+                    return;
+                }
+                SettleTry::Retry { unknown } => p.maybe_applied |= unknown,
             }
         }
-        bump(&self.pending_count, 1);
-        self.pending.lock().push(PendingSettle {
-            ops: shape.ops.clone(),
-            owner: shape.owner.clone(),
-            lease,
-            consumed: consumed.iter().copied().collect(),
-        });
+        // Dropped here: pending.
     }
 
     /// One try of a settle. The settle carries the event id
@@ -71,15 +91,13 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     /// is replayed by the store's ledger, never applied twice. If the
     /// lease is gone (expired, or forgotten after its expiry), what it
     /// admitted is charged as plain usage (mode `Force`, event id
-    /// `tollgate-capacity:{lease}:late`): counted late, never lost.
-    pub(super) async fn try_settle(
-        &self,
-        keys: &[OpKey],
-        owner: &ScopeKey,
-        lease: LeaseId,
-        consumed: &[u64],
-        now: i64,
-    ) -> SettleTry {
+    /// `tollgate-capacity:{lease}:late`): counted late, never lost —
+    /// unless an earlier try's outcome was unknown and the store has
+    /// forgotten the lease (`UnknownReservation`): that try may have
+    /// settled it, so nothing is charged and the settle is counted in
+    /// [`CapacityStats::uncertain_settles`].
+    pub(super) async fn try_settle(&self, p: &PendingSettle, now: i64) -> SettleTry {
+        let (keys, owner, lease, consumed) = (&p.ops, &p.owner, p.lease, &p.consumed[..]);
         let ops: SmallVec<[CounterOp<'_>; 4]> = keys
             .iter()
             .zip(consumed)
@@ -103,13 +121,22 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 bump(&self.counters.settles, 1);
                 SettleTry::Done(Some(Box::new(a)))
             }
-            Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. }) => SettleTry::Retry,
+            Err(Error::Store { .. }) => SettleTry::Retry { unknown: false },
+            Err(Error::StoreOutcomeUnknown { .. }) => SettleTry::Retry { unknown: true },
             // Settled by an earlier try whose answer was lost, and its
             // ledger entry forgotten since: charged then.
             Err(Error::ReservationSettled { .. }) => {
                 bump(&self.counters.settles, 1);
                 SettleTry::Done(None)
             }
+            // Forgotten, after a try that may have settled it: charging
+            // it now could count it twice; not charging may miss it once.
+            Err(Error::UnknownReservation { .. }) if p.maybe_applied => {
+                bump(&self.counters.uncertain_settles, 1);
+                SettleTry::Done(None)
+            }
+            // Expired unsettled (a settled lease reads as settled), or
+            // forgotten with no try that could have settled it.
             Err(Error::ReservationExpired { .. } | Error::UnknownReservation { .. }) => {
                 let charged: SmallVec<[CounterOp<'_>; 4]> =
                     ops.iter().filter(|op| op.delta > 0).copied().collect();
@@ -126,8 +153,10 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                         bump(&self.counters.late_charges, 1);
                         SettleTry::Done(None)
                     }
+                    // The late charge's own id makes its retry safe; the
+                    // settle itself did not apply.
                     Err(Error::Store { .. } | Error::StoreOutcomeUnknown { .. }) => {
-                        SettleTry::Retry
+                        SettleTry::Retry { unknown: false }
                     }
                     Err(_) => {
                         bump(&self.counters.lost_units, total(consumed));
@@ -143,33 +172,34 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     }
 
     /// Try every pending settle once more (up to 16 at once); keep the
-    /// ones that fail again.
+    /// ones that fail again. Each stays in a guard while it is tried: a
+    /// pass dropped midway puts every settle it had not finished back.
     pub(super) async fn retry_pending(&self, now: i64) {
-        let mut work = std::mem::take(&mut *self.pending.lock());
-        let tried = work.len() as u64;
-        let failed = Mutex::new(Vec::new());
+        let mut work: Vec<Unsettled<'_, S>> = std::mem::take(&mut *self.pending.lock())
+            .into_iter()
+            .map(|p| Unsettled {
+                store: self,
+                item: Some(p),
+                counted: true,
+            })
+            .collect();
         while !work.is_empty() {
             let chunk: Vec<_> = work
                 .drain(..work.len().min(MAINTAIN_AT_ONCE))
-                .map(|p| {
-                    let failed = &failed;
+                .map(|mut u| {
                     Box::pin(async move {
-                        if let SettleTry::Retry = self
-                            .try_settle(&p.ops, &p.owner, p.lease, &p.consumed, now)
-                            .await
-                        {
-                            failed.lock().push(p);
+                        let Some(p) = u.item.as_mut() else {
+                            return;
+                        };
+                        match self.try_settle(p, now).await {
+                            SettleTry::Done(_) => u.done(),
+                            // Back to the list when `u` drops.
+                            SettleTry::Retry { unknown } => p.maybe_applied |= unknown,
                         }
                     }) as Pin<Box<dyn Future<Output = ()> + Send + '_>>
                 })
                 .collect();
             JoinAll(chunk.into_iter().map(Some).collect()).await;
-        }
-        let failed = failed.into_inner();
-        self.pending_count
-            .fetch_sub(tried - failed.len() as u64, Ordering::Relaxed);
-        if !failed.is_empty() {
-            self.pending.lock().extend(failed);
         }
     }
 
@@ -200,25 +230,33 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         };
         let old = {
             let mut st = shape.state.lock();
-            let old = st.lease.replace(id).map(|lease| {
-                let consumed: SmallVec<[u64; 4]> = st.slices.iter().map(|s| s.consumed).collect();
-                (lease, consumed)
-            });
-            for ((s, &amt), c) in st.slices.iter_mut().zip(&amounts).zip(&a.counters) {
-                s.granted = amt;
-                s.consumed = 0;
-                s.demand = 0;
-                s.base_used = c.used;
-                s.period_start_ms = c.period_start_ms;
-                s.resets_at_ms = c.resets_at_ms;
+            if st.gone {
+                // `shutdown` gave the shape up while the slice opened:
+                // give the new one back (nothing admitted from it).
+                Err(self.unsettled(shape, id, SmallVec::from_elem(0, amounts.len())))
+            } else {
+                let old = st.lease.replace(id).map(|lease| {
+                    let consumed: SmallVec<[u64; 4]> =
+                        st.slices.iter().map(|s| s.consumed).collect();
+                    self.unsettled(shape, lease, consumed)
+                });
+                for ((s, &amt), c) in st.slices.iter_mut().zip(&amounts).zip(&a.counters) {
+                    s.granted = amt;
+                    s.consumed = 0;
+                    s.demand = 0;
+                    s.base_used = c.used;
+                    s.period_start_ms = c.period_start_ms;
+                    s.resets_at_ms = c.resets_at_ms;
+                }
+                st.expires_at_ms = now.saturating_add(ms(self.config.lease_ttl));
+                st.use_until_ms = now.saturating_add(ms(self.config.lease_ttl) / 2);
+                st.last_settle_ms = now;
+                Ok(old)
             }
-            st.expires_at_ms = now.saturating_add(ms(self.config.lease_ttl));
-            st.use_until_ms = now.saturating_add(ms(self.config.lease_ttl) / 2);
-            st.last_settle_ms = now;
-            old
         };
-        if let Some((lease, consumed)) = old {
-            self.settle_lease(shape, lease, &consumed, now).await;
+        match old {
+            Ok(Some(unsettled)) | Err(unsettled) => self.settle_lease(shape, unsettled, now).await,
+            Ok(None) => {}
         }
     }
 
@@ -279,7 +317,9 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
             match self.job(&shape, now) {
                 Job::None => {}
                 Job::Forget => self.forget(&shape),
-                job => work.push((shape, job)),
+                // `job` marked it busy: unmarked when the job ends or is
+                // dropped.
+                job => work.push((Claimed::marked(shape), job)),
             }
         }
         // Up to `MAINTAIN_AT_ONCE` shapes' store calls in flight at once,
@@ -287,8 +327,8 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         while !work.is_empty() {
             let chunk: Vec<_> = work
                 .drain(..work.len().min(MAINTAIN_AT_ONCE))
-                .map(|(shape, job)| {
-                    Box::pin(async move { self.run_job(&shape, job, now).await })
+                .map(|(claimed, job)| {
+                    Box::pin(async move { self.run_job(&claimed.0, job, now).await })
                         as Pin<Box<dyn Future<Output = ()> + Send + '_>>
                 })
                 .collect();
@@ -297,7 +337,8 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     }
 
     /// What `maintain` does with `shape` now; marks it busy for a job
-    /// with store calls.
+    /// with store calls. After `shutdown`, a slice is settled, never
+    /// replaced.
     pub(super) fn job(&self, shape: &Shape, now: i64) -> Job {
         let interval = ms(self.config.top_up_interval);
         let mut st = shape.state.lock();
@@ -327,7 +368,9 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
         if idle || stale || (used && due) {
             st.busy = true;
             Job::Flush {
-                reopen: !idle && !self.near_end(shape, &st, now),
+                reopen: !idle
+                    && !self.near_end(shape, &st, now)
+                    && !self.closed.load(Ordering::Relaxed),
             }
         } else if low {
             st.busy = true;
@@ -347,7 +390,6 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 self.refill(shape, lease, now).await;
             }
         }
-        shape.state.lock().busy = false;
     }
 
     /// Open (or grow) a slice sized from demand, if there is room to share.
@@ -425,16 +467,33 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
     /// it loses its unsettled admissions and its holds return at their
     /// lease's expiry. Settles that fail on a store error stay pending
     /// ([`CapacityStats::pending_settles`]): call it again to retry them.
+    ///
+    /// A shape whose store call is running (an admit growing its slice, a
+    /// `maintain` job) is waited for, at most four top-up intervals from
+    /// the start of the call for all of them together; past that (a hung
+    /// store call) its slice is settled anyway and the shape is given up: the running call's batch goes to the store, and a
+    /// slice it opens meanwhile is given back at once.
     pub async fn shutdown(&self, now: DateTime<Utc>) {
         self.closed.store(true, Ordering::Relaxed);
         let now = now.timestamp_millis();
+        // One bound for every busy shape together.
+        let started = std::time::Instant::now();
+        let wait = self.config.top_up_interval.saturating_mul(4);
         for shape in self.all_shapes() {
-            // Wait out a running slow path: it clears `busy` when done.
-            while !claim(&shape) {
+            let claimed = loop {
+                if let Some(c) = Claimed::try_new(&shape) {
+                    break Some(c);
+                }
+                if started.elapsed() >= wait {
+                    break None;
+                }
                 tokio_free_yield().await;
+            };
+            if claimed.is_none() {
+                shape.state.lock().gone = true;
             }
             self.settle(&shape, now).await;
-            shape.state.lock().busy = false;
+            drop(claimed);
         }
         self.retry_pending(now).await;
     }

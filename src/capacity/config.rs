@@ -14,7 +14,6 @@ pub struct CapacityConfig {
     pub(super) slice_decisions: u32,
     pub(super) min_slice_decisions: u32,
     pub(super) max_shapes: usize,
-    pub(super) unknown_id_window: Duration,
 }
 
 impl Default for CapacityConfig {
@@ -35,7 +34,6 @@ impl CapacityConfig {
             slice_decisions: 64,
             min_slice_decisions: 4,
             max_shapes: 65_536,
-            unknown_id_window: Duration::from_secs(900),
         }
     }
 
@@ -89,18 +87,6 @@ impl CapacityConfig {
         self
     }
 
-    /// How long an engine-made event id that came back in an
-    /// [`Error::StoreOutcomeUnknown`] from the inner store is remembered
-    /// (default 15 minutes, the default `RedisConfig::retry_horizon`):
-    /// a retry with it within this time goes to the store, whose ledger
-    /// replays it. Set it to at least the time the inner store keeps
-    /// engine-made ids. At least 1 ms, at most a week.
-    #[must_use]
-    pub fn unknown_id_window(mut self, window: Duration) -> Self {
-        self.unknown_id_window = window;
-        self
-    }
-
     /// The configured top-up interval (how often to call
     /// [`CapacityStore::maintain`]).
     pub fn top_up_interval_value(&self) -> Duration {
@@ -143,11 +129,6 @@ impl CapacityConfig {
         }
         if self.max_shapes == 0 {
             return bad("max_shapes", "must be at least 1");
-        }
-        if self.unknown_id_window < Duration::from_millis(1)
-            || self.unknown_id_window > Duration::from_secs(86_400 * 7)
-        {
-            return bad("unknown_id_window", "must be between 1 ms and a week");
         }
         Ok(())
     }

@@ -42,19 +42,18 @@
 //!
 //! Only a plain admit is decided locally: a [`Mode::WithinLimits`] batch
 //! with no lease, no cooldown, no balance, no [`Window::Concurrent`]
-//! counter, and either no event id or one of the exact shape the async
-//! engine makes itself (`tollgate:` and 32 lowercase hex digits, see
-//! below). A [`Mode::Check`] of such a shape is answered
+//! counter, and either no event id or one the async engine made for that
+//! very call ([`EventKey::engine_made`], see below). A [`Mode::Check`] of
+//! such a shape is answered
 //! locally when the slice covers it. **Everything else goes straight to
 //! the inner store, unchanged**, so it keeps its exact semantics:
 //!
 //! - *Evented calls* (a host's event id): the store's ledger applies them
 //!   once (contract rule 8). The slices this engine holds count there as
 //!   holds, so the store decides against used + every replica's holds.
-//!   **An id of the engine's shape (`tollgate:` and exactly 32 lowercase
-//!   hex digits) is reserved**: it is taken for one the engine made and
-//!   may be decided locally. Any other id, `tollgate:order-42` included,
-//!   is the host's and goes to the store.
+//!   Every id the host passes ([`Request::event`](crate::Request::event))
+//!   is the host's, whatever its shape, and goes to the store; so does a
+//!   host's retry with an id the engine once made.
 //! - *Reservations* (`reserve`, `renew`, `grow`, `commit`, `release`) and
 //!   *concurrency limits*: a concurrent "in flight" counter is a count of
 //!   live leases and cannot be sliced; those batches carry a lease and go
@@ -71,15 +70,13 @@
 //! An event id the engine made (`tollgate:` and 128 random bits, given to
 //! every async admit on a store that [needs event
 //! ids](AsyncAllowanceStore::needs_event_ids)) exists only so that a retry
-//! after [`Error::StoreOutcomeUnknown`] counts once. A local admit has no
-//! unknown outcome; a slice grown with an unknown outcome only grew holds,
-//! never usage, so a retry admitted locally counts once too. An id that
-//! came back from this store in a `StoreOutcomeUnknown` answered by the
-//! inner store is remembered for [`CapacityConfig::unknown_id_window`]
-//! (15 minutes by default, as long as Redis keeps engine-made ids), and a
-//! retry with it within that time goes to the store. Up to 16,384 such
-//! ids are kept at once; past that, every engine-made id goes to the store
-//! until the remembered ones have aged out.
+//! after [`Error::StoreOutcomeUnknown`] counts once. The engine marks the
+//! batch's key ([`EventKey::engine_made`]): no earlier try of that id
+//! exists, so deciding it locally cannot count anything twice. The host
+//! retries with the id the error named through
+//! [`Request::event`](crate::Request::event), unmarked, so the retry goes
+//! to the store, whose ledger replays it if the first try applied — on
+//! this replica or any other, before or after a restart.
 //!
 //! # Slices: size, top-up, give back
 //!
@@ -116,16 +113,24 @@
 //!   request once the store answered. A slice is used locally only until
 //!   half its lease has run; `maintain` settles it long before the lease
 //!   expires, so what it admitted becomes usage. A settle that fails on a
-//!   store error is kept and tried again by every `maintain` and
-//!   `shutdown` (its event id, `tollgate-capacity:{lease}`, makes a retry
-//!   safe); meanwhile its hold still counts. If the lease expired first
+//!   store error, or whose future is dropped midway (an admit's request
+//!   timeout, a `maintain` pass the host bounds with a timeout), is kept
+//!   and tried again by every `maintain` and `shutdown` (its event id,
+//!   `tollgate-capacity:{lease}`, makes a retry safe); meanwhile its hold
+//!   still counts. If the lease expired first
 //!   (the store unreachable for about half a lease, a forward clock step
 //!   past the lease, or no `maintain`), what the slice admitted is charged
 //!   as plain usage (mode `Force`) when the store answers: counted late,
 //!   never dropped. Between that expiry and the late charge, other
 //!   replicas may use the returned hold, so the counter can end above its
 //!   maximum by at most what that slice admitted
-//!   ([`CapacityStats::late_charges`] counts these). Tested by
+//!   ([`CapacityStats::late_charges`] counts these). One case is not
+//!   charged late: a settle one of whose tries ended with an unknown
+//!   outcome (it may have applied) and that the store answers with an
+//!   unknown lease (it forgot the lease, its event horizon past the
+//!   lease's expiry). Charging it could count it twice; it is counted in
+//!   [`CapacityStats::uncertain_settles`] instead, and the counter may be
+//!   short by at most what that slice admitted. Tested by
 //!   `tests/capacity_{redis,postgres,memory}.rs` (eight engines at once,
 //!   random sizes: the counters end equal to what was admitted, at or
 //!   below the maximum) and, step by step with every interleaving of
@@ -165,7 +170,19 @@
 //!   that still fail at `shutdown` stay pending
 //!   ([`CapacityStats::pending_settles`]): call `shutdown` (or `maintain`)
 //!   again once the store is back; a process that exits with settles
-//!   pending loses them as a killed replica would.
+//!   pending loses them as a killed replica would. `shutdown` waits for
+//!   shapes whose store call is running (an admit growing its slice, a
+//!   `maintain` job) at most four top-up intervals of real time in all;
+//!   past that (a hung call) it settles such a slice anyway and gives the
+//!   shape up: the running call's request goes to the store, and a slice
+//!   it opens meanwhile is given back at once. After `shutdown`,
+//!   `maintain` settles slices and never opens new ones.
+//! - Cancellation: every future may be dropped at any await (a request
+//!   timeout, a bounded `maintain` pass). A shape's store call marks it
+//!   busy under a guard that unmarks it on drop, and a settle under way is
+//!   put back on the pending list on drop: nothing admitted is lost and no
+//!   shape stays busy. A dropped open or grow may leave holds, which
+//!   return when the slice settles or at the lease's expiry.
 //! - Clock steps: a step forward past a lease is a late charge (see
 //!   Guarantees); after a step back of an interval or more, `maintain`
 //!   settles every used slice at once and goes on every interval.
@@ -234,12 +251,6 @@ use crate::store::{
 use crate::window::Window;
 use crate::Error;
 
-/// The prefix of the event ids the async engine makes itself.
-const ENGINE_EVENT_PREFIX: &str = "tollgate:";
-/// How many event ids answered `StoreOutcomeUnknown` are remembered at
-/// once; past it, every engine-made id goes to the store until the
-/// remembered ones have aged out.
-const UNKNOWN_IDS_KEPT: usize = 16_384;
 /// Lock shards of the shape table.
 const SHARDS: usize = 16;
 /// How many times a settle is retried after a store error.
@@ -353,11 +364,8 @@ pub struct CapacityStore<S> {
     shards: Box<[Shard]>,
     shapes: AtomicU64,
     hasher: foldhash::fast::RandomState,
-    unknown_ids: Mutex<UnknownIds>,
-    /// Whether `unknown_ids` has ever held an id: the fast path's test.
-    unknown_any: AtomicBool,
-    /// Settles that failed on a store error, retried by `maintain` and
-    /// `shutdown`.
+    /// Settles that failed on a store error (or whose future was
+    /// dropped), retried by `maintain` and `shutdown`.
     pending: Mutex<Vec<PendingSettle>>,
     /// How many settles are pending, those being retried included.
     pending_count: AtomicU64,
@@ -376,22 +384,68 @@ impl<S: std::fmt::Debug> std::fmt::Debug for CapacityStore<S> {
     }
 }
 
-/// Engine-made event ids that came back from the inner store in a
-/// `StoreOutcomeUnknown`, with when (batch time).
-#[derive(Default)]
-struct UnknownIds {
-    ids: HashMap<Box<str>, i64>,
-    /// Every engine-made id goes to the store until this instant: set when
-    /// `ids` was full.
-    all_until_ms: i64,
-}
-
 /// A settle that failed on a store error: retried until it lands.
 struct PendingSettle {
     ops: SmallVec<[OpKey; 4]>,
     owner: ScopeKey,
     lease: LeaseId,
     consumed: SmallVec<[u64; 4]>,
+    /// A try ended with an unknown outcome: the settle may have applied.
+    maybe_applied: bool,
+}
+
+/// A settle whose lease is out of its shape: until it has landed, it is
+/// this value's. Dropped unfinished (every try failed, or the future
+/// running it was dropped: a request timeout, a `maintain` pass bounded
+/// by the host), it goes to the pending list, so what the slice admitted
+/// is still charged.
+struct Unsettled<'a, S> {
+    store: &'a CapacityStore<S>,
+    item: Option<PendingSettle>,
+    /// Already counted in `pending_count` (taken from the pending list).
+    counted: bool,
+}
+
+impl<S> Unsettled<'_, S> {
+    /// It landed: nothing to keep.
+    fn done(&mut self) {
+        if self.item.take().is_some() && self.counted {
+            self.store.pending_count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<S> Drop for Unsettled<'_, S> {
+    fn drop(&mut self) {
+        if let Some(p) = self.item.take() {
+            if !self.counted {
+                bump(&self.store.pending_count, 1);
+            }
+            self.store.pending.lock().push(p);
+        }
+    }
+}
+
+/// A shape marked busy (a store call for it is running): unmarked when
+/// this is dropped, whether the call finished or its future was dropped.
+struct Claimed(Arc<Shape>);
+
+impl Claimed {
+    /// Mark `shape` busy if no one else has.
+    fn try_new(shape: &Arc<Shape>) -> Option<Self> {
+        claim(shape).then(|| Self(Arc::clone(shape)))
+    }
+
+    /// `shape`, marked busy already (by `decide` or `job`).
+    fn marked(shape: Arc<Shape>) -> Self {
+        Self(shape)
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        self.0.state.lock().busy = false;
+    }
 }
 
 /// How one try of a settle ended.
@@ -399,19 +453,9 @@ enum SettleTry {
     /// Landed (settled, already settled, or charged late); the store's
     /// answer to the settle when there was one.
     Done(Option<Box<Applied>>),
-    /// A store error: try again later.
-    Retry,
-}
-
-/// Whether `id` has the exact shape of an event id the async engine makes
-/// (`tollgate:` and 32 lowercase hex digits, a [`LeaseId`] as displayed).
-/// A host id of that shape is reserved: it is taken for an engine-made id.
-fn engine_made(id: &str) -> bool {
-    id.strip_prefix(ENGINE_EVENT_PREFIX).is_some_and(|h| {
-        h.len() == 32
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    })
+    /// A store error: try again later. `unknown`: the outcome is unknown,
+    /// so this try may have applied.
+    Retry { unknown: bool },
 }
 
 /// Whether `shape` is the shape of `ops`.
@@ -473,6 +517,7 @@ impl<S> CapacityStore<S> {
             lost_units: l(&c.lost_units),
             pending_settles: l(&self.pending_count),
             late_charges: l(&c.late_charges),
+            uncertain_settles: l(&c.uncertain_settles),
         }
     }
 }
@@ -493,8 +538,6 @@ impl<S: AsyncAllowanceStore> CapacityStore<S> {
                 .collect(),
             shapes: AtomicU64::new(0),
             hasher: foldhash::fast::RandomState::default(),
-            unknown_ids: Mutex::new(UnknownIds::default()),
-            unknown_any: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
             pending_count: AtomicU64::new(0),
             closed: AtomicBool::new(false),

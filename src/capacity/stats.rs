@@ -30,7 +30,8 @@ pub struct CapacityStats {
     /// not be reached for is not lost: it stays pending
     /// ([`pending_settles`](Self::pending_settles)).
     pub lost_units: u64,
-    /// Settles that failed on a store error and wait for the next
+    /// Settles that failed on a store error (or whose future was dropped
+    /// midway) and wait for the next
     /// [`CapacityStore::maintain`] or [`CapacityStore::shutdown`] to try
     /// again (now, not a total).
     pub pending_settles: u64,
@@ -38,6 +39,13 @@ pub struct CapacityStats {
     /// longer than half a lease, a forward clock step, no `maintain`):
     /// what they admitted was charged as plain usage instead.
     pub late_charges: u64,
+    /// Settles whose outcome stays uncertain: a try ended with an unknown
+    /// outcome (it may have applied), and by the next answer the store had
+    /// forgotten the lease (its event horizon past the lease's expiry).
+    /// What such a slice admitted is not charged again: charging it could
+    /// count it twice. If that try had not applied, the counter is short
+    /// by at most what the slice admitted.
+    pub uncertain_settles: u64,
 }
 
 #[derive(Default)]
@@ -51,6 +59,7 @@ pub(super) struct Counters {
     pub(super) settles: AtomicU64,
     pub(super) lost_units: AtomicU64,
     pub(super) late_charges: AtomicU64,
+    pub(super) uncertain_settles: AtomicU64,
 }
 
 pub(super) fn bump(c: &AtomicU64, by: u64) {

@@ -101,7 +101,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         let with_id;
         let actual = match &made {
             Some(id) => {
-                with_id = actual.clone().event(id);
+                with_id = actual.clone().made_event(id);
                 &with_id
             }
             None => actual,
@@ -152,7 +152,7 @@ impl<S: AsyncAllowanceStore, C: Clock> Engine<S, C> {
         let with_id;
         let req = match &made {
             Some(id) => {
-                with_id = req.clone().event(id);
+                with_id = req.clone().made_event(id);
                 &with_id
             }
             None => req,

@@ -91,7 +91,15 @@ macro_rules! decide_call {
         };
         let balance = balance_op(&p);
         let ops = list.ops.as_slice();
-        let batch = usage_batch($call, $req.event, ops, usage, &cooldowns, balance, now_ms);
+        let batch = usage_batch(
+            $call,
+            $req.event_ref(),
+            ops,
+            usage,
+            &cooldowns,
+            balance,
+            now_ms,
+        );
         // Read where the store wrote it: not moved out of the result.
         watch.store_start();
         let result = {
@@ -236,7 +244,7 @@ macro_rules! settle_call {
         let lease = LeaseOp::new(s.reservation.id, &p.alloc.scope, keep);
         let ops = list.ops.as_slice();
         let balance = $crate::engine::balance::settle_op(p, s.reservation.balance.as_ref());
-        let event = s.request.event;
+        let event = s.request.event_ref();
         let batch = lease_batch(
             s.call, lease, event, ops, usage, &cooldowns, balance, now_ms,
         );

@@ -326,7 +326,7 @@ fn balance_debit(p: &Prepared) -> Option<BalanceOp<'_>> {
 #[inline(always)]
 pub(super) fn usage_batch<'a>(
     call: Call,
-    event: Option<&'a str>,
+    event: Option<(&'a str, bool)>,
     ops: &'a [CounterOp<'a>],
     usage: usize,
     cooldowns: &'a [CooldownOp<'a>],
@@ -342,9 +342,9 @@ pub(super) fn usage_batch<'a>(
     if let Some(b) = balance {
         batch = batch.with_balance(b);
     }
-    if let (Some(id), Call::Admit | Call::Record) = (event, call) {
+    if let (Some((id, made)), Call::Admit | Call::Record) = (event, call) {
         let print = fingerprint(call, None, &ops[..usage.min(ops.len())], balance.as_ref());
-        batch = batch.with_event(EventKey::new(id, print));
+        batch = batch.with_event(event_key(id, print, made));
     }
     batch
 }
@@ -357,7 +357,7 @@ pub(super) fn usage_batch<'a>(
 pub(super) fn lease_batch<'a>(
     call: Call,
     lease: LeaseOp<'a>,
-    event: Option<&'a str>,
+    event: Option<(&'a str, bool)>,
     ops: &'a [CounterOp<'a>],
     usage: usize,
     cooldowns: &'a [CooldownOp<'a>],
@@ -372,12 +372,23 @@ pub(super) fn lease_batch<'a>(
         batch = batch.with_balance(b);
     }
     match event {
-        Some(event) => {
+        Some((event, made)) => {
             let usage_ops = &ops[..usage.min(ops.len())];
             let print = fingerprint(call, Some(id), usage_ops, balance.as_ref());
-            batch.with_event(EventKey::new(event, print))
+            batch.with_event(event_key(event, print, made))
         }
         None => batch,
+    }
+}
+
+/// The key of event `id`; `made`: the engine made it for this call.
+#[inline(always)]
+fn event_key(id: &str, print: u64, made: bool) -> EventKey<'_> {
+    let key = EventKey::new(id, print);
+    if made {
+        key.made_by_engine()
+    } else {
+        key
     }
 }
 

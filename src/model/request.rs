@@ -52,6 +52,9 @@ pub struct Request<'a> {
     pub(crate) amounts: Inline<(&'a str, Quantity<'a>), INLINE_AMOUNTS>,
     pub(crate) pools: Vec<&'a str>,
     pub(crate) event: Option<&'a str>,
+    /// The async engine made `event` for this very call
+    /// ([`EventKey::engine_made`](crate::store::EventKey::engine_made)).
+    pub(crate) event_made: bool,
 }
 
 impl<'a> Request<'a> {
@@ -64,6 +67,7 @@ impl<'a> Request<'a> {
             amounts: Inline::filled(("", Quantity::Units(0))),
             pools: Vec::new(),
             event: None,
+            event_made: false,
         }
     }
 
@@ -140,17 +144,30 @@ impl<'a> Request<'a> {
     /// amounts is [`Error::EventConflict`](crate::Error::EventConflict).
     /// `check` ignores it; `reserve` and `grow` refuse it.
     ///
-    /// Ids of the shape the async engine makes for itself — `tollgate:`
-    /// then 32 lowercase hex digits — are reserved: pass one only to retry
-    /// a call whose error named it
+    /// To retry a call whose error named an id the async engine made
     /// ([`Error::StoreOutcomeUnknown`](crate::Error::StoreOutcomeUnknown)'s
-    /// `event`). A `capacity::CapacityStore` (feature `async`) decides
-    /// such an id locally unless it saw it end with an unknown outcome.
+    /// `event`), pass that id here: it is then the host's id like any
+    /// other, and the store's ledger applies the call at most once.
     #[must_use]
     #[inline]
     pub fn event(mut self, id: &'a str) -> Self {
         self.event = Some(id);
+        self.event_made = false;
         self
+    }
+
+    /// `self` with an event id the async engine made for this very call.
+    #[cfg(feature = "async")]
+    pub(crate) fn made_event(mut self, id: &'a str) -> Self {
+        self.event = Some(id);
+        self.event_made = true;
+        self
+    }
+
+    /// The event id and whether the engine made it for this call.
+    #[inline]
+    pub(crate) fn event_ref(&self) -> Option<(&'a str, bool)> {
+        self.event.map(|id| (id, self.event_made))
     }
 
     /// The pools named for this request only.

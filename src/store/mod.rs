@@ -90,7 +90,10 @@
 //!    batch's lease owner ([`event_fingerprint`]), so a replay never answers
 //!    another owner's settlement. Otherwise run the batch; if it applied, remember it under the
 //!    id. The ledger is consulted before lease state, so a retried commit
-//!    replays instead of failing as settled.
+//!    replays instead of failing as settled. [`EventKey::engine_made`]
+//!    changes none of this: it says the engine made the id for this call
+//!    (no earlier try of it exists); a backend may only keep such an id
+//!    for a shorter time.
 //! 9. **Keep cooldowns** ([`CooldownOp`]): in `Check` and `WithinLimits`, a
 //!    listed scope whose cooldown runs past `now` makes the batch not fit.
 //!    When the batch applies, a `start_until_ms` extends the scope's cooldown
@@ -191,7 +194,11 @@
 //! So that every mutating call can be retried this way, the async engine
 //! gives `admit_async`, `record_async` and `commit_async` an event id of
 //! its own (`tollgate:` and 128 random bits) when the host gave none and
-//! the store needs one. Under `FailurePolicy::FailOpen` a fail-open
+//! the store needs one; the batch's key then says so
+//! ([`EventKey::engine_made`]: the engine made this id for this call, no
+//! earlier try of it exists). A host that retries with the id the error
+//! named passes it as its own ([`Request::event`](crate::Request::event)),
+//! and the key of the retry is not engine-made. Under `FailurePolicy::FailOpen` a fail-open
 //! decision says which case it met:
 //! [`Decision::record_unknown`](crate::Decision::record_unknown) is the
 //! event id to retry with when the record is unknown, and `None` when
@@ -347,12 +354,36 @@ pub struct EventKey<'a> {
     /// A digest of what the event does; a replay with another fingerprint is
     /// [`Error::EventConflict`].
     pub fingerprint: u64,
+    /// Set by the async engine only: see [`EventKey::engine_made`].
+    pub(crate) engine_made: bool,
 }
 
 impl<'a> EventKey<'a> {
-    /// An event key.
+    /// An event key (not [engine-made](EventKey::engine_made)).
     pub fn new(id: &'a str, fingerprint: u64) -> Self {
-        Self { id, fingerprint }
+        Self {
+            id,
+            fingerprint,
+            engine_made: false,
+        }
+    }
+
+    /// The key of an id the async engine made for this very call.
+    pub(crate) fn made_by_engine(mut self) -> Self {
+        self.engine_made = true;
+        self
+    }
+
+    /// Whether the async engine made this id for this very call (see
+    /// [Ambiguous outcomes](self#ambiguous-outcomes)): no earlier try of
+    /// it exists, so no ledger entry can hold it yet. `false` for every
+    /// id the host gave, a host's retry with an id the engine once made
+    /// included, and for every key built with [`EventKey::new`]. A store
+    /// applies a batch the same way whatever it says (rule 8); it may use
+    /// it to keep such ids for a shorter time, and a
+    /// `capacity::CapacityStore` decides such a batch locally.
+    pub fn engine_made(&self) -> bool {
+        self.engine_made
     }
 }
 

@@ -340,9 +340,10 @@ impl RedisStore {
             ),
             None => ("-".into(), "-".into()),
         };
-        // An id the engine made is kept only as long as a retry needs it.
+        // An id the engine made for this call is kept only as long as a
+        // retry needs it.
         let horizon = match batch.event {
-            Some(e) if e.id.starts_with("tollgate:") => self.retry_horizon_ms,
+            Some(e) if e.engine_made() => self.retry_horizon_ms,
             _ => self.horizon_ms,
         };
         inv.arg(now)

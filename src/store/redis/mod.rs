@@ -226,8 +226,12 @@ impl RedisConfig {
     /// retry of an ambiguous call counts once (see the
     /// [store contract](crate::store#ambiguous-outcomes)). A host retries
     /// such a call soon or never, so these ids, one per decision, are kept
-    /// for this instead of the event horizon. An id of that shape given by
-    /// the host is kept as long.
+    /// for this instead of the event horizon. Only a batch whose key says
+    /// the engine made its id for that call
+    /// ([`EventKey::engine_made`](crate::store::EventKey::engine_made)) is
+    /// kept this long: a host's id, whatever its shape, and the host's
+    /// retry with an id the engine made, are kept for the event horizon
+    /// (the retry replays the first try's entry while that lasts).
     #[must_use]
     pub fn retry_horizon(mut self, horizon: Duration) -> Self {
         self.retry_horizon = horizon;
