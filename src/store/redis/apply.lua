@@ -354,7 +354,7 @@ local function fill(c, v)
         end
       end
       -- A period that ended with usage is kept at write-back (rule 11).
-      if e and now >= e and depth > 0 and c.used ~= 0 then c.closed = {s + 0, e, c.used} end
+      if e and now >= e and c.used ~= 0 then c.closed = {s + 0, e, c.used} end
       s, e = bounds(w.period, w.off + 0, now)
       c.used = 0
     end
@@ -456,25 +456,41 @@ local function periodlen(period)
   return 2678400000
 end
 
--- A counter's closed periods (rule 11): field cid|p, 'start:used;...'.
+-- A counter's closed periods (rule 11): field cid|p, 'd<depth>|start:used;...',
+-- the depth the deepest replica writing it keeps. Returns that depth (0
+-- for none) and the totals; an entry that is not a time and a u64 (a
+-- field someone else wrote) is skipped, so nothing here can fail a batch.
 local function parsekept(v)
-  local list = {}
+  local list, d = {}, 0
   if v then
-    for st, u in string.gmatch(v, '(%-?%d+):(%d+)') do list[#list + 1] = {st + 0, u} end
+    local sd, rest = string.match(v, '^d(%d+)|(.*)$')
+    if sd then
+      v = rest
+      if #sd <= 3 then d = sd + 0 end
+      if d > 366 then d = 366 end
+    end
+    for st, u in string.gmatch(v, '(%-?%d+):(%d+)') do
+      if #st <= 16 and P(u) then list[#list + 1] = {st + 0, u} end
+    end
   end
-  return list
+  return d, list
 end
 
 -- Keep the period counter c closed (c.closed: start, end, usage) in its
--- history field, adding to a total kept for the same period. When it then
--- holds more than `depth`, those outside the `depth` periods before now go
+-- history field, adding to a total kept for the same period. The depth
+-- kept is the larger of this store's and the field's (a replica keeping
+-- fewer periods never trims what a deeper one keeps). When the field then
+-- holds more than that, those outside that many periods before now go
 -- first (the oldest, else the latest: a clock that stepped back), then
 -- the oldest; none older than that stays. Returns the field, its value and
--- how long the hash must live for it.
+-- how long the hash must live for it; nothing when no depth keeps any.
 local function keepclosed(hk, c)
   local cl, w = c.closed, c.w
   local f = c.p .. '|p'
-  local list, found = parsekept(call('HGET', hk, f)), false
+  local kept, list = parsekept(call('HGET', hk, f))
+  local depth = depth > kept and depth or kept
+  if depth == 0 then return nil end
+  local found = false
   for _, x in ipairs(list) do
     if x[1] == cl[1] then
       x[2] = S(add(P(x[2]), cl[3]) or maxu())
@@ -497,7 +513,7 @@ local function keepclosed(hk, c)
   while #list > 0 and list[1][1] < oldest do table.remove(list, 1) end
   local out = {}
   for i, x in ipairs(list) do out[i] = fmt('%d:%s', x[1], x[2]) end
-  return f, table.concat(out, ';'), cl[2] + depth * periodlen(w.period)
+  return f, 'd' .. depth .. '|' .. table.concat(out, ';'), cl[2] + depth * periodlen(w.period)
 end
 
 local function pack(c)
@@ -1310,8 +1326,10 @@ local function apply(ARGV)
         end
         if c.closed then
           local f, v, e = keepclosed(hk, c)
-          fields[n + 1], fields[n + 2], n = f, v, n + 2
-          if not ends or e > ends then ends = e end
+          if f then
+            fields[n + 1], fields[n + 2], n = f, v, n + 2
+            if not ends or e > ends then ends = e end
+          end
         end
       end
     end
@@ -1475,7 +1493,8 @@ local function periods(hk, args)
       end
       if u and st == start then total = u end
     end
-    for _, x in ipairs(parsekept(call('HGET', hk, cid .. '|p'))) do
+    local _, kept = parsekept(call('HGET', hk, cid .. '|p'))
+    for _, x in ipairs(kept) do
       if x[1] == start then total = add(total, P(x[2])) or maxu() end
     end
     out[i] = S(total)

@@ -134,8 +134,13 @@ impl RedisConfig {
     /// its total in the scope's hash (field `<counter>|p`), at most this
     /// many per counter; a calendar counter's hash lives this many of its
     /// window's longest periods past the period's end (plus the margin), so
-    /// an ended period not yet rolled stays readable too. Every replica
-    /// sharing a prefix should use the same depth.
+    /// an ended period not yet rolled stays readable too. Replicas sharing
+    /// a prefix should use the same depth; if they differ, a counter's
+    /// field keeps the deepest depth any of them wrote it with (a
+    /// shallower replica never trims what a deeper one keeps), and a
+    /// hash's lifetime follows the depth of the replica that wrote it. A
+    /// history entry that is not a time and a `u64` (a field written by
+    /// something else) is skipped, never an error.
     #[must_use]
     pub fn history_periods(mut self, periods: u32) -> Self {
         self.history = periods;
