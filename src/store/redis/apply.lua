@@ -568,14 +568,20 @@ local function apply(ARGV)
   local base = 11
   local efp
   -- An event key starting with '?' is consulted, never written (the first
-  -- phase of a batch spanning cluster slots).
-  local ewrite = true
+  -- phase of a batch spanning cluster slots); one starting with '!' is an
+  -- id the engine made for this very call (no earlier try of it exists):
+  -- written, never consulted (the GET cost ~1 µs an admit, BENCHMARKS.md).
+  local ewrite, eread = true, true
   if ekey ~= '-' then
     efp = ARGV[12]
     base = 12
-    if string.byte(ekey, 1) == 63 then
+    local b1 = string.byte(ekey, 1)
+    if b1 == 63 then
       ekey = string.sub(ekey, 2)
       ewrite = false
+    elseif b1 == 33 then
+      ekey = string.sub(ekey, 2)
+      eread = false
     end
   end
   local lkey, owner, ownerdesc, lp1, lp2, lid, odkey
@@ -606,7 +612,7 @@ local function apply(ARGV)
   -- as text cost ~3 µs per admit, BENCHMARKS.md). An entry written before
   -- (text: "<fingerprint> <time> <answer words>", starting with a hex digit,
   -- where msgpack starts at 0x80 or above) is still read.
-  if ekey ~= '-' then
+  if ekey ~= '-' and eread then
     local e = call('GET', ekey)
     if e then
       if string.byte(e, 1) >= 128 then

@@ -328,7 +328,14 @@ impl RedisStore {
             Some(e) => (
                 format!(
                     "{}{}",
-                    if ledger_read_only { "?" } else { "" },
+                    if ledger_read_only {
+                        "?"
+                    } else if e.engine_made() {
+                        // Made for this call: nothing to consult.
+                        "!"
+                    } else {
+                        ""
+                    },
                     self.layout.event(home, &self.keyed.event(e.id))
                 ),
                 self.keyed.digest(
